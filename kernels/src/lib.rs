@@ -1,0 +1,28 @@
+//! Tandem's tensors and compute kernels.
+//!
+//! Map of the crate:
+//! - [`Tensor`] (`tensor.rs`): a shape over contiguous row-major storage ([`DType`] f32, bf16 or
+//!   f16) on a [`Device`] (`Cpu` or `Cuda(ordinal)`).
+//! - [`ops`]: every op the models need, forward and backward, as free functions; shapes are
+//!   checked once there, then the CPU kernel or the CUDA one runs.
+//! - `cpu.rs`: the GEMM wrapper over the `gemm` crate that the CPU kernels share.
+//! - `cuda/`: the CUDA backend (feature `cuda`): cudarc with the libraries loaded at run time,
+//!   `.cu` kernels compiled by NVRTC, cuBLAS GEMMs. Without the feature the same names exist
+//!   and answer [`Error::CudaUnavailable`], so callers need no `cfg`.
+//!
+//! bf16 and f16 tensors keep their width in memory; the CPU computes in f32.
+
+mod cpu;
+pub mod cuda;
+mod device;
+mod dtype;
+mod error;
+pub mod ops;
+mod storage;
+mod tensor;
+
+pub use device::Device;
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use storage::CpuStorage;
+pub use tensor::Tensor;
