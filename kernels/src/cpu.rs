@@ -49,11 +49,8 @@ impl Gemm {
         }
         let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if trans_b { (1, b_rs) } else { (b_rs, 1) };
-        let parallelism = if threads > 1 && m * n * k >= 1 << 15 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+        let parallelism =
+            if threads > 1 && m * n * k >= 1 << 15 { Parallelism::Rayon(threads) } else { Parallelism::None };
         // SAFETY: the asserts above bound every element the strides reach inside the slices;
         // dst does not alias a or b (it is a distinct &mut).
         unsafe {

@@ -26,10 +26,7 @@ impl Tensor {
         let shape = shape.into();
         let n: usize = shape.iter().product();
         if n != storage.len() {
-            return shape_err(
-                "from_cpu",
-                format!("shape {shape:?} holds {n} elements, data has {}", storage.len()),
-            );
+            return shape_err("from_cpu", format!("shape {shape:?} holds {n} elements, data has {}", storage.len()));
         }
         Ok(Tensor { shape, storage: Storage::Cpu(storage) })
     }
@@ -174,11 +171,7 @@ impl Tensor {
     pub(crate) fn cpu_f32(&self) -> Result<Cow<'_, [f32]>> {
         match &self.storage {
             Storage::Cpu(s) => Ok(s.to_f32()),
-            Storage::Cuda(_) => Err(Error::DeviceMismatch {
-                op: "cpu_f32",
-                lhs: Device::Cpu,
-                rhs: self.device(),
-            }),
+            Storage::Cuda(_) => Err(Error::DeviceMismatch { op: "cpu_f32", lhs: Device::Cpu, rhs: self.device() }),
         }
     }
 

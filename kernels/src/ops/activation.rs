@@ -26,7 +26,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let device = same_device("swiglu_backward", &[gate, up, dy])?;
     if gate.shape() != up.shape() || gate.shape() != dy.shape() {
-        return shape_err("swiglu_backward", format!("gate {:?}, up {:?}, dy {:?}", gate.shape(), up.shape(), dy.shape()));
+        return shape_err(
+            "swiglu_backward",
+            format!("gate {:?}, up {:?}, dy {:?}", gate.shape(), up.shape(), dy.shape()),
+        );
     }
     match device {
         Device::Cpu => {

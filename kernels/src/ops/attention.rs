@@ -52,7 +52,10 @@ impl AttentionDims {
                 return arg_err(op, format!("sequence {i}: q_len {} > context_len {}", s.q_len, s.context_len));
             }
             if s.context_len > s.block_table.len() * block_size {
-                return arg_err(op, format!("sequence {i}: {} keys do not fit in {} blocks", s.context_len, s.block_table.len()));
+                return arg_err(
+                    op,
+                    format!("sequence {i}: {} keys do not fit in {} blocks", s.context_len, s.block_table.len()),
+                );
             }
             if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= num_blocks) {
                 return arg_err(op, format!("sequence {i}: block {b} outside the cache of {num_blocks} blocks"));
@@ -74,7 +77,9 @@ impl AttentionDims {
 /// Cache slot (`block * block_size + offset`) of every key of every sequence, sequence by
 /// sequence: what the CUDA kernels index with, and what training gathers gradients from.
 pub fn cache_slots(seq: &SeqAttention, block_size: usize) -> Vec<u32> {
-    (0..seq.context_len).map(|j| seq.block_table[j / block_size] * block_size as u32 + (j % block_size) as u32).collect()
+    (0..seq.context_len)
+        .map(|j| seq.block_table[j / block_size] * block_size as u32 + (j % block_size) as u32)
+        .collect()
 }
 
 /// Writes token rows `x` (`[tokens, kv_heads, head_dim]`) into cache slots.
@@ -109,7 +114,13 @@ pub fn gather_kv(cache: &Tensor, slots: &[u32]) -> Result<Tensor> {
 
 /// Causal attention of `q` (`[tokens, q_heads, head_dim]`, sequences back to back) over the
 /// paged caches; `scale` multiplies the scores (usually `1/sqrt(head_dim)`).
-pub fn paged_attention(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, seqs: &[SeqAttention], scale: f32) -> Result<Tensor> {
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[SeqAttention],
+    scale: f32,
+) -> Result<Tensor> {
     const OP: &str = "paged_attention";
     let device = same_device(OP, &[q, k_cache, v_cache])?;
     let dims = AttentionDims::of(OP, q, k_cache, v_cache, seqs)?;
@@ -163,7 +174,14 @@ fn query_positions(seqs: &[SeqAttention]) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn attention_forward_cpu(q: &[f32], k: &[f32], v: &[f32], seqs: &[SeqAttention], d: &AttentionDims, scale: f32) -> Vec<f32> {
+fn attention_forward_cpu(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seqs: &[SeqAttention],
+    d: &AttentionDims,
+    scale: f32,
+) -> Vec<f32> {
     let (hq, dh, group) = (d.q_heads, d.head_dim, d.q_heads / d.kv_heads);
     let slots: Vec<Vec<u32>> = seqs.iter().map(|s| cache_slots(s, d.block_size)).collect();
     let mut out = vec![0.0; d.tokens * hq * dh];
@@ -171,24 +189,26 @@ fn attention_forward_cpu(q: &[f32], k: &[f32], v: &[f32], seqs: &[SeqAttention],
         return out;
     }
     let positions = query_positions(seqs);
-    out.par_chunks_mut(hq * dh).zip(q.par_chunks(hq * dh)).zip(positions.par_iter()).for_each(|((o, qt), &(s, pos))| {
-        let keys = &slots[s][..=pos];
-        let mut p = vec![0.0f32; keys.len()];
-        for h in 0..hq {
-            let kv_off = (h / group) * dh;
-            let qh = &qt[h * dh..(h + 1) * dh];
-            for (pj, &slot) in p.iter_mut().zip(keys) {
-                let kr = &k[slot as usize * d.row() + kv_off..][..dh];
-                *pj = scale * dot(qh, kr);
+    out.par_chunks_mut(hq * dh).zip(q.par_chunks(hq * dh)).zip(positions.par_iter()).for_each(
+        |((o, qt), &(s, pos))| {
+            let keys = &slots[s][..=pos];
+            let mut p = vec![0.0f32; keys.len()];
+            for h in 0..hq {
+                let kv_off = (h / group) * dh;
+                let qh = &qt[h * dh..(h + 1) * dh];
+                for (pj, &slot) in p.iter_mut().zip(keys) {
+                    let kr = &k[slot as usize * d.row() + kv_off..][..dh];
+                    *pj = scale * dot(qh, kr);
+                }
+                crate::ops::activation::softmax_in_place(&mut p);
+                let oh = &mut o[h * dh..(h + 1) * dh];
+                for (&pj, &slot) in p.iter().zip(keys) {
+                    let vr = &v[slot as usize * d.row() + kv_off..][..dh];
+                    oh.iter_mut().zip(vr).for_each(|(o, v)| *o += pj * v);
+                }
             }
-            crate::ops::activation::softmax_in_place(&mut p);
-            let oh = &mut o[h * dh..(h + 1) * dh];
-            for (&pj, &slot) in p.iter().zip(keys) {
-                let vr = &v[slot as usize * d.row() + kv_off..][..dh];
-                oh.iter_mut().zip(vr).for_each(|(o, v)| *o += pj * v);
-            }
-        }
-    });
+        },
+    );
     out
 }
 
@@ -249,7 +269,8 @@ fn attention_backward_cpu(
         })
         .collect();
     let cache_len = d.num_blocks * d.block_size * row;
-    let (mut dq, mut dk_cache, mut dv_cache) = (Vec::with_capacity(q.len()), vec![0.0; cache_len], vec![0.0; cache_len]);
+    let (mut dq, mut dk_cache, mut dv_cache) =
+        (Vec::with_capacity(q.len()), vec![0.0; cache_len], vec![0.0; cache_len]);
     for (sdq, sdk, sdv, slots) in per_seq {
         dq.extend_from_slice(&sdq);
         for (j, &slot) in slots.iter().enumerate() {

@@ -1,8 +1,8 @@
 //! Token embedding lookup: a row gather from the embedding table.
 
+use crate::Tensor;
 use crate::error::{Result, arg_err};
 use crate::ops::{gather_rows, scatter_add_rows};
-use crate::Tensor;
 
 /// Rows of `table` (`[vocab, d]`) for each token id: `[ids.len(), d]`. An id outside the
 /// vocabulary is an error naming it.

@@ -36,7 +36,10 @@ impl LoraBank {
             return arg_err(OP, format!("{} ranks but {} scales", ranks.len(), scales.len()));
         }
         if ranks.iter().sum::<usize>() != r_total || rb != r_total {
-            return shape_err(OP, format!("ranks sum to {} but a has {r_total} rows and b {rb} columns", ranks.iter().sum::<usize>()));
+            return shape_err(
+                OP,
+                format!("ranks sum to {} but a has {r_total} rows and b {rb} columns", ranks.iter().sum::<usize>()),
+            );
         }
         let offsets = ranks.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
         Ok(LoraBank { a, b, ranks, offsets, scales })
@@ -56,7 +59,14 @@ impl LoraBank {
         for (i, (a, b, _)) in adapters.iter().enumerate() {
             let (r, ai) = a.dims2(OP)?;
             if ai != in_f || b.shape() != [out_f, r] {
-                return shape_err(OP, format!("adapter {i}: A {:?} and B {:?} do not fit [r, {in_f}] and [{out_f}, r]", a.shape(), b.shape()));
+                return shape_err(
+                    OP,
+                    format!(
+                        "adapter {i}: A {:?} and B {:?} do not fit [r, {in_f}] and [{out_f}, r]",
+                        a.shape(),
+                        b.shape()
+                    ),
+                );
             }
             ranks.push(r);
             a_rows.extend(a.to_vec_f32()?);
@@ -152,7 +162,8 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
                 .map(|(i, rows)| {
                     let mut d = vec![0.0; rows.len() * out_f];
                     if !rows.is_empty() {
-                        let gathered: Vec<f32> = rows.iter().flat_map(|&t| xs[t * in_f..(t + 1) * in_f].iter().copied()).collect();
+                        let gathered: Vec<f32> =
+                            rows.iter().flat_map(|&t| xs[t * in_f..(t + 1) * in_f].iter().copied()).collect();
                         lora_forward_rows(&mut d, CpuRows { x: &gathered, rows: rows.len() }, &a, &b, bank, i, 1);
                     }
                     d
@@ -210,8 +221,10 @@ fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32],
                     if m == 0 || r == 0 {
                         return (da, db, dx);
                     }
-                    let xg: Vec<f32> = rows.iter().flat_map(|&t| xs[t * in_f..(t + 1) * in_f].iter().copied()).collect();
-                    let dyg: Vec<f32> = rows.iter().flat_map(|&t| dys[t * out_f..(t + 1) * out_f].iter().copied()).collect();
+                    let xg: Vec<f32> =
+                        rows.iter().flat_map(|&t| xs[t * in_f..(t + 1) * in_f].iter().copied()).collect();
+                    let dyg: Vec<f32> =
+                        rows.iter().flat_map(|&t| dys[t * out_f..(t + 1) * out_f].iter().copied()).collect();
                     let a_i = &a[off * in_f..];
                     let b_i = &b[off..];
                     // h = x·A_iᵀ ; dB_i = s·dyᵀ·h ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx = dh·A_i.

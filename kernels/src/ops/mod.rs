@@ -16,8 +16,12 @@ pub mod rope;
 pub mod segments;
 
 pub use activation::{softmax, softmax_backward, swiglu, swiglu_backward};
-pub use attention::{AttentionDims, SeqAttention, cache_slots, gather_kv, paged_attention, paged_attention_backward, write_kv};
-pub use elementwise::{add, gather_rows, row_dot, scale_rows, scale_rows_backward, scatter_add_rows, sum_batch, transpose};
+pub use attention::{
+    AttentionDims, SeqAttention, cache_slots, gather_kv, paged_attention, paged_attention_backward, write_kv,
+};
+pub use elementwise::{
+    add, gather_rows, row_dot, scale_rows, scale_rows_backward, scatter_add_rows, sum_batch, transpose,
+};
 pub use embedding::{embedding, embedding_backward};
 pub use lora::{LoraBank, LoraGrads, bgmv, bgmv_backward, sgmv, sgmv_backward};
 pub use loss::{cross_entropy, cross_entropy_backward};

@@ -46,7 +46,12 @@ pub fn moe_gate(logits: &Tensor, top_k: usize, renormalize: bool) -> Result<MoeR
 
 /// Gradient of [`moe_gate`] w.r.t. the router logits, for upstream `dweights` (`[tokens,
 /// top_k]`). No gradient flows through the discrete choice of experts.
-pub fn moe_gate_backward(logits: &Tensor, routing: &MoeRouting, dweights: &Tensor, renormalize: bool) -> Result<Tensor> {
+pub fn moe_gate_backward(
+    logits: &Tensor,
+    routing: &MoeRouting,
+    dweights: &Tensor,
+    renormalize: bool,
+) -> Result<Tensor> {
     let (t, e) = logits.dims2("moe_gate_backward")?;
     let k = routing.top_k;
     dweights.expect_shape("moe_gate_backward", "dweights", &[t, k])?;
@@ -128,7 +133,14 @@ pub fn grouped_matmul_backward(x: &Tensor, w: &Tensor, segs: &Segments, dy: &Ten
                 let off = idx as usize * out * k;
                 // dx = dy·W_e ; dW_e += dyᵀ·x.
                 Gemm::new(e - s, k, out, false, false).run(dxs, &dys[s * out..], &ws[off..], 1.0, false, threads());
-                Gemm::new(out, k, e - s, true, false).run(&mut dw[off..], &dys[s * out..], &xs[s * k..], 1.0, true, threads());
+                Gemm::new(out, k, e - s, true, false).run(
+                    &mut dw[off..],
+                    &dys[s * out..],
+                    &xs[s * k..],
+                    1.0,
+                    true,
+                    threads(),
+                );
             }
             Ok((
                 Tensor::cpu_from_f32(dx, vec![n, k], x.dtype()),

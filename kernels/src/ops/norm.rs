@@ -50,8 +50,7 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> Resul
                     |mut dw, ((dx, x), dy)| {
                         let r = inv_rms(x, eps);
                         // xhat = x·r, g = dy·w;  dx = r·(g − xhat·mean(g·xhat)).
-                        let mean_gx: f32 =
-                            (0..d).map(|i| dy[i] * ws[i] * x[i] * r).sum::<f32>() / d as f32;
+                        let mean_gx: f32 = (0..d).map(|i| dy[i] * ws[i] * x[i] * r).sum::<f32>() / d as f32;
                         for i in 0..d {
                             let xhat = x[i] * r;
                             dx[i] = r * (dy[i] * ws[i] - xhat * mean_gx);
@@ -61,10 +60,7 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> Resul
                     },
                 )
                 .reduce(|| vec![0.0f32; d], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
-            Ok((
-                Tensor::cpu_from_f32(dx, vec![n, d], x.dtype()),
-                Tensor::cpu_from_f32(dw, vec![d], w.dtype()),
-            ))
+            Ok((Tensor::cpu_from_f32(dx, vec![n, d], x.dtype()), Tensor::cpu_from_f32(dw, vec![d], w.dtype())))
         }
         Device::Cuda(_) => cuda::rms_norm_backward(x, w, dy, eps, n, d),
     }

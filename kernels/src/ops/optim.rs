@@ -28,7 +28,14 @@ impl Default for AdamW {
 /// One AdamW step on `param` with gradient `grad` and moments `m`, `v` (all one shape);
 /// `step` counts from 1. Order and bias correction follow PyTorch: decay the weight by
 /// `1 − lr·wd`, update the moments, then `p −= lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + eps)`.
-pub fn adamw_step(param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut Tensor, cfg: &AdamW, step: u64) -> Result<()> {
+pub fn adamw_step(
+    param: &mut Tensor,
+    grad: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    cfg: &AdamW,
+    step: u64,
+) -> Result<()> {
     const OP: &str = "adamw_step";
     let device = same_device(OP, &[param, grad, m, v])?;
     for (what, t) in [("grad", &*grad), ("m", &*m), ("v", &*v)] {

@@ -32,8 +32,7 @@ impl Rope {
         if head_dim == 0 || head_dim % 2 != 0 {
             return arg_err("rope", format!("head_dim must be even and positive, got {head_dim}"));
         }
-        let base: Vec<f32> =
-            (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let base: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
         let inv_freq = match *scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
@@ -89,8 +88,12 @@ fn rotate(op: &'static str, x: &Tensor, positions: &[u32], rope: &Rope, directio
             let half = d / 2;
             if t * h * d > 0 {
                 out.par_chunks_mut(h * d).zip(positions.par_iter()).for_each(|(tok, &pos)| {
-                    let (sin, cos): (Vec<f32>, Vec<f32>) =
-                        rope.inv_freq.iter().map(|f| (pos as f32 * f).sin_cos()).map(|(s, c)| (direction * s, c)).unzip();
+                    let (sin, cos): (Vec<f32>, Vec<f32>) = rope
+                        .inv_freq
+                        .iter()
+                        .map(|f| (pos as f32 * f).sin_cos())
+                        .map(|(s, c)| (direction * s, c))
+                        .unzip();
                     for head in tok.chunks_exact_mut(d) {
                         let (lo, hi) = head.split_at_mut(half);
                         for i in 0..half {
