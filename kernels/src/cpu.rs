@@ -13,31 +13,20 @@ pub(crate) struct Gemm {
     pub trans_a: bool,
     /// `b` is stored as `[n, k]` and read transposed (the `x · Wᵀ` of a linear layer).
     pub trans_b: bool,
-    /// Row stride of `b` in elements; `None` means dense (`n`, or `k` when transposed). A
-    /// larger stride reads a column block of a wider matrix (one adapter's slice of a LoRA bank).
-    pub b_row_stride: Option<usize>,
 }
 
 impl Gemm {
     pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Self {
-        Gemm { m, n, k, trans_a, trans_b, b_row_stride: None }
+        Gemm { m, n, k, trans_a, trans_b }
     }
 
     /// Runs the product. `accumulate` adds into `dst` instead of overwriting it; `scale`
     /// multiplies the product. `threads` is the rayon parallelism (1 = this thread only).
     pub fn run(&self, dst: &mut [f32], a: &[f32], b: &[f32], scale: f32, accumulate: bool, threads: usize) {
-        let Gemm { m, n, k, trans_a, trans_b, .. } = *self;
+        let Gemm { m, n, k, trans_a, trans_b } = *self;
         assert!(dst.len() >= m * n, "gemm: dst too small");
         assert!(a.len() >= m * k, "gemm: lhs too small");
-        let b_rs = self.b_row_stride.unwrap_or(if trans_b { k } else { n });
-        let b_needed = if m == 0 || n == 0 || k == 0 {
-            0
-        } else if trans_b {
-            (n - 1) * b_rs + k
-        } else {
-            (k - 1) * b_rs + n
-        };
-        assert!(b.len() >= b_needed, "gemm: rhs too small");
+        assert!(b.len() >= k * n, "gemm: rhs too small");
         if m == 0 || n == 0 {
             return;
         }
@@ -48,7 +37,7 @@ impl Gemm {
             return;
         }
         let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
-        let (b_rs, b_cs) = if trans_b { (1, b_rs) } else { (b_rs, 1) };
+        let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
         let parallelism =
             if threads > 1 && m * n * k >= 1 << 15 { Parallelism::Rayon(threads) } else { Parallelism::None };
         // SAFETY: the asserts above bound every element the strides reach inside the slices;
@@ -82,4 +71,20 @@ impl Gemm {
 /// Threads a large CPU kernel may use.
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads()
+}
+
+/// Dot product with eight independent accumulators, so the compiler can keep it in SIMD lanes
+/// (a plain `.sum()` must add in order and stays scalar).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

@@ -26,6 +26,31 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Waits until all work queued on the device has finished (for timing); a no-op on the CPU,
+    /// whose ops are synchronous.
+    pub fn synchronize(self) -> crate::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(ordinal) => crate::cuda::synchronize(ordinal),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = crate::Error;
+
+    /// `cpu`, `cuda` (ordinal 0) or `cuda:N`.
+    fn from_str(s: &str) -> crate::Result<Self> {
+        let bad = || crate::Error::InvalidArgument { op: "device", msg: format!("{s:?} is not cpu, cuda or cuda:N") };
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Device::Cuda).ok_or_else(bad),
+        }
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

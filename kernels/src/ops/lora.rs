@@ -2,13 +2,14 @@
 //! BGMV), with adapters of different ranks and no padding to a common rank.
 //!
 //! The adapters of one target module live in a [`LoraBank`]: every adapter's `A` (`[r_i, in]`)
-//! stacked by rows into `a` (`[R, in]`, `R = Σ r_i`) and every `B` (`[out, r_i]`) side by side
-//! by columns into `b` (`[out, R]`). Adapter `i` is the row block / column block starting at
-//! its offset. For a row `x` using adapter `i`: `y += scale_i · B_i (A_i x)`.
+//! stacked by rows into `a` (`[R, in]`, `R = Σ r_i`), and every `B` (`[out, r_i]`) transposed
+//! and stacked the same way into `bt` (`[R, out]`). Adapter `i` is the same row block of both,
+//! starting at its offset, so its weights are contiguous (the CPU reads them streaming, the GPU
+//! coalesced). For a row `x` using adapter `i`: `y += scale_i · B_i (A_i x)`.
 
 use rayon::prelude::*;
 
-use crate::cpu::{Gemm, threads};
+use crate::cpu::{Gemm, dot, threads};
 use crate::error::{Result, arg_err, shape_err};
 use crate::ops::Segments;
 use crate::tensor::same_device;
@@ -17,32 +18,34 @@ use crate::{Device, Tensor, cuda};
 /// The LoRA adapters of one target module, packed without padding (see the module docs).
 #[derive(Clone, Debug)]
 pub struct LoraBank {
+    /// `[R, in]`: the adapters' `A`, stacked.
     pub a: Tensor,
-    pub b: Tensor,
+    /// `[R, out]`: the adapters' `Bᵀ`, stacked.
+    pub bt: Tensor,
     ranks: Vec<usize>,
     offsets: Vec<usize>,
     scales: Vec<f32>,
 }
 
 impl LoraBank {
-    /// A bank from packed `a` (`[R, in]`) and `b` (`[out, R]`), each adapter's rank and its
+    /// A bank from packed `a` (`[R, in]`) and `bt` (`[R, out]`), each adapter's rank and its
     /// scale (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA).
-    pub fn new(a: Tensor, b: Tensor, ranks: Vec<usize>, scales: Vec<f32>) -> Result<Self> {
+    pub fn new(a: Tensor, bt: Tensor, ranks: Vec<usize>, scales: Vec<f32>) -> Result<Self> {
         const OP: &str = "LoraBank::new";
-        same_device(OP, &[&a, &b])?;
+        same_device(OP, &[&a, &bt])?;
         let (r_total, _) = a.dims2(OP)?;
-        let (_, rb) = b.dims2(OP)?;
+        let (rb, _) = bt.dims2(OP)?;
         if ranks.len() != scales.len() {
             return arg_err(OP, format!("{} ranks but {} scales", ranks.len(), scales.len()));
         }
         if ranks.iter().sum::<usize>() != r_total || rb != r_total {
             return shape_err(
                 OP,
-                format!("ranks sum to {} but a has {r_total} rows and b {rb} columns", ranks.iter().sum::<usize>()),
+                format!("ranks sum to {} but a has {r_total} rows and bt {rb}", ranks.iter().sum::<usize>()),
             );
         }
         let offsets = ranks.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
-        Ok(LoraBank { a, b, ranks, offsets, scales })
+        Ok(LoraBank { a, bt, ranks, offsets, scales })
     }
 
     /// Packs adapters given as `(A [r, in], B [out, r], scale)` (PEFT's `lora_A.weight` and
@@ -54,36 +57,23 @@ impl LoraBank {
         };
         let (in_f, out_f, dtype) = (a0.dims2(OP)?.1, b0.dims2(OP)?.0, a0.dtype());
         let mut ranks = Vec::new();
-        let mut a_rows = Vec::new();
-        let mut b_cols: Vec<Vec<f32>> = Vec::new();
+        let (mut a_rows, mut bt_rows) = (Vec::new(), Vec::new());
         for (i, (a, b, _)) in adapters.iter().enumerate() {
             let (r, ai) = a.dims2(OP)?;
             if ai != in_f || b.shape() != [out_f, r] {
                 return shape_err(
                     OP,
-                    format!(
-                        "adapter {i}: A {:?} and B {:?} do not fit [r, {in_f}] and [{out_f}, r]",
-                        a.shape(),
-                        b.shape()
-                    ),
+                    format!("adapter {i}: A {:?} and B {:?} do not fit [r, {in_f}] and [{out_f}, r]", a.shape(), b.shape()),
                 );
             }
             ranks.push(r);
             a_rows.extend(a.to_vec_f32()?);
-            b_cols.push(b.to_vec_f32()?);
+            bt_rows.extend(crate::ops::transpose(b)?.to_vec_f32()?);
         }
         let r_total: usize = ranks.iter().sum();
-        let mut b = vec![0.0; out_f * r_total];
-        let mut off = 0;
-        for (bi, &r) in b_cols.iter().zip(&ranks) {
-            for o in 0..out_f {
-                b[o * r_total + off..o * r_total + off + r].copy_from_slice(&bi[o * r..(o + 1) * r]);
-            }
-            off += r;
-        }
         let a = Tensor::from_vec(a_rows, [r_total, in_f])?.to_dtype(dtype)?;
-        let b = Tensor::from_vec(b, [out_f, r_total])?.to_dtype(dtype)?;
-        LoraBank::new(a, b, ranks, adapters.iter().map(|x| x.2).collect())
+        let bt = Tensor::from_vec(bt_rows, [r_total, out_f])?.to_dtype(dtype)?;
+        LoraBank::new(a, bt, ranks, adapters.iter().map(|x| x.2).collect())
     }
 
     pub fn num_adapters(&self) -> usize {
@@ -105,7 +95,7 @@ impl LoraBank {
         self.a.shape()[1]
     }
     pub fn out_features(&self) -> usize {
-        self.b.shape()[0]
+        self.bt.shape()[1]
     }
 }
 
@@ -116,8 +106,8 @@ pub struct LoraGrads {
     pub dx: Tensor,
     /// `[R, in]`, shaped like the bank's `a`.
     pub da: Tensor,
-    /// `[out, R]`, shaped like the bank's `b`.
-    pub db: Tensor,
+    /// `[R, out]`, shaped like the bank's `bt`.
+    pub dbt: Tensor,
 }
 
 /// SGMV: adds every segment's LoRA delta to `y` (`[n, out]`) for input rows `x` (`[n, in]`).
@@ -128,7 +118,7 @@ pub fn sgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, segs: &Segments) -> Res
     segs.validate(OP, n, bank.num_adapters())?;
     match x.device() {
         Device::Cpu => {
-            let (xs, a, b) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.b.cpu_f32()?);
+            let (xs, a, bt) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?);
             let seg_list: Vec<_> = segs.iter().collect();
             // Many segments: one per thread; few: let each GEMM use the threads.
             let gemm_threads = if seg_list.len() >= threads() { 1 } else { threads() };
@@ -136,7 +126,7 @@ pub fn sgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, segs: &Segments) -> Res
                 segs.split_rows_mut(ys, out_f).into_par_iter().zip(seg_list).for_each(|(yseg, (s, e, i))| {
                     if i >= 0 {
                         let rows = CpuRows { x: &xs[s * in_f..e * in_f], rows: e - s };
-                        lora_forward_rows(yseg, rows, &a, &b, bank, i as usize, gemm_threads);
+                        lora_forward_rows(yseg, rows, &a, &bt, bank, i as usize, gemm_threads);
                     }
                 });
             })
@@ -154,7 +144,7 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
         Device::Cpu => {
             // Rows of one adapter are gathered into a dense block so the delta is two GEMMs per
             // adapter rather than two matrix-vector products per row.
-            let (xs, a, b) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.b.cpu_f32()?);
+            let (xs, a, bt) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
             let deltas: Vec<Vec<f32>> = groups
                 .par_iter()
@@ -162,9 +152,8 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
                 .map(|(i, rows)| {
                     let mut d = vec![0.0; rows.len() * out_f];
                     if !rows.is_empty() {
-                        let gathered: Vec<f32> =
-                            rows.iter().flat_map(|&t| xs[t * in_f..(t + 1) * in_f].iter().copied()).collect();
-                        lora_forward_rows(&mut d, CpuRows { x: &gathered, rows: rows.len() }, &a, &b, bank, i, 1);
+                        let gathered = gather(&xs, rows, in_f);
+                        lora_forward_rows(&mut d, CpuRows { x: &gathered, rows: rows.len() }, &a, &bt, bank, i, 1);
                     }
                     d
                 })
@@ -208,44 +197,38 @@ fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32],
     let r_total = bank.total_rank();
     match x.device() {
         Device::Cpu => {
-            let (xs, a, b, dys) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.b.cpu_f32()?, dy.cpu_f32()?);
+            let (xs, a, bt, dys) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?, dy.cpu_f32()?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
-            // Per adapter: (dA_i [r, in], dB_i [out, r], dx rows), assembled afterwards.
-            let per_adapter: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = groups
+            let (mut da, mut dbt, mut dx) = (vec![0.0; r_total * in_f], vec![0.0; r_total * out_f], vec![0.0; n * in_f]);
+            // Adapters own disjoint row blocks of dA and dBᵀ, so they run in parallel; each
+            // returns its dx rows, scattered afterwards.
+            let da_blocks = split_blocks(&mut da, bank, in_f);
+            let dbt_blocks = split_blocks(&mut dbt, bank, out_f);
+            let dx_rows: Vec<Vec<f32>> = groups
                 .par_iter()
+                .zip(da_blocks)
+                .zip(dbt_blocks)
                 .enumerate()
-                .map(|(i, rows)| {
-                    let (r, off, scale) = (bank.rank(i), bank.offset(i), bank.scale(i));
-                    let m = rows.len();
-                    let (mut da, mut db, mut dx) = (vec![0.0; r * in_f], vec![0.0; out_f * r], vec![0.0; m * in_f]);
+                .map(|(i, ((rows, da_i), dbt_i))| {
+                    let (r, off, scale, m) = (bank.rank(i), bank.offset(i), bank.scale(i), rows.len());
+                    let mut dx = vec![0.0; m * in_f];
                     if m == 0 || r == 0 {
-                        return (da, db, dx);
+                        return dx;
                     }
-                    let xg: Vec<f32> =
-                        rows.iter().flat_map(|&t| xs[t * in_f..(t + 1) * in_f].iter().copied()).collect();
-                    let dyg: Vec<f32> =
-                        rows.iter().flat_map(|&t| dys[t * out_f..(t + 1) * out_f].iter().copied()).collect();
-                    let a_i = &a[off * in_f..];
-                    let b_i = &b[off..];
-                    // h = x·A_iᵀ ; dB_i = s·dyᵀ·h ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx = dh·A_i.
-                    let mut h = vec![0.0; m * r];
+                    let xg = gather(&xs, rows, in_f);
+                    let dyg = gather(&dys, rows, out_f);
+                    let (a_i, bt_i) = (&a[off * in_f..], &bt[off * out_f..]);
+                    // h = x·A_iᵀ ; dB_iᵀ = s·hᵀ·dy ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx = dh·A_i.
+                    let (mut h, mut dh) = (vec![0.0; m * r], vec![0.0; m * r]);
                     Gemm::new(m, r, in_f, false, true).run(&mut h, &xg, a_i, 1.0, false, 1);
-                    Gemm::new(out_f, r, m, true, false).run(&mut db, &dyg, &h, scale, false, 1);
-                    let mut dh = vec![0.0; m * r];
-                    let b_block = Gemm { b_row_stride: Some(r_total), ..Gemm::new(m, r, out_f, false, false) };
-                    b_block.run(&mut dh, &dyg, b_i, scale, false, 1);
-                    Gemm::new(r, in_f, m, true, false).run(&mut da, &dh, &xg, 1.0, false, 1);
+                    Gemm::new(r, out_f, m, true, false).run(dbt_i, &h, &dyg, scale, false, 1);
+                    Gemm::new(m, r, out_f, false, true).run(&mut dh, &dyg, bt_i, scale, false, 1);
+                    Gemm::new(r, in_f, m, true, false).run(da_i, &dh, &xg, 1.0, false, 1);
                     Gemm::new(m, in_f, r, false, false).run(&mut dx, &dh, a_i, 1.0, false, 1);
-                    (da, db, dx)
+                    dx
                 })
                 .collect();
-            let (mut da, mut db, mut dx) = (vec![0.0; r_total * in_f], vec![0.0; out_f * r_total], vec![0.0; n * in_f]);
-            for (i, ((da_i, db_i, dx_i), rows)) in per_adapter.iter().zip(&groups).enumerate() {
-                let (r, off) = (bank.rank(i), bank.offset(i));
-                da[off * in_f..(off + r) * in_f].copy_from_slice(da_i);
-                for o in 0..out_f {
-                    db[o * r_total + off..o * r_total + off + r].copy_from_slice(&db_i[o * r..(o + 1) * r]);
-                }
+            for (rows, dx_i) in groups.iter().zip(&dx_rows) {
                 for (j, &t) in rows.iter().enumerate() {
                     dx[t * in_f..(t + 1) * in_f].copy_from_slice(&dx_i[j * in_f..(j + 1) * in_f]);
                 }
@@ -253,7 +236,7 @@ fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32],
             Ok(LoraGrads {
                 dx: Tensor::cpu_from_f32(dx, vec![n, in_f], x.dtype()),
                 da: Tensor::cpu_from_f32(da, vec![r_total, in_f], bank.a.dtype()),
-                db: Tensor::cpu_from_f32(db, vec![out_f, r_total], bank.b.dtype()),
+                dbt: Tensor::cpu_from_f32(dbt, vec![r_total, out_f], bank.bt.dtype()),
             })
         }
         Device::Cuda(_) => cuda::lora_backward(x, bank, adapter, dy, n, in_f, out_f),
@@ -266,16 +249,53 @@ struct CpuRows<'a> {
     rows: usize,
 }
 
+/// Rows up to which a block is done with dot products instead of GEMMs: with so few rows the
+/// work is reading the adapter's weights once, and a GEMM's packing costs more than it saves.
+const SMALL_BLOCK_ROWS: usize = 16;
+
 /// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows (the shrink then expand of Punica).
-fn lora_forward_rows(y: &mut [f32], x: CpuRows<'_>, a: &[f32], b: &[f32], bank: &LoraBank, i: usize, threads: usize) {
+fn lora_forward_rows(y: &mut [f32], x: CpuRows<'_>, a: &[f32], bt: &[f32], bank: &LoraBank, i: usize, threads: usize) {
     let (r, off, in_f, out_f) = (bank.rank(i), bank.offset(i), bank.in_features(), bank.out_features());
-    if r == 0 || x.rows == 0 {
+    let (m, scale) = (x.rows, bank.scale(i));
+    if r == 0 || m == 0 {
         return;
     }
-    let mut h = vec![0.0; x.rows * r];
-    Gemm::new(x.rows, r, in_f, false, true).run(&mut h, x.x, &a[off * in_f..], 1.0, false, threads);
-    let expand = Gemm { b_row_stride: Some(bank.total_rank()), ..Gemm::new(x.rows, out_f, r, false, true) };
-    expand.run(y, &h, &b[off..], bank.scale(i), true, threads);
+    let (a_i, bt_i) = (&a[off * in_f..(off + r) * in_f], &bt[off * out_f..(off + r) * out_f]);
+    let mut h = vec![0.0; m * r];
+    if m <= SMALL_BLOCK_ROWS {
+        // Few rows: the work is streaming the adapter's weights once; each weight row is used
+        // for every row of the block while it is in cache (a GEMM's packing would cost more).
+        for (j, a_row) in a_i.chunks_exact(in_f).enumerate() {
+            for t in 0..m {
+                h[t * r + j] = scale * dot(&x.x[t * in_f..][..in_f], a_row);
+            }
+        }
+        for (j, bt_row) in bt_i.chunks_exact(out_f).enumerate() {
+            for t in 0..m {
+                let c = h[t * r + j];
+                y[t * out_f..(t + 1) * out_f].iter_mut().zip(bt_row).for_each(|(y, b)| *y += c * b);
+            }
+        }
+        return;
+    }
+    Gemm::new(m, r, in_f, false, true).run(&mut h, x.x, a_i, 1.0, false, threads);
+    Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
+}
+
+/// Splits a bank-shaped buffer (`[R, width]`) into each adapter's row block.
+fn split_blocks<'a>(mut data: &'a mut [f32], bank: &LoraBank, width: usize) -> Vec<&'a mut [f32]> {
+    let mut blocks = Vec::with_capacity(bank.num_adapters());
+    for i in 0..bank.num_adapters() {
+        let (head, tail) = data.split_at_mut(bank.rank(i) * width);
+        blocks.push(head);
+        data = tail;
+    }
+    blocks
+}
+
+/// The rows `rows` of a `[_, width]` buffer, gathered into a dense block.
+fn gather(data: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
+    rows.iter().flat_map(|&t| data[t * width..(t + 1) * width].iter().copied()).collect()
 }
 
 /// Row numbers of each adapter, in row order (rows with -1 are left out).
@@ -290,7 +310,7 @@ fn rows_by_adapter(adapter: &[i32], adapters: usize) -> Vec<Vec<usize>> {
 }
 
 fn check(op: &'static str, y: &Tensor, x: &Tensor, bank: &LoraBank) -> Result<(usize, usize, usize)> {
-    same_device(op, &[y, x, &bank.a, &bank.b])?;
+    same_device(op, &[y, x, &bank.a, &bank.bt])?;
     let (n, in_f) = x.dims2(op)?;
     if in_f != bank.in_features() {
         return shape_err(op, format!("x has {in_f} features, the bank's A takes {}", bank.in_features()));

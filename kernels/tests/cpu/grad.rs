@@ -176,7 +176,7 @@ fn mixed_bank(rng: &mut Rng) -> LoraBank {
 
 fn lora_inputs(rng: &mut Rng) -> (LoraBank, [Tensor; 3]) {
     let bank = mixed_bank(rng);
-    let inputs = [rng.tensor(&[7, 5], 1.0), bank.a.clone(), bank.b.clone()];
+    let inputs = [rng.tensor(&[7, 5], 1.0), bank.a.clone(), bank.bt.clone()];
     (bank, inputs)
 }
 
@@ -200,7 +200,7 @@ fn sgmv() {
     let grads = ops::sgmv_backward(&inputs[0], &bank, &segs, &gt).unwrap();
     check_grad("sgmv dx", &inputs, 0, &f, &g, &grads.dx);
     check_grad("sgmv da", &inputs, 1, &f, &g, &grads.da);
-    check_grad("sgmv db", &inputs, 2, &f, &g, &grads.db);
+    check_grad("sgmv dbt", &inputs, 2, &f, &g, &grads.dbt);
 }
 
 #[test]
@@ -217,7 +217,7 @@ fn bgmv() {
     let grads = ops::bgmv_backward(&inputs[0], &bank, &adapter, &gt).unwrap();
     check_grad("bgmv dx", &inputs, 0, &f, &g, &grads.dx);
     check_grad("bgmv da", &inputs, 1, &f, &g, &grads.da);
-    check_grad("bgmv db", &inputs, 2, &f, &g, &grads.db);
+    check_grad("bgmv dbt", &inputs, 2, &f, &g, &grads.dbt);
 }
 
 #[test]

@@ -56,6 +56,19 @@ fn sgmv_and_bgmv_match_a_per_token_loop_with_mixed_ranks() {
     let mut y = Tensor::from_vec(base.clone(), [n, out_f]).unwrap();
     ops::sgmv(&mut y, &xt, &bank, &segs).unwrap();
     assert_close("sgmv", &y.to_vec_f32().unwrap(), &want, 1e-4, 1e-4);
+
+    // Long runs of one adapter take the GEMM path rather than the few-rows path.
+    let long: Vec<i32> = (0..n).map(|t| if t < 30 { 3 } else { 0 }).collect();
+    let want = lora_per_token(&x, &raw, &long, in_f, out_f);
+    for (what, segmented) in [("sgmv long segment", true), ("bgmv long group", false)] {
+        let mut y = Tensor::zeros([n, out_f], DType::F32, Device::Cpu).unwrap();
+        if segmented {
+            ops::sgmv(&mut y, &xt, &bank, &Segments::from_row_indices(&long)).unwrap();
+        } else {
+            ops::bgmv(&mut y, &xt, &bank, &long).unwrap();
+        }
+        assert_close(what, &y.to_vec_f32().unwrap(), &want, 1e-4, 1e-4);
+    }
 }
 
 /// Causal attention of one sequence with its keys and values contiguous:

@@ -1,0 +1,161 @@
+//! `tandem bench ...`: benchmarks that print ratios measured in one run (ours against a peer on
+//! the same machine), which stay meaningful on shared, noisy machines.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Subcommand;
+use tandem_kernels::ops::{self, LoraBank, MatmulDims, Segments};
+use tandem_kernels::{DType, Device, Tensor};
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// Matmul GFLOP/s at LLM shapes next to the raw `gemm` crate, and the cost of a multi-LoRA
+    /// delta as a fraction of the base matmul.
+    Kernels {
+        /// `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Timed repetitions per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Rows (tokens) of the matmuls, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 256, 2048])]
+        m: Vec<usize>,
+        /// Features in and out of the base layer (a square `d x d` weight).
+        #[arg(long, default_value_t = 4096)]
+        d: usize,
+        /// Adapters, their rank, and the tokens of the multi-LoRA measurement.
+        #[arg(long, default_value_t = 64)]
+        adapters: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 256)]
+        lora_tokens: usize,
+    },
+}
+
+pub fn run(bench: Bench) -> Result<()> {
+    match bench {
+        Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens } => {
+            let device: Device = device.parse()?;
+            device.ensure_available()?;
+            kernels(device, reps.max(1), &m, d, adapters, rank, lora_tokens)
+        }
+    }
+}
+
+/// Median wall time of `f` over `reps` runs after one warm-up; `sync` waits for the device.
+fn time(reps: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(random(shape.iter().product(), seed), shape.to_vec())?.to_device(device)?)
+}
+
+fn kernels(device: Device, reps: usize, ms: &[usize], d: usize, adapters: usize, rank: usize, tokens: usize) -> Result<()> {
+    println!("tandem bench kernels: device {device}, {} rayon threads, f32, median of {reps}", rayon::current_num_threads());
+    println!();
+    println!("matmul  y[M,{d}] = x[M,{d}] . W[{d},{d}]^T  (a linear layer)");
+    println!("{:>6}  {:>12}  {:>12}  {:>8}", "M", "ours GFLOP/s", "gemm GFLOP/s", "ours/gemm");
+    let w = tensor(&[d, d], 1, device)?;
+    let w_host = random(d * d, 1);
+    for &m in ms {
+        let x = tensor(&[m, d], 2, device)?;
+        let flops = 2.0 * (m * d * d) as f64;
+        let ours = time(reps, device, || {
+            ops::matmul(&x, &w, false, true)?;
+            Ok(())
+        })?;
+        let (raw, ratio) = if device == Device::Cpu {
+            let x_host = random(m * d, 2);
+            let mut y = vec![0.0f32; m * d];
+            let dims = MatmulDims { batch: 1, m, n: d, k: d, trans_a: false, trans_b: true, b_batched: false };
+            let raw = time(reps, device, || {
+                raw_gemm(&mut y, &x_host, &w_host, &dims);
+                Ok(())
+            })?;
+            (format!("{:12.1}", flops / raw / 1e9), format!("{:8.3}", raw / ours))
+        } else {
+            (format!("{:>12}", "-"), format!("{:>8}", "-"))
+        };
+        println!("{m:>6}  {:12.1}  {raw}  {ratio}", flops / ours / 1e9);
+    }
+
+    println!();
+    println!("multi-LoRA delta: {adapters} adapters, rank {rank}, {tokens} tokens, {d} -> {d}");
+    let x = tensor(&[tokens, d], 3, device)?;
+    let bank = LoraBank::new(
+        tensor(&[adapters * rank, d], 4, device)?,
+        tensor(&[adapters * rank, d], 5, device)?,
+        vec![rank; adapters],
+        vec![2.0; adapters],
+    )?;
+    let base = time(reps, device, || {
+        ops::matmul(&x, &w, false, true)?;
+        Ok(())
+    })?;
+    // SGMV: tokens arrive grouped by adapter (prefill); BGMV: each token its own adapter (decode).
+    let per = tokens.div_ceil(adapters);
+    let row_adapter: Vec<i32> = (0..tokens).map(|t| (t / per) as i32).collect();
+    let segs = Segments::from_row_indices(&row_adapter);
+    let shuffled: Vec<i32> = (0..tokens).map(|t| ((t * 37) % adapters) as i32).collect();
+    let mut y = Tensor::zeros([tokens, d], DType::F32, device)?;
+    let sgmv = time(reps, device, || Ok(ops::sgmv(&mut y, &x, &bank, &segs)?))?;
+    let bgmv = time(reps, device, || Ok(ops::bgmv(&mut y, &x, &bank, &shuffled)?))?;
+    println!("{:>22}  {:>9.3} ms", "base matmul", base * 1e3);
+    println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "SGMV (segments)", sgmv * 1e3, 100.0 * sgmv / base);
+    println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "BGMV (index per token)", bgmv * 1e3, 100.0 * bgmv / base);
+    Ok(())
+}
+
+/// The peer: the `gemm` crate called directly on the same row-major layout, no wrapper.
+fn raw_gemm(y: &mut [f32], x: &[f32], w: &[f32], d: &MatmulDims) {
+    let (m, n, k) = (d.m, d.n, d.k);
+    assert!(y.len() >= m * n && x.len() >= m * k && w.len() >= n * k);
+    // SAFETY: the assert bounds every element the strides below reach; y does not alias x or w.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+}
