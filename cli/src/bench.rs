@@ -74,8 +74,19 @@ fn tensor(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(random(shape.iter().product(), seed), shape.to_vec())?.to_device(device)?)
 }
 
-fn kernels(device: Device, reps: usize, ms: &[usize], d: usize, adapters: usize, rank: usize, tokens: usize) -> Result<()> {
-    println!("tandem bench kernels: device {device}, {} rayon threads, f32, median of {reps}", rayon::current_num_threads());
+fn kernels(
+    device: Device,
+    reps: usize,
+    ms: &[usize],
+    d: usize,
+    adapters: usize,
+    rank: usize,
+    tokens: usize,
+) -> Result<()> {
+    println!(
+        "tandem bench kernels: device {device}, {} rayon threads, f32, median of {reps}",
+        rayon::current_num_threads()
+    );
     println!();
     println!("matmul  y[M,{d}] = x[M,{d}] . W[{d},{d}]^T  (a linear layer)");
     println!("{:>6}  {:>12}  {:>12}  {:>8}", "M", "ours GFLOP/s", "gemm GFLOP/s", "ours/gemm");

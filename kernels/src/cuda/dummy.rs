@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::ops::{AdamW, AttentionDims, LoraBank, MatmulDims, SeqAttention, Segments};
+use crate::ops::{AdamW, AttentionDims, LoraBank, MatmulDims, Segments, SeqAttention};
 use crate::{CpuStorage, DType, Error, Result, Tensor};
 
 fn unavailable() -> Error {

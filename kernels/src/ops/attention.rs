@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::dot;
 use crate::error::{Result, arg_err, shape_err};
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
@@ -228,7 +229,7 @@ fn attention_backward_cpu(
     let starts: Vec<usize> = seqs.iter().scan(0, |acc, s| Some(std::mem::replace(acc, *acc + s.q_len))).collect();
     // Each sequence yields its dq rows and dense per-key dk/dv; they are scattered into the
     // cache-shaped gradients afterwards, so sequences sharing a block add up correctly.
-    let per_seq: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<u32>)> = seqs
+    let per_seq: Vec<SeqGrads> = seqs
         .par_iter()
         .zip(starts.par_iter())
         .map(|(seq, &start)| {
@@ -265,13 +266,13 @@ fn attention_backward_cpu(
                     }
                 }
             }
-            (dq, dk, dv, slots)
+            SeqGrads { dq, dk, dv, slots }
         })
         .collect();
     let cache_len = d.num_blocks * d.block_size * row;
     let (mut dq, mut dk_cache, mut dv_cache) =
         (Vec::with_capacity(q.len()), vec![0.0; cache_len], vec![0.0; cache_len]);
-    for (sdq, sdk, sdv, slots) in per_seq {
+    for SeqGrads { dq: sdq, dk: sdk, dv: sdv, slots } in per_seq {
         dq.extend_from_slice(&sdq);
         for (j, &slot) in slots.iter().enumerate() {
             let s = slot as usize * row;
@@ -282,6 +283,11 @@ fn attention_backward_cpu(
     (dq, dk_cache, dv_cache)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
+/// One sequence's share of the attention gradients: its query rows, and dense per-key dk/dv
+/// with the cache slot of each key.
+struct SeqGrads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    slots: Vec<u32>,
 }

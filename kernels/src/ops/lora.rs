@@ -63,7 +63,11 @@ impl LoraBank {
             if ai != in_f || b.shape() != [out_f, r] {
                 return shape_err(
                     OP,
-                    format!("adapter {i}: A {:?} and B {:?} do not fit [r, {in_f}] and [{out_f}, r]", a.shape(), b.shape()),
+                    format!(
+                        "adapter {i}: A {:?} and B {:?} do not fit [r, {in_f}] and [{out_f}, r]",
+                        a.shape(),
+                        b.shape()
+                    ),
                 );
             }
             ranks.push(r);
@@ -199,7 +203,8 @@ fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32],
         Device::Cpu => {
             let (xs, a, bt, dys) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?, dy.cpu_f32()?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
-            let (mut da, mut dbt, mut dx) = (vec![0.0; r_total * in_f], vec![0.0; r_total * out_f], vec![0.0; n * in_f]);
+            let (mut da, mut dbt, mut dx) =
+                (vec![0.0; r_total * in_f], vec![0.0; r_total * out_f], vec![0.0; n * in_f]);
             // Adapters own disjoint row blocks of dA and dBᵀ, so they run in parallel; each
             // returns its dx rows, scattered afterwards.
             let da_blocks = split_blocks(&mut da, bank, in_f);

@@ -38,7 +38,7 @@ pub fn adamw_step(
 ) -> Result<()> {
     const OP: &str = "adamw_step";
     let device = same_device(OP, &[param, grad, m, v])?;
-    for (what, t) in [("grad", &*grad), ("m", &*m), ("v", &*v)] {
+    for (what, t) in [("grad", grad), ("m", &*m), ("v", &*v)] {
         t.expect_shape(OP, what, param.shape())?;
     }
     if step == 0 {
@@ -99,7 +99,7 @@ pub fn grad_norm(grads: &[&Tensor]) -> Result<f32> {
 /// Scales all `grads` together so their global L2 norm is at most `max_norm` (PyTorch's
 /// coefficient `max_norm / (norm + 1e-6)`, capped at 1). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut Tensor], max_norm: f32) -> Result<f32> {
-    if !(max_norm > 0.0) {
+    if max_norm.is_nan() || max_norm <= 0.0 {
         return arg_err("clip_grad_norm", format!("max_norm must be positive, got {max_norm}"));
     }
     let norm = grad_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>())?;

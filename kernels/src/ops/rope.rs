@@ -29,7 +29,7 @@ impl Rope {
     /// Frequencies for `head_dim` (even) and base `theta`, scaled as HF's
     /// `ROPE_INIT_FUNCTIONS` do.
     pub fn new(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return arg_err("rope", format!("head_dim must be even and positive, got {head_dim}"));
         }
         let base: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();

@@ -87,10 +87,6 @@ pub fn check_grad(
     for i in (0..base.len()).step_by(step) {
         let numeric = ((eval(i, H) - eval(i, -H)) / (2.0 * H as f64)) as f32;
         let tol = 2e-3 + 2e-2 * numeric.abs();
-        assert!(
-            (grad[i] - numeric).abs() <= tol,
-            "{what}: d/d[{i}]: analytic {} vs numeric {numeric}",
-            grad[i]
-        );
+        assert!((grad[i] - numeric).abs() <= tol, "{what}: d/d[{i}]: analytic {} vs numeric {numeric}", grad[i]);
     }
 }

@@ -5,7 +5,7 @@ use tandem_kernels::Tensor;
 use tandem_kernels::ops::{self, Segments};
 
 use crate::common::{Rng, assert_close};
-use crate::reference::{check_paged_attention_against_dense, lora_per_token, random_adapters};
+use crate::reference::{Heads, check_paged_attention_against_dense, lora_per_token, random_adapters};
 
 fn naive_matmul(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Vec<f32> {
     let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
@@ -37,7 +37,7 @@ proptest! {
     ) {
         // (q_len, cached keys before the new tokens) -> (q_len, context_len).
         let shapes: Vec<(usize, usize)> = seqs.iter().map(|&(q, past)| (q, q + past)).collect();
-        check_paged_attention_against_dense(&mut Rng::new(seed), &shapes, block_size, kv_heads * group, kv_heads, head_dim);
+        check_paged_attention_against_dense(&mut Rng::new(seed), &shapes, block_size, Heads { hq: kv_heads * group, hkv: kv_heads, d: head_dim });
     }
 
     #[test]

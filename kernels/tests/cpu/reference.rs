@@ -5,14 +5,22 @@ use tandem_kernels::{DType, Device, Tensor};
 
 use crate::common::{Rng, assert_close, assert_tensors_close};
 
+/// One adapter's weights as plain vectors: `A` `[rank, in]`, `B` `[out, rank]`.
+pub struct RawAdapter {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    rank: usize,
+    scale: f32,
+}
+
 /// `y[t] = Σ_i [adapter(t) = i] · scale_i · B_i (A_i x[t])`, one token at a time.
-pub fn lora_per_token(x: &[f32], adapters: &[(Vec<f32>, Vec<f32>, usize, f32)], row_adapter: &[i32], in_f: usize, out_f: usize) -> Vec<f32> {
+pub fn lora_per_token(x: &[f32], adapters: &[RawAdapter], row_adapter: &[i32], in_f: usize, out_f: usize) -> Vec<f32> {
     let mut y = vec![0.0; row_adapter.len() * out_f];
     for (t, &i) in row_adapter.iter().enumerate() {
         if i < 0 {
             continue;
         }
-        let (a, b, r, s) = &adapters[i as usize];
+        let RawAdapter { a, b, rank: r, scale: s } = &adapters[i as usize];
         let xt = &x[t * in_f..(t + 1) * in_f];
         let h: Vec<f32> = (0..*r).map(|j| (0..in_f).map(|c| a[j * in_f + c] * xt[c]).sum()).collect();
         for o in 0..out_f {
@@ -23,12 +31,21 @@ pub fn lora_per_token(x: &[f32], adapters: &[(Vec<f32>, Vec<f32>, usize, f32)], 
 }
 
 /// Random adapters of the given ranks, and their bank.
-pub fn random_adapters(rng: &mut Rng, ranks: &[usize], in_f: usize, out_f: usize) -> (Vec<(Vec<f32>, Vec<f32>, usize, f32)>, LoraBank) {
-    let raw: Vec<_> = ranks.iter().map(|&r| (rng.vec(r * in_f, 1.0), rng.vec(out_f * r, 1.0), r, 0.25 + rng.uniform().abs())).collect();
+pub fn random_adapters(rng: &mut Rng, ranks: &[usize], in_f: usize, out_f: usize) -> (Vec<RawAdapter>, LoraBank) {
+    let raw: Vec<_> = ranks
+        .iter()
+        .map(|&rank| RawAdapter {
+            a: rng.vec(rank * in_f, 1.0),
+            b: rng.vec(out_f * rank, 1.0),
+            rank,
+            scale: 0.25 + rng.uniform().abs(),
+        })
+        .collect();
     let tensors: Vec<_> = raw
         .iter()
-        .map(|(a, b, r, s)| {
-            (Tensor::from_vec(a.clone(), [*r, in_f]).unwrap(), Tensor::from_vec(b.clone(), [out_f, *r]).unwrap(), *s)
+        .map(|r| {
+            let a = Tensor::from_vec(r.a.clone(), [r.rank, in_f]).unwrap();
+            (a, Tensor::from_vec(r.b.clone(), [out_f, r.rank]).unwrap(), r.scale)
         })
         .collect();
     (raw, LoraBank::pack(&tensors).unwrap())
@@ -48,7 +65,8 @@ fn sgmv_and_bgmv_match_a_per_token_loop_with_mixed_ranks() {
     let row_adapter: Vec<i32> = (0..n).map(|_| rng.below(ranks.len() + 1) as i32 - 1).collect();
     let mut y = Tensor::from_vec(base.clone(), [n, out_f]).unwrap();
     ops::bgmv(&mut y, &xt, &bank, &row_adapter).unwrap();
-    let want: Vec<f32> = lora_per_token(&x, &raw, &row_adapter, in_f, out_f).iter().zip(&base).map(|(d, b)| d + b).collect();
+    let want: Vec<f32> =
+        lora_per_token(&x, &raw, &row_adapter, in_f, out_f).iter().zip(&base).map(|(d, b)| d + b).collect();
     assert_close("bgmv", &y.to_vec_f32().unwrap(), &want, 1e-4, 1e-4);
 
     // SGMV: the same rows as segments of equal consecutive indices.
@@ -71,9 +89,19 @@ fn sgmv_and_bgmv_match_a_per_token_loop_with_mixed_ranks() {
     }
 }
 
+/// Head geometry of an attention test: query heads, kv heads, head dim.
+#[derive(Clone, Copy)]
+pub struct Heads {
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+}
+
 /// Causal attention of one sequence with its keys and values contiguous:
 /// `q` is `[q_len, hq, d]`, `k`/`v` are `[ctx, hkv, d]`.
-fn dense_attention(q: &[f32], k: &[f32], v: &[f32], q_len: usize, ctx: usize, hq: usize, hkv: usize, d: usize, scale: f32) -> Vec<f32> {
+fn dense_attention(q: &[f32], k: &[f32], v: &[f32], q_len: usize, ctx: usize, heads: Heads) -> Vec<f32> {
+    let Heads { hq, hkv, d } = heads;
+    let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0.0; q_len * hq * d];
     for i in 0..q_len {
         let pos = ctx - q_len + i;
@@ -81,7 +109,13 @@ fn dense_attention(q: &[f32], k: &[f32], v: &[f32], q_len: usize, ctx: usize, hq
             let g = h / (hq / hkv);
             let qv = &q[(i * hq + h) * d..][..d];
             let scores: Vec<f32> = (0..ctx)
-                .map(|j| if j <= pos { scale * (0..d).map(|c| qv[c] * k[(j * hkv + g) * d + c]).sum::<f32>() } else { f32::NEG_INFINITY })
+                .map(|j| {
+                    if j <= pos {
+                        scale * (0..d).map(|c| qv[c] * k[(j * hkv + g) * d + c]).sum::<f32>()
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -94,15 +128,17 @@ fn dense_attention(q: &[f32], k: &[f32], v: &[f32], q_len: usize, ctx: usize, hq
     out
 }
 
+/// A ragged batch in a paged cache, with each sequence's keys and values also kept dense.
+pub struct RaggedBatch {
+    pub k_cache: Tensor,
+    pub v_cache: Tensor,
+    pub seqs: Vec<SeqAttention>,
+    pub dense: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
 /// Builds a ragged batch: sequences with `(q_len, context_len)`, their keys written through
-/// `write_kv` into shuffled blocks; returns the caches, the batch and the per-sequence dense K/V.
-pub fn ragged_batch(
-    rng: &mut Rng,
-    shapes: &[(usize, usize)],
-    block_size: usize,
-    hkv: usize,
-    d: usize,
-) -> (Tensor, Tensor, Vec<SeqAttention>, Vec<(Vec<f32>, Vec<f32>)>) {
+/// `write_kv` into shuffled blocks.
+pub fn ragged_batch(rng: &mut Rng, shapes: &[(usize, usize)], block_size: usize, hkv: usize, d: usize) -> RaggedBatch {
     let blocks_needed: usize = shapes.iter().map(|&(_, ctx)| ctx.div_ceil(block_size)).sum();
     let num_blocks = blocks_needed + 2;
     // A fixed shuffle of block ids, so sequences own scattered, non-contiguous blocks.
@@ -125,19 +161,22 @@ pub fn ragged_batch(
         seqs.push(seq);
         dense.push((k, v));
     }
-    (k_cache, v_cache, seqs, dense)
+    RaggedBatch { k_cache, v_cache, seqs, dense }
 }
 
-pub fn check_paged_attention_against_dense(rng: &mut Rng, shapes: &[(usize, usize)], block_size: usize, hq: usize, hkv: usize, d: usize) {
-    let (k_cache, v_cache, seqs, dense) = ragged_batch(rng, shapes, block_size, hkv, d);
+pub fn check_paged_attention_against_dense(rng: &mut Rng, shapes: &[(usize, usize)], block_size: usize, heads: Heads) {
+    let Heads { hq, hkv, d } = heads;
+    let RaggedBatch { k_cache, v_cache, seqs, dense } = ragged_batch(rng, shapes, block_size, hkv, d);
     let tokens: usize = shapes.iter().map(|s| s.0).sum();
     let q = rng.vec(tokens * hq * d, 1.0);
     let scale = 1.0 / (d as f32).sqrt();
-    let out = ops::paged_attention(&Tensor::from_vec(q.clone(), [tokens, hq, d]).unwrap(), &k_cache, &v_cache, &seqs, scale).unwrap();
+    let out =
+        ops::paged_attention(&Tensor::from_vec(q.clone(), [tokens, hq, d]).unwrap(), &k_cache, &v_cache, &seqs, scale)
+            .unwrap();
     let mut want = Vec::new();
     let mut start = 0;
     for (&(q_len, ctx), (k, v)) in shapes.iter().zip(&dense) {
-        want.extend(dense_attention(&q[start * hq * d..(start + q_len) * hq * d], k, v, q_len, ctx, hq, hkv, d, scale));
+        want.extend(dense_attention(&q[start * hq * d..(start + q_len) * hq * d], k, v, q_len, ctx, heads));
         start += q_len;
     }
     assert_close("paged attention vs dense", &out.to_vec_f32().unwrap(), &want, 1e-5, 1e-4);
@@ -147,15 +186,20 @@ pub fn check_paged_attention_against_dense(rng: &mut Rng, shapes: &[(usize, usiz
 fn paged_attention_matches_dense_on_a_ragged_batch() {
     let mut rng = Rng::new(21);
     // Prefills of different lengths, decodes, and a chunked prefill, with GQA (8 q, 2 kv heads).
-    check_paged_attention_against_dense(&mut rng, &[(7, 7), (1, 13), (3, 9), (16, 16), (1, 1)], 4, 8, 2, 8);
+    check_paged_attention_against_dense(
+        &mut rng,
+        &[(7, 7), (1, 13), (3, 9), (16, 16), (1, 1)],
+        4,
+        Heads { hq: 8, hkv: 2, d: 8 },
+    );
     // Pure decode batch, multi-head attention, a block size that is not a power of two.
-    check_paged_attention_against_dense(&mut rng, &[(1, 5), (1, 11), (1, 3)], 3, 4, 4, 16);
+    check_paged_attention_against_dense(&mut rng, &[(1, 5), (1, 11), (1, 3)], 3, Heads { hq: 4, hkv: 4, d: 16 });
 }
 
 #[test]
 fn gather_kv_reads_back_what_write_kv_wrote() {
     let mut rng = Rng::new(22);
-    let (k_cache, _, seqs, dense) = ragged_batch(&mut rng, &[(2, 6), (1, 3)], 4, 2, 4);
+    let RaggedBatch { k_cache, seqs, dense, .. } = ragged_batch(&mut rng, &[(2, 6), (1, 3)], 4, 2, 4);
     for (seq, (k, _)) in seqs.iter().zip(&dense) {
         let got = ops::gather_kv(&k_cache, &ops::cache_slots(seq, 4)).unwrap();
         assert_close("gather_kv", &got.to_vec_f32().unwrap(), k, 0.0, 0.0);
@@ -247,6 +291,12 @@ fn matmul_shares_or_batches_b() {
     for i in 0..3 {
         let ai = Tensor::from_vec(av[i * 8..(i + 1) * 8].to_vec(), [2, 4]).unwrap();
         let yi = ops::matmul(&ai, &w, false, true).unwrap();
-        assert_close("batch entry", &y.to_vec_f32().unwrap()[i * 10..(i + 1) * 10], &yi.to_vec_f32().unwrap(), 1e-6, 1e-6);
+        assert_close(
+            "batch entry",
+            &y.to_vec_f32().unwrap()[i * 10..(i + 1) * 10],
+            &yi.to_vec_f32().unwrap(),
+            1e-6,
+            1e-6,
+        );
     }
 }
