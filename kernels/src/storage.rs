@@ -63,6 +63,17 @@ impl CpuStorage {
         }
     }
 
+    /// Overwrites elements `start..start + src.len()` with `src`, converting only that range
+    /// (a KV-cache write touches a few rows of a large buffer).
+    pub(crate) fn write_f32(&mut self, start: usize, src: &[f32]) {
+        let end = start + src.len();
+        match self {
+            CpuStorage::F32(v) => v[start..end].copy_from_slice(src),
+            CpuStorage::BF16(v) => v[start..end].convert_from_f32_slice(src),
+            CpuStorage::F16(v) => v[start..end].convert_from_f32_slice(src),
+        }
+    }
+
     /// Runs `f` on the elements as a mutable f32 slice and writes the result back, so in-place
     /// ops (optimizer steps, KV-cache writes) have one code path for every dtype.
     pub(crate) fn update_f32<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> R {

@@ -177,10 +177,15 @@ impl Tensor {
 
     /// Runs an in-place f32 update on a CPU tensor (any dtype).
     pub(crate) fn cpu_update<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
+        Ok(self.cpu_storage_mut()?.update_f32(f))
+    }
+
+    /// Mutable host storage of a CPU tensor.
+    pub(crate) fn cpu_storage_mut(&mut self) -> Result<&mut CpuStorage> {
         let device = self.device();
         match &mut self.storage {
-            Storage::Cpu(s) => Ok(s.update_f32(f)),
-            Storage::Cuda(_) => Err(Error::DeviceMismatch { op: "cpu_update", lhs: Device::Cpu, rhs: device }),
+            Storage::Cpu(s) => Ok(s),
+            Storage::Cuda(_) => Err(Error::DeviceMismatch { op: "cpu_storage_mut", lhs: Device::Cpu, rhs: device }),
         }
     }
 

@@ -94,12 +94,11 @@ pub fn write_kv(cache: &mut Tensor, x: &Tensor, slots: &[u32]) -> Result<()> {
     match x.device() {
         Device::Cpu => {
             let xs = x.cpu_f32()?;
-            cache.cpu_update(|c| {
-                for (t, &s) in slots.iter().enumerate() {
-                    let s = s as usize;
-                    c[s * row..(s + 1) * row].copy_from_slice(&xs[t * row..(t + 1) * row]);
-                }
-            })
+            let storage = cache.cpu_storage_mut()?;
+            for (t, &s) in slots.iter().enumerate() {
+                storage.write_f32(s as usize * row, &xs[t * row..(t + 1) * row]);
+            }
+            Ok(())
         }
         Device::Cuda(_) => cuda::write_kv(cache, x, slots, row),
     }

@@ -207,6 +207,20 @@ fn gather_kv_reads_back_what_write_kv_wrote() {
 }
 
 #[test]
+fn write_kv_into_a_bf16_cache_rounds_only_the_rows_it_writes() {
+    let mut rng = Rng::new(26);
+    let mut cache = rng.tensor(&[3, 2, 1, 4], 1.0).to_dtype(DType::BF16).unwrap();
+    let before = cache.to_vec_f32().unwrap();
+    let rows = rng.tensor(&[2, 1, 4], 1.0);
+    ops::write_kv(&mut cache, &rows, &[5, 0]).unwrap();
+    let after = cache.to_vec_f32().unwrap();
+    let rounded = rows.to_dtype(DType::BF16).unwrap().to_vec_f32().unwrap();
+    assert_close("slot 5", &after[20..24], &rounded[..4], 0.0, 0.0);
+    assert_close("slot 0", &after[0..4], &rounded[4..], 0.0, 0.0);
+    assert_close("untouched slots", &after[4..20], &before[4..20], 0.0, 0.0);
+}
+
+#[test]
 fn adamw_matches_the_pytorch_formula() {
     let mut rng = Rng::new(23);
     let n = 50;
