@@ -92,8 +92,25 @@ pub fn paged_attention(
     let m = Module::Attention;
     macro_rules! run {
         ($name:expr, $k:expr, $v:expr) => {
-            launch!(ctx, OP, m, $name, cfg, &*qs, $k, $v, &mut out, &meta.tok_seq, &meta.tok_pos, &meta.slots,
-                &meta.seq_off, &hq, &hkv, &dh, &scale)
+            launch!(
+                ctx,
+                OP,
+                m,
+                $name,
+                cfg,
+                &*qs,
+                $k,
+                $v,
+                &mut out,
+                &meta.tok_seq,
+                &meta.tok_pos,
+                &meta.slots,
+                &meta.seq_off,
+                &hq,
+                &hkv,
+                &dh,
+                &scale
+            )
         };
     }
     match (cuda_storage(OP, k_cache)?.buf(), cuda_storage(OP, v_cache)?.buf()) {
@@ -130,8 +147,29 @@ pub fn paged_attention_backward(
     let m = Module::Attention;
     macro_rules! run {
         ($name:expr, $k:expr, $v:expr) => {
-            launch!(ctx, OP, m, $name, cfg, &*qs, $k, $v, &*os, &*dos, &mut dq, &mut dk, &mut dv, &meta.tok_seq,
-                &meta.tok_pos, &meta.slots, &meta.seq_off, &hq, &hkv, &dh, &scale)
+            launch!(
+                ctx,
+                OP,
+                m,
+                $name,
+                cfg,
+                &*qs,
+                $k,
+                $v,
+                &*os,
+                &*dos,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &meta.tok_seq,
+                &meta.tok_pos,
+                &meta.slots,
+                &meta.seq_off,
+                &hq,
+                &hkv,
+                &dh,
+                &scale
+            )
         };
     }
     match (cuda_storage(OP, k_cache)?.buf(), cuda_storage(OP, v_cache)?.buf()) {

@@ -2,8 +2,7 @@
 //!
 //! cuBLAS is column-major. A row-major `C[m×n] = op(A)·op(B)` is, read column-major,
 //! `Cᵀ[n×m] = op(B)ᵀ·op(A)ᵀ`, so each call passes `b` as cuBLAS's first operand and `a` as its
-//! second, with the row strides as leading dimensions. A row stride wider than the row reads a
-//! column block of a wider matrix (one adapter's columns of a LoRA bank).
+//! second, with the row strides as leading dimensions.
 
 use std::ffi::{c_int, c_longlong};
 use std::sync::Arc;
@@ -28,10 +27,6 @@ pub(crate) struct RowGemm {
     pub trans_a: bool,
     /// `b` is stored `[n, k]`.
     pub trans_b: bool,
-    /// Row stride of `b`; `None`: dense.
-    pub ldb: Option<usize>,
-    /// Row stride of `c`; `None`: dense (`n`).
-    pub ldc: Option<usize>,
     pub alpha: f32,
     pub beta: f32,
     /// Matrices in the batch, and the element distance between consecutive ones (0: shared).
@@ -43,31 +38,12 @@ pub(crate) struct RowGemm {
 
 impl RowGemm {
     pub(crate) fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Self {
-        RowGemm {
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            ldb: None,
-            ldc: None,
-            alpha: 1.0,
-            beta: 0.0,
-            batch: 1,
-            stride_a: 0,
-            stride_b: 0,
-            stride_c: 0,
-        }
+        RowGemm { m, n, k, trans_a, trans_b, alpha: 1.0, beta: 0.0, batch: 1, stride_a: 0, stride_b: 0, stride_c: 0 }
     }
 
     pub(crate) fn scaled(self, alpha: f32, beta: f32) -> Self {
         RowGemm { alpha, beta, ..self }
     }
-}
-
-/// Elements a row-major matrix of `rows` rows of `cols` at row stride `ld` spans.
-fn span(rows: usize, cols: usize, ld: usize) -> usize {
-    if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols }
 }
 
 /// Runs `g`. `k == 0` leaves `c` untouched: callers pass zeroed outputs or accumulate.
@@ -85,18 +61,18 @@ pub(crate) fn gemm(
         return Ok(());
     }
     let lda = if g.trans_a { g.m } else { g.k };
-    let ldb = g.ldb.unwrap_or(if g.trans_b { g.k } else { g.n });
-    let ldc = g.ldc.unwrap_or(g.n);
+    let ldb = if g.trans_b { g.k } else { g.n };
+    let ldc = g.n;
     let (a_rows, a_cols) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
     let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
     let last = g.batch - 1;
     let checks = [
-        ("a", a.len(), span(a_rows, a_cols, lda) + last * g.stride_a, lda >= a_cols),
-        ("b", b.len(), span(b_rows, b_cols, ldb) + last * g.stride_b, ldb >= b_cols),
-        ("c", c.len(), span(g.m, g.n, ldc) + last * g.stride_c, ldc >= g.n),
+        ("a", a.len(), a_rows * a_cols + last * g.stride_a),
+        ("b", b.len(), b_rows * b_cols + last * g.stride_b),
+        ("c", c.len(), g.m * g.n + last * g.stride_c),
     ];
-    for (what, have, need, ld_ok) in checks {
-        if have < need || !ld_ok {
+    for (what, have, need) in checks {
+        if have < need {
             return Err(Error::Cuda {
                 op,
                 msg: format!("gemm operand {what}: {have} elements for {need} needed ({g:?})"),
@@ -142,9 +118,16 @@ pub(crate) fn gemm(
 }
 
 /// A view of `len` elements of `buf` from `start`, or an error instead of cudarc's panic.
-pub(crate) fn view<'a>(op: &'static str, buf: &'a CudaSlice<f32>, start: usize, len: usize) -> Result<CudaView<'a, f32>> {
-    buf.try_slice(start..start + len)
-        .ok_or_else(|| Error::Cuda { op, msg: format!("view {start}..{} of a {}-element buffer", start + len, buf.len()) })
+pub(crate) fn view<'a>(
+    op: &'static str,
+    buf: &'a CudaSlice<f32>,
+    start: usize,
+    len: usize,
+) -> Result<CudaView<'a, f32>> {
+    buf.try_slice(start..start + len).ok_or_else(|| Error::Cuda {
+        op,
+        msg: format!("view {start}..{} of a {}-element buffer", start + len, buf.len()),
+    })
 }
 
 /// The mutable counterpart of [`view`].

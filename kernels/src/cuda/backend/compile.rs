@@ -60,7 +60,9 @@ pub(crate) fn compile_cubin(module: Module, arch: &str) -> Result<Ptx> {
     let src = CString::new(format!("{COMMON}\n{}", module.source()))
         .map_err(|_| err("setup", "source contains a NUL byte".into()))?;
     let name = CString::new(format!("{op}.cu")).map_err(|_| err("setup", "bad name".into()))?;
-    let prog = Program(result::create_program(&src, Some(name.as_c_str())).map_err(|e| err("program creation", format!("{e:?}")))?);
+    let prog = Program(
+        result::create_program(&src, Some(name.as_c_str())).map_err(|e| err("program creation", format!("{e:?}")))?,
+    );
     let options = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
     // SAFETY: `prog` is a live program created above.
     if let Err(e) = unsafe { result::compile_program(prog.0, &options) } {

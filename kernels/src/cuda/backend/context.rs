@@ -75,7 +75,8 @@ impl CudaContext {
         unsafe { cu.disable_event_tracking() };
         let (major, minor) = cu.compute_capability().map_err(|e| unavailable("reading the compute capability", e))?;
         let stream = cu.default_stream();
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_err("cublas init", e))?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| Error::CudaUnavailable(format!("cuda:{ordinal}: creating the cuBLAS handle: {e}")))?;
         Ok(CudaContext {
             ordinal,
             stream,
@@ -139,6 +140,11 @@ impl CudaContext {
     }
 }
 
+/// Waits for all work queued on device `ordinal` (for timing), surfacing any error of it.
+pub fn synchronize(ordinal: usize) -> Result<()> {
+    CudaContext::get(ordinal)?.stream.synchronize().map_err(drv("synchronize"))
+}
+
 /// A lock that survives a panic on another thread: the guarded maps stay consistent because
 /// every insert is a single call.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,7 +192,8 @@ fn check_libraries() -> std::result::Result<(), String> {
                     break;
                 }
                 Err(e) => {
-                    let e = e.to_string();
+                    // libloading's message is "dlopen failed"; the reason is its source.
+                    let e = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
                     if why == "no candidate names" || !e.contains("No such file") {
                         why = e;
                     }

@@ -32,7 +32,7 @@ pub fn transpose(x: &Tensor, r: usize, c: usize, out_shape: Vec<usize>) -> Resul
     let ctx = ctx_of(OP, x)?;
     let xs = f32_in(OP, x)?;
     let len = x.elem_count();
-    let batch = if r * c == 0 { 0 } else { len / (r * c) };
+    let batch = len.checked_div(r * c).unwrap_or(0);
     let mut out = ctx.zeros::<f32>(OP, len)?;
     let (b64, r64, c64) = (batch as u64, r as u64, c as u64);
     launch!(ctx, OP, Module::Elementwise, "transpose_f32", grid_1d(len), &*xs, &mut out, &b64, &r64, &c64)?;
@@ -94,7 +94,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, n: usize, d: usize) -> Result<
     f32_out(OP, &ctx, out, vec![n, d], x.dtype())
 }
 
-pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32, n: usize, d: usize) -> Result<(Tensor, Tensor)> {
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    n: usize,
+    d: usize,
+) -> Result<(Tensor, Tensor)> {
     const OP: &str = "rms_norm_backward";
     let ctx = ctx_of(OP, x)?;
     let (xs, ws, dys) = (f32_in(OP, x)?, f32_in(OP, w)?, f32_in(OP, dy)?);
@@ -136,7 +143,7 @@ pub fn softmax(x: &Tensor, d: usize) -> Result<Tensor> {
     let len = x.elem_count();
     let mut out = ctx.zeros::<f32>(OP, len)?;
     let d64 = d as u64;
-    let rows = launch::rows(OP, if d == 0 { 0 } else { len / d })?;
+    let rows = launch::rows(OP, len.checked_div(d).unwrap_or(0))?;
     launch!(ctx, OP, Module::Rowwise, "softmax_f32", rows, &*xs, &mut out, &d64)?;
     f32_out(OP, &ctx, out, x.shape().to_vec(), x.dtype())
 }
@@ -148,12 +155,20 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor, d: usize) -> Result<Tensor> {
     let len = y.elem_count();
     let mut out = ctx.zeros::<f32>(OP, len)?;
     let d64 = d as u64;
-    let rows = launch::rows(OP, if d == 0 { 0 } else { len / d })?;
+    let rows = launch::rows(OP, len.checked_div(d).unwrap_or(0))?;
     launch!(ctx, OP, Module::Rowwise, "softmax_bwd_f32", rows, &*ys, &*dys, &mut out, &d64)?;
     f32_out(OP, &ctx, out, y.shape().to_vec(), y.dtype())
 }
 
-pub fn rope(x: &Tensor, positions: &[u32], inv_freq: &[f32], direction: f32, t: usize, h: usize, d: usize) -> Result<Tensor> {
+pub fn rope(
+    x: &Tensor,
+    positions: &[u32],
+    inv_freq: &[f32],
+    direction: f32,
+    t: usize,
+    h: usize,
+    d: usize,
+) -> Result<Tensor> {
     const OP: &str = "rope";
     let ctx = ctx_of(OP, x)?;
     let xs = f32_in(OP, x)?;

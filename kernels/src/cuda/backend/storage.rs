@@ -8,7 +8,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DeviceRepr};
 use half::{bf16, f16};
 
 use super::compile::Module;
@@ -56,10 +56,6 @@ impl CudaStorage {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    pub(crate) fn ctx(&self) -> &Arc<CudaContext> {
-        &self.ctx
     }
 
     pub(crate) fn buf(&self) -> &Buf {
@@ -246,7 +242,8 @@ pub fn download(s: &CudaStorage) -> Result<CpuStorage> {
         if s.len == 0 {
             return Ok(Vec::new());
         }
-        let view = b.try_slice(..s.len).ok_or_else(|| Error::Cuda { op: OP, msg: "buffer shorter than its length".into() })?;
+        let view =
+            b.try_slice(..s.len).ok_or_else(|| Error::Cuda { op: OP, msg: "buffer shorter than its length".into() })?;
         let v = s.ctx.stream().clone_dtoh(&view).map_err(drv(OP))?;
         // The copy into pageable memory has finished when it returns; synchronising also
         // surfaces any error of the kernels that produced the data.

@@ -10,7 +10,7 @@ typedef unsigned long long u64;
 struct bf16_t { u16 bits; };
 struct f16_t { u16 bits; };
 
-#define NEG_INF (__int_as_float(0xff800000))
+#define NEG_INF (__uint_as_float(0xff800000u))
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16_t x) { return __uint_as_float(((u32)x.bits) << 16); }
