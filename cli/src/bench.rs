@@ -45,19 +45,32 @@ pub fn run(bench: Bench) -> Result<()> {
     }
 }
 
-/// Median wall time of `f` over `reps` runs after one warm-up; `sync` waits for the device.
+/// Median wall time of `f` over `reps` runs after one warm-up; waits for the device each run.
 fn time(reps: usize, device: Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    device.synchronize()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let start = Instant::now();
-        f()?;
-        device.synchronize()?;
-        times.push(start.elapsed().as_secs_f64());
+    Ok(time_each(reps, device, &mut [&mut f])?[0])
+}
+
+/// Median wall times of several functions whose runs are interleaved (a, b, a, b, ...), so a
+/// burst of load from a neighbour on a shared machine hits all of them alike.
+fn time_each(reps: usize, device: Device, fs: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<f64>> {
+    let mut times = vec![Vec::with_capacity(reps); fs.len()];
+    for rep in 0..=reps {
+        for (f, t) in fs.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            f()?;
+            device.synchronize()?;
+            if rep > 0 {
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
 }
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -95,21 +108,22 @@ fn kernels(
     for &m in ms {
         let x = tensor(&[m, d], 2, device)?;
         let flops = 2.0 * (m * d * d) as f64;
-        let ours = time(reps, device, || {
+        let mut ours = || -> Result<()> {
             ops::matmul(&x, &w, false, true)?;
             Ok(())
-        })?;
-        let (raw, ratio) = if device == Device::Cpu {
+        };
+        let (ours, raw, ratio) = if device == Device::Cpu {
             let x_host = random(m * d, 2);
             let mut y = vec![0.0f32; m * d];
             let dims = MatmulDims { batch: 1, m, n: d, k: d, trans_a: false, trans_b: true, b_batched: false };
-            let raw = time(reps, device, || {
+            let mut raw = || -> Result<()> {
                 raw_gemm(&mut y, &x_host, &w_host, &dims);
                 Ok(())
-            })?;
-            (format!("{:12.1}", flops / raw / 1e9), format!("{:8.3}", raw / ours))
+            };
+            let t = time_each(reps, device, &mut [&mut ours, &mut raw])?;
+            (t[0], format!("{:12.1}", flops / t[1] / 1e9), format!("{:8.3}", t[1] / t[0]))
         } else {
-            (format!("{:>12}", "-"), format!("{:>8}", "-"))
+            (time(reps, device, ours)?, format!("{:>12}", "-"), format!("{:>8}", "-"))
         };
         println!("{m:>6}  {:12.1}  {raw}  {ratio}", flops / ours / 1e9);
     }
@@ -123,18 +137,26 @@ fn kernels(
         vec![rank; adapters],
         vec![2.0; adapters],
     )?;
-    let base = time(reps, device, || {
-        ops::matmul(&x, &w, false, true)?;
-        Ok(())
-    })?;
     // SGMV: tokens arrive grouped by adapter (prefill); BGMV: each token its own adapter (decode).
     let per = tokens.div_ceil(adapters);
     let row_adapter: Vec<i32> = (0..tokens).map(|t| (t / per) as i32).collect();
     let segs = Segments::from_row_indices(&row_adapter);
     let shuffled: Vec<i32> = (0..tokens).map(|t| ((t * 37) % adapters) as i32).collect();
     let mut y = Tensor::zeros([tokens, d], DType::F32, device)?;
-    let sgmv = time(reps, device, || Ok(ops::sgmv(&mut y, &x, &bank, &segs)?))?;
-    let bgmv = time(reps, device, || Ok(ops::bgmv(&mut y, &x, &bank, &shuffled)?))?;
+    let mut y2 = y.clone();
+    let t = time_each(
+        reps,
+        device,
+        &mut [
+            &mut || {
+                ops::matmul(&x, &w, false, true)?;
+                Ok(())
+            },
+            &mut || Ok(ops::sgmv(&mut y, &x, &bank, &segs)?),
+            &mut || Ok(ops::bgmv(&mut y2, &x, &bank, &shuffled)?),
+        ],
+    )?;
+    let (base, sgmv, bgmv) = (t[0], t[1], t[2]);
     println!("{:>22}  {:>9.3} ms", "base matmul", base * 1e3);
     println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "SGMV (segments)", sgmv * 1e3, 100.0 * sgmv / base);
     println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "BGMV (index per token)", bgmv * 1e3, 100.0 * bgmv / base);
