@@ -129,8 +129,7 @@ pub fn sgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, segs: &Segments) -> Res
             y.cpu_update(|ys| {
                 segs.split_rows_mut(ys, out_f).into_par_iter().zip(seg_list).for_each(|(yseg, (s, e, i))| {
                     if i >= 0 {
-                        let rows = CpuRows { x: &xs[s * in_f..e * in_f], rows: e - s };
-                        lora_forward_rows(yseg, rows, &a, &bt, bank, i as usize, gemm_threads);
+                        lora_forward_rows(yseg, &xs[s * in_f..e * in_f], &a, &bt, bank, i as usize, gemm_threads);
                     }
                 });
             })
@@ -157,7 +156,7 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
                     let mut d = vec![0.0; rows.len() * out_f];
                     if !rows.is_empty() {
                         let gathered = gather(&xs, rows, in_f);
-                        lora_forward_rows(&mut d, CpuRows { x: &gathered, rows: rows.len() }, &a, &bt, bank, i, 1);
+                        lora_forward_rows(&mut d, &gathered, &a, &bt, bank, i, 1);
                     }
                     d
                 })
@@ -248,20 +247,14 @@ fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32],
     }
 }
 
-/// Input rows of one adapter's block, contiguous.
-struct CpuRows<'a> {
-    x: &'a [f32],
-    rows: usize,
-}
-
 /// Rows up to which a block is done with dot products instead of GEMMs: with so few rows the
 /// work is reading the adapter's weights once, and a GEMM's packing costs more than it saves.
 const SMALL_BLOCK_ROWS: usize = 16;
 
-/// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows (the shrink then expand of Punica).
-fn lora_forward_rows(y: &mut [f32], x: CpuRows<'_>, a: &[f32], bt: &[f32], bank: &LoraBank, i: usize, threads: usize) {
+/// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows `x` (the shrink then expand of Punica).
+fn lora_forward_rows(y: &mut [f32], x: &[f32], a: &[f32], bt: &[f32], bank: &LoraBank, i: usize, threads: usize) {
     let (r, off, in_f, out_f) = (bank.rank(i), bank.offset(i), bank.in_features(), bank.out_features());
-    let (m, scale) = (x.rows, bank.scale(i));
+    let (m, scale) = (x.len() / in_f.max(1), bank.scale(i));
     if r == 0 || m == 0 {
         return;
     }
@@ -272,7 +265,7 @@ fn lora_forward_rows(y: &mut [f32], x: CpuRows<'_>, a: &[f32], bt: &[f32], bank:
         // for every row of the block while it is in cache (a GEMM's packing would cost more).
         for (j, a_row) in a_i.chunks_exact(in_f).enumerate() {
             for t in 0..m {
-                h[t * r + j] = scale * dot(&x.x[t * in_f..][..in_f], a_row);
+                h[t * r + j] = scale * dot(&x[t * in_f..][..in_f], a_row);
             }
         }
         for (j, bt_row) in bt_i.chunks_exact(out_f).enumerate() {
@@ -283,7 +276,7 @@ fn lora_forward_rows(y: &mut [f32], x: CpuRows<'_>, a: &[f32], bt: &[f32], bank:
         }
         return;
     }
-    Gemm::new(m, r, in_f, false, true).run(&mut h, x.x, a_i, 1.0, false, threads);
+    Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
     Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
 }
 
