@@ -1,5 +1,20 @@
-//! Tandem worker. For now only its identity; the model runtime, adapters, the co-serving
-//! engine loop and fine-tuning arrive with the issues that build on the kernels.
+//! Tandem worker: the model runtime (HF checkpoints, tokenizers, chat templates), adapters
+//! (PEFT LoRA, ESFT), sampling and the inference engine. The co-serving engine loop,
+//! fine-tuning and collectives arrive with their issues.
+//!
+//! Map:
+//! - `error.rs`: the worker's error type.
+//! - `tokenizer.rs`: `tokenizer.json` + the chat template of `tokenizer_config.json`.
+//! - `sampling.rs`: sampling parameters and the per-request sampler (greedy, temperature,
+//!   top-k, top-p, seed, stop conditions, logprobs).
+//! - `init_model.rs`: random-weight models in HF format for demos, tests and benchmarks.
+
+pub mod error;
+pub mod init_model;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
 
 /// Role name a worker reports in health checks.
 pub const ROLE: &str = "worker";

@@ -1,0 +1,58 @@
+//! The worker's error type. Every variant carries enough context (a file, a field, a tensor
+//! name) for the message to stand on its own in a log or a CLI error.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file that does not parse or lacks a field.
+    #[error("{path}: {msg}")]
+    Json { path: PathBuf, msg: String },
+
+    /// A checkpoint, adapter or tokenizer whose content is wrong: a missing or mis-shaped
+    /// tensor, an unsupported dtype, a broken safetensors header. The message names the file
+    /// and the tensor or field.
+    #[error("{0}")]
+    Format(String),
+
+    /// Something valid in the format that Tandem does not support (an unknown architecture,
+    /// DoRA, `modules_to_save`, ...), refused rather than silently ignored.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    /// A request that cannot be served as given (unknown adapter, a prompt longer than the
+    /// context, a bad sampling parameter).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    /// Tokenizer or chat-template failure.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error(transparent)]
+    Kernel(#[from] tandem_kernels::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}
+
+/// Reads and parses a JSON file, naming the file in any error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })
+}
