@@ -8,9 +8,15 @@
 //! - `sampling.rs`: sampling parameters and the per-request sampler (greedy, temperature,
 //!   top-k, top-p, seed, stop conditions, logprobs).
 //! - `init_model.rs`: random-weight models in HF format for demos, tests and benchmarks.
+//! - `safetensors_file.rs`: safetensors files read and written as tensors.
+//! - `model/`: `config.json`, the checkpoint's weights, the batched forward pass.
+//! - `adapters/`: PEFT LoRA and ESFT adapters, and their packed form for a mixed batch.
 
+pub mod adapters;
 pub mod error;
 pub mod init_model;
+pub mod model;
+pub mod safetensors_file;
 pub mod sampling;
 pub mod tokenizer;
 

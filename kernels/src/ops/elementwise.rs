@@ -23,6 +23,16 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x + b` for every row of `x` (`[n, d]`, `b` is `[d]`): a linear layer's bias. Built from
+/// [`gather_rows`] and [`add`], so every backend has it. Backward: `dx = dy`, `db` =
+/// [`sum_batch`] of `dy`.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (n, d) = x.dims2("add_bias")?;
+    b.expect_shape("add_bias", "bias", &[d])?;
+    let rows = gather_rows(&b.clone().reshape([1, d])?, &vec![0; n])?;
+    add(x, &rows.to_dtype(x.dtype())?)
+}
+
 /// Sums a `[b, n]` tensor over its first dim into `[n]`. Backward: broadcast back.
 pub fn sum_batch(x: &Tensor) -> Result<Tensor> {
     let (b, n) = x.dims2("sum_batch")?;

@@ -80,6 +80,11 @@ impl LoraBank {
         LoraBank::new(a, bt, ranks, adapters.iter().map(|x| x.2).collect())
     }
 
+    /// The same bank on another device.
+    pub fn to_device(&self, device: crate::Device) -> Result<Self> {
+        LoraBank::new(self.a.to_device(device)?, self.bt.to_device(device)?, self.ranks.clone(), self.scales.clone())
+    }
+
     pub fn num_adapters(&self) -> usize {
         self.ranks.len()
     }

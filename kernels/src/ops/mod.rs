@@ -20,7 +20,7 @@ pub use attention::{
     AttentionDims, SeqAttention, cache_slots, gather_kv, paged_attention, paged_attention_backward, write_kv,
 };
 pub use elementwise::{
-    add, gather_rows, row_dot, scale_rows, scale_rows_backward, scatter_add_rows, sum_batch, transpose,
+    add, add_bias, gather_rows, row_dot, scale_rows, scale_rows_backward, scatter_add_rows, sum_batch, transpose,
 };
 pub use embedding::{embedding, embedding_backward};
 pub use lora::{LoraBank, LoraGrads, bgmv, bgmv_backward, sgmv, sgmv_backward};

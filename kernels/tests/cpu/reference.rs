@@ -314,3 +314,11 @@ fn matmul_shares_or_batches_b() {
         );
     }
 }
+
+#[test]
+fn add_bias_adds_to_every_row() {
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]).unwrap();
+    let b = Tensor::from_vec(vec![10.0, 20.0, 30.0], [3]).unwrap();
+    let y = ops::add_bias(&x, &b).unwrap();
+    assert_close("add_bias", &y.to_vec_f32().unwrap(), &[11.0, 22.0, 33.0, 14.0, 25.0, 36.0], 0.0, 0.0);
+}

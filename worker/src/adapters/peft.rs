@@ -1,0 +1,232 @@
+//! PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`), read and written in
+//! the format PEFT itself uses, and validated against the base model.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use regex::Regex;
+use serde_json::Value;
+use tandem_kernels::{DType, Tensor};
+
+use super::module::ModuleKey;
+use crate::error::{Error, Result, read_json};
+use crate::model::config::ModelConfig;
+use crate::safetensors_file::{SafetensorsFile, write_safetensors};
+
+/// The prefix PEFT puts before module names in adapter tensor keys.
+const PREFIX: &str = "base_model.model.";
+
+/// One LoRA module: `delta = scale · B·A`, `A` `[r, in]`, `B` `[out, r]`.
+#[derive(Clone, Debug)]
+pub struct LoraModule {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f32,
+}
+
+impl LoraModule {
+    pub fn rank(&self) -> usize {
+        self.a.shape()[0]
+    }
+}
+
+/// A PEFT LoRA adapter, resolved against a base model.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    pub modules: BTreeMap<ModuleKey, LoraModule>,
+    /// `adapter_config.json` as read (written back unchanged on save).
+    pub config: Value,
+}
+
+/// The fields of `adapter_config.json` Tandem acts on.
+struct PeftConfig {
+    r: usize,
+    alpha: f32,
+    rslora: bool,
+    targets: Targets,
+    exclude: Option<Targets>,
+    layers: Option<Vec<usize>>,
+    rank_pattern: Vec<(String, usize)>,
+    alpha_pattern: Vec<(String, f32)>,
+}
+
+/// `target_modules` (or `exclude_modules`): names matched by suffix, one regex matched
+/// against the whole name, or PEFT's `"all-linear"`.
+enum Targets {
+    Names(Vec<String>),
+    Regex(Regex),
+    AllLinear,
+}
+
+impl Targets {
+    fn parse(v: &Value, field: &str) -> std::result::Result<Targets, String> {
+        match v {
+            Value::String(s) if s == "all-linear" => Ok(Targets::AllLinear),
+            Value::String(s) => Regex::new(&format!("^(?:{s})$")).map(Targets::Regex).map_err(|e| format!("`{field}` regex: {e}")),
+            Value::Array(a) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| format!("`{field}` entries must be strings")))
+                .collect::<std::result::Result<_, _>>()
+                .map(Targets::Names),
+            other => Err(format!("`{field}` must be a list, a regex string or \"all-linear\", got {other}")),
+        }
+    }
+
+    /// PEFT's rule: a listed name matches the whole module name or its last components.
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Targets::AllLinear => true,
+            Targets::Regex(re) => re.is_match(name),
+            Targets::Names(names) => names.iter().any(|t| name == t || name.ends_with(&format!(".{t}"))),
+        }
+    }
+}
+
+impl PeftConfig {
+    fn parse(raw: &Value) -> std::result::Result<PeftConfig, String> {
+        let obj = raw.as_object().ok_or("the file is not a JSON object")?;
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        if let Some(t) = get("peft_type").and_then(Value::as_str)
+            && t != "LORA"
+        {
+            return Err(format!("`peft_type` is {t:?}; only LORA adapters are supported"));
+        }
+        // Fields that change the math: refused unless at their no-op value, never ignored.
+        let refuse_true = ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"];
+        for k in refuse_true {
+            if get(k).and_then(Value::as_bool) == Some(true) {
+                return Err(format!("`{k}: true` is not supported"));
+            }
+        }
+        for k in ["modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters"] {
+            match get(k) {
+                None => {}
+                Some(Value::Array(a)) if a.is_empty() => {}
+                Some(Value::Object(o)) if o.is_empty() => {}
+                Some(v) => return Err(format!("`{k}` is not supported (got {v})")),
+            }
+        }
+        if let Some(b) = get("bias").and_then(Value::as_str)
+            && b != "none"
+        {
+            return Err(format!("`bias: {b:?}` is not supported (only \"none\")"));
+        }
+        let r = get("r").and_then(Value::as_u64).ok_or("`r` is missing or not an integer")? as usize;
+        let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0) as f32;
+        let targets = Targets::parse(get("target_modules").ok_or("`target_modules` is missing")?, "target_modules")?;
+        let exclude = get("exclude_modules").map(|v| Targets::parse(v, "exclude_modules")).transpose()?;
+        let layers = match get("layers_to_transform") {
+            None => None,
+            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or("`layers_to_transform` must be non-negative")? as usize]),
+            Some(Value::Array(a)) => Some(a.iter().map(|v| v.as_u64().map(|n| n as usize).ok_or("`layers_to_transform` entries must be integers")).collect::<std::result::Result<_, _>>()?),
+            Some(v) => return Err(format!("`layers_to_transform` must be an integer or a list, got {v}")),
+        };
+        let pattern = |k: &str| -> std::result::Result<Vec<(String, f64)>, String> {
+            match get(k) {
+                None => Ok(Vec::new()),
+                Some(Value::Object(o)) => o
+                    .iter()
+                    .map(|(key, v)| v.as_f64().map(|x| (key.clone(), x)).ok_or(format!("`{k}.{key}` must be a number")))
+                    .collect(),
+                Some(v) => Err(format!("`{k}` must be an object, got {v}")),
+            }
+        };
+        Ok(PeftConfig {
+            r,
+            alpha,
+            rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            targets,
+            exclude,
+            layers,
+            rank_pattern: pattern("rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect(),
+            alpha_pattern: pattern("alpha_pattern")?.into_iter().map(|(k, v)| (k, v as f32)).collect(),
+        })
+    }
+
+    fn targets(&self, key: &ModuleKey, name: &str) -> bool {
+        self.targets.matches(name)
+            && !self.exclude.as_ref().is_some_and(|e| e.matches(name))
+            && self.layers.as_ref().is_none_or(|l| l.contains(&key.layer))
+    }
+
+    /// Rank and scale of module `name`: `rank_pattern` / `alpha_pattern` keys match the end of
+    /// the name (PEFT's `(.*\.)?key$`), else the adapter-wide `r` and `lora_alpha`.
+    fn rank_and_scale(&self, name: &str) -> (usize, f32) {
+        let find = |key: &str| Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).is_ok_and(|re| re.is_match(name));
+        let r = self.rank_pattern.iter().find(|(k, _)| find(k)).map_or(self.r, |p| p.1);
+        let alpha = self.alpha_pattern.iter().find(|(k, _)| find(k)).map_or(self.alpha, |p| p.1);
+        let scale = if self.rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
+        (r, scale)
+    }
+}
+
+impl LoraAdapter {
+    /// Reads the adapter in `dir` and checks it against the base model `cfg`: every module
+    /// the config targets has its A and B, of the rank the config gives and the base's shapes,
+    /// and there is no tensor the config does not account for.
+    pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
+        let config_path = dir.join("adapter_config.json");
+        let raw: Value = read_json(&config_path)?;
+        let peft = PeftConfig::parse(&raw).map_err(|msg| match msg.contains("not supported") {
+            true => Error::Unsupported(format!("{}: {msg}", config_path.display())),
+            false => Error::Json { path: config_path.clone(), msg },
+        })?;
+        let file = SafetensorsFile::open(&dir.join("adapter_model.safetensors"))?;
+        let where_ = file.path().display().to_string();
+        let mut modules = BTreeMap::new();
+        let mut used = 0;
+        for key in ModuleKey::all(cfg) {
+            let name = key.name(cfg);
+            if !peft.targets(&key, &name) {
+                continue;
+            }
+            let (r, scale) = peft.rank_and_scale(&name);
+            let (inp, out) = key.features(cfg);
+            let (a_name, b_name) = (format!("{PREFIX}{name}.lora_A.weight"), format!("{PREFIX}{name}.lora_B.weight"));
+            let read = |tname: &str, shape: [usize; 2]| -> Result<Tensor> {
+                let t = file.tensor(tname)?;
+                if t.shape() != shape {
+                    return Err(Error::Format(format!(
+                        "{where_}: {tname} has shape {:?}, expected {shape:?} (rank {r} from adapter_config.json, \
+                         base module {inp} -> {out})",
+                        t.shape()
+                    )));
+                }
+                Ok(t.to_dtype(DType::F32)?)
+            };
+            let (a, b) = (read(&a_name, [r, inp])?, read(&b_name, [out, r])?);
+            used += 2;
+            modules.insert(key, LoraModule { a, b, scale });
+        }
+        if used != file.names().len() {
+            let expected: Vec<String> =
+                modules.keys().flat_map(|k| ["lora_A", "lora_B"].map(|w| format!("{PREFIX}{}.{w}.weight", k.name(cfg)))).collect();
+            let extra: Vec<String> = file.names().into_iter().filter(|n| !expected.contains(n)).take(3).collect();
+            return Err(Error::Format(format!(
+                "{where_}: tensors {extra:?} match no module that adapter_config.json targets in this base model"
+            )));
+        }
+        if modules.is_empty() {
+            return Err(Error::Format(format!("{}: the adapter targets no module of this base model", dir.display())));
+        }
+        Ok(LoraAdapter { modules, config: raw })
+    }
+
+    /// Writes the adapter in PEFT's format: the config as read, and the tensors under PEFT's
+    /// keys (atomically, file by file).
+    pub fn save(&self, dir: &Path, cfg: &ModelConfig) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        let mut tensors = Vec::with_capacity(2 * self.modules.len());
+        for (key, m) in &self.modules {
+            let name = key.name(cfg);
+            tensors.push((format!("{PREFIX}{name}.lora_A.weight"), m.a.clone()));
+            tensors.push((format!("{PREFIX}{name}.lora_B.weight"), m.b.clone()));
+        }
+        write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+        let path = dir.join("adapter_config.json");
+        let text = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Json { path: path.clone(), msg: e.to_string() })?;
+        let tmp = dir.join("adapter_config.json.tmp");
+        std::fs::write(&tmp, text).map_err(Error::io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(Error::io(&path))
+    }
+}

@@ -1,0 +1,138 @@
+//! Many adapters packed for one batch: for every (layer, projection) one multi-LoRA bank of all
+//! the LoRA adapters that touch it, and per MoE layer one table of all ESFT replacement experts.
+//! A row of the batch carries its adapter's slot; the tables turn slots into bank indices.
+
+use std::collections::HashMap;
+
+use tandem_kernels::ops::{self, LoraBank, Segments};
+use tandem_kernels::{Device, Tensor};
+
+use super::esft::EsftAdapter;
+use super::module::Proj;
+use super::peft::LoraAdapter;
+use crate::error::Result;
+use crate::model::weights::stack;
+
+/// An adapter of any kind.
+#[derive(Clone, Debug)]
+pub enum Adapter {
+    Lora(LoraAdapter),
+    Esft(EsftAdapter),
+}
+
+/// The LoRA modules of one (layer, projection) across adapters.
+#[derive(Debug)]
+pub struct LoraTable {
+    pub bank: LoraBank,
+    /// (adapter slot, expert) -> bank index.
+    index: HashMap<(usize, Option<usize>), i32>,
+}
+
+impl LoraTable {
+    /// Adds the LoRA delta of each row's adapter to `y`. `slots[r]` is row r's adapter slot
+    /// (-1: none); `experts[r]` its expert, for expert projections.
+    pub fn apply(&self, y: &mut Tensor, x: &Tensor, slots: &[i32], experts: Option<&[u32]>) -> Result<()> {
+        let idx: Vec<i32> = slots
+            .iter()
+            .enumerate()
+            .map(|(r, &s)| {
+                let expert = experts.map(|e| e[r] as usize);
+                usize::try_from(s).ok().and_then(|s| self.index.get(&(s, expert)).copied()).unwrap_or(-1)
+            })
+            .collect();
+        if idx.iter().all(|&i| i < 0) {
+            return Ok(());
+        }
+        Ok(ops::sgmv(y, x, &self.bank, &Segments::from_row_indices(&idx))?)
+    }
+}
+
+/// The ESFT experts of one MoE layer across adapters, stacked like the base experts.
+#[derive(Debug)]
+pub struct EsftTable {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+    /// (adapter slot, base expert) -> index in the stacks.
+    index: HashMap<(usize, usize), u32>,
+}
+
+impl EsftTable {
+    /// The replacement for `expert` under adapter `slot`, if that adapter has one.
+    pub fn lookup(&self, slot: i32, expert: u32) -> Option<u32> {
+        usize::try_from(slot).ok().and_then(|s| self.index.get(&(s, expert as usize)).copied())
+    }
+}
+
+/// Adapters packed for batched execution; slot `i` is the `i`-th adapter given to
+/// [`AdapterSet::new`].
+#[derive(Debug, Default)]
+pub struct AdapterSet {
+    lora: HashMap<(usize, Proj), LoraTable>,
+    esft: HashMap<usize, EsftTable>,
+    len: usize,
+}
+
+impl AdapterSet {
+    pub fn new(adapters: &[&Adapter], device: Device) -> Result<Self> {
+        type Entries<'a> = Vec<((usize, Option<usize>), &'a super::peft::LoraModule)>;
+        let mut lora: HashMap<(usize, Proj), Entries<'_>> = HashMap::new();
+        let mut esft: HashMap<usize, Vec<((usize, usize), &super::esft::ExpertWeights)>> = HashMap::new();
+        for (slot, adapter) in adapters.iter().enumerate() {
+            match adapter {
+                Adapter::Lora(a) => {
+                    for (key, m) in &a.modules {
+                        lora.entry((key.layer, key.proj)).or_default().push(((slot, key.expert), m));
+                    }
+                }
+                Adapter::Esft(a) => {
+                    for (&(layer, e), w) in &a.experts {
+                        esft.entry(layer).or_default().push(((slot, e), w));
+                    }
+                }
+            }
+        }
+        let lora = lora
+            .into_iter()
+            .map(|(key, entries)| {
+                let packed: Vec<_> = entries.iter().map(|(_, m)| (m.a.clone(), m.b.clone(), m.scale)).collect();
+                let bank = LoraBank::pack(&packed)?.to_device(device)?;
+                let index = entries.iter().enumerate().map(|(i, (k, _))| (*k, i as i32)).collect();
+                Ok((key, LoraTable { bank, index }))
+            })
+            .collect::<Result<_>>()?;
+        let esft = esft
+            .into_iter()
+            .map(|(layer, entries)| {
+                let pick = |f: fn(&super::esft::ExpertWeights) -> &Tensor| {
+                    stack(&entries.iter().map(|(_, w)| f(w).clone()).collect::<Vec<_>>(), device)
+                };
+                let table = EsftTable {
+                    gate: pick(|w| &w.gate)?,
+                    up: pick(|w| &w.up)?,
+                    down: pick(|w| &w.down)?,
+                    index: entries.iter().enumerate().map(|(i, (k, _))| (*k, i as u32)).collect(),
+                };
+                Ok((layer, table))
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdapterSet { lora, esft, len: adapters.len() })
+    }
+
+    /// Number of adapter slots.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn lora(&self, layer: usize, proj: Proj) -> Option<&LoraTable> {
+        self.lora.get(&(layer, proj))
+    }
+
+    pub fn esft(&self, layer: usize) -> Option<&EsftTable> {
+        self.esft.get(&layer)
+    }
+}

@@ -1,0 +1,37 @@
+//! The base model: config, weights and the batched forward pass.
+
+pub mod config;
+pub mod forward;
+pub mod weights;
+
+use std::path::Path;
+
+use tandem_kernels::ops::Rope;
+use tandem_kernels::{DType, Device};
+
+pub use config::{Arch, ModelConfig};
+pub use forward::{ForwardInput, KvCache};
+pub use weights::Weights;
+
+use crate::error::Result;
+
+/// A loaded base model, ready to run batches that mix adapters.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub rope: Rope,
+    pub device: Device,
+}
+
+impl Model {
+    /// Loads `dir` (config.json and the safetensors checkpoint) onto `device`. Weights are kept
+    /// in f32: the kernels compute in f32, and converting bf16 weights once at load is cheaper
+    /// than at every step.
+    pub fn load(dir: &Path, device: Device) -> Result<Model> {
+        let config = ModelConfig::load(dir)?;
+        let src = weights::open_checkpoint(dir)?;
+        let weights = weights::load_weights(&config, &src, DType::F32, device)?;
+        let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling)?;
+        Ok(Model { config, weights, rope, device })
+    }
+}

@@ -1,0 +1,175 @@
+//! Reading and writing `.safetensors` files as Tandem tensors, with errors that name the file
+//! and the tensor.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, View};
+use tandem_kernels::{CpuStorage, Tensor};
+
+use crate::error::{Error, Result};
+
+/// One safetensors file, read into memory and validated once.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// Where the data section starts (after the 8-byte length and the JSON header).
+    data_start: usize,
+    meta: Metadata,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(Error::io(path))?;
+        let broken = |e: safetensors::SafeTensorError| Error::Format(format!("{}: not a valid safetensors file: {e}", path.display()));
+        // Full validation (offsets inside the buffer, no overlaps), then keep the header.
+        SafeTensors::deserialize(&bytes).map_err(broken)?;
+        let (header_len, meta) = SafeTensors::read_metadata(&bytes).map_err(broken)?;
+        Ok(SafetensorsFile { path: path.to_path_buf(), bytes, data_start: 8 + header_len, meta })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of the tensors in the file.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.meta.tensors().into_keys().collect();
+        names.sort();
+        names
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.meta.info(name).is_some()
+    }
+
+    /// The shape of tensor `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.meta.info(name).map(|i| i.shape.as_slice())
+    }
+
+    /// Tensor `name` on the CPU in its stored dtype (f32, bf16 or f16).
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self
+            .meta
+            .info(name)
+            .ok_or_else(|| Error::Format(format!("{}: tensor {name} is missing", self.path.display())))?;
+        let (start, end) = info.data_offsets;
+        let data = &self.bytes[self.data_start + start..self.data_start + end];
+        let storage = match info.dtype {
+            Dtype::F32 => CpuStorage::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            Dtype::BF16 => CpuStorage::BF16(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
+            Dtype::F16 => CpuStorage::F16(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "{}: tensor {name} has dtype {other:?} (supported: F32, BF16, F16)",
+                    self.path.display()
+                )));
+            }
+        };
+        Tensor::from_cpu(storage, info.shape.clone()).map_err(Error::from)
+    }
+}
+
+/// Writes `tensors` (name, tensor) to a safetensors file at `path`, in each tensor's dtype,
+/// atomically: a temporary file beside it, synced, then renamed over `path`.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let views: Vec<(String, HostView)> = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), HostView::new(t)?)))
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| Error::Format(format!("{}: writing safetensors: {e}", path.display())))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(Error::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(path))
+}
+
+/// A tensor's bytes on the host, in the little-endian layout safetensors stores.
+struct HostView {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl HostView {
+    fn new(t: &Tensor) -> Result<Self> {
+        let (dtype, bytes) = match t.to_cpu_storage()? {
+            CpuStorage::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            CpuStorage::BF16(v) => (Dtype::BF16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            CpuStorage::F16(v) => (Dtype::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        };
+        Ok(HostView { dtype, shape: t.shape().to_vec(), bytes })
+    }
+}
+
+impl View for HostView {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// A set of safetensors files read as one (a sharded checkpoint), looked up by tensor name.
+pub struct TensorSource {
+    files: Vec<SafetensorsFile>,
+    by_name: HashMap<String, usize>,
+}
+
+impl TensorSource {
+    pub fn new(files: Vec<SafetensorsFile>) -> Result<Self> {
+        let mut by_name = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.names() {
+                if let Some(prev) = by_name.insert(name.clone(), i) {
+                    return Err(Error::Format(format!(
+                        "tensor {name} appears in both {} and {}",
+                        files[prev].path().display(),
+                        f.path().display()
+                    )));
+                }
+            }
+        }
+        Ok(TensorSource { files, by_name })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.by_name.get(name).and_then(|&i| self.files[i].shape(name))
+    }
+
+    /// Tensor `name`, which must have `shape`; errors name the tensor and the file.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(&i) = self.by_name.get(name) else {
+            let where_ = self.files.iter().map(|f| f.path().display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(Error::Format(format!("tensor {name} is missing from {where_}")));
+        };
+        let file = &self.files[i];
+        let t = file.tensor(name)?;
+        if t.shape() != shape {
+            return Err(Error::Format(format!(
+                "{}: tensor {name} has shape {:?}, expected {shape:?}",
+                file.path().display(),
+                t.shape()
+            )));
+        }
+        Ok(t)
+    }
+}
