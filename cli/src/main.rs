@@ -1,7 +1,9 @@
 //! `tandem`: the one binary of the Tandem cluster. Subcommands arrive with the issues that build
-//! them (`up`, `coordinator`, `worker`, `generate`, `finetune`, ...); today it runs benchmarks.
+//! them (`up`, `coordinator`, `worker`, `finetune`, ...); today: `generate`, `init-model`,
+//! `bench`.
 
 mod bench;
+mod generate;
 
 use clap::{Parser, Subcommand};
 
@@ -14,6 +16,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text with a model and adapters, many requests in one continuous batch.
+    Generate(generate::GenerateArgs),
+    /// Write a random-weight model in Hugging Face format (for demos, tests, benchmarks).
+    InitModel {
+        /// tiny | tiny-moe | small | qwen2.5-0.5b
+        #[arg(long)]
+        preset: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Measure Tandem's components against peers on this machine.
     Bench {
         #[command(subcommand)]
@@ -24,5 +38,12 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench { what } => bench::run(what),
+        Command::Generate(args) => generate::run(args),
+        Command::InitModel { preset, out, seed } => {
+            let preset: tandem_worker::init_model::Preset = preset.parse()?;
+            tandem_worker::init_model::write_model(preset, &out, seed)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
     }
 }

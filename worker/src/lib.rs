@@ -11,8 +11,10 @@
 //! - `safetensors_file.rs`: safetensors files read and written as tensors.
 //! - `model/`: `config.json`, the checkpoint's weights, the batched forward pass.
 //! - `adapters/`: PEFT LoRA and ESFT adapters, and their packed form for a mixed batch.
+//! - `engine.rs`: continuous batching over a paged KV cache, many adapters per batch.
 
 pub mod adapters;
+pub mod engine;
 pub mod error;
 pub mod init_model;
 pub mod model;

@@ -1,0 +1,140 @@
+//! Our runtime against Hugging Face transformers + PEFT: for every fixture model in
+//! `tools/oracle/fixtures` (made by `tools/oracle/make_fixtures.py`), one batch that mixes the
+//! base model and every adapter (LoRA of several ranks and targets, ESFT) must give the
+//! reference logits within 1e-4, and continuous batching must reproduce the greedy
+//! continuations token for token.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tandem_kernels::Device;
+use tandem_kernels::ops::SeqAttention;
+use tandem_worker::adapters::{Adapter, AdapterSet, EsftAdapter, LoraAdapter};
+use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest};
+use tandem_worker::model::{ForwardInput, KvCache, Model};
+use tandem_worker::safetensors_file::SafetensorsFile;
+use tandem_worker::sampling::SamplingParams;
+
+#[derive(Deserialize)]
+struct Reference {
+    requests: Vec<RefRequest>,
+}
+
+#[derive(Deserialize)]
+struct RefRequest {
+    adapter: Option<String>,
+    prompt_ids: Vec<u32>,
+    greedy: Vec<u32>,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/oracle/fixtures")
+}
+
+/// Every adapter of a fixture: `adapters/<name>` (PEFT LoRA) and `esft/<name>` (named
+/// `esft:<name>` in reference.json).
+fn load_adapters(dir: &Path, model: &Model) -> Vec<(String, Adapter)> {
+    let mut out = Vec::new();
+    for (sub, prefix) in [("adapters", ""), ("esft", "esft:")] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else { continue };
+        let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        for p in paths {
+            let name = format!("{prefix}{}", p.file_name().unwrap().to_string_lossy());
+            let adapter = if sub == "esft" {
+                Adapter::Esft(EsftAdapter::load(&p, &model.config).unwrap_or_else(|e| panic!("{name}: {e}")))
+            } else {
+                Adapter::Lora(LoraAdapter::load(&p, &model.config).unwrap_or_else(|e| panic!("{name}: {e}")))
+            };
+            out.push((name, adapter));
+        }
+    }
+    out
+}
+
+fn check_model(name: &str) {
+    let dir = fixtures().join(name);
+    let model = Model::load(&dir, Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let adapters = load_adapters(&dir, &model);
+    let reference: Reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let logits = SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap();
+    let slot = |a: &Option<String>| match a {
+        None => -1,
+        Some(n) => adapters.iter().position(|(m, _)| m == n).unwrap_or_else(|| panic!("{name}: no adapter {n}")) as i32,
+    };
+    assert!(reference.requests.iter().any(|r| r.adapter.is_none()), "{name}: the batch includes the base model");
+    for (a, _) in &adapters {
+        assert!(reference.requests.iter().any(|r| r.adapter.as_deref() == Some(a)), "{name}: adapter {a} has a reference");
+    }
+
+    // One forward over all prompts at once: every adapter and the base in the same batch.
+    let set = AdapterSet::new(&adapters.iter().map(|(_, a)| a).collect::<Vec<_>>(), Device::Cpu).unwrap();
+    let block_size = 4;
+    let mut input = ForwardInput::default();
+    let mut next_block = 0u32;
+    for r in &reference.requests {
+        let len = r.prompt_ids.len();
+        let blocks: Vec<u32> = (0..len.div_ceil(block_size) as u32).map(|b| next_block + b).collect();
+        next_block += blocks.len() as u32;
+        input.tokens.extend(&r.prompt_ids);
+        input.positions.extend(0..len as u32);
+        input.slots.extend((0..len).map(|p| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32));
+        input.adapters.extend(std::iter::repeat_n(slot(&r.adapter), len));
+        input.seqs.push(SeqAttention { q_len: len, context_len: len, block_table: blocks });
+    }
+    input.logit_rows = (0..input.tokens.len() as u32).collect();
+    let mut cache = KvCache::new(&model, next_block as usize, block_size, tandem_kernels::DType::F32).unwrap();
+    let got = model.forward(&input, &mut cache, &set).unwrap().to_vec_f32().unwrap();
+    let vocab = model.config.vocab_size;
+    let mut row = 0;
+    for (i, r) in reference.requests.iter().enumerate() {
+        let want = logits.tensor(&format!("logits.{i}")).unwrap().to_vec_f32().unwrap();
+        let ours = &got[row * vocab..(row + r.prompt_ids.len()) * vocab];
+        let worst = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "{name}: request {i} (adapter {:?}): logits differ by up to {worst}", r.adapter);
+        row += r.prompt_ids.len();
+    }
+
+    // Greedy continuations through the engine: continuous batching with a small budget so
+    // prefills are chunked and requests join and leave at different steps.
+    let cfg = EngineConfig { num_blocks: 64, block_size: 4, max_batch_tokens: 8, max_running: 4 };
+    let mut engine = Engine::new(model, adapters, None, cfg).unwrap();
+    for r in &reference.requests {
+        let params = SamplingParams { max_tokens: r.greedy.len(), temperature: 0.0, ignore_eos: true, ..SamplingParams::default() };
+        engine.submit(GenerationRequest { prompt: r.prompt_ids.clone(), adapter: r.adapter.clone(), params }).unwrap();
+    }
+    let outputs = engine.run_to_completion().unwrap();
+    for (r, out) in reference.requests.iter().zip(&outputs) {
+        assert_eq!(out.token_ids, r.greedy, "{name}: greedy continuation with adapter {:?}", r.adapter);
+    }
+}
+
+#[test]
+fn llama_with_llama3_rope_scaling() {
+    check_model("llama");
+}
+
+#[test]
+fn llama_tied_sharded_linear_rope() {
+    check_model("llama_tied");
+}
+
+#[test]
+fn mistral() {
+    check_model("mistral");
+}
+
+#[test]
+fn qwen2_bf16_with_biases() {
+    check_model("qwen2");
+}
+
+#[test]
+fn mixtral_per_expert_lora_and_esft() {
+    check_model("mixtral");
+}
+
+#[test]
+fn qwen2_moe_shared_expert_and_esft() {
+    check_model("qwen2_moe");
+}
