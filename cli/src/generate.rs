@@ -79,12 +79,9 @@ struct RequestLine {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
     let config = ModelConfig::load(&args.model)?;
-    let tokenizer = if args.model.join("tokenizer.json").exists() { Some(TextTokenizer::load(&args.model)?) } else { None };
-    let adapters = args
-        .adapters
-        .iter()
-        .map(|spec| load_adapter(spec, &config))
-        .collect::<Result<Vec<_>>>()?;
+    let tokenizer =
+        if args.model.join("tokenizer.json").exists() { Some(TextTokenizer::load(&args.model)?) } else { None };
+    let adapters = args.adapters.iter().map(|spec| load_adapter(spec, &config)).collect::<Result<Vec<_>>>()?;
     let model = Model::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?;
     let defaults = SamplingParams {
         max_tokens: args.max_tokens,
@@ -99,9 +96,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let requests = match (&args.requests, &args.prompt, &args.prompt_ids) {
         (Some(file), _, _) => read_requests(file, &defaults, tokenizer.as_ref())?,
         (None, Some(text), _) => {
-            vec![GenerationRequest { prompt: encode(tokenizer.as_ref(), text)?, adapter: args.use_adapter.clone(), params: defaults }]
+            vec![GenerationRequest {
+                prompt: encode(tokenizer.as_ref(), text)?,
+                adapter: args.use_adapter.clone(),
+                params: defaults,
+            }]
         }
-        (None, None, Some(ids)) => vec![GenerationRequest { prompt: ids.clone(), adapter: args.use_adapter.clone(), params: defaults }],
+        (None, None, Some(ids)) => {
+            vec![GenerationRequest { prompt: ids.clone(), adapter: args.use_adapter.clone(), params: defaults }]
+        }
         (None, None, None) => bail!("give --prompt, --prompt-ids or --requests"),
     };
     let adapter_names: Vec<Option<String>> = requests.iter().map(|r| r.adapter.clone()).collect();
@@ -143,11 +146,17 @@ fn load_adapter(spec: &str, config: &ModelConfig) -> Result<(String, Adapter)> {
 }
 
 fn encode(tokenizer: Option<&TextTokenizer>, text: &str) -> Result<Vec<u32>> {
-    let Some(t) = tokenizer else { bail!("--prompt needs tokenizer.json in the model directory (or use --prompt-ids)") };
+    let Some(t) = tokenizer else {
+        bail!("--prompt needs tokenizer.json in the model directory (or use --prompt-ids)")
+    };
     Ok(t.encode(text, true)?)
 }
 
-fn read_requests(path: &Path, defaults: &SamplingParams, tokenizer: Option<&TextTokenizer>) -> Result<Vec<GenerationRequest>> {
+fn read_requests(
+    path: &Path,
+    defaults: &SamplingParams,
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<Vec<GenerationRequest>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

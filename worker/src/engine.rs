@@ -87,7 +87,12 @@ pub struct Engine {
 
 impl Engine {
     /// An engine over `model` serving `adapters` (by name) and the base model.
-    pub fn new(model: Model, adapters: Vec<(String, Adapter)>, tokenizer: Option<TextTokenizer>, cfg: EngineConfig) -> Result<Self> {
+    pub fn new(
+        model: Model,
+        adapters: Vec<(String, Adapter)>,
+        tokenizer: Option<TextTokenizer>,
+        cfg: EngineConfig,
+    ) -> Result<Self> {
         if cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
             return Err(Error::InvalidRequest(format!("engine sizes must be positive: {cfg:?}")));
         }
@@ -152,7 +157,10 @@ impl Engine {
         }
         let adapter = match &req.adapter {
             None => -1,
-            Some(name) => *self.adapter_slots.get(name).ok_or_else(|| Error::InvalidRequest(format!("unknown adapter {name:?}")))?,
+            Some(name) => *self
+                .adapter_slots
+                .get(name)
+                .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter {name:?}")))?,
         };
         let index = self.submitted;
         self.submitted += 1;
@@ -255,7 +263,12 @@ impl Engine {
         let mut budget = self.cfg.max_batch_tokens;
         let mut scheduled = Vec::new();
         let decoding = |s: &Sequence| s.computed >= s.prompt_len;
-        let order = self.running.iter().enumerate().filter(|(_, s)| decoding(s)).chain(self.running.iter().enumerate().filter(|(_, s)| !decoding(s)));
+        let order = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| decoding(s))
+            .chain(self.running.iter().enumerate().filter(|(_, s)| !decoding(s)));
         let mut input = ForwardInput::default();
         for (i, seq) in order {
             let chunk = (seq.tokens.len() - seq.computed).min(budget);

@@ -23,7 +23,9 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(Error::io(path))?;
-        let broken = |e: safetensors::SafeTensorError| Error::Format(format!("{}: not a valid safetensors file: {e}", path.display()));
+        let broken = |e: safetensors::SafeTensorError| {
+            Error::Format(format!("{}: not a valid safetensors file: {e}", path.display()))
+        };
         // Full validation (offsets inside the buffer, no overlaps), then keep the header.
         SafeTensors::deserialize(&bytes).map_err(broken)?;
         let (header_len, meta) = SafeTensors::read_metadata(&bytes).map_err(broken)?;
@@ -59,7 +61,9 @@ impl SafetensorsFile {
         let (start, end) = info.data_offsets;
         let data = &self.bytes[self.data_start + start..self.data_start + end];
         let storage = match info.dtype {
-            Dtype::F32 => CpuStorage::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            Dtype::F32 => {
+                CpuStorage::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
             Dtype::BF16 => CpuStorage::BF16(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
             Dtype::F16 => CpuStorage::F16(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
             other => {
@@ -76,10 +80,8 @@ impl SafetensorsFile {
 /// Writes `tensors` (name, tensor) to a safetensors file at `path`, in each tensor's dtype,
 /// atomically: a temporary file beside it, synced, then renamed over `path`.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let views: Vec<(String, HostView)> = tensors
-        .iter()
-        .map(|(name, t)| Ok((name.clone(), HostView::new(t)?)))
-        .collect::<Result<_>>()?;
+    let views: Vec<(String, HostView)> =
+        tensors.iter().map(|(name, t)| Ok((name.clone(), HostView::new(t)?))).collect::<Result<_>>()?;
     let tmp = path.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(views, None, &tmp)
         .map_err(|e| Error::Format(format!("{}: writing safetensors: {e}", path.display())))?;

@@ -1,5 +1,7 @@
 //! Bad checkpoints, adapters and requests get clear errors naming what is wrong, never a panic.
 
+#![allow(clippy::unwrap_used)] // tests unwrap fixtures and results by design
+
 use std::path::{Path, PathBuf};
 
 use tandem_kernels::Device;
@@ -52,13 +54,17 @@ fn truncated_safetensors_is_refused() {
 #[test]
 fn missing_and_misshaped_tensors_are_named() {
     let dir = scratch_copy("llama", "shape");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"intermediate_size\": 96", "\"intermediate_size\": 100");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 96", "\"intermediate_size\": 100");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let msg = err_text(Model::load(&dir, Device::Cpu));
     assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("expected [100, 64]"), "{msg}");
 
     let dir = scratch_copy("llama", "layers");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let msg = err_text(Model::load(&dir, Device::Cpu));
     assert!(msg.contains("model.layers.2.") && msg.contains("missing"), "{msg}");
@@ -84,7 +90,8 @@ fn unsupported_peft_fields_are_refused_not_ignored() {
         std::fs::create_dir_all(&dir).unwrap();
         let src = fixture("llama/adapters/attn_r8_layer1");
         std::fs::copy(src.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
-        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
         json[field] = serde_json::from_str(value).unwrap();
         std::fs::write(dir.join("adapter_config.json"), json.to_string()).unwrap();
         let err = LoraAdapter::load(&dir, &cfg).expect_err(field);

@@ -4,6 +4,8 @@
 //! reference logits within 1e-4, and continuous batching must reproduce the greedy
 //! continuations token for token.
 
+#![allow(clippy::unwrap_used)] // tests unwrap fixtures and results by design
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -56,7 +58,8 @@ fn check_model(name: &str) {
     let dir = fixtures().join(name);
     let model = Model::load(&dir, Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
     let adapters = load_adapters(&dir, &model);
-    let reference: Reference = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let logits = SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap();
     let slot = |a: &Option<String>| match a {
         None => -1,
@@ -64,7 +67,10 @@ fn check_model(name: &str) {
     };
     assert!(reference.requests.iter().any(|r| r.adapter.is_none()), "{name}: the batch includes the base model");
     for (a, _) in &adapters {
-        assert!(reference.requests.iter().any(|r| r.adapter.as_deref() == Some(a)), "{name}: adapter {a} has a reference");
+        assert!(
+            reference.requests.iter().any(|r| r.adapter.as_deref() == Some(a)),
+            "{name}: adapter {a} has a reference"
+        );
     }
 
     // One forward over all prompts at once: every adapter and the base in the same batch.
@@ -100,7 +106,12 @@ fn check_model(name: &str) {
     let cfg = EngineConfig { num_blocks: 64, block_size: 4, max_batch_tokens: 8, max_running: 4 };
     let mut engine = Engine::new(model, adapters, None, cfg).unwrap();
     for r in &reference.requests {
-        let params = SamplingParams { max_tokens: r.greedy.len(), temperature: 0.0, ignore_eos: true, ..SamplingParams::default() };
+        let params = SamplingParams {
+            max_tokens: r.greedy.len(),
+            temperature: 0.0,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
         engine.submit(GenerationRequest { prompt: r.prompt_ids.clone(), adapter: r.adapter.clone(), params }).unwrap();
     }
     let outputs = engine.run_to_completion().unwrap();

@@ -39,10 +39,12 @@ impl EsftAdapter {
         if raw.get("version").and_then(Value::as_u64) != Some(1) {
             return Err(Error::Unsupported(format!("{}: ESFT format version other than 1", config_path.display())));
         }
-        let listed = raw.get("experts").and_then(Value::as_object).ok_or_else(|| bad("`experts` must be an object".into()))?;
+        let listed =
+            raw.get("experts").and_then(Value::as_object).ok_or_else(|| bad("`experts` must be an object".into()))?;
         let mut pairs = Vec::new();
         for (layer, ids) in listed {
-            let layer: usize = layer.parse().map_err(|_| bad(format!("`experts` key {layer:?} is not a layer index")))?;
+            let layer: usize =
+                layer.parse().map_err(|_| bad(format!("`experts` key {layer:?} is not a layer index")))?;
             let Some(moe) = cfg.moe_at(layer) else {
                 return Err(bad(format!("layer {layer} of this base model has no experts")));
             };
@@ -74,7 +76,8 @@ impl EsftAdapter {
                 }
                 Ok(t.to_dtype(DType::F32)?)
             };
-            let w = ExpertWeights { gate: read(&g, [inter, h])?, up: read(&u, [inter, h])?, down: read(&d, [h, inter])? };
+            let w =
+                ExpertWeights { gate: read(&g, [inter, h])?, up: read(&u, [inter, h])?, down: read(&d, [h, inter])? };
             experts.insert((layer, e), w);
         }
         if file.names().len() != 3 * experts.len() {

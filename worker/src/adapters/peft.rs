@@ -62,7 +62,9 @@ impl Targets {
     fn parse(v: &Value, field: &str) -> std::result::Result<Targets, String> {
         match v {
             Value::String(s) if s == "all-linear" => Ok(Targets::AllLinear),
-            Value::String(s) => Regex::new(&format!("^(?:{s})$")).map(Targets::Regex).map_err(|e| format!("`{field}` regex: {e}")),
+            Value::String(s) => {
+                Regex::new(&format!("^(?:{s})$")).map(Targets::Regex).map_err(|e| format!("`{field}` regex: {e}"))
+            }
             Value::Array(a) => a
                 .iter()
                 .map(|x| x.as_str().map(str::to_string).ok_or_else(|| format!("`{field}` entries must be strings")))
@@ -117,8 +119,14 @@ impl PeftConfig {
         let exclude = get("exclude_modules").map(|v| Targets::parse(v, "exclude_modules")).transpose()?;
         let layers = match get("layers_to_transform") {
             None => None,
-            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or("`layers_to_transform` must be non-negative")? as usize]),
-            Some(Value::Array(a)) => Some(a.iter().map(|v| v.as_u64().map(|n| n as usize).ok_or("`layers_to_transform` entries must be integers")).collect::<std::result::Result<_, _>>()?),
+            Some(Value::Number(n)) => {
+                Some(vec![n.as_u64().ok_or("`layers_to_transform` must be non-negative")? as usize])
+            }
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|v| v.as_u64().map(|n| n as usize).ok_or("`layers_to_transform` entries must be integers"))
+                    .collect::<std::result::Result<_, _>>()?,
+            ),
             Some(v) => return Err(format!("`layers_to_transform` must be an integer or a list, got {v}")),
         };
         let pattern = |k: &str| -> std::result::Result<Vec<(String, f64)>, String> {
@@ -199,8 +207,10 @@ impl LoraAdapter {
             modules.insert(key, LoraModule { a, b, scale });
         }
         if used != file.names().len() {
-            let expected: Vec<String> =
-                modules.keys().flat_map(|k| ["lora_A", "lora_B"].map(|w| format!("{PREFIX}{}.{w}.weight", k.name(cfg)))).collect();
+            let expected: Vec<String> = modules
+                .keys()
+                .flat_map(|k| ["lora_A", "lora_B"].map(|w| format!("{PREFIX}{}.{w}.weight", k.name(cfg))))
+                .collect();
             let extra: Vec<String> = file.names().into_iter().filter(|n| !expected.contains(n)).take(3).collect();
             return Err(Error::Format(format!(
                 "{where_}: tensors {extra:?} match no module that adapter_config.json targets in this base model"
@@ -224,7 +234,8 @@ impl LoraAdapter {
         }
         write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
         let path = dir.join("adapter_config.json");
-        let text = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Json { path: path.clone(), msg: e.to_string() })?;
+        let text = serde_json::to_string_pretty(&self.config)
+            .map_err(|e| Error::Json { path: path.clone(), msg: e.to_string() })?;
         let tmp = dir.join("adapter_config.json.tmp");
         std::fs::write(&tmp, text).map_err(Error::io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(Error::io(&path))

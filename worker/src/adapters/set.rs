@@ -75,9 +75,10 @@ pub struct AdapterSet {
 
 impl AdapterSet {
     pub fn new(adapters: &[&Adapter], device: Device) -> Result<Self> {
-        type Entries<'a> = Vec<((usize, Option<usize>), &'a super::peft::LoraModule)>;
-        let mut lora: HashMap<(usize, Proj), Entries<'_>> = HashMap::new();
-        let mut esft: HashMap<usize, Vec<((usize, usize), &super::esft::ExpertWeights)>> = HashMap::new();
+        type LoraEntries<'a> = Vec<((usize, Option<usize>), &'a super::peft::LoraModule)>;
+        type EsftEntries<'a> = Vec<((usize, usize), &'a super::esft::ExpertWeights)>;
+        let mut lora: HashMap<(usize, Proj), LoraEntries<'_>> = HashMap::new();
+        let mut esft: HashMap<usize, EsftEntries<'_>> = HashMap::new();
         for (slot, adapter) in adapters.iter().enumerate() {
             match adapter {
                 Adapter::Lora(a) => {

@@ -218,7 +218,10 @@ impl Fields<'_> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| json_err(format!("`{key}` must be a non-negative integer, got {v}"))),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| json_err(format!("`{key}` must be a non-negative integer, got {v}"))),
         }
     }
 
@@ -228,7 +231,9 @@ impl Fields<'_> {
 
     fn f32(&self, key: &str) -> Result<f32> {
         match self.0.get(key) {
-            Some(v) => v.as_f64().map(|n| n as f32).ok_or_else(|| json_err(format!("`{key}` must be a number, got {v}"))),
+            Some(v) => {
+                v.as_f64().map(|n| n as f32).ok_or_else(|| json_err(format!("`{key}` must be a number, got {v}")))
+            }
             None => Err(json_err(format!("`{key}` is missing"))),
         }
     }
@@ -244,4 +249,3 @@ impl Fields<'_> {
         }
     }
 }
-

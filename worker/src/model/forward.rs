@@ -2,13 +2,13 @@
 //! adapters: the base GEMMs run once for all rows, each adapter's delta is added with SGMV, and
 //! MoE rows are re-routed to ESFT experts where their adapter replaced one.
 
-use tandem_kernels::ops::{self, SeqAttention, Segments};
+use tandem_kernels::ops::{self, Segments, SeqAttention};
 use tandem_kernels::{DType, Tensor};
 
 use super::Model;
-use super::weights::{DenseMlp, Linear, MoeMlp, Mlp};
-use crate::adapters::set::AdapterSet;
+use super::weights::{DenseMlp, Linear, Mlp, MoeMlp};
 use crate::adapters::Proj;
+use crate::adapters::set::AdapterSet;
 use crate::error::{Error, Result};
 
 /// The paged KV cache of every layer: `[num_blocks, block_size, kv_heads, head_dim]` each.
@@ -23,7 +23,11 @@ impl KvCache {
     pub fn new(model: &Model, num_blocks: usize, block_size: usize, dtype: DType) -> Result<Self> {
         let c = &model.config;
         let shape = [num_blocks, block_size, c.num_kv_heads, c.head_dim];
-        let make = || (0..c.num_layers).map(|_| Tensor::zeros(shape, dtype, model.device)).collect::<std::result::Result<Vec<_>, _>>();
+        let make = || {
+            (0..c.num_layers)
+                .map(|_| Tensor::zeros(shape, dtype, model.device))
+                .collect::<std::result::Result<Vec<_>, _>>()
+        };
         Ok(KvCache { k: make()?, v: make()?, block_size, num_blocks })
     }
 }
@@ -50,7 +54,9 @@ impl Model {
     pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache, adapters: &AdapterSet) -> Result<Tensor> {
         let n = input.tokens.len();
         if [input.positions.len(), input.slots.len(), input.adapters.len()].iter().any(|&l| l != n) {
-            return Err(Error::InvalidRequest("forward: tokens, positions, slots and adapters differ in length".into()));
+            return Err(Error::InvalidRequest(
+                "forward: tokens, positions, slots and adapters differ in length".into(),
+            ));
         }
         if let Some(bad) = input.adapters.iter().find(|&&a| a >= adapters.len() as i32 || a < -1) {
             return Err(Error::InvalidRequest(format!("forward: adapter slot {bad} of {}", adapters.len())));
@@ -171,4 +177,3 @@ impl Rows<'_> {
         self.linear(&ops::swiglu(&gate, &up)?, &m.down, layer, d)
     }
 }
-

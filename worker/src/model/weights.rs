@@ -35,6 +35,8 @@ pub struct MoeMlp {
     pub shared: Option<(DenseMlp, Linear)>,
 }
 
+// One per layer: the size difference between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Mlp {
     Dense(DenseMlp),
@@ -67,10 +69,10 @@ pub fn open_checkpoint(dir: &Path) -> Result<TensorSource> {
     let index = dir.join("model.safetensors.index.json");
     let files = if index.exists() {
         let raw: serde_json::Value = read_json(&index)?;
-        let map = raw.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Json {
-            path: index.clone(),
-            msg: "`weight_map` is missing".into(),
-        })?;
+        let map = raw
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Json { path: index.clone(), msg: "`weight_map` is missing".into() })?;
         let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         shards.sort_unstable();
         shards.dedup();
@@ -156,7 +158,12 @@ pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device:
         });
     }
     let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[v, h])?) };
-    Ok(Weights { embed: get("model.embed_tokens.weight", &[v, h])?, layers, norm: get("model.norm.weight", &[h])?, lm_head })
+    Ok(Weights {
+        embed: get("model.embed_tokens.weight", &[v, h])?,
+        layers,
+        norm: get("model.norm.weight", &[h])?,
+        lm_head,
+    })
 }
 
 /// The module holding the experts, and the names of an expert's gate, up and down projections
