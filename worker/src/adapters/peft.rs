@@ -48,6 +48,8 @@ struct PeftConfig {
     layers: Option<Vec<usize>>,
     rank_pattern: Vec<(String, usize)>,
     alpha_pattern: Vec<(String, f32)>,
+    /// Fused expert tensors targeted directly (`mlp.experts.gate_up_proj`, ...), in order.
+    target_parameters: Vec<String>,
 }
 
 /// `target_modules` (or `exclude_modules`): names matched by suffix, one regex matched
@@ -100,7 +102,7 @@ impl PeftConfig {
                 return Err(format!("`{k}: true` is not supported"));
             }
         }
-        for k in ["modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters"] {
+        for k in ["modules_to_save", "layer_replication", "trainable_token_indices"] {
             match get(k) {
                 None => {}
                 Some(Value::Array(a)) if a.is_empty() => {}
@@ -148,6 +150,14 @@ impl PeftConfig {
             layers,
             rank_pattern: pattern("rank_pattern")?.into_iter().map(|(k, v)| (k, v as usize)).collect(),
             alpha_pattern: pattern("alpha_pattern")?.into_iter().map(|(k, v)| (k, v as f32)).collect(),
+            target_parameters: match get("target_parameters") {
+                None => Vec::new(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string).ok_or("`target_parameters` entries must be strings"))
+                    .collect::<std::result::Result<_, _>>()?,
+                Some(v) => return Err(format!("`target_parameters` must be a list, got {v}")),
+            },
         })
     }
 
@@ -183,9 +193,12 @@ impl LoraAdapter {
         let where_ = file.path().display().to_string();
         let mut modules = BTreeMap::new();
         let mut used = 0;
+        // An adapter made against fused expert tensors (transformers 5) has no per-expert
+        // modules even where its `target_modules` names would match the per-expert layout.
+        let per_expert = file.names().iter().any(|n| is_per_expert(n));
         for key in ModuleKey::all(cfg) {
             let name = key.name(cfg);
-            if !peft.targets(&key, &name) {
+            if !peft.targets(&key, &name) || (key.expert.is_some() && !per_expert) {
                 continue;
             }
             let (r, scale) = peft.rank_and_scale(&name);
@@ -206,6 +219,7 @@ impl LoraAdapter {
             used += 2;
             modules.insert(key, LoraModule { a, b, scale });
         }
+        used += load_target_parameters(&peft, &file, cfg, &mut modules)?;
         if used != file.names().len() {
             let expected: Vec<String> = modules
                 .keys()
@@ -222,9 +236,20 @@ impl LoraAdapter {
         Ok(LoraAdapter { modules, config: raw })
     }
 
+    /// Whether the adapter was read from fused expert parameters (it then cannot be written back
+    /// in that layout).
+    fn has_target_parameters(&self) -> bool {
+        self.config.get("target_parameters").and_then(Value::as_array).is_some_and(|a| !a.is_empty())
+    }
+
     /// Writes the adapter in PEFT's format: the config as read, and the tensors under PEFT's
     /// keys (atomically, file by file).
     pub fn save(&self, dir: &Path, cfg: &ModelConfig) -> Result<()> {
+        if self.has_target_parameters() {
+            return Err(Error::Unsupported(
+                "saving an adapter of fused expert parameters (`target_parameters`)".into(),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let mut tensors = Vec::with_capacity(2 * self.modules.len());
         for (key, m) in &self.modules {
@@ -240,4 +265,84 @@ impl LoraAdapter {
         std::fs::write(&tmp, text).map_err(Error::io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(Error::io(&path))
     }
+}
+
+/// Whether a tensor key belongs to one expert's own module (`...experts.3.w1.lora_A.weight`).
+fn is_per_expert(key: &str) -> bool {
+    key.split(".experts.").nth(1).and_then(|rest| rest.split('.').next()).is_some_and(|e| e.parse::<usize>().is_ok())
+}
+
+/// LoRA on fused expert tensors (`target_parameters`, PEFT's `ParamWrapper`), turned into
+/// per-expert modules. For a parameter `[experts, out, in]` with rank `r` and `E` experts PEFT
+/// stores `lora_A` `[r·E, in]` (expert `e` owns rows `e·r..(e+1)·r`) and `lora_B` `[out, r·E]`
+/// (expert `e` owns the columns `j·E + e`), and `delta_e = scale · B_e · A_e`. `gate_up_proj`'s
+/// output is gate rows then up rows, so its delta splits into the expert's gate and up modules
+/// (sharing `A_e`). PEFT nests one wrapper per listed parameter: the `i`-th of `n` carries
+/// `n − 1 − i` `base_layer.` segments in its keys. Returns the number of tensors read.
+fn load_target_parameters(
+    peft: &PeftConfig,
+    file: &SafetensorsFile,
+    cfg: &ModelConfig,
+    modules: &mut BTreeMap<ModuleKey, LoraModule>,
+) -> Result<usize> {
+    use super::module::Proj;
+    let n = peft.target_parameters.len();
+    let mut used = 0;
+    for (i, param) in peft.target_parameters.iter().enumerate() {
+        let fused_up = param.ends_with("experts.gate_up_proj");
+        if !fused_up && !param.ends_with("experts.down_proj") {
+            return Err(Error::Unsupported(format!(
+                "target parameter {param:?} (supported: experts.gate_up_proj, experts.down_proj)"
+            )));
+        }
+        for layer in 0..cfg.num_layers {
+            let Some(moe) = cfg.moe_at(layer) else { continue };
+            if peft.layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
+                continue;
+            }
+            let (block, _) = crate::model::weights::expert_names(cfg.arch);
+            let module = format!("model.layers.{layer}.{block}.experts");
+            let full = format!("{module}.{}", if fused_up { "gate_up_proj" } else { "down_proj" });
+            if !(full == *param || full.ends_with(&format!(".{param}"))) {
+                continue;
+            }
+            let (e, h, inter) = (moe.num_experts, cfg.hidden_size, moe.expert_intermediate);
+            let (inp, out) = if fused_up { (h, 2 * inter) } else { (inter, h) };
+            let (r, scale) = peft.rank_and_scale(&full);
+            let nest = "base_layer.".repeat(n - 1 - i);
+            let read = |w: &str, shape: [usize; 2]| -> Result<Vec<f32>> {
+                let name = format!("{PREFIX}{module}.{nest}{w}.weight");
+                let t = file.tensor(&name)?;
+                if t.shape() != shape {
+                    return Err(Error::Format(format!(
+                        "{}: {name} has shape {:?}, expected {shape:?} (target parameter {param}, rank {r}, {e} experts)",
+                        file.path().display(),
+                        t.shape()
+                    )));
+                }
+                Ok(t.to_vec_f32()?)
+            };
+            let (a, b) = (read("lora_A", [r * e, inp])?, read("lora_B", [out, r * e])?);
+            used += 2;
+            for x in 0..e {
+                let a_x = Tensor::from_vec(a[x * r * inp..(x + 1) * r * inp].to_vec(), [r, inp])?;
+                let b_rows = |rows: std::ops::Range<usize>| -> Result<Tensor> {
+                    let len = rows.len();
+                    let data =
+                        rows.flat_map(|o| (0..r).map(move |j| (o, j))).map(|(o, j)| b[o * r * e + j * e + x]).collect();
+                    Ok(Tensor::from_vec(data, [len, r])?)
+                };
+                let mut add = |proj, b: Tensor| {
+                    modules.insert(ModuleKey { layer, proj, expert: Some(x) }, LoraModule { a: a_x.clone(), b, scale })
+                };
+                if fused_up {
+                    add(Proj::Gate, b_rows(0..inter)?);
+                    add(Proj::Up, b_rows(inter..2 * inter)?);
+                } else {
+                    add(Proj::Down, b_rows(0..h)?);
+                }
+            }
+        }
+    }
+    Ok(used)
 }
