@@ -300,8 +300,9 @@ fn load_target_parameters(
             if peft.layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
                 continue;
             }
-            let (block, _) = crate::model::weights::expert_names(cfg.arch);
-            let module = format!("model.layers.{layer}.{block}.experts");
+            // Fused expert tensors exist only in transformers 5, which names every MoE block
+            // `mlp` (Mixtral's `block_sparse_moe` included).
+            let module = format!("model.layers.{layer}.mlp.experts");
             let full = format!("{module}.{}", if fused_up { "gate_up_proj" } else { "down_proj" });
             if !(full == *param || full.ends_with(&format!(".{param}"))) {
                 continue;
