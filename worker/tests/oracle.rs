@@ -149,3 +149,8 @@ fn mixtral_per_expert_lora_and_esft() {
 fn qwen2_moe_shared_expert_and_esft() {
     check_model("qwen2_moe");
 }
+
+#[test]
+fn qwen2_moe_with_fused_experts_on_disk() {
+    check_model("qwen2_moe_fused");
+}

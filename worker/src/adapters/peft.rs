@@ -277,8 +277,9 @@ fn is_per_expert(key: &str) -> bool {
 /// stores `lora_A` `[r·E, in]` (expert `e` owns rows `e·r..(e+1)·r`) and `lora_B` `[out, r·E]`
 /// (expert `e` owns the columns `j·E + e`), and `delta_e = scale · B_e · A_e`. `gate_up_proj`'s
 /// output is gate rows then up rows, so its delta splits into the expert's gate and up modules
-/// (sharing `A_e`). PEFT nests one wrapper per listed parameter: the `i`-th of `n` carries
-/// `n − 1 − i` `base_layer.` segments in its keys. Returns the number of tensors read.
+/// (sharing `A_e`). PEFT nests one wrapper per targeted parameter in the order the experts
+/// module registers them (`gate_up_proj` before `down_proj`): the first is innermost and carries
+/// one `base_layer.` segment per wrapper around it. Returns the number of tensors read.
 fn load_target_parameters(
     peft: &PeftConfig,
     file: &SafetensorsFile,

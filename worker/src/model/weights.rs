@@ -119,18 +119,6 @@ pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device:
             None => Mlp::Dense(dense(&format!("{p}.mlp"), cfg.intermediate_size)?),
             Some(moe) => {
                 let (e, inter) = (moe.num_experts, moe.expert_intermediate);
-                let (block, names) = expert_names(cfg.arch);
-                let stacked = |proj: &str, out: usize, inp: usize| -> Result<Tensor> {
-                    let fused = format!("{p}.{block}.experts.{proj}");
-                    let per_expert: Vec<Tensor> = (0..e)
-                        .map(|x| get(&format!("{p}.{block}.experts.{x}.{proj}.weight"), &[out, inp]))
-                        .collect::<Result<_>>()
-                        .map_err(|err| match src.contains(&fused) {
-                            true => Error::Unsupported(format!("fused expert tensor {fused}")),
-                            false => err,
-                        })?;
-                    stack(&per_expert, device)
-                };
                 let shared = match moe.shared_expert_intermediate {
                     Some(si) => Some((
                         dense(&format!("{p}.mlp.shared_expert"), si)?,
@@ -138,13 +126,31 @@ pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device:
                     )),
                     None => None,
                 };
-                Mlp::Moe(MoeMlp {
-                    router: linear(&format!("{p}.{block}.gate"), e, h, false)?,
-                    gate: stacked(names[0], inter, h)?,
-                    up: stacked(names[1], inter, h)?,
-                    down: stacked(names[2], h, inter)?,
-                    shared,
-                })
+                let fused = format!("{p}.mlp.experts.gate_up_proj");
+                let (block, gate, up, down) = if src.contains(&fused) {
+                    // transformers 5 with `save_original_format=False`: `gate_up_proj`
+                    // `[E, 2I, H]` (gate rows, then up rows) and `down_proj` `[E, H, I]`.
+                    let gate_up = src.get(&fused, &[e, 2 * inter, h])?.to_dtype(dtype)?.to_vec_f32()?;
+                    let half = |second: bool| -> Result<Tensor> {
+                        let rows = inter * h;
+                        let data = (0..e).flat_map(|x| {
+                            let start = x * 2 * rows + if second { rows } else { 0 };
+                            gate_up[start..start + rows].iter().copied()
+                        });
+                        Ok(Tensor::from_vec(data.collect(), [e, inter, h])?.to_dtype(dtype)?.to_device(device)?)
+                    };
+                    ("mlp", half(false)?, half(true)?, get(&format!("{p}.mlp.experts.down_proj"), &[e, h, inter])?)
+                } else {
+                    let (block, names) = expert_names(cfg.arch);
+                    let stacked = |proj: &str, out: usize, inp: usize| -> Result<Tensor> {
+                        let per_expert: Vec<Tensor> = (0..e)
+                            .map(|x| get(&format!("{p}.{block}.experts.{x}.{proj}.weight"), &[out, inp]))
+                            .collect::<Result<_>>()?;
+                        stack(&per_expert, device)
+                    };
+                    (block, stacked(names[0], inter, h)?, stacked(names[1], inter, h)?, stacked(names[2], h, inter)?)
+                };
+                Mlp::Moe(MoeMlp { router: linear(&format!("{p}.{block}.gate"), e, h, false)?, gate, up, down, shared })
             }
         };
         layers.push(Layer {
