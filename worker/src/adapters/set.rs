@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tandem_kernels::ops::{self, LoraBank, Segments};
+use tandem_kernels::ops::{self, LoraBank};
 use tandem_kernels::{Device, Tensor};
 
 use super::esft::EsftAdapter;
@@ -43,7 +43,9 @@ impl LoraTable {
         if idx.iter().all(|&i| i < 0) {
             return Ok(());
         }
-        Ok(ops::sgmv(y, x, &self.bank, &Segments::from_row_indices(&idx))?)
+        // BGMV gathers each adapter's rows wherever they are, so an adapter's weights are read
+        // once per call even when its requests are spread over the batch.
+        Ok(ops::bgmv(y, x, &self.bank, &idx)?)
     }
 }
 
