@@ -10,6 +10,9 @@ use tandem_kernels::{DType, Device, Tensor};
 
 #[derive(Subcommand)]
 pub enum Bench {
+    /// A mixed-adapter serving workload against no adapters, transformers + PEFT and the GEMM
+    /// peak.
+    Serve(crate::bench_serve::ServeArgs),
     /// Matmul GFLOP/s at LLM shapes next to the raw `gemm` crate, and the cost of a multi-LoRA
     /// delta as a fraction of the base matmul.
     Kernels {
@@ -37,6 +40,7 @@ pub enum Bench {
 
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
+        Bench::Serve(args) => crate::bench_serve::run(args),
         Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens } => {
             let device: Device = device.parse()?;
             device.ensure_available()?;

@@ -3,6 +3,7 @@
 //! `bench`.
 
 mod bench;
+mod bench_serve;
 mod generate;
 
 use clap::{Parser, Subcommand};

@@ -3,33 +3,58 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, Metadata, SafeTensors, View};
+use safetensors::tensor::{Dtype, Metadata, View};
 use tandem_kernels::{CpuStorage, Tensor};
 
 use crate::error::{Error, Result};
 
-/// One safetensors file, read into memory and validated once.
+/// One safetensors file: its header, read and checked once, and the file itself, from which each
+/// tensor's bytes are read when asked for (so loading a model never holds the whole file).
 pub struct SafetensorsFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    file: File,
     /// Where the data section starts (after the 8-byte length and the JSON header).
-    data_start: usize,
+    data_start: u64,
     meta: Metadata,
 }
 
+/// Headers larger than this are refused (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(Error::io(path))?;
-        let broken = |e: safetensors::SafeTensorError| {
-            Error::Format(format!("{}: not a valid safetensors file: {e}", path.display()))
-        };
-        // Full validation (offsets inside the buffer, no overlaps), then keep the header.
-        SafeTensors::deserialize(&bytes).map_err(broken)?;
-        let (header_len, meta) = SafeTensors::read_metadata(&bytes).map_err(broken)?;
-        Ok(SafetensorsFile { path: path.to_path_buf(), bytes, data_start: 8 + header_len, meta })
+        let file = File::open(path).map_err(Error::io(path))?;
+        let broken = |msg: String| Error::Format(format!("{}: not a valid safetensors file: {msg}", path.display()));
+        let file_len = file.metadata().map_err(Error::io(path))?.len();
+        let mut len = [0u8; 8];
+        file.read_exact_at(&mut len, 0).map_err(|_| broken("shorter than its 8-byte header length".into()))?;
+        let n = u64::from_le_bytes(len);
+        if n > MAX_HEADER || 8 + n > file_len {
+            return Err(broken(format!("header length {n} does not fit in {file_len} bytes")));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8).map_err(Error::io(path))?;
+        let meta: Metadata = serde_json::from_slice(&header).map_err(|e| broken(format!("header: {e}")))?;
+        // Every tensor's bytes must lie inside the file and match its dtype and shape, so a
+        // truncated or inconsistent file is refused here rather than at first use.
+        let data_len = file_len - 8 - n;
+        for (name, info) in meta.tensors() {
+            let (start, end) = info.data_offsets;
+            let elems = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let want = elems.and_then(|e| e.checked_mul(info.dtype.bitsize())).map(|bits| bits / 8);
+            if end < start || end as u64 > data_len || want != Some(end - start) {
+                return Err(broken(format!(
+                    "tensor {name}: bytes {start}..{end} do not hold {:?} {:?} within {data_len} data bytes",
+                    info.dtype, info.shape
+                )));
+            }
+        }
+        Ok(SafetensorsFile { path: path.to_path_buf(), file, data_start: 8 + n, meta })
     }
 
     pub fn path(&self) -> &Path {
@@ -59,7 +84,8 @@ impl SafetensorsFile {
             .info(name)
             .ok_or_else(|| Error::Format(format!("{}: tensor {name} is missing", self.path.display())))?;
         let (start, end) = info.data_offsets;
-        let data = &self.bytes[self.data_start + start..self.data_start + end];
+        let mut data = vec![0u8; end - start];
+        self.file.read_exact_at(&mut data, self.data_start + start as u64).map_err(Error::io(&self.path))?;
         let storage = match info.dtype {
             Dtype::F32 => {
                 CpuStorage::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

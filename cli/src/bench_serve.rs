@@ -1,0 +1,294 @@
+//! `tandem bench serve`: a mixed-adapter serving workload on a random-weight model, measured
+//! against (a) the same workload with no adapters, (b) transformers + PEFT on the same model,
+//! adapters and prompts (the peer script `bench/peft_serve.py`), and (c) this machine's GEMM
+//! peak, all in one run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use tandem_kernels::ops::{self, MatmulDims};
+use tandem_kernels::{Device, Tensor};
+use tandem_worker::adapters::{Adapter, LoraAdapter, LoraModule, ModuleKey};
+use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest};
+use tandem_worker::init_model::{Preset, write_model};
+use tandem_worker::model::{Model, ModelConfig};
+use tandem_worker::sampling::SamplingParams;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "qwen2.5-0.5b")]
+    preset: String,
+    #[arg(long, default_value_t = 32)]
+    adapters: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    output_len: usize,
+    /// Where the model, adapters and workload are written (reused when present).
+    #[arg(long, default_value = "target/bench-serve")]
+    dir: PathBuf,
+    /// Python with transformers + peft (e.g. tools/oracle/.venv/bin/python) to run the peer.
+    #[arg(long)]
+    peer_python: Option<PathBuf>,
+    /// Tokens one engine step may process.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let preset: Preset = args.preset.parse()?;
+    let model_dir = args.dir.join(preset.to_string());
+    if !model_dir.join("config.json").exists() {
+        eprintln!("writing the {preset} model to {}", model_dir.display());
+        write_model(preset, &model_dir, 0)?;
+    }
+    let cfg = ModelConfig::load(&model_dir)?;
+    let adapter_dirs = write_adapters(&args, &cfg)?;
+    let workload = workload(&args);
+    let workload_file = args.dir.join("workload.jsonl");
+    std::fs::write(&workload_file, workload.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"))?;
+    let tokens = args.requests * (args.prompt_len + args.output_len);
+    println!(
+        "tandem bench serve: {preset}, {} adapters of rank {} on all linear layers, {} requests ({} prompt + {} output tokens), greedy",
+        args.adapters, args.rank, args.requests, args.prompt_len, args.output_len
+    );
+
+    let peak = gemm_peak()?;
+    let with = serve(&args, &model_dir, &adapter_dirs, &workload, true)?;
+    let without = serve(&args, &model_dir, &adapter_dirs, &workload, false)?;
+    let flops = workload_flops(&cfg, &args);
+    let rate = |secs: f64| tokens as f64 / secs;
+    println!();
+    println!("{:<34} {:>10} {:>12}", "", "tokens/s", "seconds");
+    let with_label = format!("tandem, {} adapters", args.adapters);
+    println!("{:<34} {:>10.1} {:>12.1}", with_label, rate(with.secs), with.secs);
+    println!("{:<34} {:>10.1} {:>12.1}", "tandem, no adapters", rate(without.secs), without.secs);
+    println!("adapter overhead: {:.1}% (target <= 15%)", 100.0 * (with.secs / without.secs - 1.0));
+    println!(
+        "FLOP rate with adapters: {:.1} GFLOP/s = {:.0}% of this machine's GEMM peak of {:.1} GFLOP/s (target >= 60%)",
+        flops / with.secs / 1e9,
+        100.0 * flops / with.secs / 1e9 / peak,
+        peak
+    );
+    println!(
+        "peak RSS {:.2} GiB = {:.2}x the weights + adapters + KV pool ({:.2} GiB) (target <= 1.2x)",
+        gib(with.peak_rss),
+        with.peak_rss as f64 / with.resident_bytes as f64,
+        gib(with.resident_bytes)
+    );
+    if let Some(python) = &args.peer_python {
+        let peer = run_peer(python, &model_dir, &adapter_dirs, &workload_file, true)?;
+        let peer_base = run_peer(python, &model_dir, &adapter_dirs, &workload_file, false)?;
+        let peer_label = format!("transformers + PEFT, {} adapters", args.adapters);
+        println!("{:<34} {:>10.1} {:>12.1}", peer_label, rate(peer), peer);
+        println!("{:<34} {:>10.1} {:>12.1}", "transformers + PEFT, no adapters", rate(peer_base), peer_base);
+        println!("tandem / transformers+PEFT with adapters: {:.2}x (target >= 1.5x)", peer / with.secs);
+    } else {
+        println!("(peer not run: pass --peer-python tools/oracle/.venv/bin/python)");
+    }
+    Ok(())
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// Random PEFT adapters, rank `r`, on every linear module, written once as PEFT would write
+/// them so the peer loads exactly the same weights.
+fn write_adapters(args: &ServeArgs, cfg: &ModelConfig) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for i in 0..args.adapters {
+        let dir = args.dir.join(format!("adapters/a{i:02}-r{}", args.rank));
+        if !dir.join("adapter_config.json").exists() {
+            let mut seed = 1000 + i as u64;
+            let mut rand = |n: usize, scale: f32| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                    })
+                    .collect()
+            };
+            let r = args.rank;
+            let mut modules = std::collections::BTreeMap::new();
+            for key in ModuleKey::all(cfg) {
+                let (inp, out) = key.features(cfg);
+                let a = Tensor::from_vec(rand(r * inp, 1.0 / (inp as f32).sqrt()), [r, inp])?;
+                let b = Tensor::from_vec(rand(out * r, 0.02), [out, r])?;
+                modules.insert(key, LoraModule { a, b, scale: 2.0 });
+            }
+            let config = json!({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "bias": "none", "lora_dropout": 0.0, "use_rslora": false, "base_model_name_or_path": args.preset,
+            });
+            LoraAdapter { modules, config }.save(&dir, cfg)?;
+        }
+        dirs.push(dir);
+    }
+    Ok(dirs)
+}
+
+/// Prompts of random token ids (from the tokenizer's real range), adapters drawn uniformly.
+fn workload(args: &ServeArgs) -> Vec<Value> {
+    let mut s = 42u64;
+    let mut next = |n: u64| {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (s >> 33) % n
+    };
+    (0..args.requests)
+        .map(|_| {
+            let prompt: Vec<u64> = (0..args.prompt_len).map(|_| next(500)).collect();
+            json!({ "prompt_ids": prompt, "adapter": next(args.adapters as u64), "max_tokens": args.output_len })
+        })
+        .collect()
+}
+
+struct Measured {
+    secs: f64,
+    peak_rss: usize,
+    resident_bytes: usize,
+}
+
+fn serve(
+    args: &ServeArgs,
+    model_dir: &Path,
+    adapter_dirs: &[PathBuf],
+    workload: &[Value],
+    use_adapters: bool,
+) -> Result<Measured> {
+    let model = Model::load(model_dir, Device::Cpu)?;
+    let adapters: Vec<(String, Adapter)> = if use_adapters {
+        adapter_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Ok((i.to_string(), Adapter::Lora(LoraAdapter::load(d, &model.config)?))))
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let c = &model.config;
+    let block_size = 16;
+    let per_request = (args.prompt_len + args.output_len).div_ceil(block_size);
+    let ecfg = EngineConfig {
+        num_blocks: per_request * args.requests,
+        block_size,
+        max_batch_tokens: args.max_batch_tokens,
+        max_running: args.requests,
+    };
+    let kv_bytes = 2 * c.num_layers * ecfg.num_blocks * block_size * c.num_kv_heads * c.head_dim * 4;
+    let weight_bytes = tensor_bytes(&model);
+    let adapter_bytes: usize = adapters
+        .iter()
+        .map(|(_, a)| match a {
+            Adapter::Lora(l) => l.modules.values().map(|m| 4 * (m.a.elem_count() + m.b.elem_count())).sum(),
+            Adapter::Esft(_) => 0,
+        })
+        .sum();
+    let mut engine = Engine::new(model, adapters, None, ecfg)?;
+    for w in workload {
+        let prompt =
+            w["prompt_ids"].as_array().context("prompt_ids")?.iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect();
+        let adapter = if use_adapters { w["adapter"].as_u64().map(|a| a.to_string()) } else { None };
+        let params = SamplingParams {
+            max_tokens: args.output_len,
+            temperature: 0.0,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        engine.submit(GenerationRequest { prompt, adapter, params })?;
+    }
+    let start = Instant::now();
+    let out = engine.run_to_completion()?;
+    let secs = start.elapsed().as_secs_f64();
+    if out.iter().any(|o| o.token_ids.len() != args.output_len) {
+        bail!("a request stopped early");
+    }
+    eprintln!("  tandem ({} adapters): {secs:.1} s", if use_adapters { args.adapters } else { 0 });
+    Ok(Measured { secs, peak_rss: peak_rss()?, resident_bytes: weight_bytes + adapter_bytes + kv_bytes })
+}
+
+fn tensor_bytes(model: &Model) -> usize {
+    let w = &model.weights;
+    let mut n = w.embed.elem_count() + w.norm.elem_count() + w.lm_head.as_ref().map_or(0, Tensor::elem_count);
+    for l in &w.layers {
+        n += l.input_norm.elem_count() + l.post_attention_norm.elem_count();
+        for lin in [&l.q, &l.k, &l.v, &l.o] {
+            n += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, Tensor::elem_count);
+        }
+        if let tandem_worker::model::weights::Mlp::Dense(m) = &l.mlp {
+            n += m.gate.weight.elem_count() + m.up.weight.elem_count() + m.down.weight.elem_count();
+        }
+    }
+    4 * n
+}
+
+/// FLOPs of the workload's matmuls: every prompt and generated token through every linear
+/// layer, attention over its context, the LM head for the tokens that are sampled, and the
+/// LoRA deltas.
+fn workload_flops(cfg: &ModelConfig, args: &ServeArgs) -> f64 {
+    let (h, i, v) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.vocab_size as f64);
+    let (q, kv) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
+    let per_token_linear = 2.0 * cfg.num_layers as f64 * (h * q + 2.0 * h * kv + q * h + 3.0 * h * i);
+    let lora = 2.0 * cfg.num_layers as f64 * args.rank as f64 * ((h + q) + 2.0 * (h + kv) + (q + h) + 3.0 * (h + i));
+    let tokens = (args.requests * (args.prompt_len + args.output_len)) as f64;
+    let total_len = (args.prompt_len + args.output_len) as f64;
+    // Each token attends to about half the sequence on average: QK and PV, 2 FLOPs each.
+    let attention = 4.0 * cfg.num_layers as f64 * q * tokens * total_len / 2.0;
+    let head = 2.0 * h * v * (args.requests * args.output_len) as f64;
+    tokens * (per_token_linear + lora) + attention + head
+}
+
+/// This machine's f32 GEMM rate: the largest shape of `tandem bench kernels` (2048 x 4096 x 4096).
+fn gemm_peak() -> Result<f64> {
+    let (m, d) = (2048, 4096);
+    let a = Tensor::from_vec(vec![0.01; m * d], [m, d])?;
+    let w = Tensor::from_vec(vec![0.01; d * d], [d, d])?;
+    let dims = MatmulDims { batch: 1, m, n: d, k: d, trans_a: false, trans_b: true, b_batched: false };
+    ops::matmul(&a, &w, false, true)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        ops::matmul(&a, &w, false, true)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(dims.flops() / best / 1e9)
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes.
+fn peak_rss() -> Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .context("VmHWM in /proc/self/status")?;
+    Ok(kb * 1024)
+}
+
+/// Runs `bench/peft_serve.py` and returns its wall time in seconds.
+fn run_peer(python: &Path, model: &Path, adapters: &[PathBuf], workload: &Path, use_adapters: bool) -> Result<f64> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peft_serve.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(&script).arg("--model").arg(model).arg("--workload").arg(workload);
+    if use_adapters {
+        for a in adapters {
+            cmd.arg("--adapter").arg(a);
+        }
+    }
+    let out = cmd.output().with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!("peer failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.lines().last().unwrap_or("")).context("peer output")?;
+    v["seconds"].as_f64().context("peer output has no `seconds`")
+}
