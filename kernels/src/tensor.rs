@@ -102,6 +102,16 @@ impl Tensor {
         Ok(Tensor { shape: self.shape.clone(), storage })
     }
 
+    /// `self` on `device`: moved without a copy when it is already there.
+    pub fn into_device(self, device: Device) -> Result<Self> {
+        if device == self.device() { Ok(self) } else { self.to_device(device) }
+    }
+
+    /// `self` in `dtype`: moved without a copy when it already is.
+    pub fn into_dtype(self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype() { Ok(self) } else { self.to_dtype(dtype) }
+    }
+
     /// The elements, copied to the host and converted to f32.
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
         Ok(match &self.storage {

@@ -102,7 +102,7 @@ impl Engine {
                 return Err(Error::InvalidRequest(format!("adapter {name:?} given twice")));
             }
         }
-        let set = AdapterSet::new(&adapters.iter().map(|(_, a)| a).collect::<Vec<_>>(), model.device)?;
+        let set = AdapterSet::new(adapters.into_iter().map(|(_, a)| a).collect(), model.device)?;
         let cache = KvCache::new(&model, cfg.num_blocks, cfg.block_size, DType::F32)?;
         let mut eos = model.config.eos_token_ids.clone();
         if let Some(t) = &tokenizer {

@@ -74,7 +74,7 @@ fn check_model(name: &str) {
     }
 
     // One forward over all prompts at once: every adapter and the base in the same batch.
-    let set = AdapterSet::new(&adapters.iter().map(|(_, a)| a).collect::<Vec<_>>(), Device::Cpu).unwrap();
+    let set = AdapterSet::new(adapters.iter().map(|(_, a)| a.clone()).collect(), Device::Cpu).unwrap();
     let block_size = 4;
     let mut input = ForwardInput::default();
     let mut next_block = 0u32;

@@ -74,7 +74,7 @@ impl EsftAdapter {
                         t.shape()
                     )));
                 }
-                Ok(t.to_dtype(DType::F32)?)
+                Ok(t.into_dtype(DType::F32)?)
             };
             let w =
                 ExpertWeights { gate: read(&g, [inter, h])?, up: read(&u, [inter, h])?, down: read(&d, [h, inter])? };

@@ -213,7 +213,7 @@ impl LoraAdapter {
                         t.shape()
                     )));
                 }
-                Ok(t.to_dtype(DType::F32)?)
+                Ok(t.into_dtype(DType::F32)?)
             };
             let (a, b) = (read(&a_name, [r, inp])?, read(&b_name, [out, r])?);
             used += 2;

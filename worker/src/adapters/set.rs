@@ -2,13 +2,13 @@
 //! the LoRA adapters that touch it, and per MoE layer one table of all ESFT replacement experts.
 //! A row of the batch carries its adapter's slot; the tables turn slots into bank indices.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use tandem_kernels::ops::{self, LoraBank};
 use tandem_kernels::{Device, Tensor};
 
-use super::esft::EsftAdapter;
-use super::module::Proj;
+use super::esft::{EsftAdapter, ExpertWeights};
+use super::module::{ModuleKey, Proj};
 use super::peft::LoraAdapter;
 use crate::error::Result;
 use crate::model::weights::stack;
@@ -76,38 +76,47 @@ pub struct AdapterSet {
 }
 
 impl AdapterSet {
-    pub fn new(adapters: &[&Adapter], device: Device) -> Result<Self> {
-        type LoraEntries<'a> = Vec<((usize, Option<usize>), &'a super::peft::LoraModule)>;
-        type EsftEntries<'a> = Vec<((usize, usize), &'a super::esft::ExpertWeights)>;
-        let mut lora: HashMap<(usize, Proj), LoraEntries<'_>> = HashMap::new();
-        let mut esft: HashMap<usize, EsftEntries<'_>> = HashMap::new();
-        for (slot, adapter) in adapters.iter().enumerate() {
+    /// Packs `adapters` (slot `i` is the `i`-th). Each adapter's modules are moved into their
+    /// bank one (layer, projection) at a time, so packing never holds two full copies.
+    pub fn new(adapters: Vec<Adapter>, device: Device) -> Result<Self> {
+        let len = adapters.len();
+        let mut lora_sources = Vec::new();
+        let mut esft_sources = Vec::new();
+        for (slot, adapter) in adapters.into_iter().enumerate() {
             match adapter {
-                Adapter::Lora(a) => {
-                    for (key, m) in &a.modules {
-                        lora.entry((key.layer, key.proj)).or_default().push(((slot, key.expert), m));
-                    }
-                }
-                Adapter::Esft(a) => {
-                    for (&(layer, e), w) in &a.experts {
-                        esft.entry(layer).or_default().push(((slot, e), w));
+                Adapter::Lora(a) => lora_sources.push((slot, a.modules)),
+                Adapter::Esft(a) => esft_sources.push((slot, a.experts)),
+            }
+        }
+        let tables: BTreeSet<(usize, Proj)> =
+            lora_sources.iter().flat_map(|(_, m)| m.keys().map(|k| (k.layer, k.proj))).collect();
+        let mut lora = HashMap::new();
+        for (layer, proj) in tables {
+            let range = ModuleKey { layer, proj, expert: None }..=ModuleKey { layer, proj, expert: Some(usize::MAX) };
+            let mut entries = Vec::new();
+            for (slot, modules) in &mut lora_sources {
+                let keys: Vec<ModuleKey> = modules.range(range.clone()).map(|(k, _)| *k).collect();
+                for k in keys {
+                    if let Some(m) = modules.remove(&k) {
+                        entries.push(((*slot, k.expert), m));
                     }
                 }
             }
+            let packed: Vec<_> = entries.iter().map(|(_, m)| (m.a.clone(), m.b.clone(), m.scale)).collect();
+            let bank = LoraBank::pack(&packed)?.to_device(device)?;
+            let index = entries.iter().enumerate().map(|(i, (k, _))| (*k, i as i32)).collect();
+            lora.insert((layer, proj), LoraTable { bank, index });
         }
-        let lora = lora
-            .into_iter()
-            .map(|(key, entries)| {
-                let packed: Vec<_> = entries.iter().map(|(_, m)| (m.a.clone(), m.b.clone(), m.scale)).collect();
-                let bank = LoraBank::pack(&packed)?.to_device(device)?;
-                let index = entries.iter().enumerate().map(|(i, (k, _))| (*k, i as i32)).collect();
-                Ok((key, LoraTable { bank, index }))
-            })
-            .collect::<Result<_>>()?;
-        let esft = esft
+        let mut by_layer: HashMap<usize, Vec<((usize, usize), ExpertWeights)>> = HashMap::new();
+        for (slot, experts) in esft_sources {
+            for ((layer, e), w) in experts {
+                by_layer.entry(layer).or_default().push(((slot, e), w));
+            }
+        }
+        let esft = by_layer
             .into_iter()
             .map(|(layer, entries)| {
-                let pick = |f: fn(&super::esft::ExpertWeights) -> &Tensor| {
+                let pick = |f: fn(&ExpertWeights) -> &Tensor| {
                     stack(&entries.iter().map(|(_, w)| f(w).clone()).collect::<Vec<_>>(), device)
                 };
                 let table = EsftTable {
@@ -119,7 +128,7 @@ impl AdapterSet {
                 Ok((layer, table))
             })
             .collect::<Result<_>>()?;
-        Ok(AdapterSet { lora, esft, len: adapters.len() })
+        Ok(AdapterSet { lora, esft, len })
     }
 
     /// Number of adapter slots.

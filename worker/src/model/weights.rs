@@ -95,7 +95,7 @@ pub fn open_checkpoint(dir: &Path) -> Result<TensorSource> {
 /// it to `device`. A missing or mis-shaped tensor is an error naming it.
 pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device: Device) -> Result<Weights> {
     let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        Ok(src.get(name, shape)?.to_dtype(dtype)?.to_device(device)?)
+        Ok(src.get(name, shape)?.into_dtype(dtype)?.into_device(device)?)
     };
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let (q_out, kv_out) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
