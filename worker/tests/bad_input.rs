@@ -33,12 +33,18 @@ fn err_text<T>(r: Result<T, Error>) -> String {
     }
 }
 
+/// The error of loading the llama fixture after replacing `from` with `to` in its config.json.
+fn load_error_after_config_edit(tag: &str, from: &str, to: &str) -> String {
+    let dir = scratch_copy("llama", tag);
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(cfg.contains(from), "the fixture config holds {from}");
+    std::fs::write(dir.join("config.json"), cfg.replace(from, to)).unwrap();
+    err_text(Model::load(&dir, Device::Cpu))
+}
+
 #[test]
 fn unknown_architecture_is_named() {
-    let dir = scratch_copy("llama", "arch");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("LlamaForCausalLM", "GPT2LMHeadModel");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
-    let msg = err_text(Model::load(&dir, Device::Cpu));
+    let msg = load_error_after_config_edit("arch", "LlamaForCausalLM", "GPT2LMHeadModel");
     assert!(msg.contains("GPT2LMHeadModel"), "{msg}");
 }
 
@@ -53,20 +59,9 @@ fn truncated_safetensors_is_refused() {
 
 #[test]
 fn missing_and_misshaped_tensors_are_named() {
-    let dir = scratch_copy("llama", "shape");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"intermediate_size\": 96", "\"intermediate_size\": 100");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
-    let msg = err_text(Model::load(&dir, Device::Cpu));
+    let msg = load_error_after_config_edit("shape", "\"intermediate_size\": 96", "\"intermediate_size\": 100");
     assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("expected [100, 64]"), "{msg}");
-
-    let dir = scratch_copy("llama", "layers");
-    let cfg = std::fs::read_to_string(dir.join("config.json"))
-        .unwrap()
-        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
-    let msg = err_text(Model::load(&dir, Device::Cpu));
+    let msg = load_error_after_config_edit("layers", "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
     assert!(msg.contains("model.layers.2.") && msg.contains("missing"), "{msg}");
 }
 

@@ -107,7 +107,8 @@ impl AdapterSet {
             let index = entries.iter().enumerate().map(|(i, (k, _))| (*k, i as i32)).collect();
             lora.insert((layer, proj), LoraTable { bank, index });
         }
-        let mut by_layer: HashMap<usize, Vec<((usize, usize), ExpertWeights)>> = HashMap::new();
+        type LayerExperts = Vec<((usize, usize), ExpertWeights)>;
+        let mut by_layer: HashMap<usize, LayerExperts> = HashMap::new();
         for (slot, experts) in esft_sources {
             for ((layer, e), w) in experts {
                 by_layer.entry(layer).or_default().push(((slot, e), w));
