@@ -75,14 +75,14 @@ impl LoraBank {
             bt_rows.extend(crate::ops::transpose(b)?.to_vec_f32()?);
         }
         let r_total: usize = ranks.iter().sum();
-        let a = Tensor::from_vec(a_rows, [r_total, in_f])?.to_dtype(dtype)?;
-        let bt = Tensor::from_vec(bt_rows, [r_total, out_f])?.to_dtype(dtype)?;
+        let a = Tensor::from_vec(a_rows, [r_total, in_f])?.into_dtype(dtype)?;
+        let bt = Tensor::from_vec(bt_rows, [r_total, out_f])?.into_dtype(dtype)?;
         LoraBank::new(a, bt, ranks, adapters.iter().map(|x| x.2).collect())
     }
 
-    /// The same bank on another device.
-    pub fn to_device(&self, device: crate::Device) -> Result<Self> {
-        LoraBank::new(self.a.to_device(device)?, self.bt.to_device(device)?, self.ranks.clone(), self.scales.clone())
+    /// The bank on `device` (moved, not copied, when it is already there).
+    pub fn into_device(self, device: crate::Device) -> Result<Self> {
+        LoraBank::new(self.a.into_device(device)?, self.bt.into_device(device)?, self.ranks, self.scales)
     }
 
     pub fn num_adapters(&self) -> usize {

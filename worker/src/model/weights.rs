@@ -130,14 +130,14 @@ pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device:
                 let (block, gate, up, down) = if src.contains(&fused) {
                     // transformers 5 with `save_original_format=False`: `gate_up_proj`
                     // `[E, 2I, H]` (gate rows, then up rows) and `down_proj` `[E, H, I]`.
-                    let gate_up = src.get(&fused, &[e, 2 * inter, h])?.to_dtype(dtype)?.to_vec_f32()?;
+                    let gate_up = src.get(&fused, &[e, 2 * inter, h])?.into_dtype(dtype)?.to_vec_f32()?;
                     let half = |second: bool| -> Result<Tensor> {
                         let rows = inter * h;
                         let data = (0..e).flat_map(|x| {
                             let start = x * 2 * rows + if second { rows } else { 0 };
                             gate_up[start..start + rows].iter().copied()
                         });
-                        Ok(Tensor::from_vec(data.collect(), [e, inter, h])?.to_dtype(dtype)?.to_device(device)?)
+                        Ok(Tensor::from_vec(data.collect(), [e, inter, h])?.into_dtype(dtype)?.into_device(device)?)
                     };
                     ("mlp", half(false)?, half(true)?, get(&format!("{p}.mlp.experts.down_proj"), &[e, h, inter])?)
                 } else {
@@ -190,5 +190,5 @@ pub fn stack(parts: &[Tensor], device: Device) -> Result<Tensor> {
     for p in parts {
         data.extend(p.to_vec_f32()?);
     }
-    Ok(Tensor::from_vec(data, shape)?.to_dtype(first.dtype())?.to_device(device)?)
+    Ok(Tensor::from_vec(data, shape)?.into_dtype(first.dtype())?.into_device(device)?)
 }
