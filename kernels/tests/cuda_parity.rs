@@ -350,10 +350,13 @@ fn grouped_matmul_with_unused_segment() {
         let want = ops::grouped_matmul(&x, &w, &segs).unwrap();
         check(&format!("grouped_matmul {dtype}"), &ops::grouped_matmul(&gpu(&x), &gpu(&w), &segs).unwrap(), &want, t);
         let dy = rng.tensor(&[20, 24], 1.0, dtype);
-        let (dx, dw) = ops::grouped_matmul_backward(&x, &w, &segs, &dy).unwrap();
-        let (gdx, gdw) = ops::grouped_matmul_backward(&gpu(&x), &gpu(&w), &segs, &gpu(&dy)).unwrap();
+        let (dx, dw) = ops::grouped_matmul_backward(&x, &w, &segs, &dy, true).unwrap();
+        let (gdx, gdw) = ops::grouped_matmul_backward(&gpu(&x), &gpu(&w), &segs, &gpu(&dy), true).unwrap();
         check(&format!("grouped_matmul_backward dx {dtype}"), &gdx, &dx, t);
-        check(&format!("grouped_matmul_backward dw {dtype}"), &gdw, &dw, t);
+        check(&format!("grouped_matmul_backward dw {dtype}"), &gdw.unwrap(), &dw.unwrap(), t);
+        let (gdx_only, none) = ops::grouped_matmul_backward(&gpu(&x), &gpu(&w), &segs, &gpu(&dy), false).unwrap();
+        assert!(none.is_none());
+        check(&format!("grouped_matmul_backward dx only {dtype}"), &gdx_only, &dx, t);
     }
 }
 

@@ -33,6 +33,11 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
+    /// A bad line of a training data file (JSONL): `line` is 1-based, 0 when the fault is the
+    /// file as a whole (no examples), and the message names the field.
+    #[error("{path}:{line}: {msg}")]
+    Data { path: PathBuf, line: usize, msg: String },
+
     /// Tokenizer or chat-template failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -35,7 +35,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer};
 
 use crate::error::{Error, Result};
-use crate::sampling::splitmix64;
+use crate::rng::splitmix64;
 
 /// Special tokens of the generated tokenizer, in id order after the BPE vocabulary.
 pub const ENDOFTEXT: &str = "<|endoftext|>";

@@ -8,19 +8,23 @@
 //! - `sampling.rs`: sampling parameters and the per-request sampler (greedy, temperature,
 //!   top-k, top-p, seed, stop conditions, logprobs).
 //! - `init_model.rs`: random-weight models in HF format for demos, tests and benchmarks.
+//! - `rng.rs`: the seeded PRNG (sampling, LoRA init, data order), its state checkpointable.
 //! - `safetensors_file.rs`: safetensors files read and written as tensors.
 //! - `model/`: `config.json`, the checkpoint's weights, the batched forward pass.
 //! - `adapters/`: PEFT LoRA and ESFT adapters, and their packed form for a mixed batch.
 //! - `engine.rs`: continuous batching over a paged KV cache, many adapters per batch.
+//! - `train/`: fine-tuning (data, backward pass, LoRA and ESFT jobs, checkpoints, export).
 
 pub mod adapters;
 pub mod engine;
 pub mod error;
 pub mod init_model;
 pub mod model;
+pub mod rng;
 pub mod safetensors_file;
 pub mod sampling;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 

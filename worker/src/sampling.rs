@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::rng::{Xoshiro256, splitmix64};
 
 /// What a request asks of the sampler and the stop conditions. Missing JSON fields take the
 /// defaults of [`SamplingParams::default`].
@@ -259,51 +260,6 @@ fn next_unseeded_seed() -> u64 {
     let entropy = *PROCESS_ENTROPY.get_or_init(|| RandomState::new().build_hasher().finish());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     splitmix64(entropy ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-}
-
-/// SplitMix64's output function: a strong 64-bit mixer, used to expand seeds (and by
-/// `init_model` as a counter-based generator).
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// xoshiro256** (Blackman & Vigna): small, fast, good statistical quality; seeded by SplitMix64
-/// as its authors recommend.
-#[derive(Clone, Debug)]
-struct Xoshiro256 {
-    s: [u64; 4],
-}
-
-impl Xoshiro256 {
-    fn seed_from_u64(seed: u64) -> Self {
-        let mut state = seed;
-        let mut next = || {
-            let out = splitmix64(state);
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            out
-        };
-        Xoshiro256 { s: [next(), next(), next(), next()] }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1) with 53 bits of precision.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
 }
 
 /// Why a sequence finished. Serialises lowercase ("length", "stop", "eos"); OpenAI responses

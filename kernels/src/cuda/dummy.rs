@@ -78,7 +78,7 @@ unavailable_fns! {
     fn cross_entropy(&Tensor, &[i32], usize, usize) -> Result<Tensor>;
     fn cross_entropy_backward(&Tensor, &[i32], &Tensor, usize, usize) -> Result<Tensor>;
     fn grouped_matmul(&Tensor, &Tensor, &Segments, usize, usize, usize) -> Result<Tensor>;
-    fn grouped_matmul_backward(&Tensor, &Tensor, &Segments, &Tensor, usize, usize, usize) -> Result<(Tensor, Tensor)>;
+    fn grouped_matmul_backward(&Tensor, &Tensor, &Segments, &Tensor, bool, usize, usize, usize) -> Result<(Tensor, Option<Tensor>)>;
     fn sgmv(&mut Tensor, &Tensor, &LoraBank, &Segments, usize, usize, usize) -> Result<()>;
     fn bgmv(&mut Tensor, &Tensor, &LoraBank, &[i32], usize, usize, usize) -> Result<()>;
     fn lora_backward(&Tensor, &LoraBank, &[i32], &Tensor, usize, usize, usize) -> Result<crate::ops::LoraGrads>;

@@ -154,6 +154,7 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
             // adapter rather than two matrix-vector products per row.
             let (xs, a, bt) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
+            let gemm_threads = threads_per_group(&groups);
             let deltas: Vec<Vec<f32>> = groups
                 .par_iter()
                 .enumerate()
@@ -161,7 +162,7 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
                     let mut d = vec![0.0; rows.len() * out_f];
                     if !rows.is_empty() {
                         let gathered = gather(&xs, rows, in_f);
-                        lora_forward_rows(&mut d, &gathered, &a, &bt, bank, i, 1);
+                        lora_forward_rows(&mut d, &gathered, &a, &bt, bank, i, gemm_threads);
                     }
                     d
                 })
@@ -211,6 +212,7 @@ fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32],
                 (vec![0.0; r_total * in_f], vec![0.0; r_total * out_f], vec![0.0; n * in_f]);
             // Adapters own disjoint row blocks of dA and dBᵀ, so they run in parallel; each
             // returns its dx rows, scattered afterwards.
+            let gemm_threads = threads_per_group(&groups);
             let da_blocks = split_blocks(&mut da, bank, in_f);
             let dbt_blocks = split_blocks(&mut dbt, bank, out_f);
             let dx_rows: Vec<Vec<f32>> = groups
@@ -229,11 +231,12 @@ fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32],
                     let (a_i, bt_i) = (&a[off * in_f..], &bt[off * out_f..]);
                     // h = x·A_iᵀ ; dB_iᵀ = s·hᵀ·dy ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx = dh·A_i.
                     let (mut h, mut dh) = (vec![0.0; m * r], vec![0.0; m * r]);
-                    Gemm::new(m, r, in_f, false, true).run(&mut h, &xg, a_i, 1.0, false, 1);
-                    Gemm::new(r, out_f, m, true, false).run(dbt_i, &h, &dyg, scale, false, 1);
-                    Gemm::new(m, r, out_f, false, true).run(&mut dh, &dyg, bt_i, scale, false, 1);
-                    Gemm::new(r, in_f, m, true, false).run(da_i, &dh, &xg, 1.0, false, 1);
-                    Gemm::new(m, in_f, r, false, false).run(&mut dx, &dh, a_i, 1.0, false, 1);
+                    let t = gemm_threads;
+                    Gemm::new(m, r, in_f, false, true).run(&mut h, &xg, a_i, 1.0, false, t);
+                    Gemm::new(r, out_f, m, true, false).run(dbt_i, &h, &dyg, scale, false, t);
+                    Gemm::new(m, r, out_f, false, true).run(&mut dh, &dyg, bt_i, scale, false, t);
+                    Gemm::new(r, in_f, m, true, false).run(da_i, &dh, &xg, 1.0, false, t);
+                    Gemm::new(m, in_f, r, false, false).run(&mut dx, &dh, a_i, 1.0, false, t);
                     dx
                 })
                 .collect();
@@ -299,6 +302,13 @@ fn split_blocks<'a>(mut data: &'a mut [f32], bank: &LoraBank, width: usize) -> V
 /// The rows `rows` of a `[_, width]` buffer, gathered into a dense block.
 fn gather(data: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
     rows.iter().flat_map(|&t| data[t * width..(t + 1) * width].iter().copied()).collect()
+}
+
+/// Threads for each adapter group's GEMMs: groups run in parallel, so with many busy groups
+/// each gets one thread, and a lone adapter (one fine-tuning job) gets them all.
+fn threads_per_group(groups: &[Vec<usize>]) -> usize {
+    let busy = groups.iter().filter(|g| !g.is_empty()).count().max(1);
+    (threads() / busy).max(1)
 }
 
 /// Row numbers of each adapter, in row order (rows with -1 are left out).

@@ -110,8 +110,15 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, segs: &Segments) -> Result<Tensor>
 }
 
 /// Gradients of [`grouped_matmul`]: `(dx, dw)`; `dw` is shaped like `w`, zero for experts no
-/// segment used.
-pub fn grouped_matmul_backward(x: &Tensor, w: &Tensor, segs: &Segments, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+/// segment used, and computed only with `weight_grad` (frozen experts need just `dx`, and
+/// `dw` would cost as much again).
+pub fn grouped_matmul_backward(
+    x: &Tensor,
+    w: &Tensor,
+    segs: &Segments,
+    dy: &Tensor,
+    weight_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "grouped_matmul_backward";
     let device = same_device(OP, &[x, w, dy])?;
     let (n, k) = x.dims2(OP)?;
@@ -125,7 +132,7 @@ pub fn grouped_matmul_backward(x: &Tensor, w: &Tensor, segs: &Segments, dy: &Ten
         Device::Cpu => {
             let (xs, ws, dys) = (x.cpu_f32()?, w.cpu_f32()?, dy.cpu_f32()?);
             let mut dx = vec![0.0; n * k];
-            let mut dw = vec![0.0; experts * out * k];
+            let mut dw = if weight_grad { vec![0.0; experts * out * k] } else { Vec::new() };
             for ((s, e, idx), dxs) in segs.iter().zip(segs.split_rows_mut(&mut dx, k)) {
                 if idx < 0 {
                     continue;
@@ -133,20 +140,14 @@ pub fn grouped_matmul_backward(x: &Tensor, w: &Tensor, segs: &Segments, dy: &Ten
                 let off = idx as usize * out * k;
                 // dx = dy·W_e ; dW_e += dyᵀ·x.
                 Gemm::new(e - s, k, out, false, false).run(dxs, &dys[s * out..], &ws[off..], 1.0, false, threads());
-                Gemm::new(out, k, e - s, true, false).run(
-                    &mut dw[off..],
-                    &dys[s * out..],
-                    &xs[s * k..],
-                    1.0,
-                    true,
-                    threads(),
-                );
+                if weight_grad {
+                    let (dw_e, dy_s, x_s) = (&mut dw[off..], &dys[s * out..], &xs[s * k..]);
+                    Gemm::new(out, k, e - s, true, false).run(dw_e, dy_s, x_s, 1.0, true, threads());
+                }
             }
-            Ok((
-                Tensor::cpu_from_f32(dx, vec![n, k], x.dtype()),
-                Tensor::cpu_from_f32(dw, vec![experts, out, k], w.dtype()),
-            ))
+            let dw = weight_grad.then(|| Tensor::cpu_from_f32(dw, vec![experts, out, k], w.dtype()));
+            Ok((Tensor::cpu_from_f32(dx, vec![n, k], x.dtype()), dw))
         }
-        Device::Cuda(_) => cuda::grouped_matmul_backward(x, w, segs, dy, n, k, out),
+        Device::Cuda(_) => cuda::grouped_matmul_backward(x, w, segs, dy, weight_grad, n, k, out),
     }
 }

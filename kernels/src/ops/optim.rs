@@ -71,10 +71,16 @@ pub fn adamw_step(
     }
 }
 
-/// Sum of squares of all elements (f64 accumulation).
+/// Sum of squares of all elements (f64 accumulation). On the CPU the partial sums are over
+/// fixed chunks added in order, so the result does not depend on how rayon split the work
+/// (training is bit-for-bit reproducible).
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
     match t.device() {
-        Device::Cpu => Ok(t.cpu_f32()?.par_iter().map(|&x| (x as f64) * (x as f64)).sum()),
+        Device::Cpu => {
+            let partial: Vec<f64> =
+                t.cpu_f32()?.par_chunks(1 << 14).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+            Ok(partial.iter().sum())
+        }
         Device::Cuda(_) => cuda::sum_squares(t),
     }
 }

@@ -158,9 +158,12 @@ fn grouped_matmul() {
     let inputs = [rng.tensor(&[6, 4], 1.0), rng.tensor(&[3, 5, 4], 1.0)];
     let f = |x: &[Tensor]| ops::grouped_matmul(&x[0], &x[1], &segs).unwrap();
     let (g, gt) = upstream(&mut rng, &f(&inputs));
-    let (dx, dw) = ops::grouped_matmul_backward(&inputs[0], &inputs[1], &segs, &gt).unwrap();
+    let (dx, dw) = ops::grouped_matmul_backward(&inputs[0], &inputs[1], &segs, &gt, true).unwrap();
     check_grad("grouped_matmul dx", &inputs, 0, &f, &g, &dx);
-    check_grad("grouped_matmul dw", &inputs, 1, &f, &g, &dw);
+    check_grad("grouped_matmul dw", &inputs, 1, &f, &g, &dw.unwrap());
+    let (dx_only, none) = ops::grouped_matmul_backward(&inputs[0], &inputs[1], &segs, &gt, false).unwrap();
+    assert!(none.is_none());
+    assert_eq!(dx_only.to_vec_f32().unwrap(), dx.to_vec_f32().unwrap());
 }
 
 /// A bank of adapters with ranks 2, 0 (degenerate but legal), 3 and 1 over 5 -> 4 features.

@@ -6,11 +6,12 @@ use std::path::Path;
 
 use regex::Regex;
 use serde_json::Value;
-use tandem_kernels::{DType, Tensor};
+use tandem_kernels::{DType, Device, Tensor};
 
 use super::module::ModuleKey;
 use crate::error::{Error, Result, read_json};
 use crate::model::config::ModelConfig;
+use crate::rng::Xoshiro256;
 use crate::safetensors_file::{SafetensorsFile, write_safetensors};
 
 /// The prefix PEFT puts before module names in adapter tensor keys.
@@ -234,6 +235,33 @@ impl LoraAdapter {
             return Err(Error::Format(format!("{}: the adapter targets no module of this base model", dir.display())));
         }
         Ok(LoraAdapter { modules, config: raw })
+    }
+
+    /// A fresh adapter for training, as PEFT initialises one: for every module `config` (an
+    /// `adapter_config.json` value) targets in `cfg`, `A` uniform in ±1/sqrt(in) (PyTorch's
+    /// Kaiming-uniform with a = sqrt(5)) and `B` zero, so training starts from the base model.
+    pub fn init(cfg: &ModelConfig, config: Value, rng: &mut Xoshiro256) -> Result<Self> {
+        let peft = PeftConfig::parse(&config).map_err(Error::InvalidRequest)?;
+        if !peft.target_parameters.is_empty() {
+            return Err(Error::Unsupported("training an adapter of fused expert parameters".into()));
+        }
+        let mut modules = BTreeMap::new();
+        for key in ModuleKey::all(cfg) {
+            let name = key.name(cfg);
+            if !peft.targets(&key, &name) {
+                continue;
+            }
+            let (r, scale) = peft.rank_and_scale(&name);
+            let (inp, out) = key.features(cfg);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a = (0..r * inp).map(|_| rng.uniform_f32(-bound, bound)).collect();
+            let a = Tensor::from_vec(a, [r, inp])?;
+            modules.insert(key, LoraModule { a, b: Tensor::zeros([out, r], DType::F32, Device::Cpu)?, scale });
+        }
+        if modules.is_empty() {
+            return Err(Error::InvalidRequest("the LoRA targets match no module of this base model".into()));
+        }
+        Ok(LoraAdapter { modules, config })
     }
 
     /// Whether the adapter was read from fused expert parameters (it then cannot be written back

@@ -32,20 +32,30 @@ impl LoraTable {
     /// Adds the LoRA delta of each row's adapter to `y`. `slots[r]` is row r's adapter slot
     /// (-1: none); `experts[r]` its expert, for expert projections.
     pub fn apply(&self, y: &mut Tensor, x: &Tensor, slots: &[i32], experts: Option<&[u32]>) -> Result<()> {
-        let idx: Vec<i32> = slots
-            .iter()
-            .enumerate()
-            .map(|(r, &s)| {
-                let expert = experts.map(|e| e[r] as usize);
-                usize::try_from(s).ok().and_then(|s| self.index.get(&(s, expert)).copied()).unwrap_or(-1)
-            })
-            .collect();
+        let idx = self.row_indices(slots, experts);
         if idx.iter().all(|&i| i < 0) {
             return Ok(());
         }
         // BGMV gathers each adapter's rows wherever they are, so an adapter's weights are read
         // once per call even when its requests are spread over the batch.
         Ok(ops::bgmv(y, x, &self.bank, &idx)?)
+    }
+
+    /// Each row's adapter index in the bank (-1: the row's adapter has no module here).
+    pub fn row_indices(&self, slots: &[i32], experts: Option<&[u32]>) -> Vec<i32> {
+        slots
+            .iter()
+            .enumerate()
+            .map(|(r, &s)| {
+                let expert = experts.map(|e| e[r] as usize);
+                usize::try_from(s).ok().and_then(|s| self.index_of(s, expert)).map_or(-1, |i| i as i32)
+            })
+            .collect()
+    }
+
+    /// The bank index of adapter `slot`'s module (of `expert`, for expert projections).
+    pub fn index_of(&self, slot: usize, expert: Option<usize>) -> Option<usize> {
+        self.index.get(&(slot, expert)).map(|&i| i as usize)
     }
 }
 
@@ -60,7 +70,8 @@ pub struct EsftTable {
 }
 
 impl EsftTable {
-    /// The replacement for `expert` under adapter `slot`, if that adapter has one.
+    /// The replacement for `expert` under adapter `slot`, if that adapter has one: its index
+    /// in the stacks.
     pub fn lookup(&self, slot: i32, expert: u32) -> Option<u32> {
         usize::try_from(slot).ok().and_then(|s| self.index.get(&(s, expert as usize)).copied())
     }

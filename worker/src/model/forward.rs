@@ -1,8 +1,11 @@
 //! The forward pass over a batch that mixes sequences, prefill chunks, decode tokens and
-//! adapters: the base GEMMs run once for all rows, each adapter's delta is added with SGMV, and
+//! adapters: the base GEMMs run once for all rows, each adapter's delta is added with BGMV, and
 //! MoE rows are re-routed to ESFT experts where their adapter replaced one.
+//!
+//! Each decoder layer returns, next to its output, the activations its backward pass needs
+//! ([`LayerActs`]); inference drops them at once, training keeps them (see `backward.rs`).
 
-use tandem_kernels::ops::{self, Segments, SeqAttention};
+use tandem_kernels::ops::{self, MoeRouting, Segments, SeqAttention};
 use tandem_kernels::{DType, Tensor};
 
 use super::Model;
@@ -48,60 +51,191 @@ pub struct ForwardInput {
     pub logit_rows: Vec<u32>,
 }
 
-impl Model {
-    /// Runs the batch, writing its keys and values into `cache`; returns the logits of
-    /// `input.logit_rows`, `[rows, vocab]` (f32).
-    pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache, adapters: &AdapterSet) -> Result<Tensor> {
-        let n = input.tokens.len();
-        if [input.positions.len(), input.slots.len(), input.adapters.len()].iter().any(|&l| l != n) {
+impl ForwardInput {
+    fn validate(&self, adapters: &AdapterSet) -> Result<()> {
+        let n = self.tokens.len();
+        if [self.positions.len(), self.slots.len(), self.adapters.len()].iter().any(|&l| l != n) {
             return Err(Error::InvalidRequest(
                 "forward: tokens, positions, slots and adapters differ in length".into(),
             ));
         }
-        if let Some(bad) = input.adapters.iter().find(|&&a| a >= adapters.len() as i32 || a < -1) {
-            return Err(Error::InvalidRequest(format!("forward: adapter slot {bad} of {}", adapters.len())));
+        match self.adapters.iter().find(|&&a| a >= adapters.len() as i32 || a < -1) {
+            Some(bad) => Err(Error::InvalidRequest(format!("forward: adapter slot {bad} of {}", adapters.len()))),
+            None => Ok(()),
         }
-        let c = &self.config;
-        let w = &self.weights;
-        let mut x = ops::embedding(&w.embed, &input.tokens)?;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let rows = Rows { slots: &input.adapters, adapters };
-        for (l, layer) in w.layers.iter().enumerate() {
-            let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = rows.linear(&h, &layer.q, l, Proj::Q)?.reshape([n, c.num_heads, c.head_dim])?;
-            let k = rows.linear(&h, &layer.k, l, Proj::K)?.reshape([n, c.num_kv_heads, c.head_dim])?;
-            let v = rows.linear(&h, &layer.v, l, Proj::V)?.reshape([n, c.num_kv_heads, c.head_dim])?;
-            let q = ops::rope(&q, &input.positions, &self.rope)?;
-            let k = ops::rope(&k, &input.positions, &self.rope)?;
-            ops::write_kv(&mut cache.k[l], &k, &input.slots)?;
-            ops::write_kv(&mut cache.v[l], &v, &input.slots)?;
-            let attn = ops::paged_attention(&q, &cache.k[l], &cache.v[l], &input.seqs, scale)?;
-            let attn = attn.reshape([n, c.num_heads * c.head_dim])?;
-            x = ops::add(&x, &rows.linear(&attn, &layer.o, l, Proj::O)?)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let mlp = match &layer.mlp {
-                Mlp::Dense(m) => rows.dense_mlp(&h, m, l, [Proj::Gate, Proj::Up, Proj::Down])?,
-                Mlp::Moe(m) => self.moe_mlp(&h, m, l, &rows)?,
-            };
-            x = ops::add(&x, &mlp)?;
-        }
+    }
+}
+
+/// What a decoder layer computed that its backward pass needs. Norm outputs, SwiGLU products
+/// and gathered expert inputs are cheap to recompute from these and are not kept.
+pub struct LayerActs {
+    /// The layer's input.
+    pub(super) x: Tensor,
+    /// Queries after RoPE, `[n, heads, head_dim]` (keys and values stay in the cache).
+    pub(super) q: Tensor,
+    /// Attention output, `[n, heads·head_dim]`: `o_proj`'s input.
+    pub(super) attn: Tensor,
+    /// The residual stream after attention, the MLP block's input.
+    pub(super) mid: Tensor,
+    pub(super) mlp: MlpActs,
+}
+
+pub(super) enum MlpActs {
+    Dense(SwigluActs),
+    Moe(Box<MoeActs>),
+}
+
+/// The two halves of a SwiGLU MLP, before `silu(gate)·up`.
+pub(super) struct SwigluActs {
+    pub(super) gate: Tensor,
+    pub(super) up: Tensor,
+}
+
+pub(super) struct MoeActs {
+    pub(super) router_logits: Tensor,
+    pub(super) routing: MoeRouting,
+    pub(super) dispatch: Dispatch,
+    /// Per (token, expert) pair, in dispatch order.
+    pub(super) experts: SwigluActs,
+    /// Each pair's expert output before its routing weight.
+    pub(super) down: Tensor,
+    pub(super) shared: Option<SharedActs>,
+}
+
+/// Qwen2-MoE's shared expert: its MLP halves, its output and its per-token sigmoid gate.
+pub(super) struct SharedActs {
+    pub(super) mlp: SwigluActs,
+    pub(super) out: Tensor,
+    pub(super) gate: Tensor,
+}
+
+/// Where each (token, choice) pair of a MoE layer goes. Pairs are sorted by (bank, expert),
+/// bank 0 being the base experts and bank 1 the ESFT replacements, so every expert's rows form
+/// one segment.
+pub(super) struct Dispatch {
+    /// For each pair in dispatch order: its index `token·top_k + choice` in the routing.
+    pub(super) order: Vec<usize>,
+    pub(super) token_of: Vec<u32>,
+    pub(super) expert_of: Vec<u32>,
+    pub(super) slot_of: Vec<i32>,
+    pub(super) base: Segments,
+    pub(super) replaced: Segments,
+    /// Each pair's routing weight, `[pairs]`.
+    pub(super) weight: Tensor,
+}
+
+impl Model {
+    /// Runs the batch, writing its keys and values into `cache`; returns the logits of
+    /// `input.logit_rows`, `[rows, vocab]` (f32).
+    pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache, adapters: &AdapterSet) -> Result<Tensor> {
+        let x = self.hidden_states(input, cache, adapters, &mut |_| ())?;
         let last = ops::gather_rows(&x, &input.logit_rows)?;
-        let last = ops::rms_norm(&last, &w.norm, c.rms_norm_eps)?;
-        let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        Ok(ops::matmul(&last, head, false, true)?)
+        let last = ops::rms_norm(&last, &self.weights.norm, self.config.rms_norm_eps)?;
+        Ok(ops::matmul(&last, self.lm_head(), false, true)?)
+    }
+
+    /// The decoder stack: the last layer's output for every row, `[n, hidden]` (before the
+    /// final norm). Each layer's activations go to `keep`.
+    pub(crate) fn hidden_states(
+        &self,
+        input: &ForwardInput,
+        cache: &mut KvCache,
+        adapters: &AdapterSet,
+        keep: &mut dyn FnMut(LayerActs),
+    ) -> Result<Tensor> {
+        input.validate(adapters)?;
+        let rows = Rows { slots: &input.adapters, adapters };
+        let mut x = ops::embedding(&self.weights.embed, &input.tokens)?;
+        for l in 0..self.weights.layers.len() {
+            let (out, acts) = self.layer(l, x, input, cache, &rows)?;
+            keep(acts);
+            x = out;
+        }
+        Ok(x)
+    }
+
+    /// The output projection (the embeddings when they are tied).
+    pub(crate) fn lm_head(&self) -> &Tensor {
+        self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed)
+    }
+
+    fn layer(
+        &self,
+        l: usize,
+        x: Tensor,
+        input: &ForwardInput,
+        cache: &mut KvCache,
+        rows: &Rows<'_>,
+    ) -> Result<(Tensor, LayerActs)> {
+        let (c, layer) = (&self.config, &self.weights.layers[l]);
+        let n = input.tokens.len();
+        let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+        let q = rows.linear(&h, &layer.q, l, Proj::Q)?.reshape([n, c.num_heads, c.head_dim])?;
+        let k = rows.linear(&h, &layer.k, l, Proj::K)?.reshape([n, c.num_kv_heads, c.head_dim])?;
+        let v = rows.linear(&h, &layer.v, l, Proj::V)?.reshape([n, c.num_kv_heads, c.head_dim])?;
+        let q = ops::rope(&q, &input.positions, &self.rope)?;
+        let k = ops::rope(&k, &input.positions, &self.rope)?;
+        ops::write_kv(&mut cache.k[l], &k, &input.slots)?;
+        ops::write_kv(&mut cache.v[l], &v, &input.slots)?;
+        let attn = ops::paged_attention(&q, &cache.k[l], &cache.v[l], &input.seqs, self.attention_scale())?;
+        let attn = attn.reshape([n, c.num_heads * c.head_dim])?;
+        let mid = ops::add(&x, &rows.linear(&attn, &layer.o, l, Proj::O)?)?;
+        let h = ops::rms_norm(&mid, &layer.post_attention_norm, c.rms_norm_eps)?;
+        let (mlp_out, mlp) = match &layer.mlp {
+            Mlp::Dense(m) => {
+                let (out, acts) = rows.dense_mlp(&h, m, l, DENSE_PROJS)?;
+                (out, MlpActs::Dense(acts))
+            }
+            Mlp::Moe(m) => {
+                let (out, acts) = self.moe_mlp(&h, m, l, rows)?;
+                (out, MlpActs::Moe(Box::new(acts)))
+            }
+        };
+        let out = ops::add(&mid, &mlp_out)?;
+        Ok((out, LayerActs { x, q, attn, mid, mlp }))
+    }
+
+    pub(super) fn attention_scale(&self) -> f32 {
+        1.0 / (self.config.head_dim as f32).sqrt()
     }
 
     /// A mixture-of-experts MLP: route, dispatch each (token, expert) pair to its expert (or
     /// the adapter's ESFT replacement of it), run the experts as grouped matmuls, combine.
-    fn moe_mlp(&self, h: &Tensor, m: &MoeMlp, layer: usize, rows: &Rows<'_>) -> Result<Tensor> {
+    fn moe_mlp(&self, h: &Tensor, m: &MoeMlp, layer: usize, rows: &Rows<'_>) -> Result<(Tensor, MoeActs)> {
         let moe = self.config.moe_at(layer).ok_or_else(|| Error::Format(format!("layer {layer} has no experts")))?;
         let n = h.shape()[0];
-        let logits = rows.linear(h, &m.router, layer, Proj::Router)?;
-        let routing = ops::moe_gate(&logits, moe.top_k, moe.renormalize)?;
+        let router_logits = rows.linear(h, &m.router, layer, Proj::Router)?;
+        let routing = ops::moe_gate(&router_logits, moe.top_k, moe.renormalize)?;
+        let dispatch = Dispatch::new(&routing, rows, layer, self)?;
+        let x = ops::gather_rows(h, &dispatch.token_of)?;
+        let experts = ExpertProjs { m, layer, rows, dispatch: &dispatch };
+        let gate = experts.forward(&x, Proj::Gate)?;
+        let up = experts.forward(&x, Proj::Up)?;
+        let down = experts.forward(&ops::swiglu(&gate, &up)?, Proj::Down)?;
+        let mut out = ops::scatter_add_rows(&ops::scale_rows(&down, &dispatch.weight)?, &dispatch.token_of, n)?;
+        let mut shared = None;
+        if let Some((mlp, gate_lin)) = &m.shared {
+            let (s, acts) = rows.dense_mlp(h, mlp, layer, SHARED_PROJS)?;
+            // The shared expert's output is scaled per token by sigmoid(h · w_gate).
+            let g = rows.linear(h, gate_lin, layer, Proj::SharedExpertGate)?.to_vec_f32()?;
+            let g: Vec<f32> = g.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+            let g = Tensor::from_vec(g, [n])?.to_device(self.device)?;
+            out = ops::add(&out, &ops::scale_rows(&s, &g)?)?;
+            shared = Some(SharedActs { mlp: acts, out: s, gate: g });
+        }
+        let acts = MoeActs { router_logits, routing, dispatch, experts: SwigluActs { gate, up }, down, shared };
+        Ok((out, acts))
+    }
+}
+
+pub(super) const DENSE_PROJS: [Proj; 3] = [Proj::Gate, Proj::Up, Proj::Down];
+pub(super) const SHARED_PROJS: [Proj; 3] = [Proj::SharedGate, Proj::SharedUp, Proj::SharedDown];
+
+impl Dispatch {
+    fn new(routing: &MoeRouting, rows: &Rows<'_>, layer: usize, model: &Model) -> Result<Self> {
         let k = routing.top_k;
+        let n = rows.slots.len();
         let esft = rows.adapters.esft(layer);
-        // Each (token, choice) pair goes to a base expert (bank 0) or an ESFT expert (bank 1);
-        // pairs are sorted by (bank, expert) so every expert's rows are one segment.
         let target = |p: usize| -> (u32, u32) {
             let (t, e) = (p / k, routing.experts[p]);
             match esft.and_then(|table| table.lookup(rows.slots[t], e)) {
@@ -115,52 +249,60 @@ impl Model {
         let expert_of: Vec<u32> = order.iter().map(|&p| routing.experts[p]).collect();
         let slot_of: Vec<i32> = token_of.iter().map(|&t| rows.slots[t as usize]).collect();
         let targets: Vec<(u32, u32)> = order.iter().map(|&p| target(p)).collect();
-        let weights = routing.weights.to_vec_f32()?;
-        let pair_weight: Vec<f32> = order.iter().map(|&p| weights[p]).collect();
-
-        let x = ops::gather_rows(h, &token_of)?;
         let segs = |bank: u32| {
             let idx: Vec<i32> = targets.iter().map(|&(b, i)| if b == bank { i as i32 } else { -1 }).collect();
             Segments::from_row_indices(&idx)
         };
-        let (base, replaced) = (segs(0), segs(1));
-        let experts = |x: &Tensor, base_w: &Tensor, esft_w: Option<&Tensor>, proj: Proj| -> Result<Tensor> {
-            let mut y = ops::grouped_matmul(x, base_w, &base)?;
-            if let Some(w) = esft_w {
-                y = ops::add(&y, &ops::grouped_matmul(x, w, &replaced)?)?;
-            }
-            if let Some(table) = rows.adapters.lora(layer, proj) {
-                table.apply(&mut y, x, &slot_of, Some(&expert_of))?;
-            }
-            Ok(y)
-        };
-        let gate = experts(&x, &m.gate, esft.map(|t| &t.gate), Proj::Gate)?;
-        let up = experts(&x, &m.up, esft.map(|t| &t.up), Proj::Up)?;
-        let act = ops::swiglu(&gate, &up)?;
-        let down = experts(&act, &m.down, esft.map(|t| &t.down), Proj::Down)?;
-        let w = Tensor::from_vec(pair_weight, [order.len()])?.to_device(self.device)?;
-        let mut out = ops::scatter_add_rows(&ops::scale_rows(&down, &w)?, &token_of, n)?;
-        if let Some((shared, shared_gate)) = &m.shared {
-            let s = rows.dense_mlp(h, shared, layer, [Proj::SharedGate, Proj::SharedUp, Proj::SharedDown])?;
-            // The shared expert's output is scaled per token by sigmoid(h · w_gate).
-            let g = rows.linear(h, shared_gate, layer, Proj::SharedExpertGate)?.to_vec_f32()?;
-            let g: Vec<f32> = g.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
-            let g = Tensor::from_vec(g, [n])?.to_device(self.device)?;
-            out = ops::add(&out, &ops::scale_rows(&s, &g)?)?;
+        let weights = routing.weights.to_vec_f32()?;
+        let weight: Vec<f32> = order.iter().map(|&p| weights[p]).collect();
+        let weight = Tensor::from_vec(weight, [order.len()])?.to_device(model.device)?;
+        Ok(Dispatch { token_of, expert_of, slot_of, base: segs(0), replaced: segs(1), weight, order })
+    }
+}
+
+/// One MoE layer's expert projections over its dispatched pairs: base experts, ESFT
+/// replacements and expert LoRA, added together.
+pub(super) struct ExpertProjs<'a> {
+    pub(super) m: &'a MoeMlp,
+    pub(super) layer: usize,
+    pub(super) rows: &'a Rows<'a>,
+    pub(super) dispatch: &'a Dispatch,
+}
+
+impl ExpertProjs<'_> {
+    /// The base expert weights and the ESFT replacements of `proj` (gate, up or down).
+    pub(super) fn weights(&self, proj: Proj) -> (&Tensor, Option<&Tensor>) {
+        let esft = self.rows.adapters.esft(self.layer);
+        match proj {
+            Proj::Gate => (&self.m.gate, esft.map(|t| &t.gate)),
+            Proj::Up => (&self.m.up, esft.map(|t| &t.up)),
+            _ => (&self.m.down, esft.map(|t| &t.down)),
         }
-        Ok(out)
+    }
+
+    fn forward(&self, x: &Tensor, proj: Proj) -> Result<Tensor> {
+        let (base_w, esft_w) = self.weights(proj);
+        let d = self.dispatch;
+        let mut y = ops::grouped_matmul(x, base_w, &d.base)?;
+        if let Some(w) = esft_w {
+            y = ops::add(&y, &ops::grouped_matmul(x, w, &d.replaced)?)?;
+        }
+        if let Some(table) = self.rows.adapters.lora(self.layer, proj) {
+            table.apply(&mut y, x, &d.slot_of, Some(&d.expert_of))?;
+        }
+        Ok(y)
     }
 }
 
 /// Per-row adapter information shared by the projections of one batch.
-struct Rows<'a> {
-    slots: &'a [i32],
-    adapters: &'a AdapterSet,
+pub(super) struct Rows<'a> {
+    pub(super) slots: &'a [i32],
+    pub(super) adapters: &'a AdapterSet,
 }
 
 impl Rows<'_> {
     /// `x · Wᵀ + b`, plus each row's LoRA delta for this (layer, projection).
-    fn linear(&self, x: &Tensor, lin: &Linear, layer: usize, proj: Proj) -> Result<Tensor> {
+    pub(super) fn linear(&self, x: &Tensor, lin: &Linear, layer: usize, proj: Proj) -> Result<Tensor> {
         let mut y = ops::matmul(x, &lin.weight, false, true)?;
         if let Some(b) = &lin.bias {
             y = ops::add_bias(&y, b)?;
@@ -171,9 +313,10 @@ impl Rows<'_> {
         Ok(y)
     }
 
-    fn dense_mlp(&self, h: &Tensor, m: &DenseMlp, layer: usize, [g, u, d]: [Proj; 3]) -> Result<Tensor> {
+    fn dense_mlp(&self, h: &Tensor, m: &DenseMlp, layer: usize, [g, u, d]: [Proj; 3]) -> Result<(Tensor, SwigluActs)> {
         let gate = self.linear(h, &m.gate, layer, g)?;
         let up = self.linear(h, &m.up, layer, u)?;
-        self.linear(&ops::swiglu(&gate, &up)?, &m.down, layer, d)
+        let out = self.linear(&ops::swiglu(&gate, &up)?, &m.down, layer, d)?;
+        Ok((out, SwigluActs { gate, up }))
     }
 }

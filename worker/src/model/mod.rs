@@ -1,5 +1,6 @@
 //! The base model: config, weights and the batched forward pass.
 
+pub mod backward;
 pub mod config;
 pub mod forward;
 pub mod weights;
@@ -9,8 +10,9 @@ use std::path::Path;
 use tandem_kernels::ops::Rope;
 use tandem_kernels::{DType, Device};
 
+pub use backward::AdapterGrads;
 pub use config::{Arch, ModelConfig};
-pub use forward::{ForwardInput, KvCache};
+pub use forward::{ForwardInput, KvCache, LayerActs};
 pub use weights::Weights;
 
 use crate::error::Result;

@@ -22,12 +22,15 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, segs: &Segments, n: usize, k: usiz
     f32_out(OP, &ctx, y, vec![n, out], x.dtype())
 }
 
-/// `dx[seg] = dy[seg] · W_e`, `dW_e += dy[seg]ᵀ · x[seg]`; `dw` is zero for unused experts.
+/// `dx[seg] = dy[seg] · W_e`, and with `weight_grad` `dW_e += dy[seg]ᵀ · x[seg]` (zero for
+/// unused experts).
+#[allow(clippy::too_many_arguments)]
 pub fn grouped_matmul_backward(
     x: &Tensor,
     w: &Tensor,
     segs: &Segments,
     dy: &Tensor,
+    weight_grad: bool,
     n: usize,
     k: usize,
     out: usize,
@@ -36,7 +39,7 @@ pub fn grouped_matmul_backward(
     let ctx = ctx_of(OP, x)?;
     let (xs, ws, dys) = (f32_in(OP, x)?, f32_in(OP, w)?, f32_in(OP, dy)?);
     let mut dx = ctx.zeros::<f32>(OP, n * k)?;
-    let mut dw = ctx.zeros::<f32>(OP, w.elem_count())?;
+    let mut dw = ctx.zeros::<f32>(OP, if weight_grad { w.elem_count() } else { 0 })?;
     for (s, e, idx) in segs.iter() {
         let Ok(expert) = usize::try_from(idx) else { continue };
         let rows = e - s;
@@ -47,9 +50,12 @@ pub fn grouped_matmul_backward(
             let mut dxv = view_mut(OP, &mut dx, s * k, rows * k)?;
             gemm(&ctx, OP, &RowGemm::new(rows, k, out, false, false), &dyv, &wv, &mut dxv)?;
         }
-        let mut dwv = view_mut(OP, &mut dw, expert * out * k, out * k)?;
-        // Accumulate: several segments may use one expert.
-        gemm(&ctx, OP, &RowGemm::new(out, k, rows, true, false).scaled(1.0, 1.0), &dyv, &xv, &mut dwv)?;
+        if weight_grad {
+            let mut dwv = view_mut(OP, &mut dw, expert * out * k, out * k)?;
+            // Accumulate: several segments may use one expert.
+            gemm(&ctx, OP, &RowGemm::new(out, k, rows, true, false).scaled(1.0, 1.0), &dyv, &xv, &mut dwv)?;
+        }
     }
-    Ok((f32_out(OP, &ctx, dx, vec![n, k], x.dtype())?, f32_out(OP, &ctx, dw, w.shape().to_vec(), w.dtype())?))
+    let dw = if weight_grad { Some(f32_out(OP, &ctx, dw, w.shape().to_vec(), w.dtype())?) } else { None };
+    Ok((f32_out(OP, &ctx, dx, vec![n, k], x.dtype())?, dw))
 }

@@ -1,0 +1,288 @@
+//! The backward pass of `forward.rs`, for training adapters over a frozen base: gradients flow
+//! through the activations to the adapters' weights (LoRA banks, ESFT experts) and never to the
+//! base weights, so every base projection costs one GEMM backward (`dx = dy·W`), not two.
+
+use std::collections::HashMap;
+
+use tandem_kernels::Tensor;
+use tandem_kernels::ops;
+
+use super::Model;
+use super::forward::{
+    DENSE_PROJS, Dispatch, ExpertProjs, ForwardInput, KvCache, LayerActs, MlpActs, MoeActs, Rows, SHARED_PROJS,
+    SwigluActs,
+};
+use super::weights::{DenseMlp, Linear, Mlp, MoeMlp};
+use crate::adapters::Proj;
+use crate::adapters::set::AdapterSet;
+use crate::error::{Error, Result};
+
+/// Gradients w.r.t. the weights of an [`AdapterSet`], shaped like its tables: per (layer,
+/// projection) the bank's `a` and `bt`; per (MoE layer, gate/up/down) the ESFT expert stack.
+#[derive(Debug, Default)]
+pub struct AdapterGrads {
+    pub lora: HashMap<(usize, Proj), (Tensor, Tensor)>,
+    pub esft: HashMap<(usize, Proj), Tensor>,
+}
+
+impl AdapterGrads {
+    fn add_lora(&mut self, key: (usize, Proj), da: Tensor, dbt: Tensor) -> Result<()> {
+        let sum = match self.lora.remove(&key) {
+            Some((a, bt)) => (ops::add(&a, &da)?, ops::add(&bt, &dbt)?),
+            None => (da, dbt),
+        };
+        self.lora.insert(key, sum);
+        Ok(())
+    }
+
+    fn add_esft(&mut self, key: (usize, Proj), dw: Tensor) -> Result<()> {
+        let sum = match self.esft.remove(&key) {
+            Some(w) => ops::add(&w, &dw)?,
+            None => dw,
+        };
+        self.esft.insert(key, sum);
+        Ok(())
+    }
+}
+
+/// Rows of the LM head computed at once: the `[rows, vocab]` logits and their gradient are the
+/// largest activations of training, so they exist one chunk at a time (64 Mi floats).
+const LOGIT_CHUNK_ELEMS: usize = 1 << 26;
+
+impl Model {
+    /// Per-row cross-entropy of the rows that have a target (`targets[r] >= 0`; 0 elsewhere).
+    pub fn loss(&self, hidden: &Tensor, targets: &[i32]) -> Result<Vec<f32>> {
+        Ok(self.lm_loss(hidden, targets, None)?.0)
+    }
+
+    /// [`Model::loss`] and its gradient w.r.t. `hidden` (the last layer's output, `[n,
+    /// hidden]`) for upstream weights `dloss[r]` (how much row r's loss counts).
+    pub fn loss_backward(&self, hidden: &Tensor, targets: &[i32], dloss: &[f32]) -> Result<(Vec<f32>, Tensor)> {
+        let (losses, dhidden) = self.lm_loss(hidden, targets, Some(dloss))?;
+        let dhidden = dhidden.ok_or_else(|| Error::InvalidRequest("loss: no gradient computed".into()))?;
+        Ok((losses, dhidden))
+    }
+
+    /// The final norm, LM head and cross-entropy over the rows with a target only (prompt rows
+    /// cost nothing), chunk by chunk; with `dloss`, also the gradient w.r.t. `hidden`.
+    fn lm_loss(&self, hidden: &Tensor, targets: &[i32], dloss: Option<&[f32]>) -> Result<(Vec<f32>, Option<Tensor>)> {
+        let (n, h) = (hidden.shape()[0], self.config.hidden_size);
+        if targets.len() != n || dloss.is_some_and(|d| d.len() != n) {
+            return Err(Error::InvalidRequest(format!("loss: targets or loss weights do not match the {n} rows")));
+        }
+        let eps = self.config.rms_norm_eps;
+        let rows: Vec<u32> = (0..n as u32).filter(|&r| targets[r as usize] >= 0).collect();
+        let mut losses = vec![0.0; n];
+        let mut dhidden = match dloss {
+            Some(_) => Some(Tensor::zeros([n, h], hidden.dtype(), self.device)?),
+            None => None,
+        };
+        let chunk = (LOGIT_CHUNK_ELEMS / self.config.vocab_size.max(1)).max(1);
+        for part in rows.chunks(chunk) {
+            let x = ops::gather_rows(hidden, part)?;
+            let t: Vec<i32> = part.iter().map(|&r| targets[r as usize]).collect();
+            let normed = ops::rms_norm(&x, &self.weights.norm, eps)?;
+            let logits = ops::matmul(&normed, self.lm_head(), false, true)?;
+            for (&r, l) in part.iter().zip(ops::cross_entropy(&logits, &t)?.to_vec_f32()?) {
+                losses[r as usize] = l;
+            }
+            let (Some(dloss), Some(dh)) = (dloss, dhidden.as_mut()) else { continue };
+            let w = Tensor::from_vec(part.iter().map(|&r| dloss[r as usize]).collect(), [part.len()])?;
+            let dlogits = ops::cross_entropy_backward(&logits, &t, &w.to_device(self.device)?)?;
+            drop(logits);
+            let dnormed = ops::matmul(&dlogits, self.lm_head(), false, false)?;
+            let (dx, _) = ops::rms_norm_backward(&x, &self.weights.norm, &dnormed, eps)?;
+            *dh = ops::add(dh, &ops::scatter_add_rows(&dx, part, n)?)?;
+        }
+        Ok((losses, dhidden))
+    }
+
+    /// Backpropagates `dhidden` (the gradient of the last layer's output) through the layers
+    /// whose activations `tape` holds, first to last, adding the adapters' weight gradients
+    /// into `grads`. `input`, `cache` and `adapters` must be those of the forward pass.
+    pub fn backward(
+        &self,
+        input: &ForwardInput,
+        cache: &KvCache,
+        adapters: &AdapterSet,
+        tape: Vec<LayerActs>,
+        dhidden: Tensor,
+        grads: &mut AdapterGrads,
+    ) -> Result<()> {
+        if tape.len() != self.weights.layers.len() {
+            return Err(Error::InvalidRequest(format!(
+                "backward: {} layers of activations for {} layers",
+                tape.len(),
+                self.weights.layers.len()
+            )));
+        }
+        let mut b = Backward { model: self, input, cache, rows: Rows { slots: &input.adapters, adapters }, grads };
+        let mut dx = dhidden;
+        for (l, acts) in tape.into_iter().enumerate().rev() {
+            dx = b.layer(l, acts, dx)?;
+        }
+        Ok(())
+    }
+}
+
+struct Backward<'a> {
+    model: &'a Model,
+    input: &'a ForwardInput,
+    cache: &'a KvCache,
+    rows: Rows<'a>,
+    grads: &'a mut AdapterGrads,
+}
+
+impl Backward<'_> {
+    /// One decoder layer: `dout` is the gradient of its output; returns that of its input.
+    fn layer(&mut self, l: usize, acts: LayerActs, dout: Tensor) -> Result<Tensor> {
+        let model = self.model;
+        let (c, layer) = (&model.config, &model.weights.layers[l]);
+        let n = self.input.tokens.len();
+        let LayerActs { x, q, attn, mid, mlp } = acts;
+
+        // MLP block: out = mid + mlp(norm(mid)).
+        let h = ops::rms_norm(&mid, &layer.post_attention_norm, c.rms_norm_eps)?;
+        let dh = match (&layer.mlp, &mlp) {
+            (Mlp::Dense(m), MlpActs::Dense(a)) => self.dense_mlp(&h, m, l, DENSE_PROJS, a, &dout)?,
+            (Mlp::Moe(m), MlpActs::Moe(a)) => self.moe_mlp(&h, m, l, a, &dout)?,
+            _ => return Err(Error::InvalidRequest(format!("backward: layer {l}'s activations are of another kind"))),
+        };
+        drop(mlp);
+        let dmid = ops::add(&dout, &ops::rms_norm_backward(&mid, &layer.post_attention_norm, &dh, c.rms_norm_eps)?.0)?;
+
+        // Attention block: mid = x + o(attention(rope(q(norm(x))), rope(k(..)), v(..))).
+        let dattn = self.linear(&attn, &layer.o, l, Proj::O, &dmid)?;
+        let (dq, dk_cache, dv_cache) = ops::paged_attention_backward(
+            &q,
+            &self.cache.k[l],
+            &self.cache.v[l],
+            &self.input.seqs,
+            &attn.reshape([n, c.num_heads, c.head_dim])?,
+            &dattn.reshape([n, c.num_heads, c.head_dim])?,
+            model.attention_scale(),
+        )?;
+        let positions = &self.input.positions;
+        let dq = ops::rope_backward(&dq, positions, &model.rope)?.reshape([n, c.num_heads * c.head_dim])?;
+        let kv = [n, c.num_kv_heads * c.head_dim];
+        let dk = ops::rope_backward(&ops::gather_kv(&dk_cache, &self.input.slots)?, positions, &model.rope)?;
+        let dv = ops::gather_kv(&dv_cache, &self.input.slots)?;
+        drop((dk_cache, dv_cache));
+        let h = ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+        let mut dh = self.linear(&h, &layer.q, l, Proj::Q, &dq)?;
+        dh = ops::add(&dh, &self.linear(&h, &layer.k, l, Proj::K, &dk.reshape(kv)?)?)?;
+        dh = ops::add(&dh, &self.linear(&h, &layer.v, l, Proj::V, &dv.reshape(kv)?)?)?;
+        Ok(ops::add(&dmid, &ops::rms_norm_backward(&x, &layer.input_norm, &dh, c.rms_norm_eps)?.0)?)
+    }
+
+    /// `dx` of `y = x·Wᵀ + b + LoRA(x)` for upstream `dy`; the LoRA weight gradients go to
+    /// `grads`. `x` is the projection's input.
+    fn linear(&mut self, x: &Tensor, lin: &Linear, layer: usize, proj: Proj, dy: &Tensor) -> Result<Tensor> {
+        let dx = ops::matmul(dy, &lin.weight, false, false)?;
+        self.lora(x, layer, proj, dy, dx, self.rows.slots, None)
+    }
+
+    /// Adds the LoRA part of a projection's backward to `dx` (and its weight gradients to
+    /// `grads`), for rows with adapter slots `slots` (and experts, for expert projections).
+    #[allow(clippy::too_many_arguments)]
+    fn lora(
+        &mut self,
+        x: &Tensor,
+        layer: usize,
+        proj: Proj,
+        dy: &Tensor,
+        dx: Tensor,
+        slots: &[i32],
+        experts: Option<&[u32]>,
+    ) -> Result<Tensor> {
+        let Some(table) = self.rows.adapters.lora(layer, proj) else { return Ok(dx) };
+        let idx = table.row_indices(slots, experts);
+        if idx.iter().all(|&i| i < 0) {
+            return Ok(dx);
+        }
+        let g = ops::bgmv_backward(x, &table.bank, &idx, dy)?;
+        self.grads.add_lora((layer, proj), g.da, g.dbt)?;
+        Ok(ops::add(&dx, &g.dx)?)
+    }
+
+    fn dense_mlp(
+        &mut self,
+        h: &Tensor,
+        m: &DenseMlp,
+        layer: usize,
+        [g, u, d]: [Proj; 3],
+        acts: &SwigluActs,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let act = ops::swiglu(&acts.gate, &acts.up)?;
+        let dact = self.linear(&act, &m.down, layer, d, dy)?;
+        drop(act);
+        let (dgate, dup) = ops::swiglu_backward(&acts.gate, &acts.up, &dact)?;
+        let dh = self.linear(h, &m.gate, layer, g, &dgate)?;
+        Ok(ops::add(&dh, &self.linear(h, &m.up, layer, u, &dup)?)?)
+    }
+
+    fn moe_mlp(&mut self, h: &Tensor, m: &MoeMlp, layer: usize, acts: &MoeActs, dy: &Tensor) -> Result<Tensor> {
+        let model = self.model;
+        let moe = model.config.moe_at(layer).ok_or_else(|| Error::Format(format!("layer {layer} has no experts")))?;
+        let n = h.shape()[0];
+        let d = &acts.dispatch;
+        // out[t] = Σ_pairs of t weight·down(pair) (+ the shared expert).
+        let dpair = ops::gather_rows(dy, &d.token_of)?;
+        let (ddown, dweight) = ops::scale_rows_backward(&acts.down, &d.weight, &dpair)?;
+        drop(dpair);
+        let x = ops::gather_rows(h, &d.token_of)?;
+        let act = ops::swiglu(&acts.experts.gate, &acts.experts.up)?;
+        let dact = self.experts(m, layer, d, &act, Proj::Down, &ddown)?;
+        drop((act, ddown));
+        let (dgate, dup) = ops::swiglu_backward(&acts.experts.gate, &acts.experts.up, &dact)?;
+        let dx = self.experts(m, layer, d, &x, Proj::Gate, &dgate)?;
+        let dx = ops::add(&dx, &self.experts(m, layer, d, &x, Proj::Up, &dup)?)?;
+        let mut dh = ops::scatter_add_rows(&dx, &d.token_of, n)?;
+
+        // Routing weights back to the router (no gradient through the choice of experts).
+        let k = acts.routing.top_k;
+        let mut dweights = vec![0.0; n * k];
+        for (&p, g) in d.order.iter().zip(dweight.to_vec_f32()?) {
+            dweights[p] = g;
+        }
+        let dweights = Tensor::from_vec(dweights, [n, k])?.to_device(model.device)?;
+        let dlogits = ops::moe_gate_backward(&acts.router_logits, &acts.routing, &dweights, moe.renormalize)?;
+        dh = ops::add(&dh, &self.linear(h, &m.router, layer, Proj::Router, &dlogits)?)?;
+
+        if let (Some((mlp, gate_lin)), Some(s)) = (&m.shared, &acts.shared) {
+            // out += sigmoid(h·w_gate) · shared(h).
+            let (dout, dgate) = ops::scale_rows_backward(&s.out, &s.gate, dy)?;
+            dh = ops::add(&dh, &self.dense_mlp(h, mlp, layer, SHARED_PROJS, &s.mlp, &dout)?)?;
+            let (g, dg) = (s.gate.to_vec_f32()?, dgate.to_vec_f32()?);
+            let dlogit: Vec<f32> = g.iter().zip(&dg).map(|(g, d)| d * g * (1.0 - g)).collect();
+            let dlogit = Tensor::from_vec(dlogit, [n, 1])?.to_device(model.device)?;
+            dh = ops::add(&dh, &self.linear(h, gate_lin, layer, Proj::SharedExpertGate, &dlogit)?)?;
+        }
+        Ok(dh)
+    }
+
+    /// `dx` of one expert projection over the dispatched pairs: base experts (frozen), ESFT
+    /// replacements (their weight gradients go to `grads`) and expert LoRA.
+    fn experts(
+        &mut self,
+        m: &MoeMlp,
+        layer: usize,
+        d: &Dispatch,
+        x: &Tensor,
+        proj: Proj,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let projs = ExpertProjs { m, layer, rows: &self.rows, dispatch: d };
+        let (base_w, esft_w) = projs.weights(proj);
+        let (mut dx, _) = ops::grouped_matmul_backward(x, base_w, &d.base, dy, false)?;
+        if let Some(w) = esft_w {
+            let (dx_esft, dw) = ops::grouped_matmul_backward(x, w, &d.replaced, dy, true)?;
+            dx = ops::add(&dx, &dx_esft)?;
+            if let Some(dw) = dw {
+                self.grads.add_esft((layer, proj), dw)?;
+            }
+        }
+        self.lora(x, layer, proj, dy, dx, &d.slot_of, Some(&d.expert_of))
+    }
+}

@@ -1,0 +1,241 @@
+//! Fine-tuning data: JSONL files in OpenAI's two fine-tuning formats, turned into token
+//! sequences with a next-token target per position.
+//!
+//! - Chat, `{"messages": [{"role", "content", "weight"?}, ...]}`: rendered with the model's chat
+//!   template; the model learns the assistant turns (those without `weight: 0`) and nothing else.
+//! - Prompt/completion, `{"prompt", "completion"}`: the model learns the completion and an EOS.
+//!
+//! Fields this loader does not know (`tool_calls`, `name`, `tools`, ...) are refused rather than
+//! ignored: dropping them would train the model on something other than what the file says.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::{ChatMessage, TextTokenizer};
+
+/// The target of a position that carries no loss (PyTorch's `ignore_index` convention).
+pub const IGNORE: i32 = -100;
+
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// One training sequence: the tokens fed to the model, and for each position the token the
+/// model must predict there (the next token), or -100 where that position carries no loss.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<i32>,
+}
+
+impl Example {
+    /// Positions that contribute to the loss (what the loss is averaged over).
+    pub fn loss_tokens(&self) -> usize {
+        self.targets.iter().filter(|&&t| t >= 0).count()
+    }
+}
+
+/// Reads a JSONL training file. Blank lines are skipped. Errors name the file, the 1-based line and the field.
+pub fn load_jsonl(path: &Path, tokenizer: &TextTokenizer, max_seq_len: usize) -> Result<Vec<Example>> {
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    // Editors on Windows may start the file with a byte-order mark, which is not JSON.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let error = |line, msg| Error::Data { path: path.to_path_buf(), line, msg };
+    let mut examples = Vec::new();
+    // Lines are split as bytes so that text which is not UTF-8 is reported with its line number.
+    for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(line).map_err(|e| error(index + 1, format!("not UTF-8 text: {e}")))?;
+        if !line.trim().is_empty() {
+            examples.push(parse_example(line, tokenizer, max_seq_len).map_err(|msg| error(index + 1, msg))?);
+        }
+    }
+    if examples.is_empty() {
+        return Err(error(0, "no training examples (the file is empty)".into()));
+    }
+    Ok(examples)
+}
+
+/// Parses one JSONL line (used by load_jsonl and by the HTTP gateway to validate uploads).
+pub fn parse_example(
+    line: &str,
+    tokenizer: &TextTokenizer,
+    max_seq_len: usize,
+) -> std::result::Result<Example, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(object) = &value else {
+        return Err(format!("expected a JSON object, got {}", describe(&value)));
+    };
+    let sequence = if object.contains_key("messages") {
+        chat_sequence(object, tokenizer)?
+    } else if object.contains_key("prompt") || object.contains_key("completion") {
+        completion_sequence(object, tokenizer)?
+    } else {
+        return Err("expected `messages` (chat format) or `prompt` and `completion`".into());
+    };
+    sequence.into_example(max_seq_len)
+}
+
+/// Tokens, each marked with whether the model learns to produce it.
+#[derive(Default)]
+struct Sequence {
+    tokens: Vec<u32>,
+    loss: Vec<bool>,
+}
+
+impl Sequence {
+    fn push(&mut self, tokens: &[u32], loss: bool) {
+        self.tokens.extend_from_slice(tokens);
+        self.loss.resize(self.tokens.len(), loss);
+    }
+
+    /// Appends `text` tokenized on its own. Special tokens in it (`<|im_start|>`) are recognized;
+    /// none are added, as chat-template text already holds them.
+    fn push_text(&mut self, tokenizer: &TextTokenizer, text: &str, loss: bool) -> std::result::Result<(), String> {
+        self.push(&tokenizer.encode(text, false).map_err(|e| e.to_string())?, loss);
+        Ok(())
+    }
+
+    /// Shifts the marks onto targets: position i predicts token i + 1, so a loss token at the very
+    /// start (nothing before it) cannot be learned, and the last position has no target.
+    fn into_example(self, max_seq_len: usize) -> std::result::Result<Example, String> {
+        let len = self.tokens.len();
+        if len > max_seq_len {
+            return Err(format!("{len} tokens, longer than the maximum sequence length {max_seq_len}"));
+        }
+        let next = self.tokens.iter().zip(&self.loss).skip(1);
+        let mut targets = next
+            .map(|(&id, &loss)| {
+                if loss {
+                    i32::try_from(id).map_err(|_| format!("token id {id} does not fit a target"))
+                } else {
+                    Ok(IGNORE)
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        targets.extend((len > 0).then_some(IGNORE));
+        let example = Example { tokens: self.tokens, targets };
+        if example.loss_tokens() == 0 {
+            return Err("no token carries loss, so there is nothing to learn".into());
+        }
+        Ok(example)
+    }
+}
+
+/// Renders the conversation once per assistant turn, without and with that turn, so each turn's
+/// text is the difference; tokenizing piece by piece then knows which tokens are the assistant's.
+fn chat_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> std::result::Result<Sequence, String> {
+    only_fields(object, &["messages"], "")?;
+    let list = match object.get("messages") {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        other => return Err(wrong("messages", "a non-empty array of messages", other)),
+    };
+    let (messages, learn): (Vec<ChatMessage>, Vec<bool>) =
+        list.iter().enumerate().map(|(i, m)| parse_message(i, m)).collect::<std::result::Result<_, _>>()?;
+    if !learn.contains(&true) {
+        return Err("`messages`: no assistant message to learn from (none, or all with weight 0)".into());
+    }
+    let render = |count: usize, add_generation_prompt: bool| {
+        tokenizer.apply_chat_template(&messages[..count], add_generation_prompt).map_err(|e| format!("`messages`: {e}"))
+    };
+    let mut sequence = Sequence::default();
+    let mut rendered = String::new();
+    // Appends what `text` adds to the conversation rendered so far, which it must extend.
+    let mut append = |text: String, loss: bool| {
+        let piece = text.strip_prefix(rendered.as_str()).ok_or(
+            "`messages`: the chat template does not render the conversation incrementally, so the assistant \
+             turns cannot be told apart from the rest",
+        )?;
+        sequence.push_text(tokenizer, piece, loss)?;
+        rendered = text;
+        Ok::<_, String>(())
+    };
+    for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+        append(render(i, true)?, false)?;
+        append(render(i + 1, false)?, learn[i])?;
+    }
+    append(render(messages.len(), false)?, false)?;
+    Ok(sequence)
+}
+
+/// One message and whether its text carries loss.
+fn parse_message(index: usize, value: &Value) -> std::result::Result<(ChatMessage, bool), String> {
+    let path = format!("messages[{index}]");
+    let Value::Object(message) = value else {
+        return Err(wrong(&path, "an object with `role` and `content`", Some(value)));
+    };
+    only_fields(message, &["role", "content", "weight"], &format!("{path}."))?;
+    let role = match message.get("role") {
+        Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role,
+        other => return Err(wrong(&format!("{path}.role"), &format!("one of {}", ROLES.join(", ")), other)),
+    };
+    let Some(Value::String(content)) = message.get("content") else {
+        return Err(wrong(&format!("{path}.content"), "a string", message.get("content")));
+    };
+    let assistant = role == "assistant";
+    let learn = match message.get("weight") {
+        None => assistant,
+        Some(_) if !assistant => return Err(format!("`{path}.weight`: only assistant messages take a weight")),
+        Some(weight) => match weight.as_u64() {
+            Some(0) => false,
+            Some(1) => true,
+            _ => return Err(wrong(&format!("{path}.weight"), "0 or 1", Some(weight))),
+        },
+    };
+    Ok((ChatMessage::new(role.as_str(), content.as_str()), learn))
+}
+
+/// The prompt (with the tokenizer's usual special tokens, as at inference), then the completion
+/// and an EOS, which teaches the model to stop; a tokenizer with no EOS gets none.
+fn completion_sequence(
+    object: &Map<String, Value>,
+    tokenizer: &TextTokenizer,
+) -> std::result::Result<Sequence, String> {
+    only_fields(object, &["prompt", "completion"], "")?;
+    let text = |field: &str| match object.get(field) {
+        Some(Value::String(text)) => Ok(text.as_str()),
+        other => Err(wrong(field, "a string", other)),
+    };
+    let (prompt, completion) = (text("prompt")?, text("completion")?);
+    if completion.is_empty() {
+        return Err("`completion`: empty, so there is nothing to learn".into());
+    }
+    let mut sequence = Sequence::default();
+    sequence.push(&tokenizer.encode(prompt, true).map_err(|e| e.to_string())?, false);
+    sequence.push_text(tokenizer, completion, true)?;
+    if let Some(&eos) = tokenizer.eos_token_ids().first() {
+        sequence.push(&[eos], true);
+    }
+    Ok(sequence)
+}
+
+/// Refuses fields outside `known`; `prefix` is the path of the object holding them.
+fn only_fields(object: &Map<String, Value>, known: &[&str], prefix: &str) -> std::result::Result<(), String> {
+    match object.keys().find(|key| !known.contains(&key.as_str())) {
+        Some(key) => Err(format!("`{prefix}{key}`: unsupported field (expected only {})", known.join(", "))),
+        None => Ok(()),
+    }
+}
+
+/// The error for `field` holding `value` (or missing) where `expected` was wanted.
+fn wrong(field: &str, expected: &str, value: Option<&Value>) -> String {
+    match value {
+        None => format!("`{field}`: missing, expected {expected}"),
+        Some(value) => format!("`{field}`: expected {expected}, got {}", describe(value)),
+    }
+}
+
+/// A short description of a JSON value for an error message: scalars as JSON (cut to 40
+/// characters, so one huge field does not flood the log), containers by kind.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+        scalar => {
+            let text = scalar.to_string();
+            match text.char_indices().nth(40) {
+                Some((cut, _)) => format!("{}...", &text[..cut]),
+                None => text,
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! One forward and backward pass over a padding-free batch of training sequences, each with its
+//! adapter slot and the weight its tokens' losses carry (how its job normalizes its loss).
+
+use tandem_kernels::DType;
+use tandem_kernels::ops::{SeqAttention, cache_slots};
+
+use super::data::Example;
+use crate::adapters::set::AdapterSet;
+use crate::error::Result;
+use crate::model::{AdapterGrads, ForwardInput, KvCache, Model};
+
+/// Cache block size of a training batch's own KV cache.
+const BLOCK: usize = 16;
+
+/// A sequence of a training batch.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainSeq<'a> {
+    pub example: &'a Example,
+    /// Its adapter's slot in the [`AdapterSet`].
+    pub slot: usize,
+    /// What each of its loss tokens counts in the total loss (1 / the job's loss tokens per
+    /// optimizer step, for a per-job mean).
+    pub loss_weight: f32,
+}
+
+/// Runs `seqs` forward and backward in one batch, adding the adapters' weight gradients of
+/// `Σ loss_weight · token loss` into `grads`. Returns each sequence's summed token loss.
+pub fn forward_backward(
+    model: &Model,
+    adapters: &AdapterSet,
+    seqs: &[TrainSeq<'_>],
+    grads: &mut AdapterGrads,
+) -> Result<Vec<f64>> {
+    let (input, targets, weights) = pack(seqs);
+    let blocks = input.seqs.iter().map(|s| s.block_table.len()).sum();
+    let mut cache = KvCache::new(model, blocks, BLOCK, DType::F32)?;
+    let mut tape = Vec::with_capacity(model.config.num_layers);
+    let hidden = model.hidden_states(&input, &mut cache, adapters, &mut |acts| tape.push(acts))?;
+    let (losses, dhidden) = model.loss_backward(&hidden, &targets, &weights)?;
+    drop(hidden);
+    model.backward(&input, &cache, adapters, tape, dhidden, grads)?;
+    Ok(per_sequence(seqs, &losses))
+}
+
+/// Each sequence's summed token loss, without the backward pass (validation).
+pub fn evaluate(model: &Model, adapters: &AdapterSet, seqs: &[TrainSeq<'_>]) -> Result<Vec<f64>> {
+    let (input, targets, _) = pack(seqs);
+    let blocks = input.seqs.iter().map(|s| s.block_table.len()).sum();
+    let mut cache = KvCache::new(model, blocks, BLOCK, DType::F32)?;
+    let hidden = model.hidden_states(&input, &mut cache, adapters, &mut drop)?;
+    let losses = model.loss(&hidden, &targets)?;
+    Ok(per_sequence(seqs, &losses))
+}
+
+/// The batch as one forward input over a fresh cache (each sequence in its own blocks, all of
+/// its tokens new), with every row's target and loss weight.
+fn pack(seqs: &[TrainSeq<'_>]) -> (ForwardInput, Vec<i32>, Vec<f32>) {
+    let mut input = ForwardInput::default();
+    let (mut targets, mut weights) = (Vec::new(), Vec::new());
+    let mut next_block = 0u32;
+    for s in seqs {
+        let len = s.example.tokens.len();
+        let blocks = len.div_ceil(BLOCK) as u32;
+        let seq =
+            SeqAttention { q_len: len, context_len: len, block_table: (next_block..next_block + blocks).collect() };
+        next_block += blocks;
+        input.slots.extend(cache_slots(&seq, BLOCK));
+        input.seqs.push(seq);
+        input.tokens.extend_from_slice(&s.example.tokens);
+        input.positions.extend(0..len as u32);
+        input.adapters.extend(std::iter::repeat_n(s.slot as i32, len));
+        targets.extend_from_slice(&s.example.targets);
+        weights.extend(s.example.targets.iter().map(|&t| if t >= 0 { s.loss_weight } else { 0.0 }));
+    }
+    (input, targets, weights)
+}
+
+fn per_sequence(seqs: &[TrainSeq<'_>], losses: &[f32]) -> Vec<f64> {
+    let mut start = 0;
+    seqs.iter()
+        .map(|s| {
+            let len = s.example.tokens.len();
+            let sum = losses[start..start + len].iter().map(|&l| l as f64).sum();
+            start += len;
+            sum
+        })
+        .collect()
+}
