@@ -1,9 +1,10 @@
 //! `tandem`: the one binary of the Tandem cluster. Subcommands arrive with the issues that build
-//! them (`up`, `coordinator`, `worker`, `finetune`, ...); today: `generate`, `init-model`,
-//! `bench`.
+//! them (`up`, `coordinator`, `worker`, `finetune`, ...); today: `generate`, `finetune`,
+//! `init-model`, `bench`.
 
 mod bench;
 mod bench_serve;
+mod finetune;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Generate text with a model and adapters, many requests in one continuous batch.
     Generate(generate::GenerateArgs),
+    /// Fine-tune a LoRA or ESFT adapter on a JSONL file, on this machine.
+    Finetune(finetune::FinetuneArgs),
     /// Write a random-weight model in Hugging Face format (for demos, tests, benchmarks).
     InitModel {
         /// tiny | tiny-moe | small | qwen2.5-0.5b
@@ -39,6 +42,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench { what } => bench::run(what),
+        Command::Finetune(args) => finetune::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;

@@ -5,6 +5,7 @@
 //! different adapter (or none) in the same batch.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use tandem_kernels::DType;
 use tandem_kernels::ops::SeqAttention;
@@ -72,7 +73,7 @@ struct Sequence {
 }
 
 pub struct Engine {
-    model: Model,
+    model: Arc<Model>,
     cache: KvCache,
     adapters: AdapterSet,
     adapter_slots: HashMap<String, i32>,
@@ -88,7 +89,7 @@ pub struct Engine {
 impl Engine {
     /// An engine over `model` serving `adapters` (by name) and the base model.
     pub fn new(
-        model: Model,
+        model: impl Into<Arc<Model>>,
         adapters: Vec<(String, Adapter)>,
         tokenizer: Option<TextTokenizer>,
         cfg: EngineConfig,
@@ -96,6 +97,7 @@ impl Engine {
         if cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
             return Err(Error::InvalidRequest(format!("engine sizes must be positive: {cfg:?}")));
         }
+        let model = model.into();
         let mut adapter_slots = HashMap::new();
         for (i, (name, _)) in adapters.iter().enumerate() {
             if adapter_slots.insert(name.clone(), i as i32).is_some() {

@@ -80,6 +80,16 @@ pub struct LayerActs {
     pub(super) mlp: MlpActs,
 }
 
+impl LayerActs {
+    /// For a MoE layer, the experts its router chose: `top_k` per token, token by token.
+    pub fn routed_experts(&self) -> Option<(&[u32], usize)> {
+        match &self.mlp {
+            MlpActs::Moe(m) => Some((&m.routing.experts, m.routing.top_k)),
+            MlpActs::Dense(_) => None,
+        }
+    }
+}
+
 pub(super) enum MlpActs {
     Dense(SwigluActs),
     Moe(Box<MoeActs>),

@@ -32,8 +32,7 @@ pub fn forward_backward(
     grads: &mut AdapterGrads,
 ) -> Result<Vec<f64>> {
     let (input, targets, weights) = pack(seqs);
-    let blocks = input.seqs.iter().map(|s| s.block_table.len()).sum();
-    let mut cache = KvCache::new(model, blocks, BLOCK, DType::F32)?;
+    let mut cache = fresh_cache(model, &input)?;
     let mut tape = Vec::with_capacity(model.config.num_layers);
     let hidden = model.hidden_states(&input, &mut cache, adapters, &mut |acts| tape.push(acts))?;
     let (losses, dhidden) = model.loss_backward(&hidden, &targets, &weights)?;
@@ -45,34 +44,47 @@ pub fn forward_backward(
 /// Each sequence's summed token loss, without the backward pass (validation).
 pub fn evaluate(model: &Model, adapters: &AdapterSet, seqs: &[TrainSeq<'_>]) -> Result<Vec<f64>> {
     let (input, targets, _) = pack(seqs);
-    let blocks = input.seqs.iter().map(|s| s.block_table.len()).sum();
-    let mut cache = KvCache::new(model, blocks, BLOCK, DType::F32)?;
+    let mut cache = fresh_cache(model, &input)?;
     let hidden = model.hidden_states(&input, &mut cache, adapters, &mut drop)?;
     let losses = model.loss(&hidden, &targets)?;
     Ok(per_sequence(seqs, &losses))
 }
 
-/// The batch as one forward input over a fresh cache (each sequence in its own blocks, all of
-/// its tokens new), with every row's target and loss weight.
+/// The batch as one forward input with every row's target and loss weight.
 fn pack(seqs: &[TrainSeq<'_>]) -> (ForwardInput, Vec<i32>, Vec<f32>) {
-    let mut input = ForwardInput::default();
+    let input = forward_input(seqs.iter().map(|s| (s.example, s.slot as i32)));
     let (mut targets, mut weights) = (Vec::new(), Vec::new());
-    let mut next_block = 0u32;
     for s in seqs {
-        let len = s.example.tokens.len();
+        targets.extend_from_slice(&s.example.targets);
+        weights.extend(s.example.targets.iter().map(|&t| if t >= 0 { s.loss_weight } else { 0.0 }));
+    }
+    (input, targets, weights)
+}
+
+/// Whole sequences (with their adapter slots) as one forward input over a fresh cache: each
+/// sequence in its own blocks, all of its tokens new. [`fresh_cache`] makes that cache.
+pub(super) fn forward_input<'a>(seqs: impl Iterator<Item = (&'a Example, i32)>) -> ForwardInput {
+    let mut input = ForwardInput::default();
+    let mut next_block = 0u32;
+    for (example, slot) in seqs {
+        let len = example.tokens.len();
         let blocks = len.div_ceil(BLOCK) as u32;
         let seq =
             SeqAttention { q_len: len, context_len: len, block_table: (next_block..next_block + blocks).collect() };
         next_block += blocks;
         input.slots.extend(cache_slots(&seq, BLOCK));
         input.seqs.push(seq);
-        input.tokens.extend_from_slice(&s.example.tokens);
+        input.tokens.extend_from_slice(&example.tokens);
         input.positions.extend(0..len as u32);
-        input.adapters.extend(std::iter::repeat_n(s.slot as i32, len));
-        targets.extend_from_slice(&s.example.targets);
-        weights.extend(s.example.targets.iter().map(|&t| if t >= 0 { s.loss_weight } else { 0.0 }));
+        input.adapters.extend(std::iter::repeat_n(slot, len));
     }
-    (input, targets, weights)
+    input
+}
+
+/// The KV cache a [`forward_input`] batch writes.
+pub(super) fn fresh_cache(model: &Model, input: &ForwardInput) -> Result<KvCache> {
+    let blocks = input.seqs.iter().map(|s| s.block_table.len()).sum();
+    KvCache::new(model, blocks, BLOCK, DType::F32)
 }
 
 fn per_sequence(seqs: &[TrainSeq<'_>], losses: &[f32]) -> Vec<f64> {
