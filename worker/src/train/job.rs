@@ -91,7 +91,8 @@ impl Hyperparams {
     /// Learning rate of optimizer step `step` (1-based) of `total`: linear warm-up to `lr`
     /// (the first step already moves), then cosine decay to `lr · min_lr_ratio`.
     pub fn lr_at(&self, step: u64, total: u64) -> f32 {
-        let warmup = (self.warmup_ratio as f64 * total as f64).ceil() as u64;
+        // In f32, as the ratio was given: 0.1 · 100 is 10 steps, not 11.
+        let warmup = (self.warmup_ratio * total as f32).ceil() as u64;
         if step <= warmup {
             return self.lr * step as f32 / warmup as f32;
         }
