@@ -13,6 +13,9 @@ pub enum Bench {
     /// A mixed-adapter serving workload against no adapters, transformers + PEFT and the GEMM
     /// peak.
     Serve(crate::bench_serve::ServeArgs),
+    /// LoRA training tokens/s and peak memory against transformers + PEFT + torch, and many
+    /// small jobs trained in one batch against one after another.
+    Finetune(crate::bench_finetune::FinetuneArgs),
     /// Matmul GFLOP/s at LLM shapes next to the raw `gemm` crate, and the cost of a multi-LoRA
     /// delta as a fraction of the base matmul.
     Kernels {
@@ -41,6 +44,7 @@ pub enum Bench {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Serve(args) => crate::bench_serve::run(args),
+        Bench::Finetune(args) => crate::bench_finetune::run(args),
         Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens } => {
             let device: Device = device.parse()?;
             device.ensure_available()?;

@@ -248,7 +248,7 @@ fn workload_flops(cfg: &ModelConfig, args: &ServeArgs) -> f64 {
 }
 
 /// This machine's f32 GEMM rate: the largest shape of `tandem bench kernels` (2048 x 4096 x 4096).
-fn gemm_peak() -> Result<f64> {
+pub(crate) fn gemm_peak() -> Result<f64> {
     let (m, d) = (2048, 4096);
     let a = Tensor::from_vec(vec![0.01; m * d], [m, d])?;
     let w = Tensor::from_vec(vec![0.01; d * d], [d, d])?;
@@ -264,7 +264,7 @@ fn gemm_peak() -> Result<f64> {
 }
 
 /// Peak resident memory of this process (`VmHWM`), in bytes.
-fn peak_rss() -> Result<usize> {
+pub(crate) fn peak_rss() -> Result<usize> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let kb = status
         .lines()

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::dot;
+use crate::cpu::{Gemm, dot};
 use crate::error::{Result, arg_err, shape_err};
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
@@ -188,9 +188,14 @@ fn attention_forward_cpu(
     if out.is_empty() {
         return out;
     }
+    // Short query runs (decode tokens, small chunks): one query at a time, reading the keys
+    // straight from the cache.
     let positions = query_positions(seqs);
     out.par_chunks_mut(hq * dh).zip(q.par_chunks(hq * dh)).zip(positions.par_iter()).for_each(
         |((o, qt), &(s, pos))| {
+            if uses_tiles(&seqs[s]) {
+                return;
+            }
             let keys = &slots[s][..=pos];
             let mut p = vec![0.0f32; keys.len()];
             for h in 0..hq {
@@ -209,7 +214,124 @@ fn attention_forward_cpu(
             }
         },
     );
+    // Long query runs (prompts, training sequences): GEMMs over tiles.
+    let tiles = tiles(seqs, d.kv_heads);
+    let results: Vec<Vec<f32>> = tiles
+        .par_iter()
+        .map(|t| {
+            let kv = TileKv::gather(k, v, &slots[t.seq], t, d);
+            (t.g * group..(t.g + 1) * group)
+                .flat_map(|h| {
+                    let qb = t.gather_rows(q, h, d);
+                    let p = kv.probabilities(&qb, t, d, scale);
+                    let mut o = vec![0.0; t.rows() * dh];
+                    Gemm::new(t.rows(), dh, kv.len, false, false).run(&mut o, &p, &kv.v, 1.0, false, 1);
+                    o
+                })
+                .collect()
+        })
+        .collect();
+    for (t, r) in tiles.iter().zip(&results) {
+        for (i, h) in (t.g * group..(t.g + 1) * group).enumerate() {
+            t.scatter_rows(&mut out, &r[i * t.rows() * dh..(i + 1) * t.rows() * dh], h, d);
+        }
+    }
     out
+}
+
+/// Query rows of one tile of the GEMM path, and the fewest query tokens a sequence must bring
+/// to take that path (below it, gathering keys costs more than GEMMs save).
+const TILE_ROWS: usize = 64;
+const TILE_MIN_ROWS: usize = 16;
+
+fn uses_tiles(seq: &SeqAttention) -> bool {
+    seq.q_len >= TILE_MIN_ROWS
+}
+
+/// Rows `start..end` of a sequence's queries, with the query heads of kv head `g`.
+struct Tile {
+    seq: usize,
+    /// The sequence's first query row in the batch, and its first query's position.
+    base: usize,
+    first_pos: usize,
+    g: usize,
+    start: usize,
+    end: usize,
+}
+
+/// The tiles of every sequence that takes the GEMM path: per block of query rows, one per kv
+/// head.
+fn tiles(seqs: &[SeqAttention], kv_heads: usize) -> Vec<Tile> {
+    let mut out = Vec::new();
+    let mut base = 0;
+    for (s, seq) in seqs.iter().enumerate() {
+        if uses_tiles(seq) {
+            let first_pos = seq.context_len - seq.q_len;
+            for start in (0..seq.q_len).step_by(TILE_ROWS) {
+                let end = (start + TILE_ROWS).min(seq.q_len);
+                out.extend((0..kv_heads).map(|g| Tile { seq: s, base, first_pos, g, start, end }));
+            }
+        }
+        base += seq.q_len;
+    }
+    out
+}
+
+impl Tile {
+    fn rows(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Keys the tile's last query sees (all earlier queries see a prefix of them).
+    fn keys(&self) -> usize {
+        self.first_pos + self.end
+    }
+
+    /// Head `h` of the tile's query rows of `x` (`[tokens, heads, head_dim]`), dense.
+    fn gather_rows(&self, x: &[f32], h: usize, d: &AttentionDims) -> Vec<f32> {
+        let (dh, stride) = (d.head_dim, d.q_heads * d.head_dim);
+        (self.base + self.start..self.base + self.end)
+            .flat_map(|t| x[t * stride + h * dh..][..dh].iter().copied())
+            .collect()
+    }
+
+    fn scatter_rows(&self, x: &mut [f32], rows: &[f32], h: usize, d: &AttentionDims) {
+        let (dh, stride) = (d.head_dim, d.q_heads * d.head_dim);
+        for (i, t) in (self.base + self.start..self.base + self.end).enumerate() {
+            x[t * stride + h * dh..][..dh].copy_from_slice(&rows[i * dh..(i + 1) * dh]);
+        }
+    }
+}
+
+/// A tile's keys and values of its kv head, `[len, head_dim]` each, gathered from the cache.
+struct TileKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+}
+
+impl TileKv {
+    fn gather(k: &[f32], v: &[f32], slots: &[u32], t: &Tile, d: &AttentionDims) -> Self {
+        let (len, dh, off) = (t.keys(), d.head_dim, t.g * d.head_dim);
+        let pick = |c: &[f32]| {
+            slots[..len].iter().flat_map(|&s| c[s as usize * d.row() + off..][..dh].iter().copied()).collect()
+        };
+        TileKv { k: pick(k), v: pick(v), len }
+    }
+
+    /// The causal attention probabilities of query rows `qb` (`[rows, head_dim]`):
+    /// `softmax(scale · q·kᵀ)` over the keys each row may see, zero beyond them.
+    fn probabilities(&self, qb: &[f32], t: &Tile, d: &AttentionDims, scale: f32) -> Vec<f32> {
+        let n = self.len;
+        let mut p = vec![0.0; t.rows() * n];
+        Gemm::new(t.rows(), n, d.head_dim, false, true).run(&mut p, qb, &self.k, scale, false, 1);
+        for (i, row) in p.chunks_exact_mut(n).enumerate() {
+            let visible = t.first_pos + t.start + i + 1;
+            crate::ops::activation::softmax_in_place(&mut row[..visible]);
+            row[visible..].fill(0.0);
+        }
+        p
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -228,14 +350,35 @@ fn attention_backward_cpu(
     let starts: Vec<usize> = seqs.iter().scan(0, |acc, s| Some(std::mem::replace(acc, *acc + s.q_len))).collect();
     // Each sequence yields its dq rows and dense per-key dk/dv; they are scattered into the
     // cache-shaped gradients afterwards, so sequences sharing a block add up correctly.
+    let tiled = tiles(seqs, d.kv_heads);
+    let tile_grads: Vec<TileGrads> =
+        tiled.par_iter().map(|t| tile_backward(q, k, v, out, dout, seqs, t, d, scale)).collect();
     let per_seq: Vec<SeqGrads> = seqs
         .par_iter()
         .zip(starts.par_iter())
-        .map(|(seq, &start)| {
+        .enumerate()
+        .map(|(s, (seq, &start))| {
             let slots = cache_slots(seq, d.block_size);
             let (n, first) = (seq.context_len, seq.context_len - seq.q_len);
             let mut dq = vec![0.0; seq.q_len * tok];
             let (mut dk, mut dv) = (vec![0.0; n * row], vec![0.0; n * row]);
+            if uses_tiles(seq) {
+                // Gathered from the tiles in a fixed order, so the sums are reproducible.
+                for (t, g) in tiled.iter().zip(&tile_grads).filter(|(t, _)| t.seq == s) {
+                    for (i, h) in (t.g * group..(t.g + 1) * group).enumerate() {
+                        let rows = &g.dq[i * t.rows() * dh..(i + 1) * t.rows() * dh];
+                        for (r, src) in rows.chunks_exact(dh).enumerate() {
+                            dq[(t.start + r) * tok + h * dh..][..dh].copy_from_slice(src);
+                        }
+                    }
+                    for j in 0..t.keys() {
+                        let (dst_k, dst_v) = (&mut dk[j * row + t.g * dh..][..dh], &mut dv[j * row + t.g * dh..][..dh]);
+                        dst_k.iter_mut().zip(&g.dk[j * dh..]).for_each(|(a, b)| *a += b);
+                        dst_v.iter_mut().zip(&g.dv[j * dh..]).for_each(|(a, b)| *a += b);
+                    }
+                }
+                return SeqGrads { dq, dk, dv, slots };
+            }
             let mut p = vec![0.0f32; n];
             for i in 0..seq.q_len {
                 let t = start + i;
@@ -280,6 +423,51 @@ fn attention_backward_cpu(
         }
     }
     (dq, dk_cache, dv_cache)
+}
+
+/// One tile's gradients: `dq` of its query rows for each head of its group (head-major), and
+/// `dk`, `dv` (`[keys, head_dim]`) of its kv head, summed over the group.
+struct TileGrads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// The backward of one tile with GEMMs: recompute `P`, then `dP = dO·vᵀ`,
+/// `dS = P·(dP − rowsum(dO·O))·scale`, `dq = dS·k`, `dk = dSᵀ·q`, `dv = Pᵀ·dO`.
+#[allow(clippy::too_many_arguments)]
+fn tile_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    dout: &[f32],
+    seqs: &[SeqAttention],
+    t: &Tile,
+    d: &AttentionDims,
+    scale: f32,
+) -> TileGrads {
+    let (dh, group, rows) = (d.head_dim, d.q_heads / d.kv_heads, t.rows());
+    let slots = cache_slots(&seqs[t.seq], d.block_size);
+    let kv = TileKv::gather(k, v, &slots, t, d);
+    let n = kv.len;
+    let mut g = TileGrads { dq: Vec::with_capacity(group * rows * dh), dk: vec![0.0; n * dh], dv: vec![0.0; n * dh] };
+    for h in t.g * group..(t.g + 1) * group {
+        let (qb, ob, dob) = (t.gather_rows(q, h, d), t.gather_rows(out, h, d), t.gather_rows(dout, h, d));
+        let p = kv.probabilities(&qb, t, d, scale);
+        let mut ds = vec![0.0; rows * n];
+        Gemm::new(rows, n, dh, false, true).run(&mut ds, &dob, &kv.v, 1.0, false, 1);
+        for (i, (ds_row, p_row)) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate() {
+            let delta = dot(&dob[i * dh..(i + 1) * dh], &ob[i * dh..(i + 1) * dh]);
+            ds_row.iter_mut().zip(p_row).for_each(|(x, &p)| *x = p * (*x - delta) * scale);
+        }
+        let mut dq = vec![0.0; rows * dh];
+        Gemm::new(rows, dh, n, false, false).run(&mut dq, &ds, &kv.k, 1.0, false, 1);
+        g.dq.extend(dq);
+        Gemm::new(n, dh, rows, true, false).run(&mut g.dk, &ds, &qb, 1.0, true, 1);
+        Gemm::new(n, dh, rows, true, false).run(&mut g.dv, &p, &dob, 1.0, true, 1);
+    }
+    g
 }
 
 /// One sequence's share of the attention gradients: its query rows, and dense per-key dk/dv

@@ -248,3 +248,25 @@ fn paged_attention_ragged_gqa() {
     let block = 4 * 2 * 4;
     assert!(dk.to_vec_f32().unwrap()[3 * block..4 * block].iter().all(|&v| v == 0.0));
 }
+
+#[test]
+fn paged_attention_long_query_runs() {
+    let mut rng = Rng::new(13);
+    // Runs of 70 and 20 query tokens take the GEMM path (tiles of 64 rows), the first after 3
+    // cached keys; a decode token keeps the per-token path. 2 kv heads, 6 query heads.
+    let seqs = vec![
+        SeqAttention { q_len: 70, context_len: 73, block_table: (0..10).collect() },
+        SeqAttention { q_len: 1, context_len: 9, block_table: vec![10, 11] },
+        SeqAttention { q_len: 20, context_len: 20, block_table: (12..17).collect() },
+    ];
+    let inputs = [rng.tensor(&[91, 6, 4], 1.0), rng.tensor(&[17, 8, 2, 4], 1.0), rng.tensor(&[17, 8, 2, 4], 1.0)];
+    let scale = 0.5;
+    let f = |x: &[Tensor]| ops::paged_attention(&x[0], &x[1], &x[2], &seqs, scale).unwrap();
+    let out = f(&inputs);
+    let (g, gt) = upstream(&mut rng, &out);
+    let (dq, dk, dv) =
+        ops::paged_attention_backward(&inputs[0], &inputs[1], &inputs[2], &seqs, &out, &gt, scale).unwrap();
+    check_grad("long attention dq", &inputs, 0, &f, &g, &dq);
+    check_grad("long attention dk", &inputs, 1, &f, &g, &dk);
+    check_grad("long attention dv", &inputs, 2, &f, &g, &dv);
+}

@@ -41,6 +41,18 @@ proptest! {
     }
 
     #[test]
+    fn paged_attention_of_long_query_runs_matches_dense(
+        seqs in prop::collection::vec((14usize..140, 0usize..40), 1..3),
+        block_size in 1usize..20,
+        kv_heads in 1usize..3,
+        group in 1usize..4,
+        seed: u64,
+    ) {
+        let shapes: Vec<(usize, usize)> = seqs.iter().map(|&(q, past)| (q, q + past)).collect();
+        check_paged_attention_against_dense(&mut Rng::new(seed), &shapes, block_size, Heads { hq: kv_heads * group, hkv: kv_heads, d: 8 });
+    }
+
+    #[test]
     fn multi_lora_matches_the_per_token_loop(
         ranks in prop::collection::vec(0usize..9, 1..6),
         rows in 1usize..30,

@@ -194,6 +194,14 @@ fn paged_attention_matches_dense_on_a_ragged_batch() {
     );
     // Pure decode batch, multi-head attention, a block size that is not a power of two.
     check_paged_attention_against_dense(&mut rng, &[(1, 5), (1, 11), (1, 3)], 3, Heads { hq: 4, hkv: 4, d: 16 });
+    // Long query runs take the GEMM path, in tiles of 64 rows: a prompt of several tiles, a
+    // chunk after cached keys, next to decode tokens that keep the per-token path.
+    check_paged_attention_against_dense(
+        &mut rng,
+        &[(150, 150), (1, 40), (70, 90), (16, 16), (15, 15)],
+        16,
+        Heads { hq: 6, hkv: 2, d: 8 },
+    );
 }
 
 #[test]
