@@ -88,3 +88,77 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     acc.iter().sum::<f32>() + tail
 }
+
+/// Sum and maximum of a slice in eight independent lanes, so they vectorise (an in-order
+/// reduction cannot).
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    lanes(x, 0.0, |a, b| a + b).iter().sum()
+}
+
+pub(crate) fn max(x: &[f32]) -> f32 {
+    lanes(x, f32::NEG_INFINITY, f32::max).into_iter().fold(f32::NEG_INFINITY, f32::max)
+}
+
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
+    let mut acc = [init; 8];
+    let chunks = x.chunks_exact(8);
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        acc[l] = f(acc[l], v);
+    }
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = f(acc[l], c[l]);
+        }
+    }
+    acc
+}
+
+/// `e^x` in f32 without a libm call, branch-free so that loops over slices vectorise: `x = n·ln2
+/// + r` with `|r| <= ln2/2`, Cephes' degree-6 polynomial for `e^r`, and `2^n` written into the
+/// exponent bits. Within 2 ulp of the true value for `x` in [-87.3, 88] (see the test); inputs
+/// are clamped to that range (below it the result is ~1e-38 instead of 0, above it e^88), which
+/// is all softmax (max-subtracted, so `x <= 0`) and the sigmoid need.
+#[inline]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in a part exact in f32 and the rest (Cody-Waite).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer with plain arithmetic.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5e-1;
+    let e_r = p * r * r + r + 1.0;
+    // The integer n sits in the low mantissa bits of `shifted`: 2^n without a float-to-int
+    // conversion (which would not vectorise).
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = super::exp(x) as f64;
+            let ulp = (want as f32).abs() as f64 * f32::EPSILON as f64;
+            worst = worst.max((got - want).abs() / ulp);
+            x += 0.000_731;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(super::exp(0.0), 1.0);
+        assert!(super::exp(-1000.0) < 1e-37 && super::exp(-1000.0) >= 0.0);
+        assert!(super::exp(f32::NAN).is_nan());
+    }
+}

@@ -266,6 +266,10 @@ fn cross_entropy_with_ignored_targets() {
         let want = ops::cross_entropy_backward(&logits, &targets, &dloss).unwrap();
         let got = ops::cross_entropy_backward(&gpu(&logits), &targets, &gpu(&dloss)).unwrap();
         check(&format!("cross_entropy_backward {dtype}"), &got, &want, tol(dtype));
+        let (want_l, want_g) = ops::cross_entropy_with_grad(logits.clone(), &targets, &dloss).unwrap();
+        let (got_l, got_g) = ops::cross_entropy_with_grad(gpu(&logits), &targets, &gpu(&dloss)).unwrap();
+        check(&format!("cross_entropy_with_grad loss {dtype}"), &got_l, &want_l, tol(dtype).max(1e-4));
+        check(&format!("cross_entropy_with_grad grad {dtype}"), &got_g, &want_g, tol(dtype));
     }
 }
 

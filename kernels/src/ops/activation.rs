@@ -6,6 +6,10 @@ use crate::error::{Result, shape_err};
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
 
+/// Elements per parallel task of the elementwise ops: large enough that rayon's overhead
+/// vanishes, small enough to spread over the threads.
+const CHUNK: usize = 1 << 14;
+
 /// `silu(gate) · up`, elementwise; both inputs share a shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let device = same_device("swiglu", &[gate, up])?;
@@ -15,7 +19,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     match device {
         Device::Cpu => {
             let (g, u) = (gate.cpu_f32()?, up.cpu_f32()?);
-            let out = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+            let mut out = vec![0.0; g.len()];
+            out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(u.par_chunks(CHUNK)).for_each(|((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
             Ok(Tensor::cpu_from_f32(out, gate.shape().to_vec(), gate.dtype()))
         }
         Device::Cuda(_) => cuda::swiglu(gate, up),
@@ -34,16 +43,18 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tenso
     match device {
         Device::Cpu => {
             let (g, u, dy) = (gate.cpu_f32()?, up.cpu_f32()?, dy.cpu_f32()?);
-            let (dg, du): (Vec<f32>, Vec<f32>) = g
-                .par_iter()
-                .zip(u.par_iter())
-                .zip(dy.par_iter())
-                .map(|((&g, &u), &dy)| {
-                    let s = sigmoid(g);
-                    // d silu(g)/dg = s·(1 + g·(1 − s)).
-                    (dy * u * s * (1.0 + g * (1.0 - s)), dy * g * s)
-                })
-                .unzip();
+            let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+                .for_each(|((dg, du), ((g, u), dy))| {
+                    for i in 0..dg.len() {
+                        let s = sigmoid(g[i]);
+                        // d silu(g)/dg = s·(1 + g·(1 − s)).
+                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                        du[i] = dy[i] * g[i] * s;
+                    }
+                });
             let shape = gate.shape().to_vec();
             Ok((Tensor::cpu_from_f32(dg, shape.clone(), gate.dtype()), Tensor::cpu_from_f32(du, shape, up.dtype())))
         }
@@ -88,18 +99,15 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 }
 
 pub(crate) fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + crate::cpu::exp(-x))
 }
 
 /// Numerically stable softmax of one row, in place.
 pub(crate) fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    row.iter_mut().for_each(|v| *v /= sum);
+    let max = crate::cpu::max(row);
+    row.iter_mut().for_each(|v| *v = crate::cpu::exp(*v - max));
+    let inv = 1.0 / crate::cpu::sum(row);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 fn last_dim(op: &'static str, x: &Tensor) -> Result<usize> {

@@ -7,6 +7,8 @@
 //! starting at its offset, so its weights are contiguous (the CPU reads them streaming, the GPU
 //! coalesced). For a row `x` using adapter `i`: `y += scale_i · B_i (A_i x)`.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use crate::cpu::{Gemm, dot, threads};
@@ -150,10 +152,22 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
     check_row_adapters(OP, adapter, n, bank)?;
     match x.device() {
         Device::Cpu => {
-            // Rows of one adapter are gathered into a dense block so the delta is two GEMMs per
-            // adapter rather than two matrix-vector products per row.
             let (xs, a, bt) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
+            if let Some(ranges) = contiguous(&groups) {
+                // Every adapter's rows are one run (training, a prefill): the delta goes
+                // straight into those rows of `y`, one adapter after another, each GEMM on all
+                // threads.
+                return y.cpu_update(|ys| {
+                    for (i, r) in ranges.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                        let (y_rows, x_rows) =
+                            (&mut ys[r.start * out_f..r.end * out_f], &xs[r.start * in_f..r.end * in_f]);
+                        lora_forward_rows(y_rows, x_rows, &a, &bt, bank, i, threads());
+                    }
+                });
+            }
+            // Rows of one adapter are gathered into a dense block so the delta is two GEMMs per
+            // adapter rather than two matrix-vector products per row.
             let gemm_threads = threads_per_group(&groups);
             let deltas: Vec<Vec<f32>> = groups
                 .par_iter()
@@ -188,7 +202,7 @@ pub fn sgmv_backward(x: &Tensor, bank: &LoraBank, segs: &Segments, dy: &Tensor) 
     for (s, e, i) in segs.iter() {
         adapter[s..e].fill(i);
     }
-    lora_backward(OP, x, bank, &adapter, dy)
+    with_fresh_dx(x, bank, &adapter, dy)
 }
 
 /// Gradients of [`bgmv`] for upstream `dy` (`[n, out]`).
@@ -196,62 +210,113 @@ pub fn bgmv_backward(x: &Tensor, bank: &LoraBank, adapter: &[i32], dy: &Tensor) 
     const OP: &str = "bgmv_backward";
     let (n, _, _) = check(OP, dy, x, bank)?;
     check_row_adapters(OP, adapter, n, bank)?;
-    lora_backward(OP, x, bank, adapter, dy)
+    with_fresh_dx(x, bank, adapter, dy)
 }
 
-/// The backward of both forms, from one adapter index per row.
-fn lora_backward(op: &'static str, x: &Tensor, bank: &LoraBank, adapter: &[i32], dy: &Tensor) -> Result<LoraGrads> {
-    let (n, in_f) = x.dims2(op)?;
+/// [`bgmv_backward`] adding the input gradient into `dx` (the base layer's, `[n, in]`) instead
+/// of returning it: training saves a full-size tensor and a pass over it per projection.
+/// Returns `(da, dbt)`.
+pub fn bgmv_backward_into(
+    dx: &mut Tensor,
+    x: &Tensor,
+    bank: &LoraBank,
+    adapter: &[i32],
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "bgmv_backward_into";
+    let (n, in_f, _) = check(OP, dy, x, bank)?;
+    check_row_adapters(OP, adapter, n, bank)?;
+    same_device(OP, &[dx, x])?;
+    dx.expect_shape(OP, "dx", &[n, in_f])?;
+    lora_backward(x, bank, adapter, dy, dx)
+}
+
+fn with_fresh_dx(x: &Tensor, bank: &LoraBank, adapter: &[i32], dy: &Tensor) -> Result<LoraGrads> {
+    let mut dx = Tensor::zeros(x.shape().to_vec(), x.dtype(), x.device())?;
+    let (da, dbt) = lora_backward(x, bank, adapter, dy, &mut dx)?;
+    Ok(LoraGrads { dx, da, dbt })
+}
+
+/// The backward of both forms, from one adapter index per row: adds the input gradient into
+/// `dx` and returns `(da, dbt)`.
+fn lora_backward(
+    x: &Tensor,
+    bank: &LoraBank,
+    adapter: &[i32],
+    dy: &Tensor,
+    dx: &mut Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (n, in_f) = (x.shape()[0], bank.in_features());
     let out_f = bank.out_features();
     let r_total = bank.total_rank();
     match x.device() {
         Device::Cpu => {
             let (xs, a, bt, dys) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?, dy.cpu_f32()?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
-            let (mut da, mut dbt, mut dx) =
-                (vec![0.0; r_total * in_f], vec![0.0; r_total * out_f], vec![0.0; n * in_f]);
-            // Adapters own disjoint row blocks of dA and dBᵀ, so they run in parallel; each
-            // returns its dx rows, scattered afterwards.
-            let gemm_threads = threads_per_group(&groups);
+            let (mut da, mut dbt) = (vec![0.0; r_total * in_f], vec![0.0; r_total * out_f]);
+            // Adapters own disjoint row blocks of dA and dBᵀ.
             let da_blocks = split_blocks(&mut da, bank, in_f);
             let dbt_blocks = split_blocks(&mut dbt, bank, out_f);
-            let dx_rows: Vec<Vec<f32>> = groups
-                .par_iter()
-                .zip(da_blocks)
-                .zip(dbt_blocks)
-                .enumerate()
-                .map(|(i, ((rows, da_i), dbt_i))| {
+            let per_adapter =
+                |i: usize, rows: &[usize], da_i: &mut [f32], dbt_i: &mut [f32], dx_i: &mut [f32], t: usize| {
                     let (r, off, scale, m) = (bank.rank(i), bank.offset(i), bank.scale(i), rows.len());
-                    let mut dx = vec![0.0; m * in_f];
                     if m == 0 || r == 0 {
-                        return dx;
+                        return;
                     }
                     let xg = gather(&xs, rows, in_f);
                     let dyg = gather(&dys, rows, out_f);
                     let (a_i, bt_i) = (&a[off * in_f..], &bt[off * out_f..]);
-                    // h = x·A_iᵀ ; dB_iᵀ = s·hᵀ·dy ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx = dh·A_i.
+                    // h = x·A_iᵀ ; dB_iᵀ = s·hᵀ·dy ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx += dh·A_i.
                     let (mut h, mut dh) = (vec![0.0; m * r], vec![0.0; m * r]);
-                    let t = gemm_threads;
                     Gemm::new(m, r, in_f, false, true).run(&mut h, &xg, a_i, 1.0, false, t);
                     Gemm::new(r, out_f, m, true, false).run(dbt_i, &h, &dyg, scale, false, t);
                     Gemm::new(m, r, out_f, false, true).run(&mut dh, &dyg, bt_i, scale, false, t);
                     Gemm::new(r, in_f, m, true, false).run(da_i, &dh, &xg, 1.0, false, t);
-                    Gemm::new(m, in_f, r, false, false).run(&mut dx, &dh, a_i, 1.0, false, t);
-                    dx
-                })
-                .collect();
-            for (rows, dx_i) in groups.iter().zip(&dx_rows) {
-                for (j, &t) in rows.iter().enumerate() {
-                    dx[t * in_f..(t + 1) * in_f].copy_from_slice(&dx_i[j * in_f..(j + 1) * in_f]);
-                }
+                    Gemm::new(m, in_f, r, false, false).run(dx_i, &dh, a_i, 1.0, true, t);
+                };
+            if let Some(ranges) = contiguous(&groups) {
+                // Every adapter's rows are one run: each adapter in turn on all threads, its
+                // input gradient added straight into its rows of dx.
+                dx.cpu_update(|dxs| {
+                    for (i, ((r, da_i), dbt_i)) in ranges.iter().zip(da_blocks).zip(dbt_blocks).enumerate() {
+                        let rows: Vec<usize> = r.clone().collect();
+                        per_adapter(i, &rows, da_i, dbt_i, &mut dxs[r.start * in_f..r.end * in_f], threads());
+                    }
+                })?;
+            } else {
+                // Scattered rows: adapters in parallel, one thread each, each returning its dx
+                // rows to be added afterwards.
+                let gemm_threads = threads_per_group(&groups);
+                let dx_rows: Vec<Vec<f32>> = groups
+                    .par_iter()
+                    .zip(da_blocks)
+                    .zip(dbt_blocks)
+                    .enumerate()
+                    .map(|(i, ((rows, da_i), dbt_i))| {
+                        let mut dx_i = vec![0.0; rows.len() * in_f];
+                        per_adapter(i, rows, da_i, dbt_i, &mut dx_i, gemm_threads);
+                        dx_i
+                    })
+                    .collect();
+                dx.cpu_update(|dxs| {
+                    for (rows, dx_i) in groups.iter().zip(&dx_rows) {
+                        for (j, &t) in rows.iter().enumerate() {
+                            let dst = &mut dxs[t * in_f..(t + 1) * in_f];
+                            dst.iter_mut().zip(&dx_i[j * in_f..(j + 1) * in_f]).for_each(|(d, v)| *d += v);
+                        }
+                    }
+                })?;
             }
-            Ok(LoraGrads {
-                dx: Tensor::cpu_from_f32(dx, vec![n, in_f], x.dtype()),
-                da: Tensor::cpu_from_f32(da, vec![r_total, in_f], bank.a.dtype()),
-                dbt: Tensor::cpu_from_f32(dbt, vec![r_total, out_f], bank.bt.dtype()),
-            })
+            Ok((
+                Tensor::cpu_from_f32(da, vec![r_total, in_f], bank.a.dtype()),
+                Tensor::cpu_from_f32(dbt, vec![r_total, out_f], bank.bt.dtype()),
+            ))
         }
-        Device::Cuda(_) => cuda::lora_backward(x, bank, adapter, dy, n, in_f, out_f),
+        Device::Cuda(_) => {
+            let g = cuda::lora_backward(x, bank, adapter, dy, n, in_f, out_f)?;
+            *dx = crate::ops::add(dx, &g.dx)?;
+            Ok((g.da, g.dbt))
+        }
     }
 }
 
@@ -299,9 +364,32 @@ fn split_blocks<'a>(mut data: &'a mut [f32], bank: &LoraBank, width: usize) -> V
     blocks
 }
 
-/// The rows `rows` of a `[_, width]` buffer, gathered into a dense block.
-fn gather(data: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
-    rows.iter().flat_map(|&t| data[t * width..(t + 1) * width].iter().copied()).collect()
+/// The rows `rows` (ascending) of a `[_, width]` buffer as one dense block: borrowed when they
+/// are consecutive (a sequence's tokens, a fine-tuning job's microbatch), copied otherwise.
+fn gather<'a>(data: &'a [f32], rows: &[usize], width: usize) -> Cow<'a, [f32]> {
+    if let (Some(&first), Some(&last)) = (rows.first(), rows.last())
+        && last + 1 - first == rows.len()
+    {
+        return Cow::Borrowed(&data[first * width..(last + 1) * width]);
+    }
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &t in rows {
+        out.extend_from_slice(&data[t * width..(t + 1) * width]);
+    }
+    Cow::Owned(out)
+}
+
+/// Each adapter's rows as one range, when every adapter's rows are consecutive (empty ranges for
+/// adapters without rows); `None` when some adapter's rows are scattered.
+fn contiguous(groups: &[Vec<usize>]) -> Option<Vec<std::ops::Range<usize>>> {
+    groups
+        .iter()
+        .map(|rows| match (rows.first(), rows.last()) {
+            (Some(&first), Some(&last)) if last + 1 - first == rows.len() => Some(first..last + 1),
+            (None, _) => Some(0..0),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Threads for each adapter group's GEMMs: groups run in parallel, so with many busy groups

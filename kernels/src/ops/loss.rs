@@ -45,13 +45,55 @@ pub fn cross_entropy_backward(logits: &Tensor, targets: &[i32], dloss: &Tensor) 
                     let Ok(t) = usize::try_from(targets[i]) else { return };
                     let row = &ls[i * vocab..(i + 1) * vocab];
                     let lse = log_sum_exp(row);
-                    g.iter_mut().zip(row).for_each(|(g, l)| *g = dl[i] * (l - lse).exp());
+                    g.iter_mut().zip(row).for_each(|(g, l)| *g = dl[i] * crate::cpu::exp(l - lse));
                     g[t] -= dl[i];
                 });
             }
             Ok(Tensor::cpu_from_f32(out, vec![n, vocab], logits.dtype()))
         }
         Device::Cuda(_) => cuda::cross_entropy_backward(logits, targets, dloss, n, vocab),
+    }
+}
+
+/// [`cross_entropy`] and [`cross_entropy_backward`] in one pass, the logits turned into their
+/// gradient in place: training's LM head then never holds logits and gradient at once (each is
+/// `[tokens, vocab]`, the largest tensors of a step), and computes each exponential once.
+/// Returns the per-token losses (`[n]`, f32) and the gradient.
+pub fn cross_entropy_with_grad(logits: Tensor, targets: &[i32], dloss: &Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "cross_entropy_with_grad";
+    let (n, vocab) = check(OP, &logits, targets)?;
+    same_device(OP, &[&logits, dloss])?;
+    dloss.expect_shape(OP, "dloss", &[n])?;
+    match logits.device() {
+        Device::Cpu => {
+            let dl = dloss.cpu_f32()?;
+            let mut losses = vec![0.0; n];
+            let mut grad = logits;
+            if vocab > 0 {
+                grad.cpu_update(|g| {
+                    g.par_chunks_mut(vocab).zip(losses.par_iter_mut()).enumerate().for_each(|(i, (row, loss))| {
+                        let Ok(t) = usize::try_from(targets[i]) else {
+                            row.fill(0.0);
+                            return;
+                        };
+                        let target_logit = row[t];
+                        let max = crate::cpu::max(row);
+                        row.iter_mut().for_each(|v| *v = crate::cpu::exp(*v - max));
+                        let sum = crate::cpu::sum(row);
+                        *loss = max + sum.ln() - target_logit;
+                        let scale = dl[i] / sum;
+                        row.iter_mut().for_each(|v| *v *= scale);
+                        row[t] -= dl[i];
+                    })
+                })?;
+            }
+            Ok((Tensor::cpu_from_f32(losses, vec![n], crate::DType::F32), grad))
+        }
+        Device::Cuda(_) => {
+            let losses = cuda::cross_entropy(&logits, targets, n, vocab)?;
+            let grad = cuda::cross_entropy_backward(&logits, targets, dloss, n, vocab)?;
+            Ok((losses, grad))
+        }
     }
 }
 
@@ -67,6 +109,7 @@ fn check(op: &'static str, logits: &Tensor, targets: &[i32]) -> Result<(usize, u
 }
 
 pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    let max = crate::cpu::max(row);
+    let exps: Vec<f32> = row.iter().map(|&v| crate::cpu::exp(v - max)).collect();
+    max + crate::cpu::sum(&exps).ln()
 }

@@ -23,8 +23,8 @@ pub use elementwise::{
     add, add_bias, gather_rows, row_dot, scale_rows, scale_rows_backward, scatter_add_rows, sum_batch, transpose,
 };
 pub use embedding::{embedding, embedding_backward};
-pub use lora::{LoraBank, LoraGrads, bgmv, bgmv_backward, sgmv, sgmv_backward};
-pub use loss::{cross_entropy, cross_entropy_backward};
+pub use lora::{LoraBank, LoraGrads, bgmv, bgmv_backward, bgmv_backward_into, sgmv, sgmv_backward};
+pub use loss::{cross_entropy, cross_entropy_backward, cross_entropy_with_grad};
 pub use matmul::{MatmulDims, matmul, matmul_backward, matmul_cpu};
 pub use moe::{MoeRouting, grouped_matmul, grouped_matmul_backward, moe_gate, moe_gate_backward};
 pub use norm::{rms_norm, rms_norm_backward};

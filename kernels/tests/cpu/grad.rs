@@ -3,7 +3,7 @@
 use tandem_kernels::Tensor;
 use tandem_kernels::ops::{self, LoraBank, RopeScaling, Segments, SeqAttention};
 
-use crate::common::{Rng, check_grad};
+use crate::common::{Rng, assert_close, check_grad};
 
 fn upstream(rng: &mut Rng, out: &Tensor) -> (Vec<f32>, Tensor) {
     let g = rng.vec(out.elem_count(), 1.0);
@@ -134,6 +134,10 @@ fn cross_entropy_with_ignored_tokens() {
     let dl = ops::cross_entropy_backward(&inputs[0], &targets, &gt).unwrap();
     assert!(dl.to_vec_f32().unwrap()[5..10].iter().all(|&v| v == 0.0), "no gradient on an ignored token");
     check_grad("cross_entropy", &inputs, 0, &f, &g, &dl);
+    // The fused form gives the same losses and gradient.
+    let (fused_losses, fused_grad) = ops::cross_entropy_with_grad(inputs[0].clone(), &targets, &gt).unwrap();
+    assert_close("fused loss", &fused_losses.to_vec_f32().unwrap(), &losses.to_vec_f32().unwrap(), 1e-6, 1e-6);
+    assert_close("fused grad", &fused_grad.to_vec_f32().unwrap(), &dl.to_vec_f32().unwrap(), 1e-6, 1e-6);
 }
 
 #[test]

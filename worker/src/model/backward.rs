@@ -77,19 +77,25 @@ impl Model {
             Some(_) => Some(Tensor::zeros([n, h], hidden.dtype(), self.device)?),
             None => None,
         };
-        let chunk = (LOGIT_CHUNK_ELEMS / self.config.vocab_size.max(1)).max(1);
+        // Equal chunks, so the last one is not a small, slow GEMM.
+        let most = (LOGIT_CHUNK_ELEMS / self.config.vocab_size.max(1)).max(1);
+        let chunk = rows.len().div_ceil(rows.len().div_ceil(most).max(1)).max(1);
         for part in rows.chunks(chunk) {
             let x = ops::gather_rows(hidden, part)?;
             let t: Vec<i32> = part.iter().map(|&r| targets[r as usize]).collect();
             let normed = ops::rms_norm(&x, &self.weights.norm, eps)?;
             let logits = ops::matmul(&normed, self.lm_head(), false, true)?;
-            for (&r, l) in part.iter().zip(ops::cross_entropy(&logits, &t)?.to_vec_f32()?) {
+            let (Some(dloss), Some(dh)) = (dloss, dhidden.as_mut()) else {
+                for (&r, l) in part.iter().zip(ops::cross_entropy(&logits, &t)?.to_vec_f32()?) {
+                    losses[r as usize] = l;
+                }
+                continue;
+            };
+            let w = Tensor::from_vec(part.iter().map(|&r| dloss[r as usize]).collect(), [part.len()])?;
+            let (part_losses, dlogits) = ops::cross_entropy_with_grad(logits, &t, &w.to_device(self.device)?)?;
+            for (&r, l) in part.iter().zip(part_losses.to_vec_f32()?) {
                 losses[r as usize] = l;
             }
-            let (Some(dloss), Some(dh)) = (dloss, dhidden.as_mut()) else { continue };
-            let w = Tensor::from_vec(part.iter().map(|&r| dloss[r as usize]).collect(), [part.len()])?;
-            let dlogits = ops::cross_entropy_backward(&logits, &t, &w.to_device(self.device)?)?;
-            drop(logits);
             let dnormed = ops::matmul(&dlogits, self.lm_head(), false, false)?;
             let (dx, _) = ops::rms_norm_backward(&x, &self.weights.norm, &dnormed, eps)?;
             *dh = ops::add(dh, &ops::scatter_add_rows(&dx, part, n)?)?;
@@ -200,9 +206,10 @@ impl Backward<'_> {
         if idx.iter().all(|&i| i < 0) {
             return Ok(dx);
         }
-        let g = ops::bgmv_backward(x, &table.bank, &idx, dy)?;
-        self.grads.add_lora((layer, proj), g.da, g.dbt)?;
-        Ok(ops::add(&dx, &g.dx)?)
+        let mut dx = dx;
+        let (da, dbt) = ops::bgmv_backward_into(&mut dx, x, &table.bank, &idx, dy)?;
+        self.grads.add_lora((layer, proj), da, dbt)?;
+        Ok(dx)
     }
 
     fn dense_mlp(

@@ -34,7 +34,7 @@ pub fn grouped_matmul_backward(
     n: usize,
     k: usize,
     out: usize,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "grouped_matmul_backward";
     let ctx = ctx_of(OP, x)?;
     let (xs, ws, dys) = (f32_in(OP, x)?, f32_in(OP, w)?, f32_in(OP, dy)?);
