@@ -5,25 +5,12 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap fixtures and results by design
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::{scratch, tandem};
 use serde_json::Value;
-
-fn tandem(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tandem-finetune-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
 
 fn data(file: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/reverse").join(file).to_str().unwrap().to_string()

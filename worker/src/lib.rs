@@ -1,6 +1,6 @@
 //! Tandem worker: the model runtime (HF checkpoints, tokenizers, chat templates), adapters
-//! (PEFT LoRA, ESFT), sampling and the inference engine. The co-serving engine loop,
-//! fine-tuning and collectives arrive with their issues.
+//! (PEFT LoRA, ESFT), sampling, the inference engine and fine-tuning. The co-serving engine
+//! loop and collectives arrive with their issues.
 //!
 //! Map:
 //! - `error.rs`: the worker's error type.
@@ -10,7 +10,8 @@
 //! - `init_model.rs`: random-weight models in HF format for demos, tests and benchmarks.
 //! - `rng.rs`: the seeded PRNG (sampling, LoRA init, data order), its state checkpointable.
 //! - `safetensors_file.rs`: safetensors files read and written as tensors.
-//! - `model/`: `config.json`, the checkpoint's weights, the batched forward pass.
+//! - `model/`: `config.json`, the checkpoint's weights, the batched forward pass and its
+//!   backward (to adapter weights only; the base stays frozen).
 //! - `adapters/`: PEFT LoRA and ESFT adapters, and their packed form for a mixed batch.
 //! - `engine.rs`: continuous batching over a paged KV cache, many adapters per batch.
 //! - `train/`: fine-tuning (data, backward pass, LoRA and ESFT jobs, checkpoints, export).

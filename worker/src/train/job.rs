@@ -220,13 +220,17 @@ impl Weights {
     }
 }
 
-/// Rows `start..start + len` of `t` along its first dim.
+/// Rows `start..start + len` of `t` along its first dim (copying only those).
 fn rows(t: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-    let width: usize = t.shape()[1..].iter().product();
-    let data = t.to_vec_f32()?[start * width..(start + len) * width].to_vec();
+    let idx: Vec<u32> = (start as u32..(start + len) as u32).collect();
+    if t.rank() == 2 {
+        return Ok(ops::gather_rows(t, &idx)?);
+    }
+    // Expert stacks `[experts, out, in]`: as rows of `out·in`.
     let mut shape = t.shape().to_vec();
+    let flat = t.clone().reshape([shape[0], shape[1..].iter().product()])?;
     shape[0] = len;
-    Ok(Tensor::from_vec(data, shape)?.into_device(t.device())?)
+    Ok(ops::gather_rows(&flat, &idx)?.reshape(shape)?)
 }
 
 fn zeros_like(t: &Tensor) -> Result<Tensor> {
