@@ -219,16 +219,13 @@ fn attention_forward_cpu(
     let results: Vec<Vec<f32>> = tiles
         .par_iter()
         .map(|t| {
+            // The group's query heads stacked (head-major): one GEMM per product for all.
             let kv = TileKv::gather(k, v, &slots[t.seq], t, d);
-            (t.g * group..(t.g + 1) * group)
-                .flat_map(|h| {
-                    let qb = t.gather_rows(q, h, d);
-                    let p = kv.probabilities(&qb, t, d, scale);
-                    let mut o = vec![0.0; t.rows() * dh];
-                    Gemm::new(t.rows(), dh, kv.len, false, false).run(&mut o, &p, &kv.v, 1.0, false, 1);
-                    o
-                })
-                .collect()
+            let qb = t.gather_group(q, d);
+            let p = kv.probabilities(&qb, t, d, scale);
+            let mut o = vec![0.0; group * t.rows() * dh];
+            Gemm::new(group * t.rows(), dh, kv.len, false, false).run(&mut o, &p, &kv.v, 1.0, false, 1);
+            o
         })
         .collect();
     for (t, r) in tiles.iter().zip(&results) {
@@ -287,12 +284,17 @@ impl Tile {
         self.first_pos + self.end
     }
 
-    /// Head `h` of the tile's query rows of `x` (`[tokens, heads, head_dim]`), dense.
-    fn gather_rows(&self, x: &[f32], h: usize, d: &AttentionDims) -> Vec<f32> {
-        let (dh, stride) = (d.head_dim, d.q_heads * d.head_dim);
-        (self.base + self.start..self.base + self.end)
-            .flat_map(|t| x[t * stride + h * dh..][..dh].iter().copied())
-            .collect()
+    /// The tile's query rows of `x` (`[tokens, heads, head_dim]`) for every query head of its
+    /// group, head-major: `[group · rows, head_dim]`.
+    fn gather_group(&self, x: &[f32], d: &AttentionDims) -> Vec<f32> {
+        let (dh, stride, group) = (d.head_dim, d.q_heads * d.head_dim, d.q_heads / d.kv_heads);
+        let mut out = Vec::with_capacity(group * self.rows() * dh);
+        for h in self.g * group..(self.g + 1) * group {
+            for t in self.base + self.start..self.base + self.end {
+                out.extend_from_slice(&x[t * stride + h * dh..][..dh]);
+            }
+        }
+        out
     }
 
     fn scatter_rows(&self, x: &mut [f32], rows: &[f32], h: usize, d: &AttentionDims) {
@@ -319,14 +321,16 @@ impl TileKv {
         TileKv { k: pick(k), v: pick(v), len }
     }
 
-    /// The causal attention probabilities of query rows `qb` (`[rows, head_dim]`):
+    /// The causal attention probabilities of stacked query rows `qb` (`[heads · rows, head_dim]`,
+    /// see [`Tile::gather_group`]):
     /// `softmax(scale · q·kᵀ)` over the keys each row may see, zero beyond them.
     fn probabilities(&self, qb: &[f32], t: &Tile, d: &AttentionDims, scale: f32) -> Vec<f32> {
-        let n = self.len;
-        let mut p = vec![0.0; t.rows() * n];
-        Gemm::new(t.rows(), n, d.head_dim, false, true).run(&mut p, qb, &self.k, scale, false, 1);
+        let (n, rows) = (self.len, qb.len() / d.head_dim);
+        let mut p = vec![0.0; rows * n];
+        Gemm::new(rows, n, d.head_dim, false, true).run(&mut p, qb, &self.k, scale, false, 1);
         for (i, row) in p.chunks_exact_mut(n).enumerate() {
-            let visible = t.first_pos + t.start + i + 1;
+            // Rows are head-major: row i is query i % rows of the tile.
+            let visible = t.first_pos + t.start + i % t.rows() + 1;
             crate::ops::activation::softmax_in_place(&mut row[..visible]);
             row[visible..].fill(0.0);
         }
@@ -451,22 +455,20 @@ fn tile_backward(
     let slots = cache_slots(&seqs[t.seq], d.block_size);
     let kv = TileKv::gather(k, v, &slots, t, d);
     let n = kv.len;
-    let mut g = TileGrads { dq: Vec::with_capacity(group * rows * dh), dk: vec![0.0; n * dh], dv: vec![0.0; n * dh] };
-    for h in t.g * group..(t.g + 1) * group {
-        let (qb, ob, dob) = (t.gather_rows(q, h, d), t.gather_rows(out, h, d), t.gather_rows(dout, h, d));
-        let p = kv.probabilities(&qb, t, d, scale);
-        let mut ds = vec![0.0; rows * n];
-        Gemm::new(rows, n, dh, false, true).run(&mut ds, &dob, &kv.v, 1.0, false, 1);
-        for (i, (ds_row, p_row)) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate() {
-            let delta = dot(&dob[i * dh..(i + 1) * dh], &ob[i * dh..(i + 1) * dh]);
-            ds_row.iter_mut().zip(p_row).for_each(|(x, &p)| *x = p * (*x - delta) * scale);
-        }
-        let mut dq = vec![0.0; rows * dh];
-        Gemm::new(rows, dh, n, false, false).run(&mut dq, &ds, &kv.k, 1.0, false, 1);
-        g.dq.extend(dq);
-        Gemm::new(n, dh, rows, true, false).run(&mut g.dk, &ds, &qb, 1.0, true, 1);
-        Gemm::new(n, dh, rows, true, false).run(&mut g.dv, &p, &dob, 1.0, true, 1);
+    // The group's heads stacked, as in the forward: dk and dv sum over them inside the GEMMs.
+    let (qb, ob, dob) = (t.gather_group(q, d), t.gather_group(out, d), t.gather_group(dout, d));
+    let m = group * rows;
+    let p = kv.probabilities(&qb, t, d, scale);
+    let mut ds = vec![0.0; m * n];
+    Gemm::new(m, n, dh, false, true).run(&mut ds, &dob, &kv.v, 1.0, false, 1);
+    for (i, (ds_row, p_row)) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)).enumerate() {
+        let delta = dot(&dob[i * dh..(i + 1) * dh], &ob[i * dh..(i + 1) * dh]);
+        ds_row.iter_mut().zip(p_row).for_each(|(x, &p)| *x = p * (*x - delta) * scale);
     }
+    let mut g = TileGrads { dq: vec![0.0; m * dh], dk: vec![0.0; n * dh], dv: vec![0.0; n * dh] };
+    Gemm::new(m, dh, n, false, false).run(&mut g.dq, &ds, &kv.k, 1.0, false, 1);
+    Gemm::new(n, dh, m, true, false).run(&mut g.dk, &ds, &qb, 1.0, false, 1);
+    Gemm::new(n, dh, m, true, false).run(&mut g.dv, &p, &dob, 1.0, false, 1);
     g
 }
 
