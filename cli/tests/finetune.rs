@@ -44,7 +44,7 @@ fn learns_to_reverse_held_out_sequences() {
         "--batch-size",
         "16",
         "--lr",
-        "2e-3",
+        "1e-3",
         "--checkpoint-every",
         "200",
     ]);
@@ -86,7 +86,7 @@ fn learns_to_reverse_held_out_sequences() {
 
     // Resuming with other settings is refused, naming the checkpoint.
     let (ok, _, err) =
-        tandem(&["finetune", "--model", m, "--data", &data("train.jsonl"), "--out", o, "--lr", "1e-3", "--resume"]);
+        tandem(&["finetune", "--model", m, "--data", &data("train.jsonl"), "--out", o, "--lr", "5e-4", "--resume"]);
     assert!(!ok);
     assert!(err.contains("step-000500") && err.contains("other settings"), "{err}");
 }

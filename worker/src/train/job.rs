@@ -265,7 +265,7 @@ pub struct Job {
     pub weights: Weights,
     pub progress: Progress,
     /// AdamW's first and second moments, one per trainable tensor.
-    pub(super) moments: Vec<(Tensor, Tensor)>,
+    moments: Vec<(Tensor, Tensor)>,
     data: Arc<Vec<Example>>,
     /// The current optimizer step's batch, its microbatches handed out so far, and the
     /// gradients, loss and tokens gathered from them.
@@ -455,10 +455,6 @@ impl Job {
     /// The tensors AdamW keeps, for checkpoints.
     pub fn moments(&self) -> &[(Tensor, Tensor)] {
         &self.moments
-    }
-
-    pub fn data(&self) -> &Arc<Vec<Example>> {
-        &self.data
     }
 }
 
