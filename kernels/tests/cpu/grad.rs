@@ -227,6 +227,20 @@ fn bgmv() {
     check_grad("bgmv dbt", &inputs, 2, &f, &g, &grads.dbt);
 }
 
+/// Checks all three attention gradients by finite differences on one batch; returns dk.
+fn check_attention(rng: &mut Rng, label: &str, seqs: &[SeqAttention], inputs: &[Tensor; 3]) -> Tensor {
+    let scale = 0.5;
+    let f = |x: &[Tensor]| ops::paged_attention(&x[0], &x[1], &x[2], seqs, scale).unwrap();
+    let out = f(inputs);
+    let (g, gt) = upstream(rng, &out);
+    let (dq, dk, dv) =
+        ops::paged_attention_backward(&inputs[0], &inputs[1], &inputs[2], seqs, &out, &gt, scale).unwrap();
+    check_grad(&format!("{label} dq"), inputs, 0, &f, &g, &dq);
+    check_grad(&format!("{label} dk"), inputs, 1, &f, &g, &dk);
+    check_grad(&format!("{label} dv"), inputs, 2, &f, &g, &dv);
+    dk
+}
+
 #[test]
 fn paged_attention_ragged_gqa() {
     let mut rng = Rng::new(12);
@@ -239,15 +253,7 @@ fn paged_attention_ragged_gqa() {
         SeqAttention { q_len: 2, context_len: 3, block_table: vec![2] },
     ];
     let inputs = [rng.tensor(&[8, 4, 4], 1.0), rng.tensor(&[6, 4, 2, 4], 1.0), rng.tensor(&[6, 4, 2, 4], 1.0)];
-    let scale = 0.5;
-    let f = |x: &[Tensor]| ops::paged_attention(&x[0], &x[1], &x[2], &seqs, scale).unwrap();
-    let out = f(&inputs);
-    let (g, gt) = upstream(&mut rng, &out);
-    let (dq, dk, dv) =
-        ops::paged_attention_backward(&inputs[0], &inputs[1], &inputs[2], &seqs, &out, &gt, scale).unwrap();
-    check_grad("attention dq", &inputs, 0, &f, &g, &dq);
-    check_grad("attention dk", &inputs, 1, &f, &g, &dk);
-    check_grad("attention dv", &inputs, 2, &f, &g, &dv);
+    let dk = check_attention(&mut rng, "attention", &seqs, &inputs);
     // Block 3 belongs to no sequence: no gradient reaches it.
     let block = 4 * 2 * 4;
     assert!(dk.to_vec_f32().unwrap()[3 * block..4 * block].iter().all(|&v| v == 0.0));
@@ -264,13 +270,5 @@ fn paged_attention_long_query_runs() {
         SeqAttention { q_len: 20, context_len: 20, block_table: (12..17).collect() },
     ];
     let inputs = [rng.tensor(&[91, 6, 4], 1.0), rng.tensor(&[17, 8, 2, 4], 1.0), rng.tensor(&[17, 8, 2, 4], 1.0)];
-    let scale = 0.5;
-    let f = |x: &[Tensor]| ops::paged_attention(&x[0], &x[1], &x[2], &seqs, scale).unwrap();
-    let out = f(&inputs);
-    let (g, gt) = upstream(&mut rng, &out);
-    let (dq, dk, dv) =
-        ops::paged_attention_backward(&inputs[0], &inputs[1], &inputs[2], &seqs, &out, &gt, scale).unwrap();
-    check_grad("long attention dq", &inputs, 0, &f, &g, &dq);
-    check_grad("long attention dk", &inputs, 1, &f, &g, &dk);
-    check_grad("long attention dv", &inputs, 2, &f, &g, &dv);
+    check_attention(&mut rng, "long attention", &seqs, &inputs);
 }
