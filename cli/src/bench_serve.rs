@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tandem_kernels::ops::{self, MatmulDims};
 use tandem_kernels::{Device, Tensor};
 use tandem_worker::adapters::{Adapter, LoraAdapter, LoraModule, ModuleKey};
-use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest};
+use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest, adapter_pages};
 use tandem_worker::init_model::{Preset, write_model};
 use tandem_worker::model::{Model, ModelConfig};
 use tandem_worker::sampling::SamplingParams;
@@ -178,13 +178,16 @@ fn serve(
     let c = &model.config;
     let block_size = 16;
     let per_request = (args.prompt_len + args.output_len).div_ceil(block_size);
+    let kv_pages = per_request * args.requests;
+    let resident_pages: usize = adapters.iter().map(|(_, a)| adapter_pages(a, c, block_size)).sum();
     let ecfg = EngineConfig {
-        num_blocks: per_request * args.requests,
+        pages: kv_pages + resident_pages,
         block_size,
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.requests,
+        max_waiting: args.requests,
     };
-    let kv_bytes = 2 * c.num_layers * ecfg.num_blocks * block_size * c.num_kv_heads * c.head_dim * 4;
+    let kv_bytes = 2 * c.num_layers * kv_pages * block_size * c.num_kv_heads * c.head_dim * 4;
     let weight_bytes = tensor_bytes(&model);
     let adapter_bytes: usize = adapters
         .iter()

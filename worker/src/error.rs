@@ -33,6 +33,11 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
+    /// The engine cannot take more work now (its bounded queue is full); the caller may retry
+    /// later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+
     /// A bad line of a training data file (JSONL): `line` is 1-based, 0 when the fault is the
     /// file as a whole (no examples), and the message names the field.
     #[error("{path}:{line}: {msg}")]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tandem_kernels::Device;
 use tandem_worker::adapters::{Adapter, EsftAdapter, LoraAdapter};
-use tandem_worker::engine::{Engine, EngineConfig, GenerationOutput, GenerationRequest};
+use tandem_worker::engine::{Engine, EngineConfig, GenerationOutput, GenerationRequest, adapter_pages};
 use tandem_worker::model::Model;
 use tandem_worker::sampling::SamplingParams;
 
@@ -15,12 +15,14 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/oracle/fixtures").join(name)
 }
 
-fn engine(cfg: EngineConfig) -> Engine {
+/// An engine whose pool has `cfg.pages` pages for KV blocks plus room for both adapters.
+fn engine(mut cfg: EngineConfig) -> Engine {
     let dir = fixture("qwen2_moe");
     let model = Model::load(&dir, Device::Cpu).unwrap();
     let lora = LoraAdapter::load(&dir.join("adapters/fused_experts_shared_r4"), &model.config).unwrap();
     let esft = EsftAdapter::load(&dir.join("esft/esft_a"), &model.config).unwrap();
     let adapters = vec![("lora".to_string(), Adapter::Lora(lora)), ("esft".to_string(), Adapter::Esft(esft))];
+    cfg.pages += adapters.iter().map(|(_, a)| adapter_pages(a, &model.config, cfg.block_size)).sum::<usize>();
     Engine::new(model, adapters, None, cfg).unwrap()
 }
 
@@ -47,7 +49,8 @@ fn workload() -> Vec<GenerationRequest> {
 }
 
 fn alone(req: GenerationRequest) -> GenerationOutput {
-    let mut e = engine(EngineConfig { num_blocks: 32, block_size: 8, max_batch_tokens: 64, max_running: 1 });
+    let mut e =
+        engine(EngineConfig { pages: 32, block_size: 8, max_batch_tokens: 64, max_running: 1, max_waiting: 64 });
     e.submit(req).unwrap();
     e.run_to_completion().unwrap().remove(0)
 }
@@ -55,7 +58,7 @@ fn alone(req: GenerationRequest) -> GenerationOutput {
 #[test]
 fn batched_results_equal_each_request_alone() {
     // Small budget and blocks: prompts are chunked, and the batch changes at every step.
-    let mut e = engine(EngineConfig { num_blocks: 24, block_size: 4, max_batch_tokens: 6, max_running: 3 });
+    let mut e = engine(EngineConfig { pages: 24, block_size: 4, max_batch_tokens: 6, max_running: 3, max_waiting: 64 });
     for r in workload() {
         e.submit(r).unwrap();
     }
@@ -71,7 +74,8 @@ fn batched_results_equal_each_request_alone() {
 
 #[test]
 fn a_request_joining_mid_flight_gets_the_same_result() {
-    let mut e = engine(EngineConfig { num_blocks: 32, block_size: 4, max_batch_tokens: 16, max_running: 8 });
+    let mut e =
+        engine(EngineConfig { pages: 32, block_size: 4, max_batch_tokens: 16, max_running: 8, max_waiting: 64 });
     let mut reqs = workload();
     let late = reqs.pop().unwrap();
     for r in reqs {
@@ -92,7 +96,7 @@ fn a_request_joining_mid_flight_gets_the_same_result() {
 #[test]
 fn requests_wait_for_blocks_instead_of_failing() {
     // Room for about one request at a time: the rest queue, and all finish.
-    let mut e = engine(EngineConfig { num_blocks: 7, block_size: 4, max_batch_tokens: 32, max_running: 8 });
+    let mut e = engine(EngineConfig { pages: 7, block_size: 4, max_batch_tokens: 32, max_running: 8, max_waiting: 64 });
     for r in workload() {
         e.submit(r).unwrap();
     }

@@ -4,6 +4,7 @@
 pub mod esft;
 pub mod module;
 pub mod peft;
+pub mod registry;
 pub mod set;
 
 pub use esft::EsftAdapter;

@@ -10,7 +10,7 @@ use tandem_kernels::{Device, Tensor};
 use super::esft::{EsftAdapter, ExpertWeights};
 use super::module::{ModuleKey, Proj};
 use super::peft::LoraAdapter;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::weights::stack;
 
 /// An adapter of any kind.
@@ -18,6 +18,50 @@ use crate::model::weights::stack;
 pub enum Adapter {
     Lora(LoraAdapter),
     Esft(EsftAdapter),
+}
+
+impl Adapter {
+    /// Every weight tensor with its layer, in one fixed order: LoRA modules by key (A then B),
+    /// ESFT experts by (layer, expert) (gate, up, down). [`Adapter::with_weights`] reads it back.
+    pub fn weights(&self) -> Vec<(usize, &Tensor)> {
+        match self {
+            Adapter::Lora(a) => a.modules.iter().flat_map(|(k, m)| [(k.layer, &m.a), (k.layer, &m.b)]).collect(),
+            Adapter::Esft(a) => {
+                a.experts.iter().flat_map(|(&(l, _), w)| [(l, &w.gate), (l, &w.up), (l, &w.down)]).collect()
+            }
+        }
+    }
+
+    /// This adapter with its weights replaced, in [`Adapter::weights`] order, by `weights`
+    /// (same shapes; the paged copy of an adapter comes back this way).
+    pub fn with_weights(&self, weights: Vec<Tensor>) -> Result<Adapter> {
+        let shapes_match = weights.len() == self.weights().len()
+            && self.weights().iter().zip(&weights).all(|((_, old), new)| old.shape() == new.shape());
+        if !shapes_match {
+            return Err(Error::InvalidRequest("adapter weights do not match its layout".into()));
+        }
+        let mut it = weights.into_iter();
+        let mut next = || it.next().ok_or_else(|| Error::InvalidRequest("adapter weights ran out".into()));
+        Ok(match self {
+            Adapter::Lora(a) => {
+                let mut out = a.clone();
+                for m in out.modules.values_mut() {
+                    m.a = next()?;
+                    m.b = next()?;
+                }
+                Adapter::Lora(out)
+            }
+            Adapter::Esft(a) => {
+                let mut out = a.clone();
+                for w in out.experts.values_mut() {
+                    w.gate = next()?;
+                    w.up = next()?;
+                    w.down = next()?;
+                }
+                Adapter::Esft(out)
+            }
+        })
+    }
 }
 
 /// The LoRA modules of one (layer, projection) across adapters.

@@ -1,15 +1,24 @@
 //! The inference engine of one process: continuous batching over a paged KV cache. Every step
 //! builds one batch: first one decode token for each running sequence, then prefill chunks of
 //! the sequences still reading their prompts, under a token budget; requests join as soon as
-//! their KV blocks can be reserved and leave the moment they finish. Each request may use a
-//! different adapter (or none) in the same batch.
+//! their KV pages (and their adapter's, when it is not resident) can be had and leave the moment
+//! they finish. Each request may use a different adapter (or none) in the same batch; it holds
+//! the adapter version it was submitted with until it finishes.
 
-use std::collections::{HashMap, VecDeque};
+mod paged;
+pub mod pool;
+
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tandem_kernels::DType;
 use tandem_kernels::ops::SeqAttention;
 
+use paged::PagedAdapters;
+pub use paged::{CacheStats, adapter_pages};
+use pool::{PagePool, PageUse, PoolUsage};
+
+use crate::adapters::registry::{AdapterRegistry, AdapterVersion, Origin};
 use crate::adapters::{Adapter, AdapterSet};
 use crate::error::{Error, Result};
 use crate::model::{ForwardInput, KvCache, Model};
@@ -19,18 +28,22 @@ use crate::tokenizer::TextTokenizer;
 /// Sizes of the engine's cache and batches.
 #[derive(Clone, Copy, Debug)]
 pub struct EngineConfig {
-    /// KV-cache blocks, and tokens per block.
-    pub num_blocks: usize,
+    /// Pages of the unified pool (each one KV block of `block_size` tokens in every layer; KV
+    /// blocks and resident adapters' weights share them).
+    pub pages: usize,
     pub block_size: usize,
     /// Tokens one step may process (decode tokens plus prefill chunks).
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
+    /// Requests that may wait for admission; past this, [`Engine::submit`] refuses with
+    /// [`Error::Overloaded`].
+    pub max_waiting: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { num_blocks: 512, block_size: 16, max_batch_tokens: 512, max_running: 64 }
+        EngineConfig { pages: 512, block_size: 16, max_batch_tokens: 512, max_running: 64, max_waiting: 1024 }
     }
 }
 
@@ -66,7 +79,7 @@ struct Sequence {
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
-    adapter: i32,
+    adapter: Option<Arc<AdapterVersion>>,
     sampler: Sampler,
     stop: StopChecker,
     logprobs: Vec<f32>,
@@ -75,12 +88,15 @@ struct Sequence {
 pub struct Engine {
     model: Arc<Model>,
     cache: KvCache,
-    adapters: AdapterSet,
-    adapter_slots: HashMap<String, i32>,
+    pool: PagePool,
+    paged: PagedAdapters,
+    registry: AdapterRegistry,
+    /// The packed adapters of the last batch, by adapter version id in slot order: reused while
+    /// the batches use the same versions.
+    batch_adapters: Option<(Vec<u64>, AdapterSet)>,
     tokenizer: Option<TextTokenizer>,
     eos: Vec<u32>,
     cfg: EngineConfig,
-    free_blocks: Vec<u32>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     submitted: usize,
@@ -94,18 +110,18 @@ impl Engine {
         tokenizer: Option<TextTokenizer>,
         cfg: EngineConfig,
     ) -> Result<Self> {
-        if cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
+        if cfg.block_size == 0 || cfg.pages == 0 || cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
             return Err(Error::InvalidRequest(format!("engine sizes must be positive: {cfg:?}")));
         }
         let model = model.into();
-        let mut adapter_slots = HashMap::new();
-        for (i, (name, _)) in adapters.iter().enumerate() {
-            if adapter_slots.insert(name.clone(), i as i32).is_some() {
+        let mut registry = AdapterRegistry::default();
+        for (name, adapter) in adapters {
+            if registry.resolve(&name).is_ok() {
                 return Err(Error::InvalidRequest(format!("adapter {name:?} given twice")));
             }
+            registry.publish(&name, adapter, Origin::Upload)?;
         }
-        let set = AdapterSet::new(adapters.into_iter().map(|(_, a)| a).collect(), model.device)?;
-        let cache = KvCache::new(&model, cfg.num_blocks, cfg.block_size, DType::F32)?;
+        let cache = KvCache::new(&model, cfg.pages, cfg.block_size, DType::F32)?;
         let mut eos = model.config.eos_token_ids.clone();
         if let Some(t) = &tokenizer {
             eos.extend(t.eos_token_ids());
@@ -115,11 +131,12 @@ impl Engine {
         Ok(Engine {
             model,
             cache,
-            adapters: set,
-            adapter_slots,
+            pool: PagePool::new(cfg.pages),
+            paged: PagedAdapters::default(),
+            registry,
+            batch_adapters: None,
             tokenizer,
             eos,
-            free_blocks: (0..cfg.num_blocks as u32).rev().collect(),
             cfg,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -135,6 +152,34 @@ impl Engine {
         self.tokenizer.as_ref()
     }
 
+    pub fn registry(&self) -> &AdapterRegistry {
+        &self.registry
+    }
+
+    /// Publishes a new version of adapter `name` (or its first); requests submitted from now on
+    /// use it, requests already submitted finish with the version they hold.
+    pub fn publish_adapter(&mut self, name: &str, adapter: Adapter, origin: Origin) -> Result<Arc<AdapterVersion>> {
+        let v = self.registry.publish(name, adapter, origin)?;
+        self.paged.drop_unused(&mut self.pool);
+        Ok(v)
+    }
+
+    /// Removes adapter `name`; requests already submitted on it finish.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        self.registry.remove(name)?;
+        self.paged.drop_unused(&mut self.pool);
+        Ok(())
+    }
+
+    /// Pool pages in use by kind.
+    pub fn pool_usage(&self) -> PoolUsage {
+        self.pool.usage()
+    }
+
+    pub fn adapter_cache_stats(&self) -> CacheStats {
+        self.paged.stats
+    }
+
     /// Queues a request after checking it; returns its index.
     pub fn submit(&mut self, req: GenerationRequest) -> Result<usize> {
         req.params.validate()?;
@@ -146,7 +191,7 @@ impl Engine {
             return Err(Error::InvalidRequest(format!("token id {t} outside the vocabulary of {}", c.vocab_size)));
         }
         let total = req.prompt.len() + req.params.max_tokens;
-        let capacity = (self.cfg.num_blocks * self.cfg.block_size).min(c.max_position_embeddings);
+        let capacity = (self.cfg.pages * self.cfg.block_size).min(c.max_position_embeddings);
         if total > capacity {
             return Err(Error::InvalidRequest(format!(
                 "prompt ({}) plus max_tokens ({}) exceeds the context of {capacity} tokens",
@@ -157,13 +202,17 @@ impl Engine {
         if !req.params.stop.is_empty() && self.tokenizer.is_none() {
             return Err(Error::InvalidRequest("stop strings need a tokenizer (tokenizer.json)".into()));
         }
-        let adapter = match &req.adapter {
-            None => -1,
-            Some(name) => *self
-                .adapter_slots
-                .get(name)
-                .ok_or_else(|| Error::InvalidRequest(format!("unknown adapter {name:?}")))?,
-        };
+        let adapter = req.adapter.as_deref().map(|name| self.registry.resolve(name)).transpose()?;
+        let adapter_pages = adapter.as_ref().map_or(0, |v| adapter_pages(&v.adapter, c, self.cfg.block_size));
+        if total.div_ceil(self.cfg.block_size) + adapter_pages > self.cfg.pages {
+            return Err(Error::InvalidRequest(format!(
+                "the request's KV cache plus its adapter need more than the {} pages of the pool",
+                self.cfg.pages
+            )));
+        }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(Error::Overloaded(format!("{} requests are already waiting", self.waiting.len())));
+        }
         let index = self.submitted;
         self.submitted += 1;
         self.waiting.push_back(Sequence {
@@ -188,12 +237,15 @@ impl Engine {
 
     /// Runs one batch; returns the requests that finished in it.
     pub fn step(&mut self) -> Result<Vec<GenerationOutput>> {
-        self.admit();
-        let (input, scheduled) = self.build_batch();
+        self.admit()?;
+        let (input, scheduled) = self.build_batch()?;
         if scheduled.is_empty() {
             return Ok(Vec::new());
         }
-        let logits = self.model.forward(&input, &mut self.cache, &self.adapters)?.to_vec_f32()?;
+        let Some((_, adapters)) = &self.batch_adapters else {
+            return Err(Error::InvalidRequest("engine: batch built without its adapters".into()));
+        };
+        let logits = self.model.forward(&input, &mut self.cache, adapters)?.to_vec_f32()?;
         let vocab = self.model.config.vocab_size;
         let mut finished = Vec::new();
         let mut row = 0;
@@ -220,8 +272,11 @@ impl Engine {
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut outputs = Vec::with_capacity(finished.len());
         for (i, reason, text) in finished {
-            let seq = self.running.swap_remove(i);
-            self.free_blocks.extend(&seq.blocks);
+            let mut seq = self.running.swap_remove(i);
+            self.pool.release(&seq.blocks, PageUse::Kv);
+            if let Some(id) = seq.adapter.take().map(|v| v.id) {
+                self.paged.release(id, &mut self.pool); // after dropping our hold on the version
+            }
             outputs.push(GenerationOutput {
                 index: seq.index,
                 prompt_tokens: seq.prompt_len,
@@ -244,25 +299,48 @@ impl Engine {
         Ok(out)
     }
 
-    /// Moves waiting requests into the running set, first come first served, while their
-    /// blocks (prompt plus `max_tokens`, reserved up front so nothing is ever preempted) fit.
-    fn admit(&mut self) {
+    /// Moves waiting requests into the running set, first come first served, while their KV
+    /// pages (prompt plus `max_tokens`, reserved up front so nothing is ever preempted) and their
+    /// adapter's pages fit, evicting idle adapters for room. Then pages in the adapters of the
+    /// requests next in line, into free pages only.
+    fn admit(&mut self) -> Result<()> {
         while self.running.len() < self.cfg.max_running {
             let Some(seq) = self.waiting.front() else { break };
             let need = (seq.prompt_len + seq.max_tokens).div_ceil(self.cfg.block_size);
-            if need > self.free_blocks.len() {
+            let adapter = seq.adapter.clone();
+            if let Some(v) = &adapter
+                && !self.paged.acquire(v, &mut self.pool, &mut self.cache)?
+            {
                 break;
             }
+            let blocks = match self.paged.make_room(need, &mut self.pool) {
+                true => self.pool.alloc(need, PageUse::Kv),
+                false => None,
+            };
+            let Some(blocks) = blocks else {
+                if let Some(v) = &adapter {
+                    self.paged.release(v.id, &mut self.pool);
+                }
+                break;
+            };
             let Some(mut seq) = self.waiting.pop_front() else { break };
-            seq.blocks = self.free_blocks.split_off(self.free_blocks.len() - need);
+            seq.blocks = blocks;
             self.running.push(seq);
         }
+        for seq in self.waiting.iter().take(self.cfg.max_running) {
+            if let Some(v) = &seq.adapter {
+                self.paged.prefetch(v, &mut self.pool, &mut self.cache)?;
+            }
+        }
+        Ok(())
     }
 
     /// Decode tokens first, then prefill chunks, within the token budget. Returns the batch and
     /// (running index, tokens scheduled) per sequence in batch order.
-    fn build_batch(&self) -> (ForwardInput, Vec<(usize, usize)>) {
+    /// The batch's adapters are packed (from their pages) into `batch_adapters`.
+    fn build_batch(&mut self) -> Result<(ForwardInput, Vec<(usize, usize)>)> {
         let mut budget = self.cfg.max_batch_tokens;
+        let mut ids: Vec<u64> = Vec::new();
         let mut scheduled = Vec::new();
         let decoding = |s: &Sequence| s.computed >= s.prompt_len;
         let order = self
@@ -283,13 +361,27 @@ impl Engine {
             input.tokens.extend_from_slice(&seq.tokens[start..end]);
             input.positions.extend((start..end).map(|p| p as u32));
             input.slots.extend((start..end).map(|p| seq.blocks[p / bs] * bs as u32 + (p % bs) as u32));
-            input.adapters.extend(std::iter::repeat_n(seq.adapter, chunk));
+            let slot = match &seq.adapter {
+                None => -1,
+                Some(v) => match ids.iter().position(|&id| id == v.id) {
+                    Some(p) => p as i32,
+                    None => {
+                        ids.push(v.id);
+                        ids.len() as i32 - 1
+                    }
+                },
+            };
+            input.adapters.extend(std::iter::repeat_n(slot, chunk));
             input.seqs.push(SeqAttention { q_len: chunk, context_len: end, block_table: seq.blocks.clone() });
             if end == seq.tokens.len() {
                 input.logit_rows.push((input.tokens.len() - 1) as u32);
             }
             scheduled.push((i, chunk));
         }
-        (input, scheduled)
+        if self.batch_adapters.as_ref().is_none_or(|(cached, _)| *cached != ids) {
+            let adapters = ids.iter().map(|&id| self.paged.load(id, &self.cache)).collect::<Result<Vec<_>>>()?;
+            self.batch_adapters = Some((ids, AdapterSet::new(adapters, self.model.device)?));
+        }
+        Ok((input, scheduled))
     }
 }
