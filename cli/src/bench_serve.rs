@@ -186,6 +186,8 @@ fn serve(
         max_batch_tokens: args.max_batch_tokens,
         max_running: args.requests,
         max_waiting: args.requests,
+        // Throughput, not latency: the batch size is what `--max-batch-tokens` says.
+        tpot_target: std::time::Duration::MAX,
     };
     let kv_bytes = 2 * c.num_layers * kv_pages * block_size * c.num_kv_heads * c.head_dim * 4;
     let weight_bytes = tensor_bytes(&model);

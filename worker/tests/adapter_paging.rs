@@ -74,7 +74,14 @@ fn the_pool_never_exceeds_its_size_and_idle_adapters_make_room() {
     let kv = requests.iter().map(kv_pages).max().unwrap();
     // Room for two requests with their two adapters, out of six adapters in all.
     let pages = 2 * (kv + per_adapter);
-    let cfg = EngineConfig { pages, block_size: BLOCK, max_batch_tokens: 16, max_running: 8, max_waiting: 64 };
+    let cfg = EngineConfig {
+        pages,
+        block_size: BLOCK,
+        max_batch_tokens: 16,
+        max_running: 8,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    };
     let mut e = Engine::new(model, adapters.clone(), None, cfg).unwrap();
     for r in &requests {
         e.submit(r.clone()).unwrap();
@@ -117,7 +124,14 @@ fn a_resident_adapter_is_a_hit() {
 fn replacing_and_removing_an_adapter_under_traffic_drops_no_request() {
     let model = model();
     let (v1, v2) = (random_lora(&model, 1), random_lora(&model, 2));
-    let cfg = EngineConfig { pages: 1024, block_size: BLOCK, max_batch_tokens: 8, max_running: 8, max_waiting: 64 };
+    let cfg = EngineConfig {
+        pages: 1024,
+        block_size: BLOCK,
+        max_batch_tokens: 8,
+        max_running: 8,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    };
     let mut e = Engine::new(model, vec![("x".into(), v1.clone())], None, cfg).unwrap();
     let early: Vec<_> = (0..3).map(|i| request(i, Some("x".into()))).collect();
     for r in &early {
@@ -149,7 +163,14 @@ fn replacing_and_removing_an_adapter_under_traffic_drops_no_request() {
 
 #[test]
 fn the_bounded_queue_refuses_cleanly_and_recovers() {
-    let cfg = EngineConfig { pages: 64, block_size: BLOCK, max_batch_tokens: 16, max_running: 1, max_waiting: 2 };
+    let cfg = EngineConfig {
+        pages: 64,
+        block_size: BLOCK,
+        max_batch_tokens: 16,
+        max_running: 1,
+        max_waiting: 2,
+        ..EngineConfig::default()
+    };
     let mut e = Engine::new(model(), Vec::new(), None, cfg).unwrap();
     for i in 0..2 {
         e.submit(request(i, None)).unwrap();

@@ -119,7 +119,14 @@ fn adapters_round_trip_through_save() {
 #[test]
 fn bad_requests_are_refused() {
     let model = Model::load(&fixture("llama"), Device::Cpu).unwrap();
-    let cfg = EngineConfig { pages: 8, block_size: 4, max_batch_tokens: 16, max_running: 4, max_waiting: 64 };
+    let cfg = EngineConfig {
+        pages: 8,
+        block_size: 4,
+        max_batch_tokens: 16,
+        max_running: 4,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    };
     let mut engine = Engine::new(model, Vec::new(), None, cfg).unwrap();
     let req = |prompt: Vec<u32>, adapter: Option<&str>, max_tokens| GenerationRequest {
         prompt,

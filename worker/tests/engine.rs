@@ -49,8 +49,14 @@ fn workload() -> Vec<GenerationRequest> {
 }
 
 fn alone(req: GenerationRequest) -> GenerationOutput {
-    let mut e =
-        engine(EngineConfig { pages: 32, block_size: 8, max_batch_tokens: 64, max_running: 1, max_waiting: 64 });
+    let mut e = engine(EngineConfig {
+        pages: 32,
+        block_size: 8,
+        max_batch_tokens: 64,
+        max_running: 1,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    });
     e.submit(req).unwrap();
     e.run_to_completion().unwrap().remove(0)
 }
@@ -58,7 +64,14 @@ fn alone(req: GenerationRequest) -> GenerationOutput {
 #[test]
 fn batched_results_equal_each_request_alone() {
     // Small budget and blocks: prompts are chunked, and the batch changes at every step.
-    let mut e = engine(EngineConfig { pages: 24, block_size: 4, max_batch_tokens: 6, max_running: 3, max_waiting: 64 });
+    let mut e = engine(EngineConfig {
+        pages: 24,
+        block_size: 4,
+        max_batch_tokens: 6,
+        max_running: 3,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    });
     for r in workload() {
         e.submit(r).unwrap();
     }
@@ -74,8 +87,14 @@ fn batched_results_equal_each_request_alone() {
 
 #[test]
 fn a_request_joining_mid_flight_gets_the_same_result() {
-    let mut e =
-        engine(EngineConfig { pages: 32, block_size: 4, max_batch_tokens: 16, max_running: 8, max_waiting: 64 });
+    let mut e = engine(EngineConfig {
+        pages: 32,
+        block_size: 4,
+        max_batch_tokens: 16,
+        max_running: 8,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    });
     let mut reqs = workload();
     let late = reqs.pop().unwrap();
     for r in reqs {
@@ -96,7 +115,14 @@ fn a_request_joining_mid_flight_gets_the_same_result() {
 #[test]
 fn requests_wait_for_blocks_instead_of_failing() {
     // Room for about one request at a time: the rest queue, and all finish.
-    let mut e = engine(EngineConfig { pages: 7, block_size: 4, max_batch_tokens: 32, max_running: 8, max_waiting: 64 });
+    let mut e = engine(EngineConfig {
+        pages: 7,
+        block_size: 4,
+        max_batch_tokens: 32,
+        max_running: 8,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    });
     for r in workload() {
         e.submit(r).unwrap();
     }

@@ -103,7 +103,14 @@ fn check_model(name: &str) {
 
     // Greedy continuations through the engine: continuous batching with a small budget so
     // prefills are chunked and requests join and leave at different steps.
-    let cfg = EngineConfig { pages: 64, block_size: 4, max_batch_tokens: 8, max_running: 4, max_waiting: 64 };
+    let cfg = EngineConfig {
+        pages: 64,
+        block_size: 4,
+        max_batch_tokens: 8,
+        max_running: 4,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    };
     let mut engine = Engine::new(model, adapters, None, cfg).unwrap();
     for r in &reference.requests {
         let params = SamplingParams {

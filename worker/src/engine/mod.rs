@@ -5,15 +5,22 @@
 //! they finish. Each request may use a different adapter (or none) in the same batch; it holds
 //! the adapter version it was submitted with until it finishes.
 
+mod budget;
+mod coserve;
+pub mod metrics;
 mod paged;
 pub mod pool;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tandem_kernels::DType;
 use tandem_kernels::ops::SeqAttention;
 
+use budget::Budget;
+use coserve::{EngineJob, InFlight, Member, Training};
+use metrics::{EngineMetrics, JobMetrics, Samples, TokenCounts};
 use paged::PagedAdapters;
 pub use paged::{CacheStats, adapter_pages};
 use pool::{PagePool, PageUse, PoolUsage};
@@ -21,9 +28,10 @@ use pool::{PagePool, PageUse, PoolUsage};
 use crate::adapters::registry::{AdapterRegistry, AdapterVersion, Origin};
 use crate::adapters::{Adapter, AdapterSet};
 use crate::error::{Error, Result};
-use crate::model::{ForwardInput, KvCache, Model};
+use crate::model::{AdapterGrads, ForwardInput, KvCache, Model, PendingBackward};
 use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
 use crate::tokenizer::TextTokenizer;
+use crate::train::job::{Job, StepReport};
 
 /// Sizes of the engine's cache and batches.
 #[derive(Clone, Copy, Debug)]
@@ -39,11 +47,21 @@ pub struct EngineConfig {
     /// Requests that may wait for admission; past this, [`Engine::submit`] refuses with
     /// [`Error::Overloaded`].
     pub max_waiting: usize,
+    /// The time-per-output-token target: how long an iteration may take while requests are
+    /// decoding. Fine-tuning gets what the inference tokens leave of it.
+    pub tpot_target: Duration,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { pages: 512, block_size: 16, max_batch_tokens: 512, max_running: 64, max_waiting: 1024 }
+        EngineConfig {
+            pages: 512,
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 1024,
+            tpot_target: Duration::from_millis(200),
+        }
     }
 }
 
@@ -83,6 +101,21 @@ struct Sequence {
     sampler: Sampler,
     stop: StopChecker,
     logprobs: Vec<f32>,
+    submitted_at: Instant,
+    /// When its last token was sampled.
+    last_token_at: Option<Instant>,
+}
+
+/// Latency and token counters behind [`Engine::metrics`].
+#[derive(Default)]
+struct Counters {
+    iterations: u64,
+    tokens: TokenCounts,
+    last: TokenCounts,
+    ttft: Samples,
+    tpot: Samples,
+    within_target: u64,
+    timed: u64,
 }
 
 pub struct Engine {
@@ -100,6 +133,11 @@ pub struct Engine {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     submitted: usize,
+    training: Training,
+    /// Optimizer steps taken since the last [`Engine::take_step_reports`].
+    reports: Vec<StepReport>,
+    budget: Budget,
+    counters: Counters,
 }
 
 impl Engine {
@@ -137,10 +175,14 @@ impl Engine {
             batch_adapters: None,
             tokenizer,
             eos,
+            budget: Budget::new(cfg.tpot_target),
             cfg,
             waiting: VecDeque::new(),
             running: Vec::new(),
             submitted: 0,
+            training: Training::default(),
+            reports: Vec::new(),
+            counters: Counters::default(),
         })
     }
 
@@ -178,6 +220,69 @@ impl Engine {
 
     pub fn adapter_cache_stats(&self) -> CacheStats {
         self.paged.stats
+    }
+
+    /// Trains `job` inside this engine's loop, beside inference. Its adapter is served under the
+    /// job's name from now on: version 1 is its initial weights, and every optimizer step
+    /// publishes the next.
+    pub fn add_job(&mut self, job: Job) -> Result<()> {
+        let name = job.spec.name.clone();
+        if self.registry.resolve(&name).is_ok() {
+            return Err(Error::InvalidRequest(format!("an adapter named {name:?} exists already")));
+        }
+        let step = job.progress.step as usize;
+        self.publish_adapter(&name, job.weights.adapter(), Origin::Training { job: name.clone(), step })?;
+        self.training.jobs.push(EngineJob { job, added: Instant::now(), tokens: 0, last_loss: None });
+        Ok(())
+    }
+
+    /// Removes the jobs that have finished (their adapters stay published) and returns them.
+    pub fn take_finished_jobs(&mut self) -> Vec<Job> {
+        let in_flight = &self.training.in_flight;
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.training.jobs).into_iter().partition(|j| {
+            j.job.is_finished() && !in_flight.iter().any(|g| g.members.iter().any(|m| m.job == j.job.spec.name))
+        });
+        self.training.jobs = running;
+        done.into_iter().map(|j| j.job).collect()
+    }
+
+    /// The optimizer steps taken since the last call.
+    pub fn take_step_reports(&mut self) -> Vec<StepReport> {
+        std::mem::take(&mut self.reports)
+    }
+
+    pub fn metrics(&self) -> EngineMetrics {
+        let c = &self.counters;
+        let jobs = self
+            .training
+            .jobs
+            .iter()
+            .map(|j| {
+                let secs = j.added.elapsed().as_secs_f64();
+                let m = JobMetrics {
+                    step: j.job.progress.step,
+                    total_steps: j.job.progress.total_steps,
+                    tokens: j.tokens,
+                    tokens_per_s: if secs > 0.0 { j.tokens as f64 / secs } else { 0.0 },
+                    last_loss: j.last_loss,
+                };
+                (j.job.spec.name.clone(), m)
+            })
+            .collect();
+        EngineMetrics {
+            iterations: c.iterations,
+            tokens: c.tokens,
+            last_iteration: c.last,
+            time_to_first_token: c.ttft.summary(),
+            time_per_output_token: c.tpot.summary(),
+            tpot_target_s: self.cfg.tpot_target.as_secs_f64(),
+            tokens_within_target: c.within_target,
+            output_tokens_timed: c.timed,
+            jobs,
+            adapter_cache: self.paged.stats,
+            pool: self.pool.usage(),
+            iteration_limit_s: self.budget.limit(),
+        }
     }
 
     /// Queues a request after checking it; returns its index.
@@ -226,31 +331,195 @@ impl Engine {
             sampler: Sampler::new(&req.params),
             stop: StopChecker::new(&req.params, &self.eos),
             logprobs: Vec::new(),
+            submitted_at: Instant::now(),
+            last_token_at: None,
         });
         Ok(index)
     }
 
-    /// Whether any request is queued or running.
+    /// Whether any request is queued or running, or any fine-tuning is left.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.waiting.is_empty() || !self.running.is_empty() || !self.training.is_idle()
     }
 
-    /// Runs one batch; returns the requests that finished in it.
+    /// Runs one iteration: the inference tokens, then fine-tuning microbatches in what the
+    /// time budget leaves, all in one forward pass; then the loss of those microbatches and as
+    /// much backward as still fits. Returns the requests that finished.
     pub fn step(&mut self) -> Result<Vec<GenerationOutput>> {
+        let start = Instant::now();
         self.admit()?;
-        let (input, scheduled) = self.build_batch()?;
-        if scheduled.is_empty() {
+        let limit = self.budget.limit();
+        let decoding = self.running.iter().filter(|s| s.computed >= s.prompt_len).count();
+        let inference_tokens = match self.budget.forward.units_within(limit) {
+            Some(n) => n.max(decoding + self.cfg.block_size).min(self.cfg.max_batch_tokens),
+            None => self.cfg.max_batch_tokens,
+        };
+        let (mut input, scheduled, ids) = self.build_batch(inference_tokens);
+        let n_inf = input.tokens.len();
+        let plan = self.plan_finetune(n_inf, ids.len(), limit);
+        self.counters.last = TokenCounts::default();
+        if scheduled.is_empty() && plan.is_none() && self.training.in_flight.is_empty() {
             return Ok(Vec::new());
         }
-        let Some((_, adapters)) = &self.batch_adapters else {
-            return Err(Error::InvalidRequest("engine: batch built without its adapters".into()));
+
+        // The batch's adapters: the inference versions (from their pages), then, when
+        // fine-tuning rows join, the jobs' live weights.
+        let load = |e: &Self| ids.iter().map(|&id| e.paged.load(id, &e.cache)).collect::<Result<Vec<_>>>();
+        let training_set = match &plan {
+            Some(p) => {
+                let mut adapters = load(self)?;
+                adapters.extend(p.microbatches.iter().map(|(j, _)| self.training.jobs[*j].job.weights.adapter()));
+                Some(AdapterSet::new(adapters, self.model.device)?)
+            }
+            None => {
+                if self.batch_adapters.as_ref().is_none_or(|(cached, _)| *cached != ids) {
+                    self.batch_adapters = Some((ids.clone(), AdapterSet::new(load(self)?, self.model.device)?));
+                }
+                None
+            }
         };
-        let logits = self.model.forward(&input, &mut self.cache, adapters)?.to_vec_f32()?;
+        let mut outputs = Vec::new();
+        if n_inf > 0 || plan.is_some() {
+            if let Some(p) = &plan {
+                append(&mut input, &p.input);
+            }
+            let set = match (&training_set, &self.batch_adapters) {
+                (Some(set), _) | (None, Some((_, set))) => set,
+                (None, None) => return Err(Error::InvalidRequest("engine: batch built without its adapters".into())),
+            };
+            let t0 = Instant::now();
+            let mut tape = Vec::new();
+            let hidden = match &plan {
+                Some(p) => {
+                    let model = &self.model;
+                    let mut keep = |acts: crate::model::LayerActs| {
+                        let layer = tape.len();
+                        tape.push(acts.tail(n_inf, layer, &p.input, set, model));
+                    };
+                    self.model.hidden_states(&input, &mut self.cache, set, &mut keep)?
+                }
+                None => self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?,
+            };
+            let logits = self.model.logits(&hidden, &input.logit_rows)?.to_vec_f32()?;
+            self.budget.forward.observe(input.tokens.len(), t0.elapsed().as_secs_f64());
+            outputs = self.sample(&scheduled, &logits)?;
+            if let (Some(p), Some(set)) = (plan, training_set) {
+                let t1 = Instant::now();
+                let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
+                let rows: Vec<u32> = (n_inf as u32..input.tokens.len() as u32).collect();
+                let hidden = tandem_kernels::ops::gather_rows(&hidden, &rows)?;
+                let (losses, dhidden) = self.model.loss_backward(&hidden, &p.targets, &p.loss_weights)?;
+                self.budget.loss.observe(rows.len(), t1.elapsed().as_secs_f64());
+                let mut members = Vec::new();
+                let mut row = 0;
+                for (i, (j, mb)) in p.microbatches.into_iter().enumerate() {
+                    let job = &mut self.training.jobs[j];
+                    let len: usize = mb.examples.iter().map(|&e| job.job.example(e).tokens.len()).sum();
+                    let loss = losses[row..row + len].iter().map(|&l| l as f64).sum();
+                    row += len;
+                    job.tokens += len as u64;
+                    let name = job.job.spec.name.clone();
+                    members.push(Member { job: name, slot: ids.len() + i, examples: mb.examples, loss });
+                }
+                self.counters.last.finetune = rows.len() as u64;
+                self.counters.tokens.finetune += rows.len() as u64;
+                let backward = PendingBackward::new(&self.model, p.input, tape, dhidden)?;
+                let grads = AdapterGrads::default();
+                self.training.in_flight.push_back(InFlight {
+                    backward,
+                    adapters: set,
+                    grads,
+                    members,
+                    blocks: p.blocks,
+                });
+            }
+        }
+        self.run_backward(start, limit, n_inf == 0)?;
+
+        if decoding > 0 {
+            self.budget.observe_iteration(start.elapsed().as_secs_f64());
+        }
+        self.counters.iterations += 1;
+        Ok(outputs)
+    }
+
+    /// Fine-tuning microbatches for an iteration whose inference part has `n_inf` tokens over
+    /// `slots` adapters: as many as the time left by the inference tokens holds. With no
+    /// inference at all, or before the costs are measured, one runs whatever its cost.
+    fn plan_finetune(&mut self, n_inf: usize, slots: usize, limit: f64) -> Option<coserve::Planned> {
+        let (budget, paged, pool) = (&self.budget, &mut self.paged, &mut self.pool);
+        let forward = |n: usize| budget.forward.predict(n).unwrap_or(0.0);
+        let unmeasured = budget.forward.predict(1).is_none() || budget.loss.predict(1).is_none();
+        let mut first = true;
+        let fits = |tokens: usize| {
+            let cost = forward(n_inf + tokens) + budget.loss.predict(tokens).unwrap_or(0.0);
+            let ok = cost <= limit || (first && (n_inf == 0 || unmeasured));
+            first = false;
+            ok
+        };
+        let pages = |n: usize| if paged.make_room(n, pool) { pool.alloc(n, PageUse::Kv) } else { None };
+        self.training.plan(slots, self.cfg.block_size, fits, pages)
+    }
+
+    /// Backward layers of the groups in flight, oldest first, while the budget lasts (at least
+    /// one layer when `idle`: no inference shares the iteration). A group that completes hands
+    /// each job its gradients; a job whose optimizer step that completes publishes its new
+    /// weights.
+    fn run_backward(&mut self, start: Instant, limit: f64, idle: bool) -> Result<()> {
+        let mut at_least_one = idle;
+        while let Some(group) = self.training.in_flight.front_mut() {
+            let tokens = group.backward.tokens();
+            let left = limit - start.elapsed().as_secs_f64();
+            let layers = match self.budget.backward.predict(tokens) {
+                Some(per_layer) if per_layer > 0.0 => (left / per_layer).max(0.0) as usize,
+                _ => 1,
+            };
+            let layers = if at_least_one { layers.max(1) } else { layers };
+            if layers == 0 {
+                return Ok(());
+            }
+            at_least_one = false;
+            let t = Instant::now();
+            let run = layers.min(group.backward.layers_left());
+            let done =
+                self.model.backward_layers(&mut group.backward, &self.cache, &group.adapters, &mut group.grads, run)?;
+            self.counters.last.finetune_backward += (tokens * run) as u64;
+            self.counters.tokens.finetune_backward += (tokens * run) as u64;
+            self.budget.backward.observe(tokens, t.elapsed().as_secs_f64() / run.max(1) as f64);
+            if !done {
+                return Ok(());
+            }
+            let Some(group) = self.training.in_flight.pop_front() else { break };
+            self.pool.release(&group.blocks, PageUse::Kv);
+            for m in &group.members {
+                let Some(job) = self.training.job_mut(&m.job) else { continue };
+                let report = job.job.microbatch_done(&group.adapters, &group.grads, m.slot, &m.examples, m.loss)?;
+                if let Some(report) = report {
+                    job.last_loss = Some(report.loss);
+                    let (adapter, step) = (job.job.weights.adapter(), report.step as usize);
+                    self.reports.push(report);
+                    self.publish_adapter(&m.job, adapter, Origin::Training { job: m.job.clone(), step })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of each sequence whose scheduled tokens reached its end, and
+    /// retires the finished ones.
+    fn sample(&mut self, scheduled: &[(usize, usize)], logits: &[f32]) -> Result<Vec<GenerationOutput>> {
         let vocab = self.model.config.vocab_size;
+        let target = self.cfg.tpot_target.as_secs_f64();
+        let now = Instant::now();
         let mut finished = Vec::new();
         let mut row = 0;
-        for (i, chunk) in scheduled {
+        for &(i, chunk) in scheduled {
             let seq = &mut self.running[i];
+            if seq.computed >= seq.prompt_len {
+                self.counters.last.decode += chunk as u64;
+            } else {
+                self.counters.last.prefill += chunk as u64;
+            }
             seq.computed += chunk;
             if seq.computed < seq.tokens.len() {
                 continue; // a prefill chunk that did not reach the end of the prompt
@@ -259,6 +528,16 @@ impl Engine {
             row += 1;
             seq.tokens.push(sampled.token);
             seq.logprobs.push(sampled.logprob);
+            match seq.last_token_at {
+                None => self.counters.ttft.push((now - seq.submitted_at).as_secs_f64()),
+                Some(t) => {
+                    let gap = (now - t).as_secs_f64();
+                    self.counters.tpot.push(gap);
+                    self.counters.timed += 1;
+                    self.counters.within_target += u64::from(gap <= target);
+                }
+            }
+            seq.last_token_at = Some(now);
             let generated = &seq.tokens[seq.prompt_len..];
             let text = match &self.tokenizer {
                 Some(t) => t.decode(generated, true)?,
@@ -268,6 +547,8 @@ impl Engine {
                 finished.push((i, f.reason, f.text.to_string()));
             }
         }
+        self.counters.tokens.decode += self.counters.last.decode;
+        self.counters.tokens.prefill += self.counters.last.prefill;
         // Remove finished sequences from the back so the indices stay valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut outputs = Vec::with_capacity(finished.len());
@@ -337,9 +618,9 @@ impl Engine {
 
     /// Decode tokens first, then prefill chunks, within the token budget. Returns the batch and
     /// (running index, tokens scheduled) per sequence in batch order.
-    /// The batch's adapters are packed (from their pages) into `batch_adapters`.
-    fn build_batch(&mut self) -> Result<(ForwardInput, Vec<(usize, usize)>)> {
-        let mut budget = self.cfg.max_batch_tokens;
+    /// Also returns the ids of the batch's adapter versions, in slot order.
+    fn build_batch(&self, max_tokens: usize) -> (ForwardInput, Vec<(usize, usize)>, Vec<u64>) {
+        let mut budget = max_tokens;
         let mut ids: Vec<u64> = Vec::new();
         let mut scheduled = Vec::new();
         let decoding = |s: &Sequence| s.computed >= s.prompt_len;
@@ -378,10 +659,15 @@ impl Engine {
             }
             scheduled.push((i, chunk));
         }
-        if self.batch_adapters.as_ref().is_none_or(|(cached, _)| *cached != ids) {
-            let adapters = ids.iter().map(|&id| self.paged.load(id, &self.cache)).collect::<Result<Vec<_>>>()?;
-            self.batch_adapters = Some((ids, AdapterSet::new(adapters, self.model.device)?));
-        }
-        Ok((input, scheduled))
+        (input, scheduled, ids)
     }
+}
+
+/// Appends `tail`'s rows to `input` (the fine-tuning rows after the inference rows).
+fn append(input: &mut ForwardInput, tail: &ForwardInput) {
+    input.tokens.extend_from_slice(&tail.tokens);
+    input.positions.extend_from_slice(&tail.positions);
+    input.slots.extend_from_slice(&tail.slots);
+    input.adapters.extend_from_slice(&tail.adapters);
+    input.seqs.extend(tail.seqs.iter().cloned());
 }

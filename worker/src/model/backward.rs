@@ -115,19 +115,61 @@ impl Model {
         dhidden: Tensor,
         grads: &mut AdapterGrads,
     ) -> Result<()> {
-        if tape.len() != self.weights.layers.len() {
+        let mut pending = PendingBackward::new(self, input.clone(), tape, dhidden)?;
+        self.backward_layers(&mut pending, cache, adapters, grads, usize::MAX)?;
+        Ok(())
+    }
+
+    /// Runs up to `layers` more layers of `pending`, last layer first; `true` once it has been
+    /// through the first layer (the backward is complete).
+    pub fn backward_layers(
+        &self,
+        pending: &mut PendingBackward,
+        cache: &KvCache,
+        adapters: &AdapterSet,
+        grads: &mut AdapterGrads,
+        layers: usize,
+    ) -> Result<bool> {
+        let input = &pending.input;
+        let mut b = Backward { model: self, input, cache, rows: Rows { slots: &input.adapters, adapters }, grads };
+        for _ in 0..layers {
+            let (Some(acts), Some(dx)) = (pending.tape.pop(), pending.dx.take()) else { break };
+            pending.dx = Some(b.layer(pending.tape.len(), acts, dx)?);
+        }
+        Ok(pending.tape.is_empty())
+    }
+}
+
+/// A backward pass that can be run a few layers at a time: the co-serving engine spreads one
+/// over several iterations so that none of them exceeds its time budget.
+pub struct PendingBackward {
+    input: ForwardInput,
+    /// Activations of the layers still to go, first layer first.
+    tape: Vec<LayerActs>,
+    /// The gradient of the output of the last layer still to go.
+    dx: Option<Tensor>,
+}
+
+impl PendingBackward {
+    /// The backward of a forward pass over `input` (its rows only), from `dhidden`, the
+    /// gradient of the last layer's output.
+    pub fn new(model: &Model, input: ForwardInput, tape: Vec<LayerActs>, dhidden: Tensor) -> Result<Self> {
+        if tape.len() != model.weights.layers.len() {
             return Err(Error::InvalidRequest(format!(
                 "backward: {} layers of activations for {} layers",
                 tape.len(),
-                self.weights.layers.len()
+                model.weights.layers.len()
             )));
         }
-        let mut b = Backward { model: self, input, cache, rows: Rows { slots: &input.adapters, adapters }, grads };
-        let mut dx = dhidden;
-        for (l, acts) in tape.into_iter().enumerate().rev() {
-            dx = b.layer(l, acts, dx)?;
-        }
-        Ok(())
+        Ok(PendingBackward { input, tape, dx: Some(dhidden) })
+    }
+
+    pub fn layers_left(&self) -> usize {
+        self.tape.len()
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.input.tokens.len()
     }
 }
 

@@ -90,6 +90,64 @@ impl LayerActs {
     }
 }
 
+impl LayerActs {
+    /// Only rows `start..` of these activations, as a forward pass over those rows alone
+    /// (`input`, with the same `adapters`) would have kept them: how the co-serving engine keeps
+    /// the fine-tuning rows of a batch they shared with inference rows.
+    pub fn tail(
+        self,
+        start: usize,
+        layer: usize,
+        input: &ForwardInput,
+        adapters: &AdapterSet,
+        model: &Model,
+    ) -> Result<Self> {
+        let rows: Vec<u32> = (start as u32..self.x.shape()[0] as u32).collect();
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            let shape = t.shape().to_vec();
+            let flat = t.clone().reshape([shape[0], shape[1..].iter().product()])?;
+            let mut out_shape = shape;
+            out_shape[0] = rows.len();
+            Ok(ops::gather_rows(&flat, &rows)?.reshape(out_shape)?)
+        };
+        let pick_swiglu =
+            |a: &SwigluActs| -> Result<SwigluActs> { Ok(SwigluActs { gate: pick(&a.gate)?, up: pick(&a.up)? }) };
+        let mlp = match &self.mlp {
+            MlpActs::Dense(a) => MlpActs::Dense(pick_swiglu(a)?),
+            MlpActs::Moe(m) => {
+                let k = m.routing.top_k;
+                let routing = MoeRouting {
+                    weights: pick(&m.routing.weights)?,
+                    experts: m.routing.experts[start * k..].to_vec(),
+                    top_k: k,
+                };
+                let dispatch = Dispatch::new(&routing, &Rows { slots: &input.adapters, adapters }, layer, model)?;
+                // The kept pairs, in the full dispatch's order, which is the order `Dispatch::new`
+                // gives them alone (a stable sort, filtered).
+                let pairs: Vec<u32> = (0..m.dispatch.token_of.len() as u32)
+                    .filter(|&p| m.dispatch.token_of[p as usize] as usize >= start)
+                    .collect();
+                let pick_pairs = |t: &Tensor| ops::gather_rows(t, &pairs);
+                let shared = match &m.shared {
+                    Some(sh) => {
+                        Some(SharedActs { mlp: pick_swiglu(&sh.mlp)?, out: pick(&sh.out)?, gate: pick(&sh.gate)? })
+                    }
+                    None => None,
+                };
+                MlpActs::Moe(Box::new(MoeActs {
+                    router_logits: pick(&m.router_logits)?,
+                    routing,
+                    dispatch,
+                    experts: SwigluActs { gate: pick_pairs(&m.experts.gate)?, up: pick_pairs(&m.experts.up)? },
+                    down: pick_pairs(&m.down)?,
+                    shared,
+                }))
+            }
+        };
+        Ok(LayerActs { x: pick(&self.x)?, q: pick(&self.q)?, attn: pick(&self.attn)?, mid: pick(&self.mid)?, mlp })
+    }
+}
+
 pub(super) enum MlpActs {
     Dense(SwigluActs),
     Moe(Box<MoeActs>),
@@ -139,7 +197,12 @@ impl Model {
     /// `input.logit_rows`, `[rows, vocab]` (f32).
     pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache, adapters: &AdapterSet) -> Result<Tensor> {
         let x = self.hidden_states(input, cache, adapters, &mut |_| ())?;
-        let last = ops::gather_rows(&x, &input.logit_rows)?;
+        self.logits(&x, &input.logit_rows)
+    }
+
+    /// The logits of `rows` of the last layer's output `hidden`, `[rows, vocab]`.
+    pub(crate) fn logits(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let last = ops::gather_rows(hidden, rows)?;
         let last = ops::rms_norm(&last, &self.weights.norm, self.config.rms_norm_eps)?;
         Ok(ops::matmul(&last, self.lm_head(), false, true)?)
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 use tandem_kernels::ops::Rope;
 use tandem_kernels::{DType, Device};
 
-pub use backward::AdapterGrads;
+pub use backward::{AdapterGrads, PendingBackward};
 pub use config::{Arch, ModelConfig};
 pub use forward::{ForwardInput, KvCache, LayerActs};
 pub use weights::Weights;

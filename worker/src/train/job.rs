@@ -358,6 +358,11 @@ impl Job {
         self.batch.is_empty()
     }
 
+    /// The job's training examples (shared).
+    pub fn data(&self) -> Arc<Vec<Example>> {
+        self.data.clone()
+    }
+
     pub fn example(&self, i: u32) -> &Example {
         &self.data[i as usize]
     }
@@ -366,6 +371,12 @@ impl Job {
     /// is complete. `None` when the job is finished or its microbatches of this step are all
     /// handed out and not yet reported back.
     pub fn next_microbatch(&mut self) -> Option<Microbatch> {
+        self.next_microbatch_if(|_| true)
+    }
+
+    /// [`Job::next_microbatch`], if `accept` takes its examples (the co-serving engine checks
+    /// that they fit its iteration); a refused microbatch stays next.
+    pub fn next_microbatch_if(&mut self, accept: impl FnOnce(&[u32]) -> bool) -> Option<Microbatch> {
         if self.batch.is_empty() {
             if self.is_finished() {
                 return None;
@@ -376,6 +387,9 @@ impl Job {
             return None;
         }
         let end = (self.handed + self.spec.hyper.micro_batch_size).min(self.batch.len());
+        if !accept(&self.batch[self.handed..end]) {
+            return None;
+        }
         let examples = self.batch[self.handed..end].to_vec();
         self.handed = end;
         let loss_tokens: usize = self.batch.iter().map(|&i| self.data[i as usize].loss_tokens()).sum();
