@@ -16,6 +16,9 @@ pub enum Bench {
     /// LoRA training tokens/s and peak memory against transformers + PEFT + torch, and many
     /// small jobs trained in one batch against one after another.
     Finetune(crate::bench_finetune::FinetuneArgs),
+    /// Inference of many adapters and fine-tuning of several jobs on one engine, at several
+    /// request rates: inference alone, fine-tuning alone, naive time slicing, co-serving.
+    Coserve(crate::bench_coserve::CoserveArgs),
     /// Matmul GFLOP/s at LLM shapes next to the raw `gemm` crate, and the cost of a multi-LoRA
     /// delta as a fraction of the base matmul.
     Kernels {
@@ -45,6 +48,7 @@ pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Serve(args) => crate::bench_serve::run(args),
         Bench::Finetune(args) => crate::bench_finetune::run(args),
+        Bench::Coserve(args) => crate::bench_coserve::run(args),
         Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens } => {
             let device: Device = device.parse()?;
             device.ensure_available()?;

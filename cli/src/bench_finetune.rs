@@ -219,7 +219,7 @@ fn timed(trainer: &mut Trainer<'_>) -> Result<(f64, usize)> {
 
 /// `n` sequences of `len` random token ids with a loss on every next token (the peer's
 /// `labels=input_ids`).
-fn random_examples(n: usize, len: usize, vocab: usize, seed: u64) -> Arc<Vec<Example>> {
+pub(crate) fn random_examples(n: usize, len: usize, vocab: usize, seed: u64) -> Arc<Vec<Example>> {
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let data = (0..n)
         .map(|_| {

@@ -3,6 +3,7 @@
 //! `init-model`, `bench`.
 
 mod bench;
+mod bench_coserve;
 mod bench_finetune;
 mod bench_serve;
 mod finetune;

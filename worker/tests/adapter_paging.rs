@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tandem_kernels::{Device, Tensor};
+use tandem_kernels::Device;
 use tandem_worker::adapters::registry::Origin;
 use tandem_worker::adapters::{Adapter, LoraAdapter};
 use tandem_worker::engine::{Engine, EngineConfig, GenerationOutput, GenerationRequest, adapter_pages};
@@ -26,21 +26,11 @@ fn model() -> Model {
     Model::load(&fixture(), Device::Cpu).unwrap()
 }
 
-/// A LoRA on every linear layer with random A and B (PEFT's init leaves B zero, which would make
-/// every adapter the base model).
+/// A LoRA on every linear layer with random A and B.
 fn random_lora(model: &Model, seed: u64) -> Adapter {
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let config = serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"});
-    let init = Adapter::Lora(LoraAdapter::init(&model.config, config, &mut rng).unwrap());
-    let weights = init
-        .weights()
-        .iter()
-        .map(|(_, t)| {
-            let data = (0..t.elem_count()).map(|_| rng.uniform_f32(-0.5, 0.5)).collect();
-            Tensor::from_vec(data, t.shape().to_vec()).unwrap()
-        })
-        .collect();
-    init.with_weights(weights).unwrap()
+    Adapter::Lora(LoraAdapter::init_random(&model.config, config, &mut rng, 0.5).unwrap())
 }
 
 fn adapters(model: &Model) -> Vec<(String, Adapter)> {

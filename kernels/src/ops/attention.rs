@@ -108,8 +108,7 @@ pub fn write_kv(cache: &mut Tensor, x: &Tensor, slots: &[u32]) -> Result<()> {
 /// [`write_kv`], turning cache-shaped gradients into per-token ones.
 pub fn gather_kv(cache: &Tensor, slots: &[u32]) -> Result<Tensor> {
     let (nb, bs, h, d) = cache.dims4("gather_kv")?;
-    let rows = cache.clone().reshape([nb * bs, h * d])?;
-    crate::ops::gather_rows(&rows, slots)?.reshape([slots.len(), h, d])
+    crate::ops::elementwise::gather_flat_rows(cache, nb * bs, h * d, slots)?.reshape([slots.len(), h, d])
 }
 
 /// Causal attention of `q` (`[tokens, q_heads, head_dim]`, sequences back to back) over the

@@ -77,10 +77,23 @@ pub fn transpose(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Picks rows: `out[i] = x[idx[i]]` for `x` of shape `[n, d]`. Used to dispatch tokens to
-/// experts. Backward: [`scatter_add_rows`] of the gradient with the same indices.
+/// Picks rows: `out[i] = x[idx[i]]` along the first dimension of `x` (of any rank from 1 up;
+/// `out` keeps the other dimensions). Used to dispatch tokens to experts. Backward:
+/// [`scatter_add_rows`] of the gradient with the same indices.
 pub fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
-    let (n, d) = x.dims2("gather_rows")?;
+    let Some((&n, rest)) = x.shape().split_first() else {
+        return shape_err("gather_rows", "a scalar has no rows".to_string());
+    };
+    let out = gather_flat_rows(x, n, rest.iter().product(), idx)?;
+    if rest.len() == 1 { Ok(out) } else { out.reshape([&[idx.len()], rest].concat()) }
+}
+
+/// [`gather_rows`] of a tensor of any shape whose elements are `n` rows of `d`, in place (a KV
+/// cache, without copying it into a 2-D tensor first).
+pub(crate) fn gather_flat_rows(x: &Tensor, n: usize, d: usize, idx: &[u32]) -> Result<Tensor> {
+    if n * d > x.elem_count() {
+        return shape_err("gather_rows", format!("{n} rows of {d} from {:?}", x.shape()));
+    }
     check_indices("gather_rows", idx, n)?;
     match x.device() {
         Device::Cpu => {

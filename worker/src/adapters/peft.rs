@@ -264,6 +264,17 @@ impl LoraAdapter {
         Ok(LoraAdapter { modules, config })
     }
 
+    /// [`LoraAdapter::init`] with B random too, uniform in ±`b_bound`: a stand-in for a trained
+    /// adapter in benchmarks and tests (PEFT's B = 0 would make every adapter the base model).
+    pub fn init_random(cfg: &ModelConfig, config: Value, rng: &mut Xoshiro256, b_bound: f32) -> Result<Self> {
+        let mut a = Self::init(cfg, config, rng)?;
+        for m in a.modules.values_mut() {
+            let data = (0..m.b.elem_count()).map(|_| rng.uniform_f32(-b_bound, b_bound)).collect();
+            m.b = Tensor::from_vec(data, m.b.shape().to_vec())?;
+        }
+        Ok(a)
+    }
+
     /// Whether the adapter was read from fused expert parameters (it then cannot be written back
     /// in that layout).
     fn has_target_parameters(&self) -> bool {

@@ -1,8 +1,9 @@
 //! How much work fits in one iteration. Every running request gets one token per iteration, so an
 //! iteration must not last longer than the time-per-output-token target. The engine measures
-//! what each kind of work costs (forward tokens, fine-tuning loss tokens, backward layer-tokens)
+//! what each kind of work costs (an inference batch by its tokens, what fine-tuning rows add to
+//! an iteration by their tokens, a backward layer by its tokens)
 //! and fits a line to each online; it plans the next iteration from those lines, and a headroom
-//! factor shrinks when iterations still overrun (and grows back slowly when they do not).
+//! factor shrinks when a token's wait still overruns (and grows back slowly when it does not).
 
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ pub struct LinearCost {
     sy: f64,
     sxx: f64,
     sxy: f64,
+    /// Decayed sum of squared prediction errors (each measured before it joined the fit).
+    see: f64,
 }
 
 /// Weight kept by older measurements at each new one.
@@ -23,6 +26,9 @@ const DECAY: f64 = 0.95;
 
 impl LinearCost {
     pub fn observe(&mut self, units: usize, seconds: f64) {
+        if let Some(p) = self.predict(units) {
+            self.see = self.see * DECAY + (seconds - p).powi(2);
+        }
         let x = units as f64;
         for (s, v) in [(&mut self.s0, 1.0), (&mut self.sx, x), (&mut self.sy, seconds), (&mut self.sxx, x * x)] {
             *s = *s * DECAY + v;
@@ -53,6 +59,13 @@ impl LinearCost {
         self.line().map(|(a, b)| a + b * units as f64)
     }
 
+    /// A prediction that the measurements rarely exceed: the line plus twice the typical
+    /// error of its recent predictions (machines are noisy; the target is about the tail).
+    pub fn predict_high(&self, units: usize) -> Option<f64> {
+        let spread = if self.s0 > 0.0 { 2.0 * (self.see / self.s0).sqrt() } else { 0.0 };
+        self.predict(units).map(|p| p + spread)
+    }
+
     /// The most units predicted to fit in `seconds` (`None` before any measurement).
     pub fn units_within(&self, seconds: f64) -> Option<usize> {
         self.line().map(|(a, b)| if b > 0.0 { ((seconds - a) / b).max(0.0) as usize } else { usize::MAX })
@@ -65,9 +78,17 @@ pub struct Budget {
     pub target: Duration,
     /// Share of the target the plan aims at (adapts to overruns).
     pub headroom: f64,
+    /// An iteration's inference part (packing its adapters, the forward pass, sampling), by
+    /// its tokens.
     pub forward: LinearCost,
-    pub loss: LinearCost,
+    /// What fine-tuning rows add to an iteration (packing the jobs' adapters, their share of
+    /// the forward pass, their loss and its gradient), by their tokens.
+    pub finetune: LinearCost,
+    /// One backward layer, by its tokens.
     pub backward: LinearCost,
+    /// Finishing a group's backward (each job's gradients, optimizer steps, publishing the new
+    /// weights), by the group's jobs.
+    pub finish: LinearCost,
 }
 
 impl Budget {
@@ -76,8 +97,9 @@ impl Budget {
             target,
             headroom: 0.9,
             forward: LinearCost::default(),
-            loss: LinearCost::default(),
+            finetune: LinearCost::default(),
             backward: LinearCost::default(),
+            finish: LinearCost::default(),
         }
     }
 
@@ -86,9 +108,9 @@ impl Budget {
         self.target.as_secs_f64() * self.headroom
     }
 
-    /// Feedback from a finished iteration that had requests decoding (the iterations the
-    /// target is about): shrink the aim fast when over, grow it back slowly when well under.
-    pub fn observe_iteration(&mut self, seconds: f64) {
+    /// Feedback from a decoding request's wait between two tokens (what the target is about):
+    /// shrink the aim fast when over, grow it back slowly when well under.
+    pub fn observe_wait(&mut self, seconds: f64) {
         let target = self.target.as_secs_f64();
         if seconds > target {
             self.headroom = (self.headroom * 0.85).max(0.2);
@@ -127,10 +149,10 @@ mod tests {
     fn overruns_shrink_the_aim_and_quiet_iterations_restore_it() {
         let mut b = Budget::new(Duration::from_millis(100));
         let start = b.limit();
-        b.observe_iteration(0.2);
+        b.observe_wait(0.2);
         assert!(b.limit() < start);
         for _ in 0..100 {
-            b.observe_iteration(0.01);
+            b.observe_wait(0.01);
         }
         assert!((b.limit() - start).abs() < 1e-12);
     }

@@ -137,6 +137,8 @@ pub struct Engine {
     /// Optimizer steps taken since the last [`Engine::take_step_reports`].
     reports: Vec<StepReport>,
     budget: Budget,
+    /// When the last iteration sampled tokens.
+    last_sample: Option<Instant>,
     counters: Counters,
 }
 
@@ -182,6 +184,7 @@ impl Engine {
             submitted: 0,
             training: Training::default(),
             reports: Vec::new(),
+            last_sample: None,
             counters: Counters::default(),
         })
     }
@@ -234,6 +237,14 @@ impl Engine {
         self.publish_adapter(&name, job.weights.adapter(), Origin::Training { job: name.clone(), step })?;
         self.training.jobs.push(EngineJob { job, added: Instant::now(), tokens: 0, last_loss: None });
         Ok(())
+    }
+
+    /// Stops training job `name` and returns it as it stands (its microbatches in flight finish
+    /// for the other jobs in their groups; its adapter stays published at its last step).
+    pub fn cancel_job(&mut self, name: &str) -> Result<Job> {
+        let i = self.training.jobs.iter().position(|j| j.job.spec.name == name);
+        let i = i.ok_or_else(|| Error::InvalidRequest(format!("no fine-tuning job {name:?} in this engine")))?;
+        Ok(self.training.jobs.remove(i).job)
     }
 
     /// Removes the jobs that have finished (their adapters stay published) and returns them.
@@ -337,20 +348,31 @@ impl Engine {
         Ok(index)
     }
 
+    /// Whether any request is queued or running.
+    pub fn has_requests(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
     /// Whether any request is queued or running, or any fine-tuning is left.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty() || !self.training.is_idle()
+        self.has_requests() || !self.training.is_idle()
     }
 
     /// Runs one iteration: the inference tokens, then fine-tuning microbatches in what the
     /// time budget leaves, all in one forward pass; then the loss of those microbatches and as
     /// much backward as still fits. Returns the requests that finished.
     pub fn step(&mut self) -> Result<Vec<GenerationOutput>> {
-        let start = Instant::now();
         self.admit()?;
-        let limit = self.budget.limit();
         let decoding = self.running.iter().filter(|s| s.computed >= s.prompt_len).count();
-        let inference_tokens = match self.budget.forward.units_within(limit) {
+        // A decoding request waits from one sample to the next: this iteration gets the target
+        // minus what already passed since the last sample (the loss of the last iteration's
+        // fine-tuning rows, this iteration's admission).
+        let since = match self.last_sample {
+            Some(t) if decoding > 0 => t.elapsed().as_secs_f64(),
+            _ => 0.0,
+        };
+        let limit = self.budget.limit() - since;
+        let inference_tokens = match self.budget.forward.units_within(limit.max(0.0)) {
             Some(n) => n.max(decoding + self.cfg.block_size).min(self.cfg.max_batch_tokens),
             None => self.cfg.max_batch_tokens,
         };
@@ -358,12 +380,22 @@ impl Engine {
         let n_inf = input.tokens.len();
         let plan = self.plan_finetune(n_inf, ids.len(), limit);
         self.counters.last = TokenCounts::default();
+        self.counters.last.finetune = plan.as_ref().map_or(0, |p| p.input.tokens.len() as u64);
         if scheduled.is_empty() && plan.is_none() && self.training.in_flight.is_empty() {
             return Ok(Vec::new());
         }
+        // Backward layers first, in what the planned forward pass leaves of the budget (at
+        // least one when no request shares the iteration).
+        let mut planned = if n_inf > 0 { self.budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
+        if let Some(p) = &plan {
+            planned += self.budget.finetune.predict_high(p.input.tokens.len()).unwrap_or(0.0);
+        }
+        let left = Duration::from_secs_f64((limit - planned).max(0.0));
+        self.run_backward(Instant::now() + left, n_inf == 0)?;
 
         // The batch's adapters: the inference versions (from their pages), then, when
         // fine-tuning rows join, the jobs' live weights.
+        let t0 = Instant::now();
         let load = |e: &Self| ids.iter().map(|&id| e.paged.load(id, &e.cache)).collect::<Result<Vec<_>>>();
         let training_set = match &plan {
             Some(p) => {
@@ -387,7 +419,6 @@ impl Engine {
                 (Some(set), _) | (None, Some((_, set))) => set,
                 (None, None) => return Err(Error::InvalidRequest("engine: batch built without its adapters".into())),
             };
-            let t0 = Instant::now();
             let mut tape = Vec::new();
             let hidden = match &plan {
                 Some(p) => {
@@ -401,15 +432,19 @@ impl Engine {
                 None => self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?,
             };
             let logits = self.model.logits(&hidden, &input.logit_rows)?.to_vec_f32()?;
-            self.budget.forward.observe(input.tokens.len(), t0.elapsed().as_secs_f64());
             outputs = self.sample(&scheduled, &logits)?;
+            if plan.is_none() {
+                self.budget.forward.observe(n_inf, t0.elapsed().as_secs_f64());
+            }
             if let (Some(p), Some(set)) = (plan, training_set) {
-                let t1 = Instant::now();
                 let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
                 let rows: Vec<u32> = (n_inf as u32..input.tokens.len() as u32).collect();
                 let hidden = tandem_kernels::ops::gather_rows(&hidden, &rows)?;
                 let (losses, dhidden) = self.model.loss_backward(&hidden, &p.targets, &p.loss_weights)?;
-                self.budget.loss.observe(rows.len(), t1.elapsed().as_secs_f64());
+                // What the fine-tuning rows added to the iteration: packing their adapters, their
+                // share of the forward pass, their loss.
+                let inference = if n_inf > 0 { self.budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
+                self.budget.finetune.observe(rows.len(), (t0.elapsed().as_secs_f64() - inference).max(0.0));
                 let mut members = Vec::new();
                 let mut row = 0;
                 for (i, (j, mb)) in p.microbatches.into_iter().enumerate() {
@@ -434,11 +469,6 @@ impl Engine {
                 });
             }
         }
-        self.run_backward(start, limit, n_inf == 0)?;
-
-        if decoding > 0 {
-            self.budget.observe_iteration(start.elapsed().as_secs_f64());
-        }
         self.counters.iterations += 1;
         Ok(outputs)
     }
@@ -448,11 +478,11 @@ impl Engine {
     /// inference at all, or before the costs are measured, one runs whatever its cost.
     fn plan_finetune(&mut self, n_inf: usize, slots: usize, limit: f64) -> Option<coserve::Planned> {
         let (budget, paged, pool) = (&self.budget, &mut self.paged, &mut self.pool);
-        let forward = |n: usize| budget.forward.predict(n).unwrap_or(0.0);
-        let unmeasured = budget.forward.predict(1).is_none() || budget.loss.predict(1).is_none();
+        let inference = if n_inf > 0 { budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
+        let unmeasured = budget.finetune.predict(1).is_none();
         let mut first = true;
         let fits = |tokens: usize| {
-            let cost = forward(n_inf + tokens) + budget.loss.predict(tokens).unwrap_or(0.0);
+            let cost = inference + budget.finetune.predict_high(tokens).unwrap_or(0.0);
             let ok = cost <= limit || (first && (n_inf == 0 || unmeasured));
             first = false;
             ok
@@ -461,19 +491,22 @@ impl Engine {
         self.training.plan(slots, self.cfg.block_size, fits, pages)
     }
 
-    /// Backward layers of the groups in flight, oldest first, while the budget lasts (at least
-    /// one layer when `idle`: no inference shares the iteration). A group that completes hands
+    /// Backward layers of the groups in flight, oldest first, until `deadline` (at least one
+    /// layer when `idle`: no inference shares the iteration). A group that completes hands
     /// each job its gradients; a job whose optimizer step that completes publishes its new
     /// weights.
-    fn run_backward(&mut self, start: Instant, limit: f64, idle: bool) -> Result<()> {
+    fn run_backward(&mut self, deadline: Instant, idle: bool) -> Result<()> {
         let mut at_least_one = idle;
         while let Some(group) = self.training.in_flight.front_mut() {
             let tokens = group.backward.tokens();
-            let left = limit - start.elapsed().as_secs_f64();
-            let layers = match self.budget.backward.predict(tokens) {
-                Some(per_layer) if per_layer > 0.0 => (left / per_layer).max(0.0) as usize,
-                _ => 1,
-            };
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
+            let per_layer = self.budget.backward.predict_high(tokens).filter(|&c| c > 0.0);
+            let mut layers = per_layer.map_or(1, |c| (left / c) as usize);
+            // The last layer also pays for finishing the group.
+            let finish = self.budget.finish.predict_high(group.members.len()).unwrap_or(0.0);
+            if layers >= group.backward.layers_left() && per_layer.is_some_and(|c| c * layers as f64 + finish > left) {
+                layers = group.backward.layers_left() - 1;
+            }
             let layers = if at_least_one { layers.max(1) } else { layers };
             if layers == 0 {
                 return Ok(());
@@ -489,6 +522,7 @@ impl Engine {
             if !done {
                 return Ok(());
             }
+            let t = Instant::now();
             let Some(group) = self.training.in_flight.pop_front() else { break };
             self.pool.release(&group.blocks, PageUse::Kv);
             for m in &group.members {
@@ -501,6 +535,7 @@ impl Engine {
                     self.publish_adapter(&m.job, adapter, Origin::Training { job: m.job.clone(), step })?;
                 }
             }
+            self.budget.finish.observe(group.members.len(), t.elapsed().as_secs_f64());
         }
         Ok(())
     }
@@ -511,6 +546,13 @@ impl Engine {
         let vocab = self.model.config.vocab_size;
         let target = self.cfg.tpot_target.as_secs_f64();
         let now = Instant::now();
+        if let Some(last) = self
+            .last_sample
+            .filter(|_| scheduled.iter().any(|&(i, _)| self.running[i].computed >= self.running[i].prompt_len))
+        {
+            self.budget.observe_wait((now - last).as_secs_f64());
+        }
+        self.last_sample = Some(now);
         let mut finished = Vec::new();
         let mut row = 0;
         for &(i, chunk) in scheduled {

@@ -103,13 +103,7 @@ impl LayerActs {
         model: &Model,
     ) -> Result<Self> {
         let rows: Vec<u32> = (start as u32..self.x.shape()[0] as u32).collect();
-        let pick = |t: &Tensor| -> Result<Tensor> {
-            let shape = t.shape().to_vec();
-            let flat = t.clone().reshape([shape[0], shape[1..].iter().product()])?;
-            let mut out_shape = shape;
-            out_shape[0] = rows.len();
-            Ok(ops::gather_rows(&flat, &rows)?.reshape(out_shape)?)
-        };
+        let pick = |t: &Tensor| -> Result<Tensor> { Ok(ops::gather_rows(t, &rows)?) };
         let pick_swiglu =
             |a: &SwigluActs| -> Result<SwigluActs> { Ok(SwigluActs { gate: pick(&a.gate)?, up: pick(&a.up)? }) };
         let mlp = match &self.mlp {

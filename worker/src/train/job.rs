@@ -223,14 +223,7 @@ impl Weights {
 /// Rows `start..start + len` of `t` along its first dim (copying only those).
 fn rows(t: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     let idx: Vec<u32> = (start as u32..(start + len) as u32).collect();
-    if t.rank() == 2 {
-        return Ok(ops::gather_rows(t, &idx)?);
-    }
-    // Expert stacks `[experts, out, in]`: as rows of `out·in`.
-    let mut shape = t.shape().to_vec();
-    let flat = t.clone().reshape([shape[0], shape[1..].iter().product()])?;
-    shape[0] = len;
-    Ok(ops::gather_rows(&flat, &idx)?.reshape(shape)?)
+    Ok(ops::gather_rows(t, &idx)?)
 }
 
 fn zeros_like(t: &Tensor) -> Result<Tensor> {
