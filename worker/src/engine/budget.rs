@@ -133,7 +133,8 @@ mod tests {
         }
         let p = c.predict(100).unwrap();
         assert!((p - 0.21).abs() < 1e-6, "{p}");
-        assert_eq!(c.units_within(0.21), Some(100));
+        assert_eq!(c.units_within(0.2105), Some(100));
+        assert_eq!(c.units_within(0.2095), Some(99));
     }
 
     #[test]
