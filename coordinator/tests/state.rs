@@ -1,0 +1,191 @@
+//! The replicated state machine: deterministic apply, retried proposals applied once, stale job
+//! attempts fenced off, a dead worker's jobs re-queued from their checkpoints, and snapshots
+//! that restore exactly.
+
+#![allow(clippy::unwrap_used)] // tests unwrap by design
+
+use serde_json::json;
+use tandem_coordinator::state::{ClusterState, Command, Gpu, JobReport, JobStatus, Placement, Proposal, Reply};
+
+/// Applies commands at consecutive indices, each with its own request id.
+struct Log {
+    state: ClusterState,
+    next: u64,
+}
+
+impl Log {
+    fn new() -> Self {
+        Log { state: ClusterState::default(), next: 1 }
+    }
+
+    fn apply(&mut self, command: Command) -> Reply {
+        let id = format!("req-{}", self.next);
+        self.apply_as(&id, command)
+    }
+
+    fn apply_as(&mut self, request_id: &str, command: Command) -> Reply {
+        let p = Proposal { request_id: request_id.into(), command };
+        let reply = self.state.apply(self.next, &p);
+        self.next += 1;
+        reply
+    }
+}
+
+fn worker(id: &str) -> Command {
+    let gpus = vec![Gpu { index: 0, memory_bytes: 80 << 30, models: vec!["m".into()] }];
+    Command::RegisterWorker { id: id.into(), addr: format!("{id}:7000"), gpus }
+}
+
+fn cluster() -> Log {
+    let mut log = Log::new();
+    assert_eq!(log.apply(worker("w1")), Reply::Done);
+    assert_eq!(log.apply(worker("w2")), Reply::Done);
+    assert_eq!(log.apply(Command::RegisterModel { name: "m".into(), uri: "/models/m".into() }), Reply::Done);
+    log
+}
+
+fn submit(id: &str) -> Command {
+    Command::SubmitJob { id: id.into(), tenant: "t".into(), base_model: "m".into(), spec: json!({"rank": 8}) }
+}
+
+fn put_adapter(name: &str) -> Command {
+    Command::PutAdapter {
+        tenant: "t".into(),
+        name: name.into(),
+        base_model: "m".into(),
+        checksum: "ab".into(),
+        uri: format!("/adapters/{name}"),
+    }
+}
+
+#[test]
+fn a_retried_proposal_applies_once() {
+    let mut log = cluster();
+    assert_eq!(log.apply_as("upload-1", put_adapter("a")), Reply::Version { version: 1 });
+    // The client did not hear back and sent it again: a new log entry, the same request id.
+    assert_eq!(log.apply_as("upload-1", put_adapter("a")), Reply::Version { version: 1 });
+    assert_eq!(log.state.adapters["t"]["a"].len(), 1);
+    // A new request makes a new version.
+    assert_eq!(log.apply_as("upload-2", put_adapter("a")), Reply::Version { version: 2 });
+    // An index at or below the last applied one changes nothing.
+    let before = log.state.clone();
+    let p = Proposal { request_id: "late".into(), command: put_adapter("a") };
+    assert!(matches!(log.state.apply(2, &p), Reply::Refused { .. }));
+    assert_eq!(log.state, before);
+}
+
+#[test]
+fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoint() {
+    let mut log = cluster();
+    log.apply(submit("j"));
+    assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Epoch { epoch: 1 });
+    let report = |epoch, report| Command::ReportJob { id: "j".into(), epoch, report };
+    assert_eq!(log.apply(report(1, JobReport::Running)), Reply::Done);
+    let ckpt = JobReport::Checkpoint { step: 40, uri: "/ckpt/j/step-000040".into() };
+    assert_eq!(log.apply(report(1, ckpt)), Reply::Done);
+    log.apply(Command::SetPlacement {
+        group: "g1".into(),
+        placement: Placement { model: "m".into(), workers: vec!["w1".into()], adapters: vec![] },
+    });
+
+    // w1's lease expires: the job goes back to the queue, keeping its checkpoint; w1's
+    // placement goes.
+    assert_eq!(log.apply(Command::MarkWorkerDead { id: "w1".into() }), Reply::Done);
+    let job = &log.state.jobs["j"];
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.checkpoint.as_ref().unwrap().step, 40);
+    assert_eq!(job.attempts[0].ended.as_deref(), Some("worker lease expired"));
+    assert!(log.state.placements.is_empty());
+    // A dead worker gets nothing.
+    assert!(matches!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Refused { .. }));
+
+    assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 2 });
+    // The old attempt was only slow, not dead: its reports are refused and change nothing.
+    let before = log.state.clone();
+    let stale = log.apply(report(1, JobReport::Succeeded));
+    assert!(matches!(&stale, Reply::Refused { reason } if reason.contains("stale attempt")), "{stale:?}");
+    assert_eq!(log.state.jobs, before.jobs);
+    assert_eq!(log.apply(report(2, JobReport::Succeeded)), Reply::Done);
+    assert_eq!(log.state.jobs["j"].status, JobStatus::Succeeded);
+    // Finished is final.
+    assert!(matches!(log.apply(report(2, JobReport::Running)), Reply::Refused { .. }));
+    assert!(matches!(log.apply(Command::CancelJob { id: "j".into() }), Reply::Refused { .. }));
+}
+
+#[test]
+fn bad_commands_are_refused_without_changing_the_state() {
+    let mut log = cluster();
+    log.apply(submit("j"));
+    let before = log.state.clone();
+    let bad = [
+        submit("j"),
+        Command::SubmitJob { id: "k".into(), tenant: "t".into(), base_model: "nope".into(), spec: json!({}) },
+        Command::PlaceJob { id: "nope".into(), worker: "w1".into() },
+        Command::ReportJob { id: "j".into(), epoch: 0, report: JobReport::Running },
+        Command::DeleteAdapter { tenant: "t".into(), name: "nope".into() },
+        Command::MarkWorkerDead { id: "nope".into() },
+        Command::RemovePlacement { group: "nope".into() },
+        Command::SetPlacement {
+            group: "g".into(),
+            placement: Placement { model: "m".into(), workers: vec!["nope".into()], adapters: vec![] },
+        },
+    ];
+    for command in bad {
+        let reply = log.apply(command.clone());
+        assert!(matches!(reply, Reply::Refused { .. }), "{command:?} gave {reply:?}");
+    }
+    assert_eq!(log.state.jobs, before.jobs);
+    assert_eq!(log.state.adapters, before.adapters);
+    assert_eq!(log.state.placements, before.placements);
+    assert_eq!(log.state.workers, before.workers);
+}
+
+/// A long, varied, deterministic log.
+fn busy_log() -> Vec<Command> {
+    let mut cmds = vec![worker("w1"), worker("w2"), Command::RegisterModel { name: "m".into(), uri: "/m".into() }];
+    for i in 0..300 {
+        let job = format!("j{}", i / 5);
+        cmds.push(match i % 7 {
+            0 => submit(&job),
+            1 => Command::PlaceJob { id: job, worker: if i % 2 == 0 { "w1" } else { "w2" }.into() },
+            2 => put_adapter(&format!("a{}", i % 11)),
+            3 => Command::ReportJob {
+                id: job,
+                epoch: 1,
+                report: JobReport::Checkpoint { step: i, uri: format!("/c/{i}") },
+            },
+            4 => Command::MarkWorkerDead { id: if i % 3 == 0 { "w1" } else { "w2" }.into() },
+            5 => worker(if i % 2 == 0 { "w1" } else { "w2" }),
+            _ => Command::DeleteAdapter { tenant: "t".into(), name: format!("a{}", i % 13) },
+        });
+    }
+    cmds
+}
+
+#[test]
+fn replicas_agree_and_a_snapshot_restores_exactly() {
+    let (mut a, mut b) = (Log::new(), Log::new());
+    let cmds = busy_log();
+    let (first, rest) = cmds.split_at(150);
+    for c in first {
+        assert_eq!(a.apply(c.clone()), b.apply(c.clone()));
+    }
+    let snap = a.state.snapshot().unwrap();
+    let mut restored = Log { state: ClusterState::restore(&snap).unwrap(), next: a.next };
+    assert_eq!(restored.state, a.state);
+    for c in rest {
+        let reply = a.apply(c.clone());
+        assert_eq!(b.apply(c.clone()), reply);
+        assert_eq!(restored.apply(c.clone()), reply);
+    }
+    assert_eq!(a.state.snapshot().unwrap(), b.state.snapshot().unwrap());
+    assert_eq!(restored.state.snapshot().unwrap(), a.state.snapshot().unwrap());
+    // The log did something: jobs, versions, requeues.
+    assert!(a.state.jobs.len() > 20);
+    assert!(a.state.jobs.values().any(|j| j.attempts.iter().any(|t| t.ended.is_some())));
+    // A retry of a request applied before the snapshot is still recognised after restoring.
+    let retry = Proposal { request_id: "req-5".into(), command: put_adapter("zzz") };
+    let next = restored.next;
+    assert!(!matches!(restored.state.apply(next, &retry), Reply::Version { .. }));
+    assert!(!restored.state.adapters["t"].contains_key("zzz"));
+}
