@@ -380,7 +380,6 @@ impl Engine {
         let n_inf = input.tokens.len();
         let plan = self.plan_finetune(n_inf, ids.len(), limit);
         self.counters.last = TokenCounts::default();
-        self.counters.last.finetune = plan.as_ref().map_or(0, |p| p.input.tokens.len() as u64);
         if scheduled.is_empty() && plan.is_none() && self.training.in_flight.is_empty() {
             return Ok(Vec::new());
         }
@@ -440,37 +439,45 @@ impl Engine {
                 let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
                 let rows: Vec<u32> = (n_inf as u32..input.tokens.len() as u32).collect();
                 let hidden = tandem_kernels::ops::gather_rows(&hidden, &rows)?;
-                let (losses, dhidden) = self.model.loss_backward(&hidden, &p.targets, &p.loss_weights)?;
+                self.queue_backward(p, set, tape, &hidden, ids.len())?;
                 // What the fine-tuning rows added to the iteration: packing their adapters, their
                 // share of the forward pass, their loss.
                 let inference = if n_inf > 0 { self.budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
                 self.budget.finetune.observe(rows.len(), (t0.elapsed().as_secs_f64() - inference).max(0.0));
-                let mut members = Vec::new();
-                let mut row = 0;
-                for (i, (j, mb)) in p.microbatches.into_iter().enumerate() {
-                    let job = &mut self.training.jobs[j];
-                    let len: usize = mb.examples.iter().map(|&e| job.job.example(e).tokens.len()).sum();
-                    let loss = losses[row..row + len].iter().map(|&l| l as f64).sum();
-                    row += len;
-                    job.tokens += len as u64;
-                    let name = job.job.spec.name.clone();
-                    members.push(Member { job: name, slot: ids.len() + i, examples: mb.examples, loss });
-                }
-                self.counters.last.finetune = rows.len() as u64;
-                self.counters.tokens.finetune += rows.len() as u64;
-                let backward = PendingBackward::new(&self.model, p.input, tape, dhidden)?;
-                let grads = AdapterGrads::default();
-                self.training.in_flight.push_back(InFlight {
-                    backward,
-                    adapters: set,
-                    grads,
-                    members,
-                    blocks: p.blocks,
-                });
             }
         }
         self.counters.iterations += 1;
         Ok(outputs)
+    }
+
+    /// The loss of planned microbatches whose forward pass produced `tape` and `hidden` (their
+    /// rows only), and their backward, queued. The jobs' adapters have slots from `first_slot`.
+    fn queue_backward(
+        &mut self,
+        p: coserve::Planned,
+        adapters: AdapterSet,
+        tape: Vec<crate::model::LayerActs>,
+        hidden: &tandem_kernels::Tensor,
+        first_slot: usize,
+    ) -> Result<()> {
+        let (losses, dhidden) = self.model.loss_backward(hidden, &p.targets, &p.loss_weights)?;
+        let mut members = Vec::new();
+        let mut row = 0;
+        for (i, (j, mb)) in p.microbatches.into_iter().enumerate() {
+            let job = &mut self.training.jobs[j];
+            let len: usize = mb.examples.iter().map(|&e| job.job.example(e).tokens.len()).sum();
+            let loss = losses[row..row + len].iter().map(|&l| l as f64).sum();
+            row += len;
+            job.tokens += len as u64;
+            members.push(Member { job: job.job.spec.name.clone(), slot: first_slot + i, examples: mb.examples, loss });
+        }
+        let tokens = p.input.tokens.len() as u64;
+        self.counters.last.finetune = tokens;
+        self.counters.tokens.finetune += tokens;
+        let backward = PendingBackward::new(&self.model, p.input, tape, dhidden)?;
+        let grads = AdapterGrads::default();
+        self.training.in_flight.push_back(InFlight { backward, adapters, grads, members, blocks: p.blocks });
+        Ok(())
     }
 
     /// Fine-tuning microbatches for an iteration whose inference part has `n_inf` tokens over
