@@ -1,7 +1,8 @@
-//! Tandem coordinator: the cluster's replicated state. For now its state machine
-//! (`state.rs`); the raft log, the worker leases, placement and the gateway arrive with their
-//! issues.
+//! Tandem coordinator: the cluster's replicated state. So far its state machine (`state.rs`)
+//! and its durable Raft log (`raft_log.rs`); the Raft node and transport, worker leases,
+//! placement and the gateway arrive with their issues.
 
+pub mod raft_log;
 pub mod state;
 
 /// Role name a coordinator reports in health checks.
