@@ -3,6 +3,7 @@
 //! placement and the gateway arrive with their issues.
 
 pub mod raft_log;
+pub mod replica;
 pub mod state;
 
 /// Role name a coordinator reports in health checks.

@@ -207,6 +207,11 @@ impl DiskStorage {
         core.rewrite_log()
     }
 
+    /// The last index in the log files.
+    pub fn last_index_on_disk(&self) -> u64 {
+        self.rl().last_index()
+    }
+
     /// The state machine's bytes of the last snapshot, and its index (0: none).
     pub fn snapshot_data(&self) -> (u64, Vec<u8>) {
         let core = self.rl();

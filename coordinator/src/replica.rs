@@ -1,0 +1,438 @@
+//! One coordinator's Raft replica: raft-rs's `RawNode` over the durable log, driven by a Ready
+//! loop on its own thread. The loop follows raft-rs's contract: entries and the hard state are
+//! on disk before the messages that depend on them leave, committed entries are applied to the
+//! [`ClusterState`] in log order, and the application reports back (`advance`). Proposals carry
+//! request ids (a retry applies once); reads go through ReadIndex, so a partitioned replica
+//! that still believes it leads never answers one. The transport is a trait: gRPC between
+//! processes, channels in tests.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{ConfChangeV2, Entry, EntryType, Message};
+use raft::{Config, RawNode, StateRole};
+
+use crate::raft_log::{DiskStorage, LogError};
+use crate::state::{ClusterState, Proposal, Reply};
+
+/// Sends Raft messages to other replicas (best effort: Raft retries).
+pub trait Transport: Send + 'static {
+    fn send(&self, msg: Message);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// This replica does not lead; `leader` is the one it knows of (0: none).
+    #[error("not the leader (leader: {leader})")]
+    NotLeader { leader: u64 },
+    #[error("the replica stopped")]
+    Stopped,
+    #[error("timed out waiting for the cluster")]
+    Timeout,
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// A log entry or snapshot that does not decode.
+    #[error("codec: {0}")]
+    Codec(String),
+}
+
+/// What a replica reports about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    pub id: u64,
+    pub leader: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub is_leader: bool,
+    pub voters: Vec<u64>,
+    /// Why the loop stopped, if it did (its log could not be written).
+    pub stopped: Option<String>,
+}
+
+/// Timing of the loop: one tick, and the ticks to an election (randomized by raft-rs in
+/// `[election, 2 * election)`) and between heartbeats.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { tick: Duration::from_millis(100), election_ticks: 10, heartbeat_ticks: 2 }
+    }
+}
+
+/// Entries applied between two compactions of the log into a snapshot.
+const COMPACT_EVERY: u64 = 1000;
+
+enum Event {
+    Raft(Message),
+    Propose(Proposal, Sender<Result<Reply, ReplicaError>>),
+    Read(Sender<Result<ClusterState, ReplicaError>>),
+    ChangeMembers(ConfChangeV2, Sender<Result<(), ReplicaError>>),
+    TransferLeader(u64),
+    Stop,
+}
+
+/// The receiving end a transport hands messages to (cheap to clone).
+#[derive(Clone)]
+pub struct Inbox(Sender<Event>);
+
+impl Inbox {
+    /// Delivers a message from another replica; `false` when this one has stopped.
+    pub fn deliver(&self, msg: Message) -> bool {
+        self.0.send(Event::Raft(msg)).is_ok()
+    }
+}
+
+/// A handle to a running replica; dropping it stops the loop.
+pub struct Replica {
+    events: Sender<Event>,
+    status: Arc<Mutex<Status>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Replica {
+    /// Starts replica `id` with its log in `dir`. A new log starts the cluster with `voters`;
+    /// an existing one resumes from disk (its configuration wins).
+    pub fn start(
+        id: u64,
+        voters: &[u64],
+        dir: &Path,
+        transport: impl Transport,
+        timing: Timing,
+    ) -> Result<Self, ReplicaError> {
+        let storage = DiskStorage::open(dir)?;
+        if !storage.is_initialized() {
+            storage.initialize(voters)?;
+        }
+        let (snap_index, snap_data) = storage.snapshot_data();
+        let state = if snap_index > 0 {
+            ClusterState::restore(&snap_data).map_err(|e| ReplicaError::Codec(format!("snapshot: {e}")))?
+        } else {
+            ClusterState::default()
+        };
+        let config = Config {
+            id,
+            election_tick: timing.election_ticks,
+            heartbeat_tick: timing.heartbeat_ticks,
+            pre_vote: true,
+            check_quorum: true,
+            // Everything up to the snapshot is in the state already; later entries re-apply.
+            applied: snap_index,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        config.validate()?;
+        let node = RawNode::new(&config, storage.clone(), &raft::default_logger())?;
+        let (tx, rx) = mpsc::channel();
+        let status = Arc::new(Mutex::new(Status { id, ..Status::default() }));
+        let mut driver = Driver {
+            node,
+            storage,
+            compacted: snap_index,
+            state,
+            transport,
+            status: status.clone(),
+            proposals: HashMap::new(),
+            reads: Vec::new(),
+            next_ctx: 0,
+            conf_changes: HashMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{id}"))
+            .spawn(move || driver.run(rx, timing.tick))
+            .map_err(|e| LogError::Io { path: dir.to_path_buf(), source: e })?;
+        Ok(Replica { events: tx, status, thread: Some(thread) })
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Where a transport delivers this replica's incoming Raft messages.
+    pub fn inbox(&self) -> Inbox {
+        Inbox(self.events.clone())
+    }
+
+    /// Proposes `p` and waits until it is applied (or `timeout`).
+    pub fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply, ReplicaError> {
+        let (tx, rx) = mpsc::channel();
+        self.events.send(Event::Propose(p, tx)).map_err(|_| ReplicaError::Stopped)?;
+        wait(&rx, timeout)
+    }
+
+    /// A linearizable read: the state once everything committed before the call is applied.
+    pub fn read(&self, timeout: Duration) -> Result<ClusterState, ReplicaError> {
+        let (tx, rx) = mpsc::channel();
+        self.events.send(Event::Read(tx)).map_err(|_| ReplicaError::Stopped)?;
+        wait(&rx, timeout)
+    }
+
+    /// Adds or removes coordinators (joint consensus when the change needs it); waits until the
+    /// change is applied.
+    pub fn change_members(&self, cc: ConfChangeV2, timeout: Duration) -> Result<(), ReplicaError> {
+        let (tx, rx) = mpsc::channel();
+        self.events.send(Event::ChangeMembers(cc, tx)).map_err(|_| ReplicaError::Stopped)?;
+        wait(&rx, timeout)
+    }
+
+    pub fn transfer_leader(&self, to: u64) {
+        let _ = self.events.send(Event::TransferLeader(to));
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.events.send(Event::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn wait<T>(rx: &Receiver<Result<T, ReplicaError>>, timeout: Duration) -> Result<T, ReplicaError> {
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => Err(ReplicaError::Timeout),
+        Err(RecvTimeoutError::Disconnected) => Err(ReplicaError::Stopped),
+    }
+}
+
+/// A caller waiting for a linearizable read.
+struct PendingRead {
+    ctx: u64,
+    /// The commit index the leader confirmed for it; the read is answered once applied.
+    index: Option<u64>,
+    reply: Sender<Result<ClusterState, ReplicaError>>,
+}
+
+struct Driver<T: Transport> {
+    node: RawNode<DiskStorage>,
+    storage: DiskStorage,
+    /// Index of the last compaction's snapshot.
+    compacted: u64,
+    state: ClusterState,
+    transport: T,
+    status: Arc<Mutex<Status>>,
+    /// Callers waiting for their proposal, by request id.
+    proposals: HashMap<String, Sender<Result<Reply, ReplicaError>>>,
+    reads: Vec<PendingRead>,
+    /// Counter for the contexts of reads and membership changes.
+    next_ctx: u64,
+    conf_changes: HashMap<Vec<u8>, Sender<Result<(), ReplicaError>>>,
+}
+
+impl<T: Transport> Driver<T> {
+    fn run(&mut self, events: Receiver<Event>, tick: Duration) {
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = tick.saturating_sub(last_tick.elapsed());
+            match events.recv_timeout(wait) {
+                Ok(Event::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(event) => self.handle(event),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if last_tick.elapsed() >= tick {
+                self.node.tick();
+                last_tick = Instant::now();
+                // raft-rs drops a read asked while no leader is known: ask again.
+                for r in &self.reads {
+                    if r.index.is_none() && self.node.raft.leader_id != 0 {
+                        self.node.read_index(r.ctx.to_le_bytes().to_vec());
+                    }
+                }
+            }
+            if let Err(e) = self.on_ready() {
+                // The log cannot be written: stop rather than run on without durability.
+                if let Ok(mut status) = self.status.lock() {
+                    status.stopped = Some(e.to_string());
+                }
+                return;
+            }
+            self.publish_status();
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        let leader = self.node.raft.leader_id;
+        let not_leader = self.node.raft.state != StateRole::Leader;
+        match event {
+            Event::Raft(m) => {
+                let _ = self.node.step(m);
+            }
+            Event::Propose(p, reply) => {
+                if not_leader {
+                    let _ = reply.send(Err(ReplicaError::NotLeader { leader }));
+                    return;
+                }
+                let data = match serde_json::to_vec(&p) {
+                    Ok(d) => d,
+                    Err(e) => return drop(reply.send(Err(ReplicaError::Codec(e.to_string())))),
+                };
+                match self.node.propose(p.request_id.clone().into_bytes(), data) {
+                    Ok(()) => {
+                        self.proposals.insert(p.request_id, reply);
+                    }
+                    Err(e) => drop(reply.send(Err(e.into()))),
+                }
+            }
+            Event::Read(reply) => {
+                self.next_ctx += 1;
+                self.node.read_index(self.next_ctx.to_le_bytes().to_vec());
+                self.reads.push(PendingRead { ctx: self.next_ctx, index: None, reply });
+            }
+            Event::ChangeMembers(cc, reply) => {
+                if not_leader {
+                    let _ = reply.send(Err(ReplicaError::NotLeader { leader }));
+                    return;
+                }
+                self.next_ctx += 1;
+                let ctx = self.next_ctx.to_le_bytes().to_vec();
+                match self.node.propose_conf_change(ctx.clone(), cc) {
+                    Ok(()) => {
+                        self.conf_changes.insert(ctx, reply);
+                    }
+                    Err(e) => drop(reply.send(Err(e.into()))),
+                }
+            }
+            Event::TransferLeader(to) => self.node.transfer_leader(to),
+            Event::Stop => {}
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), ReplicaError> {
+        if !self.node.has_ready() {
+            self.answer_reads();
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        // Messages that do not depend on this Ready's writes may leave now.
+        self.send(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            self.storage.apply_snapshot(&snap)?;
+            self.state = ClusterState::restore(&snap.data)
+                .map_err(|e| ReplicaError::Codec(format!("leader's snapshot: {e}")))?;
+            self.compacted = snap.get_metadata().index;
+        }
+        for rs in ready.take_read_states() {
+            let id = u64::from_le_bytes(rs.request_ctx.as_slice().try_into().unwrap_or_default());
+            if let Some(r) = self.reads.iter_mut().find(|r| r.ctx == id && r.index.is_none()) {
+                r.index = Some(rs.index);
+            }
+        }
+        self.apply(ready.take_committed_entries())?;
+        // Entries and hard state reach the disk before the messages that depend on them.
+        self.storage.append(ready.entries())?;
+        if let Some(hs) = ready.hs() {
+            self.storage.set_hard_state(hs)?;
+        }
+        self.send(ready.take_persisted_messages());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.storage.set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+        self.answer_reads();
+        self.maybe_compact()
+    }
+
+    /// Every [`COMPACT_EVERY`] applied entries, the state becomes the snapshot and the log up
+    /// to it goes (only entries already on this replica's disk).
+    fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
+        let index = self.state.applied.min(self.storage.last_index_on_disk());
+        if index >= self.compacted + COMPACT_EVERY {
+            let data = self.state.snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
+            // The snapshot must describe exactly `index`: only when the state is there.
+            if index == self.state.applied {
+                self.storage.compact(index, data)?;
+                self.compacted = index;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            self.transport.send(m);
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), ReplicaError> {
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal if !e.data.is_empty() => {
+                    let p: Proposal =
+                        serde_json::from_slice(&e.data).map_err(|err| ReplicaError::Codec(err.to_string()))?;
+                    let reply = self.state.apply(e.index, &p);
+                    if let Some(waiter) = self.proposals.remove(&p.request_id) {
+                        let _ = waiter.send(Ok(reply));
+                    }
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let cc: ConfChangeV2 = match e.get_entry_type() {
+                        EntryType::EntryConfChangeV2 => {
+                            protobuf::Message::parse_from_bytes(&e.data).map_err(raft::Error::CodecError)?
+                        }
+                        _ => {
+                            let v1: raft::eraftpb::ConfChange =
+                                protobuf::Message::parse_from_bytes(&e.data).map_err(raft::Error::CodecError)?;
+                            raft_proto::ConfChangeI::into_v2(v1)
+                        }
+                    };
+                    let cs = self.node.apply_conf_change(&cc)?;
+                    self.storage.set_conf_state(&cs)?;
+                    if let Some(waiter) = self.conf_changes.remove(e.context.as_ref() as &[u8]) {
+                        let _ = waiter.send(Ok(()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads whose index is known and applied get the state.
+    fn answer_reads(&mut self) {
+        let applied = self.node.raft.raft_log.applied;
+        let mut i = 0;
+        while i < self.reads.len() {
+            if self.reads[i].index.is_some_and(|idx| idx <= applied) {
+                let read = self.reads.swap_remove(i);
+                let _ = read.reply.send(Ok(self.state.clone()));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let r = &self.node.raft;
+        let s = Status {
+            id: r.id,
+            leader: r.leader_id,
+            term: r.term,
+            commit: r.raft_log.committed,
+            applied: r.raft_log.applied,
+            is_leader: r.state == StateRole::Leader,
+            voters: r.prs().conf().voters().ids().iter().collect(),
+            stopped: None,
+        };
+        if let Ok(mut status) = self.status.lock() {
+            *status = s;
+        }
+    }
+}
