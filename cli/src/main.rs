@@ -1,11 +1,12 @@
 //! `tandem`: the one binary of the Tandem cluster. Subcommands arrive with the issues that build
-//! them (`up`, `coordinator`, `worker`, `finetune`, ...); today: `generate`, `finetune`,
-//! `init-model`, `bench`.
+//! them (`up`, `worker`, `submit`, ...); today: `generate`, `finetune`, `init-model`, `bench`,
+//! `coordinator`, `status`.
 
 mod bench;
 mod bench_coserve;
 mod bench_finetune;
 mod bench_serve;
+mod coordinator;
 mod finetune;
 mod generate;
 
@@ -34,6 +35,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Run one coordinator of the Raft-replicated control plane.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Ask a coordinator for the group's members, leader, term, commit index and workers.
+    Status(coordinator::StatusArgs),
     /// Measure Tandem's components against peers on this machine.
     Bench {
         #[command(subcommand)]
@@ -46,6 +51,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Bench { what } => bench::run(what),
         Command::Finetune(args) => finetune::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Status(args) => coordinator::status(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;

@@ -4,6 +4,7 @@
 
 pub mod raft_log;
 pub mod replica;
+pub mod server;
 pub mod state;
 
 /// Role name a coordinator reports in health checks.
