@@ -27,6 +27,9 @@ pub struct CoordinatorArgs {
     /// Raft tick, milliseconds (elections after 10-20 ticks, heartbeats every 2).
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
+    /// A worker not heard from for this long is marked dead, milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    lease_ms: u64,
 }
 
 #[derive(Args)]
@@ -48,7 +51,8 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         };
         eprintln!("coordinator {} serving on {}", args.id, peers.get(&args.id).map_or("?", String::as_str));
-        server::serve(args.id, peers, &args.data_dir, timing, shutdown).await.map_err(|e| anyhow!("{e}"))
+        let lease = Duration::from_millis(args.lease_ms.max(1));
+        server::serve(args.id, peers, &args.data_dir, timing, lease, shutdown).await.map_err(|e| anyhow!("{e}"))
     })
 }
 

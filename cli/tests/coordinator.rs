@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_coordinator::state::{Command as StateCommand, Proposal};
-use tandem_proto::v1::ProposeRequest;
 use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::v1::{HeartbeatRequest, ProposeRequest, RegisterWorkerRequest};
 
 struct Group {
     dir: PathBuf,
@@ -40,7 +40,8 @@ impl Group {
 
     fn spawn(&mut self, id: u64) {
         let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["coordinator", "--id", &id.to_string(), "--peers", &self.peers, "--tick-ms", "20", "--data-dir"])
+            .args(["coordinator", "--id", &id.to_string(), "--peers", &self.peers, "--tick-ms", "20"])
+            .args(["--lease-ms", "600", "--data-dir"])
             .arg(self.dir.join(id.to_string()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -105,6 +106,11 @@ impl Group {
         }
     }
 
+    /// `workers[name].alive` as coordinator `id` reads it.
+    fn alive(&self, id: u64, name: &str) -> bool {
+        self.status(id).unwrap()["workers"][name]["alive"].as_bool().unwrap()
+    }
+
     fn workers(&self, id: u64) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -155,4 +161,39 @@ fn a_coordinator_group_fails_over_without_losing_a_write() {
     let status = g.status(leader).unwrap();
     assert_eq!(status["members"], serde_json::json!([1, 2, 3]));
     assert!(status["term"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn a_worker_keeps_its_lease_by_heartbeats_and_loses_it_without() {
+    let dir = common::scratch("leases");
+    let g = Group::start(&dir);
+    let leader = g.leader();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("http://{}", g.addrs[&follower]);
+    let mut client = rt.block_on(ClusterClient::connect(url)).unwrap();
+    // Registered through a follower (forwarded to the leader).
+    let reg =
+        RegisterWorkerRequest { worker_id: "gpu-box".into(), addr: "10.0.0.9:7500".into(), gpus_json: String::new() };
+    let lease = rt.block_on(client.register_worker(reg.clone())).unwrap().into_inner().lease_ms;
+    assert_eq!(lease, 600);
+    // Heartbeats every 150 ms for 1.5 s (over two leases): still alive.
+    for _ in 0..10 {
+        rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: "gpu-box".into() })).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(g.alive(leader, "gpu-box"));
+    // Silence: the lease runs out and the worker is marked dead (a Raft entry: every
+    // coordinator agrees).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.alive(leader, "gpu-box") {
+        assert!(Instant::now() < deadline, "the worker's lease never expired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!g.alive(follower, "gpu-box"));
+    // A dead worker's heartbeat is refused until it registers again.
+    let err = rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: "gpu-box".into() })).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    rt.block_on(client.register_worker(reg)).unwrap();
+    assert!(g.alive(leader, "gpu-box"));
 }

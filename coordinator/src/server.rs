@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
@@ -15,12 +15,15 @@ use tandem_proto::v1::cluster_client::ClusterClient;
 use tandem_proto::v1::cluster_server::{Cluster, ClusterServer};
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
-use tandem_proto::v1::{ProposeRequest, ProposeResponse, RaftAck, RaftMessage, StatusRequest, StatusResponse};
+use tandem_proto::v1::{
+    HeartbeatRequest, HeartbeatResponse, ProposeRequest, ProposeResponse, RaftAck, RaftMessage, RegisterWorkerRequest,
+    RegisterWorkerResponse, StatusRequest, StatusResponse,
+};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::replica::{Inbox, Replica, ReplicaError, Timing, Transport};
-use crate::state::Proposal;
+use crate::state::{ClusterState, Command, Gpu, Proposal, Reply};
 
 /// How long a proposal or a read may wait for the group.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -105,9 +108,58 @@ impl Raft for RaftService {
     }
 }
 
+/// Workers' leases, kept by the leader in memory: when each was last heard from.
+struct Leases {
+    lease: Duration,
+    last_seen: Mutex<HashMap<String, Instant>>,
+}
+
+impl Leases {
+    fn renew(&self, worker: &str) {
+        if let Ok(mut m) = self.last_seen.lock() {
+            m.insert(worker.to_string(), Instant::now());
+        }
+    }
+}
+
 struct ClusterService {
     replica: Arc<Replica>,
     peers: BTreeMap<u64, String>,
+    leases: Arc<Leases>,
+}
+
+/// A request id no other request has: a name, and the time in nanoseconds.
+fn fresh_id(what: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{what}-{nanos}")
+}
+
+/// Proposes `p` on `replica` from async code.
+async fn propose(replica: &Arc<Replica>, p: Proposal) -> Result<Reply, ReplicaError> {
+    let replica = replica.clone();
+    tokio::task::spawn_blocking(move || replica.propose(p, REQUEST_TIMEOUT)).await.unwrap_or(Err(ReplicaError::Stopped))
+}
+
+/// A linearizable read of the state from async code.
+async fn read(replica: &Arc<Replica>, timeout: Duration) -> Result<ClusterState, ReplicaError> {
+    let replica = replica.clone();
+    tokio::task::spawn_blocking(move || replica.read(timeout)).await.unwrap_or(Err(ReplicaError::Stopped))
+}
+
+impl ClusterService {
+    /// A client of the leader this replica knows, to forward a request to (once: no loops).
+    async fn leader(&self, e: ReplicaError) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+        let ReplicaError::NotLeader { leader } = e else { return Err(status_of(e)) };
+        let addr = self.peers.get(&leader).ok_or_else(|| Status::unavailable("no leader known yet; retry"))?;
+        ClusterClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| Status::unavailable(format!("leader {leader} at {addr}: {e}")))
+    }
+
+    fn not_leader(&self) -> Option<ReplicaError> {
+        let s = self.replica.status();
+        (!s.is_leader).then_some(ReplicaError::NotLeader { leader: s.leader })
+    }
 }
 
 fn status_of(e: ReplicaError) -> Status {
@@ -126,35 +178,55 @@ impl Cluster for ClusterService {
         let req = req.into_inner();
         let p: Proposal =
             serde_json::from_str(&req.proposal_json).map_err(|e| Status::invalid_argument(format!("proposal: {e}")))?;
-        let replica = self.replica.clone();
-        let result = tokio::task::spawn_blocking(move || replica.propose(p, REQUEST_TIMEOUT))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        match result {
+        match propose(&self.replica, p).await {
             Ok(reply) => {
                 let reply_json = serde_json::to_string(&reply).map_err(|e| Status::internal(e.to_string()))?;
                 Ok(Response::new(ProposeResponse { reply_json }))
             }
-            // A follower hands the proposal to the leader it knows (once: no loops).
-            Err(ReplicaError::NotLeader { leader }) if leader != 0 => {
-                let addr = self.peers.get(&leader).ok_or_else(|| Status::unavailable("leader address unknown"))?;
-                let mut client = ClusterClient::connect(format!("http://{addr}"))
-                    .await
-                    .map_err(|e| Status::unavailable(format!("leader {leader} at {addr}: {e}")))?;
-                let forwarded = client.propose(ProposeRequest { proposal_json: req.proposal_json }).await?;
-                Ok(Response::new(forwarded.into_inner()))
-            }
-            Err(e) => Err(status_of(e)),
+            Err(e) => self.leader(e).await?.propose(req).await,
         }
+    }
+
+    async fn register_worker(
+        &self,
+        req: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        let req = req.into_inner();
+        if let Some(e) = self.not_leader() {
+            return self.leader(e).await?.register_worker(req).await;
+        }
+        if req.worker_id.is_empty() || req.worker_id.chars().any(|c| c.is_control() || c == '/') {
+            return Err(Status::invalid_argument(format!("worker id {:?} is not allowed", req.worker_id)));
+        }
+        let gpus: Vec<Gpu> = serde_json::from_str(if req.gpus_json.is_empty() { "[]" } else { &req.gpus_json })
+            .map_err(|e| Status::invalid_argument(format!("gpus: {e}")))?;
+        let command = Command::RegisterWorker { id: req.worker_id.clone(), addr: req.addr, gpus };
+        let p = Proposal { request_id: fresh_id(&format!("register-{}", req.worker_id)), command };
+        match propose(&self.replica, p).await.map_err(status_of)? {
+            Reply::Refused { reason } => Err(Status::failed_precondition(reason)),
+            _ => {
+                self.leases.renew(&req.worker_id);
+                Ok(Response::new(RegisterWorkerResponse { lease_ms: self.leases.lease.as_millis() as u64 }))
+            }
+        }
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        if let Some(e) = self.not_leader() {
+            return self.leader(e).await?.heartbeat(req).await;
+        }
+        let state = read(&self.replica, REQUEST_TIMEOUT).await.map_err(status_of)?;
+        if !state.workers.get(&req.worker_id).is_some_and(|w| w.alive) {
+            return Err(Status::not_found(format!("worker {:?} has no lease: register again", req.worker_id)));
+        }
+        self.leases.renew(&req.worker_id);
+        Ok(Response::new(HeartbeatResponse { lease_ms: self.leases.lease.as_millis() as u64 }))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = self.replica.status();
-        let replica = self.replica.clone();
-        let state = tokio::task::spawn_blocking(move || replica.read(Duration::from_secs(2)))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let state_json = match state {
+        let state_json = match read(&self.replica, Duration::from_secs(2)).await {
             Ok(state) => serde_json::to_string(&state).map_err(|e| Status::internal(e.to_string()))?,
             Err(_) => String::new(),
         };
@@ -170,13 +242,49 @@ impl Cluster for ClusterService {
     }
 }
 
+/// While this replica leads: marks dead the alive workers not heard from for a whole lease. A
+/// new leader first gives every worker a full lease (it has not seen their heartbeats).
+async fn expire_leases(replica: Arc<Replica>, leases: Arc<Leases>) {
+    let mut led_term = None;
+    loop {
+        tokio::time::sleep(leases.lease / 4).await;
+        let status = replica.status();
+        if !status.is_leader {
+            led_term = None;
+            continue;
+        }
+        let Ok(state) = read(&replica, leases.lease).await else { continue };
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        if let Ok(mut seen) = leases.last_seen.lock() {
+            if led_term != Some(status.term) {
+                led_term = Some(status.term);
+                for id in state.workers.keys() {
+                    seen.insert(id.clone(), now);
+                }
+            }
+            for (id, w) in &state.workers {
+                let last = *seen.entry(id.clone()).or_insert(now);
+                if w.alive && now.duration_since(last) > leases.lease {
+                    expired.push(id.clone());
+                }
+            }
+        }
+        for id in expired {
+            let p = Proposal { request_id: fresh_id(&format!("dead-{id}")), command: Command::MarkWorkerDead { id } };
+            let _ = propose(&replica, p).await;
+        }
+    }
+}
+
 /// Runs coordinator `id` of `peers` (its own address among them) with its data in `dir`,
-/// until `shutdown` resolves.
+/// workers holding leases of `lease`, until `shutdown` resolves.
 pub async fn serve(
     id: u64,
     peers: BTreeMap<u64, String>,
     dir: &Path,
     timing: Timing,
+    lease: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let addr: SocketAddr = peers
@@ -188,11 +296,14 @@ pub async fn serve(
     let transport = GrpcTransport::start(id, &peers, &tokio::runtime::Handle::current());
     let replica = Arc::new(Replica::start(id, &voters, dir, transport, timing)?);
     let raft = RaftService { inbox: replica.inbox() };
-    let cluster = ClusterService { replica: replica.clone(), peers };
+    let leases = Arc::new(Leases { lease, last_seen: Mutex::new(HashMap::new()) });
+    let monitor = tokio::spawn(expire_leases(replica.clone(), leases.clone()));
+    let cluster = ClusterService { replica: replica.clone(), peers, leases };
     tonic::transport::Server::builder()
         .add_service(RaftServer::new(raft))
         .add_service(ClusterServer::new(cluster))
         .serve_with_shutdown(addr, shutdown)
         .await?;
+    monitor.abort();
     Ok(())
 }
