@@ -4,7 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)] // each test file uses its own share of these
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tandem_kernels::{Device, Tensor};
 use tandem_worker::init_model::{Preset, write_model};
@@ -13,10 +13,16 @@ use tandem_worker::rng::Xoshiro256;
 use tandem_worker::train::data::Example;
 use tandem_worker::train::job::{Hyperparams, JobSpec, Method, Weights};
 
+/// The preset's random-weight model, written once per target folder. Tests of one binary run
+/// on parallel threads: one writes while the others wait, so none reads a half-written model.
 pub fn model(preset: Preset) -> Model {
+    static WRITING: Mutex<()> = Mutex::new(());
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("train-models").join(preset.name());
-    if !dir.join("model.safetensors").exists() {
-        write_model(preset, &dir, 3).unwrap();
+    {
+        let _one_writer = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        if !dir.join("model.safetensors").exists() {
+            write_model(preset, &dir, 3).unwrap();
+        }
     }
     Model::load(&dir, Device::Cpu).unwrap()
 }
