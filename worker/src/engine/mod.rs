@@ -389,7 +389,8 @@ impl Engine {
         if let Some(p) = &plan {
             planned += self.budget.finetune.predict_high(p.input.tokens.len()).unwrap_or(0.0);
         }
-        let left = Duration::from_secs_f64((limit - planned).max(0.0));
+        // (Capped: a target of `Duration::MAX`, throughput runs, must not overflow the clock.)
+        let left = Duration::from_secs_f64((limit - planned).clamp(0.0, 3600.0));
         self.run_backward(Instant::now() + left, n_inf == 0)?;
 
         // The batch's adapters: the inference versions (from their pages), then, when
