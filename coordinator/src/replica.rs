@@ -6,15 +6,17 @@
 //! that still believes it leads never answers one. The transport is a trait: gRPC between
 //! processes, channels in tests.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::{ConfChangeV2, Entry, EntryType, Message};
-use raft::{Config, RawNode, StateRole};
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
+};
+use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
 use crate::raft_log::{DiskStorage, LogError};
 use crate::state::{ClusterState, Proposal, Reply};
@@ -22,6 +24,10 @@ use crate::state::{ClusterState, Proposal, Reply};
 /// Sends Raft messages to other replicas (best effort: Raft retries).
 pub trait Transport: Send + 'static {
     fn send(&self, msg: Message);
+
+    /// The addresses of coordinators that joined after the group started (replicated with the
+    /// membership changes that added them), whenever they change.
+    fn set_addresses(&self, _addresses: &BTreeMap<u64, String>) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +58,8 @@ pub struct Status {
     pub applied: u64,
     pub is_leader: bool,
     pub voters: Vec<u64>,
+    /// Callers waiting for a proposal, a read or a membership change.
+    pub waiting: usize,
     /// Why the loop stopped, if it did (its log could not be written).
     pub stopped: Option<String>,
 }
@@ -76,11 +84,28 @@ const COMPACT_EVERY: u64 = 1000;
 
 enum Event {
     Raft(Message),
-    Propose(Proposal, Sender<Result<Reply, ReplicaError>>),
-    Read(Sender<Result<ClusterState, ReplicaError>>),
-    ChangeMembers(ConfChangeV2, Sender<Result<(), ReplicaError>>),
+    Propose(Proposal, Waiter<Reply>),
+    Read(Waiter<ClusterState>),
+    ChangeMembers(ConfChangeV2, Waiter<()>),
     TransferLeader(u64),
     Stop,
+}
+
+/// A caller waiting for an answer until its deadline; after it the caller has given up, and the
+/// replica forgets it (a long partition must not pile up waiters).
+struct Waiter<T> {
+    reply: Sender<Result<T, ReplicaError>>,
+    deadline: Instant,
+}
+
+impl<T> Waiter<T> {
+    fn answer(self, r: Result<T, ReplicaError>) {
+        let _ = self.reply.send(r);
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        now >= self.deadline
+    }
 }
 
 /// The receiving end a transport hands messages to (cheap to clone).
@@ -102,8 +127,9 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts replica `id` with its log in `dir`. A new log starts the cluster with `voters`;
-    /// an existing one resumes from disk (its configuration wins).
+    /// Starts replica `id` with its log in `dir`. A new log starts the cluster with `voters`, or,
+    /// with none, waits to be added to a running group (it learns everything from the leader);
+    /// an existing log resumes from disk (its configuration wins).
     pub fn start(
         id: u64,
         voters: &[u64],
@@ -112,8 +138,8 @@ impl Replica {
         timing: Timing,
     ) -> Result<Self, ReplicaError> {
         let storage = DiskStorage::open(dir)?;
-        if !storage.is_initialized() {
-            storage.initialize(voters)?;
+        if !storage.is_initialized() && !voters.is_empty() {
+            storage.apply_snapshot(&first_snapshot(voters)?)?;
         }
         let (snap_index, snap_data) = storage.snapshot_data();
         let state = if snap_index > 0 {
@@ -135,12 +161,14 @@ impl Replica {
         };
         config.validate()?;
         let node = RawNode::new(&config, storage.clone(), &raft::default_logger())?;
+        transport.set_addresses(&state.coordinators);
         let (tx, rx) = mpsc::channel();
         let status = Arc::new(Mutex::new(Status { id, ..Status::default() }));
         let mut driver = Driver {
             node,
             storage,
             compacted: snap_index,
+            members_changed: false,
             state,
             transport,
             status: status.clone(),
@@ -167,24 +195,40 @@ impl Replica {
 
     /// Proposes `p` and waits until it is applied (or `timeout`).
     pub fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply, ReplicaError> {
-        let (tx, rx) = mpsc::channel();
-        self.events.send(Event::Propose(p, tx)).map_err(|_| ReplicaError::Stopped)?;
-        wait(&rx, timeout)
+        self.ask(timeout, |w| Event::Propose(p, w))
     }
 
     /// A linearizable read: the state once everything committed before the call is applied.
     pub fn read(&self, timeout: Duration) -> Result<ClusterState, ReplicaError> {
-        let (tx, rx) = mpsc::channel();
-        self.events.send(Event::Read(tx)).map_err(|_| ReplicaError::Stopped)?;
-        wait(&rx, timeout)
+        self.ask(timeout, Event::Read)
     }
 
-    /// Adds or removes coordinators (joint consensus when the change needs it); waits until the
-    /// change is applied.
-    pub fn change_members(&self, cc: ConfChangeV2, timeout: Duration) -> Result<(), ReplicaError> {
+    /// Adds coordinators (id → address) and removes others, in one change (joint consensus
+    /// when it needs it); waits until the change is applied.
+    pub fn change_members(
+        &self,
+        add: &BTreeMap<u64, String>,
+        remove: &[u64],
+        timeout: Duration,
+    ) -> Result<(), ReplicaError> {
+        let single = |change_type, node_id| ConfChangeSingle { change_type, node_id, ..Default::default() };
+        let mut changes: Vec<_> = add.keys().map(|&id| single(ConfChangeType::AddNode, id)).collect();
+        changes.extend(remove.iter().map(|&id| single(ConfChangeType::RemoveNode, id)));
+        let context = serde_json::to_vec(add).map_err(|e| ReplicaError::Codec(e.to_string()))?;
+        let cc = ConfChangeV2 { changes: changes.into(), context: context.into(), ..Default::default() };
+        self.ask(timeout, |w| Event::ChangeMembers(cc, w))
+    }
+
+    /// Sends the loop an event carrying a waiter, and waits for its answer until `timeout`.
+    fn ask<T>(&self, timeout: Duration, event: impl FnOnce(Waiter<T>) -> Event) -> Result<T, ReplicaError> {
         let (tx, rx) = mpsc::channel();
-        self.events.send(Event::ChangeMembers(cc, tx)).map_err(|_| ReplicaError::Stopped)?;
-        wait(&rx, timeout)
+        let waiter = Waiter { reply: tx, deadline: Instant::now() + timeout };
+        self.events.send(event(waiter)).map_err(|_| ReplicaError::Stopped)?;
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(ReplicaError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(ReplicaError::Stopped),
+        }
     }
 
     pub fn transfer_leader(&self, to: u64) {
@@ -201,12 +245,17 @@ impl Drop for Replica {
     }
 }
 
-fn wait<T>(rx: &Receiver<Result<T, ReplicaError>>, timeout: Duration) -> Result<T, ReplicaError> {
-    match rx.recv_timeout(timeout) {
-        Ok(r) => r,
-        Err(RecvTimeoutError::Timeout) => Err(ReplicaError::Timeout),
-        Err(RecvTimeoutError::Disconnected) => Err(ReplicaError::Stopped),
-    }
+/// The snapshot every founding member starts from: the first configuration and the empty state
+/// at index 1. Being a snapshot, it reaches a coordinator that joins later as one, so that one
+/// learns the founding voters too (from entries alone it would only see the members added since
+/// and could elect itself alone).
+fn first_snapshot(voters: &[u64]) -> Result<Snapshot, ReplicaError> {
+    let data = ClusterState::default().snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
+    let mut meta = SnapshotMetadata { index: 1, term: 1, ..Default::default() };
+    meta.mut_conf_state().voters = voters.to_vec();
+    let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
+    snapshot.set_metadata(meta);
+    Ok(snapshot)
 }
 
 /// A caller waiting for a linearizable read.
@@ -214,7 +263,7 @@ struct PendingRead {
     ctx: u64,
     /// The commit index the leader confirmed for it; the read is answered once applied.
     index: Option<u64>,
-    reply: Sender<Result<ClusterState, ReplicaError>>,
+    waiter: Waiter<ClusterState>,
 }
 
 struct Driver<T: Transport> {
@@ -222,15 +271,17 @@ struct Driver<T: Transport> {
     storage: DiskStorage,
     /// Index of the last compaction's snapshot.
     compacted: u64,
+    /// A membership change was applied since the last compaction.
+    members_changed: bool,
     state: ClusterState,
     transport: T,
     status: Arc<Mutex<Status>>,
     /// Callers waiting for their proposal, by request id.
-    proposals: HashMap<String, Sender<Result<Reply, ReplicaError>>>,
+    proposals: HashMap<String, Waiter<Reply>>,
     reads: Vec<PendingRead>,
     /// Counter for the contexts of reads and membership changes.
     next_ctx: u64,
-    conf_changes: HashMap<Vec<u8>, Sender<Result<(), ReplicaError>>>,
+    conf_changes: HashMap<Vec<u8>, Waiter<()>>,
 }
 
 impl<T: Transport> Driver<T> {
@@ -246,6 +297,7 @@ impl<T: Transport> Driver<T> {
             if last_tick.elapsed() >= tick {
                 self.node.tick();
                 last_tick = Instant::now();
+                self.forget_expired(last_tick);
                 // raft-rs drops a read asked while no leader is known: ask again.
                 for r in &self.reads {
                     if r.index.is_none() && self.node.raft.leader_id != 0 {
@@ -271,39 +323,37 @@ impl<T: Transport> Driver<T> {
             Event::Raft(m) => {
                 let _ = self.node.step(m);
             }
-            Event::Propose(p, reply) => {
+            Event::Propose(p, waiter) => {
                 if not_leader {
-                    let _ = reply.send(Err(ReplicaError::NotLeader { leader }));
-                    return;
+                    return waiter.answer(Err(ReplicaError::NotLeader { leader }));
                 }
                 let data = match serde_json::to_vec(&p) {
                     Ok(d) => d,
-                    Err(e) => return drop(reply.send(Err(ReplicaError::Codec(e.to_string())))),
+                    Err(e) => return waiter.answer(Err(ReplicaError::Codec(e.to_string()))),
                 };
                 match self.node.propose(p.request_id.clone().into_bytes(), data) {
                     Ok(()) => {
-                        self.proposals.insert(p.request_id, reply);
+                        self.proposals.insert(p.request_id, waiter);
                     }
-                    Err(e) => drop(reply.send(Err(e.into()))),
+                    Err(e) => waiter.answer(Err(e.into())),
                 }
             }
-            Event::Read(reply) => {
+            Event::Read(waiter) => {
                 self.next_ctx += 1;
                 self.node.read_index(self.next_ctx.to_le_bytes().to_vec());
-                self.reads.push(PendingRead { ctx: self.next_ctx, index: None, reply });
+                self.reads.push(PendingRead { ctx: self.next_ctx, index: None, waiter });
             }
-            Event::ChangeMembers(cc, reply) => {
+            Event::ChangeMembers(cc, waiter) => {
                 if not_leader {
-                    let _ = reply.send(Err(ReplicaError::NotLeader { leader }));
-                    return;
+                    return waiter.answer(Err(ReplicaError::NotLeader { leader }));
                 }
                 self.next_ctx += 1;
                 let ctx = self.next_ctx.to_le_bytes().to_vec();
                 match self.node.propose_conf_change(ctx.clone(), cc) {
                     Ok(()) => {
-                        self.conf_changes.insert(ctx, reply);
+                        self.conf_changes.insert(ctx, waiter);
                     }
-                    Err(e) => drop(reply.send(Err(e.into()))),
+                    Err(e) => waiter.answer(Err(e.into())),
                 }
             }
             Event::TransferLeader(to) => self.node.transfer_leader(to),
@@ -350,24 +400,32 @@ impl<T: Transport> Driver<T> {
         self.maybe_compact()
     }
 
-    /// Every [`COMPACT_EVERY`] applied entries, the state becomes the snapshot and the log up
-    /// to it goes (only entries already on this replica's disk).
+    /// Every [`COMPACT_EVERY`] applied entries, and after a membership change, the state becomes
+    /// the snapshot and the log up to it goes (only entries already on this replica's disk). A
+    /// new member catches up from a snapshot, and raft-rs refuses one whose configuration does
+    /// not include it: so a change is followed by a snapshot that does.
     fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
         let index = self.state.applied.min(self.storage.last_index_on_disk());
-        if index >= self.compacted + COMPACT_EVERY {
+        let due = index >= self.compacted + COMPACT_EVERY || (self.members_changed && index > self.compacted);
+        // The snapshot must describe exactly `index`: only when the state is there.
+        if due && index == self.state.applied {
             let data = self.state.snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
-            // The snapshot must describe exactly `index`: only when the state is there.
-            if index == self.state.applied {
-                self.storage.compact(index, data)?;
-                self.compacted = index;
-            }
+            self.storage.compact(index, data)?;
+            self.compacted = index;
+            self.members_changed = false;
         }
         Ok(())
     }
 
-    fn send(&self, msgs: Vec<Message>) {
+    fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
+            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
             self.transport.send(m);
+            // The transport is best effort: say the snapshot went, and if it did not, the
+            // follower's next rejection makes raft-rs send another.
+            if let Some(to) = snapshot_to {
+                self.node.report_snapshot(to, SnapshotStatus::Finish);
+            }
         }
     }
 
@@ -379,7 +437,7 @@ impl<T: Transport> Driver<T> {
                         serde_json::from_slice(&e.data).map_err(|err| ReplicaError::Codec(err.to_string()))?;
                     let reply = self.state.apply(e.index, &p);
                     if let Some(waiter) = self.proposals.remove(&p.request_id) {
-                        let _ = waiter.send(Ok(reply));
+                        waiter.answer(Ok(reply));
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
@@ -395,14 +453,30 @@ impl<T: Transport> Driver<T> {
                     };
                     let cs = self.node.apply_conf_change(&cc)?;
                     self.storage.set_conf_state(&cs)?;
+                    let added: BTreeMap<u64, String> = serde_json::from_slice(&cc.context).unwrap_or_default();
+                    let removed: Vec<u64> = (cc.changes.iter())
+                        .filter(|c| c.change_type == ConfChangeType::RemoveNode)
+                        .map(|c| c.node_id)
+                        .collect();
+                    self.state.change_coordinators(e.index, added, &removed);
+                    self.members_changed = true;
+                    self.transport.set_addresses(&self.state.coordinators);
                     if let Some(waiter) = self.conf_changes.remove(e.context.as_ref() as &[u8]) {
-                        let _ = waiter.send(Ok(()));
+                        waiter.answer(Ok(()));
                     }
                 }
-                _ => {}
+                _ => self.state.applied = self.state.applied.max(e.index),
             }
         }
         Ok(())
+    }
+
+    /// Drops the waiters whose callers have given up. Their proposals may still commit (a retry
+    /// with the same request id then gets the first reply).
+    fn forget_expired(&mut self, now: Instant) {
+        self.proposals.retain(|_, w| !w.expired(now));
+        self.conf_changes.retain(|_, w| !w.expired(now));
+        self.reads.retain(|r| !r.waiter.expired(now));
     }
 
     /// Reads whose index is known and applied get the state.
@@ -412,7 +486,7 @@ impl<T: Transport> Driver<T> {
         while i < self.reads.len() {
             if self.reads[i].index.is_some_and(|idx| idx <= applied) {
                 let read = self.reads.swap_remove(i);
-                let _ = read.reply.send(Ok(self.state.clone()));
+                read.waiter.answer(Ok(self.state.clone()));
             } else {
                 i += 1;
             }
@@ -421,6 +495,8 @@ impl<T: Transport> Driver<T> {
 
     fn publish_status(&self) {
         let r = &self.node.raft;
+        let mut voters: Vec<u64> = r.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
         let s = Status {
             id: r.id,
             leader: r.leader_id,
@@ -428,7 +504,8 @@ impl<T: Transport> Driver<T> {
             commit: r.raft_log.committed,
             applied: r.raft_log.applied,
             is_leader: r.state == StateRole::Leader,
-            voters: r.prs().conf().voters().ids().iter().collect(),
+            voters,
+            waiting: self.proposals.len() + self.reads.len() + self.conf_changes.len(),
             stopped: None,
         };
         if let Ok(mut status) = self.status.lock() {

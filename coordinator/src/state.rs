@@ -203,6 +203,10 @@ pub struct ClusterState {
     pub adapters: BTreeMap<String, BTreeMap<String, Vec<AdapterVersion>>>,
     pub jobs: BTreeMap<String, Job>,
     pub placements: BTreeMap<String, Placement>,
+    /// Addresses of the coordinators added to the group after it started (those it started
+    /// with are on every coordinator's command line), by Raft id.
+    #[serde(default)]
+    pub coordinators: BTreeMap<u64, String>,
     /// Replies of the last [`REMEMBERED_REQUESTS`] proposals by request id, and those ids
     /// oldest first.
     replies: BTreeMap<String, Reply>,
@@ -334,6 +338,16 @@ impl ClusterState {
                 Some(_) => Reply::Done,
                 None => refused(format!("no placement {group:?}")),
             },
+        }
+    }
+
+    /// Records a membership change applied at log `index`: coordinators added (with their
+    /// addresses) and removed.
+    pub fn change_coordinators(&mut self, index: u64, added: BTreeMap<u64, String>, removed: &[u64]) {
+        self.applied = self.applied.max(index);
+        self.coordinators.extend(added);
+        for id in removed {
+            self.coordinators.remove(id);
         }
     }
 

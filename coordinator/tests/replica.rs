@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,7 +47,12 @@ fn dir(test: &str, id: u64) -> PathBuf {
 }
 
 fn start(test: &str, id: u64, net: &Net) -> Replica {
-    let r = Replica::start(id, &[1, 2, 3], &dir(test, id), ChannelTransport { from: id, net: net.clone() }, TIMING)
+    start_with(test, id, &[1, 2, 3], net)
+}
+
+/// Replica `id` of a group founded by `voters` (none: it joins a running group).
+fn start_with(test: &str, id: u64, voters: &[u64], net: &Net) -> Replica {
+    let r = Replica::start(id, voters, &dir(test, id), ChannelTransport { from: id, net: net.clone() }, TIMING)
         .unwrap();
     net.inboxes.lock().unwrap().insert(id, r.inbox());
     r
@@ -131,9 +136,56 @@ fn an_isolated_replica_steps_down_and_answers_no_read() {
     // No split brain: the isolated replica neither accepts writes nor serves reads.
     assert!(replicas[&old].propose(model("x"), Duration::from_millis(300)).is_err());
     assert!(matches!(replicas[&old].read(Duration::from_millis(500)), Err(ReplicaError::Timeout)));
+    // Callers that gave up are forgotten, not kept until the partition heals.
+    std::thread::sleep(TIMING.tick * 3);
+    assert_eq!(replicas[&old].status().waiting, 0);
     // Healed, it follows and sees the majority's write.
     net.isolated.lock().unwrap().clear();
     let state = replicas[&old].read(WAIT).unwrap();
     assert!(state.models.contains_key("b"));
     assert!(!state.models.contains_key("x"));
+}
+
+#[test]
+fn members_join_and_leave_while_the_group_serves() {
+    let test = "members";
+    let _ = std::fs::remove_dir_all(dir(test, 0).parent().unwrap());
+    let net = Net::default();
+    let mut replicas: HashMap<u64, Replica> = (1..=3).map(|id| (id, start(test, id, &net))).collect();
+    let first = leader(&replicas);
+    replicas[&first].propose(model("a"), WAIT).unwrap();
+
+    // A fourth replica starts empty and is added; it learns the founders' configuration (from
+    // the first snapshot), the log, and the addresses of members added later.
+    replicas.insert(4, start_with(test, 4, &[], &net));
+    let add = [(4, "127.0.0.1:7404".to_string())].into();
+    replicas[&first].change_members(&add, &[], WAIT).unwrap();
+    replicas[&first].propose(model("b"), WAIT).unwrap();
+    let state = replicas[&4].read(WAIT).unwrap();
+    assert!(state.models.contains_key("a") && state.models.contains_key("b"));
+    assert_eq!(state.coordinators, add);
+    assert_eq!(replicas[&4].status().voters, vec![1, 2, 3, 4]);
+
+    // Leadership moves to the new member, which then removes the old leader.
+    replicas[&first].transfer_leader(4);
+    let deadline = Instant::now() + WAIT;
+    while !replicas[&4].status().is_leader {
+        assert!(Instant::now() < deadline, "leadership did not move to 4");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    replicas[&4].change_members(&BTreeMap::new(), &[first], WAIT).unwrap();
+    net.inboxes.lock().unwrap().remove(&first);
+    drop(replicas.remove(&first));
+    assert_eq!(replicas[&4].propose(model("c"), WAIT).unwrap(), Reply::Done);
+    for (id, r) in &replicas {
+        let mut want: Vec<u64> = vec![1, 2, 3, 4].into_iter().filter(|&v| v != first).collect();
+        want.sort();
+        assert_eq!(r.status().voters, want, "replica {id}");
+        assert!(r.read(WAIT).unwrap().models.contains_key("c"));
+    }
+    // Still a majority of three: losing one more keeps the group writing.
+    let other = *replicas.keys().find(|&&id| id != 4).unwrap();
+    net.inboxes.lock().unwrap().remove(&other);
+    drop(replicas.remove(&other));
+    assert_eq!(replicas[&4].propose(model("d"), WAIT).unwrap(), Reply::Done);
 }
