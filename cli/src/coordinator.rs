@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server;
-use tandem_proto::v1::StatusRequest;
 use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::v1::{ChangeMembersRequest, Member, StatusRequest, TransferLeaderRequest};
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
@@ -30,6 +30,10 @@ pub struct CoordinatorArgs {
     /// A worker not heard from for this long is marked dead, milliseconds.
     #[arg(long, default_value_t = 3000)]
     lease_ms: u64,
+    /// Join a running group (started empty, waiting for `tandem members add`) instead of
+    /// founding one with the peers.
+    #[arg(long)]
+    join: bool,
 }
 
 #[derive(Args)]
@@ -42,40 +46,98 @@ pub struct StatusArgs {
     json: bool,
 }
 
+#[derive(Args)]
+pub struct MembersArgs {
+    /// Any coordinator's address (a follower forwards to the leader).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    coordinator: String,
+    #[command(subcommand)]
+    change: MemberChange,
+}
+
+#[derive(Subcommand)]
+enum MemberChange {
+    /// Add a coordinator (`ID=HOST:PORT`), started with `tandem coordinator --join`.
+    Add { member: String },
+    /// Remove a coordinator by id (stop its process afterwards).
+    Remove { id: u64 },
+    /// Hand leadership to another member.
+    TransferLeader { id: u64 },
+}
+
 pub fn run(args: CoordinatorArgs) -> Result<()> {
     let peers = server::parse_peers(&args.peers).map_err(|e| anyhow!("--peers: {e}"))?;
-    let timing = Timing { tick: Duration::from_millis(args.tick_ms.max(1)), ..Timing::default() };
+    let opts = server::Options {
+        id: args.id,
+        peers,
+        dir: args.data_dir,
+        timing: Timing { tick: Duration::from_millis(args.tick_ms.max(1)), ..Timing::default() },
+        lease: Duration::from_millis(args.lease_ms.max(1)),
+        join: args.join,
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        eprintln!("coordinator {} serving on {}", args.id, peers.get(&args.id).map_or("?", String::as_str));
-        let lease = Duration::from_millis(args.lease_ms.max(1));
-        server::serve(args.id, peers, &args.data_dir, timing, lease, shutdown).await.map_err(|e| anyhow!("{e}"))
+        eprintln!("coordinator {} serving on {}", opts.id, opts.peers.get(&opts.id).map_or("?", String::as_str));
+        server::serve(opts, shutdown).await.map_err(|e| anyhow!("{e}"))
     })
+}
+
+async fn connect(addr: &str) -> Result<ClusterClient<tonic::transport::Channel>> {
+    ClusterClient::connect(format!("http://{addr}")).await.with_context(|| format!("connecting to {addr}"))
+}
+
+pub fn members(args: MembersArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut client = connect(&args.coordinator).await?;
+        match args.change {
+            MemberChange::Add { member } => {
+                let (id, addr) = server::parse_peers(&member).map_err(|e| anyhow!("{e}"))?.pop_first().unzip();
+                let add = vec![Member { id: id.unwrap_or_default(), addr: addr.unwrap_or_default() }];
+                let r = client.change_members(ChangeMembersRequest { add, remove: vec![] }).await?.into_inner();
+                println!("members: {}", describe(&r.members));
+            }
+            MemberChange::Remove { id } => {
+                let r = client.change_members(ChangeMembersRequest { add: vec![], remove: vec![id] }).await?;
+                println!("members: {}", describe(&r.into_inner().members));
+            }
+            MemberChange::TransferLeader { id } => {
+                let r = client.transfer_leader(TransferLeaderRequest { to: id }).await?.into_inner();
+                println!("leader: {}", r.leader);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `1=host:port, 2=host:port`.
+fn describe(members: &[Member]) -> String {
+    members.iter().map(|m| format!("{}={}", m.id, m.addr)).collect::<Vec<_>>().join(", ")
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let s = rt.block_on(async {
-        let mut client = ClusterClient::connect(format!("http://{}", args.coordinator))
-            .await
-            .with_context(|| format!("connecting to {}", args.coordinator))?;
-        anyhow::Ok(client.status(StatusRequest {}).await?.into_inner())
+        anyhow::Ok(connect(&args.coordinator).await?.status(StatusRequest {}).await?.into_inner())
     })?;
     let state: Value = if s.state_json.is_empty() { Value::Null } else { serde_json::from_str(&s.state_json)? };
     let workers = state.get("workers").cloned().unwrap_or(Value::Null);
     if args.json {
         let out = json!({
             "id": s.id, "leader": s.leader, "term": s.term, "commit": s.commit, "applied": s.applied,
-            "members": s.voters, "workers": workers,
+            "members": s.voters, "addresses": s.members.iter().map(|m| (m.id.to_string(), Value::from(m.addr.clone()))).collect::<serde_json::Map<_, _>>(),
+            "store": s.store, "workers": workers, "models": state.get("models"), "adapters": state.get("adapters"),
+            "jobs": state.get("jobs"), "placements": state.get("placements"),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!("coordinator {} (asked at {})", s.id, args.coordinator);
-    println!("members:      {:?}", s.voters);
+    println!("store:        {}", s.store);
+    println!("members:      {}", describe(&s.members));
     println!("leader:       {}", if s.leader == 0 { "none".to_string() } else { s.leader.to_string() });
     println!("term:         {}", s.term);
     println!("commit index: {} (applied {})", s.commit, s.applied);

@@ -39,6 +39,8 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Ask a coordinator for the group's members, leader, term, commit index and workers.
     Status(coordinator::StatusArgs),
+    /// Change the coordinator group: add or remove members, hand leadership over.
+    Members(coordinator::MembersArgs),
     /// Measure Tandem's components against peers on this machine.
     Bench {
         #[command(subcommand)]
@@ -53,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => coordinator::status(args),
+        Command::Members(args) => coordinator::members(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;

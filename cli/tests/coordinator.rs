@@ -1,6 +1,8 @@
 //! Three `tandem coordinator` processes on loopback talking gRPC: a leader is elected, a write
 //! sent to a follower reaches the leader, the leader's process is killed and another takes
-//! over with no acknowledged write lost, and the killed one restarts from its disk.
+//! over with no acknowledged write lost, and the killed one restarts from its disk; a leader
+//! cut off by a partition steps down while the majority goes on; every coordinator killed at
+//! once loses no acknowledged write; members join and leave under load; workers' leases.
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
@@ -16,32 +18,60 @@ use serde_json::Value;
 use tandem_coordinator::state::{Command as StateCommand, Proposal};
 use tandem_proto::v1::cluster_client::ClusterClient;
 use tandem_proto::v1::{HeartbeatRequest, ProposeRequest, RegisterWorkerRequest};
+use tokio::sync::watch;
 
+/// Coordinator processes on loopback. With `proxied`, every directed link between two of them
+/// goes through a TCP proxy of this test, so the test can cut a coordinator off (a partition),
+/// each coordinator's `--peers` naming the proxies it reaches the others through.
 struct Group {
     dir: PathBuf,
-    peers: String,
+    /// Where each coordinator listens (and what the test talks to).
     addrs: BTreeMap<u64, String>,
+    /// Each coordinator's `--peers`.
+    peers: BTreeMap<u64, String>,
     procs: BTreeMap<u64, Child>,
+    /// (from, to) → the switch cutting that link.
+    links: BTreeMap<(u64, u64), watch::Sender<bool>>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn free_addr() -> String {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+fn peers_arg(addrs: &BTreeMap<u64, String>) -> String {
+    addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",")
 }
 
 impl Group {
-    fn start(dir: &Path) -> Self {
-        // Free loopback ports, released for the coordinators to take.
-        let addrs: BTreeMap<u64, String> = (1..=3)
-            .map(|id| (id, TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()))
-            .collect();
-        let peers = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
-        let mut g = Group { dir: dir.to_path_buf(), peers, addrs, procs: BTreeMap::new() };
+    fn start(dir: &Path, proxied: bool) -> Self {
+        let addrs: BTreeMap<u64, String> = (1..=3).map(|id| (id, free_addr())).collect();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (mut peers, mut links) = (BTreeMap::new(), BTreeMap::new());
+        for from in 1..=3u64 {
+            let mut view = addrs.clone();
+            for to in (1..=3).filter(|&to| proxied && to != from) {
+                let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+                view.insert(to, listener.local_addr().unwrap().to_string());
+                let (cut, cut_rx) = watch::channel(false);
+                rt.spawn(proxy(listener, addrs[&to].clone(), cut_rx));
+                links.insert((from, to), cut);
+            }
+            peers.insert(from, peers_arg(&view));
+        }
+        let mut g = Group { dir: dir.to_path_buf(), addrs, peers, procs: BTreeMap::new(), links, rt };
         for id in 1..=3 {
-            g.spawn(id);
+            g.spawn(id, &[]);
         }
         g
     }
 
-    fn spawn(&mut self, id: u64) {
+    fn spawn(&mut self, id: u64, extra: &[&str]) {
         let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["coordinator", "--id", &id.to_string(), "--peers", &self.peers, "--tick-ms", "20"])
-            .args(["--lease-ms", "600", "--data-dir"])
+            .args(["coordinator", "--id", &id.to_string(), "--peers", &self.peers[&id], "--tick-ms", "20"])
+            .args(["--lease-ms", "600"])
+            .args(extra)
+            .arg("--data-dir")
             .arg(self.dir.join(id.to_string()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -50,10 +80,27 @@ impl Group {
         self.procs.insert(id, child);
     }
 
+    /// Starts coordinator `id` empty, to join the running group (the others learn its address
+    /// from the membership change).
+    fn spawn_joiner(&mut self, id: u64) {
+        self.addrs.insert(id, free_addr());
+        self.peers.insert(id, peers_arg(&self.addrs));
+        self.spawn(id, &["--join"]);
+    }
+
     fn kill(&mut self, id: u64) {
         let mut child = self.procs.remove(&id).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Cuts (or heals) every link to and from coordinator `id`.
+    fn isolate(&self, id: u64, cut: bool) {
+        for ((from, to), switch) in &self.links {
+            if *from == id || *to == id {
+                switch.send_replace(cut);
+            }
+        }
     }
 
     /// `tandem status --json` asked at coordinator `id` (None while it does not answer).
@@ -64,46 +111,58 @@ impl Group {
 
     /// The leader as the live coordinators agree on it, waiting for one.
     fn leader(&self) -> u64 {
+        self.leader_among(&self.procs.keys().copied().collect::<Vec<_>>())
+    }
+
+    /// The leader as one of `ids` sees it, waiting for one of them to know it.
+    fn leader_among(&self, ids: &[u64]) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            for &id in self.procs.keys() {
+            for &id in ids {
                 if let Some(s) = self.status(id) {
                     let leader = s["leader"].as_u64().unwrap();
-                    if leader != 0 && self.procs.contains_key(&leader) {
+                    if leader != 0 && ids.contains(&leader) {
                         return leader;
                     }
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("no leader elected");
+        panic!("no leader elected among {ids:?}");
     }
 
-    /// Registers worker `name` through coordinator `via`, retrying while the group is busy
-    /// electing (the same request id: it applies once).
-    fn register(&self, via: u64, name: &str) {
-        let p = Proposal {
-            request_id: format!("register-{name}"),
-            command: StateCommand::RegisterWorker { id: name.into(), addr: format!("{name}:1"), gpus: vec![] },
-        };
+    /// Proposes `command` once through coordinator `via`: the reply's JSON.
+    fn try_propose(&self, via: u64, request_id: &str, command: &StateCommand) -> Result<String, String> {
+        let p = Proposal { request_id: request_id.into(), command: command.clone() };
         let json = serde_json::to_string(&p).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
+        let url = format!("http://{}", self.addrs[&via]);
+        self.rt.block_on(async {
+            let mut c = ClusterClient::connect(url).await.map_err(|e| e.to_string())?;
+            let r = c.propose(ProposeRequest { proposal_json: json }).await.map_err(|e| e.to_string())?;
+            Ok(r.into_inner().reply_json)
+        })
+    }
+
+    /// Proposes through `via`, retrying while the group is busy electing (the same request id:
+    /// it applies once).
+    fn propose(&self, via: u64, request_id: &str, command: StateCommand) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let result = rt.block_on(async {
-                let mut c = ClusterClient::connect(format!("http://{}", self.addrs[&via])).await?;
-                let r = c.propose(ProposeRequest { proposal_json: json.clone() }).await?;
-                Ok::<_, Box<dyn std::error::Error>>(r.into_inner().reply_json)
-            });
-            match result {
-                Ok(reply) => return assert_eq!(reply, r#"{"result":"done"}"#),
+            match self.try_propose(via, request_id, &command) {
+                Ok(reply) => return reply,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("retrying: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => panic!("registering {name} via {via}: {e}"),
+                Err(e) => panic!("proposing {request_id} via {via}: {e}"),
             }
         }
+    }
+
+    /// Registers worker `name` through coordinator `via`.
+    fn register(&self, via: u64, name: &str) {
+        let command = StateCommand::RegisterWorker { id: name.into(), addr: format!("{name}:1"), gpus: vec![] };
+        assert_eq!(self.propose(via, &format!("register-{name}"), command), r#"{"result":"done"}"#);
     }
 
     /// `workers[name].alive` as coordinator `id` reads it.
@@ -111,17 +170,60 @@ impl Group {
         self.status(id).unwrap()["workers"][name]["alive"].as_bool().unwrap()
     }
 
-    fn workers(&self, id: u64) -> Vec<String> {
+    /// The keys of the state's `what` map (workers, models, ...) as coordinator `id` reads it.
+    fn names(&self, id: u64, what: &str) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = self.status(id)
-                && let Some(w) = s["workers"].as_object()
+                && let Some(w) = s[what].as_object()
             {
                 return w.keys().cloned().collect();
             }
-            assert!(Instant::now() < deadline, "coordinator {id} never served a read");
+            assert!(Instant::now() < deadline, "coordinator {id} never served a read: {:?}", self.status(id));
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    fn workers(&self, id: u64) -> Vec<String> {
+        self.names(id, "workers")
+    }
+
+    /// Waits until coordinator `id` reads `want` as its `what` (it is catching up).
+    fn wait_for(&self, id: u64, what: &str, want: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.names(id, what) != want {
+            assert!(Instant::now() < deadline, "coordinator {id} did not catch up on {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `tandem members ... --coordinator <via>`.
+    fn members(&self, via: u64, change: &[&str]) -> String {
+        let mut args = vec!["members", "--coordinator", &self.addrs[&via]];
+        args.extend(change);
+        let (ok, out, err) = common::tandem(&args);
+        if !ok {
+            let all: Vec<_> = self.procs.keys().map(|&id| self.status(id).map(|s| s.to_string())).collect();
+            panic!("tandem {args:?}: {err}\n{all:?}");
+        }
+        out
+    }
+}
+
+/// Forwards connections to `target` until `cut` is set; then drops them and refuses new ones.
+async fn proxy(listener: tokio::net::TcpListener, target: String, cut: watch::Receiver<bool>) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        if *cut.borrow() {
+            continue;
+        }
+        let (target, mut cut) = (target.clone(), cut.clone());
+        tokio::spawn(async move {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = cut.wait_for(|c| *c) => {}
+            }
+        });
     }
 }
 
@@ -137,7 +239,7 @@ impl Drop for Group {
 #[test]
 fn a_coordinator_group_fails_over_without_losing_a_write() {
     let dir = common::scratch("coordinators");
-    let mut g = Group::start(&dir);
+    let mut g = Group::start(&dir, false);
     let leader = g.leader();
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     // Sent to a follower: forwarded to the leader.
@@ -152,12 +254,8 @@ fn a_coordinator_group_fails_over_without_losing_a_write() {
     g.register(new_leader, "w2");
 
     // The killed coordinator comes back from its disk and catches up.
-    g.spawn(leader);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while g.workers(leader) != vec!["w1".to_string(), "w2".to_string()] {
-        assert!(Instant::now() < deadline, "the restarted coordinator did not catch up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    g.spawn(leader, &[]);
+    g.wait_for(leader, "workers", &["w1".into(), "w2".into()]);
     let status = g.status(leader).unwrap();
     assert_eq!(status["members"], serde_json::json!([1, 2, 3]));
     assert!(status["term"].as_u64().unwrap() >= 2);
@@ -166,7 +264,7 @@ fn a_coordinator_group_fails_over_without_losing_a_write() {
 #[test]
 fn a_worker_keeps_its_lease_by_heartbeats_and_loses_it_without() {
     let dir = common::scratch("leases");
-    let g = Group::start(&dir);
+    let g = Group::start(&dir, false);
     let leader = g.leader();
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -196,4 +294,109 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_loses_it_without() {
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
     rt.block_on(client.register_worker(reg)).unwrap();
     assert!(g.alive(leader, "gpu-box"));
+}
+
+#[test]
+fn a_partitioned_leader_steps_down_and_the_majority_goes_on() {
+    let dir = common::scratch("partition");
+    let g = Group::start(&dir, true);
+    let old = g.leader();
+    g.register(old, "w1");
+    g.isolate(old, true);
+    // check_quorum: cut off from both others, the old leader stops leading.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.status(old).unwrap()["leader"].as_u64() == Some(old) {
+        assert!(Instant::now() < deadline, "an isolated leader kept leading");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rest: Vec<u64> = (1..=3).filter(|&id| id != old).collect();
+    let new = g.leader_among(&rest);
+    g.register(new, "w2");
+    // No split brain: the cut-off coordinator acknowledges no write and serves no read.
+    let command = StateCommand::RegisterWorker { id: "lost".into(), addr: "x:1".into(), gpus: vec![] };
+    assert!(g.try_propose(old, "register-lost", &command).is_err());
+    assert!(g.status(old).unwrap()["workers"].is_null());
+    // Healed, it follows the new leader and has the majority's writes, not its own.
+    g.isolate(old, false);
+    g.wait_for(old, "workers", &["w1".into(), "w2".into()]);
+    assert_eq!(g.leader(), new);
+}
+
+#[test]
+fn every_coordinator_killed_at_once_loses_no_acknowledged_write() {
+    let dir = common::scratch("restart-all");
+    let mut g = Group::start(&dir, false);
+    g.leader();
+    let names: Vec<String> = (0..30).map(|i| format!("w{i:02}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        g.register(1 + i as u64 % 3, name);
+    }
+    for id in 1..=3 {
+        g.kill(id);
+    }
+    for id in 1..=3 {
+        g.spawn(id, &[]);
+    }
+    for id in 1..=3 {
+        g.wait_for(id, "workers", &names);
+    }
+}
+
+#[test]
+fn members_join_and_leave_under_load() {
+    let dir = common::scratch("members");
+    let mut g = Group::start(&dir, false);
+    let first = g.leader();
+    // One writer keeps proposing through the coordinators that stay, one write at a time.
+    let stay: Vec<u64> = (1..=3).filter(|&id| id != first).collect();
+    g.spawn_joiner(4);
+    let addr4 = g.addrs[&4].clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let acked = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut acked = Vec::new();
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("m{i:04}");
+                let command = StateCommand::RegisterModel { name: name.clone(), uri: "/m".into() };
+                g.propose(stay[i % 2], &name, command);
+                acked.push(name);
+            }
+            acked
+        });
+        let _stop_writer = StopOnDrop(&stop);
+        let out = g.members(stay[0], &["add", &format!("4={addr4}")]);
+        assert!(out.contains(&format!("4={addr4}")), "{out}");
+        let out = g.members(stay[1], &["transfer-leader", "4"]);
+        assert_eq!(out.trim(), "leader: 4");
+        g.members(4, &["remove", &first.to_string()]);
+        std::thread::sleep(Duration::from_millis(500));
+        drop(_stop_writer);
+        writer.join().unwrap()
+    });
+    g.kill(first);
+    assert!(acked.len() >= 10, "only {} writes went through", acked.len());
+    for id in [stay[0], stay[1], 4] {
+        let models = g.names(id, "models");
+        assert!(acked.iter().all(|m| models.contains(m)), "coordinator {id} lost a write");
+        let s = g.status(id).unwrap();
+        let mut want = vec![stay[0], stay[1], 4];
+        want.sort();
+        assert_eq!(s["members"], serde_json::json!(want), "coordinator {id}");
+        assert_eq!(s["addresses"]["4"], addr4.as_str(), "coordinator {id}");
+    }
+    // The group goes on without the removed coordinator.
+    g.register(4, "after");
+}
+
+/// Stops the writer however the test's main thread leaves the scope (a failed assert must not
+/// leave it writing forever).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -2,10 +2,12 @@
 //! and its durable Raft log (`raft_log.rs`); the Raft node and transport, worker leases,
 //! placement and the gateway arrive with their issues.
 
+pub mod etcd_store;
 pub mod raft_log;
 pub mod replica;
 pub mod server;
 pub mod state;
+pub mod store;
 
 /// Role name a coordinator reports in health checks.
 pub const ROLE: &str = "coordinator";

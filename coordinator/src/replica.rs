@@ -86,7 +86,7 @@ enum Event {
     Raft(Message),
     Propose(Proposal, Waiter<Reply>),
     Read(Waiter<ClusterState>),
-    ChangeMembers(ConfChangeV2, Waiter<()>),
+    ChangeMembers(ConfChangeV2, Waiter<Vec<u64>>),
     TransferLeader(u64),
     Stop,
 }
@@ -204,13 +204,13 @@ impl Replica {
     }
 
     /// Adds coordinators (id → address) and removes others, in one change (joint consensus
-    /// when it needs it); waits until the change is applied.
+    /// when it needs it); waits until the change is applied and returns the voters then.
     pub fn change_members(
         &self,
         add: &BTreeMap<u64, String>,
         remove: &[u64],
         timeout: Duration,
-    ) -> Result<(), ReplicaError> {
+    ) -> Result<Vec<u64>, ReplicaError> {
         let single = |change_type, node_id| ConfChangeSingle { change_type, node_id, ..Default::default() };
         let mut changes: Vec<_> = add.keys().map(|&id| single(ConfChangeType::AddNode, id)).collect();
         changes.extend(remove.iter().map(|&id| single(ConfChangeType::RemoveNode, id)));
@@ -281,7 +281,7 @@ struct Driver<T: Transport> {
     reads: Vec<PendingRead>,
     /// Counter for the contexts of reads and membership changes.
     next_ctx: u64,
-    conf_changes: HashMap<Vec<u8>, Waiter<()>>,
+    conf_changes: HashMap<Vec<u8>, Waiter<Vec<u64>>>,
 }
 
 impl<T: Transport> Driver<T> {
@@ -461,8 +461,12 @@ impl<T: Transport> Driver<T> {
                     self.state.change_coordinators(e.index, added, &removed);
                     self.members_changed = true;
                     self.transport.set_addresses(&self.state.coordinators);
+                    // The caller may ask about the new members at once: the status says them first.
+                    self.publish_status();
                     if let Some(waiter) = self.conf_changes.remove(e.context.as_ref() as &[u8]) {
-                        waiter.answer(Ok(()));
+                        let mut voters = cs.voters.clone();
+                        voters.sort_unstable();
+                        waiter.answer(Ok(voters));
                     }
                 }
                 _ => self.state.applied = self.state.applied.max(e.index),

@@ -3,9 +3,10 @@
 //! to the leader). Raft messages leave through per-peer queues drained by async tasks, so the
 //! Ready loop never waits on the network.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,8 +17,9 @@ use tandem_proto::v1::cluster_server::{Cluster, ClusterServer};
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
 use tandem_proto::v1::{
-    HeartbeatRequest, HeartbeatResponse, ProposeRequest, ProposeResponse, RaftAck, RaftMessage, RegisterWorkerRequest,
-    RegisterWorkerResponse, StatusRequest, StatusResponse,
+    ChangeMembersRequest, ChangeMembersResponse, HeartbeatRequest, HeartbeatResponse, Member, ProposeRequest,
+    ProposeResponse, RaftAck, RaftMessage, RegisterWorkerRequest, RegisterWorkerResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -47,27 +49,54 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
     Ok(peers)
 }
 
-/// Sends Raft messages to peers over gRPC, one queue and task per peer.
-struct GrpcTransport {
-    queues: HashMap<u64, mpsc::UnboundedSender<Message>>,
+/// Coordinators' addresses: those on this coordinator's command line first (that is how it
+/// reaches them), then those replicated with the membership changes that added the others.
+#[derive(Clone)]
+struct AddressBook {
+    given: BTreeMap<u64, String>,
+    learned: Arc<Mutex<BTreeMap<u64, String>>>,
 }
 
-impl GrpcTransport {
-    fn start(me: u64, peers: &BTreeMap<u64, String>, rt: &tokio::runtime::Handle) -> Self {
-        let mut queues = HashMap::new();
-        for (&id, addr) in peers.iter().filter(|(id, _)| **id != me) {
-            let (tx, rx) = mpsc::unbounded_channel();
-            rt.spawn(drain(format!("http://{addr}"), rx));
-            queues.insert(id, tx);
-        }
-        GrpcTransport { queues }
+impl AddressBook {
+    fn new(given: BTreeMap<u64, String>) -> Self {
+        AddressBook { given, learned: Arc::default() }
     }
+
+    fn get(&self, id: u64) -> Option<String> {
+        self.given.get(&id).cloned().or_else(|| self.learned.lock().ok()?.get(&id).cloned())
+    }
+
+    fn members(&self, voters: &[u64]) -> Vec<Member> {
+        voters.iter().map(|&id| Member { id, addr: self.get(id).unwrap_or_default() }).collect()
+    }
+}
+
+/// Sends Raft messages to peers over gRPC, one queue and task per peer, started when the first
+/// message for that peer leaves.
+struct GrpcTransport {
+    book: AddressBook,
+    queues: Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>,
+    rt: tokio::runtime::Handle,
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, msg: Message) {
-        if let Some(q) = self.queues.get(&msg.to) {
-            let _ = q.send(msg);
+        let Ok(mut queues) = self.queues.lock() else { return };
+        let queue = match queues.entry(msg.to) {
+            Entry::Occupied(q) => q.into_mut(),
+            Entry::Vacant(slot) => {
+                let Some(addr) = self.book.get(msg.to) else { return };
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.rt.spawn(drain(format!("http://{addr}"), rx));
+                slot.insert(tx)
+            }
+        };
+        let _ = queue.send(msg);
+    }
+
+    fn set_addresses(&self, addresses: &BTreeMap<u64, String>) {
+        if let Ok(mut learned) = self.book.learned.lock() {
+            *learned = addresses.clone();
         }
     }
 }
@@ -124,8 +153,10 @@ impl Leases {
 
 struct ClusterService {
     replica: Arc<Replica>,
-    peers: BTreeMap<u64, String>,
+    book: AddressBook,
     leases: Arc<Leases>,
+    /// How long a leader transfer may take (an election's worth of ticks, twice).
+    transfer_timeout: Duration,
 }
 
 /// A request id no other request has: a name, and the time in nanoseconds.
@@ -150,7 +181,7 @@ impl ClusterService {
     /// A client of the leader this replica knows, to forward a request to (once: no loops).
     async fn leader(&self, e: ReplicaError) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
         let ReplicaError::NotLeader { leader } = e else { return Err(status_of(e)) };
-        let addr = self.peers.get(&leader).ok_or_else(|| Status::unavailable("no leader known yet; retry"))?;
+        let addr = self.book.get(leader).ok_or_else(|| Status::unavailable("no leader known yet; retry"))?;
         ClusterClient::connect(format!("http://{addr}"))
             .await
             .map_err(|e| Status::unavailable(format!("leader {leader} at {addr}: {e}")))
@@ -236,9 +267,69 @@ impl Cluster for ClusterService {
             term: s.term,
             commit: s.commit,
             applied: s.applied,
+            members: self.book.members(&s.voters),
             voters: s.voters,
             state_json,
+            store: "raft".into(),
         }))
+    }
+
+    async fn change_members(
+        &self,
+        req: Request<ChangeMembersRequest>,
+    ) -> Result<Response<ChangeMembersResponse>, Status> {
+        let req = req.into_inner();
+        if let Some(e) = self.not_leader() {
+            return self.leader(e).await?.change_members(req).await;
+        }
+        let mut add = BTreeMap::new();
+        for m in &req.add {
+            if m.id == 0 || m.addr.is_empty() || m.addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Status::invalid_argument(format!(
+                    "member {} at {:?}: need an id > 0 and HOST:PORT",
+                    m.id, m.addr
+                )));
+            }
+            add.insert(m.id, m.addr.clone());
+        }
+        let voters = self.replica.status().voters;
+        if let Some(id) = req.remove.iter().find(|id| !voters.contains(id)) {
+            return Err(Status::not_found(format!("coordinator {id} is not a member")));
+        }
+        if voters.iter().filter(|v| !req.remove.contains(v)).count() + add.len() == 0 {
+            return Err(Status::invalid_argument("the change would leave no member"));
+        }
+        let (replica, remove) = (self.replica.clone(), req.remove);
+        let voters = tokio::task::spawn_blocking(move || replica.change_members(&add, &remove, REQUEST_TIMEOUT))
+            .await
+            .unwrap_or(Err(ReplicaError::Stopped))
+            .map_err(status_of)?;
+        Ok(Response::new(ChangeMembersResponse { members: self.book.members(&voters) }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let req = req.into_inner();
+        if let Some(e) = self.not_leader() {
+            return self.leader(e).await?.transfer_leader(req).await;
+        }
+        if !self.replica.status().voters.contains(&req.to) {
+            return Err(Status::not_found(format!("coordinator {} is not a member", req.to)));
+        }
+        self.replica.transfer_leader(req.to);
+        let deadline = Instant::now() + self.transfer_timeout;
+        loop {
+            let leader = self.replica.status().leader;
+            if leader == req.to {
+                return Ok(Response::new(TransferLeaderResponse { leader }));
+            }
+            if Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(format!("coordinator {} did not take over", req.to)));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -277,28 +368,44 @@ async fn expire_leases(replica: Arc<Replica>, leases: Arc<Leases>) {
     }
 }
 
-/// Runs coordinator `id` of `peers` (its own address among them) with its data in `dir`,
-/// workers holding leases of `lease`, until `shutdown` resolves.
+/// How to run one coordinator.
+pub struct Options {
+    /// Its Raft id, one of `peers`.
+    pub id: u64,
+    /// Every founding coordinator's gRPC address (this one's is where it listens); others that
+    /// join later are learned from the log.
+    pub peers: BTreeMap<u64, String>,
+    /// Where its Raft log lives.
+    pub dir: PathBuf,
+    pub timing: Timing,
+    /// How long a worker stays alive without a heartbeat.
+    pub lease: Duration,
+    /// Start empty and wait to be added to a running group instead of founding one.
+    pub join: bool,
+}
+
+/// Runs a coordinator until `shutdown` resolves.
 pub async fn serve(
-    id: u64,
-    peers: BTreeMap<u64, String>,
-    dir: &Path,
-    timing: Timing,
-    lease: Duration,
+    opts: Options,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let addr: SocketAddr = peers
+    let id = opts.id;
+    let addr: SocketAddr = opts
+        .peers
         .get(&id)
         .ok_or_else(|| format!("coordinator {id} is not among the peers"))?
         .parse()
         .map_err(|e| format!("address of coordinator {id}: {e}"))?;
-    let voters: Vec<u64> = peers.keys().copied().collect();
-    let transport = GrpcTransport::start(id, &peers, &tokio::runtime::Handle::current());
-    let replica = Arc::new(Replica::start(id, &voters, dir, transport, timing)?);
+    let founders: Vec<u64> = if opts.join { Vec::new() } else { opts.peers.keys().copied().collect() };
+    let book = AddressBook::new(opts.peers);
+    let transport =
+        GrpcTransport { book: book.clone(), queues: Mutex::default(), rt: tokio::runtime::Handle::current() };
+    let replica = Arc::new(Replica::start(id, &founders, &opts.dir, transport, opts.timing)?);
     let raft = RaftService { inbox: replica.inbox() };
-    let leases = Arc::new(Leases { lease, last_seen: Mutex::new(HashMap::new()) });
+    let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
     let monitor = tokio::spawn(expire_leases(replica.clone(), leases.clone()));
-    let cluster = ClusterService { replica: replica.clone(), peers, leases };
+    let transfer_timeout = opts.timing.tick * (4 * opts.timing.election_ticks) as u32;
+    let cluster = ClusterService { replica: replica.clone(), book, leases, transfer_timeout };
     tonic::transport::Server::builder()
         .add_service(RaftServer::new(raft))
         .add_service(ClusterServer::new(cluster))

@@ -52,8 +52,8 @@ fn start(test: &str, id: u64, net: &Net) -> Replica {
 
 /// Replica `id` of a group founded by `voters` (none: it joins a running group).
 fn start_with(test: &str, id: u64, voters: &[u64], net: &Net) -> Replica {
-    let r = Replica::start(id, voters, &dir(test, id), ChannelTransport { from: id, net: net.clone() }, TIMING)
-        .unwrap();
+    let r =
+        Replica::start(id, voters, &dir(test, id), ChannelTransport { from: id, net: net.clone() }, TIMING).unwrap();
     net.inboxes.lock().unwrap().insert(id, r.inbox());
     r
 }

@@ -1,0 +1,54 @@
+//! Where the cluster's state lives: this coordinator group's own Raft log, or an existing etcd
+//! cluster. Both apply the same [`ClusterState`] state machine to the same ordered log of
+//! proposals, so the service above them does not care which it has.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::etcd_store::{EtcdError, EtcdStore};
+use crate::replica::{Replica, ReplicaError};
+use crate::state::{ClusterState, Proposal, Reply};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Raft(#[from] ReplicaError),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+}
+
+#[derive(Clone)]
+pub enum Store {
+    Raft(Arc<Replica>),
+    Etcd(Arc<EtcdStore>),
+}
+
+impl Store {
+    /// Proposes `p`, waits until it is applied and returns what applying it returned.
+    pub async fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply, StoreError> {
+        match self {
+            Store::Raft(replica) => {
+                let replica = replica.clone();
+                let r = tokio::task::spawn_blocking(move || replica.propose(p, timeout)).await;
+                Ok(r.unwrap_or(Err(ReplicaError::Stopped))?)
+            }
+            Store::Etcd(etcd) => {
+                Ok(tokio::time::timeout(timeout, etcd.propose(p)).await.map_err(|_| EtcdError::Timeout)??)
+            }
+        }
+    }
+
+    /// A linearizable read: the state with everything acknowledged before the call applied.
+    pub async fn read(&self, timeout: Duration) -> Result<ClusterState, StoreError> {
+        match self {
+            Store::Raft(replica) => {
+                let replica = replica.clone();
+                let r = tokio::task::spawn_blocking(move || replica.read(timeout)).await;
+                Ok(r.unwrap_or(Err(ReplicaError::Stopped))?)
+            }
+            Store::Etcd(etcd) => {
+                Ok(tokio::time::timeout(timeout, etcd.read()).await.map_err(|_| EtcdError::Timeout)??)
+            }
+        }
+    }
+}

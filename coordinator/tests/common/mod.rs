@@ -1,0 +1,3 @@
+//! Helpers shared by test files (each includes this folder as `mod common;`).
+
+pub mod etcd;
