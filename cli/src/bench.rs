@@ -19,6 +19,8 @@ pub enum Bench {
     /// Inference of many adapters and fine-tuning of several jobs on one engine, at several
     /// request rates: inference alone, fine-tuning alone, naive time slicing, co-serving.
     Coserve(crate::bench_coserve::CoserveArgs),
+    /// The outage clients see when the coordinators' leader is killed, over many kills.
+    Failover(crate::bench_failover::FailoverArgs),
     /// Matmul GFLOP/s at LLM shapes next to the raw `gemm` crate, and the cost of a multi-LoRA
     /// delta as a fraction of the base matmul.
     Kernels {
@@ -49,6 +51,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Serve(args) => crate::bench_serve::run(args),
         Bench::Finetune(args) => crate::bench_finetune::run(args),
         Bench::Coserve(args) => crate::bench_coserve::run(args),
+        Bench::Failover(args) => crate::bench_failover::run(args),
         Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens } => {
             let device: Device = device.parse()?;
             device.ensure_available()?;

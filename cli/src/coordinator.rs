@@ -22,8 +22,13 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     peers: String,
     /// Where the Raft log, hard state and snapshots live.
+    #[arg(long, required_unless_present = "store")]
+    data_dir: Option<PathBuf>,
+    /// `etcd://HOST:PORT[,HOST:PORT...]`: keep the cluster's state in an existing etcd cluster
+    /// instead of this group's own Raft log (every coordinator then writes to etcd, and one,
+    /// elected through an etcd lease, keeps the workers' leases).
     #[arg(long)]
-    data_dir: PathBuf,
+    store: Option<String>,
     /// Raft tick, milliseconds (elections after 10-20 ticks, heartbeats every 2).
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
@@ -70,10 +75,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let opts = server::Options {
         id: args.id,
         peers,
-        dir: args.data_dir,
+        dir: args.data_dir.unwrap_or_default(),
         timing: Timing { tick: Duration::from_millis(args.tick_ms.max(1)), ..Timing::default() },
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
+        etcd: args.store,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

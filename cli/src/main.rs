@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_coserve;
+mod bench_failover;
 mod bench_finetune;
 mod bench_serve;
 mod coordinator;

@@ -24,8 +24,10 @@ use tandem_proto::v1::{
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use crate::etcd_store::{EtcdError, EtcdStore, Leadership};
 use crate::replica::{Inbox, Replica, ReplicaError, Timing, Transport};
-use crate::state::{ClusterState, Command, Gpu, Proposal, Reply};
+use crate::state::{Command, Gpu, Proposal, Reply};
+use crate::store::{Store, StoreError};
 
 /// How long a proposal or a read may wait for the group.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,12 +153,39 @@ impl Leases {
     }
 }
 
+/// Who leads: the Raft leader, or with the etcd store, the holder of the scheduler election. The
+/// leader keeps the workers' leases; requests about leases (and, with Raft, proposals) sent to
+/// another coordinator are forwarded to it.
+enum Lead {
+    Raft { replica: Arc<Replica>, book: AddressBook, transfer_timeout: Duration },
+    Etcd { store: Arc<EtcdStore>, leadership: Leadership, url: String },
+}
+
+impl Lead {
+    /// While this coordinator leads: a number that changes when it starts leading again (the
+    /// Raft term; with etcd, leadership is lost on the way, which the lease monitor notices).
+    fn leading(&self) -> Option<u64> {
+        match self {
+            Lead::Raft { replica, .. } => {
+                let s = replica.status();
+                s.is_leader.then_some(s.term)
+            }
+            Lead::Etcd { leadership, .. } => leadership.is_leader().then_some(0),
+        }
+    }
+
+    async fn leader_addr(&self) -> Option<String> {
+        match self {
+            Lead::Raft { replica, book, .. } => book.get(replica.status().leader),
+            Lead::Etcd { store, .. } => store.scheduler().await.ok().flatten(),
+        }
+    }
+}
+
 struct ClusterService {
-    replica: Arc<Replica>,
-    book: AddressBook,
+    store: Store,
+    lead: Arc<Lead>,
     leases: Arc<Leases>,
-    /// How long a leader transfer may take (an election's worth of ticks, twice).
-    transfer_timeout: Duration,
 }
 
 /// A request id no other request has: a name, and the time in nanoseconds.
@@ -165,40 +194,39 @@ fn fresh_id(what: &str) -> String {
     format!("{what}-{nanos}")
 }
 
-/// Proposes `p` on `replica` from async code.
-async fn propose(replica: &Arc<Replica>, p: Proposal) -> Result<Reply, ReplicaError> {
-    let replica = replica.clone();
-    tokio::task::spawn_blocking(move || replica.propose(p, REQUEST_TIMEOUT)).await.unwrap_or(Err(ReplicaError::Stopped))
-}
-
-/// A linearizable read of the state from async code.
-async fn read(replica: &Arc<Replica>, timeout: Duration) -> Result<ClusterState, ReplicaError> {
-    let replica = replica.clone();
-    tokio::task::spawn_blocking(move || replica.read(timeout)).await.unwrap_or(Err(ReplicaError::Stopped))
-}
-
 impl ClusterService {
-    /// A client of the leader this replica knows, to forward a request to (once: no loops).
-    async fn leader(&self, e: ReplicaError) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
-        let ReplicaError::NotLeader { leader } = e else { return Err(status_of(e)) };
-        let addr = self.book.get(leader).ok_or_else(|| Status::unavailable("no leader known yet; retry"))?;
+    /// A client of the leader, to forward a request to (once: the leader does not forward).
+    async fn forward(&self) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+        let addr = self.lead.leader_addr().await.ok_or_else(|| Status::unavailable("no leader known yet; retry"))?;
         ClusterClient::connect(format!("http://{addr}"))
             .await
-            .map_err(|e| Status::unavailable(format!("leader {leader} at {addr}: {e}")))
+            .map_err(|e| Status::unavailable(format!("leader at {addr}: {e}")))
     }
 
-    fn not_leader(&self) -> Option<ReplicaError> {
-        let s = self.replica.status();
-        (!s.is_leader).then_some(ReplicaError::NotLeader { leader: s.leader })
+    fn leads(&self) -> bool {
+        self.lead.leading().is_some()
+    }
+
+    /// The Raft replica, for what only a Raft group has (membership, leader transfer).
+    fn raft(&self) -> Result<(&Arc<Replica>, &AddressBook, Duration), Status> {
+        match &*self.lead {
+            Lead::Raft { replica, book, transfer_timeout } => Ok((replica, book, *transfer_timeout)),
+            Lead::Etcd { .. } => {
+                Err(Status::failed_precondition("this group keeps its state in etcd: change etcd's members there"))
+            }
+        }
     }
 }
 
-fn status_of(e: ReplicaError) -> Status {
+fn status_of(e: StoreError) -> Status {
     match e {
-        ReplicaError::NotLeader { leader } => {
+        StoreError::Raft(ReplicaError::NotLeader { leader }) => {
             Status::unavailable(format!("no leader reachable (last known: {leader})"))
         }
-        ReplicaError::Timeout => Status::deadline_exceeded("the coordinator group did not answer in time"),
+        StoreError::Raft(ReplicaError::Timeout) | StoreError::Etcd(EtcdError::Timeout) => {
+            Status::deadline_exceeded("the coordinator group did not answer in time")
+        }
+        StoreError::Etcd(e @ EtcdError::Connection { .. }) => Status::unavailable(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
@@ -209,12 +237,13 @@ impl Cluster for ClusterService {
         let req = req.into_inner();
         let p: Proposal =
             serde_json::from_str(&req.proposal_json).map_err(|e| Status::invalid_argument(format!("proposal: {e}")))?;
-        match propose(&self.replica, p).await {
+        match self.store.propose(p, REQUEST_TIMEOUT).await {
             Ok(reply) => {
                 let reply_json = serde_json::to_string(&reply).map_err(|e| Status::internal(e.to_string()))?;
                 Ok(Response::new(ProposeResponse { reply_json }))
             }
-            Err(e) => self.leader(e).await?.propose(req).await,
+            Err(StoreError::Raft(ReplicaError::NotLeader { .. })) => self.forward().await?.propose(req).await,
+            Err(e) => Err(status_of(e)),
         }
     }
 
@@ -223,8 +252,8 @@ impl Cluster for ClusterService {
         req: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let req = req.into_inner();
-        if let Some(e) = self.not_leader() {
-            return self.leader(e).await?.register_worker(req).await;
+        if !self.leads() {
+            return self.forward().await?.register_worker(req).await;
         }
         if req.worker_id.is_empty() || req.worker_id.chars().any(|c| c.is_control() || c == '/') {
             return Err(Status::invalid_argument(format!("worker id {:?} is not allowed", req.worker_id)));
@@ -233,7 +262,7 @@ impl Cluster for ClusterService {
             .map_err(|e| Status::invalid_argument(format!("gpus: {e}")))?;
         let command = Command::RegisterWorker { id: req.worker_id.clone(), addr: req.addr, gpus };
         let p = Proposal { request_id: fresh_id(&format!("register-{}", req.worker_id)), command };
-        match propose(&self.replica, p).await.map_err(status_of)? {
+        match self.store.propose(p, REQUEST_TIMEOUT).await.map_err(status_of)? {
             Reply::Refused { reason } => Err(Status::failed_precondition(reason)),
             _ => {
                 self.leases.renew(&req.worker_id);
@@ -244,10 +273,10 @@ impl Cluster for ClusterService {
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let req = req.into_inner();
-        if let Some(e) = self.not_leader() {
-            return self.leader(e).await?.heartbeat(req).await;
+        if !self.leads() {
+            return self.forward().await?.heartbeat(req).await;
         }
-        let state = read(&self.replica, REQUEST_TIMEOUT).await.map_err(status_of)?;
+        let state = self.store.read(REQUEST_TIMEOUT).await.map_err(status_of)?;
         if !state.workers.get(&req.worker_id).is_some_and(|w| w.alive) {
             return Err(Status::not_found(format!("worker {:?} has no lease: register again", req.worker_id)));
         }
@@ -256,22 +285,45 @@ impl Cluster for ClusterService {
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let s = self.replica.status();
-        let state_json = match read(&self.replica, Duration::from_secs(2)).await {
+        let state_json = match self.store.read(Duration::from_secs(2)).await {
             Ok(state) => serde_json::to_string(&state).map_err(|e| Status::internal(e.to_string()))?,
             Err(_) => String::new(),
         };
-        Ok(Response::new(StatusResponse {
-            id: s.id,
-            leader: s.leader,
-            term: s.term,
-            commit: s.commit,
-            applied: s.applied,
-            members: self.book.members(&s.voters),
-            voters: s.voters,
-            state_json,
-            store: "raft".into(),
-        }))
+        let status = match &*self.lead {
+            Lead::Raft { replica, book, .. } => {
+                let s = replica.status();
+                StatusResponse {
+                    id: s.id,
+                    leader: s.leader,
+                    term: s.term,
+                    commit: s.commit,
+                    applied: s.applied,
+                    members: book.members(&s.voters),
+                    voters: s.voters,
+                    state_json,
+                    store: "raft".into(),
+                }
+            }
+            // etcd's members, leader and term; the log's head as the commit index.
+            Lead::Etcd { store, url, .. } => {
+                let s = store.status().await.map_err(|e| status_of(e.into()))?;
+                let members: Vec<Member> = (s.members.iter())
+                    .map(|m| Member { id: m.id, addr: m.client_urls.first().cloned().unwrap_or_default() })
+                    .collect();
+                StatusResponse {
+                    id: 0,
+                    leader: s.leader,
+                    term: s.raft_term,
+                    commit: s.head,
+                    applied: s.applied,
+                    voters: members.iter().map(|m| m.id).collect(),
+                    members,
+                    state_json,
+                    store: url.clone(),
+                }
+            }
+        };
+        Ok(Response::new(status))
     }
 
     async fn change_members(
@@ -279,8 +331,9 @@ impl Cluster for ClusterService {
         req: Request<ChangeMembersRequest>,
     ) -> Result<Response<ChangeMembersResponse>, Status> {
         let req = req.into_inner();
-        if let Some(e) = self.not_leader() {
-            return self.leader(e).await?.change_members(req).await;
+        let (replica, book, _) = self.raft()?;
+        if !self.leads() {
+            return self.forward().await?.change_members(req).await;
         }
         let mut add = BTreeMap::new();
         for m in &req.add {
@@ -292,19 +345,19 @@ impl Cluster for ClusterService {
             }
             add.insert(m.id, m.addr.clone());
         }
-        let voters = self.replica.status().voters;
+        let voters = replica.status().voters;
         if let Some(id) = req.remove.iter().find(|id| !voters.contains(id)) {
             return Err(Status::not_found(format!("coordinator {id} is not a member")));
         }
         if voters.iter().filter(|v| !req.remove.contains(v)).count() + add.len() == 0 {
             return Err(Status::invalid_argument("the change would leave no member"));
         }
-        let (replica, remove) = (self.replica.clone(), req.remove);
+        let (replica, remove) = (replica.clone(), req.remove);
         let voters = tokio::task::spawn_blocking(move || replica.change_members(&add, &remove, REQUEST_TIMEOUT))
             .await
             .unwrap_or(Err(ReplicaError::Stopped))
-            .map_err(status_of)?;
-        Ok(Response::new(ChangeMembersResponse { members: self.book.members(&voters) }))
+            .map_err(|e| status_of(e.into()))?;
+        Ok(Response::new(ChangeMembersResponse { members: book.members(&voters) }))
     }
 
     async fn transfer_leader(
@@ -312,16 +365,17 @@ impl Cluster for ClusterService {
         req: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let req = req.into_inner();
-        if let Some(e) = self.not_leader() {
-            return self.leader(e).await?.transfer_leader(req).await;
+        let (replica, _, transfer_timeout) = self.raft()?;
+        if !self.leads() {
+            return self.forward().await?.transfer_leader(req).await;
         }
-        if !self.replica.status().voters.contains(&req.to) {
+        if !replica.status().voters.contains(&req.to) {
             return Err(Status::not_found(format!("coordinator {} is not a member", req.to)));
         }
-        self.replica.transfer_leader(req.to);
-        let deadline = Instant::now() + self.transfer_timeout;
+        replica.transfer_leader(req.to);
+        let deadline = Instant::now() + transfer_timeout;
         loop {
-            let leader = self.replica.status().leader;
+            let leader = replica.status().leader;
             if leader == req.to {
                 return Ok(Response::new(TransferLeaderResponse { leader }));
             }
@@ -333,23 +387,22 @@ impl Cluster for ClusterService {
     }
 }
 
-/// While this replica leads: marks dead the alive workers not heard from for a whole lease. A
-/// new leader first gives every worker a full lease (it has not seen their heartbeats).
-async fn expire_leases(replica: Arc<Replica>, leases: Arc<Leases>) {
-    let mut led_term = None;
+/// While this coordinator leads: marks dead the alive workers not heard from for a whole lease.
+/// A new leader first gives every worker a full lease (it has not seen their heartbeats).
+async fn expire_leases(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
+    let mut led = None;
     loop {
         tokio::time::sleep(leases.lease / 4).await;
-        let status = replica.status();
-        if !status.is_leader {
-            led_term = None;
+        let Some(leading) = lead.leading() else {
+            led = None;
             continue;
-        }
-        let Ok(state) = read(&replica, leases.lease).await else { continue };
+        };
+        let Ok(state) = store.read(leases.lease).await else { continue };
         let now = Instant::now();
         let mut expired = Vec::new();
         if let Ok(mut seen) = leases.last_seen.lock() {
-            if led_term != Some(status.term) {
-                led_term = Some(status.term);
+            if led != Some(leading) {
+                led = Some(leading);
                 for id in state.workers.keys() {
                     seen.insert(id.clone(), now);
                 }
@@ -363,7 +416,7 @@ async fn expire_leases(replica: Arc<Replica>, leases: Arc<Leases>) {
         }
         for id in expired {
             let p = Proposal { request_id: fresh_id(&format!("dead-{id}")), command: Command::MarkWorkerDead { id } };
-            let _ = propose(&replica, p).await;
+            let _ = store.propose(p, REQUEST_TIMEOUT).await;
         }
     }
 }
@@ -382,7 +435,12 @@ pub struct Options {
     pub lease: Duration,
     /// Start empty and wait to be added to a running group instead of founding one.
     pub join: bool,
+    /// `etcd://HOST:PORT[,...]`: keep the state in this etcd cluster instead of a Raft log.
+    pub etcd: Option<String>,
 }
+
+/// Where an etcd-backed group keeps its keys.
+const ETCD_PREFIX: &str = "/tandem";
 
 /// Runs a coordinator until `shutdown` resolves.
 pub async fn serve(
@@ -390,24 +448,33 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let id = opts.id;
-    let addr: SocketAddr = opts
-        .peers
-        .get(&id)
-        .ok_or_else(|| format!("coordinator {id} is not among the peers"))?
-        .parse()
-        .map_err(|e| format!("address of coordinator {id}: {e}"))?;
-    let founders: Vec<u64> = if opts.join { Vec::new() } else { opts.peers.keys().copied().collect() };
-    let book = AddressBook::new(opts.peers);
-    let transport =
-        GrpcTransport { book: book.clone(), queues: Mutex::default(), rt: tokio::runtime::Handle::current() };
-    let replica = Arc::new(Replica::start(id, &founders, &opts.dir, transport, opts.timing)?);
-    let raft = RaftService { inbox: replica.inbox() };
+    let own = opts.peers.get(&id).ok_or_else(|| format!("coordinator {id} is not among the peers"))?.clone();
+    let addr: SocketAddr = own.parse().map_err(|e| format!("address of coordinator {id}: {e}"))?;
+    let mut server = tonic::transport::Server::builder();
+    let (store, lead, raft) = match opts.etcd {
+        Some(url) => {
+            let store = Arc::new(EtcdStore::connect(&url, ETCD_PREFIX).await?);
+            // The candidate's name is its address: the others forward lease requests there.
+            let leadership = store.campaign(&own, opts.lease.max(Duration::from_secs(2))).await?;
+            (Store::Etcd(store.clone()), Lead::Etcd { store, leadership, url }, None)
+        }
+        None => {
+            let founders: Vec<u64> = if opts.join { Vec::new() } else { opts.peers.keys().copied().collect() };
+            let book = AddressBook::new(opts.peers);
+            let transport =
+                GrpcTransport { book: book.clone(), queues: Mutex::default(), rt: tokio::runtime::Handle::current() };
+            let replica = Arc::new(Replica::start(id, &founders, &opts.dir, transport, opts.timing)?);
+            let raft = RaftService { inbox: replica.inbox() };
+            let transfer_timeout = opts.timing.tick * (4 * opts.timing.election_ticks) as u32;
+            (Store::Raft(replica.clone()), Lead::Raft { replica, book, transfer_timeout }, Some(raft))
+        }
+    };
+    let lead = Arc::new(lead);
     let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
-    let monitor = tokio::spawn(expire_leases(replica.clone(), leases.clone()));
-    let transfer_timeout = opts.timing.tick * (4 * opts.timing.election_ticks) as u32;
-    let cluster = ClusterService { replica: replica.clone(), book, leases, transfer_timeout };
-    tonic::transport::Server::builder()
-        .add_service(RaftServer::new(raft))
+    let monitor = tokio::spawn(expire_leases(store.clone(), lead.clone(), leases.clone()));
+    let cluster = ClusterService { store, lead, leases };
+    server
+        .add_optional_service(raft.map(RaftServer::new))
         .add_service(ClusterServer::new(cluster))
         .serve_with_shutdown(addr, shutdown)
         .await?;
