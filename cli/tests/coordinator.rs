@@ -262,7 +262,7 @@ fn a_coordinator_group_fails_over_without_losing_a_write() {
 }
 
 #[test]
-fn a_worker_keeps_its_lease_by_heartbeats_and_loses_it_without() {
+fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let dir = common::scratch("leases");
     let g = Group::start(&dir, false);
     let leader = g.leader();
@@ -275,20 +275,42 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_loses_it_without() {
         RegisterWorkerRequest { worker_id: "gpu-box".into(), addr: "10.0.0.9:7500".into(), gpus_json: String::new() };
     let lease = rt.block_on(client.register_worker(reg.clone())).unwrap().into_inner().lease_ms;
     assert_eq!(lease, 600);
+    let spare = RegisterWorkerRequest { worker_id: "spare".into(), ..reg.clone() };
+    rt.block_on(client.register_worker(spare)).unwrap();
+    let mut beat = |who: &str| {
+        rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: who.into() })).unwrap();
+    };
+    // A job, which the scheduler places on the first of the two idle workers.
+    g.propose(follower, "model", StateCommand::RegisterModel { name: "m".into(), uri: "/m".into() });
+    let spec = serde_json::json!({});
+    let job = StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), base_model: "m".into(), spec };
+    g.propose(follower, "job", job);
     // Heartbeats every 150 ms for 1.5 s (over two leases): still alive.
     for _ in 0..10 {
-        rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: "gpu-box".into() })).unwrap();
+        beat("gpu-box");
+        beat("spare");
         std::thread::sleep(Duration::from_millis(150));
     }
     assert!(g.alive(leader, "gpu-box"));
-    // Silence: the lease runs out and the worker is marked dead (a Raft entry: every
-    // coordinator agrees).
+    let job = |id| g.status(id).unwrap()["jobs"]["j"].clone();
+    assert_eq!((job(leader)["status"].as_str(), job(leader)["epoch"].as_u64()), (Some("placed"), Some(1)));
+    assert_eq!(job(leader)["attempts"][0]["worker"], "gpu-box");
+    // Silence from gpu-box: its lease runs out and it is marked dead (a Raft entry: every
+    // coordinator agrees); its job starts a second attempt on the spare.
     let deadline = Instant::now() + Duration::from_secs(10);
     while g.alive(leader, "gpu-box") {
         assert!(Instant::now() < deadline, "the worker's lease never expired");
+        beat("spare");
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!g.alive(follower, "gpu-box"));
+    while job(follower)["epoch"].as_u64() != Some(2) {
+        assert!(Instant::now() < deadline, "the dead worker's job was not placed again: {}", job(follower));
+        beat("spare");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(job(follower)["attempts"][1]["worker"], "spare");
+    assert_eq!(job(follower)["attempts"][0]["ended"], "worker lease expired");
     // A dead worker's heartbeat is refused until it registers again.
     let err = rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: "gpu-box".into() })).unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");

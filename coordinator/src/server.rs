@@ -387,9 +387,10 @@ impl Cluster for ClusterService {
     }
 }
 
-/// While this coordinator leads: marks dead the alive workers not heard from for a whole lease.
-/// A new leader first gives every worker a full lease (it has not seen their heartbeats).
-async fn expire_leases(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
+/// While this coordinator leads: marks dead the alive workers not heard from for a whole lease
+/// (a new leader first gives every worker a full lease: it has not seen their heartbeats), and
+/// places queued jobs (those of dead workers among them) on alive workers.
+async fn supervise(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
     let mut led = None;
     loop {
         tokio::time::sleep(leases.lease / 4).await;
@@ -414,9 +415,17 @@ async fn expire_leases(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
                 }
             }
         }
-        for id in expired {
-            let p = Proposal { request_id: fresh_id(&format!("dead-{id}")), command: Command::MarkWorkerDead { id } };
-            let _ = store.propose(p, REQUEST_TIMEOUT).await;
+        for id in &expired {
+            let command = Command::MarkWorkerDead { id: id.clone() };
+            let _ =
+                store.propose(Proposal { request_id: fresh_id(&format!("dead-{id}")), command }, REQUEST_TIMEOUT).await;
+        }
+        let Ok(state) = (if expired.is_empty() { Ok(state) } else { store.read(leases.lease).await }) else { continue };
+        for (job, worker) in state.schedule() {
+            // Named by the attempt it starts, so a retry (or a second leader) places it once.
+            let request_id = format!("place-{job}-{}", state.jobs[&job].epoch + 1);
+            let command = Command::PlaceJob { id: job, worker };
+            let _ = store.propose(Proposal { request_id, command }, REQUEST_TIMEOUT).await;
         }
     }
 }
@@ -471,7 +480,7 @@ pub async fn serve(
     };
     let lead = Arc::new(lead);
     let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
-    let monitor = tokio::spawn(expire_leases(store.clone(), lead.clone(), leases.clone()));
+    let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
     let cluster = ClusterService { store, lead, leases };
     server
         .add_optional_service(raft.map(RaftServer::new))

@@ -109,7 +109,8 @@ pub enum Command {
         gpus: Vec<Gpu>,
     },
     /// Its lease expired: its jobs go back to the queue (from their last checkpoint) and its
-    /// placements are dropped.
+    /// place in each worker group goes to the alive worker holding the fewest shards (the group
+    /// is dropped when there is none).
     MarkWorkerDead {
         id: String,
     },
@@ -361,8 +362,58 @@ impl ClusterState {
                 job.status = JobStatus::Queued;
             }
         }
-        self.placements.retain(|_, p| !p.workers.iter().any(|w| w == id));
+        let groups: Vec<String> =
+            self.placements.iter().filter(|(_, p)| p.workers.iter().any(|w| w == id)).map(|(g, _)| g.clone()).collect();
+        for group in groups {
+            let replacement =
+                self.least_loaded(|w| self.shards_on(w), |w| !self.placements[&group].workers.contains(w));
+            match replacement {
+                Some(r) => {
+                    if let Some(p) = self.placements.get_mut(&group) {
+                        p.workers.iter_mut().filter(|w| *w == id).for_each(|w| *w = r.clone());
+                    }
+                }
+                None => drop(self.placements.remove(&group)),
+            }
+        }
         Reply::Done
+    }
+
+    /// The alive worker `eligible` allows with the least `load` (ties: the first by id).
+    fn least_loaded(&self, load: impl Fn(&str) -> usize, eligible: impl Fn(&String) -> bool) -> Option<String> {
+        (self.workers.iter())
+            .filter(|(w, info)| info.alive && eligible(w))
+            .min_by_key(|(w, _)| load(w))
+            .map(|(w, _)| w.clone())
+    }
+
+    /// Shards of worker groups on worker `w`.
+    fn shards_on(&self, w: &str) -> usize {
+        self.placements.values().flat_map(|p| &p.workers).filter(|x| *x == w).count()
+    }
+
+    /// The scheduler's next moves: each queued job onto the alive worker with the fewest jobs
+    /// placed or running (counting the moves before it), preferring workers that have the job's
+    /// base model loaded. Pure: the leader proposes them as [`Command::PlaceJob`]s.
+    pub fn schedule(&self) -> Vec<(String, String)> {
+        let mut jobs_on: BTreeMap<String, usize> = BTreeMap::new();
+        for job in self.jobs.values().filter(|j| matches!(j.status, JobStatus::Placed | JobStatus::Running)) {
+            if let Some(a) = job.attempts.last() {
+                *jobs_on.entry(a.worker.clone()).or_default() += 1;
+            }
+        }
+        let mut moves = Vec::new();
+        for (id, job) in self.jobs.iter().filter(|(_, j)| j.status == JobStatus::Queued) {
+            let has_model = |w: &str| self.workers[w].gpus.iter().any(|g| g.models.contains(&job.base_model));
+            let best = (self.workers.iter())
+                .filter(|(_, info)| info.alive)
+                .min_by_key(|(w, _)| (!has_model(w), jobs_on.get(*w).copied().unwrap_or(0)))
+                .map(|(w, _)| w.clone());
+            let Some(worker) = best else { break };
+            *jobs_on.entry(worker.clone()).or_default() += 1;
+            moves.push((id.clone(), worker));
+        }
+        moves
     }
 
     /// The whole state, serialized (a snapshot of the log up to `applied`).

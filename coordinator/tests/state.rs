@@ -88,27 +88,35 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
         placement: Placement { model: "m".into(), workers: vec!["w1".into()], adapters: vec![] },
     });
 
-    // w1's lease expires: the job goes back to the queue, keeping its checkpoint; w1's
-    // placement goes.
+    // w1's lease expires: the job goes back to the queue, keeping its checkpoint; w1's shard
+    // moves to w2, the only other worker alive.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "w1".into() }), Reply::Done);
     let job = &log.state.jobs["j"];
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.checkpoint.as_ref().unwrap().step, 40);
     assert_eq!(job.attempts[0].ended.as_deref(), Some("worker lease expired"));
-    assert!(log.state.placements.is_empty());
-    // A dead worker gets nothing.
+    assert_eq!(log.state.placements["g1"].workers, vec!["w2".to_string()]);
+    // A dead worker gets nothing; the scheduler picks w2.
     assert!(matches!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Refused { .. }));
+    assert_eq!(log.state.schedule(), vec![("j".to_string(), "w2".to_string())]);
 
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 2 });
+    assert!(log.state.schedule().is_empty());
+    // With no worker left to take its shard, the group goes.
+    assert_eq!(log.apply(Command::MarkWorkerDead { id: "w2".into() }), Reply::Done);
+    assert!(log.state.placements.is_empty());
+    assert!(log.state.schedule().is_empty(), "nothing alive to place on");
+    assert_eq!(log.apply(worker("w2")), Reply::Done);
+    assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 3 });
     // The old attempt was only slow, not dead: its reports are refused and change nothing.
     let before = log.state.clone();
     let stale = log.apply(report(1, JobReport::Succeeded));
     assert!(matches!(&stale, Reply::Refused { reason } if reason.contains("stale attempt")), "{stale:?}");
     assert_eq!(log.state.jobs, before.jobs);
-    assert_eq!(log.apply(report(2, JobReport::Succeeded)), Reply::Done);
+    assert_eq!(log.apply(report(3, JobReport::Succeeded)), Reply::Done);
     assert_eq!(log.state.jobs["j"].status, JobStatus::Succeeded);
     // Finished is final.
-    assert!(matches!(log.apply(report(2, JobReport::Running)), Reply::Refused { .. }));
+    assert!(matches!(log.apply(report(3, JobReport::Running)), Reply::Refused { .. }));
     assert!(matches!(log.apply(Command::CancelJob { id: "j".into() }), Reply::Refused { .. }));
 }
 
@@ -188,4 +196,23 @@ fn replicas_agree_and_a_snapshot_restores_exactly() {
     let next = restored.next;
     assert!(!matches!(restored.state.apply(next, &retry), Reply::Version { .. }));
     assert!(!restored.state.adapters["t"].contains_key("zzz"));
+}
+
+#[test]
+fn the_scheduler_spreads_queued_jobs_and_prefers_workers_with_the_model() {
+    let mut log = cluster();
+    // w3 is alive but has no copy of the base model loaded.
+    log.apply(Command::RegisterWorker { id: "w3".into(), addr: "w3:7000".into(), gpus: vec![] });
+    for j in ["a", "b", "c", "d"] {
+        log.apply(submit(j));
+    }
+    log.apply(Command::PlaceJob { id: "a".into(), worker: "w1".into() });
+    let moves = log.state.schedule();
+    let want = [("b", "w2"), ("c", "w1"), ("d", "w2")];
+    assert_eq!(moves, want.map(|(j, w)| (j.to_string(), w.to_string())).to_vec());
+    // Only w3 alive: it takes them all.
+    log.apply(Command::MarkWorkerDead { id: "w1".into() });
+    log.apply(Command::MarkWorkerDead { id: "w2".into() });
+    assert!(log.state.schedule().iter().all(|(_, w)| w == "w3"));
+    assert_eq!(log.state.schedule().len(), 4);
 }
