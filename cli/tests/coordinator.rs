@@ -256,6 +256,13 @@ fn a_coordinator_group_fails_over_without_losing_a_write() {
     // The killed coordinator comes back from its disk and catches up.
     g.spawn(leader, &[]);
     g.wait_for(leader, "workers", &["w1".into(), "w2".into()]);
+
+    // A follower killed and restarted recovers too.
+    let follower = (1..=3).find(|&id| id != new_leader).unwrap();
+    g.kill(follower);
+    g.register(new_leader, "w3");
+    g.spawn(follower, &[]);
+    g.wait_for(follower, "workers", &["w1".into(), "w2".into(), "w3".into()]);
     let status = g.status(leader).unwrap();
     assert_eq!(status["members"], serde_json::json!([1, 2, 3]));
     assert!(status["term"].as_u64().unwrap() >= 2);
