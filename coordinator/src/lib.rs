@@ -1,6 +1,7 @@
-//! Tandem coordinator: the cluster's replicated state. So far its state machine (`state.rs`)
-//! and its durable Raft log (`raft_log.rs`); the Raft node and transport, worker leases,
-//! placement and the gateway arrive with their issues.
+//! Tandem coordinator: the cluster's replicated state (`state.rs`), kept by a Raft group over a
+//! durable log (`raft_log.rs`, `replica.rs`) or in etcd (`etcd_store.rs`), behind one interface
+//! (`store.rs`); the gRPC service with workers' leases and the scheduler (`server.rs`). The
+//! gateway arrives with its issue. See docs/coordinator.md.
 
 pub mod etcd_store;
 pub mod raft_log;

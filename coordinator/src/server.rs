@@ -1,7 +1,8 @@
-//! A coordinator process: its Raft replica, and one gRPC address that carries both the Raft
-//! traffic between coordinators and the cluster API (a proposal sent to a follower is forwarded
-//! to the leader). Raft messages leave through per-peer queues drained by async tasks, so the
-//! Ready loop never waits on the network.
+//! A coordinator process: its store (a Raft replica, or etcd), and one gRPC address that carries
+//! both the Raft traffic between coordinators and the cluster API (a request sent to a follower
+//! is forwarded to the leader), the workers' leases and the scheduler, run by the leader. Raft
+//! messages leave through per-peer queues drained by async tasks, so the Ready loop never waits
+//! on the network.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
