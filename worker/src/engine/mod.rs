@@ -88,6 +88,17 @@ pub struct GenerationOutput {
     pub finish_reason: FinishReason,
 }
 
+/// A token sampled for a request that goes on, for streaming: the text it settled (empty while
+/// it may still become part of a stop string or of a character being decoded).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// Index of the request in submission order.
+    pub index: usize,
+    pub token: u32,
+    pub logprob: f32,
+    pub text: String,
+}
+
 struct Sequence {
     index: usize,
     prompt_len: usize,
@@ -101,6 +112,8 @@ struct Sequence {
     sampler: Sampler,
     stop: StopChecker,
     logprobs: Vec<f32>,
+    /// Bytes of its text already reported in [`Progress`].
+    streamed: usize,
     submitted_at: Instant,
     /// When its last token was sampled.
     last_token_at: Option<Instant>,
@@ -140,6 +153,8 @@ pub struct Engine {
     /// When the last iteration sampled tokens.
     last_sample: Option<Instant>,
     counters: Counters,
+    /// Tokens the last step sampled for requests that go on.
+    progress: Vec<Progress>,
 }
 
 impl Engine {
@@ -186,6 +201,7 @@ impl Engine {
             reports: Vec::new(),
             last_sample: None,
             counters: Counters::default(),
+            progress: Vec::new(),
         })
     }
 
@@ -342,10 +358,18 @@ impl Engine {
             sampler: Sampler::new(&req.params),
             stop: StopChecker::new(&req.params, &self.eos),
             logprobs: Vec::new(),
+            streamed: 0,
             submitted_at: Instant::now(),
             last_token_at: None,
         });
         Ok(index)
+    }
+
+    /// The tokens the last step sampled for requests that go on, with the text each settled:
+    /// what a streaming caller sends on after each step. A request's streamed texts followed by
+    /// the rest of its [`GenerationOutput::text`] make its whole text.
+    pub fn progress(&self) -> &[Progress] {
+        &self.progress
     }
 
     /// Whether any request is queued or running.
@@ -362,6 +386,7 @@ impl Engine {
     /// time budget leaves, all in one forward pass; then the loss of those microbatches and as
     /// much backward as still fits. Returns the requests that finished.
     pub fn step(&mut self) -> Result<Vec<GenerationOutput>> {
+        self.progress.clear();
         self.admit()?;
         let decoding = self.running.iter().filter(|s| s.computed >= s.prompt_len).count();
         // A decoding request waits from one sample to the next: this iteration gets the target
@@ -595,6 +620,17 @@ impl Engine {
             };
             if let Some(f) = seq.stop.check(generated, &text) {
                 finished.push((i, f.reason, f.text.to_string()));
+            } else {
+                // A trailing U+FFFD is a character whose bytes are still coming.
+                let settled = seq.stop.streamable_len(text.trim_end_matches('\u{FFFD}')).max(seq.streamed);
+                let new_text = text.get(seq.streamed..settled).unwrap_or_default().to_string();
+                seq.streamed = settled;
+                self.progress.push(Progress {
+                    index: seq.index,
+                    token: sampled.token,
+                    logprob: sampled.logprob,
+                    text: new_text,
+                });
             }
         }
         self.counters.tokens.decode += self.counters.last.decode;

@@ -16,15 +16,18 @@ use tandem_worker::train::job::{Hyperparams, JobSpec, Method, Weights};
 /// The preset's random-weight model, written once per target folder. Tests of one binary run
 /// on parallel threads: one writes while the others wait, so none reads a half-written model.
 pub fn model(preset: Preset) -> Model {
+    Model::load(&model_dir(preset), Device::Cpu).unwrap()
+}
+
+/// Where [`model`] writes the preset's model (with its tokenizer).
+pub fn model_dir(preset: Preset) -> PathBuf {
     static WRITING: Mutex<()> = Mutex::new(());
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("train-models").join(preset.name());
-    {
-        let _one_writer = WRITING.lock().unwrap_or_else(|e| e.into_inner());
-        if !dir.join("model.safetensors").exists() {
-            write_model(preset, &dir, 3).unwrap();
-        }
+    let _one_writer = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+    if !dir.join("model.safetensors").exists() {
+        write_model(preset, &dir, 3).unwrap();
     }
-    Model::load(&dir, Device::Cpu).unwrap()
+    dir
 }
 
 /// `n` random sequences of 4..20 tokens; loss on everything after a random prompt.
