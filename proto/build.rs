@@ -6,7 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/tandem/v1/health.proto", "proto/tandem/v1/coordinator.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(
+        &["proto/tandem/v1/health.proto", "proto/tandem/v1/coordinator.proto", "proto/tandem/v1/worker.proto"],
+        &["proto"],
+    )?;
     Ok(())
 }

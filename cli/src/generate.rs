@@ -134,7 +134,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 /// `NAME=DIR`: a PEFT LoRA adapter (adapter_config.json) or an ESFT adapter (esft_config.json).
-fn load_adapter(spec: &str, config: &ModelConfig) -> Result<(String, Adapter)> {
+pub fn load_adapter(spec: &str, config: &ModelConfig) -> Result<(String, Adapter)> {
     let Some((name, dir)) = spec.split_once('=') else { bail!("--adapter {spec:?}: expected NAME=DIR") };
     let dir = Path::new(dir);
     let adapter = if dir.join("esft_config.json").exists() {

@@ -10,6 +10,7 @@ mod bench_serve;
 mod coordinator;
 mod finetune;
 mod generate;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,9 @@ enum Command {
     Status(coordinator::StatusArgs),
     /// Change the coordinator group: add or remove members, hand leadership over.
     Members(coordinator::MembersArgs),
+    /// Run one worker: a base model's engine serving completions, holding a lease at the
+    /// coordinator.
+    Worker(worker::WorkerArgs),
     /// Measure Tandem's components against peers on this machine.
     Bench {
         #[command(subcommand)]
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => coordinator::status(args),
         Command::Members(args) => coordinator::members(args),
+        Command::Worker(args) => worker::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;

@@ -24,6 +24,7 @@ pub mod model;
 pub mod rng;
 pub mod safetensors_file;
 pub mod sampling;
+pub mod service;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,0 +1,154 @@
+//! `tandem worker` as a process: it registers with a coordinator and holds its lease, and it
+//! streams completions over gRPC that equal `tandem generate`'s; bad requests get clear errors.
+
+#![allow(clippy::unwrap_used)] // tests unwrap by design
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1::worker_client::WorkerClient;
+use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
+
+fn free_addr() -> String {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(args: &[&str]) -> Child {
+    let quiet = std::env::var_os("TANDEM_TEST_LOGS").is_none();
+    let out = || if quiet { Stdio::null() } else { Stdio::inherit() };
+    Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).stdout(out()).stderr(out()).spawn().unwrap()
+}
+
+/// Every event of one request, or its error.
+async fn generate(addr: &str, req: GenerateRequest) -> Result<Vec<GenerateEvent>, tonic::Status> {
+    let mut client = WorkerClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await? {
+        events.push(e);
+    }
+    Ok(events)
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest { prompt: prompt.into(), max_tokens, temperature: 0.0, top_p: 1.0, ..GenerateRequest::default() }
+}
+
+#[test]
+fn a_worker_registers_and_streams_what_generate_prints() {
+    let dir = common::scratch("worker");
+    let model = dir.join("tiny");
+    let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (coord, worker) = (free_addr(), free_addr());
+    let peers = format!("1={coord}");
+    let data = dir.join("coordinator");
+    let mut procs = Procs(vec![spawn(&[
+        "coordinator",
+        "--id",
+        "1",
+        "--peers",
+        &peers,
+        "--tick-ms",
+        "20",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ])]);
+    procs.0.push(spawn(&[
+        "worker",
+        "--id",
+        "w1",
+        "--listen",
+        &worker,
+        "--coordinator",
+        &coord,
+        "--model",
+        model.to_str().unwrap(),
+    ]));
+
+    // Registered, with its base model.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, _) = common::tandem(&["status", "--json", "--coordinator", &coord]);
+        if ok {
+            let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if s["workers"]["w1"]["alive"] == true {
+                assert_eq!(s["workers"]["w1"]["addr"], worker.as_str());
+                assert_eq!(s["workers"]["w1"]["gpus"][0]["models"][0], "tiny");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the worker never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let events = loop {
+        match rt.block_on(generate(&worker, greedy("The cat sat on the", 12))) {
+            Ok(events) => break events,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // Streamed: several events, the usage and finish on the last one only.
+    assert!(events.len() > 1, "{events:?}");
+    assert!(events[..events.len() - 1].iter().all(|e| e.finish_reason.is_empty()));
+    let last = events.last().unwrap();
+    assert_eq!((last.finish_reason.as_str(), last.completion_tokens), ("length", 12));
+    let text: String = events.iter().map(|e| e.text.as_str()).collect();
+    let ids: Vec<u32> = events.iter().flat_map(|e| e.token_ids.clone()).collect();
+    let (ok, out, err) = common::tandem(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The cat sat on the",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let want: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(text, want["text"].as_str().unwrap());
+    assert_eq!(serde_json::json!(ids), want["token_ids"]);
+    assert_eq!(last.prompt_tokens as u64, want["prompt_tokens"].as_u64().unwrap());
+
+    // Chat messages go through the model's chat template; logprobs come one per token.
+    let chat = GenerateRequest {
+        messages: vec![ChatMessage { role: "user".into(), content: "Hi there".into() }],
+        logprobs: true,
+        ..greedy("", 5)
+    };
+    let events = rt.block_on(generate(&worker, chat)).unwrap();
+    let n: usize = events.iter().map(|e| e.token_ids.len()).sum();
+    assert_eq!(n, events.iter().map(|e| e.logprobs.len()).sum::<usize>());
+    assert!(n >= 1 && events.last().unwrap().prompt_tokens > 3);
+
+    // Bad requests: clear errors, and the worker keeps serving.
+    let too_long = rt.block_on(generate(&worker, greedy("Hello", 1_000_000))).unwrap_err();
+    assert_eq!(too_long.code(), tonic::Code::InvalidArgument, "{too_long}");
+    assert!(too_long.message().contains("context"), "{too_long}");
+    let unknown = GenerateRequest { adapter: "nope".into(), ..greedy("Hello", 4) };
+    let err = rt.block_on(generate(&worker, unknown)).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let bad = GenerateRequest { temperature: -1.0, ..greedy("Hello", 4) };
+    assert_eq!(rt.block_on(generate(&worker, bad)).unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(rt.block_on(generate(&worker, greedy("Hello", 3))).unwrap().last().unwrap().completion_tokens, 3);
+}
