@@ -29,6 +29,12 @@ pub struct CoordinatorArgs {
     /// elected through an etcd lease, keeps the workers' leases).
     #[arg(long)]
     store: Option<String>,
+    /// Serve the OpenAI-compatible HTTP gateway here (HOST:PORT).
+    #[arg(long, requires = "api_key")]
+    http: Option<String>,
+    /// The operator's API key for the gateway (bearer token).
+    #[arg(long)]
+    api_key: Option<String>,
     /// Raft tick, milliseconds (elections after 10-20 ticks, heartbeats every 2).
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
@@ -80,6 +86,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
         etcd: args.store,
+        http: match (args.http, args.api_key) {
+            (Some(addr), Some(key)) => Some((addr.parse().map_err(|e| anyhow!("--http {addr}: {e}"))?, key)),
+            _ => None,
+        },
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

@@ -5,33 +5,10 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1::worker_client::WorkerClient;
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
-
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(args: &[&str]) -> Child {
-    let quiet = std::env::var_os("TANDEM_TEST_LOGS").is_none();
-    let out = || if quiet { Stdio::null() } else { Stdio::inherit() };
-    Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).stdout(out()).stderr(out()).spawn().unwrap()
-}
 
 /// Every event of one request, or its error.
 async fn generate(addr: &str, req: GenerateRequest) -> Result<Vec<GenerateEvent>, tonic::Status> {
@@ -54,10 +31,10 @@ fn a_worker_registers_and_streams_what_generate_prints() {
     let model = dir.join("tiny");
     let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (coord, worker) = (free_addr(), free_addr());
+    let (coord, worker) = (common::free_addr(), common::free_addr());
     let peers = format!("1={coord}");
     let data = dir.join("coordinator");
-    let mut procs = Procs(vec![spawn(&[
+    let mut procs = common::Procs(vec![common::spawn(&[
         "coordinator",
         "--id",
         "1",
@@ -68,7 +45,7 @@ fn a_worker_registers_and_streams_what_generate_prints() {
         "--data-dir",
         data.to_str().unwrap(),
     ])]);
-    procs.0.push(spawn(&[
+    procs.0.push(common::spawn(&[
         "worker",
         "--id",
         "w1",

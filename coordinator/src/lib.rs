@@ -4,6 +4,7 @@
 //! gateway arrives with its issue. See docs/coordinator.md.
 
 pub mod etcd_store;
+pub mod gateway;
 pub mod raft_log;
 pub mod replica;
 pub mod server;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::etcd_store::{EtcdError, EtcdStore, Leadership};
+use crate::gateway::{self, Gateway};
 use crate::replica::{Inbox, Replica, ReplicaError, Timing, Transport};
 use crate::state::{Command, Gpu, Proposal, Reply};
 use crate::store::{Store, StoreError};
@@ -447,6 +448,8 @@ pub struct Options {
     pub join: bool,
     /// `etcd://HOST:PORT[,...]`: keep the state in this etcd cluster instead of a Raft log.
     pub etcd: Option<String>,
+    /// Serve the HTTP gateway here, with this operator key.
+    pub http: Option<(SocketAddr, String)>,
 }
 
 /// Where an etcd-backed group keeps its keys.
@@ -480,6 +483,20 @@ pub async fn serve(
         }
     };
     let lead = Arc::new(lead);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = match opts.http {
+        Some((addr, key)) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--http {addr}: {e}"))?;
+            let gateway = Gateway::new(store.clone(), key);
+            let stopped = async move {
+                let _ = http_stopped.await;
+            };
+            Some(tokio::spawn(async move {
+                axum::serve(listener, gateway::router(gateway)).with_graceful_shutdown(stopped).await
+            }))
+        }
+        None => None,
+    };
     let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
     let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
     let cluster = ClusterService { store, lead, leases };
@@ -489,5 +506,9 @@ pub async fn serve(
         .serve_with_shutdown(addr, shutdown)
         .await?;
     monitor.abort();
+    let _ = stop_http.send(());
+    if let Some(http) = http {
+        http.await??;
+    }
     Ok(())
 }

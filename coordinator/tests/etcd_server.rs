@@ -31,6 +31,7 @@ async fn coordinator(etcd: &Etcd) -> Client {
         lease: Duration::from_millis(2000),
         join: false,
         etcd: Some(etcd.url()),
+        http: None,
     };
     tokio::spawn(async move { serve(opts, std::future::pending()).await.unwrap() });
     let deadline = Instant::now() + Duration::from_secs(10);

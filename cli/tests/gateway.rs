@@ -1,0 +1,196 @@
+//! The HTTP gateway over a coordinator and a worker process: OpenAI's completions and chat
+//! completions, whole and streamed (SSE), answer what `tandem generate` answers; keys are
+//! checked; bad requests get OpenAI's error body with the right status.
+
+#![allow(clippy::unwrap_used)] // tests unwrap by design
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tandem_coordinator::state::{Command as StateCommand, Proposal};
+use tandem_proto::v1::ProposeRequest;
+use tandem_proto::v1::cluster_client::ClusterClient;
+
+const KEY: &str = "sk-test-admin";
+
+/// One HTTP/1.1 exchange: the status and the body (chunked transfer decoded).
+fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req += &format!("Authorization: Bearer {k}\r\n");
+    }
+    let body = body.unwrap_or("");
+    req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, mut rest) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return (status, rest.to_string());
+    }
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return (status, body);
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+}
+
+fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", path, Some(KEY), Some(&body.to_string()));
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+#[test]
+fn the_gateway_serves_openai_completions_from_a_worker() {
+    let dir = common::scratch("gateway");
+    let model = dir.join("tiny");
+    let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (coord, http_addr, worker) = (common::free_addr(), common::free_addr(), common::free_addr());
+    let (peers, data) = (format!("1={coord}"), dir.join("coordinator"));
+    let mut procs = common::Procs(vec![common::spawn(&[
+        "coordinator",
+        "--id",
+        "1",
+        "--peers",
+        &peers,
+        "--tick-ms",
+        "20",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http",
+        &http_addr,
+        "--api-key",
+        KEY,
+    ])]);
+    let model_arg = model.to_str().unwrap();
+    procs.0.push(common::spawn(&[
+        "worker",
+        "--id",
+        "w1",
+        "--listen",
+        &worker,
+        "--coordinator",
+        &coord,
+        "--model",
+        model_arg,
+    ]));
+
+    // The base model in the catalogue (what `tandem up` does), once the group answers.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = Proposal {
+        request_id: "model".into(),
+        command: StateCommand::RegisterModel { name: "tiny".into(), uri: model_arg.into() },
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rt
+        .block_on(async {
+            let mut c = ClusterClient::connect(format!("http://{coord}")).await?;
+            c.propose(ProposeRequest { proposal_json: serde_json::to_string(&p).unwrap() }).await?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the coordinator never took the model");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Health needs no key; it reports the worker once registered.
+    loop {
+        let (status, body) = http(&http_addr, "GET", "/health", None, None);
+        if status == 200 && serde_json::from_str::<Value>(&body).unwrap()["workers_alive"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker never registered: {status} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Keys.
+    let (status, body) = http(&http_addr, "GET", "/v1/models", None, None);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["type"], "authentication_error");
+    assert_eq!(http(&http_addr, "GET", "/v1/models", Some("sk-wrong"), None).0, 401);
+    let (status, body) = http(&http_addr, "GET", "/v1/models", Some(KEY), None);
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["data"][0]["id"], "tiny");
+
+    // A greedy completion equals `tandem generate`'s.
+    let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
+    let (status, out) = post(&http_addr, "/v1/completions", req);
+    assert_eq!(status, 200, "{out}");
+    let (ok, want, err) = common::tandem(&[
+        "generate",
+        "--model",
+        model_arg,
+        "--prompt",
+        "The cat sat on the",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let want: Value = serde_json::from_str(want.trim()).unwrap();
+    assert_eq!(out["choices"][0]["text"], want["text"]);
+    assert_eq!(out["object"], "text_completion");
+    assert_eq!(out["usage"]["completion_tokens"], 12);
+    assert_eq!(out["usage"]["prompt_tokens"], want["prompt_tokens"]);
+    assert_eq!(out["choices"][0]["finish_reason"], "length");
+
+    // A chat completion, whole and streamed: the same text; the stream ends with the usage and
+    // [DONE].
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 10, "temperature": 0});
+    let (status, whole) = post(&http_addr, "/v1/chat/completions", chat.clone());
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, body) = http(&http_addr, "POST", "/v1/chat/completions", Some(KEY), Some(&streamed.to_string()));
+    assert_eq!(status, 200, "{body}");
+    let events = sse(&body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.len() > 2, "{body}");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+
+    // n seeded choices.
+    let req = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 4, "n": 2, "seed": 3});
+    let (status, out) = post(&http_addr, "/v1/completions", req);
+    assert_eq!((status, out["choices"].as_array().unwrap().len()), (200, 2), "{out}");
+    assert_eq!(out["usage"]["completion_tokens"], 8);
+
+    // Bad requests: the right status and OpenAI's error body; the gateway goes on serving.
+    let cases = [
+        (json!({"model": "nope", "prompt": "Hi"}), 404, "model_not_found"),
+        (json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1_000_000}), 400, "invalid_request_error"),
+        (json!({"model": "tiny", "prompt": "Hi", "n": 99}), 400, "invalid_request_error"),
+        (json!({"model": "tiny"}), 400, "invalid_request_error"),
+    ];
+    for (req, want_status, want_code) in cases {
+        let (status, out) = post(&http_addr, "/v1/completions", req.clone());
+        assert_eq!((status, out["error"]["code"].as_str()), (want_status, Some(want_code)), "{req}: {out}");
+    }
+    let (status, body) = http(&http_addr, "POST", "/v1/completions", Some(KEY), Some("{not json"));
+    assert_eq!(status, 400, "{body}");
+    let (status, out) = post(&http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}));
+    assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));
+}
