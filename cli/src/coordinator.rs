@@ -93,9 +93,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = crate::stop_requested();
         eprintln!("coordinator {} serving on {}", opts.id, opts.peers.get(&opts.id).map_or("?", String::as_str));
         server::serve(opts, shutdown).await.map_err(|e| anyhow!("{e}"))
     })

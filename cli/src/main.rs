@@ -10,6 +10,7 @@ mod bench_serve;
 mod coordinator;
 mod finetune;
 mod generate;
+mod up;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,9 @@ enum Command {
     Status(coordinator::StatusArgs),
     /// Change the coordinator group: add or remove members, hand leadership over.
     Members(coordinator::MembersArgs),
+    /// Start a whole cluster on this machine: a coordinator with the HTTP gateway and CPU
+    /// workers, each a process; prints the endpoint and the API key.
+    Up(up::UpArgs),
     /// Run one worker: a base model's engine serving completions, holding a lease at the
     /// coordinator.
     Worker(worker::WorkerArgs),
@@ -62,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => coordinator::status(args),
         Command::Members(args) => coordinator::members(args),
         Command::Worker(args) => worker::run(args),
+        Command::Up(args) => up::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;
@@ -84,4 +89,18 @@ fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 512 << 20);
     }
+}
+
+/// Resolves when the process is asked to stop: Ctrl-C, or SIGTERM (what `tandem up` and service
+/// managers send).
+pub(crate) async fn stop_requested() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -57,9 +57,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     rt.block_on(async {
         let lease = tokio::spawn(keep_lease(args.coordinator, args.id.clone(), args.listen.clone(), model_name));
         eprintln!("worker {} serving on {}", args.id, args.listen);
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = crate::stop_requested();
         let served = tonic::transport::Server::builder()
             .add_service(WorkerService::new(engine))
             .serve_with_shutdown(addr, shutdown)

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -17,38 +15,8 @@ use tandem_proto::v1::cluster_client::ClusterClient;
 
 const KEY: &str = "sk-test-admin";
 
-/// One HTTP/1.1 exchange: the status and the body (chunked transfer decoded).
-fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(k) = key {
-        req += &format!("Authorization: Bearer {k}\r\n");
-    }
-    let body = body.unwrap_or("");
-    req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, mut rest) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return (status, rest.to_string());
-    }
-    let mut body = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").unwrap();
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            return (status, body);
-        }
-        body.push_str(&after[..size]);
-        rest = &after[size + 2..];
-    }
-}
-
 fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
-    let (status, text) = http(addr, "POST", path, Some(KEY), Some(&body.to_string()));
+    let (status, text) = common::http(addr, "POST", path, Some(KEY), Some(&body.to_string()));
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
@@ -113,7 +81,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     }
     // Health needs no key; it reports the worker once registered.
     loop {
-        let (status, body) = http(&http_addr, "GET", "/health", None, None);
+        let (status, body) = common::http(&http_addr, "GET", "/health", None, None);
         if status == 200 && serde_json::from_str::<Value>(&body).unwrap()["workers_alive"] == 1 {
             break;
         }
@@ -122,11 +90,11 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     }
 
     // Keys.
-    let (status, body) = http(&http_addr, "GET", "/v1/models", None, None);
+    let (status, body) = common::http(&http_addr, "GET", "/v1/models", None, None);
     assert_eq!(status, 401, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["type"], "authentication_error");
-    assert_eq!(http(&http_addr, "GET", "/v1/models", Some("sk-wrong"), None).0, 401);
-    let (status, body) = http(&http_addr, "GET", "/v1/models", Some(KEY), None);
+    assert_eq!(common::http(&http_addr, "GET", "/v1/models", Some("sk-wrong"), None).0, 401);
+    let (status, body) = common::http(&http_addr, "GET", "/v1/models", Some(KEY), None);
     assert_eq!(status, 200);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["data"][0]["id"], "tiny");
 
@@ -161,7 +129,8 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let mut streamed = chat.clone();
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let (status, body) = http(&http_addr, "POST", "/v1/chat/completions", Some(KEY), Some(&streamed.to_string()));
+    let (status, body) =
+        common::http(&http_addr, "POST", "/v1/chat/completions", Some(KEY), Some(&streamed.to_string()));
     assert_eq!(status, 200, "{body}");
     let events = sse(&body);
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -189,7 +158,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
         let (status, out) = post(&http_addr, "/v1/completions", req.clone());
         assert_eq!((status, out["error"]["code"].as_str()), (want_status, Some(want_code)), "{req}: {out}");
     }
-    let (status, body) = http(&http_addr, "POST", "/v1/completions", Some(KEY), Some("{not json"));
+    let (status, body) = common::http(&http_addr, "POST", "/v1/completions", Some(KEY), Some("{not json"));
     assert_eq!(status, 400, "{body}");
     let (status, out) = post(&http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}));
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));

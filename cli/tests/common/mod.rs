@@ -2,7 +2,8 @@
 
 #![allow(dead_code)] // each test file uses its own share of these
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -49,4 +50,35 @@ pub fn spawn(args: &[&str]) -> Child {
     let out = || if quiet { Stdio::null() } else { Stdio::inherit() };
     #[allow(clippy::unwrap_used)] // a binary that cannot start is a failed test
     Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).stdout(out()).stderr(out()).spawn().unwrap()
+}
+
+/// One HTTP/1.1 exchange: the status and the body (chunked transfer decoded).
+#[allow(clippy::unwrap_used)] // a broken exchange is a failed test
+pub fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req += &format!("Authorization: Bearer {k}\r\n");
+    }
+    let body = body.unwrap_or("");
+    req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, mut rest) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return (status, rest.to_string());
+    }
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return (status, body);
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
 }

@@ -1,0 +1,196 @@
+//! `tandem up`: a whole cluster on this machine. One coordinator (serving the HTTP gateway) and
+//! N CPU workers, each a process of its own, with their data in one folder; on first start it
+//! writes the built-in model there and makes an operator key. It prints the endpoint and the
+//! key, and stops everything on Ctrl-C or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tandem_coordinator::state::{Command as StateCommand, Proposal};
+use tandem_proto::v1::ProposeRequest;
+use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_worker::init_model::{Preset, write_model};
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// CPU workers to start.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Where the OpenAI-compatible gateway listens.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http: String,
+    /// Where the coordinator's gRPC API listens (workers and `tandem status` use it).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    grpc: String,
+    /// Where the cluster keeps its data (the model, the coordinator's log, the key).
+    #[arg(long, default_value = "tandem-data")]
+    data_dir: PathBuf,
+    /// The operator's API key (default: the one made on first start, in DATA_DIR/admin-key).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The built-in model written on first start: tiny | tiny-moe | small.
+    #[arg(long, default_value = "small")]
+    preset: String,
+}
+
+/// The processes of the cluster; dropping it stops them (SIGTERM, then SIGKILL after a grace).
+struct Cluster(Vec<(String, Child)>);
+
+impl Cluster {
+    fn stop(&mut self) {
+        for (_, child) in &self.0 {
+            terminate(child);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, child) in &mut self.0 {
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if child.try_wait().ok().flatten().is_none() {
+                eprintln!("{name} did not stop in time: killing it");
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(unix)]
+fn terminate(child: &Child) {
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+#[cfg(not(unix))]
+fn terminate(_child: &Child) {}
+
+/// A key no one can guess: 24 random bytes, hex.
+fn new_key() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
+    Ok(format!("sk-tandem-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// The key given, or the one kept in the data folder (made on first start).
+fn admin_key(dir: &Path, given: Option<String>) -> Result<String> {
+    let path = dir.join("admin-key");
+    if let Some(k) = given {
+        return Ok(k);
+    }
+    if let Ok(k) = std::fs::read_to_string(&path) {
+        return Ok(k.trim().to_string());
+    }
+    let key = new_key()?;
+    std::fs::write(&path, &key).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
+}
+
+fn start(name: &str, args: &[&str], logs: &Path) -> Result<(String, Child)> {
+    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let child = Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok((name.to_string(), child))
+}
+
+/// Proposes the model into the catalogue, waiting for the coordinator to be up.
+async fn register_model(grpc: &str, name: &str, uri: &str) -> Result<()> {
+    let command = StateCommand::RegisterModel { name: name.into(), uri: uri.into() };
+    let p = serde_json::to_string(&Proposal { request_id: format!("up-model-{name}"), command })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let mut c = ClusterClient::connect(format!("http://{grpc}")).await?;
+            c.propose(ProposeRequest { proposal_json: p.clone() }).await?;
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("the coordinator at {grpc} did not come up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    let preset: Preset = args.preset.parse()?;
+    let dir = &args.data_dir;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let model = dir.join(preset.name());
+    if !model.join("model.safetensors").exists() {
+        eprintln!("writing the built-in {} model to {}", preset.name(), model.display());
+        write_model(preset, &model, 0)?;
+    }
+    let key = admin_key(dir, args.api_key)?;
+    let (model_s, coord_dir) = (model.to_string_lossy().into_owned(), dir.join("coordinator"));
+    let peers = format!("1={}", args.grpc);
+    let coordinator = [
+        "coordinator",
+        "--id",
+        "1",
+        "--peers",
+        &peers,
+        "--data-dir",
+        &coord_dir.to_string_lossy(),
+        "--http",
+        &args.http,
+        "--api-key",
+        &key,
+    ]
+    .map(str::to_string);
+    let mut cluster = Cluster(Vec::new());
+    cluster.0.push(start("coordinator", &coordinator.each_ref().map(String::as_str), &logs)?);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(register_model(&args.grpc, preset.name(), &model_s))?;
+    for i in 1..=args.workers {
+        let (id, listen) = (format!("worker-{i}"), free_addr()?);
+        let worker = ["worker", "--id", &id, "--listen", &listen, "--coordinator", &args.grpc, "--model", &model_s];
+        cluster.0.push(start(&id, &worker, &logs)?);
+    }
+    println!("Tandem is up: {} worker(s), model {:?}", args.workers, preset.name());
+    println!("  endpoint:  http://{}/v1", args.http);
+    println!("  API key:   {key}");
+    println!("  data:      {} (logs in {})", dir.display(), logs.display());
+    println!("Ctrl-C stops it.");
+    rt.block_on(async {
+        let exited = async {
+            // A process that exits on its own ends the cluster too.
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Some((name, status)) =
+                    cluster.0.iter_mut().find_map(|(n, c)| c.try_wait().ok().flatten().map(|s| (n.clone(), s)))
+                {
+                    return (name, status);
+                }
+            }
+        };
+        tokio::select! {
+            _ = crate::stop_requested() => {}
+            (name, status) = exited => eprintln!("{name} exited ({status}); stopping the cluster"),
+        }
+    });
+    eprintln!("stopping");
+    cluster.stop();
+    Ok(())
+}
+
+fn free_addr() -> Result<String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+}

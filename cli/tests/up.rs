@@ -1,0 +1,72 @@
+//! `tandem up`: one command starts a coordinator with the gateway and two workers as separate
+//! processes, prints the endpoint and a key it made (kept for the next start), serves a
+//! completion, and stops every process on SIGTERM.
+
+#![allow(clippy::unwrap_used)] // tests unwrap by design
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+#[test]
+fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
+    let dir = common::scratch("up");
+    let (http, grpc) = (common::free_addr(), common::free_addr());
+    let mut up = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["up", "--workers", "2", "--preset", "tiny", "--http", &http, "--grpc", &grpc, "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut key = String::new();
+    let mut endpoint = String::new();
+    while key.is_empty() {
+        let line = lines.next().expect("tandem up ended before printing its key").unwrap();
+        if let Some(k) = line.trim().strip_prefix("API key:") {
+            key = k.trim().to_string();
+        }
+        if let Some(e) = line.trim().strip_prefix("endpoint:") {
+            endpoint = e.trim().to_string();
+        }
+    }
+    assert_eq!(endpoint, format!("http://{http}/v1"));
+    assert!(key.starts_with("sk-tandem-") && key.len() > 40, "{key}");
+    assert_eq!(std::fs::read_to_string(dir.join("admin-key")).unwrap().trim(), key);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = common::http(&http, "GET", "/health", None, None);
+        if status == 200 && serde_json::from_str::<Value>(&body).unwrap()["workers_alive"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the workers never came up: {status} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let req = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 3}).to_string();
+    for _ in 0..2 {
+        let (status, body) = common::http(&http, "POST", "/v1/completions", Some(&key), Some(&req));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage"]["completion_tokens"], 3);
+    }
+
+    // SIGTERM: every process stops, and the ports are free again.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(up.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "tandem up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(std::net::TcpStream::connect(&http).is_err(), "the gateway still answers");
+    assert!(std::net::TcpStream::connect(&grpc).is_err(), "the coordinator still answers");
+}
