@@ -27,39 +27,9 @@ fn sse(body: &str) -> Vec<String> {
 
 #[test]
 fn the_gateway_serves_openai_completions_from_a_worker() {
-    let dir = common::scratch("gateway");
-    let model = dir.join("tiny");
-    let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
-    assert!(ok, "{err}");
-    let (coord, http_addr, worker) = (common::free_addr(), common::free_addr(), common::free_addr());
-    let (peers, data) = (format!("1={coord}"), dir.join("coordinator"));
-    let mut procs = common::Procs(vec![common::spawn(&[
-        "coordinator",
-        "--id",
-        "1",
-        "--peers",
-        &peers,
-        "--tick-ms",
-        "20",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--http",
-        &http_addr,
-        "--api-key",
-        KEY,
-    ])]);
-    let model_arg = model.to_str().unwrap();
-    procs.0.push(common::spawn(&[
-        "worker",
-        "--id",
-        "w1",
-        "--listen",
-        &worker,
-        "--coordinator",
-        &coord,
-        "--model",
-        model_arg,
-    ]));
+    let http_addr = common::free_addr();
+    let cluster = common::mini_cluster("gateway", Some((&http_addr, KEY)));
+    let (coord, model_arg) = (cluster.coordinator.as_str(), cluster.model.to_str().unwrap());
 
     // The base model in the catalogue (what `tandem up` does), once the group answers.
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -27,44 +27,17 @@ fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
 
 #[test]
 fn a_worker_registers_and_streams_what_generate_prints() {
-    let dir = common::scratch("worker");
-    let model = dir.join("tiny");
-    let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
-    assert!(ok, "{err}");
-    let (coord, worker) = (common::free_addr(), common::free_addr());
-    let peers = format!("1={coord}");
-    let data = dir.join("coordinator");
-    let mut procs = common::Procs(vec![common::spawn(&[
-        "coordinator",
-        "--id",
-        "1",
-        "--peers",
-        &peers,
-        "--tick-ms",
-        "20",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ])]);
-    procs.0.push(common::spawn(&[
-        "worker",
-        "--id",
-        "w1",
-        "--listen",
-        &worker,
-        "--coordinator",
-        &coord,
-        "--model",
-        model.to_str().unwrap(),
-    ]));
+    let cluster = common::mini_cluster("worker", None);
+    let (coord, worker, model) = (cluster.coordinator.as_str(), cluster.worker.as_str(), &cluster.model);
 
     // Registered, with its base model.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (ok, out, _) = common::tandem(&["status", "--json", "--coordinator", &coord]);
+        let (ok, out, _) = common::tandem(&["status", "--json", "--coordinator", coord]);
         if ok {
             let s: serde_json::Value = serde_json::from_str(&out).unwrap();
             if s["workers"]["w1"]["alive"] == true {
-                assert_eq!(s["workers"]["w1"]["addr"], worker.as_str());
+                assert_eq!(s["workers"]["w1"]["addr"], worker);
                 assert_eq!(s["workers"]["w1"]["gpus"][0]["models"][0], "tiny");
                 break;
             }
@@ -75,7 +48,7 @@ fn a_worker_registers_and_streams_what_generate_prints() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let events = loop {
-        match rt.block_on(generate(&worker, greedy("The cat sat on the", 12))) {
+        match rt.block_on(generate(worker, greedy("The cat sat on the", 12))) {
             Ok(events) => break events,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("retrying: {e}");
@@ -113,19 +86,19 @@ fn a_worker_registers_and_streams_what_generate_prints() {
         logprobs: true,
         ..greedy("", 5)
     };
-    let events = rt.block_on(generate(&worker, chat)).unwrap();
+    let events = rt.block_on(generate(worker, chat)).unwrap();
     let n: usize = events.iter().map(|e| e.token_ids.len()).sum();
     assert_eq!(n, events.iter().map(|e| e.logprobs.len()).sum::<usize>());
     assert!(n >= 1 && events.last().unwrap().prompt_tokens > 3);
 
     // Bad requests: clear errors, and the worker keeps serving.
-    let too_long = rt.block_on(generate(&worker, greedy("Hello", 1_000_000))).unwrap_err();
+    let too_long = rt.block_on(generate(worker, greedy("Hello", 1_000_000))).unwrap_err();
     assert_eq!(too_long.code(), tonic::Code::InvalidArgument, "{too_long}");
     assert!(too_long.message().contains("context"), "{too_long}");
     let unknown = GenerateRequest { adapter: "nope".into(), ..greedy("Hello", 4) };
-    let err = rt.block_on(generate(&worker, unknown)).unwrap_err();
+    let err = rt.block_on(generate(worker, unknown)).unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     let bad = GenerateRequest { temperature: -1.0, ..greedy("Hello", 4) };
-    assert_eq!(rt.block_on(generate(&worker, bad)).unwrap_err().code(), tonic::Code::InvalidArgument);
-    assert_eq!(rt.block_on(generate(&worker, greedy("Hello", 3))).unwrap().last().unwrap().completion_tokens, 3);
+    assert_eq!(rt.block_on(generate(worker, bad)).unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(rt.block_on(generate(worker, greedy("Hello", 3))).unwrap().last().unwrap().completion_tokens, 3);
 }

@@ -82,3 +82,41 @@ pub fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Optio
         rest = &after[size + 2..];
     }
 }
+
+/// A tiny model, a coordinator (a group of one) and one worker serving the model, as processes;
+/// with `gateway` = (address, key), the coordinator serves the HTTP gateway too.
+pub struct MiniCluster {
+    pub procs: Procs,
+    pub model: PathBuf,
+    pub coordinator: String,
+    pub worker: String,
+}
+
+#[allow(clippy::unwrap_used)] // a cluster that cannot start is a failed test
+pub fn mini_cluster(tag: &str, gateway: Option<(&str, &str)>) -> MiniCluster {
+    let dir = scratch(tag);
+    let model = dir.join("tiny");
+    let (ok, _, err) = tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (coordinator, worker) = (free_addr(), free_addr());
+    let (peers, data) = (format!("1={coordinator}"), dir.join("coordinator"));
+    let mut args = vec!["coordinator", "--id", "1", "--peers", &peers, "--tick-ms", "20"];
+    args.extend(["--data-dir", data.to_str().unwrap()]);
+    if let Some((addr, key)) = gateway {
+        args.extend(["--http", addr, "--api-key", key]);
+    }
+    let mut procs = Procs(vec![spawn(&args)]);
+    let model_arg = model.to_str().unwrap();
+    procs.0.push(spawn(&[
+        "worker",
+        "--id",
+        "w1",
+        "--listen",
+        &worker,
+        "--coordinator",
+        &coordinator,
+        "--model",
+        model_arg,
+    ]));
+    MiniCluster { procs, model, coordinator, worker }
+}
