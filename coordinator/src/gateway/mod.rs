@@ -138,17 +138,13 @@ fn generate_request(s: &Sampling, i: u32) -> Result<GenerateRequest, ApiError> {
     if n == 0 || n > MAX_CHOICES {
         return Err(ApiError::bad_request("n", format!("n must be between 1 and {MAX_CHOICES}")));
     }
-    let stop = s.stop.as_ref().map(|st| match st {
-        openai::OneOrMany::One(x) => vec![x.clone()],
-        openai::OneOrMany::Many(v) => v.clone(),
-    });
     Ok(GenerateRequest {
         max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(16),
         temperature: s.temperature.unwrap_or(1.0),
         top_p: s.top_p.unwrap_or(1.0),
         // Choices of one seeded request differ, and repeat with the seed.
         seed: s.seed.map(|seed| seed.wrapping_add(u64::from(i))),
-        stop: stop.unwrap_or_default(),
+        stop: s.stop.as_ref().map(|st| st.to_vec()).unwrap_or_default(),
         ..GenerateRequest::default()
     })
 }
@@ -201,7 +197,7 @@ enum Kind {
 async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     gw.authenticate(&headers)?;
     let req: CompletionRequest = parse(&body)?;
-    let prompts = req.prompt.into_vec();
+    let prompts = req.prompt.to_vec();
     let [prompt] = prompts.as_slice() else {
         return Err(ApiError::bad_request("prompt", "give one prompt (a string); lists of prompts are not supported"));
     };
