@@ -64,18 +64,7 @@ fn a_worker_registers_and_streams_what_generate_prints() {
     assert_eq!((last.finish_reason.as_str(), last.completion_tokens), ("length", 12));
     let text: String = events.iter().map(|e| e.text.as_str()).collect();
     let ids: Vec<u32> = events.iter().flat_map(|e| e.token_ids.clone()).collect();
-    let (ok, out, err) = common::tandem(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "The cat sat on the",
-        "--max-tokens",
-        "12",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let want: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let want = common::generate_greedy(model, "The cat sat on the", 12);
     assert_eq!(text, want["text"].as_str().unwrap());
     assert_eq!(serde_json::json!(ids), want["token_ids"]);
     assert_eq!(last.prompt_tokens as u64, want["prompt_tokens"].as_u64().unwrap());

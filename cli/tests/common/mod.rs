@@ -120,3 +120,14 @@ pub fn mini_cluster(tag: &str, gateway: Option<(&str, &str)>) -> MiniCluster {
     ]));
     MiniCluster { procs, model, coordinator, worker }
 }
+
+/// `tandem generate --json` of `prompt`, greedy, on the model in `model`: what a served
+/// completion must equal.
+#[allow(clippy::unwrap_used)] // a failed run is a failed test
+pub fn generate_greedy(model: &std::path::Path, prompt: &str, max_tokens: usize) -> serde_json::Value {
+    let max = max_tokens.to_string();
+    let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", &max, "--json"];
+    let (ok, out, err) = tandem(&args);
+    assert!(ok, "{err}");
+    serde_json::from_str(out.trim()).unwrap()
+}
