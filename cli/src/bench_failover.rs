@@ -5,7 +5,6 @@
 //! The killed coordinator restarts from its disk before the next kill.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -123,9 +122,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 pub fn run(args: FailoverArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&args.dir);
-    let addrs: BTreeMap<u64, String> = (1..=3)
-        .map(|id| Ok((id, TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())))
-        .collect::<Result<_>>()?;
+    let addrs: BTreeMap<u64, String> = (1..=3).map(|id| Ok((id, crate::up::free_addr()?))).collect::<Result<_>>()?;
     let peers = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
     let exe = std::env::current_exe()?;
     let mut g = Group { exe, dir: args.dir.clone(), peers, tick_ms: args.tick_ms, addrs, procs: BTreeMap::new() };

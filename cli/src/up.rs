@@ -191,6 +191,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
-fn free_addr() -> Result<String> {
+/// A free loopback address (released for a process to take).
+pub(crate) fn free_addr() -> Result<String> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
 }

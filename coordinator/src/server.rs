@@ -191,7 +191,7 @@ struct ClusterService {
 }
 
 /// A request id no other request has: a name, and the time in nanoseconds.
-fn fresh_id(what: &str) -> String {
+pub(crate) fn fresh_id(what: &str) -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("{what}-{nanos}")
 }

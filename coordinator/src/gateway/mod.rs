@@ -25,6 +25,7 @@ use tandem_proto::v1::worker_client::WorkerClient;
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tokio_stream::StreamExt;
 
+use crate::server::fresh_id;
 use crate::state::ClusterState;
 use crate::store::Store;
 use openai::{ApiError, ChatRequest, CompletionRequest, Sampling, parse};
@@ -118,11 +119,6 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn request_id(prefix: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{prefix}-{nanos:x}")
-}
-
 async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
     gw.authenticate(&headers)?;
     let state = gw.state().await?;
@@ -194,6 +190,31 @@ enum Kind {
     Chat,
 }
 
+impl Kind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Completion => "cmpl",
+            Kind::Chat => "chatcmpl",
+        }
+    }
+
+    /// The `object` of a whole response or of a streamed chunk.
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
 async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     gw.authenticate(&headers)?;
     let req: CompletionRequest = parse(&body)?;
@@ -239,10 +260,7 @@ async fn respond(
     for i in 0..n {
         streams.push(start(worker, make(i)?).await?);
     }
-    let id = request_id(match kind {
-        Kind::Completion => "cmpl",
-        Kind::Chat => "chatcmpl",
-    });
+    let id = fresh_id(kind.id_prefix());
     if sampling.stream {
         let usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         return Ok(stream_chunks(kind, id, model, streams, usage));
@@ -263,16 +281,10 @@ async fn respond(
             }),
         });
     }
-    let usage = json!({
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+    let body = json!({
+        "id": id, "object": kind.object(false), "created": now(), "model": model, "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
     });
-    let object = match kind {
-        Kind::Completion => "text_completion",
-        Kind::Chat => "chat.completion",
-    };
-    let body =
-        json!({"id": id, "object": object, "created": now(), "model": model, "choices": choices, "usage": usage});
     Ok(axum::Json(body).into_response())
 }
 
@@ -285,10 +297,7 @@ fn stream_chunks(
     include_usage: bool,
 ) -> Response {
     let created = now();
-    let object = match kind {
-        Kind::Completion => "text_completion",
-        Kind::Chat => "chat.completion.chunk",
-    };
+    let object = kind.object(true);
     let chunk = move |choices: Value, usage: Value| {
         let body =
             json!({"id": id, "object": object, "created": created, "model": model, "choices": choices, "usage": usage});
@@ -296,12 +305,12 @@ fn stream_chunks(
     };
     // The choices' streams, merged, each event tagged with its choice.
     let merged = tokio_stream::StreamMap::from_iter(streams.into_iter().enumerate());
-    let events = async_stream(merged, kind, chunk, include_usage);
+    let events = relay(merged, kind, chunk, include_usage);
     Sse::new(events).into_response()
 }
 
 /// Relays the merged worker streams as SSE events.
-fn async_stream(
+fn relay(
     mut merged: tokio_stream::StreamMap<usize, tonic::Streaming<GenerateEvent>>,
     kind: Kind,
     chunk: impl Fn(Value, Value) -> Event + Send + 'static,
@@ -341,11 +350,7 @@ fn async_stream(
             }
         }
         if include_usage {
-            let usage = json!({
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            });
-            let _ = tx.send(chunk(json!([]), usage));
+            let _ = tx.send(chunk(json!([]), usage(prompt_tokens, completion_tokens)));
         }
         let _ = tx.send(Event::default().data("[DONE]"));
     });
