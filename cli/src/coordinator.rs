@@ -2,13 +2,17 @@
 //! knows of the group).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tandem_coordinator::replica::Timing;
+use tandem_coordinator::gateway::GatewayOptions;
 use tandem_coordinator::server;
+
+use crate::checks::RuntimeChecks;
 use tandem_proto::v1::cluster_client::ClusterClient;
 use tandem_proto::v1::{ChangeMembersRequest, Member, StatusRequest, TransferLeaderRequest};
 
@@ -24,6 +28,10 @@ pub struct CoordinatorArgs {
     /// Where the Raft log, hard state and snapshots live.
     #[arg(long, required_unless_present = "store")]
     data_dir: Option<PathBuf>,
+    /// Where the gateway stores uploaded files and adapters: a folder that every worker reads
+    /// at the same path (a shared filesystem across hosts). Default: DATA_DIR/blobs.
+    #[arg(long)]
+    blobs: Option<PathBuf>,
     /// `etcd://HOST:PORT[,HOST:PORT...]`: keep the cluster's state in an existing etcd cluster
     /// instead of this group's own Raft log (every coordinator then writes to etcd, and one,
     /// elected through an etcd lease, keeps the workers' leases).
@@ -78,16 +86,23 @@ enum MemberChange {
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
     let peers = server::parse_peers(&args.peers).map_err(|e| anyhow!("--peers: {e}"))?;
+    let data_dir = args.data_dir;
     let opts = server::Options {
         id: args.id,
         peers,
-        dir: args.data_dir.unwrap_or_default(),
+        dir: data_dir.clone().unwrap_or_default(),
         timing: Timing { tick: Duration::from_millis(args.tick_ms.max(1)), ..Timing::default() },
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
         etcd: args.store,
         http: match (args.http, args.api_key) {
-            (Some(addr), Some(key)) => Some((addr.parse().map_err(|e| anyhow!("--http {addr}: {e}"))?, key)),
+            (Some(addr), Some(admin_key)) => Some(GatewayOptions {
+                addr: addr.parse().map_err(|e| anyhow!("--http {addr}: {e}"))?,
+                admin_key,
+                blobs: (args.blobs.or_else(|| data_dir.as_ref().map(|d| d.join("blobs"))))
+                    .ok_or_else(|| anyhow!("--http needs --blobs DIR (or --data-dir)"))?,
+                checks: Arc::new(RuntimeChecks),
+            }),
             _ => None,
         },
     };

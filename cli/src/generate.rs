@@ -9,7 +9,7 @@ use clap::Args;
 use serde::Deserialize;
 use serde_json::json;
 use tandem_kernels::Device;
-use tandem_worker::adapters::{Adapter, EsftAdapter, LoraAdapter};
+use tandem_worker::adapters::Adapter;
 use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest};
 use tandem_worker::model::{Model, ModelConfig};
 use tandem_worker::sampling::SamplingParams;
@@ -136,13 +136,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 /// `NAME=DIR`: a PEFT LoRA adapter (adapter_config.json) or an ESFT adapter (esft_config.json).
 pub fn load_adapter(spec: &str, config: &ModelConfig) -> Result<(String, Adapter)> {
     let Some((name, dir)) = spec.split_once('=') else { bail!("--adapter {spec:?}: expected NAME=DIR") };
-    let dir = Path::new(dir);
-    let adapter = if dir.join("esft_config.json").exists() {
-        Adapter::Esft(EsftAdapter::load(dir, config)?)
-    } else {
-        Adapter::Lora(LoraAdapter::load(dir, config)?)
-    };
-    Ok((name.to_string(), adapter))
+    Ok((name.to_string(), Adapter::load_dir(Path::new(dir), config)?))
 }
 
 fn encode(tokenizer: Option<&TextTokenizer>, text: &str) -> Result<Vec<u32>> {

@@ -7,11 +7,13 @@ mod bench_coserve;
 mod bench_failover;
 mod bench_finetune;
 mod bench_serve;
+mod checks;
 mod coordinator;
 mod finetune;
 mod generate;
 mod up;
 mod worker;
+mod worker_jobs;
 
 use clap::{Parser, Subcommand};
 

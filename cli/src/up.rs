@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use tandem_coordinator::gateway::new_key;
 use tandem_coordinator::state::{Command as StateCommand, Proposal};
 use tandem_proto::v1::ProposeRequest;
 use tandem_proto::v1::cluster_client::ClusterClient;
@@ -76,14 +77,6 @@ fn terminate(child: &Child) {
 #[cfg(not(unix))]
 fn terminate(_child: &Child) {}
 
-/// A key no one can guess: 24 random bytes, hex.
-fn new_key() -> Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 24];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
-    Ok(format!("sk-tandem-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
-}
-
 /// The key given, or the one kept in the data folder (made on first start).
 fn admin_key(dir: &Path, given: Option<String>) -> Result<String> {
     let path = dir.join("admin-key");
@@ -93,7 +86,7 @@ fn admin_key(dir: &Path, given: Option<String>) -> Result<String> {
     if let Ok(k) = std::fs::read_to_string(&path) {
         return Ok(k.trim().to_string());
     }
-    let key = new_key()?;
+    let key = new_key().context("making a key")?;
     std::fs::write(&path, &key).with_context(|| format!("writing {}", path.display()))?;
     Ok(key)
 }
@@ -112,7 +105,7 @@ fn start(name: &str, args: &[&str], logs: &Path) -> Result<(String, Child)> {
 /// Proposes the model into the catalogue, waiting for the coordinator to be up.
 async fn register_model(grpc: &str, name: &str, uri: &str) -> Result<()> {
     let command = StateCommand::RegisterModel { name: name.into(), uri: uri.into() };
-    let p = serde_json::to_string(&Proposal { request_id: format!("up-model-{name}"), command })?;
+    let p = serde_json::to_string(&Proposal::new(format!("up-model-{name}"), command))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let attempt = async {
@@ -133,12 +126,15 @@ pub fn run(args: UpArgs) -> Result<()> {
     let dir = &args.data_dir;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    // Absolute: the paths of files and adapters are recorded in the cluster's state.
+    let dir = &dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
     let model = dir.join(preset.name());
     if !model.join("model.safetensors").exists() {
         eprintln!("writing the built-in {} model to {}", preset.name(), model.display());
         write_model(preset, &model, 0)?;
     }
     let key = admin_key(dir, args.api_key)?;
+    let blobs = dir.join("blobs").to_string_lossy().into_owned();
     let (model_s, coord_dir) = (model.to_string_lossy().into_owned(), dir.join("coordinator"));
     let peers = format!("1={}", args.grpc);
     let coordinator = [
@@ -153,6 +149,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         &args.http,
         "--api-key",
         &key,
+        "--blobs",
+        &blobs,
     ]
     .map(str::to_string);
     let mut cluster = Cluster(Vec::new());
@@ -161,7 +159,19 @@ pub fn run(args: UpArgs) -> Result<()> {
     rt.block_on(register_model(&args.grpc, preset.name(), &model_s))?;
     for i in 1..=args.workers {
         let (id, listen) = (format!("worker-{i}"), free_addr()?);
-        let worker = ["worker", "--id", &id, "--listen", &listen, "--coordinator", &args.grpc, "--model", &model_s];
+        let worker = [
+            "worker",
+            "--id",
+            &id,
+            "--listen",
+            &listen,
+            "--coordinator",
+            &args.grpc,
+            "--model",
+            &model_s,
+            "--blobs",
+            &blobs,
+        ];
         cluster.0.push(start(&id, &worker, &logs)?);
     }
     println!("Tandem is up: {} worker(s), model {:?}", args.workers, preset.name());

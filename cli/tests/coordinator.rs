@@ -133,7 +133,7 @@ impl Group {
 
     /// Proposes `command` once through coordinator `via`: the reply's JSON.
     fn try_propose(&self, via: u64, request_id: &str, command: &StateCommand) -> Result<String, String> {
-        let p = Proposal { request_id: request_id.into(), command: command.clone() };
+        let p = Proposal::new(request_id, command.clone());
         let json = serde_json::to_string(&p).unwrap();
         let url = format!("http://{}", self.addrs[&via]);
         self.rt.block_on(async {
@@ -290,7 +290,7 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     // A job, which the scheduler places on the first of the two idle workers.
     g.propose(follower, "model", StateCommand::RegisterModel { name: "m".into(), uri: "/m".into() });
     let spec = serde_json::json!({});
-    let job = StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), base_model: "m".into(), spec };
+    let job = StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), base_model: "m".into(), spec, adapter: None };
     g.propose(follower, "job", job);
     // Heartbeats every 150 ms for 1.5 s (over two leases): still alive.
     for _ in 0..10 {

@@ -33,10 +33,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
 
     // The base model in the catalogue (what `tandem up` does), once the group answers.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let p = Proposal {
-        request_id: "model".into(),
-        command: StateCommand::RegisterModel { name: "tiny".into(), uri: model_arg.into() },
-    };
+    let p = Proposal::new("model", StateCommand::RegisterModel { name: "tiny".into(), uri: model_arg.into() });
     let deadline = Instant::now() + Duration::from_secs(30);
     while rt
         .block_on(async {

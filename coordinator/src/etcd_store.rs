@@ -601,10 +601,7 @@ mod tests {
     use crate::state::Command;
 
     fn model(request_id: &str, name: &str) -> Proposal {
-        Proposal {
-            request_id: request_id.into(),
-            command: Command::RegisterModel { name: name.into(), uri: "/m".into() },
-        }
+        Proposal::new(request_id, Command::RegisterModel { name: name.into(), uri: "/m".into() })
     }
 
     /// A store's own entry that reached it only inside a snapshot still gets its reply, from

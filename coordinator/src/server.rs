@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::etcd_store::{EtcdError, EtcdStore, Leadership};
-use crate::gateway::{self, Gateway};
+use crate::gateway::{self, Gateway, GatewayOptions};
 use crate::replica::{Inbox, Replica, ReplicaError, Timing, Transport};
 use crate::state::{Command, Gpu, Proposal, Reply};
 use crate::store::{Store, StoreError};
@@ -263,7 +263,7 @@ impl Cluster for ClusterService {
         let gpus: Vec<Gpu> = serde_json::from_str(if req.gpus_json.is_empty() { "[]" } else { &req.gpus_json })
             .map_err(|e| Status::invalid_argument(format!("gpus: {e}")))?;
         let command = Command::RegisterWorker { id: req.worker_id.clone(), addr: req.addr, gpus };
-        let p = Proposal { request_id: fresh_id(&format!("register-{}", req.worker_id)), command };
+        let p = Proposal::new(fresh_id(&format!("register-{}", req.worker_id)), command);
         match self.store.propose(p, REQUEST_TIMEOUT).await.map_err(status_of)? {
             Reply::Refused { reason } => Err(Status::failed_precondition(reason)),
             _ => {
@@ -283,7 +283,8 @@ impl Cluster for ClusterService {
             return Err(Status::not_found(format!("worker {:?} has no lease: register again", req.worker_id)));
         }
         self.leases.renew(&req.worker_id);
-        Ok(Response::new(HeartbeatResponse { lease_ms: self.leases.lease.as_millis() as u64 }))
+        let assignments = serde_json::to_string(&state.assignments(&req.worker_id)).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(HeartbeatResponse { lease_ms: self.leases.lease.as_millis() as u64, assignments_json: assignments }))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -420,14 +421,14 @@ async fn supervise(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
         for id in &expired {
             let command = Command::MarkWorkerDead { id: id.clone() };
             let _ =
-                store.propose(Proposal { request_id: fresh_id(&format!("dead-{id}")), command }, REQUEST_TIMEOUT).await;
+                store.propose(Proposal::new(fresh_id(&format!("dead-{id}")), command), REQUEST_TIMEOUT).await;
         }
         let Ok(state) = (if expired.is_empty() { Ok(state) } else { store.read(leases.lease).await }) else { continue };
         for (job, worker) in state.schedule() {
             // Named by the attempt it starts, so a retry (or a second leader) places it once.
             let request_id = format!("place-{job}-{}", state.jobs[&job].epoch + 1);
             let command = Command::PlaceJob { id: job, worker };
-            let _ = store.propose(Proposal { request_id, command }, REQUEST_TIMEOUT).await;
+            let _ = store.propose(Proposal::new(request_id, command), REQUEST_TIMEOUT).await;
         }
     }
 }
@@ -448,8 +449,8 @@ pub struct Options {
     pub join: bool,
     /// `etcd://HOST:PORT[,...]`: keep the state in this etcd cluster instead of a Raft log.
     pub etcd: Option<String>,
-    /// Serve the HTTP gateway here, with this operator key.
-    pub http: Option<(SocketAddr, String)>,
+    /// Serve the HTTP gateway.
+    pub http: Option<GatewayOptions>,
 }
 
 /// Where an etcd-backed group keeps its keys.
@@ -485,9 +486,10 @@ pub async fn serve(
     let lead = Arc::new(lead);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = match opts.http {
-        Some((addr, key)) => {
+        Some(http) => {
+            let addr = http.addr;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--http {addr}: {e}"))?;
-            let gateway = Gateway::new(store.clone(), key);
+            let gateway = Gateway::new(store.clone(), &http);
             let stopped = async move {
                 let _ = http_stopped.await;
             };

@@ -75,10 +75,55 @@ pub struct Checkpoint {
     pub uri: String,
 }
 
+/// A training file a tenant uploaded (JSONL, checked on upload).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct File {
+    pub tenant: String,
+    pub filename: String,
+    pub bytes: u64,
+    pub purpose: String,
+    /// Training examples in it.
+    pub examples: u64,
+    pub created_at: u64,
+    /// Where its bytes are stored.
+    pub uri: String,
+}
+
+/// What a job reported along the way, for `/events`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// Unix seconds (the proposer's clock).
+    pub at: u64,
+    pub message: String,
+    /// An optimizer step's figures, for "metrics" events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepFigures>,
+}
+
+/// One optimizer step of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepFigures {
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f64,
+    /// Tokens per second of the job since it started on its worker.
+    pub tokens_per_s: f64,
+}
+
+/// Steps recorded in a job's events at most (the oldest give way).
+const MAX_STEP_EVENTS: usize = 5_000;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub tenant: String,
     pub base_model: String,
+    /// The adapter its success registers for the tenant (none: the job only trains).
+    #[serde(default)]
+    pub adapter: Option<String>,
+    #[serde(default)]
+    pub created_at: u64,
+    #[serde(default)]
+    pub finished_at: Option<u64>,
     /// The job's hyperparameters and data, as submitted (the scheduler and worker read it).
     pub spec: serde_json::Value,
     pub status: JobStatus,
@@ -88,6 +133,11 @@ pub struct Job {
     /// The last checkpoint reported; a re-queued job resumes from it.
     pub checkpoint: Option<Checkpoint>,
     pub error: Option<String>,
+    /// Every checkpoint reported, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<Checkpoint>,
+    #[serde(default)]
+    pub events: Vec<JobEvent>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +185,9 @@ pub enum Command {
         tenant: String,
         base_model: String,
         spec: serde_json::Value,
+        /// The adapter its success registers (a new version when the name exists).
+        #[serde(default)]
+        adapter: Option<String>,
     },
     /// Starts a new attempt of a queued job on `worker`, with the next epoch.
     PlaceJob {
@@ -154,18 +207,46 @@ pub enum Command {
         group: String,
         placement: Placement,
     },
+    /// A tenant's API key, known by its SHA-256 (hex): the key itself is never stored.
+    CreateApiKey {
+        tenant: String,
+        key_sha256: String,
+    },
+    PutFile {
+        id: String,
+        file: File,
+    },
+    DeleteFile {
+        tenant: String,
+        id: String,
+    },
     RemovePlacement {
         group: String,
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobReport {
     Running,
+    /// An optimizer step's figures.
+    Step(StepFigures),
     Checkpoint { step: u64, uri: String },
-    Succeeded,
+    /// Done; its adapter, exported to `uri`, becomes the job's adapter for its tenant.
+    Succeeded { uri: String, checksum: String },
     Failed { error: String },
+}
+
+/// A fine-tuning attempt a worker is to run: what the heartbeat tells it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job: String,
+    pub epoch: u64,
+    pub tenant: String,
+    pub base_model: String,
+    pub spec: serde_json::Value,
+    /// Where to resume from.
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// A command as proposed to the log: the client's request id makes a retry apply once.
@@ -173,6 +254,50 @@ pub enum JobReport {
 pub struct Proposal {
     pub request_id: String,
     pub command: Command,
+    /// When it was proposed (Unix seconds, the proposer's clock): apply reads no clock, so the
+    /// times it records come from here.
+    #[serde(default)]
+    pub at: u64,
+}
+
+impl Proposal {
+    /// A proposal stamped with this machine's time.
+    pub fn new(request_id: impl Into<String>, command: Command) -> Self {
+        Proposal { request_id: request_id.into(), command, at: unix_now() }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Tenants are the operator's identifiers: 1 to 64 letters, digits, `-`, `_` or `.` (so that
+/// `tenant:adapter` names one adapter of one tenant).
+pub fn check_tenant(tenant: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&tenant.len())
+        && tenant != "."
+        && !tenant.contains("..")
+        && tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok { Ok(()) } else { Err(format!("tenant {tenant:?}: use 1 to 64 letters, digits, `-`, `_` or `.`")) }
+}
+
+/// Checks a name that users give (tenant, adapter, suffix): it may end up in a path or a
+/// metric label, so no path separators, no `..`, no control characters, not empty, not long.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let bad = if name.is_empty() || name.len() > 128 {
+        Some("must be 1 to 128 bytes")
+    } else if name.contains(['/', '\\']) || name.contains("..") {
+        Some("must not contain `/`, `\\` or `..`")
+    } else if name.chars().any(char::is_control) {
+        Some("must not contain control characters")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => Err(format!("{what} {name:?}: {why}")),
+        None => Ok(()),
+    }
 }
 
 /// What applying a proposal returned (the same for every replica).
@@ -204,6 +329,12 @@ pub struct ClusterState {
     pub adapters: BTreeMap<String, BTreeMap<String, Vec<AdapterVersion>>>,
     pub jobs: BTreeMap<String, Job>,
     pub placements: BTreeMap<String, Placement>,
+    /// Tenants' API keys: SHA-256 (hex) → tenant.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, String>,
+    /// Uploaded files by id.
+    #[serde(default)]
+    pub files: BTreeMap<String, File>,
     /// Addresses of the coordinators added to the group after it started (those it started
     /// with are on every coordinator's command line), by Raft id.
     #[serde(default)]
@@ -228,7 +359,7 @@ impl ClusterState {
         if let Some(reply) = self.replies.get(&p.request_id) {
             return reply.clone();
         }
-        let reply = self.execute(&p.command);
+        let reply = self.execute(&p.command, p.at);
         if self.reply_order.len() == REMEMBERED_REQUESTS
             && let Some(oldest) = self.reply_order.pop_front()
         {
@@ -239,25 +370,19 @@ impl ClusterState {
         reply
     }
 
-    fn execute(&mut self, command: &Command) -> Reply {
+    fn execute(&mut self, command: &Command, at: u64) -> Reply {
         match command.clone() {
             Command::RegisterWorker { id, addr, gpus } => {
                 self.workers.insert(id, Worker { addr, gpus, alive: true });
                 Reply::Done
             }
-            Command::MarkWorkerDead { id } => self.worker_died(&id),
+            Command::MarkWorkerDead { id } => self.worker_died(&id, at),
             Command::RegisterModel { name, uri } => {
                 self.models.insert(name, Model { uri });
                 Reply::Done
             }
             Command::PutAdapter { tenant, name, base_model, checksum, uri } => {
-                if !self.models.contains_key(&base_model) {
-                    return refused(format!("unknown base model {base_model:?}"));
-                }
-                let versions = self.adapters.entry(tenant).or_default().entry(name).or_default();
-                let version = versions.last().map_or(1, |v| v.version + 1);
-                versions.push(AdapterVersion { version, base_model, checksum, uri });
-                Reply::Version { version }
+                self.put_adapter(tenant, name, AdapterVersion { version: 0, base_model, checksum, uri })
             }
             Command::DeleteAdapter { tenant, name } => {
                 match self.adapters.get_mut(&tenant).and_then(|names| names.remove(&name)) {
@@ -265,16 +390,24 @@ impl ClusterState {
                     None => refused(format!("no adapter {name:?}")),
                 }
             }
-            Command::SubmitJob { id, tenant, base_model, spec } => {
+            Command::SubmitJob { id, tenant, base_model, spec, adapter } => {
                 if self.jobs.contains_key(&id) {
                     return refused(format!("job {id:?} exists already"));
                 }
                 if !self.models.contains_key(&base_model) {
                     return refused(format!("unknown base model {base_model:?}"));
                 }
+                if let Some(Err(e)) = adapter.as_deref().map(|a| check_name("adapter", a)) {
+                    return refused(e);
+                }
                 let job = Job {
                     tenant,
                     base_model,
+                    adapter,
+                    created_at: at,
+                    finished_at: None,
+                    checkpoints: Vec::new(),
+                    events: vec![JobEvent { at, message: "Job created".into(), step: None }],
                     spec,
                     status: JobStatus::Queued,
                     epoch: 0,
@@ -295,6 +428,8 @@ impl ClusterState {
                 }
                 job.epoch += 1;
                 job.status = JobStatus::Placed;
+                let message = format!("Attempt {} placed on worker {worker}", job.epoch);
+                job.events.push(JobEvent { at, message, step: None });
                 job.attempts.push(Attempt { epoch: job.epoch, worker, ended: None });
                 Reply::Epoch { epoch: job.epoch }
             }
@@ -306,15 +441,43 @@ impl ClusterState {
                         job.epoch, job.status
                     ));
                 }
+                let event = |message: String| JobEvent { at, message, step: None };
                 match report {
-                    JobReport::Running => job.status = JobStatus::Running,
+                    JobReport::Running => {
+                        job.status = JobStatus::Running;
+                        job.events.push(event(format!("Attempt {epoch} started training")));
+                    }
+                    JobReport::Step(figures) => {
+                        job.status = JobStatus::Running;
+                        let message = format!("Step {}/{}: training loss={:.4}", figures.step, figures.total_steps, figures.loss);
+                        job.events.push(JobEvent { at, message, step: Some(figures) });
+                        let steps = job.events.iter().filter(|e| e.step.is_some()).count();
+                        if steps > MAX_STEP_EVENTS
+                            && let Some(oldest) = job.events.iter().position(|e| e.step.is_some())
+                        {
+                            job.events.remove(oldest);
+                        }
+                    }
                     JobReport::Checkpoint { step, uri } => {
                         job.status = JobStatus::Running;
+                        job.events.push(event(format!("Checkpoint saved at step {step}")));
                         job.checkpoint = Some(Checkpoint { step, uri });
+                        job.checkpoints.extend(job.checkpoint.clone());
                     }
-                    JobReport::Succeeded => job.status = JobStatus::Succeeded,
+                    JobReport::Succeeded { uri, checksum } => {
+                        job.status = JobStatus::Succeeded;
+                        job.finished_at = Some(at);
+                        let (tenant, adapter) = (job.tenant.clone(), job.adapter.clone());
+                        let base_model = job.base_model.clone();
+                        job.events.push(event("The job has successfully completed".into()));
+                        if let Some(name) = adapter {
+                            return self.put_adapter(tenant, name, AdapterVersion { version: 0, base_model, checksum, uri });
+                        }
+                    }
                     JobReport::Failed { error } => {
                         job.status = JobStatus::Failed;
+                        job.finished_at = Some(at);
+                        job.events.push(event(format!("The job failed: {error}")));
                         job.error = Some(error);
                     }
                 }
@@ -326,6 +489,8 @@ impl ClusterState {
                     return refused(format!("job {id:?} is {:?} already", job.status));
                 }
                 job.status = JobStatus::Cancelled;
+                job.finished_at = Some(at);
+                job.events.push(JobEvent { at, message: "The job was cancelled".into(), step: None });
                 Reply::Done
             }
             Command::SetPlacement { group, placement } => {
@@ -339,7 +504,43 @@ impl ClusterState {
                 Some(_) => Reply::Done,
                 None => refused(format!("no placement {group:?}")),
             },
+            Command::CreateApiKey { tenant, key_sha256 } => {
+                if let Err(e) = check_tenant(&tenant) {
+                    return refused(e);
+                }
+                self.api_keys.insert(key_sha256, tenant);
+                Reply::Done
+            }
+            Command::PutFile { id, file } => {
+                if self.files.contains_key(&id) {
+                    return refused(format!("file {id:?} exists already"));
+                }
+                self.files.insert(id, file);
+                Reply::Done
+            }
+            Command::DeleteFile { tenant, id } => match self.files.get(&id) {
+                Some(f) if f.tenant == tenant => {
+                    self.files.remove(&id);
+                    Reply::Done
+                }
+                _ => refused(format!("no file {id:?}")),
+            },
         }
+    }
+
+    /// Adds the next version of a tenant's adapter (version 1 for a new name).
+    fn put_adapter(&mut self, tenant: String, name: String, mut v: AdapterVersion) -> Reply {
+        if !self.models.contains_key(&v.base_model) {
+            return refused(format!("unknown base model {:?}", v.base_model));
+        }
+        if let Err(e) = check_name("adapter", &name) {
+            return refused(e);
+        }
+        let versions = self.adapters.entry(tenant).or_default().entry(name).or_default();
+        v.version = versions.last().map_or(1, |last| last.version + 1);
+        let version = v.version;
+        versions.push(v);
+        Reply::Version { version }
     }
 
     /// Records a membership change applied at log `index`: coordinators added (with their
@@ -352,7 +553,7 @@ impl ClusterState {
         }
     }
 
-    fn worker_died(&mut self, id: &str) -> Reply {
+    fn worker_died(&mut self, id: &str, at: u64) -> Reply {
         let Some(worker) = self.workers.get_mut(id) else { return refused(format!("no worker {id:?}")) };
         worker.alive = false;
         for job in self.jobs.values_mut() {
@@ -360,6 +561,8 @@ impl ClusterState {
             if let (Some(attempt), false) = (current, job.status.is_final() || job.status == JobStatus::Queued) {
                 attempt.ended = Some("worker lease expired".into());
                 job.status = JobStatus::Queued;
+                let message = format!("Attempt {} ended: its worker's lease expired; queued again", job.epoch);
+                job.events.push(JobEvent { at, message, step: None });
             }
         }
         let groups: Vec<String> =
@@ -414,6 +617,22 @@ impl ClusterState {
             moves.push((id.clone(), worker));
         }
         moves
+    }
+
+    /// The attempts worker `id` is to run now: its jobs placed or running.
+    pub fn assignments(&self, id: &str) -> Vec<Assignment> {
+        (self.jobs.iter())
+            .filter(|(_, j)| matches!(j.status, JobStatus::Placed | JobStatus::Running))
+            .filter(|(_, j)| j.attempts.last().is_some_and(|a| a.worker == id && a.epoch == j.epoch))
+            .map(|(job, j)| Assignment {
+                job: job.clone(),
+                epoch: j.epoch,
+                tenant: j.tenant.clone(),
+                base_model: j.base_model.clone(),
+                spec: j.spec.clone(),
+                checkpoint: j.checkpoint.clone(),
+            })
+            .collect()
     }
 
     /// The whole state, serialized (a snapshot of the log up to `applied`).

@@ -22,23 +22,18 @@ const PREFIX: &str = "/tandem";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn model(name: &str) -> Proposal {
-    Proposal {
-        request_id: format!("model-{name}"),
-        command: Command::RegisterModel { name: name.into(), uri: format!("/models/{name}") },
-    }
+    Proposal::new(format!("model-{name}"), Command::RegisterModel { name: name.into(), uri: format!("/models/{name}") })
 }
 
 fn adapter(uri: &str) -> Proposal {
-    Proposal {
-        request_id: uri.into(),
-        command: Command::PutAdapter {
-            tenant: "t".into(),
-            name: "a".into(),
-            base_model: "m".into(),
-            checksum: "ab".into(),
-            uri: uri.into(),
-        },
-    }
+    let command = Command::PutAdapter {
+        tenant: "t".into(),
+        name: "a".into(),
+        base_model: "m".into(),
+        checksum: "ab".into(),
+        uri: uri.into(),
+    };
+    Proposal::new(uri, command)
 }
 
 async fn propose(store: &EtcdStore, p: Proposal) -> Reply {

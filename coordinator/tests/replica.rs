@@ -70,10 +70,7 @@ fn leader(replicas: &HashMap<u64, Replica>) -> u64 {
 }
 
 fn model(name: &str) -> Proposal {
-    Proposal {
-        request_id: format!("req-{name}"),
-        command: Command::RegisterModel { name: name.into(), uri: "/m".into() },
-    }
+    Proposal::new(format!("req-{name}"), Command::RegisterModel { name: name.into(), uri: "/m".into() })
 }
 
 #[test]

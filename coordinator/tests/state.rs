@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
 use serde_json::json;
-use tandem_coordinator::state::{ClusterState, Command, Gpu, JobReport, JobStatus, Placement, Proposal, Reply};
+use tandem_coordinator::state::{
+    ClusterState, Command, File, Gpu, JobReport, JobStatus, Placement, Proposal, Reply, StepFigures, check_name,
+};
 
 /// Applies commands at consecutive indices, each with its own request id.
 struct Log {
@@ -24,7 +26,7 @@ impl Log {
     }
 
     fn apply_as(&mut self, request_id: &str, command: Command) -> Reply {
-        let p = Proposal { request_id: request_id.into(), command };
+        let p = Proposal::new(request_id, command);
         let reply = self.state.apply(self.next, &p);
         self.next += 1;
         reply
@@ -45,7 +47,7 @@ fn cluster() -> Log {
 }
 
 fn submit(id: &str) -> Command {
-    Command::SubmitJob { id: id.into(), tenant: "t".into(), base_model: "m".into(), spec: json!({"rank": 8}) }
+    Command::SubmitJob { id: id.into(), tenant: "t".into(), base_model: "m".into(), spec: json!({"rank": 8}), adapter: None }
 }
 
 fn put_adapter(name: &str) -> Command {
@@ -69,7 +71,7 @@ fn a_retried_proposal_applies_once() {
     assert_eq!(log.apply_as("upload-2", put_adapter("a")), Reply::Version { version: 2 });
     // An index at or below the last applied one changes nothing.
     let before = log.state.clone();
-    let p = Proposal { request_id: "late".into(), command: put_adapter("a") };
+    let p = Proposal::new("late", put_adapter("a"));
     assert!(matches!(log.state.apply(2, &p), Reply::Refused { .. }));
     assert_eq!(log.state, before);
 }
@@ -110,10 +112,10 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 3 });
     // The old attempt was only slow, not dead: its reports are refused and change nothing.
     let before = log.state.clone();
-    let stale = log.apply(report(1, JobReport::Succeeded));
+    let stale = log.apply(report(1, JobReport::Succeeded { uri: String::new(), checksum: String::new() }));
     assert!(matches!(&stale, Reply::Refused { reason } if reason.contains("stale attempt")), "{stale:?}");
     assert_eq!(log.state.jobs, before.jobs);
-    assert_eq!(log.apply(report(3, JobReport::Succeeded)), Reply::Done);
+    assert_eq!(log.apply(report(3, JobReport::Succeeded { uri: String::new(), checksum: String::new() })), Reply::Done);
     assert_eq!(log.state.jobs["j"].status, JobStatus::Succeeded);
     // Finished is final.
     assert!(matches!(log.apply(report(3, JobReport::Running)), Reply::Refused { .. }));
@@ -127,7 +129,7 @@ fn bad_commands_are_refused_without_changing_the_state() {
     let before = log.state.clone();
     let bad = [
         submit("j"),
-        Command::SubmitJob { id: "k".into(), tenant: "t".into(), base_model: "nope".into(), spec: json!({}) },
+        Command::SubmitJob { id: "k".into(), tenant: "t".into(), base_model: "nope".into(), spec: json!({}), adapter: None },
         Command::PlaceJob { id: "nope".into(), worker: "w1".into() },
         Command::ReportJob { id: "j".into(), epoch: 0, report: JobReport::Running },
         Command::DeleteAdapter { tenant: "t".into(), name: "nope".into() },
@@ -192,7 +194,7 @@ fn replicas_agree_and_a_snapshot_restores_exactly() {
     assert!(a.state.jobs.len() > 20);
     assert!(a.state.jobs.values().any(|j| j.attempts.iter().any(|t| t.ended.is_some())));
     // A retry of a request applied before the snapshot is still recognised after restoring.
-    let retry = Proposal { request_id: "req-5".into(), command: put_adapter("zzz") };
+    let retry = Proposal::new("req-5", put_adapter("zzz"));
     let next = restored.next;
     assert!(!matches!(restored.state.apply(next, &retry), Reply::Version { .. }));
     assert!(!restored.state.adapters["t"].contains_key("zzz"));
@@ -215,4 +217,80 @@ fn the_scheduler_spreads_queued_jobs_and_prefers_workers_with_the_model() {
     log.apply(Command::MarkWorkerDead { id: "w2".into() });
     assert!(log.state.schedule().iter().all(|(_, w)| w == "w3"));
     assert_eq!(log.state.schedule().len(), 4);
+}
+
+#[test]
+fn a_job_reports_its_steps_and_its_success_registers_its_adapter_for_its_tenant() {
+    let mut log = cluster();
+    let submit_as = |id: &str, adapter: &str| Command::SubmitJob {
+        id: id.into(),
+        tenant: "alice".into(),
+        base_model: "m".into(),
+        spec: json!({}),
+        adapter: Some(adapter.into()),
+    };
+    assert_eq!(log.apply(submit_as("j1", "ft:m:alice:rev:j1")), Reply::Done);
+    log.apply(Command::PlaceJob { id: "j1".into(), worker: "w1".into() });
+    // The worker is told its attempt (and only its own).
+    let assigned = log.state.assignments("w1");
+    assert_eq!((assigned.len(), assigned[0].epoch, assigned[0].job.as_str()), (1, 1, "j1"));
+    assert!(log.state.assignments("w2").is_empty());
+    let report = |epoch, report| Command::ReportJob { id: "j1".into(), epoch, report };
+    for step in 1..=3 {
+        let figures = StepFigures { step, total_steps: 3, loss: 4.0 / step as f64, tokens_per_s: 100.0 };
+        assert_eq!(log.apply(report(1, JobReport::Step(figures))), Reply::Done);
+    }
+    let steps: Vec<u64> = log.state.jobs["j1"].events.iter().filter_map(|e| e.step.as_ref()).map(|s| s.step).collect();
+    assert_eq!(steps, [1, 2, 3]);
+    assert_eq!(log.state.jobs["j1"].status, JobStatus::Running);
+    let done = JobReport::Succeeded { uri: "/blobs/jobs/j1/adapter".into(), checksum: "abc".into() };
+    assert_eq!(log.apply(report(1, done)), Reply::Version { version: 1 });
+    let versions = &log.state.adapters["alice"]["ft:m:alice:rev:j1"];
+    assert_eq!((versions[0].uri.as_str(), versions[0].checksum.as_str()), ("/blobs/jobs/j1/adapter", "abc"));
+    assert!(log.state.jobs["j1"].finished_at.is_some());
+    assert!(log.state.assignments("w1").is_empty(), "a finished job is no one's to run");
+    // A second job under the same adapter name makes its next version; no other tenant sees it.
+    log.apply(submit_as("j2", "ft:m:alice:rev:j1"));
+    log.apply(Command::PlaceJob { id: "j2".into(), worker: "w2".into() });
+    let done = JobReport::Succeeded { uri: "/blobs/jobs/j2/adapter".into(), checksum: "def".into() };
+    let reply = log.apply(Command::ReportJob { id: "j2".into(), epoch: 1, report: done });
+    assert_eq!(reply, Reply::Version { version: 2 });
+    assert_eq!(log.state.adapters.len(), 1);
+}
+
+#[test]
+fn keys_files_and_names_are_checked() {
+    let mut log = cluster();
+    let key = |tenant: &str| Command::CreateApiKey { tenant: tenant.into(), key_sha256: format!("sha-{tenant}") };
+    assert_eq!(log.apply(key("alice")), Reply::Done);
+    assert_eq!(log.state.api_keys["sha-alice"], "alice");
+    for bad in ["", "../etc", "a/b", "a b", "x\u{7}", &"t".repeat(65)] {
+        assert!(matches!(log.apply(key(bad)), Reply::Refused { .. }), "tenant {bad:?}");
+    }
+    assert_eq!(log.state.api_keys.len(), 1);
+    for bad in ["", "..", "a/../b", "a\\b", "a\nb", &"n".repeat(129)] {
+        assert!(check_name("adapter", bad).is_err(), "{bad:?}");
+        let mut adapter = put_adapter(bad);
+        if let Command::PutAdapter { name, .. } = &mut adapter {
+            *name = bad.to_string();
+        }
+        assert!(matches!(log.apply(adapter), Reply::Refused { .. }), "adapter {bad:?}");
+    }
+    assert!(check_name("adapter", "ft:m:alice:rev:ftjob-1").is_ok());
+    let file = File {
+        tenant: "alice".into(),
+        filename: "train.jsonl".into(),
+        bytes: 10,
+        purpose: "fine-tune".into(),
+        examples: 1,
+        created_at: 1,
+        uri: "/blobs/files/file-1.jsonl".into(),
+    };
+    assert_eq!(log.apply(Command::PutFile { id: "file-1".into(), file: file.clone() }), Reply::Done);
+    assert!(matches!(log.apply(Command::PutFile { id: "file-1".into(), file }), Reply::Refused { .. }));
+    // Only its tenant deletes it.
+    let delete = |tenant: &str| Command::DeleteFile { tenant: tenant.into(), id: "file-1".into() };
+    assert!(matches!(log.apply(delete("bob")), Reply::Refused { .. }));
+    assert_eq!(log.apply(delete("alice")), Reply::Done);
+    assert!(log.state.files.is_empty());
 }

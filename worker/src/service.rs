@@ -1,13 +1,16 @@
 //! The worker process: its engine on a thread of its own, the gRPC `Worker` service that streams
 //! completions out of it, and the worker's membership in the cluster (it registers with the
-//! coordinator and renews its lease by heartbeats).
+//! coordinator and renews its lease by heartbeats, which tell it the fine-tuning attempts to run).
 //!
-//! The engine is not thread-safe and its steps are long: one thread owns it, takes requests from
-//! a channel between steps, and after each step sends every request's settled text to its
-//! stream. A request whose client went away finishes anyway (the engine cannot cancel one yet);
-//! its output is dropped.
+//! The engine is not thread-safe and its steps are long: one thread owns it, takes orders from
+//! a channel between steps (requests, jobs to train or stop), and after each step sends every
+//! request's settled text to its stream and every job's progress (steps, checkpoints, its
+//! exported adapter) to the training events. A request whose client went away finishes anyway
+//! (the engine cannot cancel one yet); its output is dropped. An adapter a request names that
+//! is not loaded yet is read from the folder the request gives, on this thread.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -18,17 +21,42 @@ use tokio::sync::mpsc as async_mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::adapters::Adapter;
+use crate::adapters::registry::Origin;
 use crate::engine::{Engine, GenerationOutput, GenerationRequest, Progress};
+use crate::train::checkpoint;
+use crate::train::job::StepReport;
 use crate::error::Error;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::ChatMessage;
 
 type EventSender = async_mpsc::UnboundedSender<Result<GenerateEvent, Status>>;
 
-/// A request on its way to the engine thread.
-struct Job {
-    req: GenerateRequest,
-    events: EventSender,
+/// What the engine thread is asked to do.
+enum Order {
+    Generate { req: GenerateRequest, events: EventSender },
+    Train(Training),
+    /// Stop training this job (its adapter is withdrawn).
+    Stop(String),
+}
+
+/// A job to train, and where its files go.
+pub struct Training {
+    pub job: crate::train::job::Job,
+    /// Checkpoints go to `checkpoints/step-NNNNNN` under it, the final adapter to `adapter/`.
+    pub dir: PathBuf,
+    /// Checkpoint every this many optimizer steps (0: only the final adapter).
+    pub checkpoint_every: u64,
+}
+
+/// What a job in training did.
+#[derive(Debug)]
+pub enum TrainEvent {
+    Step { job: String, report: StepReport, tokens_per_s: f64 },
+    Checkpoint { job: String, step: u64, path: PathBuf },
+    /// Trained to the end; its adapter is exported to `adapter`.
+    Finished { job: String, adapter: PathBuf },
+    Failed { job: String, error: String },
 }
 
 /// A request the engine runs, and where its events go.
@@ -43,15 +71,17 @@ struct Stream {
 /// The handle to the thread that owns the engine.
 #[derive(Clone)]
 pub struct EngineThread {
-    jobs: mpsc::Sender<Job>,
+    orders: mpsc::Sender<Order>,
 }
 
 impl EngineThread {
-    /// Moves `engine` onto a thread of its own, which runs until every handle is dropped.
-    pub fn start(engine: Engine) -> std::io::Result<Self> {
-        let (jobs, rx) = mpsc::channel();
-        std::thread::Builder::new().name("engine".into()).spawn(move || run(engine, rx))?;
-        Ok(EngineThread { jobs })
+    /// Moves `engine` onto a thread of its own, which runs until every handle is dropped; its
+    /// jobs' progress arrives on the receiver.
+    pub fn start(engine: Engine) -> std::io::Result<(Self, async_mpsc::UnboundedReceiver<TrainEvent>)> {
+        let (orders, rx) = mpsc::channel();
+        let (train_events, train_rx) = async_mpsc::unbounded_channel();
+        std::thread::Builder::new().name("engine".into()).spawn(move || run(engine, rx, train_events))?;
+        Ok((EngineThread { orders }, train_rx))
     }
 
     /// Queues `req`; its events arrive on the returned receiver.
@@ -60,8 +90,22 @@ impl EngineThread {
         req: GenerateRequest,
     ) -> Result<async_mpsc::UnboundedReceiver<Result<GenerateEvent, Status>>, Status> {
         let (events, rx) = async_mpsc::unbounded_channel();
-        self.jobs.send(Job { req, events }).map_err(|_| Status::unavailable("the engine stopped"))?;
+        self.send(Order::Generate { req, events })?;
         Ok(rx)
+    }
+
+    /// Trains a job beside inference.
+    pub fn train(&self, training: Training) -> Result<(), Status> {
+        self.send(Order::Train(training))
+    }
+
+    /// Stops training job `name`.
+    pub fn stop(&self, name: &str) -> Result<(), Status> {
+        self.send(Order::Stop(name.to_string()))
+    }
+
+    fn send(&self, order: Order) -> Result<(), Status> {
+        self.orders.send(order).map_err(|_| Status::unavailable("the engine stopped"))
     }
 }
 
@@ -98,27 +142,76 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
     Ok(GenerationRequest { prompt, adapter, params })
 }
 
-/// The engine thread: takes requests between steps, blocking only while there is no work.
-fn run(mut engine: Engine, jobs: mpsc::Receiver<Job>) {
+/// Makes sure the adapter `req` names is loaded: read from `adapter_uri` the first time. A newer
+/// version (`NAME@VERSION`) replaces the older ones of the same name for new requests.
+fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error> {
+    if req.adapter.is_empty() || req.adapter_uri.is_empty() || engine.registry().resolve(&req.adapter).is_ok() {
+        return Ok(());
+    }
+    let adapter = Adapter::load_dir(Path::new(&req.adapter_uri), &engine.model().config)?;
+    let family = req.adapter.rsplit_once('@').map_or(req.adapter.as_str(), |(name, _)| name);
+    let older: Vec<String> = (engine.registry().list().iter())
+        .filter(|v| v.name.rsplit_once('@').is_some_and(|(name, _)| name == family))
+        .map(|v| v.name.clone())
+        .collect();
+    for name in older {
+        engine.remove_adapter(&name)?;
+    }
+    engine.publish_adapter(&req.adapter, adapter, Origin::Upload)?;
+    Ok(())
+}
+
+/// Jobs in training on the engine thread: where their files go, and checkpoints due.
+#[derive(Default)]
+struct Jobs {
+    dirs: HashMap<String, (PathBuf, u64)>,
+    /// Jobs whose checkpoint is due at their next step boundary.
+    due: Vec<String>,
+}
+
+/// The engine thread: takes orders between steps, blocking only while there is no work.
+fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mpsc::UnboundedSender<TrainEvent>) {
     let mut streams: HashMap<usize, Stream> = HashMap::new();
+    let mut jobs = Jobs::default();
+    let send = |e: TrainEvent| drop(train_events.send(e));
     loop {
         let mut next = if engine.has_work() {
-            jobs.try_recv().ok()
+            orders.try_recv().ok()
         } else {
-            match jobs.recv() {
-                Ok(job) => Some(job),
+            match orders.recv() {
+                Ok(order) => Some(order),
                 Err(_) => return, // every handle is gone
             }
         };
-        while let Some(Job { req, events }) = next.take() {
-            match prepare(&engine, &req).and_then(|r| engine.submit(r)) {
-                Ok(index) => {
-                    let stream = Stream { events, logprobs: req.logprobs, text_sent: 0, tokens_sent: 0 };
-                    streams.insert(index, stream);
+        while let Some(order) = next.take() {
+            match order {
+                Order::Generate { req, events } => {
+                    let submitted = load_adapter(&mut engine, &req)
+                        .and_then(|()| prepare(&engine, &req))
+                        .and_then(|r| engine.submit(r));
+                    match submitted {
+                        Ok(index) => {
+                            let stream = Stream { events, logprobs: req.logprobs, text_sent: 0, tokens_sent: 0 };
+                            streams.insert(index, stream);
+                        }
+                        Err(e) => drop(events.send(Err(status_of(e)))),
+                    }
                 }
-                Err(e) => drop(events.send(Err(status_of(e)))),
+                Order::Train(t) => {
+                    let name = t.job.name().to_string();
+                    match engine.add_job(t.job) {
+                        Ok(()) => drop(jobs.dirs.insert(name, (t.dir, t.checkpoint_every))),
+                        Err(e) => send(TrainEvent::Failed { job: name, error: e.to_string() }),
+                    }
+                }
+                Order::Stop(name) => {
+                    if engine.cancel_job(&name).is_ok() {
+                        let _ = engine.remove_adapter(&name);
+                    }
+                    jobs.dirs.remove(&name);
+                }
             }
-            next = jobs.try_recv().ok();
+            next = orders.try_recv().ok();
         }
         if !engine.has_work() {
             continue;
@@ -135,13 +228,63 @@ fn run(mut engine: Engine, jobs: mpsc::Receiver<Job>) {
                         s.finish(&out);
                     }
                 }
+                jobs.after_step(&mut engine, &send);
             }
             Err(e) => {
-                // The step failed part-way: tell every caller rather than leave them waiting.
+                // The step failed part-way: tell every caller rather than leave them waiting,
+                // and fail the jobs (their state may be half-updated).
                 let status = status_of(e);
                 for (_, s) in streams.drain() {
                     let _ = s.events.send(Err(status.clone()));
                 }
+                for (name, _) in jobs.dirs.drain() {
+                    if engine.cancel_job(&name).is_ok() {
+                        let _ = engine.remove_adapter(&name);
+                    }
+                    send(TrainEvent::Failed { job: name, error: status.message().to_string() });
+                }
+            }
+        }
+    }
+}
+
+impl Jobs {
+    /// Reports the optimizer steps taken, saves the checkpoints due (at a step boundary), and
+    /// exports the jobs that finished.
+    fn after_step(&mut self, engine: &mut Engine, send: &impl Fn(TrainEvent)) {
+        let reports = engine.take_step_reports();
+        if !reports.is_empty() {
+            let speeds = engine.metrics().jobs;
+            for report in reports {
+                let every = self.dirs.get(&report.job).map_or(0, |(_, every)| *every);
+                if every > 0 && report.step % every == 0 && report.step < report.total_steps {
+                    self.due.push(report.job.clone());
+                }
+                let tokens_per_s = speeds.get(&report.job).map_or(0.0, |m| m.tokens_per_s);
+                send(TrainEvent::Step { job: report.job.clone(), report, tokens_per_s });
+            }
+        }
+        let cfg = engine.model().config.clone();
+        self.due.retain(|name| {
+            let (Some(job), Some((dir, _))) = (engine.job(name), self.dirs.get(name)) else { return false };
+            if !job.at_step_boundary() {
+                return true;
+            }
+            let step = job.progress.step;
+            match checkpoint::save(job, &cfg, &dir.join("checkpoints")) {
+                Ok(path) => send(TrainEvent::Checkpoint { job: name.clone(), step, path }),
+                Err(e) => send(TrainEvent::Failed { job: name.clone(), error: format!("checkpoint: {e}") }),
+            }
+            false
+        });
+        for job in engine.take_finished_jobs() {
+            let name = job.name().to_string();
+            let Some((dir, _)) = self.dirs.remove(&name) else { continue };
+            let adapter = dir.join("adapter");
+            let _ = engine.remove_adapter(&name);
+            match checkpoint::export(&job, &cfg, &adapter) {
+                Ok(()) => send(TrainEvent::Finished { job: name, adapter }),
+                Err(e) => send(TrainEvent::Failed { job: name, error: format!("export: {e}") }),
             }
         }
     }
@@ -199,8 +342,15 @@ impl Worker for WorkerService {
 /// Registers worker `id` (serving at `addr`, with base `model` loaded) with the coordinator at
 /// `coordinator` and keeps its lease: a heartbeat every third of the lease, registering again
 /// when the coordinator has forgotten it (it was marked dead) and retrying while it cannot be
-/// reached. Runs until the task is dropped.
-pub async fn keep_lease(coordinator: String, id: String, addr: String, model: String) {
+/// reached. Each heartbeat's answer carries the fine-tuning attempts this worker is to run
+/// (JSON), published on `assignments`. Runs until the task is dropped.
+pub async fn keep_lease(
+    coordinator: String,
+    id: String,
+    addr: String,
+    model: String,
+    assignments: tokio::sync::watch::Sender<String>,
+) {
     let gpus = serde_json::json!([{ "index": 0, "memory_bytes": 0, "models": [model] }]).to_string();
     let register = RegisterWorkerRequest { worker_id: id.clone(), addr, gpus_json: gpus };
     let mut registered = false;
@@ -215,7 +365,17 @@ pub async fn keep_lease(coordinator: String, id: String, addr: String, model: St
                 return Ok(Duration::from_millis(lease.into_inner().lease_ms / 3));
             }
             match client.heartbeat(HeartbeatRequest { worker_id: id.clone() }).await {
-                Ok(r) => Ok(Duration::from_millis(r.into_inner().lease_ms / 3)),
+                Ok(r) => {
+                    let r = r.into_inner();
+                    assignments.send_if_modified(|old| {
+                        let changed = *old != r.assignments_json;
+                        if changed {
+                            old.clone_from(&r.assignments_json);
+                        }
+                        changed
+                    });
+                    Ok(Duration::from_millis(r.lease_ms / 3))
+                }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     registered = false;
                     Ok(Duration::ZERO)

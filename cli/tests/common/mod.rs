@@ -99,9 +99,10 @@ pub fn mini_cluster(tag: &str, gateway: Option<(&str, &str)>) -> MiniCluster {
     let (ok, _, err) = tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
     let (coordinator, worker) = (free_addr(), free_addr());
-    let (peers, data) = (format!("1={coordinator}"), dir.join("coordinator"));
+    let (peers, data, blobs) = (format!("1={coordinator}"), dir.join("coordinator"), dir.join("blobs"));
+    let blobs = blobs.to_str().unwrap();
     let mut args = vec!["coordinator", "--id", "1", "--peers", &peers, "--tick-ms", "20"];
-    args.extend(["--data-dir", data.to_str().unwrap()]);
+    args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs]);
     if let Some((addr, key)) = gateway {
         args.extend(["--http", addr, "--api-key", key]);
     }
@@ -117,6 +118,8 @@ pub fn mini_cluster(tag: &str, gateway: Option<(&str, &str)>) -> MiniCluster {
         &coordinator,
         "--model",
         model_arg,
+        "--blobs",
+        blobs,
     ]));
     MiniCluster { procs, model, coordinator, worker }
 }

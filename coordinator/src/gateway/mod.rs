@@ -1,12 +1,13 @@
 //! The HTTP gateway every coordinator serves: OpenAI's completions and chat completions (whole
-//! or streamed as server-sent events), models, and health. A request is authenticated, its
-//! model resolved in the replicated state, and it goes to an alive worker that has the base
-//! model loaded (in turn); the worker's token stream is relayed to the client.
-//!
-//! Not yet (issue 7): tenants' keys, adapters, files and fine-tuning jobs, metrics, retries on
-//! another worker, logprobs.
+//! or streamed as server-sent events), models, files, fine-tuning jobs, Tandem's adapters and
+//! API keys, health and metrics. A request is authenticated (a bearer key names a tenant; the
+//! operator's key is the admin), its model resolved in the replicated state inside the tenant's
+//! namespace, and it goes to an alive worker that has the base model loaded, preferring the
+//! one that last served its adapter; the worker's token stream is relayed to the client.
 
+mod metrics;
 mod openai;
+mod resources;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -26,30 +26,108 @@ use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tokio_stream::StreamExt;
 
 use crate::server::fresh_id;
-use crate::state::ClusterState;
+use crate::state::{ClusterState, Command, Proposal, Reply};
 use crate::store::Store;
-use openai::{ApiError, ChatRequest, CompletionRequest, Sampling, parse};
+pub use openai::ApiError;
+pub use resources::new_key;
+use openai::{Body, ChatRequest, CompletionRequest, Sampling, parse};
 
-/// How long a read of the replicated state may take.
+/// How long a read of the replicated state, or a proposal, may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most choices one request may ask for (`n`).
 const MAX_CHOICES: u32 = 8;
+/// Largest body of a JSON request (a prompt, a job); uploads have their own limits.
+const MAX_BODY: usize = 4 << 20;
+/// The admin's own namespace (the operator's key acts as this tenant).
+pub const ADMIN_TENANT: &str = "admin";
+
+/// What the gateway checks with the model runtime, which this crate does not link: the
+/// binary that serves the gateway provides it.
+pub trait Checks: Send + Sync {
+    /// Checks a JSONL training file; returns how many examples it holds, or an error that
+    /// names the line and field.
+    fn training_file(&self, bytes: &[u8]) -> Result<u64, String>;
+    /// Checks an adapter folder (PEFT LoRA or ESFT) against the base model at `model_uri`.
+    fn adapter(&self, dir: &std::path::Path, model_uri: &str) -> Result<(), String>;
+}
+
+/// How a coordinator serves the gateway.
+pub struct GatewayOptions {
+    pub addr: std::net::SocketAddr,
+    /// The operator's key.
+    pub admin_key: String,
+    /// Where uploaded files and adapters are stored: a folder every worker reads at the same
+    /// path (a shared filesystem across hosts).
+    pub blobs: std::path::PathBuf,
+    pub checks: Arc<dyn Checks>,
+}
+
+/// Who is calling: the tenant its key belongs to.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub tenant: String,
+    pub admin: bool,
+}
+
+/// Where a request for a `model` goes: its base model and, for an adapter, the adapter.
+struct Target {
+    /// The caller's tenant (the model name is the caller's).
+    tenant: String,
+    base: String,
+    /// The worker's name for the adapter version (`tenant:name@version`) and where it is.
+    adapter: Option<(String, String)>,
+}
 
 pub struct Gateway {
     store: Store,
-    /// The operator's key (bearer token).
-    admin_key: String,
+    /// SHA-256 of the operator's key.
+    admin_key_sha256: String,
+    blobs: std::path::PathBuf,
+    checks: Arc<dyn Checks>,
     /// Round-robin position over the workers of a model.
     turn: AtomicUsize,
+    /// The worker that last served each adapter version: requests for it go there while it is
+    /// alive, where the adapter is resident.
+    affinity: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    metrics: metrics::Metrics,
+}
+
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An adapter's checksum: SHA-256 over its folder's files in name order, each name then its
+/// bytes (the same for an upload and for a job's export).
+pub fn dir_checksum(dir: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut files: Vec<_> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    files.sort();
+    let mut hasher = sha2::Sha256::new();
+    for f in files.iter().filter(|f| f.is_file()) {
+        hasher.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        hasher.update(std::fs::read(f)?);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Gateway {
-    pub fn new(store: Store, admin_key: String) -> Arc<Self> {
-        Arc::new(Gateway { store, admin_key, turn: AtomicUsize::new(0) })
+    pub fn new(store: Store, opts: &GatewayOptions) -> Arc<Self> {
+        Arc::new(Gateway {
+            store,
+            admin_key_sha256: sha256_hex(opts.admin_key.as_bytes()),
+            blobs: opts.blobs.clone(),
+            checks: opts.checks.clone(),
+            turn: AtomicUsize::new(0),
+            affinity: Default::default(),
+            metrics: metrics::Metrics::default(),
+        })
     }
 
-    /// The caller, from `Authorization: Bearer KEY`.
-    fn authenticate(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// The caller, from `Authorization: Bearer KEY`: the operator, or the tenant the key was
+    /// made for.
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let key = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -58,50 +136,85 @@ impl Gateway {
             .ok_or_else(|| {
                 ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "no API key: send Authorization: Bearer KEY")
             })?;
-        if key != self.admin_key {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid"));
+        let hash = sha256_hex(key.as_bytes());
+        if hash == self.admin_key_sha256 {
+            return Ok(Caller { tenant: ADMIN_TENANT.into(), admin: true });
         }
-        Ok(())
+        match self.state().await?.api_keys.get(&hash) {
+            Some(tenant) => Ok(Caller { tenant: tenant.clone(), admin: false }),
+            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid")),
+        }
     }
 
     async fn state(&self) -> Result<ClusterState, ApiError> {
         self.store.read(READ_TIMEOUT).await.map_err(|e| ApiError::unavailable(format!("the cluster's state: {e}")))
     }
 
-    /// The address of the worker to send a request for base `model` to (alive, model loaded;
-    /// in turn).
-    fn pick_worker(&self, state: &ClusterState, model: &str) -> Result<String, ApiError> {
-        let workers: Vec<&str> = (state.workers.values())
-            .filter(|w| w.alive && w.gpus.iter().any(|g| g.models.iter().any(|m| m == model)))
-            .map(|w| w.addr.as_str())
-            .collect();
-        if workers.is_empty() {
-            return Err(ApiError::unavailable(format!("no worker serves {model:?} right now")));
+    /// Proposes `command`; a refusal is `refused`'s error.
+    async fn propose(&self, what: &str, command: Command) -> Result<Reply, ApiError> {
+        let reply = (self.store.propose(Proposal::new(fresh_id(what), command), READ_TIMEOUT).await)
+            .map_err(|e| ApiError::unavailable(format!("the cluster could not record it: {e}")))?;
+        match reply {
+            Reply::Refused { reason } => Err(ApiError::new(StatusCode::CONFLICT, "conflict", reason)),
+            reply => Ok(reply),
         }
-        Ok(workers[self.turn.fetch_add(1, Ordering::Relaxed) % workers.len()].to_string())
     }
 
-    /// Resolves `model` and picks a worker for it.
-    async fn route(&self, model: &str) -> Result<String, ApiError> {
-        let state = self.state().await?;
-        if !state.models.contains_key(model) {
-            let msg = format!("the model {model:?} does not exist or you do not have access to it");
-            return Err(ApiError {
-                param: Some("model"),
-                ..ApiError::new(StatusCode::NOT_FOUND, "model_not_found", msg)
-            });
+    /// The alive workers that have base `model` loaded, the one that last served `adapter`
+    /// first, then the rest in turn.
+    fn workers_for(&self, state: &ClusterState, target: &Target) -> Result<Vec<String>, ApiError> {
+        let mut workers: Vec<String> = (state.workers.values())
+            .filter(|w| w.alive && w.gpus.iter().any(|g| g.models.contains(&target.base)))
+            .map(|w| w.addr.clone())
+            .collect();
+        if workers.is_empty() {
+            return Err(ApiError::unavailable(format!("no worker serves {:?} right now", target.base)));
         }
-        self.pick_worker(&state, model)
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) % workers.len();
+        workers.rotate_left(turn);
+        let resident = target.adapter.as_ref().and_then(|(key, _)| self.affinity.lock().ok()?.get(key).cloned());
+        if let Some(i) = resident.and_then(|r| workers.iter().position(|w| *w == r)) {
+            let w = workers.remove(i);
+            workers.insert(0, w);
+        }
+        Ok(workers)
+    }
+
+    /// Resolves `model` (a base model, or an adapter of the caller's) in the caller's namespace.
+    fn resolve(&self, state: &ClusterState, caller: &Caller, model: &str) -> Result<Target, ApiError> {
+        if state.models.contains_key(model) {
+            return Ok(Target { tenant: caller.tenant.clone(), base: model.to_string(), adapter: None });
+        }
+        let latest = state.adapters.get(&caller.tenant).and_then(|a| a.get(model)).and_then(|v| v.last());
+        match latest {
+            Some(v) => Ok(Target {
+                tenant: caller.tenant.clone(),
+                base: v.base_model.clone(),
+                adapter: Some((format!("{}:{model}@{}", caller.tenant, v.version), v.uri.clone())),
+            }),
+            None => Err(ApiError::model_not_found(model)),
+        }
+    }
+
+    /// Resolves `model` and lists the workers to try, best first.
+    async fn route(&self, caller: &Caller, model: &str) -> Result<(Target, Vec<String>), ApiError> {
+        let state = self.state().await?;
+        let target = self.resolve(&state, caller, model)?;
+        let workers = self.workers_for(&state, &target)?;
+        Ok((target, workers))
     }
 }
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics::serve))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .merge(resources::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(gateway)
 }
 
@@ -119,22 +232,34 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The base models and the caller's adapters.
 async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    gw.authenticate(&headers)?;
+    let caller = gw.authenticate(&headers).await?;
     let state = gw.state().await?;
-    let data: Vec<Value> = (state.models.keys())
+    let mut data: Vec<Value> = (state.models.keys())
         .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tandem"}))
         .collect();
+    for (name, versions) in state.adapters.get(&caller.tenant).into_iter().flatten() {
+        if let Some(v) = versions.last() {
+            data.push(json!({
+                "id": name, "object": "model", "created": 0, "owned_by": caller.tenant,
+                "parent": v.base_model, "version": v.version,
+            }));
+        }
+    }
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-/// The worker request for `prompt` or `messages` under `s`, choice `i` of `n`.
-fn generate_request(s: &Sampling, i: u32) -> Result<GenerateRequest, ApiError> {
+/// The worker request for `prompt` or `messages` under `s`, choice `i` of `n`, on `target`.
+fn generate_request(s: &Sampling, target: &Target, i: u32) -> Result<GenerateRequest, ApiError> {
     let n = s.n.unwrap_or(1);
     if n == 0 || n > MAX_CHOICES {
         return Err(ApiError::bad_request("n", format!("n must be between 1 and {MAX_CHOICES}")));
     }
+    let (adapter, adapter_uri) = target.adapter.clone().unwrap_or_default();
     Ok(GenerateRequest {
+        adapter,
+        adapter_uri,
         max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(16),
         temperature: s.temperature.unwrap_or(1.0),
         top_p: s.top_p.unwrap_or(1.0),
@@ -153,12 +278,35 @@ fn status_to_error(s: tonic::Status) -> ApiError {
     }
 }
 
-/// Opens the worker's stream for `req`.
-async fn start(worker: &str, req: GenerateRequest) -> Result<tonic::Streaming<GenerateEvent>, ApiError> {
-    let mut client = WorkerClient::connect(format!("http://{worker}"))
-        .await
-        .map_err(|e| ApiError::unavailable(format!("worker {worker}: {e}")))?;
-    Ok(client.generate(req).await.map_err(status_to_error)?.into_inner())
+/// A worker's events for one choice.
+type Events = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<GenerateEvent, tonic::Status>> + Send>>;
+
+/// Opens a stream for `req` on the first of `workers` that gives its first event: a worker
+/// that cannot be reached or fails before anything was sent is left for the next. A refusal
+/// (bad request, full queue) is final. Returns the stream and the worker.
+async fn start(workers: &[String], req: GenerateRequest) -> Result<(Events, String), ApiError> {
+    let mut last = None;
+    for worker in workers {
+        let attempt = async {
+            let mut client = WorkerClient::connect(format!("http://{worker}")).await.map_err(|e| {
+                tonic::Status::unavailable(format!("worker {worker}: {e}"))
+            })?;
+            let mut stream = client.generate(req.clone()).await?.into_inner();
+            let first = stream.message().await?;
+            Ok::<_, tonic::Status>((first, stream))
+        };
+        match attempt.await {
+            Ok((first, rest)) => {
+                let events: Events = Box::pin(tokio_stream::iter(first.map(Ok)).chain(rest));
+                return Ok((events, worker.clone()));
+            }
+            Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted) => {
+                return Err(status_to_error(s));
+            }
+            Err(s) => last = Some(s),
+        }
+    }
+    Err(last.map_or_else(|| ApiError::unavailable("no worker to send it to"), status_to_error))
 }
 
 /// One choice, whole.
@@ -169,10 +317,10 @@ struct Choice {
     completion_tokens: u32,
 }
 
-async fn collect(mut stream: tonic::Streaming<GenerateEvent>) -> Result<Choice, ApiError> {
+async fn collect(mut stream: Events) -> Result<Choice, ApiError> {
     let mut choice =
         Choice { text: String::new(), finish_reason: String::new(), prompt_tokens: 0, completion_tokens: 0 };
-    while let Some(e) = stream.message().await.map_err(status_to_error)? {
+    while let Some(e) = stream.next().await.transpose().map_err(status_to_error)? {
         choice.text.push_str(&e.text);
         if !e.finish_reason.is_empty() {
             choice.finish_reason = e.finish_reason;
@@ -215,24 +363,24 @@ fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
     })
 }
 
-async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    gw.authenticate(&headers)?;
+async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Body(body): Body) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
     let req: CompletionRequest = parse(&body)?;
     let prompts = req.prompt.to_vec();
     let [prompt] = prompts.as_slice() else {
         return Err(ApiError::bad_request("prompt", "give one prompt (a string); lists of prompts are not supported"));
     };
-    let worker = gw.route(&req.model).await?;
-    let make = |i| Ok(GenerateRequest { prompt: prompt.clone(), ..generate_request(&req.sampling, i)? });
-    respond(Kind::Completion, &worker, req.model.clone(), &req.sampling, make).await
+    let (target, workers) = gw.route(&caller, &req.model).await?;
+    let make = |i| Ok(GenerateRequest { prompt: prompt.clone(), ..generate_request(&req.sampling, &target, i)? });
+    gw.respond(Kind::Completion, &target, &workers, req.model.clone(), &req.sampling, make).await
 }
 
 async fn chat_completions(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
-    gw.authenticate(&headers)?;
+    let caller = gw.authenticate(&headers).await?;
     let req: ChatRequest = parse(&body)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages", "messages must not be empty"));
@@ -240,30 +388,64 @@ async fn chat_completions(
     let messages = (req.messages.iter())
         .map(|m| Ok(ChatMessage { role: m.role.clone(), content: m.content.text()? }))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let worker = gw.route(&req.model).await?;
-    let make = |i| Ok(GenerateRequest { messages: messages.clone(), ..generate_request(&req.sampling, i)? });
-    respond(Kind::Chat, &worker, req.model.clone(), &req.sampling, make).await
+    let (target, workers) = gw.route(&caller, &req.model).await?;
+    let make = |i| Ok(GenerateRequest { messages: messages.clone(), ..generate_request(&req.sampling, &target, i)? });
+    gw.respond(Kind::Chat, &target, &workers, req.model.clone(), &req.sampling, make).await
 }
 
-/// Runs the `n` choices on `worker` and answers whole or as a stream of chunks.
-async fn respond(
-    kind: Kind,
-    worker: &str,
-    model: String,
-    sampling: &Sampling,
-    make: impl Fn(u32) -> Result<GenerateRequest, ApiError>,
-) -> Result<Response, ApiError> {
+impl Gateway {
+    /// Runs the `n` choices on the first of `workers` that answers and responds whole or as a
+    /// stream of chunks.
+    async fn respond(
+        &self,
+        kind: Kind,
+        target: &Target,
+        workers: &[String],
+        model: String,
+        sampling: &Sampling,
+        make: impl Fn(u32) -> Result<GenerateRequest, ApiError>,
+    ) -> Result<Response, ApiError> {
+        let result = self.run_choices(kind, target, workers, model.clone(), sampling, make).await;
+        self.metrics.request(&target.tenant, &model, result.as_ref().map_or_else(|e| e.status, |_| StatusCode::OK));
+        result
+    }
+
+    async fn run_choices(
+        &self,
+        kind: Kind,
+        target: &Target,
+        workers: &[String],
+        model: String,
+        sampling: &Sampling,
+        make: impl Fn(u32) -> Result<GenerateRequest, ApiError>,
+    ) -> Result<Response, ApiError> {
     let n = sampling.n.unwrap_or(1);
-    // Every choice's stream opens before anything is answered, so a refused request is an
-    // error status, not a broken stream.
+    // Every choice's stream gives its first event before anything is answered, so a refused
+    // request is an error status, not a broken stream, and a worker that fails first is
+    // replaced by the next.
     let mut streams = Vec::new();
+    let mut workers = workers.to_vec();
     for i in 0..n {
-        streams.push(start(worker, make(i)?).await?);
+        let (stream, worker) = start(&workers, make(i)?).await?;
+        // The other choices go where the first one went (the adapter is resident there now).
+        if let Some(at) = workers.iter().position(|w| *w == worker) {
+            workers.rotate_left(at);
+        }
+        streams.push(stream);
+    }
+    if let (Some((key, _)), Some(w)) = (&target.adapter, workers.first())
+        && let Ok(mut affinity) = self.affinity.lock()
+    {
+        affinity.insert(key.clone(), w.clone());
     }
     let id = fresh_id(kind.id_prefix());
     if sampling.stream {
         let usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(stream_chunks(kind, id, model, streams, usage));
+        let metrics = self.metrics.clone();
+        let tenant = target.tenant.clone();
+        let name = model.clone();
+        let count = move |prompt, completion| metrics.tokens(&tenant, &name, prompt, completion);
+        return Ok(stream_chunks(kind, id, model, streams, usage, count));
     }
     let mut choices = Vec::new();
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
@@ -281,11 +463,13 @@ async fn respond(
             }),
         });
     }
+    self.metrics.tokens(&target.tenant, &model, prompt_tokens, completion_tokens);
     let body = json!({
         "id": id, "object": kind.object(false), "created": now(), "model": model, "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     });
     Ok(axum::Json(body).into_response())
+    }
 }
 
 /// The choices' events as OpenAI's chunks, then the usage when asked for, then `[DONE]`.
@@ -293,8 +477,9 @@ fn stream_chunks(
     kind: Kind,
     id: String,
     model: String,
-    streams: Vec<tonic::Streaming<GenerateEvent>>,
+    streams: Vec<Events>,
     include_usage: bool,
+    count: impl FnOnce(u32, u32) + Send + 'static,
 ) -> Response {
     let created = now();
     let object = kind.object(true);
@@ -305,16 +490,17 @@ fn stream_chunks(
     };
     // The choices' streams, merged, each event tagged with its choice.
     let merged = tokio_stream::StreamMap::from_iter(streams.into_iter().enumerate());
-    let events = relay(merged, kind, chunk, include_usage);
+    let events = relay(merged, kind, chunk, include_usage, count);
     Sse::new(events).into_response()
 }
 
 /// Relays the merged worker streams as SSE events.
 fn relay(
-    mut merged: tokio_stream::StreamMap<usize, tonic::Streaming<GenerateEvent>>,
+    mut merged: tokio_stream::StreamMap<usize, Events>,
     kind: Kind,
     chunk: impl Fn(Value, Value) -> Event + Send + 'static,
     include_usage: bool,
+    count: impl FnOnce(u32, u32) + Send + 'static,
 ) -> impl tokio_stream::Stream<Item = Result<Event, Infallible>> + Send {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -349,6 +535,7 @@ fn relay(
                 return; // the client went away
             }
         }
+        count(prompt_tokens, completion_tokens);
         if include_usage {
             let _ = tx.send(chunk(json!([]), usage(prompt_tokens, completion_tokens)));
         }

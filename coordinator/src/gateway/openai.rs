@@ -2,6 +2,8 @@
 //! by hand from the body (not by axum's extractor) so that every mistake gets OpenAI's error
 //! body; fields the gateway does not use are ignored, as OpenAI does.
 
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -27,6 +29,16 @@ impl ApiError {
 
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// Another tenant's model is not found either: its name says nothing.
+    pub fn model_not_found(model: &str) -> Self {
+        let msg = format!("the model {model:?} does not exist or you do not have access to it");
+        ApiError { param: Some("model"), ..Self::not_found("model_not_found", msg) }
     }
 
     fn kind(&self) -> &'static str {
@@ -140,6 +152,20 @@ impl Content {
                 })
                 .collect(),
         }
+    }
+}
+
+/// A request body within the route's size limit; past it, a 413 in OpenAI's shape.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state).await.map(Body).map_err(|e| {
+            let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "bad_body" };
+            ApiError::new(e.status(), code, format!("the request body: {}", e.body_text()))
+        })
     }
 }
 

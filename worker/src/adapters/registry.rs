@@ -80,13 +80,13 @@ fn unknown(name: &str) -> Error {
 /// characters, nothing empty or huge.
 pub fn validate_name(name: &str) -> Result<()> {
     let bad = name.is_empty()
-        || name.len() > 128
+        || name.len() > 256
         || name == "."
         || name.contains("..")
         || name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
     if bad {
         return Err(Error::InvalidRequest(format!(
-            "adapter name {name:?} is not allowed (1-128 characters, no '/', '\\', '..' or control characters)"
+            "adapter name {name:?} is not allowed (1-256 bytes, no '/', '\\', '..' or control characters)"
         )));
     }
     Ok(())

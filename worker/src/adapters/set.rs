@@ -21,6 +21,16 @@ pub enum Adapter {
 }
 
 impl Adapter {
+    /// The adapter in folder `dir`: ESFT when it holds `esft_config.json`, else PEFT LoRA
+    /// (`adapter_config.json`), checked against the base model's `cfg`.
+    pub fn load_dir(dir: &std::path::Path, cfg: &crate::model::ModelConfig) -> Result<Adapter> {
+        Ok(if dir.join("esft_config.json").exists() {
+            Adapter::Esft(EsftAdapter::load(dir, cfg)?)
+        } else {
+            Adapter::Lora(LoraAdapter::load(dir, cfg)?)
+        })
+    }
+
     /// Every weight tensor with its layer, in one fixed order: LoRA modules by key (A then B),
     /// ESFT experts by (layer, expert) (gate, up, down). [`Adapter::with_weights`] reads it back.
     pub fn weights(&self) -> Vec<(usize, &Tensor)> {

@@ -255,6 +255,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Job `name` in training.
+    pub fn job(&self, name: &str) -> Option<&Job> {
+        self.training.jobs.iter().map(|j| &j.job).find(|j| j.spec.name == name)
+    }
+
     /// Stops training job `name` and returns it as it stands (its microbatches in flight finish
     /// for the other jobs in their groups; its adapter stays published at its last step).
     pub fn cancel_job(&mut self, name: &str) -> Result<Job> {

@@ -38,21 +38,71 @@ impl Example {
 /// Reads a JSONL training file. Blank lines are skipped. Errors name the file, the 1-based line and the field.
 pub fn load_jsonl(path: &Path, tokenizer: &TextTokenizer, max_seq_len: usize) -> Result<Vec<Example>> {
     let bytes = std::fs::read(path).map_err(Error::io(path))?;
-    // Editors on Windows may start the file with a byte-order mark, which is not JSON.
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    let error = |line, msg| Error::Data { path: path.to_path_buf(), line, msg };
     let mut examples = Vec::new();
+    for_each_line(path, &bytes, |line| {
+        examples.push(parse_example(line, tokenizer, max_seq_len)?);
+        Ok(())
+    })?;
+    Ok(examples)
+}
+
+/// Checks a JSONL training file's form without a tokenizer (what the gateway does on upload:
+/// a file serves any base model): every line a valid example in one of the two formats.
+/// Returns the number of examples. `name` is what errors call the file.
+pub fn check_jsonl(name: &Path, bytes: &[u8]) -> Result<u64> {
+    let mut examples = 0;
+    for_each_line(name, bytes, |line| {
+        check_example(line)?;
+        examples += 1;
+        Ok(())
+    })?;
+    Ok(examples)
+}
+
+/// Calls `f` on each non-blank line; an error names the file and the 1-based line. An empty
+/// file is an error.
+fn for_each_line(
+    path: &Path,
+    bytes: &[u8],
+    mut f: impl FnMut(&str) -> std::result::Result<(), String>,
+) -> Result<()> {
+    // Editors on Windows may start the file with a byte-order mark, which is not JSON.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let error = |line, msg| Error::Data { path: path.to_path_buf(), line, msg };
+    let mut any = false;
     // Lines are split as bytes so that text which is not UTF-8 is reported with its line number.
     for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = std::str::from_utf8(line).map_err(|e| error(index + 1, format!("not UTF-8 text: {e}")))?;
         if !line.trim().is_empty() {
-            examples.push(parse_example(line, tokenizer, max_seq_len).map_err(|msg| error(index + 1, msg))?);
+            f(line).map_err(|msg| error(index + 1, msg))?;
+            any = true;
         }
     }
-    if examples.is_empty() {
+    if !any {
         return Err(error(0, "no training examples (the file is empty)".into()));
     }
-    Ok(examples)
+    Ok(())
+}
+
+/// The checks of [`parse_example`] that need no tokenizer.
+fn check_example(line: &str) -> std::result::Result<(), String> {
+    let object = json_object(line)?;
+    if object.contains_key("messages") {
+        parse_messages(&object).map(drop)
+    } else if object.contains_key("prompt") || object.contains_key("completion") {
+        prompt_completion(&object).map(drop)
+    } else {
+        Err(FORMATS.into())
+    }
+}
+
+const FORMATS: &str = "expected `messages` (chat format) or `prompt` and `completion`";
+
+fn json_object(line: &str) -> std::result::Result<Map<String, Value>, String> {
+    match serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))? {
+        Value::Object(object) => Ok(object),
+        value => Err(format!("expected a JSON object, got {}", describe(&value))),
+    }
 }
 
 /// Parses one JSONL line (used by load_jsonl and by the HTTP gateway to validate uploads).
@@ -61,16 +111,13 @@ pub fn parse_example(
     tokenizer: &TextTokenizer,
     max_seq_len: usize,
 ) -> std::result::Result<Example, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
-    let Value::Object(object) = &value else {
-        return Err(format!("expected a JSON object, got {}", describe(&value)));
-    };
+    let object = json_object(line)?;
     let sequence = if object.contains_key("messages") {
-        chat_sequence(object, tokenizer)?
+        chat_sequence(&object, tokenizer)?
     } else if object.contains_key("prompt") || object.contains_key("completion") {
-        completion_sequence(object, tokenizer)?
+        completion_sequence(&object, tokenizer)?
     } else {
-        return Err("expected `messages` (chat format) or `prompt` and `completion`".into());
+        return Err(FORMATS.into());
     };
     sequence.into_example(max_seq_len)
 }
@@ -124,16 +171,7 @@ impl Sequence {
 /// Renders the conversation once per assistant turn, without and with that turn, so each turn's
 /// text is the difference; tokenizing piece by piece then knows which tokens are the assistant's.
 fn chat_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> std::result::Result<Sequence, String> {
-    only_fields(object, &["messages"], "")?;
-    let list = match object.get("messages") {
-        Some(Value::Array(list)) if !list.is_empty() => list,
-        other => return Err(wrong("messages", "a non-empty array of messages", other)),
-    };
-    let (messages, learn): (Vec<ChatMessage>, Vec<bool>) =
-        list.iter().enumerate().map(|(i, m)| parse_message(i, m)).collect::<std::result::Result<_, _>>()?;
-    if !learn.contains(&true) {
-        return Err("`messages`: no assistant message to learn from (none, or all with weight 0)".into());
-    }
+    let (messages, learn) = parse_messages(object)?;
     let render = |count: usize, add_generation_prompt: bool| {
         tokenizer.apply_chat_template(&messages[..count], add_generation_prompt).map_err(|e| format!("`messages`: {e}"))
     };
@@ -155,6 +193,21 @@ fn chat_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> std:
     }
     append(render(messages.len(), false)?, false)?;
     Ok(sequence)
+}
+
+/// A chat example's messages, and whether each one's text carries loss.
+fn parse_messages(object: &Map<String, Value>) -> std::result::Result<(Vec<ChatMessage>, Vec<bool>), String> {
+    only_fields(object, &["messages"], "")?;
+    let list = match object.get("messages") {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        other => return Err(wrong("messages", "a non-empty array of messages", other)),
+    };
+    let (messages, learn): (Vec<ChatMessage>, Vec<bool>) =
+        list.iter().enumerate().map(|(i, m)| parse_message(i, m)).collect::<std::result::Result<_, _>>()?;
+    if !learn.contains(&true) {
+        return Err("`messages`: no assistant message to learn from (none, or all with weight 0)".into());
+    }
+    Ok((messages, learn))
 }
 
 /// One message and whether its text carries loss.
@@ -190,6 +243,18 @@ fn completion_sequence(
     object: &Map<String, Value>,
     tokenizer: &TextTokenizer,
 ) -> std::result::Result<Sequence, String> {
+    let (prompt, completion) = prompt_completion(object)?;
+    let mut sequence = Sequence::default();
+    sequence.push(&tokenizer.encode(prompt, true).map_err(|e| e.to_string())?, false);
+    sequence.push_text(tokenizer, completion, true)?;
+    if let Some(&eos) = tokenizer.eos_token_ids().first() {
+        sequence.push(&[eos], true);
+    }
+    Ok(sequence)
+}
+
+/// A prompt/completion example's two texts.
+fn prompt_completion(object: &Map<String, Value>) -> std::result::Result<(&str, &str), String> {
     only_fields(object, &["prompt", "completion"], "")?;
     let text = |field: &str| match object.get(field) {
         Some(Value::String(text)) => Ok(text.as_str()),
@@ -199,13 +264,7 @@ fn completion_sequence(
     if completion.is_empty() {
         return Err("`completion`: empty, so there is nothing to learn".into());
     }
-    let mut sequence = Sequence::default();
-    sequence.push(&tokenizer.encode(prompt, true).map_err(|e| e.to_string())?, false);
-    sequence.push_text(tokenizer, completion, true)?;
-    if let Some(&eos) = tokenizer.eos_token_ids().first() {
-        sequence.push(&[eos], true);
-    }
-    Ok(sequence)
+    Ok((prompt, completion))
 }
 
 /// Refuses fields outside `known`; `prefix` is the path of the object holding them.

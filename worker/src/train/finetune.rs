@@ -26,7 +26,8 @@ use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
 
 /// What to train; ESFT's experts may be left to be chosen from the data.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum MethodChoice {
     Lora {
         rank: usize,
@@ -36,9 +37,25 @@ pub enum MethodChoice {
     },
     /// Explicit experts (layer -> ids), or those receiving `threshold` of the routed tokens.
     Esft {
+        #[serde(default)]
         experts: Option<BTreeMap<usize, Vec<usize>>>,
         threshold: f32,
     },
+}
+
+impl MethodChoice {
+    /// The method, ESFT's experts chosen from `data` when they were left open.
+    pub fn resolve(&self, model: &Model, data: &[Example]) -> Result<Method> {
+        Ok(match self {
+            MethodChoice::Lora { rank, alpha, targets, rslora } => {
+                Method::Lora { rank: *rank, alpha: *alpha, targets: targets.clone(), rslora: *rslora }
+            }
+            MethodChoice::Esft { experts: Some(e), .. } => Method::Esft { experts: e.clone() },
+            MethodChoice::Esft { experts: None, threshold } => {
+                Method::Esft { experts: select_experts(model, data, *threshold)? }
+            }
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -92,15 +109,7 @@ pub fn run(
     let data = Arc::new(load(&opts.data)?);
     let validation = opts.validation.as_deref().map(load).transpose()?;
     let test = opts.test.as_deref().map(load).transpose()?;
-    let method = match &opts.method {
-        MethodChoice::Lora { rank, alpha, targets, rslora } => {
-            Method::Lora { rank: *rank, alpha: *alpha, targets: targets.clone(), rslora: *rslora }
-        }
-        MethodChoice::Esft { experts: Some(e), .. } => Method::Esft { experts: e.clone() },
-        MethodChoice::Esft { experts: None, threshold } => {
-            Method::Esft { experts: select_experts(&model, &data, *threshold)? }
-        }
-    };
+    let method = opts.method.resolve(&model, &data)?;
     let spec = JobSpec { name: opts.name.clone(), method, hyper: opts.hyper.clone() };
     let checkpoints = opts.out.join("checkpoints");
     let job = match checkpoint::latest(&checkpoints)?.filter(|_| opts.resume) {

@@ -1,0 +1,22 @@
+//! What the gateway checks with the model runtime (which the coordinator crate does not link):
+//! a training file's form on upload, and an uploaded adapter against its base model.
+
+use std::path::Path;
+
+use tandem_coordinator::gateway::Checks;
+use tandem_worker::adapters::Adapter;
+use tandem_worker::model::ModelConfig;
+use tandem_worker::train::data::check_jsonl;
+
+pub struct RuntimeChecks;
+
+impl Checks for RuntimeChecks {
+    fn training_file(&self, bytes: &[u8]) -> Result<u64, String> {
+        check_jsonl(Path::new("the uploaded file"), bytes).map_err(|e| e.to_string())
+    }
+
+    fn adapter(&self, dir: &Path, model_uri: &str) -> Result<(), String> {
+        let cfg = ModelConfig::load(Path::new(model_uri)).map_err(|e| format!("the base model: {e}"))?;
+        Adapter::load_dir(dir, &cfg).map(drop).map_err(|e| e.to_string())
+    }
+}

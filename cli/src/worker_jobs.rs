@@ -1,0 +1,182 @@
+//! The worker's side of fine-tuning jobs: it starts the attempts the coordinator assigns it
+//! (heartbeat answers), from their last checkpoint when they have one, stops those no longer
+//! assigned (cancelled, or placed elsewhere), and reports each attempt's steps, checkpoints and
+//! end to the cluster, fenced by the attempt's epoch.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use serde::Deserialize;
+use tandem_coordinator::gateway::dir_checksum;
+use tandem_coordinator::state::{Assignment, Command, JobReport, Proposal, Reply, StepFigures};
+use tandem_proto::v1::ProposeRequest;
+use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_worker::model::Model;
+use tandem_worker::service::{EngineThread, TrainEvent, Training};
+use tandem_worker::tokenizer::TextTokenizer;
+use tandem_worker::train::checkpoint;
+use tandem_worker::train::data::load_jsonl;
+use tandem_worker::train::finetune::MethodChoice;
+use tandem_worker::train::job::{Hyperparams, Job, JobSpec};
+use tokio::sync::{mpsc, watch};
+
+/// What the gateway put in a job's spec for the worker.
+#[derive(Deserialize)]
+struct TrainingSpec {
+    training_file: PathBuf,
+    method: MethodChoice,
+    hyper: Hyperparams,
+    #[serde(default)]
+    checkpoint_every: u64,
+}
+
+/// Everything the jobs agent needs.
+pub struct JobsAgent {
+    pub engine: EngineThread,
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub coordinator: String,
+    /// Where job files go (`jobs/ID/...`): the shared folder the gateway stores blobs in.
+    pub blobs: PathBuf,
+}
+
+impl JobsAgent {
+    /// Runs until the assignments channel closes.
+    pub async fn run(self, mut assignments: watch::Receiver<String>, mut events: mpsc::UnboundedReceiver<TrainEvent>) {
+        let reports = spawn_reporter(self.coordinator.clone());
+        // Job id → the epoch of the attempt running here; attempts that ended here (their end
+        // may not be recorded yet, and the heartbeat may still list them).
+        let mut running: HashMap<String, u64> = HashMap::new();
+        let mut ended: HashSet<(String, u64)> = HashSet::new();
+        loop {
+            tokio::select! {
+                changed = assignments.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let json = assignments.borrow_and_update().clone();
+                    let Ok(list) = serde_json::from_str::<Vec<Assignment>>(&json) else { continue };
+                    let list = list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
+                    self.reconcile(&mut running, list, &reports).await;
+                }
+                Some(event) = events.recv() => {
+                    let (job, report) = match event {
+                        TrainEvent::Step { job, report, tokens_per_s } => {
+                            let figures = StepFigures { step: report.step, total_steps: report.total_steps, loss: report.loss, tokens_per_s };
+                            (job, JobReport::Step(figures))
+                        }
+                        TrainEvent::Checkpoint { job, step, path } => {
+                            (job, JobReport::Checkpoint { step, uri: path.to_string_lossy().into_owned() })
+                        }
+                        TrainEvent::Finished { job, adapter } => {
+                            let checksum = dir_checksum(&adapter).unwrap_or_default();
+                            (job, JobReport::Succeeded { uri: adapter.to_string_lossy().into_owned(), checksum })
+                        }
+                        TrainEvent::Failed { job, error } => (job, JobReport::Failed { error }),
+                    };
+                    let final_report = matches!(report, JobReport::Succeeded { .. } | JobReport::Failed { .. });
+                    let epoch = if final_report { running.remove(&job) } else { running.get(&job).copied() };
+                    if let Some(epoch) = epoch {
+                        if final_report {
+                            ended.insert((job.clone(), epoch));
+                        }
+                        let _ = reports.send((job, epoch, report));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the attempts assigned and not running here; stops those running and no longer
+    /// assigned (or assigned under a newer epoch, which starts afresh).
+    async fn reconcile(
+        &self,
+        running: &mut HashMap<String, u64>,
+        list: Vec<Assignment>,
+        reports: &mpsc::UnboundedSender<(String, u64, JobReport)>,
+    ) {
+        let wanted: HashMap<&str, u64> = list.iter().map(|a| (a.job.as_str(), a.epoch)).collect();
+        let stale: Vec<String> =
+            running.iter().filter(|(job, epoch)| wanted.get(job.as_str()) != Some(epoch)).map(|(j, _)| j.clone()).collect();
+        for job in stale {
+            running.remove(&job);
+            let _ = self.engine.stop(&job);
+        }
+        let new: Vec<Assignment> = list.into_iter().filter(|a| !running.contains_key(&a.job)).collect();
+        for a in new {
+            running.insert(a.job.clone(), a.epoch);
+            let (model, tokenizer, dir) = (self.model.clone(), self.tokenizer.clone(), self.blobs.join("jobs").join(&a.job));
+            let assignment = a.clone();
+            let built = tokio::task::spawn_blocking(move || build(&assignment, &model, &tokenizer, &dir)).await;
+            match built.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
+                Ok(training) => {
+                    if let Err(e) = self.engine.train(training) {
+                        let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.message().into() }));
+                        continue;
+                    }
+                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Running));
+                }
+                Err(e) => {
+                    running.remove(&a.job);
+                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: format!("{e:#}") }));
+                }
+            }
+        }
+    }
+}
+
+/// The job an assignment describes: its data read and checked with this model's tokenizer,
+/// resumed from its checkpoint when it has one.
+fn build(a: &Assignment, model: &Model, tokenizer: &TextTokenizer, dir: &Path) -> Result<Training> {
+    let spec: TrainingSpec = serde_json::from_value(a.spec.clone()).context("the job's spec")?;
+    let data = load_jsonl(&spec.training_file, tokenizer, model.config.max_position_embeddings)
+        .map_err(|e| anyhow!("{}", e.to_string().replace(&spec.training_file.to_string_lossy().into_owned(), "training_file")))?;
+    let data = Arc::new(data);
+    let job = match &a.checkpoint {
+        Some(c) => checkpoint::load(Path::new(&c.uri), &model.config, data).context("resuming from the checkpoint")?,
+        None => {
+            let method = spec.method.resolve(model, &data)?;
+            Job::new(JobSpec { name: a.job.clone(), method, hyper: spec.hyper }, model, data)?
+        }
+    };
+    Ok(Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every })
+}
+
+/// Sends reports to the cluster in order, each retried until it is recorded or refused (a
+/// refusal means the attempt is stale: another took over). Request ids name the report, so a
+/// retry applies once.
+fn spawn_reporter(coordinator: String) -> mpsc::UnboundedSender<(String, u64, JobReport)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, u64, JobReport)>();
+    tokio::spawn(async move {
+        let mut sent = 0u64;
+        while let Some((id, epoch, report)) = rx.recv().await {
+            sent += 1;
+            let request_id = format!("report-{id}-{epoch}-{sent}-{}", std::process::id());
+            let command = Command::ReportJob { id: id.clone(), epoch, report };
+            let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { continue };
+            for attempt in 0..60 {
+                match propose(&coordinator, &json).await {
+                    Ok(Reply::Refused { reason }) => {
+                        eprintln!("job {id}: report refused: {reason}");
+                        break;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        eprintln!("job {id}: reporting (try {attempt}): {e:#}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+async fn propose(coordinator: &str, proposal_json: &str) -> Result<Reply> {
+    let mut client = ClusterClient::connect(format!("http://{coordinator}")).await?;
+    let r = client.propose(ProposeRequest { proposal_json: proposal_json.to_string() }).await?.into_inner();
+    Ok(serde_json::from_str(&r.reply_json)?)
+}

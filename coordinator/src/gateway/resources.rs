@@ -1,0 +1,670 @@
+//! What tenants keep in the cluster, over HTTP: files (training data, checked on upload),
+//! fine-tuning jobs (OpenAI's shapes, with events and checkpoints), adapters (Tandem's own
+//! routes: upload a PEFT or ESFT adapter, list, delete) and, for the operator, tenants' API
+//! keys. Everything a tenant sees is in its namespace: another tenant's file, job or adapter is
+//! not found, whatever its name.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::openai::{Body, parse};
+use super::{ApiError, Caller, Gateway, dir_checksum, sha256_hex};
+use crate::server::fresh_id;
+use crate::state::{ClusterState, Command, File, Job, JobStatus, Reply, check_name, check_tenant, unix_now};
+
+/// Largest training file accepted.
+const MAX_FILE: usize = 256 << 20;
+/// Largest adapter upload accepted (all its files together).
+const MAX_ADAPTER: usize = 1 << 30;
+/// The learning rate a `learning_rate_multiplier` of 1 means.
+pub const BASE_LEARNING_RATE: f64 = 1e-3;
+
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/v1/admin/api-keys", post(create_key))
+        .route("/v1/files", post(upload_file).layer(DefaultBodyLimit::max(MAX_FILE)).get(list_files))
+        .route("/v1/files/{id}", get(file).delete(delete_file))
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/fine_tuning/jobs", post(create_job).get(list_jobs))
+        .route("/v1/fine_tuning/jobs/{id}", get(job))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(job_events))
+        .route("/v1/fine_tuning/jobs/{id}/checkpoints", get(job_checkpoints))
+        .route("/v1/adapters", post(upload_adapter).layer(DefaultBodyLimit::max(MAX_ADAPTER)).get(list_adapters))
+        .route("/v1/adapters/{name}", axum::routing::delete(delete_adapter))
+}
+
+fn ok(body: Value) -> Response {
+    axum::Json(body).into_response()
+}
+
+/// A cursor page of a list (newest first where the list is): the items after the one named
+/// `after`, at most `limit`.
+#[derive(Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Page {
+    fn of(&self, items: Vec<Value>) -> Value {
+        let start = match &self.after {
+            Some(after) => items.iter().position(|v| v["id"] == after.as_str()).map_or(items.len(), |i| i + 1),
+            None => 0,
+        };
+        let limit = self.limit.unwrap_or(20).clamp(1, 100);
+        let data: Vec<Value> = items.iter().skip(start).take(limit).cloned().collect();
+        let has_more = start + data.len() < items.len();
+        json!({
+            "object": "list", "data": data, "has_more": has_more,
+            "first_id": data.first().map(|v| v["id"].clone()), "last_id": data.last().map(|v| v["id"].clone()),
+        })
+    }
+}
+
+fn bad_name(param: &'static str, what: &str, name: &str) -> Result<(), ApiError> {
+    check_name(what, name).map_err(|e| ApiError::bad_request(param, e))
+}
+
+/// Runs blocking work (file checks, writes) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::unavailable(format!("a worker thread failed: {e}")))?
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", format!("{}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` whole or not at all (a temporary name, synced, then renamed).
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ApiError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let write = || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| io_error(path, e))
+}
+
+// --- API keys ---
+
+async fn create_key(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Body(body): Body) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    #[derive(Deserialize)]
+    struct NewKey {
+        tenant: String,
+    }
+    let NewKey { tenant } = parse(&body)?;
+    gw.create_key(&caller, &tenant).await.map(ok)
+}
+
+impl Gateway {
+    /// Makes an API key for `tenant` (the operator only); the key is shown once.
+    pub async fn create_key(&self, caller: &Caller, tenant: &str) -> Result<Value, ApiError> {
+        if !caller.admin {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "only the operator's key makes keys"));
+        }
+        check_tenant(tenant).map_err(|e| ApiError::bad_request("tenant", e))?;
+        let key = new_key().map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
+        let command = Command::CreateApiKey { tenant: tenant.into(), key_sha256: sha256_hex(key.as_bytes()) };
+        self.propose("api-key", command).await?;
+        Ok(json!({"object": "api_key", "tenant": tenant, "key": key, "created_at": unix_now()}))
+    }
+}
+
+/// A key no one can guess: `tk-` and 24 random bytes, hex.
+pub fn new_key() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(format!("tk-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+// --- files ---
+
+fn file_object(id: &str, f: &File) -> Value {
+    json!({
+        "id": id, "object": "file", "bytes": f.bytes, "created_at": f.created_at, "filename": f.filename,
+        "purpose": f.purpose, "status": "processed", "status_details": null, "expires_at": null,
+    })
+}
+
+/// The caller's file `id` (another tenant's is not found).
+fn own_file<'a>(state: &'a ClusterState, caller: &Caller, id: &str) -> Result<&'a File, ApiError> {
+    match state.files.get(id) {
+        Some(f) if f.tenant == caller.tenant => Ok(f),
+        _ => Err(ApiError::not_found("file_not_found", format!("no file {id:?}"))),
+    }
+}
+
+async fn upload_file(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    let form = read_form(form).await?;
+    let purpose = form.text("purpose")?;
+    if purpose != "fine-tune" {
+        return Err(ApiError::bad_request("purpose", format!("purpose must be \"fine-tune\", got {purpose:?}")));
+    }
+    let [(filename, bytes)] = form.files.as_slice() else {
+        return Err(ApiError::bad_request("file", "send exactly one file (the form field `file`)"));
+    };
+    gw.upload_file(&caller, filename, bytes.clone()).await.map(ok)
+}
+
+impl Gateway {
+    /// Checks a training file and stores it in the caller's namespace.
+    pub async fn upload_file(&self, caller: &Caller, filename: &str, bytes: Bytes) -> Result<Value, ApiError> {
+        let checks = self.checks.clone();
+        let data = bytes.clone();
+        let examples = blocking(move || checks.training_file(&data).map_err(|e| ApiError::bad_request("file", e))).await?;
+        let id = fresh_id("file");
+        let path = self.blobs.join("files").join(format!("{id}.jsonl"));
+        let target = path.clone();
+        blocking(move || write_atomically(&target, &bytes)).await?;
+        let file = File {
+            tenant: caller.tenant.clone(),
+            filename: Path::new(filename).file_name().map_or("upload".into(), |n| n.to_string_lossy().into_owned()),
+            bytes: bytes_len(&path),
+            purpose: "fine-tune".into(),
+            examples,
+            created_at: unix_now(),
+            uri: path.to_string_lossy().into_owned(),
+        };
+        let object = file_object(&id, &file);
+        self.propose("file", Command::PutFile { id, file }).await?;
+        Ok(object)
+    }
+}
+
+fn bytes_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+async fn list_files(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Query(page): Query<Page>) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    let state = gw.state().await?;
+    let mut files: Vec<(&String, &File)> = state.files.iter().filter(|(_, f)| f.tenant == caller.tenant).collect();
+    files.sort_by_key(|(id, f)| std::cmp::Reverse((f.created_at, *id)));
+    Ok(ok(page.of(files.into_iter().map(|(id, f)| file_object(id, f)).collect())))
+}
+
+async fn file(State(gw): State<Arc<Gateway>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    let state = gw.state().await?;
+    Ok(ok(file_object(&id, own_file(&state, &caller, &id)?)))
+}
+
+async fn file_content(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    let state = gw.state().await?;
+    let path = PathBuf::from(&own_file(&state, &caller, &id)?.uri);
+    let bytes = blocking(move || std::fs::read(&path).map_err(|e| io_error(&path, e))).await?;
+    Ok(bytes.into_response())
+}
+
+async fn delete_file(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    own_file(&gw.state().await?, &caller, &id)?;
+    gw.propose("delete-file", Command::DeleteFile { tenant: caller.tenant, id: id.clone() }).await?;
+    // The bytes stay: a job that was given the file may still be reading it.
+    Ok(ok(json!({"id": id, "object": "file", "deleted": true})))
+}
+
+/// A multipart form: its text fields and its files (name as sent, bytes).
+struct Form {
+    texts: Vec<(String, String)>,
+    files: Vec<(String, Bytes)>,
+}
+
+impl Form {
+    fn text(&self, name: &'static str) -> Result<String, ApiError> {
+        (self.texts.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()))
+            .ok_or_else(|| ApiError::bad_request(name, format!("the form field `{name}` is missing")))
+    }
+}
+
+async fn read_form(
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Form, ApiError> {
+    let multipart_error = |status: StatusCode, msg: String| {
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_request_error" };
+        ApiError::new(status, code, msg)
+    };
+    let mut form = form.map_err(|e| multipart_error(e.status(), e.body_text()))?;
+    let mut out = Form { texts: Vec::new(), files: Vec::new() };
+    while let Some(field) = form.next_field().await.map_err(|e| multipart_error(e.status(), e.body_text()))? {
+        let name = field.name().unwrap_or_default().to_string();
+        match field.file_name().map(str::to_string) {
+            Some(file_name) => {
+                let bytes = field.bytes().await.map_err(|e| multipart_error(e.status(), e.body_text()))?;
+                out.files.push((file_name, bytes));
+            }
+            None => {
+                let text = field.text().await.map_err(|e| multipart_error(e.status(), e.body_text()))?;
+                out.texts.push((name, text));
+            }
+        }
+    }
+    Ok(out)
+}
+
+// --- fine-tuning jobs ---
+
+/// A hyperparameter given as a number or "auto" (the default), or left out (the default).
+fn auto<T: serde::de::DeserializeOwned>(v: &Option<Value>, default: T, param: &'static str) -> Result<T, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::String(s)) if s == "auto" => Ok(default),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|_| ApiError::bad_request(param, format!("{param}: expected \"auto\" or a number, got {v}"))),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Hyperparameters {
+    n_epochs: Option<Value>,
+    batch_size: Option<Value>,
+    learning_rate_multiplier: Option<Value>,
+    /// Tandem's: the LoRA rank and alpha, and how often to checkpoint (optimizer steps).
+    lora_rank: Option<u32>,
+    lora_alpha: Option<f64>,
+    checkpoint_every: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Method {
+    #[serde(rename = "type")]
+    kind: String,
+    supervised: Option<MethodParams>,
+    /// Tandem's: ESFT on an MoE base (experts chosen from the data).
+    esft: Option<MethodParams>,
+}
+
+#[derive(Deserialize, Default)]
+struct MethodParams {
+    #[serde(default)]
+    hyperparameters: Hyperparameters,
+    /// ESFT: train the experts that get this share of a layer's routed tokens.
+    threshold: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct CreateJob {
+    model: String,
+    training_file: String,
+    validation_file: Option<String>,
+    #[serde(default)]
+    hyperparameters: Hyperparameters,
+    suffix: Option<String>,
+    seed: Option<u64>,
+    method: Option<Method>,
+}
+
+async fn create_job(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Body(body): Body) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    gw.create_job(&caller, &body).await.map(ok)
+}
+
+impl Gateway {
+    /// Creates a fine-tuning job from OpenAI's request body; it is recorded before this returns.
+    pub async fn create_job(&self, caller: &Caller, body: &[u8]) -> Result<Value, ApiError> {
+        let req: CreateJob = parse(body)?;
+        let state = self.state().await?;
+        if !state.models.contains_key(&req.model) {
+            return Err(ApiError::model_not_found(&req.model));
+        }
+        let file = |param: &'static str, id: &str| match state.files.get(id) {
+            Some(f) if f.tenant == caller.tenant => Ok(f.uri.clone()),
+            _ => Err(ApiError::bad_request(param, format!("no file {id:?} among yours"))),
+        };
+        let training = file("training_file", &req.training_file)?;
+        let validation = req.validation_file.as_deref().map(|id| file("validation_file", id)).transpose()?;
+        let suffix = req.suffix.clone().unwrap_or_default();
+        if !suffix.is_empty() {
+            bad_name("suffix", "suffix", &suffix)?;
+            if suffix.len() > 64 || suffix.contains(':') {
+                return Err(ApiError::bad_request("suffix", "suffix: at most 64 bytes, no `:`"));
+            }
+        }
+        let (hyper, method) = match &req.method {
+            None => (&req.hyperparameters, json!({"type": "lora"})),
+            Some(m) => match (m.kind.as_str(), &m.supervised, &m.esft) {
+                ("supervised", p, _) => (p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters), json!({"type": "lora"})),
+                ("esft", p, _) => {
+                    let threshold = p.as_ref().and_then(|p| p.threshold).unwrap_or(0.2);
+                    (p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters), json!({"type": "esft", "threshold": threshold}))
+                }
+                (other, _, _) => {
+                    return Err(ApiError::bad_request("method", format!("method {other:?}: supported are supervised and esft")));
+                }
+            },
+        };
+        let epochs: u32 = auto(&hyper.n_epochs, 3, "hyperparameters.n_epochs")?;
+        let batch_size: u32 = auto(&hyper.batch_size, 8, "hyperparameters.batch_size")?;
+        let multiplier: f64 = auto(&hyper.learning_rate_multiplier, 1.0, "hyperparameters.learning_rate_multiplier")?;
+        if !(1..=100).contains(&epochs) {
+            return Err(ApiError::bad_request("hyperparameters.n_epochs", "n_epochs must be 1 to 100"));
+        }
+        if !(1..=512).contains(&batch_size) {
+            return Err(ApiError::bad_request("hyperparameters.batch_size", "batch_size must be 1 to 512"));
+        }
+        if !(multiplier.is_finite() && multiplier > 0.0 && multiplier <= 100.0) {
+            return Err(ApiError::bad_request("hyperparameters.learning_rate_multiplier", "must be in (0, 100]"));
+        }
+        let rank = hyper.lora_rank.unwrap_or(16);
+        if !(1..=256).contains(&rank) {
+            return Err(ApiError::bad_request("hyperparameters.lora_rank", "lora_rank must be 1 to 256"));
+        }
+        let mut method = method;
+        if method["type"] == "lora" {
+            let alpha = hyper.lora_alpha.unwrap_or(2.0 * f64::from(rank));
+            method = json!({"type": "lora", "rank": rank, "alpha": alpha, "targets": ["all-linear"], "rslora": false});
+        }
+        let id = fresh_id("ftjob");
+        let adapter = format!("ft:{}:{}:{suffix}:{id}", req.model, caller.tenant);
+        let seed = req.seed.unwrap_or(0);
+        let spec = json!({
+            "training_file": training,
+            "validation_file": validation,
+            "method": method,
+            "hyper": {
+                "epochs": epochs, "batch_size": batch_size, "micro_batch_size": batch_size,
+                "lr": BASE_LEARNING_RATE * multiplier, "seed": seed,
+            },
+            "checkpoint_every": hyper.checkpoint_every.unwrap_or(100),
+            // As asked, for the job object.
+            "request": {
+                "training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
+                "seed": seed, "method": method["type"],
+                "hyperparameters": {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": multiplier},
+            },
+        });
+        let command = Command::SubmitJob {
+            id: id.clone(),
+            tenant: caller.tenant.clone(),
+            base_model: req.model.clone(),
+            spec,
+            adapter: Some(adapter),
+        };
+        self.propose("submit", command).await?;
+        let state = self.state().await?;
+        let job = state.jobs.get(&id).ok_or_else(|| ApiError::unavailable("the job was recorded but cannot be read"))?;
+        Ok(job_object(&id, job))
+    }
+}
+
+/// OpenAI's status name.
+fn status_name(s: JobStatus) -> &'static str {
+    match s {
+        JobStatus::Queued | JobStatus::Placed => "queued",
+        JobStatus::Running => "running",
+        JobStatus::Succeeded => "succeeded",
+        JobStatus::Failed => "failed",
+        JobStatus::Cancelled => "cancelled",
+    }
+}
+
+fn job_object(id: &str, job: &Job) -> Value {
+    let request = &job.spec["request"];
+    let steps_done = job.events.iter().filter_map(|e| e.step.as_ref()).next_back().map(|s| s.step);
+    json!({
+        "object": "fine_tuning.job",
+        "id": id,
+        "model": job.base_model,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "fine_tuned_model": if job.status == JobStatus::Succeeded { json!(job.adapter) } else { Value::Null },
+        "organization_id": job.tenant,
+        "status": status_name(job.status),
+        "hyperparameters": request["hyperparameters"],
+        "training_file": request["training_file"],
+        "validation_file": request["validation_file"],
+        "result_files": [],
+        "trained_tokens": null,
+        "steps_done": steps_done,
+        "error": job.error.as_ref().map(|m| json!({"code": "training_failed", "message": m, "param": null})),
+        "seed": request["seed"],
+        "suffix": request["suffix"],
+        "estimated_finish": null,
+        "integrations": [],
+        "method": {"type": if request["method"] == "esft" { "esft" } else { "supervised" }},
+        "attempts": job.attempts.len(),
+    })
+}
+
+/// The caller's job `id` (another tenant's is not found).
+fn own_job<'a>(state: &'a ClusterState, caller: &Caller, id: &str) -> Result<&'a Job, ApiError> {
+    match state.jobs.get(id) {
+        Some(j) if j.tenant == caller.tenant => Ok(j),
+        _ => Err(ApiError::not_found("job_not_found", format!("no fine-tuning job {id:?}"))),
+    }
+}
+
+async fn list_jobs(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Query(page): Query<Page>) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    Ok(ok(page.of(gw.jobs(&caller).await?)))
+}
+
+impl Gateway {
+    /// The caller's jobs, newest first.
+    pub async fn jobs(&self, caller: &Caller) -> Result<Vec<Value>, ApiError> {
+        let state = self.state().await?;
+        let mut jobs: Vec<(&String, &Job)> = state.jobs.iter().filter(|(_, j)| j.tenant == caller.tenant).collect();
+        jobs.sort_by_key(|(id, j)| std::cmp::Reverse((j.created_at, *id)));
+        Ok(jobs.into_iter().map(|(id, j)| job_object(id, j)).collect())
+    }
+
+    pub async fn job(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
+        Ok(job_object(id, own_job(&self.state().await?, caller, id)?))
+    }
+
+    pub async fn cancel_job(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
+        let state = self.state().await?;
+        let job = own_job(&state, caller, id)?;
+        if job.status.is_final() {
+            let msg = format!("job {id:?} is {} already", status_name(job.status));
+            return Err(ApiError::new(StatusCode::CONFLICT, "job_finished", msg));
+        }
+        self.propose("cancel", Command::CancelJob { id: id.into() }).await?;
+        self.job(caller, id).await
+    }
+
+    /// The job's events, newest first: status changes and each optimizer step's figures.
+    pub async fn job_events(&self, caller: &Caller, id: &str) -> Result<Vec<Value>, ApiError> {
+        let state = self.state().await?;
+        let job = own_job(&state, caller, id)?;
+        let events = job.events.iter().enumerate().rev().map(|(i, e)| {
+            let (kind, data) = match &e.step {
+                Some(s) => (
+                    "metrics",
+                    json!({"step": s.step, "total_steps": s.total_steps, "train_loss": s.loss, "tokens_per_s": s.tokens_per_s}),
+                ),
+                None => ("message", json!({})),
+            };
+            json!({
+                "object": "fine_tuning.job.event", "id": format!("ftevent-{id}-{i}"), "created_at": e.at,
+                "level": "info", "message": e.message, "type": kind, "data": data,
+            })
+        });
+        Ok(events.collect())
+    }
+
+    /// The job's checkpoints, newest first.
+    pub async fn job_checkpoints(&self, caller: &Caller, id: &str) -> Result<Vec<Value>, ApiError> {
+        let state = self.state().await?;
+        let job = own_job(&state, caller, id)?;
+        let adapter = job.adapter.clone().unwrap_or_default();
+        let loss_at = |step: u64| job.events.iter().filter_map(|e| e.step.as_ref()).find(|s| s.step == step).map(|s| s.loss);
+        let checkpoints = job.checkpoints.iter().rev().map(|c| {
+            json!({
+                "object": "fine_tuning.job.checkpoint", "id": format!("ftckpt-{id}-{}", c.step),
+                "created_at": job.created_at, "fine_tuned_model_checkpoint": format!("{adapter}:ckpt-step-{}", c.step),
+                "step_number": c.step, "metrics": {"step": c.step, "train_loss": loss_at(c.step)},
+                "fine_tuning_job_id": id,
+            })
+        });
+        Ok(checkpoints.collect())
+    }
+}
+
+async fn job(State(gw): State<Arc<Gateway>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    gw.job(&caller, &id).await.map(ok)
+}
+
+async fn cancel_job(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    gw.cancel_job(&caller, &id).await.map(ok)
+}
+
+async fn job_events(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    Ok(ok(page.of(gw.job_events(&caller, &id).await?)))
+}
+
+async fn job_checkpoints(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    Ok(ok(page.of(gw.job_checkpoints(&caller, &id).await?)))
+}
+
+// --- adapters ---
+
+fn adapter_object(tenant: &str, name: &str, v: &crate::state::AdapterVersion) -> Value {
+    json!({
+        "object": "adapter", "id": name, "owned_by": tenant, "version": v.version, "base_model": v.base_model,
+        "checksum": v.checksum,
+    })
+}
+
+async fn upload_adapter(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    let form = read_form(form).await?;
+    let (name, base) = (form.text("name")?, form.text("base_model")?);
+    gw.put_adapter(&caller, &name, &base, form.files).await.map(ok)
+}
+
+impl Gateway {
+    /// Stores an uploaded adapter (its files: `adapter_config.json` and
+    /// `adapter_model.safetensors` for PEFT LoRA, `esft_config.json` and
+    /// `esft_model.safetensors` for ESFT), checks it against its base model, and records it as
+    /// the next version of `name` in the caller's namespace.
+    pub async fn put_adapter(
+        &self,
+        caller: &Caller,
+        name: &str,
+        base: &str,
+        files: Vec<(String, Bytes)>,
+    ) -> Result<Value, ApiError> {
+        bad_name("name", "adapter", name)?;
+        let state = self.state().await?;
+        let model = state.models.get(base).ok_or_else(|| ApiError::model_not_found(base))?.uri.clone();
+        const KNOWN: [&str; 4] =
+            ["adapter_config.json", "adapter_model.safetensors", "esft_config.json", "esft_model.safetensors"];
+        if let Some((f, _)) = files.iter().find(|(f, _)| !KNOWN.contains(&f.as_str())) {
+            return Err(ApiError::bad_request("file", format!("unexpected file {f:?}: expected {}", KNOWN.join(", "))));
+        }
+        if files.is_empty() {
+            return Err(ApiError::bad_request("file", format!("no files: send the adapter's {}", KNOWN.join(", "))));
+        }
+        let dir = self.blobs.join("adapters").join(&caller.tenant).join(name).join(fresh_id("v"));
+        let checks = self.checks.clone();
+        let folder = dir.clone();
+        let checksum = blocking(move || {
+            for (f, bytes) in &files {
+                write_atomically(&folder.join(f), bytes)?;
+            }
+            if let Err(e) = checks.adapter(&folder, &model) {
+                let _ = std::fs::remove_dir_all(&folder);
+                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_adapter", e));
+            }
+            dir_checksum(&folder).map_err(|e| io_error(&folder, e))
+        })
+        .await?;
+        let command = Command::PutAdapter {
+            tenant: caller.tenant.clone(),
+            name: name.into(),
+            base_model: base.into(),
+            checksum,
+            uri: dir.to_string_lossy().into_owned(),
+        };
+        let Reply::Version { version } = self.propose("adapter", command).await? else {
+            return Err(ApiError::unavailable("the adapter was not recorded"));
+        };
+        let state = self.state().await?;
+        let v = state.adapters.get(&caller.tenant).and_then(|a| a.get(name)).and_then(|v| v.iter().find(|v| v.version == version));
+        v.map(|v| adapter_object(&caller.tenant, name, v)).ok_or_else(|| ApiError::unavailable("the adapter cannot be read back"))
+    }
+
+    pub async fn adapters(&self, caller: &Caller) -> Result<Vec<Value>, ApiError> {
+        let state = self.state().await?;
+        let own = state.adapters.get(&caller.tenant).into_iter().flatten();
+        Ok(own.filter_map(|(name, versions)| Some(adapter_object(&caller.tenant, name, versions.last()?))).collect())
+    }
+
+    pub async fn delete_adapter(&self, caller: &Caller, name: &str) -> Result<Value, ApiError> {
+        let state = self.state().await?;
+        if !state.adapters.get(&caller.tenant).is_some_and(|a| a.contains_key(name)) {
+            return Err(ApiError::model_not_found(name));
+        }
+        self.propose("delete-adapter", Command::DeleteAdapter { tenant: caller.tenant.clone(), name: name.into() }).await?;
+        Ok(json!({"id": name, "object": "adapter", "deleted": true}))
+    }
+}
+
+async fn list_adapters(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    Ok(ok(json!({"object": "list", "data": gw.adapters(&caller).await?})))
+}
+
+async fn delete_adapter(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let caller = gw.authenticate(&headers).await?;
+    gw.delete_adapter(&caller, &name).await.map(ok)
+}

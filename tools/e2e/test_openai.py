@@ -1,0 +1,266 @@
+"""End-to-end test of a running Tandem cluster, driven by the official `openai` Python client.
+
+Run by tools/e2e/run, which starts the cluster and sets TANDEM_URL (the /v1 base URL),
+TANDEM_ADMIN_KEY (the operator key) and TANDEM_DATA (the `reverse` data set). Plain script:
+prints each step as it passes, exits non-zero on the first failure.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+
+URL = os.environ["TANDEM_URL"].rstrip("/")
+ADMIN_KEY = os.environ["TANDEM_ADMIN_KEY"]
+DATA = Path(os.environ.get("TANDEM_DATA", "data/reverse"))
+BASE = "small"
+T0 = time.monotonic()
+
+
+def ok(msg):
+    print(f"[{time.monotonic() - T0:7.1f}s] ok  {msg}", flush=True)
+
+
+def client(key):
+    return openai.OpenAI(base_url=URL, api_key=key, max_retries=0, timeout=60)
+
+
+def expect(exc, what, fn):
+    """Calls fn, which must raise exc; returns the exception."""
+    try:
+        fn()
+    except exc as e:
+        return e
+    except openai.APIError as e:
+        raise AssertionError(f"{what}: expected {exc.__name__}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"{what}: expected {exc.__name__}, but the call succeeded")
+
+
+def http(method, path, body=None, key=None):
+    """A raw request (for routes that are not OpenAI's); returns (status, parsed JSON or text)."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(URL + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def all_items(page):
+    """Every item of a cursor-paginated list (guarded against a server that ignores `after`)."""
+    items, seen = [], set()
+    for _ in range(100):
+        fresh = [x for x in page.data if getattr(x, "id", None) not in seen]
+        if not fresh:
+            break
+        items += fresh
+        seen.update(getattr(x, "id", None) for x in fresh)
+        if not page.has_next_page():
+            break
+        page = page.get_next_page()
+    return items
+
+
+def model_ids(c):
+    return {m.id for m in c.models.list().data}
+
+
+def complete(c, model, prompt="Hello", **kw):
+    r = c.completions.create(model=model, prompt=prompt, **{"max_tokens": 8, **kw})
+    assert len(r.choices) == 1, f"expected one choice, got {len(r.choices)}"
+    return r
+
+
+def exact_matches(c, model, rows):
+    hits = 0
+    for row in rows:
+        r = complete(c, model, row["prompt"], max_tokens=16, temperature=0, stop=["\n"])
+        hits += r.choices[0].text.strip() == row["completion"].strip()
+    return hits
+
+
+def main():
+    train = DATA / "train.jsonl"
+    test_rows = [json.loads(line) for line in (DATA / "test.jsonl").read_text().splitlines()[:20]]
+
+    # a. Tenant keys from the admin route.
+    keys = {}
+    for tenant in ("alice", "bob"):
+        status, body = http("POST", "/admin/api-keys", {"tenant": tenant}, key=ADMIN_KEY)
+        assert status == 200, f"POST /admin/api-keys for {tenant}: {status} {body}"
+        assert isinstance(body, dict) and body.get("object") == "api_key" and body.get("tenant") == tenant, body
+        assert body.get("key"), f"no key in {body}"
+        keys[tenant] = body["key"]
+    alice, bob = client(keys["alice"]), client(keys["bob"])
+    ok("admin made API keys for alice and bob")
+
+    # b. The base model is listed.
+    assert BASE in model_ids(alice), f"{BASE!r} not in alice's models: {model_ids(alice)}"
+    ok(f"models.list() has {BASE!r}")
+
+    # c. A completion.
+    r = complete(alice, BASE)
+    assert r.usage and 1 <= r.usage.completion_tokens <= 8, f"completion_tokens: {r.usage}"
+    assert r.choices[0].finish_reason in ("length", "stop"), r.choices[0].finish_reason
+    ok(f"completion: {r.choices[0].text!r} ({r.usage.completion_tokens} tokens, {r.choices[0].finish_reason})")
+
+    # d. A streamed chat completion with usage in the last chunk.
+    chunks = list(
+        alice.chat.completions.create(
+            model=BASE,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content, f"no content chunk among {len(chunks)} chunks"
+    assert chunks[-1].usage and chunks[-1].usage.completion_tokens >= 1, f"last chunk has no usage: {chunks[-1]}"
+    ok(f"streamed chat: {len(chunks)} chunks, {''.join(content)!r}, usage {chunks[-1].usage.total_tokens} tokens")
+
+    # e. Upload the training file; it is alice's only.
+    with open(train, "rb") as f:
+        file = alice.files.create(file=f, purpose="fine-tune")
+    assert file.id.startswith("file-"), file.id
+    assert file.bytes == train.stat().st_size, f"bytes {file.bytes} != {train.stat().st_size}"
+    assert file.status == "processed", file.status
+    assert file.id in {x.id for x in all_items(alice.files.list())}, "alice's files.list() lacks the upload"
+    assert file.id not in {x.id for x in all_items(bob.files.list())}, "bob sees alice's file"
+    expect(openai.NotFoundError, "bob retrieving alice's file", lambda: bob.files.retrieve(file.id))
+    ok(f"uploaded {file.id} ({file.bytes} bytes); bob cannot see it")
+
+    # f. A fine-tuning job (learning rate 1e-3 x multiplier).
+    job = alice.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=file.id,
+        suffix="rev",
+        seed=0,
+        hyperparameters={"n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": 1.0},
+    )
+    assert job.status in ("validating_files", "queued", "running"), job.status
+    ok(f"created job {job.id} ({job.status})")
+
+    # g. Serving keeps answering while the job trains.
+    latencies, deadline, last = [], time.monotonic() + 900, None
+    while True:
+        job = alice.fine_tuning.jobs.retrieve(job.id)
+        if job.status != last:
+            ok(f"job {job.id} is {job.status}")
+            last = job.status
+        if job.status in ("succeeded", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, f"job still {job.status} after 900 s"
+        if job.status == "running" and len(latencies) < 6:
+            t = time.monotonic()
+            if len(latencies) % 2:
+                r = alice.chat.completions.create(
+                    model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+                )
+                assert r.choices and r.usage.completion_tokens >= 1, f"chat during training: {r}"
+            else:
+                r = complete(alice, BASE)
+                assert r.usage.completion_tokens >= 1, f"completion during training: {r}"
+            latencies.append(time.monotonic() - t)
+            ok(f"served a request during training in {latencies[-1] * 1000:.0f} ms")
+        time.sleep(2)
+    assert job.status == "succeeded", f"job ended {job.status}: {job.error}"
+    assert len(latencies) >= 3, f"only {len(latencies)} requests served while the job was running"
+    ok("latencies during training (ms): " + ", ".join(f"{x * 1000:.0f}" for x in latencies))
+    assert job.fine_tuned_model and job.fine_tuned_model.startswith(f"ft:{BASE}:"), job.fine_tuned_model
+    ok(f"job succeeded: {job.fine_tuned_model}")
+
+    events = all_items(alice.fine_tuning.jobs.list_events(job.id, limit=100))
+    metrics = sorted(
+        (e.data for e in events if isinstance(e.data, dict) and "step" in e.data and "train_loss" in e.data),
+        key=lambda d: d["step"],
+    )
+    assert metrics, f"no metrics events among {len(events)} events"
+    first, final = metrics[0], metrics[-1]
+    ok(f"{len(metrics)} metrics events: loss {first['train_loss']:.4f} (step {first['step']}) -> {final['train_loss']:.4f} (step {final['step']})")
+    assert final["train_loss"] < first["train_loss"], "training loss did not go down"
+
+    # h. Checkpoints.
+    checkpoints = all_items(alice.fine_tuning.jobs.checkpoints.list(job.id))
+    assert checkpoints, "no checkpoints"
+    assert all(c.object == "fine_tuning.job.checkpoint" and c.step_number is not None for c in checkpoints), checkpoints
+    ok(f"{len(checkpoints)} checkpoint(s), steps {[c.step_number for c in checkpoints]}")
+
+    # i. The adapter learned to reverse; the random base did not.
+    ft = job.fine_tuned_model
+    hits = exact_matches(alice, ft, test_rows)
+    ok(f"fine-tuned model: {hits}/20 exact reversals")
+    assert hits >= 16, f"fine-tuned model got only {hits}/20 right"
+    base_hits = exact_matches(alice, BASE, test_rows)
+    ok(f"base model: {base_hits}/20 exact reversals")
+    assert base_hits < 4, f"the base model got {base_hits}/20 right: is the adapter applied to base requests?"
+
+    # j. The fine-tuned model is alice's only.
+    assert ft in model_ids(alice), "alice's models.list() lacks the fine-tuned model"
+    assert ft not in model_ids(bob), "bob sees alice's fine-tuned model"
+    ok("the fine-tuned model is listed for alice only")
+
+    # k. Bad input gets the right error, and the server keeps serving.
+    expect(openai.AuthenticationError, "wrong API key", lambda: client("wrong").models.list())
+    status, body = http("GET", "/models")
+    assert status == 401, f"no API key: expected 401, got {status} {body}"
+    expect(openai.NotFoundError, "bob using alice's model", lambda: complete(bob, ft))
+    expect(openai.NotFoundError, "unknown model", lambda: complete(alice, "no-such-model"))
+    expect(openai.BadRequestError, "max_tokens beyond the context", lambda: complete(alice, BASE, max_tokens=100000))
+    broken = b'{"prompt": "a", "completion": "b"}\n{not json\n'
+    e = expect(
+        openai.BadRequestError,
+        "broken JSONL upload",
+        lambda: alice.files.create(file=("broken.jsonl", broken, "application/jsonl"), purpose="fine-tune"),
+    )
+    assert "line 2" in f"{e.message} {e.body}", f"the error does not mention line 2: {e.message} {e.body}"
+    huge = [{"role": "user", "content": "a" * (40 << 20)}]
+    e = expect(
+        openai.APIStatusError,
+        "40 MiB body",
+        lambda: alice.chat.completions.create(model=BASE, messages=huge, max_tokens=1),
+    )
+    assert e.status_code == 413, f"40 MiB body: expected 413, got {e.status_code}: {e.message}"
+    expect(
+        openai.BadRequestError,
+        "n=100",
+        lambda: alice.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=1, n=100
+        ),
+    )
+    complete(alice, BASE)
+    ok("bad requests rejected (401, 404, 404, 400, 400 at line 2, 413, 400); still serving")
+
+    # l. Cancelling a job.
+    job2 = alice.fine_tuning.jobs.create(model=BASE, training_file=file.id, hyperparameters={"n_epochs": 1})
+    alice.fine_tuning.jobs.cancel(job2.id)
+    deadline = time.monotonic() + 30
+    while (job2 := alice.fine_tuning.jobs.retrieve(job2.id)).status != "cancelled":
+        assert time.monotonic() < deadline, f"job {job2.id} still {job2.status} 30 s after cancel"
+        time.sleep(1)
+    expect(openai.NotFoundError, "bob retrieving alice's job", lambda: bob.fine_tuning.jobs.retrieve(job2.id))
+    ok(f"job {job2.id} cancelled; bob cannot see it")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        print(f"E2E FAILED after {time.monotonic() - T0:.1f}s", flush=True)
+        sys.exit(1)
+    print(f"E2E PASSED in {time.monotonic() - T0:.1f}s", flush=True)
