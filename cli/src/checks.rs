@@ -5,6 +5,7 @@ use std::path::Path;
 
 use tandem_coordinator::gateway::Checks;
 use tandem_worker::adapters::Adapter;
+use tandem_worker::error::Error;
 use tandem_worker::model::ModelConfig;
 use tandem_worker::train::data::check_jsonl;
 
@@ -12,7 +13,11 @@ pub struct RuntimeChecks;
 
 impl Checks for RuntimeChecks {
     fn training_file(&self, bytes: &[u8]) -> Result<u64, String> {
-        check_jsonl(Path::new("the uploaded file"), bytes).map_err(|e| e.to_string())
+        check_jsonl(Path::new("the file"), bytes).map_err(|e| match e {
+            Error::Data { line: 0, msg, .. } => msg,
+            Error::Data { line, msg, .. } => format!("line {line}: {msg}"),
+            other => other.to_string(),
+        })
     }
 
     fn adapter(&self, dir: &Path, model_uri: &str) -> Result<(), String> {

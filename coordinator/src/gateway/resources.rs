@@ -102,7 +102,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ApiError> {
 
 // --- API keys ---
 
-async fn create_key(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Body(body): Body) -> Result<Response, ApiError> {
+async fn create_key(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
     let caller = gw.authenticate(&headers).await?;
     #[derive(Deserialize)]
     struct NewKey {
@@ -116,7 +120,11 @@ impl Gateway {
     /// Makes an API key for `tenant` (the operator only); the key is shown once.
     pub async fn create_key(&self, caller: &Caller, tenant: &str) -> Result<Value, ApiError> {
         if !caller.admin {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "only the operator's key makes keys"));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_denied",
+                "only the operator's key makes keys",
+            ));
         }
         check_tenant(tenant).map_err(|e| ApiError::bad_request("tenant", e))?;
         let key = new_key().map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
@@ -173,7 +181,11 @@ impl Gateway {
     pub async fn upload_file(&self, caller: &Caller, filename: &str, bytes: Bytes) -> Result<Value, ApiError> {
         let checks = self.checks.clone();
         let data = bytes.clone();
-        let examples = blocking(move || checks.training_file(&data).map_err(|e| ApiError::bad_request("file", e))).await?;
+        let name = filename.to_string();
+        let examples = blocking(move || {
+            checks.training_file(&data).map_err(|e| ApiError::bad_request("file", format!("{name}: {e}")))
+        })
+        .await?;
         let id = fresh_id("file");
         let path = self.blobs.join("files").join(format!("{id}.jsonl"));
         let target = path.clone();
@@ -197,7 +209,11 @@ fn bytes_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
-async fn list_files(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Query(page): Query<Page>) -> Result<Response, ApiError> {
+async fn list_files(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
     let caller = gw.authenticate(&headers).await?;
     let state = gw.state().await?;
     let mut files: Vec<(&String, &File)> = state.files.iter().filter(|(_, f)| f.tenant == caller.tenant).collect();
@@ -205,7 +221,11 @@ async fn list_files(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Query(pa
     Ok(ok(page.of(files.into_iter().map(|(id, f)| file_object(id, f)).collect())))
 }
 
-async fn file(State(gw): State<Arc<Gateway>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+async fn file(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
     let caller = gw.authenticate(&headers).await?;
     let state = gw.state().await?;
     Ok(ok(file_object(&id, own_file(&state, &caller, &id)?)))
@@ -248,9 +268,7 @@ impl Form {
     }
 }
 
-async fn read_form(
-    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<Form, ApiError> {
+async fn read_form(form: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> Result<Form, ApiError> {
     let multipart_error = |status: StatusCode, msg: String| {
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_request_error" };
         ApiError::new(status, code, msg)
@@ -326,7 +344,11 @@ struct CreateJob {
     method: Option<Method>,
 }
 
-async fn create_job(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Body(body): Body) -> Result<Response, ApiError> {
+async fn create_job(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
     let caller = gw.authenticate(&headers).await?;
     gw.create_job(&caller, &body).await.map(ok)
 }
@@ -355,13 +377,21 @@ impl Gateway {
         let (hyper, method) = match &req.method {
             None => (&req.hyperparameters, json!({"type": "lora"})),
             Some(m) => match (m.kind.as_str(), &m.supervised, &m.esft) {
-                ("supervised", p, _) => (p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters), json!({"type": "lora"})),
+                ("supervised", p, _) => {
+                    (p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters), json!({"type": "lora"}))
+                }
                 ("esft", p, _) => {
                     let threshold = p.as_ref().and_then(|p| p.threshold).unwrap_or(0.2);
-                    (p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters), json!({"type": "esft", "threshold": threshold}))
+                    (
+                        p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters),
+                        json!({"type": "esft", "threshold": threshold}),
+                    )
                 }
                 (other, _, _) => {
-                    return Err(ApiError::bad_request("method", format!("method {other:?}: supported are supervised and esft")));
+                    return Err(ApiError::bad_request(
+                        "method",
+                        format!("method {other:?}: supported are supervised and esft"),
+                    ));
                 }
             },
         };
@@ -414,7 +444,8 @@ impl Gateway {
         };
         self.propose("submit", command).await?;
         let state = self.state().await?;
-        let job = state.jobs.get(&id).ok_or_else(|| ApiError::unavailable("the job was recorded but cannot be read"))?;
+        let job =
+            state.jobs.get(&id).ok_or_else(|| ApiError::unavailable("the job was recorded but cannot be read"))?;
         Ok(job_object(&id, job))
     }
 }
@@ -466,7 +497,11 @@ fn own_job<'a>(state: &'a ClusterState, caller: &Caller, id: &str) -> Result<&'a
     }
 }
 
-async fn list_jobs(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Query(page): Query<Page>) -> Result<Response, ApiError> {
+async fn list_jobs(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
     let caller = gw.authenticate(&headers).await?;
     Ok(ok(page.of(gw.jobs(&caller).await?)))
 }
@@ -520,7 +555,8 @@ impl Gateway {
         let state = self.state().await?;
         let job = own_job(&state, caller, id)?;
         let adapter = job.adapter.clone().unwrap_or_default();
-        let loss_at = |step: u64| job.events.iter().filter_map(|e| e.step.as_ref()).find(|s| s.step == step).map(|s| s.loss);
+        let loss_at =
+            |step: u64| job.events.iter().filter_map(|e| e.step.as_ref()).find(|s| s.step == step).map(|s| s.loss);
         let checkpoints = job.checkpoints.iter().rev().map(|c| {
             json!({
                 "object": "fine_tuning.job.checkpoint", "id": format!("ftckpt-{id}-{}", c.step),
@@ -533,7 +569,11 @@ impl Gateway {
     }
 }
 
-async fn job(State(gw): State<Arc<Gateway>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+async fn job(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
     let caller = gw.authenticate(&headers).await?;
     gw.job(&caller, &id).await.map(ok)
 }
@@ -635,8 +675,13 @@ impl Gateway {
             return Err(ApiError::unavailable("the adapter was not recorded"));
         };
         let state = self.state().await?;
-        let v = state.adapters.get(&caller.tenant).and_then(|a| a.get(name)).and_then(|v| v.iter().find(|v| v.version == version));
-        v.map(|v| adapter_object(&caller.tenant, name, v)).ok_or_else(|| ApiError::unavailable("the adapter cannot be read back"))
+        let v = state
+            .adapters
+            .get(&caller.tenant)
+            .and_then(|a| a.get(name))
+            .and_then(|v| v.iter().find(|v| v.version == version));
+        v.map(|v| adapter_object(&caller.tenant, name, v))
+            .ok_or_else(|| ApiError::unavailable("the adapter cannot be read back"))
     }
 
     pub async fn adapters(&self, caller: &Caller) -> Result<Vec<Value>, ApiError> {
@@ -650,7 +695,8 @@ impl Gateway {
         if !state.adapters.get(&caller.tenant).is_some_and(|a| a.contains_key(name)) {
             return Err(ApiError::model_not_found(name));
         }
-        self.propose("delete-adapter", Command::DeleteAdapter { tenant: caller.tenant.clone(), name: name.into() }).await?;
+        self.propose("delete-adapter", Command::DeleteAdapter { tenant: caller.tenant.clone(), name: name.into() })
+            .await?;
         Ok(json!({"id": name, "object": "adapter", "deleted": true}))
     }
 }
