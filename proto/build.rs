@@ -7,7 +7,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure().compile_protos(
-        &["proto/tandem/v1/health.proto", "proto/tandem/v1/coordinator.proto", "proto/tandem/v1/worker.proto"],
+        &[
+            "proto/tandem/v1/health.proto",
+            "proto/tandem/v1/coordinator.proto",
+            "proto/tandem/v1/worker.proto",
+            "proto/tandem/v1/api.proto",
+        ],
         &["proto"],
     )?;
     Ok(())

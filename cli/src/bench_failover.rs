@@ -94,7 +94,8 @@ async fn leader(g: &Group) -> Option<u64> {
 
 /// Writes once through any live coordinator, trying them in turn until one acknowledges.
 async fn write(g: &Group, n: u64, give_up: Instant) -> Result<()> {
-    let p = Proposal::new(format!("failover-{n}"), StateCommand::RegisterModel { name: format!("m{n}"), uri: "/m".into() });
+    let p =
+        Proposal::new(format!("failover-{n}"), StateCommand::RegisterModel { name: format!("m{n}"), uri: "/m".into() });
     let json = serde_json::to_string(&p)?;
     let ids: Vec<u64> = g.procs.keys().copied().collect();
     for attempt in 0.. {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use tandem_coordinator::replica::Timing;
 use tandem_coordinator::gateway::GatewayOptions;
+use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server;
 
 use crate::checks::RuntimeChecks;

@@ -11,6 +11,7 @@ mod checks;
 mod coordinator;
 mod finetune;
 mod generate;
+mod jobs;
 mod up;
 mod worker;
 mod worker_jobs;
@@ -52,6 +53,15 @@ enum Command {
     /// Run one worker: a base model's engine serving completions, holding a lease at the
     /// coordinator.
     Worker(worker::WorkerArgs),
+    /// Submit work to a running cluster: `submit finetune` uploads the data and creates a
+    /// fine-tuning job.
+    Submit(jobs::SubmitArgs),
+    /// Your fine-tuning jobs in a running cluster: list, watch, cancel, events.
+    Jobs(jobs::JobsArgs),
+    /// Your adapters in a running cluster: list, add (a PEFT or ESFT folder), rm.
+    Adapters(jobs::AdaptersArgs),
+    /// API keys for tenants (with the operator's key).
+    Keys(jobs::KeysArgs),
     /// Measure Tandem's components against peers on this machine.
     Bench {
         #[command(subcommand)]
@@ -70,6 +80,10 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Up(args) => up::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Submit(args) => jobs::submit(args),
+        Command::Jobs(args) => jobs::jobs(args),
+        Command::Adapters(args) => jobs::adapters(args),
+        Command::Keys(args) => jobs::keys(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;
             tandem_worker::init_model::write_model(preset, &out, seed)?;

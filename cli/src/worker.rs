@@ -52,7 +52,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         TextTokenizer::load(&args.model).with_context(|| format!("tokenizer of {}", args.model.display()))?;
     let adapters =
         (args.adapters.iter()).map(|spec| crate::generate::load_adapter(spec, &config)).collect::<Result<Vec<_>>>()?;
-    let model = Arc::new(Model::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?);
+    let model =
+        Arc::new(Model::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?);
     let engine = Engine::new(model.clone(), adapters, Some(tokenizer), EngineConfig::default())?;
     let (engine, train_events) = EngineThread::start(engine)?;
     let agent = JobsAgent {

@@ -99,8 +99,11 @@ impl JobsAgent {
         reports: &mpsc::UnboundedSender<(String, u64, JobReport)>,
     ) {
         let wanted: HashMap<&str, u64> = list.iter().map(|a| (a.job.as_str(), a.epoch)).collect();
-        let stale: Vec<String> =
-            running.iter().filter(|(job, epoch)| wanted.get(job.as_str()) != Some(epoch)).map(|(j, _)| j.clone()).collect();
+        let stale: Vec<String> = running
+            .iter()
+            .filter(|(job, epoch)| wanted.get(job.as_str()) != Some(epoch))
+            .map(|(j, _)| j.clone())
+            .collect();
         for job in stale {
             running.remove(&job);
             let _ = self.engine.stop(&job);
@@ -108,16 +111,18 @@ impl JobsAgent {
         let new: Vec<Assignment> = list.into_iter().filter(|a| !running.contains_key(&a.job)).collect();
         for a in new {
             running.insert(a.job.clone(), a.epoch);
-            let (model, tokenizer, dir) = (self.model.clone(), self.tokenizer.clone(), self.blobs.join("jobs").join(&a.job));
+            let (model, tokenizer, dir) =
+                (self.model.clone(), self.tokenizer.clone(), self.blobs.join("jobs").join(&a.job));
             let assignment = a.clone();
             let built = tokio::task::spawn_blocking(move || build(&assignment, &model, &tokenizer, &dir)).await;
             match built.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
                 Ok(training) => {
+                    let step = training.job.progress.step;
                     if let Err(e) = self.engine.train(training) {
                         let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.message().into() }));
                         continue;
                     }
-                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Running));
+                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Running { step }));
                 }
                 Err(e) => {
                     running.remove(&a.job);
@@ -132,8 +137,9 @@ impl JobsAgent {
 /// resumed from its checkpoint when it has one.
 fn build(a: &Assignment, model: &Model, tokenizer: &TextTokenizer, dir: &Path) -> Result<Training> {
     let spec: TrainingSpec = serde_json::from_value(a.spec.clone()).context("the job's spec")?;
-    let data = load_jsonl(&spec.training_file, tokenizer, model.config.max_position_embeddings)
-        .map_err(|e| anyhow!("{}", e.to_string().replace(&spec.training_file.to_string_lossy().into_owned(), "training_file")))?;
+    let data = load_jsonl(&spec.training_file, tokenizer, model.config.max_position_embeddings).map_err(|e| {
+        anyhow!("{}", e.to_string().replace(&spec.training_file.to_string_lossy().into_owned(), "training_file"))
+    })?;
     let data = Arc::new(data);
     let job = match &a.checkpoint {
         Some(c) => checkpoint::load(Path::new(&c.uri), &model.config, data).context("resuming from the checkpoint")?,

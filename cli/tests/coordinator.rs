@@ -290,7 +290,8 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     // A job, which the scheduler places on the first of the two idle workers.
     g.propose(follower, "model", StateCommand::RegisterModel { name: "m".into(), uri: "/m".into() });
     let spec = serde_json::json!({});
-    let job = StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), base_model: "m".into(), spec, adapter: None };
+    let job =
+        StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), base_model: "m".into(), spec, adapter: None };
     g.propose(follower, "job", job);
     // Heartbeats every 150 ms for 1.5 s (over two leases): still alive.
     for _ in 0..10 {

@@ -9,9 +9,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tandem_coordinator::state::{Command as StateCommand, Proposal};
-use tandem_proto::v1::ProposeRequest;
-use tandem_proto::v1::cluster_client::ClusterClient;
 
 const KEY: &str = "sk-test-admin";
 
@@ -31,21 +28,8 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let cluster = common::mini_cluster("gateway", Some((&http_addr, KEY)));
     let (coord, model_arg) = (cluster.coordinator.as_str(), cluster.model.to_str().unwrap());
 
-    // The base model in the catalogue (what `tandem up` does), once the group answers.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let p = Proposal::new("model", StateCommand::RegisterModel { name: "tiny".into(), uri: model_arg.into() });
+    common::register_model(coord, "tiny", model_arg);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while rt
-        .block_on(async {
-            let mut c = ClusterClient::connect(format!("http://{coord}")).await?;
-            c.propose(ProposeRequest { proposal_json: serde_json::to_string(&p).unwrap() }).await?;
-            Ok::<_, Box<dyn std::error::Error>>(())
-        })
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the coordinator never took the model");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     // Health needs no key; it reports the worker once registered.
     loop {
         let (status, body) = common::http(&http_addr, "GET", "/health", None, None);
@@ -75,6 +59,25 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     assert_eq!(out["usage"]["completion_tokens"], 12);
     assert_eq!(out["usage"]["prompt_tokens"], want["prompt_tokens"]);
     assert_eq!(out["choices"][0]["finish_reason"], "length");
+    assert_eq!(out["choices"][0]["logprobs"], Value::Null, "not asked for");
+
+    // With logprobs: each sampled token's text and log-probability, as the engine computed them.
+    let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0, "logprobs": 0});
+    let (status, out) = post(&http_addr, "/v1/completions", req);
+    assert_eq!(status, 200, "{out}");
+    let logprobs = &out["choices"][0]["logprobs"];
+    let got: Vec<f64> = logprobs["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want_lp: Vec<f64> = want["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(got.len(), 12);
+    assert!(got.iter().zip(&want_lp).all(|(a, b)| (a - b).abs() < 1e-4), "{got:?} vs {want_lp:?}");
+    assert_eq!(logprobs["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(logprobs["text_offset"][0], 0);
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": true});
+    let (status, out) = post(&http_addr, "/v1/chat/completions", chat);
+    assert_eq!(status, 200, "{out}");
+    let content = out["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(Some(content.len() as u64), out["usage"]["completion_tokens"].as_u64(), "{out}");
+    assert!(content.iter().all(|t| t["logprob"].as_f64().unwrap() <= 0.0 && t["token"].is_string()), "{out}");
 
     // A chat completion, whole and streamed: the same text; the stream ends with the usage and
     // [DONE].
@@ -109,6 +112,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
         (json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1_000_000}), 400, "invalid_request_error"),
         (json!({"model": "tiny", "prompt": "Hi", "n": 99}), 400, "invalid_request_error"),
         (json!({"model": "tiny"}), 400, "invalid_request_error"),
+        (json!({"model": "tiny", "prompt": "Hi", "logprobs": 3}), 400, "invalid_request_error"),
     ];
     for (req, want_status, want_code) in cases {
         let (status, out) = post(&http_addr, "/v1/completions", req.clone());

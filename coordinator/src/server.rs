@@ -283,8 +283,12 @@ impl Cluster for ClusterService {
             return Err(Status::not_found(format!("worker {:?} has no lease: register again", req.worker_id)));
         }
         self.leases.renew(&req.worker_id);
-        let assignments = serde_json::to_string(&state.assignments(&req.worker_id)).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(HeartbeatResponse { lease_ms: self.leases.lease.as_millis() as u64, assignments_json: assignments }))
+        let assignments =
+            serde_json::to_string(&state.assignments(&req.worker_id)).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(HeartbeatResponse {
+            lease_ms: self.leases.lease.as_millis() as u64,
+            assignments_json: assignments,
+        }))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -420,8 +424,7 @@ async fn supervise(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
         }
         for id in &expired {
             let command = Command::MarkWorkerDead { id: id.clone() };
-            let _ =
-                store.propose(Proposal::new(fresh_id(&format!("dead-{id}")), command), REQUEST_TIMEOUT).await;
+            let _ = store.propose(Proposal::new(fresh_id(&format!("dead-{id}")), command), REQUEST_TIMEOUT).await;
         }
         let Ok(state) = (if expired.is_empty() { Ok(state) } else { store.read(leases.lease).await }) else { continue };
         for (job, worker) in state.schedule() {
@@ -485,19 +488,22 @@ pub async fn serve(
     };
     let lead = Arc::new(lead);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = match opts.http {
+    // With the gateway, its operations are on the gRPC address too (`tandem.v1.Api`).
+    let (http, api) = match opts.http {
         Some(http) => {
             let addr = http.addr;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--http {addr}: {e}"))?;
             let gateway = Gateway::new(store.clone(), &http);
+            let api = gateway::api_server(gateway.clone());
             let stopped = async move {
                 let _ = http_stopped.await;
             };
-            Some(tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 axum::serve(listener, gateway::router(gateway)).with_graceful_shutdown(stopped).await
-            }))
+            });
+            (Some(task), Some(api))
         }
-        None => None,
+        None => (None, None),
     };
     let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
     let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
@@ -505,6 +511,7 @@ pub async fn serve(
     server
         .add_optional_service(raft.map(RaftServer::new))
         .add_service(ClusterServer::new(cluster))
+        .add_optional_service(api)
         .serve_with_shutdown(addr, shutdown)
         .await?;
     monitor.abort();

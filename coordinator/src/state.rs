@@ -228,13 +228,23 @@ pub enum Command {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobReport {
-    Running,
+    /// The attempt started training, at optimizer step `step` (past 0 when it resumed from a
+    /// checkpoint).
+    Running { step: u64 },
     /// An optimizer step's figures.
     Step(StepFigures),
-    Checkpoint { step: u64, uri: String },
+    Checkpoint {
+        step: u64,
+        uri: String,
+    },
     /// Done; its adapter, exported to `uri`, becomes the job's adapter for its tenant.
-    Succeeded { uri: String, checksum: String },
-    Failed { error: String },
+    Succeeded {
+        uri: String,
+        checksum: String,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// A fine-tuning attempt a worker is to run: what the heartbeat tells it.
@@ -443,13 +453,14 @@ impl ClusterState {
                 }
                 let event = |message: String| JobEvent { at, message, step: None };
                 match report {
-                    JobReport::Running => {
+                    JobReport::Running { step } => {
                         job.status = JobStatus::Running;
-                        job.events.push(event(format!("Attempt {epoch} started training")));
+                        job.events.push(event(format!("Attempt {epoch} started training at step {step}")));
                     }
                     JobReport::Step(figures) => {
                         job.status = JobStatus::Running;
-                        let message = format!("Step {}/{}: training loss={:.4}", figures.step, figures.total_steps, figures.loss);
+                        let message =
+                            format!("Step {}/{}: training loss={:.4}", figures.step, figures.total_steps, figures.loss);
                         job.events.push(JobEvent { at, message, step: Some(figures) });
                         let steps = job.events.iter().filter(|e| e.step.is_some()).count();
                         if steps > MAX_STEP_EVENTS
@@ -471,7 +482,11 @@ impl ClusterState {
                         let base_model = job.base_model.clone();
                         job.events.push(event("The job has successfully completed".into()));
                         if let Some(name) = adapter {
-                            return self.put_adapter(tenant, name, AdapterVersion { version: 0, base_model, checksum, uri });
+                            return self.put_adapter(
+                                tenant,
+                                name,
+                                AdapterVersion { version: 0, base_model, checksum, uri },
+                            );
                         }
                     }
                     JobReport::Failed { error } => {

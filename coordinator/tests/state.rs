@@ -47,7 +47,13 @@ fn cluster() -> Log {
 }
 
 fn submit(id: &str) -> Command {
-    Command::SubmitJob { id: id.into(), tenant: "t".into(), base_model: "m".into(), spec: json!({"rank": 8}), adapter: None }
+    Command::SubmitJob {
+        id: id.into(),
+        tenant: "t".into(),
+        base_model: "m".into(),
+        spec: json!({"rank": 8}),
+        adapter: None,
+    }
 }
 
 fn put_adapter(name: &str) -> Command {
@@ -82,7 +88,7 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     log.apply(submit("j"));
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Epoch { epoch: 1 });
     let report = |epoch, report| Command::ReportJob { id: "j".into(), epoch, report };
-    assert_eq!(log.apply(report(1, JobReport::Running)), Reply::Done);
+    assert_eq!(log.apply(report(1, JobReport::Running { step: 0 })), Reply::Done);
     let ckpt = JobReport::Checkpoint { step: 40, uri: "/ckpt/j/step-000040".into() };
     assert_eq!(log.apply(report(1, ckpt)), Reply::Done);
     log.apply(Command::SetPlacement {
@@ -118,7 +124,7 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     assert_eq!(log.apply(report(3, JobReport::Succeeded { uri: String::new(), checksum: String::new() })), Reply::Done);
     assert_eq!(log.state.jobs["j"].status, JobStatus::Succeeded);
     // Finished is final.
-    assert!(matches!(log.apply(report(3, JobReport::Running)), Reply::Refused { .. }));
+    assert!(matches!(log.apply(report(3, JobReport::Running { step: 0 })), Reply::Refused { .. }));
     assert!(matches!(log.apply(Command::CancelJob { id: "j".into() }), Reply::Refused { .. }));
 }
 
@@ -129,9 +135,15 @@ fn bad_commands_are_refused_without_changing_the_state() {
     let before = log.state.clone();
     let bad = [
         submit("j"),
-        Command::SubmitJob { id: "k".into(), tenant: "t".into(), base_model: "nope".into(), spec: json!({}), adapter: None },
+        Command::SubmitJob {
+            id: "k".into(),
+            tenant: "t".into(),
+            base_model: "nope".into(),
+            spec: json!({}),
+            adapter: None,
+        },
         Command::PlaceJob { id: "nope".into(), worker: "w1".into() },
-        Command::ReportJob { id: "j".into(), epoch: 0, report: JobReport::Running },
+        Command::ReportJob { id: "j".into(), epoch: 0, report: JobReport::Running { step: 0 } },
         Command::DeleteAdapter { tenant: "t".into(), name: "nope".into() },
         Command::MarkWorkerDead { id: "nope".into() },
         Command::RemovePlacement { group: "nope".into() },

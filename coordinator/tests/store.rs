@@ -64,11 +64,17 @@ async fn suite(store: &Store) {
     assert_eq!(propose(store, "t2-a-1", put_adapter("t2", "/b/1")).await, Reply::Version { version: 1 });
 
     // A job placed on w1, running, checkpointed; w1 also serves a placement.
-    let submit = Command::SubmitJob { id: "j".into(), tenant: "t1".into(), base_model: "m".into(), spec: json!({}), adapter: None };
+    let submit = Command::SubmitJob {
+        id: "j".into(),
+        tenant: "t1".into(),
+        base_model: "m".into(),
+        spec: json!({}),
+        adapter: None,
+    };
     assert_eq!(propose(store, "submit", submit).await, Reply::Done);
     let place = |w: &str| Command::PlaceJob { id: "j".into(), worker: w.into() };
     assert_eq!(propose(store, "place-1", place("w1")).await, Reply::Epoch { epoch: 1 });
-    assert_eq!(propose(store, "running-1", report(1, JobReport::Running)).await, Reply::Done);
+    assert_eq!(propose(store, "running-1", report(1, JobReport::Running { step: 0 })).await, Reply::Done);
     let ckpt = JobReport::Checkpoint { step: 10, uri: "/ckpt/10".into() };
     assert_eq!(propose(store, "ckpt-1", report(1, ckpt)).await, Reply::Done);
     let placement = Placement { model: "m".into(), workers: vec!["w1".into()], adapters: vec![] };
@@ -85,10 +91,14 @@ async fn suite(store: &Store) {
 
     // Placed again: a new epoch; the old attempt's report is refused and changes nothing.
     assert_eq!(propose(store, "place-2", place("w2")).await, Reply::Epoch { epoch: 2 });
-    let stale = propose(store, "stale", report(1, JobReport::Succeeded { uri: String::new(), checksum: String::new() })).await;
+    let stale =
+        propose(store, "stale", report(1, JobReport::Succeeded { uri: String::new(), checksum: String::new() })).await;
     assert!(matches!(&stale, Reply::Refused { reason } if reason.contains("stale attempt")), "{stale:?}");
     assert_eq!(store.read(WAIT).await.unwrap().jobs["j"].status, JobStatus::Placed);
-    assert_eq!(propose(store, "done-2", report(2, JobReport::Succeeded { uri: String::new(), checksum: String::new() })).await, Reply::Done);
+    assert_eq!(
+        propose(store, "done-2", report(2, JobReport::Succeeded { uri: String::new(), checksum: String::new() })).await,
+        Reply::Done
+    );
 
     // A retried request applies once and gets its first reply again.
     assert_eq!(propose(store, "t1-a-3", put_adapter("t1", "/a/3")).await, Reply::Version { version: 3 });

@@ -24,17 +24,20 @@ use tonic::{Request, Response, Status};
 use crate::adapters::Adapter;
 use crate::adapters::registry::Origin;
 use crate::engine::{Engine, GenerationOutput, GenerationRequest, Progress};
-use crate::train::checkpoint;
-use crate::train::job::StepReport;
 use crate::error::Error;
 use crate::sampling::SamplingParams;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, TextTokenizer};
+use crate::train::checkpoint;
+use crate::train::job::StepReport;
 
 type EventSender = async_mpsc::UnboundedSender<Result<GenerateEvent, Status>>;
 
 /// What the engine thread is asked to do.
 enum Order {
-    Generate { req: GenerateRequest, events: EventSender },
+    Generate {
+        req: GenerateRequest,
+        events: EventSender,
+    },
     Train(Training),
     /// Stop training this job (its adapter is withdrawn).
     Stop(String),
@@ -52,11 +55,25 @@ pub struct Training {
 /// What a job in training did.
 #[derive(Debug)]
 pub enum TrainEvent {
-    Step { job: String, report: StepReport, tokens_per_s: f64 },
-    Checkpoint { job: String, step: u64, path: PathBuf },
+    Step {
+        job: String,
+        report: StepReport,
+        tokens_per_s: f64,
+    },
+    Checkpoint {
+        job: String,
+        step: u64,
+        path: PathBuf,
+    },
     /// Trained to the end; its adapter is exported to `adapter`.
-    Finished { job: String, adapter: PathBuf },
-    Failed { job: String, error: String },
+    Finished {
+        job: String,
+        adapter: PathBuf,
+    },
+    Failed {
+        job: String,
+        error: String,
+    },
 }
 
 /// A request the engine runs, and where its events go.
@@ -220,12 +237,12 @@ fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mp
             Ok(finished) => {
                 for p in engine.progress() {
                     if let Some(s) = streams.get_mut(&p.index) {
-                        s.send_progress(p);
+                        s.send_progress(p, engine.tokenizer());
                     }
                 }
                 for out in finished {
                     if let Some(s) = streams.remove(&out.index) {
-                        s.finish(&out);
+                        s.finish(&out, engine.tokenizer());
                     }
                 }
                 jobs.after_step(&mut engine, &send);
@@ -290,12 +307,18 @@ impl Jobs {
     }
 }
 
+/// Each token's own text (for logprobs).
+fn token_texts(tokenizer: Option<&TextTokenizer>, ids: &[u32]) -> Vec<String> {
+    ids.iter().map(|&id| tokenizer.and_then(|t| t.decode(&[id], false).ok()).unwrap_or_default()).collect()
+}
+
 impl Stream {
-    fn send_progress(&mut self, p: &Progress) {
+    fn send_progress(&mut self, p: &Progress, tokenizer: Option<&TextTokenizer>) {
         let event = GenerateEvent {
             text: p.text.clone(),
             token_ids: vec![p.token],
             logprobs: if self.logprobs { vec![p.logprob] } else { Vec::new() },
+            tokens: if self.logprobs { token_texts(tokenizer, &[p.token]) } else { Vec::new() },
             ..GenerateEvent::default()
         };
         self.text_sent += p.text.len();
@@ -303,13 +326,14 @@ impl Stream {
         let _ = self.events.send(Ok(event));
     }
 
-    fn finish(self, out: &GenerationOutput) {
+    fn finish(self, out: &GenerationOutput, tokenizer: Option<&TextTokenizer>) {
         let tokens = out.token_ids.get(self.tokens_sent..).unwrap_or_default();
         let logprobs = out.logprobs.get(self.tokens_sent..).unwrap_or_default();
         let event = GenerateEvent {
             text: out.text.get(self.text_sent..).unwrap_or_default().to_string(),
             token_ids: tokens.to_vec(),
             logprobs: if self.logprobs { logprobs.to_vec() } else { Vec::new() },
+            tokens: if self.logprobs { token_texts(tokenizer, tokens) } else { Vec::new() },
             finish_reason: out.finish_reason.as_openai_str().to_string(),
             prompt_tokens: out.prompt_tokens as u32,
             completion_tokens: out.token_ids.len() as u32,

@@ -52,16 +52,31 @@ pub fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).stdout(out()).stderr(out()).spawn().unwrap()
 }
 
-/// One HTTP/1.1 exchange: the status and the body (chunked transfer decoded).
-#[allow(clippy::unwrap_used)] // a broken exchange is a failed test
+/// One HTTP/1.1 exchange with a JSON body (or none): the status and the body (chunked transfer
+/// decoded).
 pub fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (u16, String) {
+    http_as(addr, method, path, key, "application/json", body.unwrap_or(""))
+}
+
+/// A file upload as OpenAI's clients send it: a multipart form with `purpose` and `file`.
+pub fn upload(addr: &str, key: &str, filename: &str, content: &str) -> (u16, String) {
+    let b = "tandem-test-boundary";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{b}--\r\n"
+    );
+    http_as(addr, "POST", "/v1/files", Some(key), &format!("multipart/form-data; boundary={b}"), &body)
+}
+
+#[allow(clippy::unwrap_used)] // a broken exchange is a failed test
+fn http_as(addr: &str, method: &str, path: &str, key: Option<&str>, content_type: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(k) = key {
         req += &format!("Authorization: Bearer {k}\r\n");
     }
-    let body = body.unwrap_or("");
-    req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    req += &format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
@@ -83,22 +98,28 @@ pub fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Optio
     }
 }
 
-/// A tiny model, a coordinator (a group of one) and one worker serving the model, as processes;
-/// with `gateway` = (address, key), the coordinator serves the HTTP gateway too.
+/// A tiny model, a coordinator (a group of one) and workers `w1`, `w2`, ... serving the model,
+/// as processes (`procs`: the coordinator, then the workers); with `gateway` = (address, key),
+/// the coordinator serves the HTTP gateway too.
 pub struct MiniCluster {
     pub procs: Procs,
     pub model: PathBuf,
     pub coordinator: String,
+    /// The first worker's address.
     pub worker: String,
 }
 
-#[allow(clippy::unwrap_used)] // a cluster that cannot start is a failed test
 pub fn mini_cluster(tag: &str, gateway: Option<(&str, &str)>) -> MiniCluster {
+    mini_cluster_of(tag, gateway, 1)
+}
+
+#[allow(clippy::unwrap_used)] // a cluster that cannot start is a failed test
+pub fn mini_cluster_of(tag: &str, gateway: Option<(&str, &str)>, workers: usize) -> MiniCluster {
     let dir = scratch(tag);
     let model = dir.join("tiny");
     let (ok, _, err) = tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (coordinator, worker) = (free_addr(), free_addr());
+    let coordinator = free_addr();
     let (peers, data, blobs) = (format!("1={coordinator}"), dir.join("coordinator"), dir.join("blobs"));
     let blobs = blobs.to_str().unwrap();
     let mut args = vec!["coordinator", "--id", "1", "--peers", &peers, "--tick-ms", "20"];
@@ -108,20 +129,36 @@ pub fn mini_cluster(tag: &str, gateway: Option<(&str, &str)>) -> MiniCluster {
     }
     let mut procs = Procs(vec![spawn(&args)]);
     let model_arg = model.to_str().unwrap();
-    procs.0.push(spawn(&[
-        "worker",
-        "--id",
-        "w1",
-        "--listen",
-        &worker,
-        "--coordinator",
-        &coordinator,
-        "--model",
-        model_arg,
-        "--blobs",
-        blobs,
-    ]));
-    MiniCluster { procs, model, coordinator, worker }
+    let addrs: Vec<String> = (0..workers).map(|_| free_addr()).collect();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = format!("w{}", i + 1);
+        let args = ["worker", "--id", &id, "--listen", addr, "--coordinator", &coordinator, "--model", model_arg];
+        procs.0.push(spawn(&[&args[..], &["--blobs", blobs]].concat()));
+    }
+    MiniCluster { procs, model, coordinator, worker: addrs[0].clone() }
+}
+
+/// Puts base model `name` (at `uri`) in the catalogue, as `tandem up` does, once the
+/// coordinator at `coordinator` answers.
+#[allow(clippy::unwrap_used)] // a coordinator that never answers is a failed test
+pub fn register_model(coordinator: &str, name: &str, uri: &str) {
+    use tandem_coordinator::state::{Command, Proposal};
+    use tandem_proto::v1::ProposeRequest;
+    use tandem_proto::v1::cluster_client::ClusterClient;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = Proposal::new(format!("model-{name}"), Command::RegisterModel { name: name.into(), uri: uri.into() });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rt
+        .block_on(async {
+            let mut c = ClusterClient::connect(format!("http://{coordinator}")).await?;
+            c.propose(ProposeRequest { proposal_json: serde_json::to_string(&p).unwrap() }).await?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "the coordinator never took the model");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// `tandem generate --json` of `prompt`, greedy, on the model in `model`: what a served
@@ -129,7 +166,8 @@ pub fn mini_cluster(tag: &str, gateway: Option<(&str, &str)>) -> MiniCluster {
 #[allow(clippy::unwrap_used)] // a failed run is a failed test
 pub fn generate_greedy(model: &std::path::Path, prompt: &str, max_tokens: usize) -> serde_json::Value {
     let max = max_tokens.to_string();
-    let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", &max, "--json"];
+    let model = model.to_str().unwrap();
+    let args = ["generate", "--model", model, "--prompt", prompt, "--max-tokens", &max, "--json", "--logprobs"];
     let (ok, out, err) = tandem(&args);
     assert!(ok, "{err}");
     serde_json::from_str(out.trim()).unwrap()

@@ -57,16 +57,25 @@ impl Metrics {
             "counter",
             "Completion requests answered by this gateway.",
             (requests.iter())
-                .map(|((t, m, s), n)| (format!("tenant=\"{}\",model=\"{}\",code=\"{s}\"", esc(t), esc(m)), n.to_string()))
+                .map(|((t, m, s), n)| {
+                    (format!("tenant=\"{}\",model=\"{}\",code=\"{s}\"", esc(t), esc(m)), n.to_string())
+                })
                 .collect(),
         );
         let tokens = self.tokens.lock().map(|t| t.clone()).unwrap_or_default();
         for (name, help, pick) in [
-            ("tandem_prompt_tokens_total", "Prompt tokens of answered requests.", (|c: &Counts| c.prompt_tokens) as fn(&Counts) -> u64),
-            ("tandem_completion_tokens_total", "Tokens generated for answered requests.", |c: &Counts| c.completion_tokens),
+            (
+                "tandem_prompt_tokens_total",
+                "Prompt tokens of answered requests.",
+                (|c: &Counts| c.prompt_tokens) as fn(&Counts) -> u64,
+            ),
+            ("tandem_completion_tokens_total", "Tokens generated for answered requests.", |c: &Counts| {
+                c.completion_tokens
+            }),
         ] {
-            let rows =
-                tokens.iter().map(|((t, m), c)| (format!("tenant=\"{}\",model=\"{}\"", esc(t), esc(m)), pick(c).to_string()));
+            let rows = tokens
+                .iter()
+                .map(|((t, m), c)| (format!("tenant=\"{}\",model=\"{}\"", esc(t), esc(m)), pick(c).to_string()));
             family(name, "counter", help, rows.collect());
         }
         let alive = state.workers.values().filter(|w| w.alive).count();
@@ -94,12 +103,20 @@ impl Metrics {
             (statuses.iter())
                 .map(|s| {
                     let n = state.jobs.values().filter(|j| j.status == *s).count();
-                    (format!("status=\"{}\"", serde_json::to_value(s).unwrap_or_default().as_str().unwrap_or("?")), n.to_string())
+                    (
+                        format!("status=\"{}\"", serde_json::to_value(s).unwrap_or_default().as_str().unwrap_or("?")),
+                        n.to_string(),
+                    )
                 })
                 .collect(),
         );
         let adapters: usize = state.adapters.values().map(|a| a.len()).sum();
-        family("tandem_adapters", "gauge", "Adapters registered (all tenants).", vec![(String::new(), adapters.to_string())]);
+        family(
+            "tandem_adapters",
+            "gauge",
+            "Adapters registered (all tenants).",
+            vec![(String::new(), adapters.to_string())],
+        );
         let last_steps: Vec<(String, &crate::state::StepFigures)> = (state.jobs.iter())
             .filter_map(|(id, j)| {
                 let s = j.events.iter().filter_map(|e| e.step.as_ref()).next_back()?;
@@ -107,7 +124,11 @@ impl Metrics {
             })
             .collect();
         for (name, help, pick) in [
-            ("tandem_job_step", "Optimizer steps a job has taken.", (|s: &crate::state::StepFigures| s.step as f64) as fn(&crate::state::StepFigures) -> f64),
+            (
+                "tandem_job_step",
+                "Optimizer steps a job has taken.",
+                (|s: &crate::state::StepFigures| s.step as f64) as fn(&crate::state::StepFigures) -> f64,
+            ),
             ("tandem_job_total_steps", "Optimizer steps a job takes in all.", |s| s.total_steps as f64),
             ("tandem_job_loss", "A job's training loss at its last step.", |s| s.loss),
             ("tandem_job_tokens_per_second", "A job's training speed at its last step.", |s| s.tokens_per_s),

@@ -5,6 +5,7 @@
 //! namespace, and it goes to an alive worker that has the base model loaded, preferring the
 //! one that last served its adapter; the worker's token stream is relayed to the client.
 
+mod grpc;
 mod metrics;
 mod openai;
 mod resources;
@@ -28,9 +29,10 @@ use tokio_stream::StreamExt;
 use crate::server::fresh_id;
 use crate::state::{ClusterState, Command, Proposal, Reply};
 use crate::store::Store;
+pub use grpc::{ApiService, MAX_API_MESSAGE, api_server};
 pub use openai::ApiError;
-pub use resources::new_key;
 use openai::{Body, ChatRequest, CompletionRequest, Sampling, parse};
+pub use resources::new_key;
 
 /// How long a read of the replicated state, or a proposal, may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -257,7 +259,18 @@ fn generate_request(s: &Sampling, target: &Target, i: u32) -> Result<GenerateReq
         return Err(ApiError::bad_request("n", format!("n must be between 1 and {MAX_CHOICES}")));
     }
     let (adapter, adapter_uri) = target.adapter.clone().unwrap_or_default();
+    // The engine gives the sampled tokens' log-probabilities, not the best alternatives.
+    let logprobs = match &s.logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(Value::Number(k)) if k.as_u64() == Some(0) => true,
+        Some(_) => return Err(ApiError::bad_request("logprobs", "only logprobs of the sampled tokens are served (logprobs: true for chat, 0 for completions)")),
+    };
+    if s.top_logprobs.is_some_and(|k| k > 0) {
+        return Err(ApiError::bad_request("top_logprobs", "alternatives per token are not served: top_logprobs must be 0"));
+    }
     Ok(GenerateRequest {
+        logprobs,
         adapter,
         adapter_uri,
         max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(16),
@@ -288,9 +301,9 @@ async fn start(workers: &[String], req: GenerateRequest) -> Result<(Events, Stri
     let mut last = None;
     for worker in workers {
         let attempt = async {
-            let mut client = WorkerClient::connect(format!("http://{worker}")).await.map_err(|e| {
-                tonic::Status::unavailable(format!("worker {worker}: {e}"))
-            })?;
+            let mut client = WorkerClient::connect(format!("http://{worker}"))
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("worker {worker}: {e}")))?;
             let mut stream = client.generate(req.clone()).await?.into_inner();
             let first = stream.message().await?;
             Ok::<_, tonic::Status>((first, stream))
@@ -310,18 +323,23 @@ async fn start(workers: &[String], req: GenerateRequest) -> Result<(Events, Stri
 }
 
 /// One choice, whole.
+#[derive(Default)]
 struct Choice {
     text: String,
     finish_reason: String,
     prompt_tokens: u32,
     completion_tokens: u32,
+    /// Each token's text and log-probability, when asked for.
+    tokens: Vec<String>,
+    logprobs: Vec<f32>,
 }
 
 async fn collect(mut stream: Events) -> Result<Choice, ApiError> {
-    let mut choice =
-        Choice { text: String::new(), finish_reason: String::new(), prompt_tokens: 0, completion_tokens: 0 };
+    let mut choice = Choice::default();
     while let Some(e) = stream.next().await.transpose().map_err(status_to_error)? {
         choice.text.push_str(&e.text);
+        choice.tokens.extend(e.tokens);
+        choice.logprobs.extend(e.logprobs);
         if !e.finish_reason.is_empty() {
             choice.finish_reason = e.finish_reason;
             choice.prompt_tokens = e.prompt_tokens;
@@ -346,6 +364,27 @@ impl Kind {
         }
     }
 
+    /// OpenAI's `logprobs` of a choice (or chunk) whose tokens are `tokens`, the first at byte
+    /// `offset` of the completion; null when none were asked for.
+    fn logprobs(self, tokens: &[String], logprobs: &[f32], offset: usize) -> Value {
+        if tokens.is_empty() {
+            return Value::Null;
+        }
+        match self {
+            Kind::Completion => {
+                let offsets: Vec<usize> =
+                    tokens.iter().scan(offset, |at, t| Some(std::mem::replace(at, *at + t.len()))).collect();
+                json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": null, "text_offset": offsets})
+            }
+            Kind::Chat => {
+                let content: Vec<Value> = (tokens.iter().zip(logprobs))
+                    .map(|(t, lp)| json!({"token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": []}))
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+        }
+    }
+
     /// The `object` of a whole response or of a streamed chunk.
     fn object(self, chunk: bool) -> &'static str {
         match (self, chunk) {
@@ -363,7 +402,11 @@ fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
     })
 }
 
-async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, Body(body): Body) -> Result<Response, ApiError> {
+async fn completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
     let caller = gw.authenticate(&headers).await?;
     let req: CompletionRequest = parse(&body)?;
     let prompts = req.prompt.to_vec();
@@ -419,56 +462,57 @@ impl Gateway {
         sampling: &Sampling,
         make: impl Fn(u32) -> Result<GenerateRequest, ApiError>,
     ) -> Result<Response, ApiError> {
-    let n = sampling.n.unwrap_or(1);
-    // Every choice's stream gives its first event before anything is answered, so a refused
-    // request is an error status, not a broken stream, and a worker that fails first is
-    // replaced by the next.
-    let mut streams = Vec::new();
-    let mut workers = workers.to_vec();
-    for i in 0..n {
-        let (stream, worker) = start(&workers, make(i)?).await?;
-        // The other choices go where the first one went (the adapter is resident there now).
-        if let Some(at) = workers.iter().position(|w| *w == worker) {
-            workers.rotate_left(at);
-        }
-        streams.push(stream);
-    }
-    if let (Some((key, _)), Some(w)) = (&target.adapter, workers.first())
-        && let Ok(mut affinity) = self.affinity.lock()
-    {
-        affinity.insert(key.clone(), w.clone());
-    }
-    let id = fresh_id(kind.id_prefix());
-    if sampling.stream {
-        let usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let metrics = self.metrics.clone();
-        let tenant = target.tenant.clone();
-        let name = model.clone();
-        let count = move |prompt, completion| metrics.tokens(&tenant, &name, prompt, completion);
-        return Ok(stream_chunks(kind, id, model, streams, usage, count));
-    }
-    let mut choices = Vec::new();
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    for (i, stream) in streams.into_iter().enumerate() {
-        let c = collect(stream).await?;
-        prompt_tokens = c.prompt_tokens;
-        completion_tokens += c.completion_tokens;
-        choices.push(match kind {
-            Kind::Completion => {
-                json!({"index": i, "text": c.text, "logprobs": null, "finish_reason": c.finish_reason})
+        let n = sampling.n.unwrap_or(1);
+        // Every choice's stream gives its first event before anything is answered, so a refused
+        // request is an error status, not a broken stream, and a worker that fails first is
+        // replaced by the next.
+        let mut streams = Vec::new();
+        let mut workers = workers.to_vec();
+        for i in 0..n {
+            let (stream, worker) = start(&workers, make(i)?).await?;
+            // The other choices go where the first one went (the adapter is resident there now).
+            if let Some(at) = workers.iter().position(|w| *w == worker) {
+                workers.rotate_left(at);
             }
-            Kind::Chat => json!({
-                "index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": null, "finish_reason": c.finish_reason,
-            }),
+            streams.push(stream);
+        }
+        if let (Some((key, _)), Some(w)) = (&target.adapter, workers.first())
+            && let Ok(mut affinity) = self.affinity.lock()
+        {
+            affinity.insert(key.clone(), w.clone());
+        }
+        let id = fresh_id(kind.id_prefix());
+        if sampling.stream {
+            let usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+            let metrics = self.metrics.clone();
+            let tenant = target.tenant.clone();
+            let name = model.clone();
+            let count = move |prompt, completion| metrics.tokens(&tenant, &name, prompt, completion);
+            return Ok(stream_chunks(kind, id, model, streams, usage, count));
+        }
+        let mut choices = Vec::new();
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        for (i, stream) in streams.into_iter().enumerate() {
+            let c = collect(stream).await?;
+            prompt_tokens = c.prompt_tokens;
+            completion_tokens += c.completion_tokens;
+            let logprobs = kind.logprobs(&c.tokens, &c.logprobs, 0);
+            choices.push(match kind {
+                Kind::Completion => {
+                    json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+                }
+                Kind::Chat => json!({
+                    "index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs, "finish_reason": c.finish_reason,
+                }),
+            });
+        }
+        self.metrics.tokens(&target.tenant, &model, prompt_tokens, completion_tokens);
+        let body = json!({
+            "id": id, "object": kind.object(false), "created": now(), "model": model, "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
         });
-    }
-    self.metrics.tokens(&target.tenant, &model, prompt_tokens, completion_tokens);
-    let body = json!({
-        "id": id, "object": kind.object(false), "created": now(), "model": model, "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
-    });
-    Ok(axum::Json(body).into_response())
+        Ok(axum::Json(body).into_response())
     }
 }
 
@@ -505,6 +549,8 @@ fn relay(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut started = std::collections::HashSet::new();
+        // Bytes of text each choice has sent (completions' `text_offset`).
+        let mut offsets = std::collections::HashMap::new();
         let (mut prompt_tokens, mut completion_tokens) = (0u32, 0u32);
         while let Some((i, event)) = merged.next().await {
             let e = match event {
@@ -521,14 +567,17 @@ fn relay(
                 prompt_tokens = e.prompt_tokens;
                 completion_tokens += e.completion_tokens;
             }
+            let offset = offsets.entry(i).or_insert(0usize);
+            let logprobs = kind.logprobs(&e.tokens, &e.logprobs, *offset);
+            *offset += e.tokens.iter().map(String::len).sum::<usize>();
             let choice = match kind {
-                Kind::Completion => json!({"index": i, "text": e.text, "logprobs": null, "finish_reason": finish}),
+                Kind::Completion => json!({"index": i, "text": e.text, "logprobs": logprobs, "finish_reason": finish}),
                 Kind::Chat => {
                     let mut delta = json!({"content": e.text});
                     if started.insert(i) {
                         delta["role"] = json!("assistant");
                     }
-                    json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": finish})
+                    json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
                 }
             };
             if tx.send(chunk(json!([choice]), Value::Null)).is_err() {

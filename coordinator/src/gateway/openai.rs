@@ -88,6 +88,11 @@ pub struct Sampling {
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
     pub n: Option<u32>,
+    /// Completions: how many alternatives per token (only 0 is served); chat: whether to
+    /// return log-probabilities.
+    pub logprobs: Option<serde_json::Value>,
+    /// Chat: alternatives per token (only 0 is served).
+    pub top_logprobs: Option<u32>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,

@@ -61,11 +61,7 @@ pub fn check_jsonl(name: &Path, bytes: &[u8]) -> Result<u64> {
 
 /// Calls `f` on each non-blank line; an error names the file and the 1-based line. An empty
 /// file is an error.
-fn for_each_line(
-    path: &Path,
-    bytes: &[u8],
-    mut f: impl FnMut(&str) -> std::result::Result<(), String>,
-) -> Result<()> {
+fn for_each_line(path: &Path, bytes: &[u8], mut f: impl FnMut(&str) -> std::result::Result<(), String>) -> Result<()> {
     // Editors on Windows may start the file with a byte-order mark, which is not JSON.
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let error = |line, msg| Error::Data { path: path.to_path_buf(), line, msg };

@@ -1,0 +1,111 @@
+//! A fine-tuning job through the gateway on a cluster of two workers: the worker training it
+//! is killed after a checkpoint; the coordinator places the job again (a new epoch) on the
+//! other worker, which resumes from that checkpoint and finishes; the tenant's adapter then
+//! serves.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const ADMIN: &str = "sk-admin-failover";
+
+fn call(addr: &str, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let (status, text) = common::http(addr, method, path, Some(key), body.as_deref());
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Polls `check` until it returns something, failing after `secs`.
+fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(t) = check() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
+    let http = common::free_addr();
+    let mut cluster = common::mini_cluster_of("job-failover", Some((&http, ADMIN)), 2);
+    common::register_model(&cluster.coordinator, "tiny", cluster.model.to_str().unwrap());
+    wait_for(60, "two alive workers", || {
+        std::net::TcpStream::connect(&http).ok()?;
+        let (status, body) = common::http(&http, "GET", "/health", None, None);
+        (status == 200 && body.contains("\"workers_alive\":2")).then_some(())
+    });
+    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "alice"})));
+    assert_eq!(status, 200, "{key}");
+    let key = key["key"].as_str().unwrap().to_string();
+
+    let lines: String =
+        (0..64).map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 7)}))).collect();
+    let (status, file) = common::upload(&http, &key, "train.jsonl", &lines);
+    assert_eq!(status, 200, "{file}");
+    let file: Value = serde_json::from_str(&file).unwrap();
+    let create = json!({
+        "model": "tiny", "training_file": file["id"], "suffix": "f",
+        "hyperparameters": {"n_epochs": 40, "batch_size": 4, "checkpoint_every": 10},
+    });
+    let (status, job) = call(&http, "POST", "/v1/fine_tuning/jobs", &key, Some(create));
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    // Every event's message, newest first, page by page.
+    let events = |key: &str| {
+        let (mut messages, mut after) = (Vec::new(), String::new());
+        loop {
+            let path = format!("/v1/fine_tuning/jobs/{id}/events?limit=100{after}");
+            let (status, page) = call(&http, "GET", &path, key, None);
+            assert_eq!(status, 200, "{page}");
+            let data = page["data"].as_array().unwrap();
+            messages.extend(data.iter().map(|e| e["message"].as_str().unwrap().to_string()));
+            if page["has_more"] != true {
+                return messages;
+            }
+            after = format!("&after={}", data.last().unwrap()["id"].as_str().unwrap());
+        }
+    };
+
+    // Its first checkpoint; then the worker training it dies.
+    let checkpoint = wait_for(120, "a checkpoint", || {
+        let (_, page) = call(&http, "GET", &format!("/v1/fine_tuning/jobs/{id}/checkpoints"), &key, None);
+        page["data"].as_array().and_then(|d| d.last()).map(|c| c["step_number"].as_u64().unwrap())
+    });
+    let placed = events(&key).into_iter().find(|m| m.starts_with("Attempt 1 placed on worker ")).unwrap();
+    let first = placed.trim_start_matches("Attempt 1 placed on worker ").to_string();
+    let index: usize = first.trim_start_matches('w').parse().unwrap();
+    let (_, job) = call(&http, "GET", &format!("/v1/fine_tuning/jobs/{id}"), &key, None);
+    assert_eq!(job["status"], "running", "{job}");
+    cluster.procs.0[index].kill().unwrap();
+    cluster.procs.0[index].wait().unwrap();
+
+    // Placed again on the other worker, from a checkpoint at or after the one seen, and done.
+    let job = wait_for(180, "the job to succeed", || {
+        let (_, job) = call(&http, "GET", &format!("/v1/fine_tuning/jobs/{id}"), &key, None);
+        assert!(!["failed", "cancelled"].contains(&job["status"].as_str().unwrap()), "{job}");
+        (job["status"] == "succeeded").then_some(job)
+    });
+    assert_eq!(job["attempts"], 2, "{job}");
+    let messages = events(&key);
+    let other = if first == "w1" { "w2" } else { "w1" };
+    assert!(messages.iter().any(|m| m == &format!("Attempt 2 placed on worker {other}")), "{messages:?}");
+    let resumed = messages.iter().find_map(|m| m.strip_prefix("Attempt 2 started training at step ")).unwrap();
+    let resumed: u64 = resumed.parse().unwrap();
+    assert!(resumed >= checkpoint && resumed % 10 == 0, "resumed at {resumed}, first checkpoint {checkpoint}");
+
+    // The tenant's adapter serves; another tenant cannot see it.
+    let model = job["fine_tuned_model"].as_str().unwrap();
+    let req = json!({"model": model, "prompt": "n3 =", "max_tokens": 2, "temperature": 0});
+    let (status, out) = call(&http, "POST", "/v1/completions", &key, Some(req.clone()));
+    assert_eq!(status, 200, "{out}");
+    let (_, bob) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "bob"})));
+    let (status, out) = call(&http, "POST", "/v1/completions", bob["key"].as_str().unwrap(), Some(req));
+    assert_eq!((status, out["error"]["code"].as_str()), (404, Some("model_not_found")), "{out}");
+}
