@@ -62,7 +62,8 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     assert_eq!(out["choices"][0]["logprobs"], Value::Null, "not asked for");
 
     // With logprobs: each sampled token's text and log-probability, as the engine computed them.
-    let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0, "logprobs": 0});
+    let req =
+        json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0, "logprobs": 0});
     let (status, out) = post(&http_addr, "/v1/completions", req);
     assert_eq!(status, 200, "{out}");
     let logprobs = &out["choices"][0]["logprobs"];
@@ -72,7 +73,8 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     assert!(got.iter().zip(&want_lp).all(|(a, b)| (a - b).abs() < 1e-4), "{got:?} vs {want_lp:?}");
     assert_eq!(logprobs["tokens"].as_array().unwrap().len(), 12);
     assert_eq!(logprobs["text_offset"][0], 0);
-    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": true});
+    let chat =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": true});
     let (status, out) = post(&http_addr, "/v1/chat/completions", chat);
     assert_eq!(status, 200, "{out}");
     let content = out["choices"][0]["logprobs"]["content"].as_array().unwrap();

@@ -45,8 +45,9 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     assert_eq!(status, 200, "{key}");
     let key = key["key"].as_str().unwrap().to_string();
 
-    let lines: String =
-        (0..64).map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 7)}))).collect();
+    let lines: String = (0..64)
+        .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 7)})))
+        .collect();
     let (status, file) = common::upload(&http, &key, "train.jsonl", &lines);
     assert_eq!(status, 200, "{file}");
     let file: Value = serde_json::from_str(&file).unwrap();
@@ -98,7 +99,7 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     assert!(messages.iter().any(|m| m == &format!("Attempt 2 placed on worker {other}")), "{messages:?}");
     let resumed = messages.iter().find_map(|m| m.strip_prefix("Attempt 2 started training at step ")).unwrap();
     let resumed: u64 = resumed.parse().unwrap();
-    assert!(resumed >= checkpoint && resumed % 10 == 0, "resumed at {resumed}, first checkpoint {checkpoint}");
+    assert!(resumed >= checkpoint && resumed.is_multiple_of(10), "resumed at {resumed}, first checkpoint {checkpoint}");
 
     // The tenant's adapter serves; another tenant cannot see it.
     let model = job["fine_tuned_model"].as_str().unwrap();
@@ -106,6 +107,18 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     let (status, out) = call(&http, "POST", "/v1/completions", &key, Some(req.clone()));
     assert_eq!(status, 200, "{out}");
     let (_, bob) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "bob"})));
-    let (status, out) = call(&http, "POST", "/v1/completions", bob["key"].as_str().unwrap(), Some(req));
+    let bob = bob["key"].as_str().unwrap();
+    let (status, out) = call(&http, "POST", "/v1/completions", bob, Some(req));
     assert_eq!((status, out["error"]["code"].as_str()), (404, Some("model_not_found")), "{out}");
+
+    // Metrics: the operator's only; series per tenant and model, and per job.
+    assert_eq!(common::http(&http, "GET", "/metrics", Some(bob), None).0, 403);
+    let (status, text) = common::http(&http, "GET", "/metrics", Some(ADMIN), None);
+    assert_eq!(status, 200, "{text}");
+    let served = format!("tandem_requests_total{{tenant=\"alice\",model=\"{model}\",code=\"200\"}} 1");
+    let missing = format!("tandem_requests_total{{tenant=\"bob\",model=\"{model}\",code=\"404\"}} 1");
+    let steps = format!("tandem_job_step{{job=\"{id}\",tenant=\"alice\"}} 640");
+    for line in [&served, &missing, &steps, &"tandem_workers{state=\"dead\"} 1".to_string()] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
 }

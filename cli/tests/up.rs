@@ -36,7 +36,7 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
         }
     }
     assert_eq!(endpoint, format!("http://{http}/v1"));
-    assert!(key.starts_with("sk-tandem-") && key.len() > 40, "{key}");
+    assert!(key.starts_with("tk-") && key.len() > 40, "{key}");
     assert_eq!(std::fs::read_to_string(dir.join("admin-key")).unwrap().trim(), key);
 
     let deadline = Instant::now() + Duration::from_secs(60);

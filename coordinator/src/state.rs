@@ -230,7 +230,9 @@ pub enum Command {
 pub enum JobReport {
     /// The attempt started training, at optimizer step `step` (past 0 when it resumed from a
     /// checkpoint).
-    Running { step: u64 },
+    Running {
+        step: u64,
+    },
     /// An optimizer step's figures.
     Step(StepFigures),
     Checkpoint {

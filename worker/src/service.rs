@@ -38,7 +38,7 @@ enum Order {
         req: GenerateRequest,
         events: EventSender,
     },
-    Train(Training),
+    Train(Box<Training>),
     /// Stop training this job (its adapter is withdrawn).
     Stop(String),
 }
@@ -113,7 +113,7 @@ impl EngineThread {
 
     /// Trains a job beside inference.
     pub fn train(&self, training: Training) -> Result<(), Status> {
-        self.send(Order::Train(training))
+        self.send(Order::Train(Box::new(training)))
     }
 
     /// Stops training job `name`.

@@ -20,11 +20,13 @@ struct Counts {
     completion_tokens: u64,
 }
 
+/// (tenant, model, HTTP status).
+type RequestKey = (String, String, u16);
+
 /// This gateway's counters (per process: Prometheus sums over the coordinators).
 #[derive(Clone, Default)]
 pub struct Metrics {
-    /// (tenant, model, HTTP status) → requests.
-    requests: Arc<Mutex<BTreeMap<(String, String, u16), u64>>>,
+    requests: Arc<Mutex<BTreeMap<RequestKey, u64>>>,
     tokens: Arc<Mutex<BTreeMap<(String, String), Counts>>>,
 }
 

@@ -264,10 +264,18 @@ fn generate_request(s: &Sampling, target: &Target, i: u32) -> Result<GenerateReq
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
         Some(Value::Bool(true)) => true,
         Some(Value::Number(k)) if k.as_u64() == Some(0) => true,
-        Some(_) => return Err(ApiError::bad_request("logprobs", "only logprobs of the sampled tokens are served (logprobs: true for chat, 0 for completions)")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "logprobs",
+                "only logprobs of the sampled tokens are served (logprobs: true for chat, 0 for completions)",
+            ));
+        }
     };
     if s.top_logprobs.is_some_and(|k| k > 0) {
-        return Err(ApiError::bad_request("top_logprobs", "alternatives per token are not served: top_logprobs must be 0"));
+        return Err(ApiError::bad_request(
+            "top_logprobs",
+            "alternatives per token are not served: top_logprobs must be 0",
+        ));
     }
     Ok(GenerateRequest {
         logprobs,
@@ -413,9 +421,8 @@ async fn completions(
     let [prompt] = prompts.as_slice() else {
         return Err(ApiError::bad_request("prompt", "give one prompt (a string); lists of prompts are not supported"));
     };
-    let (target, workers) = gw.route(&caller, &req.model).await?;
-    let make = |i| Ok(GenerateRequest { prompt: prompt.clone(), ..generate_request(&req.sampling, &target, i)? });
-    gw.respond(Kind::Completion, &target, &workers, req.model.clone(), &req.sampling, make).await
+    let make = |t: &Target, i| Ok(GenerateRequest { prompt: prompt.clone(), ..generate_request(&req.sampling, t, i)? });
+    gw.respond(Kind::Completion, &caller, req.model.clone(), &req.sampling, make).await
 }
 
 async fn chat_completions(
@@ -431,25 +438,28 @@ async fn chat_completions(
     let messages = (req.messages.iter())
         .map(|m| Ok(ChatMessage { role: m.role.clone(), content: m.content.text()? }))
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let (target, workers) = gw.route(&caller, &req.model).await?;
-    let make = |i| Ok(GenerateRequest { messages: messages.clone(), ..generate_request(&req.sampling, &target, i)? });
-    gw.respond(Kind::Chat, &target, &workers, req.model.clone(), &req.sampling, make).await
+    let make =
+        |t: &Target, i| Ok(GenerateRequest { messages: messages.clone(), ..generate_request(&req.sampling, t, i)? });
+    gw.respond(Kind::Chat, &caller, req.model.clone(), &req.sampling, make).await
 }
 
 impl Gateway {
-    /// Runs the `n` choices on the first of `workers` that answers and responds whole or as a
-    /// stream of chunks.
+    /// Resolves `model` for the caller, runs the `n` choices on the first worker that answers,
+    /// and responds whole or as a stream of chunks; counts the request, whatever its outcome.
     async fn respond(
         &self,
         kind: Kind,
-        target: &Target,
-        workers: &[String],
+        caller: &Caller,
         model: String,
         sampling: &Sampling,
-        make: impl Fn(u32) -> Result<GenerateRequest, ApiError>,
+        make: impl Fn(&Target, u32) -> Result<GenerateRequest, ApiError>,
     ) -> Result<Response, ApiError> {
-        let result = self.run_choices(kind, target, workers, model.clone(), sampling, make).await;
-        self.metrics.request(&target.tenant, &model, result.as_ref().map_or_else(|e| e.status, |_| StatusCode::OK));
+        let result = async {
+            let (target, workers) = self.route(caller, &model).await?;
+            self.run_choices(kind, &target, &workers, model.clone(), sampling, |i| make(&target, i)).await
+        }
+        .await;
+        self.metrics.request(&caller.tenant, &model, result.as_ref().map_or_else(|e| e.status, |_| StatusCode::OK));
         result
     }
 
