@@ -14,6 +14,7 @@ use tandem_coordinator::gateway::dir_checksum;
 use tandem_coordinator::state::{Assignment, Command, JobReport, Proposal, Reply, StepFigures};
 use tandem_proto::v1::ProposeRequest;
 use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_worker::adapters::Adapter;
 use tandem_worker::model::Model;
 use tandem_worker::service::{EngineThread, TrainEvent, Training};
 use tandem_worker::tokenizer::TextTokenizer;
@@ -21,12 +22,15 @@ use tandem_worker::train::checkpoint;
 use tandem_worker::train::data::load_jsonl;
 use tandem_worker::train::finetune::MethodChoice;
 use tandem_worker::train::job::{Hyperparams, Job, JobSpec};
+use tandem_worker::train::trainer::validation_loss;
 use tokio::sync::{mpsc, watch};
 
 /// What the gateway put in a job's spec for the worker.
 #[derive(Deserialize)]
 struct TrainingSpec {
     training_file: PathBuf,
+    #[serde(default)]
+    validation_file: Option<PathBuf>,
     method: MethodChoice,
     hyper: Hyperparams,
     #[serde(default)]
@@ -50,6 +54,8 @@ impl JobsAgent {
         // Job id → the epoch of the attempt running here; attempts that ended here (their end
         // may not be recorded yet, and the heartbeat may still list them).
         let mut running: HashMap<String, u64> = HashMap::new();
+        // The validation file of each job running here.
+        let mut validation: HashMap<String, PathBuf> = HashMap::new();
         let mut ended: HashSet<(String, u64)> = HashSet::new();
         loop {
             tokio::select! {
@@ -60,7 +66,7 @@ impl JobsAgent {
                     let json = assignments.borrow_and_update().clone();
                     let Ok(list) = serde_json::from_str::<Vec<Assignment>>(&json) else { continue };
                     let list = list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
-                    self.reconcile(&mut running, list, &reports).await;
+                    self.reconcile(&mut running, &mut validation, list, &reports).await;
                 }
                 Some(event) = events.recv() => {
                     let (job, report) = match event {
@@ -71,7 +77,13 @@ impl JobsAgent {
                         TrainEvent::Checkpoint { job, step, path } => {
                             (job, JobReport::Checkpoint { step, uri: path.to_string_lossy().into_owned() })
                         }
-                        TrainEvent::Finished { job, adapter } => {
+                        TrainEvent::Finished { job, step, adapter } => {
+                            if let (Some(file), Some(&epoch)) = (validation.remove(&job), running.get(&job)) {
+                                match self.validation_loss(file, adapter.clone()).await {
+                                    Ok(loss) => drop(reports.send((job.clone(), epoch, JobReport::Validation { step, loss }))),
+                                    Err(e) => eprintln!("job {job}: validation: {e:#}"),
+                                }
+                            }
                             let checksum = dir_checksum(&adapter).unwrap_or_default();
                             (job, JobReport::Succeeded { uri: adapter.to_string_lossy().into_owned(), checksum })
                         }
@@ -95,6 +107,7 @@ impl JobsAgent {
     async fn reconcile(
         &self,
         running: &mut HashMap<String, u64>,
+        validation: &mut HashMap<String, PathBuf>,
         list: Vec<Assignment>,
         reports: &mpsc::UnboundedSender<(String, u64, JobReport)>,
     ) {
@@ -116,7 +129,8 @@ impl JobsAgent {
             let assignment = a.clone();
             let built = tokio::task::spawn_blocking(move || build(&assignment, &model, &tokenizer, &dir)).await;
             match built.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
-                Ok(training) => {
+                Ok((training, validation_file)) => {
+                    validation.extend(validation_file.map(|f| (a.job.clone(), f)));
                     let step = training.job.progress.step;
                     if let Err(e) = self.engine.train(training) {
                         let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.message().into() }));
@@ -135,7 +149,8 @@ impl JobsAgent {
 
 /// The job an assignment describes: its data read and checked with this model's tokenizer,
 /// resumed from its checkpoint when it has one.
-fn build(a: &Assignment, model: &Model, tokenizer: &TextTokenizer, dir: &Path) -> Result<Training> {
+/// Also returns the job's validation file.
+fn build(a: &Assignment, model: &Model, tokenizer: &TextTokenizer, dir: &Path) -> Result<(Training, Option<PathBuf>)> {
     let spec: TrainingSpec = serde_json::from_value(a.spec.clone()).context("the job's spec")?;
     let data = load_jsonl(&spec.training_file, tokenizer, model.config.max_position_embeddings).map_err(|e| {
         anyhow!("{}", e.to_string().replace(&spec.training_file.to_string_lossy().into_owned(), "training_file"))
@@ -148,7 +163,22 @@ fn build(a: &Assignment, model: &Model, tokenizer: &TextTokenizer, dir: &Path) -
             Job::new(JobSpec { name: a.job.clone(), method, hyper: spec.hyper }, model, data)?
         }
     };
-    Ok(Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every })
+    let training = Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every };
+    Ok((training, spec.validation_file))
+}
+
+impl JobsAgent {
+    /// The mean token loss of the adapter exported to `adapter` on the JSONL file `file`
+    /// (beside the engine, on a blocking thread).
+    async fn validation_loss(&self, file: PathBuf, adapter: PathBuf) -> Result<f64> {
+        let (model, tokenizer) = (self.model.clone(), self.tokenizer.clone());
+        tokio::task::spawn_blocking(move || {
+            let examples = load_jsonl(&file, &tokenizer, model.config.max_position_embeddings)?;
+            let adapter = Adapter::load_dir(&adapter, &model.config)?;
+            Ok(validation_loss(&model, adapter, &examples)?)
+        })
+        .await?
+    }
 }
 
 /// Sends reports to the cluster in order, each retried until it is recorded or refused (a

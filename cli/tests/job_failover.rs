@@ -86,6 +86,13 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     assert_eq!(job["status"], "running", "{job}");
     cluster.procs.0[index].kill().unwrap();
     cluster.procs.0[index].wait().unwrap();
+    // Until its lease runs out the dead worker is still listed: requests sent its way are
+    // retried on the other (nothing was streamed yet), so every one is answered.
+    for _ in 0..4 {
+        let req = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2});
+        let (status, out) = call(&http, "POST", "/v1/completions", &key, Some(req));
+        assert_eq!(status, 200, "{out}");
+    }
 
     // Placed again on the other worker, from a checkpoint at or after the one seen, and done.
     let job = wait_for(180, "the job to succeed", || {

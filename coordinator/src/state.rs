@@ -98,6 +98,16 @@ pub struct JobEvent {
     /// An optimizer step's figures, for "metrics" events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<StepFigures>,
+    /// The validation loss after optimizer step `.0`, for "metrics" events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<(u64, f64)>,
+}
+
+impl JobEvent {
+    /// An event that only says something.
+    pub fn new(at: u64, message: impl Into<String>) -> Self {
+        JobEvent { at, message: message.into(), step: None, validation: None }
+    }
 }
 
 /// One optimizer step of a job.
@@ -238,6 +248,11 @@ pub enum JobReport {
     Checkpoint {
         step: u64,
         uri: String,
+    },
+    /// The mean token loss on the validation file after optimizer step `step`.
+    Validation {
+        step: u64,
+        loss: f64,
     },
     /// Done; its adapter, exported to `uri`, becomes the job's adapter for its tenant.
     Succeeded {
@@ -419,7 +434,7 @@ impl ClusterState {
                     created_at: at,
                     finished_at: None,
                     checkpoints: Vec::new(),
-                    events: vec![JobEvent { at, message: "Job created".into(), step: None }],
+                    events: vec![JobEvent::new(at, "Job created")],
                     spec,
                     status: JobStatus::Queued,
                     epoch: 0,
@@ -441,7 +456,7 @@ impl ClusterState {
                 job.epoch += 1;
                 job.status = JobStatus::Placed;
                 let message = format!("Attempt {} placed on worker {worker}", job.epoch);
-                job.events.push(JobEvent { at, message, step: None });
+                job.events.push(JobEvent::new(at, message));
                 job.attempts.push(Attempt { epoch: job.epoch, worker, ended: None });
                 Reply::Epoch { epoch: job.epoch }
             }
@@ -453,17 +468,16 @@ impl ClusterState {
                         job.epoch, job.status
                     ));
                 }
-                let event = |message: String| JobEvent { at, message, step: None };
                 match report {
                     JobReport::Running { step } => {
                         job.status = JobStatus::Running;
-                        job.events.push(event(format!("Attempt {epoch} started training at step {step}")));
+                        job.events.push(JobEvent::new(at, format!("Attempt {epoch} started training at step {step}")));
                     }
                     JobReport::Step(figures) => {
                         job.status = JobStatus::Running;
                         let message =
                             format!("Step {}/{}: training loss={:.4}", figures.step, figures.total_steps, figures.loss);
-                        job.events.push(JobEvent { at, message, step: Some(figures) });
+                        job.events.push(JobEvent { step: Some(figures), ..JobEvent::new(at, message) });
                         let steps = job.events.iter().filter(|e| e.step.is_some()).count();
                         if steps > MAX_STEP_EVENTS
                             && let Some(oldest) = job.events.iter().position(|e| e.step.is_some())
@@ -471,9 +485,13 @@ impl ClusterState {
                             job.events.remove(oldest);
                         }
                     }
+                    JobReport::Validation { step, loss } => {
+                        let message = format!("Step {step}: validation loss={loss:.4}");
+                        job.events.push(JobEvent { validation: Some((step, loss)), ..JobEvent::new(at, message) });
+                    }
                     JobReport::Checkpoint { step, uri } => {
                         job.status = JobStatus::Running;
-                        job.events.push(event(format!("Checkpoint saved at step {step}")));
+                        job.events.push(JobEvent::new(at, format!("Checkpoint saved at step {step}")));
                         job.checkpoint = Some(Checkpoint { step, uri });
                         job.checkpoints.extend(job.checkpoint.clone());
                     }
@@ -482,7 +500,7 @@ impl ClusterState {
                         job.finished_at = Some(at);
                         let (tenant, adapter) = (job.tenant.clone(), job.adapter.clone());
                         let base_model = job.base_model.clone();
-                        job.events.push(event("The job has successfully completed".into()));
+                        job.events.push(JobEvent::new(at, "The job has successfully completed"));
                         if let Some(name) = adapter {
                             return self.put_adapter(
                                 tenant,
@@ -494,7 +512,7 @@ impl ClusterState {
                     JobReport::Failed { error } => {
                         job.status = JobStatus::Failed;
                         job.finished_at = Some(at);
-                        job.events.push(event(format!("The job failed: {error}")));
+                        job.events.push(JobEvent::new(at, format!("The job failed: {error}")));
                         job.error = Some(error);
                     }
                 }
@@ -507,7 +525,7 @@ impl ClusterState {
                 }
                 job.status = JobStatus::Cancelled;
                 job.finished_at = Some(at);
-                job.events.push(JobEvent { at, message: "The job was cancelled".into(), step: None });
+                job.events.push(JobEvent::new(at, "The job was cancelled"));
                 Reply::Done
             }
             Command::SetPlacement { group, placement } => {
@@ -579,7 +597,7 @@ impl ClusterState {
                 attempt.ended = Some("worker lease expired".into());
                 job.status = JobStatus::Queued;
                 let message = format!("Attempt {} ended: its worker's lease expired; queued again", job.epoch);
-                job.events.push(JobEvent { at, message, step: None });
+                job.events.push(JobEvent::new(at, message));
             }
         }
         let groups: Vec<String> =

@@ -144,10 +144,13 @@ def main():
     expect(openai.NotFoundError, "bob retrieving alice's file", lambda: bob.files.retrieve(file.id))
     ok(f"uploaded {file.id} ({file.bytes} bytes); bob cannot see it")
 
-    # f. A fine-tuning job (learning rate 1e-3 x multiplier).
+    # f. A fine-tuning job (learning rate 1e-3 x multiplier), with a validation file.
+    with open(DATA / "valid.jsonl", "rb") as f:
+        valid = alice.files.create(file=f, purpose="fine-tune")
     job = alice.fine_tuning.jobs.create(
         model=BASE,
         training_file=file.id,
+        validation_file=valid.id,
         suffix="rev",
         seed=0,
         hyperparameters={"n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": 1.0},
@@ -193,6 +196,10 @@ def main():
     first, final = metrics[0], metrics[-1]
     ok(f"{len(metrics)} metrics events: loss {first['train_loss']:.4f} (step {first['step']}) -> {final['train_loss']:.4f} (step {final['step']})")
     assert final["train_loss"] < first["train_loss"], "training loss did not go down"
+    valid_losses = [e.data["valid_loss"] for e in events if isinstance(e.data, dict) and "valid_loss" in e.data]
+    assert valid_losses, "no validation loss among the events"
+    assert valid_losses[0] < first["train_loss"] / 2, f"validation loss {valid_losses[0]} after training"
+    ok(f"validation loss after training: {valid_losses[0]:.4f}")
 
     # h. Checkpoints.
     checkpoints = all_items(alice.fine_tuning.jobs.checkpoints.list(job.id))

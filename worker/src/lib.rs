@@ -1,6 +1,6 @@
 //! Tandem worker: the model runtime (HF checkpoints, tokenizers, chat templates), adapters
-//! (PEFT LoRA, ESFT), sampling, the inference engine and fine-tuning. The co-serving engine
-//! loop and collectives arrive with their issues.
+//! (PEFT LoRA, ESFT), sampling, the co-serving engine (inference and fine-tuning in one loop),
+//! fine-tuning, the worker's gRPC service, and collectives for tensor parallelism.
 //!
 //! Map:
 //! - `error.rs`: the worker's error type.
@@ -13,10 +13,14 @@
 //! - `model/`: `config.json`, the checkpoint's weights, the batched forward pass and its
 //!   backward (to adapter weights only; the base stays frozen).
 //! - `adapters/`: PEFT LoRA and ESFT adapters, and their packed form for a mixed batch.
-//! - `engine.rs`: continuous batching over a paged KV cache, many adapters per batch.
+//! - `engine/`: continuous batching over a paged KV cache, many adapters per batch, with
+//!   fine-tuning microbatches in the same passes.
 //! - `train/`: fine-tuning (data, backward pass, LoRA and ESFT jobs, checkpoints, export).
+//! - `service.rs`: the engine on its own thread, the gRPC `Worker` service, the lease.
+//! - `collective/`: all-reduce, all-gather, ... over threads (tests) or TCP (CPU workers).
 
 pub mod adapters;
+pub mod collective;
 pub mod engine;
 pub mod error;
 pub mod init_model;

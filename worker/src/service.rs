@@ -65,9 +65,10 @@ pub enum TrainEvent {
         step: u64,
         path: PathBuf,
     },
-    /// Trained to the end; its adapter is exported to `adapter`.
+    /// Trained to the end (`step` optimizer steps); its adapter is exported to `adapter`.
     Finished {
         job: String,
+        step: u64,
         adapter: PathBuf,
     },
     Failed {
@@ -299,8 +300,9 @@ impl Jobs {
             let Some((dir, _)) = self.dirs.remove(&name) else { continue };
             let adapter = dir.join("adapter");
             let _ = engine.remove_adapter(&name);
+            let step = job.progress.step;
             match checkpoint::export(&job, &cfg, &adapter) {
-                Ok(()) => send(TrainEvent::Finished { job: name, adapter }),
+                Ok(()) => send(TrainEvent::Finished { job: name, step, adapter }),
                 Err(e) => send(TrainEvent::Failed { job: name, error: format!("export: {e}") }),
             }
         }

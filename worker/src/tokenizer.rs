@@ -510,7 +510,7 @@ fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, String>
 
 /// (year, month 1-12, day 1-31) of a count of days since 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
+pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
     let doe = z - era * 146_097;

@@ -535,12 +535,16 @@ impl Gateway {
         let state = self.state().await?;
         let job = own_job(&state, caller, id)?;
         let events = job.events.iter().enumerate().rev().map(|(i, e)| {
-            let (kind, data) = match &e.step {
-                Some(s) => (
+            let (kind, data) = match (&e.step, e.validation) {
+                (Some(s), _) => (
                     "metrics",
-                    json!({"step": s.step, "total_steps": s.total_steps, "train_loss": s.loss, "tokens_per_s": s.tokens_per_s}),
+                    json!({
+                        "step": s.step, "total_steps": s.total_steps, "train_loss": s.loss,
+                        "tokens_per_s": s.tokens_per_s,
+                    }),
                 ),
-                None => ("message", json!({})),
+                (None, Some((step, loss))) => ("metrics", json!({"step": step, "valid_loss": loss})),
+                (None, None) => ("message", json!({})),
             };
             json!({
                 "object": "fine_tuning.job.event", "id": format!("ftevent-{id}-{i}"), "created_at": e.at,

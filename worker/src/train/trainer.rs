@@ -6,7 +6,7 @@
 use super::data::Example;
 use super::job::{Job, StepReport};
 use super::step::{TrainSeq, evaluate, forward_backward};
-use crate::adapters::set::AdapterSet;
+use crate::adapters::set::{Adapter, AdapterSet};
 use crate::error::Result;
 use crate::model::{AdapterGrads, Model};
 
@@ -71,14 +71,19 @@ impl<'m> Trainer<'m> {
 
     /// Mean token loss of job `j`'s adapter on `examples` (validation).
     pub fn evaluate(&self, j: usize, examples: &[Example]) -> Result<f64> {
-        let set = AdapterSet::new(vec![self.jobs[j].weights.adapter()], self.model.device)?;
-        let (mut sum, mut count) = (0.0, 0);
-        for chunk in examples.chunks(EVAL_BATCH) {
-            let seqs: Vec<TrainSeq<'_>> =
-                chunk.iter().map(|e| TrainSeq { example: e, slot: 0, loss_weight: 1.0 }).collect();
-            sum += evaluate(self.model, &set, &seqs)?.iter().sum::<f64>();
-            count += chunk.iter().map(Example::loss_tokens).sum::<usize>();
-        }
-        Ok(sum / count.max(1) as f64)
+        validation_loss(self.model, self.jobs[j].weights.adapter(), examples)
     }
+}
+
+/// Mean token loss of `adapter` over `model` on `examples` (validation).
+pub fn validation_loss(model: &Model, adapter: Adapter, examples: &[Example]) -> Result<f64> {
+    let set = AdapterSet::new(vec![adapter], model.device)?;
+    let (mut sum, mut count) = (0.0, 0);
+    for chunk in examples.chunks(EVAL_BATCH) {
+        let seqs: Vec<TrainSeq<'_>> =
+            chunk.iter().map(|e| TrainSeq { example: e, slot: 0, loss_weight: 1.0 }).collect();
+        sum += evaluate(model, &set, &seqs)?.iter().sum::<f64>();
+        count += chunk.iter().map(Example::loss_tokens).sum::<usize>();
+    }
+    Ok(sum / count.max(1) as f64)
 }
