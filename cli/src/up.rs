@@ -124,10 +124,10 @@ async fn register_model(grpc: &str, name: &str, uri: &str) -> Result<()> {
 pub fn run(args: UpArgs) -> Result<()> {
     let preset: Preset = args.preset.parse()?;
     let dir = &args.data_dir;
-    let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
     // Absolute: the paths of files and adapters are recorded in the cluster's state.
     let dir = &dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
+    let logs = dir.join("logs");
     let model = dir.join(preset.name());
     if !model.join("model.safetensors").exists() {
         eprintln!("writing the built-in {} model to {}", preset.name(), model.display());

@@ -44,6 +44,10 @@ pub enum Error {
     Data { path: PathBuf, line: usize, msg: String },
 
     /// Tokenizer or chat-template failure.
+    /// A collective of a tensor-parallel group failed (a rank is gone, a timeout).
+    #[error("collective: {0}")]
+    Collective(String),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

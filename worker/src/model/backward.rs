@@ -66,6 +66,9 @@ impl Model {
     /// The final norm, LM head and cross-entropy over the rows with a target only (prompt rows
     /// cost nothing), chunk by chunk; with `dloss`, also the gradient w.r.t. `hidden`.
     fn lm_loss(&self, hidden: &Tensor, targets: &[i32], dloss: Option<&[f32]>) -> Result<(Vec<f32>, Option<Tensor>)> {
+        if self.tp.is_some() {
+            return Err(Error::Unsupported("the loss on a tensor-parallel shard (not yet)".into()));
+        }
         let (n, h) = (hidden.shape()[0], self.config.hidden_size);
         if targets.len() != n || dloss.is_some_and(|d| d.len() != n) {
             return Err(Error::InvalidRequest(format!("loss: targets or loss weights do not match the {n} rows")));
@@ -154,6 +157,9 @@ impl PendingBackward {
     /// The backward of a forward pass over `input` (its rows only), from `dhidden`, the
     /// gradient of the last layer's output.
     pub fn new(model: &Model, input: ForwardInput, tape: Vec<LayerActs>, dhidden: Tensor) -> Result<Self> {
+        if model.tp.is_some() {
+            return Err(Error::Unsupported("the backward pass on a tensor-parallel shard (not yet)".into()));
+        }
         if tape.len() != model.weights.layers.len() {
             return Err(Error::InvalidRequest(format!(
                 "backward: {} layers of activations for {} layers",

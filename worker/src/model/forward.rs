@@ -198,7 +198,7 @@ impl Model {
     pub(crate) fn logits(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let last = ops::gather_rows(hidden, rows)?;
         let last = ops::rms_norm(&last, &self.weights.norm, self.config.rms_norm_eps)?;
-        Ok(ops::matmul(&last, self.lm_head(), false, true)?)
+        self.gather_logits(ops::matmul(&last, self.lm_head(), false, true)?)
     }
 
     /// The decoder stack: the last layer's output for every row, `[n, hidden]` (before the
@@ -211,8 +211,11 @@ impl Model {
         keep: &mut dyn FnMut(LayerActs),
     ) -> Result<Tensor> {
         input.validate(adapters)?;
+        if self.tp.is_some() && !adapters.is_empty() {
+            return Err(Error::Unsupported("adapters on a tensor-parallel shard (not yet)".into()));
+        }
         let rows = Rows { slots: &input.adapters, adapters };
-        let mut x = ops::embedding(&self.weights.embed, &input.tokens)?;
+        let mut x = self.embed(&input.tokens)?;
         for l in 0..self.weights.layers.len() {
             let (out, acts) = self.layer(l, x, input, cache, &rows)?;
             keep(acts);
@@ -246,7 +249,8 @@ impl Model {
         ops::write_kv(&mut cache.v[l], &v, &input.slots)?;
         let attn = ops::paged_attention(&q, &cache.k[l], &cache.v[l], &input.seqs, self.attention_scale())?;
         let attn = attn.reshape([n, c.num_heads * c.head_dim])?;
-        let mid = ops::add(&x, &rows.linear(&attn, &layer.o, l, Proj::O)?)?;
+        // o is row-parallel under tensor parallelism: each rank's output is a partial sum.
+        let mid = ops::add(&x, &self.all_reduce(rows.linear(&attn, &layer.o, l, Proj::O)?)?)?;
         let h = ops::rms_norm(&mid, &layer.post_attention_norm, c.rms_norm_eps)?;
         let (mlp_out, mlp) = match &layer.mlp {
             Mlp::Dense(m) => {
@@ -258,7 +262,7 @@ impl Model {
                 (out, MlpActs::Moe(Box::new(acts)))
             }
         };
-        let out = ops::add(&mid, &mlp_out)?;
+        let out = ops::add(&mid, &self.all_reduce(mlp_out)?)?;
         Ok((out, LayerActs { x, q, attn, mid, mlp }))
     }
 

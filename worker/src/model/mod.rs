@@ -3,6 +3,7 @@
 pub mod backward;
 pub mod config;
 pub mod forward;
+pub mod tensor_parallel;
 pub mod weights;
 
 use std::path::Path;
@@ -13,6 +14,7 @@ use tandem_kernels::{DType, Device};
 pub use backward::{AdapterGrads, PendingBackward};
 pub use config::{Arch, ModelConfig};
 pub use forward::{ForwardInput, KvCache, LayerActs};
+pub use tensor_parallel::TensorParallel;
 pub use weights::Weights;
 
 use crate::error::Result;
@@ -23,6 +25,8 @@ pub struct Model {
     pub weights: Weights,
     pub rope: Rope,
     pub device: Device,
+    /// Its place in a tensor-parallel group, when it is one rank's shard.
+    pub tp: Option<TensorParallel>,
 }
 
 impl Model {
@@ -34,6 +38,6 @@ impl Model {
         let src = weights::open_checkpoint(dir)?;
         let weights = weights::load_weights(&config, &src, DType::F32, device)?;
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling)?;
-        Ok(Model { config, weights, rope, device })
+        Ok(Model { config, weights, rope, device, tp: None })
     }
 }
