@@ -1,6 +1,8 @@
 //! Tensor parallelism in one process: shards of the tiny dense and MoE models on 2 and 4 ranks
 //! (threads joined by the in-process collectives) give the logits of the whole model, over a
-//! prefill of two sequences and a decode step that reads their cached keys and values.
+//! prefill of three sequences and a decode step that reads their cached keys and values, in a
+//! batch that mixes adapters (two LoRAs of different ranks and targets, an ESFT adapter on the
+//! MoE model, and the base); each rank sends what the ring's volume says.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,44 +10,82 @@ mod common;
 
 use std::sync::Arc;
 
-use tandem_kernels::ops::{SeqAttention, cache_slots};
+use serde_json::json;
+use tandem_kernels::ops::{self, SeqAttention, cache_slots};
 use tandem_kernels::{DType, Tensor};
-use tandem_worker::adapters::AdapterSet;
+use tandem_worker::adapters::esft::ExpertWeights;
+use tandem_worker::adapters::{Adapter, AdapterSet, EsftAdapter, LoraAdapter};
 use tandem_worker::collective::LocalGroup;
 use tandem_worker::init_model::Preset;
+use tandem_worker::model::weights::Mlp;
 use tandem_worker::model::{ForwardInput, KvCache, Model};
+use tandem_worker::rng::Xoshiro256;
 
 const BLOCK: usize = 4;
 
-/// Two sequences (5 and 9 tokens) prefilled, then one decode token each: the logits of both
-/// steps, and the bytes this rank sent in each.
-fn run(model: &Model) -> (Vec<Vec<f32>>, Vec<u64>) {
+/// The adapter slot of each sequence (-1: the base model).
+const SLOTS: [i32; 3] = [0, 1, -1];
+
+/// Adapters of every kind the model takes, resolved against the whole model.
+fn adapters(model: &Model) -> Vec<Adapter> {
+    let mut rng = Xoshiro256::seed_from_u64(7);
+    let mut lora = |config: serde_json::Value| {
+        Adapter::Lora(LoraAdapter::init_random(&model.config, config, &mut rng, 0.5).unwrap())
+    };
+    let mut out = vec![
+        lora(json!({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})),
+        lora(json!({"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]})),
+    ];
+    if let Some(Mlp::Moe(m)) = model.weights.layers.first().map(|l| &l.mlp) {
+        // Experts 1 and 3 of layer 0 replaced by copies with doubled weights.
+        let expert = |t: &Tensor, e: u32| {
+            let w = ops::gather_rows(t, &[e]).unwrap();
+            let w = w.reshape(t.shape()[1..].to_vec()).unwrap();
+            ops::add(&w, &w).unwrap() // doubled
+        };
+        let experts = [1, 3].map(|e| {
+            (
+                (0, e as usize),
+                ExpertWeights { gate: expert(&m.gate, e), up: expert(&m.up, e), down: expert(&m.down, e) },
+            )
+        });
+        out[1] = Adapter::Esft(EsftAdapter { experts: experts.into_iter().collect() });
+    }
+    out
+}
+
+/// Three sequences (5, 9 and 3 tokens) prefilled, then one decode token each: the logits of
+/// both steps, and the bytes this rank sent in each.
+fn run(model: &Model, adapters: &[Adapter]) -> (Vec<Vec<f32>>, Vec<u64>) {
     let sent = || model.tp.as_ref().map_or(0, |tp| tp.comm.bytes_sent());
     let start = sent();
-    let prompts: [Vec<u32>; 2] = [vec![1, 17, 400, 3, 99], vec![5, 6, 7, 8, 9, 10, 11, 12, 511]];
-    let tables: Vec<Vec<u32>> = vec![vec![0, 1, 2], vec![3, 4, 5, 6]];
+    let prompts: [Vec<u32>; 3] = [vec![1, 17, 400, 3, 99], vec![5, 6, 7, 8, 9, 10, 11, 12, 511], vec![300, 2, 77]];
+    let tables: Vec<Vec<u32>> = vec![vec![0, 1, 2], vec![3, 4, 5, 6], vec![7]];
     let mut cache = KvCache::new(model, 8, BLOCK, DType::F32).unwrap();
-    let adapters = AdapterSet::new(Vec::new(), model.device).unwrap();
+    let shards = adapters.iter().map(|a| model.shard_adapter(a).unwrap()).collect();
+    let adapters = AdapterSet::new(shards, model.device).unwrap();
+    // Without adapters every sequence runs on the base.
+    let slots = SLOTS.map(|s| if adapters.is_empty() { -1 } else { s });
     let mut input = ForwardInput::default();
-    for (p, table) in prompts.iter().zip(&tables) {
+    for ((p, table), slot) in prompts.iter().zip(&tables).zip(slots) {
         let seq = SeqAttention { q_len: p.len(), context_len: p.len(), block_table: table.clone() };
         input.slots.extend(cache_slots(&seq, BLOCK));
         input.seqs.push(seq);
         input.tokens.extend(p);
         input.positions.extend(0..p.len() as u32);
-        input.adapters.extend(std::iter::repeat_n(-1, p.len()));
+        input.adapters.extend(std::iter::repeat_n(slot, p.len()));
         input.logit_rows.push(input.tokens.len() as u32 - 1);
     }
     let prefill = model.forward(&input, &mut cache, &adapters).unwrap();
     let after_prefill = sent();
     let mut decode = ForwardInput::default();
-    for (i, (p, table)) in prompts.iter().zip(&tables).enumerate() {
+    for (i, ((p, table), slot)) in prompts.iter().zip(&tables).zip(slots).enumerate() {
         let seq = SeqAttention { q_len: 1, context_len: p.len() + 1, block_table: table.clone() };
         decode.slots.push(*cache_slots(&seq, BLOCK).last().unwrap());
         decode.seqs.push(seq);
         decode.tokens.push(42 + i as u32);
         decode.positions.push(p.len() as u32);
-        decode.adapters.push(-1);
+        decode.adapters.push(slot);
         decode.logit_rows.push(i as u32);
     }
     let next = model.forward(&decode, &mut cache, &adapters).unwrap();
@@ -66,19 +106,23 @@ fn theoretical_bytes(model: &Model, world: u64, n: u64, rows: u64) -> u64 {
 
 fn check(preset: Preset) {
     let model = Arc::new(common::model(preset));
-    let (want, _) = run(&model);
+    let adapters = Arc::new(adapters(&model));
+    let (want, _) = run(&model, &adapters);
+    // The adapters change the answer (so the comparison below covers them).
+    let (base, _) = run(&model, &[]);
+    assert!(want[0][..model.config.vocab_size] != base[0][..model.config.vocab_size]);
     for world in [1, 2, 4] {
         let ranks: Vec<_> = LocalGroup::new(world)
             .into_iter()
             .map(|comm| {
-                let model = model.clone();
-                std::thread::spawn(move || run(&model.shard(Arc::new(comm)).unwrap()))
+                let (model, adapters) = (model.clone(), adapters.clone());
+                std::thread::spawn(move || run(&model.shard(Arc::new(comm)).unwrap(), &adapters))
             })
             .collect();
         for (rank, handle) in ranks.into_iter().enumerate() {
             let (got, bytes) = handle.join().unwrap();
             let theory =
-                [theoretical_bytes(&model, world as u64, 14, 2), theoretical_bytes(&model, world as u64, 2, 2)];
+                [theoretical_bytes(&model, world as u64, 17, 3), theoretical_bytes(&model, world as u64, 3, 3)];
             assert_eq!(bytes, theory, "{preset:?}, degree {world}, rank {rank}: bytes sent in prefill and decode");
             for (step, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.len(), w.len());

@@ -211,9 +211,6 @@ impl Model {
         keep: &mut dyn FnMut(LayerActs),
     ) -> Result<Tensor> {
         input.validate(adapters)?;
-        if self.tp.is_some() && !adapters.is_empty() {
-            return Err(Error::Unsupported("adapters on a tensor-parallel shard (not yet)".into()));
-        }
         let rows = Rows { slots: &input.adapters, adapters };
         let mut x = self.embed(&input.tokens)?;
         for l in 0..self.weights.layers.len() {

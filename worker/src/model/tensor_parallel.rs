@@ -15,16 +15,23 @@
 //! - Norms, biases of column-parallel layers (sliced with them) and the MoE router are
 //!   replicated; a row-parallel bias is added once, by rank 0.
 //!
-//! Not yet: LoRA and ESFT adapters under tensor parallelism, the backward pass, and expert
-//! parallelism (experts spread over ranks with all-to-all dispatch).
+//! - LoRA follows its base layer as S-LoRA has it: B sliced by output rows on a column-parallel
+//!   layer (A replicated), A sliced by input columns on a row-parallel one (B replicated); the
+//!   row-parallel delta `(x_r Aᵣᵀ) Bᵀ` is a partial sum, added up by the all-reduce the base
+//!   output takes anyway, so adapters cost no communication of their own. ESFT experts are
+//!   sliced as the base experts they replace.
+//!
+//! Not yet: the backward pass (fine-tuning under tensor parallelism), and expert parallelism
+//! (experts spread over ranks with all-to-all dispatch).
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use tandem_kernels::Tensor;
 
-use super::Model;
 use super::weights::{DenseMlp, Layer, Linear, Mlp, MoeMlp, Weights};
+use super::{Model, ModelConfig};
+use crate::adapters::{Adapter, Proj};
 use crate::collective::Collective;
 use crate::error::{Error, Result};
 
@@ -32,14 +39,93 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct TensorParallel {
     pub comm: Arc<dyn Collective>,
-    /// The vocabulary rows this rank's embedding and LM head hold.
-    pub vocab: Range<usize>,
+    /// What this rank holds of each split dimension.
+    pub split: Split,
 }
 
 impl std::fmt::Debug for TensorParallel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
-        write!(f, "TensorParallel {{ rank: {rank}, world: {world}, vocab: {:?} }}", self.vocab)
+        write!(f, "TensorParallel {{ rank: {rank}, world: {world}, split: {:?} }}", self.split)
+    }
+}
+
+/// The ranges of the whole model's dimensions that one rank holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Split {
+    /// Rank 0 adds the row-parallel biases.
+    pub first: bool,
+    /// Output rows of q (its attention heads), and the matching input columns of o.
+    pub q: Range<usize>,
+    /// Output rows of k and v (the KV heads its query heads read).
+    pub kv: Range<usize>,
+    /// The dense MLP's intermediate units.
+    pub inter: Range<usize>,
+    /// Each expert's intermediate units, and the shared expert's (MoE models).
+    pub expert_inter: Range<usize>,
+    pub shared_inter: Range<usize>,
+    /// Vocabulary rows of the embedding and the LM head.
+    pub vocab: Range<usize>,
+}
+
+impl Split {
+    /// Rank `rank`'s share of a model of `c` on `world` ranks. Attention heads and
+    /// intermediate sizes must divide evenly; the vocabulary need not.
+    pub fn new(c: &ModelConfig, rank: usize, world: usize) -> Result<Split> {
+        let bad = |what: &str, n: usize| {
+            Error::Unsupported(format!("tensor parallelism of degree {world}: {what} ({n}) must divide evenly"))
+        };
+        if world == 0 || rank >= world || !c.num_heads.is_multiple_of(world) {
+            return Err(bad("attention heads", c.num_heads));
+        }
+        let sizes = [
+            ("the intermediate size", c.intermediate_size),
+            ("the expert intermediate size", c.moe.as_ref().map_or(0, |m| m.expert_intermediate)),
+            (
+                "the shared expert's intermediate size",
+                c.moe.as_ref().and_then(|m| m.shared_expert_intermediate).unwrap_or(0),
+            ),
+        ];
+        if let Some((what, n)) = sizes.iter().find(|(_, n)| !n.is_multiple_of(world)) {
+            return Err(bad(what, *n));
+        }
+        let heads = c.num_heads / world;
+        let group = c.num_heads / c.num_kv_heads;
+        // The KV heads this rank's query heads read: several when there are at least as many KV
+        // heads as ranks, else the one (replicated) KV head of its query heads' group.
+        let kv_heads = (c.num_kv_heads / world).max(1);
+        let kv_fits =
+            if c.num_kv_heads >= world { c.num_kv_heads.is_multiple_of(world) } else { group.is_multiple_of(heads) };
+        if !kv_fits {
+            return Err(bad("KV heads", c.num_kv_heads));
+        }
+        let (d, first_kv) = (c.head_dim, rank * heads / group);
+        Ok(Split {
+            first: rank == 0,
+            q: rank * heads * d..(rank + 1) * heads * d,
+            kv: first_kv * d..(first_kv + kv_heads) * d,
+            inter: split(c.intermediate_size, world, rank),
+            expert_inter: split(sizes[1].1, world, rank),
+            shared_inter: split(sizes[2].1, world, rank),
+            vocab: split(c.vocab_size, world, rank),
+        })
+    }
+
+    /// How a module of projection `proj` is split: `Some((true, r))` column-parallel (its output
+    /// rows `r`), `Some((false, r))` row-parallel (its input columns `r`), `None` replicated.
+    /// `expert`: whether the module is one expert's.
+    fn of(&self, proj: Proj, expert: bool) -> Option<(bool, Range<usize>)> {
+        let mlp = if expert { &self.expert_inter } else { &self.inter };
+        match proj {
+            Proj::Q => Some((true, self.q.clone())),
+            Proj::K | Proj::V => Some((true, self.kv.clone())),
+            Proj::O => Some((false, self.q.clone())),
+            Proj::Gate | Proj::Up => Some((true, mlp.clone())),
+            Proj::Down => Some((false, mlp.clone())),
+            Proj::SharedGate | Proj::SharedUp => Some((true, self.shared_inter.clone())),
+            Proj::SharedDown => Some((false, self.shared_inter.clone())),
+            Proj::Router | Proj::SharedExpertGate => None,
+        }
     }
 }
 
@@ -86,106 +172,93 @@ fn dense_mlp(m: &DenseMlp, inter: Range<usize>, first: bool) -> Result<DenseMlp>
     })
 }
 
+impl Split {
+    /// This rank's share of one decoder layer.
+    fn layer(&self, layer: &Layer) -> Result<Layer> {
+        let mlp = match &layer.mlp {
+            Mlp::Dense(m) => Mlp::Dense(dense_mlp(m, self.inter.clone(), self.first)?),
+            Mlp::Moe(m) => Mlp::Moe(MoeMlp {
+                router: m.router.clone(),
+                gate: slice(&m.gate, 1, self.expert_inter.clone())?,
+                up: slice(&m.up, 1, self.expert_inter.clone())?,
+                down: slice(&m.down, 2, self.expert_inter.clone())?,
+                shared: match &m.shared {
+                    Some((mlp, gate)) => Some((dense_mlp(mlp, self.shared_inter.clone(), self.first)?, gate.clone())),
+                    None => None,
+                },
+            }),
+        };
+        Ok(Layer {
+            input_norm: layer.input_norm.clone(),
+            post_attention_norm: layer.post_attention_norm.clone(),
+            q: column_parallel(&layer.q, self.q.clone())?,
+            k: column_parallel(&layer.k, self.kv.clone())?,
+            v: column_parallel(&layer.v, self.kv.clone())?,
+            o: row_parallel(&layer.o, self.q.clone(), self.first)?,
+            mlp,
+        })
+    }
+}
+
 impl Model {
     /// This (whole) model's shard for rank `comm.rank()` of a tensor-parallel group of
     /// `comm.world_size()` ranks. Attention heads and intermediate sizes must divide evenly;
     /// the vocabulary need not.
     pub fn shard(&self, comm: Arc<dyn Collective>) -> Result<Model> {
-        let (rank, world) = (comm.rank(), comm.world_size());
-        let c = &self.config;
         if self.tp.is_some() {
             return Err(Error::InvalidRequest("this model is a shard already".into()));
         }
-        let bad = |what: &str, n: usize| {
-            Error::Unsupported(format!("tensor parallelism of degree {world}: {what} ({n}) must divide evenly"))
-        };
-        if world == 0 || !c.num_heads.is_multiple_of(world) {
-            return Err(bad("attention heads", c.num_heads));
-        }
-        if !c.intermediate_size.is_multiple_of(world) {
-            return Err(bad("the intermediate size", c.intermediate_size));
-        }
-        let heads = c.num_heads / world;
-        let group = c.num_heads / c.num_kv_heads;
-        // The KV heads this rank's query heads read: several when there are at least as many KV
-        // heads as ranks, else the one (replicated) KV head of its query heads' group.
-        let first_kv = rank * heads / group;
-        let kv_heads = (c.num_kv_heads / world).max(1);
-        let kv_fits =
-            if c.num_kv_heads >= world { c.num_kv_heads.is_multiple_of(world) } else { group.is_multiple_of(heads) };
-        if !kv_fits {
-            return Err(bad("KV heads", c.num_kv_heads));
-        }
-        let d = c.head_dim;
-        let q_rows = rank * heads * d..(rank + 1) * heads * d;
-        let kv_rows = first_kv * d..(first_kv + kv_heads) * d;
-        let inter = split(c.intermediate_size, world, rank);
+        let c = &self.config;
+        let sp = Split::new(c, comm.rank(), comm.world_size())?;
         let mut config = c.clone();
-        config.num_heads = heads;
-        config.num_kv_heads = kv_heads;
-        config.intermediate_size = inter.len();
+        config.num_heads = sp.q.len() / c.head_dim;
+        config.num_kv_heads = sp.kv.len() / c.head_dim;
+        config.intermediate_size = sp.inter.len();
         if let Some(moe) = &mut config.moe {
-            if !moe.expert_intermediate.is_multiple_of(world) {
-                return Err(bad("the expert intermediate size", moe.expert_intermediate));
-            }
-            moe.expert_intermediate /= world;
+            moe.expert_intermediate = sp.expert_inter.len();
             if let Some(s) = &mut moe.shared_expert_intermediate {
-                if !s.is_multiple_of(world) {
-                    return Err(bad("the shared expert's intermediate size", *s));
-                }
-                *s /= world;
+                *s = sp.shared_inter.len();
             }
         }
-        let first = rank == 0;
-        let layers = (self.weights.layers.iter().enumerate())
-            .map(|(l, layer)| {
-                let mlp = match &layer.mlp {
-                    Mlp::Dense(m) => Mlp::Dense(dense_mlp(m, inter.clone(), first)?),
-                    Mlp::Moe(m) => {
-                        let moe = c
-                            .moe_at(l)
-                            .ok_or_else(|| Error::Format(format!("layer {l}: experts without MoE config")))?;
-                        let e_inter = split(moe.expert_intermediate, world, rank);
-                        let shared = match &m.shared {
-                            Some((mlp, gate)) => {
-                                let s = split(moe.shared_expert_intermediate.unwrap_or(0), world, rank);
-                                Some((dense_mlp(mlp, s, first)?, gate.clone()))
-                            }
-                            None => None,
-                        };
-                        Mlp::Moe(MoeMlp {
-                            router: m.router.clone(),
-                            gate: slice(&m.gate, 1, e_inter.clone())?,
-                            up: slice(&m.up, 1, e_inter.clone())?,
-                            down: slice(&m.down, 2, e_inter)?,
-                            shared,
-                        })
-                    }
-                };
-                Ok(Layer {
-                    input_norm: layer.input_norm.clone(),
-                    post_attention_norm: layer.post_attention_norm.clone(),
-                    q: column_parallel(&layer.q, q_rows.clone())?,
-                    k: column_parallel(&layer.k, kv_rows.clone())?,
-                    v: column_parallel(&layer.v, kv_rows.clone())?,
-                    o: row_parallel(&layer.o, q_rows.clone(), first)?,
-                    mlp,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let vocab = split(c.vocab_size, world, rank);
+        let layers = (self.weights.layers.iter()).map(|layer| sp.layer(layer)).collect::<Result<Vec<_>>>()?;
         let weights = Weights {
-            embed: slice(&self.weights.embed, 0, vocab.clone())?,
+            embed: slice(&self.weights.embed, 0, sp.vocab.clone())?,
             layers,
             norm: self.weights.norm.clone(),
-            lm_head: self.weights.lm_head.as_ref().map(|h| slice(h, 0, vocab.clone())).transpose()?,
+            lm_head: self.weights.lm_head.as_ref().map(|h| slice(h, 0, sp.vocab.clone())).transpose()?,
         };
-        Ok(Model {
-            config,
-            weights,
-            rope: self.rope.clone(),
-            device: self.device,
-            tp: Some(TensorParallel { comm, vocab }),
+        let tp = TensorParallel { comm, split: sp };
+        Ok(Model { config, weights, rope: self.rope.clone(), device: self.device, tp: Some(tp) })
+    }
+
+    /// `adapter` (resolved against the whole model) cut as this shard's weights are: LoRA's B
+    /// by output rows for column-parallel projections, A by input columns for row-parallel ones
+    /// (each rank's delta is then a partial sum, added up by the all-reduce the base output
+    /// takes anyway); ESFT experts as the base experts. Unchanged without tensor parallelism.
+    pub fn shard_adapter(&self, adapter: &Adapter) -> Result<Adapter> {
+        let Some(tp) = &self.tp else { return Ok(adapter.clone()) };
+        let sp = &tp.split;
+        Ok(match adapter {
+            Adapter::Lora(a) => {
+                let mut out = a.clone();
+                for (key, m) in &mut out.modules {
+                    match sp.of(key.proj, key.expert.is_some()) {
+                        Some((true, rows)) => m.b = slice(&m.b, 0, rows)?,
+                        Some((false, cols)) => m.a = slice(&m.a, 1, cols)?,
+                        None => {}
+                    }
+                }
+                Adapter::Lora(out)
+            }
+            Adapter::Esft(e) => {
+                let mut out = e.clone();
+                for w in out.experts.values_mut() {
+                    w.gate = slice(&w.gate, 0, sp.expert_inter.clone())?;
+                    w.up = slice(&w.up, 0, sp.expert_inter.clone())?;
+                    w.down = slice(&w.down, 1, sp.expert_inter.clone())?;
+                }
+                Adapter::Esft(out)
+            }
         })
     }
 
@@ -203,7 +276,7 @@ impl Model {
     pub(super) fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         use tandem_kernels::ops;
         let Some(tp) = &self.tp else { return Ok(ops::embedding(&self.weights.embed, tokens)?) };
-        let (start, end) = (tp.vocab.start as u32, tp.vocab.end as u32);
+        let (start, end) = (tp.split.vocab.start as u32, tp.split.vocab.end as u32);
         let local: Vec<u32> = tokens.iter().map(|&t| if (start..end).contains(&t) { t - start } else { 0 }).collect();
         let mask: Vec<f32> = tokens.iter().map(|t| if (start..end).contains(t) { 1.0 } else { 0.0 }).collect();
         let rows = ops::embedding(&self.weights.embed, &local)?;
