@@ -12,6 +12,7 @@ mod coordinator;
 mod finetune;
 mod generate;
 mod jobs;
+mod tp_rank;
 mod up;
 mod worker;
 mod worker_jobs;
@@ -62,6 +63,9 @@ enum Command {
     Adapters(jobs::AdaptersArgs),
     /// API keys for tenants (with the operator's key).
     Keys(jobs::KeysArgs),
+    /// Run one rank of a tensor-parallel group over TCP on a fixed batch; prints its logits and
+    /// the bytes it sent, as JSON (parity tests and communication figures).
+    TpRank(tp_rank::TpRankArgs),
     /// Measure Tandem's components against peers on this machine.
     Bench {
         #[command(subcommand)]
@@ -84,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         Command::Jobs(args) => jobs::jobs(args),
         Command::Adapters(args) => jobs::adapters(args),
         Command::Keys(args) => jobs::keys(args),
+        Command::TpRank(args) => tp_rank::run(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;
             tandem_worker::init_model::write_model(preset, &out, seed)?;

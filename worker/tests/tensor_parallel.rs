@@ -11,17 +11,16 @@ mod common;
 use std::sync::Arc;
 
 use serde_json::json;
-use tandem_kernels::ops::{self, SeqAttention, cache_slots};
-use tandem_kernels::{DType, Tensor};
+use tandem_kernels::Tensor;
+use tandem_kernels::ops;
 use tandem_worker::adapters::esft::ExpertWeights;
 use tandem_worker::adapters::{Adapter, AdapterSet, EsftAdapter, LoraAdapter};
 use tandem_worker::collective::LocalGroup;
 use tandem_worker::init_model::Preset;
+use tandem_worker::model::Model;
+use tandem_worker::model::probe::greedy_logits;
 use tandem_worker::model::weights::Mlp;
-use tandem_worker::model::{ForwardInput, KvCache, Model};
 use tandem_worker::rng::Xoshiro256;
-
-const BLOCK: usize = 4;
 
 /// The adapter slot of each sequence (-1: the base model).
 const SLOTS: [i32; 3] = [0, 1, -1];
@@ -54,43 +53,18 @@ fn adapters(model: &Model) -> Vec<Adapter> {
     out
 }
 
-/// Three sequences (5, 9 and 3 tokens) prefilled, then one decode token each: the logits of
-/// both steps, and the bytes this rank sent in each.
-fn run(model: &Model, adapters: &[Adapter]) -> (Vec<Vec<f32>>, Vec<u64>) {
+/// Three sequences (5, 9 and 3 tokens) prefilled, then two greedy decode steps: the logits
+/// of each step, and the bytes this rank sent.
+fn run(model: &Model, adapters: &[Adapter]) -> (Vec<Vec<f32>>, u64) {
     let sent = || model.tp.as_ref().map_or(0, |tp| tp.comm.bytes_sent());
     let start = sent();
-    let prompts: [Vec<u32>; 3] = [vec![1, 17, 400, 3, 99], vec![5, 6, 7, 8, 9, 10, 11, 12, 511], vec![300, 2, 77]];
-    let tables: Vec<Vec<u32>> = vec![vec![0, 1, 2], vec![3, 4, 5, 6], vec![7]];
-    let mut cache = KvCache::new(model, 8, BLOCK, DType::F32).unwrap();
+    let prompts = [vec![1, 17, 400, 3, 99], vec![5, 6, 7, 8, 9, 10, 11, 12, 511], vec![300, 2, 77]];
     let shards = adapters.iter().map(|a| model.shard_adapter(a).unwrap()).collect();
     let adapters = AdapterSet::new(shards, model.device).unwrap();
     // Without adapters every sequence runs on the base.
     let slots = SLOTS.map(|s| if adapters.is_empty() { -1 } else { s });
-    let mut input = ForwardInput::default();
-    for ((p, table), slot) in prompts.iter().zip(&tables).zip(slots) {
-        let seq = SeqAttention { q_len: p.len(), context_len: p.len(), block_table: table.clone() };
-        input.slots.extend(cache_slots(&seq, BLOCK));
-        input.seqs.push(seq);
-        input.tokens.extend(p);
-        input.positions.extend(0..p.len() as u32);
-        input.adapters.extend(std::iter::repeat_n(slot, p.len()));
-        input.logit_rows.push(input.tokens.len() as u32 - 1);
-    }
-    let prefill = model.forward(&input, &mut cache, &adapters).unwrap();
-    let after_prefill = sent();
-    let mut decode = ForwardInput::default();
-    for (i, ((p, table), slot)) in prompts.iter().zip(&tables).zip(slots).enumerate() {
-        let seq = SeqAttention { q_len: 1, context_len: p.len() + 1, block_table: table.clone() };
-        decode.slots.push(*cache_slots(&seq, BLOCK).last().unwrap());
-        decode.seqs.push(seq);
-        decode.tokens.push(42 + i as u32);
-        decode.positions.push(p.len() as u32);
-        decode.adapters.push(slot);
-        decode.logit_rows.push(i as u32);
-    }
-    let next = model.forward(&decode, &mut cache, &adapters).unwrap();
-    let bytes = vec![after_prefill - start, sent() - after_prefill];
-    ([prefill, next].iter().map(|t: &Tensor| t.to_vec_f32().unwrap()).collect(), bytes)
+    let logits = greedy_logits(model, &adapters, &prompts, &slots, 2).unwrap();
+    (logits, sent() - start)
 }
 
 /// What one rank sends in a forward pass of `n` tokens with `rows` logit rows on `world` ranks:
@@ -121,9 +95,9 @@ fn check(preset: Preset) {
             .collect();
         for (rank, handle) in ranks.into_iter().enumerate() {
             let (got, bytes) = handle.join().unwrap();
-            let theory =
-                [theoretical_bytes(&model, world as u64, 17, 3), theoretical_bytes(&model, world as u64, 3, 3)];
-            assert_eq!(bytes, theory, "{preset:?}, degree {world}, rank {rank}: bytes sent in prefill and decode");
+            let w = world as u64;
+            let theory = theoretical_bytes(&model, w, 17, 3) + 2 * theoretical_bytes(&model, w, 3, 3);
+            assert_eq!(bytes, theory, "{preset:?}, degree {world}, rank {rank}: bytes sent");
             for (step, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.len(), w.len());
                 let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);

@@ -9,6 +9,7 @@ use tandem_kernels::ops::{self, MoeRouting, Segments, SeqAttention};
 use tandem_kernels::{DType, Tensor};
 
 use super::Model;
+use super::tensor_parallel::Site;
 use super::weights::{DenseMlp, Linear, Mlp, MoeMlp};
 use crate::adapters::Proj;
 use crate::adapters::set::AdapterSet;
@@ -247,7 +248,7 @@ impl Model {
         let attn = ops::paged_attention(&q, &cache.k[l], &cache.v[l], &input.seqs, self.attention_scale())?;
         let attn = attn.reshape([n, c.num_heads * c.head_dim])?;
         // o is row-parallel under tensor parallelism: each rank's output is a partial sum.
-        let mid = ops::add(&x, &self.all_reduce(rows.linear(&attn, &layer.o, l, Proj::O)?)?)?;
+        let mid = ops::add(&x, &self.all_reduce(rows.linear(&attn, &layer.o, l, Proj::O)?, Site::Attention)?)?;
         let h = ops::rms_norm(&mid, &layer.post_attention_norm, c.rms_norm_eps)?;
         let (mlp_out, mlp) = match &layer.mlp {
             Mlp::Dense(m) => {
@@ -259,7 +260,7 @@ impl Model {
                 (out, MlpActs::Moe(Box::new(acts)))
             }
         };
-        let out = ops::add(&mid, &self.all_reduce(mlp_out)?)?;
+        let out = ops::add(&mid, &self.all_reduce(mlp_out, Site::Mlp)?)?;
         Ok((out, LayerActs { x, q, attn, mid, mlp }))
     }
 

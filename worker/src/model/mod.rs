@@ -3,6 +3,7 @@
 pub mod backward;
 pub mod config;
 pub mod forward;
+pub mod probe;
 pub mod tensor_parallel;
 pub mod weights;
 

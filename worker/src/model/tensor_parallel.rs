@@ -25,14 +25,14 @@
 //! (experts spread over ranks with all-to-all dispatch).
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tandem_kernels::Tensor;
 
 use super::weights::{DenseMlp, Layer, Linear, Mlp, MoeMlp, Weights};
 use super::{Model, ModelConfig};
 use crate::adapters::{Adapter, Proj};
-use crate::collective::Collective;
+use crate::collective::{Collective, CollectiveError};
 use crate::error::{Error, Result};
 
 /// A model's place in a tensor-parallel group.
@@ -41,6 +41,29 @@ pub struct TensorParallel {
     pub comm: Arc<dyn Collective>,
     /// What this rank holds of each split dimension.
     pub split: Split,
+    /// Bytes this rank sent, by where in the model.
+    pub traffic: Arc<Mutex<Traffic>>,
+}
+
+/// Where in the model a collective runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Site {
+    /// The vocabulary-parallel embedding lookup (an all-reduce).
+    Embedding,
+    /// After o, the attention block's row-parallel output (an all-reduce per layer).
+    Attention,
+    /// After down, the MLP or MoE block's output (an all-reduce per layer).
+    Mlp,
+    /// The logits' all-gather.
+    Logits,
+}
+
+/// Bytes sent at each [`Site`], and the tokens and logit rows of the passes counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes: std::collections::BTreeMap<Site, u64>,
+    pub tokens: u64,
+    pub logit_rows: u64,
 }
 
 impl std::fmt::Debug for TensorParallel {
@@ -227,7 +250,7 @@ impl Model {
             norm: self.weights.norm.clone(),
             lm_head: self.weights.lm_head.as_ref().map(|h| slice(h, 0, sp.vocab.clone())).transpose()?,
         };
-        let tp = TensorParallel { comm, split: sp };
+        let tp = TensorParallel { comm, split: sp, traffic: Arc::default() };
         Ok(Model { config, weights, rope: self.rope.clone(), device: self.device, tp: Some(tp) })
     }
 
@@ -263,11 +286,11 @@ impl Model {
     }
 
     /// The sum over the group of a row-parallel output (itself without tensor parallelism).
-    pub(super) fn all_reduce(&self, t: Tensor) -> Result<Tensor> {
+    pub(super) fn all_reduce(&self, t: Tensor, site: Site) -> Result<Tensor> {
         let Some(tp) = &self.tp else { return Ok(t) };
         let shape = t.shape().to_vec();
         let mut data = t.to_vec_f32()?;
-        tp.comm.all_reduce_sum(&mut data).map_err(|e| Error::Collective(e.to_string()))?;
+        tp.counted(site, || tp.comm.all_reduce_sum(&mut data))?;
         Ok(Tensor::from_vec(data, shape)?.to_device(self.device)?)
     }
 
@@ -281,14 +304,21 @@ impl Model {
         let mask: Vec<f32> = tokens.iter().map(|t| if (start..end).contains(t) { 1.0 } else { 0.0 }).collect();
         let rows = ops::embedding(&self.weights.embed, &local)?;
         let mask = Tensor::from_vec(mask, [tokens.len()])?.to_device(self.device)?;
-        self.all_reduce(ops::scale_rows(&rows, &mask)?)
+        if let Ok(mut t) = tp.traffic.lock() {
+            t.tokens += tokens.len() as u64;
+        }
+        self.all_reduce(ops::scale_rows(&rows, &mask)?, Site::Embedding)
     }
 
     /// Logits over the whole vocabulary from this rank's columns `local`, `[rows, vocab range]`.
     pub(super) fn gather_logits(&self, local: Tensor) -> Result<Tensor> {
         let Some(tp) = &self.tp else { return Ok(local) };
         let rows = local.shape()[0];
-        let gathered = tp.comm.all_gather(&local.to_vec_f32()?).map_err(|e| Error::Collective(e.to_string()))?;
+        let data = local.to_vec_f32()?;
+        let gathered = tp.counted(Site::Logits, || tp.comm.all_gather(&data))?;
+        if let Ok(mut t) = tp.traffic.lock() {
+            t.logit_rows += rows as u64;
+        }
         // Rank-major [rank][row][its columns] into row-major [row][vocab].
         let world = tp.comm.world_size();
         let vocab = self.config.vocab_size;
@@ -302,6 +332,18 @@ impl Model {
             }
         }
         Ok(Tensor::from_vec(out, [rows, vocab])?.to_device(self.device)?)
+    }
+}
+
+impl TensorParallel {
+    /// Runs collective `f`, counting what it sent at `site`.
+    fn counted<T>(&self, site: Site, f: impl FnOnce() -> std::result::Result<T, CollectiveError>) -> Result<T> {
+        let before = self.comm.bytes_sent();
+        let out = f().map_err(|e| Error::Collective(e.to_string()))?;
+        if let Ok(mut t) = self.traffic.lock() {
+            *t.bytes.entry(site).or_default() += self.comm.bytes_sent() - before;
+        }
+        Ok(out)
     }
 }
 

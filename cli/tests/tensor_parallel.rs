@@ -1,0 +1,109 @@
+//! Tensor parallelism across processes: `tandem tp-rank` processes, one per rank, joined over
+//! TCP on loopback, give the logits of a group of one (prefill and greedy decode steps), for the
+//! tiny dense and MoE models at degrees 2 and 4; a rank killed mid-run makes the others fail
+//! with an error naming it, and a rank that never comes fails the set-up, both within their
+//! timeouts.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn rank(model: &str, rank: usize, peers: &[String], extra: &[&str]) -> std::process::Child {
+    let (peers, rank) = (peers.join(","), rank.to_string());
+    let mut args = vec!["tp-rank", "--model", model, "--rank", &rank];
+    if !peers.is_empty() {
+        args.extend(["--peers", &peers]);
+    }
+    args.extend(extra);
+    let cmd =
+        Command::new(env!("CARGO_BIN_EXE_tandem")).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    cmd.unwrap()
+}
+
+/// Every rank's JSON output for a group of `world` processes.
+fn group(model: &str, world: usize) -> Vec<Value> {
+    let peers: Vec<String> = if world > 1 { (0..world).map(|_| common::free_addr()).collect() } else { Vec::new() };
+    let children: Vec<_> = (0..world).map(|r| rank(model, r, &peers, &[])).collect();
+    (children.into_iter())
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect()
+}
+
+fn logits(v: &Value) -> Vec<Vec<f64>> {
+    let steps = v["logits"].as_array().unwrap();
+    steps.iter().map(|s| s.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
+}
+
+fn parity(preset: &str) {
+    let dir = common::scratch(&format!("tp-{preset}"));
+    let model = dir.join(preset);
+    let (ok, _, err) = common::tandem(&["init-model", "--preset", preset, "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let model = model.to_str().unwrap();
+    let want = logits(&group(model, 1)[0]);
+    for world in [2, 4] {
+        for out in group(model, world) {
+            let got = logits(&out);
+            assert_eq!(got.len(), want.len());
+            for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+                let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(diff < 1e-4, "{preset}, degree {world}, rank {}, step {step}: {diff}", out["rank"]);
+            }
+            // Every place in the model that communicates did.
+            for site in ["embedding", "attention", "mlp", "logits"] {
+                assert!(out["bytes"][site].as_u64().unwrap() > 0, "{out}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_ranks_in_separate_processes_match_a_group_of_one() {
+    parity("tiny");
+}
+
+#[test]
+fn moe_ranks_in_separate_processes_match_a_group_of_one() {
+    parity("tiny-moe");
+}
+
+#[test]
+fn a_rank_killed_mid_run_fails_its_group_cleanly() {
+    let dir = common::scratch("tp-kill");
+    let model = dir.join("tiny");
+    let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let model = model.to_str().unwrap();
+    // A long run (many decode steps) with a short timeout; rank 1 is killed once it has begun.
+    let peers: Vec<String> = (0..2).map(|_| common::free_addr()).collect();
+    let long = ["--steps", "100000", "--timeout-s", "3"];
+    let survivor = rank(model, 0, &peers, &long);
+    let mut victim = rank(model, 1, &peers, &long);
+    std::thread::sleep(Duration::from_secs(2));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let start = Instant::now();
+    let out = survivor.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rank 0 went on without rank 1");
+    assert!(stderr.contains("rank 1"), "the error does not name the rank that left: {stderr}");
+    assert!(start.elapsed() < Duration::from_secs(10), "rank 0 took {:?} to fail", start.elapsed());
+
+    // A rank that never comes: the set-up fails by its deadline.
+    let peers: Vec<String> = (0..2).map(|_| common::free_addr()).collect();
+    let start = Instant::now();
+    let out = rank(model, 0, &peers, &["--timeout-s", "2"]).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(start.elapsed() < Duration::from_secs(10), "set-up took {:?} to fail", start.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rank 1"), "{stderr}");
+}
