@@ -430,3 +430,27 @@ impl Drop for StopOnDrop<'_> {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+#[test]
+fn a_followers_gateway_forwards_its_writes_to_the_leader() {
+    let dir = common::scratch("follower-gateway");
+    let mut g = Group::start(&dir, false);
+    let leader = g.leader();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    // The follower again, now serving the HTTP gateway.
+    g.kill(follower);
+    let (http, blobs) = (free_addr(), dir.join("blobs"));
+    g.spawn(follower, &["--http", &http, "--api-key", "sk-op", "--blobs", blobs.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&http).is_err() {
+        assert!(Instant::now() < deadline, "the follower's gateway never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ne!(g.leader(), follower, "the test needs the gateway on a follower");
+    // A write (a key is a log entry) through the follower, then a read that needs it.
+    let (status, body) = common::http(&http, "POST", "/v1/admin/api-keys", Some("sk-op"), Some(r#"{"tenant": "t1"}"#));
+    assert_eq!(status, 200, "{body}");
+    let key: Value = serde_json::from_str(&body).unwrap();
+    let (status, body) = common::http(&http, "GET", "/v1/models", key["key"].as_str(), None);
+    assert_eq!(status, 200, "{body}");
+}

@@ -493,7 +493,7 @@ pub async fn serve(
         Some(http) => {
             let addr = http.addr;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--http {addr}: {e}"))?;
-            let gateway = Gateway::new(store.clone(), &http);
+            let gateway = Gateway::new(store.clone(), own.clone(), &http);
             let api = gateway::api_server(gateway.clone());
             let stopped = async move {
                 let _ = http_stopped.await;

@@ -22,13 +22,16 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use tandem_proto::v1::ProposeRequest;
+use tandem_proto::v1::cluster_client::ClusterClient;
 use tandem_proto::v1::worker_client::WorkerClient;
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tokio_stream::StreamExt;
 
+use crate::replica::ReplicaError;
 use crate::server::fresh_id;
 use crate::state::{ClusterState, Command, Proposal, Reply};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 pub use grpc::{ApiService, MAX_API_MESSAGE, api_server};
 pub use openai::ApiError;
 use openai::{Body, ChatRequest, CompletionRequest, Sampling, parse};
@@ -82,6 +85,8 @@ struct Target {
 
 pub struct Gateway {
     store: Store,
+    /// This coordinator's gRPC address (proposals made on a follower go through it).
+    coordinator: String,
     /// SHA-256 of the operator's key.
     admin_key_sha256: String,
     blobs: std::path::PathBuf,
@@ -115,9 +120,10 @@ pub fn dir_checksum(dir: &std::path::Path) -> std::io::Result<String> {
 }
 
 impl Gateway {
-    pub fn new(store: Store, opts: &GatewayOptions) -> Arc<Self> {
+    pub fn new(store: Store, coordinator: String, opts: &GatewayOptions) -> Arc<Self> {
         Arc::new(Gateway {
             store,
+            coordinator,
             admin_key_sha256: sha256_hex(opts.admin_key.as_bytes()),
             blobs: opts.blobs.clone(),
             checks: opts.checks.clone(),
@@ -152,14 +158,27 @@ impl Gateway {
         self.store.read(READ_TIMEOUT).await.map_err(|e| ApiError::unavailable(format!("the cluster's state: {e}")))
     }
 
-    /// Proposes `command`; a refusal is `refused`'s error.
+    /// Proposes `command` (a refusal is a 409); on a follower, through this coordinator's own
+    /// gRPC `Propose`, which forwards it to the leader.
     async fn propose(&self, what: &str, command: Command) -> Result<Reply, ApiError> {
-        let reply = (self.store.propose(Proposal::new(fresh_id(what), command), READ_TIMEOUT).await)
-            .map_err(|e| ApiError::unavailable(format!("the cluster could not record it: {e}")))?;
+        let p = Proposal::new(fresh_id(what), command);
+        let unavailable = |e: String| ApiError::unavailable(format!("the cluster could not record it: {e}"));
+        let reply = match self.store.propose(p.clone(), READ_TIMEOUT).await {
+            Err(StoreError::Raft(ReplicaError::NotLeader { .. })) => self.forward(&p).await.map_err(unavailable)?,
+            other => other.map_err(|e| unavailable(e.to_string()))?,
+        };
         match reply {
             Reply::Refused { reason } => Err(ApiError::new(StatusCode::CONFLICT, "conflict", reason)),
             reply => Ok(reply),
         }
+    }
+
+    async fn forward(&self, p: &Proposal) -> Result<Reply, String> {
+        let proposal_json = serde_json::to_string(p).map_err(|e| e.to_string())?;
+        let mut client =
+            ClusterClient::connect(format!("http://{}", self.coordinator)).await.map_err(|e| e.to_string())?;
+        let r = client.propose(ProposeRequest { proposal_json }).await.map_err(|e| e.message().to_string())?;
+        serde_json::from_str(&r.into_inner().reply_json).map_err(|e| e.to_string())
     }
 
     /// The alive workers that have base `model` loaded, the one that last served `adapter`

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Tensor-parallel ranks as separate hosts would be: each `tandem tp-rank` in its own network
+# namespace, joined to the others by a veth link to one bridge (10.99.0.0/24), must give the
+# logits of a group of one (within 1e-4), dense and MoE, at degrees 2 and 4. Needs root
+# (CAP_NET_ADMIN) and iproute2. Usage: deploy/netns-tp-parity.sh [path/to/tandem]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-${CARGO_TARGET_DIR:-target}/release/tandem}
+[ -x "$bin" ] || { echo "netns: no binary at $bin (cargo build --release first)" >&2; exit 1; }
+work=$(mktemp -d)
+bridge=tandem-br0
+cleanup() {
+    cleanup_ns_only
+    ip link del "$bridge" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+# Namespaces and their links (a veth pair goes with its namespace's end, but not at once).
+cleanup_ns_only() {
+    for ns in $(ip netns list | awk '/^tandem-r/ {print $1}'); do ip netns del "$ns" 2>/dev/null || true; done
+    for link in $(ip -o link show | awk -F': ' '/tveth/ {sub(/@.*/, "", $2); print $2}'); do
+        ip link del "$link" 2>/dev/null || true
+    done
+}
+
+ip link add "$bridge" type bridge
+ip link set "$bridge" up
+# One namespace per rank: its own loopback, an eth0 at 10.99.0.(rank+1) on the bridge.
+hosts() {
+    local world=$1
+    cleanup_ns_only
+    for ((i = 0; i < world; i++)); do
+        local ns=tandem-r$i
+        ip netns add "$ns"
+        ip link add "tveth$i" type veth peer name eth0 netns "$ns"
+        ip link set "tveth$i" master "$bridge" up
+        ip -n "$ns" addr add "10.99.0.$((i + 1))/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+    done
+}
+
+compare() {  # compare REF OUT...: every rank's logits within 1e-4 of the reference's
+    python3 - "$@" <<'PY'
+import json, sys
+ref = json.load(open(sys.argv[1]))["logits"]
+for path in sys.argv[2:]:
+    out = json.load(open(path))
+    diff = max(abs(a - b) for s, t in zip(out["logits"], ref) for a, b in zip(s, t))
+    assert len(out["logits"]) == len(ref), path
+    assert diff < 1e-4, f"{path}: rank {out['rank']} of {out['world']} differs by {diff}"
+    print(f"  rank {out['rank']} of {out['world']}: max difference {diff:.2e}, bytes sent {out['bytes']}")
+PY
+}
+
+for preset in tiny tiny-moe; do
+    model=$work/$preset
+    "$bin" init-model --preset "$preset" --out "$model" >/dev/null
+    "$bin" tp-rank --model "$model" > "$work/$preset-ref.json"
+    for world in 2 4; do
+        hosts "$world"
+        peers=$(for ((i = 0; i < world; i++)); do printf '10.99.0.%d:7700,' $((i + 1)); done)
+        peers=${peers%,}
+        pids=()
+        for ((i = 0; i < world; i++)); do
+            ip netns exec "tandem-r$i" "$bin" tp-rank --model "$model" --rank "$i" --peers "$peers" \
+                --timeout-s 20 > "$work/$preset-$world-$i.json" &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid"; done
+        echo "netns: $preset, degree $world, ranks in $world network namespaces:"
+        compare "$work/$preset-ref.json" "$work/$preset-$world-"*.json
+    done
+done
+echo "netns: tensor-parallel parity across network namespaces passed"
