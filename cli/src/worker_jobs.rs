@@ -51,11 +51,12 @@ impl JobsAgent {
     /// Runs until the assignments channel closes.
     pub async fn run(self, mut assignments: watch::Receiver<String>, mut events: mpsc::UnboundedReceiver<TrainEvent>) {
         let reports = spawn_reporter(self.coordinator.clone());
-        // Job id → the epoch of the attempt running here; attempts that ended here (their end
-        // may not be recorded yet, and the heartbeat may still list them).
+        // Job id → the epoch of the attempt running here.
         let mut running: HashMap<String, u64> = HashMap::new();
         // The validation file of each job running here.
         let mut validation: HashMap<String, PathBuf> = HashMap::new();
+        // Attempts that ended here: their end may not be recorded yet, and the heartbeat may
+        // still list them.
         let mut ended: HashSet<(String, u64)> = HashSet::new();
         loop {
             tokio::select! {
@@ -119,6 +120,7 @@ impl JobsAgent {
             .collect();
         for job in stale {
             running.remove(&job);
+            validation.remove(&job);
             let _ = self.engine.stop(&job);
         }
         let new: Vec<Assignment> = list.into_iter().filter(|a| !running.contains_key(&a.job)).collect();
