@@ -5,9 +5,9 @@
 //! The engine is not thread-safe and its steps are long: one thread owns it, takes orders from
 //! a channel between steps (requests, jobs to train or stop), and after each step sends every
 //! request's settled text to its stream and every job's progress (steps, checkpoints, its
-//! exported adapter) to the training events. A request whose client went away finishes anyway
-//! (the engine cannot cancel one yet); its output is dropped. An adapter a request names that
-//! is not loaded yet is read from the folder the request gives, on this thread.
+//! exported adapter) to the training events. A request whose caller went away is cancelled
+//! before the next step. An adapter a request names that is not loaded yet is read from the
+//! folder the request gives, on this thread.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -231,6 +231,14 @@ fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mp
             }
             next = orders.try_recv().ok();
         }
+        // Requests whose callers went away stop here rather than run to the end.
+        streams.retain(|&index, s| {
+            let gone = s.events.is_closed();
+            if gone {
+                engine.cancel(index);
+            }
+            !gone
+        });
         if !engine.has_work() {
             continue;
         }

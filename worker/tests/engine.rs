@@ -130,3 +130,33 @@ fn requests_wait_for_blocks_instead_of_failing() {
     assert_eq!(out.len(), 5);
     assert!(out.iter().all(|o| o.token_ids.len() == 12));
 }
+
+#[test]
+fn a_cancelled_request_stops_and_gives_back_its_pages() {
+    let mut e = engine(EngineConfig {
+        pages: 32,
+        block_size: 8,
+        max_batch_tokens: 64,
+        max_running: 2,
+        max_waiting: 64,
+        ..EngineConfig::default()
+    });
+    let requests = workload();
+    let indices: Vec<usize> = requests.into_iter().map(|r| e.submit(r).unwrap()).collect();
+    e.step().unwrap();
+    let kv_before = e.pool_usage().kv;
+    assert!(kv_before > 0);
+    // One running (admitted first), one still waiting.
+    assert!(e.cancel(indices[0]));
+    assert!(e.cancel(indices[4]));
+    assert!(!e.cancel(indices[0]), "cancelled twice");
+    assert!(e.pool_usage().kv < kv_before, "the running request's pages were not given back");
+    let outputs = e.run_to_completion().unwrap();
+    let done: Vec<usize> = outputs.iter().map(|o| o.index).collect();
+    assert_eq!(done, vec![indices[1], indices[2], indices[3]]);
+    // The others are unaffected: each equals its run alone.
+    for (out, req) in outputs.iter().zip([1, 2, 3].map(|i| workload().swap_remove(i))) {
+        assert_eq!(out.token_ids, alone(req).token_ids);
+    }
+    assert_eq!(e.pool_usage().kv, 0);
+}

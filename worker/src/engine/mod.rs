@@ -644,11 +644,7 @@ impl Engine {
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut outputs = Vec::with_capacity(finished.len());
         for (i, reason, text) in finished {
-            let mut seq = self.running.swap_remove(i);
-            self.pool.release(&seq.blocks, PageUse::Kv);
-            if let Some(id) = seq.adapter.take().map(|v| v.id) {
-                self.paged.release(id, &mut self.pool); // after dropping our hold on the version
-            }
+            let seq = self.retire(i);
             outputs.push(GenerationOutput {
                 index: seq.index,
                 prompt_tokens: seq.prompt_len,
@@ -659,6 +655,32 @@ impl Engine {
             });
         }
         Ok(outputs)
+    }
+
+    /// Takes running sequence `i` out, giving back its KV pages and its hold on its adapter.
+    fn retire(&mut self, i: usize) -> Sequence {
+        let mut seq = self.running.swap_remove(i);
+        self.pool.release(&seq.blocks, PageUse::Kv);
+        if let Some(id) = seq.adapter.take().map(|v| v.id) {
+            self.paged.release(id, &mut self.pool); // after dropping our hold on the version
+        }
+        seq
+    }
+
+    /// Drops request `index` (its caller went away), waiting or running, and frees what it
+    /// held; `false` when it is not here (it finished).
+    pub fn cancel(&mut self, index: usize) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.index == index) {
+            self.waiting.remove(i);
+            return true;
+        }
+        match self.running.iter().position(|s| s.index == index) {
+            Some(i) => {
+                self.retire(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Runs until every queued request has finished; outputs in submission order.
