@@ -7,10 +7,10 @@ use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{ApiError, Gateway};
+use super::{ApiError, Caller, Gateway};
 use crate::state::{ClusterState, JobStatus};
 
 /// Counters of one (tenant, model).
@@ -146,8 +146,7 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-pub async fn serve(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
+pub async fn serve(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
     if !caller.admin {
         return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "metrics need the operator's key"));
     }

@@ -74,6 +74,16 @@ pub struct Caller {
     pub admin: bool,
 }
 
+/// Every route but `/health` takes its caller this way: authenticated from the headers, before
+/// the body is read.
+impl axum::extract::FromRequestParts<Arc<Gateway>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
+        gw.authenticate(&parts.headers).await
+    }
+}
+
 /// Where a request for a `model` goes: its base model and, for an adapter, the adapter.
 struct Target {
     /// The caller's tenant (the model name is the caller's).
@@ -254,8 +264,7 @@ fn now() -> u64 {
 }
 
 /// The base models and the caller's adapters.
-async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
+async fn models(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
     let state = gw.state().await?;
     let mut data: Vec<Value> = (state.models.keys())
         .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tandem"}))
@@ -429,12 +438,7 @@ fn usage(prompt_tokens: u32, completion_tokens: u32) -> Value {
     })
 }
 
-async fn completions(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    Body(body): Body,
-) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
+async fn completions(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): Body) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(&body)?;
     let prompts = req.prompt.to_vec();
     let [prompt] = prompts.as_slice() else {
@@ -446,10 +450,9 @@ async fn completions(
 
 async fn chat_completions(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     let req: ChatRequest = parse(&body)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages", "messages must not be empty"));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -102,12 +102,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ApiError> {
 
 // --- API keys ---
 
-async fn create_key(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    Body(body): Body,
-) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
+async fn create_key(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): Body) -> Result<Response, ApiError> {
     #[derive(Deserialize)]
     struct NewKey {
         tenant: String,
@@ -161,10 +156,9 @@ fn own_file<'a>(state: &'a ClusterState, caller: &Caller, id: &str) -> Result<&'
 
 async fn upload_file(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     let form = read_form(form).await?;
     let purpose = form.text("purpose")?;
     if purpose != "fine-tune" {
@@ -211,10 +205,9 @@ fn bytes_len(path: &Path) -> u64 {
 
 async fn list_files(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     let state = gw.state().await?;
     let mut files: Vec<(&String, &File)> = state.files.iter().filter(|(_, f)| f.tenant == caller.tenant).collect();
     files.sort_by_key(|(id, f)| std::cmp::Reverse((f.created_at, *id)));
@@ -223,20 +216,18 @@ async fn list_files(
 
 async fn file(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     let state = gw.state().await?;
     Ok(ok(file_object(&id, own_file(&state, &caller, &id)?)))
 }
 
 async fn file_content(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     let state = gw.state().await?;
     let path = PathBuf::from(&own_file(&state, &caller, &id)?.uri);
     let bytes = blocking(move || std::fs::read(&path).map_err(|e| io_error(&path, e))).await?;
@@ -245,10 +236,9 @@ async fn file_content(
 
 async fn delete_file(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     own_file(&gw.state().await?, &caller, &id)?;
     gw.propose("delete-file", Command::DeleteFile { tenant: caller.tenant, id: id.clone() }).await?;
     // The bytes stay: a job that was given the file may still be reading it.
@@ -344,12 +334,7 @@ struct CreateJob {
     method: Option<Method>,
 }
 
-async fn create_job(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    Body(body): Body,
-) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
+async fn create_job(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): Body) -> Result<Response, ApiError> {
     gw.create_job(&caller, &body).await.map(ok)
 }
 
@@ -499,10 +484,9 @@ fn own_job<'a>(state: &'a ClusterState, caller: &Caller, id: &str) -> Result<&'a
 
 async fn list_jobs(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     Ok(ok(page.of(gw.jobs(&caller).await?)))
 }
 
@@ -575,39 +559,35 @@ impl Gateway {
 
 async fn job(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     gw.job(&caller, &id).await.map(ok)
 }
 
 async fn cancel_job(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     gw.cancel_job(&caller, &id).await.map(ok)
 }
 
 async fn job_events(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     Ok(ok(page.of(gw.job_events(&caller, &id).await?)))
 }
 
 async fn job_checkpoints(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
     Query(page): Query<Page>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     Ok(ok(page.of(gw.job_checkpoints(&caller, &id).await?)))
 }
 
@@ -622,10 +602,9 @@ fn adapter_object(tenant: &str, name: &str, v: &crate::state::AdapterVersion) ->
 
 async fn upload_adapter(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     let form = read_form(form).await?;
     let (name, base) = (form.text("name")?, form.text("base_model")?);
     gw.put_adapter(&caller, &name, &base, form.files).await.map(ok)
@@ -705,16 +684,14 @@ impl Gateway {
     }
 }
 
-async fn list_adapters(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
+async fn list_adapters(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
     Ok(ok(json!({"object": "list", "data": gw.adapters(&caller).await?})))
 }
 
 async fn delete_adapter(
     State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let caller = gw.authenticate(&headers).await?;
     gw.delete_adapter(&caller, &name).await.map(ok)
 }
