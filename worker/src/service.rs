@@ -279,31 +279,32 @@ impl Jobs {
     /// exports the jobs that finished.
     fn after_step(&mut self, engine: &mut Engine, send: &impl Fn(TrainEvent)) {
         let reports = engine.take_step_reports();
-        if !reports.is_empty() {
-            let speeds = engine.metrics().jobs;
-            for report in reports {
-                let every = self.dirs.get(&report.job).map_or(0, |(_, every)| *every);
-                if every > 0 && report.step % every == 0 && report.step < report.total_steps {
-                    self.due.push(report.job.clone());
-                }
-                let tokens_per_s = speeds.get(&report.job).map_or(0.0, |m| m.tokens_per_s);
-                send(TrainEvent::Step { job: report.job.clone(), report, tokens_per_s });
+        for report in reports {
+            let every = self.dirs.get(&report.job).map_or(0, |(_, every)| *every);
+            if every > 0 && report.step % every == 0 && report.step < report.total_steps {
+                self.due.push(report.job.clone());
             }
+            let tokens_per_s = engine.job_metrics(&report.job).map_or(0.0, |m| m.tokens_per_s);
+            send(TrainEvent::Step { job: report.job.clone(), report, tokens_per_s });
         }
-        let cfg = engine.model().config.clone();
         self.due.retain(|name| {
             let (Some(job), Some((dir, _))) = (engine.job(name), self.dirs.get(name)) else { return false };
             if !job.at_step_boundary() {
                 return true;
             }
             let step = job.progress.step;
-            match checkpoint::save(job, &cfg, &dir.join("checkpoints")) {
+            match checkpoint::save(job, &engine.model().config, &dir.join("checkpoints")) {
                 Ok(path) => send(TrainEvent::Checkpoint { job: name.clone(), step, path }),
                 Err(e) => send(TrainEvent::Failed { job: name.clone(), error: format!("checkpoint: {e}") }),
             }
             false
         });
-        for job in engine.take_finished_jobs() {
+        let finished = engine.take_finished_jobs();
+        if finished.is_empty() {
+            return;
+        }
+        let cfg = engine.model().config.clone();
+        for job in finished {
             let name = job.name().to_string();
             let Some((dir, _)) = self.dirs.remove(&name) else { continue };
             let adapter = dir.join("adapter");

@@ -109,10 +109,15 @@ pub struct Gateway {
     metrics: metrics::Metrics,
 }
 
+/// `bytes` in lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// SHA-256 of `bytes`, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&sha2::Sha256::digest(bytes))
 }
 
 /// An adapter's checksum: SHA-256 over its folder's files in name order, each name then its
@@ -126,7 +131,7 @@ pub fn dir_checksum(dir: &std::path::Path) -> std::io::Result<String> {
         hasher.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
         hasher.update(std::fs::read(f)?);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&hasher.finalize()))
 }
 
 impl Gateway {

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::openai::{Body, parse};
-use super::{ApiError, Caller, Gateway, dir_checksum, sha256_hex};
+use super::{ApiError, Caller, Gateway, dir_checksum, hex, sha256_hex};
 use crate::server::fresh_id;
 use crate::state::{ClusterState, Command, File, Job, JobStatus, Reply, check_name, check_tenant, unix_now};
 
@@ -134,7 +134,7 @@ pub fn new_key() -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 24];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(format!("tk-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+    Ok(format!("tk-{}", hex(&bytes)))
 }
 
 // --- files ---

@@ -157,6 +157,17 @@ pub struct Engine {
     progress: Vec<Progress>,
 }
 
+fn job_metrics(j: &EngineJob) -> JobMetrics {
+    let secs = j.added.elapsed().as_secs_f64();
+    JobMetrics {
+        step: j.job.progress.step,
+        total_steps: j.job.progress.total_steps,
+        tokens: j.tokens,
+        tokens_per_s: if secs > 0.0 { j.tokens as f64 / secs } else { 0.0 },
+        last_loss: j.last_loss,
+    }
+}
+
 impl Engine {
     /// An engine over `model` serving `adapters` (by name) and the base model.
     pub fn new(
@@ -285,22 +296,7 @@ impl Engine {
 
     pub fn metrics(&self) -> EngineMetrics {
         let c = &self.counters;
-        let jobs = self
-            .training
-            .jobs
-            .iter()
-            .map(|j| {
-                let secs = j.added.elapsed().as_secs_f64();
-                let m = JobMetrics {
-                    step: j.job.progress.step,
-                    total_steps: j.job.progress.total_steps,
-                    tokens: j.tokens,
-                    tokens_per_s: if secs > 0.0 { j.tokens as f64 / secs } else { 0.0 },
-                    last_loss: j.last_loss,
-                };
-                (j.job.spec.name.clone(), m)
-            })
-            .collect();
+        let jobs = self.training.jobs.iter().map(|j| (j.job.spec.name.clone(), job_metrics(j))).collect();
         EngineMetrics {
             iterations: c.iterations,
             tokens: c.tokens,
@@ -315,6 +311,11 @@ impl Engine {
             pool: self.pool.usage(),
             iteration_limit_s: self.budget.limit(),
         }
+    }
+
+    /// The figures of job `name` in training (cheaper than all of [`Engine::metrics`]).
+    pub fn job_metrics(&self, name: &str) -> Option<JobMetrics> {
+        self.training.jobs.iter().find(|j| j.job.spec.name == name).map(job_metrics)
     }
 
     /// Queues a request after checking it; returns its index.
