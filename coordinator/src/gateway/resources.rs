@@ -359,27 +359,21 @@ impl Gateway {
                 return Err(ApiError::bad_request("suffix", "suffix: at most 64 bytes, no `:`"));
             }
         }
-        let (hyper, method) = match &req.method {
-            None => (&req.hyperparameters, json!({"type": "lora"})),
-            Some(m) => match (m.kind.as_str(), &m.supervised, &m.esft) {
-                ("supervised", p, _) => {
-                    (p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters), json!({"type": "lora"}))
-                }
-                ("esft", p, _) => {
-                    let threshold = p.as_ref().and_then(|p| p.threshold).unwrap_or(0.2);
-                    (
-                        p.as_ref().map_or(&req.hyperparameters, |p| &p.hyperparameters),
-                        json!({"type": "esft", "threshold": threshold}),
-                    )
-                }
-                (other, _, _) => {
-                    return Err(ApiError::bad_request(
-                        "method",
-                        format!("method {other:?}: supported are supervised and esft"),
-                    ));
+        // The method, and where its hyperparameters are: OpenAI's `method.supervised`,
+        // Tandem's `method.esft` (with the share of routed tokens that picks the experts), or
+        // the top-level `hyperparameters`.
+        let (params, esft_threshold) = match &req.method {
+            None => (None, None),
+            Some(m) => match m.kind.as_str() {
+                "supervised" => (m.supervised.as_ref(), None),
+                "esft" => (m.esft.as_ref(), Some(m.esft.as_ref().and_then(|p| p.threshold).unwrap_or(0.2))),
+                other => {
+                    let msg = format!("method {other:?}: supported are supervised and esft");
+                    return Err(ApiError::bad_request("method", msg));
                 }
             },
         };
+        let hyper = params.map_or(&req.hyperparameters, |p| &p.hyperparameters);
         let epochs: u32 = auto(&hyper.n_epochs, 3, "hyperparameters.n_epochs")?;
         let batch_size: u32 = auto(&hyper.batch_size, 8, "hyperparameters.batch_size")?;
         let multiplier: f64 = auto(&hyper.learning_rate_multiplier, 1.0, "hyperparameters.learning_rate_multiplier")?;
@@ -396,11 +390,13 @@ impl Gateway {
         if !(1..=256).contains(&rank) {
             return Err(ApiError::bad_request("hyperparameters.lora_rank", "lora_rank must be 1 to 256"));
         }
-        let mut method = method;
-        if method["type"] == "lora" {
-            let alpha = hyper.lora_alpha.unwrap_or(2.0 * f64::from(rank));
-            method = json!({"type": "lora", "rank": rank, "alpha": alpha, "targets": ["all-linear"], "rslora": false});
-        }
+        let method = match esft_threshold {
+            Some(threshold) => json!({"type": "esft", "threshold": threshold}),
+            None => {
+                let alpha = hyper.lora_alpha.unwrap_or(2.0 * f64::from(rank));
+                json!({"type": "lora", "rank": rank, "alpha": alpha, "targets": ["all-linear"], "rslora": false})
+            }
+        };
         let id = fresh_id("ftjob");
         let adapter = format!("ft:{}:{}:{suffix}:{id}", req.model, caller.tenant);
         let seed = req.seed.unwrap_or(0);
