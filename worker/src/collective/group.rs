@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::{CollectiveError, Op};
 
+/// How long a send that found a peer's end closed waits for that peer's last word (see
+/// `Group::closed_by`).
+const LAST_WORD_WAIT: Duration = Duration::from_millis(200);
+
 /// One message on a link.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Frame {
@@ -341,14 +345,36 @@ impl Group {
     }
 
     fn send_frame(&mut self, op: Op, to: usize, frame: &Frame, len: u64) -> Result<(), CollectiveError> {
-        self.link.send(to, frame).map_err(|err| match err {
-            LinkError::TimedOut => {
-                CollectiveError::Timeout { rank: self.rank, op: op.name(), peer: to, timeout: self.timeout }
+        match self.link.send(to, frame) {
+            Ok(()) => {
+                self.bytes_sent.fetch_add(len, Ordering::Relaxed);
+                Ok(())
             }
-            LinkError::Closed(detail) => CollectiveError::PeerGone { rank: self.rank, op: op.name(), peer: to, detail },
-        })?;
-        self.bytes_sent.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+            Err(LinkError::TimedOut) => {
+                Err(CollectiveError::Timeout { rank: self.rank, op: op.name(), peer: to, timeout: self.timeout })
+            }
+            Err(LinkError::Closed(detail)) => Err(self.closed_by(op, to, detail)),
+        }
+    }
+
+    /// The error for a send that found `to`'s end closed. A peer that gave up said why before it
+    /// closed (its goodbye or abort is already on the way), and that reason names the rank at
+    /// fault; without it the error would blame a rank that merely failed first. Waits briefly
+    /// for that last word, as a reader thread may not have delivered it yet.
+    fn closed_by(&mut self, op: Op, to: usize, detail: String) -> CollectiveError {
+        let deadline = Instant::now() + LAST_WORD_WAIT.min(self.timeout);
+        while self.gone[to].is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.link.next_event(left) {
+                Some(event) => self.absorb(event),
+                None => break,
+            }
+        }
+        self.absorb_ready();
+        match self.check_departures(op, false) {
+            Err(err) => err,
+            Ok(()) => CollectiveError::PeerGone { rank: self.rank, op: op.name(), peer: to, detail },
+        }
     }
 
     /// The payload of the next message from `from`, which must belong to this very call.
