@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tensor-parallel ranks as separate hosts would be: each `tandem tp-rank` in its own network
 # namespace, joined to the others by a veth link to one bridge (10.99.0.0/24), must give the
-# logits of a group of one (within 1e-4), dense and MoE, at degrees 2 and 4. Needs root
-# (CAP_NET_ADMIN) and iproute2. Usage: deploy/netns-tp-parity.sh [path/to/tandem]
+# logits, training losses and adapter gradients of a group of one (within 1e-4), dense and MoE,
+# at degrees 2 and 4. Needs root (CAP_NET_ADMIN) and iproute2; `.ci/run` runs it.
+# Usage: deploy/netns-tp-parity.sh [path/to/tandem]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-${CARGO_TARGET_DIR:-target}/release/tandem}
@@ -43,13 +44,25 @@ hosts() {
 compare() {  # compare REF OUT...: every rank's logits within 1e-4 of the reference's
     python3 - "$@" <<'PY'
 import json, sys
-ref = json.load(open(sys.argv[1]))["logits"]
+want = json.load(open(sys.argv[1]))
+ref = want["logits"]
 for path in sys.argv[2:]:
     out = json.load(open(path))
     diff = max(abs(a - b) for s, t in zip(out["logits"], ref) for a, b in zip(s, t))
     assert len(out["logits"]) == len(ref), path
     assert diff < 1e-4, f"{path}: rank {out['rank']} of {out['world']} differs by {diff}"
-    print(f"  rank {out['rank']} of {out['world']}: max difference {diff:.2e}, bytes sent {out['bytes']}")
+    # Training: the same losses, and every adapter gradient within 1e-4 of its largest value.
+    for l, w in zip(out["losses"], want["losses"]):
+        assert abs(l - w) < 1e-4 * (1 + abs(w)), f"{path}: loss {l} vs {w}"
+    assert sorted(out["gradients"]) == sorted(want["gradients"]) != [], path
+    worst = 0.0
+    for name, w in want["gradients"].items():
+        g, scale = out["gradients"][name], max(max(abs(v) for v in w), 1e-3)
+        assert len(g) == len(w), f"{path}: {name}"
+        worst = max(worst, max(abs(a - b) for a, b in zip(g, w)) / scale)
+    assert worst <= 1e-4, f"{path}: a gradient differs by {worst} of its largest value"
+    print(f"  rank {out['rank']} of {out['world']}: logits max difference {diff:.2e}, gradients {worst:.2e} "
+          f"(relative), bytes sent {out['bytes']}")
 PY
 }
 

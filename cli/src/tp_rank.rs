@@ -1,8 +1,10 @@
 //! `tandem tp-rank`: one rank of a tensor-parallel group, as its own process joined to the
 //! others over TCP (the CPU collectives): it shards the model, runs a fixed batch (prefill and
-//! greedy decode steps) and prints the logits of every step and the bytes it sent at each place
-//! in the model, as JSON. The parity tests run one process per rank and compare the logits with
-//! a group of one; the same run gives the communication figures.
+//! greedy decode steps, the sequences on two adapters and the base) and one training step over
+//! the prompts, and prints the logits of every step, the training losses and adapter
+//! gradients, and the bytes it sent at each place in the model, as JSON. The parity tests run
+//! one process per rank and compare with a group of one; the same run gives the communication
+//! figures.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use tandem_kernels::Device;
 use tandem_worker::adapters::AdapterSet;
 use tandem_worker::collective::{CollectiveOptions, TcpGroup};
 use tandem_worker::model::Model;
-use tandem_worker::model::probe::greedy_logits;
+use tandem_worker::model::probe::{adapter_gradients, greedy_logits, mixed_adapters};
+use tandem_worker::train::data::Example;
 
 #[derive(Args)]
 pub struct TpRankArgs {
@@ -44,22 +47,38 @@ pub fn run(args: TpRankArgs) -> Result<()> {
     let prompts = (args.prompts.split(';'))
         .map(|p| p.split(',').map(|t| t.trim().parse::<u32>().map_err(|e| anyhow!("--prompts {p:?}: {e}"))).collect())
         .collect::<Result<Vec<Vec<u32>>>>()?;
-    let model = if args.peers.len() > 1 {
+    let comm = if args.peers.len() > 1 {
         let timeout = Duration::from_secs(args.timeout_s.max(1));
         let options = CollectiveOptions { timeout, setup_timeout: timeout };
-        let comm = TcpGroup::join(args.rank, &args.peers, &options).map_err(|e| anyhow!("{e}"))?;
-        whole.shard(Arc::new(comm))?
+        Some(TcpGroup::join(args.rank, &args.peers, &options).map_err(|e| anyhow!("{e}"))?)
     } else {
-        whole
+        None
     };
-    let adapters = AdapterSet::new(Vec::new(), model.device)?;
-    let slots = vec![-1; prompts.len()];
-    let logits = greedy_logits(&model, &adapters, &prompts, &slots, args.steps)?;
+    // The adapters are made (seeded) against the whole model, then cut for this shard.
+    let adapters = mixed_adapters(&whole)?;
+    let model = match comm {
+        Some(comm) => whole.shard(Arc::new(comm))?,
+        None => whole,
+    };
+    let shards = adapters.iter().map(|a| model.shard_adapter(a)).collect::<Result<Vec<_>, _>>()?;
+    let set = AdapterSet::new(shards, model.device)?;
+    // Sequences on adapter 0, adapter 1 and the base, in turn.
+    let slots: Vec<i32> = (0..prompts.len()).map(|i| [0, 1, -1][i % 3]).collect();
+    let logits = greedy_logits(&model, &set, &prompts, &slots, args.steps)?;
+    // Training: each prompt predicts its next tokens, on adapters 0 and 1 in turn.
+    let examples: Vec<Example> = (prompts.iter())
+        .map(|p| Example { tokens: p.clone(), targets: p[1..].iter().map(|&t| t as i32).chain([-1]).collect() })
+        .collect();
+    let train_slots: Vec<usize> = (0..examples.len()).map(|i| i % 2).collect();
+    let (losses, gradients) = adapter_gradients(&model, &adapters, &examples, &train_slots)?;
+    let gradients: serde_json::Map<String, serde_json::Value> =
+        gradients.into_iter().map(|(name, g)| (name, json!(g))).collect();
     let traffic = model.tp.as_ref().and_then(|tp| tp.traffic.lock().ok().map(|t| t.clone())).unwrap_or_default();
     let bytes: serde_json::Map<String, serde_json::Value> =
         traffic.bytes.iter().map(|(site, b)| (format!("{site:?}").to_lowercase(), json!(b))).collect();
     let out = json!({
         "rank": args.rank, "world": args.peers.len().max(1), "logits": logits, "bytes": bytes,
+        "losses": losses, "gradients": gradients,
         "tokens": traffic.tokens, "logit_rows": traffic.logit_rows,
         "hidden_size": model.config.hidden_size, "layers": model.config.num_layers, "vocab_size": model.config.vocab_size,
     });

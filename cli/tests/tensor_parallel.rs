@@ -1,6 +1,7 @@
 //! Tensor parallelism across processes: `tandem tp-rank` processes, one per rank, joined over
-//! TCP on loopback, give the logits of a group of one (prefill and greedy decode steps), for the
-//! tiny dense and MoE models at degrees 2 and 4; a rank killed mid-run makes the others fail
+//! TCP on loopback, give the logits of a group of one (prefill and greedy decode steps, a batch
+//! mixing adapters) and its training losses and adapter gradients, for the tiny dense and MoE
+//! models at degrees 2 and 4; a rank killed mid-run makes the others fail
 //! with an error naming it, and a rank that never comes fails the set-up, both within their
 //! timeouts.
 
@@ -43,13 +44,33 @@ fn logits(v: &Value) -> Vec<Vec<f64>> {
     steps.iter().map(|s| s.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
 }
 
+/// The training losses and gradients of `out` are those of `want` (gradients within 1e-4 of
+/// each tensor's largest value).
+fn same_training(what: &str, out: &Value, want: &Value) {
+    let floats = |v: &Value| -> Vec<f64> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect() };
+    for (l, w) in floats(&out["losses"]).iter().zip(floats(&want["losses"])) {
+        assert!((l - w).abs() < 1e-4 * (1.0 + w.abs()), "{what}: loss {l} vs {w}");
+    }
+    let (got, want) = (out["gradients"].as_object().unwrap(), want["gradients"].as_object().unwrap());
+    assert!(!want.is_empty());
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}");
+    for (name, w) in want {
+        let (g, w) = (floats(&got[name]), floats(w));
+        assert_eq!(g.len(), w.len(), "{what}: {name}");
+        let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let diff = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff <= 1e-4 * scale.max(1e-3), "{what}: {name} differs by {diff} (largest {scale})");
+    }
+}
+
 fn parity(preset: &str) {
     let dir = common::scratch(&format!("tp-{preset}"));
     let model = dir.join(preset);
     let (ok, _, err) = common::tandem(&["init-model", "--preset", preset, "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
     let model = model.to_str().unwrap();
-    let want = logits(&group(model, 1)[0]);
+    let one = group(model, 1).remove(0);
+    let (want, want_training) = (logits(&one), one);
     for world in [2, 4] {
         for out in group(model, world) {
             let got = logits(&out);
@@ -58,8 +79,12 @@ fn parity(preset: &str) {
                 let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
                 assert!(diff < 1e-4, "{preset}, degree {world}, rank {}, step {step}: {diff}", out["rank"]);
             }
+            let what = format!("{preset}, degree {world}, rank {}", out["rank"]);
+            same_training(&what, &out, &want_training);
             // Every place in the model that communicates did.
-            for site in ["embedding", "attention", "mlp", "logits"] {
+            for site in
+                ["embedding", "attention", "mlp", "logits", "loss", "mlpbackward", "attentionbackward", "gradients"]
+            {
                 assert!(out["bytes"][site].as_u64().unwrap() > 0, "{out}");
             }
         }

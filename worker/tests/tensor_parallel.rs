@@ -2,7 +2,8 @@
 //! (threads joined by the in-process collectives) give the logits of the whole model, over a
 //! prefill of three sequences and a decode step that reads their cached keys and values, in a
 //! batch that mixes adapters (two LoRAs of different ranks and targets, an ESFT adapter on the
-//! MoE model, and the base); each rank sends what the ring's volume says.
+//! MoE model, and the base); each rank sends what the ring's volume says. One training step over
+//! such a batch gives every rank the whole model's adapter gradients, equal to a group of one's.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,47 +11,18 @@ mod common;
 
 use std::sync::Arc;
 
-use serde_json::json;
-use tandem_kernels::Tensor;
-use tandem_kernels::ops;
-use tandem_worker::adapters::esft::ExpertWeights;
-use tandem_worker::adapters::{Adapter, AdapterSet, EsftAdapter, LoraAdapter};
+use tandem_worker::adapters::{Adapter, AdapterSet};
 use tandem_worker::collective::LocalGroup;
 use tandem_worker::init_model::Preset;
 use tandem_worker::model::Model;
-use tandem_worker::model::probe::greedy_logits;
-use tandem_worker::model::weights::Mlp;
-use tandem_worker::rng::Xoshiro256;
+use tandem_worker::model::probe::{adapter_gradients, greedy_logits, mixed_adapters};
+use tandem_worker::train::data::Example;
 
 /// The adapter slot of each sequence (-1: the base model).
 const SLOTS: [i32; 3] = [0, 1, -1];
 
-/// Adapters of every kind the model takes, resolved against the whole model.
 fn adapters(model: &Model) -> Vec<Adapter> {
-    let mut rng = Xoshiro256::seed_from_u64(7);
-    let mut lora = |config: serde_json::Value| {
-        Adapter::Lora(LoraAdapter::init_random(&model.config, config, &mut rng, 0.5).unwrap())
-    };
-    let mut out = vec![
-        lora(json!({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})),
-        lora(json!({"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]})),
-    ];
-    if let Some(Mlp::Moe(m)) = model.weights.layers.first().map(|l| &l.mlp) {
-        // Experts 1 and 3 of layer 0 replaced by copies with doubled weights.
-        let expert = |t: &Tensor, e: u32| {
-            let w = ops::gather_rows(t, &[e]).unwrap();
-            let w = w.reshape(t.shape()[1..].to_vec()).unwrap();
-            ops::add(&w, &w).unwrap() // doubled
-        };
-        let experts = [1, 3].map(|e| {
-            (
-                (0, e as usize),
-                ExpertWeights { gate: expert(&m.gate, e), up: expert(&m.up, e), down: expert(&m.down, e) },
-            )
-        });
-        out[1] = Adapter::Esft(EsftAdapter { experts: experts.into_iter().collect() });
-    }
-    out
+    mixed_adapters(model).unwrap()
 }
 
 /// Three sequences (5, 9 and 3 tokens) prefilled, then two greedy decode steps: the logits
@@ -124,4 +96,70 @@ fn a_split_that_does_not_divide_is_refused() {
     let comm = LocalGroup::new(3).into_iter().next().unwrap();
     let err = model.shard(Arc::new(comm)).err().unwrap().to_string();
     assert!(err.contains("attention heads"), "{err}");
+}
+
+/// Four training sequences on the two adapters and the base (a prompt without targets, then
+/// targets), and the base model, under one mean loss.
+fn training_batch() -> (Vec<Example>, Vec<usize>) {
+    let example = |tokens: Vec<u32>, prompt: usize| {
+        let mut targets: Vec<i32> = tokens[1..].iter().map(|&t| t as i32).collect();
+        targets.push(-1);
+        targets[..prompt].fill(-1);
+        Example { tokens, targets }
+    };
+    let examples = vec![
+        example(vec![1, 17, 400, 3, 99, 12, 8], 2),
+        example(vec![5, 6, 7, 8, 9, 10, 11, 12, 511, 40], 3),
+        example(vec![300, 2, 77, 4], 0),
+        example(vec![9, 250, 31, 64, 2], 1),
+    ];
+    (examples, vec![0, 1, 0, 1])
+}
+
+fn gradients_match(preset: Preset) {
+    let model = Arc::new(common::model(preset));
+    let adapters = Arc::new(adapters(&model));
+    let (examples, slots) = training_batch();
+    let (want_losses, want) = adapter_gradients(&model, &adapters, &examples, &slots).unwrap();
+    // Every (layer, projection) of both adapters has a gradient, and not all of it is zero.
+    assert!(want.len() >= 2 * model.config.num_layers, "{preset:?}: {} gradients", want.len());
+    for (name, g) in &want {
+        assert!(g.iter().any(|&v| v != 0.0), "{preset:?}: {name} is all zeros");
+    }
+    for world in [2, 4] {
+        let ranks: Vec<_> = LocalGroup::new(world)
+            .into_iter()
+            .map(|comm| {
+                let (model, adapters, (examples, slots)) = (model.clone(), adapters.clone(), training_batch());
+                std::thread::spawn(move || {
+                    adapter_gradients(&model.shard(Arc::new(comm)).unwrap(), &adapters, &examples, &slots).unwrap()
+                })
+            })
+            .collect();
+        for (rank, handle) in ranks.into_iter().enumerate() {
+            let what = format!("{preset:?}, degree {world}, rank {rank}");
+            let (losses, got) = handle.join().unwrap();
+            for (l, w) in losses.iter().zip(&want_losses) {
+                assert!((l - w).abs() < 1e-4 * (1.0 + w.abs()), "{what}: loss {l} vs {w}");
+            }
+            assert_eq!(got.len(), want.len(), "{what}: gradients");
+            for ((name, g), (want_name, w)) in got.iter().zip(&want) {
+                assert_eq!(name, want_name, "{what}");
+                assert_eq!(g.len(), w.len(), "{what}: {name} is not the whole model's shape");
+                let scale = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(diff <= 1e-4 * scale.max(1e-3), "{what}: {name} differs by {diff} (largest {scale})");
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_shards_give_the_whole_models_adapter_gradients() {
+    gradients_match(Preset::Tiny);
+}
+
+#[test]
+fn moe_shards_give_the_whole_models_adapter_gradients() {
+    gradients_match(Preset::TinyMoe);
 }

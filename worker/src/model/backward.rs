@@ -12,6 +12,7 @@ use super::forward::{
     DENSE_PROJS, Dispatch, ExpertProjs, ForwardInput, KvCache, LayerActs, MlpActs, MoeActs, Rows, SHARED_PROJS,
     SwigluActs,
 };
+use super::tensor_parallel::Site;
 use super::weights::{DenseMlp, Linear, Mlp, MoeMlp};
 use crate::adapters::Proj;
 use crate::adapters::set::AdapterSet;
@@ -35,6 +36,17 @@ impl AdapterGrads {
         Ok(())
     }
 
+    /// Adds every gradient of `other` into this one.
+    fn add(&mut self, other: AdapterGrads) -> Result<()> {
+        for (key, (da, dbt)) in other.lora {
+            self.add_lora(key, da, dbt)?;
+        }
+        for (key, dw) in other.esft {
+            self.add_esft(key, dw)?;
+        }
+        Ok(())
+    }
+
     fn add_esft(&mut self, key: (usize, Proj), dw: Tensor) -> Result<()> {
         let sum = match self.esft.remove(&key) {
             Some(w) => ops::add(&w, &dw)?,
@@ -44,6 +56,9 @@ impl AdapterGrads {
         Ok(())
     }
 }
+
+/// Per-row losses, and the gradient w.r.t. the logits when one was asked for.
+type CrossEntropy = (Vec<f32>, Option<Tensor>);
 
 /// Rows of the LM head computed at once: the `[rows, vocab]` logits and their gradient are the
 /// largest activations of training, so they exist one chunk at a time (64 Mi floats).
@@ -66,9 +81,6 @@ impl Model {
     /// The final norm, LM head and cross-entropy over the rows with a target only (prompt rows
     /// cost nothing), chunk by chunk; with `dloss`, also the gradient w.r.t. `hidden`.
     fn lm_loss(&self, hidden: &Tensor, targets: &[i32], dloss: Option<&[f32]>) -> Result<(Vec<f32>, Option<Tensor>)> {
-        if self.tp.is_some() {
-            return Err(Error::Unsupported("the loss on a tensor-parallel shard (not yet)".into()));
-        }
         let (n, h) = (hidden.shape()[0], self.config.hidden_size);
         if targets.len() != n || dloss.is_some_and(|d| d.len() != n) {
             return Err(Error::InvalidRequest(format!("loss: targets or loss weights do not match the {n} rows")));
@@ -80,30 +92,41 @@ impl Model {
             Some(_) => Some(Tensor::zeros([n, h], hidden.dtype(), self.device)?),
             None => None,
         };
-        // Equal chunks, so the last one is not a small, slow GEMM.
+        // Equal chunks, so the last one is not a small, slow GEMM (every rank of a
+        // tensor-parallel group chunks alike: the chunk size comes from the whole vocabulary).
         let most = (LOGIT_CHUNK_ELEMS / self.config.vocab_size.max(1)).max(1);
         let chunk = rows.len().div_ceil(rows.len().div_ceil(most).max(1)).max(1);
         for part in rows.chunks(chunk) {
             let x = ops::gather_rows(hidden, part)?;
             let t: Vec<i32> = part.iter().map(|&r| targets[r as usize]).collect();
+            let w = dloss.map(|d| part.iter().map(|&r| d[r as usize]).collect::<Vec<f32>>());
             let normed = ops::rms_norm(&x, &self.weights.norm, eps)?;
             let logits = ops::matmul(&normed, self.lm_head(), false, true)?;
-            let (Some(dloss), Some(dh)) = (dloss, dhidden.as_mut()) else {
-                for (&r, l) in part.iter().zip(ops::cross_entropy(&logits, &t)?.to_vec_f32()?) {
-                    losses[r as usize] = l;
-                }
-                continue;
-            };
-            let w = Tensor::from_vec(part.iter().map(|&r| dloss[r as usize]).collect(), [part.len()])?;
-            let (part_losses, dlogits) = ops::cross_entropy_with_grad(logits, &t, &w.to_device(self.device)?)?;
-            for (&r, l) in part.iter().zip(part_losses.to_vec_f32()?) {
+            let (part_losses, dlogits) = self.cross_entropy(logits, &t, w.as_deref())?;
+            for (&r, l) in part.iter().zip(part_losses) {
                 losses[r as usize] = l;
             }
-            let dnormed = ops::matmul(&dlogits, self.lm_head(), false, false)?;
-            let (dx, _) = ops::rms_norm_backward(&x, &self.weights.norm, &dnormed, eps)?;
-            *dh = ops::add(dh, &ops::scatter_add_rows(&dx, part, n)?)?;
+            if let (Some(dlogits), Some(dh)) = (dlogits, dhidden.as_mut()) {
+                // Under tensor parallelism a partial sum over this rank's vocabulary columns.
+                let dnormed = ops::matmul(&dlogits, self.lm_head(), false, false)?;
+                let (dx, _) = ops::rms_norm_backward(&x, &self.weights.norm, &dnormed, eps)?;
+                *dh = ops::add(dh, &ops::scatter_add_rows(&dx, part, n)?)?;
+            }
         }
+        let dhidden = dhidden.map(|dh| self.all_reduce(dh, Site::Loss)).transpose()?;
         Ok((losses, dhidden))
+    }
+
+    /// Per-row cross-entropy of `logits` (this rank's vocabulary columns under tensor
+    /// parallelism) and, with `weights`, the gradient of their weighted sum w.r.t. the logits.
+    fn cross_entropy(&self, logits: Tensor, targets: &[i32], weights: Option<&[f32]>) -> Result<CrossEntropy> {
+        if self.tp.is_some() {
+            return self.vocab_parallel_cross_entropy(&logits, targets, weights);
+        }
+        let Some(w) = weights else { return Ok((ops::cross_entropy(&logits, targets)?.to_vec_f32()?, None)) };
+        let w = Tensor::from_vec(w.to_vec(), [w.len()])?.to_device(self.device)?;
+        let (losses, dlogits) = ops::cross_entropy_with_grad(logits, targets, &w)?;
+        Ok((losses.to_vec_f32()?, Some(dlogits)))
     }
 
     /// Backpropagates `dhidden` (the gradient of the last layer's output) through the layers
@@ -124,7 +147,8 @@ impl Model {
     }
 
     /// Runs up to `layers` more layers of `pending`, last layer first; `true` once it has been
-    /// through the first layer (the backward is complete).
+    /// through the first layer (the backward is complete): then the adapters' weight gradients
+    /// (the whole model's, under tensor parallelism) are added into `grads`.
     pub fn backward_layers(
         &self,
         pending: &mut PendingBackward,
@@ -134,12 +158,19 @@ impl Model {
         layers: usize,
     ) -> Result<bool> {
         let input = &pending.input;
-        let mut b = Backward { model: self, input, cache, rows: Rows { slots: &input.adapters, adapters }, grads };
+        let rows = Rows { slots: &input.adapters, adapters };
+        let mut b = Backward { model: self, input, cache, rows, grads: &mut pending.grads };
         for _ in 0..layers {
             let (Some(acts), Some(dx)) = (pending.tape.pop(), pending.dx.take()) else { break };
             pending.dx = Some(b.layer(pending.tape.len(), acts, dx)?);
         }
-        Ok(pending.tape.is_empty())
+        if !pending.tape.is_empty() {
+            return Ok(false);
+        }
+        // Under tensor parallelism the gradients are gathered once, at the end.
+        let done = self.gather_grads(std::mem::take(&mut pending.grads))?;
+        grads.add(done)?;
+        Ok(true)
     }
 }
 
@@ -151,15 +182,14 @@ pub struct PendingBackward {
     tape: Vec<LayerActs>,
     /// The gradient of the output of the last layer still to go.
     dx: Option<Tensor>,
+    /// The adapters' weight gradients of the layers done (this shard's).
+    grads: AdapterGrads,
 }
 
 impl PendingBackward {
     /// The backward of a forward pass over `input` (its rows only), from `dhidden`, the
     /// gradient of the last layer's output.
     pub fn new(model: &Model, input: ForwardInput, tape: Vec<LayerActs>, dhidden: Tensor) -> Result<Self> {
-        if model.tp.is_some() {
-            return Err(Error::Unsupported("the backward pass on a tensor-parallel shard (not yet)".into()));
-        }
         if tape.len() != model.weights.layers.len() {
             return Err(Error::InvalidRequest(format!(
                 "backward: {} layers of activations for {} layers",
@@ -167,7 +197,7 @@ impl PendingBackward {
                 model.weights.layers.len()
             )));
         }
-        Ok(PendingBackward { input, tape, dx: Some(dhidden) })
+        Ok(PendingBackward { input, tape, dx: Some(dhidden), grads: AdapterGrads::default() })
     }
 
     pub fn layers_left(&self) -> usize {
@@ -203,6 +233,9 @@ impl Backward<'_> {
             _ => return Err(Error::InvalidRequest(format!("backward: layer {l}'s activations are of another kind"))),
         };
         drop(mlp);
+        // Column-parallel gate and up (and the MoE block's replicated router, whose upstream
+        // gradient comes from row-parallel outputs) leave partial sums of dh on each rank.
+        let dh = model.all_reduce(dh, Site::MlpBackward)?;
         let dmid = ops::add(&dout, &ops::rms_norm_backward(&mid, &layer.post_attention_norm, &dh, c.rms_norm_eps)?.0)?;
 
         // Attention block: mid = x + o(attention(rope(q(norm(x))), rope(k(..)), v(..))).
@@ -226,6 +259,9 @@ impl Backward<'_> {
         let mut dh = self.linear(&h, &layer.q, l, Proj::Q, &dq)?;
         dh = ops::add(&dh, &self.linear(&h, &layer.k, l, Proj::K, &dk.reshape(kv)?)?)?;
         dh = ops::add(&dh, &self.linear(&h, &layer.v, l, Proj::V, &dv.reshape(kv)?)?)?;
+        // Column-parallel q, k and v: partial sums again (a KV head replicated on several
+        // ranks gets each rank's query heads' share, so the sum is whole).
+        let dh = model.all_reduce(dh, Site::AttentionBackward)?;
         Ok(ops::add(&dmid, &ops::rms_norm_backward(&x, &layer.input_norm, &dh, c.rms_norm_eps)?.0)?)
     }
 

@@ -29,9 +29,10 @@ use std::sync::{Arc, Mutex};
 
 use tandem_kernels::Tensor;
 
+use super::backward::AdapterGrads;
 use super::weights::{DenseMlp, Layer, Linear, Mlp, MoeMlp, Weights};
 use super::{Model, ModelConfig};
-use crate::adapters::{Adapter, Proj};
+use crate::adapters::{Adapter, ModuleKey, Proj};
 use crate::collective::{Collective, CollectiveError};
 use crate::error::{Error, Result};
 
@@ -41,6 +42,8 @@ pub struct TensorParallel {
     pub comm: Arc<dyn Collective>,
     /// What this rank holds of each split dimension.
     pub split: Split,
+    /// The whole model's configuration (the shard's own has its local sizes).
+    pub whole: Arc<ModelConfig>,
     /// Bytes this rank sent, by where in the model.
     pub traffic: Arc<Mutex<Traffic>>,
 }
@@ -56,6 +59,15 @@ pub enum Site {
     Mlp,
     /// The logits' all-gather.
     Logits,
+    /// Training: the vocabulary-parallel cross-entropy (per-row maxima and sums) and the
+    /// all-reduce of its gradient w.r.t. the hidden states.
+    Loss,
+    /// Backward: the all-reduce of the gradient of the MLP block's input (after gate and up).
+    MlpBackward,
+    /// Backward: the all-reduce of the gradient of the attention block's input (after q, k, v).
+    AttentionBackward,
+    /// Training: the all-reduce that gathers the adapters' weight gradients.
+    Gradients,
 }
 
 /// Bytes sent at each [`Site`], and the tokens and logit rows of the passes counted.
@@ -176,6 +188,21 @@ fn slice(t: &Tensor, axis: usize, range: Range<usize>) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, new_shape)?.into_dtype(t.dtype())?.to_device(t.device())?)
 }
 
+/// The inverse of [`slice`]: `t` placed at `range` of `axis` in zeros `full` long there. The
+/// gradients of a shard's slices go back into the whole model's shapes this way.
+fn widen(t: &Tensor, axis: usize, range: Range<usize>, full: usize) -> Result<Tensor> {
+    let shape = t.shape().to_vec();
+    let data = t.to_vec_f32()?;
+    let inner: usize = shape[axis + 1..].iter().product();
+    let mut out = vec![0.0; shape[..axis].iter().product::<usize>() * full * inner];
+    for (o, part) in data.chunks_exact((range.len() * inner).max(1)).enumerate() {
+        out[(o * full + range.start) * inner..][..part.len()].copy_from_slice(part);
+    }
+    let mut new_shape = shape;
+    new_shape[axis] = full;
+    Ok(Tensor::from_vec(out, new_shape)?.to_device(t.device())?)
+}
+
 fn column_parallel(lin: &Linear, rows: Range<usize>) -> Result<Linear> {
     Ok(Linear {
         weight: slice(&lin.weight, 0, rows.clone())?,
@@ -250,7 +277,7 @@ impl Model {
             norm: self.weights.norm.clone(),
             lm_head: self.weights.lm_head.as_ref().map(|h| slice(h, 0, sp.vocab.clone())).transpose()?,
         };
-        let tp = TensorParallel { comm, split: sp, traffic: Arc::default() };
+        let tp = TensorParallel { comm, split: sp, whole: Arc::new(c.clone()), traffic: Arc::default() };
         Ok(Model { config, weights, rope: self.rope.clone(), device: self.device, tp: Some(tp) })
     }
 
@@ -332,6 +359,122 @@ impl Model {
             }
         }
         Ok(Tensor::from_vec(out, [rows, vocab])?.to_device(self.device)?)
+    }
+}
+
+impl Model {
+    /// The whole model's adapter gradients from this shard's: each gradient of a slice is put
+    /// back at its place in the whole module's shape (zeros elsewhere) and the group sums them.
+    /// The sum also completes the gradients that are partial sums on every rank: LoRA's A of
+    /// column-parallel projections and B of row-parallel ones (their rank-r intermediate is a
+    /// partial sum), the replicated router and shared-expert gate (their upstream gradient comes
+    /// from row-parallel outputs), and B of KV heads replicated on several ranks. One
+    /// all-reduce for all of them; every rank ends with the same, whole gradients.
+    pub(super) fn gather_grads(&self, grads: AdapterGrads) -> Result<AdapterGrads> {
+        let Some(tp) = &self.tp else { return Ok(grads) };
+        let (sp, whole) = (&tp.split, &*tp.whole);
+        // Every rank ran the same rows through the same adapters and routing, so every rank has
+        // the same keys; sorted, they agree on the order.
+        let mut lora: Vec<_> = grads.lora.into_iter().collect();
+        lora.sort_by_key(|(key, _)| *key);
+        let mut esft: Vec<_> = grads.esft.into_iter().collect();
+        esft.sort_by_key(|(key, _)| *key);
+        let mut parts = Vec::new();
+        for ((layer, proj), (da, dbt)) in &lora {
+            let expert = whole.moe_at(*layer).is_some() && matches!(proj, Proj::Gate | Proj::Up | Proj::Down);
+            let (inputs, outputs) =
+                ModuleKey { layer: *layer, proj: *proj, expert: expert.then_some(0) }.features(whole);
+            parts.extend(match sp.of(*proj, expert) {
+                Some((true, rows)) => [da.clone(), widen(dbt, 1, rows, outputs)?],
+                Some((false, cols)) => [widen(da, 1, cols, inputs)?, dbt.clone()],
+                None => [da.clone(), dbt.clone()],
+            });
+        }
+        let inter = whole.moe.as_ref().map_or(0, |m| m.expert_intermediate);
+        for ((_, proj), dw) in &esft {
+            // Stacked experts: gate and up `[n, inter, hidden]`, down `[n, hidden, inter]`.
+            let axis = if *proj == Proj::Down { 2 } else { 1 };
+            parts.push(widen(dw, axis, sp.expert_inter.clone(), inter)?);
+        }
+        let mut summed = self.all_reduce_all(parts, Site::Gradients)?.into_iter();
+        let mut next = || summed.next().ok_or_else(|| Error::InvalidRequest("gradients ran out".into()));
+        let mut out = AdapterGrads::default();
+        for (key, _) in lora {
+            out.lora.insert(key, (next()?, next()?));
+        }
+        for (key, _) in esft {
+            out.esft.insert(key, next()?);
+        }
+        Ok(out)
+    }
+
+    /// Several tensors summed over the group in one all-reduce.
+    fn all_reduce_all(&self, tensors: Vec<Tensor>, site: Site) -> Result<Vec<Tensor>> {
+        let Some(tp) = &self.tp else { return Ok(tensors) };
+        let mut flat = Vec::with_capacity(tensors.iter().map(Tensor::elem_count).sum());
+        for t in &tensors {
+            flat.extend(t.to_vec_f32()?);
+        }
+        tp.counted(site, || tp.comm.all_reduce_sum(&mut flat))?;
+        let mut at = 0;
+        tensors
+            .iter()
+            .map(|t| {
+                at += t.elem_count();
+                let data = flat[at - t.elem_count()..at].to_vec();
+                Ok(Tensor::from_vec(data, t.shape().to_vec())?.to_device(self.device)?)
+            })
+            .collect()
+    }
+
+    /// Cross-entropy of rows whose logits are split by vocabulary over the group, without
+    /// gathering them (Megatron-LM's vocabulary-parallel cross-entropy): the ranks agree on
+    /// each row's maximum (an all-gather of one float per row), then sum the exponentials and
+    /// the target's logit (an all-reduce of two). `logits` are this rank's columns, `[rows,
+    /// vocab range]`; every target must be a token (>= 0). With `weights`, also the gradient
+    /// of `Σ weights[r] · loss[r]` w.r.t. this rank's logits.
+    pub(super) fn vocab_parallel_cross_entropy(
+        &self,
+        logits: &Tensor,
+        targets: &[i32],
+        weights: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Option<Tensor>)> {
+        let tp = self.tp.as_ref().ok_or_else(|| Error::InvalidRequest("not a tensor-parallel shard".into()))?;
+        let (rows, cols) = (logits.shape()[0], logits.shape()[1]);
+        let l = logits.to_vec_f32()?;
+        let row = |r: usize| &l[r * cols..(r + 1) * cols];
+        let local_max: Vec<f32> = (0..rows).map(|r| row(r).iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
+        let all_max = tp.counted(Site::Loss, || tp.comm.all_gather(&local_max))?;
+        let max: Vec<f32> = (0..rows)
+            .map(|r| all_max.iter().skip(r).step_by(rows).copied().fold(f32::NEG_INFINITY, f32::max))
+            .collect();
+        let vocab = &tp.split.vocab;
+        let local_col = |r: usize| {
+            let t = usize::try_from(targets[r]).ok()?;
+            vocab.contains(&t).then(|| t - vocab.start)
+        };
+        // Each row's Σ exp(logit - max), then its target's logit (on the rank that holds it).
+        let mut sums = vec![0.0f32; 2 * rows];
+        for r in 0..rows {
+            sums[r] = row(r).iter().map(|&v| (v - max[r]).exp()).sum();
+            if let Some(c) = local_col(r) {
+                sums[rows + r] = row(r)[c];
+            }
+        }
+        tp.counted(Site::Loss, || tp.comm.all_reduce_sum(&mut sums))?;
+        let losses: Vec<f32> = (0..rows).map(|r| sums[r].ln() + max[r] - sums[rows + r]).collect();
+        let Some(w) = weights else { return Ok((losses, None)) };
+        let mut grad = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            let g = &mut grad[r * cols..(r + 1) * cols];
+            for (g, &v) in g.iter_mut().zip(row(r)) {
+                *g = w[r] * (v - max[r]).exp() / sums[r];
+            }
+            if let Some(c) = local_col(r) {
+                g[c] -= w[r];
+            }
+        }
+        Ok((losses, Some(Tensor::from_vec(grad, [rows, cols])?.to_device(self.device)?)))
     }
 }
 

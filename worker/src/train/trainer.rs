@@ -45,8 +45,12 @@ impl<'m> Trainer<'m> {
         if running.is_empty() {
             return Ok(PassReport::default());
         }
-        let set =
-            AdapterSet::new(running.iter().map(|&(j, _)| self.jobs[j].weights.adapter()).collect(), self.model.device)?;
+        // Every job keeps its whole adapter; a tensor-parallel shard runs its cut of it (the
+        // gradients come back whole, so the optimizer step is the same on every rank).
+        let shards = (running.iter())
+            .map(|&(j, _)| self.model.shard_adapter(&self.jobs[j].weights.adapter()))
+            .collect::<Result<Vec<_>>>()?;
+        let set = AdapterSet::new(shards, self.model.device)?;
         let mut seqs = Vec::new();
         for (slot, (j, mb)) in running.iter().enumerate() {
             for &i in &mb.examples {
@@ -77,7 +81,7 @@ impl<'m> Trainer<'m> {
 
 /// Mean token loss of `adapter` over `model` on `examples` (validation).
 pub fn validation_loss(model: &Model, adapter: Adapter, examples: &[Example]) -> Result<f64> {
-    let set = AdapterSet::new(vec![adapter], model.device)?;
+    let set = AdapterSet::new(vec![model.shard_adapter(&adapter)?], model.device)?;
     let (mut sum, mut count) = (0.0, 0);
     for chunk in examples.chunks(EVAL_BATCH) {
         let seqs: Vec<TrainSeq<'_>> =
