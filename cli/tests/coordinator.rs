@@ -161,7 +161,12 @@ impl Group {
 
     /// Registers worker `name` through coordinator `via`.
     fn register(&self, via: u64, name: &str) {
-        let command = StateCommand::RegisterWorker { id: name.into(), addr: format!("{name}:1"), gpus: vec![] };
+        let command = StateCommand::RegisterWorker {
+            id: name.into(),
+            addr: format!("{name}:1"),
+            gpus: vec![],
+            collective_addr: String::new(),
+        };
         assert_eq!(self.propose(via, &format!("register-{name}"), command), r#"{"result":"done"}"#);
     }
 
@@ -278,8 +283,7 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let url = format!("http://{}", g.addrs[&follower]);
     let mut client = rt.block_on(ClusterClient::connect(url)).unwrap();
     // Registered through a follower (forwarded to the leader).
-    let reg =
-        RegisterWorkerRequest { worker_id: "gpu-box".into(), addr: "10.0.0.9:7500".into(), gpus_json: String::new() };
+    let reg = RegisterWorkerRequest { worker_id: "gpu-box".into(), addr: "10.0.0.9:7500".into(), ..Default::default() };
     let lease = rt.block_on(client.register_worker(reg.clone())).unwrap().into_inner().lease_ms;
     assert_eq!(lease, 600);
     let spare = RegisterWorkerRequest { worker_id: "spare".into(), ..reg.clone() };
@@ -343,7 +347,12 @@ fn a_partitioned_leader_steps_down_and_the_majority_goes_on() {
     let new = g.leader_among(&rest);
     g.register(new, "w2");
     // No split brain: the cut-off coordinator acknowledges no write and serves no read.
-    let command = StateCommand::RegisterWorker { id: "lost".into(), addr: "x:1".into(), gpus: vec![] };
+    let command = StateCommand::RegisterWorker {
+        id: "lost".into(),
+        addr: "x:1".into(),
+        gpus: vec![],
+        collective_addr: String::new(),
+    };
     assert!(g.try_propose(old, "register-lost", &command).is_err());
     assert!(g.status(old).unwrap()["workers"].is_null());
     // Healed, it follows the new leader and has the majority's writes, not its own.

@@ -262,7 +262,18 @@ impl Cluster for ClusterService {
         }
         let gpus: Vec<Gpu> = serde_json::from_str(if req.gpus_json.is_empty() { "[]" } else { &req.gpus_json })
             .map_err(|e| Status::invalid_argument(format!("gpus: {e}")))?;
-        let command = Command::RegisterWorker { id: req.worker_id.clone(), addr: req.addr, gpus };
+        if req.collective_addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Status::invalid_argument(format!(
+                "collective address {:?} is not HOST:PORT",
+                req.collective_addr
+            )));
+        }
+        let command = Command::RegisterWorker {
+            id: req.worker_id.clone(),
+            addr: req.addr,
+            gpus,
+            collective_addr: req.collective_addr,
+        };
         let p = Proposal::new(fresh_id(&format!("register-{}", req.worker_id)), command);
         match self.store.propose(p, REQUEST_TIMEOUT).await.map_err(status_of)? {
             Reply::Refused { reason } => Err(Status::failed_precondition(reason)),
@@ -283,11 +294,11 @@ impl Cluster for ClusterService {
             return Err(Status::not_found(format!("worker {:?} has no lease: register again", req.worker_id)));
         }
         self.leases.renew(&req.worker_id);
-        let assignments =
-            serde_json::to_string(&state.assignments(&req.worker_id)).map_err(|e| Status::internal(e.to_string()))?;
+        let internal = |e: serde_json::Error| Status::internal(e.to_string());
         Ok(Response::new(HeartbeatResponse {
             lease_ms: self.leases.lease.as_millis() as u64,
-            assignments_json: assignments,
+            assignments_json: serde_json::to_string(&state.assignments(&req.worker_id)).map_err(internal)?,
+            groups_json: serde_json::to_string(&state.memberships(&req.worker_id)).map_err(internal)?,
         }))
     }
 

@@ -25,6 +25,11 @@ pub struct Worker {
     pub addr: String,
     pub gpus: Vec<Gpu>,
     pub alive: bool,
+    /// Where it listens for its worker groups' collectives (HOST:PORT). Empty: it serves whole
+    /// models only; otherwise it is a group worker: it serves only as a rank of a group, and
+    /// the scheduler gives it no fine-tuning job.
+    #[serde(default)]
+    pub collective_addr: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +162,40 @@ pub struct Placement {
     pub workers: Vec<String>,
     /// Adapters resident on the group: (tenant, name).
     pub adapters: Vec<(String, String)>,
+    /// The group's formation: bumped whenever its membership changes or it is formed again
+    /// after a failure, so members re-join and reports about an older formation are refused.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Rank 0 reported that every rank joined at `epoch`: the gateway may route to it.
+    #[serde(default)]
+    pub formed: bool,
+}
+
+impl Placement {
+    /// A placement of `model` over `workers` (rank order), not formed yet.
+    pub fn new(model: impl Into<String>, workers: Vec<String>) -> Self {
+        Placement { model: model.into(), workers, adapters: Vec::new(), epoch: 0, formed: false }
+    }
+
+    /// The membership changed (or must be formed again): members re-join at the next epoch.
+    fn reform(&mut self) {
+        self.epoch += 1;
+        self.formed = false;
+    }
+}
+
+/// A worker's place in a worker group, as its heartbeat tells it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub group: String,
+    pub epoch: u64,
+    /// Its rank: 0 runs the engine's scheduler, the others follow its batch plans.
+    pub rank: usize,
+    pub model: String,
+    /// Where the base model's checkpoint is (the catalogue's uri; empty if not registered).
+    pub model_uri: String,
+    /// Every rank's collective address, in rank order.
+    pub peers: Vec<String>,
 }
 
 /// A change to the state.
@@ -167,10 +206,13 @@ pub enum Command {
         id: String,
         addr: String,
         gpus: Vec<Gpu>,
+        /// Its collective address: a group worker (see [`Worker::collective_addr`]).
+        #[serde(default)]
+        collective_addr: String,
     },
     /// Its lease expired: its jobs go back to the queue (from their last checkpoint) and its
-    /// place in each worker group goes to the alive worker holding the fewest shards (the group
-    /// is dropped when there is none).
+    /// place in each worker group goes to the alive worker holding the fewest shards, group
+    /// workers first, at the group's next epoch (the group is dropped when there is none).
     MarkWorkerDead {
         id: String,
     },
@@ -232,6 +274,28 @@ pub enum Command {
     },
     RemovePlacement {
         group: String,
+    },
+    /// Places base `model` as a tensor-parallel group of `size` ranks over the alive group
+    /// workers that are in no group yet (by id), at epoch 1.
+    CreateGroup {
+        group: String,
+        model: String,
+        size: usize,
+    },
+    /// A member of `group` saw the group's collectives fail at `epoch`; `blame` is the rank
+    /// the error named, if it named one. The group is formed again at the next epoch, with the
+    /// blamed rank (and any dead member) replaced by a spare group worker where there is one.
+    /// Refused for another epoch: the failure of an older formation is old news.
+    GroupFailed {
+        group: String,
+        epoch: u64,
+        #[serde(default)]
+        blame: Option<usize>,
+    },
+    /// Rank 0 of `group` is connected to every rank at `epoch`: the group serves.
+    GroupFormed {
+        group: String,
+        epoch: u64,
     },
 }
 
@@ -399,8 +463,8 @@ impl ClusterState {
 
     fn execute(&mut self, command: &Command, at: u64) -> Reply {
         match command.clone() {
-            Command::RegisterWorker { id, addr, gpus } => {
-                self.workers.insert(id, Worker { addr, gpus, alive: true });
+            Command::RegisterWorker { id, addr, gpus, collective_addr } => {
+                self.workers.insert(id, Worker { addr, gpus, alive: true, collective_addr });
                 Reply::Done
             }
             Command::MarkWorkerDead { id } => self.worker_died(&id, at),
@@ -539,6 +603,16 @@ impl ClusterState {
                 Some(_) => Reply::Done,
                 None => refused(format!("no placement {group:?}")),
             },
+            Command::CreateGroup { group, model, size } => self.create_group(group, model, size),
+            Command::GroupFailed { group, epoch, blame } => self.group_failed(&group, epoch, blame),
+            Command::GroupFormed { group, epoch } => match self.placements.get_mut(&group) {
+                Some(p) if p.epoch == epoch => {
+                    p.formed = true;
+                    Reply::Done
+                }
+                Some(p) => refused(format!("stale formation: epoch {epoch}, group {group:?} is at epoch {}", p.epoch)),
+                None => refused(format!("no group {group:?}")),
+            },
             Command::CreateApiKey { tenant, key_sha256 } => {
                 if let Err(e) = check_tenant(&tenant) {
                     return refused(e);
@@ -603,12 +677,17 @@ impl ClusterState {
         let groups: Vec<String> =
             self.placements.iter().filter(|(_, p)| p.workers.iter().any(|w| w == id)).map(|(g, _)| g.clone()).collect();
         for group in groups {
-            let replacement =
-                self.least_loaded(|w| self.shards_on(w), |w| !self.placements[&group].workers.contains(w));
+            // Group workers first: only they can join a group's collectives.
+            let members = &self.placements[&group].workers;
+            let replacement = self.least_loaded(
+                |w| (self.workers[w].collective_addr.is_empty(), self.shards_on(w)),
+                |w| !members.contains(w),
+            );
             match replacement {
                 Some(r) => {
                     if let Some(p) = self.placements.get_mut(&group) {
                         p.workers.iter_mut().filter(|w| *w == id).for_each(|w| *w = r.clone());
+                        p.reform();
                     }
                 }
                 None => drop(self.placements.remove(&group)),
@@ -617,8 +696,83 @@ impl ClusterState {
         Reply::Done
     }
 
+    /// Group workers alive and in no group, by id: those a group may take.
+    fn spares(&self) -> Vec<String> {
+        (self.workers.iter())
+            .filter(|(id, w)| w.alive && !w.collective_addr.is_empty() && self.shards_on(id) == 0)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn create_group(&mut self, group: String, model: String, size: usize) -> Reply {
+        if let Err(e) = check_name("group", &group) {
+            return refused(e);
+        }
+        if self.placements.contains_key(&group) {
+            return refused(format!("group {group:?} exists already"));
+        }
+        if !self.models.contains_key(&model) {
+            return refused(format!("unknown base model {model:?}"));
+        }
+        let spares = self.spares();
+        if size == 0 || spares.len() < size {
+            return refused(format!(
+                "a group of {size} ranks needs {size} alive group workers (with a collective address) in no \
+                 group; there are {}",
+                spares.len()
+            ));
+        }
+        let mut placement = Placement::new(model, spares.into_iter().take(size).collect());
+        placement.reform();
+        self.placements.insert(group, placement);
+        Reply::Done
+    }
+
+    fn group_failed(&mut self, group: &str, epoch: u64, blame: Option<usize>) -> Reply {
+        let Some(p) = self.placements.get(group) else { return refused(format!("no group {group:?}")) };
+        if p.epoch != epoch {
+            return refused(format!("stale formation: epoch {epoch}, group {group:?} is at epoch {}", p.epoch));
+        }
+        // The blamed rank and every member that cannot take part any more give way to spares.
+        let unfit = |rank: usize, w: &String| {
+            Some(rank) == blame || !self.workers.get(w).is_some_and(|w| w.alive && !w.collective_addr.is_empty())
+        };
+        let out: Vec<usize> = p.workers.iter().enumerate().filter(|(r, w)| unfit(*r, w)).map(|(r, _)| r).collect();
+        let mut spares = self.spares().into_iter();
+        let mut workers = p.workers.clone();
+        for rank in out {
+            if let Some(s) = spares.next() {
+                workers[rank] = s;
+            }
+        }
+        if let Some(p) = self.placements.get_mut(group) {
+            p.workers = workers;
+            p.reform();
+        }
+        Reply::Done
+    }
+
+    /// The worker groups worker `id` is a member of, with its rank in each.
+    pub fn memberships(&self, id: &str) -> Vec<Membership> {
+        let mut out = Vec::new();
+        for (group, p) in &self.placements {
+            for (rank, _) in p.workers.iter().enumerate().filter(|(_, w)| *w == id) {
+                let addr = |w: &String| self.workers.get(w).map(|w| w.collective_addr.clone()).unwrap_or_default();
+                out.push(Membership {
+                    group: group.clone(),
+                    epoch: p.epoch,
+                    rank,
+                    model: p.model.clone(),
+                    model_uri: self.models.get(&p.model).map(|m| m.uri.clone()).unwrap_or_default(),
+                    peers: p.workers.iter().map(addr).collect(),
+                });
+            }
+        }
+        out
+    }
+
     /// The alive worker `eligible` allows with the least `load` (ties: the first by id).
-    fn least_loaded(&self, load: impl Fn(&str) -> usize, eligible: impl Fn(&String) -> bool) -> Option<String> {
+    fn least_loaded<L: Ord>(&self, load: impl Fn(&str) -> L, eligible: impl Fn(&String) -> bool) -> Option<String> {
         (self.workers.iter())
             .filter(|(w, info)| info.alive && eligible(w))
             .min_by_key(|(w, _)| load(w))
@@ -632,7 +786,8 @@ impl ClusterState {
 
     /// The scheduler's next moves: each queued job onto the alive worker with the fewest jobs
     /// placed or running (counting the moves before it), preferring workers that have the job's
-    /// base model loaded. Pure: the leader proposes them as [`Command::PlaceJob`]s.
+    /// base model loaded; group workers get none. Pure: the leader proposes them as
+    /// [`Command::PlaceJob`]s.
     pub fn schedule(&self) -> Vec<(String, String)> {
         let mut jobs_on: BTreeMap<String, usize> = BTreeMap::new();
         for job in self.jobs.values().filter(|j| matches!(j.status, JobStatus::Placed | JobStatus::Running)) {
@@ -643,8 +798,9 @@ impl ClusterState {
         let mut moves = Vec::new();
         for (id, job) in self.jobs.iter().filter(|(_, j)| j.status == JobStatus::Queued) {
             let has_model = |w: &str| self.workers[w].gpus.iter().any(|g| g.models.contains(&job.base_model));
+            // Group workers run no fine-tuning yet (see docs/tensor_parallel.md).
             let best = (self.workers.iter())
-                .filter(|(_, info)| info.alive)
+                .filter(|(_, info)| info.alive && info.collective_addr.is_empty())
                 .min_by_key(|(w, _)| (!has_model(w), jobs_on.get(*w).copied().unwrap_or(0)))
                 .map(|(w, _)| w.clone());
             let Some(worker) = best else { break };

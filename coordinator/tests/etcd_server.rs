@@ -67,7 +67,12 @@ async fn coordinators_over_etcd_share_the_state_and_one_keeps_the_leases() {
 
     // Registered through one, heartbeats through the other: whichever is not the scheduler
     // forwards to the one that is, and the lease holds.
-    let reg = RegisterWorkerRequest { worker_id: "w1".into(), addr: "10.0.0.1:7500".into(), gpus_json: String::new() };
+    let reg = RegisterWorkerRequest {
+        worker_id: "w1".into(),
+        addr: "10.0.0.1:7500".into(),
+        gpus_json: String::new(),
+        collective_addr: String::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Err(e) = a.register_worker(reg.clone()).await {
         assert!(Instant::now() < deadline, "no scheduler elected: {e}");

@@ -35,7 +35,7 @@ impl Log {
 
 fn worker(id: &str) -> Command {
     let gpus = vec![Gpu { index: 0, memory_bytes: 80 << 30, models: vec!["m".into()] }];
-    Command::RegisterWorker { id: id.into(), addr: format!("{id}:7000"), gpus }
+    Command::RegisterWorker { id: id.into(), addr: format!("{id}:7000"), gpus, collective_addr: String::new() }
 }
 
 fn cluster() -> Log {
@@ -91,10 +91,7 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     assert_eq!(log.apply(report(1, JobReport::Running { step: 0 })), Reply::Done);
     let ckpt = JobReport::Checkpoint { step: 40, uri: "/ckpt/j/step-000040".into() };
     assert_eq!(log.apply(report(1, ckpt)), Reply::Done);
-    log.apply(Command::SetPlacement {
-        group: "g1".into(),
-        placement: Placement { model: "m".into(), workers: vec!["w1".into()], adapters: vec![] },
-    });
+    log.apply(Command::SetPlacement { group: "g1".into(), placement: Placement::new("m", vec!["w1".into()]) });
 
     // w1's lease expires: the job goes back to the queue, keeping its checkpoint; w1's shard
     // moves to w2, the only other worker alive.
@@ -147,10 +144,7 @@ fn bad_commands_are_refused_without_changing_the_state() {
         Command::DeleteAdapter { tenant: "t".into(), name: "nope".into() },
         Command::MarkWorkerDead { id: "nope".into() },
         Command::RemovePlacement { group: "nope".into() },
-        Command::SetPlacement {
-            group: "g".into(),
-            placement: Placement { model: "m".into(), workers: vec!["nope".into()], adapters: vec![] },
-        },
+        Command::SetPlacement { group: "g".into(), placement: Placement::new("m", vec!["nope".into()]) },
     ];
     for command in bad {
         let reply = log.apply(command.clone());
@@ -216,7 +210,12 @@ fn replicas_agree_and_a_snapshot_restores_exactly() {
 fn the_scheduler_spreads_queued_jobs_and_prefers_workers_with_the_model() {
     let mut log = cluster();
     // w3 is alive but has no copy of the base model loaded.
-    log.apply(Command::RegisterWorker { id: "w3".into(), addr: "w3:7000".into(), gpus: vec![] });
+    log.apply(Command::RegisterWorker {
+        id: "w3".into(),
+        addr: "w3:7000".into(),
+        gpus: vec![],
+        collective_addr: String::new(),
+    });
     for j in ["a", "b", "c", "d"] {
         log.apply(submit(j));
     }
@@ -305,4 +304,94 @@ fn keys_files_and_names_are_checked() {
     assert!(matches!(log.apply(delete("bob")), Reply::Refused { .. }));
     assert_eq!(log.apply(delete("alice")), Reply::Done);
     assert!(log.state.files.is_empty());
+}
+
+/// A group worker: no whole model, a collective address.
+fn group_worker(id: &str) -> Command {
+    Command::RegisterWorker {
+        id: id.into(),
+        addr: format!("{id}:7000"),
+        gpus: vec![],
+        collective_addr: format!("{id}:7100"),
+    }
+}
+
+#[test]
+fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
+    let mut log = cluster();
+    for w in ["g1", "g2", "g3"] {
+        assert_eq!(log.apply(group_worker(w)), Reply::Done);
+    }
+    let create = |group: &str, size| Command::CreateGroup { group: group.into(), model: "m".into(), size };
+    // Too many ranks, an unknown model, a bad name: refused, nothing placed.
+    for bad in [
+        create("tp", 4),
+        create("tp", 0),
+        create("bad/name", 2),
+        Command::CreateGroup { group: "tp".into(), model: "nope".into(), size: 2 },
+    ] {
+        assert!(matches!(log.apply(bad.clone()), Reply::Refused { .. }), "{bad:?}");
+    }
+    assert!(log.state.placements.is_empty());
+    // Only group workers take ranks, by id; the whole-model workers w1, w2 are not among them.
+    assert_eq!(log.apply(create("tp", 2)), Reply::Done);
+    let p = &log.state.placements["tp"];
+    assert_eq!((p.workers.clone(), p.epoch, p.formed), (vec!["g1".to_string(), "g2".to_string()], 1, false));
+    assert!(matches!(log.apply(create("tp", 1)), Reply::Refused { .. }), "the name is taken");
+    // What each member's heartbeat says: its rank and every rank's collective address.
+    let m = log.state.memberships("g2");
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].rank, m[0].epoch, m[0].model_uri.as_str()), (1, 1, "/models/m"));
+    assert_eq!(m[0].peers, vec!["g1:7100".to_string(), "g2:7100".to_string()]);
+    assert!(log.state.memberships("g3").is_empty());
+
+    // Rank 0 formed it; a report for another epoch is refused.
+    let formed = |epoch| Command::GroupFormed { group: "tp".into(), epoch };
+    assert!(matches!(log.apply(formed(2)), Reply::Refused { .. }));
+    assert_eq!(log.apply(formed(1)), Reply::Done);
+    assert!(log.state.placements["tp"].formed);
+
+    // Rank 0 saw rank 1 fail: g3, the spare, takes rank 1 at epoch 2. The same failure
+    // reported again (by another rank, or a retry) is stale and changes nothing.
+    let failed = |epoch, blame| Command::GroupFailed { group: "tp".into(), epoch, blame };
+    assert_eq!(log.apply(failed(1, Some(1))), Reply::Done);
+    let p = log.state.placements["tp"].clone();
+    assert_eq!((p.workers.clone(), p.epoch, p.formed), (vec!["g1".to_string(), "g3".to_string()], 2, false));
+    assert!(matches!(log.apply(failed(1, Some(0))), Reply::Refused { .. }));
+    assert_eq!(log.state.placements["tp"], p);
+    // g2's lease runs out later: it is in no group any more, nothing moves.
+    assert_eq!(log.apply(Command::MarkWorkerDead { id: "g2".into() }), Reply::Done);
+    assert_eq!(log.state.placements["tp"], p);
+    // A failure with no spare left (and no blame): the same members try again, next epoch.
+    assert_eq!(log.apply(failed(2, None)), Reply::Done);
+    assert_eq!(log.state.placements["tp"].workers, p.workers);
+    assert_eq!(log.state.placements["tp"].epoch, 3);
+    // A member's lease runs out: g2 is back as a spare and takes its rank, next epoch.
+    assert_eq!(log.apply(group_worker("g2")), Reply::Done);
+    assert_eq!(log.apply(Command::MarkWorkerDead { id: "g1".into() }), Reply::Done);
+    let p = &log.state.placements["tp"];
+    assert_eq!((p.workers.clone(), p.epoch), (vec!["g2".to_string(), "g3".to_string()], 4));
+
+    // Group workers get no fine-tuning jobs: only w1 and w2 are scheduled.
+    for j in ["a", "b", "c"] {
+        log.apply(submit(j));
+    }
+    assert!(log.state.schedule().iter().all(|(_, w)| w == "w1" || w == "w2"), "{:?}", log.state.schedule());
+    // The state with groups survives a snapshot.
+    let restored = ClusterState::restore(&log.state.snapshot().unwrap()).unwrap();
+    assert_eq!(restored, log.state);
+}
+
+#[test]
+fn a_state_from_before_groups_reads_with_no_epoch_and_no_collective_address() {
+    let old = json!({
+        "applied": 3,
+        "workers": {"w1": {"addr": "w1:7000", "gpus": [], "alive": true}},
+        "models": {}, "adapters": {}, "jobs": {},
+        "placements": {"g": {"model": "m", "workers": ["w1"], "adapters": []}},
+        "replies": {}, "reply_order": [],
+    });
+    let state = ClusterState::restore(old.to_string().as_bytes()).unwrap();
+    assert_eq!(state.workers["w1"].collective_addr, "");
+    assert_eq!((state.placements["g"].epoch, state.placements["g"].formed), (0, false));
 }

@@ -34,7 +34,7 @@ async fn propose(store: &Store, request_id: &str, command: Command) -> Reply {
 
 fn worker(id: &str) -> Command {
     let gpus = vec![Gpu { index: 0, memory_bytes: 80 << 30, models: vec!["m".into()] }];
-    Command::RegisterWorker { id: id.into(), addr: format!("{id}:7000"), gpus }
+    Command::RegisterWorker { id: id.into(), addr: format!("{id}:7000"), gpus, collective_addr: String::new() }
 }
 
 fn put_adapter(tenant: &str, uri: &str) -> Command {
@@ -77,7 +77,7 @@ async fn suite(store: &Store) {
     assert_eq!(propose(store, "running-1", report(1, JobReport::Running { step: 0 })).await, Reply::Done);
     let ckpt = JobReport::Checkpoint { step: 10, uri: "/ckpt/10".into() };
     assert_eq!(propose(store, "ckpt-1", report(1, ckpt)).await, Reply::Done);
-    let placement = Placement { model: "m".into(), workers: vec!["w1".into()], adapters: vec![] };
+    let placement = Placement::new("m", vec!["w1".into()]);
     let set = Command::SetPlacement { group: "g1".into(), placement };
     assert_eq!(propose(store, "placement", set).await, Reply::Done);
 

@@ -387,7 +387,8 @@ pub async fn keep_lease(
     assignments: tokio::sync::watch::Sender<String>,
 ) {
     let gpus = serde_json::json!([{ "index": 0, "memory_bytes": 0, "models": [model] }]).to_string();
-    let register = RegisterWorkerRequest { worker_id: id.clone(), addr, gpus_json: gpus };
+    let register =
+        RegisterWorkerRequest { worker_id: id.clone(), addr, gpus_json: gpus, collective_addr: String::new() };
     let mut registered = false;
     let mut pause = Duration::from_millis(500);
     loop {
