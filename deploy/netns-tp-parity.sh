@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tensor-parallel ranks as separate hosts would be: each `tandem tp-rank` in its own network
 # namespace, joined to the others by a veth link to one bridge (10.99.0.0/24), must give the
-# logits, training losses and adapter gradients of a group of one (within 1e-4), dense and MoE,
-# at degrees 2 and 4. Needs root (CAP_NET_ADMIN) and iproute2; `.ci/run` runs it.
+# logits, training losses and adapter gradients of a group of one (within 1e-4), dense and MoE
+# (experts split inside, and whole experts per rank), at degrees 2 and 4. Needs root (CAP_NET_ADMIN) and iproute2; `.ci/run` runs it.
 # Usage: deploy/netns-tp-parity.sh [path/to/tandem]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,23 +66,25 @@ for path in sys.argv[2:]:
 PY
 }
 
-for preset in tiny tiny-moe; do
+# Each run: a name, the preset, and how a MoE model's experts are split.
+for run in "tiny tiny intermediate" "tiny-moe tiny-moe intermediate" "tiny-moe-ep tiny-moe experts"; do
+    read -r name preset moe_split <<<"$run"
     model=$work/$preset
-    "$bin" init-model --preset "$preset" --out "$model" >/dev/null
-    "$bin" tp-rank --model "$model" > "$work/$preset-ref.json"
+    [ -d "$model" ] || "$bin" init-model --preset "$preset" --out "$model" >/dev/null
+    "$bin" tp-rank --model "$model" --moe-split "$moe_split" > "$work/$name-ref.json"
     for world in 2 4; do
         hosts "$world"
         peers=$(for ((i = 0; i < world; i++)); do printf '10.99.0.%d:7700,' $((i + 1)); done)
         peers=${peers%,}
         pids=()
         for ((i = 0; i < world; i++)); do
-            ip netns exec "tandem-r$i" "$bin" tp-rank --model "$model" --rank "$i" --peers "$peers" \
-                --timeout-s 20 > "$work/$preset-$world-$i.json" &
+            ip netns exec "tandem-r$i" "$bin" tp-rank --model "$model" --moe-split "$moe_split" --rank "$i" \
+                --peers "$peers" --timeout-s 20 > "$work/$name-$world-$i.json" &
             pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid"; done
-        echo "netns: $preset, degree $world, ranks in $world network namespaces:"
-        compare "$work/$preset-ref.json" "$work/$preset-$world-"*.json
+        echo "netns: $name, degree $world, ranks in $world network namespaces:"
+        compare "$work/$name-ref.json" "$work/$name-$world-"*.json
     done
 done
 echo "netns: tensor-parallel parity across network namespaces passed"

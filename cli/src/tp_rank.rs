@@ -16,8 +16,8 @@ use serde_json::json;
 use tandem_kernels::Device;
 use tandem_worker::adapters::AdapterSet;
 use tandem_worker::collective::{CollectiveOptions, TcpGroup};
-use tandem_worker::model::Model;
 use tandem_worker::model::probe::{adapter_gradients, greedy_logits, mixed_adapters};
+use tandem_worker::model::{Model, MoeSplit};
 use tandem_worker::train::data::Example;
 
 #[derive(Args)]
@@ -37,6 +37,10 @@ pub struct TpRankArgs {
     /// Greedy decode steps after the prefill.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// How a MoE model's experts are split: `intermediate` (tensor parallelism inside every
+    /// expert) or `experts` (expert parallelism: whole experts per rank, tokens sent to them).
+    #[arg(long, default_value = "intermediate", value_parser = parse_moe_split)]
+    moe_split: MoeSplit,
     /// How long a collective (and the group's set-up) may wait for a peer.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
@@ -57,7 +61,7 @@ pub fn run(args: TpRankArgs) -> Result<()> {
     // The adapters are made (seeded) against the whole model, then cut for this shard.
     let adapters = mixed_adapters(&whole)?;
     let model = match comm {
-        Some(comm) => whole.shard(Arc::new(comm))?,
+        Some(comm) => whole.shard_with(Arc::new(comm), args.moe_split)?,
         None => whole,
     };
     let shards = adapters.iter().map(|a| model.shard_adapter(a)).collect::<Result<Vec<_>, _>>()?;
@@ -65,11 +69,13 @@ pub fn run(args: TpRankArgs) -> Result<()> {
     // Sequences on adapter 0, adapter 1 and the base, in turn.
     let slots: Vec<i32> = (0..prompts.len()).map(|i| [0, 1, -1][i % 3]).collect();
     let logits = greedy_logits(&model, &set, &prompts, &slots, args.steps)?;
-    // Training: each prompt predicts its next tokens, on adapters 0 and 1 in turn.
+    // Training: each prompt predicts its next tokens, on adapters 0 and 1 in turn (on the LoRA
+    // alone under expert parallelism, which does not train ESFT experts yet).
     let examples: Vec<Example> = (prompts.iter())
         .map(|p| Example { tokens: p.clone(), targets: p[1..].iter().map(|&t| t as i32).chain([-1]).collect() })
         .collect();
-    let train_slots: Vec<usize> = (0..examples.len()).map(|i| i % 2).collect();
+    let adapters_trained = if args.moe_split == MoeSplit::Experts { 1 } else { 2 };
+    let train_slots: Vec<usize> = (0..examples.len()).map(|i| i % adapters_trained).collect();
     let (losses, gradients) = adapter_gradients(&model, &adapters, &examples, &train_slots)?;
     let gradients: serde_json::Map<String, serde_json::Value> =
         gradients.into_iter().map(|(name, g)| (name, json!(g))).collect();
@@ -84,4 +90,12 @@ pub fn run(args: TpRankArgs) -> Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+fn parse_moe_split(s: &str) -> Result<MoeSplit, String> {
+    match s {
+        "intermediate" => Ok(MoeSplit::Intermediate),
+        "experts" => Ok(MoeSplit::Experts),
+        _ => Err(format!("{s:?}: expected `intermediate` or `experts`")),
+    }
 }

@@ -27,9 +27,9 @@ fn rank(model: &str, rank: usize, peers: &[String], extra: &[&str]) -> std::proc
 }
 
 /// Every rank's JSON output for a group of `world` processes.
-fn group(model: &str, world: usize) -> Vec<Value> {
+fn group(model: &str, world: usize, extra: &[&str]) -> Vec<Value> {
     let peers: Vec<String> = if world > 1 { (0..world).map(|_| common::free_addr()).collect() } else { Vec::new() };
-    let children: Vec<_> = (0..world).map(|r| rank(model, r, &peers, &[])).collect();
+    let children: Vec<_> = (0..world).map(|r| rank(model, r, &peers, extra)).collect();
     (children.into_iter())
         .map(|c| {
             let out = c.wait_with_output().unwrap();
@@ -63,23 +63,23 @@ fn same_training(what: &str, out: &Value, want: &Value) {
     }
 }
 
-fn parity(preset: &str) {
+fn parity(preset: &str, extra: &[&str]) {
     let dir = common::scratch(&format!("tp-{preset}"));
     let model = dir.join(preset);
     let (ok, _, err) = common::tandem(&["init-model", "--preset", preset, "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
     let model = model.to_str().unwrap();
-    let one = group(model, 1).remove(0);
+    let one = group(model, 1, extra).remove(0);
     let (want, want_training) = (logits(&one), one);
     for world in [2, 4] {
-        for out in group(model, world) {
+        for out in group(model, world, extra) {
             let got = logits(&out);
             assert_eq!(got.len(), want.len());
             for (step, (g, w)) in got.iter().zip(&want).enumerate() {
                 let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-                assert!(diff < 1e-4, "{preset}, degree {world}, rank {}, step {step}: {diff}", out["rank"]);
+                assert!(diff < 1e-4, "{preset} {extra:?}, degree {world}, rank {}, step {step}: {diff}", out["rank"]);
             }
-            let what = format!("{preset}, degree {world}, rank {}", out["rank"]);
+            let what = format!("{preset} {extra:?}, degree {world}, rank {}", out["rank"]);
             same_training(&what, &out, &want_training);
             // Every place in the model that communicates did.
             for site in
@@ -87,18 +87,26 @@ fn parity(preset: &str) {
             {
                 assert!(out["bytes"][site].as_u64().unwrap() > 0, "{out}");
             }
+            // Expert parallelism moves tokens to the experts' ranks and back, in both passes.
+            let expert_sites = ["experts", "expertsbackward"].map(|site| out["bytes"][site].as_u64().unwrap_or(0));
+            assert_eq!(expert_sites.map(|b| b > 0), [!extra.is_empty(); 2], "{what}: {}", out["bytes"]);
         }
     }
 }
 
 #[test]
 fn dense_ranks_in_separate_processes_match_a_group_of_one() {
-    parity("tiny");
+    parity("tiny", &[]);
 }
 
 #[test]
 fn moe_ranks_in_separate_processes_match_a_group_of_one() {
-    parity("tiny-moe");
+    parity("tiny-moe", &[]);
+}
+
+#[test]
+fn expert_parallel_ranks_in_separate_processes_match_a_group_of_one() {
+    parity("tiny-moe", &["--moe-split", "experts"]);
 }
 
 #[test]

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use tandem_worker::adapters::{Adapter, AdapterSet};
 use tandem_worker::collective::LocalGroup;
 use tandem_worker::init_model::Preset;
-use tandem_worker::model::Model;
 use tandem_worker::model::probe::{adapter_gradients, greedy_logits, mixed_adapters};
+use tandem_worker::model::tensor_parallel::Site;
+use tandem_worker::model::{Model, MoeSplit};
 use tandem_worker::train::data::Example;
 
 /// The adapter slot of each sequence (-1: the base model).
@@ -28,7 +29,13 @@ fn adapters(model: &Model) -> Vec<Adapter> {
 /// Three sequences (5, 9 and 3 tokens) prefilled, then two greedy decode steps: the logits
 /// of each step, and the bytes this rank sent.
 fn run(model: &Model, adapters: &[Adapter]) -> (Vec<Vec<f32>>, u64) {
-    let sent = || model.tp.as_ref().map_or(0, |tp| tp.comm.bytes_sent());
+    // Bytes of the tensor-parallel collectives: expert dispatch (expert parallelism) apart.
+    let sent = || {
+        model.tp.as_ref().map_or(0, |tp| {
+            let experts = tp.traffic.lock().unwrap().bytes.get(&Site::Experts).copied().unwrap_or(0);
+            tp.comm.bytes_sent() - experts
+        })
+    };
     let start = sent();
     let prompts = [vec![1, 17, 400, 3, 99], vec![5, 6, 7, 8, 9, 10, 11, 12, 511], vec![300, 2, 77]];
     let shards = adapters.iter().map(|a| model.shard_adapter(a).unwrap()).collect();
@@ -50,7 +57,7 @@ fn theoretical_bytes(model: &Model, world: u64, n: u64, rows: u64) -> u64 {
     4 * ((2 * layers + 1) * all_reduce + (world - 1) * rows * vocab / world)
 }
 
-fn check(preset: Preset) {
+fn check(preset: Preset, moe: MoeSplit) {
     let model = Arc::new(common::model(preset));
     let adapters = Arc::new(adapters(&model));
     let (want, _) = run(&model, &adapters);
@@ -62,11 +69,19 @@ fn check(preset: Preset) {
             .into_iter()
             .map(|comm| {
                 let (model, adapters) = (model.clone(), adapters.clone());
-                std::thread::spawn(move || run(&model.shard(Arc::new(comm)).unwrap(), &adapters))
+                std::thread::spawn(move || {
+                    let shard = model.shard_with(Arc::new(comm), moe).unwrap();
+                    let out = run(&shard, &adapters);
+                    let experts = shard.tp.as_ref().unwrap().traffic.lock().unwrap().bytes.get(&Site::Experts).copied();
+                    (out, experts.unwrap_or(0))
+                })
             })
             .collect();
         for (rank, handle) in ranks.into_iter().enumerate() {
-            let (got, bytes) = handle.join().unwrap();
+            let ((got, bytes), expert_bytes) = handle.join().unwrap();
+            // Expert parallelism moves tokens between ranks (all of them, over enough steps).
+            let moves_tokens = moe == MoeSplit::Experts && model.config.moe.is_some() && world > 1;
+            assert_eq!(expert_bytes > 0, moves_tokens, "{preset:?}, {moe:?}, degree {world}: {expert_bytes} bytes");
             let w = world as u64;
             let theory = theoretical_bytes(&model, w, 17, 3) + 2 * theoretical_bytes(&model, w, 3, 3);
             assert_eq!(bytes, theory, "{preset:?}, degree {world}, rank {rank}: bytes sent");
@@ -81,12 +96,17 @@ fn check(preset: Preset) {
 
 #[test]
 fn dense_shards_give_the_whole_models_logits() {
-    check(Preset::Tiny);
+    check(Preset::Tiny, MoeSplit::Intermediate);
 }
 
 #[test]
 fn moe_shards_give_the_whole_models_logits() {
-    check(Preset::TinyMoe);
+    check(Preset::TinyMoe, MoeSplit::Intermediate);
+}
+
+#[test]
+fn expert_parallel_shards_give_the_whole_models_logits() {
+    check(Preset::TinyMoe, MoeSplit::Experts);
 }
 
 #[test]
@@ -116,9 +136,15 @@ fn training_batch() -> (Vec<Example>, Vec<usize>) {
     (examples, vec![0, 1, 0, 1])
 }
 
-fn gradients_match(preset: Preset) {
+fn gradients_match(preset: Preset, moe: MoeSplit) {
     let model = Arc::new(common::model(preset));
-    let adapters = Arc::new(adapters(&model));
+    let mut adapters = adapters(&model);
+    if moe == MoeSplit::Experts {
+        // Training ESFT experts under expert parallelism is refused (see
+        // `esft_training_under_expert_parallelism_is_refused`): two LoRAs.
+        adapters[1] = adapters[0].clone();
+    }
+    let adapters = Arc::new(adapters);
     let (examples, slots) = training_batch();
     let (want_losses, want) = adapter_gradients(&model, &adapters, &examples, &slots).unwrap();
     // Every (layer, projection) of both adapters has a gradient, and not all of it is zero.
@@ -132,12 +158,13 @@ fn gradients_match(preset: Preset) {
             .map(|comm| {
                 let (model, adapters, (examples, slots)) = (model.clone(), adapters.clone(), training_batch());
                 std::thread::spawn(move || {
-                    adapter_gradients(&model.shard(Arc::new(comm)).unwrap(), &adapters, &examples, &slots).unwrap()
+                    let shard = model.shard_with(Arc::new(comm), moe).unwrap();
+                    adapter_gradients(&shard, &adapters, &examples, &slots).unwrap()
                 })
             })
             .collect();
         for (rank, handle) in ranks.into_iter().enumerate() {
-            let what = format!("{preset:?}, degree {world}, rank {rank}");
+            let what = format!("{preset:?}, {moe:?}, degree {world}, rank {rank}");
             let (losses, got) = handle.join().unwrap();
             for (l, w) in losses.iter().zip(&want_losses) {
                 assert!((l - w).abs() < 1e-4 * (1.0 + w.abs()), "{what}: loss {l} vs {w}");
@@ -156,10 +183,35 @@ fn gradients_match(preset: Preset) {
 
 #[test]
 fn dense_shards_give_the_whole_models_adapter_gradients() {
-    gradients_match(Preset::Tiny);
+    gradients_match(Preset::Tiny, MoeSplit::Intermediate);
 }
 
 #[test]
 fn moe_shards_give_the_whole_models_adapter_gradients() {
-    gradients_match(Preset::TinyMoe);
+    gradients_match(Preset::TinyMoe, MoeSplit::Intermediate);
+}
+
+#[test]
+fn expert_parallel_shards_give_the_whole_models_adapter_gradients() {
+    gradients_match(Preset::TinyMoe, MoeSplit::Experts);
+}
+
+#[test]
+fn esft_training_under_expert_parallelism_is_refused() {
+    let model = Arc::new(common::model(Preset::TinyMoe));
+    let adapters = Arc::new(adapters(&model));
+    let ranks: Vec<_> = LocalGroup::new(2)
+        .into_iter()
+        .map(|comm| {
+            let (model, adapters, (examples, slots)) = (model.clone(), adapters.clone(), training_batch());
+            std::thread::spawn(move || {
+                let shard = model.shard_with(Arc::new(comm), MoeSplit::Experts).unwrap();
+                adapter_gradients(&shard, &adapters, &examples, &slots).err().unwrap().to_string()
+            })
+        })
+        .collect();
+    for handle in ranks {
+        let err = handle.join().unwrap();
+        assert!(err.contains("ESFT") && err.contains("expert parallelism"), "{err}");
+    }
 }

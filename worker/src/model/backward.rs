@@ -10,7 +10,7 @@ use tandem_kernels::ops;
 use super::Model;
 use super::forward::{
     DENSE_PROJS, Dispatch, ExpertProjs, ForwardInput, KvCache, LayerActs, MlpActs, MoeActs, Rows, SHARED_PROJS,
-    SwigluActs,
+    SharedActs, SwigluActs,
 };
 use super::tensor_parallel::Site;
 use super::weights::{DenseMlp, Linear, Mlp, MoeMlp};
@@ -209,8 +209,8 @@ impl PendingBackward {
     }
 }
 
-struct Backward<'a> {
-    model: &'a Model,
+pub(super) struct Backward<'a> {
+    pub(super) model: &'a Model,
     input: &'a ForwardInput,
     cache: &'a KvCache,
     rows: Rows<'a>,
@@ -230,6 +230,7 @@ impl Backward<'_> {
         let dh = match (&layer.mlp, &mlp) {
             (Mlp::Dense(m), MlpActs::Dense(a)) => self.dense_mlp(&h, m, l, DENSE_PROJS, a, &dout)?,
             (Mlp::Moe(m), MlpActs::Moe(a)) => self.moe_mlp(&h, m, l, a, &dout)?,
+            (Mlp::Moe(m), MlpActs::ExpertParallel(a)) => self.moe_mlp_ep(&h, m, l, a, &dout)?,
             _ => return Err(Error::InvalidRequest(format!("backward: layer {l}'s activations are of another kind"))),
         };
         drop(mlp);
@@ -275,7 +276,7 @@ impl Backward<'_> {
     /// Adds the LoRA part of a projection's backward to `dx` (and its weight gradients to
     /// `grads`), for rows with adapter slots `slots` (and experts, for expert projections).
     #[allow(clippy::too_many_arguments)]
-    fn lora(
+    pub(super) fn lora(
         &mut self,
         x: &Tensor,
         layer: usize,
@@ -340,22 +341,32 @@ impl Backward<'_> {
         let dweights = Tensor::from_vec(dweights, [n, k])?.to_device(model.device)?;
         let dlogits = ops::moe_gate_backward(&acts.router_logits, &acts.routing, &dweights, moe.renormalize)?;
         dh = ops::add(&dh, &self.linear(h, &m.router, layer, Proj::Router, &dlogits)?)?;
+        self.add_shared_expert(dh, h, m, layer, acts.shared.as_ref(), dy)
+    }
 
-        if let (Some((mlp, gate_lin)), Some(s)) = (&m.shared, &acts.shared) {
-            // out += sigmoid(h·w_gate) · shared(h).
-            let (dout, dgate) = ops::scale_rows_backward(&s.out, &s.gate, dy)?;
-            dh = ops::add(&dh, &self.dense_mlp(h, mlp, layer, SHARED_PROJS, &s.mlp, &dout)?)?;
-            let (g, dg) = (s.gate.to_vec_f32()?, dgate.to_vec_f32()?);
-            let dlogit: Vec<f32> = g.iter().zip(&dg).map(|(g, d)| d * g * (1.0 - g)).collect();
-            let dlogit = Tensor::from_vec(dlogit, [n, 1])?.to_device(model.device)?;
-            dh = ops::add(&dh, &self.linear(h, gate_lin, layer, Proj::SharedExpertGate, &dlogit)?)?;
-        }
-        Ok(dh)
+    /// `dh` plus the shared expert's part of the MoE layer's input gradient, where it has one.
+    pub(super) fn add_shared_expert(
+        &mut self,
+        dh: Tensor,
+        h: &Tensor,
+        m: &MoeMlp,
+        layer: usize,
+        shared: Option<&SharedActs>,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let (Some((mlp, gate_lin)), Some(s)) = (&m.shared, shared) else { return Ok(dh) };
+        // out += sigmoid(h·w_gate) · shared(h).
+        let (dout, dgate) = ops::scale_rows_backward(&s.out, &s.gate, dy)?;
+        let dh = ops::add(&dh, &self.dense_mlp(h, mlp, layer, SHARED_PROJS, &s.mlp, &dout)?)?;
+        let (g, dg) = (s.gate.to_vec_f32()?, dgate.to_vec_f32()?);
+        let dlogit: Vec<f32> = g.iter().zip(&dg).map(|(g, d)| d * g * (1.0 - g)).collect();
+        let dlogit = Tensor::from_vec(dlogit, [h.shape()[0], 1])?.to_device(self.model.device)?;
+        Ok(ops::add(&dh, &self.linear(h, gate_lin, layer, Proj::SharedExpertGate, &dlogit)?)?)
     }
 
     /// `dx` of one expert projection over the dispatched pairs: base experts (frozen), ESFT
     /// replacements (their weight gradients go to `grads`) and expert LoRA.
-    fn experts(
+    pub(super) fn experts(
         &mut self,
         m: &MoeMlp,
         layer: usize,
@@ -367,7 +378,8 @@ impl Backward<'_> {
         let projs = ExpertProjs { m, layer, rows: &self.rows, dispatch: d };
         let (base_w, esft_w) = projs.weights(proj);
         let (mut dx, _) = ops::grouped_matmul_backward(x, base_w, &d.base, dy, false)?;
-        if let Some(w) = esft_w {
+        // (ESFT replacements no pair was routed to have no gradient, rather than a zero one.)
+        if let Some(w) = esft_w.filter(|_| d.replaced.iter().any(|(_, _, i)| i >= 0)) {
             let (dx_esft, dw) = ops::grouped_matmul_backward(x, w, &d.replaced, dy, true)?;
             dx = ops::add(&dx, &dx_esft)?;
             if let Some(dw) = dw {

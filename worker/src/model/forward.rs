@@ -9,6 +9,7 @@ use tandem_kernels::ops::{self, MoeRouting, Segments, SeqAttention};
 use tandem_kernels::{DType, Tensor};
 
 use super::Model;
+use super::expert_parallel::EpActs;
 use super::tensor_parallel::Site;
 use super::weights::{DenseMlp, Linear, Mlp, MoeMlp};
 use crate::adapters::Proj;
@@ -86,7 +87,8 @@ impl LayerActs {
     pub fn routed_experts(&self) -> Option<(&[u32], usize)> {
         match &self.mlp {
             MlpActs::Moe(m) => Some((&m.routing.experts, m.routing.top_k)),
-            MlpActs::Dense(_) => None,
+            // Each rank routes only its share of the tokens.
+            MlpActs::Dense(_) | MlpActs::ExpertParallel(_) => None,
         }
     }
 }
@@ -109,6 +111,9 @@ impl LayerActs {
             |a: &SwigluActs| -> Result<SwigluActs> { Ok(SwigluActs { gate: pick(&a.gate)?, up: pick(&a.up)? }) };
         let mlp = match &self.mlp {
             MlpActs::Dense(a) => MlpActs::Dense(pick_swiglu(a)?),
+            MlpActs::ExpertParallel(_) => {
+                return Err(Error::Unsupported("co-served fine-tuning under expert parallelism (not yet)".into()));
+            }
             MlpActs::Moe(m) => {
                 let k = m.routing.top_k;
                 let routing = MoeRouting {
@@ -146,6 +151,8 @@ impl LayerActs {
 pub(super) enum MlpActs {
     Dense(SwigluActs),
     Moe(Box<MoeActs>),
+    /// A MoE layer whose experts are split over the ranks of a group.
+    ExpertParallel(Box<EpActs>),
 }
 
 /// The two halves of a SwiGLU MLP, before `silu(gate)·up`.
@@ -255,10 +262,16 @@ impl Model {
                 let (out, acts) = rows.dense_mlp(&h, m, l, DENSE_PROJS)?;
                 (out, MlpActs::Dense(acts))
             }
-            Mlp::Moe(m) => {
-                let (out, acts) = self.moe_mlp(&h, m, l, rows)?;
-                (out, MlpActs::Moe(Box::new(acts)))
-            }
+            Mlp::Moe(m) => match self.tp.as_ref().and_then(|tp| tp.split.experts.clone()) {
+                Some(mine) => {
+                    let (out, acts) = self.moe_mlp_ep(&h, m, l, rows, mine)?;
+                    (out, MlpActs::ExpertParallel(Box::new(acts)))
+                }
+                None => {
+                    let (out, acts) = self.moe_mlp(&h, m, l, rows)?;
+                    (out, MlpActs::Moe(Box::new(acts)))
+                }
+            },
         };
         let out = ops::add(&mid, &self.all_reduce(mlp_out, Site::Mlp)?)?;
         Ok((out, LayerActs { x, q, attn, mid, mlp }))
@@ -281,19 +294,29 @@ impl Model {
         let gate = experts.forward(&x, Proj::Gate)?;
         let up = experts.forward(&x, Proj::Up)?;
         let down = experts.forward(&ops::swiglu(&gate, &up)?, Proj::Down)?;
-        let mut out = ops::scatter_add_rows(&ops::scale_rows(&down, &dispatch.weight)?, &dispatch.token_of, n)?;
-        let mut shared = None;
-        if let Some((mlp, gate_lin)) = &m.shared {
-            let (s, acts) = rows.dense_mlp(h, mlp, layer, SHARED_PROJS)?;
-            // The shared expert's output is scaled per token by sigmoid(h · w_gate).
-            let g = rows.linear(h, gate_lin, layer, Proj::SharedExpertGate)?.to_vec_f32()?;
-            let g: Vec<f32> = g.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
-            let g = Tensor::from_vec(g, [n])?.to_device(self.device)?;
-            out = ops::add(&out, &ops::scale_rows(&s, &g)?)?;
-            shared = Some(SharedActs { mlp: acts, out: s, gate: g });
-        }
+        let out = ops::scatter_add_rows(&ops::scale_rows(&down, &dispatch.weight)?, &dispatch.token_of, n)?;
+        let (out, shared) = self.add_shared_expert(out, h, m, layer, rows)?;
         let acts = MoeActs { router_logits, routing, dispatch, experts: SwigluActs { gate, up }, down, shared };
         Ok((out, acts))
+    }
+
+    /// `out` plus the shared expert's output, scaled per token by sigmoid(h · w_gate), where
+    /// the MoE layer has one.
+    pub(super) fn add_shared_expert(
+        &self,
+        out: Tensor,
+        h: &Tensor,
+        m: &MoeMlp,
+        layer: usize,
+        rows: &Rows<'_>,
+    ) -> Result<(Tensor, Option<SharedActs>)> {
+        let Some((mlp, gate_lin)) = &m.shared else { return Ok((out, None)) };
+        let (s, acts) = rows.dense_mlp(h, mlp, layer, SHARED_PROJS)?;
+        let g = rows.linear(h, gate_lin, layer, Proj::SharedExpertGate)?.to_vec_f32()?;
+        let g: Vec<f32> = g.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+        let g = Tensor::from_vec(g, [h.shape()[0]])?.to_device(self.device)?;
+        let out = ops::add(&out, &ops::scale_rows(&s, &g)?)?;
+        Ok((out, Some(SharedActs { mlp: acts, out: s, gate: g })))
     }
 }
 
@@ -303,26 +326,41 @@ pub(super) const SHARED_PROJS: [Proj; 3] = [Proj::SharedGate, Proj::SharedUp, Pr
 impl Dispatch {
     fn new(routing: &MoeRouting, rows: &Rows<'_>, layer: usize, model: &Model) -> Result<Self> {
         let k = routing.top_k;
-        let n = rows.slots.len();
-        let esft = rows.adapters.esft(layer);
+        let pairs: Vec<(u32, u32)> = routing.experts.iter().enumerate().map(|(p, &e)| ((p / k) as u32, e)).collect();
+        let slots: Vec<i32> = pairs.iter().map(|&(t, _)| rows.slots[t as usize]).collect();
+        Dispatch::sorted(&pairs, &slots, routing.weights.to_vec_f32()?, rows.adapters, layer, 0, model)
+    }
+
+    /// The dispatch of `pairs` (token, expert), pair `p` on adapter slot `slots[p]` with routing
+    /// weight `weights[p]`. This rank's base experts start at expert `first_expert` (0 unless
+    /// the experts are split over ranks).
+    pub(super) fn sorted(
+        pairs: &[(u32, u32)],
+        slots: &[i32],
+        weights: Vec<f32>,
+        adapters: &AdapterSet,
+        layer: usize,
+        first_expert: u32,
+        model: &Model,
+    ) -> Result<Self> {
+        let esft = adapters.esft(layer);
         let target = |p: usize| -> (u32, u32) {
-            let (t, e) = (p / k, routing.experts[p]);
-            match esft.and_then(|table| table.lookup(rows.slots[t], e)) {
+            let e = pairs[p].1;
+            match esft.and_then(|table| table.lookup(slots[p], e)) {
                 Some(i) => (1, i),
-                None => (0, e),
+                None => (0, e - first_expert),
             }
         };
-        let mut order: Vec<usize> = (0..n * k).collect();
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
         order.sort_by_key(|&p| target(p));
-        let token_of: Vec<u32> = order.iter().map(|&p| (p / k) as u32).collect();
-        let expert_of: Vec<u32> = order.iter().map(|&p| routing.experts[p]).collect();
-        let slot_of: Vec<i32> = token_of.iter().map(|&t| rows.slots[t as usize]).collect();
+        let token_of: Vec<u32> = order.iter().map(|&p| pairs[p].0).collect();
+        let expert_of: Vec<u32> = order.iter().map(|&p| pairs[p].1).collect();
+        let slot_of: Vec<i32> = order.iter().map(|&p| slots[p]).collect();
         let targets: Vec<(u32, u32)> = order.iter().map(|&p| target(p)).collect();
         let segs = |bank: u32| {
             let idx: Vec<i32> = targets.iter().map(|&(b, i)| if b == bank { i as i32 } else { -1 }).collect();
             Segments::from_row_indices(&idx)
         };
-        let weights = routing.weights.to_vec_f32()?;
         let weight: Vec<f32> = order.iter().map(|&p| weights[p]).collect();
         let weight = Tensor::from_vec(weight, [order.len()])?.to_device(model.device)?;
         Ok(Dispatch { token_of, expert_of, slot_of, base: segs(0), replaced: segs(1), weight, order })
@@ -349,7 +387,7 @@ impl ExpertProjs<'_> {
         }
     }
 
-    fn forward(&self, x: &Tensor, proj: Proj) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, proj: Proj) -> Result<Tensor> {
         let (base_w, esft_w) = self.weights(proj);
         let d = self.dispatch;
         let mut y = ops::grouped_matmul(x, base_w, &d.base)?;

@@ -2,6 +2,7 @@
 
 pub mod backward;
 pub mod config;
+mod expert_parallel;
 pub mod forward;
 pub mod probe;
 pub mod tensor_parallel;
@@ -15,7 +16,7 @@ use tandem_kernels::{DType, Device};
 pub use backward::{AdapterGrads, PendingBackward};
 pub use config::{Arch, ModelConfig};
 pub use forward::{ForwardInput, KvCache, LayerActs};
-pub use tensor_parallel::TensorParallel;
+pub use tensor_parallel::{MoeSplit, TensorParallel};
 pub use weights::Weights;
 
 use crate::error::Result;

@@ -68,6 +68,11 @@ pub enum Site {
     AttentionBackward,
     /// Training: the all-reduce that gathers the adapters' weight gradients.
     Gradients,
+    /// Expert parallelism: the all-to-alls that carry (token, expert) pairs to the experts'
+    /// ranks and their outputs back.
+    Experts,
+    /// Expert parallelism, backward: the all-to-alls of the pairs' output and input gradients.
+    ExpertsBackward,
 }
 
 /// Bytes sent at each [`Site`], and the tokens and logit rows of the passes counted.
@@ -96,26 +101,50 @@ pub struct Split {
     pub kv: Range<usize>,
     /// The dense MLP's intermediate units.
     pub inter: Range<usize>,
-    /// Each expert's intermediate units, and the shared expert's (MoE models).
+    /// Each expert's intermediate units (all of them under expert parallelism), and the
+    /// shared expert's (MoE models).
     pub expert_inter: Range<usize>,
+    /// Under expert parallelism, the experts this rank holds (whole), of every MoE layer.
+    pub experts: Option<Range<usize>>,
     pub shared_inter: Range<usize>,
     /// Vocabulary rows of the embedding and the LM head.
     pub vocab: Range<usize>,
 }
 
+/// How a group splits the experts of a MoE model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MoeSplit {
+    /// Tensor parallelism inside every expert: each rank holds a slice of each expert's
+    /// intermediate units, like a dense MLP's (no token moves).
+    #[default]
+    Intermediate,
+    /// Expert parallelism: each rank holds `num_experts / world` whole experts; every rank
+    /// routes its share of the tokens and an all-to-all carries each (token, expert) pair, with
+    /// its adapter slot, to the expert's rank and its output back (`expert_parallel.rs`).
+    Experts,
+}
+
 impl Split {
     /// Rank `rank`'s share of a model of `c` on `world` ranks. Attention heads and
-    /// intermediate sizes must divide evenly; the vocabulary need not.
-    pub fn new(c: &ModelConfig, rank: usize, world: usize) -> Result<Split> {
+    /// intermediate sizes (or, with [`MoeSplit::Experts`], the experts) must divide evenly;
+    /// the vocabulary need not.
+    pub fn new(c: &ModelConfig, rank: usize, world: usize, moe: MoeSplit) -> Result<Split> {
         let bad = |what: &str, n: usize| {
             Error::Unsupported(format!("tensor parallelism of degree {world}: {what} ({n}) must divide evenly"))
         };
         if world == 0 || rank >= world || !c.num_heads.is_multiple_of(world) {
             return Err(bad("attention heads", c.num_heads));
         }
+        let num_experts = c.moe.as_ref().map_or(0, |m| m.num_experts);
+        let by_experts = moe == MoeSplit::Experts && c.moe.is_some();
+        let expert_inter = c.moe.as_ref().map_or(0, |m| m.expert_intermediate);
         let sizes = [
             ("the intermediate size", c.intermediate_size),
-            ("the expert intermediate size", c.moe.as_ref().map_or(0, |m| m.expert_intermediate)),
+            if by_experts {
+                ("the number of experts", num_experts)
+            } else {
+                ("the expert intermediate size", expert_inter)
+            },
             (
                 "the shared expert's intermediate size",
                 c.moe.as_ref().and_then(|m| m.shared_expert_intermediate).unwrap_or(0),
@@ -140,7 +169,8 @@ impl Split {
             q: rank * heads * d..(rank + 1) * heads * d,
             kv: first_kv * d..(first_kv + kv_heads) * d,
             inter: split(c.intermediate_size, world, rank),
-            expert_inter: split(sizes[1].1, world, rank),
+            expert_inter: if by_experts { 0..expert_inter } else { split(expert_inter, world, rank) },
+            experts: by_experts.then(|| split(num_experts, world, rank)),
             shared_inter: split(sizes[2].1, world, rank),
             vocab: split(c.vocab_size, world, rank),
         })
@@ -151,6 +181,10 @@ impl Split {
     /// `expert`: whether the module is one expert's.
     fn of(&self, proj: Proj, expert: bool) -> Option<(bool, Range<usize>)> {
         let mlp = if expert { &self.expert_inter } else { &self.inter };
+        if expert && self.experts.is_some() {
+            // Whole experts, on their own rank.
+            return None;
+        }
         match proj {
             Proj::Q => Some((true, self.q.clone())),
             Proj::K | Proj::V => Some((true, self.kv.clone())),
@@ -165,7 +199,7 @@ impl Split {
 }
 
 /// `len` split into `parts` contiguous ranges, the first `len % parts` one longer.
-fn split(len: usize, parts: usize, i: usize) -> Range<usize> {
+pub(super) fn split(len: usize, parts: usize, i: usize) -> Range<usize> {
     let (base, extra) = (len / parts, len % parts);
     let start = i * base + i.min(extra);
     start..start + base + usize::from(i < extra)
@@ -229,9 +263,19 @@ impl Split {
             Mlp::Dense(m) => Mlp::Dense(dense_mlp(m, self.inter.clone(), self.first)?),
             Mlp::Moe(m) => Mlp::Moe(MoeMlp {
                 router: m.router.clone(),
-                gate: slice(&m.gate, 1, self.expert_inter.clone())?,
-                up: slice(&m.up, 1, self.expert_inter.clone())?,
-                down: slice(&m.down, 2, self.expert_inter.clone())?,
+                // Whole experts of this rank, or every expert's slice.
+                gate: match &self.experts {
+                    Some(experts) => slice(&m.gate, 0, experts.clone())?,
+                    None => slice(&m.gate, 1, self.expert_inter.clone())?,
+                },
+                up: match &self.experts {
+                    Some(experts) => slice(&m.up, 0, experts.clone())?,
+                    None => slice(&m.up, 1, self.expert_inter.clone())?,
+                },
+                down: match &self.experts {
+                    Some(experts) => slice(&m.down, 0, experts.clone())?,
+                    None => slice(&m.down, 2, self.expert_inter.clone())?,
+                },
                 shared: match &m.shared {
                     Some((mlp, gate)) => Some((dense_mlp(mlp, self.shared_inter.clone(), self.first)?, gate.clone())),
                     None => None,
@@ -255,11 +299,16 @@ impl Model {
     /// `comm.world_size()` ranks. Attention heads and intermediate sizes must divide evenly;
     /// the vocabulary need not.
     pub fn shard(&self, comm: Arc<dyn Collective>) -> Result<Model> {
+        self.shard_with(comm, MoeSplit::Intermediate)
+    }
+
+    /// [`Model::shard`] with the experts of a MoE model split as `moe` says.
+    pub fn shard_with(&self, comm: Arc<dyn Collective>, moe: MoeSplit) -> Result<Model> {
         if self.tp.is_some() {
             return Err(Error::InvalidRequest("this model is a shard already".into()));
         }
         let c = &self.config;
-        let sp = Split::new(c, comm.rank(), comm.world_size())?;
+        let sp = Split::new(c, comm.rank(), comm.world_size(), moe)?;
         let mut config = c.clone();
         config.num_heads = sp.q.len() / c.head_dim;
         config.num_kv_heads = sp.kv.len() / c.head_dim;
@@ -299,6 +348,13 @@ impl Model {
                     }
                 }
                 Adapter::Lora(out)
+            }
+            // ESFT experts live with the experts they replace.
+            Adapter::Esft(e) if sp.experts.is_some() => {
+                let mine = sp.experts.clone().unwrap_or_default();
+                let mut out = e.clone();
+                out.experts.retain(|&(_, expert), _| mine.contains(&expert));
+                Adapter::Esft(out)
             }
             Adapter::Esft(e) => {
                 let mut out = e.clone();
@@ -390,13 +446,25 @@ impl Model {
                 None => [da.clone(), dbt.clone()],
             });
         }
-        let inter = whole.moe.as_ref().map_or(0, |m| m.expert_intermediate);
-        for ((_, proj), dw) in &esft {
-            // Stacked experts: gate and up `[n, inter, hidden]`, down `[n, hidden, inter]`.
-            let axis = if *proj == Proj::Down { 2 } else { 1 };
-            parts.push(widen(dw, axis, sp.expert_inter.clone(), inter)?);
+        let by_experts = sp.experts.is_some();
+        if by_experts {
+            // Each rank's ESFT tables hold only its own experts and differ in shape: training
+            // them is refused, on every rank at once (only some have ESFT gradients), by a
+            // count that rides the same all-reduce.
+            parts.push(Tensor::from_vec(vec![esft.len() as f32], [1])?);
+        } else {
+            let inter = whole.moe.as_ref().map_or(0, |m| m.expert_intermediate);
+            for ((_, proj), dw) in &esft {
+                // Stacked experts: gate and up `[n, inter, hidden]`, down `[n, hidden, inter]`.
+                let axis = if *proj == Proj::Down { 2 } else { 1 };
+                parts.push(widen(dw, axis, sp.expert_inter.clone(), inter)?);
+            }
         }
-        let mut summed = self.all_reduce_all(parts, Site::Gradients)?.into_iter();
+        let mut summed = self.all_reduce_all(parts, Site::Gradients)?;
+        if by_experts && summed.pop().map(|n| n.to_vec_f32()).transpose()?.is_some_and(|n| n[0] > 0.0) {
+            return Err(Error::Unsupported("training ESFT experts under expert parallelism (not yet)".into()));
+        }
+        let mut summed = summed.into_iter();
         let mut next = || summed.next().ok_or_else(|| Error::InvalidRequest("gradients ran out".into()));
         let mut out = AdapterGrads::default();
         for (key, _) in lora {
@@ -480,7 +548,11 @@ impl Model {
 
 impl TensorParallel {
     /// Runs collective `f`, counting what it sent at `site`.
-    fn counted<T>(&self, site: Site, f: impl FnOnce() -> std::result::Result<T, CollectiveError>) -> Result<T> {
+    pub(super) fn counted<T>(
+        &self,
+        site: Site,
+        f: impl FnOnce() -> std::result::Result<T, CollectiveError>,
+    ) -> Result<T> {
         let before = self.comm.bytes_sent();
         let out = f().map_err(|e| Error::Collective(e.to_string()))?;
         if let Ok(mut t) = self.traffic.lock() {
