@@ -3,7 +3,8 @@
 //! prefill of three sequences and a decode step that reads their cached keys and values, in a
 //! batch that mixes adapters (two LoRAs of different ranks and targets, an ESFT adapter on the
 //! MoE model, and the base); each rank sends what the ring's volume says. One training step over
-//! such a batch gives every rank the whole model's adapter gradients, equal to a group of one's.
+//! such a batch gives every rank the whole model's adapter gradients, equal to a group of one's,
+//! and jobs trained on shards export the adapters a group of one trains.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,13 +12,16 @@ mod common;
 
 use std::sync::Arc;
 
-use tandem_worker::adapters::{Adapter, AdapterSet};
+use tandem_worker::adapters::{Adapter, AdapterSet, LoraAdapter};
 use tandem_worker::collective::LocalGroup;
 use tandem_worker::init_model::Preset;
 use tandem_worker::model::probe::{adapter_gradients, greedy_logits, mixed_adapters};
 use tandem_worker::model::tensor_parallel::Site;
 use tandem_worker::model::{Model, MoeSplit};
+use tandem_worker::train::checkpoint::export;
 use tandem_worker::train::data::Example;
+use tandem_worker::train::job::Job;
+use tandem_worker::train::trainer::Trainer;
 
 /// The adapter slot of each sequence (-1: the base model).
 const SLOTS: [i32; 3] = [0, 1, -1];
@@ -214,4 +218,81 @@ fn esft_training_under_expert_parallelism_is_refused() {
         let err = handle.join().unwrap();
         assert!(err.contains("ESFT") && err.contains("expert parallelism"), "{err}");
     }
+}
+
+/// Two LoRA jobs trained together for a few optimizer steps, on the whole model or on the
+/// shards of a group of `world`; rank 0's exported adapters (ordinary PEFT folders), read back.
+fn train_and_export(preset: Preset, world: usize, moe: MoeSplit) -> Vec<LoraAdapter> {
+    let model = Arc::new(common::model(preset));
+    let data = common::examples(12, model.config.vocab_size, 5);
+    let jobs = move |model: &Model| {
+        let all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        [("a", common::lora(4, &all)), ("b", common::lora(8, &["q_proj", "down_proj"]))]
+            .into_iter()
+            .map(|(name, method)| {
+                Job::new(common::spec(name, method, common::hyper(4, 2, 1e-2, 3)), model, data.clone()).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let ranks: Vec<_> = LocalGroup::new(world)
+        .into_iter()
+        .map(|comm| {
+            let (model, jobs) = (model.clone(), jobs(&model));
+            std::thread::spawn(move || {
+                let shard;
+                let model = if world > 1 {
+                    shard = model.shard_with(Arc::new(comm), moe).unwrap();
+                    &shard
+                } else {
+                    &*model
+                };
+                let mut trainer = Trainer::new(model, jobs);
+                for _ in 0..6 {
+                    trainer.pass().unwrap();
+                }
+                trainer.jobs
+            })
+        })
+        .collect();
+    let mut per_rank: Vec<Vec<Job>> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tp-export-{preset:?}-{moe:?}-{world}"));
+    (per_rank.swap_remove(0).iter())
+        .map(|job| {
+            let out = dir.join(job.name());
+            export(job, &model.config, &out).unwrap();
+            LoraAdapter::load(&out, &model.config).unwrap()
+        })
+        .collect()
+}
+
+fn same_exports(preset: Preset, moe: MoeSplit) {
+    let want = train_and_export(preset, 1, moe);
+    // The jobs took steps: B starts at zero.
+    assert!(want.iter().all(|a| a.modules.values().any(|m| m.b.to_vec_f32().unwrap().iter().any(|&v| v != 0.0))));
+    for world in [2, 4] {
+        for (got, want) in train_and_export(preset, world, moe).iter().zip(&want) {
+            assert_eq!(got.modules.keys().collect::<Vec<_>>(), want.modules.keys().collect::<Vec<_>>());
+            let (mut diff, mut scale) = (0.0f32, 0.0f32);
+            for (g, w) in got.modules.values().zip(want.modules.values()) {
+                for (g, w) in [(&g.a, &w.a), (&g.b, &w.b)] {
+                    for (x, y) in g.to_vec_f32().unwrap().iter().zip(w.to_vec_f32().unwrap()) {
+                        diff = diff.max((x - y).abs());
+                        scale = scale.max(y.abs());
+                    }
+                }
+            }
+            assert!(diff <= 1e-4 * scale, "{preset:?}, {moe:?}, degree {world}: weights differ by {diff} of {scale}");
+        }
+    }
+}
+
+#[test]
+fn jobs_trained_on_dense_shards_export_the_same_peft_adapters() {
+    same_exports(Preset::Tiny, MoeSplit::Intermediate);
+}
+
+#[test]
+fn jobs_trained_on_expert_parallel_shards_export_the_same_peft_adapters() {
+    same_exports(Preset::TinyMoe, MoeSplit::Experts);
 }

@@ -273,8 +273,16 @@ pub struct Job {
 impl Job {
     /// A new job over `data`: fresh LoRA weights (or the base's experts, for ESFT) and a
     /// shuffled first epoch, all from `spec.hyper.seed`.
+    /// `model` is the whole model (a job keeps its whole adapter, also when a tensor-parallel
+    /// group trains it: each shard cuts it for its forward pass).
     pub fn new(spec: JobSpec, model: &Model, data: Arc<Vec<Example>>) -> Result<Job> {
         spec.hyper.validate()?;
+        if model.tp.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "job {}: a job's adapter is made from the whole model, not a tensor-parallel shard",
+                spec.name
+            )));
+        }
         if data.is_empty() {
             return Err(Error::InvalidRequest(format!("job {}: no training examples", spec.name)));
         }
