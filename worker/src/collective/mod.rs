@@ -1,7 +1,10 @@
 //! Collectives for tensor and expert parallelism (issue 8): one trait, [`Collective`], and its
 //! host-memory implementation, [`HostCollective`], over two kinds of links: in-process channels
 //! ([`LocalGroup`], for unit tests) and TCP ([`TcpGroup`], for CPU workers, tests on loopback and
-//! machines without NCCL). An NCCL implementation of the same trait comes with the GPU side.
+//! machines without NCCL). With the `cuda` feature, `NcclCollective` implements the same trait
+//! over NCCL on GPUs (one rank per GPU, joined by an `NcclId`); its contract differs in what
+//! NCCL cannot tell (see `nccl.rs`: no mismatch detection, a timeout bounds each NCCL step, not
+//! silence, and does not know the peer at fault).
 //!
 //! Map:
 //! - `mod.rs`: the trait, its error, the options and [`HostCollective`].
@@ -9,6 +12,8 @@
 //!   and the bookkeeping that turns a silent or departed peer into an error, over any link.
 //! - `local.rs`: links as channels between threads.
 //! - `tcp.rs`: links as TCP connections (full mesh), the set-up handshake and the wire format.
+//! - `nccl.rs` (feature `cuda`): the NCCL backend, libnccl and libcuda opened at run time (a
+//!   missing one is a set-up error, not a panic).
 //!
 //! # Contract
 //! Every rank of a group calls the same collectives in the same order with matching arguments
@@ -43,6 +48,8 @@
 
 mod group;
 mod local;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod tcp;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +57,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use local::LocalGroup;
+#[cfg(feature = "cuda")]
+pub use nccl::{NcclCollective, NcclId, ParseNcclIdError};
 pub use tcp::TcpGroup;
 
 use group::Group;
