@@ -15,6 +15,7 @@ mod jobs;
 mod tp_rank;
 mod up;
 mod worker;
+mod worker_groups;
 mod worker_jobs;
 
 use clap::{Parser, Subcommand};

@@ -1,18 +1,23 @@
 //! `tandem worker`: one worker process. It loads a base model (and adapters), runs the
 //! co-serving engine on a thread of its own, serves completions over gRPC (`tandem.v1.Worker`),
-//! and holds a lease at the coordinator.
+//! and holds a lease at the coordinator. With `--collective-addr` it is a group worker instead:
+//! it serves only as a rank of the worker groups the coordinator places on it
+//! (`worker_groups.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use tandem_kernels::Device;
+use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::{Engine, EngineConfig};
 use tandem_worker::model::{Model, ModelConfig};
-use tandem_worker::service::{EngineThread, WorkerService, keep_lease};
+use tandem_worker::service::{EngineThread, Lease, Serving, WorkerService, keep_lease};
 use tandem_worker::tokenizer::TextTokenizer;
 
+use crate::worker_groups::{GroupsAgent, refuse_jobs};
 use crate::worker_jobs::JobsAgent;
 
 #[derive(Args)]
@@ -42,12 +47,26 @@ pub struct WorkerArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Makes this a group worker: it serves no whole model, only its ranks in the worker
+    /// groups the coordinator places on it (tensor-parallel shards), and listens here
+    /// (HOST:PORT, reachable by the other ranks) for their collectives.
+    #[arg(long)]
+    collective_addr: Option<String>,
+    /// A group's collectives fail after this long without word from a rank.
+    #[arg(long, default_value_t = 60_000)]
+    collective_timeout_ms: u64,
+    /// A group must be formed (every rank connected) within this long.
+    #[arg(long, default_value_t = 120_000)]
+    group_setup_timeout_ms: u64,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
     device.ensure_available()?;
     let config = ModelConfig::load(&args.model)?;
+    if let Some(collective_addr) = args.collective_addr.clone() {
+        return run_group_worker(args, device, collective_addr);
+    }
     let tokenizer =
         TextTokenizer::load(&args.model).with_context(|| format!("tokenizer of {}", args.model.display()))?;
     let adapters =
@@ -56,6 +75,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         Arc::new(Model::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?);
     let engine = Engine::new(model.clone(), adapters, Some(tokenizer), EngineConfig::default())?;
     let (engine, train_events) = EngineThread::start(engine)?;
+    let model_name = model_name(&args);
     let agent = JobsAgent {
         engine: engine.clone(),
         model,
@@ -63,16 +83,20 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         coordinator: args.coordinator.clone(),
         blobs: args.blobs,
     };
-    let model_name = match args.model_name {
-        Some(n) => n,
-        None => args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-    };
     let addr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e}", args.listen))?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let (assignments, assigned) = tokio::sync::watch::channel(String::new());
-        let lease =
-            tokio::spawn(keep_lease(args.coordinator, args.id.clone(), args.listen.clone(), model_name, assignments));
+        let (groups, _) = tokio::sync::watch::channel(String::new());
+        let lease = tokio::spawn(keep_lease(Lease {
+            coordinator: args.coordinator,
+            id: args.id.clone(),
+            addr: args.listen.clone(),
+            models: vec![model_name],
+            collective_addr: String::new(),
+            assignments,
+            groups,
+        }));
         let jobs = tokio::spawn(agent.run(assigned, train_events));
         eprintln!("worker {} serving on {}", args.id, args.listen);
         let shutdown = crate::stop_requested();
@@ -82,6 +106,62 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .await;
         lease.abort();
         jobs.abort();
+        served.with_context(|| format!("serving on {}", args.listen))
+    })
+}
+
+/// The base model's name in the cluster: `--model-name`, else the folder's name.
+fn model_name(args: &WorkerArgs) -> String {
+    match &args.model_name {
+        Some(n) => n.clone(),
+        None => args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    }
+}
+
+/// A group worker: no engine of its own; it serves as the ranks the coordinator gives it.
+fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -> Result<()> {
+    if !args.adapters.is_empty() {
+        return Err(anyhow!("--adapter is for whole-model workers: a group loads adapters as requests name them"));
+    }
+    let serving = Serving::nothing(format!("worker {} is in no worker group yet", args.id));
+    let options = CollectiveOptions {
+        timeout: Duration::from_millis(args.collective_timeout_ms.max(1)),
+        setup_timeout: Duration::from_millis(args.group_setup_timeout_ms.max(1)),
+    };
+    let agent = GroupsAgent {
+        id: args.id.clone(),
+        coordinator: args.coordinator.clone(),
+        serving: serving.clone(),
+        model_dir: args.model.clone(),
+        model_name: model_name(&args),
+        device,
+        options,
+        engine: EngineConfig::default(),
+    };
+    let addr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e}", args.listen))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let (assignments, assigned) = tokio::sync::watch::channel(String::new());
+        let (groups, memberships) = tokio::sync::watch::channel(String::new());
+        let lease = tokio::spawn(keep_lease(Lease {
+            coordinator: args.coordinator.clone(),
+            id: args.id.clone(),
+            addr: args.listen.clone(),
+            models: Vec::new(),
+            collective_addr,
+            assignments,
+            groups,
+        }));
+        let jobs = tokio::spawn(refuse_jobs(args.id.clone(), args.coordinator.clone(), assigned));
+        let groups = tokio::spawn(agent.run(memberships));
+        eprintln!("group worker {} serving on {}", args.id, args.listen);
+        let served = tonic::transport::Server::builder()
+            .add_service(WorkerService::serving(serving))
+            .serve_with_shutdown(addr, crate::stop_requested())
+            .await;
+        lease.abort();
+        jobs.abort();
+        groups.abort();
         served.with_context(|| format!("serving on {}", args.listen))
     })
 }

@@ -213,7 +213,7 @@ fn spawn_reporter(coordinator: String) -> mpsc::UnboundedSender<(String, u64, Jo
     tx
 }
 
-async fn propose(coordinator: &str, proposal_json: &str) -> Result<Reply> {
+pub(crate) async fn propose(coordinator: &str, proposal_json: &str) -> Result<Reply> {
     let mut client = ClusterClient::connect(format!("http://{coordinator}")).await?;
     let r = client.propose(ProposeRequest { proposal_json: proposal_json.to_string() }).await?.into_inner();
     Ok(serde_json::from_str(&r.reply_json)?)

@@ -17,12 +17,15 @@
 //!   fine-tuning microbatches in the same passes.
 //! - `train/`: fine-tuning (data, backward pass, LoRA and ESFT jobs, checkpoints, export).
 //! - `service.rs`: the engine on its own thread, the gRPC `Worker` service, the lease.
+//! - `group/`: worker groups: a model served by tensor-parallel ranks in several processes,
+//!   rank 0 running the engine and broadcasting each pass's plan to the others.
 //! - `collective/`: all-reduce, all-gather, ... over threads (tests) or TCP (CPU workers).
 
 pub mod adapters;
 pub mod collective;
 pub mod engine;
 pub mod error;
+pub mod group;
 pub mod init_model;
 pub mod model;
 pub mod rng;

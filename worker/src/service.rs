@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use tandem_proto::v1::cluster_client::ClusterClient;
@@ -25,15 +25,16 @@ use crate::adapters::Adapter;
 use crate::adapters::registry::Origin;
 use crate::engine::{Engine, GenerationOutput, GenerationRequest, Progress};
 use crate::error::Error;
+use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, TextTokenizer};
 use crate::train::checkpoint;
 use crate::train::job::StepReport;
 
-type EventSender = async_mpsc::UnboundedSender<Result<GenerateEvent, Status>>;
+pub(crate) type EventSender = async_mpsc::UnboundedSender<Result<GenerateEvent, Status>>;
 
 /// What the engine thread is asked to do.
-enum Order {
+pub(crate) enum Order {
     Generate {
         req: GenerateRequest,
         events: EventSender,
@@ -78,8 +79,8 @@ pub enum TrainEvent {
 }
 
 /// A request the engine runs, and where its events go.
-struct Stream {
-    events: EventSender,
+pub(crate) struct Stream {
+    pub(crate) events: EventSender,
     logprobs: bool,
     /// Bytes of text and tokens already sent.
     text_sent: usize,
@@ -100,6 +101,11 @@ impl EngineThread {
         let (train_events, train_rx) = async_mpsc::unbounded_channel();
         std::thread::Builder::new().name("engine".into()).spawn(move || run(engine, rx, train_events))?;
         Ok((EngineThread { orders }, train_rx))
+    }
+
+    /// A handle over an engine loop's order channel (a worker group's rank 0 runs its own).
+    pub(crate) fn over(orders: mpsc::Sender<Order>) -> Self {
+        EngineThread { orders }
     }
 
     /// Queues `req`; its events arrive on the returned receiver.
@@ -127,7 +133,7 @@ impl EngineThread {
     }
 }
 
-fn status_of(e: Error) -> Status {
+pub(crate) fn status_of(e: Error) -> Status {
     match e {
         Error::InvalidRequest(m) => Status::invalid_argument(m),
         Error::Overloaded(m) => Status::resource_exhausted(m),
@@ -138,7 +144,7 @@ fn status_of(e: Error) -> Status {
 
 /// The engine's request for `req`: its prompt tokenized (chat messages through the model's chat
 /// template) and its sampling parameters checked by the engine.
-fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, Error> {
+pub(crate) fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, Error> {
     let tokenizer = engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the model has no tokenizer".into()))?;
     let prompt = if req.messages.is_empty() {
         tokenizer.encode(&req.prompt, true)?
@@ -162,11 +168,11 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
 
 /// Makes sure the adapter `req` names is loaded: read from `adapter_uri` the first time. A newer
 /// version (`NAME@VERSION`) replaces the older ones of the same name for new requests.
-fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error> {
+pub(crate) fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error> {
     if req.adapter.is_empty() || req.adapter_uri.is_empty() || engine.registry().resolve(&req.adapter).is_ok() {
         return Ok(());
     }
-    let adapter = Adapter::load_dir(Path::new(&req.adapter_uri), &engine.model().config)?;
+    let adapter = read_adapter(engine.model(), Path::new(&req.adapter_uri))?;
     let family = req.adapter.rsplit_once('@').map_or(req.adapter.as_str(), |(name, _)| name);
     let older: Vec<String> = (engine.registry().list().iter())
         .filter(|v| v.name.rsplit_once('@').is_some_and(|(name, _)| name == family))
@@ -177,6 +183,15 @@ fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error>
     }
     engine.publish_adapter(&req.adapter, adapter, Origin::Upload)?;
     Ok(())
+}
+
+/// The adapter in `dir`, for `model`: on a tensor-parallel shard, read against the whole
+/// model and cut for the shard.
+pub(crate) fn read_adapter(model: &Model, dir: &Path) -> Result<Adapter, Error> {
+    match &model.tp {
+        Some(tp) => model.shard_adapter(&Adapter::load_dir(dir, &tp.whole)?),
+        None => Adapter::load_dir(dir, &model.config),
+    }
 }
 
 /// Jobs in training on the engine thread: where their files go, and checkpoints due.
@@ -324,7 +339,11 @@ fn token_texts(tokenizer: Option<&TextTokenizer>, ids: &[u32]) -> Vec<String> {
 }
 
 impl Stream {
-    fn send_progress(&mut self, p: &Progress, tokenizer: Option<&TextTokenizer>) {
+    pub(crate) fn new(events: EventSender, logprobs: bool) -> Self {
+        Stream { events, logprobs, text_sent: 0, tokens_sent: 0 }
+    }
+
+    pub(crate) fn send_progress(&mut self, p: &Progress, tokenizer: Option<&TextTokenizer>) {
         let event = GenerateEvent {
             text: p.text.clone(),
             token_ids: vec![p.token],
@@ -337,7 +356,7 @@ impl Stream {
         let _ = self.events.send(Ok(event));
     }
 
-    fn finish(self, out: &GenerationOutput, tokenizer: Option<&TextTokenizer>) {
+    pub(crate) fn finish(self, out: &GenerationOutput, tokenizer: Option<&TextTokenizer>) {
         let tokens = out.token_ids.get(self.tokens_sent..).unwrap_or_default();
         let logprobs = out.logprobs.get(self.tokens_sent..).unwrap_or_default();
         let event = GenerateEvent {
@@ -353,14 +372,47 @@ impl Stream {
     }
 }
 
+/// The engine a worker's `Generate` goes to: its own for the whole model, or for a group
+/// worker, its group's while it is rank 0 of a formed group (else why it serves nothing now).
+#[derive(Clone)]
+pub struct Serving(Arc<Mutex<Result<EngineThread, String>>>);
+
+impl Serving {
+    pub fn engine(engine: EngineThread) -> Self {
+        Serving(Arc::new(Mutex::new(Ok(engine))))
+    }
+
+    /// Nothing served yet, for `why`.
+    pub fn nothing(why: impl Into<String>) -> Self {
+        Serving(Arc::new(Mutex::new(Err(why.into()))))
+    }
+
+    /// From now on, requests go to `engine` (or are refused for the reason given).
+    pub fn set(&self, engine: Result<EngineThread, String>) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = engine;
+        }
+    }
+
+    fn current(&self) -> Result<EngineThread, Status> {
+        let slot = self.0.lock().map_err(|_| Status::internal("the serving slot is poisoned"))?;
+        slot.clone().map_err(Status::unavailable)
+    }
+}
+
 /// The gRPC `Worker` service over an engine thread.
 pub struct WorkerService {
-    engine: EngineThread,
+    serving: Serving,
 }
 
 impl WorkerService {
     pub fn new(engine: EngineThread) -> WorkerServer<Self> {
-        WorkerServer::new(WorkerService { engine })
+        Self::serving(Serving::engine(engine))
+    }
+
+    /// The service over whatever `serving` holds at each request.
+    pub fn serving(serving: Serving) -> WorkerServer<Self> {
+        WorkerServer::new(WorkerService { serving })
     }
 }
 
@@ -369,26 +421,48 @@ impl Worker for WorkerService {
     type GenerateStream = UnboundedReceiverStream<Result<GenerateEvent, Status>>;
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let rx = self.engine.submit(req.into_inner())?;
+        let rx = self.serving.current()?.submit(req.into_inner())?;
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
 
-/// Registers worker `id` (serving at `addr`, with base `model` loaded) with the coordinator at
-/// `coordinator` and keeps its lease: a heartbeat every third of the lease, registering again
-/// when the coordinator has forgotten it (it was marked dead) and retrying while it cannot be
-/// reached. Each heartbeat's answer carries the fine-tuning attempts this worker is to run
-/// (JSON), published on `assignments`. Runs until the task is dropped.
-pub async fn keep_lease(
-    coordinator: String,
-    id: String,
-    addr: String,
-    model: String,
-    assignments: tokio::sync::watch::Sender<String>,
-) {
-    let gpus = serde_json::json!([{ "index": 0, "memory_bytes": 0, "models": [model] }]).to_string();
-    let register =
-        RegisterWorkerRequest { worker_id: id.clone(), addr, gpus_json: gpus, collective_addr: String::new() };
+/// Who a worker is to the coordinator, and where the heartbeats' news goes.
+pub struct Lease {
+    /// A coordinator's address (a follower forwards to the leader).
+    pub coordinator: String,
+    pub id: String,
+    /// Its gRPC address.
+    pub addr: String,
+    /// The base models it serves whole (none for a group worker).
+    pub models: Vec<String>,
+    /// Where it listens for its worker groups' collectives (empty: not a group worker).
+    pub collective_addr: String,
+    /// The fine-tuning attempts it is to run (`Assignment` list, JSON).
+    pub assignments: tokio::sync::watch::Sender<String>,
+    /// The worker groups it is a member of (`Membership` list, JSON).
+    pub groups: tokio::sync::watch::Sender<String>,
+}
+
+/// Publishes `new` on `tx` when it differs from what is there.
+fn publish(tx: &tokio::sync::watch::Sender<String>, new: &str) {
+    tx.send_if_modified(|old| {
+        let changed = *old != new;
+        if changed {
+            new.clone_into(old);
+        }
+        changed
+    });
+}
+
+/// Registers the worker with the coordinator and keeps its lease: a heartbeat every third of
+/// the lease, registering again when the coordinator has forgotten it (it was marked dead) and
+/// retrying while it cannot be reached. Each heartbeat's answer carries the fine-tuning
+/// attempts this worker is to run and its worker groups, published on `lease`'s channels. Runs
+/// until the task is dropped.
+pub async fn keep_lease(lease: Lease) {
+    let Lease { coordinator, id, addr, models, collective_addr, assignments, groups } = lease;
+    let gpus = serde_json::json!([{ "index": 0, "memory_bytes": 0, "models": models }]).to_string();
+    let register = RegisterWorkerRequest { worker_id: id.clone(), addr, gpus_json: gpus, collective_addr };
     let mut registered = false;
     let mut pause = Duration::from_millis(500);
     loop {
@@ -403,13 +477,8 @@ pub async fn keep_lease(
             match client.heartbeat(HeartbeatRequest { worker_id: id.clone() }).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    assignments.send_if_modified(|old| {
-                        let changed = *old != r.assignments_json;
-                        if changed {
-                            old.clone_from(&r.assignments_json);
-                        }
-                        changed
-                    });
+                    publish(&assignments, &r.assignments_json);
+                    publish(&groups, &r.groups_json);
                     Ok(Duration::from_millis(r.lease_ms / 3))
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {

@@ -5,6 +5,7 @@
 //! namespace, and it goes to an alive worker that has the base model loaded, preferring the
 //! one that last served its adapter; the worker's token stream is relayed to the client.
 
+mod groups;
 mod grpc;
 mod metrics;
 mod openai;
@@ -196,13 +197,19 @@ impl Gateway {
         serde_json::from_str(&r.into_inner().reply_json).map_err(|e| e.to_string())
     }
 
-    /// The alive workers that have base `model` loaded, the one that last served `adapter`
+    /// The alive workers that have base `model` loaded, and rank 0 of each formed worker group
+    /// of it (the other ranks serve nothing themselves): the one that last served `adapter`
     /// first, then the rest in turn.
     fn workers_for(&self, state: &ClusterState, target: &Target) -> Result<Vec<String>, ApiError> {
         let mut workers: Vec<String> = (state.workers.values())
             .filter(|w| w.alive && w.gpus.iter().any(|g| g.models.contains(&target.base)))
             .map(|w| w.addr.clone())
             .collect();
+        let leaders = (state.placements.values())
+            .filter(|p| p.formed && p.model == target.base)
+            .filter_map(|p| state.workers.get(p.workers.first()?))
+            .filter(|w| w.alive);
+        workers.extend(leaders.map(|w| w.addr.clone()));
         if workers.is_empty() {
             return Err(ApiError::unavailable(format!("no worker serves {:?} right now", target.base)));
         }
@@ -249,6 +256,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .merge(resources::routes())
+        .merge(groups::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(gateway)

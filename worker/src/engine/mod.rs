@@ -7,6 +7,7 @@
 
 mod budget;
 mod coserve;
+pub mod group_plan;
 pub mod metrics;
 mod paged;
 pub mod pool;
@@ -155,6 +156,8 @@ pub struct Engine {
     counters: Counters,
     /// Tokens the last step sampled for requests that go on.
     progress: Vec<Progress>,
+    /// Rank 0 of a worker group: where each forward pass's plan goes first.
+    plans: Option<Box<dyn group_plan::PlanSink>>,
 }
 
 fn job_metrics(j: &EngineJob) -> JobMetrics {
@@ -213,7 +216,15 @@ impl Engine {
             last_sample: None,
             counters: Counters::default(),
             progress: Vec::new(),
+            plans: None,
         })
+    }
+
+    /// Makes this engine (over rank 0's shard) lead a worker group: every forward pass's plan
+    /// goes to `plans` before the pass runs, for the other ranks to run it too. Fine-tuning
+    /// is refused from then on (not done on groups yet).
+    pub fn lead_group(&mut self, plans: Box<dyn group_plan::PlanSink>) {
+        self.plans = Some(plans);
     }
 
     pub fn model(&self) -> &Model {
@@ -257,6 +268,12 @@ impl Engine {
     /// publishes the next.
     pub fn add_job(&mut self, job: Job) -> Result<()> {
         let name = job.spec.name.clone();
+        if self.plans.is_some() {
+            return Err(Error::Unsupported(format!(
+                "fine-tuning job {name:?}: this engine leads a tensor-parallel worker group, where fine-tuning is \
+                 not done yet"
+            )));
+        }
         if self.registry.resolve(&name).is_ok() {
             return Err(Error::InvalidRequest(format!("an adapter named {name:?} exists already")));
         }
@@ -450,6 +467,13 @@ impl Engine {
                 (Some(set), _) | (None, Some((_, set))) => set,
                 (None, None) => return Err(Error::InvalidRequest("engine: batch built without its adapters".into())),
             };
+            if let Some(sink) = &mut self.plans {
+                let versions = (ids.iter())
+                    .map(|&id| self.paged.version(id).cloned())
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| Error::InvalidRequest("engine: a batch adapter is not resident".into()))?;
+                sink.forward(&input, &versions)?;
+            }
             let mut tape = Vec::new();
             let hidden = match &plan {
                 Some(p) => {

@@ -121,6 +121,11 @@ impl PagedAdapters {
         true
     }
 
+    /// The resident version `id`.
+    pub fn version(&self, id: u64) -> Option<&Arc<AdapterVersion>> {
+        self.resident.get(&id).map(|r| &r.version)
+    }
+
     /// The adapter read back from its pages, as device tensors.
     pub fn load(&self, id: u64, cache: &KvCache) -> Result<Adapter> {
         let r = self.resident.get(&id).ok_or_else(|| Error::InvalidRequest(format!("adapter {id} is not resident")))?;

@@ -1,0 +1,207 @@
+//! A group worker's side of worker groups: it takes part in the group its heartbeats name
+//! (one at a time), joining each new formation (epoch) afresh: it connects to the other ranks,
+//! cuts its shard of the base model, and runs rank 0's engine (which then serves this worker's
+//! `Generate`) or a follower. It reports to the cluster that rank 0 formed the group, and that
+//! its part failed (naming the rank the error blames), so the coordinator forms it again.
+//! Fine-tuning jobs are refused: the scheduler gives group workers none, and one that still
+//! comes is failed with the reason.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use tandem_coordinator::state::{Assignment, Command, JobReport, Membership, Proposal, Reply};
+use tandem_kernels::Device;
+use tandem_worker::collective::CollectiveOptions;
+use tandem_worker::engine::EngineConfig;
+use tandem_worker::group::{self, Ended, GroupSpec, Member};
+use tandem_worker::model::Model;
+use tandem_worker::service::Serving;
+use tandem_worker::tokenizer::TextTokenizer;
+use tokio::sync::{mpsc, watch};
+
+use crate::worker_jobs::propose;
+
+/// Everything a group worker needs.
+pub struct GroupsAgent {
+    pub id: String,
+    pub coordinator: String,
+    /// Where this worker's `Generate` goes: rank 0's engine while it leads a formed group.
+    pub serving: Serving,
+    /// The worker's own copy of a base model (`--model`), named `model_name`: used when the
+    /// catalogue's uri for the group's model is not a folder here.
+    pub model_dir: PathBuf,
+    pub model_name: String,
+    pub device: Device,
+    pub options: CollectiveOptions,
+    pub engine: EngineConfig,
+}
+
+/// The whole base model a group was cut from, kept for the next formation.
+struct Loaded {
+    dir: PathBuf,
+    model: Arc<Model>,
+}
+
+impl GroupsAgent {
+    /// Runs until the memberships channel closes.
+    pub async fn run(self, mut groups: watch::Receiver<String>) {
+        let (ended_tx, mut ended) = mpsc::unbounded_channel::<Ended>();
+        let mut current: Option<(Membership, Member)> = None;
+        let mut loaded: Option<Loaded> = None;
+        loop {
+            tokio::select! {
+                changed = groups.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let json = groups.borrow_and_update().clone();
+                    let Ok(list) = serde_json::from_str::<Vec<Membership>>(&json) else { continue };
+                    if list.len() > 1 {
+                        eprintln!("worker {}: in {} groups; a worker serves one at a time", self.id, list.len());
+                    }
+                    let wanted = list.into_iter().next();
+                    if current.as_ref().map(|(m, _)| m) == wanted.as_ref() {
+                        continue;
+                    }
+                    // Leaving the old formation: rank 0's engine stops once its handles are
+                    // gone, a follower after the plan it waits for.
+                    self.serving.set(Err(format!("worker {} is re-joining its worker group", self.id)));
+                    current = None;
+                    let Some(m) = wanted else {
+                        self.serving.set(Err(format!("worker {} is in no worker group", self.id)));
+                        continue;
+                    };
+                    match self.join(&m, &mut loaded, ended_tx.clone()).await {
+                        Ok(member) => {
+                            eprintln!("worker {}: joined group {} (epoch {}) as rank {}", self.id, m.group, m.epoch, m.rank);
+                            if let Member::Leader(engine) = &member {
+                                self.serving.set(Ok(engine.clone()));
+                                let command = Command::GroupFormed { group: m.group.clone(), epoch: m.epoch };
+                                self.report(format!("group-formed-{}-{}", m.group, m.epoch), command).await;
+                            }
+                            current = Some((m, member));
+                        }
+                        Err(e) => {
+                            eprintln!("worker {}: group {} (epoch {}): {e:#}", self.id, m.group, m.epoch);
+                            // A rank that did not come may only not have heard yet: no blame.
+                            let command = Command::GroupFailed { group: m.group.clone(), epoch: m.epoch, blame: None };
+                            self.report(format!("group-failed-{}-{}-{}", m.group, m.epoch, self.id), command).await;
+                        }
+                    }
+                }
+                Some(end) = ended.recv() => {
+                    let ours = current.as_ref().is_some_and(|(m, _)| m.group == end.group && m.epoch == end.epoch);
+                    if ours {
+                        current = None;
+                        self.serving.set(Err(format!("worker {}: its worker group is being formed again", self.id)));
+                    }
+                    if let (Some(error), true) = (&end.error, ours) {
+                        eprintln!("worker {}: group {} (epoch {}) rank {} failed: {error}", self.id, end.group, end.epoch, end.rank);
+                        let command = Command::GroupFailed { group: end.group.clone(), epoch: end.epoch, blame: end.blame };
+                        self.report(format!("group-failed-{}-{}-{}", end.group, end.epoch, self.id), command).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Joins formation `m` (on a blocking thread: the set-up waits for every rank).
+    async fn join(
+        &self,
+        m: &Membership,
+        loaded: &mut Option<Loaded>,
+        ended: mpsc::UnboundedSender<Ended>,
+    ) -> Result<Member> {
+        let dir = self.model_dir_for(m)?;
+        if loaded.as_ref().is_none_or(|l| l.dir != dir) {
+            let (device, d) = (self.device, dir.clone());
+            let load = tokio::task::spawn_blocking(move || -> Result<Loaded> {
+                let model = Model::load(&d, device).with_context(|| format!("loading {}", d.display()))?;
+                Ok(Loaded { dir: d, model: Arc::new(model) })
+            });
+            *loaded = Some(load.await??);
+        }
+        let Some(l) = loaded.as_ref() else { return Err(anyhow!("no model loaded")) };
+        let spec = GroupSpec {
+            group: m.group.clone(),
+            epoch: m.epoch,
+            rank: m.rank,
+            peers: m.peers.clone(),
+            options: self.options.clone(),
+            engine: self.engine,
+        };
+        let model = l.model.clone();
+        tokio::task::spawn_blocking(move || -> Result<Member> {
+            // Rank 0 serves text: it needs the tokenizer (a fresh one per engine).
+            let tokenizer = match spec.rank {
+                0 => Some(TextTokenizer::load(&dir).with_context(|| format!("tokenizer of {}", dir.display()))?),
+                _ => None,
+            };
+            Ok(group::join(&spec, &model, tokenizer, ended)?)
+        })
+        .await?
+    }
+
+    /// The folder of the group's base model: the catalogue's uri when it is a folder here,
+    /// else this worker's own `--model` when the names match.
+    fn model_dir_for(&self, m: &Membership) -> Result<PathBuf> {
+        if !m.model_uri.is_empty() && Path::new(&m.model_uri).join("config.json").is_file() {
+            return Ok(PathBuf::from(&m.model_uri));
+        }
+        if m.model == self.model_name {
+            return Ok(self.model_dir.clone());
+        }
+        Err(anyhow!(
+            "group {}: base model {:?} is at {:?}, not a model folder here, and this worker's --model is {:?}",
+            m.group,
+            m.model,
+            m.model_uri,
+            self.model_name
+        ))
+    }
+
+    /// Proposes `command` under `request_id` (a retry applies once), retrying a while when
+    /// the cluster cannot be reached; a refusal means the news is stale.
+    async fn report(&self, request_id: String, command: Command) {
+        let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { return };
+        for _ in 0..20 {
+            match propose(&self.coordinator, &json).await {
+                Ok(Reply::Refused { reason }) => {
+                    eprintln!("worker {}: group report refused: {reason}", self.id);
+                    return;
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    eprintln!("worker {}: group report: {e:#}; retrying", self.id);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Fails every fine-tuning attempt assigned to group worker `id` (the scheduler places none on
+/// group workers; this answers one that comes anyway, rather than leave it placed forever).
+pub async fn refuse_jobs(id: String, coordinator: String, mut assignments: watch::Receiver<String>) {
+    let mut refused: HashSet<(String, u64)> = HashSet::new();
+    while assignments.changed().await.is_ok() {
+        let json = assignments.borrow_and_update().clone();
+        let Ok(list) = serde_json::from_str::<Vec<Assignment>>(&json) else { continue };
+        let new: Vec<Assignment> = list.into_iter().filter(|a| !refused.contains(&(a.job.clone(), a.epoch))).collect();
+        for a in new {
+            let error = format!(
+                "worker {id} is a tensor-parallel group worker: fine-tuning on worker groups is not supported yet"
+            );
+            let command = Command::ReportJob { id: a.job.clone(), epoch: a.epoch, report: JobReport::Failed { error } };
+            let request_id = format!("refuse-{}-{}", a.job, a.epoch);
+            if let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command))
+                && propose(&coordinator, &json).await.is_ok()
+            {
+                refused.insert((a.job, a.epoch));
+            }
+        }
+    }
+}

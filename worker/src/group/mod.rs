@@ -1,0 +1,142 @@
+//! Worker groups: a base model served by a tensor-parallel group of worker processes (possibly
+//! on different hosts), one rank per process, placed by the coordinator. Rank 0 runs the
+//! engine (its scheduler, KV-cache pages, adapters, sampling) over its shard of the model and
+//! broadcasts each forward pass's plan (`engine/group_plan.rs`); every other rank follows the
+//! plans on its own shard, joining the collectives inside the model's calls. A collective that
+//! fails (a rank killed, a timeout) ends the member's part cleanly: rank 0's requests in flight
+//! get an error, the member reports how it ended ([`Ended`]), and the coordinator forms the
+//! group again at a new epoch, which the members join afresh.
+//!
+//! Map:
+//! - `mod.rs`: joining a group ([`join`]), how a member's part ended, who the error blames.
+//! - `leader.rs`: rank 0's engine loop, which sends the plans (and keeps idle followers
+//!   waiting within the collectives' timeout).
+//! - `follower.rs`: the other ranks' loop.
+
+mod follower;
+mod leader;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::collective::{Collective, CollectiveOptions, TcpGroup};
+use crate::engine::EngineConfig;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::service::EngineThread;
+use crate::tokenizer::TextTokenizer;
+
+/// One formation of a group, as this member takes part in it.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    pub group: String,
+    /// The formation (the coordinator's epoch for the group): reports carry it.
+    pub epoch: u64,
+    pub rank: usize,
+    /// Every rank's collective address, rank order; this rank listens on its own.
+    pub peers: Vec<String>,
+    pub options: CollectiveOptions,
+    /// The engine's sizes: rank 0's engine and the followers' KV caches must have the same.
+    pub engine: EngineConfig,
+}
+
+/// How a member's part in a formation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    pub group: String,
+    pub epoch: u64,
+    pub rank: usize,
+    /// Why it failed; `None`: it left as asked (the group was re-formed or removed).
+    pub error: Option<String>,
+    /// The rank the error names as at fault, if it names one.
+    pub blame: Option<usize>,
+}
+
+impl Ended {
+    fn of(spec: &GroupSpec, result: &Result<()>) -> Ended {
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let blame = error.as_deref().and_then(|e| blamed(e, spec.rank));
+        Ended { group: spec.group.clone(), epoch: spec.epoch, rank: spec.rank, error, blame }
+    }
+}
+
+/// This member's part while it runs.
+pub enum Member {
+    /// Rank 0: its engine, which takes the group's requests.
+    Leader(EngineThread),
+    /// Another rank; dropping it asks the follower to leave after the plan it waits for.
+    Follower(FollowerHandle),
+}
+
+pub struct FollowerHandle {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for FollowerHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Joins `spec`'s group (blocking until every rank is connected, or failing by the set-up
+/// timeout), cuts this rank's shard of `whole`, and starts this rank's part on a thread of its
+/// own: rank 0 an engine over its shard (with `tokenizer`), the others a follower. When the
+/// part ends, how is sent on `ended`.
+pub fn join(
+    spec: &GroupSpec,
+    whole: &Model,
+    tokenizer: Option<TextTokenizer>,
+    ended: UnboundedSender<Ended>,
+) -> Result<Member> {
+    let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options).map_err(|e| Error::Collective(e.to_string()))?;
+    let comm: Arc<dyn Collective> = Arc::new(comm);
+    let model = whole.shard(comm.clone())?;
+    if spec.rank == 0 {
+        leader::start(spec.clone(), model, comm, tokenizer, ended).map(Member::Leader)
+    } else {
+        let stop = Arc::new(AtomicBool::new(false));
+        follower::start(spec.clone(), model, comm, stop.clone(), ended)?;
+        Ok(Member::Follower(FollowerHandle { stop }))
+    }
+}
+
+/// How long a follower may wait for the next plan: rank 0 sends one (idle if need be) at
+/// least this often, well inside the collectives' timeout.
+fn plan_interval(options: &CollectiveOptions) -> std::time::Duration {
+    (options.timeout / 4).max(std::time::Duration::from_millis(10))
+}
+
+/// The rank a collective's error message blames: the first `rank N` in it other than this
+/// rank's own (the messages start with the reporting rank, then name the peer at fault; a
+/// communicator broken earlier quotes the first failure).
+pub fn blamed(message: &str, own: usize) -> Option<usize> {
+    let mut rest = message;
+    while let Some(at) = rest.find("rank ") {
+        rest = &rest[at + 5..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(rank) = digits.parse::<usize>()
+            && rank != own
+        {
+            return Some(rank);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blamed;
+
+    #[test]
+    fn the_blamed_rank_is_the_peer_the_message_names() {
+        assert_eq!(blamed("collective: rank 0: all_reduce_sum: rank 1 is gone: connection reset", 0), Some(1));
+        assert_eq!(blamed("rank 2: broadcast_bytes: no progress from rank 0 within 2s (is it alive?)", 2), Some(0));
+        let broken = "rank 0: all_gather: communicator unusable after an earlier failure (rank 0: all_reduce_sum: \
+                      rank 3 is gone: closed)";
+        assert_eq!(blamed(broken, 0), Some(3));
+        assert_eq!(blamed("rank 1: set-up: cannot listen on x", 1), None);
+        assert_eq!(blamed("the prompt is empty", 0), None);
+    }
+}
