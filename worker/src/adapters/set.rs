@@ -206,6 +206,11 @@ impl AdapterSet {
         self.len == 0
     }
 
+    /// Every (layer, projection) some adapter of the set has a LoRA module on.
+    pub fn lora_keys(&self) -> impl Iterator<Item = (usize, Proj)> + '_ {
+        self.lora.keys().copied()
+    }
+
     pub fn lora(&self, layer: usize, proj: Proj) -> Option<&LoraTable> {
         self.lora.get(&(layer, proj))
     }

@@ -168,7 +168,7 @@ impl Model {
             return Ok(false);
         }
         // Under tensor parallelism the gradients are gathered once, at the end.
-        let done = self.gather_grads(std::mem::take(&mut pending.grads))?;
+        let done = self.gather_grads(std::mem::take(&mut pending.grads), adapters)?;
         grads.add(done)?;
         Ok(true)
     }

@@ -32,7 +32,7 @@ use tandem_kernels::Tensor;
 use super::backward::AdapterGrads;
 use super::weights::{DenseMlp, Layer, Linear, Mlp, MoeMlp, Weights};
 use super::{Model, ModelConfig};
-use crate::adapters::{Adapter, ModuleKey, Proj};
+use crate::adapters::{Adapter, AdapterSet, ModuleKey, Proj};
 use crate::collective::{Collective, CollectiveError};
 use crate::error::{Error, Result};
 
@@ -426,13 +426,23 @@ impl Model {
     /// partial sum), the replicated router and shared-expert gate (their upstream gradient comes
     /// from row-parallel outputs), and B of KV heads replicated on several ranks. One
     /// all-reduce for all of them; every rank ends with the same, whole gradients.
-    pub(super) fn gather_grads(&self, grads: AdapterGrads) -> Result<AdapterGrads> {
+    pub(super) fn gather_grads(&self, grads: AdapterGrads, adapters: &AdapterSet) -> Result<AdapterGrads> {
         let Some(tp) = &self.tp else { return Ok(grads) };
         let (sp, whole) = (&tp.split, &*tp.whole);
-        // Every rank ran the same rows through the same adapters and routing, so every rank has
-        // the same keys; sorted, they agree on the order.
-        let mut lora: Vec<_> = grads.lora.into_iter().collect();
+        // The ranks must agree on what they sum: every LoRA module of the set (its LoRA tables
+        // are alike on every rank), zeros where no row of this rank reached it (under expert
+        // parallelism, an expert's rows reach only its rank), sorted.
+        let mut lora = grads.lora;
+        for key in adapters.lora_keys() {
+            if let (false, Some(table)) = (lora.contains_key(&key), adapters.lora(key.0, key.1)) {
+                let zeros = |t: &Tensor| Tensor::zeros(t.shape().to_vec(), t.dtype(), t.device());
+                lora.insert(key, (zeros(&table.bank.a)?, zeros(&table.bank.bt)?));
+            }
+        }
+        let mut lora: Vec<_> = lora.into_iter().collect();
         lora.sort_by_key(|(key, _)| *key);
+        // Every rank ran the same rows through the same ESFT experts (without expert
+        // parallelism), so the ESFT gradients' keys agree too.
         let mut esft: Vec<_> = grads.esft.into_iter().collect();
         esft.sort_by_key(|(key, _)| *key);
         let mut parts = Vec::new();
