@@ -1,6 +1,7 @@
 //! Worker groups as processes over real sockets: a coordinator (with the gateway) and three
 //! group workers on loopback; the operator places the tiny model as a tensor-parallel group of
-//! two. A greedy completion through the gateway equals `tandem generate` on the whole model.
+//! two. Greedy completions through the gateway, of the base model and of a LoRA adapter in one
+//! batch, equal `tandem generate` on the whole model.
 //! Then rank 1 is killed (SIGKILL) while a streamed request runs: the request ends at once
 //! with an error naming the rank, the coordinator re-forms the group with the spare worker in
 //! rank 1's place (a new epoch), and the same request succeeds again with the same output.
@@ -15,6 +16,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tandem_coordinator::state::{Command, Proposal, Reply};
+use tandem_kernels::Device;
+use tandem_proto::v1::ProposeRequest;
+use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_worker::adapters::Adapter;
+use tandem_worker::model::Model;
+use tandem_worker::model::probe::mixed_adapters;
 
 const ADMIN: &str = "sk-admin-groups";
 /// The collectives' timeout the workers run with: the group must fail well within it.
@@ -118,12 +126,36 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     let group = formed(&http, 1);
     assert_eq!(group["epoch"], 1, "{group}");
 
-    // Rank 0 schedules, both ranks compute: the same greedy text as the whole model.
+    // Rank 0 schedules, both ranks compute: the same greedy texts as the whole model, for the
+    // base model and for an adapter (which rank 1 reads from the folder rank 0's plan names),
+    // sent together so that they may share batches.
+    let adapter = save_adapter(&model, &dir.join("adapter-a"));
+    propose(
+        &coordinator,
+        Command::PutAdapter {
+            tenant: "admin".into(),
+            name: "a".into(),
+            base_model: "tiny".into(),
+            checksum: "-".into(),
+            uri: adapter.clone(),
+        },
+    );
     let want = common::generate_greedy(&model, "The cat sat on the", 12);
-    let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
-    assert_eq!(status, 200, "{out}");
+    let want_a = generate_with_adapter(&model, &adapter, "The cat sat on the", 12);
+    assert_ne!(want["text"], want_a["text"], "the adapter changes nothing");
+    let with_a = json!({"model": "a", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
+    let both = |http: &str| {
+        let h = http.to_string();
+        let (r, ra) = (req.clone(), with_a.clone());
+        let base = std::thread::spawn(move || call(&h, "POST", "/v1/completions", Some(r)));
+        let a = call(http, "POST", "/v1/completions", Some(ra));
+        (base.join().unwrap(), a)
+    };
+    let ((status, out), (status_a, out_a)) = both(&http);
+    assert_eq!((status, status_a), (200, 200), "{out} {out_a}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
     assert_eq!(out["usage"]["completion_tokens"], 12);
+    assert_eq!(out_a["choices"][0]["text"], want_a["text"], "{out_a}");
 
     // Rank 1 dies while a long request streams.
     let (started, first_token) = mpsc::channel();
@@ -145,10 +177,51 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     let message = last["error"]["message"].as_str().unwrap_or_else(|| panic!("no error at the end: {last}"));
     assert!(message.contains("rank 1"), "the error does not name rank 1: {message}");
 
-    // Re-formed: the spare w3 takes rank 1, at a new epoch; the same request, the same text.
+    // Re-formed: the spare w3 takes rank 1, at a new epoch; the same requests, the same texts.
     let group = formed(&http, 2);
     assert_eq!(workers_of(&group), ["w1", "w3"], "{group}");
-    let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
-    assert_eq!(status, 200, "{out}");
+    let ((status, out), (status_a, out_a)) = both(&http);
+    assert_eq!((status, status_a), (200, 200), "{out} {out_a}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
+    assert_eq!(out_a["choices"][0]["text"], want_a["text"], "{out_a}");
+
+    // Removed: its members leave it and nothing serves "tiny" any more.
+    let (status, out) = call(&http, "DELETE", "/v1/admin/groups/tp", None);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(call(&http, "DELETE", "/v1/admin/groups/tp", None).0, 404);
+    let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
+    assert_eq!(status, 503, "{out}");
+}
+
+/// A seeded random LoRA adapter of every linear layer of the model in `model`, saved in
+/// PEFT's format to `dir`; returns the folder.
+fn save_adapter(model: &std::path::Path, dir: &std::path::Path) -> String {
+    let whole = Model::load(model, Device::Cpu).unwrap();
+    let Adapter::Lora(lora) = mixed_adapters(&whole).unwrap().remove(0) else { panic!("not a LoRA adapter") };
+    lora.save(dir, &whole.config).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+/// `tandem generate --json` of `prompt` with the adapter in `adapter`, greedy.
+fn generate_with_adapter(model: &std::path::Path, adapter: &str, prompt: &str, max_tokens: usize) -> Value {
+    let (max, spec) = (max_tokens.to_string(), format!("a={adapter}"));
+    let args = ["generate", "--model", model.to_str().unwrap(), "--adapter", &spec, "--use-adapter", "a"];
+    let (ok, out, err) = common::tandem(&[&args[..], &["--prompt", prompt, "--max-tokens", &max, "--json"]].concat());
+    assert!(ok, "{err}");
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+/// Proposes `command` to the cluster (as the operator's tools do), retried until applied.
+fn propose(coordinator: &str, command: Command) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = Proposal::new(format!("test-{}", std::process::id()), command);
+    let json = serde_json::to_string(&p).unwrap();
+    let reply = wait_for(30, "the proposal", || {
+        rt.block_on(async {
+            let mut c = ClusterClient::connect(format!("http://{coordinator}")).await.ok()?;
+            let r = c.propose(ProposeRequest { proposal_json: json.clone() }).await.ok()?;
+            serde_json::from_str::<Reply>(&r.into_inner().reply_json).ok()
+        })
+    });
+    assert!(!matches!(reply, Reply::Refused { .. }), "{reply:?}");
 }
