@@ -84,9 +84,18 @@ fn stream(http: String, body: Value, started: mpsc::Sender<()>) -> Vec<String> {
     events
 }
 
-#[test]
-fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
-    let dir = common::scratch("groups");
+/// A coordinator with the gateway and three group workers `w1`..`w3` (processes, in that
+/// order after the coordinator), the tiny model registered as "tiny".
+struct Cluster {
+    procs: common::Procs,
+    dir: std::path::PathBuf,
+    model: std::path::PathBuf,
+    coordinator: String,
+    http: String,
+}
+
+fn cluster(tag: &str) -> Cluster {
+    let dir = common::scratch(tag);
     let model = dir.join("tiny");
     let model_arg = model.to_str().unwrap();
     let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model_arg]);
@@ -111,6 +120,12 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
         let (status, body) = common::http(&http, "GET", "/health", None, None);
         (status == 200 && body.contains("\"workers_alive\":3")).then_some(())
     });
+    Cluster { procs, dir, model, coordinator, http }
+}
+
+#[test]
+fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
+    let Cluster { mut procs, dir, model, coordinator, http } = cluster("groups");
     // Group workers serve no whole model: nothing serves "tiny" before the group forms.
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
@@ -224,4 +239,24 @@ fn propose(coordinator: &str, command: Command) {
         })
     });
     assert!(!matches!(reply, Reply::Refused { .. }), "{reply:?}");
+}
+
+#[test]
+fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
+    let Cluster { mut procs, model, http, .. } = cluster("groups-rank0");
+    let (status, out) =
+        call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 2, "group": "tp"})));
+    assert_eq!(status, 200, "{out}");
+    formed(&http, 1);
+    // Rank 0 dies while the group is idle: rank 1, waiting for the next plan, sees it go and
+    // reports it; the spare w3 becomes rank 0 and serves.
+    procs.0[1].kill().unwrap();
+    procs.0[1].wait().unwrap();
+    let group = formed(&http, 2);
+    assert_eq!(workers_of(&group), ["w3", "w2"], "{group}");
+    let want = common::generate_greedy(&model, "The cat sat on the", 12);
+    let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
+    let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
 }
