@@ -11,6 +11,7 @@ mod checks;
 mod coordinator;
 mod finetune;
 mod generate;
+mod groups;
 mod jobs;
 mod tp_rank;
 mod up;
@@ -64,6 +65,9 @@ enum Command {
     Adapters(jobs::AdaptersArgs),
     /// API keys for tenants (with the operator's key).
     Keys(jobs::KeysArgs),
+    /// Worker groups (a base model as tensor-parallel ranks over group workers): create, list,
+    /// rm.
+    Groups(groups::GroupsArgs),
     /// Run one rank of a tensor-parallel group over TCP on a fixed batch; prints its logits and
     /// the bytes it sent, as JSON (parity tests and communication figures).
     TpRank(tp_rank::TpRankArgs),
@@ -90,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         Command::Adapters(args) => jobs::adapters(args),
         Command::Keys(args) => jobs::keys(args),
         Command::TpRank(args) => tp_rank::run(args),
+        Command::Groups(args) => groups::groups(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;
             tandem_worker::init_model::write_model(preset, &out, seed)?;

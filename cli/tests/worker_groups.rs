@@ -243,11 +243,17 @@ fn propose(coordinator: &str, command: Command) {
 
 #[test]
 fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
-    let Cluster { mut procs, model, http, .. } = cluster("groups-rank0");
-    let (status, out) =
-        call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 2, "group": "tp"})));
-    assert_eq!(status, 200, "{out}");
+    let Cluster { mut procs, model, http, coordinator, .. } = cluster("groups-rank0");
+    // Placed with the CLI this time.
+    let groups = |args: &[&str]| common::tandem(&[&["groups", "--coordinator", &coordinator][..], args].concat());
+    let (ok, out, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);
+    assert!(!ok && err.contains("exists already"), "{err}");
     formed(&http, 1);
+    let (ok, out, err) = groups(&["list"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "group tp: model tiny epoch 1 formed, ranks 0=w1 1=w2");
     // Rank 0 dies while the group is idle: rank 1, waiting for the next plan, sees it go and
     // reports it; the spare w3 becomes rank 0 and serves.
     procs.0[1].kill().unwrap();
@@ -259,4 +265,7 @@ fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
+    let (ok, out, err) = groups(&["rm", "tp"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(groups(&["list"]).1.trim(), "no worker groups");
 }
