@@ -76,6 +76,7 @@ pub fn run(args: TpRankArgs) -> Result<()> {
         .collect();
     let adapters_trained = if args.moe_split == MoeSplit::Experts { 1 } else { 2 };
     let train_slots: Vec<usize> = (0..examples.len()).map(|i| i % adapters_trained).collect();
+    let train_tokens: usize = examples.iter().map(|e| e.tokens.len()).sum();
     let (losses, gradients) = adapter_gradients(&model, &adapters, &examples, &train_slots)?;
     let gradients: serde_json::Map<String, serde_json::Value> =
         gradients.into_iter().map(|(name, g)| (name, json!(g))).collect();
@@ -84,9 +85,10 @@ pub fn run(args: TpRankArgs) -> Result<()> {
         traffic.bytes.iter().map(|(site, b)| (format!("{site:?}").to_lowercase(), json!(b))).collect();
     let out = json!({
         "rank": args.rank, "world": args.peers.len().max(1), "logits": logits, "bytes": bytes,
-        "losses": losses, "gradients": gradients,
+        "losses": losses, "gradients": gradients, "train_tokens": train_tokens,
         "tokens": traffic.tokens, "logit_rows": traffic.logit_rows,
         "hidden_size": model.config.hidden_size, "layers": model.config.num_layers, "vocab_size": model.config.vocab_size,
+        "top_k": model.config.moe.as_ref().map(|m| m.top_k),
     });
     println!("{out}");
     Ok(())
