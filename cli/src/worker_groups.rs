@@ -77,10 +77,16 @@ impl GroupsAgent {
                     match self.join(&m, &mut loaded, ended_tx.clone()).await {
                         Ok(member) => {
                             eprintln!("worker {}: joined group {} (epoch {}) as rank {}", self.id, m.group, m.epoch, m.rank);
-                            if let Member::Leader(engine) = &member {
-                                self.serving.set(Ok(engine.clone()));
-                                let command = Command::GroupFormed { group: m.group.clone(), epoch: m.epoch };
-                                self.report(format!("group-formed-{}-{}", m.group, m.epoch), command).await;
+                            match &member {
+                                Member::Leader(engine) => {
+                                    self.serving.set(Ok(engine.clone()));
+                                    let command = Command::GroupFormed { group: m.group.clone(), epoch: m.epoch };
+                                    self.report(format!("group-formed-{}-{}", m.group, m.epoch), command).await;
+                                }
+                                Member::Follower(_) => self.serving.set(Err(format!(
+                                    "worker {} is rank {} of worker group {}: its requests go to rank 0",
+                                    self.id, m.rank, m.group
+                                ))),
                             }
                             current = Some((m, member));
                         }

@@ -92,6 +92,7 @@ pub fn join(
 ) -> Result<Member> {
     let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options).map_err(|e| Error::Collective(e.to_string()))?;
     let comm: Arc<dyn Collective> = Arc::new(comm);
+    check_formation(comm.as_ref(), spec)?;
     let model = whole.shard(comm.clone())?;
     if spec.rank == 0 {
         leader::start(spec.clone(), model, comm, tokenizer, ended).map(Member::Leader)
@@ -99,6 +100,26 @@ pub fn join(
         let stop = Arc::new(AtomicBool::new(false));
         follower::start(spec.clone(), model, comm, stop.clone(), ended)?;
         Ok(Member::Follower(FollowerHandle { stop }))
+    }
+}
+
+/// Checks that every rank joined this formation. The TCP handshake knows ranks and the world
+/// size, not the group or its epoch: a rank still joining an older formation (or since placed in
+/// another group) could be taken for a member. Rank 0 sends its `group@epoch`; every rank says
+/// whether it is its own; all fail together, naming a rank that differs.
+fn check_formation(comm: &dyn Collective, spec: &GroupSpec) -> Result<()> {
+    let collective = |e: crate::collective::CollectiveError| Error::Collective(e.to_string());
+    let own = format!("{}@{}", spec.group, spec.epoch);
+    let mut leader = own.clone().into_bytes();
+    comm.broadcast_bytes(&mut leader, 0).map_err(collective)?;
+    let agree = comm.all_gather(&[f32::from(u8::from(leader == own.as_bytes()))]).map_err(collective)?;
+    match agree.iter().position(|&a| a != 1.0) {
+        None => Ok(()),
+        Some(rank) => Err(Error::Collective(format!(
+            "rank {}: rank {rank} joined another formation (this rank is at {own}, rank 0 at {})",
+            spec.rank,
+            String::from_utf8_lossy(&leader)
+        ))),
     }
 }
 
@@ -127,7 +148,36 @@ pub fn blamed(message: &str, own: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::blamed;
+    use super::*;
+    use crate::collective::LocalGroup;
+
+    fn spec(rank: usize, epoch: u64) -> GroupSpec {
+        GroupSpec {
+            group: "tp".into(),
+            epoch,
+            rank,
+            peers: Vec::new(),
+            options: CollectiveOptions::default(),
+            engine: EngineConfig::default(),
+        }
+    }
+
+    /// Runs `check_formation` on two ranks at the given epochs.
+    fn check(epochs: [u64; 2]) -> Vec<Result<()>> {
+        let handles: Vec<_> = (LocalGroup::new(2).into_iter().enumerate())
+            .map(|(rank, comm)| std::thread::spawn(move || check_formation(&comm, &spec(rank, epochs[rank]))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Collective("panicked".into())))).collect()
+    }
+
+    #[test]
+    fn ranks_of_different_formations_refuse_each_other() {
+        assert!(check([3, 3]).iter().all(Result::is_ok));
+        for result in check([3, 2]) {
+            let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains("rank 1 joined another formation"), "{message}");
+        }
+    }
 
     #[test]
     fn the_blamed_rank_is_the_peer_the_message_names() {
