@@ -50,6 +50,18 @@ fn run(model: &Model, adapters: &[Adapter]) -> (Vec<Vec<f32>>, u64) {
     (logits, sent() - start)
 }
 
+/// `f` on every rank's shard of `model` in a group of `world` (threads joined by the in-process
+/// collectives); the results in rank order.
+fn on_shards<T: Send>(model: &Model, world: usize, moe: MoeSplit, f: impl Fn(&Model) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let ranks: Vec<_> = (LocalGroup::new(world).into_iter())
+            .map(|comm| s.spawn(move || f(&model.shard_with(Arc::new(comm), moe).unwrap())))
+            .collect();
+        ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+    })
+}
+
 /// What one rank sends in a forward pass of `n` tokens with `rows` logit rows on `world` ranks:
 /// one ring all-reduce of the hidden states for the embedding and two per layer (after o and
 /// after the MLP), each 2(w-1)/w of the data; the ring all-gather of the logits, w-1 blocks of
@@ -62,27 +74,19 @@ fn theoretical_bytes(model: &Model, world: u64, n: u64, rows: u64) -> u64 {
 }
 
 fn check(preset: Preset, moe: MoeSplit) {
-    let model = Arc::new(common::model(preset));
-    let adapters = Arc::new(adapters(&model));
+    let model = common::model(preset);
+    let adapters = adapters(&model);
     let (want, _) = run(&model, &adapters);
     // The adapters change the answer (so the comparison below covers them).
     let (base, _) = run(&model, &[]);
     assert!(want[0][..model.config.vocab_size] != base[0][..model.config.vocab_size]);
     for world in [1, 2, 4] {
-        let ranks: Vec<_> = LocalGroup::new(world)
-            .into_iter()
-            .map(|comm| {
-                let (model, adapters) = (model.clone(), adapters.clone());
-                std::thread::spawn(move || {
-                    let shard = model.shard_with(Arc::new(comm), moe).unwrap();
-                    let out = run(&shard, &adapters);
-                    let experts = shard.tp.as_ref().unwrap().traffic.lock().unwrap().bytes.get(&Site::Experts).copied();
-                    (out, experts.unwrap_or(0))
-                })
-            })
-            .collect();
-        for (rank, handle) in ranks.into_iter().enumerate() {
-            let ((got, bytes), expert_bytes) = handle.join().unwrap();
+        let ranks = on_shards(&model, world, moe, |shard| {
+            let out = run(shard, &adapters);
+            let experts = shard.tp.as_ref().unwrap().traffic.lock().unwrap().bytes.get(&Site::Experts).copied();
+            (out, experts.unwrap_or(0))
+        });
+        for (rank, ((got, bytes), expert_bytes)) in ranks.into_iter().enumerate() {
             // Expert parallelism moves tokens between ranks (all of them, over enough steps).
             let moves_tokens = moe == MoeSplit::Experts && model.config.moe.is_some() && world > 1;
             assert_eq!(expert_bytes > 0, moves_tokens, "{preset:?}, {moe:?}, degree {world}: {expert_bytes} bytes");
@@ -141,14 +145,14 @@ fn training_batch() -> (Vec<Example>, Vec<usize>) {
 }
 
 fn gradients_match(preset: Preset, moe: MoeSplit) {
-    let model = Arc::new(common::model(preset));
+    let model = common::model(preset);
     let mut adapters = adapters(&model);
     if moe == MoeSplit::Experts {
         // Training ESFT experts under expert parallelism is refused (see
         // `esft_training_under_expert_parallelism_is_refused`): two LoRAs.
         adapters[1] = adapters[0].clone();
     }
-    let adapters = Arc::new(adapters);
+
     let (examples, slots) = training_batch();
     let (want_losses, want) = adapter_gradients(&model, &adapters, &examples, &slots).unwrap();
     // Every (layer, projection) of both adapters has a gradient, and not all of it is zero.
@@ -157,19 +161,12 @@ fn gradients_match(preset: Preset, moe: MoeSplit) {
         assert!(g.iter().any(|&v| v != 0.0), "{preset:?}: {name} is all zeros");
     }
     for world in [2, 4] {
-        let ranks: Vec<_> = LocalGroup::new(world)
-            .into_iter()
-            .map(|comm| {
-                let (model, adapters, (examples, slots)) = (model.clone(), adapters.clone(), training_batch());
-                std::thread::spawn(move || {
-                    let shard = model.shard_with(Arc::new(comm), moe).unwrap();
-                    adapter_gradients(&shard, &adapters, &examples, &slots).unwrap()
-                })
-            })
-            .collect();
-        for (rank, handle) in ranks.into_iter().enumerate() {
+        let ranks = on_shards(&model, world, moe, |shard| {
+            let (examples, slots) = training_batch();
+            adapter_gradients(shard, &adapters, &examples, &slots).unwrap()
+        });
+        for (rank, (losses, got)) in ranks.into_iter().enumerate() {
             let what = format!("{preset:?}, {moe:?}, degree {world}, rank {rank}");
-            let (losses, got) = handle.join().unwrap();
             for (l, w) in losses.iter().zip(&want_losses) {
                 assert!((l - w).abs() < 1e-4 * (1.0 + w.abs()), "{what}: loss {l} vs {w}");
             }
@@ -202,20 +199,13 @@ fn expert_parallel_shards_give_the_whole_models_adapter_gradients() {
 
 #[test]
 fn esft_training_under_expert_parallelism_is_refused() {
-    let model = Arc::new(common::model(Preset::TinyMoe));
-    let adapters = Arc::new(adapters(&model));
-    let ranks: Vec<_> = LocalGroup::new(2)
-        .into_iter()
-        .map(|comm| {
-            let (model, adapters, (examples, slots)) = (model.clone(), adapters.clone(), training_batch());
-            std::thread::spawn(move || {
-                let shard = model.shard_with(Arc::new(comm), MoeSplit::Experts).unwrap();
-                adapter_gradients(&shard, &adapters, &examples, &slots).err().unwrap().to_string()
-            })
-        })
-        .collect();
-    for handle in ranks {
-        let err = handle.join().unwrap();
+    let model = common::model(Preset::TinyMoe);
+    let adapters = adapters(&model);
+    let errors = on_shards(&model, 2, MoeSplit::Experts, |shard| {
+        let (examples, slots) = training_batch();
+        adapter_gradients(shard, &adapters, &examples, &slots).err().unwrap().to_string()
+    });
+    for err in errors {
         assert!(err.contains("ESFT") && err.contains("expert parallelism"), "{err}");
     }
 }
@@ -223,9 +213,9 @@ fn esft_training_under_expert_parallelism_is_refused() {
 /// Two LoRA jobs trained together for a few optimizer steps, on the whole model or on the
 /// shards of a group of `world`; rank 0's exported adapters (ordinary PEFT folders), read back.
 fn train_and_export(preset: Preset, world: usize, moe: MoeSplit) -> Vec<LoraAdapter> {
-    let model = Arc::new(common::model(preset));
-    let data = common::examples(12, model.config.vocab_size, 5);
-    let jobs = move |model: &Model| {
+    let whole = common::model(preset);
+    let data = common::examples(12, whole.config.vocab_size, 5);
+    let jobs = |model: &Model| {
         let all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
         [("a", common::lora(4, &all)), ("b", common::lora(8, &["q_proj", "down_proj"]))]
             .into_iter()
@@ -234,34 +224,21 @@ fn train_and_export(preset: Preset, world: usize, moe: MoeSplit) -> Vec<LoraAdap
             })
             .collect::<Vec<_>>()
     };
-    let ranks: Vec<_> = LocalGroup::new(world)
-        .into_iter()
-        .map(|comm| {
-            let (model, jobs) = (model.clone(), jobs(&model));
-            std::thread::spawn(move || {
-                let shard;
-                let model = if world > 1 {
-                    shard = model.shard_with(Arc::new(comm), moe).unwrap();
-                    &shard
-                } else {
-                    &*model
-                };
-                let mut trainer = Trainer::new(model, jobs);
-                for _ in 0..6 {
-                    trainer.pass().unwrap();
-                }
-                trainer.jobs
-            })
-        })
-        .collect();
-    let mut per_rank: Vec<Vec<Job>> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    let train = |model: &Model| {
+        let mut trainer = Trainer::new(model, jobs(&whole));
+        for _ in 0..6 {
+            trainer.pass().unwrap();
+        }
+        trainer.jobs
+    };
+    let mut per_rank = if world > 1 { on_shards(&whole, world, moe, train) } else { vec![train(&whole)] };
     let dir =
         std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tp-export-{preset:?}-{moe:?}-{world}"));
     (per_rank.swap_remove(0).iter())
         .map(|job| {
             let out = dir.join(job.name());
-            export(job, &model.config, &out).unwrap();
-            LoraAdapter::load(&out, &model.config).unwrap()
+            export(job, &whole.config, &out).unwrap();
+            LoraAdapter::load(&out, &whole.config).unwrap()
         })
         .collect()
 }
