@@ -21,8 +21,12 @@
 //!   output takes anyway, so adapters cost no communication of their own. ESFT experts are
 //!   sliced as the base experts they replace.
 //!
-//! Not yet: the backward pass (fine-tuning under tensor parallelism), and expert parallelism
-//! (experts spread over ranks with all-to-all dispatch).
+//! - Training: the backward pass adds one all-reduce per block (the input gradient after the
+//!   column-parallel projections, `backward.rs`), the loss is vocabulary-parallel
+//!   (`Model::vocab_parallel_cross_entropy`), and the adapters' gradients are gathered whole
+//!   on every rank (`Model::gather_grads`), so jobs keep whole adapters and step alike.
+//! - With [`MoeSplit::Experts`], a MoE layer's experts are not sliced but spread over the ranks
+//!   whole (expert parallelism, `expert_parallel.rs`).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -333,7 +337,10 @@ impl Model {
     /// `adapter` (resolved against the whole model) cut as this shard's weights are: LoRA's B
     /// by output rows for column-parallel projections, A by input columns for row-parallel ones
     /// (each rank's delta is then a partial sum, added up by the all-reduce the base output
-    /// takes anyway); ESFT experts as the base experts. Unchanged without tensor parallelism.
+    /// takes anyway); ESFT experts as the base experts. Under expert parallelism the experts'
+    /// LoRA modules stay whole on every rank (they are small, and alike banks let the ranks sum
+    /// their gradients) and each rank keeps the ESFT experts of its own experts. Unchanged
+    /// without tensor parallelism.
     pub fn shard_adapter(&self, adapter: &Adapter) -> Result<Adapter> {
         let Some(tp) = &self.tp else { return Ok(adapter.clone()) };
         let sp = &tp.split;
