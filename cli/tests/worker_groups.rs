@@ -130,6 +130,13 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
     assert_eq!(status, 503, "{out}");
+    // Only the operator places groups.
+    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", Some(json!({"tenant": "alice"})));
+    assert_eq!(status, 200, "{key}");
+    let body = json!({"model": "tiny", "size": 2}).to_string();
+    let alice = key["key"].as_str().unwrap();
+    let (status, out) = common::http(&http, "POST", "/v1/admin/groups", Some(alice), Some(&body));
+    assert_eq!(status, 403, "{out}");
     // More ranks than spare group workers: refused.
     let (status, out) = call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 4})));
     assert_eq!(status, 409, "{out}");
