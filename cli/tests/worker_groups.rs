@@ -206,6 +206,10 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     assert_eq!((status, status_a), (200, 200), "{out} {out_a}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
     assert_eq!(out_a["choices"][0]["text"], want_a["text"], "{out_a}");
+    let (status, metrics) = common::http(&http, "GET", "/metrics", Some(ADMIN), None);
+    assert_eq!(status, 200, "{metrics}");
+    let line = "tandem_worker_group_epoch{group=\"tp\",model=\"tiny\",formed=\"true\"} 2";
+    assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
 
     // Removed: its members leave it and nothing serves "tiny" any more.
     let (status, out) = call(&http, "DELETE", "/v1/admin/groups/tp", None);

@@ -112,6 +112,20 @@ impl Metrics {
                 })
                 .collect(),
         );
+        // A group's epoch counts its formations: it grows with every failure re-formed.
+        family(
+            "tandem_worker_group_epoch",
+            "gauge",
+            "Each worker group's formation (bumped when it is re-formed), and whether rank 0 formed it.",
+            (state.placements.iter())
+                .map(|(g, p)| {
+                    (
+                        format!("group=\"{}\",model=\"{}\",formed=\"{}\"", esc(g), esc(&p.model), p.formed),
+                        p.epoch.to_string(),
+                    )
+                })
+                .collect(),
+        );
         let adapters: usize = state.adapters.values().map(|a| a.len()).sum();
         family(
             "tandem_adapters",
