@@ -211,8 +211,8 @@ pub enum Command {
         collective_addr: String,
     },
     /// Its lease expired: its jobs go back to the queue (from their last checkpoint) and its
-    /// place in each worker group goes to the alive worker holding the fewest shards, group
-    /// workers first, at the group's next epoch (the group is dropped when there is none).
+    /// place in each worker group goes to the alive group worker holding the fewest shards, at
+    /// the group's next epoch (the group is dropped when there is none).
     MarkWorkerDead {
         id: String,
     },
@@ -677,11 +677,12 @@ impl ClusterState {
         let groups: Vec<String> =
             self.placements.iter().filter(|(_, p)| p.workers.iter().any(|w| w == id)).map(|(g, _)| g.clone()).collect();
         for group in groups {
-            // Group workers first: only they can join a group's collectives.
-            let members = &self.placements[&group].workers;
+            // Only group workers can join a group's collectives (a placement set by hand, at
+            // epoch 0, takes any worker, group workers first).
+            let (members, by_hand) = (&self.placements[&group].workers, self.placements[&group].epoch == 0);
             let replacement = self.least_loaded(
                 |w| (self.workers[w].collective_addr.is_empty(), self.shards_on(w)),
-                |w| !members.contains(w),
+                |w| !members.contains(w) && (by_hand || !self.workers[w].collective_addr.is_empty()),
             );
             match replacement {
                 Some(r) => {

@@ -380,6 +380,10 @@ fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
     // The state with groups survives a snapshot.
     let restored = ClusterState::restore(&log.state.snapshot().unwrap()).unwrap();
     assert_eq!(restored, log.state);
+    // A member dies with no group worker to spare: the whole-model workers w1, w2 cannot take
+    // its rank, so the group goes.
+    assert_eq!(log.apply(Command::MarkWorkerDead { id: "g3".into() }), Reply::Done);
+    assert!(log.state.placements.is_empty());
 }
 
 #[test]
