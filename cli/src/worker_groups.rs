@@ -24,6 +24,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::worker_jobs::propose;
 
+/// How long a follower waits before it reports its group's failure (see where it is used).
+const FOLLOWER_REPORT_DELAY: Duration = Duration::from_millis(500);
+
 /// Everything a group worker needs.
 pub struct GroupsAgent {
     pub id: String,
@@ -107,7 +110,17 @@ impl GroupsAgent {
                     if let (Some(error), true) = (&end.error, ours) {
                         eprintln!("worker {}: group {} (epoch {}) rank {} failed: {error}", self.id, end.group, end.epoch, end.rank);
                         let command = Command::GroupFailed { group: end.group.clone(), epoch: end.epoch, blame: end.blame };
-                        self.report(format!("group-failed-{}-{}-{}", end.group, end.epoch, self.id), command).await;
+                        let request_id = format!("group-failed-{}-{}-{}", end.group, end.epoch, self.id);
+                        // A follower often learns of a failure from rank 0 giving up (so its
+                        // error names rank 0): it reports a moment later, so that a live rank 0's
+                        // report, which names the rank really at fault, is the one applied (the
+                        // later one is then stale and refused).
+                        let delay = if end.rank == 0 { Duration::ZERO } else { FOLLOWER_REPORT_DELAY };
+                        let (coordinator, id) = (self.coordinator.clone(), self.id.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            report(&coordinator, &id, request_id, command).await;
+                        });
                     }
                 }
             }
@@ -169,21 +182,25 @@ impl GroupsAgent {
         ))
     }
 
-    /// Proposes `command` under `request_id` (a retry applies once), retrying a while when
-    /// the cluster cannot be reached; a refusal means the news is stale.
     async fn report(&self, request_id: String, command: Command) {
-        let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { return };
-        for _ in 0..20 {
-            match propose(&self.coordinator, &json).await {
-                Ok(Reply::Refused { reason }) => {
-                    eprintln!("worker {}: group report refused: {reason}", self.id);
-                    return;
-                }
-                Ok(_) => return,
-                Err(e) => {
-                    eprintln!("worker {}: group report: {e:#}; retrying", self.id);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
+        report(&self.coordinator, &self.id, request_id, command).await;
+    }
+}
+
+/// Proposes `command` under `request_id` (a retry applies once), retrying a while when the
+/// cluster cannot be reached; a refusal means the news is stale.
+async fn report(coordinator: &str, id: &str, request_id: String, command: Command) {
+    let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { return };
+    for _ in 0..20 {
+        match propose(coordinator, &json).await {
+            Ok(Reply::Refused { reason }) => {
+                eprintln!("worker {id}: group report refused: {reason}");
+                return;
+            }
+            Ok(_) => return,
+            Err(e) => {
+                eprintln!("worker {id}: group report: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     }

@@ -105,11 +105,13 @@ pub fn join(
 
 /// Checks that every rank joined this formation. The TCP handshake knows ranks and the world
 /// size, not the group or its epoch: a rank still joining an older formation (or since placed in
-/// another group) could be taken for a member. Rank 0 sends its `group@epoch`; every rank says
-/// whether it is its own; all fail together, naming a rank that differs.
+/// another group) could be taken for a member. Rank 0 sends its `group@epoch` (with its KV
+/// cache's geometry); every rank says whether it is its own; all fail together, naming a rank
+/// that differs.
 fn check_formation(comm: &dyn Collective, spec: &GroupSpec) -> Result<()> {
     let collective = |e: crate::collective::CollectiveError| Error::Collective(e.to_string());
-    let own = format!("{}@{}", spec.group, spec.epoch);
+    // The KV cache's geometry too: the plans' slots and block tables must fit every rank's.
+    let own = format!("{}@{} pages={} block={}", spec.group, spec.epoch, spec.engine.pages, spec.engine.block_size);
     let mut leader = own.clone().into_bytes();
     comm.broadcast_bytes(&mut leader, 0).map_err(collective)?;
     let agree = comm.all_gather(&[f32::from(u8::from(leader == own.as_bytes()))]).map_err(collective)?;
