@@ -2,7 +2,8 @@
 //! (one at a time), joining each new formation (epoch) afresh: it connects to the other ranks,
 //! cuts its shard of the base model, and runs rank 0's engine (which then serves this worker's
 //! `Generate`) or a follower. It reports to the cluster that rank 0 formed the group, and that
-//! its part failed (naming the rank the error blames), so the coordinator forms it again.
+//! its part of a formed group failed (naming the rank the error blames), so the coordinator
+//! forms it again; a set-up that fails is tried again as it is.
 //! Fine-tuning jobs are refused: the scheduler gives group workers none, and one that still
 //! comes is failed with the reason.
 
@@ -23,6 +24,9 @@ use tandem_worker::tokenizer::TextTokenizer;
 use tokio::sync::{mpsc, watch};
 
 use crate::worker_jobs::propose;
+
+/// The pause before a failed set-up is tried again.
+const JOIN_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// How long a follower waits before it reports its group's failure (see where it is used).
 const FOLLOWER_REPORT_DELAY: Duration = Duration::from_millis(500);
@@ -94,10 +98,15 @@ impl GroupsAgent {
                             current = Some((m, member));
                         }
                         Err(e) => {
-                            eprintln!("worker {}: group {} (epoch {}): {e:#}", self.id, m.group, m.epoch);
-                            // A rank that did not come may only not have heard yet: no blame.
-                            let command = Command::GroupFailed { group: m.group.clone(), epoch: m.epoch, blame: None };
-                            self.report(format!("group-failed-{}-{}-{}", m.group, m.epoch, self.id), command).await;
+                            // Not reported: a rank that did not come may not have heard of this
+                            // formation yet, or may still be leaving an older one (its dialing
+                            // then disturbs this set-up); a dead one loses its lease and its
+                            // place. Reporting would only start yet another formation, which
+                            // the same stragglers disturb. So the same formation is tried again
+                            // while it is the one the heartbeats name.
+                            eprintln!("worker {}: group {} (epoch {}): {e:#}; trying again", self.id, m.group, m.epoch);
+                            tokio::time::sleep(JOIN_RETRY_PAUSE).await;
+                            groups.mark_changed();
                         }
                     }
                 }

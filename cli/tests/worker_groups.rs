@@ -84,8 +84,8 @@ fn stream(http: String, body: Value, started: mpsc::Sender<()>) -> Vec<String> {
     events
 }
 
-/// A coordinator with the gateway and three group workers `w1`..`w3` (processes, in that
-/// order after the coordinator), the tiny model registered as "tiny".
+/// A coordinator with the gateway and `workers` group workers `w1`, `w2`, ... (processes, in
+/// that order after the coordinator), a model of `preset` registered as "tiny".
 struct Cluster {
     procs: common::Procs,
     dir: std::path::PathBuf,
@@ -94,11 +94,11 @@ struct Cluster {
     http: String,
 }
 
-fn cluster(tag: &str) -> Cluster {
+fn cluster(tag: &str, preset: &str, workers: usize) -> Cluster {
     let dir = common::scratch(tag);
     let model = dir.join("tiny");
     let model_arg = model.to_str().unwrap();
-    let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model_arg]);
+    let (ok, _, err) = common::tandem(&["init-model", "--preset", preset, "--out", model_arg]);
     assert!(ok, "{err}");
     let (coordinator, http) = (common::free_addr(), common::free_addr());
     let (peers, data, blobs) = (format!("1={coordinator}"), dir.join("coordinator"), dir.join("blobs"));
@@ -107,25 +107,26 @@ fn cluster(tag: &str) -> Cluster {
     args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs, "--http", &http, "--api-key", ADMIN]);
     let mut procs = common::Procs(vec![common::spawn(&args)]);
     let timeout = COLLECTIVE_TIMEOUT_MS.to_string();
-    for id in ["w1", "w2", "w3"] {
-        let (listen, collective) = (common::free_addr(), common::free_addr());
-        let mut args = vec!["worker", "--id", id, "--listen", &listen, "--coordinator", &coordinator];
+    for i in 1..=workers {
+        let (id, listen, collective) = (format!("w{i}"), common::free_addr(), common::free_addr());
+        let mut args = vec!["worker", "--id", &id, "--listen", &listen, "--coordinator", &coordinator];
         args.extend(["--model", model_arg, "--blobs", blobs, "--collective-addr", &collective]);
         args.extend(["--collective-timeout-ms", &timeout, "--group-setup-timeout-ms", "10000"]);
         procs.0.push(common::spawn(&args));
     }
     common::register_model(&coordinator, "tiny", model_arg);
-    wait_for(60, "three alive workers", || {
+    let alive = format!("\"workers_alive\":{workers}");
+    wait_for(60, "every worker alive", || {
         TcpStream::connect(&http).ok()?;
         let (status, body) = common::http(&http, "GET", "/health", None, None);
-        (status == 200 && body.contains("\"workers_alive\":3")).then_some(())
+        (status == 200 && body.contains(&alive)).then_some(())
     });
     Cluster { procs, dir, model, coordinator, http }
 }
 
 #[test]
 fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
-    let Cluster { mut procs, dir, model, coordinator, http } = cluster("groups");
+    let Cluster { mut procs, dir, model, coordinator, http } = cluster("groups", "tiny", 3);
     // Group workers serve no whole model: nothing serves "tiny" before the group forms.
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
@@ -254,7 +255,7 @@ fn propose(coordinator: &str, command: Command) {
 
 #[test]
 fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
-    let Cluster { mut procs, model, http, coordinator, .. } = cluster("groups-rank0");
+    let Cluster { mut procs, model, http, coordinator, .. } = cluster("groups-rank0", "tiny", 3);
     // Placed with the CLI this time.
     let groups = |args: &[&str]| common::tandem(&[&["groups", "--coordinator", &coordinator][..], args].concat());
     let (ok, out, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);
@@ -279,4 +280,42 @@ fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
     let (ok, out, err) = groups(&["rm", "tp"]);
     assert!(ok, "{out}{err}");
     assert_eq!(groups(&["list"]).1.trim(), "no worker groups");
+}
+
+#[test]
+fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
+    let Cluster { mut procs, model, http, .. } = cluster("groups-moe", "tiny-moe", 5);
+    let (status, out) =
+        call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 4, "group": "tp"})));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(workers_of(&out), ["w1", "w2", "w3", "w4"]);
+    formed(&http, 1);
+    // Experts sliced over four ranks: the whole model's greedy text.
+    let want = common::generate_greedy(&model, "The cat sat on the", 12);
+    let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
+    let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
+
+    // Rank 2 dies mid-stream. Every other rank sees a failure; rank 0's report names rank 2,
+    // and only rank 2 gives way to the spare w5.
+    let (started, first_token) = mpsc::channel();
+    let long = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0,
+                      "stream": true});
+    let streaming = {
+        let http = http.clone();
+        std::thread::spawn(move || stream(http, long, started))
+    };
+    first_token.recv_timeout(Duration::from_secs(20)).unwrap();
+    procs.0[3].kill().unwrap();
+    procs.0[3].wait().unwrap();
+    let events = streaming.join().unwrap();
+    let last: Value = serde_json::from_str(events.iter().rev().find(|e| *e != "[DONE]").unwrap()).unwrap();
+    let message = last["error"]["message"].as_str().unwrap_or_else(|| panic!("no error at the end: {last}"));
+    assert!(message.contains("rank 2"), "the error does not name rank 2: {message}");
+    let group = formed(&http, 2);
+    assert_eq!(workers_of(&group), ["w1", "w2", "w5", "w4"], "{group}");
+    let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
 }

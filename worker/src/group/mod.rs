@@ -131,21 +131,32 @@ fn plan_interval(options: &CollectiveOptions) -> std::time::Duration {
     (options.timeout / 4).max(std::time::Duration::from_millis(10))
 }
 
-/// The rank a collective's error message blames: the first `rank N` in it other than this
-/// rank's own (the messages start with the reporting rank, then name the peer at fault; a
-/// communicator broken earlier quotes the first failure).
+/// The rank a collective's error message blames. A message starts with the rank reporting it,
+/// then names the peer at fault; when that peer only gave up after a failure of its own, its
+/// reason follows (`...: rank 3 is gone: it gave up: rank 3: ...: rank 2 is gone: ...`), and the
+/// last reason in that chain names the rank really at fault (the one that died, not the ranks
+/// that gave up after it).
 pub fn blamed(message: &str, own: usize) -> Option<usize> {
-    let mut rest = message;
+    let root = message.rsplit(": it gave up: ").next().unwrap_or(message);
+    let ranks = ranks_named(root);
+    // The innermost reason's reporter is its first rank; the peer it blames follows. When that
+    // is this rank (the others found it silent), no one is blamed: the same ranks try again.
+    let reporter = if root.len() < message.len() { ranks.first().copied() } else { Some(own) };
+    ranks.into_iter().find(|&r| Some(r) != reporter).filter(|&r| r != own)
+}
+
+/// Every `rank N` in `text`, in order.
+fn ranks_named(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = text;
     while let Some(at) = rest.find("rank ") {
         rest = &rest[at + 5..];
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        if let Ok(rank) = digits.parse::<usize>()
-            && rank != own
-        {
-            return Some(rank);
+        if let Ok(rank) = digits.parse::<usize>() {
+            out.push(rank);
         }
     }
-    None
+    out
 }
 
 #[cfg(test)]
@@ -188,6 +199,16 @@ mod tests {
         let broken = "rank 0: all_gather: communicator unusable after an earlier failure (rank 0: all_reduce_sum: \
                       rank 3 is gone: closed)";
         assert_eq!(blamed(broken, 0), Some(3));
+        // Ranks that gave up after another's failure are not at fault: the chain's end is.
+        let chain = "collective: rank 0: all_reduce_sum: rank 3 is gone: it gave up: rank 3: all_reduce_sum: rank 2 \
+                     is gone: connection lost (connection closed)";
+        assert_eq!(blamed(chain, 0), Some(2));
+        let chain = "collective: rank 1: all_reduce_sum: rank 0 is gone: it gave up: rank 0: all_reduce_sum: rank 3 \
+                     is gone: it gave up: rank 3: all_reduce_sum: rank 2 is gone: connection lost";
+        assert_eq!(blamed(chain, 1), Some(2));
+        let chain = "rank 3: broadcast_bytes: rank 1 is gone: it gave up: rank 1: all_gather: rank 0 is gone: it gave \
+                     up: rank 0: all_gather: no progress from rank 3 within 3s (is it alive?)";
+        assert_eq!(blamed(chain, 3), None, "the others found this rank silent: no one else to blame");
         assert_eq!(blamed("rank 1: set-up: cannot listen on x", 1), None);
         assert_eq!(blamed("the prompt is empty", 0), None);
     }
