@@ -29,6 +29,10 @@ enum GroupAction {
         /// The group's name (default: MODEL-tpSIZE).
         #[arg(long)]
         group: Option<String>,
+        /// Spread a MoE model's experts whole over the ranks (expert parallelism) instead of
+        /// slicing every expert.
+        #[arg(long)]
+        expert_parallel: bool,
     },
     /// The groups: model, epoch, whether formed, and each rank's worker.
     List,
@@ -55,13 +59,15 @@ pub fn groups(args: GroupsArgs) -> Result<()> {
                 for (name, p) in &state.placements {
                     let ranks: Vec<String> = p.workers.iter().enumerate().map(|(r, w)| format!("{r}={w}")).collect();
                     let formed = if p.formed { "formed" } else { "forming" };
-                    println!("group {name}: model {} epoch {} {formed}, ranks {}", p.model, p.epoch, ranks.join(" "));
+                    let experts = if p.expert_parallel { ", experts spread over the ranks" } else { "" };
+                    let (model, epoch, ranks) = (&p.model, p.epoch, ranks.join(" "));
+                    println!("group {name}: model {model} epoch {epoch} {formed}{experts}, ranks {ranks}");
                 }
                 return Ok(());
             }
-            GroupAction::Create { model, size, group } => {
+            GroupAction::Create { model, size, group, expert_parallel } => {
                 let group = group.unwrap_or_else(|| format!("{model}-tp{size}"));
-                Command::CreateGroup { group, model, size }
+                Command::CreateGroup { group, model, size, expert_parallel }
             }
             GroupAction::Rm { group } => Command::RemovePlacement { group },
         };

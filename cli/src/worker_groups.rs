@@ -18,7 +18,7 @@ use tandem_kernels::Device;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::EngineConfig;
 use tandem_worker::group::{self, Ended, GroupSpec, Member};
-use tandem_worker::model::Model;
+use tandem_worker::model::{Model, MoeSplit};
 use tandem_worker::service::Serving;
 use tandem_worker::tokenizer::TextTokenizer;
 use tokio::sync::{mpsc, watch};
@@ -160,6 +160,7 @@ impl GroupsAgent {
             peers: m.peers.clone(),
             options: self.options.clone(),
             engine: self.engine,
+            moe: if m.expert_parallel { MoeSplit::Experts } else { MoeSplit::Intermediate },
         };
         let model = l.model.clone();
         tokio::task::spawn_blocking(move || -> Result<Member> {

@@ -285,12 +285,13 @@ fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
 #[test]
 fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
     let Cluster { mut procs, model, http, .. } = cluster("groups-moe", "tiny-moe", 5);
-    let (status, out) =
-        call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 4, "group": "tp"})));
+    let body = json!({"model": "tiny", "size": 4, "group": "tp", "expert_parallel": true});
+    let (status, out) = call(&http, "POST", "/v1/admin/groups", Some(body));
     assert_eq!(status, 200, "{out}");
     assert_eq!(workers_of(&out), ["w1", "w2", "w3", "w4"]);
+    assert_eq!(out["expert_parallel"], true, "{out}");
     formed(&http, 1);
-    // Experts sliced over four ranks: the whole model's greedy text.
+    // Two whole experts on each of four ranks, tokens sent to them: the whole model's text.
     let want = common::generate_greedy(&model, "The cat sat on the", 12);
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
@@ -315,6 +316,7 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
     assert!(message.contains("rank 2"), "the error does not name rank 2: {message}");
     let group = formed(&http, 2);
     assert_eq!(workers_of(&group), ["w1", "w2", "w5", "w4"], "{group}");
+    assert_eq!(group["expert_parallel"], true, "{group}");
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");

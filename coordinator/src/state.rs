@@ -169,12 +169,23 @@ pub struct Placement {
     /// Rank 0 reported that every rank joined at `epoch`: the gateway may route to it.
     #[serde(default)]
     pub formed: bool,
+    /// A MoE model's experts are spread whole over the ranks (expert parallelism) rather than
+    /// each expert sliced over all of them.
+    #[serde(default)]
+    pub expert_parallel: bool,
 }
 
 impl Placement {
     /// A placement of `model` over `workers` (rank order), not formed yet.
     pub fn new(model: impl Into<String>, workers: Vec<String>) -> Self {
-        Placement { model: model.into(), workers, adapters: Vec::new(), epoch: 0, formed: false }
+        Placement {
+            model: model.into(),
+            workers,
+            adapters: Vec::new(),
+            epoch: 0,
+            formed: false,
+            expert_parallel: false,
+        }
     }
 
     /// The membership changed (or must be formed again): members re-join at the next epoch.
@@ -196,6 +207,9 @@ pub struct Membership {
     pub model_uri: String,
     /// Every rank's collective address, in rank order.
     pub peers: Vec<String>,
+    /// See [`Placement::expert_parallel`].
+    #[serde(default)]
+    pub expert_parallel: bool,
 }
 
 /// A change to the state.
@@ -281,6 +295,9 @@ pub enum Command {
         group: String,
         model: String,
         size: usize,
+        /// Spread a MoE model's experts whole over the ranks (see [`Placement::expert_parallel`]).
+        #[serde(default)]
+        expert_parallel: bool,
     },
     /// A member of `group` saw the group's collectives fail at `epoch`; `blame` is the rank
     /// the error named, if it named one. The group is formed again at the next epoch, with the
@@ -603,7 +620,9 @@ impl ClusterState {
                 Some(_) => Reply::Done,
                 None => refused(format!("no placement {group:?}")),
             },
-            Command::CreateGroup { group, model, size } => self.create_group(group, model, size),
+            Command::CreateGroup { group, model, size, expert_parallel } => {
+                self.create_group(group, model, size, expert_parallel)
+            }
             Command::GroupFailed { group, epoch, blame } => self.group_failed(&group, epoch, blame),
             Command::GroupFormed { group, epoch } => match self.placements.get_mut(&group) {
                 Some(p) if p.epoch == epoch => {
@@ -705,7 +724,7 @@ impl ClusterState {
             .collect()
     }
 
-    fn create_group(&mut self, group: String, model: String, size: usize) -> Reply {
+    fn create_group(&mut self, group: String, model: String, size: usize, expert_parallel: bool) -> Reply {
         if let Err(e) = check_name("group", &group) {
             return refused(e);
         }
@@ -724,6 +743,7 @@ impl ClusterState {
             ));
         }
         let mut placement = Placement::new(model, spares.into_iter().take(size).collect());
+        placement.expert_parallel = expert_parallel;
         placement.reform();
         self.placements.insert(group, placement);
         Reply::Done
@@ -766,6 +786,7 @@ impl ClusterState {
                     model: p.model.clone(),
                     model_uri: self.models.get(&p.model).map(|m| m.uri.clone()).unwrap_or_default(),
                     peers: p.workers.iter().map(addr).collect(),
+                    expert_parallel: p.expert_parallel,
                 });
             }
         }

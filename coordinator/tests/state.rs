@@ -322,13 +322,18 @@ fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
     for w in ["g1", "g2", "g3"] {
         assert_eq!(log.apply(group_worker(w)), Reply::Done);
     }
-    let create = |group: &str, size| Command::CreateGroup { group: group.into(), model: "m".into(), size };
+    let create = |group: &str, size| Command::CreateGroup {
+        group: group.into(),
+        model: "m".into(),
+        size,
+        expert_parallel: false,
+    };
     // Too many ranks, an unknown model, a bad name: refused, nothing placed.
     for bad in [
         create("tp", 4),
         create("tp", 0),
         create("bad/name", 2),
-        Command::CreateGroup { group: "tp".into(), model: "nope".into(), size: 2 },
+        Command::CreateGroup { group: "tp".into(), model: "nope".into(), size: 2, expert_parallel: false },
     ] {
         assert!(matches!(log.apply(bad.clone()), Reply::Refused { .. }), "{bad:?}");
     }

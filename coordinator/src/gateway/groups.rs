@@ -44,7 +44,7 @@ fn group_json(state: &ClusterState, name: &str, p: &Placement) -> Value {
         })
         .collect();
     json!({"object": "worker_group", "id": name, "model": p.model, "size": p.workers.len(), "epoch": p.epoch,
-           "formed": p.formed, "ranks": ranks})
+           "formed": p.formed, "expert_parallel": p.expert_parallel, "ranks": ranks})
 }
 
 async fn create_group(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): Body) -> Result<Response, ApiError> {
@@ -53,11 +53,14 @@ async fn create_group(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body)
         model: String,
         size: usize,
         group: Option<String>,
+        #[serde(default)]
+        expert_parallel: bool,
     }
     admin_only(&caller)?;
-    let NewGroup { model, size, group } = parse(&body)?;
+    let NewGroup { model, size, group, expert_parallel } = parse(&body)?;
     let group = group.unwrap_or_else(|| format!("{model}-tp{size}"));
-    gw.propose("create-group", Command::CreateGroup { group: group.clone(), model, size }).await?;
+    let create = Command::CreateGroup { group: group.clone(), model, size, expert_parallel };
+    gw.propose("create-group", create).await?;
     let state = gw.state().await?;
     let p = state.placements.get(&group).ok_or_else(|| ApiError::unavailable("the group was removed at once"))?;
     Ok(axum::Json(group_json(&state, &group, p)).into_response())

@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::collective::{Collective, CollectiveOptions, TcpGroup};
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Model, MoeSplit};
 use crate::service::EngineThread;
 use crate::tokenizer::TextTokenizer;
 
@@ -40,6 +40,8 @@ pub struct GroupSpec {
     pub options: CollectiveOptions,
     /// The engine's sizes: rank 0's engine and the followers' KV caches must have the same.
     pub engine: EngineConfig,
+    /// How a MoE model's experts are split over the ranks.
+    pub moe: MoeSplit,
 }
 
 /// How a member's part in a formation ended.
@@ -93,7 +95,7 @@ pub fn join(
     let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options).map_err(|e| Error::Collective(e.to_string()))?;
     let comm: Arc<dyn Collective> = Arc::new(comm);
     check_formation(comm.as_ref(), spec)?;
-    let model = whole.shard(comm.clone())?;
+    let model = whole.shard_with(comm.clone(), spec.moe)?;
     if spec.rank == 0 {
         leader::start(spec.clone(), model, comm, tokenizer, ended).map(Member::Leader)
     } else {
@@ -111,7 +113,8 @@ pub fn join(
 fn check_formation(comm: &dyn Collective, spec: &GroupSpec) -> Result<()> {
     let collective = |e: crate::collective::CollectiveError| Error::Collective(e.to_string());
     // The KV cache's geometry too: the plans' slots and block tables must fit every rank's.
-    let own = format!("{}@{} pages={} block={}", spec.group, spec.epoch, spec.engine.pages, spec.engine.block_size);
+    let (pages, block) = (spec.engine.pages, spec.engine.block_size);
+    let own = format!("{}@{} pages={pages} block={block} experts={:?}", spec.group, spec.epoch, spec.moe);
     let mut leader = own.clone().into_bytes();
     comm.broadcast_bytes(&mut leader, 0).map_err(collective)?;
     let agree = comm.all_gather(&[f32::from(u8::from(leader == own.as_bytes()))]).map_err(collective)?;
@@ -172,6 +175,7 @@ mod tests {
             peers: Vec::new(),
             options: CollectiveOptions::default(),
             engine: EngineConfig::default(),
+            moe: MoeSplit::Intermediate,
         }
     }
 
