@@ -13,6 +13,7 @@ use clap::Args;
 use tandem_kernels::Device;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::{Engine, EngineConfig};
+use tandem_worker::group::DataPlane;
 use tandem_worker::model::{Model, ModelConfig};
 use tandem_worker::service::{EngineThread, Lease, Serving, WorkerService, keep_lease};
 use tandem_worker::tokenizer::TextTokenizer;
@@ -58,6 +59,10 @@ pub struct WorkerArgs {
     /// A group must be formed (every rank connected) within this long.
     #[arg(long, default_value_t = 120_000)]
     group_setup_timeout_ms: u64,
+    /// What carries a group's model collectives: `tcp`, or `nccl` (a `cuda` build with
+    /// `--device cuda:N`; the plans still go over TCP, which also hands out the NCCL id).
+    #[arg(long, default_value = "tcp")]
+    collective_backend: String,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -128,6 +133,12 @@ fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -
         timeout: Duration::from_millis(args.collective_timeout_ms.max(1)),
         setup_timeout: Duration::from_millis(args.group_setup_timeout_ms.max(1)),
     };
+    let data = match (args.collective_backend.as_str(), device) {
+        ("tcp", _) => DataPlane::Tcp,
+        ("nccl", Device::Cuda(device)) => DataPlane::Nccl { device },
+        ("nccl", Device::Cpu) => return Err(anyhow!("--collective-backend nccl needs --device cuda:N")),
+        (other, _) => return Err(anyhow!("--collective-backend {other:?}: expected `tcp` or `nccl`")),
+    };
     let agent = GroupsAgent {
         id: args.id.clone(),
         coordinator: args.coordinator.clone(),
@@ -137,6 +148,7 @@ fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -
         device,
         options,
         engine: EngineConfig::default(),
+        data,
     };
     let addr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e}", args.listen))?;
     let rt = tokio::runtime::Runtime::new()?;

@@ -17,7 +17,7 @@ use tandem_coordinator::state::{Assignment, Command, JobReport, Membership, Prop
 use tandem_kernels::Device;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::EngineConfig;
-use tandem_worker::group::{self, Ended, GroupSpec, Member};
+use tandem_worker::group::{self, DataPlane, Ended, GroupSpec, Member};
 use tandem_worker::model::{Model, MoeSplit};
 use tandem_worker::service::Serving;
 use tandem_worker::tokenizer::TextTokenizer;
@@ -44,6 +44,7 @@ pub struct GroupsAgent {
     pub device: Device,
     pub options: CollectiveOptions,
     pub engine: EngineConfig,
+    pub data: DataPlane,
 }
 
 /// The whole base model a group was cut from, kept for the next formation.
@@ -161,6 +162,7 @@ impl GroupsAgent {
             options: self.options.clone(),
             engine: self.engine,
             moe: if m.expert_parallel { MoeSplit::Experts } else { MoeSplit::Intermediate },
+            data: self.data,
         };
         let model = l.model.clone();
         tokio::task::spawn_blocking(move || -> Result<Member> {

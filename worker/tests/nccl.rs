@@ -2,8 +2,9 @@
 #![cfg(feature = "cuda")]
 //! The NCCL backend (`NcclCollective`, feature `cuda`).
 //!
-//! Everywhere (CI: no GPU, no libnccl): the id's encodings, argument checks, and that set-up on a
-//! machine without NCCL or a GPU is a clear `Setup` error, never a panic
+//! Everywhere (CI: no GPU, no libnccl): the id's encodings, argument checks, that set-up on a
+//! machine without NCCL or a GPU is a clear `Setup` error, never a panic, and that a worker group
+//! over NCCL hands rank 0's id (or why it has none) to its ranks
 //! (`cargo test -p tandem-worker --features cuda --test nccl`).
 //!
 //! On a GPU machine only, `#[ignore]`d so that a machine without one runs none of them rather
@@ -21,7 +22,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use tandem_worker::collective::{Collective, CollectiveError, CollectiveOptions, LocalGroup, NcclCollective, NcclId};
+use tandem_worker::engine::EngineConfig;
+use tandem_worker::group::{self, DataPlane, GroupSpec, Member};
+use tandem_worker::init_model::Preset;
+use tandem_worker::model::MoeSplit;
 
 fn options(timeout: Duration, setup_timeout: Duration) -> CollectiveOptions {
     CollectiveOptions { timeout, setup_timeout }
@@ -300,4 +307,57 @@ fn gpu_two_ranks_time_out_when_a_peer_stops_calling() {
     assert!(matches!(err, CollectiveError::Timeout { rank: 0, peer: 1, .. }), "{err}");
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(20), "{took:?}");
     assert!(matches!(again, CollectiveError::Broken { .. }), "{again}");
+}
+
+// ---- a worker group over NCCL ----
+
+/// A loopback address nobody listens on yet.
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A worker group whose model collectives go over NCCL (`DataPlane::Nccl`): rank 0 makes the
+/// NCCL id and hands it to the other ranks over the group's TCP connections. Without NCCL (CI)
+/// every rank of a group of two fails to form it at once, with rank 0's reason; with NCCL and a
+/// GPU, a group of one forms and rank 0 leads it.
+#[test]
+fn a_worker_group_hands_out_rank_0s_nccl_id_or_why_it_has_none() {
+    let whole = common::model(Preset::Tiny);
+    let nccl_here = NcclId::new().is_ok();
+    let world = if nccl_here { 1 } else { 2 };
+    let peers: Vec<String> = (0..world).map(|_| free_addr()).collect();
+    let start = Instant::now();
+    let results: Vec<Result<Member, String>> = thread::scope(|s| {
+        let ranks: Vec<_> = (0..world)
+            .map(|rank| {
+                let spec = GroupSpec {
+                    group: "tp".into(),
+                    epoch: 1,
+                    rank,
+                    peers: peers.clone(),
+                    options: options(Duration::from_secs(10), Duration::from_secs(10)),
+                    engine: EngineConfig::default(),
+                    moe: MoeSplit::Intermediate,
+                    data: DataPlane::Nccl { device: 0 },
+                };
+                let whole = &whole;
+                s.spawn(move || {
+                    let (ended, _) = tokio::sync::mpsc::unbounded_channel();
+                    group::join(&spec, whole, None, ended).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    if nccl_here {
+        assert!(matches!(results[0], Ok(Member::Leader(_))), "a group of one over NCCL did not form");
+        return;
+    }
+    for (rank, result) in results.iter().enumerate() {
+        let err = result.as_ref().err().unwrap_or_else(|| panic!("rank {rank} formed a group without NCCL"));
+        assert!(err.contains(&format!("rank {rank}: rank 0 could not make the NCCL id")), "{err}");
+        assert!(err.contains("NCCL"), "the reason is not rank 0's: {err}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
 }

@@ -42,6 +42,19 @@ pub struct GroupSpec {
     pub engine: EngineConfig,
     /// How a MoE model's experts are split over the ranks.
     pub moe: MoeSplit,
+    /// What carries the model's collectives.
+    pub data: DataPlane,
+}
+
+/// What carries a group's model collectives (the all-reduces and all-gathers of its passes). The
+/// plans and the formation check always go over the TCP group, which also hands out the NCCL id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataPlane {
+    /// The TCP group itself (CPU workers).
+    #[default]
+    Tcp,
+    /// NCCL, this rank on CUDA device `device` (a build with the `cuda` feature).
+    Nccl { device: usize },
 }
 
 /// How a member's part in a formation ended.
@@ -95,7 +108,11 @@ pub fn join(
     let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options).map_err(|e| Error::Collective(e.to_string()))?;
     let comm: Arc<dyn Collective> = Arc::new(comm);
     check_formation(comm.as_ref(), spec)?;
-    let model = whole.shard_with(comm.clone(), spec.moe)?;
+    let data = match spec.data {
+        DataPlane::Tcp => comm.clone(),
+        DataPlane::Nccl { device } => nccl(comm.as_ref(), spec, device)?,
+    };
+    let model = whole.shard_with(data, spec.moe)?;
     if spec.rank == 0 {
         leader::start(spec.clone(), model, comm, tokenizer, ended).map(Member::Leader)
     } else {
@@ -103,6 +120,37 @@ pub fn join(
         follower::start(spec.clone(), model, comm, stop.clone(), ended)?;
         Ok(Member::Follower(FollowerHandle { stop }))
     }
+}
+
+/// The group's NCCL communicator: rank 0 makes the NCCL id and hands it to the others over the
+/// TCP group (or why it could not, so that they fail with its reason instead of waiting).
+#[cfg(feature = "cuda")]
+fn nccl(control: &dyn Collective, spec: &GroupSpec, device: usize) -> Result<Arc<dyn Collective>> {
+    use crate::collective::{NcclCollective, NcclId};
+    const ID: u8 = 0;
+    let mut message = match spec.rank {
+        0 => match NcclId::new() {
+            Ok(id) => [&[ID][..], id.as_bytes()].concat(),
+            Err(e) => [&[1][..], e.to_string().as_bytes()].concat(),
+        },
+        _ => Vec::new(),
+    };
+    control.broadcast_bytes(&mut message, 0).map_err(|e| Error::Collective(e.to_string()))?;
+    let id = match message.split_first() {
+        Some((&ID, id)) => NcclId::try_from(id).map_err(|e| Error::Collective(format!("NCCL id from rank 0: {e}")))?,
+        _ => {
+            let why = String::from_utf8_lossy(message.get(1..).unwrap_or_default());
+            return Err(Error::Collective(format!("rank {}: rank 0 could not make the NCCL id: {why}", spec.rank)));
+        }
+    };
+    let comm = NcclCollective::new(spec.rank, spec.peers.len(), id, device, &spec.options)
+        .map_err(|e| Error::Collective(e.to_string()))?;
+    Ok(Arc::new(comm))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl(_: &dyn Collective, spec: &GroupSpec, _: usize) -> Result<Arc<dyn Collective>> {
+    Err(Error::Unsupported(format!("rank {}: NCCL needs a build with the `cuda` feature", spec.rank)))
 }
 
 /// Checks that every rank joined this formation. The TCP handshake knows ranks and the world
@@ -176,6 +224,7 @@ mod tests {
             options: CollectiveOptions::default(),
             engine: EngineConfig::default(),
             moe: MoeSplit::Intermediate,
+            data: DataPlane::Tcp,
         }
     }
 
