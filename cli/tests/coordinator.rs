@@ -20,6 +20,9 @@ use tandem_proto::v1::cluster_client::ClusterClient;
 use tandem_proto::v1::{HeartbeatRequest, ProposeRequest, RegisterWorkerRequest};
 use tokio::sync::watch;
 
+/// The workers' lease the coordinators grant.
+const LEASE_MS: u64 = 1500;
+
 /// Coordinator processes on loopback. With `proxied`, every directed link between two of them
 /// goes through a TCP proxy of this test, so the test can cut a coordinator off (a partition),
 /// each coordinator's `--peers` naming the proxies it reaches the others through.
@@ -68,8 +71,10 @@ impl Group {
 
     fn spawn(&mut self, id: u64, extra: &[&str]) {
         let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["coordinator", "--id", &id.to_string(), "--peers", &self.peers[&id], "--tick-ms", "20"])
-            .args(["--lease-ms", "600"])
+            // Short ticks and leases keep the tests quick; not so short that a loaded 2-core
+            // machine (three coordinators per test, tests in parallel) misses elections.
+            .args(["coordinator", "--id", &id.to_string(), "--peers", &self.peers[&id], "--tick-ms", "50"])
+            .args(["--lease-ms", &LEASE_MS.to_string()])
             .args(extra)
             .arg("--data-dir")
             .arg(self.dir.join(id.to_string()))
@@ -282,23 +287,24 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = format!("http://{}", g.addrs[&follower]);
     let mut client = rt.block_on(ClusterClient::connect(url)).unwrap();
-    // Registered through a follower (forwarded to the leader).
-    let reg = RegisterWorkerRequest { worker_id: "gpu-box".into(), addr: "10.0.0.9:7500".into(), ..Default::default() };
-    let lease = rt.block_on(client.register_worker(reg.clone())).unwrap().into_inner().lease_ms;
-    assert_eq!(lease, 600);
-    let spare = RegisterWorkerRequest { worker_id: "spare".into(), ..reg.clone() };
-    rt.block_on(client.register_worker(spare)).unwrap();
-    let mut beat = |who: &str| {
-        rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: who.into() })).unwrap();
-    };
-    // A job, which the scheduler places on the first of the two idle workers.
+    // A job, which the scheduler places on the first of the two idle workers below (submitted
+    // first, so that the workers' heartbeats start as soon as they register).
     g.propose(follower, "model", StateCommand::RegisterModel { name: "m".into(), uri: "/m".into() });
     let spec = serde_json::json!({});
     let job =
         StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), base_model: "m".into(), spec, adapter: None };
     g.propose(follower, "job", job);
-    // Heartbeats every 150 ms for 1.5 s (over two leases): still alive.
-    for _ in 0..10 {
+    // Registered through a follower (forwarded to the leader).
+    let reg = RegisterWorkerRequest { worker_id: "gpu-box".into(), addr: "10.0.0.9:7500".into(), ..Default::default() };
+    let lease = rt.block_on(client.register_worker(reg.clone())).unwrap().into_inner().lease_ms;
+    assert_eq!(lease, LEASE_MS);
+    let spare = RegisterWorkerRequest { worker_id: "spare".into(), ..reg.clone() };
+    rt.block_on(client.register_worker(spare)).unwrap();
+    let mut beat = |who: &str| {
+        rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: who.into() })).unwrap();
+    };
+    // Heartbeats every 150 ms for two leases: still alive.
+    for _ in 0..2 * LEASE_MS / 150 {
         beat("gpu-box");
         beat("spare");
         std::thread::sleep(Duration::from_millis(150));

@@ -7,29 +7,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use common::{call_json as call, wait_for};
 
 use serde_json::{Value, json};
 
 const ADMIN: &str = "sk-admin-failover";
-
-fn call(addr: &str, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|b| b.to_string());
-    let (status, text) = common::http(addr, method, path, Some(key), body.as_deref());
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-/// Polls `check` until it returns something, failing after `secs`.
-fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(t) = check() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::wait_for;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::mpsc;
@@ -28,22 +30,9 @@ const ADMIN: &str = "sk-admin-groups";
 /// The collectives' timeout the workers run with: the group must fail well within it.
 const COLLECTIVE_TIMEOUT_MS: u64 = 3000;
 
+/// A JSON call with the operator's key.
 fn call(addr: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|b| b.to_string());
-    let (status, text) = common::http(addr, method, path, Some(ADMIN), body.as_deref());
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
-
-/// Polls `check` until it returns something, failing after `secs`.
-fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(t) = check() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::call_json(addr, method, path, ADMIN, body)
 }
 
 /// The group `tp` once it is formed at an epoch of at least `epoch`.

@@ -79,8 +79,8 @@ pub enum TrainEvent {
 }
 
 /// A request the engine runs, and where its events go.
-pub(crate) struct Stream {
-    pub(crate) events: EventSender,
+struct Stream {
+    events: EventSender,
     logprobs: bool,
     /// Bytes of text and tokens already sent.
     text_sent: usize,
@@ -133,7 +133,7 @@ impl EngineThread {
     }
 }
 
-pub(crate) fn status_of(e: Error) -> Status {
+fn status_of(e: Error) -> Status {
     match e {
         Error::InvalidRequest(m) => Status::invalid_argument(m),
         Error::Overloaded(m) => Status::resource_exhausted(m),
@@ -144,7 +144,7 @@ pub(crate) fn status_of(e: Error) -> Status {
 
 /// The engine's request for `req`: its prompt tokenized (chat messages through the model's chat
 /// template) and its sampling parameters checked by the engine.
-pub(crate) fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, Error> {
+fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, Error> {
     let tokenizer = engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the model has no tokenizer".into()))?;
     let prompt = if req.messages.is_empty() {
         tokenizer.encode(&req.prompt, true)?
@@ -168,7 +168,7 @@ pub(crate) fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<Generati
 
 /// Makes sure the adapter `req` names is loaded: read from `adapter_uri` the first time. A newer
 /// version (`NAME@VERSION`) replaces the older ones of the same name for new requests.
-pub(crate) fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error> {
+fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error> {
     if req.adapter.is_empty() || req.adapter_uri.is_empty() || engine.registry().resolve(&req.adapter).is_ok() {
         return Ok(());
     }
@@ -204,7 +204,7 @@ struct Jobs {
 
 /// The engine thread: takes orders between steps, blocking only while there is no work.
 fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mpsc::UnboundedSender<TrainEvent>) {
-    let mut streams: HashMap<usize, Stream> = HashMap::new();
+    let mut streams = Streams::default();
     let mut jobs = Jobs::default();
     let send = |e: TrainEvent| drop(train_events.send(e));
     loop {
@@ -218,18 +218,7 @@ fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mp
         };
         while let Some(order) = next.take() {
             match order {
-                Order::Generate { req, events } => {
-                    let submitted = load_adapter(&mut engine, &req)
-                        .and_then(|()| prepare(&engine, &req))
-                        .and_then(|r| engine.submit(r));
-                    match submitted {
-                        Ok(index) => {
-                            let stream = Stream { events, logprobs: req.logprobs, text_sent: 0, tokens_sent: 0 };
-                            streams.insert(index, stream);
-                        }
-                        Err(e) => drop(events.send(Err(status_of(e)))),
-                    }
-                }
+                Order::Generate { req, events } => streams.submit(&mut engine, &req, events),
                 Order::Train(t) => {
                     let name = t.job.name().to_string();
                     match engine.add_job(t.job) {
@@ -246,38 +235,20 @@ fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mp
             }
             next = orders.try_recv().ok();
         }
-        // Requests whose callers went away stop here rather than run to the end.
-        streams.retain(|&index, s| {
-            let gone = s.events.is_closed();
-            if gone {
-                engine.cancel(index);
-            }
-            !gone
-        });
+        streams.cancel_abandoned(&mut engine);
         if !engine.has_work() {
             continue;
         }
         match engine.step() {
             Ok(finished) => {
-                for p in engine.progress() {
-                    if let Some(s) = streams.get_mut(&p.index) {
-                        s.send_progress(p, engine.tokenizer());
-                    }
-                }
-                for out in finished {
-                    if let Some(s) = streams.remove(&out.index) {
-                        s.finish(&out, engine.tokenizer());
-                    }
-                }
+                streams.deliver(&engine, finished);
                 jobs.after_step(&mut engine, &send);
             }
             Err(e) => {
                 // The step failed part-way: tell every caller rather than leave them waiting,
                 // and fail the jobs (their state may be half-updated).
                 let status = status_of(e);
-                for (_, s) in streams.drain() {
-                    let _ = s.events.send(Err(status.clone()));
-                }
+                streams.fail_all(&status);
                 for (name, _) in jobs.dirs.drain() {
                     if engine.cancel_job(&name).is_ok() {
                         let _ = engine.remove_adapter(&name);
@@ -339,11 +310,11 @@ fn token_texts(tokenizer: Option<&TextTokenizer>, ids: &[u32]) -> Vec<String> {
 }
 
 impl Stream {
-    pub(crate) fn new(events: EventSender, logprobs: bool) -> Self {
+    fn new(events: EventSender, logprobs: bool) -> Self {
         Stream { events, logprobs, text_sent: 0, tokens_sent: 0 }
     }
 
-    pub(crate) fn send_progress(&mut self, p: &Progress, tokenizer: Option<&TextTokenizer>) {
+    fn send_progress(&mut self, p: &Progress, tokenizer: Option<&TextTokenizer>) {
         let event = GenerateEvent {
             text: p.text.clone(),
             token_ids: vec![p.token],
@@ -356,7 +327,7 @@ impl Stream {
         let _ = self.events.send(Ok(event));
     }
 
-    pub(crate) fn finish(self, out: &GenerationOutput, tokenizer: Option<&TextTokenizer>) {
+    fn finish(self, out: &GenerationOutput, tokenizer: Option<&TextTokenizer>) {
         let tokens = out.token_ids.get(self.tokens_sent..).unwrap_or_default();
         let logprobs = out.logprobs.get(self.tokens_sent..).unwrap_or_default();
         let event = GenerateEvent {
@@ -369,6 +340,54 @@ impl Stream {
             completion_tokens: out.token_ids.len() as u32,
         };
         let _ = self.events.send(Ok(event));
+    }
+}
+
+/// The requests an engine thread runs, by engine index, and where their events go.
+#[derive(Default)]
+pub(crate) struct Streams(HashMap<usize, Stream>);
+
+impl Streams {
+    /// Submits `req` to `engine` (its adapter loaded first); its events go to `events`, and an
+    /// error at once if it cannot run.
+    pub(crate) fn submit(&mut self, engine: &mut Engine, req: &GenerateRequest, events: EventSender) {
+        let submitted = load_adapter(engine, req).and_then(|()| prepare(engine, req)).and_then(|r| engine.submit(r));
+        match submitted {
+            Ok(index) => drop(self.0.insert(index, Stream::new(events, req.logprobs))),
+            Err(e) => drop(events.send(Err(status_of(e)))),
+        }
+    }
+
+    /// Requests whose callers went away stop here rather than run to the end.
+    pub(crate) fn cancel_abandoned(&mut self, engine: &mut Engine) {
+        self.0.retain(|&index, s| {
+            let gone = s.events.is_closed();
+            if gone {
+                engine.cancel(index);
+            }
+            !gone
+        });
+    }
+
+    /// A step's new tokens and finished requests, to their callers.
+    pub(crate) fn deliver(&mut self, engine: &Engine, finished: Vec<GenerationOutput>) {
+        for p in engine.progress() {
+            if let Some(s) = self.0.get_mut(&p.index) {
+                s.send_progress(p, engine.tokenizer());
+            }
+        }
+        for out in finished {
+            if let Some(s) = self.0.remove(&out.index) {
+                s.finish(&out, engine.tokenizer());
+            }
+        }
+    }
+
+    /// Every request still running ends with `status`.
+    pub(crate) fn fail_all(&mut self, status: &Status) {
+        for (_, s) in self.0.drain() {
+            let _ = s.events.send(Err(status.clone()));
+        }
     }
 }
 

@@ -58,6 +58,31 @@ pub fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Optio
     http_as(addr, method, path, key, "application/json", body.unwrap_or(""))
 }
 
+/// [`http`] with a JSON value as the body, and the answer as JSON (a string if it is not).
+pub fn call_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let body = body.map(|b| b.to_string());
+    let (status, text) = http(addr, method, path, Some(key), body.as_deref());
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// Polls `check` until it returns something, failing after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(t) = check() {
+            return t;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A file upload as OpenAI's clients send it: a multipart form with `purpose` and `file`.
 pub fn upload(addr: &str, key: &str, filename: &str, content: &str) -> (u16, String) {
     let b = "tandem-test-boundary";

@@ -20,7 +20,7 @@ use crate::engine::Engine;
 use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, PlanSink};
 use crate::error::{Error, Result};
 use crate::model::{ForwardInput, Model};
-use crate::service::{EngineThread, Order, Stream, load_adapter, prepare, status_of};
+use crate::service::{EngineThread, Order, Streams};
 use crate::tokenizer::TextTokenizer;
 
 /// What rank 0 sends, and when it last did.
@@ -84,15 +84,13 @@ pub(super) fn start(
 /// The loop, and its end: every request still in flight is told why; a group asked to stop
 /// (every handle dropped) tells the followers to leave.
 fn run(spec: &GroupSpec, mut engine: Engine, orders: &mpsc::Receiver<Order>, plans: &Mutex<Plans>) -> Result<()> {
-    let mut streams = HashMap::new();
+    let mut streams = Streams::default();
     let result = serve(&mut engine, orders, plans, plan_interval(&spec.options), &mut streams);
     let why = match &result {
         Ok(()) => format!("worker group {:?} (epoch {}) was re-formed or removed; retry", spec.group, spec.epoch),
         Err(e) => format!("worker group {:?} (epoch {}) failed: {e}", spec.group, spec.epoch),
     };
-    for (_, s) in streams.drain() {
-        let _ = s.events.send(Err(Status::unavailable(why.clone())));
-    }
+    streams.fail_all(&Status::unavailable(why));
     if result.is_ok() {
         let _ = lock(plans).and_then(|mut p| p.send(&BatchPlan::Stop));
     }
@@ -104,7 +102,7 @@ fn serve(
     orders: &mpsc::Receiver<Order>,
     plans: &Mutex<Plans>,
     interval: Duration,
-    streams: &mut HashMap<usize, Stream>,
+    streams: &mut Streams,
 ) -> Result<()> {
     loop {
         let mut next = if engine.has_work() {
@@ -123,19 +121,11 @@ fn serve(
         while let Some(order) = next.take() {
             match order {
                 Order::Generate { req, events } => {
-                    let submitted = load_adapter(engine, &req)
-                        .map(|()| {
-                            if !req.adapter.is_empty() && !req.adapter_uri.is_empty() {
-                                let _ = lock(plans)
-                                    .map(|mut p| p.uris.insert(req.adapter.clone(), req.adapter_uri.clone()));
-                            }
-                        })
-                        .and_then(|()| prepare(engine, &req))
-                        .and_then(|r| engine.submit(r));
-                    match submitted {
-                        Ok(index) => drop(streams.insert(index, Stream::new(events, req.logprobs))),
-                        Err(e) => drop(events.send(Err(status_of(e)))),
+                    // Where the adapter comes from, for the plans that name it.
+                    if !req.adapter.is_empty() && !req.adapter_uri.is_empty() {
+                        lock(plans)?.uris.insert(req.adapter.clone(), req.adapter_uri.clone());
                     }
+                    streams.submit(engine, &req, events);
                 }
                 // The jobs agent does not run on group workers; an order that still comes is
                 // refused by the engine (no fine-tuning on groups yet) and dropped here.
@@ -148,26 +138,10 @@ fn serve(
             }
             next = orders.try_recv().ok();
         }
-        // Requests whose callers went away stop here rather than run to the end.
-        streams.retain(|&index, s| {
-            let gone = s.events.is_closed();
-            if gone {
-                engine.cancel(index);
-            }
-            !gone
-        });
+        streams.cancel_abandoned(engine);
         if engine.has_work() {
             let finished = engine.step()?;
-            for p in engine.progress() {
-                if let Some(s) = streams.get_mut(&p.index) {
-                    s.send_progress(p, engine.tokenizer());
-                }
-            }
-            for out in finished {
-                if let Some(s) = streams.remove(&out.index) {
-                    s.finish(&out, engine.tokenizer());
-                }
-            }
+            streams.deliver(engine, finished);
         }
         // The followers wait for the next plan only so long: tell them the group lives.
         let mut p = lock(plans)?;
