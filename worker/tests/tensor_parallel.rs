@@ -273,3 +273,32 @@ fn jobs_trained_on_dense_shards_export_the_same_peft_adapters() {
 fn jobs_trained_on_expert_parallel_shards_export_the_same_peft_adapters() {
     same_exports(Preset::TinyMoe, MoeSplit::Experts);
 }
+
+/// A shard read straight from the checkpoint (`Model::load_shard`, layer by layer) is the shard
+/// cut from the whole model: the same logits, bit for bit.
+fn loaded_shards_match(preset: Preset, moe: MoeSplit) {
+    let whole = common::model(preset);
+    let adapters = adapters(&whole);
+    let dir = common::model_dir(preset);
+    let cut = on_shards(&whole, 2, moe, |shard| run(shard, &adapters).0);
+    let loaded = std::thread::scope(|s| {
+        let ranks: Vec<_> = (LocalGroup::new(2).into_iter())
+            .map(|comm| {
+                let (dir, adapters) = (&dir, &adapters);
+                s.spawn(move || {
+                    let shard = Model::load_shard(dir, whole.device, Arc::new(comm), moe).unwrap();
+                    run(&shard, adapters).0
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect::<Vec<_>>()
+    });
+    assert_eq!(loaded, cut, "{preset:?}, {moe:?}");
+}
+
+#[test]
+fn shards_read_from_the_checkpoint_are_the_shards_cut_from_the_whole_model() {
+    loaded_shards_match(Preset::Tiny, MoeSplit::Intermediate);
+    loaded_shards_match(Preset::TinyMoe, MoeSplit::Intermediate);
+    loaded_shards_match(Preset::TinyMoe, MoeSplit::Experts);
+}

@@ -29,12 +29,14 @@
 //!   whole (expert parallelism, `expert_parallel.rs`).
 
 use std::ops::Range;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tandem_kernels::Tensor;
+use tandem_kernels::ops::Rope;
+use tandem_kernels::{DType, Device, Tensor};
 
 use super::backward::AdapterGrads;
-use super::weights::{DenseMlp, Layer, Linear, Mlp, MoeMlp, Weights};
+use super::weights::{DenseMlp, Layer, Linear, Mlp, MoeMlp, Weights, load_weights_cut, open_checkpoint};
 use super::{Model, ModelConfig};
 use crate::adapters::{Adapter, AdapterSet, ModuleKey, Proj};
 use crate::collective::{Collective, CollectiveError};
@@ -261,8 +263,28 @@ fn dense_mlp(m: &DenseMlp, inter: Range<usize>, first: bool) -> Result<DenseMlp>
 }
 
 impl Split {
+    /// This rank's rows of the embedding or the LM head.
+    pub(super) fn vocab_rows(&self, t: &Tensor) -> Result<Tensor> {
+        slice(t, 0, self.vocab.clone())
+    }
+
+    /// The configuration of a shard of a model of `c`: its local head counts and sizes.
+    fn shard_config(&self, c: &ModelConfig) -> ModelConfig {
+        let mut config = c.clone();
+        config.num_heads = self.q.len() / c.head_dim;
+        config.num_kv_heads = self.kv.len() / c.head_dim;
+        config.intermediate_size = self.inter.len();
+        if let Some(moe) = &mut config.moe {
+            moe.expert_intermediate = self.expert_inter.len();
+            if let Some(s) = &mut moe.shared_expert_intermediate {
+                *s = self.shared_inter.len();
+            }
+        }
+        config
+    }
+
     /// This rank's share of one decoder layer.
-    fn layer(&self, layer: &Layer) -> Result<Layer> {
+    pub(super) fn layer(&self, layer: &Layer) -> Result<Layer> {
         let mlp = match &layer.mlp {
             Mlp::Dense(m) => Mlp::Dense(dense_mlp(m, self.inter.clone(), self.first)?),
             Mlp::Moe(m) => Mlp::Moe(MoeMlp {
@@ -313,25 +335,30 @@ impl Model {
         }
         let c = &self.config;
         let sp = Split::new(c, comm.rank(), comm.world_size(), moe)?;
-        let mut config = c.clone();
-        config.num_heads = sp.q.len() / c.head_dim;
-        config.num_kv_heads = sp.kv.len() / c.head_dim;
-        config.intermediate_size = sp.inter.len();
-        if let Some(moe) = &mut config.moe {
-            moe.expert_intermediate = sp.expert_inter.len();
-            if let Some(s) = &mut moe.shared_expert_intermediate {
-                *s = sp.shared_inter.len();
-            }
-        }
         let layers = (self.weights.layers.iter()).map(|layer| sp.layer(layer)).collect::<Result<Vec<_>>>()?;
         let weights = Weights {
-            embed: slice(&self.weights.embed, 0, sp.vocab.clone())?,
+            embed: sp.vocab_rows(&self.weights.embed)?,
             layers,
             norm: self.weights.norm.clone(),
-            lm_head: self.weights.lm_head.as_ref().map(|h| slice(h, 0, sp.vocab.clone())).transpose()?,
+            lm_head: self.weights.lm_head.as_ref().map(|h| sp.vocab_rows(h)).transpose()?,
         };
+        let config = sp.shard_config(c);
         let tp = TensorParallel { comm, split: sp, whole: Arc::new(c.clone()), traffic: Arc::default() };
         Ok(Model { config, weights, rope: self.rope.clone(), device: self.device, tp: Some(tp) })
+    }
+
+    /// Rank `comm.rank()`'s shard of the model in `dir`, read straight from its checkpoint: each
+    /// layer is cut as it is read, so the whole model is never in memory (what a rank of a model
+    /// too large for one device needs). The same weights as [`Model::shard_with`] of the whole.
+    pub fn load_shard(dir: &Path, device: Device, comm: Arc<dyn Collective>, moe: MoeSplit) -> Result<Model> {
+        let whole = ModelConfig::load(dir)?;
+        let sp = Split::new(&whole, comm.rank(), comm.world_size(), moe)?;
+        let src = open_checkpoint(dir)?;
+        let weights = load_weights_cut(&whole, &src, DType::F32, device, Some(&sp))?;
+        let rope = Rope::new(whole.head_dim, whole.rope_theta, &whole.rope_scaling)?;
+        let config = sp.shard_config(&whole);
+        let tp = TensorParallel { comm, split: sp, whole: Arc::new(whole), traffic: Arc::default() };
+        Ok(Model { config, weights, rope, device, tp: Some(tp) })
     }
 
     /// `adapter` (resolved against the whole model) cut as this shard's weights are: LoRA's B

@@ -5,6 +5,7 @@ use std::path::Path;
 use tandem_kernels::{DType, Device, Tensor};
 
 use super::config::{Arch, ModelConfig};
+use super::tensor_parallel::Split;
 use crate::error::{Error, Result, read_json};
 use crate::safetensors_file::{SafetensorsFile, TensorSource};
 
@@ -94,6 +95,18 @@ pub fn open_checkpoint(dir: &Path) -> Result<TensorSource> {
 /// Reads every weight the config calls for, checks its shape, converts it to `dtype` and moves
 /// it to `device`. A missing or mis-shaped tensor is an error naming it.
 pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device: Device) -> Result<Weights> {
+    load_weights_cut(cfg, src, dtype, device, None)
+}
+
+/// [`load_weights`], keeping of each weight only the part `cut` says (a tensor-parallel
+/// rank's): the whole model never exists at once, only one layer of it before it is cut.
+pub(super) fn load_weights_cut(
+    cfg: &ModelConfig,
+    src: &TensorSource,
+    dtype: DType,
+    device: Device,
+    cut: Option<&Split>,
+) -> Result<Weights> {
     let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
         Ok(src.get(name, shape)?.into_dtype(dtype)?.into_device(device)?)
     };
@@ -153,7 +166,7 @@ pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device:
                 Mlp::Moe(MoeMlp { router: linear(&format!("{p}.{block}.gate"), e, h, false)?, gate, up, down, shared })
             }
         };
-        layers.push(Layer {
+        let layer = Layer {
             input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
             post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
             q: linear(&format!("{p}.self_attn.q_proj"), q_out, h, cfg.qkv_bias)?,
@@ -161,11 +174,19 @@ pub fn load_weights(cfg: &ModelConfig, src: &TensorSource, dtype: DType, device:
             v: linear(&format!("{p}.self_attn.v_proj"), kv_out, h, cfg.qkv_bias)?,
             o: linear(&format!("{p}.self_attn.o_proj"), h, q_out, cfg.o_bias)?,
             mlp,
+        };
+        layers.push(match cut {
+            Some(sp) => sp.layer(&layer)?,
+            None => layer,
         });
     }
-    let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[v, h])?) };
+    let vocab = |t: Tensor| match cut {
+        Some(sp) => sp.vocab_rows(&t),
+        None => Ok(t),
+    };
+    let lm_head = if cfg.tie_word_embeddings { None } else { Some(vocab(get("lm_head.weight", &[v, h])?)?) };
     Ok(Weights {
-        embed: get("model.embed_tokens.weight", &[v, h])?,
+        embed: vocab(get("model.embed_tokens.weight", &[v, h])?)?,
         layers,
         norm: get("model.norm.weight", &[h])?,
         lm_head,
