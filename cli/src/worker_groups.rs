@@ -9,7 +9,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -47,18 +46,11 @@ pub struct GroupsAgent {
     pub data: DataPlane,
 }
 
-/// The whole base model a group was cut from, kept for the next formation.
-struct Loaded {
-    dir: PathBuf,
-    model: Arc<Model>,
-}
-
 impl GroupsAgent {
     /// Runs until the memberships channel closes.
     pub async fn run(self, mut groups: watch::Receiver<String>) {
         let (ended_tx, mut ended) = mpsc::unbounded_channel::<Ended>();
         let mut current: Option<(Membership, Member)> = None;
-        let mut loaded: Option<Loaded> = None;
         loop {
             tokio::select! {
                 changed = groups.changed() => {
@@ -82,7 +74,7 @@ impl GroupsAgent {
                         self.serving.set(Err(format!("worker {} is in no worker group", self.id)));
                         continue;
                     };
-                    match self.join(&m, &mut loaded, ended_tx.clone()).await {
+                    match self.join(&m, ended_tx.clone()).await {
                         Ok(member) => {
                             eprintln!("worker {}: joined group {} (epoch {}) as rank {}", self.id, m.group, m.epoch, m.rank);
                             match &member {
@@ -137,23 +129,11 @@ impl GroupsAgent {
         }
     }
 
-    /// Joins formation `m` (on a blocking thread: the set-up waits for every rank).
-    async fn join(
-        &self,
-        m: &Membership,
-        loaded: &mut Option<Loaded>,
-        ended: mpsc::UnboundedSender<Ended>,
-    ) -> Result<Member> {
+    /// Joins formation `m` (on a blocking thread: the set-up waits for every rank). The rank's
+    /// shard is read from the checkpoint first (only its own share of each layer is kept), so
+    /// the whole model is never in memory and a slow read keeps no peer waiting in a collective.
+    async fn join(&self, m: &Membership, ended: mpsc::UnboundedSender<Ended>) -> Result<Member> {
         let dir = self.model_dir_for(m)?;
-        if loaded.as_ref().is_none_or(|l| l.dir != dir) {
-            let (device, d) = (self.device, dir.clone());
-            let load = tokio::task::spawn_blocking(move || -> Result<Loaded> {
-                let model = Model::load(&d, device).with_context(|| format!("loading {}", d.display()))?;
-                Ok(Loaded { dir: d, model: Arc::new(model) })
-            });
-            *loaded = Some(load.await??);
-        }
-        let Some(l) = loaded.as_ref() else { return Err(anyhow!("no model loaded")) };
         let spec = GroupSpec {
             group: m.group.clone(),
             epoch: m.epoch,
@@ -164,14 +144,16 @@ impl GroupsAgent {
             moe: if m.expert_parallel { MoeSplit::Experts } else { MoeSplit::Intermediate },
             data: self.data,
         };
-        let model = l.model.clone();
+        let (device, world) = (self.device, m.peers.len());
         tokio::task::spawn_blocking(move || -> Result<Member> {
+            let shard = Model::load_shard(&dir, device, spec.rank, world, spec.moe)
+                .with_context(|| format!("loading rank {}'s shard of {}", spec.rank, dir.display()))?;
             // Rank 0 serves text: it needs the tokenizer (a fresh one per engine).
             let tokenizer = match spec.rank {
                 0 => Some(TextTokenizer::load(&dir).with_context(|| format!("tokenizer of {}", dir.display()))?),
                 _ => None,
             };
-            Ok(group::join(&spec, &model, tokenizer, ended)?)
+            Ok(group::join(&spec, shard, tokenizer, ended)?)
         })
         .await?
     }

@@ -341,10 +341,10 @@ fn a_worker_group_hands_out_rank_0s_nccl_id_or_why_it_has_none() {
                     moe: MoeSplit::Intermediate,
                     data: DataPlane::Nccl { device: 0 },
                 };
-                let whole = &whole;
+                let shard = whole.cut(rank, world, MoeSplit::Intermediate).unwrap();
                 s.spawn(move || {
                     let (ended, _) = tokio::sync::mpsc::unbounded_channel();
-                    group::join(&spec, whole, None, ended).map_err(|e| e.to_string())
+                    group::join(&spec, shard, None, ended).map_err(|e| e.to_string())
                 })
             })
             .collect();

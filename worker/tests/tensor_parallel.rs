@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use tandem_worker::adapters::{Adapter, AdapterSet, LoraAdapter};
-use tandem_worker::collective::LocalGroup;
+use tandem_worker::collective::{Collective, LocalGroup};
 use tandem_worker::init_model::Preset;
 use tandem_worker::model::probe::{adapter_gradients, greedy_logits, mixed_adapters};
 use tandem_worker::model::tensor_parallel::Site;
@@ -275,7 +275,7 @@ fn jobs_trained_on_expert_parallel_shards_export_the_same_peft_adapters() {
 }
 
 /// A shard read straight from the checkpoint (`Model::load_shard`, layer by layer) is the shard
-/// cut from the whole model: the same logits, bit for bit.
+/// cut from the whole model: the same logits, bit for bit; it joins only the group it was cut for.
 fn loaded_shards_match(preset: Preset, moe: MoeSplit) {
     let whole = common::model(preset);
     let adapters = adapters(&whole);
@@ -286,7 +286,8 @@ fn loaded_shards_match(preset: Preset, moe: MoeSplit) {
             .map(|comm| {
                 let (dir, adapters) = (&dir, &adapters);
                 s.spawn(move || {
-                    let shard = Model::load_shard(dir, whole.device, Arc::new(comm), moe).unwrap();
+                    let loaded = Model::load_shard(dir, whole.device, comm.rank(), comm.world_size(), moe).unwrap();
+                    let shard = loaded.join(Arc::new(comm)).unwrap();
                     run(&shard, adapters).0
                 })
             })
@@ -294,6 +295,9 @@ fn loaded_shards_match(preset: Preset, moe: MoeSplit) {
         ranks.into_iter().map(|r| r.join().unwrap()).collect::<Vec<_>>()
     });
     assert_eq!(loaded, cut, "{preset:?}, {moe:?}");
+    let shard = Model::load_shard(&dir, whole.device, 1, 2, moe).unwrap();
+    let err = shard.join(Arc::new(LocalGroup::new(2).remove(0))).err().unwrap().to_string();
+    assert!(err.contains("rank 1 of 2 cannot join as rank 0 of 2"), "{err}");
 }
 
 #[test]

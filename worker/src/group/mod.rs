@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::collective::{Collective, CollectiveOptions, TcpGroup};
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
-use crate::model::{Model, MoeSplit};
+use crate::model::{MoeSplit, Shard};
 use crate::service::EngineThread;
 use crate::tokenizer::TextTokenizer;
 
@@ -96,12 +96,12 @@ impl Drop for FollowerHandle {
 }
 
 /// Joins `spec`'s group (blocking until every rank is connected, or failing by the set-up
-/// timeout), cuts this rank's shard of `whole`, and starts this rank's part on a thread of its
-/// own: rank 0 an engine over its shard (with `tokenizer`), the others a follower. When the
-/// part ends, how is sent on `ended`.
+/// timeout) with this rank's `shard` (cut for this rank and group size, and `spec.moe`), and
+/// starts this rank's part on a thread of its own: rank 0 an engine over its shard (with
+/// `tokenizer`), the others a follower. When the part ends, how is sent on `ended`.
 pub fn join(
     spec: &GroupSpec,
-    whole: &Model,
+    shard: Shard,
     tokenizer: Option<TextTokenizer>,
     ended: UnboundedSender<Ended>,
 ) -> Result<Member> {
@@ -112,7 +112,7 @@ pub fn join(
         DataPlane::Tcp => comm.clone(),
         DataPlane::Nccl { device } => nccl(comm.as_ref(), spec, device)?,
     };
-    let model = whole.shard_with(data, spec.moe)?;
+    let model = shard.join(data)?;
     if spec.rank == 0 {
         leader::start(spec.clone(), model, comm, tokenizer, ended).map(Member::Leader)
     } else {

@@ -16,7 +16,7 @@ use tandem_kernels::{DType, Device};
 pub use backward::{AdapterGrads, PendingBackward};
 pub use config::{Arch, ModelConfig};
 pub use forward::{ForwardInput, KvCache, LayerActs};
-pub use tensor_parallel::{MoeSplit, TensorParallel};
+pub use tensor_parallel::{MoeSplit, Shard, TensorParallel};
 pub use weights::Weights;
 
 use crate::error::Result;

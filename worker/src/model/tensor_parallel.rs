@@ -96,6 +96,37 @@ impl std::fmt::Debug for TensorParallel {
     }
 }
 
+/// One rank's weights of a model, not yet joined to its group ([`Model::cut`],
+/// [`Model::load_shard`]).
+pub struct Shard {
+    rank: usize,
+    world: usize,
+    whole: ModelConfig,
+    split: Split,
+    weights: Weights,
+    rope: Rope,
+    device: Device,
+}
+
+impl Shard {
+    /// The shard as a model whose collectives go over `comm`, which must be the group (rank and
+    /// size) the shard was cut for.
+    pub fn join(self, comm: Arc<dyn Collective>) -> Result<Model> {
+        let (rank, world) = (self.rank, self.world);
+        if (comm.rank(), comm.world_size()) != (rank, world) {
+            return Err(Error::InvalidRequest(format!(
+                "a shard of rank {rank} of {world} cannot join as rank {} of {}",
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        let Shard { whole, split, weights, rope, device, .. } = self;
+        let config = split.shard_config(&whole);
+        let tp = TensorParallel { comm, split, whole: Arc::new(whole), traffic: Arc::default() };
+        Ok(Model { config, weights, rope, device, tp: Some(tp) })
+    }
+}
+
 /// The ranges of the whole model's dimensions that one rank holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Split {
@@ -330,11 +361,16 @@ impl Model {
 
     /// [`Model::shard`] with the experts of a MoE model split as `moe` says.
     pub fn shard_with(&self, comm: Arc<dyn Collective>, moe: MoeSplit) -> Result<Model> {
+        self.cut(comm.rank(), comm.world_size(), moe)?.join(comm)
+    }
+
+    /// Rank `rank`'s share of this (whole) model in a group of `world`, to [`Shard::join`] to
+    /// the group's communicator.
+    pub fn cut(&self, rank: usize, world: usize, moe: MoeSplit) -> Result<Shard> {
         if self.tp.is_some() {
             return Err(Error::InvalidRequest("this model is a shard already".into()));
         }
-        let c = &self.config;
-        let sp = Split::new(c, comm.rank(), comm.world_size(), moe)?;
+        let sp = Split::new(&self.config, rank, world, moe)?;
         let layers = (self.weights.layers.iter()).map(|layer| sp.layer(layer)).collect::<Result<Vec<_>>>()?;
         let weights = Weights {
             embed: sp.vocab_rows(&self.weights.embed)?,
@@ -342,23 +378,20 @@ impl Model {
             norm: self.weights.norm.clone(),
             lm_head: self.weights.lm_head.as_ref().map(|h| sp.vocab_rows(h)).transpose()?,
         };
-        let config = sp.shard_config(c);
-        let tp = TensorParallel { comm, split: sp, whole: Arc::new(c.clone()), traffic: Arc::default() };
-        Ok(Model { config, weights, rope: self.rope.clone(), device: self.device, tp: Some(tp) })
+        let (whole, rope, device) = (self.config.clone(), self.rope.clone(), self.device);
+        Ok(Shard { rank, world, whole, split: sp, weights, rope, device })
     }
 
-    /// Rank `comm.rank()`'s shard of the model in `dir`, read straight from its checkpoint: each
-    /// layer is cut as it is read, so the whole model is never in memory (what a rank of a model
-    /// too large for one device needs). The same weights as [`Model::shard_with`] of the whole.
-    pub fn load_shard(dir: &Path, device: Device, comm: Arc<dyn Collective>, moe: MoeSplit) -> Result<Model> {
+    /// Rank `rank`'s share of the model in `dir` in a group of `world`, read straight from its
+    /// checkpoint: each layer is cut as it is read, so the whole model is never in memory (what
+    /// a rank of a model too large for one device needs). The same weights as [`Model::cut`]
+    /// of the whole model. Loaded before the group forms, so a slow read keeps no peer waiting.
+    pub fn load_shard(dir: &Path, device: Device, rank: usize, world: usize, moe: MoeSplit) -> Result<Shard> {
         let whole = ModelConfig::load(dir)?;
-        let sp = Split::new(&whole, comm.rank(), comm.world_size(), moe)?;
-        let src = open_checkpoint(dir)?;
-        let weights = load_weights_cut(&whole, &src, DType::F32, device, Some(&sp))?;
+        let split = Split::new(&whole, rank, world, moe)?;
+        let weights = load_weights_cut(&whole, &open_checkpoint(dir)?, DType::F32, device, Some(&split))?;
         let rope = Rope::new(whole.head_dim, whole.rope_theta, &whole.rope_scaling)?;
-        let config = sp.shard_config(&whole);
-        let tp = TensorParallel { comm, split: sp, whole: Arc::new(whole), traffic: Arc::default() };
-        Ok(Model { config, weights, rope, device, tp: Some(tp) })
+        Ok(Shard { rank, world, whole, split, weights, rope, device })
     }
 
     /// `adapter` (resolved against the whole model) cut as this shard's weights are: LoRA's B
