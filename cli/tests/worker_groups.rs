@@ -51,6 +51,27 @@ fn workers_of(group: &Value) -> Vec<String> {
 
 /// A streamed completion: tells `started` when the first token arrives, then returns every
 /// `data:` payload once the stream ends.
+/// Starts a long streamed completion, kills `victim` once its first token has come, and
+/// returns the error the stream ended with and how long after the kill it ended.
+fn kill_mid_stream(http: &str, victim: &mut std::process::Child) -> (String, Duration) {
+    let (started, first_token) = mpsc::channel();
+    let long = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0,
+                      "stream": true});
+    let streaming = {
+        let http = http.to_string();
+        std::thread::spawn(move || stream(http, long, started))
+    };
+    first_token.recv_timeout(Duration::from_secs(20)).unwrap();
+    let killed = Instant::now();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let events = streaming.join().unwrap();
+    let ended = killed.elapsed();
+    let last: Value = serde_json::from_str(events.iter().rev().find(|e| *e != "[DONE]").unwrap()).unwrap();
+    let message = last["error"]["message"].as_str().unwrap_or_else(|| panic!("no error at the end: {last}"));
+    (message.to_string(), ended)
+}
+
 fn stream(http: String, body: Value, started: mpsc::Sender<()>) -> Vec<String> {
     let mut s = TcpStream::connect(&http).unwrap();
     let body = body.to_string();
@@ -170,23 +191,8 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     assert_eq!(out_a["choices"][0]["text"], want_a["text"], "{out_a}");
 
     // Rank 1 dies while a long request streams.
-    let (started, first_token) = mpsc::channel();
-    let long = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0,
-                      "stream": true});
-    let streaming = {
-        let http = http.clone();
-        std::thread::spawn(move || stream(http, long, started))
-    };
-    first_token.recv_timeout(Duration::from_secs(20)).unwrap();
-    let killed = Instant::now();
-    procs.0[2].kill().unwrap();
-    procs.0[2].wait().unwrap();
-    let events = streaming.join().unwrap();
-    let ended = killed.elapsed();
+    let (message, ended) = kill_mid_stream(&http, &mut procs.0[2]);
     assert!(ended < Duration::from_millis(COLLECTIVE_TIMEOUT_MS), "the request ended {ended:?} after the kill");
-    let last = events.iter().rev().find(|e| *e != "[DONE]").unwrap();
-    let last: Value = serde_json::from_str(last).unwrap();
-    let message = last["error"]["message"].as_str().unwrap_or_else(|| panic!("no error at the end: {last}"));
     assert!(message.contains("rank 1"), "the error does not name rank 1: {message}");
 
     // Re-formed: the spare w3 takes rank 1, at a new epoch; the same requests, the same texts.
@@ -289,19 +295,7 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
 
     // Rank 2 dies mid-stream. Every other rank sees a failure; rank 0's report names rank 2,
     // and only rank 2 gives way to the spare w5.
-    let (started, first_token) = mpsc::channel();
-    let long = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 480, "temperature": 0,
-                      "stream": true});
-    let streaming = {
-        let http = http.clone();
-        std::thread::spawn(move || stream(http, long, started))
-    };
-    first_token.recv_timeout(Duration::from_secs(20)).unwrap();
-    procs.0[3].kill().unwrap();
-    procs.0[3].wait().unwrap();
-    let events = streaming.join().unwrap();
-    let last: Value = serde_json::from_str(events.iter().rev().find(|e| *e != "[DONE]").unwrap()).unwrap();
-    let message = last["error"]["message"].as_str().unwrap_or_else(|| panic!("no error at the end: {last}"));
+    let (message, _) = kill_mid_stream(&http, &mut procs.0[3]);
     assert!(message.contains("rank 2"), "the error does not name rank 2: {message}");
     let group = formed(&http, 2);
     assert_eq!(workers_of(&group), ["w1", "w2", "w5", "w4"], "{group}");
