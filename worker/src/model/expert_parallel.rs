@@ -107,14 +107,15 @@ impl Model {
         let share = split(n, world, rank);
         let chunk: Vec<u32> = (share.start as u32..share.end as u32).collect();
         let chunk_slots: Vec<i32> = chunk.iter().map(|&t| rows.slots[t as usize]).collect();
-        let routed = if chunk.is_empty() {
-            None
+        // This rank's rows only (not the whole batch's hidden states) go to the host to be sent.
+        let (routed, h_data) = if chunk.is_empty() {
+            (None, Vec::new())
         } else {
             let hc = ops::gather_rows(h, &chunk)?;
             let logits =
                 Rows { slots: &chunk_slots, adapters: rows.adapters }.linear(&hc, &m.router, layer, Proj::Router)?;
             let routing = ops::moe_gate(&logits, k, moe.renormalize)?;
-            Some((logits, routing))
+            (Some((logits, routing)), hc.to_vec_f32()?)
         };
         let chosen: &[u32] = routed.as_ref().map_or(&[], |(_, r)| &r.experts);
 
@@ -122,15 +123,14 @@ impl Model {
         let mut sent: Vec<usize> = (0..chosen.len()).collect();
         sent.sort_by_key(|&p| owner(chosen[p], per_rank));
         let mut sent_counts = vec![0; world];
-        let h_data = h.to_vec_f32()?;
         let mut parts = vec![Vec::new(); world];
         for &p in &sent {
-            let (t, e) = (chunk[p / k] as usize, chosen[p]);
+            let (t, e) = (p / k, chosen[p]);
             let to = owner(e, per_rank);
             sent_counts[to] += 1;
             parts[to].extend_from_slice(&h_data[t * hidden..(t + 1) * hidden]);
             // Small integers, exact in f32.
-            parts[to].extend([e as f32, rows.slots[t] as f32]);
+            parts[to].extend([e as f32, chunk_slots[t] as f32]);
         }
         let width = hidden + 2;
         let received = tp.exchange_rows(Site::Experts, parts, width)?;
