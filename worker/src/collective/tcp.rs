@@ -490,14 +490,18 @@ mod tests {
                 let (addrs, options) = (addrs.clone(), options.clone());
                 thread::spawn(move || {
                     let comm = TcpGroup::join_with_listener(listener, rank, &addrs, &options).unwrap();
-                    comm.barrier().unwrap();
+                    let start = Instant::now();
+                    // Rank 2 crashes as soon as it leaves the barrier; another rank may still be
+                    // inside it then (a barrier does not release every rank at the same moment),
+                    // so the failure is the barrier's or the all-reduce's.
+                    let barrier = comm.barrier();
                     if rank == 2 {
+                        barrier.unwrap();
                         comm.sever();
                         return None;
                     }
-                    let start = Instant::now();
                     let mut buf = vec![1.0f32; 1000];
-                    let err = comm.all_reduce_sum(&mut buf).unwrap_err();
+                    let err = barrier.and_then(|()| comm.all_reduce_sum(&mut buf)).unwrap_err();
                     Some((err, start.elapsed()))
                 })
             })
