@@ -18,7 +18,7 @@ use tandem_worker::model::{Model, ModelConfig};
 use tandem_worker::service::{EngineThread, Lease, Serving, WorkerService, keep_lease};
 use tandem_worker::tokenizer::TextTokenizer;
 
-use crate::worker_groups::{GroupsAgent, refuse_jobs};
+use crate::worker_groups::GroupsAgent;
 use crate::worker_jobs::JobsAgent;
 
 #[derive(Args)]
@@ -78,13 +78,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         (args.adapters.iter()).map(|spec| crate::generate::load_adapter(spec, &config)).collect::<Result<Vec<_>>>()?;
     let model =
         Arc::new(Model::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?);
-    let engine = Engine::new(model.clone(), adapters, Some(tokenizer), EngineConfig::default())?;
+    let engine = Engine::new(model, adapters, Some(tokenizer), EngineConfig::default())?;
     let (engine, train_events) = EngineThread::start(engine)?;
     let model_name = model_name(&args);
     let agent = JobsAgent {
-        engine: engine.clone(),
-        model,
-        tokenizer: Arc::new(TextTokenizer::load(&args.model)?),
+        serving: Serving::engine(engine.clone()),
         coordinator: args.coordinator.clone(),
         blobs: args.blobs,
     };
@@ -139,10 +137,13 @@ fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -
         ("nccl", Device::Cpu) => return Err(anyhow!("--collective-backend nccl needs --device cuda:N")),
         (other, _) => return Err(anyhow!("--collective-backend {other:?}: expected `tcp` or `nccl`")),
     };
+    let (train_events, trained) = tokio::sync::mpsc::unbounded_channel();
+    let jobs = JobsAgent { serving: serving.clone(), coordinator: args.coordinator.clone(), blobs: args.blobs.clone() };
     let agent = GroupsAgent {
         id: args.id.clone(),
         coordinator: args.coordinator.clone(),
         serving: serving.clone(),
+        train_events,
         model_dir: args.model.clone(),
         model_name: model_name(&args),
         device,
@@ -164,7 +165,7 @@ fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -
             assignments,
             groups,
         }));
-        let jobs = tokio::spawn(refuse_jobs(args.id.clone(), args.coordinator.clone(), assigned));
+        let jobs = tokio::spawn(jobs.run(assigned, trained));
         let groups = tokio::spawn(agent.run(memberships));
         eprintln!("group worker {} serving on {}", args.id, args.listen);
         let served = tonic::transport::Server::builder()

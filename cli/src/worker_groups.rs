@@ -3,22 +3,21 @@
 //! cuts its shard of the base model, and runs rank 0's engine (which then serves this worker's
 //! `Generate`) or a follower. It reports to the cluster that rank 0 formed the group, and that
 //! its part of a formed group failed (naming the rank the error blames), so the coordinator
-//! forms it again; a set-up that fails is tried again as it is.
-//! Fine-tuning jobs are refused: the scheduler gives group workers none, and one that still
-//! comes is failed with the reason.
+//! forms it again; a set-up that fails is tried again as it is. Rank 0's engine trains the
+//! jobs the coordinator places on the group (the jobs agent finds it in `serving`; their
+//! progress goes to `train_events`).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use tandem_coordinator::state::{Assignment, Command, JobReport, Membership, Proposal, Reply};
+use tandem_coordinator::state::{Command, Membership, Proposal, Reply};
 use tandem_kernels::Device;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::EngineConfig;
 use tandem_worker::group::{self, DataPlane, Ended, GroupSpec, Member};
 use tandem_worker::model::{Model, MoeSplit};
-use tandem_worker::service::Serving;
+use tandem_worker::service::{Serving, TrainEvents};
 use tandem_worker::tokenizer::TextTokenizer;
 use tokio::sync::{mpsc, watch};
 
@@ -34,8 +33,11 @@ const FOLLOWER_REPORT_DELAY: Duration = Duration::from_millis(500);
 pub struct GroupsAgent {
     pub id: String,
     pub coordinator: String,
-    /// Where this worker's `Generate` goes: rank 0's engine while it leads a formed group.
+    /// Where this worker's `Generate` (and jobs) go: rank 0's engine while it leads a formed
+    /// group.
     pub serving: Serving,
+    /// Where the jobs of rank 0's engine report.
+    pub train_events: TrainEvents,
     /// The worker's own copy of a base model (`--model`), named `model_name`: used when the
     /// catalogue's uri for the group's model is not a folder here.
     pub model_dir: PathBuf,
@@ -144,7 +146,7 @@ impl GroupsAgent {
             moe: if m.expert_parallel { MoeSplit::Experts } else { MoeSplit::Intermediate },
             data: self.data,
         };
-        let (device, world) = (self.device, m.peers.len());
+        let (device, world, train_events) = (self.device, m.peers.len(), self.train_events.clone());
         tokio::task::spawn_blocking(move || -> Result<Member> {
             let shard = Model::load_shard(&dir, device, spec.rank, world, spec.moe)
                 .with_context(|| format!("loading rank {}'s shard of {}", spec.rank, dir.display()))?;
@@ -153,7 +155,7 @@ impl GroupsAgent {
                 0 => Some(TextTokenizer::load(&dir).with_context(|| format!("tokenizer of {}", dir.display()))?),
                 _ => None,
             };
-            Ok(group::join(&spec, shard, tokenizer, ended)?)
+            Ok(group::join(&spec, shard, tokenizer, train_events, ended)?)
         })
         .await?
     }
@@ -195,29 +197,6 @@ async fn report(coordinator: &str, id: &str, request_id: String, command: Comman
             Err(e) => {
                 eprintln!("worker {id}: group report: {e:#}; retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-}
-
-/// Fails every fine-tuning attempt assigned to group worker `id` (the scheduler places none on
-/// group workers; this answers one that comes anyway, rather than leave it placed forever).
-pub async fn refuse_jobs(id: String, coordinator: String, mut assignments: watch::Receiver<String>) {
-    let mut refused: HashSet<(String, u64)> = HashSet::new();
-    while assignments.changed().await.is_ok() {
-        let json = assignments.borrow_and_update().clone();
-        let Ok(list) = serde_json::from_str::<Vec<Assignment>>(&json) else { continue };
-        let new: Vec<Assignment> = list.into_iter().filter(|a| !refused.contains(&(a.job.clone(), a.epoch))).collect();
-        for a in new {
-            let error = format!(
-                "worker {id} is a tensor-parallel group worker: fine-tuning on worker groups is not supported yet"
-            );
-            let command = Command::ReportJob { id: a.job.clone(), epoch: a.epoch, report: JobReport::Failed { error } };
-            let request_id = format!("refuse-{}-{}", a.job, a.epoch);
-            if let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command))
-                && propose(&coordinator, &json).await.is_ok()
-            {
-                refused.insert((a.job, a.epoch));
             }
         }
     }

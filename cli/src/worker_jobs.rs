@@ -1,7 +1,9 @@
 //! The worker's side of fine-tuning jobs: it starts the attempts the coordinator assigns it
 //! (heartbeat answers), from their last checkpoint when they have one, stops those no longer
 //! assigned (cancelled, or placed elsewhere), and reports each attempt's steps, checkpoints and
-//! end to the cluster, fenced by the attempt's epoch.
+//! end to the cluster, fenced by the attempt's epoch. The engine it trains on is the worker's
+//! own, or on a group worker, its group's while it is rank 0 (jobs are placed on rank 0 of a
+//! formed group; when the group is re-formed, the coordinator queues them again).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -14,15 +16,11 @@ use tandem_coordinator::gateway::dir_checksum;
 use tandem_coordinator::state::{Assignment, Command, JobReport, Proposal, Reply, StepFigures};
 use tandem_proto::v1::ProposeRequest;
 use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_worker::adapters::Adapter;
-use tandem_worker::model::Model;
-use tandem_worker::service::{EngineThread, TrainEvent, Training};
-use tandem_worker::tokenizer::TextTokenizer;
+use tandem_worker::service::{EngineThread, Serving, TrainEvent, Training};
 use tandem_worker::train::checkpoint;
 use tandem_worker::train::data::load_jsonl;
 use tandem_worker::train::finetune::MethodChoice;
 use tandem_worker::train::job::{Hyperparams, Job, JobSpec};
-use tandem_worker::train::trainer::validation_loss;
 use tokio::sync::{mpsc, watch};
 
 /// What the gateway put in a job's spec for the worker.
@@ -39,9 +37,8 @@ struct TrainingSpec {
 
 /// Everything the jobs agent needs.
 pub struct JobsAgent {
-    pub engine: EngineThread,
-    pub model: Arc<Model>,
-    pub tokenizer: Arc<TextTokenizer>,
+    /// The engine jobs train on (with its model and tokenizer), when there is one.
+    pub serving: Serving,
     pub coordinator: String,
     /// Where job files go (`jobs/ID/...`): the shared folder the gateway stores blobs in.
     pub blobs: PathBuf,
@@ -53,8 +50,6 @@ impl JobsAgent {
         let reports = spawn_reporter(self.coordinator.clone());
         // Job id → the epoch of the attempt running here.
         let mut running: HashMap<String, u64> = HashMap::new();
-        // The validation file of each job running here.
-        let mut validation: HashMap<String, PathBuf> = HashMap::new();
         // Attempts that ended here: their end may not be recorded yet, and the heartbeat may
         // still list them.
         let mut ended: HashSet<(String, u64)> = HashSet::new();
@@ -67,7 +62,7 @@ impl JobsAgent {
                     let json = assignments.borrow_and_update().clone();
                     let Ok(list) = serde_json::from_str::<Vec<Assignment>>(&json) else { continue };
                     let list = list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
-                    self.reconcile(&mut running, &mut validation, list, &reports).await;
+                    self.reconcile(&mut running, list, &reports).await;
                 }
                 Some(event) = events.recv() => {
                     let (job, report) = match event {
@@ -78,12 +73,9 @@ impl JobsAgent {
                         TrainEvent::Checkpoint { job, step, path } => {
                             (job, JobReport::Checkpoint { step, uri: path.to_string_lossy().into_owned() })
                         }
-                        TrainEvent::Finished { job, step, adapter } => {
-                            if let (Some(file), Some(&epoch)) = (validation.remove(&job), running.get(&job)) {
-                                match self.validation_loss(file, adapter.clone()).await {
-                                    Ok(loss) => drop(reports.send((job.clone(), epoch, JobReport::Validation { step, loss }))),
-                                    Err(e) => eprintln!("job {job}: validation: {e:#}"),
-                                }
+                        TrainEvent::Finished { job, step, adapter, validation_loss } => {
+                            if let (Some(loss), Some(&epoch)) = (validation_loss, running.get(&job)) {
+                                drop(reports.send((job.clone(), epoch, JobReport::Validation { step, loss })));
                             }
                             let checksum = dir_checksum(&adapter).unwrap_or_default();
                             (job, JobReport::Succeeded { uri: adapter.to_string_lossy().into_owned(), checksum })
@@ -108,7 +100,6 @@ impl JobsAgent {
     async fn reconcile(
         &self,
         running: &mut HashMap<String, u64>,
-        validation: &mut HashMap<String, PathBuf>,
         list: Vec<Assignment>,
         reports: &mpsc::UnboundedSender<(String, u64, JobReport)>,
     ) {
@@ -118,23 +109,31 @@ impl JobsAgent {
             .filter(|(job, epoch)| wanted.get(job.as_str()) != Some(epoch))
             .map(|(j, _)| j.clone())
             .collect();
+        let engine = self.serving.current();
         for job in stale {
             running.remove(&job);
-            validation.remove(&job);
-            let _ = self.engine.stop(&job);
+            if let Ok(engine) = &engine {
+                let _ = engine.stop(&job);
+            }
         }
+        let engine = match engine {
+            Ok(engine) => engine,
+            Err(why) => {
+                // A group worker between formations: its jobs are queued again by the
+                // coordinator when it re-forms the group (and placed on the new rank 0).
+                eprintln!("jobs: no engine to train on: {}", why.message());
+                return;
+            }
+        };
         let new: Vec<Assignment> = list.into_iter().filter(|a| !running.contains_key(&a.job)).collect();
         for a in new {
             running.insert(a.job.clone(), a.epoch);
-            let (model, tokenizer, dir) =
-                (self.model.clone(), self.tokenizer.clone(), self.blobs.join("jobs").join(&a.job));
-            let assignment = a.clone();
-            let built = tokio::task::spawn_blocking(move || build(&assignment, &model, &tokenizer, &dir)).await;
+            let (assignment, on, dir) = (a.clone(), engine.clone(), self.blobs.join("jobs").join(&a.job));
+            let built = tokio::task::spawn_blocking(move || build(&assignment, &on, &dir)).await;
             match built.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
-                Ok((training, validation_file)) => {
-                    validation.extend(validation_file.map(|f| (a.job.clone(), f)));
+                Ok(training) => {
                     let step = training.job.progress.step;
-                    if let Err(e) = self.engine.train(training) {
+                    if let Err(e) = engine.train(training) {
                         let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.message().into() }));
                         continue;
                     }
@@ -149,38 +148,27 @@ impl JobsAgent {
     }
 }
 
-/// The job an assignment describes: its data read and checked with this model's tokenizer,
-/// resumed from its checkpoint when it has one.
-/// Also returns the job's validation file.
-fn build(a: &Assignment, model: &Model, tokenizer: &TextTokenizer, dir: &Path) -> Result<(Training, Option<PathBuf>)> {
+/// The job an assignment describes, for `engine`'s model: its data (and validation data) read
+/// and checked with the model's tokenizer, resumed from its checkpoint when it has one.
+fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> {
     let spec: TrainingSpec = serde_json::from_value(a.spec.clone()).context("the job's spec")?;
-    let data = load_jsonl(&spec.training_file, tokenizer, model.config.max_position_embeddings).map_err(|e| {
-        anyhow!("{}", e.to_string().replace(&spec.training_file.to_string_lossy().into_owned(), "training_file"))
-    })?;
-    let data = Arc::new(data);
+    let (model, tokenizer) = (engine.model(), engine.tokenizer().context("the base model has no tokenizer")?);
+    let read = |file: &Path, field: &str| {
+        load_jsonl(file, tokenizer, model.config.max_position_embeddings)
+            .map_err(|e| anyhow!("{}", e.to_string().replace(&file.to_string_lossy().into_owned(), field)))
+    };
+    let data = Arc::new(read(&spec.training_file, "training_file")?);
+    let validation = spec.validation_file.as_deref().map(|f| read(f, "validation_file")).transpose()?.map(Arc::new);
     let job = match &a.checkpoint {
-        Some(c) => checkpoint::load(Path::new(&c.uri), &model.config, data).context("resuming from the checkpoint")?,
+        Some(c) => {
+            checkpoint::load(Path::new(&c.uri), model.whole_config(), data).context("resuming from the checkpoint")?
+        }
         None => {
             let method = spec.method.resolve(model, &data)?;
             Job::new(JobSpec { name: a.job.clone(), method, hyper: spec.hyper }, model, data)?
         }
     };
-    let training = Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every };
-    Ok((training, spec.validation_file))
-}
-
-impl JobsAgent {
-    /// The mean token loss of the adapter exported to `adapter` on the JSONL file `file`
-    /// (beside the engine, on a blocking thread).
-    async fn validation_loss(&self, file: PathBuf, adapter: PathBuf) -> Result<f64> {
-        let (model, tokenizer) = (self.model.clone(), self.tokenizer.clone());
-        tokio::task::spawn_blocking(move || {
-            let examples = load_jsonl(&file, &tokenizer, model.config.max_position_embeddings)?;
-            let adapter = Adapter::load_dir(&adapter, &model.config)?;
-            Ok(validation_loss(&model, adapter, &examples)?)
-        })
-        .await?
-    }
+    Ok(Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every, validation })
 }
 
 /// Sends reports to the cluster in order, each retried until it is recorded or refused (a

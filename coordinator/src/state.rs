@@ -617,13 +617,16 @@ impl ClusterState {
                 Reply::Done
             }
             Command::RemovePlacement { group } => match self.placements.remove(&group) {
-                Some(_) => Reply::Done,
+                Some(p) => {
+                    self.requeue_group_jobs(&p, at, "its worker group was removed");
+                    Reply::Done
+                }
                 None => refused(format!("no placement {group:?}")),
             },
             Command::CreateGroup { group, model, size, expert_parallel } => {
                 self.create_group(group, model, size, expert_parallel)
             }
-            Command::GroupFailed { group, epoch, blame } => self.group_failed(&group, epoch, blame),
+            Command::GroupFailed { group, epoch, blame } => self.group_failed(&group, epoch, blame, at),
             Command::GroupFormed { group, epoch } => match self.placements.get_mut(&group) {
                 Some(p) if p.epoch == epoch => {
                     p.formed = true;
@@ -703,6 +706,8 @@ impl ClusterState {
                 |w| (self.workers[w].collective_addr.is_empty(), self.shards_on(w)),
                 |w| !members.contains(w) && (by_hand || !self.workers[w].collective_addr.is_empty()),
             );
+            let old = self.placements[&group].clone();
+            self.requeue_group_jobs(&old, at, "a worker of its group died");
             match replacement {
                 Some(r) => {
                     if let Some(p) = self.placements.get_mut(&group) {
@@ -714,6 +719,25 @@ impl ClusterState {
             }
         }
         Reply::Done
+    }
+
+    /// Ends the attempts running on formation `p` of a worker group (on its rank 0) and queues
+    /// their jobs again: the formation's engine is gone, and they resume from their last
+    /// checkpoint wherever the scheduler puts them next (the re-formed group, often).
+    fn requeue_group_jobs(&mut self, p: &Placement, at: u64, why: &str) {
+        let Some(rank0) = p.workers.first() else { return };
+        // A placement set by hand may name whole-model workers, whose jobs run on their own.
+        if self.workers.get(rank0).is_none_or(|w| w.collective_addr.is_empty()) {
+            return;
+        }
+        for job in self.jobs.values_mut() {
+            let current = job.attempts.last_mut().filter(|a| a.epoch == job.epoch && &a.worker == rank0);
+            if let (Some(attempt), false) = (current, job.status.is_final() || job.status == JobStatus::Queued) {
+                attempt.ended = Some(why.to_string());
+                job.status = JobStatus::Queued;
+                job.events.push(JobEvent::new(at, format!("Attempt {} ended: {why}; queued again", job.epoch)));
+            }
+        }
     }
 
     /// Group workers alive and in no group, by id: those a group may take.
@@ -749,11 +773,13 @@ impl ClusterState {
         Reply::Done
     }
 
-    fn group_failed(&mut self, group: &str, epoch: u64, blame: Option<usize>) -> Reply {
+    fn group_failed(&mut self, group: &str, epoch: u64, blame: Option<usize>, at: u64) -> Reply {
         let Some(p) = self.placements.get(group) else { return refused(format!("no group {group:?}")) };
         if p.epoch != epoch {
             return refused(format!("stale formation: epoch {epoch}, group {group:?} is at epoch {}", p.epoch));
         }
+        let p = p.clone();
+        self.requeue_group_jobs(&p, at, "its worker group failed");
         // The blamed rank and every member that cannot take part any more give way to spares.
         let unfit = |rank: usize, w: &String| {
             Some(rank) == blame || !self.workers.get(w).is_some_and(|w| w.alive && !w.collective_addr.is_empty())
@@ -808,8 +834,9 @@ impl ClusterState {
 
     /// The scheduler's next moves: each queued job onto the alive worker with the fewest jobs
     /// placed or running (counting the moves before it), preferring workers that have the job's
-    /// base model loaded; group workers get none. Pure: the leader proposes them as
-    /// [`Command::PlaceJob`]s.
+    /// base model loaded, then rank 0 of a formed worker group that serves it (not an
+    /// expert-parallel one: fine-tuning there is not done yet), then the other whole-model
+    /// workers. Pure: the leader proposes them as [`Command::PlaceJob`]s.
     pub fn schedule(&self) -> Vec<(String, String)> {
         let mut jobs_on: BTreeMap<String, usize> = BTreeMap::new();
         for job in self.jobs.values().filter(|j| matches!(j.status, JobStatus::Placed | JobStatus::Running)) {
@@ -820,11 +847,27 @@ impl ClusterState {
         let mut moves = Vec::new();
         for (id, job) in self.jobs.iter().filter(|(_, j)| j.status == JobStatus::Queued) {
             let has_model = |w: &str| self.workers[w].gpus.iter().any(|g| g.models.contains(&job.base_model));
-            // Group workers run no fine-tuning yet (see docs/tensor_parallel.md).
+            let leads_group = |w: &str| {
+                (self.placements.values()).any(|p| {
+                    p.formed
+                        && !p.expert_parallel
+                        && p.model == job.base_model
+                        && p.workers.first().is_some_and(|r| r == w)
+                })
+            };
+            // 0: the model loaded whole; 1: rank 0 of a group serving it; 2: another whole-model
+            // worker. Other group workers take no jobs.
+            let tier = |w: &str, info: &Worker| match (info.collective_addr.is_empty(), has_model(w), leads_group(w)) {
+                (true, true, _) => Some(0),
+                (false, _, true) => Some(1),
+                (true, false, _) => Some(2),
+                (false, _, false) => None,
+            };
             let best = (self.workers.iter())
-                .filter(|(_, info)| info.alive && info.collective_addr.is_empty())
-                .min_by_key(|(w, _)| (!has_model(w), jobs_on.get(*w).copied().unwrap_or(0)))
-                .map(|(w, _)| w.clone());
+                .filter(|(_, info)| info.alive)
+                .filter_map(|(w, info)| tier(w, info).map(|t| (t, jobs_on.get(w).copied().unwrap_or(0), w)))
+                .min()
+                .map(|(_, _, w)| w.clone());
             let Some(worker) = best else { break };
             *jobs_on.entry(worker.clone()).or_default() += 1;
             moves.push((id.clone(), worker));

@@ -377,7 +377,8 @@ fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
     let p = &log.state.placements["tp"];
     assert_eq!((p.workers.clone(), p.epoch), (vec!["g2".to_string(), "g3".to_string()], 4));
 
-    // Group workers get no fine-tuning jobs: only w1 and w2 are scheduled.
+    // While the group is not formed, its workers get no fine-tuning jobs: only w1 and w2 are
+    // scheduled.
     for j in ["a", "b", "c"] {
         log.apply(submit(j));
     }
@@ -389,6 +390,52 @@ fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
     // its rank, so the group goes.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "g3".into() }), Reply::Done);
     assert!(log.state.placements.is_empty());
+}
+
+/// Jobs go to rank 0 of a formed group that serves their model (after workers holding the
+/// whole model); when the group fails, is re-formed or removed, the attempt ends and the job
+/// is queued again, to resume from its checkpoint.
+#[test]
+fn jobs_train_on_rank_0_of_a_formed_group_and_are_queued_again_when_it_is_re_formed() {
+    let mut log = Log::new();
+    log.apply(Command::RegisterModel { name: "m".into(), uri: "/models/m".into() });
+    for w in ["g1", "g2", "g3", "g4"] {
+        log.apply(group_worker(w));
+    }
+    let create = |group: &str, expert_parallel| Command::CreateGroup {
+        group: group.into(),
+        model: "m".into(),
+        size: 2,
+        expert_parallel,
+    };
+    assert_eq!(log.apply(create("tp", false)), Reply::Done);
+    assert_eq!(log.apply(create("ep", true)), Reply::Done);
+    log.apply(submit("j"));
+    assert!(log.state.schedule().is_empty(), "no group formed yet");
+    // The expert-parallel group (g3, g4) formed: still nothing (no fine-tuning there yet).
+    assert_eq!(log.apply(Command::GroupFormed { group: "ep".into(), epoch: 1 }), Reply::Done);
+    assert!(log.state.schedule().is_empty());
+    assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: 1 }), Reply::Done);
+    assert_eq!(log.state.schedule(), vec![("j".to_string(), "g1".to_string())], "rank 0, not rank 1");
+    assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "g1".into() }), Reply::Epoch { epoch: 1 });
+    assert_eq!(log.state.assignments("g1").len(), 1);
+    let running = Command::ReportJob { id: "j".into(), epoch: 1, report: JobReport::Running { step: 0 } };
+    assert_eq!(log.apply(running), Reply::Done);
+    // Rank 1 fails: the attempt ends, the job is queued; g1 leads the re-formed group again
+    // once it forms, and gets the job back.
+    assert_eq!(log.apply(Command::GroupFailed { group: "tp".into(), epoch: 1, blame: Some(1) }), Reply::Done);
+    let job = &log.state.jobs["j"];
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.attempts[0].ended.as_deref(), Some("its worker group failed"));
+    assert!(log.state.assignments("g1").is_empty());
+    assert!(log.state.schedule().is_empty(), "re-formed, not formed yet");
+    assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: 2 }), Reply::Done);
+    assert_eq!(log.state.schedule(), vec![("j".to_string(), "g1".to_string())]);
+    assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "g1".into() }), Reply::Epoch { epoch: 2 });
+    // The group is removed: queued again.
+    assert_eq!(log.apply(Command::RemovePlacement { group: "tp".into() }), Reply::Done);
+    assert_eq!(log.state.jobs["j"].status, JobStatus::Queued);
+    assert!(log.state.schedule().is_empty());
 }
 
 #[test]

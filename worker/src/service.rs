@@ -29,6 +29,7 @@ use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, TextTokenizer};
 use crate::train::checkpoint;
+use crate::train::data::Example;
 use crate::train::job::StepReport;
 
 pub(crate) type EventSender = async_mpsc::UnboundedSender<Result<GenerateEvent, Status>>;
@@ -51,7 +52,12 @@ pub struct Training {
     pub dir: PathBuf,
     /// Checkpoint every this many optimizer steps (0: only the final adapter).
     pub checkpoint_every: u64,
+    /// Examples its final adapter is validated on.
+    pub validation: Option<Arc<Vec<Example>>>,
 }
+
+/// Where an engine thread's jobs report.
+pub type TrainEvents = async_mpsc::UnboundedSender<TrainEvent>;
 
 /// What a job in training did.
 #[derive(Debug)]
@@ -71,6 +77,8 @@ pub enum TrainEvent {
         job: String,
         step: u64,
         adapter: PathBuf,
+        /// Its mean token loss on its validation examples, if it has them.
+        validation_loss: Option<f64>,
     },
     Failed {
         job: String,
@@ -91,25 +99,39 @@ struct Stream {
 #[derive(Clone)]
 pub struct EngineThread {
     orders: mpsc::Sender<Order>,
+    /// The engine's model (a shard, on a worker group's rank 0) and tokenizer: what jobs for
+    /// it are made with.
+    model: Arc<Model>,
+    tokenizer: Option<Arc<TextTokenizer>>,
 }
 
 impl EngineThread {
     /// Moves `engine` onto a thread of its own, which runs until every handle is dropped; its
     /// jobs' progress arrives on the receiver.
     pub fn start(engine: Engine) -> std::io::Result<(Self, async_mpsc::UnboundedReceiver<TrainEvent>)> {
-        let (orders, rx) = mpsc::channel();
         let (train_events, train_rx) = async_mpsc::unbounded_channel();
+        let (handle, rx) = EngineThread::of(&engine);
         std::thread::Builder::new().name("engine".into()).spawn(move || run(engine, rx, train_events))?;
-        Ok((EngineThread { orders }, train_rx))
+        Ok((handle, train_rx))
     }
 
-    /// A handle over an engine loop's order channel (a worker group's rank 0 runs its own).
-    pub(crate) fn over(orders: mpsc::Sender<Order>) -> Self {
-        EngineThread { orders }
+    /// A handle to `engine`, and the receiving end of its orders, for the thread that will own
+    /// it (a worker group's rank 0 runs its own loop).
+    pub(crate) fn of(engine: &Engine) -> (Self, mpsc::Receiver<Order>) {
+        let (orders, rx) = mpsc::channel();
+        (EngineThread { orders, model: engine.shared_model(), tokenizer: engine.shared_tokenizer() }, rx)
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> Option<&Arc<TextTokenizer>> {
+        self.tokenizer.as_ref()
     }
 
     /// Queues `req`; its events arrive on the returned receiver.
-    fn submit(
+    pub fn generate(
         &self,
         req: GenerateRequest,
     ) -> Result<async_mpsc::UnboundedReceiver<Result<GenerateEvent, Status>>, Status> {
@@ -181,48 +203,83 @@ fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error>
     for name in older {
         engine.remove_adapter(&name)?;
     }
-    engine.publish_adapter(&req.adapter, adapter, Origin::Upload)?;
+    engine.publish_adapter(&req.adapter, adapter, Origin::Upload { dir: Some(req.adapter_uri.clone().into()) })?;
     Ok(())
 }
 
 /// The adapter in `dir`, for `model`: on a tensor-parallel shard, read against the whole
 /// model and cut for the shard.
 pub(crate) fn read_adapter(model: &Model, dir: &Path) -> Result<Adapter, Error> {
-    match &model.tp {
-        Some(tp) => model.shard_adapter(&Adapter::load_dir(dir, &tp.whole)?),
-        None => Adapter::load_dir(dir, &model.config),
-    }
+    model.shard_adapter(&Adapter::load_dir(dir, model.whole_config())?)
+}
+
+/// Where a job's files go, how often it checkpoints, and what it is validated on.
+struct JobFiles {
+    dir: PathBuf,
+    checkpoint_every: u64,
+    validation: Option<Arc<Vec<Example>>>,
 }
 
 /// Jobs in training on the engine thread: where their files go, and checkpoints due.
 #[derive(Default)]
 struct Jobs {
-    dirs: HashMap<String, (PathBuf, u64)>,
+    dirs: HashMap<String, JobFiles>,
     /// Jobs whose checkpoint is due at their next step boundary.
     due: Vec<String>,
 }
 
-/// The engine thread: takes orders between steps, blocking only while there is no work.
-fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mpsc::UnboundedSender<TrainEvent>) {
-    let mut streams = Streams::default();
+/// The engine thread of a worker.
+fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: TrainEvents) {
+    let _ = serve(&mut engine, &orders, &train_events, &mut Streams::default(), None);
+}
+
+/// What the engine loop of a worker group's rank 0 adds to a worker's.
+pub(crate) struct Lead {
+    /// The followers wait for the next plan only so long: something goes out at least this often.
+    pub interval: Duration,
+    /// Sends an idle plan if nothing went out for `interval`.
+    pub keep_alive: Box<dyn FnMut() -> Result<(), Error> + Send>,
+}
+
+/// The engine loop: takes orders between steps, blocking only while there is no work (a
+/// leader at most its interval). A worker's runs until every handle is gone and its work is
+/// done; a failed step fails its requests and jobs, and it goes on. A leader's returns as soon
+/// as every handle is gone (the group was re-formed or removed), or with the error of a failed
+/// step (the group is broken); its jobs end without a report either way (the coordinator
+/// queues them again when it re-forms the group).
+pub(crate) fn serve(
+    engine: &mut Engine,
+    orders: &mpsc::Receiver<Order>,
+    train_events: &TrainEvents,
+    streams: &mut Streams,
+    mut lead: Option<Lead>,
+) -> Result<(), Error> {
     let mut jobs = Jobs::default();
     let send = |e: TrainEvent| drop(train_events.send(e));
     loop {
-        let mut next = if engine.has_work() {
-            orders.try_recv().ok()
-        } else {
-            match orders.recv() {
+        let mut next = match (engine.has_work(), &lead) {
+            (true, None) => orders.try_recv().ok(),
+            (true, Some(_)) => match orders.try_recv() {
+                Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+                r => r.ok(),
+            },
+            (false, None) => match orders.recv() {
                 Ok(order) => Some(order),
-                Err(_) => return, // every handle is gone
-            }
+                Err(_) => return Ok(()), // every handle is gone
+            },
+            (false, Some(l)) => match orders.recv_timeout(l.interval) {
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                r => r.ok(),
+            },
         };
         while let Some(order) = next.take() {
             match order {
-                Order::Generate { req, events } => streams.submit(&mut engine, &req, events),
+                Order::Generate { req, events } => streams.submit(engine, &req, events),
                 Order::Train(t) => {
-                    let name = t.job.name().to_string();
-                    match engine.add_job(t.job) {
-                        Ok(()) => drop(jobs.dirs.insert(name, (t.dir, t.checkpoint_every))),
+                    let Training { job, dir, checkpoint_every, validation } = *t;
+                    let name = job.name().to_string();
+                    match engine.add_job(job) {
+                        Ok(()) => drop(jobs.dirs.insert(name, JobFiles { dir, checkpoint_every, validation })),
                         Err(e) => send(TrainEvent::Failed { job: name, error: e.to_string() }),
                     }
                 }
@@ -235,27 +292,32 @@ fn run(mut engine: Engine, orders: mpsc::Receiver<Order>, train_events: async_mp
             }
             next = orders.try_recv().ok();
         }
-        streams.cancel_abandoned(&mut engine);
-        if !engine.has_work() {
-            continue;
-        }
-        match engine.step() {
-            Ok(finished) => {
-                streams.deliver(&engine, finished);
-                jobs.after_step(&mut engine, &send);
-            }
-            Err(e) => {
-                // The step failed part-way: tell every caller rather than leave them waiting,
-                // and fail the jobs (their state may be half-updated).
-                let status = status_of(e);
-                streams.fail_all(&status);
-                for (name, _) in jobs.dirs.drain() {
-                    if engine.cancel_job(&name).is_ok() {
-                        let _ = engine.remove_adapter(&name);
+        streams.cancel_abandoned(engine);
+        if engine.has_work() {
+            match engine.step() {
+                Ok(finished) => {
+                    streams.deliver(engine, finished);
+                    jobs.after_step(engine, &send);
+                }
+                Err(e) => {
+                    if lead.is_some() {
+                        return Err(e);
                     }
-                    send(TrainEvent::Failed { job: name, error: status.message().to_string() });
+                    // The step failed part-way: tell every caller rather than leave them
+                    // waiting, and fail the jobs (their state may be half-updated).
+                    let status = status_of(e);
+                    streams.fail_all(&status);
+                    for (name, _) in jobs.dirs.drain() {
+                        if engine.cancel_job(&name).is_ok() {
+                            let _ = engine.remove_adapter(&name);
+                        }
+                        send(TrainEvent::Failed { job: name, error: status.message().to_string() });
+                    }
                 }
             }
+        }
+        if let Some(l) = &mut lead {
+            (l.keep_alive)()?;
         }
     }
 }
@@ -266,7 +328,7 @@ impl Jobs {
     fn after_step(&mut self, engine: &mut Engine, send: &impl Fn(TrainEvent)) {
         let reports = engine.take_step_reports();
         for report in reports {
-            let every = self.dirs.get(&report.job).map_or(0, |(_, every)| *every);
+            let every = self.dirs.get(&report.job).map_or(0, |f| f.checkpoint_every);
             if every > 0 && report.step % every == 0 && report.step < report.total_steps {
                 self.due.push(report.job.clone());
             }
@@ -274,12 +336,12 @@ impl Jobs {
             send(TrainEvent::Step { job: report.job.clone(), report, tokens_per_s });
         }
         self.due.retain(|name| {
-            let (Some(job), Some((dir, _))) = (engine.job(name), self.dirs.get(name)) else { return false };
+            let (Some(job), Some(JobFiles { dir, .. })) = (engine.job(name), self.dirs.get(name)) else { return false };
             if !job.at_step_boundary() {
                 return true;
             }
             let step = job.progress.step;
-            match checkpoint::save(job, &engine.model().config, &dir.join("checkpoints")) {
+            match checkpoint::save(job, engine.model().whole_config(), &dir.join("checkpoints")) {
                 Ok(path) => send(TrainEvent::Checkpoint { job: name.clone(), step, path }),
                 Err(e) => send(TrainEvent::Failed { job: name.clone(), error: format!("checkpoint: {e}") }),
             }
@@ -289,15 +351,24 @@ impl Jobs {
         if finished.is_empty() {
             return;
         }
-        let cfg = engine.model().config.clone();
+        let cfg = engine.model().whole_config().clone();
         for job in finished {
             let name = job.name().to_string();
-            let Some((dir, _)) = self.dirs.remove(&name) else { continue };
-            let adapter = dir.join("adapter");
+            let Some(files) = self.dirs.remove(&name) else { continue };
+            // Validated with its final weights, still published under its name.
+            let validation_loss =
+                files.validation.and_then(|examples| match engine.validation_loss(&name, &examples) {
+                    Ok(loss) => Some(loss),
+                    Err(e) => {
+                        eprintln!("job {name}: validation: {e}");
+                        None
+                    }
+                });
+            let adapter = files.dir.join("adapter");
             let _ = engine.remove_adapter(&name);
             let step = job.progress.step;
             match checkpoint::export(&job, &cfg, &adapter) {
-                Ok(()) => send(TrainEvent::Finished { job: name, step, adapter }),
+                Ok(()) => send(TrainEvent::Finished { job: name, step, adapter, validation_loss }),
                 Err(e) => send(TrainEvent::Failed { job: name, error: format!("export: {e}") }),
             }
         }
@@ -413,7 +484,8 @@ impl Serving {
         }
     }
 
-    fn current(&self) -> Result<EngineThread, Status> {
+    /// The engine requests and jobs go to now, or why there is none.
+    pub fn current(&self) -> Result<EngineThread, Status> {
         let slot = self.0.lock().map_err(|_| Status::internal("the serving slot is poisoned"))?;
         slot.clone().map_err(Status::unavailable)
     }
@@ -440,7 +512,7 @@ impl Worker for WorkerService {
     type GenerateStream = UnboundedReceiverStream<Result<GenerateEvent, Status>>;
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let rx = self.serving.current()?.submit(req.into_inner())?;
+        let rx = self.serving.current()?.generate(req.into_inner())?;
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 }

@@ -129,7 +129,7 @@ fn replacing_and_removing_an_adapter_under_traffic_drops_no_request() {
     }
     let mut out = Vec::new();
     out.extend(e.step().unwrap()); // the early requests are mid-flight on version 1
-    assert_eq!(e.publish_adapter("x", v2.clone(), Origin::Upload).unwrap().version, 2);
+    assert_eq!(e.publish_adapter("x", v2.clone(), Origin::Upload { dir: None }).unwrap().version, 2);
     let late: Vec<_> = (3..6).map(|i| request(i, Some("x".into()))).collect();
     for r in &late {
         e.submit(r.clone()).unwrap();
@@ -183,7 +183,7 @@ fn bad_adapter_names_are_refused() {
     let a = random_lora(&model, 3);
     let mut e = Engine::new(model, Vec::new(), None, EngineConfig::default()).unwrap();
     for name in ["", "../x", "a/b", "a\\b", "..", "a\u{7}"] {
-        let err = e.publish_adapter(name, a.clone(), Origin::Upload).unwrap_err();
+        let err = e.publish_adapter(name, a.clone(), Origin::Upload { dir: None }).unwrap_err();
         assert!(err.to_string().contains("is not allowed"), "{name:?}: {err}");
     }
 }

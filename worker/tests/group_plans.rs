@@ -1,35 +1,52 @@
 //! An engine that leads a worker group hands every forward pass's plan to its sink before the
 //! pass runs. The plans are complete: replayed on another copy of the model (its own KV cache,
 //! the adapters the plans name), through their bytes, they give the logits the engine sampled
-//! from; the sink changes nothing the engine answers; and the engine refuses fine-tuning.
+//! from; the sink changes nothing the engine answers; and the engine refuses ESFT jobs (it
+//! trains LoRA jobs: `group_training.rs`).
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use tandem_kernels::DType;
 use tandem_worker::adapters::registry::AdapterVersion;
 use tandem_worker::adapters::{Adapter, AdapterSet};
-use tandem_worker::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, PlanSink};
+use tandem_worker::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, PlanSink, TrainingRows};
 use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest};
 use tandem_worker::init_model::Preset;
 use tandem_worker::model::probe::mixed_adapters;
 use tandem_worker::model::{ForwardInput, KvCache};
 use tandem_worker::sampling::SamplingParams;
-use tandem_worker::train::job::Job;
+use tandem_worker::train::data::Example;
+use tandem_worker::train::job::{Job, Method};
 
-/// Keeps every plan, as the bytes a follower would get.
+/// Keeps every forward plan, as the bytes a follower would get.
 struct Recorder(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl PlanSink for Recorder {
-    fn forward(&mut self, input: &ForwardInput, adapters: &[Arc<AdapterVersion>]) -> tandem_worker::Result<()> {
-        let refs = adapters.iter().map(|v| AdapterRef { name: v.name.clone(), uri: String::new() }).collect();
-        self.0.lock().unwrap().push(BatchPlan::Forward(ForwardPlan::new(input, refs)).encode()?);
+    fn forward(
+        &mut self,
+        input: &ForwardInput,
+        adapters: &[Arc<AdapterVersion>],
+        training: Option<TrainingRows>,
+    ) -> tandem_worker::Result<()> {
+        let refs = adapters.iter().map(|v| AdapterRef { id: v.id, name: v.name.clone(), uri: String::new() }).collect();
+        self.0.lock().unwrap().push(BatchPlan::Forward(ForwardPlan::new(input, refs, training)).encode()?);
         Ok(())
     }
+
+    fn backward(&mut self, _: u64, _: usize) -> tandem_worker::Result<()> {
+        Ok(())
+    }
+
+    fn validate(&mut self, _: &Arc<AdapterVersion>, _: &[Example]) -> tandem_worker::Result<()> {
+        Ok(())
+    }
+
+    fn published(&mut self, _: &Arc<AdapterVersion>, _: Adapter) {}
 }
 
 fn request(prompt: Vec<u32>, adapter: Option<&str>) -> GenerationRequest {
@@ -77,12 +94,15 @@ fn replayed_plans_give_the_logits_the_engine_sampled_from() {
 }
 
 #[test]
-fn an_engine_that_leads_a_group_refuses_fine_tuning() {
-    let model = Arc::new(common::model(Preset::Tiny));
+fn an_engine_that_leads_a_group_refuses_esft_jobs() {
+    let model = Arc::new(common::model(Preset::TinyMoe));
     let mut e = Engine::new(model.clone(), vec![], None, EngineConfig::default()).unwrap();
     e.lead_group(Box::new(Recorder(Arc::default())));
     let data = common::examples(8, model.config.vocab_size, 1);
-    let spec = common::spec("j", common::lora(4, &["q_proj"]), common::hyper(4, 4, 1e-3, 1));
-    let err = e.add_job(Job::new(spec, &model, data).unwrap()).unwrap_err().to_string();
-    assert!(err.contains("worker group") && err.contains("\"j\""), "{err}");
+    let esft = Method::Esft { experts: BTreeMap::from([(0, vec![1])]) };
+    let spec = common::spec("j", esft, common::hyper(4, 4, 1e-3, 1));
+    let err = e.add_job(Job::new(spec, &model, data.clone()).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("worker group") && err.contains("ESFT") && err.contains("\"j\""), "{err}");
+    let spec = common::spec("k", common::lora(4, &["q_proj"]), common::hyper(4, 4, 1e-3, 1));
+    e.add_job(Job::new(spec, &model, data).unwrap()).unwrap();
 }

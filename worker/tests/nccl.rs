@@ -344,7 +344,8 @@ fn a_worker_group_hands_out_rank_0s_nccl_id_or_why_it_has_none() {
                 let shard = whole.cut(rank, world, MoeSplit::Intermediate).unwrap();
                 s.spawn(move || {
                     let (ended, _) = tokio::sync::mpsc::unbounded_channel();
-                    group::join(&spec, shard, None, ended).map_err(|e| e.to_string())
+                    let (train_events, _) = tokio::sync::mpsc::unbounded_channel();
+                    group::join(&spec, shard, None, train_events, ended).map_err(|e| e.to_string())
                 })
             })
             .collect();

@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 /// Where an adapter's weights came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
-    /// Uploaded (a PEFT LoRA or an ESFT adapter read from disk).
-    Upload,
+    /// Uploaded (a PEFT LoRA or an ESFT adapter read from disk): the folder it was read from,
+    /// where the other ranks of a worker group read it too.
+    Upload { dir: Option<std::path::PathBuf> },
     /// A fine-tuning job in progress: the weights of its last completed optimizer step.
     Training { job: String, step: usize },
 }

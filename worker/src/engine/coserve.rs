@@ -18,6 +18,8 @@ use crate::train::job::{Job, Microbatch};
 /// Microbatches (of one or more jobs) in flight between their forward and the end of their
 /// backward pass.
 pub(super) struct InFlight {
+    /// Names it in a worker group's plans.
+    pub id: u64,
     pub backward: PendingBackward,
     /// The adapters of their forward pass: the backward must see the same weights.
     pub adapters: AdapterSet,
@@ -51,6 +53,8 @@ pub(super) struct Training {
     /// The job to ask first next time (round-robin).
     cursor: usize,
     pub in_flight: VecDeque<InFlight>,
+    /// The id of the next group put in flight.
+    pub next_id: u64,
 }
 
 /// Microbatches chosen for one iteration, laid out as rows to append to its batch.

@@ -1,27 +1,41 @@
-//! The batch plan of a worker group. Rank 0 runs the engine's scheduler; before each forward
-//! pass it broadcasts what the pass is (the batch's tokens, positions, KV-cache slots, each
-//! sequence's block table, each token's adapter slot, the rows whose logits are wanted) and who
-//! each adapter slot is (its name and where its files are), so every other rank makes the same
-//! model calls in the same order on its shard, which the collectives inside those calls need.
-//! When it has nothing to run it sends [`BatchPlan::Idle`] now and then, so the followers'
-//! wait never reaches the collectives' timeout; [`BatchPlan::Stop`] ends the followers cleanly.
+//! The plans of a worker group. Rank 0 runs the engine's scheduler; before each model call
+//! that holds collectives it broadcasts what the call is, so every other rank makes the same
+//! calls in the same order on its shard: a forward pass (the batch's tokens, positions,
+//! KV-cache slots, each sequence's block table, each token's adapter slot, the rows whose logits
+//! are wanted, and which rows are fine-tuning rows, whose loss and backward follow), some layers
+//! of a fine-tuning backward pass, or a validation pass. Adapters are named by version id: an
+//! uploaded one by the folder the followers read it from, a fine-tuning job's by its weights,
+//! sent once, when a plan first uses them. When rank 0 has nothing to run it sends
+//! [`BatchPlan::Idle`] now and then, so the followers' wait never reaches the collectives'
+//! timeout; [`BatchPlan::Stop`] ends the followers cleanly.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tandem_kernels::ops::SeqAttention;
 
+use crate::adapters::Adapter;
 use crate::adapters::registry::AdapterVersion;
 use crate::error::{Error, Result};
 use crate::model::ForwardInput;
+use crate::train::data::Example;
 
 /// What rank 0 tells the other ranks of its group, one per broadcast.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum BatchPlan {
     /// Nothing to run now; the group is alive.
     Idle,
-    /// Run this forward pass (hidden states, then the logits of its logit rows).
+    /// Adapter version `id`'s weights come as the next broadcast: its tensors' f32 values in
+    /// [`Adapter::weights`] order, laid out as the LoRA `config` (its `adapter_config.json`)
+    /// makes them for the whole model.
+    Weights { id: u64, config: serde_json::Value },
+    /// Run this forward pass (hidden states, then the logits of its logit rows, then the loss
+    /// of its fine-tuning rows).
     Forward(ForwardPlan),
+    /// Run `layers` more layers of the backward pass of fine-tuning rows `id`.
+    Backward { id: u64, layers: usize },
+    /// The mean loss of an adapter on examples (a job's validation).
+    Validate { adapter: AdapterRef, examples: Vec<Example> },
     /// The group ends: rank 0 leaves it.
     Stop,
 }
@@ -37,6 +51,22 @@ pub struct ForwardPlan {
     pub logit_rows: Vec<u32>,
     /// The adapter in each slot, slot order.
     pub adapter_refs: Vec<AdapterRef>,
+    /// The fine-tuning rows at the end of the batch, if any.
+    pub training: Option<TrainingRows>,
+    /// Adapter versions no plan will use again (rank 0 dropped them).
+    pub forget: Vec<u64>,
+}
+
+/// The fine-tuning rows of a forward pass: from row `first_row` (sequence `first_seq`) on.
+/// Their loss and the start of their backward follow the pass; [`BatchPlan::Backward`] runs
+/// the rest under `id`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingRows {
+    pub id: u64,
+    pub first_row: usize,
+    pub first_seq: usize,
+    pub targets: Vec<i32>,
+    pub loss_weights: Vec<f32>,
 }
 
 /// One sequence of the batch: [`SeqAttention`]'s fields.
@@ -47,16 +77,18 @@ pub struct PlannedSeq {
     pub block_table: Vec<u32>,
 }
 
-/// Which adapter a slot holds: its engine name (the gateway's `tenant:name@version`) and the
-/// folder its files are in (the shared blob folder), from which a follower loads it once.
+/// An adapter version: its id (unique over rank 0's registry), its engine name, and the
+/// folder its files are in when it was uploaded (empty for a job's weights, sent in a
+/// [`BatchPlan::Weights`] before the first plan that uses them).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AdapterRef {
+    pub id: u64,
     pub name: String,
     pub uri: String,
 }
 
 impl ForwardPlan {
-    pub fn new(input: &ForwardInput, adapter_refs: Vec<AdapterRef>) -> Self {
+    pub fn new(input: &ForwardInput, adapter_refs: Vec<AdapterRef>, training: Option<TrainingRows>) -> Self {
         ForwardPlan {
             tokens: input.tokens.clone(),
             positions: input.positions.clone(),
@@ -67,6 +99,8 @@ impl ForwardPlan {
             adapters: input.adapters.clone(),
             logit_rows: input.logit_rows.clone(),
             adapter_refs,
+            training,
+            forget: Vec::new(),
         }
     }
 
@@ -89,6 +123,19 @@ impl ForwardPlan {
     }
 }
 
+/// `input`'s rows from `first_row` (its sequences from `first_seq`) alone: the fine-tuning
+/// rows of a shared pass, as their backward sees them.
+pub fn tail_input(input: &ForwardInput, first_row: usize, first_seq: usize) -> ForwardInput {
+    ForwardInput {
+        tokens: input.tokens[first_row..].to_vec(),
+        positions: input.positions[first_row..].to_vec(),
+        slots: input.slots[first_row..].to_vec(),
+        seqs: input.seqs[first_seq..].to_vec(),
+        adapters: input.adapters[first_row..].to_vec(),
+        logit_rows: Vec::new(),
+    }
+}
+
 impl BatchPlan {
     /// The plan as bytes for `broadcast_bytes` (JSON: plans are small next to the pass).
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -100,11 +147,33 @@ impl BatchPlan {
     }
 }
 
-/// Where an engine that leads a worker group sends the plan of each forward pass, before it
-/// runs the pass ([`super::Engine::lead_group`]).
+/// An adapter's weights as the bytes that follow a [`BatchPlan::Weights`].
+pub fn weight_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for (_, t) in adapter.weights() {
+        bytes.extend(t.to_vec_f32()?.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    Ok(bytes)
+}
+
+/// Where an engine that leads a worker group sends its plans, each before the call it
+/// describes ([`super::Engine::lead_group`]).
 pub trait PlanSink: Send {
-    /// `input` is about to run with `adapters` in its slots (slot order).
-    fn forward(&mut self, input: &ForwardInput, adapters: &[Arc<AdapterVersion>]) -> Result<()>;
+    /// `input` is about to run with `adapters` in its slots (slot order); `training` says which
+    /// rows are fine-tuning rows.
+    fn forward(
+        &mut self,
+        input: &ForwardInput,
+        adapters: &[Arc<AdapterVersion>],
+        training: Option<TrainingRows>,
+    ) -> Result<()>;
+    /// `layers` more layers of fine-tuning rows `id`'s backward pass are about to run.
+    fn backward(&mut self, id: u64, layers: usize) -> Result<()>;
+    /// `adapter`'s mean loss on `examples` is about to be computed.
+    fn validate(&mut self, adapter: &Arc<AdapterVersion>, examples: &[Example]) -> Result<()>;
+    /// A fine-tuning job published version `v`, whose weights for the whole model are `whole`
+    /// (the version holds this shard's cut): what the followers get when a plan first uses it.
+    fn published(&mut self, v: &Arc<AdapterVersion>, whole: Adapter);
 }
 
 #[cfg(test)]
@@ -126,8 +195,9 @@ mod tests {
             adapters: vec![0, 0, 0, -1],
             logit_rows: vec![2, 3],
         };
-        let refs = vec![AdapterRef { name: "alice:a@2".into(), uri: "/blobs/adapters/x".into() }];
-        let plan = BatchPlan::Forward(ForwardPlan::new(&input, refs.clone()));
+        let refs = vec![AdapterRef { id: 7, name: "alice:a@2".into(), uri: "/blobs/adapters/x".into() }];
+        let training = TrainingRows { id: 3, first_row: 3, first_seq: 1, targets: vec![9], loss_weights: vec![0.5] };
+        let plan = BatchPlan::Forward(ForwardPlan::new(&input, refs.clone(), Some(training.clone())));
         let back = BatchPlan::decode(&plan.encode().unwrap()).unwrap();
         assert_eq!(back, plan);
         let BatchPlan::Forward(f) = back else { panic!("not a forward plan") };
@@ -136,8 +206,11 @@ mod tests {
         assert_eq!((again.adapters, again.logit_rows), (input.adapters, input.logit_rows));
         assert_eq!(again.seqs.len(), 2);
         assert_eq!((again.seqs[1].q_len, again.seqs[1].context_len, &again.seqs[1].block_table), (1, 8, &vec![2]));
-        assert_eq!(f.adapter_refs, refs);
-        for p in [BatchPlan::Idle, BatchPlan::Stop] {
+        let tail = tail_input(&f.input(), 3, 1);
+        assert_eq!((f.adapter_refs, f.training), (refs, Some(training)));
+        assert_eq!((tail.tokens, tail.positions, tail.slots, tail.adapters), (vec![9], vec![7], vec![39], vec![-1]));
+        assert_eq!((tail.seqs.len(), tail.logit_rows.len()), (1, 0));
+        for p in [BatchPlan::Idle, BatchPlan::Stop, BatchPlan::Backward { id: 3, layers: 2 }] {
             assert_eq!(BatchPlan::decode(&p.encode().unwrap()).unwrap(), p);
         }
         assert!(BatchPlan::decode(b"{not a plan").is_err());

@@ -21,6 +21,7 @@ use tandem_kernels::ops::SeqAttention;
 
 use budget::Budget;
 use coserve::{EngineJob, InFlight, Member, Training};
+use group_plan::TrainingRows;
 use metrics::{EngineMetrics, JobMetrics, Samples, TokenCounts};
 use paged::PagedAdapters;
 pub use paged::{CacheStats, adapter_pages};
@@ -32,7 +33,9 @@ use crate::error::{Error, Result};
 use crate::model::{AdapterGrads, ForwardInput, KvCache, Model, PendingBackward};
 use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
 use crate::tokenizer::TextTokenizer;
-use crate::train::job::{Job, StepReport};
+use crate::train::data::Example;
+use crate::train::job::{Job, StepReport, Weights};
+use crate::train::trainer::validation_loss;
 
 /// Sizes of the engine's cache and batches.
 #[derive(Clone, Copy, Debug)]
@@ -141,7 +144,7 @@ pub struct Engine {
     /// The packed adapters of the last batch, by adapter version id in slot order: reused while
     /// the batches use the same versions.
     batch_adapters: Option<(Vec<u64>, AdapterSet)>,
-    tokenizer: Option<TextTokenizer>,
+    tokenizer: Option<Arc<TextTokenizer>>,
     eos: Vec<u32>,
     cfg: EngineConfig,
     waiting: VecDeque<Sequence>,
@@ -188,7 +191,7 @@ impl Engine {
             if registry.resolve(&name).is_ok() {
                 return Err(Error::InvalidRequest(format!("adapter {name:?} given twice")));
             }
-            registry.publish(&name, adapter, Origin::Upload)?;
+            registry.publish(&name, adapter, Origin::Upload { dir: None })?;
         }
         let cache = KvCache::new(&model, cfg.pages, cfg.block_size, DType::F32)?;
         let mut eos = model.config.eos_token_ids.clone();
@@ -204,7 +207,7 @@ impl Engine {
             paged: PagedAdapters::default(),
             registry,
             batch_adapters: None,
-            tokenizer,
+            tokenizer: tokenizer.map(Arc::new),
             eos,
             budget: Budget::new(cfg.tpot_target),
             cfg,
@@ -220,9 +223,9 @@ impl Engine {
         })
     }
 
-    /// Makes this engine (over rank 0's shard) lead a worker group: every forward pass's plan
-    /// goes to `plans` before the pass runs, for the other ranks to run it too. Fine-tuning
-    /// is refused from then on (not done on groups yet).
+    /// Makes this engine (over rank 0's shard) lead a worker group: the plan of every model
+    /// call that holds collectives (forward passes, backward layers, validation passes) goes to
+    /// `plans` before the call, for the other ranks to make it too.
     pub fn lead_group(&mut self, plans: Box<dyn group_plan::PlanSink>) {
         self.plans = Some(plans);
     }
@@ -232,7 +235,15 @@ impl Engine {
     }
 
     pub fn tokenizer(&self) -> Option<&TextTokenizer> {
-        self.tokenizer.as_ref()
+        self.tokenizer.as_deref()
+    }
+
+    pub(crate) fn shared_model(&self) -> Arc<Model> {
+        self.model.clone()
+    }
+
+    pub(crate) fn shared_tokenizer(&self) -> Option<Arc<TextTokenizer>> {
+        self.tokenizer.clone()
     }
 
     pub fn registry(&self) -> &AdapterRegistry {
@@ -268,19 +279,43 @@ impl Engine {
     /// publishes the next.
     pub fn add_job(&mut self, job: Job) -> Result<()> {
         let name = job.spec.name.clone();
-        if self.plans.is_some() {
+        if self.model.tp.as_ref().is_some_and(|tp| tp.split.experts.is_some()) {
             return Err(Error::Unsupported(format!(
-                "fine-tuning job {name:?}: this engine leads a tensor-parallel worker group, where fine-tuning is \
-                 not done yet"
+                "fine-tuning job {name:?}: co-served fine-tuning on an expert-parallel shard is not done yet"
+            )));
+        }
+        if self.plans.is_some() && matches!(job.weights, Weights::Esft(_)) {
+            return Err(Error::Unsupported(format!(
+                "fine-tuning job {name:?}: ESFT jobs on a worker group are not done yet (LoRA jobs are)"
             )));
         }
         if self.registry.resolve(&name).is_ok() {
             return Err(Error::InvalidRequest(format!("an adapter named {name:?} exists already")));
         }
-        let step = job.progress.step as usize;
-        self.publish_adapter(&name, job.weights.adapter(), Origin::Training { job: name.clone(), step })?;
+        self.publish_job_weights(&name, job.progress.step, job.weights.adapter())?;
         self.training.jobs.push(EngineJob { job, added: Instant::now(), tokens: 0, last_loss: None });
         Ok(())
+    }
+
+    /// Publishes job `name`'s weights after optimizer step `step` (`whole`, for the whole
+    /// model) under its name, cut for this shard; the group's followers get them through the
+    /// plans when this engine leads one.
+    fn publish_job_weights(&mut self, name: &str, step: u64, whole: Adapter) -> Result<()> {
+        let origin = Origin::Training { job: name.to_string(), step: step as usize };
+        let v = self.publish_adapter(name, self.model.shard_adapter(&whole)?, origin)?;
+        if let Some(sink) = &mut self.plans {
+            sink.published(&v, whole);
+        }
+        Ok(())
+    }
+
+    /// The mean token loss of adapter `name` (as it is now) on `examples`: a job's validation.
+    pub fn validation_loss(&mut self, name: &str, examples: &[Example]) -> Result<f64> {
+        let v = self.registry.resolve(name)?;
+        if let Some(sink) = &mut self.plans {
+            sink.validate(&v, examples)?;
+        }
+        validation_loss(&self.model, v.adapter.clone(), examples)
     }
 
     /// Job `name` in training.
@@ -445,10 +480,17 @@ impl Engine {
         // fine-tuning rows join, the jobs' live weights.
         let t0 = Instant::now();
         let load = |e: &Self| ids.iter().map(|&id| e.paged.load(id, &e.cache)).collect::<Result<Vec<_>>>();
+        // The jobs' versions are their current weights (published at every optimizer step).
+        let job_versions = match &plan {
+            Some(p) => (p.microbatches.iter())
+                .map(|(j, _)| self.registry.resolve(&self.training.jobs[*j].job.spec.name))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
         let training_set = match &plan {
-            Some(p) => {
+            Some(_) => {
                 let mut adapters = load(self)?;
-                adapters.extend(p.microbatches.iter().map(|(j, _)| self.training.jobs[*j].job.weights.adapter()));
+                adapters.extend(job_versions.iter().map(|v| v.adapter.clone()));
                 Some(AdapterSet::new(adapters, self.model.device)?)
             }
             None => {
@@ -460,6 +502,7 @@ impl Engine {
         };
         let mut outputs = Vec::new();
         if n_inf > 0 || plan.is_some() {
+            let n_seqs = input.seqs.len();
             if let Some(p) = &plan {
                 append(&mut input, &p.input);
             }
@@ -468,11 +511,19 @@ impl Engine {
                 (None, None) => return Err(Error::InvalidRequest("engine: batch built without its adapters".into())),
             };
             if let Some(sink) = &mut self.plans {
-                let versions = (ids.iter())
+                let mut versions = (ids.iter())
                     .map(|&id| self.paged.version(id).cloned())
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| Error::InvalidRequest("engine: a batch adapter is not resident".into()))?;
-                sink.forward(&input, &versions)?;
+                versions.extend(job_versions.iter().cloned());
+                let training = plan.as_ref().map(|p| TrainingRows {
+                    id: self.training.next_id,
+                    first_row: n_inf,
+                    first_seq: n_seqs,
+                    targets: p.targets.clone(),
+                    loss_weights: p.loss_weights.clone(),
+                });
+                sink.forward(&input, &versions, training)?;
             }
             let mut tape = Vec::new();
             let hidden = match &plan {
@@ -532,7 +583,9 @@ impl Engine {
         self.counters.tokens.finetune += tokens;
         let backward = PendingBackward::new(&self.model, p.input, tape, dhidden)?;
         let grads = AdapterGrads::default();
-        self.training.in_flight.push_back(InFlight { backward, adapters, grads, members, blocks: p.blocks });
+        let id = self.training.next_id;
+        self.training.next_id += 1;
+        self.training.in_flight.push_back(InFlight { id, backward, adapters, grads, members, blocks: p.blocks });
         Ok(())
     }
 
@@ -577,6 +630,9 @@ impl Engine {
             at_least_one = false;
             let t = Instant::now();
             let run = layers.min(group.backward.layers_left());
+            if let Some(sink) = &mut self.plans {
+                sink.backward(group.id, run)?;
+            }
             let done =
                 self.model.backward_layers(&mut group.backward, &self.cache, &group.adapters, &mut group.grads, run)?;
             self.counters.last.finetune_backward += (tokens * run) as u64;
@@ -593,9 +649,10 @@ impl Engine {
                 let report = job.job.microbatch_done(&group.adapters, &group.grads, m.slot, &m.examples, m.loss)?;
                 if let Some(report) = report {
                     job.last_loss = Some(report.loss);
-                    let (adapter, step) = (job.job.weights.adapter(), report.step as usize);
+                    let report_step = report.step;
                     self.reports.push(report);
-                    self.publish_adapter(&m.job, adapter, Origin::Training { job: m.job.clone(), step })?;
+                    let whole = job.job.weights.adapter();
+                    self.publish_job_weights(&m.job, report_step, whole)?;
                 }
             }
             self.budget.finish.observe(group.members.len(), t.elapsed().as_secs_f64());

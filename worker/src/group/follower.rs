@@ -1,24 +1,32 @@
-//! A rank other than 0: it receives each plan rank 0 broadcasts and runs the same forward
-//! pass on its shard (the hidden states into its own KV cache, of the same geometry as rank
-//! 0's, then the logits, whose all-gather it must join), discarding the result. The adapters
-//! the plans name are read once from their folders, against the whole model, and cut for this
-//! shard. It leaves on a stop plan, when asked (after the plan it waits for), or on an error.
+//! A rank other than 0: it receives each plan rank 0 broadcasts and makes the same model call
+//! on its shard, discarding what only rank 0 needs: a forward pass (the hidden states into its
+//! own KV cache, of the same geometry as rank 0's, then the logits, whose all-gather it must
+//! join, then the fine-tuning rows' loss and the start of their backward), more layers of a
+//! backward pass (kept by id between plans, with the adapters of its forward pass), or a
+//! validation pass. The adapter versions the plans name are read once from their folders or
+//! received as weights, against the whole model, and cut for this shard; rank 0 says when to
+//! forget them. It leaves on a stop plan, when asked (after the plan it waits for), or on an
+//! error.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tandem_kernels::DType;
+use tandem_kernels::{DType, Tensor, ops};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Ended, GroupSpec};
+use crate::adapters::peft::LoraAdapter;
 use crate::adapters::{Adapter, AdapterSet};
 use crate::collective::Collective;
-use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan};
+use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, tail_input};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Model};
+use crate::model::{AdapterGrads, KvCache, Model, PendingBackward};
+use crate::rng::Xoshiro256;
 use crate::service::read_adapter;
+use crate::train::data::Example;
+use crate::train::trainer::validation_loss;
 
 pub(super) fn start(
     spec: GroupSpec,
@@ -29,7 +37,15 @@ pub(super) fn start(
 ) -> Result<()> {
     let cache = KvCache::new(&model, spec.engine.pages, spec.engine.block_size, DType::F32)?;
     let name = format!("group-{}-rank{}", spec.group, spec.rank);
-    let mut follower = Follower { model, cache, comm, adapters: HashMap::new(), set: None };
+    let mut follower = Follower {
+        model,
+        cache,
+        comm,
+        adapters: HashMap::new(),
+        set: None,
+        backwards: HashMap::new(),
+        layouts: HashMap::new(),
+    };
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
@@ -44,21 +60,27 @@ struct Follower {
     model: Model,
     cache: KvCache,
     comm: Arc<dyn Collective>,
-    /// Adapters read so far, cut for this shard, by engine name.
-    adapters: HashMap<String, Adapter>,
-    /// The packed adapters of the last pass, by name in slot order: reused while they match.
-    set: Option<(Vec<String>, AdapterSet)>,
+    /// The adapter versions the plans may name, cut for this shard, by id.
+    adapters: HashMap<u64, Adapter>,
+    /// The packed adapters of the last inference pass, by version id in slot order: reused
+    /// while they match.
+    set: Option<(Vec<u64>, AdapterSet)>,
+    /// Fine-tuning rows whose backward is not finished, by id, with their forward's adapters.
+    backwards: HashMap<u64, (PendingBackward, AdapterSet)>,
+    /// Jobs' adapter layouts, by LoRA config: what their weights are read into.
+    layouts: HashMap<String, Adapter>,
 }
 
 impl Follower {
     fn run(&mut self, stop: &AtomicBool) -> Result<()> {
         loop {
-            let mut bytes = Vec::new();
-            self.comm.broadcast_bytes(&mut bytes, 0).map_err(|e| Error::Collective(e.to_string()))?;
-            match BatchPlan::decode(&bytes)? {
+            match BatchPlan::decode(&self.receive()?)? {
                 BatchPlan::Idle => {}
                 BatchPlan::Stop => return Ok(()),
-                BatchPlan::Forward(plan) => self.forward(&plan)?,
+                BatchPlan::Weights { id, config } => self.weights(id, config)?,
+                BatchPlan::Forward(plan) => self.forward(plan)?,
+                BatchPlan::Backward { id, layers } => self.backward(id, layers)?,
+                BatchPlan::Validate { adapter, examples } => self.validate(&adapter, &examples)?,
             }
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -66,28 +88,111 @@ impl Follower {
         }
     }
 
-    fn forward(&mut self, plan: &ForwardPlan) -> Result<()> {
-        let names: Vec<String> = plan.adapter_refs.iter().map(|r| r.name.clone()).collect();
-        if self.set.as_ref().is_none_or(|(cached, _)| *cached != names) {
-            let adapters = (plan.adapter_refs.iter()).map(|r| self.adapter(r)).collect::<Result<Vec<_>>>()?;
-            self.set = Some((names, AdapterSet::new(adapters, self.model.device)?));
+    fn receive(&self) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.comm.broadcast_bytes(&mut bytes, 0).map_err(|e| Error::Collective(e.to_string()))?;
+        Ok(bytes)
+    }
+
+    /// A job's version `id`: its weights, the next broadcast, laid out as LoRA `config` makes
+    /// them for the whole model.
+    fn weights(&mut self, id: u64, config: serde_json::Value) -> Result<()> {
+        let bytes = self.receive()?;
+        let key = config.to_string();
+        if !self.layouts.contains_key(&key) {
+            let layout = LoraAdapter::init(self.model.whole_config(), config, &mut Xoshiro256::seed_from_u64(0))?;
+            self.layouts.insert(key.clone(), Adapter::Lora(layout));
         }
-        let Some((_, set)) = &self.set else { return Err(Error::InvalidRequest("follower: no adapter set".into())) };
-        let input = plan.input();
-        let hidden = self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?;
-        self.model.logits(&hidden, &input.logit_rows)?;
+        let layout = &self.layouts[&key];
+        let mut values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let mut tensors = Vec::new();
+        for (_, t) in layout.weights() {
+            let data: Vec<f32> = values.by_ref().take(t.elem_count()).collect();
+            if data.len() != t.elem_count() {
+                return Err(Error::Format(format!("adapter version {id}: rank 0 sent too few weights")));
+            }
+            tensors.push(Tensor::from_vec(data, t.shape().to_vec())?);
+        }
+        if bytes.len() % 4 != 0 || values.next().is_some() {
+            return Err(Error::Format(format!("adapter version {id}: rank 0 sent more weights than its layout holds")));
+        }
+        let adapter = self.model.shard_adapter(&layout.with_weights(tensors)?)?;
+        self.adapters.insert(id, adapter);
         Ok(())
     }
 
     fn adapter(&mut self, r: &AdapterRef) -> Result<Adapter> {
-        if let Some(a) = self.adapters.get(&r.name) {
+        if let Some(a) = self.adapters.get(&r.id) {
             return Ok(a.clone());
         }
         if r.uri.is_empty() {
-            return Err(Error::InvalidRequest(format!("rank 0's plan names adapter {:?} without its folder", r.name)));
+            return Err(Error::InvalidRequest(format!("rank 0's plan names adapter {:?} it never gave", r.name)));
         }
         let adapter = read_adapter(&self.model, Path::new(&r.uri))?;
-        self.adapters.insert(r.name.clone(), adapter.clone());
+        self.adapters.insert(r.id, adapter.clone());
         Ok(adapter)
+    }
+
+    fn packed(&mut self, refs: &[AdapterRef]) -> Result<AdapterSet> {
+        let adapters = refs.iter().map(|r| self.adapter(r)).collect::<Result<Vec<_>>>()?;
+        AdapterSet::new(adapters, self.model.device)
+    }
+
+    fn forward(&mut self, plan: ForwardPlan) -> Result<()> {
+        for id in &plan.forget {
+            self.adapters.remove(id);
+        }
+        let input = plan.input();
+        let Some(rows) = plan.training else {
+            let ids: Vec<u64> = plan.adapter_refs.iter().map(|r| r.id).collect();
+            if self.set.as_ref().is_none_or(|(cached, _)| *cached != ids) {
+                self.set = Some((ids, self.packed(&plan.adapter_refs)?));
+            }
+            let Some((_, set)) = &self.set else {
+                return Err(Error::InvalidRequest("follower: no adapter set".into()));
+            };
+            let hidden = self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?;
+            self.model.logits(&hidden, &input.logit_rows)?;
+            return Ok(());
+        };
+        // As the engine does: the fine-tuning rows' activations cut out of the shared pass,
+        // their loss, and their backward kept for the plans that run it.
+        let set = self.packed(&plan.adapter_refs)?;
+        let tail = tail_input(&input, rows.first_row, rows.first_seq);
+        let mut tape = Vec::new();
+        let model = &self.model;
+        let mut keep = |acts: crate::model::LayerActs| {
+            let layer = tape.len();
+            tape.push(acts.tail(rows.first_row, layer, &tail, &set, model));
+        };
+        let hidden = self.model.hidden_states(&input, &mut self.cache, &set, &mut keep)?;
+        self.model.logits(&hidden, &input.logit_rows)?;
+        let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
+        let picked: Vec<u32> = (rows.first_row as u32..input.tokens.len() as u32).collect();
+        let hidden = ops::gather_rows(&hidden, &picked)?;
+        let (_, dhidden) = self.model.loss_backward(&hidden, &rows.targets, &rows.loss_weights)?;
+        let backward = PendingBackward::new(&self.model, tail, tape, dhidden)?;
+        self.backwards.insert(rows.id, (backward, set));
+        Ok(())
+    }
+
+    fn backward(&mut self, id: u64, layers: usize) -> Result<()> {
+        let Some((pending, set)) = self.backwards.get_mut(&id) else {
+            return Err(Error::InvalidRequest(format!(
+                "rank 0's plan names backward {id}, which is not in flight here"
+            )));
+        };
+        // The gradients are gathered on every rank; only rank 0's jobs use them.
+        let done = self.model.backward_layers(pending, &self.cache, set, &mut AdapterGrads::default(), layers)?;
+        if done {
+            self.backwards.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn validate(&mut self, r: &AdapterRef, examples: &[Example]) -> Result<()> {
+        let adapter = self.adapter(r)?;
+        validation_loss(&self.model, adapter, examples)?;
+        Ok(())
     }
 }

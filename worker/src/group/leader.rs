@@ -1,43 +1,95 @@
-//! Rank 0 of a worker group: the engine loop of `service.rs` (orders between steps, every
-//! request's text streamed after each step), over rank 0's shard, with three differences: each
-//! forward pass's plan is broadcast before it runs (the engine calls [`PlanSink::forward`]);
-//! while there is nothing to run an idle plan goes out every [`super::plan_interval`], so the
-//! followers never wait a whole collective timeout; and a failed step ends the loop (the group
-//! is broken: every request in flight gets an error, the coordinator re-forms the group).
+//! Rank 0 of a worker group: a worker's engine loop (`service::serve`: orders between steps,
+//! requests' text streamed after each step, jobs trained, checkpointed and exported) over rank
+//! 0's shard, leading the group: the plan of every model call that holds collectives is
+//! broadcast before the call runs (the engine calls [`PlanSink`]); while there is nothing to run
+//! an idle plan goes out every [`super::plan_interval`], so the followers never wait a whole
+//! collective timeout; and a failed step ends the loop (the group is broken: every request in
+//! flight gets an error, the coordinator re-forms the group and queues its jobs again).
+//!
+//! The followers hold the adapter versions the plans name, by id: an uploaded one read from
+//! its folder, a job's sent as weights the first time a plan uses it. Rank 0 keeps track of
+//! what they hold, and tells them to forget a version once nothing here holds it any more.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 
 use super::{Ended, GroupSpec, plan_interval};
-use crate::adapters::registry::AdapterVersion;
+use crate::adapters::Adapter;
+use crate::adapters::registry::{AdapterVersion, Origin};
 use crate::collective::Collective;
 use crate::engine::Engine;
-use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, PlanSink};
+use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, PlanSink, TrainingRows, weight_bytes};
 use crate::error::{Error, Result};
 use crate::model::{ForwardInput, Model};
-use crate::service::{EngineThread, Order, Streams};
+use crate::service::{EngineThread, Lead, Order, Streams, TrainEvents, serve};
 use crate::tokenizer::TextTokenizer;
+use crate::train::data::Example;
 
-/// What rank 0 sends, and when it last did.
+/// What rank 0 sends, and what the followers hold.
 struct Plans {
     comm: Arc<dyn Collective>,
-    /// Where each adapter the engine loaded came from, by its engine name: followers load it
-    /// from there.
-    uris: HashMap<String, String>,
     last_sent: Instant,
+    /// The adapter versions the followers hold, by id.
+    held: HashMap<u64, Weak<AdapterVersion>>,
+    /// Jobs' versions not sent yet, with their weights for the whole model.
+    unsent: HashMap<u64, (Weak<AdapterVersion>, Adapter)>,
 }
 
 impl Plans {
     fn send(&mut self, plan: &BatchPlan) -> Result<()> {
-        let mut bytes = plan.encode()?;
+        self.broadcast(plan.encode()?)
+    }
+
+    fn broadcast(&mut self, mut bytes: Vec<u8>) -> Result<()> {
         self.comm.broadcast_bytes(&mut bytes, 0).map_err(|e| Error::Collective(e.to_string()))?;
         self.last_sent = Instant::now();
         Ok(())
+    }
+
+    /// How the followers find `versions`: those they do not hold yet are read from their folder
+    /// or, for a job's, sent now.
+    fn refs(&mut self, versions: &[Arc<AdapterVersion>]) -> Result<Vec<AdapterRef>> {
+        let mut refs = Vec::with_capacity(versions.len());
+        for v in versions {
+            let mut uri = String::new();
+            if !self.held.contains_key(&v.id) {
+                match (&v.origin, self.unsent.remove(&v.id)) {
+                    (_, Some((_, whole))) => {
+                        let Adapter::Lora(lora) = &whole else {
+                            return Err(Error::Unsupported(format!("sending {:?}'s ESFT weights to a group", v.name)));
+                        };
+                        self.send(&BatchPlan::Weights { id: v.id, config: lora.config.clone() })?;
+                        self.broadcast(weight_bytes(&whole)?)?;
+                    }
+                    (Origin::Upload { dir: Some(dir) }, None) => uri = dir.to_string_lossy().into_owned(),
+                    _ => {
+                        return Err(Error::InvalidRequest(format!(
+                            "adapter {:?}: no way to give it to the group",
+                            v.name
+                        )));
+                    }
+                }
+                self.held.insert(v.id, Arc::downgrade(v));
+            }
+            refs.push(AdapterRef { id: v.id, name: v.name.clone(), uri });
+        }
+        Ok(refs)
+    }
+
+    /// The versions the followers hold that nothing here holds any more (they are dropped from
+    /// the books as they are named).
+    fn forget(&mut self) -> Vec<u64> {
+        self.unsent.retain(|_, (v, _)| v.strong_count() > 0);
+        let gone: Vec<u64> = self.held.iter().filter(|(_, v)| v.strong_count() == 0).map(|(&id, _)| id).collect();
+        for id in &gone {
+            self.held.remove(id);
+        }
+        gone
     }
 }
 
@@ -49,43 +101,79 @@ fn lock(plans: &Mutex<Plans>) -> Result<std::sync::MutexGuard<'_, Plans>> {
 }
 
 impl PlanSink for SharedPlans {
-    fn forward(&mut self, input: &ForwardInput, adapters: &[Arc<AdapterVersion>]) -> Result<()> {
+    fn forward(
+        &mut self,
+        input: &ForwardInput,
+        adapters: &[Arc<AdapterVersion>],
+        training: Option<TrainingRows>,
+    ) -> Result<()> {
         let mut plans = lock(&self.0)?;
-        let refs = (adapters.iter())
-            .map(|v| AdapterRef { name: v.name.clone(), uri: plans.uris.get(&v.name).cloned().unwrap_or_default() })
-            .collect();
-        plans.send(&BatchPlan::Forward(ForwardPlan::new(input, refs)))
+        let refs = plans.refs(adapters)?;
+        let mut plan = ForwardPlan::new(input, refs, training);
+        plan.forget = plans.forget();
+        plans.send(&BatchPlan::Forward(plan))
+    }
+
+    fn backward(&mut self, id: u64, layers: usize) -> Result<()> {
+        lock(&self.0)?.send(&BatchPlan::Backward { id, layers })
+    }
+
+    fn validate(&mut self, adapter: &Arc<AdapterVersion>, examples: &[Example]) -> Result<()> {
+        let mut plans = lock(&self.0)?;
+        let Some(adapter) = plans.refs(std::slice::from_ref(adapter))?.pop() else { return Ok(()) };
+        plans.send(&BatchPlan::Validate { adapter, examples: examples.to_vec() })
+    }
+
+    fn published(&mut self, v: &Arc<AdapterVersion>, whole: Adapter) {
+        if let Ok(mut plans) = lock(&self.0) {
+            plans.unsent.insert(v.id, (Arc::downgrade(v), whole));
+        }
     }
 }
 
-/// Starts rank 0's engine over `model` on a thread of its own; requests go to the handle.
+/// Starts rank 0's engine over `model` on a thread of its own; requests and jobs go to the
+/// handle, the jobs' progress to `train_events`.
 pub(super) fn start(
     spec: GroupSpec,
     model: Model,
     comm: Arc<dyn Collective>,
     tokenizer: Option<TextTokenizer>,
+    train_events: TrainEvents,
     ended: UnboundedSender<Ended>,
 ) -> Result<EngineThread> {
     let mut engine = Engine::new(model, Vec::new(), tokenizer, spec.engine)?;
-    let plans = Arc::new(Mutex::new(Plans { comm, uris: HashMap::new(), last_sent: Instant::now() }));
+    let plans = Plans { comm, last_sent: Instant::now(), held: HashMap::new(), unsent: HashMap::new() };
+    let plans = Arc::new(Mutex::new(plans));
     engine.lead_group(Box::new(SharedPlans(plans.clone())));
-    let (orders, rx) = mpsc::channel();
+    let (handle, orders) = EngineThread::of(&engine);
     let name = format!("group-{}-rank0", spec.group);
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            let result = run(&spec, engine, &rx, &plans);
+            let result = run(&spec, engine, &orders, &train_events, &plans);
             let _ = ended.send(Ended::of(&spec, &result));
         })
         .map_err(|e| Error::Collective(format!("cannot start rank 0's engine thread: {e}")))?;
-    Ok(EngineThread::over(orders))
+    Ok(handle)
 }
 
 /// The loop, and its end: every request still in flight is told why; a group asked to stop
 /// (every handle dropped) tells the followers to leave.
-fn run(spec: &GroupSpec, mut engine: Engine, orders: &mpsc::Receiver<Order>, plans: &Mutex<Plans>) -> Result<()> {
+fn run(
+    spec: &GroupSpec,
+    mut engine: Engine,
+    orders: &mpsc::Receiver<Order>,
+    train_events: &TrainEvents,
+    plans: &Arc<Mutex<Plans>>,
+) -> Result<()> {
     let mut streams = Streams::default();
-    let result = serve(&mut engine, orders, plans, plan_interval(&spec.options), &mut streams);
+    let interval = plan_interval(&spec.options);
+    let idle = plans.clone();
+    let keep_alive = Box::new(move || {
+        let mut p = lock(&idle)?;
+        if p.last_sent.elapsed() >= interval { p.send(&BatchPlan::Idle) } else { Ok(()) }
+    });
+    let result = serve(&mut engine, orders, train_events, &mut streams, Some(Lead { interval, keep_alive }));
     let why = match &result {
         Ok(()) => format!("worker group {:?} (epoch {}) was re-formed or removed; retry", spec.group, spec.epoch),
         Err(e) => format!("worker group {:?} (epoch {}) failed: {e}", spec.group, spec.epoch),
@@ -95,58 +183,4 @@ fn run(spec: &GroupSpec, mut engine: Engine, orders: &mpsc::Receiver<Order>, pla
         let _ = lock(plans).and_then(|mut p| p.send(&BatchPlan::Stop));
     }
     result
-}
-
-fn serve(
-    engine: &mut Engine,
-    orders: &mpsc::Receiver<Order>,
-    plans: &Mutex<Plans>,
-    interval: Duration,
-    streams: &mut Streams,
-) -> Result<()> {
-    loop {
-        let mut next = if engine.has_work() {
-            match orders.try_recv() {
-                Ok(order) => Some(order),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => return Ok(()),
-            }
-        } else {
-            match orders.recv_timeout(interval) {
-                Ok(order) => Some(order),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            }
-        };
-        while let Some(order) = next.take() {
-            match order {
-                Order::Generate { req, events } => {
-                    // Where the adapter comes from, for the plans that name it.
-                    if !req.adapter.is_empty() && !req.adapter_uri.is_empty() {
-                        lock(plans)?.uris.insert(req.adapter.clone(), req.adapter_uri.clone());
-                    }
-                    streams.submit(engine, &req, events);
-                }
-                // The jobs agent does not run on group workers; an order that still comes is
-                // refused by the engine (no fine-tuning on groups yet) and dropped here.
-                Order::Train(t) => {
-                    if let Err(e) = engine.add_job(t.job) {
-                        eprintln!("worker group: {e}");
-                    }
-                }
-                Order::Stop(_) => {}
-            }
-            next = orders.try_recv().ok();
-        }
-        streams.cancel_abandoned(engine);
-        if engine.has_work() {
-            let finished = engine.step()?;
-            streams.deliver(engine, finished);
-        }
-        // The followers wait for the next plan only so long: tell them the group lives.
-        let mut p = lock(plans)?;
-        if p.last_sent.elapsed() >= interval {
-            p.send(&BatchPlan::Idle)?;
-        }
-    }
 }

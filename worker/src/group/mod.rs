@@ -1,8 +1,8 @@
 //! Worker groups: a base model served by a tensor-parallel group of worker processes (possibly
 //! on different hosts), one rank per process, placed by the coordinator. Rank 0 runs the
-//! engine (its scheduler, KV-cache pages, adapters, sampling) over its shard of the model and
-//! broadcasts each forward pass's plan (`engine/group_plan.rs`); every other rank follows the
-//! plans on its own shard, joining the collectives inside the model's calls. A collective that
+//! engine (its scheduler, KV-cache pages, adapters, sampling, fine-tuning jobs) over its shard
+//! of the model and broadcasts the plan of each model call (`engine/group_plan.rs`); every other
+//! rank follows the plans on its own shard, joining the collectives inside the model's calls. A collective that
 //! fails (a rank killed, a timeout) ends the member's part cleanly: rank 0's requests in flight
 //! get an error, the member reports how it ended ([`Ended`]), and the coordinator forms the
 //! group again at a new epoch, which the members join afresh.
@@ -25,7 +25,7 @@ use crate::collective::{Collective, CollectiveOptions, TcpGroup};
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::model::{MoeSplit, Shard};
-use crate::service::EngineThread;
+use crate::service::{EngineThread, TrainEvents};
 use crate::tokenizer::TextTokenizer;
 
 /// One formation of a group, as this member takes part in it.
@@ -98,11 +98,13 @@ impl Drop for FollowerHandle {
 /// Joins `spec`'s group (blocking until every rank is connected, or failing by the set-up
 /// timeout) with this rank's `shard` (cut for this rank and group size, and `spec.moe`), and
 /// starts this rank's part on a thread of its own: rank 0 an engine over its shard (with
-/// `tokenizer`), the others a follower. When the part ends, how is sent on `ended`.
+/// `tokenizer`; its jobs report on `train_events`), the others a follower. When the part ends,
+/// how is sent on `ended`.
 pub fn join(
     spec: &GroupSpec,
     shard: Shard,
     tokenizer: Option<TextTokenizer>,
+    train_events: TrainEvents,
     ended: UnboundedSender<Ended>,
 ) -> Result<Member> {
     let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options).map_err(|e| Error::Collective(e.to_string()))?;
@@ -114,7 +116,7 @@ pub fn join(
     };
     let model = shard.join(data)?;
     if spec.rank == 0 {
-        leader::start(spec.clone(), model, comm, tokenizer, ended).map(Member::Leader)
+        leader::start(spec.clone(), model, comm, tokenizer, train_events, ended).map(Member::Leader)
     } else {
         let stop = Arc::new(AtomicBool::new(false));
         follower::start(spec.clone(), model, comm, stop.clone(), ended)?;

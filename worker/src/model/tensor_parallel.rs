@@ -394,6 +394,12 @@ impl Model {
         Ok(Shard { rank, world, whole, split, weights, rope, device })
     }
 
+    /// The whole model's configuration, also on a shard (whose own has its local sizes):
+    /// what adapters, jobs and checkpoints are made against.
+    pub fn whole_config(&self) -> &ModelConfig {
+        self.tp.as_ref().map_or(&self.config, |tp| &tp.whole)
+    }
+
     /// `adapter` (resolved against the whole model) cut as this shard's weights are: LoRA's B
     /// by output rows for column-parallel projections, A by input columns for row-parallel ones
     /// (each rank's delta is then a partial sum, added up by the all-reduce the base output

@@ -51,6 +51,11 @@ impl MethodChoice {
                 Method::Lora { rank: *rank, alpha: *alpha, targets: targets.clone(), rslora: *rslora }
             }
             MethodChoice::Esft { experts: Some(e), .. } => Method::Esft { experts: e.clone() },
+            MethodChoice::Esft { experts: None, .. } if model.tp.is_some() => {
+                return Err(Error::Unsupported(
+                    "choosing ESFT experts on a tensor-parallel shard (its forward passes need the whole group)".into(),
+                ));
+            }
             MethodChoice::Esft { experts: None, threshold } => {
                 Method::Esft { experts: select_experts(model, data, *threshold)? }
             }

@@ -273,13 +273,15 @@ pub struct Job {
 impl Job {
     /// A new job over `data`: fresh LoRA weights (or the base's experts, for ESFT) and a
     /// shuffled first epoch, all from `spec.hyper.seed`.
-    /// `model` is the whole model (a job keeps its whole adapter, also when a tensor-parallel
-    /// group trains it: each shard cuts it for its forward pass).
+    /// A job keeps its whole adapter, also when a tensor-parallel group trains it (each shard
+    /// cuts it for its forward pass): on a shard, a LoRA adapter is made for the whole model's
+    /// shapes; ESFT, which starts from the base's experts, needs the whole model.
     pub fn new(spec: JobSpec, model: &Model, data: Arc<Vec<Example>>) -> Result<Job> {
         spec.hyper.validate()?;
-        if model.tp.is_some() {
-            return Err(Error::InvalidRequest(format!(
-                "job {}: a job's adapter is made from the whole model, not a tensor-parallel shard",
+        if model.tp.is_some() && matches!(spec.method, Method::Esft { .. }) {
+            return Err(Error::Unsupported(format!(
+                "job {}: an ESFT job starts from the base's whole experts; a tensor-parallel shard holds a part \
+                 (train it on a worker that holds the whole model)",
                 spec.name
             )));
         }
@@ -290,7 +292,7 @@ impl Job {
         let weights = match &spec.method {
             Method::Lora { .. } => {
                 let config = spec.method.peft_config(&spec.name).unwrap_or_default();
-                Weights::Lora(LoraAdapter::init(&model.config, config, &mut rng)?)
+                Weights::Lora(LoraAdapter::init(model.whole_config(), config, &mut rng)?)
             }
             Method::Esft { experts } => Weights::Esft(esft_from_base(model, experts)?),
         };

@@ -75,13 +75,14 @@ impl<'m> Trainer<'m> {
 
     /// Mean token loss of job `j`'s adapter on `examples` (validation).
     pub fn evaluate(&self, j: usize, examples: &[Example]) -> Result<f64> {
-        validation_loss(self.model, self.jobs[j].weights.adapter(), examples)
+        validation_loss(self.model, self.model.shard_adapter(&self.jobs[j].weights.adapter())?, examples)
     }
 }
 
-/// Mean token loss of `adapter` over `model` on `examples` (validation).
+/// Mean token loss of `adapter` (this shard's cut of it, on a tensor-parallel shard) over
+/// `model` on `examples` (validation).
 pub fn validation_loss(model: &Model, adapter: Adapter, examples: &[Example]) -> Result<f64> {
-    let set = AdapterSet::new(vec![model.shard_adapter(&adapter)?], model.device)?;
+    let set = AdapterSet::new(vec![adapter], model.device)?;
     let (mut sum, mut count) = (0.0, 0);
     for chunk in examples.chunks(EVAL_BATCH) {
         let seqs: Vec<TrainSeq<'_>> =
