@@ -5,6 +5,9 @@
 //! Then rank 1 is killed (SIGKILL) while a streamed request runs: the request ends at once
 //! with an error naming the rank, the coordinator re-forms the group with the spare worker in
 //! rank 1's place (a new epoch), and the same request succeeds again with the same output.
+//! A fine-tuning job submitted through the gateway trains on a group beside requests, survives
+//! the loss of a rank (queued again, resumed from its checkpoint on the re-formed group), and
+//! its adapter then serves on the group as it does on the whole model.
 
 #![allow(clippy::unwrap_used)]
 
@@ -301,6 +304,93 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
     assert_eq!(workers_of(&group), ["w1", "w2", "w5", "w4"], "{group}");
     assert_eq!(group["expert_parallel"], true, "{group}");
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
+}
+
+#[test]
+fn a_job_trains_on_a_group_and_resumes_from_its_checkpoint_when_a_rank_dies() {
+    let Cluster { mut procs, dir, model, http, .. } = cluster("groups-job", "tiny", 3);
+    let (status, out) =
+        call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 2, "group": "tp"})));
+    assert_eq!(status, 200, "{out}");
+    formed(&http, 1);
+    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", Some(json!({"tenant": "alice"})));
+    assert_eq!(status, 200, "{key}");
+    let key = key["key"].as_str().unwrap().to_string();
+    let as_alice = |method: &str, path: &str, body: Option<Value>| common::call_json(&http, method, path, &key, body);
+
+    let jsonl = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 7)})))
+            .collect()
+    };
+    let mut files = Vec::new();
+    for (name, lines) in [("train.jsonl", 48), ("valid.jsonl", 8)] {
+        let (status, file) = common::upload(&http, &key, name, &jsonl(lines));
+        assert_eq!(status, 200, "{file}");
+        files.push(serde_json::from_str::<Value>(&file).unwrap()["id"].clone());
+    }
+    let create = json!({
+        "model": "tiny", "training_file": files[0], "validation_file": files[1], "suffix": "g",
+        "hyperparameters": {"n_epochs": 20, "batch_size": 4, "checkpoint_every": 10},
+    });
+    let (status, job) = as_alice("POST", "/v1/fine_tuning/jobs", Some(create));
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    // Every event's message, newest first, page by page.
+    let messages = || {
+        let (mut messages, mut after) = (Vec::new(), String::new());
+        loop {
+            let (status, page) = as_alice("GET", &format!("/v1/fine_tuning/jobs/{id}/events?limit=100{after}"), None);
+            assert_eq!(status, 200, "{page}");
+            let data = page["data"].as_array().unwrap();
+            messages.extend(data.iter().map(|e| e["message"].as_str().unwrap().to_string()));
+            if page["has_more"] != true {
+                return messages;
+            }
+            after = format!("&after={}", data.last().unwrap()["id"].as_str().unwrap());
+        }
+    };
+
+    // Placed on rank 0 of the group; while it trains, the group answers requests.
+    let checkpoint = wait_for(120, "a checkpoint", || {
+        let (_, page) = as_alice("GET", &format!("/v1/fine_tuning/jobs/{id}/checkpoints"), None);
+        page["data"].as_array().and_then(|d| d.last()).map(|c| c["step_number"].as_u64().unwrap())
+    });
+    assert!(messages().iter().any(|m| m == "Attempt 1 placed on worker w1"), "{:?}", messages());
+    let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 8, "temperature": 0});
+    let (status, out) = as_alice("POST", "/v1/completions", Some(req));
+    assert_eq!(status, 200, "{out}");
+    let (_, job) = as_alice("GET", &format!("/v1/fine_tuning/jobs/{id}"), None);
+    assert_eq!(job["status"], "running", "{job}");
+
+    // Rank 1 dies: the group is re-formed with the spare, the job queued again and placed on
+    // the new formation's rank 0, from a checkpoint, and it finishes.
+    procs.0[2].kill().unwrap();
+    procs.0[2].wait().unwrap();
+    let group = formed(&http, 2);
+    assert_eq!(workers_of(&group), ["w1", "w3"], "{group}");
+    let job = wait_for(240, "the job to succeed", || {
+        let (_, job) = as_alice("GET", &format!("/v1/fine_tuning/jobs/{id}"), None);
+        assert!(!["failed", "cancelled"].contains(&job["status"].as_str().unwrap()), "{job}");
+        (job["status"] == "succeeded").then_some(job)
+    });
+    assert_eq!(job["attempts"], 2, "{job}");
+    let messages = messages();
+    assert!(messages.iter().any(|m| m == "Attempt 1 ended: its worker group failed; queued again"), "{messages:?}");
+    let resumed = messages.iter().find_map(|m| m.strip_prefix("Attempt 2 started training at step ")).unwrap();
+    let resumed: u64 = resumed.parse().unwrap();
+    assert!(resumed >= checkpoint && resumed.is_multiple_of(10), "resumed at {resumed}, checkpoint {checkpoint}");
+    // Validated on the group at the end (a validation pass the follower joins).
+    assert!(messages.iter().any(|m| m.starts_with("Step 240: validation loss=")), "{messages:?}");
+
+    // The adapter serves on the group as it does on the whole model.
+    let adapter = dir.join("blobs").join("jobs").join(&id).join("adapter");
+    let want = generate_with_adapter(&model, adapter.to_str().unwrap(), "n3 =", 4);
+    let name = job["fine_tuned_model"].as_str().unwrap();
+    let req = json!({"model": name, "prompt": "n3 =", "max_tokens": 4, "temperature": 0});
+    let (status, out) = as_alice("POST", "/v1/completions", Some(req));
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
 }
