@@ -834,9 +834,8 @@ impl ClusterState {
 
     /// The scheduler's next moves: each queued job onto the alive worker with the fewest jobs
     /// placed or running (counting the moves before it), preferring workers that have the job's
-    /// base model loaded, then rank 0 of a formed worker group that serves it (not an
-    /// expert-parallel one: fine-tuning there is not done yet), then the other whole-model
-    /// workers. Pure: the leader proposes them as [`Command::PlaceJob`]s.
+    /// base model loaded, then rank 0 of a formed worker group that serves it, then the other
+    /// whole-model workers. Pure: the leader proposes them as [`Command::PlaceJob`]s.
     pub fn schedule(&self) -> Vec<(String, String)> {
         let mut jobs_on: BTreeMap<String, usize> = BTreeMap::new();
         for job in self.jobs.values().filter(|j| matches!(j.status, JobStatus::Placed | JobStatus::Running)) {
@@ -848,12 +847,8 @@ impl ClusterState {
         for (id, job) in self.jobs.iter().filter(|(_, j)| j.status == JobStatus::Queued) {
             let has_model = |w: &str| self.workers[w].gpus.iter().any(|g| g.models.contains(&job.base_model));
             let leads_group = |w: &str| {
-                (self.placements.values()).any(|p| {
-                    p.formed
-                        && !p.expert_parallel
-                        && p.model == job.base_model
-                        && p.workers.first().is_some_and(|r| r == w)
-                })
+                (self.placements.values())
+                    .any(|p| p.formed && p.model == job.base_model && p.workers.first().is_some_and(|r| r == w))
             };
             // 0: the model loaded whole; 1: rank 0 of a group serving it; 2: another whole-model
             // worker. Other group workers take no jobs.

@@ -279,11 +279,6 @@ impl Engine {
     /// publishes the next.
     pub fn add_job(&mut self, job: Job) -> Result<()> {
         let name = job.spec.name.clone();
-        if self.model.tp.as_ref().is_some_and(|tp| tp.split.experts.is_some()) {
-            return Err(Error::Unsupported(format!(
-                "fine-tuning job {name:?}: co-served fine-tuning on an expert-parallel shard is not done yet"
-            )));
-        }
         if self.plans.is_some() && matches!(job.weights, Weights::Esft(_)) {
             return Err(Error::Unsupported(format!(
                 "fine-tuning job {name:?}: ESFT jobs on a worker group are not done yet (LoRA jobs are)"
@@ -502,55 +497,79 @@ impl Engine {
         };
         let mut outputs = Vec::new();
         if n_inf > 0 || plan.is_some() {
-            let n_seqs = input.seqs.len();
-            if let Some(p) = &plan {
-                append(&mut input, &p.input);
-            }
             let set = match (&training_set, &self.batch_adapters) {
                 (Some(set), _) | (None, Some((_, set))) => set,
                 (None, None) => return Err(Error::InvalidRequest("engine: batch built without its adapters".into())),
             };
-            if let Some(sink) = &mut self.plans {
-                let mut versions = (ids.iter())
-                    .map(|&id| self.paged.version(id).cloned())
+            let versions = match &self.plans {
+                Some(_) => (ids.iter().map(|&id| self.paged.version(id).cloned()))
+                    .chain(job_versions.iter().map(|v| Some(v.clone())))
                     .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| Error::InvalidRequest("engine: a batch adapter is not resident".into()))?;
-                versions.extend(job_versions.iter().cloned());
-                let training = plan.as_ref().map(|p| TrainingRows {
-                    id: self.training.next_id,
-                    first_row: n_inf,
-                    first_seq: n_seqs,
-                    targets: p.targets.clone(),
-                    loss_weights: p.loss_weights.clone(),
-                });
-                sink.forward(&input, &versions, training)?;
-            }
-            let mut tape = Vec::new();
-            let hidden = match &plan {
-                Some(p) => {
-                    let model = &self.model;
-                    let mut keep = |acts: crate::model::LayerActs| {
-                        let layer = tape.len();
-                        tape.push(acts.tail(n_inf, layer, &p.input, set, model));
-                    };
-                    self.model.hidden_states(&input, &mut self.cache, set, &mut keep)?
-                }
-                None => self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?,
+                    .ok_or_else(|| Error::InvalidRequest("engine: a batch adapter is not resident".into()))?,
+                None => Vec::new(),
             };
-            let logits = self.model.logits(&hidden, &input.logit_rows)?.to_vec_f32()?;
+            // The fine-tuning rows join the inference rows' pass as its last rows (from the
+            // first row and sequence given); under expert parallelism, whose activations cannot
+            // be cut by rows, they get a pass of their own after it.
+            let (n_seqs, own_pass) = (input.seqs.len(), n_inf > 0 && self.model.is_expert_parallel());
+            let passes = match &plan {
+                Some(p) if own_pass => vec![(input, None), (p.input.clone(), Some((0, 0)))],
+                Some(p) => {
+                    append(&mut input, &p.input);
+                    vec![(input, Some((n_inf, n_seqs)))]
+                }
+                None => vec![(input, None)],
+            };
+            let (mut logits, mut fine_tuned) = (Vec::new(), None);
+            for (i, (input, training)) in passes.into_iter().enumerate() {
+                if let Some(sink) = &mut self.plans {
+                    let training = (plan.as_ref().zip(training)).map(|(p, (first_row, first_seq))| TrainingRows {
+                        id: self.training.next_id,
+                        first_row,
+                        first_seq,
+                        targets: p.targets.clone(),
+                        loss_weights: p.loss_weights.clone(),
+                    });
+                    sink.forward(&input, &versions, training)?;
+                }
+                let mut tape = Vec::new();
+                let hidden = match (&plan, training) {
+                    (Some(p), Some((first, _))) => {
+                        let model = &self.model;
+                        let mut keep = |acts: crate::model::LayerActs| {
+                            let layer = tape.len();
+                            tape.push(if first == 0 {
+                                Ok(acts)
+                            } else {
+                                acts.tail(first, layer, &p.input, set, model)
+                            });
+                        };
+                        self.model.hidden_states(&input, &mut self.cache, set, &mut keep)?
+                    }
+                    _ => self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?,
+                };
+                // The first pass holds the inference rows (a group's followers compute logits
+                // when, and only when, the pass has logit rows too).
+                if i == 0 && !input.logit_rows.is_empty() {
+                    logits = self.model.logits(&hidden, &input.logit_rows)?.to_vec_f32()?;
+                }
+                if let Some((first, _)) = training {
+                    let rows: Vec<u32> = (first as u32..input.tokens.len() as u32).collect();
+                    fine_tuned = Some((tape, tandem_kernels::ops::gather_rows(&hidden, &rows)?));
+                }
+            }
             outputs = self.sample(&scheduled, &logits)?;
             if plan.is_none() {
                 self.budget.forward.observe(n_inf, t0.elapsed().as_secs_f64());
             }
-            if let (Some(p), Some(set)) = (plan, training_set) {
+            if let (Some(p), Some(set), Some((tape, hidden))) = (plan, training_set, fine_tuned) {
                 let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
-                let rows: Vec<u32> = (n_inf as u32..input.tokens.len() as u32).collect();
-                let hidden = tandem_kernels::ops::gather_rows(&hidden, &rows)?;
+                let rows = hidden.shape()[0];
                 self.queue_backward(p, set, tape, &hidden, ids.len())?;
                 // What the fine-tuning rows added to the iteration: packing their adapters, their
                 // share of the forward pass, their loss.
                 let inference = if n_inf > 0 { self.budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
-                self.budget.finetune.observe(rows.len(), (t0.elapsed().as_secs_f64() - inference).max(0.0));
+                self.budget.finetune.observe(rows, (t0.elapsed().as_secs_f64() - inference).max(0.0));
             }
         }
         self.counters.iterations += 1;

@@ -152,21 +152,29 @@ impl Follower {
                 return Err(Error::InvalidRequest("follower: no adapter set".into()));
             };
             let hidden = self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?;
-            self.model.logits(&hidden, &input.logit_rows)?;
+            if !input.logit_rows.is_empty() {
+                self.model.logits(&hidden, &input.logit_rows)?;
+            }
             return Ok(());
         };
-        // As the engine does: the fine-tuning rows' activations cut out of the shared pass,
-        // their loss, and their backward kept for the plans that run it.
+        // As the engine does: the fine-tuning rows' activations (cut out of a shared pass), the
+        // logits when the pass has logit rows, the fine-tuning rows' loss, and their backward
+        // kept for the plans that run it.
         let set = self.packed(&plan.adapter_refs)?;
         let tail = tail_input(&input, rows.first_row, rows.first_seq);
         let mut tape = Vec::new();
         let model = &self.model;
         let mut keep = |acts: crate::model::LayerActs| {
             let layer = tape.len();
-            tape.push(acts.tail(rows.first_row, layer, &tail, &set, model));
+            tape.push(match rows.first_row {
+                0 => Ok(acts),
+                first => acts.tail(first, layer, &tail, &set, model),
+            });
         };
         let hidden = self.model.hidden_states(&input, &mut self.cache, &set, &mut keep)?;
-        self.model.logits(&hidden, &input.logit_rows)?;
+        if !input.logit_rows.is_empty() {
+            self.model.logits(&hidden, &input.logit_rows)?;
+        }
         let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
         let picked: Vec<u32> = (rows.first_row as u32..input.tokens.len() as u32).collect();
         let hidden = ops::gather_rows(&hidden, &picked)?;

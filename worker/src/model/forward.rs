@@ -112,7 +112,9 @@ impl LayerActs {
         let mlp = match &self.mlp {
             MlpActs::Dense(a) => MlpActs::Dense(pick_swiglu(a)?),
             MlpActs::ExpertParallel(_) => {
-                return Err(Error::Unsupported("co-served fine-tuning under expert parallelism (not yet)".into()));
+                // Its pairs went to other ranks by the whole pass's shares of the tokens: the
+                // engine gives fine-tuning rows a pass of their own under expert parallelism.
+                return Err(Error::Unsupported("cutting rows out of an expert-parallel pass".into()));
             }
             MlpActs::Moe(m) => {
                 let k = m.routing.top_k;

@@ -394,6 +394,11 @@ impl Model {
         Ok(Shard { rank, world, whole, split, weights, rope, device })
     }
 
+    /// Whether this is a shard of a group that spreads whole experts over its ranks.
+    pub fn is_expert_parallel(&self) -> bool {
+        self.tp.as_ref().is_some_and(|tp| tp.split.experts.is_some())
+    }
+
     /// The whole model's configuration, also on a shard (whose own has its local sizes):
     /// what adapters, jobs and checkpoints are made against.
     pub fn whole_config(&self) -> &ModelConfig {
