@@ -16,11 +16,11 @@ use tandem_coordinator::gateway::dir_checksum;
 use tandem_coordinator::state::{Assignment, Command, JobReport, Proposal, Reply, StepFigures};
 use tandem_proto::v1::ProposeRequest;
 use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_worker::service::{EngineThread, Serving, TrainEvent, Training};
+use tandem_worker::service::{EngineThread, JobStart, Serving, TrainEvent, Training};
 use tandem_worker::train::checkpoint;
 use tandem_worker::train::data::load_jsonl;
 use tandem_worker::train::finetune::MethodChoice;
-use tandem_worker::train::job::{Hyperparams, Job, JobSpec};
+use tandem_worker::train::job::Hyperparams;
 use tokio::sync::{mpsc, watch};
 
 /// What the gateway put in a job's spec for the worker.
@@ -132,7 +132,10 @@ impl JobsAgent {
             let built = tokio::task::spawn_blocking(move || build(&assignment, &on, &dir)).await;
             match built.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
                 Ok(training) => {
-                    let step = training.job.progress.step;
+                    let step = match &training.job {
+                        JobStart::Ready(job) => job.progress.step,
+                        JobStart::New { .. } => 0,
+                    };
                     if let Err(e) = engine.train(training) {
                         let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.message().into() }));
                         continue;
@@ -149,7 +152,9 @@ impl JobsAgent {
 }
 
 /// The job an assignment describes, for `engine`'s model: its data (and validation data) read
-/// and checked with the model's tokenizer, resumed from its checkpoint when it has one.
+/// and checked with the model's tokenizer, resumed from its checkpoint when it has one, else
+/// made by the engine (which chooses and copies ESFT experts with forward passes that, on a
+/// group, its followers join).
 fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> {
     let spec: TrainingSpec = serde_json::from_value(a.spec.clone()).context("the job's spec")?;
     let (model, tokenizer) = (engine.model(), engine.tokenizer().context("the base model has no tokenizer")?);
@@ -160,13 +165,10 @@ fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> 
     let data = Arc::new(read(&spec.training_file, "training_file")?);
     let validation = spec.validation_file.as_deref().map(|f| read(f, "validation_file")).transpose()?.map(Arc::new);
     let job = match &a.checkpoint {
-        Some(c) => {
-            checkpoint::load(Path::new(&c.uri), model.whole_config(), data).context("resuming from the checkpoint")?
-        }
-        None => {
-            let method = spec.method.resolve(model, &data)?;
-            Job::new(JobSpec { name: a.job.clone(), method, hyper: spec.hyper }, model, data)?
-        }
+        Some(c) => JobStart::Ready(Box::new(
+            checkpoint::load(Path::new(&c.uri), model.whole_config(), data).context("resuming from the checkpoint")?,
+        )),
+        None => JobStart::New { name: a.job.clone(), method: spec.method, hyper: spec.hyper, data },
     };
     Ok(Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every, validation })
 }

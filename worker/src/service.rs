@@ -30,7 +30,8 @@ use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, TextTokenizer};
 use crate::train::checkpoint;
 use crate::train::data::Example;
-use crate::train::job::StepReport;
+use crate::train::finetune::MethodChoice;
+use crate::train::job::{Hyperparams, Job, StepReport};
 
 pub(crate) type EventSender = async_mpsc::UnboundedSender<Result<GenerateEvent, Status>>;
 
@@ -47,13 +48,30 @@ pub(crate) enum Order {
 
 /// A job to train, and where its files go.
 pub struct Training {
-    pub job: crate::train::job::Job,
+    pub job: JobStart,
     /// Checkpoints go to `checkpoints/step-NNNNNN` under it, the final adapter to `adapter/`.
     pub dir: PathBuf,
     /// Checkpoint every this many optimizer steps (0: only the final adapter).
     pub checkpoint_every: u64,
     /// Examples its final adapter is validated on.
     pub validation: Option<Arc<Vec<Example>>>,
+}
+
+/// The job of a [`Training`].
+pub enum JobStart {
+    /// Made already (resumed from its checkpoint).
+    Ready(Box<Job>),
+    /// To be made by the engine, on its thread ([`Engine::add_new_job`]).
+    New { name: String, method: MethodChoice, hyper: Hyperparams, data: Arc<Vec<Example>> },
+}
+
+impl JobStart {
+    pub fn name(&self) -> &str {
+        match self {
+            JobStart::Ready(job) => job.name(),
+            JobStart::New { name, .. } => name,
+        }
+    }
 }
 
 /// Where an engine thread's jobs report.
@@ -278,8 +296,14 @@ pub(crate) fn serve(
                 Order::Train(t) => {
                     let Training { job, dir, checkpoint_every, validation } = *t;
                     let name = job.name().to_string();
-                    match engine.add_job(job) {
+                    let added = match job {
+                        JobStart::Ready(job) => engine.add_job(*job),
+                        JobStart::New { name, method, hyper, data } => engine.add_new_job(&name, &method, hyper, data),
+                    };
+                    match added {
                         Ok(()) => drop(jobs.dirs.insert(name, JobFiles { dir, checkpoint_every, validation })),
+                        // Making an ESFT job on a group takes collectives: their failure is the group's.
+                        Err(e @ Error::Collective(_)) if lead.is_some() => return Err(e),
                         Err(e) => send(TrainEvent::Failed { job: name, error: e.to_string() }),
                     }
                 }

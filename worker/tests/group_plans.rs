@@ -1,8 +1,8 @@
 //! An engine that leads a worker group hands every forward pass's plan to its sink before the
 //! pass runs. The plans are complete: replayed on another copy of the model (its own KV cache,
 //! the adapters the plans name), through their bytes, they give the logits the engine sampled
-//! from; the sink changes nothing the engine answers; and the engine refuses ESFT jobs (it
-//! trains LoRA jobs: `group_training.rs`).
+//! from; the sink changes nothing the engine answers; and a new ESFT job's choice and copy of
+//! experts are planned before they run (training on groups: `group_training.rs`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,9 +21,10 @@ use tandem_worker::model::probe::mixed_adapters;
 use tandem_worker::model::{ForwardInput, KvCache};
 use tandem_worker::sampling::SamplingParams;
 use tandem_worker::train::data::Example;
-use tandem_worker::train::job::{Job, Method};
+use tandem_worker::train::finetune::MethodChoice;
+use tandem_worker::train::job::Method;
 
-/// Keeps every forward plan, as the bytes a follower would get.
+/// Keeps every forward and ESFT set-up plan, as the bytes a follower would get.
 struct Recorder(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl PlanSink for Recorder {
@@ -47,6 +48,17 @@ impl PlanSink for Recorder {
     }
 
     fn published(&mut self, _: &Arc<AdapterVersion>, _: Adapter) {}
+
+    fn select_experts(&mut self, threshold: f32, examples: &[Example]) -> tandem_worker::Result<()> {
+        let plan = BatchPlan::SelectExperts { threshold, examples: examples.to_vec() };
+        self.0.lock().unwrap().push(plan.encode()?);
+        Ok(())
+    }
+
+    fn base_experts(&mut self, experts: &BTreeMap<usize, Vec<usize>>) -> tandem_worker::Result<()> {
+        self.0.lock().unwrap().push(BatchPlan::BaseExperts { experts: experts.clone() }.encode()?);
+        Ok(())
+    }
 }
 
 fn request(prompt: Vec<u32>, adapter: Option<&str>) -> GenerationRequest {
@@ -94,15 +106,27 @@ fn replayed_plans_give_the_logits_the_engine_sampled_from() {
 }
 
 #[test]
-fn an_engine_that_leads_a_group_refuses_esft_jobs() {
+fn a_new_esft_job_plans_its_choice_and_copy_of_experts() {
     let model = Arc::new(common::model(Preset::TinyMoe));
+    let plans = Arc::new(Mutex::new(Vec::new()));
     let mut e = Engine::new(model.clone(), vec![], None, EngineConfig::default()).unwrap();
-    e.lead_group(Box::new(Recorder(Arc::default())));
+    e.lead_group(Box::new(Recorder(plans.clone())));
     let data = common::examples(8, model.config.vocab_size, 1);
-    let esft = Method::Esft { experts: BTreeMap::from([(0, vec![1])]) };
-    let spec = common::spec("j", esft, common::hyper(4, 4, 1e-3, 1));
-    let err = e.add_job(Job::new(spec, &model, data.clone()).unwrap()).unwrap_err().to_string();
-    assert!(err.contains("worker group") && err.contains("ESFT") && err.contains("\"j\""), "{err}");
-    let spec = common::spec("k", common::lora(4, &["q_proj"]), common::hyper(4, 4, 1e-3, 1));
-    e.add_job(Job::new(spec, &model, data).unwrap()).unwrap();
+    let esft = MethodChoice::Esft { experts: None, threshold: 0.4 };
+    e.add_new_job("j", &esft, common::hyper(4, 4, 1e-3, 1), data.clone()).unwrap();
+    let Method::Esft { experts } = &e.job("j").unwrap().spec.method else { panic!("not an ESFT job") };
+    let plans: Vec<BatchPlan> = plans.lock().unwrap().iter().map(|b| BatchPlan::decode(b).unwrap()).collect();
+    assert_eq!(
+        plans,
+        [
+            BatchPlan::SelectExperts { threshold: 0.4, examples: data.to_vec() },
+            BatchPlan::BaseExperts { experts: experts.clone() },
+        ]
+    );
+    // A job refused before it touches the model plans nothing (no follower starts a call).
+    let plans = Arc::new(Mutex::new(Vec::new()));
+    e.lead_group(Box::new(Recorder(plans.clone())));
+    let bad = common::hyper(4, 4, -1.0, 1);
+    assert!(e.add_new_job("k", &esft, bad, data).is_err());
+    assert!(plans.lock().unwrap().is_empty());
 }

@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
@@ -18,15 +19,16 @@ use std::time::Duration;
 
 use tandem_proto::v1::GenerateRequest;
 use tandem_worker::adapters::Adapter;
+use tandem_worker::adapters::esft::EsftAdapter;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::{Engine, EngineConfig};
 use tandem_worker::group::{self, DataPlane, Ended, GroupSpec, Member};
 use tandem_worker::init_model::Preset;
 use tandem_worker::model::{Model, MoeSplit};
-use tandem_worker::service::{EngineThread, TrainEvent, Training};
+use tandem_worker::service::{EngineThread, JobStart, TrainEvent, Training};
 use tandem_worker::tokenizer::TextTokenizer;
 use tandem_worker::train::checkpoint;
-use tandem_worker::train::job::Job;
+use tandem_worker::train::finetune::MethodChoice;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 /// What a run of the job and the request gave.
@@ -44,12 +46,16 @@ fn free_addr() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
-fn training(model: &Model, dir: &Path) -> Training {
+fn lora() -> MethodChoice {
+    let targets = ["q_proj", "v_proj", "o_proj", "down_proj"].map(String::from).to_vec();
+    MethodChoice::Lora { rank: 4, alpha: 8.0, targets, rslora: false }
+}
+
+/// The job, made by the engine (ESFT's experts chosen and copied there).
+fn training(model: &Model, method: &MethodChoice, dir: &Path) -> Training {
     let vocab = model.config.vocab_size;
-    let lora = common::lora(4, &["q_proj", "v_proj", "o_proj", "down_proj"]);
-    let spec = common::spec("job", lora, common::hyper(8, 4, 1e-2, 5));
     let data = common::examples(24, vocab, 3);
-    let job = Job::new(spec, model, data).unwrap();
+    let job = JobStart::New { name: "job".into(), method: method.clone(), hyper: common::hyper(8, 4, 1e-2, 5), data };
     let _ = std::fs::remove_dir_all(dir);
     let validation = Some(common::examples(6, vocab, 11));
     Training { job, dir: dir.to_path_buf(), checkpoint_every: 2, validation }
@@ -67,8 +73,13 @@ fn request(adapter: &str) -> GenerateRequest {
 
 /// Runs the job and two requests (the base model's, and one on the job's adapter as it is
 /// then) on `engine` until the job ends.
-fn run_job(engine: &EngineThread, dir: &Path, mut events: UnboundedReceiver<TrainEvent>) -> Outcome {
-    engine.train(training(engine.model(), dir)).unwrap();
+fn run_job(
+    engine: &EngineThread,
+    method: &MethodChoice,
+    dir: &Path,
+    mut events: UnboundedReceiver<TrainEvent>,
+) -> Outcome {
+    engine.train(training(engine.model(), method, dir)).unwrap();
     let mut base = engine.generate(request("")).unwrap();
     let mut tuned = engine.generate(request("job")).unwrap();
     let (mut losses, mut checkpoint) = (Vec::new(), None);
@@ -132,10 +143,10 @@ fn form(
     (members, ends, events)
 }
 
-fn on_group(preset: Preset, world: usize, moe: MoeSplit, dir: &Path) -> Outcome {
+fn on_group(preset: Preset, world: usize, moe: MoeSplit, method: &MethodChoice, dir: &Path) -> Outcome {
     let (mut members, mut ends, events) = form(preset, world, moe);
     let Member::Leader(engine) = members.remove(0) else { panic!("rank 0 does not lead") };
-    let outcome = run_job(&engine, dir, events);
+    let outcome = run_job(&engine, method, dir, events);
     // Rank 0 leaves (every handle gone): the followers are told to stop; nobody failed.
     drop(engine);
     for _ in 0..world {
@@ -146,12 +157,12 @@ fn on_group(preset: Preset, world: usize, moe: MoeSplit, dir: &Path) -> Outcome 
     outcome
 }
 
-fn alone(preset: Preset, dir: &Path) -> Outcome {
+fn alone(preset: Preset, method: &MethodChoice, dir: &Path) -> Outcome {
     let model = Arc::new(common::model(preset));
     let tokenizer = TextTokenizer::load(&common::model_dir(preset)).unwrap();
     let engine = Engine::new(model, vec![], Some(tokenizer), EngineConfig::default()).unwrap();
     let (engine, events) = EngineThread::start(engine).unwrap();
-    run_job(&engine, dir, events)
+    run_job(&engine, method, dir, events)
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -171,28 +182,43 @@ fn weights_rel_diff(a: &Adapter, b: &Adapter) -> f64 {
 }
 
 #[test]
-fn a_lora_job_trained_on_a_group_matches_the_whole_model() {
+fn a_job_trained_on_a_group_matches_the_whole_model() {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("group-training");
     let (sliced, spread) = (MoeSplit::Intermediate, MoeSplit::Experts);
-    for (preset, world, moe) in [
-        (Preset::Tiny, 2, sliced),
-        (Preset::Tiny, 4, sliced),
-        (Preset::TinyMoe, 2, sliced),
-        (Preset::TinyMoe, 2, spread),
-        (Preset::TinyMoe, 4, spread),
+    let esft = |experts: Option<BTreeMap<usize, Vec<usize>>>| MethodChoice::Esft { experts, threshold: 0.3 };
+    for (preset, world, moe, method) in [
+        (Preset::Tiny, 2, sliced, lora()),
+        (Preset::Tiny, 4, sliced, lora()),
+        (Preset::TinyMoe, 2, sliced, lora()),
+        (Preset::TinyMoe, 2, spread, lora()),
+        (Preset::TinyMoe, 4, spread, lora()),
+        // ESFT, its experts chosen from the data on the group, or given.
+        (Preset::TinyMoe, 2, sliced, esft(None)),
+        (Preset::TinyMoe, 4, sliced, esft(Some(BTreeMap::from([(0, vec![1, 6]), (1, vec![3])])))),
     ] {
-        let what = format!("{} over {world} ranks, {moe:?}", preset.name());
-        let reference = alone(preset, &root.join(format!("{}-alone", preset.name())));
-        let got = on_group(preset, world, moe, &root.join(format!("{}-{world}-{moe:?}", preset.name())));
+        let kind = if matches!(method, MethodChoice::Lora { .. }) { "lora" } else { "esft" };
+        let what = format!("{} over {world} ranks, {moe:?}, {kind}", preset.name());
+        let reference = alone(preset, &method, &root.join(format!("{}-alone", preset.name())));
+        let dir = root.join(format!("{}-{world}-{moe:?}", preset.name()));
+        let got = on_group(preset, world, moe, &method, &dir);
         assert_eq!(got.losses.len(), reference.losses.len(), "{what}: steps");
         assert!(got.losses.len() >= 6, "{what}: {} steps", got.losses.len());
         for (i, (a, b)) in got.losses.iter().zip(&reference.losses).enumerate() {
             assert!(close(*a, *b), "{what}: step {} loss {a} vs {b}", i + 1);
         }
-        // B (every second tensor) starts at zero, PEFT's init: trained, it is not.
-        let b_moved = (got.adapter.weights().iter().skip(1).step_by(2))
-            .any(|(_, t)| t.to_vec_f32().unwrap().iter().any(|v| *v != 0.0));
-        assert!(b_moved, "{what}: the adapter did not move");
+        // Trained: LoRA's B (every second tensor) starts at zero, PEFT's init, and an ESFT
+        // expert as the base's.
+        let moved = match &got.adapter {
+            Adapter::Lora(_) => (got.adapter.weights().iter().skip(1).step_by(2))
+                .any(|(_, t)| t.to_vec_f32().unwrap().iter().any(|v| *v != 0.0)),
+            Adapter::Esft(e) => {
+                let mut chosen: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+                e.experts.keys().for_each(|&(layer, x)| chosen.entry(layer).or_default().push(x));
+                let base = EsftAdapter { experts: common::model(preset).base_experts(&chosen).unwrap() };
+                weights_rel_diff(&got.adapter, &Adapter::Esft(base)) > 1e-6
+            }
+        };
+        assert!(moved, "{what}: the adapter did not move");
         // AdamW moves each weight by about the learning rate whatever its gradient's size, so a
         // weight whose gradient is near zero moves as the rounding of the shards' partial sums
         // says; in a MoE model such noise can also tip a near tie of the router. Most modules
@@ -217,4 +243,22 @@ fn a_lora_job_trained_on_a_group_matches_the_whole_model() {
         let diff = common::rel_diff(&resumed.weights, &saved.weights);
         assert!(diff < tolerance, "{what}: checkpoint differs by {diff}");
     }
+}
+
+#[test]
+fn an_expert_parallel_group_refuses_an_esft_job_with_the_reason() {
+    let (mut members, _ends, mut events) = form(Preset::TinyMoe, 2, MoeSplit::Experts);
+    let Member::Leader(engine) = members.remove(0) else { panic!("rank 0 does not lead") };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("group-training").join("ep-esft");
+    let esft = MethodChoice::Esft { experts: None, threshold: 0.3 };
+    engine.train(training(engine.model(), &esft, &dir)).unwrap();
+    match events.blocking_recv().unwrap() {
+        TrainEvent::Failed { error, .. } => {
+            assert!(error.contains("ESFT") && error.contains("expert parallelism"), "{error}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The group still serves.
+    let mut answer = engine.generate(request("")).unwrap();
+    assert!(answer.blocking_recv().unwrap().is_ok());
 }

@@ -9,6 +9,7 @@
 //! [`BatchPlan::Idle`] now and then, so the followers' wait never reaches the collectives'
 //! timeout; [`BatchPlan::Stop`] ends the followers cleanly.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -26,9 +27,8 @@ pub enum BatchPlan {
     /// Nothing to run now; the group is alive.
     Idle,
     /// Adapter version `id`'s weights come as the next broadcast: its tensors' f32 values in
-    /// [`Adapter::weights`] order, laid out as the LoRA `config` (its `adapter_config.json`)
-    /// makes them for the whole model.
-    Weights { id: u64, config: serde_json::Value },
+    /// [`Adapter::weights`] order, laid out as `layout` says, for the whole model.
+    Weights { id: u64, layout: Layout },
     /// Run this forward pass (hidden states, then the logits of its logit rows, then the loss
     /// of its fine-tuning rows).
     Forward(ForwardPlan),
@@ -36,8 +36,30 @@ pub enum BatchPlan {
     Backward { id: u64, layers: usize },
     /// The mean loss of an adapter on examples (a job's validation).
     Validate { adapter: AdapterRef, examples: Vec<Example> },
+    /// A new ESFT job chooses its experts: route `examples` through the base model.
+    SelectExperts { threshold: f32, examples: Vec<Example> },
+    /// A new ESFT job copies these experts (layer -> ids) from the base.
+    BaseExperts { experts: BTreeMap<usize, Vec<usize>> },
     /// The group ends: rank 0 leaves it.
     Stop,
+}
+
+/// How a job's adapter is laid out, for the weights that follow a [`BatchPlan::Weights`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Layout {
+    /// A LoRA adapter as its `adapter_config.json` makes it.
+    Lora(serde_json::Value),
+    /// ESFT replacements of these (layer, expert) pairs.
+    Esft(Vec<(usize, usize)>),
+}
+
+impl Layout {
+    pub fn of(adapter: &Adapter) -> Layout {
+        match adapter {
+            Adapter::Lora(a) => Layout::Lora(a.config.clone()),
+            Adapter::Esft(e) => Layout::Esft(e.experts.keys().copied().collect()),
+        }
+    }
 }
 
 /// One forward pass, as [`ForwardInput`] has it, plus each adapter slot's identity.
@@ -174,6 +196,11 @@ pub trait PlanSink: Send {
     /// A fine-tuning job published version `v`, whose weights for the whole model are `whole`
     /// (the version holds this shard's cut): what the followers get when a plan first uses it.
     fn published(&mut self, v: &Arc<AdapterVersion>, whole: Adapter);
+    /// A new ESFT job is about to choose its experts from `examples` (`threshold` of the
+    /// routed tokens).
+    fn select_experts(&mut self, threshold: f32, examples: &[Example]) -> Result<()>;
+    /// A new ESFT job is about to copy `experts` from the base.
+    fn base_experts(&mut self, experts: &BTreeMap<usize, Vec<usize>>) -> Result<()>;
 }
 
 #[cfg(test)]

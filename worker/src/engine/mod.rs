@@ -34,7 +34,8 @@ use crate::model::{AdapterGrads, ForwardInput, KvCache, Model, PendingBackward};
 use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
 use crate::tokenizer::TextTokenizer;
 use crate::train::data::Example;
-use crate::train::job::{Job, StepReport, Weights};
+use crate::train::finetune::MethodChoice;
+use crate::train::job::{Hyperparams, Job, JobSpec, Method, StepReport, Weights};
 use crate::train::trainer::validation_loss;
 
 /// Sizes of the engine's cache and batches.
@@ -279,9 +280,9 @@ impl Engine {
     /// publishes the next.
     pub fn add_job(&mut self, job: Job) -> Result<()> {
         let name = job.spec.name.clone();
-        if self.plans.is_some() && matches!(job.weights, Weights::Esft(_)) {
+        if self.model.is_expert_parallel() && matches!(job.weights, Weights::Esft(_)) {
             return Err(Error::Unsupported(format!(
-                "fine-tuning job {name:?}: ESFT jobs on a worker group are not done yet (LoRA jobs are)"
+                "fine-tuning job {name:?}: training ESFT experts under expert parallelism is not done yet"
             )));
         }
         if self.registry.resolve(&name).is_ok() {
@@ -290,6 +291,34 @@ impl Engine {
         self.publish_job_weights(&name, job.progress.step, job.weights.adapter())?;
         self.training.jobs.push(EngineJob { job, added: Instant::now(), tokens: 0, last_loss: None });
         Ok(())
+    }
+
+    /// Makes a new job for this engine's model and trains it ([`Engine::add_job`]): ESFT's
+    /// experts are chosen from its data when left open and copied from the base, which takes
+    /// forward passes and, on a group, collectives the followers join (hence here, on the
+    /// engine's thread, between steps).
+    pub fn add_new_job(
+        &mut self,
+        name: &str,
+        method: &MethodChoice,
+        hyper: Hyperparams,
+        data: Arc<Vec<Example>>,
+    ) -> Result<()> {
+        if self.model.is_expert_parallel() && matches!(method, MethodChoice::Esft { .. }) {
+            return Err(Error::Unsupported(format!(
+                "fine-tuning job {name:?}: training ESFT experts under expert parallelism is not done yet"
+            )));
+        }
+        // Checked before any plan goes out: a follower must not start a call rank 0 never makes.
+        Job::check(name, &hyper, &data)?;
+        if let (Some(sink), MethodChoice::Esft { experts: None, threshold }) = (&mut self.plans, method) {
+            sink.select_experts(*threshold, &data)?;
+        }
+        let method = method.resolve(&self.model, &data)?;
+        if let (Some(sink), Method::Esft { experts }) = (&mut self.plans, &method) {
+            sink.base_experts(experts)?;
+        }
+        self.add_job(Job::new(JobSpec { name: name.to_string(), method, hyper }, &self.model, data)?)
     }
 
     /// Publishes job `name`'s weights after optimizer step `step` (`whole`, for the whole

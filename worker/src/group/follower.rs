@@ -8,24 +8,26 @@
 //! forget them. It leaves on a stop plan, when asked (after the plan it waits for), or on an
 //! error.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tandem_kernels::{DType, Tensor, ops};
+use tandem_kernels::{DType, Device, Tensor, ops};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Ended, GroupSpec};
+use crate::adapters::esft::{EsftAdapter, ExpertWeights};
 use crate::adapters::peft::LoraAdapter;
 use crate::adapters::{Adapter, AdapterSet};
 use crate::collective::Collective;
-use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, tail_input};
+use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, Layout, tail_input};
 use crate::error::{Error, Result};
-use crate::model::{AdapterGrads, KvCache, Model, PendingBackward};
+use crate::model::{AdapterGrads, KvCache, Model, ModelConfig, PendingBackward};
 use crate::rng::Xoshiro256;
 use crate::service::read_adapter;
 use crate::train::data::Example;
+use crate::train::esft_select::select_experts;
 use crate::train::trainer::validation_loss;
 
 pub(super) fn start(
@@ -67,7 +69,7 @@ struct Follower {
     set: Option<(Vec<u64>, AdapterSet)>,
     /// Fine-tuning rows whose backward is not finished, by id, with their forward's adapters.
     backwards: HashMap<u64, (PendingBackward, AdapterSet)>,
-    /// Jobs' adapter layouts, by LoRA config: what their weights are read into.
+    /// Jobs' adapter layouts (by their JSON): what their weights are read into.
     layouts: HashMap<String, Adapter>,
 }
 
@@ -77,10 +79,17 @@ impl Follower {
             match BatchPlan::decode(&self.receive()?)? {
                 BatchPlan::Idle => {}
                 BatchPlan::Stop => return Ok(()),
-                BatchPlan::Weights { id, config } => self.weights(id, config)?,
+                BatchPlan::Weights { id, layout } => self.weights(id, layout)?,
                 BatchPlan::Forward(plan) => self.forward(plan)?,
                 BatchPlan::Backward { id, layers } => self.backward(id, layers)?,
                 BatchPlan::Validate { adapter, examples } => self.validate(&adapter, &examples)?,
+                // A new ESFT job's calls: rank 0 answers for the job; a call that fails before
+                // its collectives fails alike on every rank (the same checks of the same
+                // input), and only a collective's failure ends the follower.
+                BatchPlan::SelectExperts { threshold, examples } => {
+                    collective_only(select_experts(&self.model, &examples, threshold))?;
+                }
+                BatchPlan::BaseExperts { experts } => collective_only(self.model.base_experts(&experts))?,
             }
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
@@ -94,14 +103,14 @@ impl Follower {
         Ok(bytes)
     }
 
-    /// A job's version `id`: its weights, the next broadcast, laid out as LoRA `config` makes
-    /// them for the whole model.
-    fn weights(&mut self, id: u64, config: serde_json::Value) -> Result<()> {
+    /// A job's version `id`: its weights, the next broadcast, laid out as `layout` says for
+    /// the whole model.
+    fn weights(&mut self, id: u64, layout: Layout) -> Result<()> {
         let bytes = self.receive()?;
-        let key = config.to_string();
+        let key = serde_json::to_string(&layout).map_err(|e| Error::Format(format!("adapter layout: {e}")))?;
         if !self.layouts.contains_key(&key) {
-            let layout = LoraAdapter::init(self.model.whole_config(), config, &mut Xoshiro256::seed_from_u64(0))?;
-            self.layouts.insert(key.clone(), Adapter::Lora(layout));
+            let adapter = empty_adapter(self.model.whole_config(), layout)?;
+            self.layouts.insert(key.clone(), adapter);
         }
         let layout = &self.layouts[&key];
         let mut values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
@@ -203,4 +212,34 @@ impl Follower {
         validation_loss(&self.model, adapter, examples)?;
         Ok(())
     }
+}
+
+/// `result`, its error only if a collective failed.
+fn collective_only<T>(result: Result<T>) -> Result<()> {
+    match result {
+        Err(e @ Error::Collective(_)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// An adapter of `layout` for a model of `config`, its weights to be replaced.
+fn empty_adapter(config: &ModelConfig, layout: Layout) -> Result<Adapter> {
+    Ok(match layout {
+        Layout::Lora(peft) => Adapter::Lora(LoraAdapter::init(config, peft, &mut Xoshiro256::seed_from_u64(0))?),
+        Layout::Esft(pairs) => {
+            let mut experts = BTreeMap::new();
+            for (layer, e) in pairs {
+                let moe = config
+                    .moe_at(layer)
+                    .ok_or_else(|| Error::Format(format!("ESFT layout: layer {layer} has no experts")))?;
+                let (inter, h) = (moe.expert_intermediate, config.hidden_size);
+                let zeros = |shape: [usize; 2]| Tensor::zeros(shape.to_vec(), DType::F32, Device::Cpu);
+                experts.insert(
+                    (layer, e),
+                    ExpertWeights { gate: zeros([inter, h])?, up: zeros([inter, h])?, down: zeros([h, inter])? },
+                );
+            }
+            Adapter::Esft(EsftAdapter { experts })
+        }
+    })
 }

@@ -7,10 +7,10 @@
 //! flight gets an error, the coordinator re-forms the group and queues its jobs again).
 //!
 //! The followers hold the adapter versions the plans name, by id: an uploaded one read from
-//! its folder, a job's sent as weights the first time a plan uses it. Rank 0 keeps track of
+//! its folder, a job's (LoRA or ESFT) sent as weights the first time a plan uses it. Rank 0 keeps track of
 //! what they hold, and tells them to forget a version once nothing here holds it any more.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
@@ -23,7 +23,7 @@ use crate::adapters::Adapter;
 use crate::adapters::registry::{AdapterVersion, Origin};
 use crate::collective::Collective;
 use crate::engine::Engine;
-use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, PlanSink, TrainingRows, weight_bytes};
+use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, Layout, PlanSink, TrainingRows, weight_bytes};
 use crate::error::{Error, Result};
 use crate::model::{ForwardInput, Model};
 use crate::service::{EngineThread, Lead, Order, Streams, TrainEvents, serve};
@@ -60,10 +60,7 @@ impl Plans {
             if !self.held.contains_key(&v.id) {
                 match (&v.origin, self.unsent.remove(&v.id)) {
                     (_, Some((_, whole))) => {
-                        let Adapter::Lora(lora) = &whole else {
-                            return Err(Error::Unsupported(format!("sending {:?}'s ESFT weights to a group", v.name)));
-                        };
-                        self.send(&BatchPlan::Weights { id: v.id, config: lora.config.clone() })?;
+                        self.send(&BatchPlan::Weights { id: v.id, layout: Layout::of(&whole) })?;
                         self.broadcast(weight_bytes(&whole)?)?;
                     }
                     (Origin::Upload { dir: Some(dir) }, None) => uri = dir.to_string_lossy().into_owned(),
@@ -128,6 +125,14 @@ impl PlanSink for SharedPlans {
         if let Ok(mut plans) = lock(&self.0) {
             plans.unsent.insert(v.id, (Arc::downgrade(v), whole));
         }
+    }
+
+    fn select_experts(&mut self, threshold: f32, examples: &[Example]) -> Result<()> {
+        lock(&self.0)?.send(&BatchPlan::SelectExperts { threshold, examples: examples.to_vec() })
+    }
+
+    fn base_experts(&mut self, experts: &BTreeMap<usize, Vec<usize>>) -> Result<()> {
+        lock(&self.0)?.send(&BatchPlan::BaseExperts { experts: experts.clone() })
     }
 }
 

@@ -28,6 +28,7 @@
 //! - With [`MoeSplit::Experts`], a MoE layer's experts are not sliced but spread over the ranks
 //!   whole (expert parallelism, `expert_parallel.rs`).
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,7 @@ use tandem_kernels::{DType, Device, Tensor};
 use super::backward::AdapterGrads;
 use super::weights::{DenseMlp, Layer, Linear, Mlp, MoeMlp, Weights, load_weights_cut, open_checkpoint};
 use super::{Model, ModelConfig};
+use crate::adapters::esft::ExpertWeights;
 use crate::adapters::{Adapter, AdapterSet, ModuleKey, Proj};
 use crate::collective::{Collective, CollectiveError};
 use crate::error::{Error, Result};
@@ -79,6 +81,8 @@ pub enum Site {
     Experts,
     /// Expert parallelism, backward: the all-to-alls of the pairs' output and input gradients.
     ExpertsBackward,
+    /// Fine-tuning set-up: an ESFT job's base experts assembled from the ranks' shares.
+    JobSetup,
 }
 
 /// Bytes sent at each [`Site`], and the tokens and logit rows of the passes counted.
@@ -444,6 +448,61 @@ impl Model {
                 Adapter::Esft(out)
             }
         })
+    }
+
+    /// The whole base weights of `experts` (layer -> expert ids), what an ESFT job starts from.
+    /// On a shard every rank puts its share in place in zeros of the whole shapes (its slice of
+    /// each expert, or the experts it holds whole) and one all-reduce sums them: every rank of
+    /// the group must call this alike.
+    pub fn base_experts(
+        &self,
+        experts: &BTreeMap<usize, Vec<usize>>,
+    ) -> Result<BTreeMap<(usize, usize), ExpertWeights>> {
+        let c = self.whole_config();
+        let mut parts = Vec::new();
+        for (&layer, ids) in experts {
+            let (Some(moe), Some(Mlp::Moe(m))) = (c.moe_at(layer), self.weights.layers.get(layer).map(|l| &l.mlp))
+            else {
+                return Err(Error::InvalidRequest(format!("ESFT: layer {layer} of this model has no experts")));
+            };
+            let (inter, h) = (moe.expert_intermediate, c.hidden_size);
+            for &e in ids {
+                if e >= moe.num_experts {
+                    return Err(Error::InvalidRequest(format!(
+                        "ESFT: layer {layer} has {} experts, no expert {e}",
+                        moe.num_experts
+                    )));
+                }
+                // This rank's stack holds expert `e` at `local` (all of it, or its slice), or
+                // not at all (another rank's, under expert parallelism).
+                let split = self.tp.as_ref().map(|tp| &tp.split);
+                let local = match split.and_then(|sp| sp.experts.clone()) {
+                    Some(mine) => mine.contains(&e).then(|| e - mine.start),
+                    None => Some(e),
+                };
+                let sliced = split.filter(|sp| sp.experts.is_none()).map(|sp| sp.expert_inter.clone());
+                let expert = |stack: &Tensor, down: bool| -> Result<Tensor> {
+                    let whole_shape = if down { vec![h, inter] } else { vec![inter, h] };
+                    let Some(i) = local else { return Ok(Tensor::zeros(whole_shape, DType::F32, self.device)?) };
+                    let own: Vec<usize> = stack.shape()[1..].to_vec();
+                    let t = slice(stack, 0, i..i + 1)?.reshape(own)?;
+                    match &sliced {
+                        Some(range) => widen(&t, usize::from(down), range.clone(), inter),
+                        None => Ok(t),
+                    }
+                };
+                parts.extend([expert(&m.gate, false)?, expert(&m.up, false)?, expert(&m.down, true)?]);
+            }
+        }
+        let mut whole = self.all_reduce_all(parts, Site::JobSetup)?.into_iter();
+        let mut out = BTreeMap::new();
+        for (&layer, ids) in experts {
+            for &e in ids {
+                let mut next = || whole.next().ok_or_else(|| Error::InvalidRequest("base experts ran out".into()));
+                out.insert((layer, e), ExpertWeights { gate: next()?, up: next()?, down: next()? });
+            }
+        }
+        Ok(out)
     }
 
     /// The sum over the group of a row-parallel output (itself without tensor parallelism).

@@ -37,7 +37,7 @@ pub enum MethodChoice {
     },
     /// Explicit experts (layer -> ids), or those receiving `threshold` of the routed tokens.
     Esft {
-        #[serde(default)]
+        #[serde(default, with = "crate::train::job::layer_keys::option")]
         experts: Option<BTreeMap<usize, Vec<usize>>>,
         threshold: f32,
     },
@@ -51,9 +51,10 @@ impl MethodChoice {
                 Method::Lora { rank: *rank, alpha: *alpha, targets: targets.clone(), rslora: *rslora }
             }
             MethodChoice::Esft { experts: Some(e), .. } => Method::Esft { experts: e.clone() },
-            MethodChoice::Esft { experts: None, .. } if model.tp.is_some() => {
+            MethodChoice::Esft { experts: None, .. } if model.is_expert_parallel() => {
                 return Err(Error::Unsupported(
-                    "choosing ESFT experts on a tensor-parallel shard (its forward passes need the whole group)".into(),
+                    "choosing ESFT experts under expert parallelism (each rank routes only a share of the tokens)"
+                        .into(),
                 ));
             }
             MethodChoice::Esft { experts: None, threshold } => {

@@ -11,7 +11,7 @@ use tandem_kernels::ops::{self, AdamW};
 use tandem_kernels::{DType, Device, Tensor};
 
 use super::data::Example;
-use crate::adapters::esft::{EsftAdapter, ExpertWeights};
+use crate::adapters::esft::EsftAdapter;
 use crate::adapters::set::AdapterSet;
 use crate::adapters::{Adapter, LoraAdapter, Proj};
 use crate::error::{Error, Result};
@@ -109,7 +109,52 @@ pub enum Method {
     /// A LoRA adapter on `targets` (PEFT's `target_modules`: module names, or `all-linear`).
     Lora { rank: usize, alpha: f32, targets: Vec<String>, rslora: bool },
     /// ESFT: the listed experts (layer -> expert ids) train, everything else stays frozen.
-    Esft { experts: BTreeMap<usize, Vec<usize>> },
+    Esft {
+        #[serde(with = "layer_keys")]
+        experts: BTreeMap<usize, Vec<usize>>,
+    },
+}
+
+/// A layer -> experts map as JSON writes it, the layers as object keys ("0"): read back
+/// explicitly, since an internally tagged enum buffers its fields and then takes such a key
+/// for the string it is, not a number.
+pub(crate) mod layer_keys {
+    use std::collections::BTreeMap;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    type Layers = BTreeMap<usize, Vec<usize>>;
+
+    pub fn serialize<S: Serializer>(map: &Layers, s: S) -> Result<S::Ok, S::Error> {
+        map.iter().map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Layers, D::Error> {
+        parse(BTreeMap::deserialize(d)?)
+    }
+
+    fn parse<E: Error>(map: BTreeMap<String, Vec<usize>>) -> Result<Layers, E> {
+        (map.into_iter())
+            .map(|(k, v)| k.parse().map(|k| (k, v)).map_err(|_| E::custom(format!("layer {k:?} is not a number"))))
+            .collect()
+    }
+
+    /// The same, for a map that may be absent (`null`).
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(map: &Option<Layers>, s: S) -> Result<S::Ok, S::Error> {
+            match map {
+                Some(m) => super::serialize(m, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Layers>, D::Error> {
+            Option::deserialize(d)?.map(parse).transpose()
+        }
+    }
 }
 
 impl Method {
@@ -275,19 +320,10 @@ impl Job {
     /// shuffled first epoch, all from `spec.hyper.seed`.
     /// A job keeps its whole adapter, also when a tensor-parallel group trains it (each shard
     /// cuts it for its forward pass): on a shard, a LoRA adapter is made for the whole model's
-    /// shapes; ESFT, which starts from the base's experts, needs the whole model.
+    /// shapes, and an ESFT job's experts are assembled from every rank's share (a collective:
+    /// every rank makes the job alike, after [`Job::check`] passed).
     pub fn new(spec: JobSpec, model: &Model, data: Arc<Vec<Example>>) -> Result<Job> {
-        spec.hyper.validate()?;
-        if model.tp.is_some() && matches!(spec.method, Method::Esft { .. }) {
-            return Err(Error::Unsupported(format!(
-                "job {}: an ESFT job starts from the base's whole experts; a tensor-parallel shard holds a part \
-                 (train it on a worker that holds the whole model)",
-                spec.name
-            )));
-        }
-        if data.is_empty() {
-            return Err(Error::InvalidRequest(format!("job {}: no training examples", spec.name)));
-        }
+        Job::check(&spec.name, &spec.hyper, &data)?;
         let mut rng = Xoshiro256::seed_from_u64(spec.hyper.seed);
         let weights = match &spec.method {
             Method::Lora { .. } => {
@@ -302,6 +338,16 @@ impl Job {
         let progress =
             Progress { step: 0, total_steps: steps_per_epoch * spec.hyper.epochs as u64, epoch: 0, order, pos: 0, rng };
         Job::with_state(spec, weights, progress, None, data)
+    }
+
+    /// What [`Job::new`] checks before it touches the model: the hyperparameters, and that
+    /// there is data.
+    pub fn check(name: &str, hyper: &Hyperparams, data: &[Example]) -> Result<()> {
+        hyper.validate()?;
+        if data.is_empty() {
+            return Err(Error::InvalidRequest(format!("job {name}: no training examples")));
+        }
+        Ok(())
     }
 
     /// A job from saved parts (a checkpoint); `moments` `None` starts AdamW afresh.
@@ -479,32 +525,38 @@ fn zeros(shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::zeros(shape.to_vec(), DType::F32, Device::Cpu)?)
 }
 
-/// ESFT starts from the base model's own experts: copies of the listed ones.
+/// ESFT starts from the base model's own experts: copies of the listed ones (on a
+/// tensor-parallel shard, assembled from every rank's share: every rank must call this alike).
 fn esft_from_base(model: &Model, experts: &BTreeMap<usize, Vec<usize>>) -> Result<EsftAdapter> {
-    let mut out = BTreeMap::new();
-    for (&layer, ids) in experts {
-        let m = match model.weights.layers.get(layer).map(|l| &l.mlp) {
-            Some(crate::model::weights::Mlp::Moe(m)) => m,
-            _ => return Err(Error::InvalidRequest(format!("ESFT: layer {layer} of this model has no experts"))),
-        };
-        for &e in ids {
-            if e >= m.gate.shape()[0] {
-                return Err(Error::InvalidRequest(format!(
-                    "ESFT: layer {layer} has {} experts, no expert {e}",
-                    m.gate.shape()[0]
-                )));
-            }
-            let w = ExpertWeights { gate: rows(&m.gate, e, 1)?, up: rows(&m.up, e, 1)?, down: rows(&m.down, e, 1)? };
-            let w = ExpertWeights {
-                gate: w.gate.reshape(m.gate.shape()[1..].to_vec())?,
-                up: w.up.reshape(m.up.shape()[1..].to_vec())?,
-                down: w.down.reshape(m.down.shape()[1..].to_vec())?,
-            };
-            out.insert((layer, e), w);
-        }
-    }
-    if out.is_empty() {
+    let experts = model.base_experts(experts)?;
+    if experts.is_empty() {
         return Err(Error::InvalidRequest("ESFT: no expert chosen to train".into()));
     }
-    Ok(EsftAdapter { experts: out })
+    Ok(EsftAdapter { experts })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::train::finetune::MethodChoice;
+
+    /// ESFT's layer -> experts maps come back from JSON inside the tagged enums that hold them
+    /// (a checkpoint's state, a job's spec from the gateway).
+    #[test]
+    fn esft_experts_round_trip_through_json() {
+        let experts = BTreeMap::from([(0, vec![1, 6]), (11, vec![3])]);
+        let method = Method::Esft { experts: experts.clone() };
+        let json = serde_json::to_string(&method).unwrap();
+        assert_eq!(json, r#"{"method":"esft","experts":{"0":[1,6],"11":[3]}}"#);
+        assert_eq!(serde_json::from_str::<Method>(&json).unwrap(), method);
+        let spec = r#"{"type": "esft", "experts": {"11": [3], "0": [1, 6]}, "threshold": 0.5}"#;
+        let MethodChoice::Esft { experts: Some(got), .. } = serde_json::from_str(spec).unwrap() else { panic!() };
+        assert_eq!(got, experts);
+        let open = r#"{"type": "esft", "threshold": 0.5}"#;
+        assert!(matches!(serde_json::from_str(open).unwrap(), MethodChoice::Esft { experts: None, .. }));
+        let bad = r#"{"method": "esft", "experts": {"x": [1]}}"#;
+        assert!(serde_json::from_str::<Method>(bad).unwrap_err().to_string().contains("\"x\" is not a number"));
+    }
 }
