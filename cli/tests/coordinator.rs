@@ -328,7 +328,7 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(job(follower)["attempts"][1]["worker"], "spare");
-    assert_eq!(job(follower)["attempts"][0]["ended"], "worker lease expired");
+    assert_eq!(job(follower)["attempts"][0]["ended"], "its worker's lease expired");
     // A dead worker's heartbeat is refused until it registers again.
     let err = rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: "gpu-box".into() })).unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");

@@ -65,6 +65,10 @@ impl JobStatus {
     }
 }
 
+/// Attempts a job gets: one whose attempts keep ending (its worker dies, its group fails)
+/// fails after this many rather than go round for ever.
+pub const MAX_ATTEMPTS: usize = 5;
+
 /// One try at running a job, on one worker, fenced by its epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -72,6 +76,26 @@ pub struct Attempt {
     pub worker: String,
     /// Why it ended, if it did before the job finished (its worker died, ...).
     pub ended: Option<String>,
+}
+
+impl Job {
+    /// Ends the job's current attempt if it runs on `worker` (for `why`): the job is queued
+    /// again, to resume from its checkpoint, or fails once it has had [`MAX_ATTEMPTS`].
+    fn end_attempt_on(&mut self, worker: &str, at: u64, why: &str) {
+        let current = self.attempts.last_mut().filter(|a| a.epoch == self.epoch && a.worker == worker);
+        let (Some(attempt), false) = (current, self.status.is_final() || self.status == JobStatus::Queued) else {
+            return;
+        };
+        attempt.ended = Some(why.to_string());
+        if self.attempts.len() >= MAX_ATTEMPTS {
+            let error = format!("attempt {} of {MAX_ATTEMPTS} ended: {why}; giving up", self.epoch);
+            self.events.push(JobEvent::new(at, format!("The job failed: {error}")));
+            (self.status, self.finished_at, self.error) = (JobStatus::Failed, Some(at), Some(error));
+        } else {
+            self.status = JobStatus::Queued;
+            self.events.push(JobEvent::new(at, format!("Attempt {} ended: {why}; queued again", self.epoch)));
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -688,13 +712,7 @@ impl ClusterState {
         let Some(worker) = self.workers.get_mut(id) else { return refused(format!("no worker {id:?}")) };
         worker.alive = false;
         for job in self.jobs.values_mut() {
-            let current = job.attempts.last_mut().filter(|a| a.epoch == job.epoch && a.worker == id);
-            if let (Some(attempt), false) = (current, job.status.is_final() || job.status == JobStatus::Queued) {
-                attempt.ended = Some("worker lease expired".into());
-                job.status = JobStatus::Queued;
-                let message = format!("Attempt {} ended: its worker's lease expired; queued again", job.epoch);
-                job.events.push(JobEvent::new(at, message));
-            }
+            job.end_attempt_on(id, at, "its worker's lease expired");
         }
         let groups: Vec<String> =
             self.placements.iter().filter(|(_, p)| p.workers.iter().any(|w| w == id)).map(|(g, _)| g.clone()).collect();
@@ -731,12 +749,7 @@ impl ClusterState {
             return;
         }
         for job in self.jobs.values_mut() {
-            let current = job.attempts.last_mut().filter(|a| a.epoch == job.epoch && &a.worker == rank0);
-            if let (Some(attempt), false) = (current, job.status.is_final() || job.status == JobStatus::Queued) {
-                attempt.ended = Some(why.to_string());
-                job.status = JobStatus::Queued;
-                job.events.push(JobEvent::new(at, format!("Attempt {} ended: {why}; queued again", job.epoch)));
-            }
+            job.end_attempt_on(rank0, at, why);
         }
     }
 

@@ -6,7 +6,8 @@
 
 use serde_json::json;
 use tandem_coordinator::state::{
-    ClusterState, Command, File, Gpu, JobReport, JobStatus, Placement, Proposal, Reply, StepFigures, check_name,
+    ClusterState, Command, File, Gpu, JobReport, JobStatus, MAX_ATTEMPTS, Placement, Proposal, Reply, StepFigures,
+    check_name,
 };
 
 /// Applies commands at consecutive indices, each with its own request id.
@@ -99,7 +100,7 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     let job = &log.state.jobs["j"];
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.checkpoint.as_ref().unwrap().step, 40);
-    assert_eq!(job.attempts[0].ended.as_deref(), Some("worker lease expired"));
+    assert_eq!(job.attempts[0].ended.as_deref(), Some("its worker's lease expired"));
     assert_eq!(log.state.placements["g1"].workers, vec!["w2".to_string()]);
     // A dead worker gets nothing; the scheduler picks w2.
     assert!(matches!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Refused { .. }));
@@ -433,10 +434,29 @@ fn jobs_train_on_rank_0_of_a_formed_group_and_are_queued_again_when_it_is_re_for
     assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: 2 }), Reply::Done);
     assert_eq!(log.state.schedule(), vec![("j".to_string(), "g1".to_string())]);
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "g1".into() }), Reply::Epoch { epoch: 2 });
+    // A job whose attempts keep ending (here its group fails at every formation) fails after
+    // MAX_ATTEMPTS instead of going round for ever.
+    for epoch in 2..=MAX_ATTEMPTS as u64 {
+        assert_eq!(log.apply(Command::GroupFailed { group: "tp".into(), epoch, blame: None }), Reply::Done);
+        if epoch == MAX_ATTEMPTS as u64 {
+            break;
+        }
+        assert_eq!(log.state.jobs["j"].status, JobStatus::Queued);
+        assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: epoch + 1 }), Reply::Done);
+        let place = Command::PlaceJob { id: "j".into(), worker: "g1".into() };
+        assert_eq!(log.apply(place), Reply::Epoch { epoch: epoch + 1 });
+    }
+    let job = &log.state.jobs["j"];
+    assert_eq!((job.status, job.attempts.len()), (JobStatus::Failed, MAX_ATTEMPTS));
+    assert!(job.error.as_deref().unwrap().contains("its worker group failed; giving up"), "{:?}", job.error);
+    assert!(log.state.schedule().is_empty());
+    log.apply(submit("k"));
+    assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: MAX_ATTEMPTS as u64 + 1 }), Reply::Done);
+    assert_eq!(log.apply(Command::PlaceJob { id: "k".into(), worker: "g1".into() }), Reply::Epoch { epoch: 1 });
     // The group is removed: queued again, for the other group.
     assert_eq!(log.apply(Command::RemovePlacement { group: "tp".into() }), Reply::Done);
-    assert_eq!(log.state.jobs["j"].status, JobStatus::Queued);
-    assert_eq!(log.state.schedule(), vec![("j".to_string(), "g3".to_string())]);
+    assert_eq!(log.state.jobs["k"].status, JobStatus::Queued);
+    assert_eq!(log.state.schedule(), vec![("k".to_string(), "g3".to_string())]);
 }
 
 #[test]
