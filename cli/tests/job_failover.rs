@@ -40,21 +40,7 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     let (status, job) = call(&http, "POST", "/v1/fine_tuning/jobs", &key, Some(create));
     assert_eq!(status, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
-    // Every event's message, newest first, page by page.
-    let events = |key: &str| {
-        let (mut messages, mut after) = (Vec::new(), String::new());
-        loop {
-            let path = format!("/v1/fine_tuning/jobs/{id}/events?limit=100{after}");
-            let (status, page) = call(&http, "GET", &path, key, None);
-            assert_eq!(status, 200, "{page}");
-            let data = page["data"].as_array().unwrap();
-            messages.extend(data.iter().map(|e| e["message"].as_str().unwrap().to_string()));
-            if page["has_more"] != true {
-                return messages;
-            }
-            after = format!("&after={}", data.last().unwrap()["id"].as_str().unwrap());
-        }
-    };
+    let events = |key: &str| common::job_events(&http, key, &id);
 
     // Its first checkpoint; then the worker training it dies.
     let checkpoint = wait_for(120, "a checkpoint", || {

@@ -338,20 +338,7 @@ fn a_job_trains_on_a_group_and_resumes_from_its_checkpoint_when_a_rank_dies() {
     let (status, job) = as_alice("POST", "/v1/fine_tuning/jobs", Some(create));
     assert_eq!(status, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
-    // Every event's message, newest first, page by page.
-    let messages = || {
-        let (mut messages, mut after) = (Vec::new(), String::new());
-        loop {
-            let (status, page) = as_alice("GET", &format!("/v1/fine_tuning/jobs/{id}/events?limit=100{after}"), None);
-            assert_eq!(status, 200, "{page}");
-            let data = page["data"].as_array().unwrap();
-            messages.extend(data.iter().map(|e| e["message"].as_str().unwrap().to_string()));
-            if page["has_more"] != true {
-                return messages;
-            }
-            after = format!("&after={}", data.last().unwrap()["id"].as_str().unwrap());
-        }
-    };
+    let messages = || common::job_events(&http, &key, &id);
 
     // Placed on rank 0 of the group; while it trains, the group answers requests.
     let checkpoint = wait_for(120, "a checkpoint", || {

@@ -71,6 +71,23 @@ pub fn call_json(
     (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
 }
 
+/// Every event message of fine-tuning job `id`, newest first, read page by page.
+#[allow(clippy::unwrap_used)] // a broken page is a failed test
+pub fn job_events(addr: &str, key: &str, id: &str) -> Vec<String> {
+    let (mut messages, mut after) = (Vec::new(), String::new());
+    loop {
+        let (status, page) =
+            call_json(addr, "GET", &format!("/v1/fine_tuning/jobs/{id}/events?limit=100{after}"), key, None);
+        assert_eq!(status, 200, "{page}");
+        let data = page["data"].as_array().unwrap();
+        messages.extend(data.iter().map(|e| e["message"].as_str().unwrap().to_string()));
+        if page["has_more"] != true {
+            return messages;
+        }
+        after = format!("&after={}", data.last().unwrap()["id"].as_str().unwrap());
+    }
+}
+
 /// Polls `check` until it returns something, failing after `secs`.
 pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
