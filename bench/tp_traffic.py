@@ -56,11 +56,10 @@ def figures(out):
                                   (rows_train * ((w - 1) * 4 + ring_all_reduce(w, 2)) + train * ring_all_reduce(w, h)) / train),
         "attention backward / training token / layer": (per("attentionbackward", train * layers), ring_all_reduce(w, h)),
         "MLP backward / training token / layer": (per("mlpbackward", train * layers), ring_all_reduce(w, h)),
-        # One all-reduce of every LoRA module's whole gradients (+ a count under expert
-        # parallelism).
+        # One all-reduce of the adapters' whole gradients (under expert parallelism the ranks
+        # first all-gather which ESFT experts each holds: "gradientlayout", not counted here).
         "adapter gradients / step": (b.get("gradients", 0),
-                                     ring_all_reduce(w, sum(len(g) for g in out["gradients"].values())
-                                                     + (1 if "experts" in b else 0))),
+                                     ring_all_reduce(w, sum(len(g) for g in out["gradients"].values()))),
     }
     if out["top_k"] and "experts" in b:
         k = out["top_k"]

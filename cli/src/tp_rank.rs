@@ -69,13 +69,11 @@ pub fn run(args: TpRankArgs) -> Result<()> {
     // Sequences on adapter 0, adapter 1 and the base, in turn.
     let slots: Vec<i32> = (0..prompts.len()).map(|i| [0, 1, -1][i % 3]).collect();
     let logits = greedy_logits(&model, &set, &prompts, &slots, args.steps)?;
-    // Training: each prompt predicts its next tokens, on adapters 0 and 1 in turn (on the LoRA
-    // alone under expert parallelism, which does not train ESFT experts yet).
+    // Training: each prompt predicts its next tokens, on adapters 0 and 1 in turn.
     let examples: Vec<Example> = (prompts.iter())
         .map(|p| Example { tokens: p.clone(), targets: p[1..].iter().map(|&t| t as i32).chain([-1]).collect() })
         .collect();
-    let adapters_trained = if args.moe_split == MoeSplit::Experts { 1 } else { 2 };
-    let train_slots: Vec<usize> = (0..examples.len()).map(|i| i % adapters_trained).collect();
+    let train_slots: Vec<usize> = (0..examples.len()).map(|i| i % 2).collect();
     let train_tokens: usize = examples.iter().map(|e| e.tokens.len()).sum();
     let (losses, gradients) = adapter_gradients(&model, &adapters, &examples, &train_slots)?;
     let gradients: serde_json::Map<String, serde_json::Value> =

@@ -146,12 +146,7 @@ fn training_batch() -> (Vec<Example>, Vec<usize>) {
 
 fn gradients_match(preset: Preset, moe: MoeSplit) {
     let model = common::model(preset);
-    let mut adapters = adapters(&model);
-    if moe == MoeSplit::Experts {
-        // Training ESFT experts under expert parallelism is refused (see
-        // `esft_training_under_expert_parallelism_is_refused`): two LoRAs.
-        adapters[1] = adapters[0].clone();
-    }
+    let adapters = adapters(&model);
 
     let (examples, slots) = training_batch();
     let (want_losses, want) = adapter_gradients(&model, &adapters, &examples, &slots).unwrap();
@@ -195,19 +190,6 @@ fn moe_shards_give_the_whole_models_adapter_gradients() {
 #[test]
 fn expert_parallel_shards_give_the_whole_models_adapter_gradients() {
     gradients_match(Preset::TinyMoe, MoeSplit::Experts);
-}
-
-#[test]
-fn esft_training_under_expert_parallelism_is_refused() {
-    let model = common::model(Preset::TinyMoe);
-    let adapters = adapters(&model);
-    let errors = on_shards(&model, 2, MoeSplit::Experts, |shard| {
-        let (examples, slots) = training_batch();
-        adapter_gradients(shard, &adapters, &examples, &slots).err().unwrap().to_string()
-    });
-    for err in errors {
-        assert!(err.contains("ESFT") && err.contains("expert parallelism"), "{err}");
-    }
 }
 
 /// Two LoRA jobs trained together for a few optimizer steps, on the whole model or on the

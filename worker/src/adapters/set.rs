@@ -124,6 +124,11 @@ pub struct EsftTable {
 }
 
 impl EsftTable {
+    /// Every (adapter slot, base expert) of the table, with its index in the stacks.
+    pub fn entries(&self) -> impl Iterator<Item = ((usize, usize), u32)> + '_ {
+        self.index.iter().map(|(&k, &i)| (k, i))
+    }
+
     /// The replacement for `expert` under adapter `slot`, if that adapter has one: its index
     /// in the stacks.
     pub fn lookup(&self, slot: i32, expert: u32) -> Option<u32> {
@@ -213,6 +218,11 @@ impl AdapterSet {
 
     pub fn lora(&self, layer: usize, proj: Proj) -> Option<&LoraTable> {
         self.lora.get(&(layer, proj))
+    }
+
+    /// The ESFT tables, by layer.
+    pub fn esft_tables(&self) -> impl Iterator<Item = (usize, &EsftTable)> + '_ {
+        self.esft.iter().map(|(&l, t)| (l, t))
     }
 
     pub fn esft(&self, layer: usize) -> Option<&EsftTable> {

@@ -35,7 +35,7 @@ use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
 use crate::tokenizer::TextTokenizer;
 use crate::train::data::Example;
 use crate::train::finetune::MethodChoice;
-use crate::train::job::{Hyperparams, Job, JobSpec, Method, StepReport, Weights};
+use crate::train::job::{Hyperparams, Job, JobSpec, Method, StepReport};
 use crate::train::trainer::validation_loss;
 
 /// Sizes of the engine's cache and batches.
@@ -280,11 +280,6 @@ impl Engine {
     /// publishes the next.
     pub fn add_job(&mut self, job: Job) -> Result<()> {
         let name = job.spec.name.clone();
-        if self.model.is_expert_parallel() && matches!(job.weights, Weights::Esft(_)) {
-            return Err(Error::Unsupported(format!(
-                "fine-tuning job {name:?}: training ESFT experts under expert parallelism is not done yet"
-            )));
-        }
         if self.registry.resolve(&name).is_ok() {
             return Err(Error::InvalidRequest(format!("an adapter named {name:?} exists already")));
         }
@@ -304,11 +299,6 @@ impl Engine {
         hyper: Hyperparams,
         data: Arc<Vec<Example>>,
     ) -> Result<()> {
-        if self.model.is_expert_parallel() && matches!(method, MethodChoice::Esft { .. }) {
-            return Err(Error::Unsupported(format!(
-                "fine-tuning job {name:?}: training ESFT experts under expert parallelism is not done yet"
-            )));
-        }
         // Checked before any plan goes out: a follower must not start a call rank 0 never makes.
         Job::check(name, &hyper, &data)?;
         if let (Some(sink), MethodChoice::Esft { experts: None, threshold }) = (&mut self.plans, method) {

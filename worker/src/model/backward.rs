@@ -24,9 +24,21 @@ use crate::error::{Error, Result};
 pub struct AdapterGrads {
     pub lora: HashMap<(usize, Proj), (Tensor, Tensor)>,
     pub esft: HashMap<(usize, Proj), Tensor>,
+    /// Per MoE layer, the (adapter slot, expert) of each row of its ESFT stacks when they are
+    /// not the rows of the set's own table: gathered over an expert-parallel group, where each
+    /// rank's table holds only its own experts, the stacks are the whole set's.
+    pub esft_rows: HashMap<usize, Vec<(usize, usize)>>,
 }
 
 impl AdapterGrads {
+    /// The row of the ESFT stacks of `layer` that holds (`slot`, `expert`) of `set`.
+    pub fn esft_row(&self, set: &AdapterSet, layer: usize, slot: usize, expert: usize) -> Option<usize> {
+        match self.esft_rows.get(&layer) {
+            Some(rows) => rows.iter().position(|&k| k == (slot, expert)),
+            None => set.esft(layer)?.lookup(slot as i32, expert as u32).map(|i| i as usize),
+        }
+    }
+
     fn add_lora(&mut self, key: (usize, Proj), da: Tensor, dbt: Tensor) -> Result<()> {
         let sum = match self.lora.remove(&key) {
             Some((a, bt)) => (ops::add(&a, &da)?, ops::add(&bt, &dbt)?),
@@ -44,6 +56,7 @@ impl AdapterGrads {
         for (key, dw) in other.esft {
             self.add_esft(key, dw)?;
         }
+        self.esft_rows.extend(other.esft_rows);
         Ok(())
     }
 

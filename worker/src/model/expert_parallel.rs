@@ -47,6 +47,13 @@ pub(super) struct EpActs {
     pub(super) shared: Option<SharedActs>,
 }
 
+impl EpActs {
+    /// The experts this rank's share of the tokens chose (top-k per token), and k.
+    pub(super) fn routed_experts(&self) -> Option<(&[u32], usize)> {
+        self.routed.as_ref().map(|(_, r)| (&r.experts[..], r.top_k))
+    }
+}
+
 /// The experts of a rank: rank `r` holds `r·E/w .. (r+1)·E/w`.
 fn owner(expert: u32, per_rank: usize) -> usize {
     expert as usize / per_rank

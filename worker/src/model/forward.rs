@@ -87,8 +87,9 @@ impl LayerActs {
     pub fn routed_experts(&self) -> Option<(&[u32], usize)> {
         match &self.mlp {
             MlpActs::Moe(m) => Some((&m.routing.experts, m.routing.top_k)),
-            // Each rank routes only its share of the tokens.
-            MlpActs::Dense(_) | MlpActs::ExpertParallel(_) => None,
+            // Each rank routes only its share of the tokens: the group's counts add up.
+            MlpActs::ExpertParallel(a) => a.routed_experts(),
+            MlpActs::Dense(_) => None,
         }
     }
 }

@@ -28,7 +28,7 @@
 //! - With [`MoeSplit::Experts`], a MoE layer's experts are not sliced but spread over the ranks
 //!   whole (expert parallelism, `expert_parallel.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -81,7 +81,11 @@ pub enum Site {
     Experts,
     /// Expert parallelism, backward: the all-to-alls of the pairs' output and input gradients.
     ExpertsBackward,
-    /// Fine-tuning set-up: an ESFT job's base experts assembled from the ranks' shares.
+    /// Training under expert parallelism: the all-gather of the (adapter, expert) pairs each
+    /// rank's ESFT tables hold, which lays out the whole set's ESFT gradients.
+    GradientLayout,
+    /// Fine-tuning set-up: an ESFT job's expert choice (routing counts, under expert
+    /// parallelism) and base experts, assembled from the ranks' shares.
     JobSetup,
 }
 
@@ -238,6 +242,9 @@ impl Split {
         }
     }
 }
+
+/// The projections of an ESFT expert, in the order its gradients travel.
+const ESFT_PROJS: [Proj; 3] = [Proj::Gate, Proj::Up, Proj::Down];
 
 /// `len` split into `parts` contiguous ranges, the first `len % parts` one longer.
 pub(super) fn split(len: usize, parts: usize, i: usize) -> Range<usize> {
@@ -505,6 +512,14 @@ impl Model {
         Ok(out)
     }
 
+    /// `values` summed over the group, in place (unchanged without tensor parallelism).
+    pub(crate) fn sum_over_group(&self, values: &mut [f32], site: Site) -> Result<()> {
+        match &self.tp {
+            Some(tp) => tp.counted(site, || tp.comm.all_reduce_sum(values)),
+            None => Ok(()),
+        }
+    }
+
     /// The sum over the group of a row-parallel output (itself without tensor parallelism).
     pub(super) fn all_reduce(&self, t: Tensor, site: Site) -> Result<Tensor> {
         let Some(tp) = &self.tp else { return Ok(t) };
@@ -594,11 +609,31 @@ impl Model {
             });
         }
         let by_experts = sp.experts.is_some();
+        let esft_rows = if by_experts { self.whole_esft_rows(tp, adapters)? } else { BTreeMap::new() };
         if by_experts {
-            // Each rank's ESFT tables hold only its own experts and differ in shape: training
-            // them is refused, on every rank at once (only some have ESFT gradients), by a
-            // count that rides the same all-reduce.
-            parts.push(Tensor::from_vec(vec![esft.len() as f32], [1])?);
+            // Each rank's ESFT tables hold only its own experts: each puts the rows it has in
+            // place in zeros of the whole set's stacks (the whole model's table layout), and
+            // the sum completes them.
+            let own: HashMap<(usize, usize, usize), usize> = (adapters.esft_tables())
+                .flat_map(|(l, t)| t.entries().map(move |((s, e), i)| ((l, s, e), i as usize)))
+                .collect();
+            let (h, inter) = (whole.hidden_size, whole.moe.as_ref().map_or(0, |m| m.expert_intermediate));
+            for (&layer, rows) in &esft_rows {
+                for proj in ESFT_PROJS {
+                    let shape = if proj == Proj::Down { [rows.len(), h, inter] } else { [rows.len(), inter, h] };
+                    let mut data = vec![0.0; rows.len() * h * inter];
+                    if let Some((_, g)) = esft.iter().find(|(key, _)| *key == (layer, proj)) {
+                        let g = g.to_vec_f32()?;
+                        for (r, &(slot, e)) in rows.iter().enumerate() {
+                            if let Some(&i) = own.get(&(layer, slot, e)) {
+                                data[r * h * inter..(r + 1) * h * inter]
+                                    .copy_from_slice(&g[i * h * inter..(i + 1) * h * inter]);
+                            }
+                        }
+                    }
+                    parts.push(Tensor::from_vec(data, shape)?.to_device(self.device)?);
+                }
+            }
         } else {
             let inter = whole.moe.as_ref().map_or(0, |m| m.expert_intermediate);
             for ((_, proj), dw) in &esft {
@@ -607,20 +642,49 @@ impl Model {
                 parts.push(widen(dw, axis, sp.expert_inter.clone(), inter)?);
             }
         }
-        let mut summed = self.all_reduce_all(parts, Site::Gradients)?;
-        if by_experts && summed.pop().map(|n| n.to_vec_f32()).transpose()?.is_some_and(|n| n[0] > 0.0) {
-            return Err(Error::Unsupported("training ESFT experts under expert parallelism (not yet)".into()));
-        }
-        let mut summed = summed.into_iter();
+        let mut summed = self.all_reduce_all(parts, Site::Gradients)?.into_iter();
         let mut next = || summed.next().ok_or_else(|| Error::InvalidRequest("gradients ran out".into()));
         let mut out = AdapterGrads::default();
         for (key, _) in lora {
             out.lora.insert(key, (next()?, next()?));
         }
-        for (key, _) in esft {
-            out.esft.insert(key, next()?);
+        if by_experts {
+            for &layer in esft_rows.keys() {
+                for proj in ESFT_PROJS {
+                    out.esft.insert((layer, proj), next()?);
+                }
+            }
+            out.esft_rows = esft_rows.into_iter().collect();
+        } else {
+            for (key, _) in esft {
+                out.esft.insert(key, next()?);
+            }
         }
         Ok(out)
+    }
+
+    /// Under expert parallelism, the rows of the whole set's ESFT stacks, per layer: every
+    /// rank's (adapter slot, expert) pairs, gathered, in the order the whole model's tables
+    /// have them (by slot, then expert).
+    fn whole_esft_rows(
+        &self,
+        tp: &TensorParallel,
+        adapters: &AdapterSet,
+    ) -> Result<BTreeMap<usize, Vec<(usize, usize)>>> {
+        let mine: Vec<f32> = (adapters.esft_tables())
+            .flat_map(|(l, t)| t.entries().map(move |((s, e), _)| [l as f32, s as f32, e as f32]))
+            .flatten()
+            .collect();
+        let all = tp.counted(Site::GradientLayout, || tp.comm.all_gather(&mine))?;
+        let mut keys: Vec<(usize, usize, usize)> =
+            all.chunks_exact(3).map(|k| (k[0] as usize, k[1] as usize, k[2] as usize)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut rows: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+        for (layer, slot, expert) in keys {
+            rows.entry(layer).or_default().push((slot, expert));
+        }
+        Ok(rows)
     }
 
     /// Several tensors summed over the group in one all-reduce.

@@ -9,6 +9,7 @@ use super::step::{forward_input, fresh_cache};
 use crate::adapters::set::AdapterSet;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::model::tensor_parallel::Site;
 
 /// Tokens routed per forward pass while counting.
 const CHUNK_TOKENS: usize = 4096;
@@ -44,6 +45,13 @@ pub fn select_experts(model: &Model, data: &[Example], threshold: f32) -> Result
             }
             layer += 1;
         })?;
+    }
+    if model.is_expert_parallel() {
+        // Each rank routed only its share of the tokens.
+        let mut flat: Vec<f32> = counts.values().flatten().map(|&c| c as f32).collect();
+        model.sum_over_group(&mut flat, Site::JobSetup)?;
+        let mut flat = flat.into_iter();
+        counts.values_mut().flatten().for_each(|c| *c = flat.next().unwrap_or(0.0) as u64);
     }
     Ok(counts
         .into_iter()

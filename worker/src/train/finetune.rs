@@ -51,12 +51,6 @@ impl MethodChoice {
                 Method::Lora { rank: *rank, alpha: *alpha, targets: targets.clone(), rslora: *rslora }
             }
             MethodChoice::Esft { experts: Some(e), .. } => Method::Esft { experts: e.clone() },
-            MethodChoice::Esft { experts: None, .. } if model.is_expert_parallel() => {
-                return Err(Error::Unsupported(
-                    "choosing ESFT experts under expert parallelism (each rank routes only a share of the tokens)"
-                        .into(),
-                ));
-            }
             MethodChoice::Esft { experts: None, threshold } => {
                 Method::Esft { experts: select_experts(model, data, *threshold)? }
             }

@@ -250,8 +250,7 @@ impl Weights {
             }
             Weights::Esft(e) => {
                 for (&(layer, expert), w) in &e.experts {
-                    let table = set.esft(layer).ok_or_else(missing)?;
-                    let i = table.lookup(slot as i32, expert as u32).ok_or_else(missing)? as usize;
+                    let i = grads.esft_row(set, layer, slot, expert).ok_or_else(missing)?;
                     for (proj, t) in [(Proj::Gate, &w.gate), (Proj::Up, &w.up), (Proj::Down, &w.down)] {
                         out.push(match grads.esft.get(&(layer, proj)) {
                             Some(g) => rows(g, i, 1)?.reshape(t.shape().to_vec())?,
