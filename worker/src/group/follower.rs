@@ -2,8 +2,8 @@
 //! on its shard, discarding what only rank 0 needs: a forward pass (the hidden states into its
 //! own KV cache, of the same geometry as rank 0's, then the logits, whose all-gather it must
 //! join, then the fine-tuning rows' loss and the start of their backward), more layers of a
-//! backward pass (kept by id between plans, with the adapters of its forward pass), or a
-//! validation pass. The adapter versions the plans name are read once from their folders or
+//! backward pass (kept by id between plans, with the adapters of its forward pass), a
+//! validation pass, or a new ESFT job's choice and copy of experts. The adapter versions the plans name are read once from their folders or
 //! received as weights, against the whole model, and cut for this shard; rank 0 says when to
 //! forget them. It leaves on a stop plan, when asked (after the plan it waits for), or on an
 //! error.
@@ -39,15 +39,7 @@ pub(super) fn start(
 ) -> Result<()> {
     let cache = KvCache::new(&model, spec.engine.pages, spec.engine.block_size, DType::F32)?;
     let name = format!("group-{}-rank{}", spec.group, spec.rank);
-    let mut follower = Follower {
-        model,
-        cache,
-        comm,
-        adapters: HashMap::new(),
-        set: None,
-        backwards: HashMap::new(),
-        layouts: HashMap::new(),
-    };
+    let mut follower = Follower { model, cache, comm, adapters: HashMap::new(), set: None, backwards: HashMap::new() };
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
@@ -69,8 +61,6 @@ struct Follower {
     set: Option<(Vec<u64>, AdapterSet)>,
     /// Fine-tuning rows whose backward is not finished, by id, with their forward's adapters.
     backwards: HashMap<u64, (PendingBackward, AdapterSet)>,
-    /// Jobs' adapter layouts (by their JSON): what their weights are read into.
-    layouts: HashMap<String, Adapter>,
 }
 
 impl Follower {
@@ -107,12 +97,8 @@ impl Follower {
     /// the whole model.
     fn weights(&mut self, id: u64, layout: Layout) -> Result<()> {
         let bytes = self.receive()?;
-        let key = serde_json::to_string(&layout).map_err(|e| Error::Format(format!("adapter layout: {e}")))?;
-        if !self.layouts.contains_key(&key) {
-            let adapter = empty_adapter(self.model.whole_config(), layout)?;
-            self.layouts.insert(key.clone(), adapter);
-        }
-        let layout = &self.layouts[&key];
+        // (Made afresh each time: about as much work as reading the weights, once per version.)
+        let layout = empty_adapter(self.model.whole_config(), layout)?;
         let mut values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         let mut tensors = Vec::new();
         for (_, t) in layout.weights() {
