@@ -687,10 +687,9 @@ impl Engine {
                 let report = job.job.microbatch_done(&group.adapters, &group.grads, m.slot, &m.examples, m.loss)?;
                 if let Some(report) = report {
                     job.last_loss = Some(report.loss);
-                    let report_step = report.step;
+                    let (step, whole) = (report.step, job.job.weights.adapter());
                     self.reports.push(report);
-                    let whole = job.job.weights.adapter();
-                    self.publish_job_weights(&m.job, report_step, whole)?;
+                    self.publish_job_weights(&m.job, step, whole)?;
                 }
             }
             self.budget.finish.observe(group.members.len(), t.elapsed().as_secs_f64());

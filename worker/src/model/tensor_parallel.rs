@@ -618,16 +618,16 @@ impl Model {
                 .flat_map(|(l, t)| t.entries().map(move |((s, e), i)| ((l, s, e), i as usize)))
                 .collect();
             let (h, inter) = (whole.hidden_size, whole.moe.as_ref().map_or(0, |m| m.expert_intermediate));
+            let size = h * inter;
             for (&layer, rows) in &esft_rows {
                 for proj in ESFT_PROJS {
                     let shape = if proj == Proj::Down { [rows.len(), h, inter] } else { [rows.len(), inter, h] };
-                    let mut data = vec![0.0; rows.len() * h * inter];
+                    let mut data = vec![0.0; rows.len() * size];
                     if let Some((_, g)) = esft.iter().find(|(key, _)| *key == (layer, proj)) {
                         let g = g.to_vec_f32()?;
                         for (r, &(slot, e)) in rows.iter().enumerate() {
                             if let Some(&i) = own.get(&(layer, slot, e)) {
-                                data[r * h * inter..(r + 1) * h * inter]
-                                    .copy_from_slice(&g[i * h * inter..(i + 1) * h * inter]);
+                                data[r * size..(r + 1) * size].copy_from_slice(&g[i * size..(i + 1) * size]);
                             }
                         }
                     }
