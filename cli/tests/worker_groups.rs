@@ -7,7 +7,8 @@
 //! rank 1's place (a new epoch), and the same request succeeds again with the same output.
 //! A fine-tuning job submitted through the gateway trains on a group beside requests, survives
 //! the loss of a rank (queued again, resumed from its checkpoint on the re-formed group), and
-//! its adapter then serves on the group as it does on the whole model.
+//! its adapter then serves on the group as it does on the whole model; so does an ESFT job on
+//! an expert-parallel group of four.
 
 #![allow(clippy::unwrap_used)]
 
@@ -282,7 +283,7 @@ fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
 
 #[test]
 fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
-    let Cluster { mut procs, model, http, .. } = cluster("groups-moe", "tiny-moe", 5);
+    let Cluster { mut procs, dir, model, http, .. } = cluster("groups-moe", "tiny-moe", 5);
     let body = json!({"model": "tiny", "size": 4, "group": "tp", "expert_parallel": true});
     let (status, out) = call(&http, "POST", "/v1/admin/groups", Some(body));
     assert_eq!(status, 200, "{out}");
@@ -304,6 +305,36 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
     assert_eq!(workers_of(&group), ["w1", "w2", "w5", "w4"], "{group}");
     assert_eq!(group["expert_parallel"], true, "{group}");
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
+
+    // An ESFT job, its experts chosen from its data on the group (each rank routing a share of
+    // the tokens), trains on the expert-parallel group; its adapter (ESFT experts on the ranks
+    // of the experts they replace) then serves there as it does on the whole model.
+    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", Some(json!({"tenant": "alice"})));
+    assert_eq!(status, 200, "{key}");
+    let key = key["key"].as_str().unwrap();
+    let lines: String = (0..24)
+        .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 5)})))
+        .collect();
+    let (status, file) = common::upload(&http, key, "train.jsonl", &lines);
+    assert_eq!(status, 200, "{file}");
+    let file: Value = serde_json::from_str(&file).unwrap();
+    let esft = json!({"threshold": 0.3, "hyperparameters": {"n_epochs": 2, "batch_size": 4}});
+    let create = json!({"model": "tiny", "training_file": file["id"], "method": {"type": "esft", "esft": esft}});
+    let (status, job) = common::call_json(&http, "POST", "/v1/fine_tuning/jobs", key, Some(create));
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let job = wait_for(120, "the ESFT job to succeed", || {
+        let (_, job) = common::call_json(&http, "GET", &format!("/v1/fine_tuning/jobs/{id}"), key, None);
+        assert!(!["failed", "cancelled"].contains(&job["status"].as_str().unwrap()), "{job}");
+        (job["status"] == "succeeded").then_some(job)
+    });
+    let adapter = dir.join("blobs").join("jobs").join(&id).join("adapter");
+    assert!(adapter.join("esft_config.json").is_file(), "not an ESFT adapter: {}", adapter.display());
+    let want = generate_with_adapter(&model, adapter.to_str().unwrap(), "n3 =", 6);
+    let req = json!({"model": job["fine_tuned_model"], "prompt": "n3 =", "max_tokens": 6, "temperature": 0});
+    let (status, out) = common::call_json(&http, "POST", "/v1/completions", key, Some(req));
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
 }
