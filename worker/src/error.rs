@@ -43,11 +43,11 @@ pub enum Error {
     #[error("{path}:{line}: {msg}")]
     Data { path: PathBuf, line: usize, msg: String },
 
-    /// Tokenizer or chat-template failure.
     /// A collective of a tensor-parallel group failed (a rank is gone, a timeout).
     #[error("collective: {0}")]
     Collective(String),
 
+    /// Tokenizer or chat-template failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
@@ -56,6 +56,12 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<crate::collective::CollectiveError> for Error {
+    fn from(e: crate::collective::CollectiveError) -> Self {
+        Error::Collective(e.to_string())
+    }
+}
 
 impl Error {
     /// An I/O error on `path`.

@@ -89,7 +89,7 @@ impl Follower {
 
     fn receive(&self) -> Result<Vec<u8>> {
         let mut bytes = Vec::new();
-        self.comm.broadcast_bytes(&mut bytes, 0).map_err(|e| Error::Collective(e.to_string()))?;
+        self.comm.broadcast_bytes(&mut bytes, 0)?;
         Ok(bytes)
     }
 

@@ -46,7 +46,7 @@ impl Plans {
     }
 
     fn broadcast(&mut self, mut bytes: Vec<u8>) -> Result<()> {
-        self.comm.broadcast_bytes(&mut bytes, 0).map_err(|e| Error::Collective(e.to_string()))?;
+        self.comm.broadcast_bytes(&mut bytes, 0)?;
         self.last_sent = Instant::now();
         Ok(())
     }

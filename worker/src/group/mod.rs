@@ -107,7 +107,7 @@ pub fn join(
     train_events: TrainEvents,
     ended: UnboundedSender<Ended>,
 ) -> Result<Member> {
-    let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options).map_err(|e| Error::Collective(e.to_string()))?;
+    let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options)?;
     let comm: Arc<dyn Collective> = Arc::new(comm);
     check_formation(comm.as_ref(), spec)?;
     let data = match spec.data {
@@ -137,7 +137,7 @@ fn nccl(control: &dyn Collective, spec: &GroupSpec, device: usize) -> Result<Arc
         },
         _ => Vec::new(),
     };
-    control.broadcast_bytes(&mut message, 0).map_err(|e| Error::Collective(e.to_string()))?;
+    control.broadcast_bytes(&mut message, 0)?;
     let id = match message.split_first() {
         Some((&ID, id)) => NcclId::try_from(id).map_err(|e| Error::Collective(format!("NCCL id from rank 0: {e}")))?,
         _ => {
@@ -145,8 +145,7 @@ fn nccl(control: &dyn Collective, spec: &GroupSpec, device: usize) -> Result<Arc
             return Err(Error::Collective(format!("rank {}: rank 0 could not make the NCCL id: {why}", spec.rank)));
         }
     };
-    let comm = NcclCollective::new(spec.rank, spec.peers.len(), id, device, &spec.options)
-        .map_err(|e| Error::Collective(e.to_string()))?;
+    let comm = NcclCollective::new(spec.rank, spec.peers.len(), id, device, &spec.options)?;
     Ok(Arc::new(comm))
 }
 
@@ -161,13 +160,12 @@ fn nccl(_: &dyn Collective, spec: &GroupSpec, _: usize) -> Result<Arc<dyn Collec
 /// cache's geometry); every rank says whether it is its own; all fail together, naming a rank
 /// that differs.
 fn check_formation(comm: &dyn Collective, spec: &GroupSpec) -> Result<()> {
-    let collective = |e: crate::collective::CollectiveError| Error::Collective(e.to_string());
     // The KV cache's geometry too: the plans' slots and block tables must fit every rank's.
     let (pages, block) = (spec.engine.pages, spec.engine.block_size);
     let own = format!("{}@{} pages={pages} block={block} experts={:?}", spec.group, spec.epoch, spec.moe);
     let mut leader = own.clone().into_bytes();
-    comm.broadcast_bytes(&mut leader, 0).map_err(collective)?;
-    let agree = comm.all_gather(&[f32::from(u8::from(leader == own.as_bytes()))]).map_err(collective)?;
+    comm.broadcast_bytes(&mut leader, 0)?;
+    let agree = comm.all_gather(&[f32::from(u8::from(leader == own.as_bytes()))])?;
     match agree.iter().position(|&a| a != 1.0) {
         None => Ok(()),
         Some(rank) => Err(Error::Collective(format!(

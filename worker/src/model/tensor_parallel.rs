@@ -765,7 +765,7 @@ impl TensorParallel {
         f: impl FnOnce() -> std::result::Result<T, CollectiveError>,
     ) -> Result<T> {
         let before = self.comm.bytes_sent();
-        let out = f().map_err(|e| Error::Collective(e.to_string()))?;
+        let out = f()?;
         if let Ok(mut t) = self.traffic.lock() {
             *t.bytes.entry(site).or_default() += self.comm.bytes_sent() - before;
         }
