@@ -15,8 +15,9 @@ use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::{Engine, EngineConfig};
 use tandem_worker::group::DataPlane;
 use tandem_worker::model::{Model, ModelConfig};
-use tandem_worker::service::{EngineThread, Lease, Serving, WorkerService, keep_lease};
+use tandem_worker::service::{EngineThread, Lease, Serving, TrainEvent, WorkerService, keep_lease};
 use tandem_worker::tokenizer::TextTokenizer;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::worker_groups::GroupsAgent;
 use crate::worker_jobs::JobsAgent;
@@ -79,36 +80,47 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let model =
         Arc::new(Model::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?);
     let engine = Engine::new(model, adapters, Some(tokenizer), EngineConfig::default())?;
-    let (engine, train_events) = EngineThread::start(engine)?;
-    let model_name = model_name(&args);
-    let agent = JobsAgent {
-        serving: Serving::engine(engine.clone()),
-        coordinator: args.coordinator.clone(),
-        blobs: args.blobs,
-    };
+    let (engine, trained) = EngineThread::start(engine)?;
+    let lease = (vec![model_name(&args)], String::new());
+    serve(&args, Serving::engine(engine), trained, lease, None)
+}
+
+/// The rest of a worker's life: it holds its lease (registered with `models` and its collective
+/// address), runs the jobs agent on `serving` (and a group worker's groups agent) and serves
+/// `Generate` from `serving` until it is asked to stop.
+fn serve(
+    args: &WorkerArgs,
+    serving: Serving,
+    trained: UnboundedReceiver<TrainEvent>,
+    (models, collective_addr): (Vec<String>, String),
+    groups_agent: Option<GroupsAgent>,
+) -> Result<()> {
+    let jobs = JobsAgent { serving: serving.clone(), coordinator: args.coordinator.clone(), blobs: args.blobs.clone() };
     let addr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e}", args.listen))?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let (assignments, assigned) = tokio::sync::watch::channel(String::new());
-        let (groups, _) = tokio::sync::watch::channel(String::new());
+        let (groups, memberships) = tokio::sync::watch::channel(String::new());
+        let kind = if groups_agent.is_some() { "group worker" } else { "worker" };
         let lease = tokio::spawn(keep_lease(Lease {
-            coordinator: args.coordinator,
+            coordinator: args.coordinator.clone(),
             id: args.id.clone(),
             addr: args.listen.clone(),
-            models: vec![model_name],
-            collective_addr: String::new(),
+            models,
+            collective_addr,
             assignments,
             groups,
         }));
-        let jobs = tokio::spawn(agent.run(assigned, train_events));
-        eprintln!("worker {} serving on {}", args.id, args.listen);
-        let shutdown = crate::stop_requested();
+        let jobs = tokio::spawn(jobs.run(assigned, trained));
+        let groups = groups_agent.map(|agent| tokio::spawn(agent.run(memberships)));
+        eprintln!("{kind} {} serving on {}", args.id, args.listen);
         let served = tonic::transport::Server::builder()
-            .add_service(WorkerService::new(engine))
-            .serve_with_shutdown(addr, shutdown)
+            .add_service(WorkerService::serving(serving))
+            .serve_with_shutdown(addr, crate::stop_requested())
             .await;
         lease.abort();
         jobs.abort();
+        groups.inspect(|g| g.abort());
         served.with_context(|| format!("serving on {}", args.listen))
     })
 }
@@ -138,7 +150,6 @@ fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -
         (other, _) => return Err(anyhow!("--collective-backend {other:?}: expected `tcp` or `nccl`")),
     };
     let (train_events, trained) = tokio::sync::mpsc::unbounded_channel();
-    let jobs = JobsAgent { serving: serving.clone(), coordinator: args.coordinator.clone(), blobs: args.blobs.clone() };
     let agent = GroupsAgent {
         id: args.id.clone(),
         coordinator: args.coordinator.clone(),
@@ -151,30 +162,5 @@ fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -
         engine: EngineConfig::default(),
         data,
     };
-    let addr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e}", args.listen))?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let (assignments, assigned) = tokio::sync::watch::channel(String::new());
-        let (groups, memberships) = tokio::sync::watch::channel(String::new());
-        let lease = tokio::spawn(keep_lease(Lease {
-            coordinator: args.coordinator.clone(),
-            id: args.id.clone(),
-            addr: args.listen.clone(),
-            models: Vec::new(),
-            collective_addr,
-            assignments,
-            groups,
-        }));
-        let jobs = tokio::spawn(jobs.run(assigned, trained));
-        let groups = tokio::spawn(agent.run(memberships));
-        eprintln!("group worker {} serving on {}", args.id, args.listen);
-        let served = tonic::transport::Server::builder()
-            .add_service(WorkerService::serving(serving))
-            .serve_with_shutdown(addr, crate::stop_requested())
-            .await;
-        lease.abort();
-        jobs.abort();
-        groups.abort();
-        served.with_context(|| format!("serving on {}", args.listen))
-    })
+    serve(&args, serving, trained, (Vec::new(), collective_addr), Some(agent))
 }

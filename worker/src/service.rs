@@ -521,10 +521,6 @@ pub struct WorkerService {
 }
 
 impl WorkerService {
-    pub fn new(engine: EngineThread) -> WorkerServer<Self> {
-        Self::serving(Serving::engine(engine))
-    }
-
     /// The service over whatever `serving` holds at each request.
     pub fn serving(serving: Serving) -> WorkerServer<Self> {
         WorkerServer::new(WorkerService { serving })
