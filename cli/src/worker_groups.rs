@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use tandem_coordinator::state::{Command, Membership, Proposal, Reply};
+use tandem_coordinator::state::{Command, Membership};
 use tandem_kernels::Device;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::EngineConfig;
@@ -20,8 +20,6 @@ use tandem_worker::model::{Model, MoeSplit};
 use tandem_worker::service::{Serving, TrainEvents};
 use tandem_worker::tokenizer::TextTokenizer;
 use tokio::sync::{mpsc, watch};
-
-use crate::worker_jobs::propose;
 
 /// The pause before a failed set-up is tried again.
 const JOIN_RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -183,21 +181,9 @@ impl GroupsAgent {
     }
 }
 
-/// Proposes `command` under `request_id` (a retry applies once), retrying a while when the
-/// cluster cannot be reached; a refusal means the news is stale.
+/// Proposes a group report for worker `id` (briefly retried: a later formation makes it stale).
 async fn report(coordinator: &str, id: &str, request_id: String, command: Command) {
-    let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { return };
-    for _ in 0..20 {
-        match propose(coordinator, &json).await {
-            Ok(Reply::Refused { reason }) => {
-                eprintln!("worker {id}: group report refused: {reason}");
-                return;
-            }
-            Ok(_) => return,
-            Err(e) => {
-                eprintln!("worker {id}: group report: {e:#}; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
+    let what = format!("worker {id}: group");
+    crate::worker_jobs::propose_until_recorded(coordinator, &what, request_id, command, 20, Duration::from_millis(250))
+        .await;
 }

@@ -184,26 +184,41 @@ fn spawn_reporter(coordinator: String) -> mpsc::UnboundedSender<(String, u64, Jo
             sent += 1;
             let request_id = format!("report-{id}-{epoch}-{sent}-{}", std::process::id());
             let command = Command::ReportJob { id: id.clone(), epoch, report };
-            let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { continue };
-            for attempt in 0..60 {
-                match propose(&coordinator, &json).await {
-                    Ok(Reply::Refused { reason }) => {
-                        eprintln!("job {id}: report refused: {reason}");
-                        break;
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        eprintln!("job {id}: reporting (try {attempt}): {e:#}");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
+            let what = format!("job {id}");
+            propose_until_recorded(&coordinator, &what, request_id, command, 60, Duration::from_millis(500)).await;
         }
     });
     tx
 }
 
-pub(crate) async fn propose(coordinator: &str, proposal_json: &str) -> Result<Reply> {
+/// Proposes `command` under `request_id` (a retry applies once), trying `tries` times, `pause`
+/// apart, while the cluster cannot be reached; a refusal means the news is stale. `what` names
+/// the sender in the log.
+pub(crate) async fn propose_until_recorded(
+    coordinator: &str,
+    what: &str,
+    request_id: String,
+    command: Command,
+    tries: u32,
+    pause: Duration,
+) {
+    let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { return };
+    for attempt in 0..tries {
+        match propose(coordinator, &json).await {
+            Ok(Reply::Refused { reason }) => {
+                eprintln!("{what}: report refused: {reason}");
+                return;
+            }
+            Ok(_) => return,
+            Err(e) => {
+                eprintln!("{what}: reporting (try {attempt}): {e:#}");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+async fn propose(coordinator: &str, proposal_json: &str) -> Result<Reply> {
     let mut client = ClusterClient::connect(format!("http://{coordinator}")).await?;
     let r = client.propose(ProposeRequest { proposal_json: proposal_json.to_string() }).await?.into_inner();
     Ok(serde_json::from_str(&r.reply_json)?)
