@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use serde::Deserialize;
@@ -21,15 +20,6 @@ pub fn routes() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/v1/admin/groups", post(create_group).get(list_groups))
         .route("/v1/admin/groups/{group}", delete(delete_group))
-}
-
-fn admin_only(caller: &Caller) -> Result<(), ApiError> {
-    match caller.admin {
-        true => Ok(()),
-        false => {
-            Err(ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "worker groups need the operator's key"))
-        }
-    }
 }
 
 /// A group as the API shows it.
@@ -56,7 +46,7 @@ async fn create_group(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body)
         #[serde(default)]
         expert_parallel: bool,
     }
-    admin_only(&caller)?;
+    caller.must_be_operator("worker groups")?;
     let NewGroup { model, size, group, expert_parallel } = parse(&body)?;
     let group = group.unwrap_or_else(|| format!("{model}-tp{size}"));
     let create = Command::CreateGroup { group: group.clone(), model, size, expert_parallel };
@@ -67,7 +57,7 @@ async fn create_group(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body)
 }
 
 async fn list_groups(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
-    admin_only(&caller)?;
+    caller.must_be_operator("worker groups")?;
     let state = gw.state().await?;
     let data: Vec<Value> = state.placements.iter().map(|(name, p)| group_json(&state, name, p)).collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
@@ -78,7 +68,7 @@ async fn delete_group(
     caller: Caller,
     UrlPath(group): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    admin_only(&caller)?;
+    caller.must_be_operator("worker groups")?;
     if !gw.state().await?.placements.contains_key(&group) {
         return Err(ApiError::not_found("group_not_found", format!("no worker group {group:?}")));
     }

@@ -161,9 +161,7 @@ fn esc(s: &str) -> String {
 }
 
 pub async fn serve(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
-    if !caller.admin {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "metrics need the operator's key"));
-    }
+    caller.must_be_operator("metrics")?;
     let state = gw.state().await?;
     let text = gw.metrics.render(&state);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

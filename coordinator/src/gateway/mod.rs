@@ -75,6 +75,20 @@ pub struct Caller {
     pub admin: bool,
 }
 
+impl Caller {
+    /// Refuses (403) a caller without the operator's key; `what` names what needs it.
+    pub fn must_be_operator(&self, what: &str) -> Result<(), ApiError> {
+        match self.admin {
+            true => Ok(()),
+            false => Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "permission_denied",
+                format!("{what} need the operator's key"),
+            )),
+        }
+    }
+}
+
 /// Every route but `/health` takes its caller this way: authenticated from the headers, before
 /// the body is read.
 impl axum::extract::FromRequestParts<Arc<Gateway>> for Caller {
