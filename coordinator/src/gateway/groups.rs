@@ -46,7 +46,7 @@ async fn create_group(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body)
         #[serde(default)]
         expert_parallel: bool,
     }
-    caller.must_be_operator("worker groups")?;
+    caller.must_be_operator("manages worker groups")?;
     let NewGroup { model, size, group, expert_parallel } = parse(&body)?;
     let group = group.unwrap_or_else(|| format!("{model}-tp{size}"));
     let create = Command::CreateGroup { group: group.clone(), model, size, expert_parallel };
@@ -57,7 +57,7 @@ async fn create_group(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body)
 }
 
 async fn list_groups(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
-    caller.must_be_operator("worker groups")?;
+    caller.must_be_operator("manages worker groups")?;
     let state = gw.state().await?;
     let data: Vec<Value> = state.placements.iter().map(|(name, p)| group_json(&state, name, p)).collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
@@ -68,7 +68,7 @@ async fn delete_group(
     caller: Caller,
     UrlPath(group): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    caller.must_be_operator("worker groups")?;
+    caller.must_be_operator("manages worker groups")?;
     if !gw.state().await?.placements.contains_key(&group) {
         return Err(ApiError::not_found("group_not_found", format!("no worker group {group:?}")));
     }

@@ -161,7 +161,7 @@ fn esc(s: &str) -> String {
 }
 
 pub async fn serve(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
-    caller.must_be_operator("metrics")?;
+    caller.must_be_operator("reads the metrics")?;
     let state = gw.state().await?;
     let text = gw.metrics.render(&state);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

@@ -76,14 +76,14 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Refuses (403) a caller without the operator's key; `what` names what needs it.
+    /// Refuses (403) a caller without the operator's key; `what` says what only it does.
     pub fn must_be_operator(&self, what: &str) -> Result<(), ApiError> {
         match self.admin {
             true => Ok(()),
             false => Err(ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
                 "permission_denied",
-                format!("{what} need the operator's key"),
+                format!("only the operator's key {what}"),
             )),
         }
     }

@@ -114,7 +114,7 @@ async fn create_key(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): 
 impl Gateway {
     /// Makes an API key for `tenant` (the operator only); the key is shown once.
     pub async fn create_key(&self, caller: &Caller, tenant: &str) -> Result<Value, ApiError> {
-        caller.must_be_operator("API keys")?;
+        caller.must_be_operator("makes API keys")?;
         check_tenant(tenant).map_err(|e| ApiError::bad_request("tenant", e))?;
         let key = new_key().map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
         let command = Command::CreateApiKey { tenant: tenant.into(), key_sha256: sha256_hex(key.as_bytes()) };
