@@ -170,16 +170,21 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-4 * b.abs().max(1.0)
 }
 
+/// Each tensor's largest |a − b|, relative to the largest |b| of all tensors.
+fn tensor_rel_diffs(a: &Adapter, b: &Adapter) -> Vec<f64> {
+    let pairs: Vec<(Vec<f32>, Vec<f32>)> = (a.weights().into_iter().zip(b.weights()))
+        .map(|((_, x), (_, y))| {
+            assert_eq!(x.shape(), y.shape());
+            (x.to_vec_f32().unwrap(), y.to_vec_f32().unwrap())
+        })
+        .collect();
+    let scale = pairs.iter().flat_map(|(_, y)| y.iter()).fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = |(x, y): &(Vec<f32>, Vec<f32>)| x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+    pairs.iter().map(|p| (diff(p) / scale) as f64).collect()
+}
+
 fn weights_rel_diff(a: &Adapter, b: &Adapter) -> f64 {
-    let (mut diff, mut scale) = (0.0f32, 0.0f32);
-    for ((_, x), (_, y)) in a.weights().into_iter().zip(b.weights()) {
-        assert_eq!(x.shape(), y.shape());
-        for (p, q) in x.to_vec_f32().unwrap().iter().zip(y.to_vec_f32().unwrap()) {
-            diff = diff.max((p - q).abs());
-            scale = scale.max(q.abs());
-        }
-    }
-    (diff / scale) as f64
+    tensor_rel_diffs(a, b).into_iter().fold(0.0, f64::max)
 }
 
 #[test]
@@ -224,11 +229,15 @@ fn a_job_trained_on_a_group_matches_the_whole_model() {
         assert!(moved, "{what}: the adapter did not move");
         // AdamW moves each weight by about the learning rate whatever its gradient's size, so a
         // weight whose gradient is near zero moves as the rounding of the shards' partial sums
-        // says; in a MoE model such noise can also tip a near tie of the router. Most modules
-        // of tiny-moe agree to 1e-7 here; a few (an expert a tie touched) to 1.3e-3.
+        // says; in a MoE model such noise can also tip a near tie of the router. Measured here
+        // (printed with --nocapture): dense within 5e-5, MoE within 1.3e-3, most LoRA tensors
+        // within 1e-5 (the batches, hence the rounding, follow the engine's timing).
         let tolerance = if preset == Preset::TinyMoe { 3e-3 } else { 1e-4 };
-        let diff = weights_rel_diff(&got.adapter, &reference.adapter);
+        let diffs = tensor_rel_diffs(&got.adapter, &reference.adapter);
+        let diff = diffs.iter().copied().fold(0.0, f64::max);
         assert!(diff < tolerance, "{what}: exported adapter differs by {diff} (relative)");
+        let close_tensors = diffs.iter().filter(|&&d| d < 1e-5).count();
+        eprintln!("{what}: {close_tensors} of {} tensors within 1e-5, largest difference {diff:.1e}", diffs.len());
         assert!(
             close(got.validation_loss, reference.validation_loss),
             "{what}: validation {} vs {}",
