@@ -522,10 +522,11 @@ impl Model {
 
     /// The sum over the group of a row-parallel output (itself without tensor parallelism).
     pub(super) fn all_reduce(&self, t: Tensor, site: Site) -> Result<Tensor> {
-        let Some(tp) = &self.tp else { return Ok(t) };
-        let shape = t.shape().to_vec();
-        let mut data = t.to_vec_f32()?;
-        tp.counted(site, || tp.comm.all_reduce_sum(&mut data))?;
+        if self.tp.is_none() {
+            return Ok(t);
+        }
+        let (shape, mut data) = (t.shape().to_vec(), t.to_vec_f32()?);
+        self.sum_over_group(&mut data, site)?;
         Ok(Tensor::from_vec(data, shape)?.to_device(self.device)?)
     }
 
@@ -689,12 +690,14 @@ impl Model {
 
     /// Several tensors summed over the group in one all-reduce.
     fn all_reduce_all(&self, tensors: Vec<Tensor>, site: Site) -> Result<Vec<Tensor>> {
-        let Some(tp) = &self.tp else { return Ok(tensors) };
+        if self.tp.is_none() {
+            return Ok(tensors);
+        }
         let mut flat = Vec::with_capacity(tensors.iter().map(Tensor::elem_count).sum());
         for t in &tensors {
             flat.extend(t.to_vec_f32()?);
         }
-        tp.counted(site, || tp.comm.all_reduce_sum(&mut flat))?;
+        self.sum_over_group(&mut flat, site)?;
         let mut at = 0;
         tensors
             .iter()
