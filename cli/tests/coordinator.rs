@@ -122,18 +122,23 @@ impl Group {
     /// The leader as one of `ids` sees it, waiting for one of them to know it.
     fn leader_among(&self, ids: &[u64]) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(20);
+        // What each last said (leader, term, commit), for the failure message.
+        let mut seen = BTreeMap::new();
         while Instant::now() < deadline {
             for &id in ids {
-                if let Some(s) = self.status(id) {
-                    let leader = s["leader"].as_u64().unwrap();
-                    if leader != 0 && ids.contains(&leader) {
-                        return leader;
-                    }
+                let Some(s) = self.status(id) else {
+                    seen.insert(id, "no answer".to_string());
+                    continue;
+                };
+                let leader = s["leader"].as_u64().unwrap();
+                if leader != 0 && ids.contains(&leader) {
+                    return leader;
                 }
+                seen.insert(id, format!("leader {leader} term {} commit {}", s["term"], s["commit"]));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("no leader elected among {ids:?}");
+        panic!("no leader elected among {ids:?}: {seen:?}");
     }
 
     /// Proposes `command` once through coordinator `via`: the reply's JSON.
