@@ -19,7 +19,7 @@ use tandem_worker::init_model::{Preset, write_model};
 use tandem_worker::model::Model;
 use tandem_worker::rng::Xoshiro256;
 use tandem_worker::sampling::SamplingParams;
-use tandem_worker::train::job::{Hyperparams, Job, JobSpec, Method};
+use tandem_worker::train::job::{Hyperparams, Job, Method, TrainSpec};
 use tandem_worker::train::trainer::Trainer;
 
 use crate::bench_finetune::random_examples;
@@ -249,7 +249,7 @@ fn jobs(args: &CoserveArgs, model: &Model) -> Result<Vec<Job>> {
     (0..args.jobs)
         .map(|j| {
             let data = random_examples(4096, args.job_seq_len, model.config.vocab_size, 700 + j as u64);
-            let spec = JobSpec {
+            let spec = TrainSpec {
                 name: format!("job{j}"),
                 method: Method::Lora { rank: 16, alpha: 32.0, targets: vec!["all-linear".into()], rslora: false },
                 hyper: Hyperparams {

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tandem_coordinator::state::{Command as StateCommand, Proposal};
-use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_proto::v1::{ProposeRequest, StatusRequest};
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command as StateCommand, Proposal};
 
 #[derive(Args)]
 pub struct FailoverArgs {
@@ -75,17 +74,15 @@ impl Drop for Group {
     }
 }
 
-async fn client(addr: &str) -> Option<ClusterClient<tonic::transport::Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    let channel = endpoint.connect_timeout(ATTEMPT).timeout(ATTEMPT).connect().await.ok()?;
-    Some(ClusterClient::new(channel))
+fn client(addr: &str) -> Option<ClusterClient> {
+    ClusterClient::with_timeouts(addr, ATTEMPT, ATTEMPT).ok()
 }
 
 /// The leader every live coordinator agrees on, if they do.
 async fn leader(g: &Group) -> Option<u64> {
     let mut seen = Vec::new();
     for id in g.procs.keys() {
-        let s = client(&g.addrs[id]).await?.status(StatusRequest {}).await.ok()?.into_inner();
+        let s = client(&g.addrs[id])?.status(false).await.ok()?;
         seen.push(s.leader);
     }
     let first = *seen.first()?;
@@ -96,12 +93,11 @@ async fn leader(g: &Group) -> Option<u64> {
 async fn write(g: &Group, n: u64, give_up: Instant) -> Result<()> {
     let p =
         Proposal::new(format!("failover-{n}"), StateCommand::RegisterModel { name: format!("m{n}"), uri: "/m".into() });
-    let json = serde_json::to_string(&p)?;
     let ids: Vec<u64> = g.procs.keys().copied().collect();
     for attempt in 0.. {
         let addr = &g.addrs[&ids[attempt % ids.len()]];
-        if let Some(mut c) = client(addr).await
-            && c.propose(ProposeRequest { proposal_json: json.clone() }).await.is_ok()
+        if let Some(c) = client(addr)
+            && c.propose_as(p.clone()).await.is_ok()
         {
             return Ok(());
         }

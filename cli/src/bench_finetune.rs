@@ -17,7 +17,7 @@ use tandem_worker::init_model::{Preset, write_model};
 use tandem_worker::model::{Model, ModelConfig};
 use tandem_worker::rng::Xoshiro256;
 use tandem_worker::train::data::Example;
-use tandem_worker::train::job::{Hyperparams, Job, JobSpec, Method};
+use tandem_worker::train::job::{Hyperparams, Job, Method, TrainSpec};
 use tandem_worker::train::trainer::Trainer;
 
 use crate::bench_serve::{gemm_peak, peak_rss};
@@ -155,7 +155,7 @@ fn parse_last_line(out: std::process::Output, what: &str) -> Result<Value> {
 fn measure(args: &FinetuneArgs, model_dir: &Path, what: &str) -> Result<(f64, usize)> {
     let model = Model::load(model_dir, Device::Cpu)?;
     let vocab = model.config.vocab_size;
-    let spec = |name: String, batch: usize, seed: u64| JobSpec {
+    let spec = |name: String, batch: usize, seed: u64| TrainSpec {
         name,
         method: Method::Lora {
             rank: args.rank,

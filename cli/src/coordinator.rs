@@ -5,16 +5,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tandem_coordinator::gateway::GatewayOptions;
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server;
 
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::Member;
+
 use crate::checks::RuntimeChecks;
-use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_proto::v1::{ChangeMembersRequest, Member, StatusRequest, TransferLeaderRequest};
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
@@ -114,28 +115,21 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     })
 }
 
-async fn connect(addr: &str) -> Result<ClusterClient<tonic::transport::Channel>> {
-    ClusterClient::connect(format!("http://{addr}")).await.with_context(|| format!("connecting to {addr}"))
-}
-
 pub fn members(args: MembersArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut client = connect(&args.coordinator).await?;
+        let client = ClusterClient::new(&args.coordinator)?;
         match args.change {
             MemberChange::Add { member } => {
                 let (id, addr) = server::parse_peers(&member).map_err(|e| anyhow!("{e}"))?.pop_first().unzip();
                 let add = vec![Member { id: id.unwrap_or_default(), addr: addr.unwrap_or_default() }];
-                let r = client.change_members(ChangeMembersRequest { add, remove: vec![] }).await?.into_inner();
-                println!("members: {}", describe(&r.members));
+                println!("members: {}", describe(&client.change_members(add, vec![]).await?));
             }
             MemberChange::Remove { id } => {
-                let r = client.change_members(ChangeMembersRequest { add: vec![], remove: vec![id] }).await?;
-                println!("members: {}", describe(&r.into_inner().members));
+                println!("members: {}", describe(&client.change_members(vec![], vec![id]).await?));
             }
             MemberChange::TransferLeader { id } => {
-                let r = client.transfer_leader(TransferLeaderRequest { to: id }).await?.into_inner();
-                println!("leader: {}", r.leader);
+                println!("leader: {}", client.transfer_leader(id).await?);
             }
         }
         Ok(())
@@ -149,10 +143,8 @@ fn describe(members: &[Member]) -> String {
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let s = rt.block_on(async {
-        anyhow::Ok(connect(&args.coordinator).await?.status(StatusRequest {}).await?.into_inner())
-    })?;
-    let state: Value = if s.state_json.is_empty() { Value::Null } else { serde_json::from_str(&s.state_json)? };
+    let s = rt.block_on(async { anyhow::Ok(ClusterClient::new(&args.coordinator)?.status(true).await?) })?;
+    let state: Value = serde_json::to_value(&s.state)?;
     let workers = state.get("workers").cloned().unwrap_or(Value::Null);
     if args.json {
         let out = json!({

@@ -4,9 +4,8 @@
 
 use anyhow::{Result, anyhow};
 use clap::{Args, Subcommand};
-use tandem_coordinator::state::{ClusterState, Command, Proposal, Reply};
-use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_proto::v1::{ProposeRequest, StatusRequest};
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command, Reply};
 
 #[derive(Args)]
 pub struct GroupsArgs {
@@ -43,16 +42,10 @@ enum GroupAction {
 pub fn groups(args: GroupsArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let addr = &args.coordinator;
-        let mut client =
-            ClusterClient::connect(format!("http://{addr}")).await.map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
+        let client = ClusterClient::new(&args.coordinator)?;
         let command = match args.action {
             GroupAction::List => {
-                let s = client.status(StatusRequest {}).await?.into_inner();
-                if s.state_json.is_empty() {
-                    return Err(anyhow!("the state is unavailable (no leader reachable)"));
-                }
-                let state: ClusterState = serde_json::from_str(&s.state_json)?;
+                let state = client.state().await?;
                 if state.placements.is_empty() {
                     println!("no worker groups");
                 }
@@ -71,10 +64,7 @@ pub fn groups(args: GroupsArgs) -> Result<()> {
             }
             GroupAction::Rm { group } => Command::RemovePlacement { group },
         };
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let proposal_json = serde_json::to_string(&Proposal::new(format!("groups-cli-{nanos}"), command.clone()))?;
-        let r = client.propose(ProposeRequest { proposal_json }).await?.into_inner();
-        match serde_json::from_str::<Reply>(&r.reply_json)? {
+        match client.propose("groups-cli", command.clone()).await? {
             Reply::Refused { reason } => Err(anyhow!("refused: {reason}")),
             _ => {
                 match command {

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tandem_coordinator::gateway::new_key;
-use tandem_coordinator::state::{Command as StateCommand, Proposal};
-use tandem_proto::v1::ProposeRequest;
-use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command as StateCommand, Proposal};
 use tandem_worker::init_model::{Preset, write_model};
 
 #[derive(Args)]
@@ -105,16 +104,12 @@ fn start(name: &str, args: &[&str], logs: &Path) -> Result<(String, Child)> {
 /// Proposes the model into the catalogue, waiting for the coordinator to be up.
 async fn register_model(grpc: &str, name: &str, uri: &str) -> Result<()> {
     let command = StateCommand::RegisterModel { name: name.into(), uri: uri.into() };
-    let p = serde_json::to_string(&Proposal::new(format!("up-model-{name}"), command))?;
+    let p = Proposal::new(format!("up-model-{name}"), command);
     let deadline = Instant::now() + Duration::from_secs(30);
+    let cluster = ClusterClient::new(grpc)?;
     loop {
-        let attempt = async {
-            let mut c = ClusterClient::connect(format!("http://{grpc}")).await?;
-            c.propose(ProposeRequest { proposal_json: p.clone() }).await?;
-            anyhow::Ok(())
-        };
-        match attempt.await {
-            Ok(()) => return Ok(()),
+        match cluster.propose_as(p.clone()).await {
+            Ok(_) => return Ok(()),
             Err(e) if Instant::now() > deadline => bail!("the coordinator at {grpc} did not come up: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }

@@ -95,15 +95,16 @@ fn serve(
     (models, collective_addr): (Vec<String>, String),
     groups_agent: Option<GroupsAgent>,
 ) -> Result<()> {
-    let jobs = JobsAgent { serving: serving.clone(), coordinator: args.coordinator.clone(), blobs: args.blobs.clone() };
+    let cluster = tandem_proto::ClusterClient::new(&args.coordinator)?;
+    let jobs = JobsAgent { serving: serving.clone(), cluster: cluster.clone(), blobs: args.blobs.clone() };
     let addr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e}", args.listen))?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let (assignments, assigned) = tokio::sync::watch::channel(String::new());
-        let (groups, memberships) = tokio::sync::watch::channel(String::new());
+        let (assignments, assigned) = tokio::sync::watch::channel(Vec::new());
+        let (groups, memberships) = tokio::sync::watch::channel(Vec::new());
         let kind = if groups_agent.is_some() { "group worker" } else { "worker" };
         let lease = tokio::spawn(keep_lease(Lease {
-            coordinator: args.coordinator.clone(),
+            cluster,
             id: args.id.clone(),
             addr: args.listen.clone(),
             models,
@@ -152,7 +153,7 @@ fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -
     let (train_events, trained) = tokio::sync::mpsc::unbounded_channel();
     let agent = GroupsAgent {
         id: args.id.clone(),
-        coordinator: args.coordinator.clone(),
+        cluster: tandem_proto::ClusterClient::new(&args.coordinator)?,
         serving: serving.clone(),
         train_events,
         model_dir: args.model.clone(),

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use tandem_coordinator::state::{Command, Membership};
 use tandem_kernels::Device;
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command, Membership};
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::EngineConfig;
 use tandem_worker::group::{self, DataPlane, Ended, GroupSpec, Member};
@@ -30,7 +31,7 @@ const FOLLOWER_REPORT_DELAY: Duration = Duration::from_millis(500);
 /// Everything a group worker needs.
 pub struct GroupsAgent {
     pub id: String,
-    pub coordinator: String,
+    pub cluster: ClusterClient,
     /// Where this worker's `Generate` (and jobs) go: rank 0's engine while it leads a formed
     /// group.
     pub serving: Serving,
@@ -48,7 +49,7 @@ pub struct GroupsAgent {
 
 impl GroupsAgent {
     /// Runs until the memberships channel closes.
-    pub async fn run(self, mut groups: watch::Receiver<String>) {
+    pub async fn run(self, mut groups: watch::Receiver<Vec<Membership>>) {
         let (ended_tx, mut ended) = mpsc::unbounded_channel::<Ended>();
         let mut current: Option<(Membership, Member)> = None;
         loop {
@@ -57,8 +58,7 @@ impl GroupsAgent {
                     if changed.is_err() {
                         return;
                     }
-                    let json = groups.borrow_and_update().clone();
-                    let Ok(list) = serde_json::from_str::<Vec<Membership>>(&json) else { continue };
+                    let list = groups.borrow_and_update().clone();
                     if list.len() > 1 {
                         eprintln!("worker {}: in {} groups; a worker serves one at a time", self.id, list.len());
                     }
@@ -118,10 +118,10 @@ impl GroupsAgent {
                         // report, which names the rank really at fault, is the one applied (the
                         // later one is then stale and refused).
                         let delay = if end.rank == 0 { Duration::ZERO } else { FOLLOWER_REPORT_DELAY };
-                        let (coordinator, id) = (self.coordinator.clone(), self.id.clone());
+                        let (cluster, id) = (self.cluster.clone(), self.id.clone());
                         tokio::spawn(async move {
                             tokio::time::sleep(delay).await;
-                            report(&coordinator, &id, request_id, command).await;
+                            report(&cluster, &id, request_id, command).await;
                         });
                     }
                 }
@@ -177,13 +177,13 @@ impl GroupsAgent {
     }
 
     async fn report(&self, request_id: String, command: Command) {
-        report(&self.coordinator, &self.id, request_id, command).await;
+        report(&self.cluster, &self.id, request_id, command).await;
     }
 }
 
 /// Proposes a group report for worker `id` (briefly retried: a later formation makes it stale).
-async fn report(coordinator: &str, id: &str, request_id: String, command: Command) {
+async fn report(cluster: &ClusterClient, id: &str, request_id: String, command: Command) {
     let what = format!("worker {id}: group");
-    crate::worker_jobs::propose_until_recorded(coordinator, &what, request_id, command, 20, Duration::from_millis(250))
+    crate::worker_jobs::propose_until_recorded(cluster, &what, request_id, command, 20, Duration::from_millis(250))
         .await;
 }

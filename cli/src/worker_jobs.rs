@@ -11,43 +11,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use serde::Deserialize;
-use tandem_coordinator::gateway::dir_checksum;
-use tandem_coordinator::state::{Assignment, Command, JobReport, Proposal, Reply, StepFigures};
-use tandem_proto::v1::ProposeRequest;
-use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::contract::{Assignment, Command, JobReport, Proposal, Reply, StepFigures, dir_checksum};
+use tandem_proto::{ClientError, ClusterClient};
 use tandem_worker::service::{EngineThread, JobStart, Serving, TrainEvent, Training};
 use tandem_worker::train::checkpoint;
 use tandem_worker::train::data::load_jsonl;
-use tandem_worker::train::finetune::MethodChoice;
-use tandem_worker::train::job::Hyperparams;
 use tokio::sync::{mpsc, watch};
-
-/// What the gateway put in a job's spec for the worker.
-#[derive(Deserialize)]
-struct TrainingSpec {
-    training_file: PathBuf,
-    #[serde(default)]
-    validation_file: Option<PathBuf>,
-    method: MethodChoice,
-    hyper: Hyperparams,
-    #[serde(default)]
-    checkpoint_every: u64,
-}
 
 /// Everything the jobs agent needs.
 pub struct JobsAgent {
     /// The engine jobs train on (with its model and tokenizer), when there is one.
     pub serving: Serving,
-    pub coordinator: String,
+    pub cluster: ClusterClient,
     /// Where job files go (`jobs/ID/...`): the shared folder the gateway stores blobs in.
     pub blobs: PathBuf,
 }
 
 impl JobsAgent {
     /// Runs until the assignments channel closes.
-    pub async fn run(self, mut assignments: watch::Receiver<String>, mut events: mpsc::UnboundedReceiver<TrainEvent>) {
-        let reports = spawn_reporter(self.coordinator.clone());
+    pub async fn run(
+        self,
+        mut assignments: watch::Receiver<Vec<Assignment>>,
+        mut events: mpsc::UnboundedReceiver<TrainEvent>,
+    ) {
+        let reports = spawn_reporter(self.cluster.clone());
         // Job id → the epoch of the attempt running here.
         let mut running: HashMap<String, u64> = HashMap::new();
         // Attempts that ended here: their end may not be recorded yet, and the heartbeat may
@@ -59,8 +46,7 @@ impl JobsAgent {
                     if changed.is_err() {
                         return;
                     }
-                    let json = assignments.borrow_and_update().clone();
-                    let Ok(list) = serde_json::from_str::<Vec<Assignment>>(&json) else { continue };
+                    let list = assignments.borrow_and_update().clone();
                     let list = list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
                     self.reconcile(&mut running, list, &reports).await;
                 }
@@ -156,19 +142,20 @@ impl JobsAgent {
 /// made by the engine (which chooses and copies ESFT experts with forward passes that, on a
 /// group, its followers join).
 fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> {
-    let spec: TrainingSpec = serde_json::from_value(a.spec.clone()).context("the job's spec")?;
+    let spec = &a.spec;
     let (model, tokenizer) = (engine.model(), engine.tokenizer().context("the base model has no tokenizer")?);
     let read = |file: &Path, field: &str| {
         load_jsonl(file, tokenizer, model.config.max_position_embeddings)
             .map_err(|e| anyhow!("{}", e.to_string().replace(&file.to_string_lossy().into_owned(), field)))
     };
-    let data = Arc::new(read(&spec.training_file, "training_file")?);
-    let validation = spec.validation_file.as_deref().map(|f| read(f, "validation_file")).transpose()?.map(Arc::new);
+    let data = Arc::new(read(Path::new(&spec.training_file.uri), "training_file")?);
+    let validation =
+        spec.validation_file.as_ref().map(|f| read(Path::new(&f.uri), "validation_file")).transpose()?.map(Arc::new);
     let job = match &a.checkpoint {
         Some(c) => JobStart::Ready(Box::new(
             checkpoint::load(Path::new(&c.uri), model.whole_config(), data).context("resuming from the checkpoint")?,
         )),
-        None => JobStart::New { name: a.job.clone(), method: spec.method, hyper: spec.hyper, data },
+        None => JobStart::New { name: a.job.clone(), method: spec.method.clone(), hyper: spec.hyper.clone(), data },
     };
     Ok(Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every, validation })
 }
@@ -176,7 +163,7 @@ fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> 
 /// Sends reports to the cluster in order, each retried until it is recorded or refused (a
 /// refusal means the attempt is stale: another took over). Request ids name the report, so a
 /// retry applies once.
-fn spawn_reporter(coordinator: String) -> mpsc::UnboundedSender<(String, u64, JobReport)> {
+fn spawn_reporter(cluster: ClusterClient) -> mpsc::UnboundedSender<(String, u64, JobReport)> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, u64, JobReport)>();
     tokio::spawn(async move {
         let mut sent = 0u64;
@@ -185,7 +172,7 @@ fn spawn_reporter(coordinator: String) -> mpsc::UnboundedSender<(String, u64, Jo
             let request_id = format!("report-{id}-{epoch}-{sent}-{}", std::process::id());
             let command = Command::ReportJob { id: id.clone(), epoch, report };
             let what = format!("job {id}");
-            propose_until_recorded(&coordinator, &what, request_id, command, 60, Duration::from_millis(500)).await;
+            propose_until_recorded(&cluster, &what, request_id, command, 60, Duration::from_millis(500)).await;
         }
     });
     tx
@@ -195,31 +182,29 @@ fn spawn_reporter(coordinator: String) -> mpsc::UnboundedSender<(String, u64, Jo
 /// apart, while the cluster cannot be reached; a refusal means the news is stale. `what` names
 /// the sender in the log.
 pub(crate) async fn propose_until_recorded(
-    coordinator: &str,
+    cluster: &ClusterClient,
     what: &str,
     request_id: String,
     command: Command,
     tries: u32,
     pause: Duration,
 ) {
-    let Ok(json) = serde_json::to_string(&Proposal::new(request_id, command)) else { return };
+    let proposal = Proposal::new(request_id, command);
     for attempt in 0..tries {
-        match propose(coordinator, &json).await {
+        match cluster.propose_as(proposal.clone()).await {
             Ok(Reply::Refused { reason }) => {
                 eprintln!("{what}: report refused: {reason}");
                 return;
             }
             Ok(_) => return,
+            Err(e @ (ClientError::Invalid(_) | ClientError::Conflict(_))) => {
+                eprintln!("{what}: report refused: {e}");
+                return;
+            }
             Err(e) => {
                 eprintln!("{what}: reporting (try {attempt}): {e:#}");
                 tokio::time::sleep(pause).await;
             }
         }
     }
-}
-
-async fn propose(coordinator: &str, proposal_json: &str) -> Result<Reply> {
-    let mut client = ClusterClient::connect(format!("http://{coordinator}")).await?;
-    let r = client.propose(ProposeRequest { proposal_json: proposal_json.to_string() }).await?.into_inner();
-    Ok(serde_json::from_str(&r.reply_json)?)
 }

@@ -15,9 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_coordinator::state::{Command as StateCommand, Proposal};
-use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_proto::v1::{HeartbeatRequest, ProposeRequest, RegisterWorkerRequest};
+use tandem_proto::contract::{
+    Command as StateCommand, FileRef, JobSpec, MethodChoice, Proposal, Reply, WorkerRegistration,
+};
+use tandem_proto::{ClientError, ClusterClient};
 use tokio::sync::watch;
 
 /// The workers' lease the coordinators grant.
@@ -141,21 +142,16 @@ impl Group {
         panic!("no leader elected among {ids:?}: {seen:?}");
     }
 
-    /// Proposes `command` once through coordinator `via`: the reply's JSON.
-    fn try_propose(&self, via: u64, request_id: &str, command: &StateCommand) -> Result<String, String> {
+    /// Proposes `command` once through coordinator `via`.
+    fn try_propose(&self, via: u64, request_id: &str, command: &StateCommand) -> Result<Reply, String> {
         let p = Proposal::new(request_id, command.clone());
-        let json = serde_json::to_string(&p).unwrap();
-        let url = format!("http://{}", self.addrs[&via]);
-        self.rt.block_on(async {
-            let mut c = ClusterClient::connect(url).await.map_err(|e| e.to_string())?;
-            let r = c.propose(ProposeRequest { proposal_json: json }).await.map_err(|e| e.to_string())?;
-            Ok(r.into_inner().reply_json)
-        })
+        let c = ClusterClient::new(&self.addrs[&via]).map_err(|e| e.to_string())?;
+        self.rt.block_on(c.propose_as(p)).map_err(|e| e.to_string())
     }
 
     /// Proposes through `via`, retrying while the group is busy electing (the same request id:
     /// it applies once).
-    fn propose(&self, via: u64, request_id: &str, command: StateCommand) -> String {
+    fn propose(&self, via: u64, request_id: &str, command: StateCommand) -> Reply {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match self.try_propose(via, request_id, &command) {
@@ -177,7 +173,7 @@ impl Group {
             gpus: vec![],
             collective_addr: String::new(),
         };
-        assert_eq!(self.propose(via, &format!("register-{name}"), command), r#"{"result":"done"}"#);
+        assert_eq!(self.propose(via, &format!("register-{name}"), command), Reply::Done);
     }
 
     /// `workers[name].alive` as coordinator `id` reads it.
@@ -290,23 +286,26 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let leader = g.leader();
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = format!("http://{}", g.addrs[&follower]);
-    let mut client = rt.block_on(ClusterClient::connect(url)).unwrap();
+    let client = ClusterClient::new(&g.addrs[&follower]).unwrap();
     // A job, which the scheduler places on the first of the two idle workers below (submitted
     // first, so that the workers' heartbeats start as soon as they register).
     g.propose(follower, "model", StateCommand::RegisterModel { name: "m".into(), uri: "/m".into() });
-    let spec = serde_json::json!({});
-    let job =
-        StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), base_model: "m".into(), spec, adapter: None };
+    let spec = JobSpec::new("m", MethodChoice::lora(8), FileRef { id: "f".into(), uri: "/files/f".into() });
+    let job = StateCommand::SubmitJob { id: "j".into(), tenant: "t".into(), spec, adapter: None };
     g.propose(follower, "job", job);
     // Registered through a follower (forwarded to the leader).
-    let reg = RegisterWorkerRequest { worker_id: "gpu-box".into(), addr: "10.0.0.9:7500".into(), ..Default::default() };
-    let lease = rt.block_on(client.register_worker(reg.clone())).unwrap().into_inner().lease_ms;
-    assert_eq!(lease, LEASE_MS);
-    let spare = RegisterWorkerRequest { worker_id: "spare".into(), ..reg.clone() };
+    let reg = WorkerRegistration {
+        worker_id: "gpu-box".into(),
+        addr: "10.0.0.9:7500".into(),
+        gpus: vec![],
+        collective_addr: String::new(),
+    };
+    let lease = rt.block_on(client.register_worker(reg.clone())).unwrap();
+    assert_eq!(lease, Duration::from_millis(LEASE_MS));
+    let spare = WorkerRegistration { worker_id: "spare".into(), ..reg.clone() };
     rt.block_on(client.register_worker(spare)).unwrap();
-    let mut beat = |who: &str| {
-        rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: who.into() })).unwrap();
+    let beat = |who: &str| {
+        rt.block_on(client.heartbeat(who)).unwrap();
     };
     // Heartbeats every 150 ms for two leases: still alive.
     for _ in 0..2 * LEASE_MS / 150 {
@@ -335,8 +334,8 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     assert_eq!(job(follower)["attempts"][1]["worker"], "spare");
     assert_eq!(job(follower)["attempts"][0]["ended"], "its worker's lease expired");
     // A dead worker's heartbeat is refused until it registers again.
-    let err = rt.block_on(client.heartbeat(HeartbeatRequest { worker_id: "gpu-box".into() })).unwrap_err();
-    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    let err = rt.block_on(client.heartbeat("gpu-box")).unwrap_err();
+    assert!(matches!(err, ClientError::NotFound(_)), "{err}");
     rt.block_on(client.register_worker(reg)).unwrap();
     assert!(g.alive(leader, "gpu-box"));
 }

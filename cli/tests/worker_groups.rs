@@ -22,10 +22,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tandem_coordinator::state::{Command, Proposal, Reply};
 use tandem_kernels::Device;
-use tandem_proto::v1::ProposeRequest;
-use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command, Proposal, Reply, dir_checksum};
 use tandem_worker::adapters::Adapter;
 use tandem_worker::model::Model;
 use tandem_worker::model::probe::mixed_adapters;
@@ -173,7 +172,7 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
             tenant: "admin".into(),
             name: "a".into(),
             base_model: "tiny".into(),
-            checksum: "-".into(),
+            checksum: dir_checksum(std::path::Path::new(&adapter)).unwrap(),
             uri: adapter.clone(),
         },
     );
@@ -241,14 +240,8 @@ fn generate_with_adapter(model: &std::path::Path, adapter: &str, prompt: &str, m
 fn propose(coordinator: &str, command: Command) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let p = Proposal::new(format!("test-{}", std::process::id()), command);
-    let json = serde_json::to_string(&p).unwrap();
-    let reply = wait_for(30, "the proposal", || {
-        rt.block_on(async {
-            let mut c = ClusterClient::connect(format!("http://{coordinator}")).await.ok()?;
-            let r = c.propose(ProposeRequest { proposal_json: json.clone() }).await.ok()?;
-            serde_json::from_str::<Reply>(&r.into_inner().reply_json).ok()
-        })
-    });
+    let client = ClusterClient::new(coordinator).unwrap();
+    let reply = wait_for(30, "the proposal", || rt.block_on(client.propose_as(p.clone())).ok());
     assert!(!matches!(reply, Reply::Refused { .. }), "{reply:?}");
 }
 

@@ -30,7 +30,9 @@ use etcd_client::{
 };
 use tokio::sync::{Mutex, mpsc};
 
-use crate::state::{ClusterState, Proposal, Reply};
+use tandem_proto::contract::{ClusterState, Proposal, Reply};
+
+use crate::state::StateMachine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -112,14 +114,14 @@ const CAMPAIGN_RETRY: Duration = Duration::from_millis(500);
 
 /// The state machine as applied from etcd's log by this coordinator.
 struct Applied {
-    state: ClusterState,
+    machine: StateMachine,
     /// Replies of the last entries applied, by index, oldest first.
     replies: VecDeque<(u64, Reply)>,
 }
 
 impl Applied {
     fn apply(&mut self, index: u64, p: &Proposal) {
-        let reply = self.state.apply(index, p);
+        let reply = self.machine.apply(index, p);
         if self.replies.len() == REMEMBERED_REPLIES {
             self.replies.pop_front();
         }
@@ -130,13 +132,8 @@ impl Applied {
         if let Ok(i) = self.replies.binary_search_by_key(&index, |(i, _)| *i) {
             return Ok(self.replies[i].1.clone());
         }
-        // The entry came in through a snapshot. The state remembers replies by request id:
-        // applying the proposal again to a copy gives the first reply back, unless it was
-        // forgotten, which the copy shows by changing.
-        let mut copy = self.state.clone();
-        let reply = copy.apply(self.state.applied + 1, p);
-        copy.applied = self.state.applied;
-        if copy == self.state { Ok(reply) } else { Err(EtcdError::ReplyLost { index }) }
+        // The entry came in through a snapshot, which remembers recent replies by request id.
+        self.machine.remembered(&p.request_id).cloned().ok_or(EtcdError::ReplyLost { index })
     }
 }
 
@@ -242,7 +239,7 @@ impl EtcdStore {
             prefix: prefix.trim_end_matches('/').to_string(),
             options,
             head: StdMutex::new(Head::default()),
-            applied: Mutex::new(Applied { state: ClusterState::default(), replies: VecDeque::new() }),
+            applied: Mutex::new(Applied { machine: StateMachine::default(), replies: VecDeque::new() }),
             compaction_error: StdMutex::new(None),
         };
         // The client connects lazily: this first request shows that etcd answers and has a
@@ -274,7 +271,8 @@ impl EtcdStore {
         self.catch_up(&mut applied, index).await?;
         let reply = applied.reply(index, &p);
         let every = self.options.compact_every;
-        let compaction = (every > 0 && index % every == 0).then(|| (applied.state.applied, applied.state.snapshot()));
+        let compaction =
+            (every > 0 && index % every == 0).then(|| (applied.machine.state().applied, applied.machine.snapshot()));
         drop(applied);
         if let Some((at, snapshot)) = compaction {
             // A failed compaction only leaves the log longer: the next one covers it.
@@ -300,7 +298,7 @@ impl EtcdStore {
         self.saw_head(head);
         let mut applied = self.applied.lock().await;
         self.catch_up(&mut applied, head.index).await?;
-        Ok(applied.state.clone())
+        Ok(applied.machine.state().clone())
     }
 
     fn saw_head(&self, head: Head) {
@@ -344,8 +342,8 @@ impl EtcdStore {
     /// Applies the log up to `target`, from the snapshot when the entries needed are gone.
     async fn catch_up(&self, applied: &mut Applied, target: u64) -> Result<(), EtcdError> {
         let mut kv = self.client.kv_client();
-        while applied.state.applied < target {
-            let from = applied.state.applied + 1;
+        while applied.machine.state().applied < target {
+            let from = applied.machine.state().applied + 1;
             let range = GetOptions::new().with_range(self.log_key(target + 1)).with_limit(CATCH_UP_BATCH);
             let resp = kv.get(self.log_key(from), Some(range)).await?;
             let mut next = from;
@@ -371,14 +369,14 @@ impl EtcdStore {
         let Some(snap) = resp.kvs().first() else {
             return Err(EtcdError::Corrupt(format!("log entry {needed} is missing and there is no snapshot")));
         };
-        let state = ClusterState::restore(snap.value()).map_err(codec("snapshot"))?;
-        if state.applied < needed {
+        let machine = StateMachine::restore(snap.value()).map_err(codec("snapshot"))?;
+        if machine.state().applied < needed {
             return Err(EtcdError::Corrupt(format!(
                 "log entry {needed} is missing and the snapshot is at {}",
-                state.applied
+                machine.state().applied
             )));
         }
-        applied.state = state;
+        applied.machine = machine;
         Ok(())
     }
 
@@ -432,7 +430,7 @@ impl EtcdStore {
             version: etcd.version().to_string(),
             head,
             snapshot,
-            applied: self.applied.lock().await.state.applied,
+            applied: self.applied.lock().await.machine.state().applied,
             scheduler: self.scheduler().await?,
             compaction_error: self.compaction_error.lock().ok().and_then(|e| e.clone()),
         })
@@ -598,7 +596,7 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests unwrap by design
 
     use super::*;
-    use crate::state::Command;
+    use tandem_proto::contract::Command;
 
     fn model(request_id: &str, name: &str) -> Proposal {
         Proposal::new(request_id, Command::RegisterModel { name: name.into(), uri: "/m".into() })
@@ -608,11 +606,11 @@ mod tests {
     /// the replies the state remembers; one the state forgot is an error, not a wrong reply.
     #[test]
     fn a_reply_skipped_by_a_snapshot_comes_from_the_state() {
-        let mut snapshot = ClusterState::default();
+        let mut snapshot = StateMachine::default();
         let mine = model("mine", "m");
         snapshot.apply(1, &mine);
         snapshot.apply(2, &model("other", "n"));
-        let applied = Applied { state: snapshot, replies: VecDeque::new() };
+        let applied = Applied { machine: snapshot, replies: VecDeque::new() };
         assert_eq!(applied.reply(1, &mine).unwrap(), Reply::Done);
         assert!(matches!(applied.reply(3, &model("forgotten", "x")), Err(EtcdError::ReplyLost { index: 3 })));
     }

@@ -1,10 +1,21 @@
-//! Tandem coordinator: the cluster's replicated state (`state.rs`), kept by a Raft group over a
-//! durable log (`raft_log.rs`, `replica.rs`) or in etcd (`etcd_store.rs`), behind one interface
-//! (`store.rs`); the gRPC service with workers' leases and the scheduler (`server.rs`). The
-//! gateway arrives with its issue. See docs/coordinator.md.
+//! Tandem coordinator: the replicated state machine, kept by a Raft group or in etcd, the
+//! placement policy, the gRPC cluster service with workers' leases, and the HTTP gateway. The
+//! types it replicates are the cluster contract (`tandem_proto::contract`). See
+//! docs/coordinator.md and docs/gateway.md.
+//!
+//! Map:
+//! - `state.rs`: [`state::StateMachine`]: validates and applies commands, remembers replies.
+//! - `placement.rs`: where queued jobs go (the leader proposes the moves).
+//! - `raft_log.rs`, `replica.rs`: the durable Raft log and the replica's Ready loop.
+//! - `etcd_store.rs`: the same state machine over an existing etcd's log.
+//! - `store.rs`: one interface over both stores.
+//! - `server.rs`: a coordinator process: Raft transport, the `tandem.v1.Cluster` service,
+//!   leases and the scheduler loop, the gateway.
+//! - `gateway/`: OpenAI-compatible HTTP API, jobs, files, adapters, keys, groups, metrics.
 
 pub mod etcd_store;
 pub mod gateway;
+pub mod placement;
 pub mod raft_log;
 pub mod replica;
 pub mod server;

@@ -19,7 +19,9 @@ use raft::eraftpb::{
 use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
 use crate::raft_log::{DiskStorage, LogError};
-use crate::state::{ClusterState, Proposal, Reply};
+use tandem_proto::contract::{ClusterState, Proposal, Reply};
+
+use crate::state::StateMachine;
 
 /// Sends Raft messages to other replicas (best effort: Raft retries).
 pub trait Transport: Send + 'static {
@@ -84,7 +86,7 @@ const COMPACT_EVERY: u64 = 1000;
 
 enum Event {
     Raft(Message),
-    Propose(Proposal, Waiter<Reply>),
+    Propose(Box<Proposal>, Waiter<Reply>),
     Read(Waiter<ClusterState>),
     ChangeMembers(ConfChangeV2, Waiter<Vec<u64>>),
     TransferLeader(u64),
@@ -142,10 +144,10 @@ impl Replica {
             storage.apply_snapshot(&first_snapshot(voters)?)?;
         }
         let (snap_index, snap_data) = storage.snapshot_data();
-        let state = if snap_index > 0 {
-            ClusterState::restore(&snap_data).map_err(|e| ReplicaError::Codec(format!("snapshot: {e}")))?
+        let machine = if snap_index > 0 {
+            StateMachine::restore(&snap_data).map_err(|e| ReplicaError::Codec(format!("snapshot: {e}")))?
         } else {
-            ClusterState::default()
+            StateMachine::default()
         };
         let config = Config {
             id,
@@ -161,7 +163,7 @@ impl Replica {
         };
         config.validate()?;
         let node = RawNode::new(&config, storage.clone(), &raft::default_logger())?;
-        transport.set_addresses(&state.coordinators);
+        transport.set_addresses(&machine.state().coordinators);
         let (tx, rx) = mpsc::channel();
         let status = Arc::new(Mutex::new(Status { id, ..Status::default() }));
         let mut driver = Driver {
@@ -169,7 +171,7 @@ impl Replica {
             storage,
             compacted: snap_index,
             members_changed: false,
-            state,
+            machine,
             transport,
             status: status.clone(),
             proposals: HashMap::new(),
@@ -195,7 +197,7 @@ impl Replica {
 
     /// Proposes `p` and waits until it is applied (or `timeout`).
     pub fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply, ReplicaError> {
-        self.ask(timeout, |w| Event::Propose(p, w))
+        self.ask(timeout, |w| Event::Propose(Box::new(p), w))
     }
 
     /// A linearizable read: the state once everything committed before the call is applied.
@@ -250,7 +252,7 @@ impl Drop for Replica {
 /// learns the founding voters too (from entries alone it would only see the members added since
 /// and could elect itself alone).
 fn first_snapshot(voters: &[u64]) -> Result<Snapshot, ReplicaError> {
-    let data = ClusterState::default().snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
+    let data = StateMachine::default().snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
     let mut meta = SnapshotMetadata { index: 1, term: 1, ..Default::default() };
     meta.mut_conf_state().voters = voters.to_vec();
     let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
@@ -273,7 +275,7 @@ struct Driver<T: Transport> {
     compacted: u64,
     /// A membership change was applied since the last compaction.
     members_changed: bool,
-    state: ClusterState,
+    machine: StateMachine,
     transport: T,
     status: Arc<Mutex<Status>>,
     /// Callers waiting for their proposal, by request id.
@@ -372,7 +374,7 @@ impl<T: Transport> Driver<T> {
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.storage.apply_snapshot(&snap)?;
-            self.state = ClusterState::restore(&snap.data)
+            self.machine = StateMachine::restore(&snap.data)
                 .map_err(|e| ReplicaError::Codec(format!("leader's snapshot: {e}")))?;
             self.compacted = snap.get_metadata().index;
         }
@@ -405,11 +407,11 @@ impl<T: Transport> Driver<T> {
     /// new member catches up from a snapshot, and raft-rs refuses one whose configuration does
     /// not include it: so a change is followed by a snapshot that does.
     fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
-        let index = self.state.applied.min(self.storage.last_index_on_disk());
+        let index = self.machine.state().applied.min(self.storage.last_index_on_disk());
         let due = index >= self.compacted + COMPACT_EVERY || (self.members_changed && index > self.compacted);
         // The snapshot must describe exactly `index`: only when the state is there.
-        if due && index == self.state.applied {
-            let data = self.state.snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
+        if due && index == self.machine.state().applied {
+            let data = self.machine.snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
             self.storage.compact(index, data)?;
             self.compacted = index;
             self.members_changed = false;
@@ -435,7 +437,7 @@ impl<T: Transport> Driver<T> {
                 EntryType::EntryNormal if !e.data.is_empty() => {
                     let p: Proposal =
                         serde_json::from_slice(&e.data).map_err(|err| ReplicaError::Codec(err.to_string()))?;
-                    let reply = self.state.apply(e.index, &p);
+                    let reply = self.machine.apply(e.index, &p);
                     if let Some(waiter) = self.proposals.remove(&p.request_id) {
                         waiter.answer(Ok(reply));
                     }
@@ -458,9 +460,9 @@ impl<T: Transport> Driver<T> {
                         .filter(|c| c.change_type == ConfChangeType::RemoveNode)
                         .map(|c| c.node_id)
                         .collect();
-                    self.state.change_coordinators(e.index, added, &removed);
+                    self.machine.change_coordinators(e.index, added, &removed);
                     self.members_changed = true;
-                    self.transport.set_addresses(&self.state.coordinators);
+                    self.transport.set_addresses(&self.machine.state().coordinators);
                     // The caller may ask about the new members at once: the status says them first.
                     self.publish_status();
                     if let Some(waiter) = self.conf_changes.remove(e.context.as_ref() as &[u8]) {
@@ -469,7 +471,7 @@ impl<T: Transport> Driver<T> {
                         waiter.answer(Ok(voters));
                     }
                 }
-                _ => self.state.applied = self.state.applied.max(e.index),
+                _ => self.machine.skip(e.index),
             }
         }
         Ok(())
@@ -490,7 +492,7 @@ impl<T: Transport> Driver<T> {
         while i < self.reads.len() {
             if self.reads[i].index.is_some_and(|idx| idx <= applied) {
                 let read = self.reads.swap_remove(i);
-                read.waiter.answer(Ok(self.state.clone()));
+                read.waiter.answer(Ok(self.machine.state().clone()));
             } else {
                 i += 1;
             }

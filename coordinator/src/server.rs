@@ -9,26 +9,26 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
-use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_proto::v1::cluster_server::{Cluster, ClusterServer};
+use tandem_proto::ClusterClient;
+use tandem_proto::cluster_server::{Cluster, ClusterServer};
+use tandem_proto::contract::{
+    Command, GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange, Proposal,
+    Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
+};
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
-use tandem_proto::v1::{
-    ChangeMembersRequest, ChangeMembersResponse, HeartbeatRequest, HeartbeatResponse, Member, ProposeRequest,
-    ProposeResponse, RaftAck, RaftMessage, RegisterWorkerRequest, RegisterWorkerResponse, StatusRequest,
-    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
-};
+use tandem_proto::v1::{RaftAck, RaftMessage};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::etcd_store::{EtcdError, EtcdStore, Leadership};
 use crate::gateway::{self, Gateway, GatewayOptions};
+use crate::placement::schedule;
 use crate::replica::{Inbox, Replica, ReplicaError, Timing, Transport};
-use crate::state::{Command, Gpu, Proposal, Reply};
 use crate::store::{Store, StoreError};
 
 /// How long a proposal or a read may wait for the group.
@@ -188,21 +188,21 @@ struct ClusterService {
     store: Store,
     lead: Arc<Lead>,
     leases: Arc<Leases>,
-}
-
-/// A request id no other request has: a name, and the time in nanoseconds.
-pub(crate) fn fresh_id(what: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{what}-{nanos}")
+    /// One client per leader address seen, reused by every forwarded request.
+    leaders: Mutex<HashMap<String, ClusterClient>>,
 }
 
 impl ClusterService {
     /// A client of the leader, to forward a request to (once: the leader does not forward).
-    async fn forward(&self) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+    async fn forward(&self) -> Result<ClusterClient, Status> {
         let addr = self.lead.leader_addr().await.ok_or_else(|| Status::unavailable("no leader known yet; retry"))?;
-        ClusterClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| Status::unavailable(format!("leader at {addr}: {e}")))
+        let mut leaders = self.leaders.lock().map_err(|_| Status::internal("leader clients poisoned"))?;
+        if let Some(c) = leaders.get(&addr) {
+            return Ok(c.clone());
+        }
+        let client = ClusterClient::new(&addr).map_err(|e| Status::unavailable(format!("leader at {addr}: {e}")))?;
+        leaders.insert(addr, client.clone());
+        Ok(client)
     }
 
     fn leads(&self) -> bool {
@@ -235,82 +235,60 @@ fn status_of(e: StoreError) -> Status {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn propose(&self, req: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
-        let req = req.into_inner();
-        let p: Proposal =
-            serde_json::from_str(&req.proposal_json).map_err(|e| Status::invalid_argument(format!("proposal: {e}")))?;
-        match self.store.propose(p, REQUEST_TIMEOUT).await {
-            Ok(reply) => {
-                let reply_json = serde_json::to_string(&reply).map_err(|e| Status::internal(e.to_string()))?;
-                Ok(Response::new(ProposeResponse { reply_json }))
+    async fn propose(&self, req: Request<Proposal>) -> Result<Response<Reply>, Status> {
+        let p = req.into_inner();
+        p.command.validate().map_err(|e| Status::invalid_argument(e.0))?;
+        match self.store.propose(p.clone(), REQUEST_TIMEOUT).await {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(StoreError::Raft(ReplicaError::NotLeader { .. })) => {
+                Ok(Response::new(self.forward().await?.propose_as(p).await?))
             }
-            Err(StoreError::Raft(ReplicaError::NotLeader { .. })) => self.forward().await?.propose(req).await,
             Err(e) => Err(status_of(e)),
         }
     }
 
-    async fn register_worker(
-        &self,
-        req: Request<RegisterWorkerRequest>,
-    ) -> Result<Response<RegisterWorkerResponse>, Status> {
-        let req = req.into_inner();
+    async fn register_worker(&self, req: Request<WorkerRegistration>) -> Result<Response<LeaseGrant>, Status> {
+        let r = req.into_inner();
         if !self.leads() {
-            return self.forward().await?.register_worker(req).await;
+            let lease = self.forward().await?.register_worker(r).await?;
+            return Ok(Response::new(LeaseGrant { lease_ms: lease.as_millis() as u64 }));
         }
-        if req.worker_id.is_empty() || req.worker_id.chars().any(|c| c.is_control() || c == '/') {
-            return Err(Status::invalid_argument(format!("worker id {:?} is not allowed", req.worker_id)));
-        }
-        let gpus: Vec<Gpu> = serde_json::from_str(if req.gpus_json.is_empty() { "[]" } else { &req.gpus_json })
-            .map_err(|e| Status::invalid_argument(format!("gpus: {e}")))?;
-        if req.collective_addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Status::invalid_argument(format!(
-                "collective address {:?} is not HOST:PORT",
-                req.collective_addr
-            )));
-        }
-        let command = Command::RegisterWorker {
-            id: req.worker_id.clone(),
-            addr: req.addr,
-            gpus,
-            collective_addr: req.collective_addr,
-        };
-        let p = Proposal::new(fresh_id(&format!("register-{}", req.worker_id)), command);
+        let id = r.worker_id.clone();
+        let command =
+            Command::RegisterWorker { id: id.clone(), addr: r.addr, gpus: r.gpus, collective_addr: r.collective_addr };
+        command.validate().map_err(|e| Status::invalid_argument(e.0))?;
+        let p = Proposal::new(fresh_id(&format!("register-{id}")), command);
         match self.store.propose(p, REQUEST_TIMEOUT).await.map_err(status_of)? {
             Reply::Refused { reason } => Err(Status::failed_precondition(reason)),
             _ => {
-                self.leases.renew(&req.worker_id);
-                Ok(Response::new(RegisterWorkerResponse { lease_ms: self.leases.lease.as_millis() as u64 }))
+                self.leases.renew(&id);
+                Ok(Response::new(LeaseGrant { lease_ms: self.leases.lease.as_millis() as u64 }))
             }
         }
     }
 
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let req = req.into_inner();
+    async fn heartbeat(&self, req: Request<Heartbeat>) -> Result<Response<WorkerView>, Status> {
+        let Heartbeat { worker_id } = req.into_inner();
         if !self.leads() {
-            return self.forward().await?.heartbeat(req).await;
+            return Ok(Response::new(self.forward().await?.heartbeat(&worker_id).await?));
         }
         let state = self.store.read(REQUEST_TIMEOUT).await.map_err(status_of)?;
-        if !state.workers.get(&req.worker_id).is_some_and(|w| w.alive) {
-            return Err(Status::not_found(format!("worker {:?} has no lease: register again", req.worker_id)));
+        if !state.workers.get(&worker_id).is_some_and(|w| w.alive) {
+            return Err(Status::not_found(format!("worker {worker_id:?} has no lease: register again")));
         }
-        self.leases.renew(&req.worker_id);
-        let internal = |e: serde_json::Error| Status::internal(e.to_string());
-        Ok(Response::new(HeartbeatResponse {
-            lease_ms: self.leases.lease.as_millis() as u64,
-            assignments_json: serde_json::to_string(&state.assignments(&req.worker_id)).map_err(internal)?,
-            groups_json: serde_json::to_string(&state.memberships(&req.worker_id)).map_err(internal)?,
-        }))
+        self.leases.renew(&worker_id);
+        Ok(Response::new(state.worker_view(&worker_id, self.leases.lease.as_millis() as u64)))
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        let state_json = match self.store.read(Duration::from_secs(2)).await {
-            Ok(state) => serde_json::to_string(&state).map_err(|e| Status::internal(e.to_string()))?,
-            Err(_) => String::new(),
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<GroupStatus>, Status> {
+        let state = match req.into_inner().with_state {
+            true => self.store.read(Duration::from_secs(2)).await.ok(),
+            false => None,
         };
         let status = match &*self.lead {
             Lead::Raft { replica, book, .. } => {
                 let s = replica.status();
-                StatusResponse {
+                GroupStatus {
                     id: s.id,
                     leader: s.leader,
                     term: s.term,
@@ -318,7 +296,7 @@ impl Cluster for ClusterService {
                     applied: s.applied,
                     members: book.members(&s.voters),
                     voters: s.voters,
-                    state_json,
+                    state,
                     store: "raft".into(),
                 }
             }
@@ -328,7 +306,7 @@ impl Cluster for ClusterService {
                 let members: Vec<Member> = (s.members.iter())
                     .map(|m| Member { id: m.id, addr: m.client_urls.first().cloned().unwrap_or_default() })
                     .collect();
-                StatusResponse {
+                GroupStatus {
                     id: 0,
                     leader: s.leader,
                     term: s.raft_term,
@@ -336,7 +314,7 @@ impl Cluster for ClusterService {
                     applied: s.applied,
                     voters: members.iter().map(|m| m.id).collect(),
                     members,
-                    state_json,
+                    state,
                     store: url.clone(),
                 }
             }
@@ -344,18 +322,16 @@ impl Cluster for ClusterService {
         Ok(Response::new(status))
     }
 
-    async fn change_members(
-        &self,
-        req: Request<ChangeMembersRequest>,
-    ) -> Result<Response<ChangeMembersResponse>, Status> {
+    async fn change_members(&self, req: Request<MembershipChange>) -> Result<Response<Members>, Status> {
         let req = req.into_inner();
         let (replica, book, _) = self.raft()?;
         if !self.leads() {
-            return self.forward().await?.change_members(req).await;
+            let members = self.forward().await?.change_members(req.add, req.remove).await?;
+            return Ok(Response::new(Members { members }));
         }
         let mut add = BTreeMap::new();
         for m in &req.add {
-            if m.id == 0 || m.addr.is_empty() || m.addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if m.id == 0 || check_addr("member address", &m.addr, false).is_err() {
                 return Err(Status::invalid_argument(format!(
                     "member {} at {:?}: need an id > 0 and HOST:PORT",
                     m.id, m.addr
@@ -375,30 +351,27 @@ impl Cluster for ClusterService {
             .await
             .unwrap_or(Err(ReplicaError::Stopped))
             .map_err(|e| status_of(e.into()))?;
-        Ok(Response::new(ChangeMembersResponse { members: book.members(&voters) }))
+        Ok(Response::new(Members { members: book.members(&voters) }))
     }
 
-    async fn transfer_leader(
-        &self,
-        req: Request<TransferLeaderRequest>,
-    ) -> Result<Response<TransferLeaderResponse>, Status> {
-        let req = req.into_inner();
+    async fn transfer_leader(&self, req: Request<LeaderTransfer>) -> Result<Response<Leader>, Status> {
+        let LeaderTransfer { to } = req.into_inner();
         let (replica, _, transfer_timeout) = self.raft()?;
         if !self.leads() {
-            return self.forward().await?.transfer_leader(req).await;
+            return Ok(Response::new(Leader { leader: self.forward().await?.transfer_leader(to).await? }));
         }
-        if !replica.status().voters.contains(&req.to) {
-            return Err(Status::not_found(format!("coordinator {} is not a member", req.to)));
+        if !replica.status().voters.contains(&to) {
+            return Err(Status::not_found(format!("coordinator {to} is not a member")));
         }
-        replica.transfer_leader(req.to);
+        replica.transfer_leader(to);
         let deadline = Instant::now() + transfer_timeout;
         loop {
             let leader = replica.status().leader;
-            if leader == req.to {
-                return Ok(Response::new(TransferLeaderResponse { leader }));
+            if leader == to {
+                return Ok(Response::new(Leader { leader }));
             }
             if Instant::now() > deadline {
-                return Err(Status::deadline_exceeded(format!("coordinator {} did not take over", req.to)));
+                return Err(Status::deadline_exceeded(format!("coordinator {to} did not take over")));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -438,7 +411,7 @@ async fn supervise(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
             let _ = store.propose(Proposal::new(fresh_id(&format!("dead-{id}")), command), REQUEST_TIMEOUT).await;
         }
         let Ok(state) = (if expired.is_empty() { Ok(state) } else { store.read(leases.lease).await }) else { continue };
-        for (job, worker) in state.schedule() {
+        for (job, worker) in schedule(&state) {
             // Named by the attempt it starts, so a retry (or a second leader) places it once.
             let request_id = format!("place-{job}-{}", state.jobs[&job].epoch + 1);
             let command = Command::PlaceJob { id: job, worker };
@@ -504,7 +477,7 @@ pub async fn serve(
         Some(http) => {
             let addr = http.addr;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--http {addr}: {e}"))?;
-            let gateway = Gateway::new(store.clone(), own.clone(), &http);
+            let gateway = Gateway::new(store.clone(), ClusterClient::new(&own)?, &http);
             let api = gateway::api_server(gateway.clone());
             let stopped = async move {
                 let _ = http_stopped.await;
@@ -518,7 +491,7 @@ pub async fn serve(
     };
     let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
     let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
-    let cluster = ClusterService { store, lead, leases };
+    let cluster = ClusterService { store, lead, leases, leaders: Mutex::default() };
     server
         .add_optional_service(raft.map(RaftServer::new))
         .add_service(ClusterServer::new(cluster))

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::etcd_store::{EtcdError, EtcdStore};
 use crate::replica::{Replica, ReplicaError};
-use crate::state::{ClusterState, Proposal, Reply};
+use tandem_proto::contract::{ClusterState, Proposal, Reply};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -13,15 +13,10 @@ use std::time::{Duration, Instant};
 use common::etcd::{Etcd, free_port};
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server::{Options, serve};
-use tandem_coordinator::state::ClusterState;
-use tandem_proto::v1::cluster_client::ClusterClient;
-use tandem_proto::v1::{
-    ChangeMembersRequest, HeartbeatRequest, ProposeRequest, RegisterWorkerRequest, StatusRequest, TransferLeaderRequest,
-};
+use tandem_proto::contract::{Command, Proposal, Reply, WorkerRegistration};
+use tandem_proto::{ClientError, ClusterClient};
 
-type Client = ClusterClient<tonic::transport::Channel>;
-
-async fn coordinator(etcd: &Etcd) -> Client {
+async fn coordinator(etcd: &Etcd) -> ClusterClient {
     let addr = format!("127.0.0.1:{}", free_port());
     let opts = Options {
         id: 1,
@@ -34,10 +29,11 @@ async fn coordinator(etcd: &Etcd) -> Client {
         http: None,
     };
     tokio::spawn(async move { serve(opts, std::future::pending()).await.unwrap() });
+    let client = ClusterClient::new(&addr).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match ClusterClient::connect(format!("http://{addr}")).await {
-            Ok(c) => return c,
+        match client.status(false).await {
+            Ok(_) => return client,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -46,31 +42,25 @@ async fn coordinator(etcd: &Etcd) -> Client {
     }
 }
 
-async fn state(c: &mut Client) -> ClusterState {
-    let s = c.status(StatusRequest {}).await.unwrap().into_inner();
-    serde_json::from_str(&s.state_json).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_over_etcd_share_the_state_and_one_keeps_the_leases() {
     let etcd = Etcd::start("server");
-    let mut a = coordinator(&etcd).await;
-    let mut b = coordinator(&etcd).await;
+    let a = coordinator(&etcd).await;
+    let b = coordinator(&etcd).await;
 
-    let p = r#"{"request_id":"m1","command":{"op":"register_model","name":"base","uri":"/m"}}"#;
-    let reply = a.propose(ProposeRequest { proposal_json: p.into() }).await.unwrap().into_inner();
-    assert_eq!(reply.reply_json, r#"{"result":"done"}"#);
-    assert!(state(&mut b).await.models.contains_key("base"));
-    let status = b.status(StatusRequest {}).await.unwrap().into_inner();
+    let p = Proposal::new("m1", Command::RegisterModel { name: "base".into(), uri: "/m".into() });
+    assert_eq!(a.propose_as(p).await.unwrap(), Reply::Done);
+    assert!(b.state().await.unwrap().models.contains_key("base"));
+    let status = b.status(false).await.unwrap();
     assert_eq!(status.store, etcd.url());
     assert_eq!(status.members.len(), 1, "{status:?}");
 
     // Registered through one, heartbeats through the other: whichever is not the scheduler
     // forwards to the one that is, and the lease holds.
-    let reg = RegisterWorkerRequest {
+    let reg = WorkerRegistration {
         worker_id: "w1".into(),
         addr: "10.0.0.1:7500".into(),
-        gpus_json: String::new(),
+        gpus: Vec::new(),
         collective_addr: String::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -79,19 +69,19 @@ async fn coordinators_over_etcd_share_the_state_and_one_keeps_the_leases() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for _ in 0..12 {
-        b.heartbeat(HeartbeatRequest { worker_id: "w1".into() }).await.unwrap();
+        b.heartbeat("w1").await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(state(&mut a).await.workers["w1"].alive);
+    assert!(a.state().await.unwrap().workers["w1"].alive);
     // Without heartbeats the lease runs out.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while state(&mut b).await.workers["w1"].alive {
+    while b.state().await.unwrap().workers["w1"].alive {
         assert!(Instant::now() < deadline, "the lease never expired");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let err = a.change_members(ChangeMembersRequest { add: vec![], remove: vec![1] }).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
-    let err = a.transfer_leader(TransferLeaderRequest { to: 2 }).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let err = a.change_members(vec![], vec![1]).await.unwrap_err();
+    assert!(matches!(err, ClientError::Conflict(_)), "{err}");
+    let err = a.transfer_leader(2).await.unwrap_err();
+    assert!(matches!(err, ClientError::Conflict(_)), "{err}");
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
 use tandem_coordinator::etcd_store::{EtcdError, EtcdOptions, EtcdStore, Leadership};
-use tandem_coordinator::state::{Command, Proposal, Reply};
 use tandem_coordinator::store::Store;
+use tandem_proto::contract::{Command, Proposal, Reply};
 
 use common::etcd::{Etcd, free_port};
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use raft::eraftpb::Message;
 use tandem_coordinator::replica::{Inbox, Replica, ReplicaError, Timing, Transport};
-use tandem_coordinator::state::{Command, Proposal, Reply};
+use tandem_proto::contract::{Command, Proposal, Reply};
 
 /// Who can reach whom.
 #[derive(Clone, Default)]

@@ -5,20 +5,31 @@
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
 use serde_json::json;
-use tandem_coordinator::state::{
-    ClusterState, Command, File, Gpu, JobReport, JobStatus, MAX_ATTEMPTS, Placement, Proposal, Reply, StepFigures,
-    check_name,
+use tandem_coordinator::placement::schedule;
+use tandem_coordinator::state::{MAX_ATTEMPTS, StateMachine};
+use tandem_proto::contract::{
+    ClusterState, Command, File, FileRef, Gpu, JobReport, JobSpec, JobStatus, MethodChoice, Placement, Proposal, Reply,
+    StepFigures, check_name,
 };
 
 /// Applies commands at consecutive indices, each with its own request id.
 struct Log {
-    state: ClusterState,
+    machine: StateMachine,
     next: u64,
+}
+
+/// A job's spec on base model `m` (only the state machine reads it here).
+fn spec(base_model: &str) -> JobSpec {
+    JobSpec::new(base_model, MethodChoice::lora(8), FileRef { id: "f".into(), uri: "/files/f".into() })
 }
 
 impl Log {
     fn new() -> Self {
-        Log { state: ClusterState::default(), next: 1 }
+        Log { machine: StateMachine::default(), next: 1 }
+    }
+
+    fn state(&self) -> &ClusterState {
+        self.machine.state()
     }
 
     fn apply(&mut self, command: Command) -> Reply {
@@ -28,7 +39,7 @@ impl Log {
 
     fn apply_as(&mut self, request_id: &str, command: Command) -> Reply {
         let p = Proposal::new(request_id, command);
-        let reply = self.state.apply(self.next, &p);
+        let reply = self.machine.apply(self.next, &p);
         self.next += 1;
         reply
     }
@@ -48,13 +59,7 @@ fn cluster() -> Log {
 }
 
 fn submit(id: &str) -> Command {
-    Command::SubmitJob {
-        id: id.into(),
-        tenant: "t".into(),
-        base_model: "m".into(),
-        spec: json!({"rank": 8}),
-        adapter: None,
-    }
+    Command::SubmitJob { id: id.into(), tenant: "t".into(), spec: spec("m"), adapter: None }
 }
 
 fn put_adapter(name: &str) -> Command {
@@ -73,14 +78,14 @@ fn a_retried_proposal_applies_once() {
     assert_eq!(log.apply_as("upload-1", put_adapter("a")), Reply::Version { version: 1 });
     // The client did not hear back and sent it again: a new log entry, the same request id.
     assert_eq!(log.apply_as("upload-1", put_adapter("a")), Reply::Version { version: 1 });
-    assert_eq!(log.state.adapters["t"]["a"].len(), 1);
+    assert_eq!(log.state().adapters["t"]["a"].len(), 1);
     // A new request makes a new version.
     assert_eq!(log.apply_as("upload-2", put_adapter("a")), Reply::Version { version: 2 });
     // An index at or below the last applied one changes nothing.
-    let before = log.state.clone();
+    let before = log.state().clone();
     let p = Proposal::new("late", put_adapter("a"));
-    assert!(matches!(log.state.apply(2, &p), Reply::Refused { .. }));
-    assert_eq!(log.state, before);
+    assert!(matches!(log.machine.apply(2, &p), Reply::Refused { .. }));
+    assert_eq!(log.state(), &before);
 }
 
 #[test]
@@ -97,30 +102,33 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     // w1's lease expires: the job goes back to the queue, keeping its checkpoint; w1's shard
     // moves to w2, the only other worker alive.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "w1".into() }), Reply::Done);
-    let job = &log.state.jobs["j"];
+    let job = &log.state().jobs["j"];
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.checkpoint.as_ref().unwrap().step, 40);
     assert_eq!(job.attempts[0].ended.as_deref(), Some("its worker's lease expired"));
-    assert_eq!(log.state.placements["g1"].workers, vec!["w2".to_string()]);
+    assert_eq!(log.state().placements["g1"].workers, vec!["w2".to_string()]);
     // A dead worker gets nothing; the scheduler picks w2.
     assert!(matches!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Refused { .. }));
-    assert_eq!(log.state.schedule(), vec![("j".to_string(), "w2".to_string())]);
+    assert_eq!(schedule(log.state()), vec![("j".to_string(), "w2".to_string())]);
 
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 2 });
-    assert!(log.state.schedule().is_empty());
+    assert!(schedule(log.state()).is_empty());
     // With no worker left to take its shard, the group goes.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "w2".into() }), Reply::Done);
-    assert!(log.state.placements.is_empty());
-    assert!(log.state.schedule().is_empty(), "nothing alive to place on");
+    assert!(log.state().placements.is_empty());
+    assert!(schedule(log.state()).is_empty(), "nothing alive to place on");
     assert_eq!(log.apply(worker("w2")), Reply::Done);
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 3 });
     // The old attempt was only slow, not dead: its reports are refused and change nothing.
-    let before = log.state.clone();
-    let stale = log.apply(report(1, JobReport::Succeeded { uri: String::new(), checksum: String::new() }));
+    let before = log.state().clone();
+    let stale = log.apply(report(1, JobReport::Succeeded { uri: "/out/j".into(), checksum: String::new() }));
     assert!(matches!(&stale, Reply::Refused { reason } if reason.contains("stale attempt")), "{stale:?}");
-    assert_eq!(log.state.jobs, before.jobs);
-    assert_eq!(log.apply(report(3, JobReport::Succeeded { uri: String::new(), checksum: String::new() })), Reply::Done);
-    assert_eq!(log.state.jobs["j"].status, JobStatus::Succeeded);
+    assert_eq!(log.state().jobs, before.jobs);
+    assert_eq!(
+        log.apply(report(3, JobReport::Succeeded { uri: "/out/j".into(), checksum: String::new() })),
+        Reply::Done
+    );
+    assert_eq!(log.state().jobs["j"].status, JobStatus::Succeeded);
     // Finished is final.
     assert!(matches!(log.apply(report(3, JobReport::Running { step: 0 })), Reply::Refused { .. }));
     assert!(matches!(log.apply(Command::CancelJob { id: "j".into() }), Reply::Refused { .. }));
@@ -130,16 +138,10 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
 fn bad_commands_are_refused_without_changing_the_state() {
     let mut log = cluster();
     log.apply(submit("j"));
-    let before = log.state.clone();
+    let before = log.state().clone();
     let bad = [
         submit("j"),
-        Command::SubmitJob {
-            id: "k".into(),
-            tenant: "t".into(),
-            base_model: "nope".into(),
-            spec: json!({}),
-            adapter: None,
-        },
+        Command::SubmitJob { id: "k".into(), tenant: "t".into(), spec: spec("nope"), adapter: None },
         Command::PlaceJob { id: "nope".into(), worker: "w1".into() },
         Command::ReportJob { id: "j".into(), epoch: 0, report: JobReport::Running { step: 0 } },
         Command::DeleteAdapter { tenant: "t".into(), name: "nope".into() },
@@ -151,10 +153,10 @@ fn bad_commands_are_refused_without_changing_the_state() {
         let reply = log.apply(command.clone());
         assert!(matches!(reply, Reply::Refused { .. }), "{command:?} gave {reply:?}");
     }
-    assert_eq!(log.state.jobs, before.jobs);
-    assert_eq!(log.state.adapters, before.adapters);
-    assert_eq!(log.state.placements, before.placements);
-    assert_eq!(log.state.workers, before.workers);
+    assert_eq!(log.state().jobs, before.jobs);
+    assert_eq!(log.state().adapters, before.adapters);
+    assert_eq!(log.state().placements, before.placements);
+    assert_eq!(log.state().workers, before.workers);
 }
 
 /// A long, varied, deterministic log.
@@ -187,24 +189,24 @@ fn replicas_agree_and_a_snapshot_restores_exactly() {
     for c in first {
         assert_eq!(a.apply(c.clone()), b.apply(c.clone()));
     }
-    let snap = a.state.snapshot().unwrap();
-    let mut restored = Log { state: ClusterState::restore(&snap).unwrap(), next: a.next };
-    assert_eq!(restored.state, a.state);
+    let snap = a.machine.snapshot().unwrap();
+    let mut restored = Log { machine: StateMachine::restore(&snap).unwrap(), next: a.next };
+    assert_eq!(restored.machine, a.machine);
     for c in rest {
         let reply = a.apply(c.clone());
         assert_eq!(b.apply(c.clone()), reply);
         assert_eq!(restored.apply(c.clone()), reply);
     }
-    assert_eq!(a.state.snapshot().unwrap(), b.state.snapshot().unwrap());
-    assert_eq!(restored.state.snapshot().unwrap(), a.state.snapshot().unwrap());
+    assert_eq!(a.machine.snapshot().unwrap(), b.machine.snapshot().unwrap());
+    assert_eq!(restored.machine.snapshot().unwrap(), a.machine.snapshot().unwrap());
     // The log did something: jobs, versions, requeues.
-    assert!(a.state.jobs.len() > 20);
-    assert!(a.state.jobs.values().any(|j| j.attempts.iter().any(|t| t.ended.is_some())));
+    assert!(a.state().jobs.len() > 20);
+    assert!(a.state().jobs.values().any(|j| j.attempts.iter().any(|t| t.ended.is_some())));
     // A retry of a request applied before the snapshot is still recognised after restoring.
     let retry = Proposal::new("req-5", put_adapter("zzz"));
     let next = restored.next;
-    assert!(!matches!(restored.state.apply(next, &retry), Reply::Version { .. }));
-    assert!(!restored.state.adapters["t"].contains_key("zzz"));
+    assert!(!matches!(restored.machine.apply(next, &retry), Reply::Version { .. }));
+    assert!(!restored.state().adapters["t"].contains_key("zzz"));
 }
 
 #[test]
@@ -221,14 +223,14 @@ fn the_scheduler_spreads_queued_jobs_and_prefers_workers_with_the_model() {
         log.apply(submit(j));
     }
     log.apply(Command::PlaceJob { id: "a".into(), worker: "w1".into() });
-    let moves = log.state.schedule();
+    let moves = schedule(log.state());
     let want = [("b", "w2"), ("c", "w1"), ("d", "w2")];
     assert_eq!(moves, want.map(|(j, w)| (j.to_string(), w.to_string())).to_vec());
     // Only w3 alive: it takes them all.
     log.apply(Command::MarkWorkerDead { id: "w1".into() });
     log.apply(Command::MarkWorkerDead { id: "w2".into() });
-    assert!(log.state.schedule().iter().all(|(_, w)| w == "w3"));
-    assert_eq!(log.state.schedule().len(), 4);
+    assert!(schedule(log.state()).iter().all(|(_, w)| w == "w3"));
+    assert_eq!(schedule(log.state()).len(), 4);
 }
 
 #[test]
@@ -237,49 +239,50 @@ fn a_job_reports_its_steps_and_its_success_registers_its_adapter_for_its_tenant(
     let submit_as = |id: &str, adapter: &str| Command::SubmitJob {
         id: id.into(),
         tenant: "alice".into(),
-        base_model: "m".into(),
-        spec: json!({}),
+        spec: spec("m"),
         adapter: Some(adapter.into()),
     };
     assert_eq!(log.apply(submit_as("j1", "ft:m:alice:rev:j1")), Reply::Done);
     log.apply(Command::PlaceJob { id: "j1".into(), worker: "w1".into() });
     // The worker is told its attempt (and only its own).
-    let assigned = log.state.assignments("w1");
+    let assigned = log.state().assignments("w1");
     assert_eq!((assigned.len(), assigned[0].epoch, assigned[0].job.as_str()), (1, 1, "j1"));
-    assert!(log.state.assignments("w2").is_empty());
+    assert!(log.state().assignments("w2").is_empty());
     let report = |epoch, report| Command::ReportJob { id: "j1".into(), epoch, report };
     for step in 1..=3 {
         let figures = StepFigures { step, total_steps: 3, loss: 4.0 / step as f64, tokens_per_s: 100.0 };
         assert_eq!(log.apply(report(1, JobReport::Step(figures))), Reply::Done);
     }
-    let steps: Vec<u64> = log.state.jobs["j1"].events.iter().filter_map(|e| e.step.as_ref()).map(|s| s.step).collect();
+    let steps: Vec<u64> =
+        log.state().jobs["j1"].events.iter().filter_map(|e| e.step.as_ref()).map(|s| s.step).collect();
     assert_eq!(steps, [1, 2, 3]);
-    assert_eq!(log.state.jobs["j1"].status, JobStatus::Running);
+    assert_eq!(log.state().jobs["j1"].status, JobStatus::Running);
     let done = JobReport::Succeeded { uri: "/blobs/jobs/j1/adapter".into(), checksum: "abc".into() };
     assert_eq!(log.apply(report(1, done)), Reply::Version { version: 1 });
-    let versions = &log.state.adapters["alice"]["ft:m:alice:rev:j1"];
+    let versions = &log.state().adapters["alice"]["ft:m:alice:rev:j1"];
     assert_eq!((versions[0].uri.as_str(), versions[0].checksum.as_str()), ("/blobs/jobs/j1/adapter", "abc"));
-    assert!(log.state.jobs["j1"].finished_at.is_some());
-    assert!(log.state.assignments("w1").is_empty(), "a finished job is no one's to run");
+    assert!(log.state().jobs["j1"].finished_at.is_some());
+    assert!(log.state().assignments("w1").is_empty(), "a finished job is no one's to run");
     // A second job under the same adapter name makes its next version; no other tenant sees it.
     log.apply(submit_as("j2", "ft:m:alice:rev:j1"));
     log.apply(Command::PlaceJob { id: "j2".into(), worker: "w2".into() });
     let done = JobReport::Succeeded { uri: "/blobs/jobs/j2/adapter".into(), checksum: "def".into() };
     let reply = log.apply(Command::ReportJob { id: "j2".into(), epoch: 1, report: done });
     assert_eq!(reply, Reply::Version { version: 2 });
-    assert_eq!(log.state.adapters.len(), 1);
+    assert_eq!(log.state().adapters.len(), 1);
 }
 
 #[test]
 fn keys_files_and_names_are_checked() {
     let mut log = cluster();
-    let key = |tenant: &str| Command::CreateApiKey { tenant: tenant.into(), key_sha256: format!("sha-{tenant}") };
+    let key =
+        |tenant: &str| Command::CreateApiKey { tenant: tenant.into(), key_sha256: format!("{:0>64}", tenant.len()) };
     assert_eq!(log.apply(key("alice")), Reply::Done);
-    assert_eq!(log.state.api_keys["sha-alice"], "alice");
+    assert_eq!(log.state().api_keys[&format!("{:0>64}", 5)], "alice");
     for bad in ["", "../etc", "a/b", "a b", "x\u{7}", &"t".repeat(65)] {
         assert!(matches!(log.apply(key(bad)), Reply::Refused { .. }), "tenant {bad:?}");
     }
-    assert_eq!(log.state.api_keys.len(), 1);
+    assert_eq!(log.state().api_keys.len(), 1);
     for bad in ["", "..", "a/../b", "a\\b", "a\nb", &"n".repeat(129)] {
         assert!(check_name("adapter", bad).is_err(), "{bad:?}");
         let mut adapter = put_adapter(bad);
@@ -304,7 +307,7 @@ fn keys_files_and_names_are_checked() {
     let delete = |tenant: &str| Command::DeleteFile { tenant: tenant.into(), id: "file-1".into() };
     assert!(matches!(log.apply(delete("bob")), Reply::Refused { .. }));
     assert_eq!(log.apply(delete("alice")), Reply::Done);
-    assert!(log.state.files.is_empty());
+    assert!(log.state().files.is_empty());
 }
 
 /// A group worker: no whole model, a collective address.
@@ -338,44 +341,44 @@ fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
     ] {
         assert!(matches!(log.apply(bad.clone()), Reply::Refused { .. }), "{bad:?}");
     }
-    assert!(log.state.placements.is_empty());
+    assert!(log.state().placements.is_empty());
     // Only group workers take ranks, by id; the whole-model workers w1, w2 are not among them.
     assert_eq!(log.apply(create("tp", 2)), Reply::Done);
-    let p = &log.state.placements["tp"];
+    let p = &log.state().placements["tp"];
     assert_eq!((p.workers.clone(), p.epoch, p.formed), (vec!["g1".to_string(), "g2".to_string()], 1, false));
     assert!(matches!(log.apply(create("tp", 1)), Reply::Refused { .. }), "the name is taken");
     // What each member's heartbeat says: its rank and every rank's collective address.
-    let m = log.state.memberships("g2");
+    let m = log.state().memberships("g2");
     assert_eq!(m.len(), 1);
     assert_eq!((m[0].rank, m[0].epoch, m[0].model_uri.as_str()), (1, 1, "/models/m"));
     assert_eq!(m[0].peers, vec!["g1:7100".to_string(), "g2:7100".to_string()]);
-    assert!(log.state.memberships("g3").is_empty());
+    assert!(log.state().memberships("g3").is_empty());
 
     // Rank 0 formed it; a report for another epoch is refused.
     let formed = |epoch| Command::GroupFormed { group: "tp".into(), epoch };
     assert!(matches!(log.apply(formed(2)), Reply::Refused { .. }));
     assert_eq!(log.apply(formed(1)), Reply::Done);
-    assert!(log.state.placements["tp"].formed);
+    assert!(log.state().placements["tp"].formed);
 
     // Rank 0 saw rank 1 fail: g3, the spare, takes rank 1 at epoch 2. The same failure
     // reported again (by another rank, or a retry) is stale and changes nothing.
     let failed = |epoch, blame| Command::GroupFailed { group: "tp".into(), epoch, blame };
     assert_eq!(log.apply(failed(1, Some(1))), Reply::Done);
-    let p = log.state.placements["tp"].clone();
+    let p = log.state().placements["tp"].clone();
     assert_eq!((p.workers.clone(), p.epoch, p.formed), (vec!["g1".to_string(), "g3".to_string()], 2, false));
     assert!(matches!(log.apply(failed(1, Some(0))), Reply::Refused { .. }));
-    assert_eq!(log.state.placements["tp"], p);
+    assert_eq!(log.state().placements["tp"], p);
     // g2's lease runs out later: it is in no group any more, nothing moves.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "g2".into() }), Reply::Done);
-    assert_eq!(log.state.placements["tp"], p);
+    assert_eq!(log.state().placements["tp"], p);
     // A failure with no spare left (and no blame): the same members try again, next epoch.
     assert_eq!(log.apply(failed(2, None)), Reply::Done);
-    assert_eq!(log.state.placements["tp"].workers, p.workers);
-    assert_eq!(log.state.placements["tp"].epoch, 3);
+    assert_eq!(log.state().placements["tp"].workers, p.workers);
+    assert_eq!(log.state().placements["tp"].epoch, 3);
     // A member's lease runs out: g2 is back as a spare and takes its rank, next epoch.
     assert_eq!(log.apply(group_worker("g2")), Reply::Done);
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "g1".into() }), Reply::Done);
-    let p = &log.state.placements["tp"];
+    let p = &log.state().placements["tp"];
     assert_eq!((p.workers.clone(), p.epoch), (vec!["g2".to_string(), "g3".to_string()], 4));
 
     // While the group is not formed, its workers get no fine-tuning jobs: only w1 and w2 are
@@ -383,14 +386,14 @@ fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
     for j in ["a", "b", "c"] {
         log.apply(submit(j));
     }
-    assert!(log.state.schedule().iter().all(|(_, w)| w == "w1" || w == "w2"), "{:?}", log.state.schedule());
+    assert!(schedule(log.state()).iter().all(|(_, w)| w == "w1" || w == "w2"), "{:?}", schedule(log.state()));
     // The state with groups survives a snapshot.
-    let restored = ClusterState::restore(&log.state.snapshot().unwrap()).unwrap();
-    assert_eq!(restored, log.state);
+    let restored = StateMachine::restore(&log.machine.snapshot().unwrap()).unwrap();
+    assert_eq!(restored, log.machine);
     // A member dies with no group worker to spare: the whole-model workers w1, w2 cannot take
     // its rank, so the group goes.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "g3".into() }), Reply::Done);
-    assert!(log.state.placements.is_empty());
+    assert!(log.state().placements.is_empty());
 }
 
 /// Jobs go to rank 0 of a formed group that serves their model (after workers holding the
@@ -412,27 +415,27 @@ fn jobs_train_on_rank_0_of_a_formed_group_and_are_queued_again_when_it_is_re_for
     assert_eq!(log.apply(create("tp", false)), Reply::Done);
     assert_eq!(log.apply(create("ep", true)), Reply::Done);
     log.apply(submit("j"));
-    assert!(log.state.schedule().is_empty(), "no group formed yet");
+    assert!(schedule(log.state()).is_empty(), "no group formed yet");
     // The expert-parallel group (g3, g4) formed: its rank 0 would take the job.
     assert_eq!(log.apply(Command::GroupFormed { group: "ep".into(), epoch: 1 }), Reply::Done);
-    assert_eq!(log.state.schedule(), vec![("j".to_string(), "g3".to_string())], "rank 0, not rank 1");
+    assert_eq!(schedule(log.state()), vec![("j".to_string(), "g3".to_string())], "rank 0, not rank 1");
     // Both formed: the first rank 0 by id.
     assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: 1 }), Reply::Done);
-    assert_eq!(log.state.schedule(), vec![("j".to_string(), "g1".to_string())]);
+    assert_eq!(schedule(log.state()), vec![("j".to_string(), "g1".to_string())]);
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "g1".into() }), Reply::Epoch { epoch: 1 });
-    assert_eq!(log.state.assignments("g1").len(), 1);
+    assert_eq!(log.state().assignments("g1").len(), 1);
     let running = Command::ReportJob { id: "j".into(), epoch: 1, report: JobReport::Running { step: 0 } };
     assert_eq!(log.apply(running), Reply::Done);
     // Rank 1 fails: the attempt ends, the job is queued; g1 leads the re-formed group again
     // once it forms, and gets the job back.
     assert_eq!(log.apply(Command::GroupFailed { group: "tp".into(), epoch: 1, blame: Some(1) }), Reply::Done);
-    let job = &log.state.jobs["j"];
+    let job = &log.state().jobs["j"];
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.attempts[0].ended.as_deref(), Some("its worker group failed"));
-    assert!(log.state.assignments("g1").is_empty());
-    assert_eq!(log.state.schedule(), vec![("j".to_string(), "g3".to_string())], "tp is not formed yet");
+    assert!(log.state().assignments("g1").is_empty());
+    assert_eq!(schedule(log.state()), vec![("j".to_string(), "g3".to_string())], "tp is not formed yet");
     assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: 2 }), Reply::Done);
-    assert_eq!(log.state.schedule(), vec![("j".to_string(), "g1".to_string())]);
+    assert_eq!(schedule(log.state()), vec![("j".to_string(), "g1".to_string())]);
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "g1".into() }), Reply::Epoch { epoch: 2 });
     // A job whose attempts keep ending (here its group fails at every formation) fails after
     // MAX_ATTEMPTS instead of going round for ever.
@@ -441,22 +444,22 @@ fn jobs_train_on_rank_0_of_a_formed_group_and_are_queued_again_when_it_is_re_for
         if epoch == MAX_ATTEMPTS as u64 {
             break;
         }
-        assert_eq!(log.state.jobs["j"].status, JobStatus::Queued);
+        assert_eq!(log.state().jobs["j"].status, JobStatus::Queued);
         assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: epoch + 1 }), Reply::Done);
         let place = Command::PlaceJob { id: "j".into(), worker: "g1".into() };
         assert_eq!(log.apply(place), Reply::Epoch { epoch: epoch + 1 });
     }
-    let job = &log.state.jobs["j"];
+    let job = &log.state().jobs["j"];
     assert_eq!((job.status, job.attempts.len()), (JobStatus::Failed, MAX_ATTEMPTS));
     assert!(job.error.as_deref().unwrap().contains("its worker group failed; giving up"), "{:?}", job.error);
-    assert!(log.state.schedule().is_empty());
+    assert!(schedule(log.state()).is_empty());
     log.apply(submit("k"));
     assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: MAX_ATTEMPTS as u64 + 1 }), Reply::Done);
     assert_eq!(log.apply(Command::PlaceJob { id: "k".into(), worker: "g1".into() }), Reply::Epoch { epoch: 1 });
     // The group is removed: queued again, for the other group.
     assert_eq!(log.apply(Command::RemovePlacement { group: "tp".into() }), Reply::Done);
-    assert_eq!(log.state.jobs["k"].status, JobStatus::Queued);
-    assert_eq!(log.state.schedule(), vec![("k".to_string(), "g3".to_string())]);
+    assert_eq!(log.state().jobs["k"].status, JobStatus::Queued);
+    assert_eq!(schedule(log.state()), vec![("k".to_string(), "g3".to_string())]);
 }
 
 #[test]
@@ -468,7 +471,17 @@ fn a_state_from_before_groups_reads_with_no_epoch_and_no_collective_address() {
         "placements": {"g": {"model": "m", "workers": ["w1"], "adapters": []}},
         "replies": {}, "reply_order": [],
     });
-    let state = ClusterState::restore(old.to_string().as_bytes()).unwrap();
+    let machine = StateMachine::restore(old.to_string().as_bytes()).unwrap();
+    let state = machine.state();
     assert_eq!(state.workers["w1"].collective_addr, "");
     assert_eq!((state.placements["g"].epoch, state.placements["g"].formed), (0, false));
+}
+
+#[test]
+fn a_snapshot_keeps_the_coordinators_added_by_their_ids() {
+    let mut log = cluster();
+    log.machine.change_coordinators(log.next, [(4, "127.0.0.1:7404".to_string())].into(), &[]);
+    let restored = StateMachine::restore(&log.machine.snapshot().unwrap()).unwrap();
+    assert_eq!(restored.state().coordinators[&4], "127.0.0.1:7404");
+    assert_eq!(restored, log.machine);
 }

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::Message;
-use serde_json::json;
 use tandem_coordinator::etcd_store::EtcdStore;
 use tandem_coordinator::replica::{Replica, Timing, Transport};
-use tandem_coordinator::state::{ClusterState, Command, Gpu, JobReport, JobStatus, Placement, Proposal, Reply};
 use tandem_coordinator::store::Store;
+use tandem_proto::contract::{
+    ClusterState, Command, FileRef, Gpu, JobReport, JobSpec, JobStatus, MethodChoice, Placement, Proposal, Reply,
+};
 
 use common::etcd::Etcd;
 
@@ -67,8 +68,7 @@ async fn suite(store: &Store) {
     let submit = Command::SubmitJob {
         id: "j".into(),
         tenant: "t1".into(),
-        base_model: "m".into(),
-        spec: json!({}),
+        spec: JobSpec::new("m", MethodChoice::lora(8), FileRef { id: "f".into(), uri: "/files/f".into() }),
         adapter: None,
     };
     assert_eq!(propose(store, "submit", submit).await, Reply::Done);
@@ -92,11 +92,13 @@ async fn suite(store: &Store) {
     // Placed again: a new epoch; the old attempt's report is refused and changes nothing.
     assert_eq!(propose(store, "place-2", place("w2")).await, Reply::Epoch { epoch: 2 });
     let stale =
-        propose(store, "stale", report(1, JobReport::Succeeded { uri: String::new(), checksum: String::new() })).await;
+        propose(store, "stale", report(1, JobReport::Succeeded { uri: "/out/j".into(), checksum: String::new() }))
+            .await;
     assert!(matches!(&stale, Reply::Refused { reason } if reason.contains("stale attempt")), "{stale:?}");
     assert_eq!(store.read(WAIT).await.unwrap().jobs["j"].status, JobStatus::Placed);
     assert_eq!(
-        propose(store, "done-2", report(2, JobReport::Succeeded { uri: String::new(), checksum: String::new() })).await,
+        propose(store, "done-2", report(2, JobReport::Succeeded { uri: "/out/j".into(), checksum: String::new() }))
+            .await,
         Reply::Done
     );
 
@@ -112,7 +114,7 @@ async fn suite(store: &Store) {
     assert_eq!(state.jobs["j"].attempts.len(), 2);
     // 17 proposals; a Raft log also holds its leaders' empty entries.
     assert!(state.applied >= 17, "applied {}", state.applied);
-    assert_eq!(ClusterState::restore(&state.snapshot().unwrap()).unwrap(), state);
+    assert_eq!(serde_json::from_slice::<ClusterState>(&serde_json::to_vec(&state).unwrap()).unwrap(), state);
 }
 
 #[tokio::test]

@@ -63,6 +63,12 @@ impl From<crate::collective::CollectiveError> for Error {
     }
 }
 
+impl From<tandem_proto::contract::Invalid> for Error {
+    fn from(e: tandem_proto::contract::Invalid) -> Self {
+        Error::InvalidRequest(e.0)
+    }
+}
+
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {

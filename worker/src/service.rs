@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::contract::{Assignment, Gpu, Membership, WorkerRegistration};
 use tandem_proto::v1::worker_server::{Worker, WorkerServer};
-use tandem_proto::v1::{GenerateEvent, GenerateRequest, HeartbeatRequest, RegisterWorkerRequest};
+use tandem_proto::v1::{GenerateEvent, GenerateRequest};
+use tandem_proto::{ClientError, ClusterClient};
 use tokio::sync::mpsc as async_mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
@@ -539,8 +540,8 @@ impl Worker for WorkerService {
 
 /// Who a worker is to the coordinator, and where the heartbeats' news goes.
 pub struct Lease {
-    /// A coordinator's address (a follower forwards to the leader).
-    pub coordinator: String,
+    /// A coordinator (a follower forwards to the leader).
+    pub cluster: ClusterClient,
     pub id: String,
     /// Its gRPC address.
     pub addr: String,
@@ -548,18 +549,18 @@ pub struct Lease {
     pub models: Vec<String>,
     /// Where it listens for its worker groups' collectives (empty: not a group worker).
     pub collective_addr: String,
-    /// The fine-tuning attempts it is to run (`Assignment` list, JSON).
-    pub assignments: tokio::sync::watch::Sender<String>,
-    /// The worker groups it is a member of (`Membership` list, JSON).
-    pub groups: tokio::sync::watch::Sender<String>,
+    /// The fine-tuning attempts it is to run.
+    pub assignments: tokio::sync::watch::Sender<Vec<Assignment>>,
+    /// The worker groups it is a member of.
+    pub groups: tokio::sync::watch::Sender<Vec<Membership>>,
 }
 
 /// Publishes `new` on `tx` when it differs from what is there.
-fn publish(tx: &tokio::sync::watch::Sender<String>, new: &str) {
+fn publish<T: PartialEq>(tx: &tokio::sync::watch::Sender<T>, new: T) {
     tx.send_if_modified(|old| {
         let changed = *old != new;
         if changed {
-            new.clone_into(old);
+            *old = new;
         }
         changed
     });
@@ -571,38 +572,35 @@ fn publish(tx: &tokio::sync::watch::Sender<String>, new: &str) {
 /// attempts this worker is to run and its worker groups, published on `lease`'s channels. Runs
 /// until the task is dropped.
 pub async fn keep_lease(lease: Lease) {
-    let Lease { coordinator, id, addr, models, collective_addr, assignments, groups } = lease;
-    let gpus = serde_json::json!([{ "index": 0, "memory_bytes": 0, "models": models }]).to_string();
-    let register = RegisterWorkerRequest { worker_id: id.clone(), addr, gpus_json: gpus, collective_addr };
+    let Lease { cluster, id, addr, models, collective_addr, assignments, groups } = lease;
+    let gpus = vec![Gpu { index: 0, memory_bytes: 0, models }];
+    let register = WorkerRegistration { worker_id: id.clone(), addr, gpus, collective_addr };
     let mut registered = false;
     let mut pause = Duration::from_millis(500);
     loop {
         let result = async {
-            let mut client =
-                ClusterClient::connect(format!("http://{coordinator}")).await.map_err(|e| e.to_string())?;
             if !registered {
-                let lease = client.register_worker(register.clone()).await.map_err(|e| e.to_string())?;
+                let lease = cluster.register_worker(register.clone()).await?;
                 registered = true;
-                return Ok(Duration::from_millis(lease.into_inner().lease_ms / 3));
+                return Ok(lease / 3);
             }
-            match client.heartbeat(HeartbeatRequest { worker_id: id.clone() }).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    publish(&assignments, &r.assignments_json);
-                    publish(&groups, &r.groups_json);
-                    Ok(Duration::from_millis(r.lease_ms / 3))
+            match cluster.heartbeat(&id).await {
+                Ok(view) => {
+                    publish(&assignments, view.assignments);
+                    publish(&groups, view.groups);
+                    Ok(Duration::from_millis(view.lease_ms / 3))
                 }
-                Err(s) if s.code() == tonic::Code::NotFound => {
+                Err(ClientError::NotFound(_)) => {
                     registered = false;
                     Ok(Duration::ZERO)
                 }
-                Err(s) => Err(s.to_string()),
+                Err(e) => Err(e),
             }
         }
         .await;
         match result {
             Ok(next) => pause = next.max(Duration::from_millis(50)),
-            Err(e) => eprintln!("worker {id}: coordinator {coordinator}: {e}; retrying"),
+            Err(e) => eprintln!("worker {id}: coordinator {}: {e}; retrying", cluster.addr()),
         }
         tokio::time::sleep(pause).await;
     }

@@ -19,7 +19,7 @@ use tandem_worker::init_model::Preset;
 use tandem_worker::model::Model;
 use tandem_worker::sampling::SamplingParams;
 use tandem_worker::train::data::Example;
-use tandem_worker::train::job::{Job, JobSpec, Method};
+use tandem_worker::train::job::{Job, Method, TrainSpec};
 use tandem_worker::train::trainer::Trainer;
 
 fn request(i: usize, adapter: Option<&str>, max_tokens: usize) -> GenerationRequest {
@@ -43,7 +43,7 @@ fn alone(model: &Arc<Model>, req: GenerationRequest, adapter: Option<Adapter>) -
     e.run_to_completion().unwrap().remove(0)
 }
 
-fn job_specs(preset: Preset, vocab: usize) -> Vec<(JobSpec, Arc<Vec<Example>>)> {
+fn job_specs(preset: Preset, vocab: usize) -> Vec<(TrainSpec, Arc<Vec<Example>>)> {
     let mut specs = vec![
         (spec("a", lora(4, &["q_proj", "v_proj"]), hyper(4, 2, 1e-2, 1)), examples(8, vocab, 21)),
         (spec("b", lora(8, &["all-linear"]), hyper(3, 3, 5e-3, 2)), examples(6, vocab, 22)),

@@ -36,7 +36,7 @@ use tandem_worker::model::{ForwardInput, KvCache, Model};
 use tandem_worker::safetensors_file::SafetensorsFile;
 use tandem_worker::train::checkpoint;
 use tandem_worker::train::data::Example;
-use tandem_worker::train::job::{Hyperparams, Job, JobSpec, Method};
+use tandem_worker::train::job::{Hyperparams, Job, Method, TrainSpec};
 use tandem_worker::train::trainer::Trainer;
 
 /// Fresh export vs the committed one: max |Δ| relative to the tensor's largest |value|.
@@ -92,7 +92,7 @@ fn train_and_export(name: &str, method: Method) -> (Model, PathBuf) {
         seed: 5,
         ..Hyperparams::default()
     };
-    let spec = JobSpec { name: format!("{name}_export"), method, hyper };
+    let spec = TrainSpec { name: format!("{name}_export"), method, hyper };
     let job = Job::new(spec, &model, Arc::new(data)).unwrap();
     let mut trainer = Trainer::new(&model, vec![job]);
     while !trainer.is_finished() {

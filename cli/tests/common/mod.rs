@@ -184,20 +184,13 @@ pub fn mini_cluster_of(tag: &str, gateway: Option<(&str, &str)>, workers: usize)
 /// coordinator at `coordinator` answers.
 #[allow(clippy::unwrap_used)] // a coordinator that never answers is a failed test
 pub fn register_model(coordinator: &str, name: &str, uri: &str) {
-    use tandem_coordinator::state::{Command, Proposal};
-    use tandem_proto::v1::ProposeRequest;
-    use tandem_proto::v1::cluster_client::ClusterClient;
+    use tandem_proto::ClusterClient;
+    use tandem_proto::contract::{Command, Proposal};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let p = Proposal::new(format!("model-{name}"), Command::RegisterModel { name: name.into(), uri: uri.into() });
+    let client = ClusterClient::new(coordinator).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while rt
-        .block_on(async {
-            let mut c = ClusterClient::connect(format!("http://{coordinator}")).await?;
-            c.propose(ProposeRequest { proposal_json: serde_json::to_string(&p).unwrap() }).await?;
-            Ok::<_, Box<dyn std::error::Error>>(())
-        })
-        .is_err()
-    {
+    while rt.block_on(client.propose_as(p.clone())).is_err() {
         assert!(std::time::Instant::now() < deadline, "the coordinator never took the model");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

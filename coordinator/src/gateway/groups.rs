@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::openai::{Body, parse};
 use super::{ApiError, Caller, Gateway};
-use crate::state::{ClusterState, Command, Placement};
+use tandem_proto::contract::{ClusterState, Command, Placement};
 
 pub fn routes() -> Router<Arc<Gateway>> {
     Router::new()

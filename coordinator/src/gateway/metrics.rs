@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, Caller, Gateway};
-use crate::state::{ClusterState, JobStatus};
+use tandem_proto::contract::{ClusterState, JobStatus};
 
 /// Counters of one (tenant, model).
 #[derive(Default, Clone, Copy)]
@@ -133,7 +133,7 @@ impl Metrics {
             "Adapters registered (all tenants).",
             vec![(String::new(), adapters.to_string())],
         );
-        let last_steps: Vec<(String, &crate::state::StepFigures)> = (state.jobs.iter())
+        let last_steps: Vec<(String, &tandem_proto::contract::StepFigures)> = (state.jobs.iter())
             .filter_map(|(id, j)| {
                 let s = j.events.iter().filter_map(|e| e.step.as_ref()).next_back()?;
                 Some((format!("job=\"{}\",tenant=\"{}\"", esc(id), esc(&j.tenant)), s))
@@ -143,7 +143,8 @@ impl Metrics {
             (
                 "tandem_job_step",
                 "Optimizer steps a job has taken.",
-                (|s: &crate::state::StepFigures| s.step as f64) as fn(&crate::state::StepFigures) -> f64,
+                (|s: &tandem_proto::contract::StepFigures| s.step as f64)
+                    as fn(&tandem_proto::contract::StepFigures) -> f64,
             ),
             ("tandem_job_total_steps", "Optimizer steps a job takes in all.", |s| s.total_steps as f64),
             ("tandem_job_loss", "A job's training loss at its last step.", |s| s.loss),

@@ -23,16 +23,13 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tandem_proto::v1::ProposeRequest;
-use tandem_proto::v1::cluster_client::ClusterClient;
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{ClusterState, Command, Reply, fresh_id, sha256_hex};
 use tandem_proto::v1::worker_client::WorkerClient;
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tokio_stream::StreamExt;
 
-use crate::replica::ReplicaError;
-use crate::server::fresh_id;
-use crate::state::{ClusterState, Command, Proposal, Reply};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 pub use grpc::{ApiService, MAX_API_MESSAGE, api_server};
 pub use openai::ApiError;
 use openai::{Body, ChatRequest, CompletionRequest, Sampling, parse};
@@ -110,8 +107,9 @@ struct Target {
 
 pub struct Gateway {
     store: Store,
-    /// This coordinator's gRPC address (proposals made on a follower go through it).
-    coordinator: String,
+    /// This coordinator's cluster service: proposals go through it (on a follower, it
+    /// forwards them to the leader).
+    cluster: ClusterClient,
     /// SHA-256 of the operator's key.
     admin_key_sha256: String,
     blobs: std::path::PathBuf,
@@ -124,36 +122,11 @@ pub struct Gateway {
     metrics: metrics::Metrics,
 }
 
-/// `bytes` in lowercase hex.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// SHA-256 of `bytes`, hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex(&sha2::Sha256::digest(bytes))
-}
-
-/// An adapter's checksum: SHA-256 over its folder's files in name order, each name then its
-/// bytes (the same for an upload and for a job's export).
-pub fn dir_checksum(dir: &std::path::Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut files: Vec<_> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
-    files.sort();
-    let mut hasher = sha2::Sha256::new();
-    for f in files.iter().filter(|f| f.is_file()) {
-        hasher.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        hasher.update(std::fs::read(f)?);
-    }
-    Ok(hex(&hasher.finalize()))
-}
-
 impl Gateway {
-    pub fn new(store: Store, coordinator: String, opts: &GatewayOptions) -> Arc<Self> {
+    pub fn new(store: Store, cluster: ClusterClient, opts: &GatewayOptions) -> Arc<Self> {
         Arc::new(Gateway {
             store,
-            coordinator,
+            cluster,
             admin_key_sha256: sha256_hex(opts.admin_key.as_bytes()),
             blobs: opts.blobs.clone(),
             checks: opts.checks.clone(),
@@ -188,27 +161,16 @@ impl Gateway {
         self.store.read(READ_TIMEOUT).await.map_err(|e| ApiError::unavailable(format!("the cluster's state: {e}")))
     }
 
-    /// Proposes `command` (a refusal is a 409); on a follower, through this coordinator's own
-    /// gRPC `Propose`, which forwards it to the leader.
+    /// Proposes `command` (a refusal is a 409).
     async fn propose(&self, what: &str, command: Command) -> Result<Reply, ApiError> {
-        let p = Proposal::new(fresh_id(what), command);
-        let unavailable = |e: String| ApiError::unavailable(format!("the cluster could not record it: {e}"));
-        let reply = match self.store.propose(p.clone(), READ_TIMEOUT).await {
-            Err(StoreError::Raft(ReplicaError::NotLeader { .. })) => self.forward(&p).await.map_err(unavailable)?,
-            other => other.map_err(|e| unavailable(e.to_string()))?,
-        };
-        match reply {
-            Reply::Refused { reason } => Err(ApiError::new(StatusCode::CONFLICT, "conflict", reason)),
-            reply => Ok(reply),
+        match self.cluster.propose(what, command).await {
+            Ok(Reply::Refused { reason }) => Err(ApiError::new(StatusCode::CONFLICT, "conflict", reason)),
+            Ok(reply) => Ok(reply),
+            Err(tandem_proto::ClientError::Invalid(why)) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", why))
+            }
+            Err(e) => Err(ApiError::unavailable(format!("the cluster could not record it: {e}"))),
         }
-    }
-
-    async fn forward(&self, p: &Proposal) -> Result<Reply, String> {
-        let proposal_json = serde_json::to_string(p).map_err(|e| e.to_string())?;
-        let mut client =
-            ClusterClient::connect(format!("http://{}", self.coordinator)).await.map_err(|e| e.to_string())?;
-        let r = client.propose(ProposeRequest { proposal_json }).await.map_err(|e| e.message().to_string())?;
-        serde_json::from_str(&r.into_inner().reply_json).map_err(|e| e.to_string())
     }
 
     /// The alive workers that have base `model` loaded, and rank 0 of each formed worker group

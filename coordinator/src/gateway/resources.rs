@@ -17,9 +17,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::openai::{Body, parse};
-use super::{ApiError, Caller, Gateway, dir_checksum, hex, sha256_hex};
-use crate::server::fresh_id;
-use crate::state::{ClusterState, Command, File, Job, JobStatus, Reply, check_name, check_tenant, unix_now};
+use super::{ApiError, Caller, Gateway};
+use tandem_proto::contract::{
+    ClusterState, Command, File, FileRef, Hyperparams, Job, JobSpec, JobStatus, MethodChoice, Reply, check_name,
+    check_tenant, dir_checksum, fresh_id, sha256_hex, to_hex, unix_now,
+};
 
 /// Largest training file accepted.
 const MAX_FILE: usize = 256 << 20;
@@ -72,7 +74,7 @@ impl Page {
 }
 
 fn bad_name(param: &'static str, what: &str, name: &str) -> Result<(), ApiError> {
-    check_name(what, name).map_err(|e| ApiError::bad_request(param, e))
+    check_name(what, name).map_err(|e| ApiError::bad_request(param, e.0))
 }
 
 /// Runs blocking work (file checks, writes) off the async threads.
@@ -115,7 +117,7 @@ impl Gateway {
     /// Makes an API key for `tenant` (the operator only); the key is shown once.
     pub async fn create_key(&self, caller: &Caller, tenant: &str) -> Result<Value, ApiError> {
         caller.must_be_operator("makes API keys")?;
-        check_tenant(tenant).map_err(|e| ApiError::bad_request("tenant", e))?;
+        check_tenant(tenant).map_err(|e| ApiError::bad_request("tenant", e.0))?;
         let key = new_key().map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
         let command = Command::CreateApiKey { tenant: tenant.into(), key_sha256: sha256_hex(key.as_bytes()) };
         self.propose("api-key", command).await?;
@@ -128,7 +130,7 @@ pub fn new_key() -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 24];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(format!("tk-{}", hex(&bytes)))
+    Ok(format!("tk-{}", to_hex(&bytes)))
 }
 
 // --- files ---
@@ -341,11 +343,11 @@ impl Gateway {
             return Err(ApiError::model_not_found(&req.model));
         }
         let file = |param: &'static str, id: &str| match state.files.get(id) {
-            Some(f) if f.tenant == caller.tenant => Ok(f.uri.clone()),
+            Some(f) if f.tenant == caller.tenant => Ok(FileRef { id: id.to_string(), uri: f.uri.clone() }),
             _ => Err(ApiError::bad_request(param, format!("no file {id:?} among yours"))),
         };
-        let training = file("training_file", &req.training_file)?;
-        let validation = req.validation_file.as_deref().map(|id| file("validation_file", id)).transpose()?;
+        let training_file = file("training_file", &req.training_file)?;
+        let validation_file = req.validation_file.as_deref().map(|id| file("validation_file", id)).transpose()?;
         let suffix = req.suffix.clone().unwrap_or_default();
         if !suffix.is_empty() {
             bad_name("suffix", "suffix", &suffix)?;
@@ -385,38 +387,38 @@ impl Gateway {
             return Err(ApiError::bad_request("hyperparameters.lora_rank", "lora_rank must be 1 to 256"));
         }
         let method = match esft_threshold {
-            Some(threshold) => json!({"type": "esft", "threshold": threshold}),
+            Some(threshold) => MethodChoice::Esft { experts: None, threshold: threshold as f32 },
             None => {
                 let alpha = hyper.lora_alpha.unwrap_or(2.0 * f64::from(rank));
-                json!({"type": "lora", "rank": rank, "alpha": alpha, "targets": ["all-linear"], "rslora": false})
+                MethodChoice::Lora {
+                    rank: rank as usize,
+                    alpha: alpha as f32,
+                    targets: vec!["all-linear".into()],
+                    rslora: false,
+                }
             }
         };
         let id = fresh_id("ftjob");
         let adapter = format!("ft:{}:{}:{suffix}:{id}", req.model, caller.tenant);
-        let seed = req.seed.unwrap_or(0);
-        let spec = json!({
-            "training_file": training,
-            "validation_file": validation,
-            "method": method,
-            "hyper": {
-                "epochs": epochs, "batch_size": batch_size, "micro_batch_size": batch_size,
-                "lr": BASE_LEARNING_RATE * multiplier, "seed": seed,
-            },
-            "checkpoint_every": hyper.checkpoint_every.unwrap_or(100),
-            // As asked, for the job object.
-            "request": {
-                "training_file": req.training_file, "validation_file": req.validation_file, "suffix": req.suffix,
-                "seed": seed, "method": method["type"],
-                "hyperparameters": {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": multiplier},
-            },
-        });
-        let command = Command::SubmitJob {
-            id: id.clone(),
-            tenant: caller.tenant.clone(),
+        let spec = JobSpec {
             base_model: req.model.clone(),
-            spec,
-            adapter: Some(adapter),
+            method,
+            hyper: Hyperparams {
+                epochs: epochs as usize,
+                batch_size: batch_size as usize,
+                micro_batch_size: batch_size as usize,
+                lr: (BASE_LEARNING_RATE * multiplier) as f32,
+                seed: req.seed.unwrap_or(0),
+                ..Hyperparams::default()
+            },
+            training_file,
+            validation_file,
+            checkpoint_every: hyper.checkpoint_every.unwrap_or(100),
+            suffix: req.suffix.clone(),
+            learning_rate_multiplier: multiplier,
         };
+        let command =
+            Command::SubmitJob { id: id.clone(), tenant: caller.tenant.clone(), spec, adapter: Some(adapter) };
         self.propose("submit", command).await?;
         let state = self.state().await?;
         let job =
@@ -437,29 +439,32 @@ fn status_name(s: JobStatus) -> &'static str {
 }
 
 fn job_object(id: &str, job: &Job) -> Value {
-    let request = &job.spec["request"];
+    let spec = &job.spec;
     let steps_done = job.events.iter().filter_map(|e| e.step.as_ref()).next_back().map(|s| s.step);
     json!({
         "object": "fine_tuning.job",
         "id": id,
-        "model": job.base_model,
+        "model": spec.base_model,
         "created_at": job.created_at,
         "finished_at": job.finished_at,
         "fine_tuned_model": if job.status == JobStatus::Succeeded { json!(job.adapter) } else { Value::Null },
         "organization_id": job.tenant,
         "status": status_name(job.status),
-        "hyperparameters": request["hyperparameters"],
-        "training_file": request["training_file"],
-        "validation_file": request["validation_file"],
+        "hyperparameters": {
+            "n_epochs": spec.hyper.epochs, "batch_size": spec.hyper.batch_size,
+            "learning_rate_multiplier": spec.learning_rate_multiplier,
+        },
+        "training_file": spec.training_file.id,
+        "validation_file": spec.validation_file.as_ref().map(|f| &f.id),
         "result_files": [],
         "trained_tokens": null,
         "steps_done": steps_done,
         "error": job.error.as_ref().map(|m| json!({"code": "training_failed", "message": m, "param": null})),
-        "seed": request["seed"],
-        "suffix": request["suffix"],
+        "seed": spec.hyper.seed,
+        "suffix": spec.suffix,
         "estimated_finish": null,
         "integrations": [],
-        "method": {"type": if request["method"] == "esft" { "esft" } else { "supervised" }},
+        "method": {"type": spec.method.openai_name()},
         "attempts": job.attempts.len(),
     })
 }
@@ -583,7 +588,7 @@ async fn job_checkpoints(
 
 // --- adapters ---
 
-fn adapter_object(tenant: &str, name: &str, v: &crate::state::AdapterVersion) -> Value {
+fn adapter_object(tenant: &str, name: &str, v: &tandem_proto::contract::AdapterVersion) -> Value {
     json!({
         "object": "adapter", "id": name, "owned_by": tenant, "version": v.version, "base_model": v.base_model,
         "checksum": v.checksum,

@@ -34,8 +34,8 @@ use crate::model::{AdapterGrads, ForwardInput, KvCache, Model, PendingBackward};
 use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
 use crate::tokenizer::TextTokenizer;
 use crate::train::data::Example;
-use crate::train::finetune::MethodChoice;
-use crate::train::job::{Hyperparams, Job, JobSpec, Method, StepReport};
+use crate::train::finetune::{MethodChoice, resolve_method};
+use crate::train::job::{Hyperparams, Job, Method, StepReport, TrainSpec};
 use crate::train::trainer::validation_loss;
 
 /// Sizes of the engine's cache and batches.
@@ -304,11 +304,11 @@ impl Engine {
         if let (Some(sink), MethodChoice::Esft { experts: None, threshold }) = (&mut self.plans, method) {
             sink.select_experts(*threshold, &data)?;
         }
-        let method = method.resolve(&self.model, &data)?;
+        let method = resolve_method(method, &self.model, &data)?;
         if let (Some(sink), Method::Esft { experts }) = (&mut self.plans, &method) {
             sink.base_experts(experts)?;
         }
-        self.add_job(Job::new(JobSpec { name: name.to_string(), method, hyper }, &self.model, data)?)
+        self.add_job(Job::new(TrainSpec { name: name.to_string(), method, hyper }, &self.model, data)?)
     }
 
     /// Publishes job `name`'s weights after optimizer step `step` (`whole`, for the whole

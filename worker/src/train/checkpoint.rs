@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::data::Example;
-use super::job::{Job, JobSpec, Progress, Weights};
+use super::job::{Job, Progress, TrainSpec, Weights};
 use crate::adapters::{EsftAdapter, LoraAdapter};
 use crate::error::{Error, Result, read_json};
 use crate::model::ModelConfig;
@@ -21,7 +21,7 @@ use crate::safetensors_file::{SafetensorsFile, write_safetensors};
 
 #[derive(Serialize, Deserialize)]
 struct State {
-    spec: JobSpec,
+    spec: TrainSpec,
     progress: Progress,
 }
 

@@ -5,7 +5,6 @@
 //! Output folder: `adapter/` (the export), `checkpoints/step-NNNNNN/`, `log.jsonl` (one line
 //! per optimizer step and validation), `summary.json`.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use serde::Serialize;
 use super::checkpoint;
 use super::data::{Example, load_jsonl};
 use super::esft_select::select_experts;
-use super::job::{Hyperparams, Job, JobSpec, Method, StepReport};
+use super::job::{Hyperparams, Job, Method, StepReport, TrainSpec};
 use super::trainer::Trainer;
 use crate::adapters::Adapter;
 use crate::engine::{Engine, EngineConfig, GenerationRequest};
@@ -24,38 +23,19 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::TextTokenizer;
+pub use tandem_proto::contract::MethodChoice;
 
-/// What to train; ESFT's experts may be left to be chosen from the data.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum MethodChoice {
-    Lora {
-        rank: usize,
-        alpha: f32,
-        targets: Vec<String>,
-        rslora: bool,
-    },
-    /// Explicit experts (layer -> ids), or those receiving `threshold` of the routed tokens.
-    Esft {
-        #[serde(default, with = "crate::train::job::layer_keys::option")]
-        experts: Option<BTreeMap<usize, Vec<usize>>>,
-        threshold: f32,
-    },
-}
-
-impl MethodChoice {
-    /// The method, ESFT's experts chosen from `data` when they were left open.
-    pub fn resolve(&self, model: &Model, data: &[Example]) -> Result<Method> {
-        Ok(match self {
-            MethodChoice::Lora { rank, alpha, targets, rslora } => {
-                Method::Lora { rank: *rank, alpha: *alpha, targets: targets.clone(), rslora: *rslora }
-            }
-            MethodChoice::Esft { experts: Some(e), .. } => Method::Esft { experts: e.clone() },
-            MethodChoice::Esft { experts: None, threshold } => {
-                Method::Esft { experts: select_experts(model, data, *threshold)? }
-            }
-        })
-    }
+/// The method `choice` names, ESFT's experts chosen from `data` when they were left open.
+pub fn resolve_method(choice: &MethodChoice, model: &Model, data: &[Example]) -> Result<Method> {
+    Ok(match choice {
+        MethodChoice::Lora { rank, alpha, targets, rslora } => {
+            Method::Lora { rank: *rank, alpha: *alpha, targets: targets.clone(), rslora: *rslora }
+        }
+        MethodChoice::Esft { experts: Some(e), .. } => Method::Esft { experts: e.clone() },
+        MethodChoice::Esft { experts: None, threshold } => {
+            Method::Esft { experts: select_experts(model, data, *threshold)? }
+        }
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -109,8 +89,8 @@ pub fn run(
     let data = Arc::new(load(&opts.data)?);
     let validation = opts.validation.as_deref().map(load).transpose()?;
     let test = opts.test.as_deref().map(load).transpose()?;
-    let method = opts.method.resolve(&model, &data)?;
-    let spec = JobSpec { name: opts.name.clone(), method, hyper: opts.hyper.clone() };
+    let method = resolve_method(&opts.method, &model, &data)?;
+    let spec = TrainSpec { name: opts.name.clone(), method, hyper: opts.hyper.clone() };
     let checkpoints = opts.out.join("checkpoints");
     let job = match checkpoint::latest(&checkpoints)?.filter(|_| opts.resume) {
         Some(path) => {

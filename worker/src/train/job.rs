@@ -10,6 +10,8 @@ use serde_json::json;
 use tandem_kernels::ops::{self, AdamW};
 use tandem_kernels::{DType, Device, Tensor};
 
+pub use tandem_proto::contract::Hyperparams;
+
 use super::data::Example;
 use crate::adapters::esft::EsftAdapter;
 use crate::adapters::set::AdapterSet;
@@ -17,90 +19,6 @@ use crate::adapters::{Adapter, LoraAdapter, Proj};
 use crate::error::{Error, Result};
 use crate::model::{AdapterGrads, Model};
 use crate::rng::Xoshiro256;
-
-/// How a job trains: the optimizer, its schedule and the batch shape.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Hyperparams {
-    pub epochs: usize,
-    /// Sequences per optimizer step.
-    pub batch_size: usize,
-    /// Sequences per forward and backward pass; gradients accumulate over `batch_size /
-    /// micro_batch_size` of them.
-    pub micro_batch_size: usize,
-    /// Peak learning rate, reached after the warm-up.
-    pub lr: f32,
-    /// Share of the steps spent warming up linearly from 0.
-    pub warmup_ratio: f32,
-    /// The cosine decay ends at `lr · min_lr_ratio`.
-    pub min_lr_ratio: f32,
-    pub weight_decay: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// Global gradient-norm clip (0: none).
-    pub max_grad_norm: f32,
-    /// Seeds the adapter's initial weights and the data order.
-    pub seed: u64,
-}
-
-impl Default for Hyperparams {
-    fn default() -> Self {
-        Hyperparams {
-            epochs: 3,
-            batch_size: 8,
-            micro_batch_size: 8,
-            lr: 2e-4,
-            warmup_ratio: 0.05,
-            min_lr_ratio: 0.0,
-            weight_decay: 0.0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            max_grad_norm: 1.0,
-            seed: 0,
-        }
-    }
-}
-
-impl Hyperparams {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::InvalidRequest(msg));
-        if self.epochs == 0 || self.batch_size == 0 || self.micro_batch_size == 0 {
-            return bad("epochs, batch_size and micro_batch_size must be at least 1".into());
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("lr must be a positive number, got {}", self.lr));
-        }
-        for (name, v) in [("warmup_ratio", self.warmup_ratio), ("min_lr_ratio", self.min_lr_ratio)] {
-            if !(0.0..=1.0).contains(&v) {
-                return bad(format!("{name} must be in [0, 1], got {v}"));
-            }
-        }
-        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return bad(format!("{name} must be in [0, 1), got {v}"));
-            }
-        }
-        if !(self.weight_decay >= 0.0 && self.max_grad_norm >= 0.0 && self.eps > 0.0) {
-            return bad("weight_decay and max_grad_norm must be >= 0 and eps > 0".into());
-        }
-        Ok(())
-    }
-
-    /// Learning rate of optimizer step `step` (1-based) of `total`: linear warm-up to `lr`
-    /// (the first step already moves), then cosine decay to `lr · min_lr_ratio`.
-    pub fn lr_at(&self, step: u64, total: u64) -> f32 {
-        // In f32, as the ratio was given: 0.1 · 100 is 10 steps, not 11.
-        let warmup = (self.warmup_ratio * total as f32).ceil() as u64;
-        if step <= warmup {
-            return self.lr * step as f32 / warmup as f32;
-        }
-        let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
-        self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine as f32)
-    }
-}
 
 /// What a job trains.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -110,51 +28,9 @@ pub enum Method {
     Lora { rank: usize, alpha: f32, targets: Vec<String>, rslora: bool },
     /// ESFT: the listed experts (layer -> expert ids) train, everything else stays frozen.
     Esft {
-        #[serde(with = "layer_keys")]
+        #[serde(with = "tandem_proto::contract::number_keys")]
         experts: BTreeMap<usize, Vec<usize>>,
     },
-}
-
-/// A layer -> experts map as JSON writes it, the layers as object keys ("0"): read back
-/// explicitly, since an internally tagged enum buffers its fields and then takes such a key
-/// for the string it is, not a number.
-pub(crate) mod layer_keys {
-    use std::collections::BTreeMap;
-
-    use serde::de::Error;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    type Layers = BTreeMap<usize, Vec<usize>>;
-
-    pub fn serialize<S: Serializer>(map: &Layers, s: S) -> Result<S::Ok, S::Error> {
-        map.iter().map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>().serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Layers, D::Error> {
-        parse(BTreeMap::deserialize(d)?)
-    }
-
-    fn parse<E: Error>(map: BTreeMap<String, Vec<usize>>) -> Result<Layers, E> {
-        (map.into_iter())
-            .map(|(k, v)| k.parse().map(|k| (k, v)).map_err(|_| E::custom(format!("layer {k:?} is not a number"))))
-            .collect()
-    }
-
-    /// The same, for a map that may be absent (`null`).
-    pub mod option {
-        use super::*;
-
-        pub fn serialize<S: Serializer>(map: &Option<Layers>, s: S) -> Result<S::Ok, S::Error> {
-            match map {
-                Some(m) => super::serialize(m, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Layers>, D::Error> {
-            Option::deserialize(d)?.map(parse).transpose()
-        }
-    }
 }
 
 impl Method {
@@ -177,7 +53,7 @@ impl Method {
 
 /// A job as submitted.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JobSpec {
+pub struct TrainSpec {
     pub name: String,
     pub method: Method,
     pub hyper: Hyperparams,
@@ -298,7 +174,7 @@ pub struct Microbatch {
 
 /// A job in training.
 pub struct Job {
-    pub spec: JobSpec,
+    pub spec: TrainSpec,
     pub weights: Weights,
     pub progress: Progress,
     /// AdamW's first and second moments, one per trainable tensor.
@@ -321,7 +197,7 @@ impl Job {
     /// cuts it for its forward pass): on a shard, a LoRA adapter is made for the whole model's
     /// shapes, and an ESFT job's experts are assembled from every rank's share (a collective:
     /// every rank makes the job alike, after [`Job::check`] passed).
-    pub fn new(spec: JobSpec, model: &Model, data: Arc<Vec<Example>>) -> Result<Job> {
+    pub fn new(spec: TrainSpec, model: &Model, data: Arc<Vec<Example>>) -> Result<Job> {
         Job::check(&spec.name, &spec.hyper, &data)?;
         let mut rng = Xoshiro256::seed_from_u64(spec.hyper.seed);
         let weights = match &spec.method {
@@ -351,7 +227,7 @@ impl Job {
 
     /// A job from saved parts (a checkpoint); `moments` `None` starts AdamW afresh.
     pub fn with_state(
-        spec: JobSpec,
+        spec: TrainSpec,
         mut weights: Weights,
         progress: Progress,
         moments: Option<Vec<(Tensor, Tensor)>>,

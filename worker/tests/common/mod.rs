@@ -11,7 +11,7 @@ use tandem_worker::init_model::{Preset, write_model};
 use tandem_worker::model::Model;
 use tandem_worker::rng::Xoshiro256;
 use tandem_worker::train::data::Example;
-use tandem_worker::train::job::{Hyperparams, JobSpec, Method, Weights};
+use tandem_worker::train::job::{Hyperparams, Method, TrainSpec, Weights};
 
 /// The preset's random-weight model, written once per target folder. Tests of one binary run
 /// on parallel threads: one writes while the others wait, so none reads a half-written model.
@@ -69,8 +69,8 @@ pub fn hyper(batch_size: usize, micro_batch_size: usize, lr: f32, seed: u64) -> 
     }
 }
 
-pub fn spec(name: &str, method: Method, hyper: Hyperparams) -> JobSpec {
-    JobSpec { name: name.into(), method, hyper }
+pub fn spec(name: &str, method: Method, hyper: Hyperparams) -> TrainSpec {
+    TrainSpec { name: name.into(), method, hyper }
 }
 
 pub fn values(w: &Weights) -> Vec<Vec<f32>> {
