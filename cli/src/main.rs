@@ -1,6 +1,17 @@
-//! `tandem`: the one binary of the Tandem cluster. Subcommands arrive with the issues that build
-//! them (`up`, `worker`, `submit`, ...); today: `generate`, `finetune`, `init-model`, `bench`,
-//! `coordinator`, `status`.
+//! `tandem`: the one binary of the Tandem cluster. It parses arguments, starts what the library
+//! crates run (a coordinator, a worker node, an engine) and prints; the node logic lives in
+//! `tandem-coordinator` and `tandem-worker` (`node/`).
+//!
+//! Map:
+//! - `coordinator.rs`: `tandem coordinator`, `status`, `members`.
+//! - `worker.rs`: `tandem worker` (a whole-model or group worker node).
+//! - `up.rs`: `tandem up`, a whole cluster of processes on this machine.
+//! - `jobs.rs`: `tandem submit`, `jobs`, `adapters`, `keys` over the gateway's gRPC API.
+//! - `groups.rs`: `tandem groups` (worker groups, through the cluster API).
+//! - `generate.rs`, `finetune.rs`: inference and fine-tuning on this machine, no cluster.
+//! - `tp_rank.rs`: one tensor-parallel rank over TCP (parity tests, traffic figures).
+//! - `checks.rs`: what the gateway checks with the model runtime (uploads).
+//! - `bench*.rs`: `tandem bench kernels|serve|finetune|coserve|failover`.
 
 mod bench;
 mod bench_coserve;
@@ -16,8 +27,6 @@ mod jobs;
 mod tp_rank;
 mod up;
 mod worker;
-mod worker_groups;
-mod worker_jobs;
 
 use clap::{Parser, Subcommand};
 

@@ -1,8 +1,7 @@
-//! `tandem worker`: one worker process. It loads a base model (and adapters), runs the
-//! co-serving engine on a thread of its own, serves completions over gRPC (`tandem.v1.Worker`),
-//! and holds a lease at the coordinator. With `--collective-addr` it is a group worker instead:
-//! it serves only as a rank of the worker groups the coordinator places on it
-//! (`worker_groups.rs`).
+//! `tandem worker`: one worker process (`tandem_worker::node`). It loads a base model (and
+//! adapters), starts its engine thread and runs the node: lease, jobs agent and the gRPC
+//! `Worker` service. With `--collective-addr` it is a group worker instead: it serves only as a
+//! rank of the worker groups the coordinator places on it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,16 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use tandem_kernels::Device;
+use tandem_proto::ClusterClient;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::{Engine, EngineConfig};
-use tandem_worker::group::DataPlane;
 use tandem_worker::model::{Model, ModelConfig};
-use tandem_worker::service::{EngineThread, Lease, Serving, TrainEvent, WorkerService, keep_lease};
+use tandem_worker::node::group::DataPlane;
+use tandem_worker::node::{EngineThread, GroupWorker, Node};
 use tandem_worker::tokenizer::TextTokenizer;
-use tokio::sync::mpsc::UnboundedReceiver;
-
-use crate::worker_groups::GroupsAgent;
-use crate::worker_jobs::JobsAgent;
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -70,8 +66,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
     device.ensure_available()?;
     let config = ModelConfig::load(&args.model)?;
+    let node = Node {
+        id: args.id.clone(),
+        listen: args.listen.clone(),
+        cluster: ClusterClient::new(&args.coordinator)?,
+        blobs: args.blobs.clone(),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
     if let Some(collective_addr) = args.collective_addr.clone() {
-        return run_group_worker(args, device, collective_addr);
+        let group_worker = group_worker(&args, device, collective_addr)?;
+        return Ok(rt.block_on(node.serve_groups(group_worker, crate::stop_requested()))?);
     }
     let tokenizer =
         TextTokenizer::load(&args.model).with_context(|| format!("tokenizer of {}", args.model.display()))?;
@@ -81,49 +85,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         Arc::new(Model::load(&args.model, device).with_context(|| format!("loading {}", args.model.display()))?);
     let engine = Engine::new(model, adapters, Some(tokenizer), EngineConfig::default())?;
     let (engine, trained) = EngineThread::start(engine)?;
-    let lease = (vec![model_name(&args)], String::new());
-    serve(&args, Serving::engine(engine), trained, lease, None)
-}
-
-/// The rest of a worker's life: it holds its lease (registered with `models` and its collective
-/// address), runs the jobs agent on `serving` (and a group worker's groups agent) and serves
-/// `Generate` from `serving` until it is asked to stop.
-fn serve(
-    args: &WorkerArgs,
-    serving: Serving,
-    trained: UnboundedReceiver<TrainEvent>,
-    (models, collective_addr): (Vec<String>, String),
-    groups_agent: Option<GroupsAgent>,
-) -> Result<()> {
-    let cluster = tandem_proto::ClusterClient::new(&args.coordinator)?;
-    let jobs = JobsAgent { serving: serving.clone(), cluster: cluster.clone(), blobs: args.blobs.clone() };
-    let addr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e}", args.listen))?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let (assignments, assigned) = tokio::sync::watch::channel(Vec::new());
-        let (groups, memberships) = tokio::sync::watch::channel(Vec::new());
-        let kind = if groups_agent.is_some() { "group worker" } else { "worker" };
-        let lease = tokio::spawn(keep_lease(Lease {
-            cluster,
-            id: args.id.clone(),
-            addr: args.listen.clone(),
-            models,
-            collective_addr,
-            assignments,
-            groups,
-        }));
-        let jobs = tokio::spawn(jobs.run(assigned, trained));
-        let groups = groups_agent.map(|agent| tokio::spawn(agent.run(memberships)));
-        eprintln!("{kind} {} serving on {}", args.id, args.listen);
-        let served = tonic::transport::Server::builder()
-            .add_service(WorkerService::serving(serving))
-            .serve_with_shutdown(addr, crate::stop_requested())
-            .await;
-        lease.abort();
-        jobs.abort();
-        groups.inspect(|g| g.abort());
-        served.with_context(|| format!("serving on {}", args.listen))
-    })
+    Ok(rt.block_on(node.serve_model(model_name(&args), engine, trained, crate::stop_requested()))?)
 }
 
 /// The base model's name in the cluster: `--model-name`, else the folder's name.
@@ -134,34 +96,28 @@ fn model_name(args: &WorkerArgs) -> String {
     }
 }
 
-/// A group worker: no engine of its own; it serves as the ranks the coordinator gives it.
-fn run_group_worker(args: WorkerArgs, device: Device, collective_addr: String) -> Result<()> {
+/// A group worker's settings: no engine of its own; it serves as the ranks the coordinator
+/// gives it.
+fn group_worker(args: &WorkerArgs, device: Device, collective_addr: String) -> Result<GroupWorker> {
     if !args.adapters.is_empty() {
         return Err(anyhow!("--adapter is for whole-model workers: a group loads adapters as requests name them"));
     }
-    let serving = Serving::nothing(format!("worker {} is in no worker group yet", args.id));
-    let options = CollectiveOptions {
-        timeout: Duration::from_millis(args.collective_timeout_ms.max(1)),
-        setup_timeout: Duration::from_millis(args.group_setup_timeout_ms.max(1)),
-    };
     let data = match (args.collective_backend.as_str(), device) {
         ("tcp", _) => DataPlane::Tcp,
         ("nccl", Device::Cuda(device)) => DataPlane::Nccl { device },
         ("nccl", Device::Cpu) => return Err(anyhow!("--collective-backend nccl needs --device cuda:N")),
         (other, _) => return Err(anyhow!("--collective-backend {other:?}: expected `tcp` or `nccl`")),
     };
-    let (train_events, trained) = tokio::sync::mpsc::unbounded_channel();
-    let agent = GroupsAgent {
-        id: args.id.clone(),
-        cluster: tandem_proto::ClusterClient::new(&args.coordinator)?,
-        serving: serving.clone(),
-        train_events,
+    Ok(GroupWorker {
+        collective_addr,
         model_dir: args.model.clone(),
-        model_name: model_name(&args),
+        model_name: model_name(args),
         device,
-        options,
+        collective: CollectiveOptions {
+            timeout: Duration::from_millis(args.collective_timeout_ms.max(1)),
+            setup_timeout: Duration::from_millis(args.group_setup_timeout_ms.max(1)),
+        },
         engine: EngineConfig::default(),
         data,
-    };
-    serve(&args, serving, trained, (Vec::new(), collective_addr), Some(agent))
+    })
 }

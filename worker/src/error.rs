@@ -51,6 +51,25 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// Something this worker needs could not be reached or bound (a port, the coordinators);
+    /// retrying later may help.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+
+    /// An invariant broke (a task panicked, a channel closed that should not have): a bug,
+    /// reported rather than hidden.
+    #[error("internal error: {0}")]
+    Internal(String),
+
+    /// `source`, while doing `what` (reading a rank's shard, resuming a checkpoint): the kind
+    /// of `source` stays what it was.
+    #[error("{what}: {source}")]
+    While {
+        what: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     #[error(transparent)]
     Kernel(#[from] tandem_kernels::Error),
 }
@@ -70,6 +89,11 @@ impl From<tandem_proto::contract::Invalid> for Error {
 }
 
 impl Error {
+    /// This error, while doing `what`.
+    pub fn context(self, what: impl Into<String>) -> Error {
+        Error::While { what: what.into(), source: Box::new(self) }
+    }
+
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();

@@ -1,6 +1,6 @@
 //! Tandem worker: the model runtime (HF checkpoints, tokenizers, chat templates), adapters
 //! (PEFT LoRA, ESFT), sampling, the co-serving engine (inference and fine-tuning in one loop),
-//! fine-tuning, the worker's gRPC service, and collectives for tensor parallelism.
+//! fine-tuning, collectives for tensor parallelism, and the worker process itself (`node/`).
 //!
 //! Map:
 //! - `error.rs`: the worker's error type.
@@ -16,22 +16,21 @@
 //! - `engine/`: continuous batching over a paged KV cache, many adapters per batch, with
 //!   fine-tuning microbatches in the same passes.
 //! - `train/`: fine-tuning (data, backward pass, LoRA and ESFT jobs, checkpoints, export).
-//! - `service.rs`: the engine on its own thread, the gRPC `Worker` service, the lease.
-//! - `group/`: worker groups: a model served by tensor-parallel ranks in several processes,
-//!   rank 0 running the engine and broadcasting each pass's plan to the others.
+//! - `node/`: the worker process: registration and lease, the jobs and groups agents, the
+//!   engine thread, the gRPC `Worker` service, and worker groups (a model served by
+//!   tensor-parallel ranks in several processes, rank 0 broadcasting each pass's plan).
 //! - `collective/`: all-reduce, all-gather, ... over threads (tests) or TCP (CPU workers).
 
 pub mod adapters;
 pub mod collective;
 pub mod engine;
 pub mod error;
-pub mod group;
 pub mod init_model;
 pub mod model;
+pub mod node;
 pub mod rng;
 pub mod safetensors_file;
 pub mod sampling;
-pub mod service;
 pub mod tokenizer;
 pub mod train;
 

@@ -26,9 +26,9 @@ mod common;
 
 use tandem_worker::collective::{Collective, CollectiveError, CollectiveOptions, LocalGroup, NcclCollective, NcclId};
 use tandem_worker::engine::EngineConfig;
-use tandem_worker::group::{self, DataPlane, GroupSpec, Member};
 use tandem_worker::init_model::Preset;
 use tandem_worker::model::MoeSplit;
+use tandem_worker::node::group::{self, DataPlane, GroupSpec, Member};
 
 fn options(timeout: Duration, setup_timeout: Duration) -> CollectiveOptions {
     CollectiveOptions { timeout, setup_timeout }

@@ -1,8 +1,4 @@
-//! The worker process: its engine on a thread of its own, the gRPC `Worker` service that streams
-//! completions out of it, and the worker's membership in the cluster (it registers with the
-//! coordinator and renews its lease by heartbeats, which tell it the fine-tuning attempts to run).
-//!
-//! The engine is not thread-safe and its steps are long: one thread owns it, takes orders from
+//! The engine on a thread of its own. The engine is not thread-safe and its steps are long: one thread owns it, takes orders from
 //! a channel between steps (requests, jobs to train or stop), and after each step sends every
 //! request's settled text to its stream and every job's progress (steps, checkpoints, its
 //! exported adapter) to the training events. A request whose caller went away is cancelled
@@ -14,13 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use tandem_proto::contract::{Assignment, Gpu, Membership, WorkerRegistration};
-use tandem_proto::v1::worker_server::{Worker, WorkerServer};
 use tandem_proto::v1::{GenerateEvent, GenerateRequest};
-use tandem_proto::{ClientError, ClusterClient};
 use tokio::sync::mpsc as async_mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use crate::adapters::Adapter;
 use crate::adapters::registry::Origin;
@@ -513,95 +505,5 @@ impl Serving {
     pub fn current(&self) -> Result<EngineThread, Status> {
         let slot = self.0.lock().map_err(|_| Status::internal("the serving slot is poisoned"))?;
         slot.clone().map_err(Status::unavailable)
-    }
-}
-
-/// The gRPC `Worker` service over an engine thread.
-pub struct WorkerService {
-    serving: Serving,
-}
-
-impl WorkerService {
-    /// The service over whatever `serving` holds at each request.
-    pub fn serving(serving: Serving) -> WorkerServer<Self> {
-        WorkerServer::new(WorkerService { serving })
-    }
-}
-
-#[tonic::async_trait]
-impl Worker for WorkerService {
-    type GenerateStream = UnboundedReceiverStream<Result<GenerateEvent, Status>>;
-
-    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        let rx = self.serving.current()?.generate(req.into_inner())?;
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
-    }
-}
-
-/// Who a worker is to the coordinator, and where the heartbeats' news goes.
-pub struct Lease {
-    /// A coordinator (a follower forwards to the leader).
-    pub cluster: ClusterClient,
-    pub id: String,
-    /// Its gRPC address.
-    pub addr: String,
-    /// The base models it serves whole (none for a group worker).
-    pub models: Vec<String>,
-    /// Where it listens for its worker groups' collectives (empty: not a group worker).
-    pub collective_addr: String,
-    /// The fine-tuning attempts it is to run.
-    pub assignments: tokio::sync::watch::Sender<Vec<Assignment>>,
-    /// The worker groups it is a member of.
-    pub groups: tokio::sync::watch::Sender<Vec<Membership>>,
-}
-
-/// Publishes `new` on `tx` when it differs from what is there.
-fn publish<T: PartialEq>(tx: &tokio::sync::watch::Sender<T>, new: T) {
-    tx.send_if_modified(|old| {
-        let changed = *old != new;
-        if changed {
-            *old = new;
-        }
-        changed
-    });
-}
-
-/// Registers the worker with the coordinator and keeps its lease: a heartbeat every third of
-/// the lease, registering again when the coordinator has forgotten it (it was marked dead) and
-/// retrying while it cannot be reached. Each heartbeat's answer carries the fine-tuning
-/// attempts this worker is to run and its worker groups, published on `lease`'s channels. Runs
-/// until the task is dropped.
-pub async fn keep_lease(lease: Lease) {
-    let Lease { cluster, id, addr, models, collective_addr, assignments, groups } = lease;
-    let gpus = vec![Gpu { index: 0, memory_bytes: 0, models }];
-    let register = WorkerRegistration { worker_id: id.clone(), addr, gpus, collective_addr };
-    let mut registered = false;
-    let mut pause = Duration::from_millis(500);
-    loop {
-        let result = async {
-            if !registered {
-                let lease = cluster.register_worker(register.clone()).await?;
-                registered = true;
-                return Ok(lease / 3);
-            }
-            match cluster.heartbeat(&id).await {
-                Ok(view) => {
-                    publish(&assignments, view.assignments);
-                    publish(&groups, view.groups);
-                    Ok(Duration::from_millis(view.lease_ms / 3))
-                }
-                Err(ClientError::NotFound(_)) => {
-                    registered = false;
-                    Ok(Duration::ZERO)
-                }
-                Err(e) => Err(e),
-            }
-        }
-        .await;
-        match result {
-            Ok(next) => pause = next.max(Duration::from_millis(50)),
-            Err(e) => eprintln!("worker {id}: coordinator {}: {e}; retrying", cluster.addr()),
-        }
-        tokio::time::sleep(pause).await;
     }
 }

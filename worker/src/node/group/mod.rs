@@ -25,7 +25,7 @@ use crate::collective::{Collective, CollectiveOptions, TcpGroup};
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::model::{MoeSplit, Shard};
-use crate::service::{EngineThread, TrainEvents};
+use crate::node::engine_thread::{EngineThread, TrainEvents};
 use crate::tokenizer::TextTokenizer;
 
 /// One formation of a group, as this member takes part in it.

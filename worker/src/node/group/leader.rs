@@ -26,7 +26,7 @@ use crate::engine::Engine;
 use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, Layout, PlanSink, TrainingRows, weight_bytes};
 use crate::error::{Error, Result};
 use crate::model::{ForwardInput, Model};
-use crate::service::{EngineThread, Lead, Order, Streams, TrainEvents, serve};
+use crate::node::engine_thread::{EngineThread, Lead, Order, Streams, TrainEvents, serve};
 use crate::tokenizer::TextTokenizer;
 use crate::train::data::Example;
 

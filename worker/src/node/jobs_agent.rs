@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
 use tandem_proto::contract::{Assignment, Command, JobReport, Proposal, Reply, StepFigures, dir_checksum};
 use tandem_proto::{ClientError, ClusterClient};
-use tandem_worker::service::{EngineThread, JobStart, Serving, TrainEvent, Training};
-use tandem_worker::train::checkpoint;
-use tandem_worker::train::data::load_jsonl;
 use tokio::sync::{mpsc, watch};
+
+use super::engine_thread::{EngineThread, JobStart, Serving, TrainEvent, Training};
+use crate::error::{Error, Result};
+use crate::train::checkpoint;
+use crate::train::data::load_jsonl;
 
 /// Everything the jobs agent needs.
 pub struct JobsAgent {
@@ -116,7 +117,7 @@ impl JobsAgent {
             running.insert(a.job.clone(), a.epoch);
             let (assignment, on, dir) = (a.clone(), engine.clone(), self.blobs.join("jobs").join(&a.job));
             let built = tokio::task::spawn_blocking(move || build(&assignment, &on, &dir)).await;
-            match built.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
+            match built.map_err(|e| Error::Internal(format!("building job {}: {e}", a.job))).and_then(|r| r) {
                 Ok(training) => {
                     let step = match &training.job {
                         JobStart::Ready(job) => job.progress.step,
@@ -130,7 +131,7 @@ impl JobsAgent {
                 }
                 Err(e) => {
                     running.remove(&a.job);
-                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: format!("{e:#}") }));
+                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.to_string() }));
                 }
             }
         }
@@ -143,17 +144,20 @@ impl JobsAgent {
 /// group, its followers join).
 fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> {
     let spec = &a.spec;
-    let (model, tokenizer) = (engine.model(), engine.tokenizer().context("the base model has no tokenizer")?);
+    let tokenizer =
+        engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the base model has no tokenizer".into()))?;
+    let model = engine.model();
     let read = |file: &Path, field: &str| {
         load_jsonl(file, tokenizer, model.config.max_position_embeddings)
-            .map_err(|e| anyhow!("{}", e.to_string().replace(&file.to_string_lossy().into_owned(), field)))
+            .map_err(|e| Error::InvalidRequest(e.to_string().replace(&file.to_string_lossy().into_owned(), field)))
     };
     let data = Arc::new(read(Path::new(&spec.training_file.uri), "training_file")?);
     let validation =
         spec.validation_file.as_ref().map(|f| read(Path::new(&f.uri), "validation_file")).transpose()?.map(Arc::new);
     let job = match &a.checkpoint {
         Some(c) => JobStart::Ready(Box::new(
-            checkpoint::load(Path::new(&c.uri), model.whole_config(), data).context("resuming from the checkpoint")?,
+            checkpoint::load(Path::new(&c.uri), model.whole_config(), data)
+                .map_err(|e| e.context("resuming from the checkpoint"))?,
         )),
         None => JobStart::New { name: a.job.clone(), method: spec.method.clone(), hyper: spec.hyper.clone(), data },
     };
@@ -181,7 +185,7 @@ fn spawn_reporter(cluster: ClusterClient) -> mpsc::UnboundedSender<(String, u64,
 /// Proposes `command` under `request_id` (a retry applies once), trying `tries` times, `pause`
 /// apart, while the cluster cannot be reached; a refusal means the news is stale. `what` names
 /// the sender in the log.
-pub(crate) async fn propose_until_recorded(
+pub(super) async fn propose_until_recorded(
     cluster: &ClusterClient,
     what: &str,
     request_id: String,

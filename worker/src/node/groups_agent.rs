@@ -10,17 +10,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
 use tandem_kernels::Device;
 use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command, Membership};
-use tandem_worker::collective::CollectiveOptions;
-use tandem_worker::engine::EngineConfig;
-use tandem_worker::group::{self, DataPlane, Ended, GroupSpec, Member};
-use tandem_worker::model::{Model, MoeSplit};
-use tandem_worker::service::{Serving, TrainEvents};
-use tandem_worker::tokenizer::TextTokenizer;
 use tokio::sync::{mpsc, watch};
+
+use super::engine_thread::{Serving, TrainEvents};
+use super::group::{self, DataPlane, Ended, GroupSpec, Member};
+use crate::collective::CollectiveOptions;
+use crate::engine::EngineConfig;
+use crate::error::{Error, Result};
+use crate::model::{Model, MoeSplit};
+use crate::tokenizer::TextTokenizer;
 
 /// The pause before a failed set-up is tried again.
 const JOIN_RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -97,7 +98,7 @@ impl GroupsAgent {
                             // place. Reporting would only start yet another formation, which
                             // the same stragglers disturb. So the same formation is tried again
                             // while it is the one the heartbeats name.
-                            eprintln!("worker {}: group {} (epoch {}): {e:#}; trying again", self.id, m.group, m.epoch);
+                            eprintln!("worker {}: group {} (epoch {}): {e}; trying again", self.id, m.group, m.epoch);
                             tokio::time::sleep(JOIN_RETRY_PAUSE).await;
                             groups.mark_changed();
                         }
@@ -147,15 +148,16 @@ impl GroupsAgent {
         let (device, world, train_events) = (self.device, m.peers.len(), self.train_events.clone());
         tokio::task::spawn_blocking(move || -> Result<Member> {
             let shard = Model::load_shard(&dir, device, spec.rank, world, spec.moe)
-                .with_context(|| format!("loading rank {}'s shard of {}", spec.rank, dir.display()))?;
+                .map_err(|e| e.context(format!("loading rank {}'s shard of {}", spec.rank, dir.display())))?;
             // Rank 0 serves text: it needs the tokenizer (a fresh one per engine).
             let tokenizer = match spec.rank {
-                0 => Some(TextTokenizer::load(&dir).with_context(|| format!("tokenizer of {}", dir.display()))?),
+                0 => Some(TextTokenizer::load(&dir).map_err(|e| e.context(format!("tokenizer of {}", dir.display())))?),
                 _ => None,
             };
-            Ok(group::join(&spec, shard, tokenizer, train_events, ended)?)
+            group::join(&spec, shard, tokenizer, train_events, ended)
         })
-        .await?
+        .await
+        .map_err(|e| Error::Internal(format!("joining group {}: {e}", m.group)))?
     }
 
     /// The folder of the group's base model: the catalogue's uri when it is a folder here,
@@ -167,13 +169,10 @@ impl GroupsAgent {
         if m.model == self.model_name {
             return Ok(self.model_dir.clone());
         }
-        Err(anyhow!(
+        Err(Error::InvalidRequest(format!(
             "group {}: base model {:?} is at {:?}, not a model folder here, and this worker's --model is {:?}",
-            m.group,
-            m.model,
-            m.model_uri,
-            self.model_name
-        ))
+            m.group, m.model, m.model_uri, self.model_name
+        )))
     }
 
     async fn report(&self, request_id: String, command: Command) {
@@ -184,6 +183,6 @@ impl GroupsAgent {
 /// Proposes a group report for worker `id` (briefly retried: a later formation makes it stale).
 async fn report(cluster: &ClusterClient, id: &str, request_id: String, command: Command) {
     let what = format!("worker {id}: group");
-    crate::worker_jobs::propose_until_recorded(cluster, &what, request_id, command, 20, Duration::from_millis(250))
+    super::jobs_agent::propose_until_recorded(cluster, &what, request_id, command, 20, Duration::from_millis(250))
         .await;
 }
