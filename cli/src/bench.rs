@@ -21,6 +21,8 @@ pub enum Bench {
     Coserve(crate::bench_coserve::CoserveArgs),
     /// The outage clients see when the coordinators' leader is killed, over many kills.
     Failover(crate::bench_failover::FailoverArgs),
+    /// Requests/s of 1-token completions through the gateway against straight to the worker.
+    Gateway(crate::bench_gateway::GatewayArgs),
     /// Matmul GFLOP/s at LLM shapes next to the raw `gemm` crate, and the cost of a multi-LoRA
     /// delta as a fraction of the base matmul.
     Kernels {
@@ -52,6 +54,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Finetune(args) => crate::bench_finetune::run(args),
         Bench::Coserve(args) => crate::bench_coserve::run(args),
         Bench::Failover(args) => crate::bench_failover::run(args),
+        Bench::Gateway(args) => crate::bench_gateway::run(args),
         Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens } => {
             let device: Device = device.parse()?;
             device.ensure_available()?;

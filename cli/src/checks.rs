@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use tandem_coordinator::gateway::Checks;
+use tandem_proto::contract::Invalid;
 use tandem_worker::adapters::Adapter;
 use tandem_worker::error::Error;
 use tandem_worker::model::ModelConfig;
@@ -12,16 +13,16 @@ use tandem_worker::train::data::check_jsonl;
 pub struct RuntimeChecks;
 
 impl Checks for RuntimeChecks {
-    fn training_file(&self, bytes: &[u8]) -> Result<u64, String> {
+    fn training_file(&self, bytes: &[u8]) -> Result<u64, Invalid> {
         check_jsonl(Path::new("the file"), bytes).map_err(|e| match e {
-            Error::Data { line: 0, msg, .. } => msg,
-            Error::Data { line, msg, .. } => format!("line {line}: {msg}"),
-            other => other.to_string(),
+            Error::Data { line: 0, msg, .. } => Invalid(msg),
+            Error::Data { line, msg, .. } => Invalid(format!("line {line}: {msg}")),
+            other => Invalid(other.to_string()),
         })
     }
 
-    fn adapter(&self, dir: &Path, model_uri: &str) -> Result<(), String> {
-        let cfg = ModelConfig::load(Path::new(model_uri)).map_err(|e| format!("the base model: {e}"))?;
-        Adapter::load_dir(dir, &cfg).map(drop).map_err(|e| e.to_string())
+    fn adapter(&self, dir: &Path, model_uri: &str) -> Result<(), Invalid> {
+        let cfg = ModelConfig::load(Path::new(model_uri)).map_err(|e| Invalid(format!("the base model: {e}")))?;
+        Adapter::load_dir(dir, &cfg).map(drop).map_err(|e| Invalid(e.to_string()))
     }
 }

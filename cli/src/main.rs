@@ -11,12 +11,13 @@
 //! - `generate.rs`, `finetune.rs`: inference and fine-tuning on this machine, no cluster.
 //! - `tp_rank.rs`: one tensor-parallel rank over TCP (parity tests, traffic figures).
 //! - `checks.rs`: what the gateway checks with the model runtime (uploads).
-//! - `bench*.rs`: `tandem bench kernels|serve|finetune|coserve|failover`.
+//! - `bench*.rs`: `tandem bench kernels|serve|finetune|coserve|failover|gateway`.
 
 mod bench;
 mod bench_coserve;
 mod bench_failover;
 mod bench_finetune;
+mod bench_gateway;
 mod bench_serve;
 mod checks;
 mod coordinator;

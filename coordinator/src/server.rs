@@ -16,8 +16,8 @@ use raft::eraftpb::Message;
 use tandem_proto::ClusterClient;
 use tandem_proto::cluster_server::{Cluster, ClusterServer};
 use tandem_proto::contract::{
-    Command, GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange, Proposal,
-    Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
+    Command, GroupStatus, Heartbeat, Invalid, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange,
+    Proposal, Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
 };
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
@@ -35,20 +35,21 @@ use crate::store::{Store, StoreError};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `1=host:port,2=host:port,...`: every coordinator's id and gRPC address.
-pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, Invalid> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-        let (id, addr) = part.split_once('=').ok_or_else(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
-        let id: u64 = id.trim().parse().map_err(|_| format!("peer id {id:?} is not a number"))?;
+        let (id, addr) = part.split_once('=').ok_or_else(|| Invalid(format!("peer {part:?} is not ID=HOST:PORT")))?;
+        let id: u64 = id.trim().parse().map_err(|_| Invalid(format!("peer id {id:?} is not a number")))?;
         if id == 0 {
-            return Err("peer ids start at 1".into());
+            return Err(Invalid("peer ids start at 1".into()));
         }
+        check_addr("peer address", addr.trim(), false)?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
-            return Err(format!("peer {id} given twice"));
+            return Err(Invalid(format!("peer {id} given twice")));
         }
     }
     if peers.is_empty() {
-        return Err("no peers given".into());
+        return Err(Invalid("no peers given".into()));
     }
     Ok(peers)
 }

@@ -453,7 +453,7 @@ fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error>
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {e}")))?
         .as_secs();
-    strftime(&format, secs).map_err(|msg| minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    strftime(&format, secs)
 }
 
 const MONTHS: [&str; 12] = [
@@ -473,7 +473,7 @@ const MONTHS: [&str; 12] = [
 const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// Formats the UTC time `unix_secs`.
-fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, String> {
+fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, minijinja::Error> {
     let days = unix_secs / 86_400;
     let secs_of_day = unix_secs % 86_400;
     let (year, month, day) = civil_from_days(days);
@@ -502,7 +502,10 @@ fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, String>
             Some('S') => write!(out, "{:02}", secs_of_day % 60),
             Some('j') => write!(out, "{day_of_year:03}"),
             Some('%') => write!(out, "%"),
-            other => return Err(format!("strftime_now: unsupported directive %{}", other.unwrap_or(' '))),
+            other => {
+                let msg = format!("strftime_now: unsupported directive %{}", other.unwrap_or(' '));
+                return Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg));
+            }
         };
     }
     Ok(out)

@@ -10,6 +10,7 @@ mod grpc;
 mod metrics;
 mod openai;
 mod resources;
+mod view;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,8 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tandem_proto::ClusterClient;
-use tandem_proto::contract::{ClusterState, Command, Reply, fresh_id, sha256_hex};
-use tandem_proto::v1::worker_client::WorkerClient;
+use tandem_proto::contract::{ClusterState, Command, Invalid, Reply, fresh_id, sha256_hex};
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tokio_stream::StreamExt;
 
@@ -49,9 +49,9 @@ pub const ADMIN_TENANT: &str = "admin";
 pub trait Checks: Send + Sync {
     /// Checks a JSONL training file; returns how many examples it holds, or an error that
     /// names the line and field.
-    fn training_file(&self, bytes: &[u8]) -> Result<u64, String>;
+    fn training_file(&self, bytes: &[u8]) -> Result<u64, Invalid>;
     /// Checks an adapter folder (PEFT LoRA or ESFT) against the base model at `model_uri`.
-    fn adapter(&self, dir: &std::path::Path, model_uri: &str) -> Result<(), String>;
+    fn adapter(&self, dir: &std::path::Path, model_uri: &str) -> Result<(), Invalid>;
 }
 
 /// How a coordinator serves the gateway.
@@ -120,11 +120,15 @@ pub struct Gateway {
     /// alive, where the adapter is resident.
     affinity: std::sync::Mutex<std::collections::HashMap<String, String>>,
     metrics: metrics::Metrics,
+    /// The state and worker channels requests are routed with.
+    view: view::View,
 }
 
 impl Gateway {
+    /// The gateway, with a task that keeps its view fresh for as long as it lives (call inside
+    /// the runtime that serves it).
     pub fn new(store: Store, cluster: ClusterClient, opts: &GatewayOptions) -> Arc<Self> {
-        Arc::new(Gateway {
+        let gateway = Arc::new(Gateway {
             store,
             cluster,
             admin_key_sha256: sha256_hex(opts.admin_key.as_bytes()),
@@ -133,7 +137,18 @@ impl Gateway {
             turn: AtomicUsize::new(0),
             affinity: Default::default(),
             metrics: metrics::Metrics::default(),
-        })
+            view: view::View::default(),
+        });
+        let weak = Arc::downgrade(&gateway);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(view::REFRESH).await;
+                let Some(gateway) = weak.upgrade() else { return };
+                // A failed read keeps the last view; requests that need more read for themselves.
+                let _ = gateway.state().await;
+            }
+        });
+        gateway
     }
 
     /// The caller, from `Authorization: Bearer KEY`: the operator, or the tenant the key was
@@ -151,21 +166,33 @@ impl Gateway {
         if hash == self.admin_key_sha256 {
             return Ok(Caller { tenant: ADMIN_TENANT.into(), admin: true });
         }
+        // A key the view lacks may be newer than the view: read again before refusing it.
+        if let Some(tenant) = self.view.state().api_keys.get(&hash) {
+            return Ok(Caller { tenant: tenant.clone(), admin: false });
+        }
         match self.state().await?.api_keys.get(&hash) {
             Some(tenant) => Ok(Caller { tenant: tenant.clone(), admin: false }),
             None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid")),
         }
     }
 
-    async fn state(&self) -> Result<ClusterState, ApiError> {
-        self.store.read(READ_TIMEOUT).await.map_err(|e| ApiError::unavailable(format!("the cluster's state: {e}")))
+    /// The state, read linearizably (and kept as the view).
+    async fn state(&self) -> Result<Arc<ClusterState>, ApiError> {
+        let state = self.store.read(READ_TIMEOUT).await;
+        let state = Arc::new(state.map_err(|e| ApiError::unavailable(format!("the cluster's state: {e}")))?);
+        self.view.offer(state.clone());
+        Ok(state)
     }
 
     /// Proposes `command` (a refusal is a 409).
     async fn propose(&self, what: &str, command: Command) -> Result<Reply, ApiError> {
         match self.cluster.propose(what, command).await {
             Ok(Reply::Refused { reason }) => Err(ApiError::new(StatusCode::CONFLICT, "conflict", reason)),
-            Ok(reply) => Ok(reply),
+            Ok(reply) => {
+                // This gateway's next requests see its own write.
+                let _ = self.state().await;
+                Ok(reply)
+            }
             Err(tandem_proto::ClientError::Invalid(why)) => {
                 Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", why))
             }
@@ -215,12 +242,18 @@ impl Gateway {
         }
     }
 
-    /// Resolves `model` and lists the workers to try, best first.
+    /// Resolves `model` and lists the workers to try, best first: from the view, or when the
+    /// view knows no such model or no worker for it, from a linearizable read.
     async fn route(&self, caller: &Caller, model: &str) -> Result<(Target, Vec<String>), ApiError> {
-        let state = self.state().await?;
-        let target = self.resolve(&state, caller, model)?;
-        let workers = self.workers_for(&state, &target)?;
-        Ok((target, workers))
+        let from = |state: &ClusterState| {
+            let target = self.resolve(state, caller, model)?;
+            let workers = self.workers_for(state, &target)?;
+            Ok((target, workers))
+        };
+        match from(&self.view.state()) {
+            Ok(route) => Ok(route),
+            Err(_) => from(&*self.state().await?),
+        }
     }
 }
 
@@ -322,13 +355,11 @@ type Events = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<GenerateE
 /// Opens a stream for `req` on the first of `workers` that gives its first event: a worker
 /// that cannot be reached or fails before anything was sent is left for the next. A refusal
 /// (bad request, full queue) is final. Returns the stream and the worker.
-async fn start(workers: &[String], req: GenerateRequest) -> Result<(Events, String), ApiError> {
+async fn start(view: &view::View, workers: &[String], req: GenerateRequest) -> Result<(Events, String), ApiError> {
     let mut last = None;
     for worker in workers {
         let attempt = async {
-            let mut client = WorkerClient::connect(format!("http://{worker}"))
-                .await
-                .map_err(|e| tonic::Status::unavailable(format!("worker {worker}: {e}")))?;
+            let mut client = view.worker(worker)?;
             let mut stream = client.generate(req.clone()).await?.into_inner();
             let first = stream.message().await?;
             Ok::<_, tonic::Status>((first, stream))
@@ -490,7 +521,7 @@ impl Gateway {
         let mut streams = Vec::new();
         let mut workers = workers.to_vec();
         for i in 0..n {
-            let (stream, worker) = start(&workers, make(i)?).await?;
+            let (stream, worker) = start(&self.view, &workers, make(i)?).await?;
             // The other choices go where the first one went (the adapter is resident there now).
             if let Some(at) = workers.iter().position(|w| *w == worker) {
                 workers.rotate_left(at);

@@ -235,7 +235,7 @@ async fn delete_file(
     caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    own_file(&gw.state().await?, &caller, &id)?;
+    own_file(&*gw.state().await?, &caller, &id)?;
     gw.propose("delete-file", Command::DeleteFile { tenant: caller.tenant, id: id.clone() }).await?;
     // The bytes stay: a job that was given the file may still be reading it.
     Ok(ok(json!({"id": id, "object": "file", "deleted": true})))
@@ -495,7 +495,7 @@ impl Gateway {
     }
 
     pub async fn job(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
-        Ok(job_object(id, own_job(&self.state().await?, caller, id)?))
+        Ok(job_object(id, own_job(&*self.state().await?, caller, id)?))
     }
 
     pub async fn cancel_job(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
@@ -637,7 +637,7 @@ impl Gateway {
             }
             if let Err(e) = checks.adapter(&folder, &model) {
                 let _ = std::fs::remove_dir_all(&folder);
-                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_adapter", e));
+                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_adapter", e.0));
             }
             dir_checksum(&folder).map_err(|e| io_error(&folder, e))
         })

@@ -69,7 +69,7 @@ impl TcpGroup {
             *slot = Some(setup.connect(peer)?);
         }
         setup.accept_all(&listener, &mut streams)?;
-        let link = TcpLink::start(rank, streams, options.timeout).map_err(|e| setup.err(e))?;
+        let link = TcpLink::start(rank, streams, options.timeout).map_err(|e| setup.err(e.to_string()))?;
         let (group, bytes_sent) = Group::new(rank, addrs.len(), options.timeout, Box::new(link));
         Ok(HostCollective::new(group, bytes_sent))
     }
@@ -138,7 +138,7 @@ impl<'a> Setup<'a> {
             }
             match try_connect(addr, left.min(Duration::from_secs(1))) {
                 Ok(stream) => return Ok(stream),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
             thread::sleep(left.min(RETRY_PAUSE));
         }
@@ -250,13 +250,13 @@ impl<'a> Setup<'a> {
     }
 }
 
-fn try_connect(addr: &str, wait: Duration) -> Result<TcpStream, String> {
-    let resolved = addr.to_socket_addrs().map_err(|e| format!("cannot resolve: {e}"))?;
-    let mut last = String::from("the name resolves to no address");
+fn try_connect(addr: &str, wait: Duration) -> io::Result<TcpStream> {
+    let resolved = addr.to_socket_addrs().map_err(|e| io::Error::new(e.kind(), format!("cannot resolve: {e}")))?;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
     for candidate in resolved {
         match TcpStream::connect_timeout(&candidate, wait) {
             Ok(stream) => return Ok(stream),
-            Err(e) => last = e.to_string(),
+            Err(e) => last = e,
         }
     }
     Err(last)
@@ -306,7 +306,7 @@ struct TcpLink {
 }
 
 impl TcpLink {
-    fn start(rank: usize, streams: Vec<Option<TcpStream>>, timeout: Duration) -> Result<TcpLink, String> {
+    fn start(rank: usize, streams: Vec<Option<TcpStream>>, timeout: Duration) -> io::Result<TcpLink> {
         let (own, inbox) = mpsc::channel();
         let mut writers = Vec::with_capacity(streams.len());
         for (peer, stream) in streams.into_iter().enumerate() {
@@ -316,15 +316,15 @@ impl TcpLink {
             };
             // Reads block in their thread (the waiting side has the timeout); a write that
             // stalls means a peer that stopped reading, and must not block the caller forever.
-            stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-            stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-            stream.set_nodelay(true).map_err(|e| e.to_string())?;
-            let reader = stream.try_clone().map_err(|e| e.to_string())?;
+            stream.set_read_timeout(None)?;
+            stream.set_write_timeout(Some(timeout))?;
+            stream.set_nodelay(true)?;
+            let reader = stream.try_clone()?;
             let events = own.clone();
             thread::Builder::new()
                 .name(format!("coll{rank}<-{peer}"))
                 .spawn(move || read_frames(peer, reader, events))
-                .map_err(|e| format!("cannot start a reader thread: {e}"))?;
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot start a reader thread: {e}")))?;
             writers.push(Some(stream));
         }
         Ok(TcpLink { writers, inbox, _own: own })

@@ -482,28 +482,45 @@ impl Streams {
 /// The engine a worker's `Generate` goes to: its own for the whole model, or for a group
 /// worker, its group's while it is rank 0 of a formed group (else why it serves nothing now).
 #[derive(Clone)]
-pub struct Serving(Arc<Mutex<Result<EngineThread, String>>>);
+pub struct Serving(Arc<Mutex<Slot>>);
+
+#[derive(Clone)]
+enum Slot {
+    Engine(EngineThread),
+    Nothing { why: String },
+}
 
 impl Serving {
     pub fn engine(engine: EngineThread) -> Self {
-        Serving(Arc::new(Mutex::new(Ok(engine))))
+        Serving(Arc::new(Mutex::new(Slot::Engine(engine))))
     }
 
     /// Nothing served yet, for `why`.
     pub fn nothing(why: impl Into<String>) -> Self {
-        Serving(Arc::new(Mutex::new(Err(why.into()))))
+        Serving(Arc::new(Mutex::new(Slot::Nothing { why: why.into() })))
     }
 
-    /// From now on, requests go to `engine` (or are refused for the reason given).
-    pub fn set(&self, engine: Result<EngineThread, String>) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = engine;
+    /// From now on, requests go to `engine`.
+    pub fn serve(&self, engine: EngineThread) {
+        self.put(Slot::Engine(engine));
+    }
+
+    /// From now on, requests are refused, for `why`.
+    pub fn withdraw(&self, why: impl Into<String>) {
+        self.put(Slot::Nothing { why: why.into() });
+    }
+
+    fn put(&self, slot: Slot) {
+        if let Ok(mut held) = self.0.lock() {
+            *held = slot;
         }
     }
 
     /// The engine requests and jobs go to now, or why there is none.
     pub fn current(&self) -> Result<EngineThread, Status> {
-        let slot = self.0.lock().map_err(|_| Status::internal("the serving slot is poisoned"))?;
-        slot.clone().map_err(Status::unavailable)
+        match &*self.0.lock().map_err(|_| Status::internal("the serving slot is poisoned"))? {
+            Slot::Engine(engine) => Ok(engine.clone()),
+            Slot::Nothing { why } => Err(Status::unavailable(why.clone())),
+        }
     }
 }

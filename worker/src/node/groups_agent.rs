@@ -69,10 +69,10 @@ impl GroupsAgent {
                     }
                     // Leaving the old formation: rank 0's engine stops once its handles are
                     // gone, a follower after the plan it waits for.
-                    self.serving.set(Err(format!("worker {} is re-joining its worker group", self.id)));
+                    self.serving.withdraw(format!("worker {} is re-joining its worker group", self.id));
                     current = None;
                     let Some(m) = wanted else {
-                        self.serving.set(Err(format!("worker {} is in no worker group", self.id)));
+                        self.serving.withdraw(format!("worker {} is in no worker group", self.id));
                         continue;
                     };
                     match self.join(&m, ended_tx.clone()).await {
@@ -80,14 +80,14 @@ impl GroupsAgent {
                             eprintln!("worker {}: joined group {} (epoch {}) as rank {}", self.id, m.group, m.epoch, m.rank);
                             match &member {
                                 Member::Leader(engine) => {
-                                    self.serving.set(Ok(engine.clone()));
+                                    self.serving.serve(engine.clone());
                                     let command = Command::GroupFormed { group: m.group.clone(), epoch: m.epoch };
                                     self.report(format!("group-formed-{}-{}", m.group, m.epoch), command).await;
                                 }
-                                Member::Follower(_) => self.serving.set(Err(format!(
+                                Member::Follower(_) => self.serving.withdraw(format!(
                                     "worker {} is rank {} of worker group {}: its requests go to rank 0",
                                     self.id, m.rank, m.group
-                                ))),
+                                )),
                             }
                             current = Some((m, member));
                         }
@@ -108,7 +108,7 @@ impl GroupsAgent {
                     let ours = current.as_ref().is_some_and(|(m, _)| m.group == end.group && m.epoch == end.epoch);
                     if ours {
                         current = None;
-                        self.serving.set(Err(format!("worker {}: its worker group is being formed again", self.id)));
+                        self.serving.withdraw(format!("worker {}: its worker group is being formed again", self.id));
                     }
                     if let (Some(error), true) = (&end.error, ours) {
                         eprintln!("worker {}: group {} (epoch {}) rank {} failed: {error}", self.id, end.group, end.epoch, end.rank);
