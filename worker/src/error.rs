@@ -43,9 +43,10 @@ pub enum Error {
     #[error("{path}:{line}: {msg}")]
     Data { path: PathBuf, line: usize, msg: String },
 
-    /// A collective of a tensor-parallel group failed (a rank is gone, a timeout).
-    #[error("collective: {0}")]
-    Collective(String),
+    /// A collective of a tensor-parallel group failed (a rank is gone, a timeout, ranks that
+    /// disagree); `culprit` is the rank at fault where the failure names one.
+    #[error("collective: {message}")]
+    Collective { message: String, culprit: Option<usize> },
 
     /// Tokenizer or chat-template failure.
     #[error("tokenizer: {0}")]
@@ -78,7 +79,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl From<crate::collective::CollectiveError> for Error {
     fn from(e: crate::collective::CollectiveError) -> Self {
-        Error::Collective(e.to_string())
+        Error::Collective { message: e.to_string(), culprit: e.culprit() }
     }
 }
 
@@ -89,6 +90,20 @@ impl From<tandem_proto::contract::Invalid> for Error {
 }
 
 impl Error {
+    /// A failure of a group's collectives that blames no rank.
+    pub fn collective(message: impl Into<String>) -> Error {
+        Error::Collective { message: message.into(), culprit: None }
+    }
+
+    /// The rank at fault, for a collective's failure that names one (under any context).
+    pub fn culprit(&self) -> Option<usize> {
+        match self {
+            Error::Collective { culprit, .. } => *culprit,
+            Error::While { source, .. } => source.culprit(),
+            _ => None,
+        }
+    }
+
     /// This error, while doing `what`.
     pub fn context(self, what: impl Into<String>) -> Error {
         Error::While { what: what.into(), source: Box::new(self) }

@@ -420,7 +420,7 @@ fn a_rank_that_hangs_makes_the_others_time_out_instead_of_waiting() {
         }
         // The rank after it in the ring waits on it directly and names it.
         let next = &results[(sleeper + 1) % world].0;
-        assert_eq!(next.peer(), Some(sleeper), "{next}");
+        assert_eq!(next.culprit(), Some(sleeper), "{next}");
     }
 }
 

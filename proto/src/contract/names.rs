@@ -29,10 +29,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Invalid> {
     } else {
         None
     };
-    match bad {
-        Some(why) => Err(Invalid(format!("{what} {name:?}: {why}"))),
-        None => Ok(()),
-    }
+    verdict(what, name, bad)
 }
 
 /// Checks where something is stored (a path or URI that workers open): not empty, no `..`
@@ -47,8 +44,13 @@ pub fn check_uri(what: &str, uri: &str) -> Result<(), Invalid> {
     } else {
         None
     };
+    verdict(what, uri, bad)
+}
+
+/// `value` (a `what`) breaks the rule `bad` names, if it names one.
+fn verdict(what: &str, value: &str, bad: Option<&str>) -> Result<(), Invalid> {
     match bad {
-        Some(why) => Err(Invalid(format!("{what} {uri:?}: {why}"))),
+        Some(why) => Err(Invalid(format!("{what} {value:?}: {why}"))),
         None => Ok(()),
     }
 }

@@ -21,8 +21,9 @@ pub(crate) enum Frame {
     Data { op: u8, seq: u64, payload: Vec<u8> },
     /// The sender dropped its communicator after finishing `completed` collectives.
     Goodbye { completed: u64 },
-    /// The sender's collective failed; it will send nothing more.
-    Abort { reason: String },
+    /// The sender's collective failed; it will send nothing more. `culprit`: the rank its
+    /// failure blamed, if any.
+    Abort { reason: String, culprit: Option<usize> },
 }
 
 /// What a link delivers: a frame from `from`, or the news that its connection broke.
@@ -60,8 +61,8 @@ pub(crate) trait Link: Send {
 enum Departure {
     /// It dropped its communicator after finishing `completed` collectives.
     Left { completed: u64 },
-    /// Its collective failed and it gave up (the reason names the rank at fault).
-    GaveUp { reason: String },
+    /// Its collective failed and it gave up, blaming `culprit` if anyone.
+    GaveUp { reason: String, culprit: Option<usize> },
     /// Its connection broke without a word: a crash, or an exit without dropping it.
     Lost { detail: String },
 }
@@ -70,8 +71,16 @@ impl Departure {
     fn detail(&self) -> String {
         match self {
             Departure::Left { completed } => format!("it left the group after {completed} collective(s)"),
-            Departure::GaveUp { reason } => format!("it gave up: {reason}"),
+            Departure::GaveUp { reason, .. } => format!("it gave up: {reason}"),
             Departure::Lost { detail } => format!("connection lost ({detail})"),
+        }
+    }
+
+    /// The rank the peer blamed when it gave up.
+    fn culprit(&self) -> Option<usize> {
+        match self {
+            Departure::GaveUp { culprit, .. } => *culprit,
+            _ => None,
         }
     }
 
@@ -101,7 +110,7 @@ pub(crate) struct Group {
     pending: Vec<VecDeque<Frame>>,
     gone: Vec<Option<Departure>>,
     /// Why an earlier call failed; such a communicator is out of step and refuses calls.
-    broken: Option<String>,
+    broken: Option<(String, Option<usize>)>,
     bytes_sent: Arc<AtomicU64>,
 }
 
@@ -132,7 +141,7 @@ impl Group {
 
     #[cfg(test)]
     pub(crate) fn sever(&mut self) {
-        self.broken = Some("severed".into());
+        self.broken = Some(("severed".into(), None));
         self.link.sever();
     }
 
@@ -296,17 +305,18 @@ impl Group {
         op: Op,
         body: impl FnOnce(&mut Group) -> Result<T, CollectiveError>,
     ) -> Result<T, CollectiveError> {
-        if let Some(cause) = &self.broken {
-            return Err(CollectiveError::Broken { rank: self.rank, op: op.name(), cause: cause.clone() });
+        if let Some((cause, culprit)) = &self.broken {
+            let (cause, culprit) = (cause.clone(), *culprit);
+            return Err(CollectiveError::Broken { rank: self.rank, op: op.name(), cause, culprit });
         }
         self.absorb_ready();
         let result = self.check_departures(op, true).and_then(|()| body(self));
         match &result {
             Ok(_) => self.seq += 1,
             Err(err) => {
-                let reason = err.to_string();
-                self.link.close(&Frame::Abort { reason: reason.clone() });
-                self.broken = Some(reason);
+                let (reason, culprit) = (err.to_string(), err.culprit());
+                self.link.close(&Frame::Abort { reason: reason.clone(), culprit });
+                self.broken = Some((reason, culprit));
             }
         }
         result
@@ -373,7 +383,7 @@ impl Group {
         self.absorb_ready();
         match self.check_departures(op, false) {
             Err(err) => err,
-            Ok(()) => CollectiveError::PeerGone { rank: self.rank, op: op.name(), peer: to, detail },
+            Ok(()) => CollectiveError::PeerGone { rank: self.rank, op: op.name(), peer: to, detail, culprit: None },
         }
     }
 
@@ -386,8 +396,8 @@ impl Group {
                 return self.payload_of(op, from, frame);
             }
             if let Some(gone) = &self.gone[from] {
-                let detail = gone.detail();
-                return Err(CollectiveError::PeerGone { rank: self.rank, op: op.name(), peer: from, detail });
+                let (detail, culprit) = (gone.detail(), gone.culprit());
+                return Err(CollectiveError::PeerGone { rank: self.rank, op: op.name(), peer: from, detail, culprit });
             }
             // The deadline before other ranks' news: once it has passed, the silent peer this
             // rank waited on is the one to blame, not a rank that gave up on someone later.
@@ -436,7 +446,7 @@ impl Group {
                 return;
             }
             Incoming::Frame(Frame::Goodbye { completed }) => Departure::Left { completed },
-            Incoming::Frame(Frame::Abort { reason }) => Departure::GaveUp { reason },
+            Incoming::Frame(Frame::Abort { reason, culprit }) => Departure::GaveUp { reason, culprit },
             Incoming::Lost(detail) => Departure::Lost { detail },
         };
         // The first word counts: a goodbye is followed by the connection closing.
@@ -454,9 +464,13 @@ impl Group {
             .find_map(|(peer, gone)| gone.as_ref().filter(|d| d.dooms(self.seq, entering)).map(|d| (peer, d)));
         match doomed {
             None => Ok(()),
-            Some((peer, d)) => {
-                Err(CollectiveError::PeerGone { rank: self.rank, op: op.name(), peer, detail: d.detail() })
-            }
+            Some((peer, d)) => Err(CollectiveError::PeerGone {
+                rank: self.rank,
+                op: op.name(),
+                peer,
+                detail: d.detail(),
+                culprit: d.culprit(),
+            }),
         }
     }
 

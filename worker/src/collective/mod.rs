@@ -111,9 +111,10 @@ pub enum CollectiveError {
     #[error("rank {rank}: {op}: no progress from rank {peer} within {timeout:?} (is it alive?)")]
     Timeout { rank: usize, op: &'static str, peer: usize, timeout: Duration },
 
-    /// `peer` left the group, crashed, or failed and gave up; `detail` says which.
+    /// `peer` left the group, crashed, or failed and gave up; `detail` says which. When it
+    /// gave up because of another rank, `culprit` is that rank (as `peer` told it).
     #[error("rank {rank}: {op}: rank {peer} is gone: {detail}")]
-    PeerGone { rank: usize, op: &'static str, peer: usize, detail: String },
+    PeerGone { rank: usize, op: &'static str, peer: usize, detail: String, culprit: Option<usize> },
 
     /// `peer` called a different collective or passed a different length: the ranks' programs
     /// disagree.
@@ -125,9 +126,10 @@ pub enum CollectiveError {
     #[error("rank {rank}: {op}: {detail}")]
     InvalidArgument { rank: usize, op: &'static str, detail: String },
 
-    /// An earlier call failed part way, so this communicator is out of step with its peers.
+    /// An earlier call failed part way, so this communicator is out of step with its peers;
+    /// `culprit` is the rank that failure blamed, if it blamed one.
     #[error("rank {rank}: {op}: communicator unusable after an earlier failure ({cause})")]
-    Broken { rank: usize, op: &'static str, cause: String },
+    Broken { rank: usize, op: &'static str, cause: String, culprit: Option<usize> },
 
     /// The group could not be formed (a rank never came, a handshake disagreed, an address
     /// could not be bound) by the set-up deadline.
@@ -136,13 +138,16 @@ pub enum CollectiveError {
 }
 
 impl CollectiveError {
-    /// The peer rank this error blames, where it blames one.
-    pub fn peer(&self) -> Option<usize> {
+    /// The rank at fault, where this error names one: the peer that went silent or
+    /// disagreed, or for a peer that gave up, the rank it blamed (down a chain of ranks that
+    /// gave up one after another, the one that really failed). It may be this very rank, when
+    /// the others found it silent.
+    pub fn culprit(&self) -> Option<usize> {
         match self {
-            CollectiveError::Timeout { peer, .. }
-            | CollectiveError::PeerGone { peer, .. }
-            | CollectiveError::Mismatch { peer, .. } => Some(*peer),
-            _ => None,
+            CollectiveError::Timeout { peer, .. } | CollectiveError::Mismatch { peer, .. } => Some(*peer),
+            CollectiveError::PeerGone { peer, culprit, .. } => culprit.or(Some(*peer)),
+            CollectiveError::Broken { culprit, .. } => *culprit,
+            CollectiveError::InvalidArgument { .. } | CollectiveError::Setup { .. } => None,
         }
     }
 }
@@ -198,6 +203,7 @@ impl HostCollective {
             rank: self.rank,
             op: op.name(),
             cause: "a thread panicked inside a collective".into(),
+            culprit: None,
         })?;
         call(&mut group)
     }

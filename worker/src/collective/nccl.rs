@@ -299,12 +299,15 @@ impl NcclCollective {
             rank,
             op: name,
             cause: "a thread panicked inside a collective".into(),
+            culprit: None,
         })?;
+        // NCCL does not say which peer failed (module docs): its failures blame no one.
+        let broken = |cause: String| CollectiveError::Broken { rank, op: name, cause, culprit: None };
         if let Some(cause) = &state.broken {
-            return Err(CollectiveError::Broken { rank, op: name, cause: cause.clone() });
+            return Err(broken(cause.clone()));
         }
         let Some(comm) = state.comm.as_ref() else {
-            return Err(CollectiveError::Broken { rank, op: name, cause: "the communicator was aborted".into() });
+            return Err(broken("the communicator was aborted".into()));
         };
         let step = Step {
             comm: comm.0,
@@ -339,7 +342,7 @@ impl NcclCollective {
             Failure::Failed(cause) => {
                 let cause = format!("{cause}; the communicator was aborted");
                 state.broken = Some(format!("{name}: {cause}"));
-                CollectiveError::Broken { rank, op: name, cause }
+                broken(cause)
             }
         };
         Err(err)

@@ -398,7 +398,8 @@ fn write_frame(out: &mut impl Write, frame: &Frame) -> io::Result<()> {
     let (kind, op, seq, payload): (u8, u8, u64, &[u8]) = match frame {
         Frame::Data { op, seq, payload } => (KIND_DATA, *op, *seq, payload),
         Frame::Goodbye { completed } => (KIND_GOODBYE, 0, *completed, &[]),
-        Frame::Abort { reason } => (KIND_ABORT, 0, 0, reason.as_bytes()),
+        // The culprit rides in the sequence field: rank + 1, or 0 for none.
+        Frame::Abort { reason, culprit } => (KIND_ABORT, 0, culprit.map_or(0, |r| r as u64 + 1), reason.as_bytes()),
     };
     let mut header = [0u8; HEADER_LEN];
     header[0] = kind;
@@ -430,7 +431,10 @@ fn read_frame(input: &mut impl Read) -> io::Result<Frame> {
     match kind {
         KIND_DATA => Ok(Frame::Data { op, seq, payload }),
         KIND_GOODBYE => Ok(Frame::Goodbye { completed: seq }),
-        KIND_ABORT => Ok(Frame::Abort { reason: String::from_utf8_lossy(&payload).into_owned() }),
+        KIND_ABORT => Ok(Frame::Abort {
+            reason: String::from_utf8_lossy(&payload).into_owned(),
+            culprit: seq.checked_sub(1).map(|r| r as usize),
+        }),
         _ => Err(io::Error::new(ErrorKind::InvalidData, format!("unknown frame kind {kind} (corrupt stream?)"))),
     }
 }
@@ -448,7 +452,8 @@ mod tests {
             Frame::Data { op: 3, seq: 77, payload: vec![1, 2, 3] },
             Frame::Data { op: 0, seq: 0, payload: vec![7; COALESCE_BELOW + 5] },
             Frame::Goodbye { completed: 12 },
-            Frame::Abort { reason: "rank 2: broke".into() },
+            Frame::Abort { reason: "rank 2: broke".into(), culprit: Some(3) },
+            Frame::Abort { reason: "rank 2: broke".into(), culprit: None },
         ];
         let mut wire = Vec::new();
         for frame in &frames {
@@ -511,6 +516,9 @@ mod tests {
             // Well inside the 5 s timeout: the broken connection is news, not silence.
             assert!(elapsed < Duration::from_secs(4), "rank {rank} took {elapsed:?}: {err}");
             assert!(err.to_string().contains("rank 2"), "rank {rank}: {err}");
+            // Whether it heard of rank 2 itself or from a rank that gave up on it, the rank at
+            // fault travels as a number.
+            assert_eq!(err.culprit(), Some(2), "rank {rank}: {err}");
         }
     }
 }

@@ -86,7 +86,10 @@ impl TensorParallel {
     fn exchange_rows(&self, site: Site, parts: Vec<Vec<f32>>, width: usize) -> Result<Vec<Vec<f32>>> {
         let got = self.counted(site, || self.comm.all_to_all(parts))?;
         match got.iter().position(|p| !p.len().is_multiple_of(width)) {
-            Some(from) => Err(Error::Collective(format!("expert dispatch: rank {from} sent a partial row"))),
+            Some(from) => Err(Error::Collective {
+                message: format!("expert dispatch: rank {from} sent a partial row"),
+                culprit: Some(from),
+            }),
             None => Ok(got),
         }
     }
@@ -148,7 +151,7 @@ impl Model {
         for row in received.iter().flat_map(|p| p.chunks_exact(width)) {
             let e = row[hidden] as u32;
             if !mine.contains(&(e as usize)) {
-                return Err(Error::Collective(format!("expert dispatch: expert {e} is not on rank {rank}")));
+                return Err(Error::collective(format!("expert dispatch: expert {e} is not on rank {rank}")));
             }
             pairs.push((pairs.len() as u32, e));
             slots.push(row[hidden + 1] as i32);
@@ -173,7 +176,7 @@ impl Model {
         let returned = tp.exchange_rows(Site::Experts, cut_rows(&down, &received_counts, hidden), hidden)?;
         let returned: Vec<f32> = returned.concat();
         if returned.len() != sent.len() * hidden {
-            return Err(Error::Collective("expert dispatch: outputs do not match the pairs sent".into()));
+            return Err(Error::collective("expert dispatch: outputs do not match the pairs sent"));
         }
         let down =
             Tensor::from_vec(unsort_rows(&returned, &sent, hidden), [sent.len(), hidden])?.to_device(self.device)?;
@@ -257,7 +260,7 @@ impl Backward<'_> {
         let returned = tp.exchange_rows(Site::ExpertsBackward, cut_rows(&dx, &a.received_counts, hidden), hidden)?;
         let returned: Vec<f32> = returned.concat();
         if returned.len() != pairs * hidden {
-            return Err(Error::Collective("expert dispatch: gradients do not match the pairs sent".into()));
+            return Err(Error::collective("expert dispatch: gradients do not match the pairs sent"));
         }
         let mut dh = Tensor::zeros([n, hidden], h.dtype(), model.device)?;
         if let Some((logits, routing)) = &a.routed {

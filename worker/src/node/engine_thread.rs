@@ -296,7 +296,7 @@ pub(crate) fn serve(
                     match added {
                         Ok(()) => drop(jobs.dirs.insert(name, JobFiles { dir, checkpoint_every, validation })),
                         // Making an ESFT job on a group takes collectives: their failure is the group's.
-                        Err(e @ Error::Collective(_)) if lead.is_some() => return Err(e),
+                        Err(e @ Error::Collective { .. }) if lead.is_some() => return Err(e),
                         Err(e) => send(TrainEvent::Failed { job: name, error: e.to_string() }),
                     }
                 }

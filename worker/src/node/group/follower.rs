@@ -46,7 +46,7 @@ pub(super) fn start(
             let result = follower.run(&stop);
             let _ = ended.send(Ended::of(&spec, &result));
         })
-        .map_err(|e| Error::Collective(format!("cannot start the follower thread: {e}")))?;
+        .map_err(|e| Error::collective(format!("cannot start the follower thread: {e}")))?;
     Ok(())
 }
 
@@ -203,7 +203,7 @@ impl Follower {
 /// `result`, its error only if a collective failed.
 fn collective_only<T>(result: Result<T>) -> Result<()> {
     match result {
-        Err(e @ Error::Collective(_)) => Err(e),
+        Err(e @ Error::Collective { .. }) => Err(e),
         _ => Ok(()),
     }
 }

@@ -94,7 +94,7 @@ impl Plans {
 struct SharedPlans(Arc<Mutex<Plans>>);
 
 fn lock(plans: &Mutex<Plans>) -> Result<std::sync::MutexGuard<'_, Plans>> {
-    plans.lock().map_err(|_| Error::Collective("the plan sender is poisoned (a thread panicked)".into()))
+    plans.lock().map_err(|_| Error::collective("the plan sender is poisoned (a thread panicked)"))
 }
 
 impl PlanSink for SharedPlans {
@@ -158,7 +158,7 @@ pub(super) fn start(
             let result = run(&spec, engine, &orders, &train_events, &plans);
             let _ = ended.send(Ended::of(&spec, &result));
         })
-        .map_err(|e| Error::Collective(format!("cannot start rank 0's engine thread: {e}")))?;
+        .map_err(|e| Error::collective(format!("cannot start rank 0's engine thread: {e}")))?;
     Ok(handle)
 }
 

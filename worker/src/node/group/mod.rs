@@ -72,7 +72,9 @@ pub struct Ended {
 impl Ended {
     fn of(spec: &GroupSpec, result: &Result<()>) -> Ended {
         let error = result.as_ref().err().map(|e| e.to_string());
-        let blame = error.as_deref().and_then(|e| blamed(e, spec.rank));
+        // A failure this rank is blamed for itself (the others found it silent) blames no one:
+        // the same ranks try again.
+        let blame = result.as_ref().err().and_then(Error::culprit).filter(|&r| r != spec.rank);
         Ended { group: spec.group.clone(), epoch: spec.epoch, rank: spec.rank, error, blame }
     }
 }
@@ -139,10 +141,10 @@ fn nccl(control: &dyn Collective, spec: &GroupSpec, device: usize) -> Result<Arc
     };
     control.broadcast_bytes(&mut message, 0)?;
     let id = match message.split_first() {
-        Some((&ID, id)) => NcclId::try_from(id).map_err(|e| Error::Collective(format!("NCCL id from rank 0: {e}")))?,
+        Some((&ID, id)) => NcclId::try_from(id).map_err(|e| Error::collective(format!("NCCL id from rank 0: {e}")))?,
         _ => {
             let why = String::from_utf8_lossy(message.get(1..).unwrap_or_default());
-            return Err(Error::Collective(format!("rank {}: rank 0 could not make the NCCL id: {why}", spec.rank)));
+            return Err(Error::collective(format!("rank {}: rank 0 could not make the NCCL id: {why}", spec.rank)));
         }
     };
     let comm = NcclCollective::new(spec.rank, spec.peers.len(), id, device, &spec.options)?;
@@ -168,11 +170,14 @@ fn check_formation(comm: &dyn Collective, spec: &GroupSpec) -> Result<()> {
     let agree = comm.all_gather(&[f32::from(u8::from(leader == own.as_bytes()))])?;
     match agree.iter().position(|&a| a != 1.0) {
         None => Ok(()),
-        Some(rank) => Err(Error::Collective(format!(
-            "rank {}: rank {rank} joined another formation (this rank is at {own}, rank 0 at {})",
-            spec.rank,
-            String::from_utf8_lossy(&leader)
-        ))),
+        Some(rank) => Err(Error::Collective {
+            message: format!(
+                "rank {}: rank {rank} joined another formation (this rank is at {own}, rank 0 at {})",
+                spec.rank,
+                String::from_utf8_lossy(&leader)
+            ),
+            culprit: Some(rank),
+        }),
     }
 }
 
@@ -182,38 +187,10 @@ fn plan_interval(options: &CollectiveOptions) -> std::time::Duration {
     (options.timeout / 4).max(std::time::Duration::from_millis(10))
 }
 
-/// The rank a collective's error message blames. A message starts with the rank reporting it,
-/// then names the peer at fault; when that peer only gave up after a failure of its own, its
-/// reason follows (`...: rank 3 is gone: it gave up: rank 3: ...: rank 2 is gone: ...`), and the
-/// last reason in that chain names the rank really at fault (the one that died, not the ranks
-/// that gave up after it).
-pub fn blamed(message: &str, own: usize) -> Option<usize> {
-    let root = message.rsplit(": it gave up: ").next().unwrap_or(message);
-    let ranks = ranks_named(root);
-    // The innermost reason's reporter is its first rank; the peer it blames follows. When that
-    // is this rank (the others found it silent), no one is blamed: the same ranks try again.
-    let reporter = if root.len() < message.len() { ranks.first().copied() } else { Some(own) };
-    ranks.into_iter().find(|&r| Some(r) != reporter).filter(|&r| r != own)
-}
-
-/// Every `rank N` in `text`, in order.
-fn ranks_named(text: &str) -> Vec<usize> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("rank ") {
-        rest = &rest[at + 5..];
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        if let Ok(rank) = digits.parse::<usize>() {
-            out.push(rank);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collective::LocalGroup;
+    use crate::collective::{CollectiveError, LocalGroup};
 
     fn spec(rank: usize, epoch: u64) -> GroupSpec {
         GroupSpec {
@@ -233,7 +210,7 @@ mod tests {
         let handles: Vec<_> = (LocalGroup::new(2).into_iter().enumerate())
             .map(|(rank, comm)| std::thread::spawn(move || check_formation(&comm, &spec(rank, epochs[rank]))))
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Collective("panicked".into())))).collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::collective("panicked")))).collect()
     }
 
     #[test]
@@ -246,23 +223,24 @@ mod tests {
     }
 
     #[test]
-    fn the_blamed_rank_is_the_peer_the_message_names() {
-        assert_eq!(blamed("collective: rank 0: all_reduce_sum: rank 1 is gone: connection reset", 0), Some(1));
-        assert_eq!(blamed("rank 2: broadcast_bytes: no progress from rank 0 within 2s (is it alive?)", 2), Some(0));
-        let broken = "rank 0: all_gather: communicator unusable after an earlier failure (rank 0: all_reduce_sum: \
-                      rank 3 is gone: closed)";
-        assert_eq!(blamed(broken, 0), Some(3));
-        // Ranks that gave up after another's failure are not at fault: the chain's end is.
-        let chain = "collective: rank 0: all_reduce_sum: rank 3 is gone: it gave up: rank 3: all_reduce_sum: rank 2 \
-                     is gone: connection lost (connection closed)";
-        assert_eq!(blamed(chain, 0), Some(2));
-        let chain = "collective: rank 1: all_reduce_sum: rank 0 is gone: it gave up: rank 0: all_reduce_sum: rank 3 \
-                     is gone: it gave up: rank 3: all_reduce_sum: rank 2 is gone: connection lost";
-        assert_eq!(blamed(chain, 1), Some(2));
-        let chain = "rank 3: broadcast_bytes: rank 1 is gone: it gave up: rank 1: all_gather: rank 0 is gone: it gave \
-                     up: rank 0: all_gather: no progress from rank 3 within 3s (is it alive?)";
-        assert_eq!(blamed(chain, 3), None, "the others found this rank silent: no one else to blame");
-        assert_eq!(blamed("rank 1: set-up: cannot listen on x", 1), None);
-        assert_eq!(blamed("the prompt is empty", 0), None);
+    fn the_blamed_rank_is_the_culprit_unless_it_is_this_rank() {
+        let gone = |peer, culprit| CollectiveError::PeerGone {
+            rank: 0,
+            op: "all_reduce_sum",
+            peer,
+            detail: String::new(),
+            culprit,
+        };
+        let ended = |rank, e: CollectiveError| Ended::of(&spec(rank, 1), &Err(Error::from(e))).blame;
+        assert_eq!(ended(0, gone(1, None)), Some(1));
+        // Ranks that gave up after another's failure are not at fault: the one they blamed is.
+        assert_eq!(ended(0, gone(3, Some(2))), Some(2));
+        assert_eq!(ended(2, gone(3, Some(2))), None, "the others found this rank silent: no one else to blame");
+        let broken = CollectiveError::Broken { rank: 0, op: "all_gather", cause: String::new(), culprit: Some(3) };
+        assert_eq!(ended(0, broken), Some(3));
+        assert_eq!(ended(1, CollectiveError::Setup { rank: 1, detail: "cannot listen".into() }), None);
+        let wrapped = Err(Error::from(gone(1, None)).context("joining"));
+        assert_eq!(Ended::of(&spec(0, 1), &wrapped).blame, Some(1));
+        assert_eq!(Ended::of(&spec(0, 1), &Err(Error::InvalidRequest("the prompt is empty".into()))).blame, None);
     }
 }
