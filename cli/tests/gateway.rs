@@ -9,6 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command, Reply, sha256_hex};
 
 const KEY: &str = "sk-test-admin";
 
@@ -58,6 +60,19 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     assert_eq!(out["object"], "text_completion");
     assert_eq!(out["usage"]["completion_tokens"], 12);
     assert_eq!(out["usage"]["prompt_tokens"], want["prompt_tokens"]);
+
+    // A key made behind this gateway's back (straight through the cluster API, so the
+    // gateway's view has not seen it) is accepted at once: a key the view lacks is looked up
+    // again before it is refused; a key that does not exist still is.
+    let key = "sk-made-elsewhere";
+    let command = Command::CreateApiKey { tenant: "carol".into(), key_sha256: sha256_hex(key.as_bytes()) };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reply = rt.block_on(ClusterClient::new(coord).unwrap().propose("test-key", command)).unwrap();
+    assert_eq!(reply, Reply::Done);
+    let body = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).to_string();
+    let (status, text) = common::http(&http_addr, "POST", "/v1/completions", Some(key), Some(&body));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(common::http(&http_addr, "POST", "/v1/completions", Some("sk-never-made"), Some(&body)).0, 401);
     assert_eq!(out["choices"][0]["finish_reason"], "length");
     assert_eq!(out["choices"][0]["logprobs"], Value::Null, "not asked for");
 
