@@ -78,12 +78,11 @@ pub struct ClusterClient {
     /// Made on the first call, inside the runtime that makes it (a channel needs one), so a
     /// client can be made anywhere.
     rpc: Arc<OnceCell<Rpc<Channel>>>,
-    addr: String,
 }
 
 impl std::fmt::Debug for ClusterClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterClient").field("addr", &self.addr).finish()
+        f.debug_struct("ClusterClient").field("addr", &self.addr()).finish()
     }
 }
 
@@ -99,16 +98,16 @@ impl ClusterClient {
             .map_err(|e| ClientError::Invalid(format!("coordinator address {addr:?}: {e}")))?
             .connect_timeout(connect)
             .timeout(call);
-        Ok(ClusterClient { endpoint, rpc: Arc::default(), addr: addr.to_string() })
+        Ok(ClusterClient { endpoint, rpc: Arc::default() })
     }
 
     async fn rpc(&self) -> Rpc<Channel> {
         self.rpc.get_or_init(|| async { Rpc::new(self.endpoint.connect_lazy()) }).await.clone()
     }
 
-    /// The coordinator's address.
+    /// The coordinator's address (`HOST:PORT`).
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.endpoint.uri().authority().map_or("", |a| a.as_str())
     }
 
     /// Proposes `command` under a fresh request id (named after `what`) and returns what
@@ -120,14 +119,6 @@ impl ClusterClient {
     /// Proposes `p` as it is: a retry under the same request id applies once.
     pub async fn propose_as(&self, p: Proposal) -> Result<Reply, ClientError> {
         Ok(self.rpc().await.propose(p).await?.into_inner())
-    }
-
-    /// Proposes `command` and takes a refusal as an error.
-    pub async fn apply(&self, what: &str, command: Command) -> Result<Reply, ClientError> {
-        match self.propose(what, command).await? {
-            Reply::Refused { reason } => Err(ClientError::Conflict(reason)),
-            reply => Ok(reply),
-        }
     }
 
     /// The replicated state, read linearizably.

@@ -1,7 +1,7 @@
-//! The engine on a thread of its own. The engine is not thread-safe and its steps are long: one thread owns it, takes orders from
-//! a channel between steps (requests, jobs to train or stop), and after each step sends every
-//! request's settled text to its stream and every job's progress (steps, checkpoints, its
-//! exported adapter) to the training events. A request whose caller went away is cancelled
+//! The engine on a thread of its own. The engine is not thread-safe and its steps are long:
+//! one thread owns it, takes orders from a channel between steps (requests, jobs to train or
+//! stop), and after each step sends every request's settled text to its stream and every job's
+//! progress (steps, checkpoints, its exported adapter) to the training events. A request whose caller went away is cancelled
 //! before the next step. An adapter a request names that is not loaded yet is read from the
 //! folder the request gives, on this thread.
 

@@ -183,6 +183,5 @@ impl GroupsAgent {
 /// Proposes a group report for worker `id` (briefly retried: a later formation makes it stale).
 async fn report(cluster: &ClusterClient, id: &str, request_id: String, command: Command) {
     let what = format!("worker {id}: group");
-    super::jobs_agent::propose_until_recorded(cluster, &what, request_id, command, 20, Duration::from_millis(250))
-        .await;
+    super::propose_until_recorded(cluster, &what, request_id, command, 20, Duration::from_millis(250)).await;
 }

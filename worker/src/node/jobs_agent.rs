@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_proto::contract::{Assignment, Command, JobReport, Proposal, Reply, StepFigures, dir_checksum};
-use tandem_proto::{ClientError, ClusterClient};
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Assignment, Command, JobReport, StepFigures, dir_checksum};
 use tokio::sync::{mpsc, watch};
 
 use super::engine_thread::{EngineThread, JobStart, Serving, TrainEvent, Training};
+use super::propose_until_recorded;
 use crate::error::{Error, Result};
 use crate::train::checkpoint;
 use crate::train::data::load_jsonl;
@@ -180,35 +181,4 @@ fn spawn_reporter(cluster: ClusterClient) -> mpsc::UnboundedSender<(String, u64,
         }
     });
     tx
-}
-
-/// Proposes `command` under `request_id` (a retry applies once), trying `tries` times, `pause`
-/// apart, while the cluster cannot be reached; a refusal means the news is stale. `what` names
-/// the sender in the log.
-pub(super) async fn propose_until_recorded(
-    cluster: &ClusterClient,
-    what: &str,
-    request_id: String,
-    command: Command,
-    tries: u32,
-    pause: Duration,
-) {
-    let proposal = Proposal::new(request_id, command);
-    for attempt in 0..tries {
-        match cluster.propose_as(proposal.clone()).await {
-            Ok(Reply::Refused { reason }) => {
-                eprintln!("{what}: report refused: {reason}");
-                return;
-            }
-            Ok(_) => return,
-            Err(e @ (ClientError::Invalid(_) | ClientError::Conflict(_))) => {
-                eprintln!("{what}: report refused: {e}");
-                return;
-            }
-            Err(e) => {
-                eprintln!("{what}: reporting (try {attempt}): {e:#}");
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
 }

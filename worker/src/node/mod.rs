@@ -7,7 +7,7 @@
 //!
 //! Map:
 //! - `mod.rs`: [`Node`]: a worker's life, whole-model ([`Node::serve_model`]) or group worker
-//!   ([`Node::serve_groups`]).
+//!   ([`Node::serve_groups`]); the agents' reports to the cluster, retried until recorded.
 //! - `lease.rs`: registration and the lease, which publishes what the heartbeats say.
 //! - `jobs_agent.rs`: the fine-tuning attempts assigned here, started, stopped, reported.
 //! - `groups_agent.rs`: the worker groups this worker is a rank of, joined and reported.
@@ -25,9 +25,11 @@ mod service;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tandem_kernels::Device;
-use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command, Proposal, Reply};
+use tandem_proto::{ClientError, ClusterClient};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use engine_thread::{EngineThread, JobStart, Serving, TrainEvent, TrainEvents, Training};
@@ -140,5 +142,36 @@ impl Node {
         jobs.abort();
         groups.inspect(|g| g.abort());
         served.map_err(|e| Error::Unavailable(format!("serving on {}: {e}", self.listen)))
+    }
+}
+
+/// Proposes `command` under `request_id` (a retry applies once), trying `tries` times, `pause`
+/// apart, while the cluster cannot be reached; a refusal means the news is stale. `what` names
+/// the sender in the log.
+async fn propose_until_recorded(
+    cluster: &ClusterClient,
+    what: &str,
+    request_id: String,
+    command: Command,
+    tries: u32,
+    pause: Duration,
+) {
+    let proposal = Proposal::new(request_id, command);
+    for attempt in 0..tries {
+        match cluster.propose_as(proposal.clone()).await {
+            Ok(Reply::Refused { reason }) => {
+                eprintln!("{what}: report refused: {reason}");
+                return;
+            }
+            Ok(_) => return,
+            Err(e @ (ClientError::Invalid(_) | ClientError::Conflict(_))) => {
+                eprintln!("{what}: report refused: {e}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("{what}: reporting (try {attempt}): {e:#}");
+                tokio::time::sleep(pause).await;
+            }
+        }
     }
 }
