@@ -10,11 +10,13 @@
 //! - `init_model.rs`: random-weight models in HF format for demos, tests and benchmarks.
 //! - `rng.rs`: the seeded PRNG (sampling, LoRA init, data order), its state checkpointable.
 //! - `safetensors_file.rs`: safetensors files read and written as tensors.
-//! - `model/`: `config.json`, the checkpoint's weights, the batched forward pass and its
-//!   backward (to adapter weights only; the base stays frozen).
+//! - `model/`: `config.json`, the checkpoint's weights, the batched forward layers and their
+//!   backward (to adapter weights only; the base stays frozen), and the model pass
+//!   (`model/pass.rs`) that composes embedding → layers → loss → backward for the training
+//!   step, the engine and a worker group's followers alike.
 //! - `adapters/`: PEFT LoRA and ESFT adapters, and their packed form for a mixed batch.
 //! - `engine/`: continuous batching over a paged KV cache, many adapters per batch, with
-//!   fine-tuning microbatches in the same passes.
+//!   fine-tuning microbatches in the same passes; each step is schedule, execute, book.
 //! - `train/`: fine-tuning (data, backward pass, LoRA and ESFT jobs, checkpoints, export).
 //! - `node/`: the worker process: registration and lease, the jobs and groups agents, the
 //!   engine thread, the gRPC `Worker` service, and worker groups (a model served by

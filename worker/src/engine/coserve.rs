@@ -29,10 +29,10 @@ pub(super) struct InFlight {
     pub blocks: Vec<u32>,
 }
 
-/// One job's microbatch in an [`InFlight`] group.
+/// One job's microbatch in an [`InFlight`] batch.
 pub(super) struct Member {
     pub job: String,
-    /// The job's adapter slot in the group's adapters.
+    /// The job's adapter slot in the batch's adapters.
     pub slot: usize,
     pub examples: Vec<u32>,
     /// Summed token loss of its examples.
@@ -46,14 +46,14 @@ pub(super) struct EngineJob {
     pub last_loss: Option<f64>,
 }
 
-/// Jobs and the groups in flight.
+/// Jobs and the batches in flight.
 #[derive(Default)]
 pub(super) struct Training {
     pub jobs: Vec<EngineJob>,
     /// The job to ask first next time (round-robin).
     cursor: usize,
     pub in_flight: VecDeque<InFlight>,
-    /// The id of the next group put in flight.
+    /// The id of the next batch put in flight.
     pub next_id: u64,
 }
 
@@ -69,7 +69,7 @@ pub(super) struct Planned {
     pub blocks: Vec<u32>,
 }
 
-/// Most groups in flight: a new group's forward may run beside an older group's backward, but
+/// Most batches in flight: a new batch's forward may run beside an older batch's backward, but
 /// activations of more than two never pile up.
 pub(super) const MAX_IN_FLIGHT: usize = 2;
 

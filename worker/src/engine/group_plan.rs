@@ -18,7 +18,7 @@ use tandem_kernels::ops::SeqAttention;
 use crate::adapters::Adapter;
 use crate::adapters::registry::AdapterVersion;
 use crate::error::{Error, Result};
-use crate::model::ForwardInput;
+use crate::model::{ForwardInput, LossRows};
 use crate::train::data::Example;
 
 /// What rank 0 tells the other ranks of its group, one per broadcast.
@@ -79,16 +79,13 @@ pub struct ForwardPlan {
     pub forget: Vec<u64>,
 }
 
-/// The fine-tuning rows of a forward pass: from row `first_row` (sequence `first_seq`) on.
-/// Their loss and the start of their backward follow the pass; [`BatchPlan::Backward`] runs
-/// the rest under `id`.
+/// The fine-tuning rows of a forward pass. Their loss and the start of their backward follow
+/// the pass; [`BatchPlan::Backward`] runs the rest under `id`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainingRows {
     pub id: u64,
-    pub first_row: usize,
-    pub first_seq: usize,
-    pub targets: Vec<i32>,
-    pub loss_weights: Vec<f32>,
+    #[serde(flatten)]
+    pub rows: LossRows,
 }
 
 /// One sequence of the batch: [`SeqAttention`]'s fields.
@@ -142,19 +139,6 @@ impl ForwardPlan {
             adapters: self.adapters.clone(),
             logit_rows: self.logit_rows.clone(),
         }
-    }
-}
-
-/// `input`'s rows from `first_row` (its sequences from `first_seq`) alone: the fine-tuning
-/// rows of a shared pass, as their backward sees them.
-pub fn tail_input(input: &ForwardInput, first_row: usize, first_seq: usize) -> ForwardInput {
-    ForwardInput {
-        tokens: input.tokens[first_row..].to_vec(),
-        positions: input.positions[first_row..].to_vec(),
-        slots: input.slots[first_row..].to_vec(),
-        seqs: input.seqs[first_seq..].to_vec(),
-        adapters: input.adapters[first_row..].to_vec(),
-        logit_rows: Vec::new(),
     }
 }
 
@@ -223,7 +207,8 @@ mod tests {
             logit_rows: vec![2, 3],
         };
         let refs = vec![AdapterRef { id: 7, name: "alice:a@2".into(), uri: "/blobs/adapters/x".into() }];
-        let training = TrainingRows { id: 3, first_row: 3, first_seq: 1, targets: vec![9], loss_weights: vec![0.5] };
+        let rows = LossRows { first_row: 3, first_seq: 1, targets: vec![9], loss_weights: vec![0.5] };
+        let training = TrainingRows { id: 3, rows };
         let plan = BatchPlan::Forward(ForwardPlan::new(&input, refs.clone(), Some(training.clone())));
         let back = BatchPlan::decode(&plan.encode().unwrap()).unwrap();
         assert_eq!(back, plan);
@@ -233,7 +218,7 @@ mod tests {
         assert_eq!((again.adapters, again.logit_rows), (input.adapters, input.logit_rows));
         assert_eq!(again.seqs.len(), 2);
         assert_eq!((again.seqs[1].q_len, again.seqs[1].context_len, &again.seqs[1].block_table), (1, 8, &vec![2]));
-        let tail = tail_input(&f.input(), 3, 1);
+        let tail = f.input().tail(3, 1);
         assert_eq!((f.adapter_refs, f.training), (refs, Some(training)));
         assert_eq!((tail.tokens, tail.positions, tail.slots, tail.adapters), (vec![9], vec![7], vec![39], vec![-1]));
         assert_eq!((tail.seqs.len(), tail.logit_rows.len()), (1, 0));

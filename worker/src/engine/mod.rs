@@ -4,33 +4,45 @@
 //! their KV pages (and their adapter's, when it is not resident) can be had and leave the moment
 //! they finish. Each request may use a different adapter (or none) in the same batch; it holds
 //! the adapter version it was submitted with until it finishes.
+//!
+//! [`Engine::step`] is schedule, execute, book:
+//! - `schedule.rs`: admission, the batch under the token budget, the fine-tuning microbatches
+//!   that fit ([`coserve`]), the time left for backward layers.
+//! - `execute.rs`: backward layers of the batches in flight, then the forward pass through
+//!   [`crate::model::Model::pass`], its plan sent first when this engine leads a worker group
+//!   ([`group_plan`]).
+//! - `bookkeeping.rs`: sampling and streaming, latency figures, retiring requests, booking
+//!   losses and gradients to their jobs, the measured costs ([`budget`]).
+//!
+//! Also here: `paged.rs` (adapters' pages in the unified pool, `pool.rs`) and `metrics.rs`.
 
+mod bookkeeping;
 mod budget;
 mod coserve;
+mod execute;
 pub mod group_plan;
 pub mod metrics;
 mod paged;
 pub mod pool;
+mod schedule;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_kernels::DType;
-use tandem_kernels::ops::SeqAttention;
 
 use budget::Budget;
-use coserve::{EngineJob, InFlight, Member, Training};
-use group_plan::TrainingRows;
+use coserve::{EngineJob, Training};
 use metrics::{EngineMetrics, JobMetrics, Samples, TokenCounts};
 use paged::PagedAdapters;
 pub use paged::{CacheStats, adapter_pages};
-use pool::{PagePool, PageUse, PoolUsage};
+use pool::{PagePool, PoolUsage};
 
 use crate::adapters::registry::{AdapterRegistry, AdapterVersion, Origin};
 use crate::adapters::{Adapter, AdapterSet};
 use crate::error::{Error, Result};
-use crate::model::{AdapterGrads, ForwardInput, KvCache, Model, PendingBackward};
+use crate::model::{KvCache, Model};
 use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
 use crate::tokenizer::TextTokenizer;
 use crate::train::data::Example;
@@ -338,7 +350,7 @@ impl Engine {
     }
 
     /// Stops training job `name` and returns it as it stands (its microbatches in flight finish
-    /// for the other jobs in their groups; its adapter stays published at its last step).
+    /// for the other jobs in their batches; its adapter stays published at its last step).
     pub fn cancel_job(&mut self, name: &str) -> Result<Job> {
         let i = self.training.jobs.iter().position(|j| j.job.spec.name == name);
         let i = i.ok_or_else(|| Error::InvalidRequest(format!("no fine-tuning job {name:?} in this engine")))?;
@@ -349,7 +361,7 @@ impl Engine {
     pub fn take_finished_jobs(&mut self) -> Vec<Job> {
         let in_flight = &self.training.in_flight;
         let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.training.jobs).into_iter().partition(|j| {
-            j.job.is_finished() && !in_flight.iter().any(|g| g.members.iter().any(|m| m.job == j.job.spec.name))
+            j.job.is_finished() && !in_flight.iter().any(|b| b.members.iter().any(|m| m.job == j.job.spec.name))
         });
         self.training.jobs = running;
         done.into_iter().map(|j| j.job).collect()
@@ -459,331 +471,18 @@ impl Engine {
     /// much backward as still fits. Returns the requests that finished.
     pub fn step(&mut self) -> Result<Vec<GenerationOutput>> {
         self.progress.clear();
-        self.admit()?;
-        let decoding = self.running.iter().filter(|s| s.computed >= s.prompt_len).count();
-        // A decoding request waits from one sample to the next: this iteration gets the target
-        // minus what already passed since the last sample (the loss of the last iteration's
-        // fine-tuning rows, this iteration's admission).
-        let since = match self.last_sample {
-            Some(t) if decoding > 0 => t.elapsed().as_secs_f64(),
-            _ => 0.0,
-        };
-        let limit = self.budget.limit() - since;
-        let inference_tokens = match self.budget.forward.units_within(limit.max(0.0)) {
-            Some(n) => n.max(decoding + self.cfg.block_size).min(self.cfg.max_batch_tokens),
-            None => self.cfg.max_batch_tokens,
-        };
-        let (mut input, scheduled, ids) = self.build_batch(inference_tokens);
-        let n_inf = input.tokens.len();
-        let plan = self.plan_finetune(n_inf, ids.len(), limit);
         self.counters.last = TokenCounts::default();
-        if scheduled.is_empty() && plan.is_none() && self.training.in_flight.is_empty() {
-            return Ok(Vec::new());
-        }
+        let Some(iteration) = self.schedule()? else { return Ok(Vec::new()) };
         // Backward layers first, in what the planned forward pass leaves of the budget (at
         // least one when no request shares the iteration).
-        let mut planned = if n_inf > 0 { self.budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
-        if let Some(p) = &plan {
-            planned += self.budget.finetune.predict_high(p.input.tokens.len()).unwrap_or(0.0);
-        }
-        // (Capped: a target of `Duration::MAX`, throughput runs, must not overflow the clock.)
-        let left = Duration::from_secs_f64((limit - planned).clamp(0.0, 3600.0));
-        self.run_backward(Instant::now() + left, n_inf == 0)?;
-
-        // The batch's adapters: the inference versions (from their pages), then, when
-        // fine-tuning rows join, the jobs' live weights.
-        let t0 = Instant::now();
-        let load = |e: &Self| ids.iter().map(|&id| e.paged.load(id, &e.cache)).collect::<Result<Vec<_>>>();
-        // The jobs' versions are their current weights (published at every optimizer step).
-        let job_versions = match &plan {
-            Some(p) => (p.microbatches.iter())
-                .map(|(j, _)| self.registry.resolve(&self.training.jobs[*j].job.spec.name))
-                .collect::<Result<Vec<_>>>()?,
+        let idle = iteration.input.tokens.is_empty();
+        self.run_backward(Instant::now() + iteration.backward_time, idle)?;
+        let outputs = match self.execute(iteration)? {
+            Some(ran) => self.book(ran)?,
             None => Vec::new(),
         };
-        let training_set = match &plan {
-            Some(_) => {
-                let mut adapters = load(self)?;
-                adapters.extend(job_versions.iter().map(|v| v.adapter.clone()));
-                Some(AdapterSet::new(adapters, self.model.device)?)
-            }
-            None => {
-                if self.batch_adapters.as_ref().is_none_or(|(cached, _)| *cached != ids) {
-                    self.batch_adapters = Some((ids.clone(), AdapterSet::new(load(self)?, self.model.device)?));
-                }
-                None
-            }
-        };
-        let mut outputs = Vec::new();
-        if n_inf > 0 || plan.is_some() {
-            let set = match (&training_set, &self.batch_adapters) {
-                (Some(set), _) | (None, Some((_, set))) => set,
-                (None, None) => return Err(Error::InvalidRequest("engine: batch built without its adapters".into())),
-            };
-            let versions = match &self.plans {
-                Some(_) => (ids.iter().map(|&id| self.paged.version(id).cloned()))
-                    .chain(job_versions.iter().map(|v| Some(v.clone())))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| Error::InvalidRequest("engine: a batch adapter is not resident".into()))?,
-                None => Vec::new(),
-            };
-            // The fine-tuning rows join the inference rows' pass as its last rows (from the
-            // first row and sequence given); under expert parallelism, whose activations cannot
-            // be cut by rows, they get a pass of their own after it.
-            let (n_seqs, own_pass) = (input.seqs.len(), n_inf > 0 && self.model.is_expert_parallel());
-            let passes = match &plan {
-                Some(p) if own_pass => vec![(input, None), (p.input.clone(), Some((0, 0)))],
-                Some(p) => {
-                    append(&mut input, &p.input);
-                    vec![(input, Some((n_inf, n_seqs)))]
-                }
-                None => vec![(input, None)],
-            };
-            let (mut logits, mut fine_tuned) = (Vec::new(), None);
-            for (i, (input, training)) in passes.into_iter().enumerate() {
-                if let Some(sink) = &mut self.plans {
-                    let training = (plan.as_ref().zip(training)).map(|(p, (first_row, first_seq))| TrainingRows {
-                        id: self.training.next_id,
-                        first_row,
-                        first_seq,
-                        targets: p.targets.clone(),
-                        loss_weights: p.loss_weights.clone(),
-                    });
-                    sink.forward(&input, &versions, training)?;
-                }
-                let mut tape = Vec::new();
-                let hidden = match (&plan, training) {
-                    (Some(p), Some((first, _))) => {
-                        let model = &self.model;
-                        let mut keep = |acts: crate::model::LayerActs| {
-                            let layer = tape.len();
-                            tape.push(if first == 0 {
-                                Ok(acts)
-                            } else {
-                                acts.tail(first, layer, &p.input, set, model)
-                            });
-                        };
-                        self.model.hidden_states(&input, &mut self.cache, set, &mut keep)?
-                    }
-                    _ => self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?,
-                };
-                // The first pass holds the inference rows (a group's followers compute logits
-                // when, and only when, the pass has logit rows too).
-                if i == 0 && !input.logit_rows.is_empty() {
-                    logits = self.model.logits(&hidden, &input.logit_rows)?.to_vec_f32()?;
-                }
-                if let Some((first, _)) = training {
-                    let rows: Vec<u32> = (first as u32..input.tokens.len() as u32).collect();
-                    fine_tuned = Some((tape, tandem_kernels::ops::gather_rows(&hidden, &rows)?));
-                }
-            }
-            outputs = self.sample(&scheduled, &logits)?;
-            if plan.is_none() {
-                self.budget.forward.observe(n_inf, t0.elapsed().as_secs_f64());
-            }
-            if let (Some(p), Some(set), Some((tape, hidden))) = (plan, training_set, fine_tuned) {
-                let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
-                let rows = hidden.shape()[0];
-                self.queue_backward(p, set, tape, &hidden, ids.len())?;
-                // What the fine-tuning rows added to the iteration: packing their adapters, their
-                // share of the forward pass, their loss.
-                let inference = if n_inf > 0 { self.budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
-                self.budget.finetune.observe(rows, (t0.elapsed().as_secs_f64() - inference).max(0.0));
-            }
-        }
         self.counters.iterations += 1;
         Ok(outputs)
-    }
-
-    /// The loss of planned microbatches whose forward pass produced `tape` and `hidden` (their
-    /// rows only), and their backward, queued. The jobs' adapters have slots from `first_slot`.
-    fn queue_backward(
-        &mut self,
-        p: coserve::Planned,
-        adapters: AdapterSet,
-        tape: Vec<crate::model::LayerActs>,
-        hidden: &tandem_kernels::Tensor,
-        first_slot: usize,
-    ) -> Result<()> {
-        let (losses, dhidden) = self.model.loss_backward(hidden, &p.targets, &p.loss_weights)?;
-        let mut members = Vec::new();
-        let mut row = 0;
-        for (i, (j, mb)) in p.microbatches.into_iter().enumerate() {
-            let job = &mut self.training.jobs[j];
-            let len: usize = mb.examples.iter().map(|&e| job.job.example(e).tokens.len()).sum();
-            let loss = losses[row..row + len].iter().map(|&l| l as f64).sum();
-            row += len;
-            job.tokens += len as u64;
-            members.push(Member { job: job.job.spec.name.clone(), slot: first_slot + i, examples: mb.examples, loss });
-        }
-        let tokens = p.input.tokens.len() as u64;
-        self.counters.last.finetune = tokens;
-        self.counters.tokens.finetune += tokens;
-        let backward = PendingBackward::new(&self.model, p.input, tape, dhidden)?;
-        let grads = AdapterGrads::default();
-        let id = self.training.next_id;
-        self.training.next_id += 1;
-        self.training.in_flight.push_back(InFlight { id, backward, adapters, grads, members, blocks: p.blocks });
-        Ok(())
-    }
-
-    /// Fine-tuning microbatches for an iteration whose inference part has `n_inf` tokens over
-    /// `slots` adapters: as many as the time left by the inference tokens holds. With no
-    /// inference at all, or before the costs are measured, one runs whatever its cost.
-    fn plan_finetune(&mut self, n_inf: usize, slots: usize, limit: f64) -> Option<coserve::Planned> {
-        let (budget, paged, pool) = (&self.budget, &mut self.paged, &mut self.pool);
-        let inference = if n_inf > 0 { budget.forward.predict(n_inf).unwrap_or(0.0) } else { 0.0 };
-        let unmeasured = budget.finetune.predict(1).is_none();
-        let mut first = true;
-        let fits = |tokens: usize| {
-            let cost = inference + budget.finetune.predict_high(tokens).unwrap_or(0.0);
-            let ok = cost <= limit || (first && (n_inf == 0 || unmeasured));
-            first = false;
-            ok
-        };
-        let pages = |n: usize| if paged.make_room(n, pool) { pool.alloc(n, PageUse::Kv) } else { None };
-        self.training.plan(slots, self.cfg.block_size, fits, pages)
-    }
-
-    /// Backward layers of the groups in flight, oldest first, until `deadline` (at least one
-    /// layer when `idle`: no inference shares the iteration). A group that completes hands
-    /// each job its gradients; a job whose optimizer step that completes publishes its new
-    /// weights.
-    fn run_backward(&mut self, deadline: Instant, idle: bool) -> Result<()> {
-        let mut at_least_one = idle;
-        while let Some(group) = self.training.in_flight.front_mut() {
-            let tokens = group.backward.tokens();
-            let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
-            let per_layer = self.budget.backward.predict_high(tokens).filter(|&c| c > 0.0);
-            let mut layers = per_layer.map_or(1, |c| (left / c) as usize);
-            // The last layer also pays for finishing the group.
-            let finish = self.budget.finish.predict_high(group.members.len()).unwrap_or(0.0);
-            if layers >= group.backward.layers_left() && per_layer.is_some_and(|c| c * layers as f64 + finish > left) {
-                layers = group.backward.layers_left() - 1;
-            }
-            let layers = if at_least_one { layers.max(1) } else { layers };
-            if layers == 0 {
-                return Ok(());
-            }
-            at_least_one = false;
-            let t = Instant::now();
-            let run = layers.min(group.backward.layers_left());
-            if let Some(sink) = &mut self.plans {
-                sink.backward(group.id, run)?;
-            }
-            let done =
-                self.model.backward_layers(&mut group.backward, &self.cache, &group.adapters, &mut group.grads, run)?;
-            self.counters.last.finetune_backward += (tokens * run) as u64;
-            self.counters.tokens.finetune_backward += (tokens * run) as u64;
-            self.budget.backward.observe(tokens, t.elapsed().as_secs_f64() / run.max(1) as f64);
-            if !done {
-                return Ok(());
-            }
-            let t = Instant::now();
-            let Some(group) = self.training.in_flight.pop_front() else { break };
-            self.pool.release(&group.blocks, PageUse::Kv);
-            for m in &group.members {
-                let Some(job) = self.training.job_mut(&m.job) else { continue };
-                let report = job.job.microbatch_done(&group.adapters, &group.grads, m.slot, &m.examples, m.loss)?;
-                if let Some(report) = report {
-                    job.last_loss = Some(report.loss);
-                    let (step, whole) = (report.step, job.job.weights.adapter());
-                    self.reports.push(report);
-                    self.publish_job_weights(&m.job, step, whole)?;
-                }
-            }
-            self.budget.finish.observe(group.members.len(), t.elapsed().as_secs_f64());
-        }
-        Ok(())
-    }
-
-    /// Samples the next token of each sequence whose scheduled tokens reached its end, and
-    /// retires the finished ones.
-    fn sample(&mut self, scheduled: &[(usize, usize)], logits: &[f32]) -> Result<Vec<GenerationOutput>> {
-        let vocab = self.model.config.vocab_size;
-        let target = self.cfg.tpot_target.as_secs_f64();
-        let now = Instant::now();
-        if let Some(last) = self
-            .last_sample
-            .filter(|_| scheduled.iter().any(|&(i, _)| self.running[i].computed >= self.running[i].prompt_len))
-        {
-            self.budget.observe_wait((now - last).as_secs_f64());
-        }
-        self.last_sample = Some(now);
-        let mut finished = Vec::new();
-        let mut row = 0;
-        for &(i, chunk) in scheduled {
-            let seq = &mut self.running[i];
-            if seq.computed >= seq.prompt_len {
-                self.counters.last.decode += chunk as u64;
-            } else {
-                self.counters.last.prefill += chunk as u64;
-            }
-            seq.computed += chunk;
-            if seq.computed < seq.tokens.len() {
-                continue; // a prefill chunk that did not reach the end of the prompt
-            }
-            let sampled = seq.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
-            row += 1;
-            seq.tokens.push(sampled.token);
-            seq.logprobs.push(sampled.logprob);
-            match seq.last_token_at {
-                None => self.counters.ttft.push((now - seq.submitted_at).as_secs_f64()),
-                Some(t) => {
-                    let gap = (now - t).as_secs_f64();
-                    self.counters.tpot.push(gap);
-                    self.counters.timed += 1;
-                    self.counters.within_target += u64::from(gap <= target);
-                }
-            }
-            seq.last_token_at = Some(now);
-            let generated = &seq.tokens[seq.prompt_len..];
-            let text = match &self.tokenizer {
-                Some(t) => t.decode(generated, true)?,
-                None => String::new(),
-            };
-            if let Some(f) = seq.stop.check(generated, &text) {
-                finished.push((i, f.reason, f.text.to_string()));
-            } else {
-                // A trailing U+FFFD is a character whose bytes are still coming.
-                let settled = seq.stop.streamable_len(text.trim_end_matches('\u{FFFD}')).max(seq.streamed);
-                let new_text = text.get(seq.streamed..settled).unwrap_or_default().to_string();
-                seq.streamed = settled;
-                self.progress.push(Progress {
-                    index: seq.index,
-                    token: sampled.token,
-                    logprob: sampled.logprob,
-                    text: new_text,
-                });
-            }
-        }
-        self.counters.tokens.decode += self.counters.last.decode;
-        self.counters.tokens.prefill += self.counters.last.prefill;
-        // Remove finished sequences from the back so the indices stay valid.
-        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        let mut outputs = Vec::with_capacity(finished.len());
-        for (i, reason, text) in finished {
-            let seq = self.retire(i);
-            outputs.push(GenerationOutput {
-                index: seq.index,
-                prompt_tokens: seq.prompt_len,
-                token_ids: seq.tokens[seq.prompt_len..].to_vec(),
-                logprobs: seq.logprobs,
-                text,
-                finish_reason: reason,
-            });
-        }
-        Ok(outputs)
-    }
-
-    /// Takes running sequence `i` out, giving back its KV pages and its hold on its adapter.
-    fn retire(&mut self, i: usize) -> Sequence {
-        let mut seq = self.running.swap_remove(i);
-        self.pool.release(&seq.blocks, PageUse::Kv);
-        if let Some(id) = seq.adapter.take().map(|v| v.id) {
-            self.paged.release(id, &mut self.pool); // after dropping our hold on the version
-        }
-        seq
     }
 
     /// Drops request `index` (its caller went away), waiting or running, and frees what it
@@ -811,95 +510,4 @@ impl Engine {
         out.sort_by_key(|o| o.index);
         Ok(out)
     }
-
-    /// Moves waiting requests into the running set, first come first served, while their KV
-    /// pages (prompt plus `max_tokens`, reserved up front so nothing is ever preempted) and their
-    /// adapter's pages fit, evicting idle adapters for room. Then pages in the adapters of the
-    /// requests next in line, into free pages only.
-    fn admit(&mut self) -> Result<()> {
-        while self.running.len() < self.cfg.max_running {
-            let Some(seq) = self.waiting.front() else { break };
-            let need = (seq.prompt_len + seq.max_tokens).div_ceil(self.cfg.block_size);
-            let adapter = seq.adapter.clone();
-            if let Some(v) = &adapter
-                && !self.paged.acquire(v, &mut self.pool, &mut self.cache)?
-            {
-                break;
-            }
-            let blocks = match self.paged.make_room(need, &mut self.pool) {
-                true => self.pool.alloc(need, PageUse::Kv),
-                false => None,
-            };
-            let Some(blocks) = blocks else {
-                if let Some(v) = &adapter {
-                    self.paged.release(v.id, &mut self.pool);
-                }
-                break;
-            };
-            let Some(mut seq) = self.waiting.pop_front() else { break };
-            seq.blocks = blocks;
-            self.running.push(seq);
-        }
-        for seq in self.waiting.iter().take(self.cfg.max_running) {
-            if let Some(v) = &seq.adapter {
-                self.paged.prefetch(v, &mut self.pool, &mut self.cache)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Decode tokens first, then prefill chunks, within the token budget. Returns the batch and
-    /// (running index, tokens scheduled) per sequence in batch order.
-    /// Also returns the ids of the batch's adapter versions, in slot order.
-    fn build_batch(&self, max_tokens: usize) -> (ForwardInput, Vec<(usize, usize)>, Vec<u64>) {
-        let mut budget = max_tokens;
-        let mut ids: Vec<u64> = Vec::new();
-        let mut scheduled = Vec::new();
-        let decoding = |s: &Sequence| s.computed >= s.prompt_len;
-        let order = self
-            .running
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| decoding(s))
-            .chain(self.running.iter().enumerate().filter(|(_, s)| !decoding(s)));
-        let mut input = ForwardInput::default();
-        for (i, seq) in order {
-            let chunk = (seq.tokens.len() - seq.computed).min(budget);
-            if chunk == 0 {
-                continue;
-            }
-            budget -= chunk;
-            let (start, end) = (seq.computed, seq.computed + chunk);
-            let bs = self.cfg.block_size;
-            input.tokens.extend_from_slice(&seq.tokens[start..end]);
-            input.positions.extend((start..end).map(|p| p as u32));
-            input.slots.extend((start..end).map(|p| seq.blocks[p / bs] * bs as u32 + (p % bs) as u32));
-            let slot = match &seq.adapter {
-                None => -1,
-                Some(v) => match ids.iter().position(|&id| id == v.id) {
-                    Some(p) => p as i32,
-                    None => {
-                        ids.push(v.id);
-                        ids.len() as i32 - 1
-                    }
-                },
-            };
-            input.adapters.extend(std::iter::repeat_n(slot, chunk));
-            input.seqs.push(SeqAttention { q_len: chunk, context_len: end, block_table: seq.blocks.clone() });
-            if end == seq.tokens.len() {
-                input.logit_rows.push((input.tokens.len() - 1) as u32);
-            }
-            scheduled.push((i, chunk));
-        }
-        (input, scheduled, ids)
-    }
-}
-
-/// Appends `tail`'s rows to `input` (the fine-tuning rows after the inference rows).
-fn append(input: &mut ForwardInput, tail: &ForwardInput) {
-    input.tokens.extend_from_slice(&tail.tokens);
-    input.positions.extend_from_slice(&tail.positions);
-    input.slots.extend_from_slice(&tail.slots);
-    input.adapters.extend_from_slice(&tail.adapters);
-    input.seqs.extend(tail.seqs.iter().cloned());
 }

@@ -142,23 +142,6 @@ impl Model {
         Ok((losses.to_vec_f32()?, Some(dlogits)))
     }
 
-    /// Backpropagates `dhidden` (the gradient of the last layer's output) through the layers
-    /// whose activations `tape` holds, first to last, adding the adapters' weight gradients
-    /// into `grads`. `input`, `cache` and `adapters` must be those of the forward pass.
-    pub fn backward(
-        &self,
-        input: &ForwardInput,
-        cache: &KvCache,
-        adapters: &AdapterSet,
-        tape: Vec<LayerActs>,
-        dhidden: Tensor,
-        grads: &mut AdapterGrads,
-    ) -> Result<()> {
-        let mut pending = PendingBackward::new(self, input.clone(), tape, dhidden)?;
-        self.backward_layers(&mut pending, cache, adapters, grads, usize::MAX)?;
-        Ok(())
-    }
-
     /// Runs up to `layers` more layers of `pending`, last layer first; `true` once it has been
     /// through the first layer (the backward is complete): then the adapters' weight gradients
     /// (the whole model's, under tensor parallelism) are added into `grads`.

@@ -54,6 +54,19 @@ pub struct ForwardInput {
 }
 
 impl ForwardInput {
+    /// Rows `first_row..` alone (sequences `first_seq..`), with no logit rows: the fine-tuning
+    /// rows a batch carries after its inference rows, as a pass of their own would take them.
+    pub fn tail(&self, first_row: usize, first_seq: usize) -> ForwardInput {
+        ForwardInput {
+            tokens: self.tokens[first_row..].to_vec(),
+            positions: self.positions[first_row..].to_vec(),
+            slots: self.slots[first_row..].to_vec(),
+            seqs: self.seqs[first_seq..].to_vec(),
+            adapters: self.adapters[first_row..].to_vec(),
+            logit_rows: Vec::new(),
+        }
+    }
+
     fn validate(&self, adapters: &AdapterSet) -> Result<()> {
         let n = self.tokens.len();
         if [self.positions.len(), self.slots.len(), self.adapters.len()].iter().any(|&l| l != n) {
@@ -198,13 +211,6 @@ pub(super) struct Dispatch {
 }
 
 impl Model {
-    /// Runs the batch, writing its keys and values into `cache`; returns the logits of
-    /// `input.logit_rows`, `[rows, vocab]` (f32).
-    pub fn forward(&self, input: &ForwardInput, cache: &mut KvCache, adapters: &AdapterSet) -> Result<Tensor> {
-        let x = self.hidden_states(input, cache, adapters, &mut |_| ())?;
-        self.logits(&x, &input.logit_rows)
-    }
-
     /// The logits of `rows` of the last layer's output `hidden`, `[rows, vocab]`.
     pub(crate) fn logits(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let last = ops::gather_rows(hidden, rows)?;

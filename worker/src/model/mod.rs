@@ -1,9 +1,11 @@
-//! The base model: config, weights and the batched forward pass.
+//! The base model: config, weights, the forward and backward layers, and the model pass that
+//! composes them (`pass.rs`).
 
 pub mod backward;
 pub mod config;
 mod expert_parallel;
 pub mod forward;
+pub mod pass;
 pub mod probe;
 pub mod tensor_parallel;
 pub mod weights;
@@ -16,6 +18,7 @@ use tandem_kernels::{DType, Device};
 pub use backward::{AdapterGrads, PendingBackward};
 pub use config::{Arch, ModelConfig};
 pub use forward::{ForwardInput, KvCache, LayerActs};
+pub use pass::{LossRows, Pass, Trained};
 pub use tensor_parallel::{MoeSplit, Shard, TensorParallel};
 pub use weights::Weights;
 

@@ -199,16 +199,16 @@ impl Split {
             return Err(bad(what, *n));
         }
         let heads = c.num_heads / world;
-        let group = c.num_heads / c.num_kv_heads;
+        let q_per_kv = c.num_heads / c.num_kv_heads;
         // The KV heads this rank's query heads read: several when there are at least as many KV
-        // heads as ranks, else the one (replicated) KV head of its query heads' group.
+        // heads as ranks, else the one (replicated) KV head its query heads share.
         let kv_heads = (c.num_kv_heads / world).max(1);
         let kv_fits =
-            if c.num_kv_heads >= world { c.num_kv_heads.is_multiple_of(world) } else { group.is_multiple_of(heads) };
+            if c.num_kv_heads >= world { c.num_kv_heads.is_multiple_of(world) } else { q_per_kv.is_multiple_of(heads) };
         if !kv_fits {
             return Err(bad("KV heads", c.num_kv_heads));
         }
-        let (d, first_kv) = (c.head_dim, rank * heads / group);
+        let (d, first_kv) = (c.head_dim, rank * heads / q_per_kv);
         Ok(Split {
             first: rank == 0,
             q: rank * heads * d..(rank + 1) * heads * d,

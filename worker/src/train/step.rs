@@ -7,7 +7,7 @@ use tandem_kernels::ops::{SeqAttention, cache_slots};
 use super::data::Example;
 use crate::adapters::set::AdapterSet;
 use crate::error::Result;
-use crate::model::{AdapterGrads, ForwardInput, KvCache, Model};
+use crate::model::{AdapterGrads, ForwardInput, KvCache, LossRows, Model};
 
 /// Cache block size of a training batch's own KV cache.
 const BLOCK: usize = 16;
@@ -31,34 +31,30 @@ pub fn forward_backward(
     seqs: &[TrainSeq<'_>],
     grads: &mut AdapterGrads,
 ) -> Result<Vec<f64>> {
-    let (input, targets, weights) = pack(seqs);
+    let (input, rows) = pack(seqs);
     let mut cache = fresh_cache(model, &input)?;
-    let mut tape = Vec::with_capacity(model.config.num_layers);
-    let hidden = model.hidden_states(&input, &mut cache, adapters, &mut |acts| tape.push(acts))?;
-    let (losses, dhidden) = model.loss_backward(&hidden, &targets, &weights)?;
-    drop(hidden);
-    model.backward(&input, &cache, adapters, tape, dhidden, grads)?;
+    let losses = model.train_pass(&input, &mut cache, adapters, &rows, grads)?;
     Ok(per_sequence(seqs, &losses))
 }
 
 /// Each sequence's summed token loss, without the backward pass (validation).
 pub fn evaluate(model: &Model, adapters: &AdapterSet, seqs: &[TrainSeq<'_>]) -> Result<Vec<f64>> {
-    let (input, targets, _) = pack(seqs);
+    let (input, rows) = pack(seqs);
     let mut cache = fresh_cache(model, &input)?;
-    let hidden = model.hidden_states(&input, &mut cache, adapters, &mut drop)?;
-    let losses = model.loss(&hidden, &targets)?;
+    let losses = model.pass_losses(&input, &mut cache, adapters, &rows.targets)?;
     Ok(per_sequence(seqs, &losses))
 }
 
-/// The batch as one forward input with every row's target and loss weight.
-fn pack(seqs: &[TrainSeq<'_>]) -> (ForwardInput, Vec<i32>, Vec<f32>) {
+/// The batch as one forward input, all of whose rows fine-tune, with their targets and loss
+/// weights.
+fn pack(seqs: &[TrainSeq<'_>]) -> (ForwardInput, LossRows) {
     let input = forward_input(seqs.iter().map(|s| (s.example, s.slot as i32)));
-    let (mut targets, mut weights) = (Vec::new(), Vec::new());
+    let mut rows = LossRows::default();
     for s in seqs {
-        targets.extend_from_slice(&s.example.targets);
-        weights.extend(s.example.targets.iter().map(|&t| if t >= 0 { s.loss_weight } else { 0.0 }));
+        rows.targets.extend_from_slice(&s.example.targets);
+        rows.loss_weights.extend(s.example.targets.iter().map(|&t| if t >= 0 { s.loss_weight } else { 0.0 }));
     }
-    (input, targets, weights)
+    (input, rows)
 }
 
 /// Whole sequences (with their adapter slots) as one forward input over a fresh cache: each

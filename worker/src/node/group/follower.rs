@@ -1,19 +1,18 @@
 //! A rank other than 0: it receives each plan rank 0 broadcasts and makes the same model call
-//! on its shard, discarding what only rank 0 needs: a forward pass (the hidden states into its
-//! own KV cache, of the same geometry as rank 0's, then the logits, whose all-gather it must
-//! join, then the fine-tuning rows' loss and the start of their backward), more layers of a
-//! backward pass (kept by id between plans, with the adapters of its forward pass), a
-//! validation pass, or a new ESFT job's choice and copy of experts. The adapter versions the plans name are read once from their folders or
-//! received as weights, against the whole model, and cut for this shard; rank 0 says when to
-//! forget them. It leaves on a stop plan, when asked (after the plan it waits for), or on an
-//! error.
+//! on its shard ([`Model::pass`], the same pass rank 0's engine runs), discarding what only
+//! rank 0 needs: a forward pass (into its own KV cache, of the same geometry as rank 0's), more
+//! layers of a backward pass (kept by id between plans, with the adapters of its forward pass),
+//! a validation pass, or a new ESFT job's choice and copy of experts. The adapter versions the
+//! plans name are read once from their folders or received as weights, against the whole
+//! model, and cut for this shard; rank 0 says when to forget them. It leaves on a stop plan,
+//! when asked (after the plan it waits for), or on an error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tandem_kernels::{DType, Device, Tensor, ops};
+use tandem_kernels::{DType, Device, Tensor};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Ended, GroupSpec};
@@ -21,7 +20,7 @@ use crate::adapters::esft::{EsftAdapter, ExpertWeights};
 use crate::adapters::peft::LoraAdapter;
 use crate::adapters::{Adapter, AdapterSet};
 use crate::collective::Collective;
-use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, Layout, tail_input};
+use crate::engine::group_plan::{AdapterRef, BatchPlan, ForwardPlan, Layout};
 use crate::error::{Error, Result};
 use crate::model::{AdapterGrads, KvCache, Model, ModelConfig, PendingBackward};
 use crate::node::engine_thread::read_adapter;
@@ -133,49 +132,28 @@ impl Follower {
         AdapterSet::new(adapters, self.model.device)
     }
 
+    /// The pass rank 0 runs: only its logits' all-gather and, for fine-tuning rows, their
+    /// backward (kept for the plans that run it) matter here.
     fn forward(&mut self, plan: ForwardPlan) -> Result<()> {
         for id in &plan.forget {
             self.adapters.remove(id);
         }
         let input = plan.input();
-        let Some(rows) = plan.training else {
+        let Some(training) = plan.training else {
             let ids: Vec<u64> = plan.adapter_refs.iter().map(|r| r.id).collect();
             if self.set.as_ref().is_none_or(|(cached, _)| *cached != ids) {
                 self.set = Some((ids, self.packed(&plan.adapter_refs)?));
             }
             let Some((_, set)) = &self.set else {
-                return Err(Error::InvalidRequest("follower: no adapter set".into()));
+                return Err(Error::Internal("follower: no adapter set".into()));
             };
-            let hidden = self.model.hidden_states(&input, &mut self.cache, set, &mut drop)?;
-            if !input.logit_rows.is_empty() {
-                self.model.logits(&hidden, &input.logit_rows)?;
-            }
+            self.model.pass(&input, &mut self.cache, set, None)?;
             return Ok(());
         };
-        // As the engine does: the fine-tuning rows' activations (cut out of a shared pass), the
-        // logits when the pass has logit rows, the fine-tuning rows' loss, and their backward
-        // kept for the plans that run it.
         let set = self.packed(&plan.adapter_refs)?;
-        let tail = tail_input(&input, rows.first_row, rows.first_seq);
-        let mut tape = Vec::new();
-        let model = &self.model;
-        let mut keep = |acts: crate::model::LayerActs| {
-            let layer = tape.len();
-            tape.push(match rows.first_row {
-                0 => Ok(acts),
-                first => acts.tail(first, layer, &tail, &set, model),
-            });
-        };
-        let hidden = self.model.hidden_states(&input, &mut self.cache, &set, &mut keep)?;
-        if !input.logit_rows.is_empty() {
-            self.model.logits(&hidden, &input.logit_rows)?;
-        }
-        let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
-        let picked: Vec<u32> = (rows.first_row as u32..input.tokens.len() as u32).collect();
-        let hidden = ops::gather_rows(&hidden, &picked)?;
-        let (_, dhidden) = self.model.loss_backward(&hidden, &rows.targets, &rows.loss_weights)?;
-        let backward = PendingBackward::new(&self.model, tail, tape, dhidden)?;
-        self.backwards.insert(rows.id, (backward, set));
+        let pass = self.model.pass(&input, &mut self.cache, &set, Some(&training.rows))?;
+        let trained = pass.trained.ok_or_else(|| Error::Internal("follower: a training pass kept no rows".into()))?;
+        self.backwards.insert(training.id, (trained.backward, set));
         Ok(())
     }
 
