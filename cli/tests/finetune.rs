@@ -9,25 +9,26 @@ mod common;
 
 use std::path::Path;
 
-use common::{scratch, tandem};
+use common::TANDEM;
 use serde_json::Value;
+use tandem_testkit::Scratch;
 
 fn data(file: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/reverse").join(file).to_str().unwrap().to_string()
 }
 
 fn init(preset: &str, dir: &Path) {
-    let (ok, _, err) = tandem(&["init-model", "--preset", preset, "--out", dir.to_str().unwrap()]);
+    let (ok, _, err) = TANDEM.run(&["init-model", "--preset", preset, "--out", dir.to_str().unwrap()]);
     assert!(ok, "{err}");
 }
 
 #[test]
 fn learns_to_reverse_held_out_sequences() {
-    let dir = scratch("learn");
+    let dir = Scratch::new("learn");
     let (model, out) = (dir.join("small"), dir.join("run"));
     init("small", &model);
     let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
-    let (ok, stdout, err) = tandem(&[
+    let (ok, stdout, err) = TANDEM.run(&[
         "finetune",
         "--model",
         m,
@@ -68,7 +69,7 @@ fn learns_to_reverse_held_out_sequences() {
     let first_test: Value =
         serde_json::from_str(std::fs::read_to_string(data("test.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     let adapter = format!("rev={}", out.join("adapter").display());
-    let (ok, text, err) = tandem(&[
+    let (ok, text, err) = TANDEM.run(&[
         "generate",
         "--model",
         m,
@@ -86,14 +87,14 @@ fn learns_to_reverse_held_out_sequences() {
 
     // Resuming with other settings is refused, naming the checkpoint.
     let (ok, _, err) =
-        tandem(&["finetune", "--model", m, "--data", &data("train.jsonl"), "--out", o, "--lr", "5e-4", "--resume"]);
+        TANDEM.run(&["finetune", "--model", m, "--data", &data("train.jsonl"), "--out", o, "--lr", "5e-4", "--resume"]);
     assert!(!ok);
     assert!(err.contains("step-000500") && err.contains("other settings"), "{err}");
 }
 
 #[test]
 fn a_bad_line_is_an_error_naming_its_line_and_field() {
-    let dir = scratch("bad");
+    let dir = Scratch::new("bad");
     let model = dir.join("tiny");
     init("tiny", &model);
     let file = dir.join("bad.jsonl");
@@ -102,7 +103,7 @@ fn a_bad_line_is_an_error_naming_its_line_and_field() {
         "{\"prompt\": \"a\", \"completion\": \" b\"}\n{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}\n",
     )
     .unwrap();
-    let (ok, _, err) = tandem(&[
+    let (ok, _, err) = TANDEM.run(&[
         "finetune",
         "--model",
         model.to_str().unwrap(),

@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command, Reply, sha256_hex};
+use tandem_testkit::{MiniCluster, http};
+
+use common::TANDEM;
 
 const KEY: &str = "sk-test-admin";
 
 fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
-    let (status, text) = common::http(addr, "POST", path, Some(KEY), Some(&body.to_string()));
+    let (status, text) = http::http(addr, "POST", path, Some(KEY), Some(&body.to_string()));
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
@@ -26,15 +29,14 @@ fn sse(body: &str) -> Vec<String> {
 
 #[test]
 fn the_gateway_serves_openai_completions_from_a_worker() {
-    let http_addr = common::free_addr();
-    let cluster = common::mini_cluster("gateway", Some((&http_addr, KEY)));
-    let (coord, model_arg) = (cluster.coordinator.as_str(), cluster.model.to_str().unwrap());
+    let cluster = MiniCluster::builder(TANDEM, "gateway").gateway(KEY).start();
+    let (coord, http_addr) = (cluster.coordinator.as_str(), cluster.http());
 
-    common::register_model(coord, "tiny", model_arg);
+    cluster.register_model("tiny");
     let deadline = Instant::now() + Duration::from_secs(30);
     // Health needs no key; it reports the worker once registered.
     loop {
-        let (status, body) = common::http(&http_addr, "GET", "/health", None, None);
+        let (status, body) = http::http(http_addr, "GET", "/health", None, None);
         if status == 200 && serde_json::from_str::<Value>(&body).unwrap()["workers_alive"] == 1 {
             break;
         }
@@ -43,19 +45,19 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     }
 
     // Keys.
-    let (status, body) = common::http(&http_addr, "GET", "/v1/models", None, None);
+    let (status, body) = http::http(http_addr, "GET", "/v1/models", None, None);
     assert_eq!(status, 401, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["type"], "authentication_error");
-    assert_eq!(common::http(&http_addr, "GET", "/v1/models", Some("sk-wrong"), None).0, 401);
-    let (status, body) = common::http(&http_addr, "GET", "/v1/models", Some(KEY), None);
+    assert_eq!(http::http(http_addr, "GET", "/v1/models", Some("sk-wrong"), None).0, 401);
+    let (status, body) = http::http(http_addr, "GET", "/v1/models", Some(KEY), None);
     assert_eq!(status, 200);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["data"][0]["id"], "tiny");
 
     // A greedy completion equals `tandem generate`'s.
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
-    let (status, out) = post(&http_addr, "/v1/completions", req);
+    let (status, out) = post(http_addr, "/v1/completions", req);
     assert_eq!(status, 200, "{out}");
-    let want = common::generate_greedy(&cluster.model, "The cat sat on the", 12);
+    let want = TANDEM.generate_greedy(&cluster.model, "The cat sat on the", 12);
     assert_eq!(out["choices"][0]["text"], want["text"]);
     assert_eq!(out["object"], "text_completion");
     assert_eq!(out["usage"]["completion_tokens"], 12);
@@ -70,16 +72,16 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let reply = rt.block_on(ClusterClient::new(coord).unwrap().propose("test-key", command)).unwrap();
     assert_eq!(reply, Reply::Done);
     let body = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).to_string();
-    let (status, text) = common::http(&http_addr, "POST", "/v1/completions", Some(key), Some(&body));
+    let (status, text) = http::http(http_addr, "POST", "/v1/completions", Some(key), Some(&body));
     assert_eq!(status, 200, "{text}");
-    assert_eq!(common::http(&http_addr, "POST", "/v1/completions", Some("sk-never-made"), Some(&body)).0, 401);
+    assert_eq!(http::http(http_addr, "POST", "/v1/completions", Some("sk-never-made"), Some(&body)).0, 401);
     assert_eq!(out["choices"][0]["finish_reason"], "length");
     assert_eq!(out["choices"][0]["logprobs"], Value::Null, "not asked for");
 
     // With logprobs: each sampled token's text and log-probability, as the engine computed them.
     let req =
         json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0, "logprobs": 0});
-    let (status, out) = post(&http_addr, "/v1/completions", req);
+    let (status, out) = post(http_addr, "/v1/completions", req);
     assert_eq!(status, 200, "{out}");
     let logprobs = &out["choices"][0]["logprobs"];
     let got: Vec<f64> = logprobs["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -90,7 +92,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     assert_eq!(logprobs["text_offset"][0], 0);
     let chat =
         json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": true});
-    let (status, out) = post(&http_addr, "/v1/chat/completions", chat);
+    let (status, out) = post(http_addr, "/v1/chat/completions", chat);
     assert_eq!(status, 200, "{out}");
     let content = out["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(Some(content.len() as u64), out["usage"]["completion_tokens"].as_u64(), "{out}");
@@ -99,14 +101,13 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     // A chat completion, whole and streamed: the same text; the stream ends with the usage and
     // [DONE].
     let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 10, "temperature": 0});
-    let (status, whole) = post(&http_addr, "/v1/chat/completions", chat.clone());
+    let (status, whole) = post(http_addr, "/v1/chat/completions", chat.clone());
     assert_eq!(status, 200, "{whole}");
     assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
     let mut streamed = chat.clone();
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
-    let (status, body) =
-        common::http(&http_addr, "POST", "/v1/chat/completions", Some(KEY), Some(&streamed.to_string()));
+    let (status, body) = http::http(http_addr, "POST", "/v1/chat/completions", Some(KEY), Some(&streamed.to_string()));
     assert_eq!(status, 200, "{body}");
     let events = sse(&body);
     assert_eq!(events.last().unwrap(), "[DONE]");
@@ -119,7 +120,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
 
     // n seeded choices.
     let req = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 4, "n": 2, "seed": 3});
-    let (status, out) = post(&http_addr, "/v1/completions", req);
+    let (status, out) = post(http_addr, "/v1/completions", req);
     assert_eq!((status, out["choices"].as_array().unwrap().len()), (200, 2), "{out}");
     assert_eq!(out["usage"]["completion_tokens"], 8);
 
@@ -132,11 +133,11 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
         (json!({"model": "tiny", "prompt": "Hi", "logprobs": 3}), 400, "invalid_request_error"),
     ];
     for (req, want_status, want_code) in cases {
-        let (status, out) = post(&http_addr, "/v1/completions", req.clone());
+        let (status, out) = post(http_addr, "/v1/completions", req.clone());
         assert_eq!((status, out["error"]["code"].as_str()), (want_status, Some(want_code)), "{req}: {out}");
     }
-    let (status, body) = common::http(&http_addr, "POST", "/v1/completions", Some(KEY), Some("{not json"));
+    let (status, body) = http::http(http_addr, "POST", "/v1/completions", Some(KEY), Some("{not json"));
     assert_eq!(status, 400, "{body}");
-    let (status, out) = post(&http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}));
+    let (status, out) = post(http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}));
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));
 }

@@ -7,15 +7,16 @@ mod common;
 
 use std::path::Path;
 
-use common::{scratch, tandem};
+use common::TANDEM;
 use serde_json::Value;
+use tandem_testkit::Scratch;
 
 #[test]
 fn init_model_then_generate_from_text() {
-    let dir = scratch("tiny");
-    let (ok, _, err) = tandem(&["init-model", "--preset", "tiny", "--out", dir.to_str().unwrap(), "--seed", "7"]);
+    let dir = Scratch::new("tiny");
+    let (ok, _, err) = TANDEM.run(&["init-model", "--preset", "tiny", "--out", dir.to_str().unwrap(), "--seed", "7"]);
     assert!(ok, "{err}");
-    let (ok, out, err) = tandem(&[
+    let (ok, out, err) = TANDEM.run(&[
         "generate",
         "--model",
         dir.to_str().unwrap(),
@@ -40,7 +41,7 @@ fn a_requests_file_mixing_adapters_reproduces_the_oracle() {
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap()).unwrap();
     let requests = reference["requests"].as_array().unwrap();
-    let dir = scratch("requests");
+    let dir = Scratch::new("requests");
     std::fs::create_dir_all(&dir).unwrap();
     let lines: Vec<String> = requests
         .iter()
@@ -61,7 +62,7 @@ fn a_requests_file_mixing_adapters_reproduces_the_oracle() {
         }
     }
     args.extend(["--requests".into(), file.display().to_string(), "--json".into()]);
-    let (ok, out, err) = tandem(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, out, err) = TANDEM.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{err}");
     let outputs: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(outputs.len(), requests.len());
@@ -79,12 +80,12 @@ fn a_requests_file_mixing_adapters_reproduces_the_oracle() {
 fn bad_arguments_get_clear_errors() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/oracle/fixtures/llama");
     let model = fixture.to_str().unwrap();
-    let (ok, _, err) = tandem(&["generate", "--model", model, "--prompt-ids", "1,2", "--use-adapter", "nope"]);
+    let (ok, _, err) = TANDEM.run(&["generate", "--model", model, "--prompt-ids", "1,2", "--use-adapter", "nope"]);
     assert!(!ok && err.contains("unknown adapter"), "{err}");
-    let (ok, _, err) = tandem(&["generate", "--model", model, "--prompt", "hi"]);
+    let (ok, _, err) = TANDEM.run(&["generate", "--model", model, "--prompt", "hi"]);
     assert!(!ok && err.contains("tokenizer.json"), "{err}");
-    let (ok, _, err) = tandem(&["generate", "--model", "/nonexistent", "--prompt-ids", "1"]);
+    let (ok, _, err) = TANDEM.run(&["generate", "--model", "/nonexistent", "--prompt-ids", "1"]);
     assert!(!ok && err.contains("/nonexistent"), "{err}");
-    let (ok, _, err) = tandem(&["init-model", "--preset", "huge", "--out", "/tmp/x"]);
+    let (ok, _, err) = TANDEM.run(&["init-model", "--preset", "huge", "--out", "/tmp/x"]);
     assert!(!ok && err.contains("tiny"), "{err}");
 }

@@ -7,22 +7,20 @@
 
 mod common;
 
-use common::{call_json as call, wait_for};
-
 use serde_json::{Value, json};
+use tandem_testkit::http::{self, call_json as call};
+use tandem_testkit::{MiniCluster, wait_for};
+
+use common::TANDEM;
 
 const ADMIN: &str = "sk-admin-failover";
 
 #[test]
 fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
-    let http = common::free_addr();
-    let mut cluster = common::mini_cluster_of("job-failover", Some((&http, ADMIN)), 2);
-    common::register_model(&cluster.coordinator, "tiny", cluster.model.to_str().unwrap());
-    wait_for(60, "two alive workers", || {
-        std::net::TcpStream::connect(&http).ok()?;
-        let (status, body) = common::http(&http, "GET", "/health", None, None);
-        (status == 200 && body.contains("\"workers_alive\":2")).then_some(())
-    });
+    let mut cluster = MiniCluster::builder(TANDEM, "job-failover").gateway(ADMIN).workers(2).start();
+    let http = cluster.http().to_string();
+    cluster.register_model("tiny");
+    cluster.wait_alive(2);
     let (status, key) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "alice"})));
     assert_eq!(status, 200, "{key}");
     let key = key["key"].as_str().unwrap().to_string();
@@ -30,7 +28,7 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     let lines: String = (0..64)
         .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 7)})))
         .collect();
-    let (status, file) = common::upload(&http, &key, "train.jsonl", &lines);
+    let (status, file) = http::upload(&http, &key, "train.jsonl", &lines);
     assert_eq!(status, 200, "{file}");
     let file: Value = serde_json::from_str(&file).unwrap();
     let create = json!({
@@ -40,7 +38,7 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     let (status, job) = call(&http, "POST", "/v1/fine_tuning/jobs", &key, Some(create));
     assert_eq!(status, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
-    let events = |key: &str| common::job_events(&http, key, &id);
+    let events = |key: &str| http::job_events(&http, key, &id);
 
     // Its first checkpoint; then the worker training it dies.
     let checkpoint = wait_for(120, "a checkpoint", || {
@@ -87,8 +85,8 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     assert_eq!((status, out["error"]["code"].as_str()), (404, Some("model_not_found")), "{out}");
 
     // Metrics: the operator's only; series per tenant and model, and per job.
-    assert_eq!(common::http(&http, "GET", "/metrics", Some(bob), None).0, 403);
-    let (status, text) = common::http(&http, "GET", "/metrics", Some(ADMIN), None);
+    assert_eq!(http::http(&http, "GET", "/metrics", Some(bob), None).0, 403);
+    let (status, text) = http::http(&http, "GET", "/metrics", Some(ADMIN), None);
     assert_eq!(status, 200, "{text}");
     let served = format!("tandem_requests_total{{tenant=\"alice\",model=\"{model}\",code=\"200\"}} 1");
     let missing = format!("tandem_requests_total{{tenant=\"bob\",model=\"{model}\",code=\"404\"}} 1");

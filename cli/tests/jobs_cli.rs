@@ -13,9 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tandem_testkit::{Scratch, free_addr, http};
 use tandem_worker::adapters::LoraAdapter;
 use tandem_worker::model::ModelConfig;
 use tandem_worker::rng::Xoshiro256;
+
+use common::TANDEM;
 
 const ADMIN: &str = "sk-test-operator";
 /// Fine-tuning on a CPU worker of a machine busy with other tests: generous.
@@ -58,7 +61,8 @@ impl Up {
 
 fn up(dir: &Path, http: &str, grpc: &str) -> Up {
     std::fs::create_dir_all(dir).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+    let child = TANDEM
+        .command()
         .args(["up", "--workers", "1", "--preset", "tiny", "--http", http, "--grpc", grpc, "--api-key", ADMIN])
         .arg("--data-dir")
         .arg(dir)
@@ -69,7 +73,7 @@ fn up(dir: &Path, http: &str, grpc: &str) -> Up {
     let up = Up { child, dir: dir.to_path_buf() };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let health = std::net::TcpStream::connect(http).ok().map(|_| common::http(http, "GET", "/health", None, None));
+        let health = std::net::TcpStream::connect(http).ok().map(|_| http::http(http, "GET", "/health", None, None));
         if let Some((200, body)) = &health
             && serde_json::from_str::<Value>(body).unwrap()["workers_alive"] == 1
         {
@@ -83,7 +87,7 @@ fn up(dir: &Path, http: &str, grpc: &str) -> Up {
 /// `tandem args... --coordinator GRPC [--api-key KEY]`, killed after `timeout`: (success,
 /// stdout, stderr).
 fn cli(grpc: &str, key: Option<&str>, args: &[&str], timeout: Duration) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    let mut cmd = TANDEM.command();
     cmd.args(args).args(["--coordinator", grpc]).env_remove("TANDEM_API_KEY");
     if let Some(k) = key {
         cmd.args(["--api-key", k]);
@@ -130,8 +134,8 @@ fn random_adapter(model: &Path, dir: &Path) {
 
 #[test]
 fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
-    let dir = common::scratch("jobs-cli");
-    let (http, grpc) = (common::free_addr(), common::free_addr());
+    let dir = Scratch::new("jobs-cli");
+    let (http, grpc) = (free_addr(), free_addr());
     let cluster = up(&dir, &http, &grpc);
     let quick = Duration::from_secs(60);
     let call = |key: Option<&str>, args: &[&str]| cli(&grpc, key, args, quick);
@@ -198,7 +202,7 @@ fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     let row = out.lines().find(|l| l.starts_with(&id)).unwrap_or_else(|| panic!("{out}"));
     assert!(row.contains("succeeded") && row.contains(&model), "{row}");
     // The key from the environment works as well as --api-key.
-    let mut events = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    let mut events = TANDEM.command();
     events.args(["jobs", "events", &id, "--coordinator", &grpc]).env("TANDEM_API_KEY", &alice);
     let (ok, out, err) = run(events, quick);
     assert!(ok, "{err}");

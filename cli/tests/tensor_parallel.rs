@@ -9,10 +9,13 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tandem_testkit::{Scratch, free_addr};
+
+use common::TANDEM;
 
 fn rank(model: &str, rank: usize, peers: &[String], extra: &[&str]) -> std::process::Child {
     let (peers, rank) = (peers.join(","), rank.to_string());
@@ -21,14 +24,13 @@ fn rank(model: &str, rank: usize, peers: &[String], extra: &[&str]) -> std::proc
         args.extend(["--peers", &peers]);
     }
     args.extend(extra);
-    let cmd =
-        Command::new(env!("CARGO_BIN_EXE_tandem")).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let cmd = TANDEM.command().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     cmd.unwrap()
 }
 
 /// Every rank's JSON output for a group of `world` processes.
 fn group(model: &str, world: usize, extra: &[&str]) -> Vec<Value> {
-    let peers: Vec<String> = if world > 1 { (0..world).map(|_| common::free_addr()).collect() } else { Vec::new() };
+    let peers: Vec<String> = if world > 1 { (0..world).map(|_| free_addr()).collect() } else { Vec::new() };
     let children: Vec<_> = (0..world).map(|r| rank(model, r, &peers, extra)).collect();
     (children.into_iter())
         .map(|c| {
@@ -64,9 +66,9 @@ fn same_training(what: &str, out: &Value, want: &Value) {
 }
 
 fn parity(preset: &str, extra: &[&str]) {
-    let dir = common::scratch(&format!("tp-{preset}"));
+    let dir = Scratch::new(&format!("tp-{preset}"));
     let model = dir.join(preset);
-    let (ok, _, err) = common::tandem(&["init-model", "--preset", preset, "--out", model.to_str().unwrap()]);
+    let (ok, _, err) = TANDEM.run(&["init-model", "--preset", preset, "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
     let model = model.to_str().unwrap();
     let one = group(model, 1, extra).remove(0);
@@ -111,13 +113,13 @@ fn expert_parallel_ranks_in_separate_processes_match_a_group_of_one() {
 
 #[test]
 fn a_rank_killed_mid_run_fails_its_group_cleanly() {
-    let dir = common::scratch("tp-kill");
+    let dir = Scratch::new("tp-kill");
     let model = dir.join("tiny");
-    let (ok, _, err) = common::tandem(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
+    let (ok, _, err) = TANDEM.run(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
     let model = model.to_str().unwrap();
     // A long run (many decode steps) with a short timeout; rank 1 is killed once it has begun.
-    let peers: Vec<String> = (0..2).map(|_| common::free_addr()).collect();
+    let peers: Vec<String> = (0..2).map(|_| free_addr()).collect();
     let long = ["--steps", "100000", "--timeout-s", "3"];
     let survivor = rank(model, 0, &peers, &long);
     let mut victim = rank(model, 1, &peers, &long);
@@ -132,7 +134,7 @@ fn a_rank_killed_mid_run_fails_its_group_cleanly() {
     assert!(start.elapsed() < Duration::from_secs(10), "rank 0 took {:?} to fail", start.elapsed());
 
     // A rank that never comes: the set-up fails by its deadline.
-    let peers: Vec<String> = (0..2).map(|_| common::free_addr()).collect();
+    let peers: Vec<String> = (0..2).map(|_| free_addr()).collect();
     let start = Instant::now();
     let out = rank(model, 0, &peers, &["--timeout-s", "2"]).wait_with_output().unwrap();
     assert!(!out.status.success());

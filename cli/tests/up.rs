@@ -7,18 +7,22 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tandem_testkit::{Scratch, free_addr, http};
+
+use common::TANDEM;
 
 #[test]
 fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
-    let dir = common::scratch("up");
-    let (http, grpc) = (common::free_addr(), common::free_addr());
-    let mut up = Command::new(env!("CARGO_BIN_EXE_tandem"))
+    let dir = Scratch::new("up");
+    let (http, grpc) = (free_addr(), free_addr());
+    let mut up = TANDEM
+        .command()
         .args(["up", "--workers", "2", "--preset", "tiny", "--http", &http, "--grpc", &grpc, "--data-dir"])
-        .arg(&dir)
+        .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -41,7 +45,7 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (status, body) = common::http(&http, "GET", "/health", None, None);
+        let (status, body) = http::http(&http, "GET", "/health", None, None);
         if status == 200 && serde_json::from_str::<Value>(&body).unwrap()["workers_alive"] == 2 {
             break;
         }
@@ -50,7 +54,7 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
     }
     let req = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 3}).to_string();
     for _ in 0..2 {
-        let (status, body) = common::http(&http, "POST", "/v1/completions", Some(&key), Some(&req));
+        let (status, body) = http::http(&http, "POST", "/v1/completions", Some(&key), Some(&req));
         assert_eq!(status, 200, "{body}");
         assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage"]["completion_tokens"], 3);
     }

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1::worker_client::WorkerClient;
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
+use tandem_testkit::MiniCluster;
+
+use common::TANDEM;
 
 /// Every event of one request, or its error.
 async fn generate(addr: &str, req: GenerateRequest) -> Result<Vec<GenerateEvent>, tonic::Status> {
@@ -27,13 +30,13 @@ fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
 
 #[test]
 fn a_worker_registers_and_streams_what_generate_prints() {
-    let cluster = common::mini_cluster("worker", None);
-    let (coord, worker, model) = (cluster.coordinator.as_str(), cluster.worker.as_str(), &cluster.model);
+    let cluster = MiniCluster::builder(TANDEM, "worker").start();
+    let (coord, worker, model) = (cluster.coordinator.as_str(), cluster.workers[0].as_str(), &cluster.model);
 
     // Registered, with its base model.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (ok, out, _) = common::tandem(&["status", "--json", "--coordinator", coord]);
+        let (ok, out, _) = TANDEM.run(&["status", "--json", "--coordinator", coord]);
         if ok {
             let s: serde_json::Value = serde_json::from_str(&out).unwrap();
             if s["workers"]["w1"]["alive"] == true {
@@ -64,7 +67,7 @@ fn a_worker_registers_and_streams_what_generate_prints() {
     assert_eq!((last.finish_reason.as_str(), last.completion_tokens), ("length", 12));
     let text: String = events.iter().map(|e| e.text.as_str()).collect();
     let ids: Vec<u32> = events.iter().flat_map(|e| e.token_ids.clone()).collect();
-    let want = common::generate_greedy(model, "The cat sat on the", 12);
+    let want = TANDEM.generate_greedy(model, "The cat sat on the", 12);
     assert_eq!(text, want["text"].as_str().unwrap());
     assert_eq!(serde_json::json!(ids), want["token_ids"]);
     assert_eq!(last.prompt_tokens as u64, want["prompt_tokens"].as_u64().unwrap());

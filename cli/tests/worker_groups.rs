@@ -14,8 +14,6 @@
 
 mod common;
 
-use common::wait_for;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::mpsc;
@@ -23,11 +21,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tandem_kernels::Device;
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command, Proposal, Reply, dir_checksum};
+use tandem_testkit::{MiniCluster, http, wait_for};
 use tandem_worker::adapters::Adapter;
 use tandem_worker::model::Model;
 use tandem_worker::model::probe::mixed_adapters;
+
+use common::TANDEM;
 
 const ADMIN: &str = "sk-admin-groups";
 /// The collectives' timeout the workers run with: the group must fail well within it.
@@ -35,7 +35,7 @@ const COLLECTIVE_TIMEOUT_MS: u64 = 3000;
 
 /// A JSON call with the operator's key.
 fn call(addr: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    common::call_json(addr, method, path, ADMIN, body)
+    http::call_json(addr, method, path, ADMIN, body)
 }
 
 /// The group `tp` once it is formed at an epoch of at least `epoch`.
@@ -98,48 +98,26 @@ fn stream(http: String, body: Value, started: mpsc::Sender<()>) -> Vec<String> {
 }
 
 /// A coordinator with the gateway and `workers` group workers `w1`, `w2`, ... (processes, in
-/// that order after the coordinator), a model of `preset` registered as "tiny".
-struct Cluster {
-    procs: common::Procs,
-    dir: std::path::PathBuf,
-    model: std::path::PathBuf,
-    coordinator: String,
-    http: String,
-}
-
-fn cluster(tag: &str, preset: &str, workers: usize) -> Cluster {
-    let dir = common::scratch(tag);
-    let model = dir.join("tiny");
-    let model_arg = model.to_str().unwrap();
-    let (ok, _, err) = common::tandem(&["init-model", "--preset", preset, "--out", model_arg]);
-    assert!(ok, "{err}");
-    let (coordinator, http) = (common::free_addr(), common::free_addr());
-    let (peers, data, blobs) = (format!("1={coordinator}"), dir.join("coordinator"), dir.join("blobs"));
-    let blobs = blobs.to_str().unwrap();
-    let mut args = vec!["coordinator", "--id", "1", "--peers", &peers, "--tick-ms", "20", "--lease-ms", "1500"];
-    args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs, "--http", &http, "--api-key", ADMIN]);
-    let mut procs = common::Procs(vec![common::spawn(&args)]);
-    let timeout = COLLECTIVE_TIMEOUT_MS.to_string();
-    for i in 1..=workers {
-        let (id, listen, collective) = (format!("w{i}"), common::free_addr(), common::free_addr());
-        let mut args = vec!["worker", "--id", &id, "--listen", &listen, "--coordinator", &coordinator];
-        args.extend(["--model", model_arg, "--blobs", blobs, "--collective-addr", &collective]);
-        args.extend(["--collective-timeout-ms", &timeout, "--group-setup-timeout-ms", "10000"]);
-        procs.0.push(common::spawn(&args));
-    }
-    common::register_model(&coordinator, "tiny", model_arg);
-    let alive = format!("\"workers_alive\":{workers}");
-    wait_for(60, "every worker alive", || {
-        TcpStream::connect(&http).ok()?;
-        let (status, body) = common::http(&http, "GET", "/health", None, None);
-        (status == 200 && body.contains(&alive)).then_some(())
-    });
-    Cluster { procs, dir, model, coordinator, http }
+/// that order after the coordinator), a model of `preset` registered as "tiny", every worker
+/// alive.
+fn cluster(tag: &str, preset: &str, workers: usize) -> MiniCluster {
+    let cluster = MiniCluster::builder(TANDEM, tag)
+        .preset(preset)
+        .workers(workers)
+        .gateway(ADMIN)
+        .lease_ms(1500)
+        .group_workers(COLLECTIVE_TIMEOUT_MS, 10000)
+        .start();
+    cluster.register_model("tiny");
+    cluster.wait_alive(workers);
+    cluster
 }
 
 #[test]
 fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
-    let Cluster { mut procs, dir, model, coordinator, http } = cluster("groups", "tiny", 3);
+    let mut c = cluster("groups", "tiny", 3);
+    let (dir, model, coordinator, http) =
+        (c.dir().to_path_buf(), c.model.clone(), c.coordinator.clone(), c.http().to_string());
     // Group workers serve no whole model: nothing serves "tiny" before the group forms.
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
@@ -149,7 +127,7 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     assert_eq!(status, 200, "{key}");
     let body = json!({"model": "tiny", "size": 2}).to_string();
     let alice = key["key"].as_str().unwrap();
-    let (status, out) = common::http(&http, "POST", "/v1/admin/groups", Some(alice), Some(&body));
+    let (status, out) = http::http(&http, "POST", "/v1/admin/groups", Some(alice), Some(&body));
     assert_eq!(status, 403, "{out}");
     // More ranks than spare group workers: refused.
     let (status, out) = call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 4})));
@@ -176,7 +154,7 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
             uri: adapter.clone(),
         },
     );
-    let want = common::generate_greedy(&model, "The cat sat on the", 12);
+    let want = TANDEM.generate_greedy(&model, "The cat sat on the", 12);
     let want_a = generate_with_adapter(&model, &adapter, "The cat sat on the", 12);
     assert_ne!(want["text"], want_a["text"], "the adapter changes nothing");
     let with_a = json!({"model": "a", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
@@ -194,7 +172,7 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     assert_eq!(out_a["choices"][0]["text"], want_a["text"], "{out_a}");
 
     // Rank 1 dies while a long request streams.
-    let (message, ended) = kill_mid_stream(&http, &mut procs.0[2]);
+    let (message, ended) = kill_mid_stream(&http, &mut c.procs.0[2]);
     assert!(ended < Duration::from_millis(COLLECTIVE_TIMEOUT_MS), "the request ended {ended:?} after the kill");
     assert!(message.contains("rank 1"), "the error does not name rank 1: {message}");
 
@@ -205,7 +183,7 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     assert_eq!((status, status_a), (200, 200), "{out} {out_a}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
     assert_eq!(out_a["choices"][0]["text"], want_a["text"], "{out_a}");
-    let (status, metrics) = common::http(&http, "GET", "/metrics", Some(ADMIN), None);
+    let (status, metrics) = http::http(&http, "GET", "/metrics", Some(ADMIN), None);
     assert_eq!(status, 200, "{metrics}");
     let line = "tandem_worker_group_epoch{group=\"tp\",model=\"tiny\",formed=\"true\"} 2";
     assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
@@ -231,25 +209,23 @@ fn save_adapter(model: &std::path::Path, dir: &std::path::Path) -> String {
 fn generate_with_adapter(model: &std::path::Path, adapter: &str, prompt: &str, max_tokens: usize) -> Value {
     let (max, spec) = (max_tokens.to_string(), format!("a={adapter}"));
     let args = ["generate", "--model", model.to_str().unwrap(), "--adapter", &spec, "--use-adapter", "a"];
-    let (ok, out, err) = common::tandem(&[&args[..], &["--prompt", prompt, "--max-tokens", &max, "--json"]].concat());
+    let (ok, out, err) = TANDEM.run(&[&args[..], &["--prompt", prompt, "--max-tokens", &max, "--json"]].concat());
     assert!(ok, "{err}");
     serde_json::from_str(out.trim()).unwrap()
 }
 
 /// Proposes `command` to the cluster (as the operator's tools do), retried until applied.
 fn propose(coordinator: &str, command: Command) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let p = Proposal::new(format!("test-{}", std::process::id()), command);
-    let client = ClusterClient::new(coordinator).unwrap();
-    let reply = wait_for(30, "the proposal", || rt.block_on(client.propose_as(p.clone())).ok());
+    let reply = tandem_testkit::propose(coordinator, Proposal::new(format!("test-{}", std::process::id()), command));
     assert!(!matches!(reply, Reply::Refused { .. }), "{reply:?}");
 }
 
 #[test]
 fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
-    let Cluster { mut procs, model, http, coordinator, .. } = cluster("groups-rank0", "tiny", 3);
+    let mut c = cluster("groups-rank0", "tiny", 3);
+    let (model, http, coordinator) = (c.model.clone(), c.http().to_string(), c.coordinator.clone());
     // Placed with the CLI this time.
-    let groups = |args: &[&str]| common::tandem(&[&["groups", "--coordinator", &coordinator][..], args].concat());
+    let groups = |args: &[&str]| TANDEM.run(&[&["groups", "--coordinator", &coordinator][..], args].concat());
     let (ok, out, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);
     assert!(ok, "{out}{err}");
     let (ok, _, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);
@@ -260,11 +236,10 @@ fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
     assert_eq!(out.trim(), "group tp: model tiny epoch 1 formed, ranks 0=w1 1=w2");
     // Rank 0 dies while the group is idle: rank 1, waiting for the next plan, sees it go and
     // reports it; the spare w3 becomes rank 0 and serves.
-    procs.0[1].kill().unwrap();
-    procs.0[1].wait().unwrap();
+    c.procs.kill(1);
     let group = formed(&http, 2);
     assert_eq!(workers_of(&group), ["w3", "w2"], "{group}");
-    let want = common::generate_greedy(&model, "The cat sat on the", 12);
+    let want = TANDEM.generate_greedy(&model, "The cat sat on the", 12);
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req));
     assert_eq!(status, 200, "{out}");
@@ -276,7 +251,8 @@ fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
 
 #[test]
 fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
-    let Cluster { mut procs, dir, model, http, .. } = cluster("groups-moe", "tiny-moe", 5);
+    let mut c = cluster("groups-moe", "tiny-moe", 5);
+    let (dir, model, http) = (c.dir().to_path_buf(), c.model.clone(), c.http().to_string());
     let body = json!({"model": "tiny", "size": 4, "group": "tp", "expert_parallel": true});
     let (status, out) = call(&http, "POST", "/v1/admin/groups", Some(body));
     assert_eq!(status, 200, "{out}");
@@ -284,7 +260,7 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
     assert_eq!(out["expert_parallel"], true, "{out}");
     formed(&http, 1);
     // Two whole experts on each of four ranks, tokens sent to them: the whole model's text.
-    let want = common::generate_greedy(&model, "The cat sat on the", 12);
+    let want = TANDEM.generate_greedy(&model, "The cat sat on the", 12);
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
     assert_eq!(status, 200, "{out}");
@@ -292,7 +268,7 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
 
     // Rank 2 dies mid-stream. Every other rank sees a failure; rank 0's report names rank 2,
     // and only rank 2 gives way to the spare w5.
-    let (message, _) = kill_mid_stream(&http, &mut procs.0[3]);
+    let (message, _) = kill_mid_stream(&http, &mut c.procs.0[3]);
     assert!(message.contains("rank 2"), "the error does not name rank 2: {message}");
     let group = formed(&http, 2);
     assert_eq!(workers_of(&group), ["w1", "w2", "w5", "w4"], "{group}");
@@ -310,16 +286,16 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
     let lines: String = (0..24)
         .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 5)})))
         .collect();
-    let (status, file) = common::upload(&http, key, "train.jsonl", &lines);
+    let (status, file) = http::upload(&http, key, "train.jsonl", &lines);
     assert_eq!(status, 200, "{file}");
     let file: Value = serde_json::from_str(&file).unwrap();
     let esft = json!({"threshold": 0.3, "hyperparameters": {"n_epochs": 2, "batch_size": 4}});
     let create = json!({"model": "tiny", "training_file": file["id"], "method": {"type": "esft", "esft": esft}});
-    let (status, job) = common::call_json(&http, "POST", "/v1/fine_tuning/jobs", key, Some(create));
+    let (status, job) = http::call_json(&http, "POST", "/v1/fine_tuning/jobs", key, Some(create));
     assert_eq!(status, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
     let job = wait_for(120, "the ESFT job to succeed", || {
-        let (_, job) = common::call_json(&http, "GET", &format!("/v1/fine_tuning/jobs/{id}"), key, None);
+        let (_, job) = http::call_json(&http, "GET", &format!("/v1/fine_tuning/jobs/{id}"), key, None);
         assert!(!["failed", "cancelled"].contains(&job["status"].as_str().unwrap()), "{job}");
         (job["status"] == "succeeded").then_some(job)
     });
@@ -327,14 +303,15 @@ fn a_group_of_four_over_an_moe_model_replaces_the_rank_that_died() {
     assert!(adapter.join("esft_config.json").is_file(), "not an ESFT adapter: {}", adapter.display());
     let want = generate_with_adapter(&model, adapter.to_str().unwrap(), "n3 =", 6);
     let req = json!({"model": job["fine_tuned_model"], "prompt": "n3 =", "max_tokens": 6, "temperature": 0});
-    let (status, out) = common::call_json(&http, "POST", "/v1/completions", key, Some(req));
+    let (status, out) = http::call_json(&http, "POST", "/v1/completions", key, Some(req));
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["choices"][0]["text"], want["text"], "{out}");
 }
 
 #[test]
 fn a_job_trains_on_a_group_and_resumes_from_its_checkpoint_when_a_rank_dies() {
-    let Cluster { mut procs, dir, model, http, .. } = cluster("groups-job", "tiny", 3);
+    let mut c = cluster("groups-job", "tiny", 3);
+    let (dir, model, http) = (c.dir().to_path_buf(), c.model.clone(), c.http().to_string());
     let (status, out) =
         call(&http, "POST", "/v1/admin/groups", Some(json!({"model": "tiny", "size": 2, "group": "tp"})));
     assert_eq!(status, 200, "{out}");
@@ -342,7 +319,7 @@ fn a_job_trains_on_a_group_and_resumes_from_its_checkpoint_when_a_rank_dies() {
     let (status, key) = call(&http, "POST", "/v1/admin/api-keys", Some(json!({"tenant": "alice"})));
     assert_eq!(status, 200, "{key}");
     let key = key["key"].as_str().unwrap().to_string();
-    let as_alice = |method: &str, path: &str, body: Option<Value>| common::call_json(&http, method, path, &key, body);
+    let as_alice = |method: &str, path: &str, body: Option<Value>| http::call_json(&http, method, path, &key, body);
 
     let jsonl = |n: usize| -> String {
         (0..n)
@@ -351,7 +328,7 @@ fn a_job_trains_on_a_group_and_resumes_from_its_checkpoint_when_a_rank_dies() {
     };
     let mut files = Vec::new();
     for (name, lines) in [("train.jsonl", 48), ("valid.jsonl", 8)] {
-        let (status, file) = common::upload(&http, &key, name, &jsonl(lines));
+        let (status, file) = http::upload(&http, &key, name, &jsonl(lines));
         assert_eq!(status, 200, "{file}");
         files.push(serde_json::from_str::<Value>(&file).unwrap()["id"].clone());
     }
@@ -362,7 +339,7 @@ fn a_job_trains_on_a_group_and_resumes_from_its_checkpoint_when_a_rank_dies() {
     let (status, job) = as_alice("POST", "/v1/fine_tuning/jobs", Some(create));
     assert_eq!(status, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
-    let messages = || common::job_events(&http, &key, &id);
+    let messages = || http::job_events(&http, &key, &id);
 
     // Placed on rank 0 of the group; while it trains, the group answers requests.
     let checkpoint = wait_for(120, "a checkpoint", || {
@@ -378,8 +355,7 @@ fn a_job_trains_on_a_group_and_resumes_from_its_checkpoint_when_a_rank_dies() {
 
     // Rank 1 dies: the group is re-formed with the spare, the job queued again and placed on
     // the new formation's rank 0, from a checkpoint, and it finishes.
-    procs.0[2].kill().unwrap();
-    procs.0[2].wait().unwrap();
+    c.procs.kill(2);
     let group = formed(&http, 2);
     assert_eq!(workers_of(&group), ["w1", "w3"], "{group}");
     let job = wait_for(240, "the job to succeed", || {

@@ -5,19 +5,17 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::etcd::{Etcd, free_port};
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server::{Options, serve};
 use tandem_proto::contract::{Command, Proposal, Reply, WorkerRegistration};
 use tandem_proto::{ClientError, ClusterClient};
+use tandem_testkit::{Etcd, free_addr};
 
 async fn coordinator(etcd: &Etcd) -> ClusterClient {
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = free_addr();
     let opts = Options {
         id: 1,
         peers: BTreeMap::from([(1, addr.clone())]),

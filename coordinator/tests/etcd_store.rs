@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,8 +13,7 @@ use etcd_client::GetOptions;
 use tandem_coordinator::etcd_store::{EtcdError, EtcdOptions, EtcdStore, Leadership};
 use tandem_coordinator::store::Store;
 use tandem_proto::contract::{Command, Proposal, Reply};
-
-use common::etcd::{Etcd, free_port};
+use tandem_testkit::{Etcd, free_addr};
 
 const PREFIX: &str = "/tandem";
 const WAIT: Duration = Duration::from_secs(10);
@@ -257,7 +254,7 @@ async fn a_bad_url_is_an_error_not_a_panic() {
     // Nobody listens there: a connection error, in time.
     let start = Instant::now();
     let opts = EtcdOptions { connect_timeout: Duration::from_millis(500), ..EtcdOptions::default() };
-    let unreachable = EtcdStore::connect_with(&format!("etcd://127.0.0.1:{}", free_port()), PREFIX, opts).await;
+    let unreachable = EtcdStore::connect_with(&format!("etcd://{}", free_addr()), PREFIX, opts).await;
     assert!(matches!(unreachable, Err(EtcdError::Connection { .. })), "{:?}", unreachable.err());
     assert!(start.elapsed() < Duration::from_secs(3));
 }

@@ -4,30 +4,18 @@
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use raft::eraftpb::Message;
 use tandem_coordinator::etcd_store::EtcdStore;
-use tandem_coordinator::replica::{Replica, Timing, Transport};
 use tandem_coordinator::store::Store;
 use tandem_proto::contract::{
     ClusterState, Command, FileRef, Gpu, JobReport, JobSpec, JobStatus, MethodChoice, Placement, Proposal, Reply,
 };
-
-use common::etcd::Etcd;
+use tandem_testkit::{Etcd, Replicas};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A single voter sends nothing.
-struct NoTransport;
-
-impl Transport for NoTransport {
-    fn send(&self, _: Message) {}
-}
 
 async fn propose(store: &Store, request_id: &str, command: Command) -> Reply {
     store.propose(Proposal::new(request_id, command), WAIT).await.unwrap()
@@ -119,16 +107,10 @@ async fn suite(store: &Store) {
 
 #[tokio::test]
 async fn suite_on_raft() {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("store").join("raft");
-    let _ = std::fs::remove_dir_all(&dir);
-    let timing = Timing { tick: Duration::from_millis(10), election_ticks: 10, heartbeat_ticks: 2 };
-    let replica = Replica::start(1, &[1], &dir, NoTransport, timing).unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !replica.status().is_leader {
-        assert!(Instant::now() < deadline, "a single voter did not elect itself");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    suite(&Store::Raft(Arc::new(replica))).await;
+    // A single voter elects itself (the harness waits for it) and sends nothing.
+    let replicas = Replicas::start(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("store").join("raft"), &[1]);
+    assert_eq!(replicas.leader(), 1, "a single voter did not elect itself");
+    suite(&Store::Raft(replicas.shared(1))).await;
 }
 
 #[tokio::test]

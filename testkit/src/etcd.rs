@@ -2,21 +2,21 @@
 //! folder, killed when dropped. A missing `etcd` binary fails the test: the etcd store is only
 //! tested against the real thing.
 
-#![allow(dead_code)] // each test file uses part of it
-
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::process::Scratch;
 
 /// How long etcd may take to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Etcd {
     child: Option<Child>,
-    dir: PathBuf,
+    /// Dropped after etcd is killed (see `Drop`).
+    dir: Scratch,
     client_port: u16,
     peer_port: u16,
 }
@@ -28,17 +28,11 @@ fn free_ports() -> (u16, u16) {
     (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
-/// A port nothing listens on.
-pub fn free_port() -> u16 {
-    free_ports().0
-}
-
 impl Etcd {
-    /// Starts a one-member etcd named after the test and waits until it answers.
+    /// Starts a one-member etcd in a scratch folder named after the test (`etcd-<test>`) and
+    /// waits until it answers.
     pub fn start(test: &str) -> Etcd {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("etcd").join(test);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new(&format!("etcd-{test}"));
         let (client_port, peer_port) = free_ports();
         let mut etcd = Etcd { child: None, dir, client_port, peer_port };
         etcd.launch();
@@ -124,7 +118,8 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill9();
-        // Its write-ahead log preallocates tens of MiB.
+        // Its write-ahead log preallocates tens of MiB: gone even when the test failed (the
+        // scratch folder keeps etcd.log then).
         let _ = fs::remove_dir_all(self.dir.join("data"));
     }
 }

@@ -1,3 +1,0 @@
-//! Helpers shared by test files (each includes this folder as `mod common;`).
-
-pub mod etcd;

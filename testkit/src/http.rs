@@ -1,0 +1,75 @@
+//! A blocking HTTP/1.1 client for the gateway, small enough to read: one connection per
+//! exchange (`Connection: close`), chunked bodies decoded. Tests see exactly the bytes and
+//! status the gateway sends, with no client library deciding anything for them.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use serde_json::Value;
+
+/// One exchange with a JSON body (or none): the status and the body.
+pub fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (u16, String) {
+    exchange(addr, method, path, key, "application/json", body.unwrap_or(""))
+}
+
+/// [`http`] with a JSON value as the body, and the answer as JSON (a string if it is not).
+pub fn call_json(addr: &str, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let (status, text) = http(addr, method, path, Some(key), body.as_deref());
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Every event message of fine-tuning job `id`, newest first, read page by page.
+pub fn job_events(addr: &str, key: &str, id: &str) -> Vec<String> {
+    let (mut messages, mut after) = (Vec::new(), String::new());
+    loop {
+        let (status, page) =
+            call_json(addr, "GET", &format!("/v1/fine_tuning/jobs/{id}/events?limit=100{after}"), key, None);
+        assert_eq!(status, 200, "{page}");
+        let data = page["data"].as_array().unwrap();
+        messages.extend(data.iter().map(|e| e["message"].as_str().unwrap().to_string()));
+        if page["has_more"] != true {
+            return messages;
+        }
+        after = format!("&after={}", data.last().unwrap()["id"].as_str().unwrap());
+    }
+}
+
+/// A file upload as OpenAI's clients send it: a multipart form with `purpose` and `file`.
+pub fn upload(addr: &str, key: &str, filename: &str, content: &str) -> (u16, String) {
+    let b = "tandem-test-boundary";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{b}--\r\n"
+    );
+    exchange(addr, "POST", "/v1/files", Some(key), &format!("multipart/form-data; boundary={b}"), &body)
+}
+
+fn exchange(addr: &str, method: &str, path: &str, key: Option<&str>, content_type: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req += &format!("Authorization: Bearer {k}\r\n");
+    }
+    req += &format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, mut rest) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return (status, rest.to_string());
+    }
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return (status, body);
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+}
