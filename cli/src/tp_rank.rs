@@ -92,10 +92,10 @@ pub fn run(args: TpRankArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_moe_split(s: &str) -> Result<MoeSplit, String> {
+fn parse_moe_split(s: &str) -> Result<MoeSplit> {
     match s {
         "intermediate" => Ok(MoeSplit::Intermediate),
         "experts" => Ok(MoeSplit::Experts),
-        _ => Err(format!("{s:?}: expected `intermediate` or `experts`")),
+        _ => Err(anyhow!("{s:?}: expected `intermediate` or `experts`")),
     }
 }

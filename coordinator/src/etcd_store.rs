@@ -32,31 +32,8 @@ use tokio::sync::{Mutex, mpsc};
 
 use tandem_proto::contract::{ClusterState, Proposal, Reply};
 
+use crate::error::{Error, Result};
 use crate::state::StateMachine;
-
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    #[error("bad etcd URL {url:?}: {reason} (expected etcd://HOST:PORT[,HOST:PORT...])")]
-    BadUrl { url: String, reason: String },
-    #[error("cannot reach etcd at {endpoints}: {reason}")]
-    Connection { endpoints: String, reason: String },
-    #[error("timed out waiting for etcd")]
-    Timeout,
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    /// Something under the prefix that does not decode (a proposal, the head, a snapshot).
-    #[error("codec: {0}")]
-    Codec(String),
-    /// The log under the prefix is not one this store could have written.
-    #[error("corrupt log: {0}")]
-    Corrupt(String),
-    /// The proposal was applied, but its entry went into a snapshot before this store read it
-    /// and the state no longer remembers its reply.
-    #[error("log entry {index} was applied but its reply is no longer known")]
-    ReplyLost { index: u64 },
-    #[error("lost the lease: {0}")]
-    Lease(String),
-}
 
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
@@ -128,12 +105,18 @@ impl Applied {
         self.replies.push_back((index, reply));
     }
 
-    fn reply(&self, index: u64, p: &Proposal) -> Result<Reply, EtcdError> {
+    /// The reply to entry `index`. One that went into a snapshot before this store applied it,
+    /// and that the state no longer remembers, is lost: the entry was applied, but what it
+    /// returned is not known.
+    fn reply(&self, index: u64, p: &Proposal) -> Result<Reply> {
         if let Ok(i) = self.replies.binary_search_by_key(&index, |(i, _)| *i) {
             return Ok(self.replies[i].1.clone());
         }
         // The entry came in through a snapshot, which remembers recent replies by request id.
-        self.machine.remembered(&p.request_id).cloned().ok_or(EtcdError::ReplyLost { index })
+        self.machine
+            .remembered(&p.request_id)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("log entry {index} was applied but its reply is no longer known")))
     }
 }
 
@@ -157,8 +140,10 @@ pub struct EtcdStore {
 }
 
 /// The endpoints of `etcd://HOST[:PORT][,HOST[:PORT]...]` (port 2379 when left out).
-pub fn parse_url(url: &str) -> Result<Vec<String>, EtcdError> {
-    let bad = |reason: &str| EtcdError::BadUrl { url: url.to_string(), reason: reason.to_string() };
+pub fn parse_url(url: &str) -> Result<Vec<String>> {
+    let bad = |reason: &str| {
+        Error::Invalid(format!("bad etcd URL {url:?}: {reason} (expected etcd://HOST:PORT[,HOST:PORT...])"))
+    };
     let hosts = url.trim().strip_prefix("etcd://").ok_or_else(|| bad("the scheme is not etcd://"))?;
     let mut endpoints = Vec::new();
     for host in hosts.trim_end_matches('/').split(',') {
@@ -199,14 +184,20 @@ pub fn parse_url(url: &str) -> Result<Vec<String>, EtcdError> {
     Ok(endpoints)
 }
 
-fn codec(what: &str) -> impl FnOnce(serde_json::Error) -> EtcdError + '_ {
-    move |e| EtcdError::Codec(format!("{what}: {e}"))
+/// A value read from etcd that does not decode.
+fn corrupt(what: &str) -> impl FnOnce(serde_json::Error) -> Error + '_ {
+    move |e| Error::Corrupt(format!("{what}: {e}"))
 }
 
-fn parse_index(kv: &KeyValue) -> Result<u64, EtcdError> {
+/// A value to write that does not encode.
+fn unencodable(what: &str) -> impl FnOnce(serde_json::Error) -> Error + '_ {
+    move |e| Error::Internal(format!("encoding the {what}: {e}"))
+}
+
+fn parse_index(kv: &KeyValue) -> Result<u64> {
     let text = std::str::from_utf8(kv.value()).ok();
     text.and_then(|t| t.trim().parse().ok())
-        .ok_or_else(|| EtcdError::Codec(format!("{} is not an index", String::from_utf8_lossy(kv.key()))))
+        .ok_or_else(|| Error::Corrupt(format!("{} is not an index", String::from_utf8_lossy(kv.key()))))
 }
 
 /// The key-values a transaction's get returned.
@@ -220,13 +211,14 @@ fn got(op: Option<&TxnOpResponse>) -> &[KeyValue] {
 impl EtcdStore {
     /// Connects to the etcd cluster at `url` (`etcd://HOST:PORT[,HOST:PORT...]`) and keeps the
     /// state under `prefix`.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, EtcdError> {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
         Self::connect_with(url, prefix, EtcdOptions::default()).await
     }
 
-    pub async fn connect_with(url: &str, prefix: &str, options: EtcdOptions) -> Result<Self, EtcdError> {
+    pub async fn connect_with(url: &str, prefix: &str, options: EtcdOptions) -> Result<Self> {
         let endpoints = parse_url(url)?;
-        let unreachable = |reason: String| EtcdError::Connection { endpoints: endpoints.join(","), reason };
+        let unreachable =
+            |reason: String| Error::Unavailable(format!("cannot reach etcd at {}: {reason}", endpoints.join(",")));
         let connect_options = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
@@ -264,8 +256,8 @@ impl EtcdStore {
     }
 
     /// Appends `p` to the log, waits until this store has applied it and returns its reply.
-    pub async fn propose(&self, p: Proposal) -> Result<Reply, EtcdError> {
-        let data = serde_json::to_vec(&p).map_err(codec("proposal"))?;
+    pub async fn propose(&self, p: Proposal) -> Result<Reply> {
+        let data = serde_json::to_vec(&p).map_err(unencodable("proposal"))?;
         let index = self.append(data).await?;
         let mut applied = self.applied.lock().await;
         self.catch_up(&mut applied, index).await?;
@@ -278,7 +270,7 @@ impl EtcdStore {
             // A failed compaction only leaves the log longer: the next one covers it.
             let result = match snapshot {
                 Ok(data) => self.compact(at, data).await,
-                Err(e) => Err(codec("snapshot")(e)),
+                Err(e) => Err(unencodable("snapshot")(e)),
             };
             if let Ok(mut slot) = self.compaction_error.lock() {
                 *slot = result.err().map(|e| e.to_string());
@@ -288,7 +280,7 @@ impl EtcdStore {
     }
 
     /// A linearizable read: the state with every entry appended before the call applied.
-    pub async fn read(&self) -> Result<ClusterState, EtcdError> {
+    pub async fn read(&self) -> Result<ClusterState> {
         let mut kv = self.client.kv_client();
         let resp = kv.get(self.key("head"), None).await?;
         let head = match resp.kvs().first() {
@@ -310,7 +302,7 @@ impl EtcdStore {
     }
 
     /// Writes `data` at the next free index and returns it.
-    async fn append(&self, data: Vec<u8>) -> Result<u64, EtcdError> {
+    async fn append(&self, data: Vec<u8>) -> Result<u64> {
         let head_key = self.key("head");
         let mut kv = self.client.kv_client();
         loop {
@@ -330,17 +322,17 @@ impl EtcdStore {
                 return Ok(index);
             }
             let ops = resp.op_responses();
-            let head = got(ops.first()).first().ok_or_else(|| EtcdError::Corrupt(format!("{head_key} vanished")))?;
+            let head = got(ops.first()).first().ok_or_else(|| Error::Corrupt(format!("{head_key} vanished")))?;
             let current = Head { index: parse_index(head)?, revision: head.mod_revision() };
             if current.revision <= seen.revision {
-                return Err(EtcdError::Corrupt(format!("{head_key} went back to revision {}", current.revision)));
+                return Err(Error::Corrupt(format!("{head_key} went back to revision {}", current.revision)));
             }
             self.saw_head(current);
         }
     }
 
     /// Applies the log up to `target`, from the snapshot when the entries needed are gone.
-    async fn catch_up(&self, applied: &mut Applied, target: u64) -> Result<(), EtcdError> {
+    async fn catch_up(&self, applied: &mut Applied, target: u64) -> Result<()> {
         let mut kv = self.client.kv_client();
         while applied.machine.state().applied < target {
             let from = applied.machine.state().applied + 1;
@@ -352,7 +344,7 @@ impl EtcdStore {
                 if entry.key() != self.log_key(next).as_bytes() {
                     break;
                 }
-                let p: Proposal = serde_json::from_slice(entry.value()).map_err(codec("log entry"))?;
+                let p: Proposal = serde_json::from_slice(entry.value()).map_err(corrupt("log entry"))?;
                 applied.apply(next, &p);
                 next += 1;
             }
@@ -364,14 +356,14 @@ impl EtcdStore {
     }
 
     /// Entry `needed` is gone: a compaction took it, so the snapshot covers it.
-    async fn restore(&self, applied: &mut Applied, needed: u64) -> Result<(), EtcdError> {
+    async fn restore(&self, applied: &mut Applied, needed: u64) -> Result<()> {
         let resp = self.client.kv_client().get(self.key("snapshot"), None).await?;
         let Some(snap) = resp.kvs().first() else {
-            return Err(EtcdError::Corrupt(format!("log entry {needed} is missing and there is no snapshot")));
+            return Err(Error::Corrupt(format!("log entry {needed} is missing and there is no snapshot")));
         };
-        let machine = StateMachine::restore(snap.value()).map_err(codec("snapshot"))?;
+        let machine = StateMachine::restore(snap.value()).map_err(corrupt("snapshot"))?;
         if machine.state().applied < needed {
-            return Err(EtcdError::Corrupt(format!(
+            return Err(Error::Corrupt(format!(
                 "log entry {needed} is missing and the snapshot is at {}",
                 machine.state().applied
             )));
@@ -381,7 +373,7 @@ impl EtcdStore {
     }
 
     /// Stores the state at `index` as the snapshot and deletes the log up to it.
-    async fn compact(&self, index: u64, data: Vec<u8>) -> Result<(), EtcdError> {
+    async fn compact(&self, index: u64, data: Vec<u8>) -> Result<()> {
         let at = format!("{index:020}");
         let upto = DeleteOptions::new().with_range(self.log_key(index + 1));
         // Indices are zero-padded, so comparing the text compares the numbers.
@@ -396,14 +388,14 @@ impl EtcdStore {
     }
 
     /// The candidate that holds the scheduler election, if any.
-    pub async fn scheduler(&self) -> Result<Option<String>, EtcdError> {
+    pub async fn scheduler(&self) -> Result<Option<String>> {
         let first = GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
         let resp = self.client.kv_client().get(self.key("scheduler/"), Some(first)).await?;
         Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// etcd's members and leader, and where the log stands.
-    pub async fn status(&self) -> Result<EtcdStatus, EtcdError> {
+    pub async fn status(&self) -> Result<EtcdStatus> {
         let members = self.client.cluster_client().member_list().await?;
         let members = members
             .members()
@@ -440,14 +432,14 @@ impl EtcdStore {
     /// once elected, keeps the lease alive) in a background task; dropping it resigns. A holder
     /// that stops renewing loses the election when its lease of `ttl` (at least etcd's minimum,
     /// 2 s by default) expires.
-    pub async fn campaign(&self, candidate: &str, ttl: Duration) -> Result<Leadership, EtcdError> {
+    pub async fn campaign(&self, candidate: &str, ttl: Duration) -> Result<Leadership> {
         let secs = i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).unwrap_or(i64::MAX).max(1);
         let sent = Instant::now();
         // The first lease is granted here, so that an unreachable etcd is an error now.
         let mut leases = self.client.lease_client();
         let grant = leases.grant(secs, None);
         let lease =
-            tokio::time::timeout(self.options.connect_timeout, grant).await.map_err(|_| EtcdError::Timeout)??;
+            tokio::time::timeout(self.options.connect_timeout, grant).await.map_err(|_| Error::Timeout("etcd"))??;
         let leading = Arc::new(StdMutex::new(None));
         let (stop, stopped) = mpsc::channel(1);
         let campaign = Campaign {
@@ -554,7 +546,7 @@ impl Campaign {
     }
 
     /// Campaigns with `lease` and keeps it alive; returns when the lease cannot be renewed.
-    async fn hold(&self, mut lease: Lease) -> Result<Infallible, EtcdError> {
+    async fn hold(&self, mut lease: Lease) -> Result<Infallible> {
         let ttl = Duration::from_secs(u64::try_from(lease.ttl).unwrap_or(1).max(1));
         let sent = Instant::now();
         let (mut keeper, mut renewals) = self.client.lease_client().keep_alive(lease.id).await?;
@@ -577,10 +569,10 @@ impl Campaign {
                         renewals.message().await
                     });
                     match renewed.await {
-                        Err(_) => return Err(EtcdError::Timeout),
+                        Err(_) => return Err(Error::Timeout("etcd")),
                         Ok(Err(e)) => return Err(e.into()),
                         Ok(Ok(Some(r))) if r.ttl() > 0 => lease = Lease { ttl: r.ttl(), sent, ..lease },
-                        Ok(Ok(_)) => return Err(EtcdError::Lease(format!("lease {:x} expired", lease.id))),
+                        Ok(Ok(_)) => return Err(Error::Unavailable(format!("lost the lease: lease {:x} expired", lease.id))),
                     }
                 }
             }
@@ -612,6 +604,7 @@ mod tests {
         snapshot.apply(2, &model("other", "n"));
         let applied = Applied { machine: snapshot, replies: VecDeque::new() };
         assert_eq!(applied.reply(1, &mine).unwrap(), Reply::Done);
-        assert!(matches!(applied.reply(3, &model("forgotten", "x")), Err(EtcdError::ReplyLost { index: 3 })));
+        let lost = applied.reply(3, &model("forgotten", "x"));
+        assert!(matches!(&lost, Err(Error::Internal(m)) if m.starts_with("log entry 3 was applied")), "{lost:?}");
     }
 }

@@ -4,6 +4,8 @@
 //! docs/coordinator.md and docs/gateway.md.
 //!
 //! Map:
+//! - `error.rs`: [`Error`], the crate's one error type, by what a caller can do about it (and
+//!   the gRPC status each kind becomes).
 //! - `state.rs`: [`state::StateMachine`]: validates and applies commands, remembers replies.
 //! - `placement.rs`: where queued jobs go (the leader proposes the moves).
 //! - `raft_log.rs`, `replica.rs`: the durable Raft log and the replica's Ready loop.
@@ -13,6 +15,7 @@
 //!   leases and the scheduler loop, the gateway.
 //! - `gateway/`: OpenAI-compatible HTTP API, jobs, files, adapters, keys, groups, metrics.
 
+mod error;
 pub mod etcd_store;
 pub mod gateway;
 pub mod placement;
@@ -21,6 +24,8 @@ pub mod replica;
 pub mod server;
 pub mod state;
 pub mod store;
+
+pub use error::{Error, Result};
 
 /// Role name a coordinator reports in health checks.
 pub const ROLE: &str = "coordinator";

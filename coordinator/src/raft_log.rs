@@ -17,25 +17,10 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-/// Errors of the log's files, naming the file.
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path}: {msg}")]
-    Corrupt { path: PathBuf, msg: String },
-    #[error("raft log: {0}")]
-    Raft(#[from] raft::Error),
-}
+use crate::error::{Error, Result};
 
-type Result<T> = std::result::Result<T, LogError>;
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
-    move |source| LogError::Io { path: path.to_path_buf(), source }
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 struct Core {
@@ -126,10 +111,13 @@ impl DiskStorage {
         let mut core = self.wl();
         let path = core.dir.join("log");
         if first.index <= core.snapshot.get_metadata().index || first.index > core.last_index() + 1 {
-            return Err(LogError::Corrupt {
-                path,
-                msg: format!("append at {} outside {}..={}", first.index, core.first_index(), core.last_index() + 1),
-            });
+            return Err(Error::Internal(format!(
+                "{}: append at {} outside {}..={}",
+                path.display(),
+                first.index,
+                core.first_index(),
+                core.last_index() + 1
+            )));
         }
         let keep = core.entries.iter().position(|e| e.index >= first.index).unwrap_or(core.entries.len());
         let mut at = match core.offsets.get(keep) {
@@ -352,7 +340,7 @@ fn read_records(path: &Path) -> Result<(Vec<Vec<u8>>, u64)> {
 }
 
 fn parse<M: protobuf::Message>(path: &Path, bytes: &[u8]) -> Result<M> {
-    M::parse_from_bytes(bytes).map_err(|e| LogError::Corrupt { path: path.to_path_buf(), msg: e.to_string() })
+    M::parse_from_bytes(bytes).map_err(|e| Error::Corrupt(format!("{}: {e}", path.display())))
 }
 
 /// Replaces `dir/name` with `contents` atomically: a temporary file, fsynced, renamed over it,

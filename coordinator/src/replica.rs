@@ -18,7 +18,8 @@ use raft::eraftpb::{
 };
 use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
-use crate::raft_log::{DiskStorage, LogError};
+use crate::error::{Error, Result};
+use crate::raft_log::DiskStorage;
 use tandem_proto::contract::{ClusterState, Proposal, Reply};
 
 use crate::state::StateMachine;
@@ -30,24 +31,6 @@ pub trait Transport: Send + 'static {
     /// The addresses of coordinators that joined after the group started (replicated with the
     /// membership changes that added them), whenever they change.
     fn set_addresses(&self, _addresses: &BTreeMap<u64, String>) {}
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicaError {
-    /// This replica does not lead; `leader` is the one it knows of (0: none).
-    #[error("not the leader (leader: {leader})")]
-    NotLeader { leader: u64 },
-    #[error("the replica stopped")]
-    Stopped,
-    #[error("timed out waiting for the cluster")]
-    Timeout,
-    #[error(transparent)]
-    Log(#[from] LogError),
-    #[error("raft: {0}")]
-    Raft(#[from] raft::Error),
-    /// A log entry or snapshot that does not decode.
-    #[error("codec: {0}")]
-    Codec(String),
 }
 
 /// What a replica reports about itself.
@@ -96,12 +79,12 @@ enum Event {
 /// A caller waiting for an answer until its deadline; after it the caller has given up, and the
 /// replica forgets it (a long partition must not pile up waiters).
 struct Waiter<T> {
-    reply: Sender<Result<T, ReplicaError>>,
+    reply: Sender<Result<T>>,
     deadline: Instant,
 }
 
 impl<T> Waiter<T> {
-    fn answer(self, r: Result<T, ReplicaError>) {
+    fn answer(self, r: Result<T>) {
         let _ = self.reply.send(r);
     }
 
@@ -132,20 +115,15 @@ impl Replica {
     /// Starts replica `id` with its log in `dir`. A new log starts the cluster with `voters`, or,
     /// with none, waits to be added to a running group (it learns everything from the leader);
     /// an existing log resumes from disk (its configuration wins).
-    pub fn start(
-        id: u64,
-        voters: &[u64],
-        dir: &Path,
-        transport: impl Transport,
-        timing: Timing,
-    ) -> Result<Self, ReplicaError> {
+    pub fn start(id: u64, voters: &[u64], dir: &Path, transport: impl Transport, timing: Timing) -> Result<Self> {
         let storage = DiskStorage::open(dir)?;
         if !storage.is_initialized() && !voters.is_empty() {
             storage.apply_snapshot(&first_snapshot(voters)?)?;
         }
         let (snap_index, snap_data) = storage.snapshot_data();
         let machine = if snap_index > 0 {
-            StateMachine::restore(&snap_data).map_err(|e| ReplicaError::Codec(format!("snapshot: {e}")))?
+            StateMachine::restore(&snap_data)
+                .map_err(|e| Error::Corrupt(format!("the snapshot in {}: {e}", dir.display())))?
         } else {
             StateMachine::default()
         };
@@ -182,7 +160,7 @@ impl Replica {
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
             .spawn(move || driver.run(rx, timing.tick))
-            .map_err(|e| LogError::Io { path: dir.to_path_buf(), source: e })?;
+            .map_err(|e| Error::Unavailable(format!("starting the Raft thread: {e}")))?;
         Ok(Replica { events: tx, status, thread: Some(thread) })
     }
 
@@ -196,40 +174,35 @@ impl Replica {
     }
 
     /// Proposes `p` and waits until it is applied (or `timeout`).
-    pub fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply, ReplicaError> {
+    pub fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply> {
         self.ask(timeout, |w| Event::Propose(Box::new(p), w))
     }
 
     /// A linearizable read: the state once everything committed before the call is applied.
-    pub fn read(&self, timeout: Duration) -> Result<ClusterState, ReplicaError> {
+    pub fn read(&self, timeout: Duration) -> Result<ClusterState> {
         self.ask(timeout, Event::Read)
     }
 
     /// Adds coordinators (id → address) and removes others, in one change (joint consensus
     /// when it needs it); waits until the change is applied and returns the voters then.
-    pub fn change_members(
-        &self,
-        add: &BTreeMap<u64, String>,
-        remove: &[u64],
-        timeout: Duration,
-    ) -> Result<Vec<u64>, ReplicaError> {
+    pub fn change_members(&self, add: &BTreeMap<u64, String>, remove: &[u64], timeout: Duration) -> Result<Vec<u64>> {
         let single = |change_type, node_id| ConfChangeSingle { change_type, node_id, ..Default::default() };
         let mut changes: Vec<_> = add.keys().map(|&id| single(ConfChangeType::AddNode, id)).collect();
         changes.extend(remove.iter().map(|&id| single(ConfChangeType::RemoveNode, id)));
-        let context = serde_json::to_vec(add).map_err(|e| ReplicaError::Codec(e.to_string()))?;
+        let context = serde_json::to_vec(add).map_err(|e| Error::Internal(format!("encoding new members: {e}")))?;
         let cc = ConfChangeV2 { changes: changes.into(), context: context.into(), ..Default::default() };
         self.ask(timeout, |w| Event::ChangeMembers(cc, w))
     }
 
     /// Sends the loop an event carrying a waiter, and waits for its answer until `timeout`.
-    fn ask<T>(&self, timeout: Duration, event: impl FnOnce(Waiter<T>) -> Event) -> Result<T, ReplicaError> {
+    fn ask<T>(&self, timeout: Duration, event: impl FnOnce(Waiter<T>) -> Event) -> Result<T> {
         let (tx, rx) = mpsc::channel();
         let waiter = Waiter { reply: tx, deadline: Instant::now() + timeout };
-        self.events.send(event(waiter)).map_err(|_| ReplicaError::Stopped)?;
+        self.events.send(event(waiter)).map_err(|_| stopped())?;
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => Err(ReplicaError::Timeout),
-            Err(RecvTimeoutError::Disconnected) => Err(ReplicaError::Stopped),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout("the cluster")),
+            Err(RecvTimeoutError::Disconnected) => Err(stopped()),
         }
     }
 
@@ -247,12 +220,17 @@ impl Drop for Replica {
     }
 }
 
+/// The replica's loop has ended (its handle dropped, or its log could not be written).
+fn stopped() -> Error {
+    Error::Unavailable("the replica stopped".into())
+}
+
 /// The snapshot every founding member starts from: the first configuration and the empty state
 /// at index 1. Being a snapshot, it reaches a coordinator that joins later as one, so that one
 /// learns the founding voters too (from entries alone it would only see the members added since
 /// and could elect itself alone).
-fn first_snapshot(voters: &[u64]) -> Result<Snapshot, ReplicaError> {
-    let data = StateMachine::default().snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
+fn first_snapshot(voters: &[u64]) -> Result<Snapshot> {
+    let data = StateMachine::default().snapshot().map_err(|e| Error::Internal(format!("encoding a snapshot: {e}")))?;
     let mut meta = SnapshotMetadata { index: 1, term: 1, ..Default::default() };
     meta.mut_conf_state().voters = voters.to_vec();
     let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
@@ -327,11 +305,11 @@ impl<T: Transport> Driver<T> {
             }
             Event::Propose(p, waiter) => {
                 if not_leader {
-                    return waiter.answer(Err(ReplicaError::NotLeader { leader }));
+                    return waiter.answer(Err(Error::NotLeader { leader }));
                 }
                 let data = match serde_json::to_vec(&p) {
                     Ok(d) => d,
-                    Err(e) => return waiter.answer(Err(ReplicaError::Codec(e.to_string()))),
+                    Err(e) => return waiter.answer(Err(Error::Internal(format!("encoding a proposal: {e}")))),
                 };
                 match self.node.propose(p.request_id.clone().into_bytes(), data) {
                     Ok(()) => {
@@ -347,7 +325,7 @@ impl<T: Transport> Driver<T> {
             }
             Event::ChangeMembers(cc, waiter) => {
                 if not_leader {
-                    return waiter.answer(Err(ReplicaError::NotLeader { leader }));
+                    return waiter.answer(Err(Error::NotLeader { leader }));
                 }
                 self.next_ctx += 1;
                 let ctx = self.next_ctx.to_le_bytes().to_vec();
@@ -363,7 +341,7 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    fn on_ready(&mut self) -> Result<(), ReplicaError> {
+    fn on_ready(&mut self) -> Result<()> {
         if !self.node.has_ready() {
             self.answer_reads();
             return Ok(());
@@ -374,8 +352,8 @@ impl<T: Transport> Driver<T> {
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.storage.apply_snapshot(&snap)?;
-            self.machine = StateMachine::restore(&snap.data)
-                .map_err(|e| ReplicaError::Codec(format!("leader's snapshot: {e}")))?;
+            self.machine =
+                StateMachine::restore(&snap.data).map_err(|e| Error::Corrupt(format!("the leader's snapshot: {e}")))?;
             self.compacted = snap.get_metadata().index;
         }
         for rs in ready.take_read_states() {
@@ -406,12 +384,12 @@ impl<T: Transport> Driver<T> {
     /// the snapshot and the log up to it goes (only entries already on this replica's disk). A
     /// new member catches up from a snapshot, and raft-rs refuses one whose configuration does
     /// not include it: so a change is followed by a snapshot that does.
-    fn maybe_compact(&mut self) -> Result<(), ReplicaError> {
+    fn maybe_compact(&mut self) -> Result<()> {
         let index = self.machine.state().applied.min(self.storage.last_index_on_disk());
         let due = index >= self.compacted + COMPACT_EVERY || (self.members_changed && index > self.compacted);
         // The snapshot must describe exactly `index`: only when the state is there.
         if due && index == self.machine.state().applied {
-            let data = self.machine.snapshot().map_err(|e| ReplicaError::Codec(e.to_string()))?;
+            let data = self.machine.snapshot().map_err(|e| Error::Internal(format!("encoding a snapshot: {e}")))?;
             self.storage.compact(index, data)?;
             self.compacted = index;
             self.members_changed = false;
@@ -431,12 +409,12 @@ impl<T: Transport> Driver<T> {
         }
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), ReplicaError> {
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if !e.data.is_empty() => {
-                    let p: Proposal =
-                        serde_json::from_slice(&e.data).map_err(|err| ReplicaError::Codec(err.to_string()))?;
+                    let p: Proposal = serde_json::from_slice(&e.data)
+                        .map_err(|err| Error::Corrupt(format!("log entry {}: {err}", e.index)))?;
                     let reply = self.machine.apply(e.index, &p);
                     if let Some(waiter) = self.proposals.remove(&p.request_id) {
                         waiter.answer(Ok(reply));

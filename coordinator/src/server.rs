@@ -16,8 +16,8 @@ use raft::eraftpb::Message;
 use tandem_proto::ClusterClient;
 use tandem_proto::cluster_server::{Cluster, ClusterServer};
 use tandem_proto::contract::{
-    Command, GroupStatus, Heartbeat, Invalid, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange,
-    Proposal, Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
+    Command, GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange, Proposal,
+    Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
 };
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
@@ -25,31 +25,33 @@ use tandem_proto::v1::{RaftAck, RaftMessage};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use crate::etcd_store::{EtcdError, EtcdStore, Leadership};
+use crate::error::{Error, Result, joined};
+use crate::etcd_store::{EtcdStore, Leadership};
 use crate::gateway::{self, Gateway, GatewayOptions};
 use crate::placement::schedule;
-use crate::replica::{Inbox, Replica, ReplicaError, Timing, Transport};
-use crate::store::{Store, StoreError};
+use crate::replica::{Inbox, Replica, Timing, Transport};
+use crate::store::Store;
 
 /// How long a proposal or a read may wait for the group.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `1=host:port,2=host:port,...`: every coordinator's id and gRPC address.
-pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, Invalid> {
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-        let (id, addr) = part.split_once('=').ok_or_else(|| Invalid(format!("peer {part:?} is not ID=HOST:PORT")))?;
-        let id: u64 = id.trim().parse().map_err(|_| Invalid(format!("peer id {id:?} is not a number")))?;
+        let (id, addr) =
+            part.split_once('=').ok_or_else(|| Error::Invalid(format!("peer {part:?} is not ID=HOST:PORT")))?;
+        let id: u64 = id.trim().parse().map_err(|_| Error::Invalid(format!("peer id {id:?} is not a number")))?;
         if id == 0 {
-            return Err(Invalid("peer ids start at 1".into()));
+            return Err(Error::Invalid("peer ids start at 1".into()));
         }
         check_addr("peer address", addr.trim(), false)?;
         if peers.insert(id, addr.trim().to_string()).is_some() {
-            return Err(Invalid(format!("peer {id} given twice")));
+            return Err(Error::Invalid(format!("peer {id} given twice")));
         }
     }
     if peers.is_empty() {
-        return Err(Invalid("no peers given".into()));
+        return Err(Error::Invalid("no peers given".into()));
     }
     Ok(peers)
 }
@@ -221,19 +223,6 @@ impl ClusterService {
     }
 }
 
-fn status_of(e: StoreError) -> Status {
-    match e {
-        StoreError::Raft(ReplicaError::NotLeader { leader }) => {
-            Status::unavailable(format!("no leader reachable (last known: {leader})"))
-        }
-        StoreError::Raft(ReplicaError::Timeout) | StoreError::Etcd(EtcdError::Timeout) => {
-            Status::deadline_exceeded("the coordinator group did not answer in time")
-        }
-        StoreError::Etcd(e @ EtcdError::Connection { .. }) => Status::unavailable(e.to_string()),
-        other => Status::internal(other.to_string()),
-    }
-}
-
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn propose(&self, req: Request<Proposal>) -> Result<Response<Reply>, Status> {
@@ -241,10 +230,8 @@ impl Cluster for ClusterService {
         p.command.validate().map_err(|e| Status::invalid_argument(e.0))?;
         match self.store.propose(p.clone(), REQUEST_TIMEOUT).await {
             Ok(reply) => Ok(Response::new(reply)),
-            Err(StoreError::Raft(ReplicaError::NotLeader { .. })) => {
-                Ok(Response::new(self.forward().await?.propose_as(p).await?))
-            }
-            Err(e) => Err(status_of(e)),
+            Err(Error::NotLeader { .. }) => Ok(Response::new(self.forward().await?.propose_as(p).await?)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -259,7 +246,7 @@ impl Cluster for ClusterService {
             Command::RegisterWorker { id: id.clone(), addr: r.addr, gpus: r.gpus, collective_addr: r.collective_addr };
         command.validate().map_err(|e| Status::invalid_argument(e.0))?;
         let p = Proposal::new(fresh_id(&format!("register-{id}")), command);
-        match self.store.propose(p, REQUEST_TIMEOUT).await.map_err(status_of)? {
+        match self.store.propose(p, REQUEST_TIMEOUT).await.map_err(Status::from)? {
             Reply::Refused { reason } => Err(Status::failed_precondition(reason)),
             _ => {
                 self.leases.renew(&id);
@@ -273,7 +260,7 @@ impl Cluster for ClusterService {
         if !self.leads() {
             return Ok(Response::new(self.forward().await?.heartbeat(&worker_id).await?));
         }
-        let state = self.store.read(REQUEST_TIMEOUT).await.map_err(status_of)?;
+        let state = self.store.read(REQUEST_TIMEOUT).await.map_err(Status::from)?;
         if !state.workers.get(&worker_id).is_some_and(|w| w.alive) {
             return Err(Status::not_found(format!("worker {worker_id:?} has no lease: register again")));
         }
@@ -303,7 +290,7 @@ impl Cluster for ClusterService {
             }
             // etcd's members, leader and term; the log's head as the commit index.
             Lead::Etcd { store, url, .. } => {
-                let s = store.status().await.map_err(|e| status_of(e.into()))?;
+                let s = store.status().await.map_err(Status::from)?;
                 let members: Vec<Member> = (s.members.iter())
                     .map(|m| Member { id: m.id, addr: m.client_urls.first().cloned().unwrap_or_default() })
                     .collect();
@@ -348,10 +335,9 @@ impl Cluster for ClusterService {
             return Err(Status::invalid_argument("the change would leave no member"));
         }
         let (replica, remove) = (replica.clone(), req.remove);
-        let voters = tokio::task::spawn_blocking(move || replica.change_members(&add, &remove, REQUEST_TIMEOUT))
-            .await
-            .unwrap_or(Err(ReplicaError::Stopped))
-            .map_err(|e| status_of(e.into()))?;
+        let voters =
+            joined(tokio::task::spawn_blocking(move || replica.change_members(&add, &remove, REQUEST_TIMEOUT)).await)
+                .map_err(Status::from)?;
         Ok(Response::new(Members { members: book.members(&voters) }))
     }
 
@@ -445,13 +431,12 @@ pub struct Options {
 const ETCD_PREFIX: &str = "/tandem";
 
 /// Runs a coordinator until `shutdown` resolves.
-pub async fn serve(
-    opts: Options,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn serve(opts: Options, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
     let id = opts.id;
-    let own = opts.peers.get(&id).ok_or_else(|| format!("coordinator {id} is not among the peers"))?.clone();
-    let addr: SocketAddr = own.parse().map_err(|e| format!("address of coordinator {id}: {e}"))?;
+    let own = opts.peers.get(&id).ok_or_else(|| Error::Invalid(format!("coordinator {id} is not among the peers")))?;
+    let own = own.clone();
+    let addr: SocketAddr =
+        own.parse().map_err(|e| Error::Invalid(format!("address of coordinator {id} ({own:?}): {e}")))?;
     let mut server = tonic::transport::Server::builder();
     let (store, lead, raft) = match opts.etcd {
         Some(url) => {
@@ -477,7 +462,8 @@ pub async fn serve(
     let (http, api) = match opts.http {
         Some(http) => {
             let addr = http.addr;
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--http {addr}: {e}"))?;
+            let listener = (tokio::net::TcpListener::bind(addr).await)
+                .map_err(|e| Error::Unavailable(format!("--http {addr}: {e}")))?;
             let gateway = Gateway::new(store.clone(), ClusterClient::new(&own)?, &http);
             let api = gateway::api_server(gateway.clone());
             let stopped = async move {
@@ -498,11 +484,13 @@ pub async fn serve(
         .add_service(ClusterServer::new(cluster))
         .add_optional_service(api)
         .serve_with_shutdown(addr, shutdown)
-        .await?;
+        .await
+        .map_err(|e| Error::Unavailable(format!("serving gRPC on {addr}: {e}")))?;
     monitor.abort();
     let _ = stop_http.send(());
     if let Some(http) = http {
-        http.await??;
+        let served = http.await.map_err(|e| Error::Internal(format!("the HTTP gateway's task: {e}")))?;
+        served.map_err(|e| Error::Unavailable(format!("the HTTP gateway: {e}")))?;
     }
     Ok(())
 }

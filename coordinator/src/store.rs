@@ -5,17 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::etcd_store::{EtcdError, EtcdStore};
-use crate::replica::{Replica, ReplicaError};
+use crate::error::{Error, Result, joined};
+use crate::etcd_store::EtcdStore;
+use crate::replica::Replica;
 use tandem_proto::contract::{ClusterState, Proposal, Reply};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error(transparent)]
-    Raft(#[from] ReplicaError),
-    #[error(transparent)]
-    Etcd(#[from] EtcdError),
-}
 
 #[derive(Clone)]
 pub enum Store {
@@ -25,29 +18,29 @@ pub enum Store {
 
 impl Store {
     /// Proposes `p`, waits until it is applied and returns what applying it returned.
-    pub async fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply, StoreError> {
+    pub async fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply> {
         match self {
             Store::Raft(replica) => {
                 let replica = replica.clone();
                 let r = tokio::task::spawn_blocking(move || replica.propose(p, timeout)).await;
-                Ok(r.unwrap_or(Err(ReplicaError::Stopped))?)
+                joined(r)
             }
             Store::Etcd(etcd) => {
-                Ok(tokio::time::timeout(timeout, etcd.propose(p)).await.map_err(|_| EtcdError::Timeout)??)
+                tokio::time::timeout(timeout, etcd.propose(p)).await.map_err(|_| Error::Timeout("etcd"))?
             }
         }
     }
 
     /// A linearizable read: the state with everything acknowledged before the call applied.
-    pub async fn read(&self, timeout: Duration) -> Result<ClusterState, StoreError> {
+    pub async fn read(&self, timeout: Duration) -> Result<ClusterState> {
         match self {
             Store::Raft(replica) => {
                 let replica = replica.clone();
                 let r = tokio::task::spawn_blocking(move || replica.read(timeout)).await;
-                Ok(r.unwrap_or(Err(ReplicaError::Stopped))?)
+                joined(r)
             }
             Store::Etcd(etcd) => {
-                Ok(tokio::time::timeout(timeout, etcd.read()).await.map_err(|_| EtcdError::Timeout)??)
+                tokio::time::timeout(timeout, etcd.read()).await.map_err(|_| Error::Timeout("etcd"))?
             }
         }
     }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tandem_coordinator::replica::ReplicaError;
+use tandem_coordinator::Error;
 use tandem_proto::contract::{Command, Proposal, Reply};
 use tandem_testkit::{FAST, Replicas, WAIT};
 
@@ -36,7 +36,7 @@ fn a_three_replica_group_elects_commits_fails_over_and_recovers() {
     assert_eq!(replicas[first].propose(model("a"), WAIT).unwrap(), Reply::Done);
     let follower = (1..=3).find(|&id| id != first).unwrap();
     match replicas[follower].propose(model("b"), WAIT) {
-        Err(ReplicaError::NotLeader { leader }) => assert_eq!(leader, first),
+        Err(Error::NotLeader { leader }) => assert_eq!(leader, first),
         other => panic!("{other:?}"),
     }
     for id in replicas.ids() {
@@ -71,7 +71,7 @@ fn an_isolated_replica_steps_down_and_answers_no_read() {
     assert_eq!(replicas[new].propose(model("b"), WAIT).unwrap(), Reply::Done);
     // No split brain: the isolated replica neither accepts writes nor serves reads.
     assert!(replicas[old].propose(model("x"), Duration::from_millis(300)).is_err());
-    assert!(matches!(replicas[old].read(Duration::from_millis(500)), Err(ReplicaError::Timeout)));
+    assert!(matches!(replicas[old].read(Duration::from_millis(500)), Err(Error::Timeout(_))));
     // Callers that gave up are forgotten, not kept until the partition heals.
     std::thread::sleep(FAST.tick * 3);
     assert_eq!(replicas[old].status().waiting, 0);

@@ -3,8 +3,9 @@
 use crate::{DType, Device};
 
 /// Why a kernel call was refused or failed. Every variant names the op (or operation) so a
-/// message reads on its own in a log.
-#[derive(Debug, thiserror::Error)]
+/// message reads on its own in a log. Cloneable, so a failure found once (a missing CUDA
+/// library) is answered to every later call.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// Shapes that do not fit together (or a shape that does not match the data).
     #[error("{op}: shape mismatch: {msg}")]

@@ -29,7 +29,8 @@ pub enum Error {
     Unsupported(String),
 
     /// A request that cannot be served as given (unknown adapter, a prompt longer than the
-    /// context, a bad sampling parameter).
+    /// context, a bad sampling parameter, a training example or an adapter config that breaks
+    /// its format).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 

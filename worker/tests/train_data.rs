@@ -182,12 +182,20 @@ fn bad_lines_name_the_line_and_the_field() {
     }
 }
 
+/// The message of a line that is not a valid example (an invalid request, not another kind).
+fn invalid(err: Error) -> String {
+    match err {
+        Error::InvalidRequest(msg) => msg,
+        other => panic!("expected an invalid request, got {other:?}"),
+    }
+}
+
 #[test]
 fn too_long_is_an_error() {
     let line = json!({"prompt": "a b c d e f g", "completion": " h i j"}).to_string();
     let len = parse_example(&line, tokenizer(), MAX).unwrap().tokens.len();
     assert_eq!(parse_example(&line, tokenizer(), len).unwrap().tokens.len(), len);
-    let err = parse_example(&line, tokenizer(), len - 1).unwrap_err();
+    let err = invalid(parse_example(&line, tokenizer(), len - 1).unwrap_err());
     assert_eq!(err, format!("{len} tokens, longer than the maximum sequence length {}", len - 1));
 }
 
@@ -221,12 +229,12 @@ fn templates_that_cannot_be_split_are_errors() {
     let counting = load_tokenizer("counting", |c| {
         c["chat_template"] = json!("{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     });
-    let err = parse_example(&line.to_string(), &counting, MAX).unwrap_err();
+    let err = invalid(parse_example(&line.to_string(), &counting, MAX).unwrap_err());
     assert!(err.contains("`messages`: the chat template does not render the conversation incrementally"), "{err}");
     let no_template = load_tokenizer("no-template", |c| {
         c.as_object_mut().unwrap().remove("chat_template");
     });
-    let err = parse_example(&line.to_string(), &no_template, MAX).unwrap_err();
+    let err = invalid(parse_example(&line.to_string(), &no_template, MAX).unwrap_err());
     assert!(err.starts_with("`messages`: ") && err.contains("no chat template"), "{err}");
 }
 

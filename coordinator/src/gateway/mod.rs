@@ -179,7 +179,7 @@ impl Gateway {
     /// The state, read linearizably (and kept as the view).
     async fn state(&self) -> Result<Arc<ClusterState>, ApiError> {
         let state = self.store.read(READ_TIMEOUT).await;
-        let state = Arc::new(state.map_err(|e| ApiError::unavailable(format!("the cluster's state: {e}")))?);
+        let state = Arc::new(state.map_err(|e| ApiError::cluster("the cluster's state", e))?);
         self.view.offer(state.clone());
         Ok(state)
     }
@@ -193,10 +193,7 @@ impl Gateway {
                 let _ = self.state().await;
                 Ok(reply)
             }
-            Err(tandem_proto::ClientError::Invalid(why)) => {
-                Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", why))
-            }
-            Err(e) => Err(ApiError::unavailable(format!("the cluster could not record it: {e}"))),
+            Err(e) => Err(ApiError::cluster("the cluster could not record it", e.into())),
         }
     }
 
@@ -277,7 +274,7 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
             let alive = state.workers.values().filter(|w| w.alive).count();
             axum::Json(json!({"status": "ok", "workers_alive": alive})).into_response()
         }
-        Err(e) => ApiError::unavailable(format!("no quorum: {e}")).into_response(),
+        Err(e) => ApiError::cluster("no quorum", e).into_response(),
     }
 }
 

@@ -1,6 +1,8 @@
 //! OpenAI's request and error shapes, as the gateway reads and writes them. Requests are parsed
 //! by hand from the body (not by axum's extractor) so that every mistake gets OpenAI's error
-//! body; fields the gateway does not use are ignored, as OpenAI does.
+//! body; fields the gateway does not use are ignored, as OpenAI does. [`ApiError`] is that body
+//! on the wire; where a failure of the cluster reaches a client, it is made from the crate's
+//! [`Error`] ([`ApiError::cluster`]).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -8,6 +10,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
+
+use crate::Error;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]
@@ -33,6 +37,18 @@ impl ApiError {
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// The cluster below the gateway failed with `e` while doing `what`: a request it finds
+    /// invalid is a 400, what does not exist a 404, a refusal a 409, and anything else means it
+    /// cannot serve the request now (503).
+    pub fn cluster(what: &str, e: Error) -> Self {
+        match e {
+            Error::Invalid(m) => Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", m),
+            Error::NotFound(m) => Self::not_found("not_found", m),
+            Error::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            other => Self::unavailable(format!("{what}: {other}")),
+        }
     }
 
     /// Another tenant's model is not found either: its name says nothing.

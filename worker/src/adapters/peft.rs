@@ -39,6 +39,16 @@ pub struct LoraAdapter {
     pub config: Value,
 }
 
+/// A field of `adapter_config.json` that is malformed.
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidRequest(msg.into())
+}
+
+/// A field of `adapter_config.json` that is well formed but not supported.
+fn unsupported(msg: impl Into<String>) -> Error {
+    Error::Unsupported(msg.into())
+}
+
 /// The fields of `adapter_config.json` Tandem acts on.
 struct PeftConfig {
     r: usize,
@@ -62,18 +72,19 @@ enum Targets {
 }
 
 impl Targets {
-    fn parse(v: &Value, field: &str) -> std::result::Result<Targets, String> {
+    fn parse(v: &Value, field: &str) -> Result<Targets> {
         match v {
             Value::String(s) if s == "all-linear" => Ok(Targets::AllLinear),
-            Value::String(s) => {
-                Regex::new(&format!("^(?:{s})$")).map(Targets::Regex).map_err(|e| format!("`{field}` regex: {e}"))
-            }
+            Value::String(s) => (Regex::new(&format!("^(?:{s})$")).map(Targets::Regex))
+                .map_err(|e| invalid(format!("`{field}` regex: {e}"))),
             Value::Array(a) => a
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| format!("`{field}` entries must be strings")))
-                .collect::<std::result::Result<_, _>>()
+                .map(|x| {
+                    x.as_str().map(str::to_string).ok_or_else(|| invalid(format!("`{field}` entries must be strings")))
+                })
+                .collect::<Result<_>>()
                 .map(Targets::Names),
-            other => Err(format!("`{field}` must be a list, a regex string or \"all-linear\", got {other}")),
+            other => Err(invalid(format!("`{field}` must be a list, a regex string or \"all-linear\", got {other}"))),
         }
     }
 
@@ -88,19 +99,22 @@ impl Targets {
 }
 
 impl PeftConfig {
-    fn parse(raw: &Value) -> std::result::Result<PeftConfig, String> {
-        let obj = raw.as_object().ok_or("the file is not a JSON object")?;
+    /// The config in `raw`: a field Tandem does not support (at a value that changes the math)
+    /// is [`Error::Unsupported`], a malformed one [`Error::InvalidRequest`]; the message names
+    /// the field.
+    fn parse(raw: &Value) -> Result<PeftConfig> {
+        let obj = raw.as_object().ok_or_else(|| invalid("the file is not a JSON object"))?;
         let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
         if let Some(t) = get("peft_type").and_then(Value::as_str)
             && t != "LORA"
         {
-            return Err(format!("`peft_type` is {t:?}; only LORA adapters are supported"));
+            return Err(invalid(format!("`peft_type` is {t:?}; only LORA adapters are supported")));
         }
         // Fields that change the math: refused unless at their no-op value, never ignored.
         let refuse_true = ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"];
         for k in refuse_true {
             if get(k).and_then(Value::as_bool) == Some(true) {
-                return Err(format!("`{k}: true` is not supported"));
+                return Err(unsupported(format!("`{k}: true` is not supported")));
             }
         }
         for k in ["modules_to_save", "layer_replication", "trainable_token_indices"] {
@@ -108,38 +122,45 @@ impl PeftConfig {
                 None => {}
                 Some(Value::Array(a)) if a.is_empty() => {}
                 Some(Value::Object(o)) if o.is_empty() => {}
-                Some(v) => return Err(format!("`{k}` is not supported (got {v})")),
+                Some(v) => return Err(unsupported(format!("`{k}` is not supported (got {v})"))),
             }
         }
         if let Some(b) = get("bias").and_then(Value::as_str)
             && b != "none"
         {
-            return Err(format!("`bias: {b:?}` is not supported (only \"none\")"));
+            return Err(unsupported(format!("`bias: {b:?}` is not supported (only \"none\")")));
         }
-        let r = get("r").and_then(Value::as_u64).ok_or("`r` is missing or not an integer")? as usize;
+        let r = get("r").and_then(Value::as_u64).ok_or_else(|| invalid("`r` is missing or not an integer"))? as usize;
         let alpha = get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0) as f32;
-        let targets = Targets::parse(get("target_modules").ok_or("`target_modules` is missing")?, "target_modules")?;
+        let target_modules = get("target_modules").ok_or_else(|| invalid("`target_modules` is missing"))?;
+        let targets = Targets::parse(target_modules, "target_modules")?;
         let exclude = get("exclude_modules").map(|v| Targets::parse(v, "exclude_modules")).transpose()?;
         let layers = match get("layers_to_transform") {
             None => None,
             Some(Value::Number(n)) => {
-                Some(vec![n.as_u64().ok_or("`layers_to_transform` must be non-negative")? as usize])
+                Some(vec![n.as_u64().ok_or_else(|| invalid("`layers_to_transform` must be non-negative"))? as usize])
             }
             Some(Value::Array(a)) => Some(
                 a.iter()
-                    .map(|v| v.as_u64().map(|n| n as usize).ok_or("`layers_to_transform` entries must be integers"))
-                    .collect::<std::result::Result<_, _>>()?,
+                    .map(|v| {
+                        let n = v.as_u64().ok_or_else(|| invalid("`layers_to_transform` entries must be integers"))?;
+                        Ok(n as usize)
+                    })
+                    .collect::<Result<_>>()?,
             ),
-            Some(v) => return Err(format!("`layers_to_transform` must be an integer or a list, got {v}")),
+            Some(v) => return Err(invalid(format!("`layers_to_transform` must be an integer or a list, got {v}"))),
         };
-        let pattern = |k: &str| -> std::result::Result<Vec<(String, f64)>, String> {
+        let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
             match get(k) {
                 None => Ok(Vec::new()),
                 Some(Value::Object(o)) => o
                     .iter()
-                    .map(|(key, v)| v.as_f64().map(|x| (key.clone(), x)).ok_or(format!("`{k}.{key}` must be a number")))
+                    .map(|(key, v)| {
+                        let x = v.as_f64().ok_or_else(|| invalid(format!("`{k}.{key}` must be a number")))?;
+                        Ok((key.clone(), x))
+                    })
                     .collect(),
-                Some(v) => Err(format!("`{k}` must be an object, got {v}")),
+                Some(v) => Err(invalid(format!("`{k}` must be an object, got {v}"))),
             }
         };
         Ok(PeftConfig {
@@ -155,9 +176,12 @@ impl PeftConfig {
                 None => Vec::new(),
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|v| v.as_str().map(str::to_string).ok_or("`target_parameters` entries must be strings"))
-                    .collect::<std::result::Result<_, _>>()?,
-                Some(v) => return Err(format!("`target_parameters` must be a list, got {v}")),
+                    .map(|v| {
+                        let name = v.as_str().ok_or_else(|| invalid("`target_parameters` entries must be strings"))?;
+                        Ok(name.to_string())
+                    })
+                    .collect::<Result<_>>()?,
+                Some(v) => return Err(invalid(format!("`target_parameters` must be a list, got {v}"))),
             },
         })
     }
@@ -186,9 +210,10 @@ impl LoraAdapter {
     pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
         let config_path = dir.join("adapter_config.json");
         let raw: Value = read_json(&config_path)?;
-        let peft = PeftConfig::parse(&raw).map_err(|msg| match msg.contains("not supported") {
-            true => Error::Unsupported(format!("{}: {msg}", config_path.display())),
-            false => Error::Json { path: config_path.clone(), msg },
+        let peft = PeftConfig::parse(&raw).map_err(|e| match e {
+            Error::Unsupported(msg) => Error::Unsupported(format!("{}: {msg}", config_path.display())),
+            Error::InvalidRequest(msg) => Error::Json { path: config_path.clone(), msg },
+            other => other,
         })?;
         let file = SafetensorsFile::open(&dir.join("adapter_model.safetensors"))?;
         let where_ = file.path().display().to_string();
@@ -241,7 +266,10 @@ impl LoraAdapter {
     /// `adapter_config.json` value) targets in `cfg`, `A` uniform in ±1/sqrt(in) (PyTorch's
     /// Kaiming-uniform with a = sqrt(5)) and `B` zero, so training starts from the base model.
     pub fn init(cfg: &ModelConfig, config: Value, rng: &mut Xoshiro256) -> Result<Self> {
-        let peft = PeftConfig::parse(&config).map_err(Error::InvalidRequest)?;
+        let peft = PeftConfig::parse(&config).map_err(|e| match e {
+            Error::Unsupported(msg) => Error::InvalidRequest(msg),
+            other => other,
+        })?;
         if !peft.target_parameters.is_empty() {
             return Err(Error::Unsupported("training an adapter of fused expert parameters".into()));
         }

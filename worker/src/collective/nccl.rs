@@ -103,11 +103,11 @@ impl NcclId {
     /// usual maker).
     pub fn new() -> Result<NcclId, CollectiveError> {
         let setup = |detail: String| CollectiveError::Setup { rank: 0, detail };
-        nccl_library().map_err(setup)?;
-        let raw = guarded("ncclGetUniqueId", || {
-            nccl::get_uniqueid().map_err(|e| describe("ncclGetUniqueId", e.0 as u32, std::ptr::null_mut()))
-        })
-        .map_err(setup)?;
+        nccl_library().map_err(|missing| setup(missing.to_string()))?;
+        let raw = guarded("ncclGetUniqueId", 0, || {
+            (nccl::get_uniqueid())
+                .map_err(|e| setup(describe("ncclGetUniqueId", e.0 as u32, std::ptr::null_mut()).to_string()))
+        })?;
         Ok(NcclId(raw.internal.map(|c| c as u8)))
     }
 
@@ -239,11 +239,12 @@ impl NcclCollective {
         if rank >= world || i32::try_from(world).is_err() {
             return Err(setup(format!("rank {rank} is not a rank of a group of {world}")));
         }
-        let missing: Vec<String> = [driver_library(), nccl_library()].into_iter().filter_map(Result::err).collect();
+        let missing: Vec<String> =
+            [driver_library(), nccl_library()].into_iter().filter_map(Result::err).map(|e| e.to_string()).collect();
         if !missing.is_empty() {
             return Err(setup(missing.join("; ")));
         }
-        guarded("NCCL set-up", || NcclCollective::init(rank, world, id, device_ordinal, &options)).map_err(setup)
+        guarded("NCCL set-up", rank, || NcclCollective::init(rank, world, id, device_ordinal, &options))
     }
 
     fn init(
@@ -252,11 +253,12 @@ impl NcclCollective {
         id: NcclId,
         ordinal: usize,
         options: &CollectiveOptions,
-    ) -> Result<NcclCollective, String> {
-        let cuda = |what: &'static str| move |e: DriverError| format!("cuda:{ordinal}: {what}: {e}");
+    ) -> Result<NcclCollective, CollectiveError> {
+        let setup = |detail: String| CollectiveError::Setup { rank, detail };
+        let cuda = |what: &'static str| move |e: DriverError| setup(format!("cuda:{ordinal}: {what}: {e}"));
         let count = CudaContext::device_count().map_err(cuda("counting devices"))?;
         if ordinal >= count.max(0) as usize {
-            return Err(format!("cuda:{ordinal} does not exist ({count} CUDA devices)"));
+            return Err(setup(format!("cuda:{ordinal} does not exist ({count} CUDA devices)")));
         }
         let version = nccl::get_nccl_version()
             .map_or_else(|_| "unknown".to_string(), |v| format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100));
@@ -266,8 +268,9 @@ impl NcclCollective {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
         ctx.bind_to_thread().map_err(cuda("binding the context"))?;
-        let comm = init_comm(rank, world, id, options.setup_timeout)
-            .map_err(|e| format!("cuda:{ordinal}, NCCL {version}: {e}"))?;
+        let comm = init_comm(rank, world, id, options.setup_timeout, |detail| {
+            setup(format!("cuda:{ordinal}, NCCL {version}: {detail}"))
+        })?;
         Ok(NcclCollective {
             rank,
             world,
@@ -707,7 +710,7 @@ impl Step<'_> {
             match async_state(self.comm) {
                 Ok(false) => return Ok(()),
                 Ok(true) => {}
-                Err(text) => return Err(self.fail(format!("{name}: {text}"))),
+                Err(fault) => return Err(self.fail(format!("{name}: {fault}"))),
             }
             if Instant::now() >= deadline {
                 return Err(self.time_out(format!("{name} to be enqueued (connecting to the peers)")));
@@ -725,7 +728,7 @@ impl Step<'_> {
         loop {
             let done = event.try_is_complete().map_err(|e| self.fail(format!("CUDA: {name}: {e}")))?;
             match async_state(self.comm) {
-                Err(text) => return Err(self.fail(format!("{name}: {text}"))),
+                Err(fault) => return Err(self.fail(format!("{name}: {fault}"))),
                 Ok(_) if done => return Ok(()),
                 Ok(_) => {}
             }
@@ -738,9 +741,9 @@ impl Step<'_> {
 
     /// Aborts the communicator at once (so this call's kernels stop before its buffers are
     /// freed) and returns the failure.
-    fn fail(&self, text: String) -> Failure {
+    fn fail(&self, cause: impl fmt::Display) -> Failure {
         self.abort_now();
-        Failure::Failed(text)
+        Failure::Failed(cause.to_string())
     }
 
     fn time_out(&self, waiting_for: String) -> Failure {
@@ -807,7 +810,7 @@ const NCCL_IN_PROGRESS: u32 = 7;
 
 /// Whether the communicator is still busy (`Ok(true)`: set-up or an enqueue in progress), or
 /// the error it is in.
-fn async_state(comm: sys::ncclComm_t) -> Result<bool, String> {
+fn async_state(comm: sys::ncclComm_t) -> Result<bool, NcclFault> {
     let mut code: u32 = NCCL_SUCCESS;
     // SAFETY: `comm` is live; NCCL writes one `ncclResult_t` (a C enum, 4 bytes) into `code`,
     // read as an integer so that a code this binding does not know is not undefined behaviour.
@@ -822,18 +825,39 @@ fn async_state(comm: sys::ncclComm_t) -> Result<bool, String> {
     }
 }
 
+/// An NCCL call that failed: NCCL's result code, and the communicator's last error message
+/// (empty when it has none).
+#[derive(Debug)]
+struct NcclFault {
+    call: &'static str,
+    code: u32,
+    last: String,
+}
+
+impl fmt::Display for NcclFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.code {
+            1 => "unhandled CUDA error",
+            2 => "system error (a socket or system call failed; in a collective, often a peer that died)",
+            3 => "internal error",
+            4 => "invalid argument",
+            5 => "invalid usage",
+            6 => "remote error (a peer failed or left the group)",
+            8 => "timeout",
+            _ => "error",
+        };
+        write!(f, "NCCL {}: {kind} (code {})", self.call, self.code)?;
+        if !self.last.is_empty() {
+            write!(f, ": {}", self.last)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for NcclFault {}
+
 /// NCCL's error `code` from `call`, with the communicator's last error message.
-fn describe(call: &str, code: u32, comm: sys::ncclComm_t) -> String {
-    let kind = match code {
-        1 => "unhandled CUDA error",
-        2 => "system error (a socket or system call failed; in a collective, often a peer that died)",
-        3 => "internal error",
-        4 => "invalid argument",
-        5 => "invalid usage",
-        6 => "remote error (a peer failed or left the group)",
-        8 => "timeout",
-        _ => "error",
-    };
+fn describe(call: &'static str, code: u32, comm: sys::ncclComm_t) -> NcclFault {
     // SAFETY: returns null or a NUL-terminated string that NCCL keeps; `comm` is live or null
     // (NCCL then reports this thread's last error).
     let last = unsafe { sys::ncclGetLastError(comm) };
@@ -841,10 +865,9 @@ fn describe(call: &str, code: u32, comm: sys::ncclComm_t) -> String {
         String::new()
     } else {
         // SAFETY: non-null and NUL-terminated (above); copied at once.
-        let text = unsafe { CStr::from_ptr(last) }.to_string_lossy().trim().to_string();
-        if text.is_empty() { String::new() } else { format!(": {text}") }
+        unsafe { CStr::from_ptr(last) }.to_string_lossy().trim().to_string()
     };
-    format!("NCCL {call}: {kind} (code {code}){last}")
+    NcclFault { call, code, last }
 }
 
 /// Aborts a communicator (local: frees its resources and stops its kernels, never waits for
@@ -887,22 +910,29 @@ fn nonblocking_config() -> sys::ncclConfig_t {
 }
 
 /// Joins the group (`ncclCommInitRankConfig`, non-blocking) and polls until every rank has, or
-/// `setup_timeout` has passed. The calling thread has the device's context bound.
-fn init_comm(rank: usize, world: usize, id: NcclId, setup_timeout: Duration) -> Result<Comm, String> {
+/// `setup_timeout` has passed; a failure is the set-up error `setup` makes of its detail. The
+/// calling thread has the device's context bound.
+fn init_comm(
+    rank: usize,
+    world: usize,
+    id: NcclId,
+    setup_timeout: Duration,
+    setup: impl Fn(String) -> CollectiveError,
+) -> Result<Comm, CollectiveError> {
     let mut config = nonblocking_config();
     let mut comm: sys::ncclComm_t = std::ptr::null_mut();
     // SAFETY: `comm` and `config` outlive the call and the set-up polled below; `world` fits an
     // i32 (checked by the caller) and `rank < world`.
     let started = unsafe { nccl::comm_init_rank_config(&mut comm, world as i32, id.raw(), rank as i32, &mut config) };
     if let Err(e) = started {
-        let text = describe("ncclCommInitRankConfig", e.0 as u32, comm);
+        let fault = describe("ncclCommInitRankConfig", e.0 as u32, comm);
         if !comm.is_null() {
             abort(Comm(comm));
         }
-        return Err(text);
+        return Err(setup(fault.to_string()));
     }
     if comm.is_null() {
-        return Err("ncclCommInitRankConfig returned no communicator".into());
+        return Err(setup("ncclCommInitRankConfig returned no communicator".into()));
     }
     let comm = Comm(comm);
     let deadline = Instant::now() + setup_timeout;
@@ -911,17 +941,17 @@ fn init_comm(rank: usize, world: usize, id: NcclId, setup_timeout: Duration) -> 
         match async_state(comm.0) {
             Ok(false) => return Ok(comm),
             Ok(true) => {}
-            Err(text) => {
+            Err(fault) => {
                 abort(comm);
-                return Err(format!("joining the group of {world}: {text}"));
+                return Err(setup(format!("joining the group of {world}: {fault}")));
             }
         }
         if Instant::now() >= deadline {
             abort(comm);
-            return Err(format!(
+            return Err(setup(format!(
                 "the group of {world} did not form within {setup_timeout:?}: a rank never came, the ranks \
                  were given different ids or world sizes, or the id's maker is unreachable"
-            ));
+            )));
         }
         backoff.wait();
     }
@@ -947,8 +977,21 @@ const NCCL_SYMBOLS: [&str; 14] = [
     "ncclGroupEnd",
 ];
 
-fn nccl_library() -> Result<(), String> {
-    static NCCL: OnceLock<Result<(), String>> = OnceLock::new();
+/// A CUDA or NCCL library that cannot be used: not found, failing to load, or without the
+/// functions this module calls; the message says which and how to fix it.
+#[derive(Clone, Debug)]
+struct MissingLibrary(String);
+
+impl fmt::Display for MissingLibrary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MissingLibrary {}
+
+fn nccl_library() -> Result<(), MissingLibrary> {
+    static NCCL: OnceLock<Result<(), MissingLibrary>> = OnceLock::new();
     NCCL.get_or_init(|| {
         probe(
             &["nccl"],
@@ -960,8 +1003,8 @@ fn nccl_library() -> Result<(), String> {
     .clone()
 }
 
-fn driver_library() -> Result<(), String> {
-    static DRIVER: OnceLock<Result<(), String>> = OnceLock::new();
+fn driver_library() -> Result<(), MissingLibrary> {
+    static DRIVER: OnceLock<Result<(), MissingLibrary>> = OnceLock::new();
     DRIVER
         .get_or_init(|| probe(&["cuda", "nvcuda"], "the CUDA driver (libcuda)", &[], "install the NVIDIA driver"))
         .clone()
@@ -969,7 +1012,7 @@ fn driver_library() -> Result<(), String> {
 
 /// Looks for a library with the file names cudarc tries, in its order, and checks that the one
 /// cudarc will open has `symbols`.
-fn probe(names: &[&str], what: &str, symbols: &[&str], fix: &str) -> Result<(), String> {
+fn probe(names: &[&str], what: &str, symbols: &[&str], fix: &str) -> Result<(), MissingLibrary> {
     let mut candidates: Vec<String> = Vec::new();
     for name in names.iter().flat_map(|n| cudarc::get_lib_name_candidates(n)) {
         if !candidates.contains(&name) {
@@ -993,10 +1036,10 @@ fn probe(names: &[&str], what: &str, symbols: &[&str], fix: &str) -> Result<(), 
                 if missing.is_empty() {
                     return Ok(());
                 }
-                return Err(format!(
+                return Err(MissingLibrary(format!(
                     "{what} at {name} lacks {missing:?} (NCCL 2.14 or newer is needed); {fix} and make sure \
                      its directory comes first on LD_LIBRARY_PATH"
-                ));
+                )));
             }
             Err(e) => {
                 // libloading's message is "dlopen failed"; the reason is its source.
@@ -1016,15 +1059,18 @@ fn probe(names: &[&str], what: &str, symbols: &[&str], fix: &str) -> Result<(), 
                 .into();
         }
     }
-    Err(format!(
+    Err(MissingLibrary(format!(
         "{what} could not be loaded (tried {candidates:?}: {why}){hint}; {fix} and make sure its directory \
          is on LD_LIBRARY_PATH"
-    ))
+    )))
 }
 
-/// Runs `f`, turning a panic (cudarc panics on a library or symbol it cannot load) into an error.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| Err(format!("{what} panicked: {}", panic_text(&*panic))))
+/// Runs the set-up step `f` of rank `rank`, turning a panic (cudarc panics on a library or
+/// symbol it cannot load) into a set-up error.
+fn guarded<T>(what: &str, rank: usize, f: impl FnOnce() -> Result<T, CollectiveError>) -> Result<T, CollectiveError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        Err(CollectiveError::Setup { rank, detail: format!("{what} panicked: {}", panic_text(&*panic)) })
+    })
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {

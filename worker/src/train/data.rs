@@ -59,9 +59,9 @@ pub fn check_jsonl(name: &Path, bytes: &[u8]) -> Result<u64> {
     Ok(examples)
 }
 
-/// Calls `f` on each non-blank line; an error names the file and the 1-based line. An empty
-/// file is an error.
-fn for_each_line(path: &Path, bytes: &[u8], mut f: impl FnMut(&str) -> std::result::Result<(), String>) -> Result<()> {
+/// Calls `f` on each non-blank line; an error becomes an [`Error::Data`] that names the file and
+/// the 1-based line. An empty file is an error.
+fn for_each_line(path: &Path, bytes: &[u8], mut f: impl FnMut(&str) -> Result<()>) -> Result<()> {
     // Editors on Windows may start the file with a byte-order mark, which is not JSON.
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let error = |line, msg| Error::Data { path: path.to_path_buf(), line, msg };
@@ -70,7 +70,10 @@ fn for_each_line(path: &Path, bytes: &[u8], mut f: impl FnMut(&str) -> std::resu
     for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = std::str::from_utf8(line).map_err(|e| error(index + 1, format!("not UTF-8 text: {e}")))?;
         if !line.trim().is_empty() {
-            f(line).map_err(|msg| error(index + 1, msg))?;
+            f(line).map_err(|e| match e {
+                Error::InvalidRequest(msg) => error(index + 1, msg),
+                other => error(index + 1, other.to_string()),
+            })?;
             any = true;
         }
     }
@@ -81,39 +84,41 @@ fn for_each_line(path: &Path, bytes: &[u8], mut f: impl FnMut(&str) -> std::resu
 }
 
 /// The checks of [`parse_example`] that need no tokenizer.
-fn check_example(line: &str) -> std::result::Result<(), String> {
+fn check_example(line: &str) -> Result<()> {
     let object = json_object(line)?;
     if object.contains_key("messages") {
         parse_messages(&object).map(drop)
     } else if object.contains_key("prompt") || object.contains_key("completion") {
         prompt_completion(&object).map(drop)
     } else {
-        Err(FORMATS.into())
+        Err(bad(FORMATS))
     }
 }
 
 const FORMATS: &str = "expected `messages` (chat format) or `prompt` and `completion`";
 
-fn json_object(line: &str) -> std::result::Result<Map<String, Value>, String> {
-    match serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))? {
+/// A line that is not a valid example; the message names the field.
+fn bad(msg: impl Into<String>) -> Error {
+    Error::InvalidRequest(msg.into())
+}
+
+fn json_object(line: &str) -> Result<Map<String, Value>> {
+    match serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))? {
         Value::Object(object) => Ok(object),
-        value => Err(format!("expected a JSON object, got {}", describe(&value))),
+        value => Err(bad(format!("expected a JSON object, got {}", describe(&value)))),
     }
 }
 
-/// Parses one JSONL line (used by load_jsonl and by the HTTP gateway to validate uploads).
-pub fn parse_example(
-    line: &str,
-    tokenizer: &TextTokenizer,
-    max_seq_len: usize,
-) -> std::result::Result<Example, String> {
+/// Parses one JSONL line (used by load_jsonl). A line that is not a valid example is an
+/// [`Error::InvalidRequest`] naming the field; a tokenizer that fails is its own error.
+pub fn parse_example(line: &str, tokenizer: &TextTokenizer, max_seq_len: usize) -> Result<Example> {
     let object = json_object(line)?;
     let sequence = if object.contains_key("messages") {
         chat_sequence(&object, tokenizer)?
     } else if object.contains_key("prompt") || object.contains_key("completion") {
         completion_sequence(&object, tokenizer)?
     } else {
-        return Err(FORMATS.into());
+        return Err(bad(FORMATS));
     };
     sequence.into_example(max_seq_len)
 }
@@ -133,32 +138,32 @@ impl Sequence {
 
     /// Appends `text` tokenized on its own. Special tokens in it (`<|im_start|>`) are recognized;
     /// none are added, as chat-template text already holds them.
-    fn push_text(&mut self, tokenizer: &TextTokenizer, text: &str, loss: bool) -> std::result::Result<(), String> {
-        self.push(&tokenizer.encode(text, false).map_err(|e| e.to_string())?, loss);
+    fn push_text(&mut self, tokenizer: &TextTokenizer, text: &str, loss: bool) -> Result<()> {
+        self.push(&tokenizer.encode(text, false)?, loss);
         Ok(())
     }
 
     /// Shifts the marks onto targets: position i predicts token i + 1, so a loss token at the very
     /// start (nothing before it) cannot be learned, and the last position has no target.
-    fn into_example(self, max_seq_len: usize) -> std::result::Result<Example, String> {
+    fn into_example(self, max_seq_len: usize) -> Result<Example> {
         let len = self.tokens.len();
         if len > max_seq_len {
-            return Err(format!("{len} tokens, longer than the maximum sequence length {max_seq_len}"));
+            return Err(bad(format!("{len} tokens, longer than the maximum sequence length {max_seq_len}")));
         }
         let next = self.tokens.iter().zip(&self.loss).skip(1);
         let mut targets = next
             .map(|(&id, &loss)| {
                 if loss {
-                    i32::try_from(id).map_err(|_| format!("token id {id} does not fit a target"))
+                    i32::try_from(id).map_err(|_| bad(format!("token id {id} does not fit a target")))
                 } else {
                     Ok(IGNORE)
                 }
             })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>>>()?;
         targets.extend((len > 0).then_some(IGNORE));
         let example = Example { tokens: self.tokens, targets };
         if example.loss_tokens() == 0 {
-            return Err("no token carries loss, so there is nothing to learn".into());
+            return Err(bad("no token carries loss, so there is nothing to learn"));
         }
         Ok(example)
     }
@@ -166,22 +171,25 @@ impl Sequence {
 
 /// Renders the conversation once per assistant turn, without and with that turn, so each turn's
 /// text is the difference; tokenizing piece by piece then knows which tokens are the assistant's.
-fn chat_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> std::result::Result<Sequence, String> {
+fn chat_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> Result<Sequence> {
     let (messages, learn) = parse_messages(object)?;
+    // A template that cannot render these messages (or none at all) makes the example unusable
+    // with this model.
     let render = |count: usize, add_generation_prompt: bool| {
-        tokenizer.apply_chat_template(&messages[..count], add_generation_prompt).map_err(|e| format!("`messages`: {e}"))
+        (tokenizer.apply_chat_template(&messages[..count], add_generation_prompt))
+            .map_err(|e| bad(format!("`messages`: {e}")))
     };
     let mut sequence = Sequence::default();
     let mut rendered = String::new();
     // Appends what `text` adds to the conversation rendered so far, which it must extend.
     let mut append = |text: String, loss: bool| {
-        let piece = text.strip_prefix(rendered.as_str()).ok_or(
-            "`messages`: the chat template does not render the conversation incrementally, so the assistant \
-             turns cannot be told apart from the rest",
-        )?;
+        let piece = text.strip_prefix(rendered.as_str()).ok_or_else(|| {
+            bad("`messages`: the chat template does not render the conversation incrementally, so the \
+                 assistant turns cannot be told apart from the rest")
+        })?;
         sequence.push_text(tokenizer, piece, loss)?;
         rendered = text;
-        Ok::<_, String>(())
+        Ok::<_, Error>(())
     };
     for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
         append(render(i, true)?, false)?;
@@ -192,22 +200,22 @@ fn chat_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> std:
 }
 
 /// A chat example's messages, and whether each one's text carries loss.
-fn parse_messages(object: &Map<String, Value>) -> std::result::Result<(Vec<ChatMessage>, Vec<bool>), String> {
+fn parse_messages(object: &Map<String, Value>) -> Result<(Vec<ChatMessage>, Vec<bool>)> {
     only_fields(object, &["messages"], "")?;
     let list = match object.get("messages") {
         Some(Value::Array(list)) if !list.is_empty() => list,
         other => return Err(wrong("messages", "a non-empty array of messages", other)),
     };
     let (messages, learn): (Vec<ChatMessage>, Vec<bool>) =
-        list.iter().enumerate().map(|(i, m)| parse_message(i, m)).collect::<std::result::Result<_, _>>()?;
+        list.iter().enumerate().map(|(i, m)| parse_message(i, m)).collect::<Result<_>>()?;
     if !learn.contains(&true) {
-        return Err("`messages`: no assistant message to learn from (none, or all with weight 0)".into());
+        return Err(bad("`messages`: no assistant message to learn from (none, or all with weight 0)"));
     }
     Ok((messages, learn))
 }
 
 /// One message and whether its text carries loss.
-fn parse_message(index: usize, value: &Value) -> std::result::Result<(ChatMessage, bool), String> {
+fn parse_message(index: usize, value: &Value) -> Result<(ChatMessage, bool)> {
     let path = format!("messages[{index}]");
     let Value::Object(message) = value else {
         return Err(wrong(&path, "an object with `role` and `content`", Some(value)));
@@ -223,7 +231,7 @@ fn parse_message(index: usize, value: &Value) -> std::result::Result<(ChatMessag
     let assistant = role == "assistant";
     let learn = match message.get("weight") {
         None => assistant,
-        Some(_) if !assistant => return Err(format!("`{path}.weight`: only assistant messages take a weight")),
+        Some(_) if !assistant => return Err(bad(format!("`{path}.weight`: only assistant messages take a weight"))),
         Some(weight) => match weight.as_u64() {
             Some(0) => false,
             Some(1) => true,
@@ -235,13 +243,10 @@ fn parse_message(index: usize, value: &Value) -> std::result::Result<(ChatMessag
 
 /// The prompt (with the tokenizer's usual special tokens, as at inference), then the completion
 /// and an EOS, which teaches the model to stop; a tokenizer with no EOS gets none.
-fn completion_sequence(
-    object: &Map<String, Value>,
-    tokenizer: &TextTokenizer,
-) -> std::result::Result<Sequence, String> {
+fn completion_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> Result<Sequence> {
     let (prompt, completion) = prompt_completion(object)?;
     let mut sequence = Sequence::default();
-    sequence.push(&tokenizer.encode(prompt, true).map_err(|e| e.to_string())?, false);
+    sequence.push(&tokenizer.encode(prompt, true)?, false);
     sequence.push_text(tokenizer, completion, true)?;
     if let Some(&eos) = tokenizer.eos_token_ids().first() {
         sequence.push(&[eos], true);
@@ -250,7 +255,7 @@ fn completion_sequence(
 }
 
 /// A prompt/completion example's two texts.
-fn prompt_completion(object: &Map<String, Value>) -> std::result::Result<(&str, &str), String> {
+fn prompt_completion(object: &Map<String, Value>) -> Result<(&str, &str)> {
     only_fields(object, &["prompt", "completion"], "")?;
     let text = |field: &str| match object.get(field) {
         Some(Value::String(text)) => Ok(text.as_str()),
@@ -258,25 +263,25 @@ fn prompt_completion(object: &Map<String, Value>) -> std::result::Result<(&str, 
     };
     let (prompt, completion) = (text("prompt")?, text("completion")?);
     if completion.is_empty() {
-        return Err("`completion`: empty, so there is nothing to learn".into());
+        return Err(bad("`completion`: empty, so there is nothing to learn"));
     }
     Ok((prompt, completion))
 }
 
 /// Refuses fields outside `known`; `prefix` is the path of the object holding them.
-fn only_fields(object: &Map<String, Value>, known: &[&str], prefix: &str) -> std::result::Result<(), String> {
+fn only_fields(object: &Map<String, Value>, known: &[&str], prefix: &str) -> Result<()> {
     match object.keys().find(|key| !known.contains(&key.as_str())) {
-        Some(key) => Err(format!("`{prefix}{key}`: unsupported field (expected only {})", known.join(", "))),
+        Some(key) => Err(bad(format!("`{prefix}{key}`: unsupported field (expected only {})", known.join(", ")))),
         None => Ok(()),
     }
 }
 
 /// The error for `field` holding `value` (or missing) where `expected` was wanted.
-fn wrong(field: &str, expected: &str, value: Option<&Value>) -> String {
-    match value {
+fn wrong(field: &str, expected: &str, value: Option<&Value>) -> Error {
+    bad(match value {
         None => format!("`{field}`: missing, expected {expected}"),
         Some(value) => format!("`{field}`: expected {expected}, got {}", describe(value)),
-    }
+    })
 }
 
 /// A short description of a JSON value for an error message: scalars as JSON (cut to 40

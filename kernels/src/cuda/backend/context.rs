@@ -37,13 +37,13 @@ impl fmt::Debug for CudaContext {
 }
 
 static CONTEXTS: OnceLock<Mutex<HashMap<usize, Arc<CudaContext>>>> = OnceLock::new();
-static LIBRARIES: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+static LIBRARIES: OnceLock<Result<()>> = OnceLock::new();
 
 impl CudaContext {
     /// The context of device `ordinal`, created on first use. Fails with
     /// [`Error::CudaUnavailable`] when a CUDA library is missing or the device does not exist.
     pub fn get(ordinal: usize) -> Result<Arc<CudaContext>> {
-        LIBRARIES.get_or_init(check_libraries).clone().map_err(Error::CudaUnavailable)?;
+        LIBRARIES.get_or_init(check_libraries).clone()?;
         let mut contexts = lock(CONTEXTS.get_or_init(Default::default));
         if let Some(ctx) = contexts.get(&ordinal) {
             return Ok(ctx.clone());
@@ -162,8 +162,8 @@ pub(crate) fn blas_err(op: &'static str, e: CublasError) -> Error {
 }
 
 /// The libraries cudarc will open, checked with the file names cudarc tries, so a missing one is
-/// an error message instead of a panic inside cudarc.
-fn check_libraries() -> std::result::Result<(), String> {
+/// an [`Error::CudaUnavailable`] instead of a panic inside cudarc.
+fn check_libraries() -> Result<()> {
     const LIBS: [(&[&str], &str, &str); 3] = [
         (&["cuda", "nvcuda"], "the CUDA driver (libcuda)", "install the NVIDIA driver"),
         (
@@ -201,10 +201,10 @@ fn check_libraries() -> std::result::Result<(), String> {
             }
         }
         if !found {
-            return Err(format!(
+            return Err(Error::CudaUnavailable(format!(
                 "{what} could not be loaded (tried {candidates:?}: {why}); {fix} and make \
                  sure its directory is on LD_LIBRARY_PATH"
-            ));
+            )));
         }
     }
     Ok(())
