@@ -11,8 +11,9 @@
 //! - `raft_log.rs`, `replica.rs`: the durable Raft log and the replica's Ready loop.
 //! - `etcd_store.rs`: the same state machine over an existing etcd's log.
 //! - `store.rs`: one interface over both stores.
-//! - `server.rs`: a coordinator process: Raft transport, the `tandem.v1.Cluster` service,
-//!   leases and the scheduler loop, the gateway.
+//! - `server.rs`: a coordinator process: Raft transport (gRPC, or a network the caller gives:
+//!   the testkit's in-memory one), the `tandem.v1.Cluster` service, leases and the scheduler
+//!   loop, the gateway.
 //! - `gateway/`: OpenAI-compatible HTTP API, jobs, files, adapters, keys, groups, metrics.
 
 mod error;

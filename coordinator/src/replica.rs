@@ -33,6 +33,16 @@ pub trait Transport: Send + 'static {
     fn set_addresses(&self, _addresses: &BTreeMap<u64, String>) {}
 }
 
+impl Transport for Box<dyn Transport> {
+    fn send(&self, msg: Message) {
+        (**self).send(msg)
+    }
+
+    fn set_addresses(&self, addresses: &BTreeMap<u64, String>) {
+        (**self).set_addresses(addresses)
+    }
+}
+
 /// What a replica reports about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {

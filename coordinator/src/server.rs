@@ -427,11 +427,30 @@ pub struct Options {
     pub http: Option<GatewayOptions>,
 }
 
+/// How a Raft coordinator's replica reaches the others.
+pub enum RaftLinks {
+    /// gRPC to the peers' addresses (`tandem.v1.Raft`): every real cluster.
+    Grpc,
+    /// A network the caller runs, such as a test's in-memory one that drops and cuts links:
+    /// the replica sends with `transport`, and `connect` is handed its inbox to deliver to.
+    /// Coordinators that join later are not learned by it: a group of founders only.
+    Given { transport: Box<dyn Transport>, connect: Box<dyn FnOnce(Inbox) + Send> },
+}
+
 /// Where an etcd-backed group keeps its keys.
 const ETCD_PREFIX: &str = "/tandem";
 
 /// Runs a coordinator until `shutdown` resolves.
 pub async fn serve(opts: Options, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<()> {
+    serve_with(opts, RaftLinks::Grpc, shutdown).await
+}
+
+/// [`serve`], its Raft messages carried by `links`.
+pub async fn serve_with(
+    opts: Options,
+    links: RaftLinks,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
     let id = opts.id;
     let own = opts.peers.get(&id).ok_or_else(|| Error::Invalid(format!("coordinator {id} is not among the peers")))?;
     let own = own.clone();
@@ -448,9 +467,19 @@ pub async fn serve(opts: Options, shutdown: impl std::future::Future<Output = ()
         None => {
             let founders: Vec<u64> = if opts.join { Vec::new() } else { opts.peers.keys().copied().collect() };
             let book = AddressBook::new(opts.peers);
-            let transport =
-                GrpcTransport { book: book.clone(), queues: Mutex::default(), rt: tokio::runtime::Handle::current() };
-            let replica = Arc::new(Replica::start(id, &founders, &opts.dir, transport, opts.timing)?);
+            let replica = match links {
+                RaftLinks::Grpc => {
+                    let rt = tokio::runtime::Handle::current();
+                    let transport = GrpcTransport { book: book.clone(), queues: Mutex::default(), rt };
+                    Replica::start(id, &founders, &opts.dir, transport, opts.timing)?
+                }
+                RaftLinks::Given { transport, connect } => {
+                    let replica = Replica::start(id, &founders, &opts.dir, transport, opts.timing)?;
+                    connect(replica.inbox());
+                    replica
+                }
+            };
+            let replica = Arc::new(replica);
             let raft = RaftService { inbox: replica.inbox() };
             let transfer_timeout = opts.timing.tick * (4 * opts.timing.election_ticks) as u32;
             (Store::Raft(replica.clone()), Lead::Raft { replica, book, transfer_timeout }, Some(raft))

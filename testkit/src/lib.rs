@@ -1,7 +1,8 @@
 //! Cluster harnesses for Tandem's tests, so that each test says what it checks and not how a
-//! cluster is put together. Two kinds: replicas in one process over an in-memory Raft network
-//! that the test can break (fast, for consensus), and real `tandem` processes on loopback ports
-//! (slow, for what only whole processes show: kills, restarts from disk, the gateway, workers).
+//! cluster is put together. Two kinds: coordinators (bare replicas, or whole servers with
+//! workers) in one process over an in-memory Raft network that the test can break (fast and
+//! exact, for consensus and the control plane), and real `tandem` processes on loopback ports
+//! (slower, for what only whole processes show: kills, restarts from disk, flags, the gateway).
 //! A dev-dependency only; nothing here ships.
 //!
 //! Map:
@@ -13,6 +14,9 @@
 //! - `process.rs`: the binary under test ([`Tandem`], whose path the test passes in), processes
 //!   killed on drop ([`Procs`]), scratch folders removed on drop ([`Scratch`]), free loopback
 //!   addresses, [`wait_for`], and [`propose`] (a proposal retried until a coordinator answers).
+//! - `in_process.rs`: [`InProcessCluster`], N coordinators (the real server, its cluster API
+//!   on loopback) whose Raft messages go over a [`MemNet`], and M workers (the real worker
+//!   node over a tiny model), all in the test's process.
 //! - `coordinators.rs`: [`Coordinators`], coordinator processes whose links run through TCP
 //!   proxies of the test, so it can `cut`, `isolate` and `heal` them as on a [`MemNet`].
 //! - `mini_cluster.rs`: [`MiniCluster`], a tiny model, one coordinator (with the gateway or
@@ -20,11 +24,6 @@
 //! - `http.rs`: a blocking HTTP/1.1 client for the gateway (JSON, multipart uploads, event
 //!   pages).
 //! - `etcd.rs`: [`Etcd`], a real one-member etcd server for the etcd store's tests.
-//!
-//! Workers are hosted only as processes ([`MiniCluster`]): a worker talks gRPC to a
-//! coordinator server, whose Raft runs over gRPC too, so an in-memory network has nothing of
-//! theirs to carry; in-process workers would also pull the whole model runtime into every
-//! coordinator test.
 
 // A harness that cannot set up is a failed test: it unwraps, and panics with what went wrong.
 #![allow(clippy::unwrap_used)]
@@ -32,6 +31,7 @@
 mod coordinators;
 mod etcd;
 pub mod http;
+mod in_process;
 mod mem_net;
 mod mini_cluster;
 mod process;
@@ -39,6 +39,7 @@ mod replicas;
 
 pub use coordinators::{CoordinatorOptions, Coordinators};
 pub use etcd::Etcd;
+pub use in_process::InProcessCluster;
 pub use mem_net::MemNet;
 pub use mini_cluster::{MiniCluster, MiniClusterBuilder};
 pub use process::{Procs, Scratch, Tandem, free_addr, propose, wait_for};
