@@ -124,6 +124,7 @@ pub fn run(args: CoserveArgs) -> Result<()> {
         args.job_seq_len,
         args.seconds
     );
+    println!("machine: {}", crate::bench::machine());
 
     let alone = measure(&args, &model, &adapters, &[], Mode::FinetuneAlone)?;
     println!("(b) fine-tuning alone: {:.1} tokens/s", alone.finetune_tps);

@@ -73,6 +73,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         "tandem bench finetune: {preset}, LoRA rank {} on all linear layers, AdamW, batch {} x {} tokens, {} timed steps",
         args.rank, args.batch, args.seq_len, args.steps
     );
+    println!("machine: {}", crate::bench::machine());
     let peak = gemm_peak()?;
     let flops_per_token = train_flops_per_token(&cfg, args.rank, args.seq_len);
     let ours = child(&args, "single")?;

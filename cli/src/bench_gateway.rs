@@ -86,8 +86,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     }
     let rounds = args.rounds.max(1) as f64;
     let (via_gateway, direct) = (via_gateway / rounds, direct / rounds);
-    let cpu = cpu_model();
-    println!("1-token completions, {} clients, {} rounds of {:.1} s, CPU: {cpu}", args.clients, rounds, args.seconds);
+    println!("1-token completions, {} clients, {} rounds of {:.1} s", args.clients, rounds, args.seconds);
+    println!("machine: {}", crate::bench::machine());
     println!("  through the gateway:  {via_gateway:8.1} req/s");
     println!("  straight to worker:   {direct:8.1} req/s");
     println!("  ratio (gateway/direct): {:.3}", via_gateway / direct);
@@ -196,11 +196,4 @@ async fn direct_round(worker: &str, clients: usize, length: Duration) -> Result<
         total += t.await??;
     }
     Ok(total as f64 / start.elapsed().as_secs_f64())
-}
-
-/// The CPU's model name (`/proc/cpuinfo`), to print beside the figures.
-fn cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let name = info.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')));
-    name.map_or_else(|| "unknown".into(), |(_, n)| n.trim().to_string())
 }

@@ -60,6 +60,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "tandem bench serve: {preset}, {} adapters of rank {} on all linear layers, {} requests ({} prompt + {} output tokens), greedy",
         args.adapters, args.rank, args.requests, args.prompt_len, args.output_len
     );
+    println!("machine: {}", crate::bench::machine());
 
     let peak = gemm_peak()?;
     let with = serve(&args, &model_dir, &adapter_dirs, &workload, true)?;

@@ -11,6 +11,22 @@ use gemm::Parallelism;
 /// from 96 rows up.
 static PACK_WEIGHTS_FOR_FEW_ROWS: std::sync::Once = std::sync::Once::new();
 
+/// The instruction set the CPU GEMM runs with on this machine, as the `gemm` crate chooses it at
+/// run time: AVX-512 where the CPU has it (the crate's `x86-v4` kernels are built in), else AVX2
+/// with FMA, else portable code. Benchmarks print it beside their figures.
+pub fn gemm_instruction_set() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "avx2+fma";
+        }
+    }
+    if cfg!(target_arch = "aarch64") { "neon" } else { "portable" }
+}
+
 /// Operand layout of one row-major GEMM: `dst[m×n] (+)= op(a)[m×k] · op(b)[k×n]`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Gemm {
