@@ -44,6 +44,12 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    // The run without adapters is always measured beside the run with them.
+    for (flag, n) in [("--adapters", args.adapters), ("--requests", args.requests), ("--output-len", args.output_len)] {
+        if n == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
     let preset: Preset = args.preset.parse()?;
     let model_dir = args.dir.join(preset.to_string());
     if !model_dir.join("config.json").exists() {
