@@ -101,23 +101,10 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// This machine as a figure needs it beside: the CPU's model and vector extensions
-/// (`/proc/cpuinfo`), its threads, and the instruction set the GEMM runs with.
+/// This machine as a figure needs it beside: its CPU ([`crate::machine::cpu`]) and the
+/// instruction set the GEMM runs with.
 pub(crate) fn machine() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines().find_map(|l| l.strip_prefix(name)?.split_once(':').map(|(_, v)| v.trim().to_string()))
-    };
-    let model = field("model name").unwrap_or_else(|| "unknown CPU".into());
-    let flags = field("flags").unwrap_or_default();
-    let has = |f: &&str| flags.split_whitespace().any(|x| x == *f);
-    let vector: Vec<&str> = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"].into_iter().filter(has).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!(
-        "{model} ({}), {threads} threads, GEMM kernels: {}",
-        vector.join(" "),
-        tandem_kernels::gemm_instruction_set()
-    )
+    format!("{}, GEMM kernels: {}", crate::machine::cpu(), tandem_kernels::gemm_instruction_set())
 }
 
 fn tensor(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {

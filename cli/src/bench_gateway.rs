@@ -87,7 +87,7 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     let rounds = args.rounds.max(1) as f64;
     let (via_gateway, direct) = (via_gateway / rounds, direct / rounds);
     println!("1-token completions, {} clients, {} rounds of {:.1} s", args.clients, rounds, args.seconds);
-    println!("machine: {}", crate::bench::machine());
+    println!("machine: {}", crate::machine::cpu());
     println!("  through the gateway:  {via_gateway:8.1} req/s");
     println!("  straight to worker:   {direct:8.1} req/s");
     println!("  ratio (gateway/direct): {:.3}", via_gateway / direct);

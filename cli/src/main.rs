@@ -10,6 +10,7 @@
 //! - `groups.rs`: `tandem groups` (worker groups, through the cluster API).
 //! - `generate.rs`, `finetune.rs`: inference and fine-tuning on this machine, no cluster.
 //! - `tp_rank.rs`: one tensor-parallel rank over TCP (parity tests, traffic figures).
+//! - `machine.rs`: the CPU a benchmark ran on, printed beside its figures.
 //! - `checks.rs`: what the gateway checks with the model runtime (uploads).
 //! - `bench*.rs`: `tandem bench kernels|serve|finetune|coserve|failover|gateway`.
 
@@ -25,6 +26,7 @@ mod finetune;
 mod generate;
 mod groups;
 mod jobs;
+mod machine;
 mod tp_rank;
 mod up;
 mod worker;

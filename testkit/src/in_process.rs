@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::mem_net::MemNet;
-use crate::process::{Scratch, free_addr, wait_for};
+use crate::process::{Scratch, free_addr, propose, wait_for};
 
 /// Raft ticks of the in-process coordinators: elections in a fifth of a second, with room for
 /// a loaded 2-core machine running the workers' engines beside them.
@@ -166,13 +166,9 @@ impl InProcessCluster {
         self.rt.block_on(f)
     }
 
-    /// `p` proposed through coordinator `via`, retried (one request id: it applies once) until
-    /// the group answers, for up to 20 s.
+    /// `p` proposed through coordinator `via`, retried until the group answers ([`propose`]).
     pub fn propose(&self, via: u64, p: Proposal) -> Reply {
-        let client = self.client(via);
-        wait_for(20, &format!("proposal {} through coordinator {via}", p.request_id), || {
-            self.block_on(client.propose_as(p.clone())).ok()
-        })
+        propose(&self.coordinators[&via], p)
     }
 
     /// The state as coordinator `id` reads it (linearizable: `None` without a quorum).

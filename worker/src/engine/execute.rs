@@ -82,7 +82,7 @@ impl Engine {
                     loss_weights: std::mem::take(&mut p.loss_weights),
                 };
                 if n_inf > 0 && self.model.is_expert_parallel() {
-                    vec![(input, None), (p.input.clone(), Some(rows))]
+                    vec![(input, None), (std::mem::take(&mut p.input), Some(rows))]
                 } else {
                     let first_seq = input.seqs.len();
                     append(&mut input, &p.input);
