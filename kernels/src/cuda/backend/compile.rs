@@ -23,6 +23,8 @@ pub(crate) enum Module {
 }
 
 impl Module {
+    const ALL: [Module; 4] = [Module::Cast, Module::Elementwise, Module::Rowwise, Module::Attention];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Module::Cast => "cast",
@@ -53,8 +55,29 @@ impl Drop for Program {
     }
 }
 
+/// Compiles every `.cu` module for `arch` (`sm_80`) with no GPU and no driver, only libnvrtc, and
+/// fails on an error or on any warning NVRTC prints: CI's check that the kernels build.
+pub fn compile_all_kernels(arch: &str) -> Result<()> {
+    super::context::check_nvrtc()?;
+    for module in Module::ALL {
+        let (_, log) = compile(module, arch)?;
+        if !log.trim().is_empty() {
+            return Err(Error::Cuda {
+                op: module.name(),
+                msg: format!("NVRTC warnings in {}.cu for {arch}:\n{log}", module.name()),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Compiles `module` for `arch` (`sm_90`) into a CUBIN the driver loads directly.
 pub(crate) fn compile_cubin(module: Module, arch: &str) -> Result<Ptx> {
+    compile(module, arch).map(|(cubin, _)| cubin)
+}
+
+/// The CUBIN of `module` for `arch` and NVRTC's log (its warnings; empty on a clean build).
+fn compile(module: Module, arch: &str) -> Result<(Ptx, String)> {
     let op = module.name();
     let err = |what: &str, msg: String| Error::Cuda { op, msg: format!("NVRTC {what} of {op}.cu: {msg}") };
     let src = CString::new(format!("{COMMON}\n{}", module.source()))
@@ -65,14 +88,15 @@ pub(crate) fn compile_cubin(module: Module, arch: &str) -> Result<Ptx> {
     );
     let options = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
     // SAFETY: `prog` is a live program created above.
-    if let Err(e) = unsafe { result::compile_program(prog.0, &options) } {
-        // SAFETY: as above; the log is NUL-terminated by NVRTC.
-        let log = unsafe { result::get_program_log(prog.0) }
-            .map(|log| {
-                let bytes: Vec<u8> = log.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
-                String::from_utf8_lossy(&bytes).into_owned()
-            })
-            .unwrap_or_default();
+    let compiled = unsafe { result::compile_program(prog.0, &options) };
+    // SAFETY: as above; the log is NUL-terminated by NVRTC.
+    let log = unsafe { result::get_program_log(prog.0) }
+        .map(|log| {
+            let bytes: Vec<u8> = log.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .unwrap_or_default();
+    if let Err(e) = compiled {
         return Err(err("compilation", format!("{e:?} (options {options:?}):\n{log}")));
     }
     let mut size = 0usize;
@@ -86,5 +110,5 @@ pub(crate) fn compile_cubin(module: Module, arch: &str) -> Result<Ptx> {
     if size == 0 {
         return Err(err("compilation", "empty CUBIN".into()));
     }
-    Ok(Ptx::from_binary(cubin))
+    Ok((Ptx::from_binary(cubin), log))
 }

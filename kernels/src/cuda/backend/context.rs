@@ -161,51 +161,53 @@ pub(crate) fn blas_err(op: &'static str, e: CublasError) -> Error {
     Error::Cuda { op, msg: format!("cublas: {e}") }
 }
 
+/// A CUDA library cudarc opens: the names it is looked up by, what it is, how to install it.
+type Library = (&'static [&'static str], &'static str, &'static str);
+
+const DRIVER: Library = (&["cuda", "nvcuda"], "the CUDA driver (libcuda)", "install the NVIDIA driver");
+const NVRTC: Library = (
+    &["nvrtc"],
+    "NVRTC (libnvrtc)",
+    "install the CUDA toolkit runtime libraries (apt `cuda-nvrtc-13-0`, or pip `nvidia-cuda-nvrtc`)",
+);
+const CUBLAS: Library = (
+    &["cublas"],
+    "cuBLAS (libcublas, which also needs libcublasLt)",
+    "install cuBLAS (apt `libcublas-13-0`, or pip `nvidia-cublas`)",
+);
+
 /// The libraries cudarc will open, checked with the file names cudarc tries, so a missing one is
 /// an [`Error::CudaUnavailable`] instead of a panic inside cudarc.
 fn check_libraries() -> Result<()> {
-    const LIBS: [(&[&str], &str, &str); 3] = [
-        (&["cuda", "nvcuda"], "the CUDA driver (libcuda)", "install the NVIDIA driver"),
-        (
-            &["nvrtc"],
-            "NVRTC (libnvrtc)",
-            "install the CUDA toolkit runtime libraries (apt `cuda-nvrtc-13-0`, or pip `nvidia-cuda-nvrtc`)",
-        ),
-        (
-            &["cublas"],
-            "cuBLAS (libcublas, which also needs libcublasLt)",
-            "install cuBLAS (apt `libcublas-13-0`, or pip `nvidia-cublas`)",
-        ),
-    ];
-    for (names, what, fix) in LIBS {
-        let candidates: Vec<String> = names.iter().flat_map(|n| cudarc::get_lib_name_candidates(n)).collect();
-        // The most telling failure: one where the file exists but does not load (a dependency
-        // such as libcublasLt missing) beats "no such file" for every other candidate name.
-        let mut why = String::from("no candidate names");
-        let mut found = false;
-        for name in &candidates {
-            // SAFETY: loading a CUDA library runs its initialisers, which is what cudarc does
-            // with the same names a moment later; the handle is closed again right away.
-            match unsafe { libloading::Library::new(name.as_str()) } {
-                Ok(_lib) => {
-                    found = true;
-                    break;
-                }
-                Err(e) => {
-                    // libloading's message is "dlopen failed"; the reason is its source.
-                    let e = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
-                    if why == "no candidate names" || !e.contains("No such file") {
-                        why = e;
-                    }
+    [DRIVER, NVRTC, CUBLAS].into_iter().try_for_each(check_library)
+}
+
+/// NVRTC alone, for compiling kernels on a machine with no GPU.
+pub(crate) fn check_nvrtc() -> Result<()> {
+    check_library(NVRTC)
+}
+
+fn check_library((names, what, fix): Library) -> Result<()> {
+    let candidates: Vec<String> = names.iter().flat_map(|n| cudarc::get_lib_name_candidates(n)).collect();
+    // The most telling failure: one where the file exists but does not load (a dependency such
+    // as libcublasLt missing) beats "no such file" for every other candidate name.
+    let mut why = String::from("no candidate names");
+    for name in &candidates {
+        // SAFETY: loading a CUDA library runs its initialisers, which is what cudarc does with
+        // the same names a moment later; the handle is closed again right away.
+        match unsafe { libloading::Library::new(name.as_str()) } {
+            Ok(_lib) => return Ok(()),
+            Err(e) => {
+                // libloading's message is "dlopen failed"; the reason is its source.
+                let e = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                if why == "no candidate names" || !e.contains("No such file") {
+                    why = e;
                 }
             }
         }
-        if !found {
-            return Err(Error::CudaUnavailable(format!(
-                "{what} could not be loaded (tried {candidates:?}: {why}); {fix} and make \
-                 sure its directory is on LD_LIBRARY_PATH"
-            )));
-        }
     }
-    Ok(())
+    Err(Error::CudaUnavailable(format!(
+        "{what} could not be loaded (tried {candidates:?}: {why}); {fix} and make sure its directory \
+         is on LD_LIBRARY_PATH"
+    )))
 }
