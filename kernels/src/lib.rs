@@ -5,8 +5,10 @@
 //!   f16) on a [`Device`] (`Cpu` or `Cuda(ordinal)`).
 //! - [`ops`]: every op the models need, forward and backward, as free functions; shapes are
 //!   checked once there, then the CPU kernel or the CUDA one runs.
-//! - `cpu.rs`: the GEMM wrapper over the `gemm` crate that the CPU kernels share, and which
-//!   instruction set it runs with here ([`gemm_instruction_set`]).
+//! - `cpu/`: the GEMM wrapper over the `gemm` crate that the CPU kernels share and which
+//!   instruction set it runs with here ([`gemm_instruction_set`]); the vector instructions our
+//!   own kernels run with, found at run time ([`kernel_isa`], `isa.rs`); the matmul of a few
+//!   rows (`few_rows.rs`).
 //! - `cuda/`: the CUDA backend (feature `cuda`): cudarc with the libraries loaded at run time,
 //!   `.cu` kernels compiled by NVRTC, cuBLAS GEMMs. Without the feature the same names exist
 //!   and answer [`Error::CudaUnavailable`], so callers need no `cfg`.
@@ -22,7 +24,7 @@ pub mod ops;
 mod storage;
 mod tensor;
 
-pub use cpu::gemm_instruction_set;
+pub use cpu::{Isa, gemm_instruction_set, kernel_isa};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -1,5 +1,13 @@
 //! Shared pieces of the CPU backend: a safe wrapper over the `gemm` crate, used by every op that
-//! multiplies matrices (matmul, multi-LoRA, grouped experts).
+//! multiplies matrices (matmul, multi-LoRA, grouped experts), and the reductions our own kernels
+//! share. `isa.rs` picks the vector instructions our kernels use; `few_rows.rs` is the matmul of
+//! a few rows by a weight, where the `gemm` crate is slow.
+
+mod few_rows;
+mod isa;
+
+pub use isa::Isa;
+pub use isa::kernel_isa;
 
 use gemm::Parallelism;
 
@@ -59,6 +67,13 @@ impl Gemm {
             if !accumulate {
                 dst[..m * n].fill(0.0);
             }
+            return;
+        }
+        if !trans_a
+            && trans_b
+            && m <= few_rows::MAX_ROWS
+            && few_rows::matmul_xwt(kernel_isa(), dst, a, b, (m, n, k), scale, accumulate, threads)
+        {
             return;
         }
         let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };

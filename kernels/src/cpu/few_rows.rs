@@ -1,0 +1,241 @@
+//! `dst (+)= scale · x · Wᵀ` for a few rows of `x` (a decoding batch through a linear layer):
+//! each weight row is loaded once and used for every row of `x` while it is in registers. The
+//! `gemm` crate packs both operands first, which at few rows costs more than the product itself
+//! (`tandem bench kernels` prints both). AVX-512 and AVX2 kernels; on other CPUs the caller
+//! keeps the `gemm` crate.
+
+use rayon::prelude::*;
+
+use super::isa::Isa;
+
+/// Rows of `x` up to which this kernel runs instead of the `gemm` crate.
+pub(crate) const MAX_ROWS: usize = 64;
+
+/// Weight rows per parallel task: a task must amortise its start, and the tasks spread over the
+/// threads even for a narrow layer (the 128 outputs of a grouped-query key projection).
+const BLOCK: usize = 32;
+
+/// Computes `dst[m×n] (+)= scale · x[m×k] · w[n×k]ᵀ` with the kernel of `isa`; `false` (and
+/// `dst` untouched) when `isa` has none.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_xwt(
+    isa: Isa,
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+    accumulate: bool,
+    threads: usize,
+) -> bool {
+    assert!(dst.len() >= m * n && x.len() >= m * k && w.len() >= n * k, "few_rows: operands too small");
+    let block: fn(&mut [f32], &[f32], &[f32], usize, usize) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (both arms): `isa` is at most the detected level (`Isa` is only built by
+        // detection or capped by it), so the CPU has the features the kernel is compiled for.
+        Isa::Avx512 => |out, x, w, m, k| unsafe { x86::block_avx512(out, x, w, m, k) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => |out, x, w, m, k| unsafe { x86::block_avx2(out, x, w, m, k) },
+        _ => return false,
+    };
+    // Each task computes `x · Wᵀ` for its block of weight rows into its own `[m, rows]` buffer.
+    let run = |b: usize| {
+        let rows = &w[b * BLOCK * k..((b + 1) * BLOCK).min(n) * k];
+        let mut out = vec![0.0f32; m * rows.len() / k];
+        block(&mut out, &x[..m * k], rows, m, k);
+        out
+    };
+    let blocks = n.div_ceil(BLOCK);
+    let outs: Vec<Vec<f32>> = if threads > 1 && m * n * k >= 1 << 15 {
+        (0..blocks).into_par_iter().with_min_len(blocks.div_ceil(4 * threads).max(1)).map(run).collect()
+    } else {
+        (0..blocks).map(run).collect()
+    };
+    for (b, out) in outs.iter().enumerate() {
+        let width = out.len() / m.max(1);
+        for i in 0..m {
+            let d = &mut dst[i * n + b * BLOCK..][..width];
+            let o = &out[i * width..][..width];
+            if accumulate {
+                d.iter_mut().zip(o).for_each(|(d, o)| *d += scale * o);
+            } else {
+                d.iter_mut().zip(o).for_each(|(d, o)| *d = scale * o);
+            }
+        }
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `out[m×nb] = x[m×k] · w[nb×k]ᵀ` in tiles of `R` rows of `x` by `C` weight rows; a last
+    /// partial tile of weight rows repeats the block's last row and drops its results.
+    macro_rules! block {
+        ($name:ident, $tile:ident, $feature:literal, $cols:expr) => {
+            #[target_feature(enable = $feature)]
+            pub(super) fn $name(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize) {
+                const C: usize = $cols;
+                let nb = w.len() / k;
+                assert!(out.len() >= m * nb && x.len() >= m * k);
+                for j in (0..nb).step_by(C) {
+                    let cols: [usize; C] = std::array::from_fn(|c| (j + c).min(nb - 1));
+                    // SAFETY: every pointer starts a row that lies whole inside `w` or `x`
+                    // (`cols` < nb, rows < m), and the tiles read exactly `k` elements of each.
+                    let wr = cols.map(|c| unsafe { w.as_ptr().add(c * k) });
+                    let mut i = 0;
+                    while i < m {
+                        let xr = unsafe { x.as_ptr().add(i * k) };
+                        let (sums, rows): ([[f32; C]; 4], usize) = if i + 4 <= m {
+                            (unsafe { $tile::<4, C>(xr, k, wr) }, 4)
+                        } else {
+                            let one = unsafe { $tile::<1, C>(xr, k, wr) };
+                            (std::array::from_fn(|r| if r == 0 { one[0] } else { [0.0; C] }), 1)
+                        };
+                        for (r, row) in sums.iter().enumerate().take(rows) {
+                            for (c, &v) in row.iter().enumerate().filter(|(c, _)| j + c < nb) {
+                                out[(i + r) * nb + j + c] = v;
+                            }
+                        }
+                        i += rows;
+                    }
+                }
+            }
+        };
+    }
+
+    block!(block_avx512, tile_avx512, "avx512f", 4);
+    block!(block_avx2, tile_avx2, "avx2,fma", 2);
+
+    /// Dot products of `R` consecutive rows of `x` (stride `k`) with `C` weight rows, 16 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; each of the `R` rows at `x` and each row in `w` has `k` readable
+    /// elements.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_avx512<const R: usize, const C: usize>(
+        x: *const f32,
+        k: usize,
+        w: [*const f32; C],
+    ) -> [[f32; C]; R] {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let full = k / 16 * 16;
+        let mut p = 0;
+        // SAFETY (the loads): `p + 16 <= full <= k` in the loop; the tail's mask covers only
+        // the `k - full` elements left.
+        while p < full {
+            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(w[c].add(p)) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm512_loadu_ps(x.add(r * k + p)) };
+                for c in 0..C {
+                    acc[c] = _mm512_fmadd_ps(xv, wv[c], acc[c]);
+                }
+            }
+            p += 16;
+        }
+        if full < k {
+            let mask: __mmask16 = ((1u32 << (k - full)) - 1) as __mmask16;
+            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_maskz_loadu_ps(mask, w[c].add(p)) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(r * k + p)) };
+                for c in 0..C {
+                    acc[c] = _mm512_fmadd_ps(xv, wv[c], acc[c]);
+                }
+            }
+        }
+        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+    }
+
+    /// As [`tile_avx512`], 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; each of the `R` rows at `x` and each row in `w` has `k`
+    /// readable elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2<const R: usize, const C: usize>(x: *const f32, k: usize, w: [*const f32; C]) -> [[f32; C]; R] {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let full = k / 8 * 8;
+        let mut p = 0;
+        // SAFETY (the loads): `p + 8 <= full <= k`.
+        while p < full {
+            let wv: [__m256; C] = std::array::from_fn(|c| unsafe { _mm256_loadu_ps(w[c].add(p)) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm256_loadu_ps(x.add(r * k + p)) };
+                for c in 0..C {
+                    acc[c] = _mm256_fmadd_ps(xv, wv[c], acc[c]);
+                }
+            }
+            p += 8;
+        }
+        let mut sums = acc.map(|row| row.map(|v| hsum256(v)));
+        // The last `k - full` (< 8) elements, scalar.
+        for (r, row) in sums.iter_mut().enumerate() {
+            for (c, s) in row.iter_mut().enumerate() {
+                for q in full..k {
+                    // SAFETY: q < k.
+                    *s += unsafe { *x.add(r * k + q) * *w[c].add(q) };
+                }
+            }
+        }
+        sums
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Every kernel this CPU runs against an f64 reference, over shapes with partial tiles, odd
+    /// `k` (the tails), a single row, more weight rows than one block, and accumulation.
+    #[test]
+    fn each_isa_matches_a_reference() {
+        for isa in Isa::available() {
+            for &(m, n, k) in
+                &[(1, 1, 1), (1, 7, 17), (3, 33, 31), (4, 64, 16), (5, 70, 100), (13, 129, 8), (64, 40, 65)]
+            {
+                let (x, w) = (random(m * k, 1), random(n * k, 2));
+                let init = random(m * n, 3);
+                for accumulate in [false, true] {
+                    let mut dst = init.clone();
+                    if !matmul_xwt(isa, &mut dst, &x, &w, (m, n, k), 0.5, accumulate, 2) {
+                        assert_eq!(isa, Isa::Portable, "{isa:?} has a kernel");
+                        assert_eq!(dst, init, "a refused call wrote");
+                        continue;
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                            let want = 0.5 * dot + if accumulate { init[i * n + j] as f64 } else { 0.0 };
+                            let got = dst[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{isa:?} {m}x{n}x{k} [{i},{j}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
