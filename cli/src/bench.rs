@@ -1,9 +1,10 @@
 //! `tandem bench ...`: benchmarks that print ratios measured in one run (ours against a peer on
 //! the same machine), which stay meaningful on shared, noisy machines.
 
+use std::str::FromStr;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use tandem_kernels::ops::{self, LoraBank, MatmulDims, Segments};
 use tandem_kernels::{DType, Device, Tensor};
@@ -45,7 +46,53 @@ pub enum Bench {
         rank: usize,
         #[arg(long, default_value_t = 256)]
         lora_tokens: usize,
+        #[arg(long = "floor", value_name = "RATIO=MIN")]
+        floors: Vec<Floor>,
     },
+}
+
+/// `--floor RATIO=MIN`: a ratio the run must reach (each benchmark names its ratios), or the
+/// benchmark fails. Ratios of two measurements of one run hold on any machine, so CI guards
+/// against regressions with them and with no absolute time.
+#[derive(Clone, Debug)]
+pub struct Floor {
+    ratio: String,
+    min: f64,
+}
+
+impl FromStr for Floor {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (ratio, min) = s.rsplit_once('=').context("a floor is RATIO=MIN, e.g. adapters/base=0.5")?;
+        let min: f64 = min.parse().with_context(|| format!("the floor of {ratio} is not a number: {min:?}"))?;
+        Ok(Floor { ratio: ratio.to_string(), min })
+    }
+}
+
+/// Fails, before anything is measured, on a floor for a ratio the benchmark does not report.
+pub(crate) fn check_floor_names(floors: &[Floor], known: &[&str]) -> Result<()> {
+    match floors.iter().find(|f| !known.contains(&f.ratio.as_str())) {
+        Some(f) => bail!("no ratio {:?} in this benchmark (it reports {})", f.ratio, known.join(", ")),
+        None => Ok(()),
+    }
+}
+
+/// Prints each floored ratio beside its floor and fails naming every one that fell below.
+pub(crate) fn check_floors(floors: &[Floor], measured: &[(&str, f64)]) -> Result<()> {
+    let mut below = Vec::new();
+    for f in floors {
+        let value = measured.iter().find(|(name, _)| *name == f.ratio).map(|m| m.1).unwrap_or(f64::NAN);
+        let ok = value >= f.min;
+        println!("floor {}: {value:.3} {} {}", f.ratio, if ok { ">=" } else { "BELOW" }, f.min);
+        if !ok {
+            below.push(format!("{} = {value:.3} < {}", f.ratio, f.min));
+        }
+    }
+    if !below.is_empty() {
+        bail!("below the floor: {}", below.join("; "));
+    }
+    Ok(())
 }
 
 pub fn run(bench: Bench) -> Result<()> {
@@ -55,10 +102,12 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Coserve(args) => crate::bench_coserve::run(args),
         Bench::Failover(args) => crate::bench_failover::run(args),
         Bench::Gateway(args) => crate::bench_gateway::run(args),
-        Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens } => {
+        Bench::Kernels { device, reps, m, d, adapters, rank, lora_tokens, floors } => {
+            check_floor_names(&floors, &KERNEL_RATIOS)?;
             let device: Device = device.parse()?;
             device.ensure_available()?;
-            kernels(device, reps.max(1), &m, d, adapters, rank, lora_tokens)
+            let ratios = kernels(device, reps.max(1), &m, d, adapters, rank, lora_tokens)?;
+            check_floors(&floors, &ratios)
         }
     }
 }
@@ -101,16 +150,26 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// This machine as a figure needs it beside: its CPU ([`crate::machine::cpu`]) and the
-/// instruction set the GEMM runs with.
+/// This machine as a figure needs it beside: its CPU ([`crate::machine::cpu`]), the instruction
+/// set the GEMM runs with and the one our own kernels run with.
 pub(crate) fn machine() -> String {
-    format!("{}, GEMM kernels: {}", crate::machine::cpu(), tandem_kernels::gemm_instruction_set())
+    format!(
+        "{}, GEMM kernels: {}, our kernels: {}",
+        crate::machine::cpu(),
+        tandem_kernels::gemm_instruction_set(),
+        tandem_kernels::kernel_isa().name()
+    )
 }
 
 fn tensor(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(random(shape.iter().product(), seed), shape.to_vec())?.to_device(device)?)
 }
 
+/// The ratios `bench kernels` reports, higher is better: our matmul against the raw GEMM (the
+/// lowest over the Ms; CPU only), and the base matmul's time over each multi-LoRA delta's.
+const KERNEL_RATIOS: [&str; 3] = ["matmul/gemm", "base/sgmv", "base/bgmv"];
+
+/// Prints the measurements and returns the [`KERNEL_RATIOS`] measured.
 fn kernels(
     device: Device,
     reps: usize,
@@ -119,7 +178,7 @@ fn kernels(
     adapters: usize,
     rank: usize,
     tokens: usize,
-) -> Result<()> {
+) -> Result<Vec<(&'static str, f64)>> {
     println!(
         "tandem bench kernels: device {device}, {} rayon threads, f32, median of {reps}",
         rayon::current_num_threads()
@@ -130,6 +189,7 @@ fn kernels(
     println!("{:>6}  {:>12}  {:>12}  {:>8}", "M", "ours GFLOP/s", "gemm GFLOP/s", "ours/gemm");
     let w = tensor(&[d, d], 1, device)?;
     let w_host = random(d * d, 1);
+    let mut matmul_vs_gemm = f64::INFINITY;
     for &m in ms {
         let x = tensor(&[m, d], 2, device)?;
         let flops = 2.0 * (m * d * d) as f64;
@@ -146,6 +206,7 @@ fn kernels(
                 Ok(())
             };
             let t = time_each(reps, device, &mut [&mut ours, &mut raw])?;
+            matmul_vs_gemm = matmul_vs_gemm.min(t[1] / t[0]);
             (t[0], format!("{:12.1}", flops / t[1] / 1e9), format!("{:8.3}", t[1] / t[0]))
         } else {
             (time(reps, device, ours)?, format!("{:>12}", "-"), format!("{:>8}", "-"))
@@ -185,7 +246,11 @@ fn kernels(
     println!("{:>22}  {:>9.3} ms", "base matmul", base * 1e3);
     println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "SGMV (segments)", sgmv * 1e3, 100.0 * sgmv / base);
     println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "BGMV (index per token)", bgmv * 1e3, 100.0 * bgmv / base);
-    Ok(())
+    let mut ratios = vec![("base/sgmv", base / sgmv), ("base/bgmv", base / bgmv)];
+    if matmul_vs_gemm.is_finite() {
+        ratios.push(("matmul/gemm", matmul_vs_gemm));
+    }
+    Ok(ratios)
 }
 
 /// The peer: the `gemm` crate called directly on the same row-major layout, no wrapper.
