@@ -20,6 +20,7 @@ use tandem_worker::train::data::Example;
 use tandem_worker::train::job::{Hyperparams, Job, Method, TrainSpec};
 use tandem_worker::train::trainer::Trainer;
 
+use crate::bench::{Floor, check_floor_names, check_floors};
 use crate::bench_serve::{gemm_peak, peak_rss};
 
 #[derive(Args)]
@@ -54,7 +55,13 @@ pub struct FinetuneArgs {
     /// Internal: run one measurement (`single`, `together`, `sequential`) and print it as JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
+    #[arg(long = "floor", value_name = "RATIO=MIN")]
+    floors: Vec<Floor>,
 }
+
+/// The ratios `bench finetune` reports, higher is better: the small jobs' tokens/s trained in
+/// one batch over one after another, and tokens/s over the peer's (only with `--peer-python`).
+const RATIOS: [&str; 2] = ["batch/sequential", "tandem/peer"];
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
     let preset: Preset = args.preset.parse()?;
@@ -64,6 +71,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         println!("{}", json!({ "seconds": m.0, "tokens": m.1, "peak_rss_bytes": peak_rss()? }));
         return Ok(());
     }
+    check_floor_names(&args.floors, &RATIOS)?;
     if !model_dir.join("config.json").exists() {
         eprintln!("writing the {preset} model to {}", model_dir.display());
         write_model(preset, &model_dir, 0)?;
@@ -83,6 +91,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     println!();
     println!("{:<28} {:>10} {:>14} {:>14}", "", "tokens/s", "% GEMM peak", "peak RSS GiB");
     println!("{:<28} {:>10.1} {:>14.0} {:>14.2}", "tandem", rate(&ours), share(&ours), gib(&ours));
+    let mut ratios = Vec::new();
     if let Some(python) = &args.peer_python {
         let peer = run_peer(python, &args, &model_dir)?;
         println!(
@@ -92,7 +101,8 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             share(&peer),
             gib(&peer)
         );
-        println!("tandem / peer tokens/s: {:.2}x (target >= 1.15x)", rate(&ours) / rate(&peer));
+        println!("tandem / peer tokens/s: {:.2}x (target >= 1.3x)", rate(&ours) / rate(&peer));
+        ratios.push(("tandem/peer", rate(&ours) / rate(&peer)));
         println!("tandem / peer peak RSS: {:.2} (target <= 0.5)", gib(&ours) / gib(&peer));
     } else {
         println!("(peer not run: pass --peer-python tools/oracle/.venv/bin/python)");
@@ -106,7 +116,8 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     println!("{:<28} {:>10.1}", "trained in one batch", rate(&together));
     println!("{:<28} {:>10.1}", "trained one after another", rate(&sequential));
     println!("one batch / one after another: {:.2}x (target >= 1.5x)", rate(&together) / rate(&sequential));
-    Ok(())
+    ratios.push(("batch/sequential", rate(&together) / rate(&sequential)));
+    check_floors(&args.floors, &ratios)
 }
 
 /// Runs this binary again for one measurement.

@@ -21,3 +21,24 @@ fn a_serving_benchmark_of_nothing_is_refused_by_name() {
         assert!(!dir.exists(), "{flag}: it wrote to {} before refusing", dir.display());
     }
 }
+
+#[test]
+fn a_floor_for_a_ratio_the_benchmark_lacks_is_refused() {
+    let (ok, _, err) = TANDEM.run(&["bench", "kernels", "--floor", "speed=2"]);
+    assert!(!ok, "an unknown ratio was accepted");
+    assert!(err.contains("no ratio \"speed\"") && err.contains("base/sgmv"), "{err}");
+    let (ok, _, err) = TANDEM.run(&["bench", "kernels", "--floor", "base/sgmv"]);
+    assert!(!ok && err.contains("RATIO=MIN"), "{err}");
+}
+
+/// The same small measurement passes a floor it reaches and fails one it cannot, naming the ratio.
+#[test]
+fn a_ratio_below_its_floor_fails_the_benchmark() {
+    let small = ["bench", "kernels", "--m", "4", "--d", "64", "--reps", "1", "--adapters", "2", "--lora-tokens", "8"];
+    let (ok, out, err) = TANDEM.run(&[&small[..], &["--floor", "base/sgmv=0", "--floor", "matmul/gemm=0"]].concat());
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("floor base/sgmv:") && out.contains("floor matmul/gemm:"), "{out}");
+    let (ok, out, err) = TANDEM.run(&[&small[..], &["--floor", "base/bgmv=1e9"]].concat());
+    assert!(!ok, "an unreachable floor passed: {out}");
+    assert!(err.contains("below the floor: base/bgmv"), "{err}");
+}
