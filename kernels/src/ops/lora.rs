@@ -51,7 +51,7 @@ impl LoraBank {
     }
 
     /// Packs adapters given as `(A [r, in], B [out, r], scale)` (PEFT's `lora_A.weight` and
-    /// `lora_B.weight`), all on the CPU.
+    /// `lora_B.weight`), on any device; the bank is on the CPU.
     pub fn pack(adapters: &[(Tensor, Tensor, f32)]) -> Result<Self> {
         const OP: &str = "LoraBank::pack";
         let Some((a0, b0, _)) = adapters.first() else {
@@ -59,7 +59,6 @@ impl LoraBank {
         };
         let (in_f, out_f, dtype) = (a0.dims2(OP)?.1, b0.dims2(OP)?.0, a0.dtype());
         let mut ranks = Vec::new();
-        let (mut a_rows, mut bt_rows) = (Vec::new(), Vec::new());
         for (i, (a, b, _)) in adapters.iter().enumerate() {
             let (r, ai) = a.dims2(OP)?;
             if ai != in_f || b.shape() != [out_f, r] {
@@ -73,10 +72,18 @@ impl LoraBank {
                 );
             }
             ranks.push(r);
-            a_rows.extend(a.to_vec_f32()?);
-            bt_rows.extend(crate::ops::transpose(b)?.to_vec_f32()?);
         }
+        // Read in place and written once: a batch of many adapters is packed whenever its
+        // adapters change, and every extra copy is time and peak memory.
         let r_total: usize = ranks.iter().sum();
+        let (mut a_rows, mut bt_rows) = (Vec::with_capacity(r_total * in_f), Vec::with_capacity(r_total * out_f));
+        for ((a, b, _), &r) in adapters.iter().zip(&ranks) {
+            a_rows.extend_from_slice(&host_f32(a)?);
+            let b = host_f32(b)?;
+            for j in 0..r {
+                bt_rows.extend((0..out_f).map(|o| b[o * r + j]));
+            }
+        }
         let a = Tensor::from_vec(a_rows, [r_total, in_f])?.into_dtype(dtype)?;
         let bt = Tensor::from_vec(bt_rows, [r_total, out_f])?.into_dtype(dtype)?;
         LoraBank::new(a, bt, ranks, adapters.iter().map(|x| x.2).collect())
@@ -351,6 +358,11 @@ fn lora_forward_rows(y: &mut [f32], x: &[f32], a: &[f32], bt: &[f32], bank: &Lor
     }
     Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
     Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
+}
+
+/// `t`'s elements as f32 on the host: borrowed from a CPU f32 tensor, copied otherwise.
+fn host_f32(t: &Tensor) -> Result<Cow<'_, [f32]>> {
+    if t.device() == Device::Cpu { t.cpu_f32() } else { Ok(Cow::Owned(t.to_vec_f32()?)) }
 }
 
 /// Splits a bank-shaped buffer (`[R, width]`) into each adapter's row block.

@@ -56,6 +56,9 @@ impl Engine {
             }
             None => {
                 if self.batch_adapters.as_ref().is_none_or(|(cached, _)| *cached != ids) {
+                    // The old set goes first: two sets of a large batch's adapters at once would
+                    // be the run's peak memory.
+                    self.batch_adapters = None;
                     self.batch_adapters = Some((ids.clone(), AdapterSet::new(load(self)?, self.model.device)?));
                 }
                 None
