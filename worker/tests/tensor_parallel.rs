@@ -241,7 +241,10 @@ fn same_exports(preset: Preset, moe: MoeSplit) {
                     }
                 }
             }
-            assert!(diff <= 1e-4 * scale, "{preset:?}, {moe:?}, degree {world}: weights differ by {diff} of {scale}");
+            // Sharded products add in another order (and some kernels fuse multiply-adds), and
+            // AdamW's normalised steps (lr 1e-2) carry those roundings into the weights: a few
+            // hundredths of one step. A wrong shard would be off by whole steps.
+            assert!(diff <= 5e-4 * scale, "{preset:?}, {moe:?}, degree {world}: weights differ by {diff} of {scale}");
         }
     }
 }

@@ -57,3 +57,65 @@ pub fn kernel_isa() -> Isa {
         Isa::detected().min(cap)
     })
 }
+
+/// Defines a function whose body is compiled once per [`Isa`] (for AVX-512, for AVX2 + FMA, and
+/// for the baseline), the copy chosen at each call by [`kernel_isa`]. The body is plain Rust that
+/// the compiler vectorises to the width each copy allows; as floating-point operations are never
+/// reordered or fused behind the source's back, every copy gives the same bits. A module of the
+/// same name holds `on(isa, ...)`, which runs a given copy (for tests).
+///
+/// Only the body itself is compiled per level: a closure handed to rayon is a function of its
+/// own, so the functions defined here are the per-row work inside the parallel loops.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            $name::run($crate::cpu::kernel_isa(), $($arg),*)
+        }
+
+        $vis mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx512($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx2($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+
+            /// Runs the copy of `isa`; panics when the CPU lacks it.
+            #[allow(dead_code, clippy::too_many_arguments)]
+            pub fn on(isa: $crate::cpu::Isa, $($arg: $ty),*) $(-> $ret)? {
+                assert!(isa <= $crate::cpu::Isa::detected(), "{isa:?} is beyond this CPU");
+                run(isa, $($arg),*)
+            }
+
+            /// `isa` is at most [`crate::cpu::Isa::detected`] ([`crate::cpu::kernel_isa`] is).
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) fn run(isa: $crate::cpu::Isa, $($arg: $ty),*) $(-> $ret)? {
+                match isa {
+                    // SAFETY: the caller's promise: the CPU has every feature of the copy.
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::cpu::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::cpu::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                    _ => body($($arg),*),
+                }
+            }
+        }
+    };
+}
+pub(crate) use multiversion;

@@ -8,6 +8,7 @@ mod isa;
 
 pub use isa::Isa;
 pub use isa::kernel_isa;
+pub(crate) use isa::multiversion;
 
 use gemm::Parallelism;
 
@@ -115,6 +116,7 @@ pub(crate) fn threads() -> usize {
 
 /// Dot product with eight independent accumulators, so the compiler can keep it in SIMD lanes
 /// (a plain `.sum()` must add in order and stays scalar).
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -131,14 +133,17 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Sum and maximum of a slice in eight independent lanes, so they vectorise (an in-order
 /// reduction cannot).
+#[inline]
 pub(crate) fn sum(x: &[f32]) -> f32 {
     lanes(x, 0.0, |a, b| a + b).iter().sum()
 }
 
+#[inline]
 pub(crate) fn max(x: &[f32]) -> f32 {
     lanes(x, f32::NEG_INFINITY, f32::max).into_iter().fold(f32::NEG_INFINITY, f32::max)
 }
 
+#[inline]
 fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
     let mut acc = [init; 8];
     let chunks = x.chunks_exact(8);

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::multiversion;
 use crate::error::{Result, shape_err};
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
@@ -20,11 +21,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         Device::Cpu => {
             let (g, u) = (gate.cpu_f32()?, up.cpu_f32()?);
             let mut out = vec![0.0; g.len()];
-            out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(u.par_chunks(CHUNK)).for_each(|((o, g), u)| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
-            });
+            out.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(u.par_chunks(CHUNK))
+                .for_each(|((o, g), u)| swiglu_chunk(o, g, u));
             Ok(Tensor::cpu_from_f32(out, gate.shape().to_vec(), gate.dtype()))
         }
         Device::Cuda(_) => cuda::swiglu(gate, up),
@@ -98,12 +98,30 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     }
 }
 
+multiversion! {
+    /// A chunk of [`swiglu`].
+    pub(crate) fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(g) * u;
+        }
+    }
+}
+
+#[inline]
 pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + crate::cpu::exp(-x))
 }
 
-/// Numerically stable softmax of one row, in place.
-pub(crate) fn softmax_in_place(row: &mut [f32]) {
+multiversion! {
+    /// Numerically stable softmax of one row, in place.
+    pub(crate) fn softmax_in_place(row: &mut [f32]) {
+        softmax_row(row)
+    }
+}
+
+/// [`softmax_in_place`]'s body, for kernels that are multiversioned themselves.
+#[inline]
+pub(crate) fn softmax_row(row: &mut [f32]) {
     let max = crate::cpu::max(row);
     row.iter_mut().for_each(|v| *v = crate::cpu::exp(*v - max));
     let inv = 1.0 / crate::cpu::sum(row);

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{Gemm, dot};
+use crate::cpu::{Gemm, dot, multiversion};
 use crate::error::{Result, arg_err, shape_err};
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
@@ -195,22 +195,7 @@ fn attention_forward_cpu(
             if uses_tiles(&seqs[s]) {
                 return;
             }
-            let keys = &slots[s][..=pos];
-            let mut p = vec![0.0f32; keys.len()];
-            for h in 0..hq {
-                let kv_off = (h / group) * dh;
-                let qh = &qt[h * dh..(h + 1) * dh];
-                for (pj, &slot) in p.iter_mut().zip(keys) {
-                    let kr = &k[slot as usize * d.row() + kv_off..][..dh];
-                    *pj = scale * dot(qh, kr);
-                }
-                crate::ops::activation::softmax_in_place(&mut p);
-                let oh = &mut o[h * dh..(h + 1) * dh];
-                for (&pj, &slot) in p.iter().zip(keys) {
-                    let vr = &v[slot as usize * d.row() + kv_off..][..dh];
-                    oh.iter_mut().zip(vr).for_each(|(o, v)| *o += pj * v);
-                }
-            }
+            attend_one(o, qt, &slots[s][..=pos], k, v, d, scale);
         },
     );
     // Long query runs (prompts, training sequences): GEMMs over tiles.
@@ -233,6 +218,28 @@ fn attention_forward_cpu(
         }
     }
     out
+}
+
+multiversion! {
+    /// One query token's attention (all its heads, `qt`, into `o`) over the cache slots `keys`.
+    pub(crate) fn attend_one(o: &mut [f32], qt: &[f32], keys: &[u32], k: &[f32], v: &[f32], d: &AttentionDims, scale: f32) {
+        let (hq, dh, group) = (d.q_heads, d.head_dim, d.q_heads / d.kv_heads);
+        let mut p = vec![0.0f32; keys.len()];
+        for h in 0..hq {
+            let kv_off = (h / group) * dh;
+            let qh = &qt[h * dh..(h + 1) * dh];
+            for (pj, &slot) in p.iter_mut().zip(keys) {
+                let kr = &k[slot as usize * d.row() + kv_off..][..dh];
+                *pj = scale * dot(qh, kr);
+            }
+            crate::ops::activation::softmax_row(&mut p);
+            let oh = &mut o[h * dh..(h + 1) * dh];
+            for (&pj, &slot) in p.iter().zip(keys) {
+                let vr = &v[slot as usize * d.row() + kv_off..][..dh];
+                oh.iter_mut().zip(vr).for_each(|(o, v)| *o += pj * v);
+            }
+        }
+    }
 }
 
 /// Query rows of one tile of the GEMM path, and the fewest query tokens a sequence must bring

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::cpu::{Gemm, dot, threads};
+use crate::cpu::{Gemm, dot, multiversion, threads};
 use crate::error::{Result, arg_err, shape_err};
 use crate::ops::Segments;
 use crate::tensor::same_device;
@@ -339,10 +339,27 @@ fn lora_forward_rows(y: &mut [f32], x: &[f32], a: &[f32], bt: &[f32], bank: &Lor
         return;
     }
     let (a_i, bt_i) = (&a[off * in_f..(off + r) * in_f], &bt[off * out_f..(off + r) * out_f]);
-    let mut h = vec![0.0; m * r];
     if m <= SMALL_BLOCK_ROWS {
-        // Few rows: the work is streaming the adapter's weights once; each weight row is used
-        // for every row of the block while it is in cache (a GEMM's packing would cost more).
+        lora_small_block(y, &x[..m * in_f], a_i, bt_i, scale, in_f, out_f);
+        return;
+    }
+    let mut h = vec![0.0; m * r];
+    Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
+    Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
+}
+
+/// `t`'s elements as f32 on the host: borrowed from a CPU f32 tensor, copied otherwise.
+fn host_f32(t: &Tensor) -> Result<Cow<'_, [f32]>> {
+    if t.device() == Device::Cpu { t.cpu_f32() } else { Ok(Cow::Owned(t.to_vec_f32()?)) }
+}
+
+multiversion! {
+    /// [`lora_forward_rows`] for a block of few rows: the work is streaming the adapter's
+    /// weights (`a_i`: `[r, in]`, `bt_i`: `[r, out]`) once; each weight row is used for every row
+    /// of the block while it is in cache (a GEMM's packing would cost more).
+    pub(crate) fn lora_small_block(y: &mut [f32], x: &[f32], a_i: &[f32], bt_i: &[f32], scale: f32, in_f: usize, out_f: usize) {
+        let (m, r) = (x.len() / in_f, a_i.len() / in_f);
+        let mut h = vec![0.0; m * r];
         for (j, a_row) in a_i.chunks_exact(in_f).enumerate() {
             for t in 0..m {
                 h[t * r + j] = scale * dot(&x[t * in_f..][..in_f], a_row);
@@ -354,15 +371,7 @@ fn lora_forward_rows(y: &mut [f32], x: &[f32], a: &[f32], bt: &[f32], bank: &Lor
                 y[t * out_f..(t + 1) * out_f].iter_mut().zip(bt_row).for_each(|(y, b)| *y += c * b);
             }
         }
-        return;
     }
-    Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
-    Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
-}
-
-/// `t`'s elements as f32 on the host: borrowed from a CPU f32 tensor, copied otherwise.
-fn host_f32(t: &Tensor) -> Result<Cow<'_, [f32]>> {
-    if t.device() == Device::Cpu { t.cpu_f32() } else { Ok(Cow::Owned(t.to_vec_f32()?)) }
 }
 
 /// Splits a bank-shaped buffer (`[R, width]`) into each adapter's row block.

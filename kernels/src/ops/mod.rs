@@ -31,3 +31,70 @@ pub use norm::{rms_norm, rms_norm_backward};
 pub use optim::{AdamW, adamw_step, clip_grad_norm, grad_norm, scale_in_place, sum_squares};
 pub use rope::{Rope, RopeScaling, rope, rope_backward};
 pub use segments::Segments;
+
+/// Every multiversioned kernel gives the same bits at every vector level this CPU runs.
+#[cfg(test)]
+mod isa_paths {
+    use crate::cpu::Isa;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// `f(isa)` at every level against the portable copy, bit for bit.
+    fn same_bits(what: &str, f: impl Fn(Isa) -> Vec<f32>) {
+        let want = f(Isa::Portable);
+        for isa in Isa::available() {
+            let got = f(isa);
+            assert!(
+                got.iter().map(|v| v.to_bits()).eq(want.iter().map(|v| v.to_bits())),
+                "{what}: {isa:?} differs from the portable copy"
+            );
+        }
+    }
+
+    #[test]
+    fn every_level_gives_the_portable_bits() {
+        let d = 203; // not a multiple of any vector width: the tails run too
+        let (x, w) = (random(d, 1), random(d, 2));
+        same_bits("norm_row", |isa| {
+            let mut y = vec![0.0; d];
+            super::norm::norm_row::on(isa, &mut y, &x, &w, 1e-6);
+            y
+        });
+        same_bits("swiglu_chunk", |isa| {
+            let mut o = vec![0.0; d];
+            super::activation::swiglu_chunk::on(isa, &mut o, &x, &w);
+            o
+        });
+        same_bits("softmax_in_place", |isa| {
+            let mut row = x.clone();
+            super::activation::softmax_in_place::on(isa, &mut row);
+            row
+        });
+        let (in_f, out_f, r, m) = (37, 29, 5, 3);
+        let (xs, a, bt) = (random(m * in_f, 3), random(r * in_f, 4), random(r * out_f, 5));
+        same_bits("lora_small_block", |isa| {
+            let mut y = random(m * out_f, 6);
+            super::lora::lora_small_block::on(isa, &mut y, &xs, &a, &bt, 0.5, in_f, out_f);
+            y
+        });
+        let dims =
+            super::AttentionDims { tokens: 1, q_heads: 4, kv_heads: 2, head_dim: 24, num_blocks: 4, block_size: 4 };
+        let row = dims.kv_heads * dims.head_dim;
+        let (k, v) = (random(16 * row, 7), random(16 * row, 8));
+        let q = random(dims.q_heads * dims.head_dim, 9);
+        let keys: Vec<u32> = vec![3, 0, 9, 12, 5, 6, 15];
+        same_bits("attend_one", |isa| {
+            let mut o = vec![0.0; dims.q_heads * dims.head_dim];
+            super::attention::attend_one::on(isa, &mut o, &q, &keys, &k, &v, &dims, 0.2);
+            o
+        });
+    }
+}

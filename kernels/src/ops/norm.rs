@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::multiversion;
 use crate::error::Result;
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
@@ -16,10 +17,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
             let (xs, ws) = (x.cpu_f32()?, w.cpu_f32()?);
             let mut out = vec![0.0; n * d];
             if d > 0 {
-                out.par_chunks_mut(d).zip(xs.par_chunks(d)).for_each(|(y, x)| {
-                    let r = inv_rms(x, eps);
-                    y.iter_mut().zip(x).zip(ws.iter()).for_each(|((y, x), w)| *y = x * r * w);
-                });
+                out.par_chunks_mut(d).zip(xs.par_chunks(d)).for_each(|(y, x)| norm_row(y, x, &ws, eps));
             }
             Ok(Tensor::cpu_from_f32(out, vec![n, d], x.dtype()))
         }
@@ -66,7 +64,16 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f32) -> Resul
     }
 }
 
+multiversion! {
+    /// One row of [`rms_norm`].
+    pub(crate) fn norm_row(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        let r = inv_rms(x, eps);
+        y.iter_mut().zip(x).zip(w).for_each(|((y, x), w)| *y = x * r * w);
+    }
+}
+
+#[inline]
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let ms = crate::cpu::dot(x, x) / x.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
