@@ -16,7 +16,7 @@ pub(crate) const MAX_ROWS: usize = 64;
 const BLOCK: usize = 32;
 
 /// Computes `dst[m×n] (+)= scale · x[m×k] · w[n×k]ᵀ` with the kernel of `isa`; `false` (and
-/// `dst` untouched) when `isa` has none.
+/// `dst` untouched) when `isa` has none or the product is empty.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_xwt(
     isa: Isa,
@@ -29,10 +29,14 @@ pub(crate) fn matmul_xwt(
     threads: usize,
 ) -> bool {
     assert!(dst.len() >= m * n && x.len() >= m * k && w.len() >= n * k, "few_rows: operands too small");
+    assert!(isa <= Isa::detected(), "few_rows: {isa:?} is beyond this CPU");
+    if m == 0 || n == 0 || k == 0 {
+        return false;
+    }
     let block: fn(&mut [f32], &[f32], &[f32], usize, usize) = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY (both arms): `isa` is at most the detected level (`Isa` is only built by
-        // detection or capped by it), so the CPU has the features the kernel is compiled for.
+        // SAFETY (both arms): the assert above: the CPU has the features the kernel is
+        // compiled for.
         Isa::Avx512 => |out, x, w, m, k| unsafe { x86::block_avx512(out, x, w, m, k) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |out, x, w, m, k| unsafe { x86::block_avx2(out, x, w, m, k) },
@@ -195,16 +199,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::cpu::random;
 
     /// Every kernel this CPU runs against an f64 reference, over shapes with partial tiles, odd
     /// `k` (the tails), a single row, more weight rows than one block, and accumulation.

@@ -11,7 +11,7 @@ pub enum Isa {
     Portable,
     /// AVX2 with FMA: 8 lanes.
     Avx2,
-    /// AVX-512 F: 16 lanes.
+    /// AVX-512 (F, VL, BW, DQ, as every AVX-512 server CPU has them) with AVX2 and FMA: 16 lanes.
     Avx512,
 }
 
@@ -28,10 +28,13 @@ impl Isa {
     pub fn detected() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            // Every feature the AVX-512 copies are compiled with (`multiversion!`).
+            if avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
                 return Isa::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if avx2 {
                 return Isa::Avx2;
             }
         }

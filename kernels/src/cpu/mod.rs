@@ -188,6 +188,18 @@ pub(crate) fn exp(x: f32) -> f32 {
     e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
+/// Test data: `n` values uniform in [-2, 2), the same for the same `seed`.
+#[cfg(test)]
+pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -35,17 +35,7 @@ pub use segments::Segments;
 /// Every multiversioned kernel gives the same bits at every vector level this CPU runs.
 #[cfg(test)]
 mod isa_paths {
-    use crate::cpu::Isa;
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::cpu::{Isa, random};
 
     /// `f(isa)` at every level against the portable copy, bit for bit.
     fn same_bits(what: &str, f: impl Fn(Isa) -> Vec<f32>) {
