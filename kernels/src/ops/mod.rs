@@ -68,6 +68,12 @@ mod isa_paths {
             super::activation::softmax_in_place::on(isa, &mut row);
             row
         });
+        let (sin, cos) = (random(13, 10), random(13, 11));
+        same_bits("rotate_token", |isa| {
+            let mut tok = random(3 * 26, 12);
+            super::rope::rotate_token::on(isa, &mut tok, &sin, &cos);
+            tok
+        });
         let (in_f, out_f, r, m) = (37, 29, 5, 3);
         let (xs, a, bt) = (random(m * in_f, 3), random(r * in_f, 4), random(r * out_f, 5));
         same_bits("lora_small_block", |isa| {

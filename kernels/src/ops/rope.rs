@@ -5,6 +5,7 @@ use std::f32::consts::PI;
 
 use rayon::prelude::*;
 
+use crate::cpu::multiversion;
 use crate::error::{Result, arg_err, shape_err};
 use crate::{Device, Tensor, cuda};
 
@@ -85,7 +86,6 @@ fn rotate(op: &'static str, x: &Tensor, positions: &[u32], rope: &Rope, directio
     match x.device() {
         Device::Cpu => {
             let mut out = x.cpu_f32()?.into_owned();
-            let half = d / 2;
             if t * h * d > 0 {
                 out.par_chunks_mut(h * d).zip(positions.par_iter()).for_each(|(tok, &pos)| {
                     let (sin, cos): (Vec<f32>, Vec<f32>) = rope
@@ -94,18 +94,27 @@ fn rotate(op: &'static str, x: &Tensor, positions: &[u32], rope: &Rope, directio
                         .map(|f| (pos as f32 * f).sin_cos())
                         .map(|(s, c)| (direction * s, c))
                         .unzip();
-                    for head in tok.chunks_exact_mut(d) {
-                        let (lo, hi) = head.split_at_mut(half);
-                        for i in 0..half {
-                            let (a, b) = (lo[i], hi[i]);
-                            lo[i] = a * cos[i] - b * sin[i];
-                            hi[i] = b * cos[i] + a * sin[i];
-                        }
-                    }
+                    rotate_token(tok, &sin, &cos);
                 });
             }
             Ok(Tensor::cpu_from_f32(out, vec![t, h, d], x.dtype()))
         }
         Device::Cuda(_) => cuda::rope(x, positions, &rope.inv_freq, direction, t, h, d),
+    }
+}
+
+multiversion! {
+    /// Rotates every head of one token (`tok`: `[heads, 2·half]`) by the angles whose sines and
+    /// cosines (`half` each) are given.
+    pub(crate) fn rotate_token(tok: &mut [f32], sin: &[f32], cos: &[f32]) {
+        let half = sin.len();
+        for head in tok.chunks_exact_mut(2 * half) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * cos[i] - b * sin[i];
+                hi[i] = b * cos[i] + a * sin[i];
+            }
+        }
     }
 }
