@@ -42,21 +42,21 @@ pub(crate) fn matmul_xwt(
         Isa::Avx2 => |out, x, w, m, k| unsafe { x86::block_avx2(out, x, w, m, k) },
         _ => return false,
     };
-    // Each task computes `x · Wᵀ` for its block of weight rows into its own `[m, rows]` buffer.
-    let run = |b: usize| {
+    // Each task computes `x · Wᵀ` for its block of weight rows into its own `[m, rows]` part of
+    // one buffer (block-major), which is then scaled into `dst`'s columns.
+    let mut outs = vec![0.0f32; m * n];
+    let run = |(b, out): (usize, &mut [f32])| {
         let rows = &w[b * BLOCK * k..((b + 1) * BLOCK).min(n) * k];
-        let mut out = vec![0.0f32; m * rows.len() / k];
-        block(&mut out, &x[..m * k], rows, m, k);
-        out
+        block(out, &x[..m * k], rows, m, k);
     };
-    let blocks = n.div_ceil(BLOCK);
-    let outs: Vec<Vec<f32>> = if threads > 1 && m * n * k >= 1 << 15 {
-        (0..blocks).into_par_iter().with_min_len(blocks.div_ceil(4 * threads).max(1)).map(run).collect()
+    if threads > 1 && m * n * k >= 1 << 15 {
+        let per_task = n.div_ceil(BLOCK).div_ceil(4 * threads).max(1);
+        outs.par_chunks_mut(m * BLOCK).enumerate().with_min_len(per_task).for_each(run);
     } else {
-        (0..blocks).map(run).collect()
-    };
-    for (b, out) in outs.iter().enumerate() {
-        let width = out.len() / m.max(1);
+        outs.chunks_mut(m * BLOCK).enumerate().for_each(run);
+    }
+    for (b, out) in outs.chunks(m * BLOCK).enumerate() {
+        let width = out.len() / m;
         for i in 0..m {
             let d = &mut dst[i * n + b * BLOCK..][..width];
             let o = &out[i * width..][..width];
