@@ -217,12 +217,10 @@ fn kernels(
     println!();
     println!("multi-LoRA delta: {adapters} adapters, rank {rank}, {tokens} tokens, {d} -> {d}");
     let x = tensor(&[tokens, d], 3, device)?;
-    let bank = LoraBank::new(
-        tensor(&[adapters * rank, d], 4, device)?,
-        tensor(&[adapters * rank, d], 5, device)?,
-        vec![rank; adapters],
-        vec![2.0; adapters],
-    )?;
+    let modules = (0..adapters as u64)
+        .map(|i| Ok((tensor(&[rank, d], 4 + 2 * i, Device::Cpu)?, tensor(&[d, rank], 5 + 2 * i, Device::Cpu)?, 2.0)))
+        .collect::<Result<_>>()?;
+    let bank = LoraBank::new(modules, device)?;
     // SGMV: tokens arrive grouped by adapter (prefill); BGMV: each token its own adapter (decode).
     let per = tokens.div_ceil(adapters);
     let row_adapter: Vec<i32> = (0..tokens).map(|t| (t / per) as i32).collect();

@@ -96,9 +96,12 @@ impl CpuStorage {
 }
 
 /// Storage on any device. The CUDA variant exists in every build; without the `cuda` feature
-/// its type is uninhabited, so the arm costs nothing and call sites need no `cfg`.
+/// its type is uninhabited, so the arm costs nothing and call sites need no `cfg`. Both are
+/// shared by a tensor's clones and copied on the first write to a shared one, so a clone (an
+/// adapter's weights in a batch's LoRA bank, a published version of a job's weights) costs no
+/// memory until it differs.
 #[derive(Clone, Debug)]
 pub(crate) enum Storage {
-    Cpu(CpuStorage),
+    Cpu(std::sync::Arc<CpuStorage>),
     Cuda(crate::cuda::CudaStorage),
 }

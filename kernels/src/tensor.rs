@@ -1,6 +1,7 @@
 //! The tensor: a shape over contiguous, row-major storage on one device.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::cuda;
 use crate::error::{Error, Result, shape_err};
@@ -28,7 +29,7 @@ impl Tensor {
         if n != storage.len() {
             return shape_err("from_cpu", format!("shape {shape:?} holds {n} elements, data has {}", storage.len()));
         }
-        Ok(Tensor { shape, storage: Storage::Cpu(storage) })
+        Ok(Tensor { shape, storage: Storage::Cpu(Arc::new(storage)) })
     }
 
     /// A tensor of zeros.
@@ -36,7 +37,7 @@ impl Tensor {
         let shape = shape.into();
         let n = shape.iter().product();
         let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuStorage::zeros(n, dtype)),
+            Device::Cpu => Storage::Cpu(Arc::new(CpuStorage::zeros(n, dtype))),
             Device::Cuda(ordinal) => Storage::Cuda(cuda::zeros(n, dtype, ordinal)?),
         };
         Ok(Tensor { shape, storage })
@@ -83,7 +84,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         let storage = match &self.storage {
-            Storage::Cpu(s) => Storage::Cpu(CpuStorage::from_f32(s.to_f32().into_owned(), dtype)),
+            Storage::Cpu(s) => Storage::Cpu(Arc::new(CpuStorage::from_f32(s.to_f32().into_owned(), dtype))),
             Storage::Cuda(s) => Storage::Cuda(cuda::to_dtype(s, dtype)?),
         };
         Ok(Tensor { shape: self.shape.clone(), storage })
@@ -96,7 +97,7 @@ impl Tensor {
         }
         let host = self.to_cpu_storage()?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu(host),
+            Device::Cpu => Storage::Cpu(Arc::new(host)),
             Device::Cuda(ordinal) => Storage::Cuda(cuda::upload(&host, ordinal)?),
         };
         Ok(Tensor { shape: self.shape.clone(), storage })
@@ -123,7 +124,7 @@ impl Tensor {
     /// The storage, copied to the host in the tensor's own dtype.
     pub fn to_cpu_storage(&self) -> Result<CpuStorage> {
         match &self.storage {
-            Storage::Cpu(s) => Ok(s.clone()),
+            Storage::Cpu(s) => Ok(CpuStorage::clone(s)),
             Storage::Cuda(s) => cuda::download(s),
         }
     }
@@ -190,11 +191,12 @@ impl Tensor {
         Ok(self.cpu_storage_mut()?.update_f32(f))
     }
 
-    /// Mutable host storage of a CPU tensor.
+    /// Mutable host storage of a CPU tensor: copied first when a clone of the tensor shares it
+    /// (clones share their elements until one of them is written, as on the GPU).
     pub(crate) fn cpu_storage_mut(&mut self) -> Result<&mut CpuStorage> {
         let device = self.device();
         match &mut self.storage {
-            Storage::Cpu(s) => Ok(s),
+            Storage::Cpu(s) => Ok(Arc::make_mut(s)),
             Storage::Cuda(_) => Err(Error::DeviceMismatch { op: "cpu_storage_mut", lhs: Device::Cpu, rhs: device }),
         }
     }
@@ -202,7 +204,7 @@ impl Tensor {
     /// A CPU tensor from f32 results, stored in `dtype`.
     pub(crate) fn cpu_from_f32(data: Vec<f32>, shape: Vec<usize>, dtype: DType) -> Self {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        Tensor { shape, storage: Storage::Cpu(CpuStorage::from_f32(data, dtype)) }
+        Tensor { shape, storage: Storage::Cpu(Arc::new(CpuStorage::from_f32(data, dtype))) }
     }
 }
 

@@ -364,20 +364,14 @@ fn grouped_matmul_with_unused_segment() {
     }
 }
 
-fn bank(rng: &mut Rng, ranks: &[usize], in_f: usize, out_f: usize, dtype: DType) -> LoraBank {
+/// The same adapters in a CPU bank and a GPU bank.
+fn banks(rng: &mut Rng, ranks: &[usize], in_f: usize, out_f: usize, dtype: DType) -> (LoraBank, LoraBank) {
     let adapters: Vec<(Tensor, Tensor, f32)> = ranks
         .iter()
         .enumerate()
         .map(|(i, &r)| (rng.tensor(&[r, in_f], 1.0, dtype), rng.tensor(&[out_f, r], 1.0, dtype), 0.5 + i as f32))
         .collect();
-    LoraBank::pack(&adapters).unwrap()
-}
-
-fn gpu_bank(b: &LoraBank) -> LoraBank {
-    let n = b.num_adapters();
-    let ranks = (0..n).map(|i| b.rank(i)).collect();
-    let scales = (0..n).map(|i| b.scale(i)).collect();
-    LoraBank::new(gpu(&b.a), gpu(&b.bt), ranks, scales).unwrap()
+    (LoraBank::new(adapters.clone(), Device::Cpu).unwrap(), LoraBank::new(adapters, Device::Cuda(0)).unwrap())
 }
 
 #[test]
@@ -386,8 +380,7 @@ fn sgmv_and_bgmv_mixed_ranks() {
     let (in_f, out_f, n) = (40, 56, 24);
     for dtype in DTYPES {
         let t = tol(dtype);
-        let b = bank(&mut rng, &[4, 1, 16, 8], in_f, out_f, dtype);
-        let gb = gpu_bank(&b);
+        let (b, gb) = banks(&mut rng, &[4, 1, 16, 8], in_f, out_f, dtype);
         let x = rng.tensor(&[n, in_f], 1.0, dtype);
         let y0 = rng.tensor(&[n, out_f], 1.0, dtype);
 

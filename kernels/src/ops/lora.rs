@@ -1,97 +1,96 @@
 //! Multi-LoRA: the low-rank deltas of many adapters applied to one batch (Punica's SGMV and
 //! BGMV), with adapters of different ranks and no padding to a common rank.
 //!
-//! The adapters of one target module live in a [`LoraBank`]: every adapter's `A` (`[r_i, in]`)
-//! stacked by rows into `a` (`[R, in]`, `R = Σ r_i`), and every `B` (`[out, r_i]`) transposed
-//! and stacked the same way into `bt` (`[R, out]`). Adapter `i` is the same row block of both,
-//! starting at its offset, so its weights are contiguous (the CPU reads them streaming, the GPU
-//! coalesced). For a row `x` using adapter `i`: `y += scale_i · B_i (A_i x)`.
+//! The adapters of one target module form a [`LoraBank`]. For a row `x` using adapter `i`:
+//! `y += scale_i · B_i (A_i x)`, with `A_i` `[r_i, in]` and `B_i` `[out, r_i]` as PEFT stores
+//! them. On the CPU the bank holds each adapter's own tensors and the kernels read them in place
+//! (a tensor's clones share its elements), so a batch of resident adapters costs no copy. On a
+//! GPU the bank packs them: every `A` stacked by rows into `a` (`[R, in]`, `R = Σ r_i`), every
+//! `B` transposed and stacked the same way into `bt` (`[R, out]`), adapter `i` the same row block
+//! of both, so its weights are contiguous and read coalesced. Gradients have the packed shapes on
+//! every device.
 
 use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::cpu::{Gemm, dot, multiversion, threads};
+use crate::cpu::{Gemm, threads};
 use crate::error::{Result, arg_err, shape_err};
 use crate::ops::Segments;
 use crate::tensor::same_device;
-use crate::{Device, Tensor, cuda};
+use crate::{DType, Device, Tensor, cuda};
 
-/// The LoRA adapters of one target module, packed without padding (see the module docs).
+/// The LoRA modules of one target module across adapters (see the module docs).
 #[derive(Clone, Debug)]
 pub struct LoraBank {
-    /// `[R, in]`: the adapters' `A`, stacked.
-    pub a: Tensor,
-    /// `[R, out]`: the adapters' `Bᵀ`, stacked.
-    pub bt: Tensor,
+    weights: BankWeights,
     ranks: Vec<usize>,
     offsets: Vec<usize>,
     scales: Vec<f32>,
+    in_f: usize,
+    out_f: usize,
+    dtype: DType,
+}
+
+#[derive(Clone, Debug)]
+enum BankWeights {
+    /// On the CPU: each adapter's `A` and `B`, shared with the adapter.
+    Each(Vec<(Tensor, Tensor)>),
+    /// On a GPU: `a` (`[R, in]`) and `bt` (`[R, out]`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Packed { a: Tensor, bt: Tensor },
 }
 
 impl LoraBank {
-    /// A bank from packed `a` (`[R, in]`) and `bt` (`[R, out]`), each adapter's rank and its
-    /// scale (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA).
-    pub fn new(a: Tensor, bt: Tensor, ranks: Vec<usize>, scales: Vec<f32>) -> Result<Self> {
+    /// A bank on `device` of the modules `(A [r, in], B [out, r], scale)` (PEFT's
+    /// `lora_A.weight` and `lora_B.weight`, the scale `lora_alpha / r`, or `/ sqrt(r)` with
+    /// rsLoRA), from any device.
+    pub fn new(modules: Vec<(Tensor, Tensor, f32)>, device: Device) -> Result<Self> {
         const OP: &str = "LoraBank::new";
-        same_device(OP, &[&a, &bt])?;
-        let (r_total, _) = a.dims2(OP)?;
-        let (rb, _) = bt.dims2(OP)?;
-        if ranks.len() != scales.len() {
-            return arg_err(OP, format!("{} ranks but {} scales", ranks.len(), scales.len()));
-        }
-        if ranks.iter().sum::<usize>() != r_total || rb != r_total {
-            return shape_err(
-                OP,
-                format!("ranks sum to {} but a has {r_total} rows and bt {rb}", ranks.iter().sum::<usize>()),
-            );
-        }
-        let offsets = ranks.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
-        Ok(LoraBank { a, bt, ranks, offsets, scales })
-    }
-
-    /// Packs adapters given as `(A [r, in], B [out, r], scale)` (PEFT's `lora_A.weight` and
-    /// `lora_B.weight`), on any device; the bank is on the CPU.
-    pub fn pack(adapters: &[(Tensor, Tensor, f32)]) -> Result<Self> {
-        const OP: &str = "LoraBank::pack";
-        let Some((a0, b0, _)) = adapters.first() else {
+        let Some((a0, b0, _)) = modules.first() else {
             return arg_err(OP, "no adapters");
         };
         let (in_f, out_f, dtype) = (a0.dims2(OP)?.1, b0.dims2(OP)?.0, a0.dtype());
-        let mut ranks = Vec::new();
-        for (i, (a, b, _)) in adapters.iter().enumerate() {
+        let mut ranks = Vec::with_capacity(modules.len());
+        for (i, (a, b, _)) in modules.iter().enumerate() {
             let (r, ai) = a.dims2(OP)?;
-            if ai != in_f || b.shape() != [out_f, r] {
+            if ai != in_f || b.shape() != [out_f, r] || a.dtype() != dtype || b.dtype() != dtype {
                 return shape_err(
                     OP,
                     format!(
-                        "adapter {i}: A {:?} and B {:?} do not fit [r, {in_f}] and [{out_f}, r]",
+                        "adapter {i}: A {:?} and B {:?} ({} and {}) do not fit [r, {in_f}] and [{out_f}, r] ({dtype})",
                         a.shape(),
-                        b.shape()
+                        b.shape(),
+                        a.dtype(),
+                        b.dtype()
                     ),
                 );
             }
             ranks.push(r);
         }
-        // Read in place and written once: a batch of many adapters is packed whenever its
-        // adapters change, and every extra copy is time and peak memory.
-        let r_total: usize = ranks.iter().sum();
-        let (mut a_rows, mut bt_rows) = (Vec::with_capacity(r_total * in_f), Vec::with_capacity(r_total * out_f));
-        for ((a, b, _), &r) in adapters.iter().zip(&ranks) {
-            a_rows.extend_from_slice(&host_f32(a)?);
-            let b = host_f32(b)?;
-            for j in 0..r {
-                bt_rows.extend((0..out_f).map(|o| b[o * r + j]));
+        let scales = modules.iter().map(|m| m.2).collect();
+        let offsets = ranks.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
+        let weights = match device {
+            Device::Cpu => BankWeights::Each(
+                modules.into_iter().map(|(a, b, _)| Ok((a.into_device(device)?, b.into_device(device)?))).collect::<Result<_>>()?,
+            ),
+            Device::Cuda(_) => {
+                let (a, bt) = pack(&modules, &ranks, in_f, out_f)?;
+                BankWeights::Packed { a: a.into_dtype(dtype)?.into_device(device)?, bt: bt.into_dtype(dtype)?.into_device(device)? }
             }
-        }
-        let a = Tensor::from_vec(a_rows, [r_total, in_f])?.into_dtype(dtype)?;
-        let bt = Tensor::from_vec(bt_rows, [r_total, out_f])?.into_dtype(dtype)?;
-        LoraBank::new(a, bt, ranks, adapters.iter().map(|x| x.2).collect())
+        };
+        Ok(LoraBank { weights, ranks, offsets, scales, in_f, out_f, dtype })
     }
 
-    /// The bank on `device` (moved, not copied, when it is already there).
-    pub fn into_device(self, device: crate::Device) -> Result<Self> {
-        LoraBank::new(self.a.into_device(device)?, self.bt.into_device(device)?, self.ranks, self.scales)
+    pub fn device(&self) -> Device {
+        match &self.weights {
+            BankWeights::Each(_) => Device::Cpu,
+            BankWeights::Packed { a, .. } => a.device(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn num_adapters(&self) -> usize {
@@ -110,11 +109,42 @@ impl LoraBank {
         self.ranks.iter().sum()
     }
     pub fn in_features(&self) -> usize {
-        self.a.shape()[1]
+        self.in_f
     }
     pub fn out_features(&self) -> usize {
-        self.bt.shape()[1]
+        self.out_f
     }
+
+    /// The packed `a` and `bt` of a GPU bank.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn packed(&self, op: &'static str) -> Result<(&Tensor, &Tensor)> {
+        match &self.weights {
+            BankWeights::Packed { a, bt } => Ok((a, bt)),
+            BankWeights::Each(_) => arg_err(op, "the bank is on the CPU"),
+        }
+    }
+
+    /// Each adapter's `A` and `B` as f32 host slices (borrowed from f32 tensors).
+    fn host(&self, op: &'static str) -> Result<Vec<(Cow<'_, [f32]>, Cow<'_, [f32]>)>> {
+        match &self.weights {
+            BankWeights::Each(w) => w.iter().map(|(a, b)| Ok((a.cpu_f32()?, b.cpu_f32()?))).collect(),
+            BankWeights::Packed { .. } => arg_err(op, "the bank is on a GPU"),
+        }
+    }
+}
+
+/// Every `A` stacked and every `B` transposed and stacked, as f32 on the host.
+fn pack(modules: &[(Tensor, Tensor, f32)], ranks: &[usize], in_f: usize, out_f: usize) -> Result<(Tensor, Tensor)> {
+    let r_total: usize = ranks.iter().sum();
+    let (mut a_rows, mut bt_rows) = (Vec::with_capacity(r_total * in_f), Vec::with_capacity(r_total * out_f));
+    for ((a, b, _), &r) in modules.iter().zip(ranks) {
+        a_rows.extend_from_slice(&a.to_vec_f32()?);
+        let b = b.to_vec_f32()?;
+        for j in 0..r {
+            bt_rows.extend((0..out_f).map(|o| b[o * r + j]));
+        }
+    }
+    Ok((Tensor::from_vec(a_rows, [r_total, in_f])?, Tensor::from_vec(bt_rows, [r_total, out_f])?))
 }
 
 /// Gradients of a multi-LoRA op: w.r.t. the input rows and the packed bank.
@@ -136,14 +166,14 @@ pub fn sgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, segs: &Segments) -> Res
     segs.validate(OP, n, bank.num_adapters())?;
     match x.device() {
         Device::Cpu => {
-            let (xs, a, bt) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?);
+            let (xs, w) = (x.cpu_f32()?, bank.host(OP)?);
             let seg_list: Vec<_> = segs.iter().collect();
             // Many segments: one per thread; few: let each GEMM use the threads.
             let gemm_threads = if seg_list.len() >= threads() { 1 } else { threads() };
             y.cpu_update(|ys| {
                 segs.split_rows_mut(ys, out_f).into_par_iter().zip(seg_list).for_each(|(yseg, (s, e, i))| {
                     if i >= 0 {
-                        lora_forward_rows(yseg, &xs[s * in_f..e * in_f], &a, &bt, bank, i as usize, gemm_threads);
+                        lora_forward_rows(yseg, &xs[s * in_f..e * in_f], &w, bank, i as usize, gemm_threads);
                     }
                 });
             })
@@ -159,7 +189,7 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
     check_row_adapters(OP, adapter, n, bank)?;
     match x.device() {
         Device::Cpu => {
-            let (xs, a, bt) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?);
+            let (xs, w) = (x.cpu_f32()?, bank.host(OP)?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
             if let Some(ranges) = contiguous(&groups) {
                 // Every adapter's rows are one run (training, a prefill): the delta goes
@@ -169,7 +199,7 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
                     for (i, r) in ranges.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
                         let (y_rows, x_rows) =
                             (&mut ys[r.start * out_f..r.end * out_f], &xs[r.start * in_f..r.end * in_f]);
-                        lora_forward_rows(y_rows, x_rows, &a, &bt, bank, i, threads());
+                        lora_forward_rows(y_rows, x_rows, &w, bank, i, threads());
                     }
                 });
             }
@@ -183,7 +213,7 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
                     let mut d = vec![0.0; rows.len() * out_f];
                     if !rows.is_empty() {
                         let gathered = gather(&xs, rows, in_f);
-                        lora_forward_rows(&mut d, &gathered, &a, &bt, bank, i, gemm_threads);
+                        lora_forward_rows(&mut d, &gathered, &w, bank, i, gemm_threads);
                     }
                     d
                 })
@@ -258,7 +288,7 @@ fn lora_backward(
     let r_total = bank.total_rank();
     match x.device() {
         Device::Cpu => {
-            let (xs, a, bt, dys) = (x.cpu_f32()?, bank.a.cpu_f32()?, bank.bt.cpu_f32()?, dy.cpu_f32()?);
+            let (xs, w, dys) = (x.cpu_f32()?, bank.host("lora_backward")?, dy.cpu_f32()?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
             let (mut da, mut dbt) = (vec![0.0; r_total * in_f], vec![0.0; r_total * out_f]);
             // Adapters own disjoint row blocks of dA and dBᵀ.
@@ -266,18 +296,18 @@ fn lora_backward(
             let dbt_blocks = split_blocks(&mut dbt, bank, out_f);
             let per_adapter =
                 |i: usize, rows: &[usize], da_i: &mut [f32], dbt_i: &mut [f32], dx_i: &mut [f32], t: usize| {
-                    let (r, off, scale, m) = (bank.rank(i), bank.offset(i), bank.scale(i), rows.len());
+                    let (r, scale, m) = (bank.rank(i), bank.scale(i), rows.len());
                     if m == 0 || r == 0 {
                         return;
                     }
                     let xg = gather(&xs, rows, in_f);
                     let dyg = gather(&dys, rows, out_f);
-                    let (a_i, bt_i) = (&a[off * in_f..], &bt[off * out_f..]);
+                    let (a_i, b_i) = (&*w[i].0, &*w[i].1);
                     // h = x·A_iᵀ ; dB_iᵀ = s·hᵀ·dy ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx += dh·A_i.
                     let (mut h, mut dh) = (vec![0.0; m * r], vec![0.0; m * r]);
                     Gemm::new(m, r, in_f, false, true).run(&mut h, &xg, a_i, 1.0, false, t);
                     Gemm::new(r, out_f, m, true, false).run(dbt_i, &h, &dyg, scale, false, t);
-                    Gemm::new(m, r, out_f, false, true).run(&mut dh, &dyg, bt_i, scale, false, t);
+                    Gemm::new(m, r, out_f, false, false).run(&mut dh, &dyg, b_i, scale, false, t);
                     Gemm::new(r, in_f, m, true, false).run(da_i, &dh, &xg, 1.0, false, t);
                     Gemm::new(m, in_f, r, false, false).run(dx_i, &dh, a_i, 1.0, true, t);
                 };
@@ -315,8 +345,8 @@ fn lora_backward(
                 })?;
             }
             Ok((
-                Tensor::cpu_from_f32(da, vec![r_total, in_f], bank.a.dtype()),
-                Tensor::cpu_from_f32(dbt, vec![r_total, out_f], bank.bt.dtype()),
+                Tensor::cpu_from_f32(da, vec![r_total, in_f], bank.dtype()),
+                Tensor::cpu_from_f32(dbt, vec![r_total, out_f], bank.dtype()),
             ))
         }
         Device::Cuda(_) => {
@@ -327,51 +357,18 @@ fn lora_backward(
     }
 }
 
-/// Rows up to which a block is done with dot products instead of GEMMs: with so few rows the
-/// work is reading the adapter's weights once, and a GEMM's packing costs more than it saves.
-const SMALL_BLOCK_ROWS: usize = 16;
-
-/// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows `x` (the shrink then expand of Punica).
-fn lora_forward_rows(y: &mut [f32], x: &[f32], a: &[f32], bt: &[f32], bank: &LoraBank, i: usize, threads: usize) {
-    let (r, off, in_f, out_f) = (bank.rank(i), bank.offset(i), bank.in_features(), bank.out_features());
-    let (m, scale) = (x.len() / in_f.max(1), bank.scale(i));
+/// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows `x` (the shrink then expand of Punica),
+/// `w` the bank's host weights. Both products are `x·Wᵀ` on PEFT's layouts, which a decoding
+/// block of few rows runs through the few-rows kernel streaming each weight row once.
+fn lora_forward_rows(y: &mut [f32], x: &[f32], w: &[(Cow<[f32]>, Cow<[f32]>)], bank: &LoraBank, i: usize, threads: usize) {
+    let (r, in_f, out_f) = (bank.rank(i), bank.in_features(), bank.out_features());
+    let m = x.len() / in_f.max(1);
     if r == 0 || m == 0 {
         return;
     }
-    let (a_i, bt_i) = (&a[off * in_f..(off + r) * in_f], &bt[off * out_f..(off + r) * out_f]);
-    if m <= SMALL_BLOCK_ROWS {
-        lora_small_block(y, &x[..m * in_f], a_i, bt_i, scale, in_f, out_f);
-        return;
-    }
     let mut h = vec![0.0; m * r];
-    Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
-    Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
-}
-
-/// `t`'s elements as f32 on the host: borrowed from a CPU f32 tensor, copied otherwise.
-fn host_f32(t: &Tensor) -> Result<Cow<'_, [f32]>> {
-    if t.device() == Device::Cpu { t.cpu_f32() } else { Ok(Cow::Owned(t.to_vec_f32()?)) }
-}
-
-multiversion! {
-    /// [`lora_forward_rows`] for a block of few rows: the work is streaming the adapter's
-    /// weights (`a_i`: `[r, in]`, `bt_i`: `[r, out]`) once; each weight row is used for every row
-    /// of the block while it is in cache (a GEMM's packing would cost more).
-    pub(crate) fn lora_small_block(y: &mut [f32], x: &[f32], a_i: &[f32], bt_i: &[f32], scale: f32, in_f: usize, out_f: usize) {
-        let (m, r) = (x.len() / in_f, a_i.len() / in_f);
-        let mut h = vec![0.0; m * r];
-        for (j, a_row) in a_i.chunks_exact(in_f).enumerate() {
-            for t in 0..m {
-                h[t * r + j] = scale * dot(&x[t * in_f..][..in_f], a_row);
-            }
-        }
-        for (j, bt_row) in bt_i.chunks_exact(out_f).enumerate() {
-            for t in 0..m {
-                let c = h[t * r + j];
-                y[t * out_f..(t + 1) * out_f].iter_mut().zip(bt_row).for_each(|(y, b)| *y += c * b);
-            }
-        }
-    }
+    Gemm::new(m, r, in_f, false, true).run(&mut h, x, &w[i].0, 1.0, false, threads);
+    Gemm::new(m, out_f, r, false, true).run(y, &h, &w[i].1, bank.scale(i), true, threads);
 }
 
 /// Splits a bank-shaped buffer (`[R, width]`) into each adapter's row block.
@@ -432,7 +429,10 @@ fn rows_by_adapter(adapter: &[i32], adapters: usize) -> Vec<Vec<usize>> {
 }
 
 fn check(op: &'static str, y: &Tensor, x: &Tensor, bank: &LoraBank) -> Result<(usize, usize, usize)> {
-    same_device(op, &[y, x, &bank.a, &bank.bt])?;
+    same_device(op, &[y, x])?;
+    if x.device() != bank.device() {
+        return Err(crate::Error::DeviceMismatch { op, lhs: x.device(), rhs: bank.device() });
+    }
     let (n, in_f) = x.dims2(op)?;
     if in_f != bank.in_features() {
         return shape_err(op, format!("x has {in_f} features, the bank's A takes {}", bank.in_features()));

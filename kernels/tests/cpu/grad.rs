@@ -170,27 +170,32 @@ fn grouped_matmul() {
     assert_eq!(dx_only.to_vec_f32().unwrap(), dx.to_vec_f32().unwrap());
 }
 
-/// A bank of adapters with ranks 2, 0 (degenerate but legal), 3 and 1 over 5 -> 4 features.
-fn mixed_bank(rng: &mut Rng) -> LoraBank {
-    let ranks = [2usize, 0, 3, 1];
-    let adapters: Vec<_> = ranks
-        .iter()
-        .enumerate()
-        .map(|(i, &r)| (rng.tensor(&[r, 5], 1.0), rng.tensor(&[4, r], 1.0), 0.5 + i as f32))
-        .collect();
-    LoraBank::pack(&adapters).unwrap()
-}
+/// Adapters with ranks 2, 0 (degenerate but legal), 3 and 1 over 5 -> 4 features, and their scales.
+const RANKS: [usize; 4] = [2, 0, 3, 1];
+const SCALES: [f32; 4] = [0.5, 1.5, 2.5, 3.5];
 
+/// The input rows and the adapters' weights in the packed shapes the gradients come in: every
+/// `A` stacked (`[6, 5]`) and every `B` transposed and stacked (`[6, 4]`).
 fn lora_inputs(rng: &mut Rng) -> (LoraBank, [Tensor; 3]) {
-    let bank = mixed_bank(rng);
-    let inputs = [rng.tensor(&[7, 5], 1.0), bank.a.clone(), bank.bt.clone()];
-    (bank, inputs)
+    let inputs = [rng.tensor(&[7, 5], 1.0), rng.tensor(&[6, 5], 1.0), rng.tensor(&[6, 4], 1.0)];
+    (rebank(&inputs), inputs)
 }
 
-fn rebank(bank: &LoraBank, x: &[Tensor]) -> LoraBank {
-    let ranks = (0..bank.num_adapters()).map(|i| bank.rank(i)).collect();
-    let scales = (0..bank.num_adapters()).map(|i| bank.scale(i)).collect();
-    LoraBank::new(x[1].clone(), x[2].clone(), ranks, scales).unwrap()
+/// The bank of the packed weights `x[1]` and `x[2]`, each adapter's `A` and `B` cut out of them.
+fn rebank(x: &[Tensor]) -> LoraBank {
+    let (a, bt) = (x[1].to_vec_f32().unwrap(), x[2].to_vec_f32().unwrap());
+    let mut off = 0;
+    let modules = RANKS
+        .iter()
+        .zip(SCALES)
+        .map(|(&r, scale)| {
+            let a_i = Tensor::from_vec(a[off * 5..(off + r) * 5].to_vec(), [r, 5]).unwrap();
+            let b_i: Vec<f32> = (0..4).flat_map(|o| (0..r).map(move |j| (o, j))).map(|(o, j)| bt[(off + j) * 4 + o]).collect();
+            off += r;
+            (a_i, Tensor::from_vec(b_i, [4, r]).unwrap(), scale)
+        })
+        .collect();
+    LoraBank::new(modules, tandem_kernels::Device::Cpu).unwrap()
 }
 
 #[test]
@@ -200,7 +205,7 @@ fn sgmv() {
     let segs = Segments::new(vec![0, 2, 3, 5, 5, 7], vec![2, -1, 0, 1, 3]);
     let f = |x: &[Tensor]| {
         let mut y = Tensor::zeros([7, 4], tandem_kernels::DType::F32, tandem_kernels::Device::Cpu).unwrap();
-        ops::sgmv(&mut y, &x[0], &rebank(&bank, x), &segs).unwrap();
+        ops::sgmv(&mut y, &x[0], &rebank(x), &segs).unwrap();
         y
     };
     let (g, gt) = upstream(&mut rng, &f(&inputs));
@@ -217,7 +222,7 @@ fn bgmv() {
     let adapter = [3, -1, 0, 2, 0, 3, 2];
     let f = |x: &[Tensor]| {
         let mut y = Tensor::zeros([7, 4], tandem_kernels::DType::F32, tandem_kernels::Device::Cpu).unwrap();
-        ops::bgmv(&mut y, &x[0], &rebank(&bank, x), &adapter).unwrap();
+        ops::bgmv(&mut y, &x[0], &rebank(x), &adapter).unwrap();
         y
     };
     let (g, gt) = upstream(&mut rng, &f(&inputs));

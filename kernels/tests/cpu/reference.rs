@@ -48,7 +48,7 @@ pub fn random_adapters(rng: &mut Rng, ranks: &[usize], in_f: usize, out_f: usize
             (a, Tensor::from_vec(r.b.clone(), [out_f, r.rank]).unwrap(), r.scale)
         })
         .collect();
-    (raw, LoraBank::pack(&tensors).unwrap())
+    (raw, LoraBank::new(tensors, tandem_kernels::Device::Cpu).unwrap())
 }
 
 #[test]

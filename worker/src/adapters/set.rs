@@ -172,8 +172,8 @@ impl AdapterSet {
                     }
                 }
             }
-            let packed: Vec<_> = entries.iter().map(|(_, m)| (m.a.clone(), m.b.clone(), m.scale)).collect();
-            let bank = LoraBank::pack(&packed)?.into_device(device)?;
+            let modules: Vec<_> = entries.iter().map(|(_, m)| (m.a.clone(), m.b.clone(), m.scale)).collect();
+            let bank = LoraBank::new(modules, device)?;
             let index = entries.iter().enumerate().map(|(i, (k, _))| (*k, i as i32)).collect();
             lora.insert((layer, proj), LoraTable { bank, index });
         }

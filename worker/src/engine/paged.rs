@@ -3,12 +3,17 @@
 //! of the KV cache's width, are written into the key and value blocks of the adapter's pages in
 //! that layer. A running request pins its adapter; unpinned adapters stay resident for the next
 //! request (a hit) until the pool needs their pages, least recently used first.
+//!
+//! On the CPU the registry's copy already lies in the memory the pages stand for: there the pages
+//! are taken and given back by the same rule (adapters and requests share the pool alike on
+//! every device) but stay unwritten, costing no memory, and batches read the registry's tensors
+//! in place.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tandem_kernels::ops;
-use tandem_kernels::{DType, Tensor};
+use tandem_kernels::{DType, Device, Tensor};
 
 use super::pool::{PagePool, PageUse};
 use crate::adapters::Adapter;
@@ -126,39 +131,14 @@ impl PagedAdapters {
         self.resident.get(&id).map(|r| &r.version)
     }
 
-    /// The adapter read back from its pages, as device tensors.
+    /// The resident adapter `id` as device tensors: read back from its pages, or on the CPU the
+    /// registry's own tensors (shared, not copied).
     pub fn load(&self, id: u64, cache: &KvCache) -> Result<Adapter> {
         let r = self.resident.get(&id).ok_or_else(|| Error::InvalidRequest(format!("adapter {id} is not resident")))?;
-        let template = &r.version.adapter;
-        let width = row_width(cache);
-        let mut flat: Vec<Vec<f32>> = Vec::with_capacity(cache.k.len());
-        for layer in 0..cache.k.len() {
-            let elems: usize =
-                template.weights().iter().filter(|(l, _)| *l == layer).map(|(_, t)| t.elem_count()).sum();
-            let rows = elems.div_ceil(width);
-            let (k_slots, v_slots) = slots(&r.pages, rows, cache.block_size);
-            let read = |half: &Tensor, slots: &[u32]| -> Result<Vec<f32>> {
-                if slots.is_empty() { Ok(Vec::new()) } else { Ok(ops::gather_kv(half, slots)?.to_vec_f32()?) }
-            };
-            let (k_rows, v_rows) = (read(&cache.k[layer], &k_slots)?, read(&cache.v[layer], &v_slots)?);
-            flat.push(merge_rows(&k_rows, &v_rows, rows, cache.block_size, width));
+        if !pages_hold_weights(cache) {
+            return Ok(r.version.adapter.clone());
         }
-        let mut offsets = vec![0usize; cache.k.len()];
-        let device = cache.k.first().map(Tensor::device).unwrap_or(tandem_kernels::Device::Cpu);
-        let weights = template
-            .weights()
-            .into_iter()
-            .map(|(layer, t)| {
-                let n = t.elem_count();
-                let data = flat[layer][offsets[layer]..offsets[layer] + n].to_vec();
-                offsets[layer] += n;
-                Tensor::from_vec(data, t.shape().to_vec())?
-                    .into_dtype(t.dtype())?
-                    .into_device(device)
-                    .map_err(Error::from)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        template.with_weights(weights)
+        read_pages(&r.version.adapter, &r.pages, cache)
     }
 
     fn page_in(
@@ -168,12 +148,11 @@ impl PagedAdapters {
         pool: &mut PagePool,
         cache: &mut KvCache,
     ) -> Result<()> {
-        if cache.k.first().is_some_and(|t| t.dtype() != DType::F32) {
-            return Err(Error::Unsupported("adapter paging needs an f32 KV cache".into()));
-        }
         let pages =
             pool.alloc(need, PageUse::Adapter).ok_or_else(|| Error::InvalidRequest("page pool is full".into()))?;
-        if let Err(e) = write_pages(&v.adapter, &pages, cache) {
+        if pages_hold_weights(cache)
+            && let Err(e) = write_pages(&v.adapter, &pages, cache)
+        {
             pool.release(&pages, PageUse::Adapter);
             return Err(e);
         }
@@ -187,6 +166,44 @@ impl PagedAdapters {
             self.stats.evictions += 1;
         }
     }
+}
+
+/// Whether the pages of a cache hold their adapters' weights (see the module docs).
+fn pages_hold_weights(cache: &KvCache) -> bool {
+    cache.k.first().is_some_and(|t| t.device() != Device::Cpu)
+}
+
+/// The adapter shaped like `template` read back from `pages`, as device tensors.
+fn read_pages(template: &Adapter, pages: &[u32], cache: &KvCache) -> Result<Adapter> {
+    let width = row_width(cache);
+    let mut flat: Vec<Vec<f32>> = Vec::with_capacity(cache.k.len());
+    for layer in 0..cache.k.len() {
+        let elems: usize =
+            template.weights().iter().filter(|(l, _)| *l == layer).map(|(_, t)| t.elem_count()).sum();
+        let rows = elems.div_ceil(width);
+        let (k_slots, v_slots) = slots(pages, rows, cache.block_size);
+        let read = |half: &Tensor, slots: &[u32]| -> Result<Vec<f32>> {
+            if slots.is_empty() { Ok(Vec::new()) } else { Ok(ops::gather_kv(half, slots)?.to_vec_f32()?) }
+        };
+        let (k_rows, v_rows) = (read(&cache.k[layer], &k_slots)?, read(&cache.v[layer], &v_slots)?);
+        flat.push(merge_rows(&k_rows, &v_rows, rows, cache.block_size, width));
+    }
+    let mut offsets = vec![0usize; cache.k.len()];
+    let device = cache.k.first().map(Tensor::device).unwrap_or(Device::Cpu);
+    let weights = template
+        .weights()
+        .into_iter()
+        .map(|(layer, t)| {
+            let n = t.elem_count();
+            let data = flat[layer][offsets[layer]..offsets[layer] + n].to_vec();
+            offsets[layer] += n;
+            Tensor::from_vec(data, t.shape().to_vec())?
+                .into_dtype(t.dtype())?
+                .into_device(device)
+                .map_err(Error::from)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    template.with_weights(weights)
 }
 
 /// Pool pages `adapter` takes over a model of this shape with pages of `block_size` tokens.
@@ -241,9 +258,12 @@ fn merge_rows(k_rows: &[f32], v_rows: &[f32], rows: usize, block: usize, width: 
 
 /// Writes each layer's weights, flattened and zero-padded to whole rows, into `pages`.
 fn write_pages(adapter: &Adapter, pages: &[u32], cache: &mut KvCache) -> Result<()> {
+    if cache.k.first().is_some_and(|t| t.dtype() != DType::F32) {
+        return Err(Error::Unsupported("adapter paging needs an f32 KV cache".into()));
+    }
     let (width, block) = (row_width(cache), cache.block_size);
     let (heads, head_dim) = cache.k.first().map_or((1, 1), |t| (t.shape()[2], t.shape()[3]));
-    let device = cache.k.first().map(Tensor::device).unwrap_or(tandem_kernels::Device::Cpu);
+    let device = cache.k.first().map(Tensor::device).unwrap_or(Device::Cpu);
     for layer in 0..cache.k.len() {
         let mut flat = Vec::new();
         for (_, t) in adapter.weights().into_iter().filter(|(l, _)| *l == layer) {
@@ -264,4 +284,43 @@ fn write_pages(adapter: &Adapter, pages: &[u32], cache: &mut KvCache) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::adapters::LoraAdapter;
+    use crate::rng::Xoshiro256;
+
+    /// The layout the GPU's pages use, written and read back on a CPU cache: every weight comes
+    /// back bit for bit, and other pages are untouched.
+    #[test]
+    fn an_adapter_round_trips_through_its_pages() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/oracle/fixtures/llama");
+        let config = ModelConfig::load(&dir).unwrap();
+        let lora = serde_json::json!({"r": 3, "lora_alpha": 6, "target_modules": "all-linear"});
+        let adapter =
+            Adapter::Lora(LoraAdapter::init_random(&config, lora, &mut Xoshiro256::seed_from_u64(7), 0.5).unwrap());
+        let (blocks, block) = (32, 4);
+        let shape = [blocks, block, config.num_kv_heads, config.head_dim];
+        let half = || (0..config.num_layers).map(|_| Tensor::zeros(shape, DType::F32, Device::Cpu).unwrap()).collect();
+        let mut cache = KvCache { k: half(), v: half(), block_size: block, num_blocks: blocks };
+        let need = adapter_pages(&adapter, &config, block);
+        assert!(need > 1 && need < blocks, "{need} pages");
+        // Pages out of order and not from the start, as the pool hands them out.
+        let pages: Vec<u32> = (0..need as u32).map(|i| blocks as u32 - 1 - 2 * i).collect();
+        write_pages(&adapter, &pages, &mut cache).unwrap();
+        let back = read_pages(&adapter, &pages, &cache).unwrap();
+        for ((_, want), (_, got)) in adapter.weights().iter().zip(back.weights()) {
+            assert_eq!(got.shape(), want.shape());
+            assert_eq!(got.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+        }
+        let untouched = (0..blocks as u32).find(|p| !pages.contains(p)).unwrap() as usize;
+        let row = block * config.num_kv_heads * config.head_dim;
+        for t in cache.k.iter().chain(&cache.v) {
+            assert!(t.to_vec_f32().unwrap()[untouched * row..][..row].iter().all(|&x| x == 0.0));
+        }
+    }
 }

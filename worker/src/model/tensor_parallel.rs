@@ -588,8 +588,9 @@ impl Model {
         let mut lora = grads.lora;
         for key in adapters.lora_keys() {
             if let (false, Some(table)) = (lora.contains_key(&key), adapters.lora(key.0, key.1)) {
-                let zeros = |t: &Tensor| Tensor::zeros(t.shape().to_vec(), t.dtype(), t.device());
-                lora.insert(key, (zeros(&table.bank.a)?, zeros(&table.bank.bt)?));
+                let b = &table.bank;
+                let zeros = |width: usize| Tensor::zeros([b.total_rank(), width], b.dtype(), b.device());
+                lora.insert(key, (zeros(b.in_features())?, zeros(b.out_features())?));
             }
         }
         let mut lora: Vec<_> = lora.into_iter().collect();

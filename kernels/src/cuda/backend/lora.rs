@@ -117,7 +117,8 @@ pub fn sgmv(
     out_f: usize,
 ) -> Result<()> {
     const OP: &str = "sgmv";
-    let (xs, a, bt) = (f32_in(OP, x)?, f32_in(OP, &bank.a)?, f32_in(OP, &bank.bt)?);
+    let (a, bt) = bank.packed(OP)?;
+    let (xs, a, bt) = (f32_in(OP, x)?, f32_in(OP, a)?, f32_in(OP, bt)?);
     update_f32(OP, y, |ctx, ys, _| {
         for (s, e, i) in segs.iter() {
             let Ok(i) = usize::try_from(i) else { continue };
@@ -143,7 +144,8 @@ pub fn bgmv(
     out_f: usize,
 ) -> Result<()> {
     const OP: &str = "bgmv";
-    let (xs, a, bt) = (f32_in(OP, x)?, f32_in(OP, &bank.a)?, f32_in(OP, &bank.bt)?);
+    let (a, bt) = bank.packed(OP)?;
+    let (xs, a, bt) = (f32_in(OP, x)?, f32_in(OP, a)?, f32_in(OP, bt)?);
     let groups = rows_by_adapter(adapter, bank.num_adapters());
     update_f32(OP, y, |ctx, ys, _| {
         // Per adapter: gather its rows, shrink and expand as dense blocks, add back.
@@ -177,7 +179,8 @@ pub fn lora_backward(
 ) -> Result<LoraGrads> {
     const OP: &str = "lora_backward";
     let ctx = ctx_of(OP, x)?;
-    let (xs, a, bt, dys) = (f32_in(OP, x)?, f32_in(OP, &bank.a)?, f32_in(OP, &bank.bt)?, f32_in(OP, dy)?);
+    let (a, bt) = bank.packed(OP)?;
+    let (xs, a, bt, dys) = (f32_in(OP, x)?, f32_in(OP, a)?, f32_in(OP, bt)?, f32_in(OP, dy)?);
     let r_total = bank.total_rank();
     let mut dx = ctx.zeros::<f32>(OP, n * in_f)?;
     let mut da = ctx.zeros::<f32>(OP, r_total * in_f)?;
@@ -220,7 +223,7 @@ pub fn lora_backward(
     }
     Ok(LoraGrads {
         dx: f32_out(OP, &ctx, dx, vec![n, in_f], x.dtype())?,
-        da: f32_out(OP, &ctx, da, vec![r_total, in_f], bank.a.dtype())?,
-        dbt: f32_out(OP, &ctx, dbt, vec![r_total, out_f], bank.bt.dtype())?,
+        da: f32_out(OP, &ctx, da, vec![r_total, in_f], bank.dtype())?,
+        dbt: f32_out(OP, &ctx, dbt, vec![r_total, out_f], bank.dtype())?,
     })
 }
