@@ -218,7 +218,7 @@ fn kernels(
     println!("multi-LoRA delta: {adapters} adapters, rank {rank}, {tokens} tokens, {d} -> {d}");
     let x = tensor(&[tokens, d], 3, device)?;
     let modules = (0..adapters as u64)
-        .map(|i| Ok((tensor(&[rank, d], 4 + 2 * i, Device::Cpu)?, tensor(&[d, rank], 5 + 2 * i, Device::Cpu)?, 2.0)))
+        .map(|i| Ok((tensor(&[rank, d], 4 + 2 * i, Device::Cpu)?, tensor(&[rank, d], 5 + 2 * i, Device::Cpu)?, 2.0)))
         .collect::<Result<_>>()?;
     let bank = LoraBank::new(modules, device)?;
     // SGMV: tokens arrive grouped by adapter (prefill); BGMV: each token its own adapter (decode).

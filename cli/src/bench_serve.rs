@@ -144,8 +144,8 @@ fn write_adapters(args: &ServeArgs, cfg: &ModelConfig) -> Result<Vec<PathBuf>> {
             for key in ModuleKey::all(cfg) {
                 let (inp, out) = key.features(cfg);
                 let a = Tensor::from_vec(rand(r * inp, 1.0 / (inp as f32).sqrt()), [r, inp])?;
-                let b = Tensor::from_vec(rand(out * r, 0.02), [out, r])?;
-                modules.insert(key, LoraModule { a, b, scale: 2.0 });
+                let bt = Tensor::from_vec(rand(r * out, 0.02), [r, out])?;
+                modules.insert(key, LoraModule { a, bt, scale: 2.0 });
             }
             let config = json!({
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
@@ -216,7 +216,7 @@ fn serve(
     let adapter_bytes: usize = adapters
         .iter()
         .map(|(_, a)| match a {
-            Adapter::Lora(l) => l.modules.values().map(|m| 4 * (m.a.elem_count() + m.b.elem_count())).sum(),
+            Adapter::Lora(l) => l.modules.values().map(|m| 4 * (m.a.elem_count() + m.bt.elem_count())).sum(),
             Adapter::Esft(_) => 0,
         })
         .sum();

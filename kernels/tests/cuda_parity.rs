@@ -369,7 +369,7 @@ fn banks(rng: &mut Rng, ranks: &[usize], in_f: usize, out_f: usize, dtype: DType
     let adapters: Vec<(Tensor, Tensor, f32)> = ranks
         .iter()
         .enumerate()
-        .map(|(i, &r)| (rng.tensor(&[r, in_f], 1.0, dtype), rng.tensor(&[out_f, r], 1.0, dtype), 0.5 + i as f32))
+        .map(|(i, &r)| (rng.tensor(&[r, in_f], 1.0, dtype), rng.tensor(&[r, out_f], 1.0, dtype), 0.5 + i as f32))
         .collect();
     (LoraBank::new(adapters.clone(), Device::Cpu).unwrap(), LoraBank::new(adapters, Device::Cuda(0)).unwrap())
 }

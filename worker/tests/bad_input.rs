@@ -106,7 +106,7 @@ fn adapters_round_trip_through_save() {
     for (k, m) in &lora.modules {
         let n = &again.modules[k];
         assert_eq!(m.a.to_vec_f32().unwrap(), n.a.to_vec_f32().unwrap());
-        assert_eq!(m.b.to_vec_f32().unwrap(), n.b.to_vec_f32().unwrap());
+        assert_eq!(m.bt.to_vec_f32().unwrap(), n.bt.to_vec_f32().unwrap());
         assert_eq!(m.scale, n.scale);
     }
     let esft = EsftAdapter::load(&fixture("mixtral/esft/esft_a"), &cfg).unwrap();

@@ -228,13 +228,13 @@ fn train_and_export(preset: Preset, world: usize, moe: MoeSplit) -> Vec<LoraAdap
 fn same_exports(preset: Preset, moe: MoeSplit) {
     let want = train_and_export(preset, 1, moe);
     // The jobs took steps: B starts at zero.
-    assert!(want.iter().all(|a| a.modules.values().any(|m| m.b.to_vec_f32().unwrap().iter().any(|&v| v != 0.0))));
+    assert!(want.iter().all(|a| a.modules.values().any(|m| m.bt.to_vec_f32().unwrap().iter().any(|&v| v != 0.0))));
     for world in [2, 4] {
         for (got, want) in train_and_export(preset, world, moe).iter().zip(&want) {
             assert_eq!(got.modules.keys().collect::<Vec<_>>(), want.modules.keys().collect::<Vec<_>>());
             let (mut diff, mut scale) = (0.0f32, 0.0f32);
             for (g, w) in got.modules.values().zip(want.modules.values()) {
-                for (g, w) in [(&g.a, &w.a), (&g.b, &w.b)] {
+                for (g, w) in [(&g.a, &w.a), (&g.bt, &w.bt)] {
                     for (x, y) in g.to_vec_f32().unwrap().iter().zip(w.to_vec_f32().unwrap()) {
                         diff = diff.max((x - y).abs());
                         scale = scale.max(y.abs());

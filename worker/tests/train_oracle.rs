@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tandem_kernels::Device;
+use tandem_kernels::{Device, ops};
 use tandem_worker::adapters::{AdapterSet, EsftAdapter, LoraAdapter};
 use tandem_worker::model::weights::expert_names;
 use tandem_worker::model::{AdapterGrads, Model};
@@ -106,6 +106,8 @@ fn check_model(name: &str) {
         for (g, tname) in ours.iter().zip(&names) {
             let key = format!("{}/{tname}", job.name);
             let want = reference.tensor(&key).unwrap_or_else(|e| panic!("{name}: {key}: {e}")).to_vec_f32().unwrap();
+            // Ours is Bᵀ, as the adapter keeps it; PyTorch's is lora_B's [out, r].
+            let g = if tname.ends_with("lora_B.weight") { ops::transpose(g).unwrap() } else { g.clone() };
             let got = g.to_vec_f32().unwrap();
             assert_eq!(got.len(), want.len(), "{name}: {key}: size");
             let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;

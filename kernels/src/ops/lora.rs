@@ -2,19 +2,19 @@
 //! BGMV), with adapters of different ranks and no padding to a common rank.
 //!
 //! The adapters of one target module form a [`LoraBank`]. For a row `x` using adapter `i`:
-//! `y += scale_i · B_i (A_i x)`, with `A_i` `[r_i, in]` and `B_i` `[out, r_i]` as PEFT stores
-//! them. On the CPU the bank holds each adapter's own tensors and the kernels read them in place
-//! (a tensor's clones share its elements), so a batch of resident adapters costs no copy. On a
-//! GPU the bank packs them: every `A` stacked by rows into `a` (`[R, in]`, `R = Σ r_i`), every
-//! `B` transposed and stacked the same way into `bt` (`[R, out]`), adapter `i` the same row block
-//! of both, so its weights are contiguous and read coalesced. Gradients have the packed shapes on
-//! every device.
+//! `y += scale_i · B_i (A_i x)`, given as `A_i` (`[r_i, in]`) and `B_iᵀ` (`[r_i, out]`), so that
+//! both products stream whole rows of the adapter's weights. On the CPU the bank holds each
+//! adapter's own tensors and the kernels read them in place (a tensor's clones share its
+//! elements), so a batch of resident adapters costs no copy. On a GPU the bank packs them: every
+//! `A` stacked by rows into `a` (`[R, in]`, `R = Σ r_i`), every `Bᵀ` the same way into `bt`
+//! (`[R, out]`), adapter `i` the same row block of both, so its weights are contiguous and read
+//! coalesced. Gradients have the packed shapes on every device.
 
 use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::cpu::{Gemm, threads};
+use crate::cpu::{Gemm, dot, multiversion, threads};
 use crate::error::{Result, arg_err, shape_err};
 use crate::ops::Segments;
 use crate::tensor::same_device;
@@ -34,7 +34,7 @@ pub struct LoraBank {
 
 #[derive(Clone, Debug)]
 enum BankWeights {
-    /// On the CPU: each adapter's `A` and `B`, shared with the adapter.
+    /// On the CPU: each adapter's `A` and `Bᵀ`, shared with the adapter.
     Each(Vec<(Tensor, Tensor)>),
     /// On a GPU: `a` (`[R, in]`) and `bt` (`[R, out]`).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -42,27 +42,27 @@ enum BankWeights {
 }
 
 impl LoraBank {
-    /// A bank on `device` of the modules `(A [r, in], B [out, r], scale)` (PEFT's
-    /// `lora_A.weight` and `lora_B.weight`, the scale `lora_alpha / r`, or `/ sqrt(r)` with
-    /// rsLoRA), from any device.
+    /// A bank on `device` of the modules `(A [r, in], Bᵀ [r, out], scale)` (PEFT's
+    /// `lora_A.weight` and `lora_B.weight` transposed, the scale `lora_alpha / r`, or `/ sqrt(r)`
+    /// with rsLoRA), from any device.
     pub fn new(modules: Vec<(Tensor, Tensor, f32)>, device: Device) -> Result<Self> {
         const OP: &str = "LoraBank::new";
-        let Some((a0, b0, _)) = modules.first() else {
+        let Some((a0, bt0, _)) = modules.first() else {
             return arg_err(OP, "no adapters");
         };
-        let (in_f, out_f, dtype) = (a0.dims2(OP)?.1, b0.dims2(OP)?.0, a0.dtype());
+        let (in_f, out_f, dtype) = (a0.dims2(OP)?.1, bt0.dims2(OP)?.1, a0.dtype());
         let mut ranks = Vec::with_capacity(modules.len());
-        for (i, (a, b, _)) in modules.iter().enumerate() {
+        for (i, (a, bt, _)) in modules.iter().enumerate() {
             let (r, ai) = a.dims2(OP)?;
-            if ai != in_f || b.shape() != [out_f, r] || a.dtype() != dtype || b.dtype() != dtype {
+            if ai != in_f || bt.shape() != [r, out_f] || a.dtype() != dtype || bt.dtype() != dtype {
                 return shape_err(
                     OP,
                     format!(
-                        "adapter {i}: A {:?} and B {:?} ({} and {}) do not fit [r, {in_f}] and [{out_f}, r] ({dtype})",
+                        "adapter {i}: A {:?} and Bᵀ {:?} ({} and {}) do not fit [r, {in_f}] and [r, {out_f}] ({dtype})",
                         a.shape(),
-                        b.shape(),
+                        bt.shape(),
                         a.dtype(),
-                        b.dtype()
+                        bt.dtype()
                     ),
                 );
             }
@@ -72,11 +72,15 @@ impl LoraBank {
         let offsets = ranks.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
         let weights = match device {
             Device::Cpu => BankWeights::Each(
-                modules.into_iter().map(|(a, b, _)| Ok((a.into_device(device)?, b.into_device(device)?))).collect::<Result<_>>()?,
+                modules
+                    .into_iter()
+                    .map(|(a, b, _)| Ok((a.into_device(device)?, b.into_device(device)?)))
+                    .collect::<Result<_>>()?,
             ),
             Device::Cuda(_) => {
                 let (a, bt) = pack(&modules, &ranks, in_f, out_f)?;
-                BankWeights::Packed { a: a.into_dtype(dtype)?.into_device(device)?, bt: bt.into_dtype(dtype)?.into_device(device)? }
+                let on_device = |t: Tensor| -> Result<Tensor> { t.into_dtype(dtype)?.into_device(device) };
+                BankWeights::Packed { a: on_device(a)?, bt: on_device(bt)? }
             }
         };
         Ok(LoraBank { weights, ranks, offsets, scales, in_f, out_f, dtype })
@@ -124,7 +128,7 @@ impl LoraBank {
         }
     }
 
-    /// Each adapter's `A` and `B` as f32 host slices (borrowed from f32 tensors).
+    /// Each adapter's `A` and `Bᵀ` as f32 host slices (borrowed from f32 tensors).
     fn host(&self, op: &'static str) -> Result<Vec<(Cow<'_, [f32]>, Cow<'_, [f32]>)>> {
         match &self.weights {
             BankWeights::Each(w) => w.iter().map(|(a, b)| Ok((a.cpu_f32()?, b.cpu_f32()?))).collect(),
@@ -133,16 +137,13 @@ impl LoraBank {
     }
 }
 
-/// Every `A` stacked and every `B` transposed and stacked, as f32 on the host.
+/// Every `A` and every `Bᵀ` stacked, as f32 on the host.
 fn pack(modules: &[(Tensor, Tensor, f32)], ranks: &[usize], in_f: usize, out_f: usize) -> Result<(Tensor, Tensor)> {
     let r_total: usize = ranks.iter().sum();
     let (mut a_rows, mut bt_rows) = (Vec::with_capacity(r_total * in_f), Vec::with_capacity(r_total * out_f));
-    for ((a, b, _), &r) in modules.iter().zip(ranks) {
+    for (a, bt, _) in modules {
         a_rows.extend_from_slice(&a.to_vec_f32()?);
-        let b = b.to_vec_f32()?;
-        for j in 0..r {
-            bt_rows.extend((0..out_f).map(|o| b[o * r + j]));
-        }
+        bt_rows.extend_from_slice(&bt.to_vec_f32()?);
     }
     Ok((Tensor::from_vec(a_rows, [r_total, in_f])?, Tensor::from_vec(bt_rows, [r_total, out_f])?))
 }
@@ -302,12 +303,12 @@ fn lora_backward(
                     }
                     let xg = gather(&xs, rows, in_f);
                     let dyg = gather(&dys, rows, out_f);
-                    let (a_i, b_i) = (&*w[i].0, &*w[i].1);
+                    let (a_i, bt_i) = (&*w[i].0, &*w[i].1);
                     // h = x·A_iᵀ ; dB_iᵀ = s·hᵀ·dy ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx += dh·A_i.
                     let (mut h, mut dh) = (vec![0.0; m * r], vec![0.0; m * r]);
                     Gemm::new(m, r, in_f, false, true).run(&mut h, &xg, a_i, 1.0, false, t);
                     Gemm::new(r, out_f, m, true, false).run(dbt_i, &h, &dyg, scale, false, t);
-                    Gemm::new(m, r, out_f, false, false).run(&mut dh, &dyg, b_i, scale, false, t);
+                    Gemm::new(m, r, out_f, false, true).run(&mut dh, &dyg, bt_i, scale, false, t);
                     Gemm::new(r, in_f, m, true, false).run(da_i, &dh, &xg, 1.0, false, t);
                     Gemm::new(m, in_f, r, false, false).run(dx_i, &dh, a_i, 1.0, true, t);
                 };
@@ -357,18 +358,54 @@ fn lora_backward(
     }
 }
 
+/// Rows up to which a block is done with dot products instead of GEMMs: with so few rows the
+/// work is reading the adapter's weights once, and a GEMM's packing costs more than it saves.
+const SMALL_BLOCK_ROWS: usize = 16;
+
 /// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows `x` (the shrink then expand of Punica),
-/// `w` the bank's host weights. Both products are `x·Wᵀ` on PEFT's layouts, which a decoding
-/// block of few rows runs through the few-rows kernel streaming each weight row once.
-fn lora_forward_rows(y: &mut [f32], x: &[f32], w: &[(Cow<[f32]>, Cow<[f32]>)], bank: &LoraBank, i: usize, threads: usize) {
-    let (r, in_f, out_f) = (bank.rank(i), bank.in_features(), bank.out_features());
+/// `w` the bank's host weights.
+fn lora_forward_rows(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[(Cow<[f32]>, Cow<[f32]>)],
+    bank: &LoraBank,
+    i: usize,
+    threads: usize,
+) {
+    let (r, in_f, out_f, scale) = (bank.rank(i), bank.in_features(), bank.out_features(), bank.scale(i));
     let m = x.len() / in_f.max(1);
     if r == 0 || m == 0 {
         return;
     }
+    let (a_i, bt_i) = (&*w[i].0, &*w[i].1);
+    if m <= SMALL_BLOCK_ROWS {
+        lora_small_block(y, &x[..m * in_f], a_i, bt_i, scale, in_f, out_f);
+        return;
+    }
     let mut h = vec![0.0; m * r];
-    Gemm::new(m, r, in_f, false, true).run(&mut h, x, &w[i].0, 1.0, false, threads);
-    Gemm::new(m, out_f, r, false, true).run(y, &h, &w[i].1, bank.scale(i), true, threads);
+    Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
+    Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
+}
+
+multiversion! {
+    /// [`lora_forward_rows`] for a block of few rows: the work is streaming the adapter's
+    /// weights (`a_i`: `[r, in]`, `bt_i`: `[r, out]`) once; each weight row is used for every row
+    /// of the block while it is in cache (a GEMM's packing would cost more).
+    pub(crate) fn lora_small_block(y: &mut [f32], x: &[f32], a_i: &[f32], bt_i: &[f32], scale: f32, in_f: usize, out_f: usize) {
+        let (m, r) = (x.len() / in_f, a_i.len() / in_f);
+        let mut h = vec![0.0; m * r];
+        for (j, a_row) in a_i.chunks_exact(in_f).enumerate() {
+            for t in 0..m {
+                h[t * r + j] = scale * dot(&x[t * in_f..][..in_f], a_row);
+            }
+        }
+        for (j, bt_row) in bt_i.chunks_exact(out_f).enumerate() {
+            for t in 0..m {
+                let c = h[t * r + j];
+                y[t * out_f..(t + 1) * out_f].iter_mut().zip(bt_row).for_each(|(y, b)| *y += c * b);
+            }
+        }
+    }
 }
 
 /// Splits a bank-shaped buffer (`[R, width]`) into each adapter's row block.

@@ -23,7 +23,7 @@ fn shape_mismatches_name_the_op() {
 fn out_of_range_indices_are_refused() {
     assert!(message(ops::embedding(&t(&[4, 2]), &[1, 4])).contains("token id 4"));
     assert!(message(ops::cross_entropy(&t(&[2, 3]), &[0, 3])).contains("target 3"));
-    let bank = LoraBank::new(vec![(t(&[2, 3]), t(&[4, 2]), 1.0)], Device::Cpu).unwrap();
+    let bank = LoraBank::new(vec![(t(&[2, 3]), t(&[2, 4]), 1.0)], Device::Cpu).unwrap();
     let mut y = t(&[2, 4]);
     assert!(message(ops::bgmv(&mut y, &t(&[2, 3]), &bank, &[0, 1])).contains("adapter index 1"));
     let segs = Segments::new(vec![0, 1], vec![0]);
@@ -48,7 +48,7 @@ fn attention_metadata_is_checked() {
 
 #[test]
 fn a_mismatched_lora_adapter_is_refused() {
-    let err = message(LoraBank::new(vec![(t(&[2, 3]), t(&[4, 2]), 1.0), (t(&[2, 5]), t(&[4, 2]), 1.0)], Device::Cpu));
+    let err = message(LoraBank::new(vec![(t(&[2, 3]), t(&[2, 4]), 1.0), (t(&[2, 5]), t(&[2, 4]), 1.0)], Device::Cpu));
     assert!(err.contains("adapter 1"), "{err}");
 }
 

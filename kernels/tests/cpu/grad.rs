@@ -175,13 +175,13 @@ const RANKS: [usize; 4] = [2, 0, 3, 1];
 const SCALES: [f32; 4] = [0.5, 1.5, 2.5, 3.5];
 
 /// The input rows and the adapters' weights in the packed shapes the gradients come in: every
-/// `A` stacked (`[6, 5]`) and every `B` transposed and stacked (`[6, 4]`).
+/// `A` stacked (`[6, 5]`) and every `Bᵀ` stacked (`[6, 4]`).
 fn lora_inputs(rng: &mut Rng) -> (LoraBank, [Tensor; 3]) {
     let inputs = [rng.tensor(&[7, 5], 1.0), rng.tensor(&[6, 5], 1.0), rng.tensor(&[6, 4], 1.0)];
     (rebank(&inputs), inputs)
 }
 
-/// The bank of the packed weights `x[1]` and `x[2]`, each adapter's `A` and `B` cut out of them.
+/// The bank of the packed weights `x[1]` and `x[2]`, each adapter's `A` and `Bᵀ` their row blocks.
 fn rebank(x: &[Tensor]) -> LoraBank {
     let (a, bt) = (x[1].to_vec_f32().unwrap(), x[2].to_vec_f32().unwrap());
     let mut off = 0;
@@ -189,10 +189,12 @@ fn rebank(x: &[Tensor]) -> LoraBank {
         .iter()
         .zip(SCALES)
         .map(|(&r, scale)| {
-            let a_i = Tensor::from_vec(a[off * 5..(off + r) * 5].to_vec(), [r, 5]).unwrap();
-            let b_i: Vec<f32> = (0..4).flat_map(|o| (0..r).map(move |j| (o, j))).map(|(o, j)| bt[(off + j) * 4 + o]).collect();
+            let rows = |data: &[f32], width: usize| {
+                Tensor::from_vec(data[off * width..(off + r) * width].to_vec(), [r, width]).unwrap()
+            };
+            let module = (rows(&a, 5), rows(&bt, 4), scale);
             off += r;
-            (a_i, Tensor::from_vec(b_i, [4, r]).unwrap(), scale)
+            module
         })
         .collect();
     LoraBank::new(modules, tandem_kernels::Device::Cpu).unwrap()

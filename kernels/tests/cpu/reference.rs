@@ -45,7 +45,8 @@ pub fn random_adapters(rng: &mut Rng, ranks: &[usize], in_f: usize, out_f: usize
         .iter()
         .map(|r| {
             let a = Tensor::from_vec(r.a.clone(), [r.rank, in_f]).unwrap();
-            (a, Tensor::from_vec(r.b.clone(), [out_f, r.rank]).unwrap(), r.scale)
+            let bt = (0..r.rank).flat_map(|j| (0..out_f).map(move |o| r.b[o * r.rank + j])).collect();
+            (a, Tensor::from_vec(bt, [r.rank, out_f]).unwrap(), r.scale)
         })
         .collect();
     (raw, LoraBank::new(tensors, tandem_kernels::Device::Cpu).unwrap())

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use regex::Regex;
 use serde_json::Value;
-use tandem_kernels::{DType, Device, Tensor};
+use tandem_kernels::{DType, Device, Tensor, ops};
 
 use super::module::ModuleKey;
 use crate::error::{Error, Result, read_json};
@@ -17,11 +17,13 @@ use crate::safetensors_file::{SafetensorsFile, write_safetensors};
 /// The prefix PEFT puts before module names in adapter tensor keys.
 const PREFIX: &str = "base_model.model.";
 
-/// One LoRA module: `delta = scale · B·A`, `A` `[r, in]`, `B` `[out, r]`.
+/// One LoRA module: `delta = scale · B·A`, kept as `A` `[r, in]` and `Bᵀ` `[r, out]`. PEFT's
+/// `lora_B.weight` (`[out, r]`) is transposed once when read and back when written, so the
+/// multi-LoRA kernels read every adapter in place, each product streaming whole weight rows.
 #[derive(Clone, Debug)]
 pub struct LoraModule {
     pub a: Tensor,
-    pub b: Tensor,
+    pub bt: Tensor,
     pub scale: f32,
 }
 
@@ -243,7 +245,7 @@ impl LoraAdapter {
             };
             let (a, b) = (read(&a_name, [r, inp])?, read(&b_name, [out, r])?);
             used += 2;
-            modules.insert(key, LoraModule { a, b, scale });
+            modules.insert(key, LoraModule { a, bt: ops::transpose(&b)?, scale });
         }
         used += load_target_parameters(&peft, &file, cfg, &mut modules)?;
         if used != file.names().len() {
@@ -284,7 +286,7 @@ impl LoraAdapter {
             let bound = 1.0 / (inp as f32).sqrt();
             let a = (0..r * inp).map(|_| rng.uniform_f32(-bound, bound)).collect();
             let a = Tensor::from_vec(a, [r, inp])?;
-            modules.insert(key, LoraModule { a, b: Tensor::zeros([out, r], DType::F32, Device::Cpu)?, scale });
+            modules.insert(key, LoraModule { a, bt: Tensor::zeros([r, out], DType::F32, Device::Cpu)?, scale });
         }
         if modules.is_empty() {
             return Err(Error::InvalidRequest("the LoRA targets match no module of this base model".into()));
@@ -297,8 +299,8 @@ impl LoraAdapter {
     pub fn init_random(cfg: &ModelConfig, config: Value, rng: &mut Xoshiro256, b_bound: f32) -> Result<Self> {
         let mut a = Self::init(cfg, config, rng)?;
         for m in a.modules.values_mut() {
-            let data = (0..m.b.elem_count()).map(|_| rng.uniform_f32(-b_bound, b_bound)).collect();
-            m.b = Tensor::from_vec(data, m.b.shape().to_vec())?;
+            let data = (0..m.bt.elem_count()).map(|_| rng.uniform_f32(-b_bound, b_bound)).collect();
+            m.bt = Tensor::from_vec(data, m.bt.shape().to_vec())?;
         }
         Ok(a)
     }
@@ -322,7 +324,7 @@ impl LoraAdapter {
         for (key, m) in &self.modules {
             let name = key.name(cfg);
             tensors.push((format!("{PREFIX}{name}.lora_A.weight"), m.a.clone()));
-            tensors.push((format!("{PREFIX}{name}.lora_B.weight"), m.b.clone()));
+            tensors.push((format!("{PREFIX}{name}.lora_B.weight"), ops::transpose(&m.bt)?));
         }
         write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
         let path = dir.join("adapter_config.json");
@@ -395,20 +397,21 @@ fn load_target_parameters(
             used += 2;
             for x in 0..e {
                 let a_x = Tensor::from_vec(a[x * r * inp..(x + 1) * r * inp].to_vec(), [r, inp])?;
-                let b_rows = |rows: std::ops::Range<usize>| -> Result<Tensor> {
+                // Expert x's Bᵀ over output rows `rows`: column j is B's column j·E + x.
+                let bt_cols = |rows: std::ops::Range<usize>| -> Result<Tensor> {
                     let len = rows.len();
-                    let data =
-                        rows.flat_map(|o| (0..r).map(move |j| (o, j))).map(|(o, j)| b[o * r * e + j * e + x]).collect();
-                    Ok(Tensor::from_vec(data, [len, r])?)
+                    let b = &b;
+                    let data = (0..r).flat_map(|j| rows.clone().map(move |o| b[o * r * e + j * e + x])).collect();
+                    Ok(Tensor::from_vec(data, [r, len])?)
                 };
-                let mut add = |proj, b: Tensor| {
-                    modules.insert(ModuleKey { layer, proj, expert: Some(x) }, LoraModule { a: a_x.clone(), b, scale })
+                let mut add = |proj, bt: Tensor| {
+                    modules.insert(ModuleKey { layer, proj, expert: Some(x) }, LoraModule { a: a_x.clone(), bt, scale })
                 };
                 if fused_up {
-                    add(Proj::Gate, b_rows(0..inter)?);
-                    add(Proj::Up, b_rows(inter..2 * inter)?);
+                    add(Proj::Gate, bt_cols(0..inter)?);
+                    add(Proj::Up, bt_cols(inter..2 * inter)?);
                 } else {
-                    add(Proj::Down, b_rows(0..h)?);
+                    add(Proj::Down, bt_cols(0..h)?);
                 }
             }
         }

@@ -31,11 +31,11 @@ impl Adapter {
         })
     }
 
-    /// Every weight tensor with its layer, in one fixed order: LoRA modules by key (A then B),
+    /// Every weight tensor with its layer, in one fixed order: LoRA modules by key (A then Bᵀ),
     /// ESFT experts by (layer, expert) (gate, up, down). [`Adapter::with_weights`] reads it back.
     pub fn weights(&self) -> Vec<(usize, &Tensor)> {
         match self {
-            Adapter::Lora(a) => a.modules.iter().flat_map(|(k, m)| [(k.layer, &m.a), (k.layer, &m.b)]).collect(),
+            Adapter::Lora(a) => a.modules.iter().flat_map(|(k, m)| [(k.layer, &m.a), (k.layer, &m.bt)]).collect(),
             Adapter::Esft(a) => {
                 a.experts.iter().flat_map(|(&(l, _), w)| [(l, &w.gate), (l, &w.up), (l, &w.down)]).collect()
             }
@@ -57,7 +57,7 @@ impl Adapter {
                 let mut out = a.clone();
                 for m in out.modules.values_mut() {
                     m.a = next()?;
-                    m.b = next()?;
+                    m.bt = next()?;
                 }
                 Adapter::Lora(out)
             }
@@ -172,7 +172,7 @@ impl AdapterSet {
                     }
                 }
             }
-            let modules: Vec<_> = entries.iter().map(|(_, m)| (m.a.clone(), m.b.clone(), m.scale)).collect();
+            let modules: Vec<_> = entries.iter().map(|(_, m)| (m.a.clone(), m.bt.clone(), m.scale)).collect();
             let bank = LoraBank::new(modules, device)?;
             let index = entries.iter().enumerate().map(|(i, (k, _))| (*k, i as i32)).collect();
             lora.insert((layer, proj), LoraTable { bank, index });

@@ -178,8 +178,7 @@ fn read_pages(template: &Adapter, pages: &[u32], cache: &KvCache) -> Result<Adap
     let width = row_width(cache);
     let mut flat: Vec<Vec<f32>> = Vec::with_capacity(cache.k.len());
     for layer in 0..cache.k.len() {
-        let elems: usize =
-            template.weights().iter().filter(|(l, _)| *l == layer).map(|(_, t)| t.elem_count()).sum();
+        let elems: usize = template.weights().iter().filter(|(l, _)| *l == layer).map(|(_, t)| t.elem_count()).sum();
         let rows = elems.div_ceil(width);
         let (k_slots, v_slots) = slots(pages, rows, cache.block_size);
         let read = |half: &Tensor, slots: &[u32]| -> Result<Vec<f32>> {
@@ -197,10 +196,7 @@ fn read_pages(template: &Adapter, pages: &[u32], cache: &KvCache) -> Result<Adap
             let n = t.elem_count();
             let data = flat[layer][offsets[layer]..offsets[layer] + n].to_vec();
             offsets[layer] += n;
-            Tensor::from_vec(data, t.shape().to_vec())?
-                .into_dtype(t.dtype())?
-                .into_device(device)
-                .map_err(Error::from)
+            Tensor::from_vec(data, t.shape().to_vec())?.into_dtype(t.dtype())?.into_device(device).map_err(Error::from)
         })
         .collect::<Result<Vec<_>>>()?;
     template.with_weights(weights)

@@ -431,7 +431,7 @@ impl Model {
                 let mut out = a.clone();
                 for (key, m) in &mut out.modules {
                     match sp.of(key.proj, key.expert.is_some()) {
-                        Some((true, rows)) => m.b = slice(&m.b, 0, rows)?,
+                        Some((true, rows)) => m.bt = slice(&m.bt, 1, rows)?,
                         Some((false, cols)) => m.a = slice(&m.a, 1, cols)?,
                         None => {}
                     }

@@ -82,14 +82,14 @@ pub enum Weights {
 impl Weights {
     fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
         match self {
-            Weights::Lora(a) => a.modules.values_mut().flat_map(|m| [&mut m.a, &mut m.b]).collect(),
+            Weights::Lora(a) => a.modules.values_mut().flat_map(|m| [&mut m.a, &mut m.bt]).collect(),
             Weights::Esft(e) => e.experts.values_mut().flat_map(|w| [&mut w.gate, &mut w.up, &mut w.down]).collect(),
         }
     }
 
     fn tensors(&self) -> Vec<&Tensor> {
         match self {
-            Weights::Lora(a) => a.modules.values().flat_map(|m| [&m.a, &m.b]).collect(),
+            Weights::Lora(a) => a.modules.values().flat_map(|m| [&m.a, &m.bt]).collect(),
             Weights::Esft(e) => e.experts.values().flat_map(|w| [&w.gate, &w.up, &w.down]).collect(),
         }
     }
@@ -116,11 +116,11 @@ impl Weights {
                     match grads.lora.get(&(key.layer, key.proj)) {
                         Some((da, dbt)) => {
                             out.push(rows(da, off, r)?);
-                            out.push(ops::transpose(&rows(dbt, off, r)?)?);
+                            out.push(rows(dbt, off, r)?);
                         }
                         // No row of the batch reached this module (e.g. an expert no token
                         // was routed to): its gradient is zero.
-                        None => out.extend([zeros_like(&m.a)?, zeros_like(&m.b)?]),
+                        None => out.extend([zeros_like(&m.a)?, zeros_like(&m.bt)?]),
                     }
                 }
             }

@@ -75,7 +75,7 @@ pub fn spec(name: &str, method: Method, hyper: Hyperparams) -> TrainSpec {
 
 pub fn values(w: &Weights) -> Vec<Vec<f32>> {
     let tensors: Vec<&Tensor> = match w {
-        Weights::Lora(a) => a.modules.values().flat_map(|m| [&m.a, &m.b]).collect(),
+        Weights::Lora(a) => a.modules.values().flat_map(|m| [&m.a, &m.bt]).collect(),
         Weights::Esft(e) => e.experts.values().flat_map(|x| [&x.gate, &x.up, &x.down]).collect(),
     };
     tensors.iter().map(|t| t.to_vec_f32().unwrap()).collect()
