@@ -129,13 +129,16 @@ impl LoraBank {
     }
 
     /// Each adapter's `A` and `Bᵀ` as f32 host slices (borrowed from f32 tensors).
-    fn host(&self, op: &'static str) -> Result<Vec<(Cow<'_, [f32]>, Cow<'_, [f32]>)>> {
+    fn host(&self, op: &'static str) -> Result<Vec<HostModule<'_>>> {
         match &self.weights {
             BankWeights::Each(w) => w.iter().map(|(a, b)| Ok((a.cpu_f32()?, b.cpu_f32()?))).collect(),
             BankWeights::Packed { .. } => arg_err(op, "the bank is on a GPU"),
         }
     }
 }
+
+/// One adapter's `A` and `Bᵀ` as f32 on the host.
+type HostModule<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
 
 /// Every `A` and every `Bᵀ` stacked, as f32 on the host.
 fn pack(modules: &[(Tensor, Tensor, f32)], ranks: &[usize], in_f: usize, out_f: usize) -> Result<(Tensor, Tensor)> {
@@ -364,14 +367,7 @@ const SMALL_BLOCK_ROWS: usize = 16;
 
 /// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows `x` (the shrink then expand of Punica),
 /// `w` the bank's host weights.
-fn lora_forward_rows(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[(Cow<[f32]>, Cow<[f32]>)],
-    bank: &LoraBank,
-    i: usize,
-    threads: usize,
-) {
+fn lora_forward_rows(y: &mut [f32], x: &[f32], w: &[HostModule], bank: &LoraBank, i: usize, threads: usize) {
     let (r, in_f, out_f, scale) = (bank.rank(i), bank.in_features(), bank.out_features(), bank.scale(i));
     let m = x.len() / in_f.max(1);
     if r == 0 || m == 0 {
