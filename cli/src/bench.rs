@@ -64,7 +64,7 @@ impl FromStr for Floor {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let (ratio, min) = s.rsplit_once('=').context("a floor is RATIO=MIN, e.g. adapters/base=0.5")?;
+        let (ratio, min) = s.rsplit_once('=').context("a floor is RATIO=MIN, e.g. adapters/baseline=0.5")?;
         let min: f64 = min.parse().with_context(|| format!("the floor of {ratio} is not a number: {min:?}"))?;
         Ok(Floor { ratio: ratio.to_string(), min })
     }

@@ -1,7 +1,8 @@
 //! `tandem bench serve`: a mixed-adapter serving workload on a random-weight model, measured
-//! against (a) the same workload with no adapters, (b) transformers + PEFT on the same model,
-//! adapters and prompts (the peer script `bench/peft_serve.py`), and (c) this machine's GEMM
-//! peak, all in one run.
+//! against (a) the same workload with no adapters (or over a few adapters,
+//! `--baseline-adapters`: many distinct adapters against few), (b) transformers + PEFT on the
+//! same model, adapters and prompts (the peer script `bench/peft_serve.py`), and (c) this
+//! machine's GEMM peak, all in one run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +29,13 @@ pub struct ServeArgs {
     adapters: usize,
     #[arg(long, default_value_t = 16)]
     rank: usize,
+    /// The modules every adapter targets, as PEFT names them.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    targets: Vec<String>,
+    /// The run to compare with serves the same requests over this many of the adapters (request
+    /// `i`'s adapter modulo it); 0: with no adapters.
+    #[arg(long, default_value_t = 0)]
+    baseline_adapters: usize,
     #[arg(long, default_value_t = 64)]
     requests: usize,
     #[arg(long, default_value_t = 128)]
@@ -47,10 +55,10 @@ pub struct ServeArgs {
     floors: Vec<Floor>,
 }
 
-/// The ratios `bench serve` reports, higher is better: tokens/s with adapters over without, the
-/// bytes it must hold (weights, adapters, KV pool) over its peak RSS, and tokens/s over the
-/// peer's with adapters (only with `--peer-python`).
-const RATIOS: [&str; 3] = ["adapters/base", "resident/peak-rss", "tandem/peer"];
+/// The ratios `bench serve` reports, higher is better: tokens/s with adapters over the baseline
+/// run's, the bytes it must hold (weights, adapters, KV pool) over its peak RSS, and tokens/s
+/// over the peer's with adapters (only with `--peer-python`).
+const RATIOS: [&str; 3] = ["adapters/baseline", "resident/peak-rss", "tandem/peer"];
 
 pub fn run(args: ServeArgs) -> Result<()> {
     // The run without adapters is always measured beside the run with them.
@@ -58,6 +66,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if n == 0 {
             bail!("{flag} must be at least 1");
         }
+    }
+    if args.baseline_adapters >= args.adapters {
+        bail!("--baseline-adapters must be fewer than --adapters");
     }
     check_floor_names(&args.floors, &RATIOS)?;
     let preset: Preset = args.preset.parse()?;
@@ -73,22 +84,40 @@ pub fn run(args: ServeArgs) -> Result<()> {
     std::fs::write(&workload_file, workload.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"))?;
     let tokens = args.requests * (args.prompt_len + args.output_len);
     println!(
-        "tandem bench serve: {preset}, {} adapters of rank {} on all linear layers, {} requests ({} prompt + {} output tokens), greedy",
-        args.adapters, args.rank, args.requests, args.prompt_len, args.output_len
+        "tandem bench serve: {preset}, {} adapters of rank {} on {}, {} requests ({} prompt + {} output tokens), greedy",
+        args.adapters,
+        args.rank,
+        args.targets.join(","),
+        args.requests,
+        args.prompt_len,
+        args.output_len
     );
     println!("machine: {}", crate::bench::machine());
 
     let peak = gemm_peak()?;
-    let with = serve(&args, &model_dir, &adapter_dirs, &workload, true)?;
-    let without = serve(&args, &model_dir, &adapter_dirs, &workload, false)?;
+    let with = serve(&args, &model_dir, &adapter_dirs, &workload, args.adapters)?;
+    let without = serve(&args, &model_dir, &adapter_dirs, &workload, args.baseline_adapters)?;
     let flops = workload_flops(&cfg, &args);
     let rate = |secs: f64| tokens as f64 / secs;
     println!();
     println!("{:<34} {:>10} {:>12}", "", "tokens/s", "seconds");
     let with_label = format!("tandem, {} adapters", args.adapters);
     println!("{:<34} {:>10.1} {:>12.1}", with_label, rate(with.secs), with.secs);
-    println!("{:<34} {:>10.1} {:>12.1}", "tandem, no adapters", rate(without.secs), without.secs);
-    println!("adapter overhead: {:.1}% (target <= 7%)", 100.0 * (with.secs / without.secs - 1.0));
+    let baseline_label = match args.baseline_adapters {
+        0 => "tandem, no adapters".to_string(),
+        n => format!("tandem, {n} adapters"),
+    };
+    println!("{:<34} {:>10.1} {:>12.1}", baseline_label, rate(without.secs), without.secs);
+    if args.baseline_adapters == 0 {
+        println!("adapter overhead: {:.1}% (target <= 7%)", 100.0 * (with.secs / without.secs - 1.0));
+    } else {
+        println!(
+            "{} adapters keep {:.1}% of the throughput of {} (target >= 90%)",
+            args.adapters,
+            100.0 * without.secs / with.secs,
+            args.baseline_adapters
+        );
+    }
     println!(
         "FLOP rate with adapters: {:.1} GFLOP/s = {:.0}% of this machine's GEMM peak of {:.1} GFLOP/s (target >= 70%)",
         flops / with.secs / 1e9,
@@ -102,7 +131,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         gib(with.resident_bytes)
     );
     let mut ratios = vec![
-        ("adapters/base", without.secs / with.secs),
+        ("adapters/baseline", without.secs / with.secs),
         ("resident/peak-rss", with.resident_bytes as f64 / with.peak_rss as f64),
     ];
     if let Some(python) = &args.peer_python {
@@ -123,12 +152,12 @@ fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-/// Random PEFT adapters, rank `r`, on every linear module, written once as PEFT would write
+/// Random PEFT adapters of rank `r` on the target modules, written once as PEFT would write
 /// them so the peer loads exactly the same weights.
 fn write_adapters(args: &ServeArgs, cfg: &ModelConfig) -> Result<Vec<PathBuf>> {
     let mut dirs = Vec::new();
     for i in 0..args.adapters {
-        let dir = args.dir.join(format!("adapters/a{i:02}-r{}", args.rank));
+        let dir = args.dir.join(format!("adapters/{}-r{}/a{i:04}", args.targets.join("-"), args.rank));
         if !dir.join("adapter_config.json").exists() {
             let mut seed = 1000 + i as u64;
             let mut rand = |n: usize, scale: f32| -> Vec<f32> {
@@ -141,7 +170,7 @@ fn write_adapters(args: &ServeArgs, cfg: &ModelConfig) -> Result<Vec<PathBuf>> {
             };
             let r = args.rank;
             let mut modules = std::collections::BTreeMap::new();
-            for key in ModuleKey::all(cfg) {
+            for key in targeted_modules(args, cfg) {
                 let (inp, out) = key.features(cfg);
                 let a = Tensor::from_vec(rand(r * inp, 1.0 / (inp as f32).sqrt()), [r, inp])?;
                 let bt = Tensor::from_vec(rand(r * out, 0.02), [r, out])?;
@@ -149,7 +178,7 @@ fn write_adapters(args: &ServeArgs, cfg: &ModelConfig) -> Result<Vec<PathBuf>> {
             }
             let config = json!({
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "target_modules": args.targets,
                 "bias": "none", "lora_dropout": 0.0, "use_rslora": false, "base_model_name_or_path": args.preset,
             });
             LoraAdapter { modules, config }.save(&dir, cfg)?;
@@ -157,6 +186,12 @@ fn write_adapters(args: &ServeArgs, cfg: &ModelConfig) -> Result<Vec<PathBuf>> {
         dirs.push(dir);
     }
     Ok(dirs)
+}
+
+/// The modules of `cfg` that `--targets` names.
+fn targeted_modules<'a>(args: &'a ServeArgs, cfg: &'a ModelConfig) -> impl Iterator<Item = ModuleKey> + 'a {
+    let all = ModuleKey::all(cfg);
+    all.into_iter().filter(|key| args.targets.iter().any(|t| key.name(cfg).ends_with(&format!(".{t}"))))
 }
 
 /// Prompts of random token ids (from the tokenizer's real range), adapters drawn uniformly.
@@ -185,23 +220,22 @@ fn serve(
     model_dir: &Path,
     adapter_dirs: &[PathBuf],
     workload: &[Value],
-    use_adapters: bool,
+    n_adapters: usize,
 ) -> Result<Measured> {
     let model = Model::load(model_dir, Device::Cpu)?;
-    let adapters: Vec<(String, Adapter)> = if use_adapters {
-        adapter_dirs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Ok((i.to_string(), Adapter::Lora(LoraAdapter::load(d, &model.config)?))))
-            .collect::<Result<_>>()?
-    } else {
-        Vec::new()
-    };
+    let adapters: Vec<(String, Adapter)> = adapter_dirs[..n_adapters]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Ok((i.to_string(), Adapter::Lora(LoraAdapter::load(d, &model.config)?))))
+        .collect::<Result<_>>()?;
     let c = &model.config;
     let block_size = 16;
     let per_request = (args.prompt_len + args.output_len).div_ceil(block_size);
     let kv_pages = per_request * args.requests;
-    let resident_pages: usize = adapters.iter().map(|(_, a)| adapter_pages(a, c, block_size)).sum();
+    // Room for twice as many adapters as requests can run at once: beyond that, adapters wait
+    // on the host tier and are paged in (prefetched for queued requests) as they come up.
+    let resident = n_adapters.min(2 * args.requests);
+    let resident_pages = adapters.first().map_or(0, |(_, a)| resident * adapter_pages(a, c, block_size));
     let ecfg = EngineConfig {
         pages: kv_pages + resident_pages,
         block_size,
@@ -224,7 +258,7 @@ fn serve(
     for w in workload {
         let prompt =
             w["prompt_ids"].as_array().context("prompt_ids")?.iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect();
-        let adapter = if use_adapters { w["adapter"].as_u64().map(|a| a.to_string()) } else { None };
+        let adapter = w["adapter"].as_u64().filter(|_| n_adapters > 0).map(|a| (a % n_adapters as u64).to_string());
         let params = SamplingParams {
             max_tokens: args.output_len,
             temperature: 0.0,
@@ -239,7 +273,7 @@ fn serve(
     if out.iter().any(|o| o.token_ids.len() != args.output_len) {
         bail!("a request stopped early");
     }
-    eprintln!("  tandem ({} adapters): {secs:.1} s", if use_adapters { args.adapters } else { 0 });
+    eprintln!("  tandem ({n_adapters} adapters): {secs:.1} s");
     Ok(Measured { secs, peak_rss: peak_rss()?, resident_bytes: weight_bytes + adapter_bytes + kv_bytes })
 }
 
@@ -265,7 +299,10 @@ fn workload_flops(cfg: &ModelConfig, args: &ServeArgs) -> f64 {
     let (h, i, v) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.vocab_size as f64);
     let (q, kv) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
     let per_token_linear = 2.0 * cfg.num_layers as f64 * (h * q + 2.0 * h * kv + q * h + 3.0 * h * i);
-    let lora = 2.0 * cfg.num_layers as f64 * args.rank as f64 * ((h + q) + 2.0 * (h + kv) + (q + h) + 3.0 * (h + i));
+    let lora: f64 = targeted_modules(args, cfg)
+        .map(|key| key.features(cfg))
+        .map(|(inp, out)| 2.0 * args.rank as f64 * (inp + out) as f64)
+        .sum();
     let tokens = (args.requests * (args.prompt_len + args.output_len)) as f64;
     let total_len = (args.prompt_len + args.output_len) as f64;
     // Each token attends to about half the sequence on average: QK and PV, 2 FLOPs each.

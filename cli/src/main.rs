@@ -119,14 +119,16 @@ fn main() -> anyhow::Result<()> {
 /// Training and serving allocate and free tensors of the same large sizes every step. glibc
 /// hands buffers over its (adaptive) mmap threshold back to the kernel on free, so every step
 /// would fault fresh zeroed pages in again (several percent of a training step). Fixing the
-/// threshold at its maximum (32 MiB) and never trimming keeps freed buffers for reuse.
+/// threshold at its maximum (32 MiB) and never trimming keeps freed buffers for reuse. The heap
+/// grows by glibc's default padding only: a larger pad is memory `calloc` must clear, so a
+/// zeroed buffer carved from it (the KV pool, most of whose pages may never be written) would
+/// be resident at once instead of as it is used.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 512 << 20);
     }
 }
 

@@ -20,6 +20,10 @@ fn a_serving_benchmark_of_nothing_is_refused_by_name() {
         assert!(!err.contains("panicked"), "{flag}: {err}");
         assert!(!dir.exists(), "{flag}: it wrote to {} before refusing", dir.display());
     }
+    let args = ["bench", "serve", "--preset", "tiny", "--adapters", "4", "--baseline-adapters", "4", "--dir"];
+    let (ok, _, err) = TANDEM.run(&[&args[..], &[dir.to_str().unwrap()]].concat());
+    assert!(!ok && err.contains("--baseline-adapters must be fewer than --adapters"), "{err}");
+    assert!(!dir.exists(), "it wrote to {} before refusing", dir.display());
 }
 
 #[test]
