@@ -14,7 +14,8 @@ use tandem_proto::contract::{Command, Proposal, Reply};
 use tandem_proto::{ClientError, ClusterClient};
 use tokio::sync::watch;
 
-use crate::process::{Scratch, Tandem, free_addr};
+use crate::ports::free_addr;
+use crate::process::{Scratch, Tandem};
 
 /// How to start the coordinators.
 #[derive(Clone, Copy, Debug)]

@@ -4,10 +4,11 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::ports::free_port;
 use crate::process::Scratch;
 
 /// How long etcd may take to start answering.
@@ -21,19 +22,12 @@ pub struct Etcd {
     peer_port: u16,
 }
 
-/// Two ports nothing listens on now (both held while picking, so they differ).
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-}
-
 impl Etcd {
     /// Starts a one-member etcd in a scratch folder named after the test (`etcd-<test>`) and
     /// waits until it answers.
     pub fn start(test: &str) -> Etcd {
         let dir = Scratch::new(&format!("etcd-{test}"));
-        let (client_port, peer_port) = free_ports();
+        let (client_port, peer_port) = (free_port(), free_port());
         let mut etcd = Etcd { child: None, dir, client_port, peer_port };
         etcd.launch();
         etcd

@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::mem_net::MemNet;
-use crate::process::{Scratch, free_addr, propose, wait_for};
+use crate::ports::free_addr;
+use crate::process::{Scratch, propose, wait_for};
 
 /// Raft ticks of the in-process coordinators: elections in a fifth of a second, with room for
 /// a loaded 2-core machine running the workers' engines beside them.

@@ -34,6 +34,7 @@ pub mod http;
 mod in_process;
 mod mem_net;
 mod mini_cluster;
+mod ports;
 mod process;
 mod replicas;
 
@@ -42,5 +43,6 @@ pub use etcd::Etcd;
 pub use in_process::InProcessCluster;
 pub use mem_net::MemNet;
 pub use mini_cluster::{MiniCluster, MiniClusterBuilder};
-pub use process::{Procs, Scratch, Tandem, free_addr, propose, wait_for};
+pub use ports::{free_addr, free_port};
+pub use process::{Procs, Scratch, Tandem, propose, wait_for};
 pub use replicas::{FAST, Replicas, WAIT};

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use tandem_proto::contract::{Command, Proposal};
 
 use crate::http::http;
-use crate::process::{Procs, Scratch, Tandem, free_addr, propose, wait_for};
+use crate::ports::free_addr;
+use crate::process::{Procs, Scratch, Tandem, propose, wait_for};
 
 /// What to start; [`MiniClusterBuilder::start`] starts it.
 pub struct MiniClusterBuilder {

@@ -139,12 +139,6 @@ impl Drop for Scratch {
     }
 }
 
-/// A free loopback address, HOST:PORT (released for a process to take).
-pub fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 /// Polls `check` every 100 ms until it returns something, failing after `secs` seconds.
 pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -42,11 +42,6 @@ struct Outcome {
     answer: Vec<u32>,
 }
 
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 fn lora() -> MethodChoice {
     let targets = ["q_proj", "v_proj", "o_proj", "down_proj"].map(String::from).to_vec();
     MethodChoice::Lora { rank: 4, alpha: 8.0, targets, rslora: false }
@@ -111,7 +106,7 @@ fn form(
     moe: MoeSplit,
 ) -> (Vec<Member>, UnboundedReceiver<Ended>, UnboundedReceiver<TrainEvent>) {
     let whole = common::model(preset);
-    let peers: Vec<String> = (0..world).map(|_| free_addr()).collect();
+    let peers: Vec<String> = (0..world).map(|_| common::ports::free_addr()).collect();
     let (ended, ends) = unbounded_channel();
     let (train_events, events) = unbounded_channel();
     let members = thread::scope(|s| {

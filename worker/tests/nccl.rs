@@ -311,12 +311,6 @@ fn gpu_two_ranks_time_out_when_a_peer_stops_calling() {
 
 // ---- a worker group over NCCL ----
 
-/// A loopback address nobody listens on yet.
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 /// A worker group whose model collectives go over NCCL (`DataPlane::Nccl`): rank 0 makes the
 /// NCCL id and hands it to the other ranks over the group's TCP connections. Without NCCL (CI)
 /// every rank of a group of two fails to form it at once, with rank 0's reason; with NCCL and a
@@ -326,7 +320,7 @@ fn a_worker_group_hands_out_rank_0s_nccl_id_or_why_it_has_none() {
     let whole = common::model(Preset::Tiny);
     let nccl_here = NcclId::new().is_ok();
     let world = if nccl_here { 1 } else { 2 };
-    let peers: Vec<String> = (0..world).map(|_| free_addr()).collect();
+    let peers: Vec<String> = (0..world).map(|_| common::ports::free_addr()).collect();
     let start = Instant::now();
     let results: Vec<Result<Member, String>> = thread::scope(|s| {
         let ranks: Vec<_> = (0..world)

@@ -13,6 +13,11 @@ use tandem_worker::rng::Xoshiro256;
 use tandem_worker::train::data::Example;
 use tandem_worker::train::job::{Hyperparams, Method, TrainSpec, Weights};
 
+/// Free loopback ports for a group's ranks: the testkit's own picker (the testkit depends on
+/// this crate, so its file is included rather than the crate).
+#[path = "../../../testkit/src/ports.rs"]
+pub mod ports;
+
 /// The preset's random-weight model, written once per target folder. Tests of one binary run
 /// on parallel threads: one writes while the others wait, so none reads a half-written model.
 pub fn model(preset: Preset) -> Model {
