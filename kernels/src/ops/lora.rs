@@ -74,7 +74,7 @@ impl LoraBank {
             Device::Cpu => BankWeights::Each(
                 modules
                     .into_iter()
-                    .map(|(a, b, _)| Ok((a.into_device(device)?, b.into_device(device)?)))
+                    .map(|(a, bt, _)| Ok((a.into_device(device)?, bt.into_device(device)?)))
                     .collect::<Result<_>>()?,
             ),
             Device::Cuda(_) => {
