@@ -12,8 +12,10 @@
 //! - `replicas.rs`: [`Replicas`], N coordinator replicas over a [`MemNet`], each with its log
 //!   on disk: start, stop, restart, join, wait for a leader.
 //! - `process.rs`: the binary under test ([`Tandem`], whose path the test passes in), processes
-//!   killed on drop ([`Procs`]), scratch folders removed on drop ([`Scratch`]), free loopback
-//!   addresses, [`wait_for`], and [`propose`] (a proposal retried until a coordinator answers).
+//!   killed on drop ([`Procs`]), scratch folders removed on drop ([`Scratch`]), [`wait_for`],
+//!   and [`propose`] (a proposal retried until a coordinator answers).
+//! - `ports.rs`: free loopback ports and addresses ([`free_port`], [`free_addr`]) from below the
+//!   kernel's ephemeral range; self-contained, the worker's own tests include it by path.
 //! - `in_process.rs`: [`InProcessCluster`], N coordinators (the real server, its cluster API
 //!   on loopback) whose Raft messages go over a [`MemNet`], and M workers (the real worker
 //!   node over a tiny model), all in the test's process.
