@@ -1,4 +1,4 @@
-//! Many adapters packed for one batch: for every (layer, projection) one multi-LoRA bank of all
+//! Many adapters arranged for one batch: for every (layer, projection) one multi-LoRA bank of all
 //! the LoRA adapters that touch it, and per MoE layer one table of all ESFT replacement experts.
 //! A row of the batch carries its adapter's slot; the tables turn slots into bank indices.
 
@@ -136,7 +136,7 @@ impl EsftTable {
     }
 }
 
-/// Adapters packed for batched execution; slot `i` is the `i`-th adapter given to
+/// Adapters arranged for batched execution; slot `i` is the `i`-th adapter given to
 /// [`AdapterSet::new`].
 #[derive(Debug, Default)]
 pub struct AdapterSet {
@@ -146,8 +146,9 @@ pub struct AdapterSet {
 }
 
 impl AdapterSet {
-    /// Packs `adapters` (slot `i` is the `i`-th). Each adapter's modules are moved into their
-    /// bank one (layer, projection) at a time, so packing never holds two full copies.
+    /// The set of `adapters` (slot `i` is the `i`-th). On the CPU the banks share the adapters'
+    /// tensors; on a GPU each adapter's modules are moved into their packed bank one (layer,
+    /// projection) at a time, so packing never holds two full copies.
     pub fn new(adapters: Vec<Adapter>, device: Device) -> Result<Self> {
         let len = adapters.len();
         let mut lora_sources = Vec::new();

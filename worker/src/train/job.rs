@@ -94,7 +94,8 @@ impl Weights {
         }
     }
 
-    /// The adapter as the forward pass takes it (a copy: the set packs its own banks).
+    /// The adapter as the forward pass takes it: a clone, sharing the weights until the
+    /// optimizer writes them, so microbatches in flight keep the weights they ran with.
     pub fn adapter(&self) -> Adapter {
         match self {
             Weights::Lora(a) => Adapter::Lora(a.clone()),
