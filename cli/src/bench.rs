@@ -186,9 +186,15 @@ fn kernels(
     println!("machine: {}", machine());
     println!();
     println!("matmul  y[M,{d}] = x[M,{d}] . W[{d},{d}]^T  (a linear layer)");
-    println!("{:>6}  {:>12}  {:>12}  {:>8}", "M", "ours GFLOP/s", "gemm GFLOP/s", "ours/gemm");
+    println!(
+        "{:>6}  {:>12}  {:>12}  {:>8}  {:>12}  {:>12}",
+        "M", "ours GFLOP/s", "gemm GFLOP/s", "ours/gemm", "bf16 W x.W^T", "bf16 W dy.W"
+    );
     let w = tensor(&[d, d], 1, device)?;
     let w_host = random(d * d, 1);
+    // The same weight in bf16, as a bf16 checkpoint is served: the AMX tiles multiply it where
+    // the CPU has them (`our kernels: avx512f+amx-bf16` above); elsewhere it is widened to f32.
+    let w_bf16 = w.to_dtype(DType::BF16)?;
     let mut matmul_vs_gemm = f64::INFINITY;
     for &m in ms {
         let x = tensor(&[m, d], 2, device)?;
@@ -197,7 +203,15 @@ fn kernels(
             ops::matmul(&x, &w, false, true)?;
             Ok(())
         };
-        let (ours, raw, ratio) = if device == Device::Cpu {
+        let mut bf16_xwt = || -> Result<()> {
+            ops::matmul(&x, &w_bf16, false, true)?;
+            Ok(())
+        };
+        let mut bf16_xw = || -> Result<()> {
+            ops::matmul(&x, &w_bf16, false, false)?;
+            Ok(())
+        };
+        let (ours, raw, ratio, bf16) = if device == Device::Cpu {
             let x_host = random(m * d, 2);
             let mut y = vec![0.0f32; m * d];
             let dims = MatmulDims { batch: 1, m, n: d, k: d, trans_a: false, trans_b: true, b_batched: false };
@@ -205,13 +219,15 @@ fn kernels(
                 raw_gemm(&mut y, &x_host, &w_host, &dims);
                 Ok(())
             };
-            let t = time_each(reps, device, &mut [&mut ours, &mut raw])?;
+            let t = time_each(reps, device, &mut [&mut ours, &mut raw, &mut bf16_xwt, &mut bf16_xw])?;
             matmul_vs_gemm = matmul_vs_gemm.min(t[1] / t[0]);
-            (t[0], format!("{:12.1}", flops / t[1] / 1e9), format!("{:8.3}", t[1] / t[0]))
+            let rate = |t: f64| format!("{:12.1}", flops / t / 1e9);
+            (t[0], rate(t[1]), format!("{:8.3}", t[1] / t[0]), format!("{}  {}", rate(t[2]), rate(t[3])))
         } else {
-            (time(reps, device, ours)?, format!("{:>12}", "-"), format!("{:>8}", "-"))
+            let dash = format!("{:>12}", "-");
+            (time(reps, device, ours)?, dash.clone(), format!("{:>8}", "-"), format!("{dash}  {dash}"))
         };
-        println!("{m:>6}  {:12.1}  {raw}  {ratio}", flops / ours / 1e9);
+        println!("{m:>6}  {:12.1}  {raw}  {ratio}  {bf16}", flops / ours / 1e9);
     }
 
     println!();

@@ -21,7 +21,7 @@ use tandem_worker::train::job::{Hyperparams, Job, Method, TrainSpec};
 use tandem_worker::train::trainer::Trainer;
 
 use crate::bench::{Floor, check_floor_names, check_floors};
-use crate::bench_serve::{gemm_peak, peak_rss};
+use crate::bench_serve::{Peaks, peak_rss, peaks};
 
 #[derive(Args)]
 pub struct FinetuneArgs {
@@ -82,7 +82,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         args.rank, args.batch, args.seq_len, args.steps
     );
     println!("machine: {}", crate::bench::machine());
-    let peak = gemm_peak()?;
+    let Peaks { f32: peak, tiles: tiles_peak } = peaks(&cfg, &model_dir)?;
     let flops_per_token = train_flops_per_token(&cfg, args.rank, args.seq_len);
     let ours = child(&args, "single")?;
     let rate = |v: &Value| v["tokens"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(f64::INFINITY);
@@ -108,6 +108,12 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         println!("(peer not run: pass --peer-python tools/oracle/.venv/bin/python)");
     }
     println!("(GEMM peak of this machine: {peak:.1} GFLOP/s; {:.2} GFLOP per trained token)", flops_per_token / 1e9);
+    if let Some(tiles) = tiles_peak {
+        println!(
+            "(bf16-weight GEMM peak on the AMX tiles: {tiles:.1} GFLOP/s; tandem at {:.0}% of it)",
+            share(&ours) * peak / tiles
+        );
+    }
 
     let together = child(&args, "together")?;
     let sequential = child(&args, "sequential")?;

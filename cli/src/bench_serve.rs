@@ -14,11 +14,12 @@ use serde_json::{Value, json};
 
 use crate::bench::{Floor, check_floor_names, check_floors};
 use tandem_kernels::ops::{self, MatmulDims};
-use tandem_kernels::{Device, Tensor};
+use tandem_kernels::{DType, Device, Tensor};
 use tandem_worker::adapters::{Adapter, LoraAdapter, LoraModule, ModuleKey};
 use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest, adapter_pages};
 use tandem_worker::init_model::{Preset, write_model};
-use tandem_worker::model::{Model, ModelConfig};
+use tandem_worker::model::weights::open_checkpoint;
+use tandem_worker::model::{Model, ModelConfig, weight_dtype};
 use tandem_worker::sampling::SamplingParams;
 
 #[derive(Args)]
@@ -94,7 +95,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     );
     println!("machine: {}", crate::bench::machine());
 
-    let peak = gemm_peak()?;
+    let Peaks { f32: peak, tiles: tiles_peak } = peaks(&cfg, &model_dir)?;
     let with = serve(&args, &model_dir, &adapter_dirs, &workload, args.adapters)?;
     let without = serve(&args, &model_dir, &adapter_dirs, &workload, args.baseline_adapters)?;
     let flops = workload_flops(&cfg, &args);
@@ -118,12 +119,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.baseline_adapters
         );
     }
+    let achieved = flops / with.secs / 1e9;
     println!(
-        "FLOP rate with adapters: {:.1} GFLOP/s = {:.0}% of this machine's GEMM peak of {:.1} GFLOP/s (target >= 70%)",
-        flops / with.secs / 1e9,
-        100.0 * flops / with.secs / 1e9 / peak,
-        peak
+        "FLOP rate with adapters: {achieved:.1} GFLOP/s = {:.0}% of this machine's f32 GEMM peak of {peak:.1} GFLOP/s (target >= 70%)",
+        100.0 * achieved / peak,
     );
+    if let Some(tiles) = tiles_peak {
+        println!(
+            "  and {:.0}% of its bf16-weight GEMM peak (AMX tiles) of {tiles:.1} GFLOP/s",
+            100.0 * achieved / tiles
+        );
+    }
     println!(
         "peak RSS {:.2} GiB = {:.2}x the weights + adapters + KV pool ({:.2} GiB) (target <= 1.2x)",
         gib(with.peak_rss),
@@ -279,17 +285,18 @@ fn serve(
 
 fn tensor_bytes(model: &Model) -> usize {
     let w = &model.weights;
-    let mut n = w.embed.elem_count() + w.norm.elem_count() + w.lm_head.as_ref().map_or(0, Tensor::elem_count);
+    let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let mut n = bytes(&w.embed) + bytes(&w.norm) + w.lm_head.as_ref().map_or(0, bytes);
     for l in &w.layers {
-        n += l.input_norm.elem_count() + l.post_attention_norm.elem_count();
+        n += bytes(&l.input_norm) + bytes(&l.post_attention_norm);
         for lin in [&l.q, &l.k, &l.v, &l.o] {
-            n += lin.weight.elem_count() + lin.bias.as_ref().map_or(0, Tensor::elem_count);
+            n += bytes(&lin.weight) + lin.bias.as_ref().map_or(0, bytes);
         }
         if let tandem_worker::model::weights::Mlp::Dense(m) = &l.mlp {
-            n += m.gate.weight.elem_count() + m.up.weight.elem_count() + m.down.weight.elem_count();
+            n += bytes(&m.gate.weight) + bytes(&m.up.weight) + bytes(&m.down.weight);
         }
     }
-    4 * n
+    n
 }
 
 /// FLOPs of the workload's matmuls: every prompt and generated token through every linear
@@ -311,11 +318,28 @@ fn workload_flops(cfg: &ModelConfig, args: &ServeArgs) -> f64 {
     tokens * (per_token_linear + lora) + attention + head
 }
 
-/// This machine's f32 GEMM rate: the largest shape of `tandem bench kernels` (2048 x 4096 x 4096).
-pub(crate) fn gemm_peak() -> Result<f64> {
+/// The GEMM peaks a run's FLOP rate is measured against: f32, and, where the model's weights
+/// are held in bf16 on this machine, bf16 weights on the AMX tiles.
+pub(crate) struct Peaks {
+    pub f32: f64,
+    pub tiles: Option<f64>,
+}
+
+/// Measures the [`Peaks`] for the model in `model_dir`, printing the dtype its weights are held
+/// in.
+pub(crate) fn peaks(cfg: &ModelConfig, model_dir: &Path) -> Result<Peaks> {
+    let weights = weight_dtype(cfg, &open_checkpoint(model_dir)?, Device::Cpu);
+    let tiles = weights == DType::BF16;
+    println!("weights held in {weights}{}", if tiles { " (multiplied on the AMX tiles)" } else { "" });
+    Ok(Peaks { f32: gemm_peak(DType::F32)?, tiles: if tiles { Some(gemm_peak(weights)?) } else { None } })
+}
+
+/// This machine's GEMM rate with the weight held in `dtype` (f32 activations): the largest
+/// shape of `tandem bench kernels` (2048 x 4096 x 4096).
+fn gemm_peak(dtype: DType) -> Result<f64> {
     let (m, d) = (2048, 4096);
     let a = Tensor::from_vec(vec![0.01; m * d], [m, d])?;
-    let w = Tensor::from_vec(vec![0.01; d * d], [d, d])?;
+    let w = Tensor::from_vec(vec![0.01; d * d], [d, d])?.into_dtype(dtype)?;
     let dims = MatmulDims { batch: 1, m, n: d, k: d, trans_a: false, trans_b: true, b_batched: false };
     ops::matmul(&a, &w, false, true)?;
     let mut best = f64::INFINITY;

@@ -63,6 +63,17 @@ impl CpuStorage {
         }
     }
 
+    /// Reads elements `start..start + dst.len()` into `dst` as f32, converting only that range
+    /// (a row gather from a bf16 embedding table).
+    pub(crate) fn read_f32(&self, start: usize, dst: &mut [f32]) {
+        let end = start + dst.len();
+        match self {
+            CpuStorage::F32(v) => dst.copy_from_slice(&v[start..end]),
+            CpuStorage::BF16(v) => v[start..end].convert_to_f32_slice(dst),
+            CpuStorage::F16(v) => v[start..end].convert_to_f32_slice(dst),
+        }
+    }
+
     /// Overwrites elements `start..start + src.len()` with `src`, converting only that range
     /// (a KV-cache write touches a few rows of a large buffer).
     pub(crate) fn write_f32(&mut self, start: usize, src: &[f32]) {

@@ -186,6 +186,25 @@ impl Tensor {
         }
     }
 
+    /// Host storage of a CPU tensor, read in place.
+    pub(crate) fn cpu_storage(&self) -> Result<&CpuStorage> {
+        match &self.storage {
+            Storage::Cpu(s) => Ok(s),
+            Storage::Cuda(_) => Err(Error::DeviceMismatch { op: "cpu_storage", lhs: Device::Cpu, rhs: self.device() }),
+        }
+    }
+
+    /// The elements of a CPU bf16 tensor as they lie; `None` for any other tensor.
+    pub(crate) fn cpu_bf16(&self) -> Option<&[half::bf16]> {
+        match &self.storage {
+            Storage::Cpu(s) => match &**s {
+                CpuStorage::BF16(v) => Some(v),
+                _ => None,
+            },
+            Storage::Cuda(_) => None,
+        }
+    }
+
     /// Runs an in-place f32 update on a CPU tensor (any dtype).
     pub(crate) fn cpu_update<R>(&mut self, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
         Ok(self.cpu_storage_mut()?.update_f32(f))

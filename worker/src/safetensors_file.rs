@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, Metadata, View};
-use tandem_kernels::{CpuStorage, Tensor};
+use tandem_kernels::{CpuStorage, DType, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -75,6 +75,16 @@ impl SafetensorsFile {
     /// The shape of tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.meta.info(name).map(|i| i.shape.as_slice())
+    }
+
+    /// The stored dtype of tensor `name`, if present and one Tandem reads.
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        match self.meta.info(name)?.dtype {
+            Dtype::F32 => Some(DType::F32),
+            Dtype::BF16 => Some(DType::BF16),
+            Dtype::F16 => Some(DType::F16),
+            _ => None,
+        }
     }
 
     /// Tensor `name` on the CPU in its stored dtype (f32, bf16 or f16).
@@ -181,6 +191,10 @@ impl TensorSource {
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.by_name.get(name).and_then(|&i| self.files[i].shape(name))
+    }
+
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.by_name.get(name).and_then(|&i| self.files[i].dtype(name))
     }
 
     /// Tensor `name`, which must have `shape`; errors name the tensor and the file.

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tandem_kernels::Device;
 use tandem_kernels::ops::SeqAttention;
+use tandem_kernels::{DType, Device};
 use tandem_worker::adapters::{Adapter, AdapterSet, EsftAdapter, LoraAdapter};
 use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest};
 use tandem_worker::model::{ForwardInput, KvCache, Model};
@@ -54,13 +54,20 @@ fn load_adapters(dir: &Path, model: &Model) -> Vec<(String, Adapter)> {
     out
 }
 
+/// The f32 reference: weights widened to f32 whatever the checkpoint holds.
 fn check_model(name: &str) {
+    check_against(name, DType::F32, "reference");
+}
+
+/// Checks the model `name` loaded with its weights in `dtype` against the reference logits and
+/// continuations in `<stem>.json` and `<stem>.safetensors`.
+fn check_against(name: &str, dtype: DType, stem: &str) {
     let dir = fixtures().join(name);
-    let model = Model::load(&dir, Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = Model::load_as(&dir, Device::Cpu, Some(dtype)).unwrap_or_else(|e| panic!("{name}: {e}"));
     let adapters = load_adapters(&dir, &model);
     let reference: Reference =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let logits = SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap()).unwrap();
+    let logits = SafetensorsFile::open(&dir.join(format!("{stem}.safetensors"))).unwrap();
     let slot = |a: &Option<String>| match a {
         None => -1,
         Some(n) => adapters.iter().position(|(m, _)| m == n).unwrap_or_else(|| panic!("{name}: no adapter {n}")) as i32,
@@ -89,7 +96,7 @@ fn check_model(name: &str) {
         input.seqs.push(SeqAttention { q_len: len, context_len: len, block_table: blocks });
     }
     input.logit_rows = (0..input.tokens.len() as u32).collect();
-    let mut cache = KvCache::new(&model, next_block as usize, block_size, tandem_kernels::DType::F32).unwrap();
+    let mut cache = KvCache::new(&model, next_block as usize, block_size, DType::F32).unwrap();
     let got = model.forward(&input, &mut cache, &set).unwrap().to_vec_f32().unwrap();
     let vocab = model.config.vocab_size;
     let mut row = 0;
@@ -145,6 +152,22 @@ fn mistral() {
 #[test]
 fn qwen2_bf16_with_biases() {
     check_model("qwen2");
+}
+
+/// The same bf16 checkpoint as this CPU serves it by default. With AMX tiles its weights stay
+/// bf16 and every base linear layer's input is rounded to bf16: the reference is torch doing
+/// exactly that (`tools/oracle/make_bf16_reference.py`). Without tiles the default is f32.
+#[test]
+fn qwen2_bf16_weights_as_served_here() {
+    let dir = fixtures().join("qwen2");
+    let model = Model::load(&dir, Device::Cpu).unwrap();
+    if tandem_kernels::kernel_isa() >= tandem_kernels::Isa::Amx {
+        assert_eq!(model.weights.embed.dtype(), DType::BF16, "a bf16 checkpoint stays bf16 where the tiles are");
+        check_against("qwen2", DType::BF16, "reference_bf16_inputs");
+    } else {
+        // The f32 path is `qwen2_bf16_with_biases`.
+        assert_eq!(model.weights.embed.dtype(), DType::F32, "without tiles the weights are widened once");
+    }
 }
 
 #[test]

@@ -37,7 +37,7 @@ pub(crate) fn matmul_xwt(
         #[cfg(target_arch = "x86_64")]
         // SAFETY (both arms): the assert above: the CPU has the features the kernel is
         // compiled for.
-        Isa::Avx512 => |out, x, w, m, k| unsafe { x86::block_avx512(out, x, w, m, k) },
+        Isa::Avx512 | Isa::Amx => |out, x, w, m, k| unsafe { x86::block_avx512(out, x, w, m, k) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => |out, x, w, m, k| unsafe { x86::block_avx2(out, x, w, m, k) },
         _ => return false,

@@ -13,6 +13,9 @@ pub enum Isa {
     Avx2,
     /// AVX-512 (F, VL, BW, DQ, as every AVX-512 server CPU has them) with AVX2 and FMA: 16 lanes.
     Avx512,
+    /// AVX-512 and the AMX tile unit with bf16 (`amx.rs`), which multiplies bf16 weights; the
+    /// f32 kernels run their AVX-512 copies.
+    Amx,
 }
 
 impl Isa {
@@ -21,18 +24,24 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2+fma",
             Isa::Avx512 => "avx512f",
+            Isa::Amx => "avx512f+amx-bf16",
         }
     }
 
-    /// The widest level this CPU supports.
+    /// The widest level this CPU supports (asking Linux for the tile state the first time).
     pub fn detected() -> Isa {
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(Isa::detect)
+    }
+
+    fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             let avx2 = has!("avx2") && has!("fma");
             // Every feature the AVX-512 copies are compiled with (`multiversion!`).
             if avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") {
-                return Isa::Avx512;
+                return if super::amx::granted() { Isa::Amx } else { Isa::Avx512 };
             }
             if avx2 {
                 return Isa::Avx2;
@@ -43,19 +52,20 @@ impl Isa {
 
     /// Every level this CPU runs, widest first.
     pub fn available() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|&i| i <= Isa::detected()).collect()
+        [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|&i| i <= Isa::detected()).collect()
     }
 }
 
 /// The level the kernels run with: [`Isa::detected`], or lower when `TANDEM_CPU_ISA` names a
-/// lower one (`avx2`, `portable`), to compare paths end to end on one machine.
+/// lower one (`avx512`, `avx2`, `portable`), to compare paths end to end on one machine.
 pub fn kernel_isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         let cap = match std::env::var("TANDEM_CPU_ISA").as_deref() {
             Ok("portable") => Isa::Portable,
             Ok("avx2") => Isa::Avx2,
-            _ => Isa::Avx512,
+            Ok("avx512") => Isa::Avx512,
+            _ => Isa::Amx,
         };
         Isa::detected().min(cap)
     })
@@ -112,7 +122,7 @@ macro_rules! multiversion {
                 match isa {
                     // SAFETY: the caller's promise: the CPU has every feature of the copy.
                     #[cfg(target_arch = "x86_64")]
-                    $crate::cpu::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                    $crate::cpu::Isa::Avx512 | $crate::cpu::Isa::Amx => unsafe { avx512($($arg),*) },
                     #[cfg(target_arch = "x86_64")]
                     $crate::cpu::Isa::Avx2 => unsafe { avx2($($arg),*) },
                     _ => body($($arg),*),

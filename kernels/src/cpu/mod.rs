@@ -1,8 +1,10 @@
 //! Shared pieces of the CPU backend: a safe wrapper over the `gemm` crate, used by every op that
 //! multiplies matrices (matmul, multi-LoRA, grouped experts), and the reductions our own kernels
 //! share. `isa.rs` picks the vector instructions our kernels use; `few_rows.rs` is the matmul of
-//! a few rows by a weight, where the `gemm` crate is slow.
+//! a few rows by a weight, where the `gemm` crate is slow; `amx.rs` multiplies bf16 weights on
+//! the AMX tiles.
 
+mod amx;
 mod few_rows;
 mod isa;
 
@@ -106,6 +108,28 @@ impl Gemm {
                 parallelism,
             );
         }
+    }
+}
+
+/// `dst[m×n] = x[m×k] · op(w)` for a bf16 weight, on the AMX tiles: `w` is `[n, k]` read
+/// transposed (`x · Wᵀ`, a linear layer) or, without `trans_w`, `[k, n]` (`dy · W`, its input
+/// gradient). `false` (and `dst` untouched) where this CPU has no AMX or the shape does not
+/// fit the tiles; the caller then widens the weight to f32.
+pub(crate) fn matmul_bf16_weight(
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[half::bf16],
+    (m, n, k): (usize, usize, usize),
+    trans_w: bool,
+) -> bool {
+    if kernel_isa() < Isa::Amx {
+        return false;
+    }
+    if trans_w {
+        amx::matmul_xwt(dst, x, w, (m, n, k), 1.0, false, threads())
+    } else {
+        amx::matmul_xw(dst, x, w, (m, k, n), 1.0, false, threads());
+        true
     }
 }
 

@@ -97,13 +97,11 @@ pub(crate) fn gather_flat_rows(x: &Tensor, n: usize, d: usize, idx: &[u32]) -> R
     check_indices("gather_rows", idx, n)?;
     match x.device() {
         Device::Cpu => {
-            let xs = x.cpu_f32()?;
+            // Only the rows gathered are converted (a bf16 table stays as it is).
+            let xs = x.cpu_storage()?;
             let mut out = vec![0.0; idx.len() * d];
             if d > 0 {
-                out.par_chunks_mut(d).zip(idx).for_each(|(o, &i)| {
-                    let i = i as usize;
-                    o.copy_from_slice(&xs[i * d..(i + 1) * d]);
-                });
+                out.par_chunks_mut(d).zip(idx).for_each(|(o, &i)| xs.read_f32(i as usize * d, o));
             }
             Ok(Tensor::cpu_from_f32(out, vec![idx.len(), d], x.dtype()))
         }

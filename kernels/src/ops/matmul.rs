@@ -1,6 +1,6 @@
 //! Matrix multiplication, batched, with either operand read transposed.
 
-use crate::cpu::{Gemm, threads};
+use crate::cpu::{self, Gemm, threads};
 use crate::error::{Result, shape_err};
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
@@ -57,7 +57,19 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     match device {
         Device::Cpu => {
             let mut out = vec![0.0; dims.batch * dims.m * dims.n];
-            matmul_cpu(&mut out, &a.cpu_f32()?, &b.cpu_f32()?, &dims);
+            let a32 = a.cpu_f32()?;
+            // A bf16 weight shared by the batch is read as it lies, on the AMX tiles where
+            // the CPU has them; otherwise (and for a batched or transposed `a`) it is widened.
+            let tiles = match b.cpu_bf16() {
+                Some(w) if !dims.trans_a && !dims.b_batched => {
+                    let rows = dims.batch * dims.m;
+                    cpu::matmul_bf16_weight(&mut out, &a32, w, (rows, dims.n, dims.k), dims.trans_b)
+                }
+                _ => false,
+            };
+            if !tiles {
+                matmul_cpu(&mut out, &a32, &b.cpu_f32()?, &dims);
+            }
             Ok(Tensor::cpu_from_f32(out, out_shape, a.dtype()))
         }
         Device::Cuda(_) => cuda::matmul(a, b, &dims, out_shape),

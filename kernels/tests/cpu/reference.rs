@@ -302,6 +302,35 @@ fn bf16_and_f16_compute_in_f32_and_round_once() {
     }
 }
 
+/// f32 activations times a bf16 weight (a bf16 checkpoint served as it is stored), in both
+/// layouts a linear layer needs and with a batch sharing the weight. Where the CPU has AMX
+/// tiles they multiply the weight as it lies and round the activations to bf16, so the result
+/// is the product of the rounded activations; elsewhere the weight is widened and the
+/// activations are exact.
+#[test]
+fn matmul_of_a_bf16_weight() {
+    let mut rng = Rng::new(26);
+    let tiles = tandem_kernels::kernel_isa() >= tandem_kernels::Isa::Amx;
+    for (x_shape, w_shape, trans_b) in
+        [(vec![5, 64], [40, 64], true), (vec![2, 17, 96], [33, 96], true), (vec![19, 40], [40, 23], false)]
+    {
+        let x = rng.tensor(&x_shape, 1.0);
+        let w = rng.tensor(&w_shape, 1.0).to_dtype(DType::BF16).unwrap();
+        let got = ops::matmul(&x, &w, false, trans_b).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let wide = w.to_dtype(DType::F32).unwrap();
+        let what = format!("{x_shape:?} x bf16 {w_shape:?} (trans {trans_b}, tiles {tiles})");
+        if tiles {
+            let rounded = x.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+            let want = ops::matmul(&rounded, &wide, false, trans_b).unwrap();
+            assert_tensors_close(&what, &got, &want, 1e-5, 1e-5);
+        } else {
+            let want = ops::matmul(&x, &wide, false, trans_b).unwrap();
+            assert_tensors_close(&what, &got, &want, 0.0, 0.0);
+        }
+    }
+}
+
 #[test]
 fn matmul_shares_or_batches_b() {
     let mut rng = Rng::new(25);

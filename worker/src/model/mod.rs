@@ -13,7 +13,7 @@ pub mod weights;
 use std::path::Path;
 
 use tandem_kernels::ops::Rope;
-use tandem_kernels::{DType, Device};
+use tandem_kernels::{DType, Device, Isa};
 
 pub use backward::{AdapterGrads, PendingBackward};
 pub use config::{Arch, ModelConfig};
@@ -23,6 +23,7 @@ pub use tensor_parallel::{MoeSplit, Shard, TensorParallel};
 pub use weights::Weights;
 
 use crate::error::Result;
+use crate::safetensors_file::TensorSource;
 
 /// A loaded base model, ready to run batches that mix adapters.
 pub struct Model {
@@ -35,14 +36,37 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `dir` (config.json and the safetensors checkpoint) onto `device`. Weights are kept
-    /// in f32: the kernels compute in f32, and converting bf16 weights once at load is cheaper
-    /// than at every step.
+    /// Loads `dir` (config.json and the safetensors checkpoint) onto `device`, the weights in
+    /// [`weight_dtype`].
     pub fn load(dir: &Path, device: Device) -> Result<Model> {
+        Model::load_as(dir, device, None)
+    }
+
+    /// [`Model::load`] with the weights in `dtype` when given (a check against an f32 oracle
+    /// holds a bf16 checkpoint in f32 on any CPU).
+    pub fn load_as(dir: &Path, device: Device, dtype: Option<DType>) -> Result<Model> {
         let config = ModelConfig::load(dir)?;
         let src = weights::open_checkpoint(dir)?;
-        let weights = weights::load_weights(&config, &src, DType::F32, device)?;
+        let dtype = dtype.unwrap_or_else(|| weight_dtype(&config, &src, device));
+        let weights = weights::load_weights(&config, &src, dtype, device)?;
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling)?;
         Ok(Model { config, weights, rope, device, tp: None })
+    }
+}
+
+/// The dtype a model's weights are held in on `device`. A dense model whose checkpoint is bf16
+/// stays bf16 on a CPU with AMX tiles, which multiply bf16 weights as they lie: half the memory,
+/// half the bytes read per decoding step, and several times the f32 rate (activations and sums
+/// stay f32). Everything else is widened to f32 once, at load: the kernels compute in f32, and
+/// widening a weight at every step would cost more. A layer width the tiles cannot step
+/// through whole (not a multiple of 32) keeps f32 too.
+pub fn weight_dtype(config: &ModelConfig, src: &TensorSource, device: Device) -> DType {
+    let tiles = device == Device::Cpu && tandem_kernels::kernel_isa() >= Isa::Amx;
+    let widths = [config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim];
+    let stored = src.dtype("model.embed_tokens.weight");
+    if tiles && config.moe.is_none() && widths.iter().all(|w| w % 32 == 0) && stored == Some(DType::BF16) {
+        DType::BF16
+    } else {
+        DType::F32
     }
 }

@@ -534,7 +534,10 @@ impl Model {
     /// range (zeros for the others) and the group sums them.
     pub(super) fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         use tandem_kernels::ops;
-        let Some(tp) = &self.tp else { return Ok(ops::embedding(&self.weights.embed, tokens)?) };
+        // Activations are f32 whatever the weights are held in (a bf16 table's rows widen).
+        let Some(tp) = &self.tp else {
+            return Ok(ops::embedding(&self.weights.embed, tokens)?.into_dtype(DType::F32)?);
+        };
         let (start, end) = (tp.split.vocab.start as u32, tp.split.vocab.end as u32);
         let local: Vec<u32> = tokens.iter().map(|&t| if (start..end).contains(&t) { t - start } else { 0 }).collect();
         let mask: Vec<f32> = tokens.iter().map(|t| if (start..end).contains(t) { 1.0 } else { 0.0 }).collect();
