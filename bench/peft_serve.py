@@ -1,7 +1,7 @@
 """The peer of `tandem bench serve`: the same workload with Hugging Face transformers + PEFT on
 the CPU, all requests in one batch with PEFT's mixed-adapter inference (`adapter_names=`).
 
-    python bench/peft_serve.py --model DIR --workload workload.jsonl [--adapter DIR]...
+    python bench/peft_serve.py --model DIR --workload workload.jsonl [--dtype bfloat16] [--adapter DIR]...
 
 Prints one JSON line: {"seconds": ..., "tokens": ...}. Run from `tandem bench serve
 --peer-python tools/oracle/.venv/bin/python`, which writes the model, adapters and workload.
@@ -21,10 +21,11 @@ def main():
     p.add_argument("--workload", required=True)
     p.add_argument("--adapter", action="append", default=[])
     p.add_argument("--batch", type=int, default=64, help="requests per generate() call")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     names = []
     if args.adapter:
         from peft import PeftModel

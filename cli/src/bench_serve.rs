@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Python with transformers + peft (e.g. tools/oracle/.venv/bin/python) to run the peer.
     #[arg(long)]
     peer_python: Option<PathBuf>,
+    /// The dtype the peer holds the model in and computes with: `float32`, or `bfloat16` (all
+    /// of torch's arithmetic in bf16, its AMX GEMMs where the CPU has them).
+    #[arg(long, default_value = "float32", value_parser = ["float32", "bfloat16"])]
+    peer_dtype: String,
     /// Tokens one engine step may process.
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
@@ -141,11 +145,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ("resident/peak-rss", with.resident_bytes as f64 / with.peak_rss as f64),
     ];
     if let Some(python) = &args.peer_python {
-        let peer = run_peer(python, &model_dir, &adapter_dirs, &workload_file, true)?;
-        let peer_base = run_peer(python, &model_dir, &adapter_dirs, &workload_file, false)?;
-        let peer_label = format!("transformers + PEFT, {} adapters", args.adapters);
+        let peer = run_peer(python, &args.peer_dtype, &model_dir, &adapter_dirs, &workload_file, true)?;
+        let peer_base = run_peer(python, &args.peer_dtype, &model_dir, &adapter_dirs, &workload_file, false)?;
+        let peer_label = format!("transformers + PEFT ({}), {} adapters", args.peer_dtype, args.adapters);
         println!("{:<34} {:>10.1} {:>12.1}", peer_label, rate(peer), peer);
-        println!("{:<34} {:>10.1} {:>12.1}", "transformers + PEFT, no adapters", rate(peer_base), peer_base);
+        let base_label = format!("transformers + PEFT ({}), no adapters", args.peer_dtype);
+        println!("{:<34} {:>10.1} {:>12.1}", base_label, rate(peer_base), peer_base);
         println!("tandem / transformers+PEFT with adapters: {:.2}x (target >= 1.8x)", peer / with.secs);
         ratios.push(("tandem/peer", peer / with.secs));
     } else {
@@ -363,10 +368,17 @@ pub(crate) fn peak_rss() -> Result<usize> {
 }
 
 /// Runs `bench/peft_serve.py` and returns its wall time in seconds.
-fn run_peer(python: &Path, model: &Path, adapters: &[PathBuf], workload: &Path, use_adapters: bool) -> Result<f64> {
+fn run_peer(
+    python: &Path,
+    dtype: &str,
+    model: &Path,
+    adapters: &[PathBuf],
+    workload: &Path,
+    use_adapters: bool,
+) -> Result<f64> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peft_serve.py");
     let mut cmd = Command::new(python);
-    cmd.arg(&script).arg("--model").arg(model).arg("--workload").arg(workload);
+    cmd.arg(&script).arg("--model").arg(model).arg("--workload").arg(workload).arg("--dtype").arg(dtype);
     if use_adapters {
         for a in adapters {
             cmd.arg("--adapter").arg(a);

@@ -4,6 +4,7 @@
 //! a few rows by a weight, where the `gemm` crate is slow; `amx.rs` multiplies bf16 weights on
 //! the AMX tiles.
 
+#[cfg(target_arch = "x86_64")]
 mod amx;
 mod few_rows;
 mod isa;
@@ -125,12 +126,15 @@ pub(crate) fn matmul_bf16_weight(
     if kernel_isa() < Isa::Amx {
         return false;
     }
+    #[cfg(target_arch = "x86_64")]
     if trans_w {
         amx::matmul_xwt(dst, x, w, (m, n, k), 1.0, false, threads())
     } else {
         amx::matmul_xw(dst, x, w, (m, k, n), 1.0, false, threads());
         true
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("Isa::Amx is detected on x86-64 only")
 }
 
 /// Threads a large CPU kernel may use.
