@@ -14,6 +14,8 @@ use std::arch::asm;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::multiversion;
+
 /// Reduction elements per tile step: a tile row holds 32 bf16 (64 bytes).
 const STEP: usize = 32;
 /// Rows (and f32 columns) of a tile.
@@ -236,19 +238,45 @@ fn pair(lo: bf16, hi: bf16) -> u32 {
     lo.to_bits() as u32 | (hi.to_bits() as u32) << 16
 }
 
+/// `v` rounded to bf16 (to nearest, ties to even; a NaN stays a quiet NaN), as bits: the same
+/// bits as `bf16::from_f32`, without its branches, so that a loop over a row vectorises.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 { (b >> 16) | 0x40 } else { rounded }
+}
+
+multiversion! {
+    /// `src` rounded to bf16, two by two: `dst[q]` is the pair `(src[2q], src[2q+1])`.
+    fn round_pairs(dst: &mut [u32], src: &[f32]) {
+        dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, two)| *d = bf16_bits(two[0]) | bf16_bits(two[1]) << 16);
+    }
+}
+
+multiversion! {
+    /// `src` rounded to bf16.
+    fn round_row(dst: &mut [bf16], src: &[f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, &v)| *d = bf16::from_bits(bf16_bits(v) as u16));
+    }
+}
+
 /// `x[m×k]` (f32, k a multiple of 32) as right-hand tiles of `xᵀ`: for each block of 16 rows
 /// and each step of 32 along k, 16 tile rows of the 16 rows' pairs `(x[i][2p], x[i][2p+1])`,
 /// rows past `m` zero.
 fn pack_row_pairs(x: &[f32], m: usize, k: usize, blocks: usize, threads: usize) -> Vec<u32> {
-    let steps = k / STEP;
+    let (steps, pairs) = (k / STEP, k / 2);
     let mut xp = vec![0u32; blocks * steps * TILE_BYTES / 4];
     let pack = |(b, tiles): (usize, &mut [u32])| {
-        for i in 0..TILE.min(m - b * TILE) {
-            let row = &x[(b * TILE + i) * k..][..k];
-            for (q, two) in row.chunks_exact(2).enumerate() {
-                // Pair q is row q % 16 of tile step q / 16; x's row i is the tile's column i.
-                tiles[q * TILE + i] = pair(bf16::from_f32(two[0]), bf16::from_f32(two[1]));
-            }
+        // The block's rows rounded, then transposed pair by pair: pair q of row i is row
+        // q % 16, column i of tile step q / 16, so `tiles[16q + i]`.
+        let rows = TILE.min(m - b * TILE);
+        let mut rounded = vec![0u32; rows * pairs];
+        for (i, r) in rounded.chunks_exact_mut(pairs).enumerate() {
+            round_pairs(r, &x[(b * TILE + i) * k..][..k]);
+        }
+        for (q, t) in tiles.chunks_exact_mut(TILE).enumerate() {
+            t.iter_mut().zip(rounded[q..].iter().step_by(pairs)).for_each(|(t, &p)| *t = p);
         }
     };
     let per_block = steps * TILE_BYTES / 4;
@@ -265,7 +293,7 @@ fn to_bf16_padded(x: &[f32], (m, n): (usize, usize), (rows, cols): (usize, usize
     let mut out = vec![bf16::ZERO; rows * cols];
     let convert = |(i, o): (usize, &mut [bf16])| {
         if i < m {
-            o[..n].iter_mut().zip(&x[i * n..(i + 1) * n]).for_each(|(o, &v)| *o = bf16::from_f32(v));
+            round_row(&mut o[..n], &x[i * n..(i + 1) * n]);
         }
     };
     if threads > 1 && m * n >= 1 << 16 {
@@ -282,14 +310,18 @@ fn to_bf16_padded(x: &[f32], (m, n): (usize, usize), (rows, cols): (usize, usize
 /// 2p`. Rows past `n` and columns past `k` are zero.
 fn pack_column_pairs(strip: &mut [u32], w: &[bf16], (n, k): (usize, usize), r0: usize, steps: usize, c0: usize) {
     let half = strip.len() / 2;
-    let at = |r: usize, c: usize| if r < n && c < k { w[r * k + c] } else { bf16::ZERO };
+    let row = |r: usize| if r < n { &w[r * k..(r + 1) * k] } else { &[][..] };
     for h in 0..2 {
-        let tiles = &mut strip[h * half..];
-        for q in 0..steps * TILE {
-            let r = r0 + 2 * q;
-            for c in 0..TILE {
-                let col = c0 + h * TILE + c;
-                tiles[q * TILE + c] = pair(at(r, col), at(r + 1, col));
+        let cols = c0 + h * TILE;
+        for (q, t) in strip[h * half..].chunks_exact_mut(TILE).take(steps * TILE).enumerate() {
+            let (a, b) = (row(r0 + 2 * q), row(r0 + 2 * q + 1));
+            if cols + TILE <= b.len() {
+                // Both rows whole over these columns: a loop without branches, vectorised.
+                let (a, b) = (&a[cols..cols + TILE], &b[cols..cols + TILE]);
+                t.iter_mut().zip(a.iter().zip(b)).for_each(|(t, (&x, &y))| *t = pair(x, y));
+            } else {
+                let at = |r: &[bf16], c: usize| r.get(c).copied().unwrap_or(bf16::ZERO);
+                t.iter_mut().enumerate().for_each(|(c, t)| *t = pair(at(a, cols + c), at(b, cols + c)));
             }
         }
     }
@@ -411,6 +443,28 @@ mod tests {
 
     use super::{matmul_xw, matmul_xwt};
     use crate::cpu::{Isa, random};
+
+    /// The branch-free rounding gives `bf16::from_f32`'s bits for ties, subnormals, the largest
+    /// values (rounding up to infinity), infinities and NaNs, at every vector level.
+    #[test]
+    fn rounding_matches_half() {
+        let mut v: Vec<f32> = crate::cpu::random(4096, 7);
+        let specials = [0.0, -0.0, 1.0 + f32::EPSILON * 64.0, 1.0 + f32::EPSILON * 128.0, f32::MIN_POSITIVE / 3.0];
+        v.extend(specials);
+        v.extend([f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN]);
+        v.extend((0..64u32).map(|i| f32::from_bits(0x3F80_8000 + (i << 16)))); // exact ties
+        v.push(0.0); // an even count, for the pairs
+        let want: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        for isa in Isa::available() {
+            let mut row = vec![bf16::ZERO; v.len()];
+            super::round_row::on(isa, &mut row, &v);
+            assert!(row.iter().map(|b| b.to_bits()).eq(want.iter().copied()), "{isa:?} round_row");
+            let mut pairs = vec![0u32; v.len() / 2];
+            super::round_pairs::on(isa, &mut pairs, &v);
+            let got: Vec<u16> = pairs.iter().flat_map(|p| [*p as u16, (p >> 16) as u16]).collect();
+            assert_eq!(got, want, "{isa:?} round_pairs");
+        }
+    }
 
     fn round(v: &[f32]) -> Vec<f64> {
         v.iter().map(|&v| bf16::from_f32(v).to_f64()).collect()
