@@ -471,9 +471,20 @@ mod tests {
     }
 
     /// Every shape class: one row, a partial and whole tiles of rows, an odd last block, weight
-    /// rows short of a tile, of a pair of tiles, and several; accumulation and a scale.
-    const SHAPES: [(usize, usize, usize); 8] =
-        [(1, 1, 32), (5, 17, 64), (16, 16, 32), (17, 33, 96), (33, 40, 32), (64, 100, 128), (3, 64, 288), (40, 7, 32)];
+    /// rows short of a tile, of a pair of tiles, and several, long reductions; accumulation and
+    /// a scale.
+    const SHAPES: [(usize, usize, usize); 10] = [
+        (1, 1, 32),
+        (5, 17, 64),
+        (16, 16, 32),
+        (17, 33, 96),
+        (33, 40, 32),
+        (64, 100, 128),
+        (3, 64, 288),
+        (40, 7, 32),
+        (3, 40, 1024),
+        (17, 33, 544),
+    ];
 
     fn check(what: &str, got: &[f32], want: impl Fn(usize) -> f64) {
         for (i, &g) in got.iter().enumerate() {
