@@ -156,7 +156,7 @@ impl SharedRows {
 /// `dst[m×k] (+)= scale · dy[m×n] · w[n×k]`, `w` row-major bf16: the input gradient of a linear
 /// layer. Any shape: the packing pads every operand to whole tiles.
 ///
-/// `dy` is the left operand (rounded to bf16, rows padded to a multiple of 32); each task
+/// `dy` is the left operand (rounded to bf16, its columns padded to a multiple of 32); each task
 /// packs the strip of the weight its 32 output columns read, 256 weight rows at a time, and
 /// keeps its sums in tiles of its own `[rows, 32]` part of the result between strips.
 #[allow(clippy::too_many_arguments)]
