@@ -26,7 +26,7 @@ pub mod ops;
 mod storage;
 mod tensor;
 
-pub use cpu::{Isa, gemm_instruction_set, kernel_isa};
+pub use cpu::{Isa, gemm_instruction_set, kernel_isa, multiplies_bf16_weights};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

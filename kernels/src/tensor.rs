@@ -196,12 +196,9 @@ impl Tensor {
 
     /// The elements of a CPU bf16 tensor as they lie; `None` for any other tensor.
     pub(crate) fn cpu_bf16(&self) -> Option<&[half::bf16]> {
-        match &self.storage {
-            Storage::Cpu(s) => match &**s {
-                CpuStorage::BF16(v) => Some(v),
-                _ => None,
-            },
-            Storage::Cuda(_) => None,
+        match self.cpu_storage() {
+            Ok(CpuStorage::BF16(v)) => Some(v),
+            _ => None,
         }
     }
 

@@ -36,19 +36,13 @@ if os.environ.get("PYTHONHASHSEED") != "0":  # make_train_fixtures.py re-execute
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import PeftModel  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_fixtures as mf  # noqa: E402  (requests as the f32 references make them; threads, determinism)
 import make_train_fixtures as mtf  # noqa: E402  (the training jobs, as the f32 gradients use them)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIX = os.path.join(HERE, "fixtures")
-GREEDY_TOKENS = 16
-# Greedy continuations must not hinge on a near-tie that summation order could flip.
-MIN_LOGIT_MARGIN = 1e-3
-
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
+FIX = mf.FIX
 
 
 def bf16(t):
@@ -77,21 +71,6 @@ def round_inputs_to_bf16(model):
     return n
 
 
-@torch.no_grad()
-def reference(model, prompt):
-    ids = torch.tensor([prompt])
-    logits = model(input_ids=ids).logits[0].float().clone()
-    cur, greedy, margin = ids, [], float("inf")
-    for _ in range(GREEDY_TOKENS):
-        last = model(input_ids=cur).logits[0, -1].float()
-        top = last.topk(2).values
-        margin = min(margin, (top[0] - top[1]).item())
-        nxt = int(last.argmax())
-        greedy.append(nxt)
-        cur = torch.cat([cur, torch.tensor([[nxt]])], dim=1)
-    return logits, greedy, margin
-
-
 def main(names):
     for name in names:
         out_dir = os.path.join(FIX, name)
@@ -109,8 +88,9 @@ def main(names):
             )
             model.eval()
             hooked = round_inputs_to_bf16(model)
-            lg, greedy, margin = reference(model, r["prompt_ids"])
-            assert margin >= MIN_LOGIT_MARGIN, f"{name} request {i}: greedy margin {margin}"
+            # Prompt logits and greedy continuation (generate() cross-checked by a no-cache loop).
+            lg, greedy, margin, _ = mf.run_request(model, r["prompt_ids"])
+            assert margin >= mf.MIN_LOGIT_MARGIN, f"{name} request {i}: greedy margin {margin}"
             print(f"  [{name}] req {i} adapter={r['adapter']}: {hooked} linear layers rounded, "
                   f"greedy-margin={margin:.4f}, greedy {'==' if greedy == r['greedy'] else '!='} f32's")
             out_requests.append({"adapter": r["adapter"], "prompt_ids": r["prompt_ids"], "greedy": greedy})

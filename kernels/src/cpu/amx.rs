@@ -44,23 +44,25 @@ pub(super) fn granted() -> bool {
     false
 }
 
-/// `dst[m×n] (+)= scale · x[m×k] · w[n×k]ᵀ`, `w` row-major bf16. `false` (and `dst` untouched)
-/// when `k` is not a multiple of 32: the weight's rows are read in whole tile steps.
+/// Whether `x · Wᵀ` takes a weight whose rows are `k` long: whole tile steps of 32.
+pub(super) fn fits(k: usize) -> bool {
+    k.is_multiple_of(STEP)
+}
+
+/// `dst[m×n] = x[m×k] · w[n×k]ᵀ`, `w` row-major bf16. `false` (and `dst` untouched) when `k`
+/// does not [`fits`]: the weight's rows are read in whole tile steps.
 ///
 /// Computed as `yᵀ = W · xᵀ`: the weight is the left operand, read where it lies, and only `x`
 /// is packed.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_xwt(
     dst: &mut [f32],
     x: &[f32],
     w: &[bf16],
     (m, n, k): (usize, usize, usize),
-    scale: f32,
-    accumulate: bool,
     threads: usize,
 ) -> bool {
     assert!(dst.len() >= m * n && x.len() >= m * k && w.len() >= n * k, "amx: operands too small");
-    if !k.is_multiple_of(STEP) || m == 0 || n == 0 {
+    if !fits(k) || m == 0 || n == 0 {
         return false;
     }
     let (blocks, steps) = (m.div_ceil(TILE), k / STEP);
@@ -115,10 +117,7 @@ pub(super) fn matmul_xwt(
             for i in 0..rows.min(m - c0 * TILE) {
                 // SAFETY: row c0·16 + i < m; columns j0..j0 + width are this task's alone.
                 let d = unsafe { out.row(c0 * TILE + i, j0, width) };
-                for (jj, d) in d.iter_mut().enumerate() {
-                    let v = scale * yt[jj * rows + i];
-                    *d = if accumulate { *d + v } else { v };
-                }
+                d.iter_mut().enumerate().for_each(|(jj, d)| *d = yt[jj * rows + i]);
             }
         };
         let tasks = n.div_ceil(WIDTH);
@@ -153,22 +152,14 @@ impl SharedRows {
     }
 }
 
-/// `dst[m×k] (+)= scale · dy[m×n] · w[n×k]`, `w` row-major bf16: the input gradient of a linear
-/// layer. Any shape: the packing pads every operand to whole tiles.
+/// `dst[m×k] = dy[m×n] · w[n×k]`, `w` row-major bf16: the input gradient of a linear layer.
+/// Any shape: the packing pads every operand to whole tiles.
 ///
 /// `dy` is the left operand (rounded to bf16, its columns padded to a multiple of 32); each task
-/// packs the strip of the weight its 32 output columns read, 256 weight rows at a time, and
-/// keeps its sums in tiles of its own `[rows, 32]` part of the result between strips.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn matmul_xw(
-    dst: &mut [f32],
-    dy: &[f32],
-    w: &[bf16],
-    (m, n, k): (usize, usize, usize),
-    scale: f32,
-    accumulate: bool,
-    threads: usize,
-) {
+/// packs the strip of the weight its 32 output columns read, 256 weight rows at a time, keeps
+/// its sums in tiles of a `[rows, 32]` buffer of its own between strips, and then writes its
+/// columns of `dst`.
+pub(super) fn matmul_xw(dst: &mut [f32], dy: &[f32], w: &[bf16], (m, n, k): (usize, usize, usize), threads: usize) {
     assert!(dst.len() >= m * k && dy.len() >= m * n && w.len() >= n * k, "amx: operands too small");
     if m == 0 || k == 0 {
         return;
@@ -176,15 +167,16 @@ pub(super) fn matmul_xw(
     let (blocks, np) = (m.div_ceil(TILE), n.next_multiple_of(STEP).max(STEP));
     let rows = blocks * TILE;
     let dyp = to_bf16_padded(dy, (m, n), (rows, np), threads);
+    let out = SharedRows { ptr: dst.as_mut_ptr(), cols: k };
     const WIDTH: usize = 2 * TILE;
     /// Weight rows packed at a time: 16 KiB of packed strip, which stays in L1 while every
     /// block of dy passes over it.
     const STRIP: usize = 8 * STEP;
-    let mut outs = vec![0.0f32; k.div_ceil(WIDTH) * rows * WIDTH];
-    let task = |(t, out): (usize, &mut [f32])| {
+    let task = |t: usize| {
         let c0 = t * WIDTH;
         let width = (k - c0).min(WIDTH);
         let second = if width > TILE { 1 } else { 0 };
+        let mut sums = vec![0.0f32; rows * WIDTH];
         let mut strip = vec![0u32; 2 * (STRIP / STEP) * TILE_BYTES / 4];
         let _tiles = Tiles::configure();
         for (s, r0) in (0..np).step_by(STRIP).enumerate() {
@@ -193,12 +185,12 @@ pub(super) fn matmul_xw(
             let half = strip.len() / 2;
             for b0 in (0..blocks).step_by(2) {
                 let b1 = (b0 + 1).min(blocks - 1);
-                let base = out.as_mut_ptr();
+                let base = sums.as_mut_ptr();
                 let c = |b: usize, j: usize| base.wrapping_add(b * TILE * WIDTH + j * TILE);
                 let a = |b: usize| dyp[b * TILE * np + r0..].as_ptr();
                 // SAFETY: every A tile reads 16 rows of `steps` tile steps inside `dyp`
                 // (`[rows, np]`), every B tile `steps` packed tiles inside `strip`, every C
-                // tile 16 rows of 16 inside `out` (`[rows, 32]`); `steps >= 1`; the tiles are
+                // tile 16 rows of 16 inside `sums` (`[rows, 32]`); `steps >= 1`; the tiles are
                 // configured.
                 unsafe {
                     product_2x2(
@@ -213,22 +205,17 @@ pub(super) fn matmul_xw(
                 };
             }
         }
-    };
-    if threads > 1 && m * n * k >= 1 << 18 {
-        outs.par_chunks_mut(rows * WIDTH).enumerate().for_each(task);
-    } else {
-        outs.chunks_mut(rows * WIDTH).enumerate().for_each(task);
-    }
-    let gather = |(i, d): (usize, &mut [f32])| {
-        for (j, d) in d.iter_mut().enumerate() {
-            let v = scale * outs[(j / WIDTH) * rows * WIDTH + i * WIDTH + j % WIDTH];
-            *d = if accumulate { *d + v } else { v };
+        for i in 0..m {
+            // SAFETY: row i < m; columns c0..c0 + width are this task's alone.
+            let d = unsafe { out.row(i, c0, width) };
+            d.copy_from_slice(&sums[i * WIDTH..i * WIDTH + width]);
         }
     };
-    if threads > 1 && m * k >= 1 << 14 {
-        dst[..m * k].par_chunks_mut(k).enumerate().for_each(gather);
+    let tasks = k.div_ceil(WIDTH);
+    if threads > 1 && m * n * k >= 1 << 18 {
+        (0..tasks).into_par_iter().for_each(task);
     } else {
-        dst[..m * k].chunks_mut(k).enumerate().for_each(gather);
+        (0..tasks).for_each(task);
     }
 }
 
@@ -471,8 +458,7 @@ mod tests {
     }
 
     /// Every shape class: one row, a partial and whole tiles of rows, an odd last block, weight
-    /// rows short of a tile, of a pair of tiles, and several, long reductions; accumulation and
-    /// a scale.
+    /// rows short of a tile, of a pair of tiles, and several, long reductions.
     const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 32),
         (5, 17, 64),
@@ -503,41 +489,34 @@ mod tests {
             assert!(!crate::cpu::matmul_bf16_weight(&mut [0.0], &[1.0; 32], &w, (1, 1, 32), true));
             return;
         }
+        // Outputs start as garbage: every element must be written.
         for &(m, n, k) in &SHAPES {
             let x = random(m * k, 1);
             let w: Vec<bf16> = random(n * k, 2).into_iter().map(bf16::from_f32).collect();
             let wf: Vec<f64> = w.iter().map(|v| v.to_f64()).collect();
-            let init = random(m * n.max(k), 3);
-            for accumulate in [false, true] {
-                let what = format!("x·Wᵀ {m}x{n}x{k} accumulate {accumulate}");
-                let mut y = init[..m * n].to_vec();
-                assert!(matmul_xwt(&mut y, &x, &w, (m, n, k), 0.5, accumulate, 2));
-                let xr = round(&x);
-                check(&what, &y, |e| {
-                    let (i, j) = (e / n, e % n);
-                    let dot: f64 = (0..k).map(|p| xr[i * k + p] * wf[j * k + p]).sum();
-                    0.5 * dot + if accumulate { init[e] as f64 } else { 0.0 }
-                });
-
-                // dy[m×n] · W[n×k]: the same weight as the input gradient's.
-                let what = format!("dy·W {m}x{n}x{k} accumulate {accumulate}");
-                let dy = random(m * n, 4);
-                let mut dx = init[..m * k].to_vec();
-                matmul_xw(&mut dx, &dy, &w, (m, n, k), 0.5, accumulate, 2);
-                let dyr = round(&dy);
-                check(&what, &dx, |e| {
-                    let (i, p) = (e / k, e % k);
-                    let dot: f64 = (0..n).map(|j| dyr[i * n + j] * wf[j * k + p]).sum();
-                    0.5 * dot + if accumulate { init[e] as f64 } else { 0.0 }
-                });
-            }
+            let mut y = vec![f32::NAN; m * n];
+            assert!(matmul_xwt(&mut y, &x, &w, (m, n, k), 2));
+            let xr = round(&x);
+            check(&format!("x·Wᵀ {m}x{n}x{k}"), &y, |e| {
+                let (i, j) = (e / n, e % n);
+                (0..k).map(|p| xr[i * k + p] * wf[j * k + p]).sum()
+            });
+            // dy[m×n] · W[n×k]: the same weight as the input gradient's.
+            let dy = random(m * n, 4);
+            let mut dx = vec![f32::NAN; m * k];
+            matmul_xw(&mut dx, &dy, &w, (m, n, k), 2);
+            let dyr = round(&dy);
+            check(&format!("dy·W {m}x{n}x{k}"), &dx, |e| {
+                let (i, p) = (e / k, e % k);
+                (0..n).map(|j| dyr[i * n + j] * wf[j * k + p]).sum()
+            });
         }
         // The input gradient over odd shapes and more weight rows than one packed strip.
         for &(m, n, k) in &[(1, 1, 1), (7, 300, 19), (20, 513, 33)] {
             let dy = random(m * n, 5);
             let w: Vec<bf16> = random(n * k, 6).into_iter().map(bf16::from_f32).collect();
-            let mut dx = vec![0.0; m * k];
-            matmul_xw(&mut dx, &dy, &w, (m, n, k), 1.0, false, 2);
+            let mut dx = vec![f32::NAN; m * k];
+            matmul_xw(&mut dx, &dy, &w, (m, n, k), 2);
             let dyr = round(&dy);
             check(&format!("dy·W {m}x{n}x{k}"), &dx, |e| {
                 let (i, p) = (e / k, e % k);
@@ -546,7 +525,7 @@ mod tests {
         }
         // A reduction that is not a whole number of tile steps is refused, `dst` untouched.
         let mut y = vec![7.0; 2];
-        assert!(!matmul_xwt(&mut y, &[1.0; 2 * 40], &[bf16::ONE; 40], (2, 1, 40), 1.0, false, 1));
+        assert!(!matmul_xwt(&mut y, &[1.0; 2 * 40], &[bf16::ONE; 40], (2, 1, 40), 1));
         assert_eq!(y, [7.0, 7.0]);
     }
 }

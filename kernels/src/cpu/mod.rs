@@ -128,13 +128,26 @@ pub(crate) fn matmul_bf16_weight(
     }
     #[cfg(target_arch = "x86_64")]
     if trans_w {
-        amx::matmul_xwt(dst, x, w, (m, n, k), 1.0, false, threads())
+        amx::matmul_xwt(dst, x, w, (m, n, k), threads())
     } else {
-        amx::matmul_xw(dst, x, w, (m, k, n), 1.0, false, threads());
+        amx::matmul_xw(dst, x, w, (m, k, n), threads());
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("Isa::Amx is detected on x86-64 only")
+}
+
+/// Whether this CPU multiplies bf16 weights as they lie, on AMX tiles, for linear layers whose
+/// inputs are `widths` wide; where it does not, a bf16 weight is widened to f32 at every
+/// product, so a caller choosing the dtype to hold weights in keeps f32.
+pub fn multiplies_bf16_weights(widths: &[usize]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return kernel_isa() >= Isa::Amx && widths.iter().all(|&k| amx::fits(k));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = widths;
+        false
+    }
 }
 
 /// Threads a large CPU kernel may use.

@@ -13,7 +13,7 @@ pub mod weights;
 use std::path::Path;
 
 use tandem_kernels::ops::Rope;
-use tandem_kernels::{DType, Device, Isa};
+use tandem_kernels::{DType, Device};
 
 pub use backward::{AdapterGrads, PendingBackward};
 pub use config::{Arch, ModelConfig};
@@ -55,18 +55,15 @@ impl Model {
 }
 
 /// The dtype a model's weights are held in on `device`. A dense model whose checkpoint is bf16
-/// stays bf16 on a CPU with AMX tiles, which multiply bf16 weights as they lie: half the memory,
+/// stays bf16 on a CPU that multiplies bf16 weights as they lie (AMX tiles): half the memory,
 /// half the bytes read per decoding step, and several times the f32 rate (activations and sums
 /// stay f32). Everything else is widened to f32 once, at load: the kernels compute in f32, and
-/// widening a weight at every step would cost more. A layer width the tiles cannot step
-/// through whole (not a multiple of 32) keeps f32 too.
+/// widening a weight at every step would cost more.
 pub fn weight_dtype(config: &ModelConfig, src: &TensorSource, device: Device) -> DType {
-    let tiles = device == Device::Cpu && tandem_kernels::kernel_isa() >= Isa::Amx;
+    // The widths the linear layers' inputs have: hidden (q, k, v, gate, up, the LM head), the
+    // attention output (o) and the MLP's (down).
     let widths = [config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim];
+    let tiles = device == Device::Cpu && tandem_kernels::multiplies_bf16_weights(&widths);
     let stored = src.dtype("model.embed_tokens.weight");
-    if tiles && config.moe.is_none() && widths.iter().all(|w| w % 32 == 0) && stored == Some(DType::BF16) {
-        DType::BF16
-    } else {
-        DType::F32
-    }
+    if tiles && config.moe.is_none() && stored == Some(DType::BF16) { DType::BF16 } else { DType::F32 }
 }
