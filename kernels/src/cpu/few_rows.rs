@@ -1,14 +1,16 @@
-//! `dst (+)= scale · x · Wᵀ` for a few rows of `x` (a decoding batch through a linear layer):
-//! each weight row is loaded once and used for every row of `x` while it is in registers. The
-//! `gemm` crate packs both operands first, which at few rows costs more than the product itself
-//! (`tandem bench kernels` prints both). AVX-512 and AVX2 kernels; on other CPUs the caller
-//! keeps the `gemm` crate.
+//! `dst (+)= scale · x · Wᵀ` where `x` or `W` has few rows: a decoding batch through a linear
+//! layer, or any batch through a LoRA shrink (`x · Aᵀ`, `A` of rank rows). Each weight row is
+//! loaded once and used for every row of `x` while it is in registers. The `gemm` crate packs
+//! both operands first, which at these shapes costs more than the product itself (`tandem bench
+//! kernels` prints both). AVX-512 and AVX2 kernels; on other CPUs the caller keeps the `gemm`
+//! crate.
 
 use rayon::prelude::*;
 
 use super::isa::Isa;
 
-/// Rows of `x` up to which this kernel runs instead of the `gemm` crate.
+/// Rows of `x`, or of `W`, up to which this kernel runs instead of the `gemm` crate; more rows
+/// of `x` than this go in chunks of this many, in parallel.
 pub(crate) const MAX_ROWS: usize = 64;
 
 /// Weight rows per parallel task: a task must amortise its start, and the tasks spread over the
@@ -30,8 +32,21 @@ pub(crate) fn matmul_xwt(
 ) -> bool {
     assert!(dst.len() >= m * n && x.len() >= m * k && w.len() >= n * k, "few_rows: operands too small");
     assert!(isa <= Isa::detected(), "few_rows: {isa:?} is beyond this CPU");
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 || k == 0 || isa < Isa::Avx2 {
         return false;
+    }
+    if m > MAX_ROWS {
+        let run = |(d, x): (&mut [f32], &[f32])| {
+            let rows = x.len() / k;
+            matmul_xwt(isa, d, x, w, (rows, n, k), scale, accumulate, 1);
+        };
+        let (dst, x) = (&mut dst[..m * n], &x[..m * k]);
+        if threads > 1 {
+            dst.par_chunks_mut(MAX_ROWS * n).zip(x.par_chunks(MAX_ROWS * k)).for_each(run);
+        } else {
+            dst.chunks_mut(MAX_ROWS * n).zip(x.chunks(MAX_ROWS * k)).for_each(run);
+        }
+        return true;
     }
     let block: fn(&mut [f32], &[f32], &[f32], usize, usize) = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -207,7 +222,7 @@ mod tests {
     fn each_isa_matches_a_reference() {
         for isa in Isa::available() {
             for &(m, n, k) in
-                &[(1, 1, 1), (1, 7, 17), (3, 33, 31), (4, 64, 16), (5, 70, 100), (13, 129, 8), (64, 40, 65)]
+                &[(1, 1, 1), (1, 7, 17), (3, 33, 31), (4, 64, 16), (5, 70, 100), (13, 129, 8), (64, 40, 65), (150, 16, 37)]
             {
                 let (x, w) = (random(m * k, 1), random(n * k, 2));
                 let init = random(m * n, 3);

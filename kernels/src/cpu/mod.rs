@@ -1,13 +1,15 @@
 //! Shared pieces of the CPU backend: a safe wrapper over the `gemm` crate, used by every op that
 //! multiplies matrices (matmul, multi-LoRA, grouped experts), and the reductions our own kernels
-//! share. `isa.rs` picks the vector instructions our kernels use; `few_rows.rs` is the matmul of
-//! a few rows by a weight, where the `gemm` crate is slow; `amx.rs` multiplies bf16 weights on
+//! share. `isa.rs` picks the vector instructions our kernels use; `few_rows.rs` (`x · Wᵀ`, either of
+//! them few rows) and `low_rank.rs` (`x · W`, `W` few rows) are the matmuls of decoding and of
+//! LoRA deltas, where the `gemm` crate is slow; `amx.rs` multiplies bf16 weights on
 //! the AMX tiles.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod few_rows;
 mod isa;
+mod low_rank;
 
 pub use isa::Isa;
 pub use isa::kernel_isa;
@@ -75,8 +77,15 @@ impl Gemm {
         }
         if !trans_a
             && trans_b
-            && m <= few_rows::MAX_ROWS
+            && m.min(n) <= few_rows::MAX_ROWS
             && few_rows::matmul_xwt(kernel_isa(), dst, a, b, (m, n, k), scale, accumulate, threads)
+        {
+            return;
+        }
+        if !trans_a
+            && !trans_b
+            && k <= low_rank::MAX_DEPTH
+            && low_rank::matmul_xw(kernel_isa(), dst, a, b, (m, n, k), scale, accumulate, threads)
         {
             return;
         }

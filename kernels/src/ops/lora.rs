@@ -14,7 +14,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::cpu::{Gemm, dot, multiversion, threads};
+use crate::cpu::{Gemm, threads};
 use crate::error::{Result, arg_err, shape_err};
 use crate::ops::Segments;
 use crate::tensor::same_device;
@@ -361,12 +361,10 @@ fn lora_backward(
     }
 }
 
-/// Rows up to which a block is done with dot products instead of GEMMs: with so few rows the
-/// work is reading the adapter's weights once, and a GEMM's packing costs more than it saves.
-const SMALL_BLOCK_ROWS: usize = 16;
-
 /// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows `x` (the shrink then expand of Punica),
-/// `w` the bank's host weights.
+/// `w` the bank's host weights. On x86 both products run our kernels for these shapes
+/// (`cpu/few_rows.rs`, `cpu/low_rank.rs`), which stream each weight row once however few rows
+/// the block has.
 fn lora_forward_rows(y: &mut [f32], x: &[f32], w: &[HostModule], bank: &LoraBank, i: usize, threads: usize) {
     let (r, in_f, out_f, scale) = (bank.rank(i), bank.in_features(), bank.out_features(), bank.scale(i));
     let m = x.len() / in_f.max(1);
@@ -374,34 +372,9 @@ fn lora_forward_rows(y: &mut [f32], x: &[f32], w: &[HostModule], bank: &LoraBank
         return;
     }
     let (a_i, bt_i) = (&*w[i].0, &*w[i].1);
-    if m <= SMALL_BLOCK_ROWS {
-        lora_small_block(y, &x[..m * in_f], a_i, bt_i, scale, in_f, out_f);
-        return;
-    }
     let mut h = vec![0.0; m * r];
     Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
     Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
-}
-
-multiversion! {
-    /// [`lora_forward_rows`] for a block of few rows: the work is streaming the adapter's
-    /// weights (`a_i`: `[r, in]`, `bt_i`: `[r, out]`) once; each weight row is used for every row
-    /// of the block while it is in cache (a GEMM's packing would cost more).
-    pub(crate) fn lora_small_block(y: &mut [f32], x: &[f32], a_i: &[f32], bt_i: &[f32], scale: f32, in_f: usize, out_f: usize) {
-        let (m, r) = (x.len() / in_f, a_i.len() / in_f);
-        let mut h = vec![0.0; m * r];
-        for (j, a_row) in a_i.chunks_exact(in_f).enumerate() {
-            for t in 0..m {
-                h[t * r + j] = scale * dot(&x[t * in_f..][..in_f], a_row);
-            }
-        }
-        for (j, bt_row) in bt_i.chunks_exact(out_f).enumerate() {
-            for t in 0..m {
-                let c = h[t * r + j];
-                y[t * out_f..(t + 1) * out_f].iter_mut().zip(bt_row).for_each(|(y, b)| *y += c * b);
-            }
-        }
-    }
 }
 
 /// Splits a bank-shaped buffer (`[R, width]`) into each adapter's row block.
