@@ -35,7 +35,7 @@ pub(crate) fn matmul_xw(
     if m == 0 || n == 0 || k == 0 {
         return false;
     }
-    let rows: fn(&mut [f32], &[f32], &[f32], usize, usize, f32, bool) = match isa {
+    let rows: RowsKernel = match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY (both arms): the assert above: the CPU has the features the kernel is
         // compiled for.
@@ -53,6 +53,9 @@ pub(crate) fn matmul_xw(
     }
     true
 }
+
+/// `(dst, x, w, n, k, scale, accumulate)`: every row of `x` into `dst`.
+type RowsKernel = fn(&mut [f32], &[f32], &[f32], usize, usize, f32, bool);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
