@@ -236,14 +236,19 @@ fn kernels(
     let modules = (0..adapters as u64)
         .map(|i| Ok((tensor(&[rank, d], 4 + 2 * i, Device::Cpu)?, tensor(&[rank, d], 5 + 2 * i, Device::Cpu)?, 2.0)))
         .collect::<Result<_>>()?;
-    let bank = LoraBank::new(modules, device)?;
+    let modules: Vec<(Tensor, Tensor, f32)> = modules;
+    let bank = LoraBank::new(modules.clone(), device)?;
+    // Served adapters are bf16 where the base weights are (`Model::serving_adapter`).
+    let bf16 = |t: &Tensor| t.clone().into_dtype(DType::BF16);
+    let bank16 =
+        LoraBank::new(modules.iter().map(|(a, bt, s)| Ok((bf16(a)?, bf16(bt)?, *s))).collect::<Result<_>>()?, device)?;
     // SGMV: tokens arrive grouped by adapter (prefill); BGMV: each token its own adapter (decode).
     let per = tokens.div_ceil(adapters);
     let row_adapter: Vec<i32> = (0..tokens).map(|t| (t / per) as i32).collect();
     let segs = Segments::from_row_indices(&row_adapter);
     let shuffled: Vec<i32> = (0..tokens).map(|t| ((t * 37) % adapters) as i32).collect();
     let mut y = Tensor::zeros([tokens, d], DType::F32, device)?;
-    let mut y2 = y.clone();
+    let (mut y2, mut y3, mut y4) = (y.clone(), y.clone(), y.clone());
     let t = time_each(
         reps,
         device,
@@ -254,12 +259,20 @@ fn kernels(
             },
             &mut || Ok(ops::sgmv(&mut y, &x, &bank, &segs)?),
             &mut || Ok(ops::bgmv(&mut y2, &x, &bank, &shuffled)?),
+            &mut || Ok(ops::sgmv(&mut y3, &x, &bank16, &segs)?),
+            &mut || Ok(ops::bgmv(&mut y4, &x, &bank16, &shuffled)?),
         ],
     )?;
     let (base, sgmv, bgmv) = (t[0], t[1], t[2]);
-    println!("{:>22}  {:>9.3} ms", "base matmul", base * 1e3);
-    println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "SGMV (segments)", sgmv * 1e3, 100.0 * sgmv / base);
-    println!("{:>22}  {:>9.3} ms  {:>6.1}% of base", "BGMV (index per token)", bgmv * 1e3, 100.0 * bgmv / base);
+    println!("{:>28}  {:>9.3} ms", "base matmul", base * 1e3);
+    for (what, t) in [
+        ("SGMV (segments)", sgmv),
+        ("BGMV (index per token)", bgmv),
+        ("SGMV, bf16 adapters", t[3]),
+        ("BGMV, bf16 adapters", t[4]),
+    ] {
+        println!("{what:>28}  {:>9.3} ms  {:>6.1}% of base", t * 1e3, 100.0 * t / base);
+    }
     let mut ratios = vec![("base/sgmv", base / sgmv), ("base/bgmv", base / bgmv)];
     if matmul_vs_gemm.is_finite() {
         ratios.push(("matmul/gemm", matmul_vs_gemm));

@@ -2,16 +2,18 @@
 
 Where the CPU has AMX tiles, Tandem keeps a dense model's bf16 checkpoint in bf16 and multiplies
 each base linear layer (and the tied LM head) on the tiles: the weights as stored, the layer's
-input rounded to bf16, every sum in f32. Everything else (norms, attention, LoRA deltas,
-activations) stays f32. This script makes torch compute exactly that: the model in f32 (the bf16
-weights upcast, which is exact) with a forward pre-hook on every base `nn.Linear` that rounds its
-input to bf16. PEFT's LoRA layers call their base layer with the unrounded input and their own
-`lora_A` / `lora_B` with it too, as Tandem does.
+input rounded to bf16, every sum in f32. Served adapters are held in bf16 too, their deltas
+computed in f32 from the f32 input. Everything else (norms, attention, activations) stays f32.
+This script makes torch compute exactly that: the model in f32 (the bf16 weights upcast, which is
+exact) with a forward pre-hook on every base `nn.Linear` that rounds its input to bf16, and the
+adapters' `lora_A` / `lora_B` weights rounded to bf16. PEFT's LoRA layers call their base layer
+with the unrounded input and their own `lora_A` / `lora_B` with it too, as Tandem does.
 
 Training runs the same products backward: the input gradient of a base layer is its output
 gradient rounded to bf16 times the weight, in f32. Here that is a backward pre-hook on every base
 `nn.Linear` rounding its output gradient, with the forward rounding made straight-through (a
-plain cast would round the gradient passing back through it as well).
+plain cast would round the gradient passing back through it as well). A job in training keeps
+f32 adapter weights, so the gradients' reference leaves them as they are.
 
 For each fixture named on the command line (default: qwen2, the bf16 one) it reads the prompts
 and adapters of `reference.json` and writes `reference_bf16_inputs.json` (greedy continuations)
@@ -87,6 +89,10 @@ def main(names):
                 base, os.path.join(out_dir, "adapters", r["adapter"])
             )
             model.eval()
+            with torch.no_grad():
+                for pname, p in model.named_parameters():
+                    if "lora_" in pname:
+                        p.copy_(bf16(p))
             hooked = round_inputs_to_bf16(model)
             # Prompt logits and greedy continuation (generate() cross-checked by a no-cache loop).
             lg, greedy, margin, _ = mf.run_request(model, r["prompt_ids"])

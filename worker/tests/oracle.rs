@@ -48,7 +48,8 @@ fn load_adapters(dir: &Path, model: &Model) -> Vec<(String, Adapter)> {
             } else {
                 Adapter::Lora(LoraAdapter::load(&p, &model.config).unwrap_or_else(|e| panic!("{name}: {e}")))
             };
-            out.push((name, adapter));
+            // As the engine serves it: bf16 LoRA weights beside a bf16 base on the tiles.
+            out.push((name, model.serving_adapter(adapter).unwrap()));
         }
     }
     out
@@ -163,6 +164,9 @@ fn qwen2_bf16_weights_as_served_here() {
     let model = Model::load(&dir, Device::Cpu).unwrap();
     if tandem_kernels::kernel_isa() >= tandem_kernels::Isa::Amx {
         assert_eq!(model.weights.embed.dtype(), DType::BF16, "a bf16 checkpoint stays bf16 where the tiles are");
+        let adapter = load_adapters(&dir, &model).pop().unwrap().1;
+        let Adapter::Lora(lora) = adapter else { panic!("qwen2's adapters are LoRA") };
+        assert!(lora.modules.values().all(|m| m.a.dtype() == DType::BF16), "served adapters are bf16 there too");
         check_against("qwen2", DType::BF16, "reference_bf16_inputs");
     } else {
         // The f32 path is `qwen2_bf16_with_biases`.

@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::isa::Isa;
+use super::weight::Weight;
 
 /// Rows of `x`, or of `W`, up to which this kernel runs instead of the `gemm` crate; more rows
 /// of `x` than this go in chunks of this many, in parallel.
@@ -20,11 +21,11 @@ const BLOCK: usize = 32;
 /// Computes `dst[m×n] (+)= scale · x[m×k] · w[n×k]ᵀ` with the kernel of `isa`; `false` (and
 /// `dst` untouched) when `isa` has none or the product is empty.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_xwt(
+pub(crate) fn matmul_xwt<W: Weight>(
     isa: Isa,
     dst: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     (m, n, k): (usize, usize, usize),
     scale: f32,
     accumulate: bool,
@@ -48,7 +49,7 @@ pub(crate) fn matmul_xwt(
         }
         return true;
     }
-    let block: fn(&mut [f32], &[f32], &[f32], usize, usize) = match isa {
+    let block: fn(&mut [f32], &[f32], &[W], usize, usize) = match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY (both arms): the assert above: the CPU has the features the kernel is
         // compiled for.
@@ -89,12 +90,14 @@ pub(crate) fn matmul_xwt(
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::Weight;
+
     /// `out[m×nb] = x[m×k] · w[nb×k]ᵀ` in tiles of `R` rows of `x` by `C` weight rows; a last
     /// partial tile of weight rows repeats the block's last row and drops its results.
     macro_rules! block {
         ($name:ident, $tile:ident, $feature:literal, $cols:expr) => {
             #[target_feature(enable = $feature)]
-            pub(super) fn $name(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize) {
+            pub(super) fn $name<W: Weight>(out: &mut [f32], x: &[f32], w: &[W], m: usize, k: usize) {
                 const C: usize = $cols;
                 let nb = w.len() / k;
                 assert!(out.len() >= m * nb && x.len() >= m * k);
@@ -107,9 +110,9 @@ mod x86 {
                     while i < m {
                         let xr = unsafe { x.as_ptr().add(i * k) };
                         let (sums, rows): ([[f32; C]; 4], usize) = if i + 4 <= m {
-                            (unsafe { $tile::<4, C>(xr, k, wr) }, 4)
+                            (unsafe { $tile::<W, 4, C>(xr, k, wr) }, 4)
                         } else {
-                            let one = unsafe { $tile::<1, C>(xr, k, wr) };
+                            let one = unsafe { $tile::<W, 1, C>(xr, k, wr) };
                             (std::array::from_fn(|r| if r == 0 { one[0] } else { [0.0; C] }), 1)
                         };
                         for (r, row) in sums.iter().enumerate().take(rows) {
@@ -124,20 +127,20 @@ mod x86 {
         };
     }
 
-    block!(block_avx512, tile_avx512, "avx512f", 4);
+    block!(block_avx512, tile_avx512, "avx512f,avx512bw,avx512vl", 4);
     block!(block_avx2, tile_avx2, "avx2,fma", 2);
 
     /// Dot products of `R` consecutive rows of `x` (stride `k`) with `C` weight rows, 16 lanes.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; each of the `R` rows at `x` and each row in `w` has `k` readable
-    /// elements.
+    /// The CPU has AVX-512 F, BW and VL; each of the `R` rows at `x` and each row in `w` has
+    /// `k` readable elements.
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_avx512<const R: usize, const C: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn tile_avx512<W: Weight, const R: usize, const C: usize>(
         x: *const f32,
         k: usize,
-        w: [*const f32; C],
+        w: [*const W; C],
     ) -> [[f32; C]; R] {
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         let full = k / 16 * 16;
@@ -145,7 +148,7 @@ mod x86 {
         // SAFETY (the loads): `p + 16 <= full <= k` in the loop; the tail's mask covers only
         // the `k - full` elements left.
         while p < full {
-            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(w[c].add(p)) });
+            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { W::load16(w[c].add(p), !0) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xv = unsafe { _mm512_loadu_ps(x.add(r * k + p)) };
                 for c in 0..C {
@@ -156,7 +159,7 @@ mod x86 {
         }
         if full < k {
             let mask: __mmask16 = ((1u32 << (k - full)) - 1) as __mmask16;
-            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_maskz_loadu_ps(mask, w[c].add(p)) });
+            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { W::load16(w[c].add(p), mask) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(r * k + p)) };
                 for c in 0..C {
@@ -174,13 +177,17 @@ mod x86 {
     /// readable elements.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2<const R: usize, const C: usize>(x: *const f32, k: usize, w: [*const f32; C]) -> [[f32; C]; R] {
+    unsafe fn tile_avx2<W: Weight, const R: usize, const C: usize>(
+        x: *const f32,
+        k: usize,
+        w: [*const W; C],
+    ) -> [[f32; C]; R] {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let full = k / 8 * 8;
         let mut p = 0;
         // SAFETY (the loads): `p + 8 <= full <= k`.
         while p < full {
-            let wv: [__m256; C] = std::array::from_fn(|c| unsafe { _mm256_loadu_ps(w[c].add(p)) });
+            let wv: [__m256; C] = std::array::from_fn(|c| unsafe { W::load8(w[c].add(p)) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xv = unsafe { _mm256_loadu_ps(x.add(r * k + p)) };
                 for c in 0..C {
@@ -195,7 +202,7 @@ mod x86 {
             for (c, s) in row.iter_mut().enumerate() {
                 for q in full..k {
                     // SAFETY: q < k.
-                    *s += unsafe { *x.add(r * k + q) * *w[c].add(q) };
+                    *s += unsafe { *x.add(r * k + q) * (*w[c].add(q)).to_f32() };
                 }
             }
         }
@@ -213,6 +220,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use half::bf16;
+
     use super::*;
     use crate::cpu::random;
 
@@ -221,29 +230,44 @@ mod tests {
     #[test]
     fn each_isa_matches_a_reference() {
         for isa in Isa::available() {
-            for &(m, n, k) in
-                &[(1, 1, 1), (1, 7, 17), (3, 33, 31), (4, 64, 16), (5, 70, 100), (13, 129, 8), (64, 40, 65), (150, 16, 37)]
-            {
-                let (x, w) = (random(m * k, 1), random(n * k, 2));
-                let init = random(m * n, 3);
-                for accumulate in [false, true] {
-                    let mut dst = init.clone();
-                    if !matmul_xwt(isa, &mut dst, &x, &w, (m, n, k), 0.5, accumulate, 2) {
-                        assert_eq!(isa, Isa::Portable, "{isa:?} has a kernel");
-                        assert_eq!(dst, init, "a refused call wrote");
-                        continue;
-                    }
-                    for i in 0..m {
-                        for j in 0..n {
-                            let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
-                            let want = 0.5 * dot + if accumulate { init[i * n + j] as f64 } else { 0.0 };
-                            let got = dst[i * n + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "{isa:?} {m}x{n}x{k} [{i},{j}]: {got} vs {want}"
-                            );
-                        }
-                    }
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (1, 7, 17),
+                (3, 33, 31),
+                (4, 64, 16),
+                (5, 70, 100),
+                (13, 129, 8),
+                (64, 40, 65),
+                (150, 16, 37),
+            ] {
+                let w = random(n * k, 2);
+                check(isa, (m, n, k), &w);
+                check(isa, (m, n, k), &w.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    /// One shape with weights of type `W`, overwriting and accumulating.
+    fn check<W: Weight>(isa: Isa, (m, n, k): (usize, usize, usize), w: &[W]) {
+        let x = random(m * k, 1);
+        let init = random(m * n, 3);
+        for accumulate in [false, true] {
+            let mut dst = init.clone();
+            if !matmul_xwt(isa, &mut dst, &x, w, (m, n, k), 0.5, accumulate, 2) {
+                assert_eq!(isa, Isa::Portable, "{isa:?} has a kernel");
+                assert_eq!(dst, init, "a refused call wrote");
+                continue;
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p].to_f32() as f64).sum();
+                    let want = 0.5 * dot + if accumulate { init[i * n + j] as f64 } else { 0.0 };
+                    let got = dst[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{isa:?} {} {m}x{n}x{k} [{i},{j}]: {got} vs {want}",
+                        std::any::type_name::<W>()
+                    );
                 }
             }
         }

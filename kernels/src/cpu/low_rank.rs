@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::isa::Isa;
+use super::weight::Weight;
 
 /// Depths `k` up to which this kernel runs instead of the `gemm` crate: every LoRA rank in use
 /// (PEFT's defaults are 8 and 16); beyond it the product is a GEMM like any other.
@@ -20,11 +21,11 @@ const ROWS_PER_TASK: usize = 16;
 /// Computes `dst[m×n] (+)= scale · x[m×k] · w[k×n]` with the kernel of `isa`; `false` (and
 /// `dst` untouched) when `isa` has none or the product is empty.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_xw(
+pub(crate) fn matmul_xw<W: Weight>(
     isa: Isa,
     dst: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     (m, n, k): (usize, usize, usize),
     scale: f32,
     accumulate: bool,
@@ -35,7 +36,7 @@ pub(crate) fn matmul_xw(
     if m == 0 || n == 0 || k == 0 {
         return false;
     }
-    let rows: RowsKernel = match isa {
+    let rows: RowsKernel<W> = match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY (both arms): the assert above: the CPU has the features the kernel is
         // compiled for.
@@ -55,11 +56,13 @@ pub(crate) fn matmul_xw(
 }
 
 /// `(dst, x, w, n, k, scale, accumulate)`: every row of `x` into `dst`.
-type RowsKernel = fn(&mut [f32], &[f32], &[f32], usize, usize, f32, bool);
+type RowsKernel<W> = fn(&mut [f32], &[f32], &[W], usize, usize, f32, bool);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    use super::Weight;
 
     /// All rows of `x` (`[_, k]`) into `dst` (`[_, n]`): blocks of `C` vectors of columns,
     /// outermost, so each block of `w` is read from memory once and then from L1 for every
@@ -67,7 +70,15 @@ mod x86 {
     macro_rules! rows {
         ($name:ident, $tile:ident, $feature:literal, $lanes:expr, $cols:expr) => {
             #[target_feature(enable = $feature)]
-            pub(super) fn $name(dst: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, scale: f32, accumulate: bool) {
+            pub(super) fn $name<W: Weight>(
+                dst: &mut [f32],
+                x: &[f32],
+                w: &[W],
+                n: usize,
+                k: usize,
+                scale: f32,
+                accumulate: bool,
+            ) {
                 const C: usize = $cols;
                 let m = x.len() / k;
                 assert!(dst.len() >= m * n && w.len() >= k * n);
@@ -81,9 +92,9 @@ mod x86 {
                             let (d, xr) = (dst.as_mut_ptr().add(i * n + c0), x.as_ptr().add(i * k));
                             let wc = w.as_ptr().add(c0);
                             if rows == 4 {
-                                $tile::<4>(d, xr, wc, n, k, n - c0, scale, accumulate)
+                                $tile::<W, 4>(d, xr, wc, n, k, n - c0, scale, accumulate)
                             } else {
-                                $tile::<1>(d, xr, wc, n, k, n - c0, scale, accumulate)
+                                $tile::<W, 1>(d, xr, wc, n, k, n - c0, scale, accumulate)
                             }
                         }
                         i += rows;
@@ -93,22 +104,22 @@ mod x86 {
         };
     }
 
-    rows!(rows_avx512, tile_avx512, "avx512f", 16, 4);
+    rows!(rows_avx512, tile_avx512, "avx512f,avx512bw,avx512vl", 16, 4);
     rows!(rows_avx2, tile_avx2, "avx2,fma", 8, 2);
 
     /// `R` rows of `dst` (stride `n`), 4 vectors of 16 columns from `d`, of which the first
     /// `left` exist: `Σ_j x[r, j] · w[j, ·]` over the `k` weight rows (stride `n`).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; `R` rows of `k` elements at `x`, `k` rows of `left` elements at
-    /// `w` and `R` rows of `left` elements at `d` are in bounds.
+    /// The CPU has AVX-512 F, BW and VL; `R` rows of `k` elements at `x`, `k` rows of `left`
+    /// elements at `w` and `R` rows of `left` elements at `d` are in bounds.
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_avx512<const R: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn tile_avx512<W: Weight, const R: usize>(
         d: *mut f32,
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         n: usize,
         k: usize,
         left: usize,
@@ -124,7 +135,7 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         for j in 0..k {
             // SAFETY (the loads): row j < k of `w`, lanes below `left` only.
-            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_maskz_loadu_ps(mask[c], w.add(j * n + 16 * c)) });
+            let wv: [__m512; C] = std::array::from_fn(|c| unsafe { W::load16(w.add(j * n + 16 * c), mask[c]) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xv = _mm512_set1_ps(unsafe { *x.add(r * k + j) });
                 for c in 0..C {
@@ -153,10 +164,10 @@ mod x86 {
     #[inline]
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_avx2<const R: usize>(
+    unsafe fn tile_avx2<W: Weight, const R: usize>(
         d: *mut f32,
         x: *const f32,
-        w: *const f32,
+        w: *const W,
         n: usize,
         k: usize,
         left: usize,
@@ -172,7 +183,7 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         for j in 0..k {
             // SAFETY (the loads): row j < k of `w`, lanes below `left` only.
-            let wv: [__m256; C] = std::array::from_fn(|c| unsafe { _mm256_maskload_ps(w.add(j * n + 8 * c), mask[c]) });
+            let wv: [__m256; C] = std::array::from_fn(|c| unsafe { W::load8_masked(w.add(j * n + 8 * c), mask[c]) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xv = _mm256_set1_ps(unsafe { *x.add(r * k + j) });
                 for c in 0..C {
@@ -197,6 +208,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use half::bf16;
+
     use super::*;
     use crate::cpu::random;
 
@@ -206,27 +219,37 @@ mod tests {
     #[test]
     fn each_isa_matches_a_reference() {
         for isa in Isa::available() {
-            for &(m, n, k) in &[(1, 1, 1), (1, 7, 16), (3, 33, 5), (4, 64, 16), (5, 70, 8), (37, 129, 16), (70, 896, 64)] {
-                let (x, w) = (random(m * k, 1), random(k * n, 2));
-                let init = random(m * n, 3);
-                for accumulate in [false, true] {
-                    let mut dst = init.clone();
-                    if !matmul_xw(isa, &mut dst, &x, &w, (m, n, k), 0.5, accumulate, 2) {
-                        assert_eq!(isa, Isa::Portable, "{isa:?} has a kernel");
-                        assert_eq!(dst, init, "a refused call wrote");
-                        continue;
-                    }
-                    for i in 0..m {
-                        for j in 0..n {
-                            let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[p * n + j] as f64).sum();
-                            let want = 0.5 * dot + if accumulate { init[i * n + j] as f64 } else { 0.0 };
-                            let got = dst[i * n + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "{isa:?} {m}x{n}x{k} [{i},{j}]: {got} vs {want}"
-                            );
-                        }
-                    }
+            for &(m, n, k) in
+                &[(1, 1, 1), (1, 7, 16), (3, 33, 5), (4, 64, 16), (5, 70, 8), (37, 129, 16), (70, 896, 64)]
+            {
+                let w = random(n * k, 2);
+                check(isa, (m, n, k), &w);
+                check(isa, (m, n, k), &w.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    /// One shape with weights of type `W`, overwriting and accumulating.
+    fn check<W: Weight>(isa: Isa, (m, n, k): (usize, usize, usize), w: &[W]) {
+        let x = random(m * k, 1);
+        let init = random(m * n, 3);
+        for accumulate in [false, true] {
+            let mut dst = init.clone();
+            if !matmul_xw(isa, &mut dst, &x, w, (m, n, k), 0.5, accumulate, 2) {
+                assert_eq!(isa, Isa::Portable, "{isa:?} has a kernel");
+                assert_eq!(dst, init, "a refused call wrote");
+                continue;
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[p * n + j].to_f32() as f64).sum();
+                    let want = 0.5 * dot + if accumulate { init[i * n + j] as f64 } else { 0.0 };
+                    let got = dst[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{isa:?} {} {m}x{n}x{k} [{i},{j}]: {got} vs {want}",
+                        std::any::type_name::<W>()
+                    );
                 }
             }
         }

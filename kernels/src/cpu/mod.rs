@@ -10,10 +10,14 @@ mod amx;
 mod few_rows;
 mod isa;
 mod low_rank;
+mod weight;
 
 pub use isa::Isa;
 pub use isa::kernel_isa;
 pub(crate) use isa::multiversion;
+use weight::Weight;
+
+use std::borrow::Cow;
 
 use gemm::Parallelism;
 
@@ -157,6 +161,41 @@ pub fn multiplies_bf16_weights(widths: &[usize]) -> bool {
         let _ = widths;
         false
     }
+}
+
+/// Rows of a LoRA block above which [`lora_delta`] widens bf16 weights to f32 first.
+const WIDEN_ABOVE_ROWS: usize = 8;
+
+/// `y[m×out] += scale · (x·Aᵀ)·Bᵀ` for one adapter's dense block of rows `x` (`[m, in]`), `a`
+/// (`[r, in]`) and `bt` (`[r, out]`) in f32 or bf16, read as they lie: the LoRA delta on our
+/// kernels, which stream each weight row once however few rows the block has. `false` (and `y`
+/// untouched) where this CPU has none; the caller then runs [`Gemm`]s.
+pub(crate) fn lora_delta<W: Weight>(
+    y: &mut [f32],
+    x: &[f32],
+    a: &[W],
+    bt: &[W],
+    r: usize,
+    scale: f32,
+    threads: usize,
+) -> bool {
+    let isa = kernel_isa();
+    if isa < Isa::Avx2 || r == 0 {
+        return false;
+    }
+    let (in_f, out_f) = (a.len() / r, bt.len() / r);
+    let m = x.len() / in_f.max(1);
+    // Over many rows the product is bound by arithmetic, not by reading the weights, and
+    // widening each bf16 weight vector at every use would cost more than widening them all once.
+    if m > WIDEN_ABOVE_ROWS
+        && let (Cow::Owned(a), Cow::Owned(bt)) = (W::widen(a), W::widen(bt))
+    {
+        return lora_delta(y, x, &a, &bt, r, scale, threads);
+    }
+    let mut h = vec![0.0; m * r];
+    // Both kernels run on every ISA from AVX2 up, so neither refuses here.
+    few_rows::matmul_xwt(isa, &mut h, x, a, (m, r, in_f), 1.0, false, threads)
+        && low_rank::matmul_xw(isa, y, &h, bt, (m, out_f, r), scale, true, threads)
 }
 
 /// Threads a large CPU kernel may use.

@@ -14,7 +14,9 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::cpu::{Gemm, threads};
+use half::bf16;
+
+use crate::cpu::{self, Gemm, threads};
 use crate::error::{Result, arg_err, shape_err};
 use crate::ops::Segments;
 use crate::tensor::same_device;
@@ -50,15 +52,15 @@ impl LoraBank {
         let Some((a0, bt0, _)) = modules.first() else {
             return arg_err(OP, "no adapters");
         };
-        let (in_f, out_f, dtype) = (a0.dims2(OP)?.1, bt0.dims2(OP)?.1, a0.dtype());
+        let (in_f, out_f) = (a0.dims2(OP)?.1, bt0.dims2(OP)?.1);
         let mut ranks = Vec::with_capacity(modules.len());
         for (i, (a, bt, _)) in modules.iter().enumerate() {
             let (r, ai) = a.dims2(OP)?;
-            if ai != in_f || bt.shape() != [r, out_f] || a.dtype() != dtype || bt.dtype() != dtype {
+            if ai != in_f || bt.shape() != [r, out_f] || a.dtype() != bt.dtype() {
                 return shape_err(
                     OP,
                     format!(
-                        "adapter {i}: A {:?} and Bᵀ {:?} ({} and {}) do not fit [r, {in_f}] and [r, {out_f}] ({dtype})",
+                        "adapter {i}: A {:?} and Bᵀ {:?} ({} and {}) do not fit [r, {in_f}] and [r, {out_f}] of one dtype",
                         a.shape(),
                         bt.shape(),
                         a.dtype(),
@@ -68,6 +70,9 @@ impl LoraBank {
             }
             ranks.push(r);
         }
+        // Adapters may differ in dtype (bf16 ones served beside a job's f32 weights in training);
+        // gradients and a GPU bank's packing are then f32.
+        let dtype = if modules.iter().all(|m| m.0.dtype() == a0.dtype()) { a0.dtype() } else { DType::F32 };
         let scales = modules.iter().map(|m| m.2).collect();
         let offsets = ranks.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
         let weights = match device {
@@ -128,17 +133,41 @@ impl LoraBank {
         }
     }
 
-    /// Each adapter's `A` and `Bᵀ` as f32 host slices (borrowed from f32 tensors).
+    /// Each adapter's `A` and `Bᵀ` on the host, read in place where they are f32 or bf16.
     fn host(&self, op: &'static str) -> Result<Vec<HostModule<'_>>> {
         match &self.weights {
-            BankWeights::Each(w) => w.iter().map(|(a, b)| Ok((a.cpu_f32()?, b.cpu_f32()?))).collect(),
+            BankWeights::Each(w) => w
+                .iter()
+                .map(|(a, b)| match (a.cpu_bf16(), b.cpu_bf16()) {
+                    (Some(a), Some(b)) => Ok(HostModule::Bf16(a, b)),
+                    _ => Ok(HostModule::F32(a.cpu_f32()?, b.cpu_f32()?)),
+                })
+                .collect(),
             BankWeights::Packed { .. } => arg_err(op, "the bank is on a GPU"),
         }
     }
 }
 
-/// One adapter's `A` and `Bᵀ` as f32 on the host.
-type HostModule<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+/// One adapter's `A` and `Bᵀ` on the host.
+enum HostModule<'a> {
+    F32(Cow<'a, [f32]>, Cow<'a, [f32]>),
+    /// Served adapters where the base weights are bf16: the deltas of decoding stream each
+    /// adapter's weights once per step, and bf16 halves those bytes.
+    Bf16(&'a [bf16], &'a [bf16]),
+}
+
+impl HostModule<'_> {
+    /// `A` and `Bᵀ` in f32 (the backward computes in f32).
+    fn widened(&self) -> (Cow<'_, [f32]>, Cow<'_, [f32]>) {
+        match self {
+            HostModule::F32(a, bt) => (Cow::Borrowed(&**a), Cow::Borrowed(&**bt)),
+            HostModule::Bf16(a, bt) => {
+                let widen = |w: &[bf16]| Cow::Owned(w.iter().map(|v| v.to_f32()).collect());
+                (widen(a), widen(bt))
+            }
+        }
+    }
+}
 
 /// Every `A` and every `Bᵀ` stacked, as f32 on the host.
 fn pack(modules: &[(Tensor, Tensor, f32)], ranks: &[usize], in_f: usize, out_f: usize) -> Result<(Tensor, Tensor)> {
@@ -210,24 +239,12 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
             // Rows of one adapter are gathered into a dense block so the delta is two GEMMs per
             // adapter rather than two matrix-vector products per row.
             let gemm_threads = threads_per_group(&groups);
-            let deltas: Vec<Vec<f32>> = groups
-                .par_iter()
-                .enumerate()
-                .map(|(i, rows)| {
-                    let mut d = vec![0.0; rows.len() * out_f];
-                    if !rows.is_empty() {
-                        let gathered = gather(&xs, rows, in_f);
-                        lora_forward_rows(&mut d, &gathered, &w, bank, i, gemm_threads);
-                    }
-                    d
-                })
-                .collect();
             y.cpu_update(|ys| {
-                for (rows, d) in groups.iter().zip(&deltas) {
-                    for (j, &t) in rows.iter().enumerate() {
-                        ys[t * out_f..(t + 1) * out_f].iter_mut().zip(&d[j * out_f..]).for_each(|(y, d)| *y += d);
-                    }
-                }
+                par_groups(ys, out_f, &groups, vec![(); groups.len()], |i, rows, mine, ()| {
+                    let mut d = vec![0.0; rows.len() * out_f];
+                    lora_forward_rows(&mut d, &gather(&xs, rows, in_f), &w, bank, i, gemm_threads);
+                    add_rows(mine, &d);
+                })
             })
         }
         Device::Cuda(_) => cuda::bgmv(y, x, bank, adapter, n, in_f, out_f),
@@ -306,7 +323,8 @@ fn lora_backward(
                     }
                     let xg = gather(&xs, rows, in_f);
                     let dyg = gather(&dys, rows, out_f);
-                    let (a_i, bt_i) = (&*w[i].0, &*w[i].1);
+                    let (a_i, bt_i) = w[i].widened();
+                    let (a_i, bt_i) = (&*a_i, &*bt_i);
                     // h = x·A_iᵀ ; dB_iᵀ = s·hᵀ·dy ; dh = s·dy·B_i ; dA_i = dhᵀ·x ; dx += dh·A_i.
                     let (mut h, mut dh) = (vec![0.0; m * r], vec![0.0; m * r]);
                     Gemm::new(m, r, in_f, false, true).run(&mut h, &xg, a_i, 1.0, false, t);
@@ -325,32 +343,21 @@ fn lora_backward(
                     }
                 })?;
             } else {
-                // Scattered rows: adapters in parallel, one thread each, each returning its dx
-                // rows to be added afterwards.
+                // Scattered rows: adapters in parallel, one thread each, each adding its dx
+                // rows into its own rows of dx.
                 let gemm_threads = threads_per_group(&groups);
-                let dx_rows: Vec<Vec<f32>> = groups
-                    .par_iter()
-                    .zip(da_blocks)
-                    .zip(dbt_blocks)
-                    .enumerate()
-                    .map(|(i, ((rows, da_i), dbt_i))| {
+                let blocks = da_blocks.into_iter().zip(dbt_blocks).collect();
+                dx.cpu_update(|dxs| {
+                    par_groups(dxs, in_f, &groups, blocks, |i, rows, mine, (da_i, dbt_i)| {
                         let mut dx_i = vec![0.0; rows.len() * in_f];
                         per_adapter(i, rows, da_i, dbt_i, &mut dx_i, gemm_threads);
-                        dx_i
+                        add_rows(mine, &dx_i);
                     })
-                    .collect();
-                dx.cpu_update(|dxs| {
-                    for (rows, dx_i) in groups.iter().zip(&dx_rows) {
-                        for (j, &t) in rows.iter().enumerate() {
-                            let dst = &mut dxs[t * in_f..(t + 1) * in_f];
-                            dst.iter_mut().zip(&dx_i[j * in_f..(j + 1) * in_f]).for_each(|(d, v)| *d += v);
-                        }
-                    }
                 })?;
             }
             Ok((
-                Tensor::cpu_from_f32(da, vec![r_total, in_f], bank.dtype()),
-                Tensor::cpu_from_f32(dbt, vec![r_total, out_f], bank.dtype()),
+                Tensor::cpu_from_f32(da, vec![r_total, in_f], DType::F32),
+                Tensor::cpu_from_f32(dbt, vec![r_total, out_f], DType::F32),
             ))
         }
         Device::Cuda(_) => {
@@ -362,19 +369,50 @@ fn lora_backward(
 }
 
 /// `y += s_i · (x·A_iᵀ)·B_iᵀ` for a dense block of rows `x` (the shrink then expand of Punica),
-/// `w` the bank's host weights. On x86 both products run our kernels for these shapes
-/// (`cpu/few_rows.rs`, `cpu/low_rank.rs`), which stream each weight row once however few rows
-/// the block has.
+/// `w` the bank's host weights.
 fn lora_forward_rows(y: &mut [f32], x: &[f32], w: &[HostModule], bank: &LoraBank, i: usize, threads: usize) {
-    let (r, in_f, out_f, scale) = (bank.rank(i), bank.in_features(), bank.out_features(), bank.scale(i));
+    let (r, in_f, scale) = (bank.rank(i), bank.in_features(), bank.scale(i));
     let m = x.len() / in_f.max(1);
     if r == 0 || m == 0 {
         return;
     }
-    let (a_i, bt_i) = (&*w[i].0, &*w[i].1);
-    let mut h = vec![0.0; m * r];
-    Gemm::new(m, r, in_f, false, true).run(&mut h, x, a_i, 1.0, false, threads);
-    Gemm::new(m, out_f, r, false, false).run(y, &h, bt_i, scale, true, threads);
+    let done = match &w[i] {
+        HostModule::F32(a, bt) => cpu::lora_delta(y, x, a, bt, r, scale, threads),
+        HostModule::Bf16(a, bt) => cpu::lora_delta(y, x, a, bt, r, scale, threads),
+    };
+    if !done {
+        let (a_i, bt_i) = w[i].widened();
+        let mut h = vec![0.0; m * r];
+        Gemm::new(m, r, in_f, false, true).run(&mut h, x, &a_i, 1.0, false, threads);
+        Gemm::new(m, bank.out_features(), r, false, false).run(y, &h, &bt_i, scale, true, threads);
+    }
+}
+
+/// Runs `f(i, rows, mine, extra_i)` for every adapter `i` that has rows, in parallel: `mine`
+/// are its rows of `ys` (`[_, width]`; a row belongs to one adapter, so each gets its own).
+fn par_groups<T: Send>(
+    ys: &mut [f32],
+    width: usize,
+    groups: &[Vec<usize>],
+    extra: Vec<T>,
+    f: impl Fn(usize, &[usize], &mut [&mut [f32]], T) + Sync,
+) {
+    let mut y_rows: Vec<Option<&mut [f32]>> = ys.chunks_mut(width).map(Some).collect();
+    let mine: Vec<Vec<&mut [f32]>> =
+        groups.iter().map(|g| g.iter().filter_map(|&t| y_rows[t].take()).collect()).collect();
+    mine.into_par_iter().zip(extra).zip(groups).enumerate().for_each(|(i, ((mut mine, extra), rows))| {
+        if !rows.is_empty() {
+            f(i, rows, &mut mine, extra);
+        }
+    });
+}
+
+/// Adds the rows of `d` (dense, as many as `rows`) into `rows`.
+fn add_rows(rows: &mut [&mut [f32]], d: &[f32]) {
+    let width = d.len() / rows.len().max(1);
+    for (row, d_row) in rows.iter_mut().zip(d.chunks_exact(width)) {
+        row.iter_mut().zip(d_row).for_each(|(y, d)| *y += d);
+    }
 }
 
 /// Splits a bank-shaped buffer (`[R, width]`) into each adapter's row block.

@@ -6,6 +6,7 @@ use tandem_kernels::{DType, Device, Tensor};
 use crate::common::{Rng, assert_close, assert_tensors_close};
 
 /// One adapter's weights as plain vectors: `A` `[rank, in]`, `B` `[out, rank]`.
+#[derive(Clone)]
 pub struct RawAdapter {
     a: Vec<f32>,
     b: Vec<f32>,
@@ -87,6 +88,58 @@ fn sgmv_and_bgmv_match_a_per_token_loop_with_mixed_ranks() {
             ops::bgmv(&mut y, &xt, &bank, &long).unwrap();
         }
         assert_close(what, &y.to_vec_f32().unwrap(), &want, 1e-4, 1e-4);
+    }
+}
+
+/// Adapters held in bf16 (served beside the base's bf16 weights) and in f32 (a job's weights in
+/// training) share a bank: each delta is its weights' f32 values, on the few-rows and the long
+/// path, and the backward widens the bf16 ones.
+#[test]
+fn a_bank_of_bf16_and_f32_adapters_gives_each_its_own_values() {
+    let mut rng = Rng::new(21);
+    let (in_f, out_f, n) = (40, 70, 48);
+    let (raw, _) = random_adapters(&mut rng, &[16, 8, 4], in_f, out_f);
+    // Adapters 0 and 2 in bf16: the reference bank holds their rounded values in f32.
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+    let rounded: Vec<RawAdapter> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, r)| if i == 1 { r.clone() } else { RawAdapter { a: round(&r.a), b: round(&r.b), ..r.clone() } })
+        .collect();
+    let as_tensors = |adapters: &[RawAdapter], bf16: bool| -> Vec<(Tensor, Tensor, f32)> {
+        adapters
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let a = Tensor::from_vec(r.a.clone(), [r.rank, in_f]).unwrap();
+                let bt: Vec<f32> = (0..r.rank).flat_map(|j| (0..out_f).map(move |o| r.b[o * r.rank + j])).collect();
+                let bt = Tensor::from_vec(bt, [r.rank, out_f]).unwrap();
+                let dtype = if bf16 && i != 1 { DType::BF16 } else { DType::F32 };
+                (a.into_dtype(dtype).unwrap(), bt.into_dtype(dtype).unwrap(), r.scale)
+            })
+            .collect()
+    };
+    let mixed = LoraBank::new(as_tensors(&rounded, true), Device::Cpu).unwrap();
+    let reference = LoraBank::new(as_tensors(&rounded, false), Device::Cpu).unwrap();
+    let x = rng.vec(n * in_f, 1.0);
+    let xt = Tensor::from_vec(x.clone(), [n, in_f]).unwrap();
+    let scattered: Vec<i32> = (0..n).map(|_| rng.below(4) as i32 - 1).collect();
+    let long: Vec<i32> = (0..n).map(|t| if t < 40 { 0 } else { 2 }).collect();
+    // Few rows per adapter (decoding): bf16 weights read as they lie, not widened first.
+    let few: Vec<i32> = (0..n).map(|t| if t < 12 { [0, 2, 1, -1][t % 4] } else { -1 }).collect();
+    for rows in [&scattered, &long, &few] {
+        let want = lora_per_token(&x, &rounded, rows, in_f, out_f);
+        let mut y = Tensor::zeros([n, out_f], DType::F32, Device::Cpu).unwrap();
+        ops::bgmv(&mut y, &xt, &mixed, rows).unwrap();
+        assert_close("bgmv, mixed bank", &y.to_vec_f32().unwrap(), &want, 1e-4, 1e-4);
+
+        let dy = Tensor::from_vec(rng.vec(n * out_f, 1.0), [n, out_f]).unwrap();
+        let got = ops::bgmv_backward(&xt, &mixed, rows, &dy).unwrap();
+        let want = ops::bgmv_backward(&xt, &reference, rows, &dy).unwrap();
+        for (what, g, w) in [("dx", &got.dx, &want.dx), ("dA", &got.da, &want.da), ("dBt", &got.dbt, &want.dbt)] {
+            assert_eq!(g.dtype(), DType::F32, "{what}");
+            assert_close(what, &g.to_vec_f32().unwrap(), &w.to_vec_f32().unwrap(), 1e-5, 1e-5);
+        }
     }
 }
 

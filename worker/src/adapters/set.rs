@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use tandem_kernels::ops::{self, LoraBank};
-use tandem_kernels::{Device, Tensor};
+use tandem_kernels::{DType, Device, Tensor};
 
 use super::esft::{EsftAdapter, ExpertWeights};
 use super::module::{ModuleKey, Proj};
@@ -40,6 +40,21 @@ impl Adapter {
                 a.experts.iter().flat_map(|(&(l, _), w)| [(l, &w.gate), (l, &w.up), (l, &w.down)]).collect()
             }
         }
+    }
+
+    /// This adapter with its LoRA weights in `dtype` (ESFT's experts, multiplied as the base's
+    /// experts are, stay as they are).
+    pub fn with_lora_dtype(self, dtype: DType) -> Result<Adapter> {
+        Ok(match self {
+            Adapter::Lora(mut a) => {
+                for m in a.modules.values_mut() {
+                    m.a = m.a.clone().into_dtype(dtype)?;
+                    m.bt = m.bt.clone().into_dtype(dtype)?;
+                }
+                Adapter::Lora(a)
+            }
+            esft => esft,
+        })
     }
 
     /// This adapter with its weights replaced, in [`Adapter::weights`] order, by `weights`

@@ -204,7 +204,7 @@ impl Engine {
             if registry.resolve(&name).is_ok() {
                 return Err(Error::InvalidRequest(format!("adapter {name:?} given twice")));
             }
-            registry.publish(&name, adapter, Origin::Upload { dir: None })?;
+            registry.publish(&name, model.serving_adapter(adapter)?, Origin::Upload { dir: None })?;
         }
         let cache = KvCache::new(&model, cfg.pages, cfg.block_size, DType::F32)?;
         let mut eos = model.config.eos_token_ids.clone();

@@ -217,7 +217,8 @@ fn pages_for(adapter: &Adapter, layers: usize, block: usize, width: usize) -> us
     let mut per_layer = vec![0usize; layers];
     for (layer, t) in adapter.weights() {
         if let Some(n) = per_layer.get_mut(layer) {
-            *n += t.elem_count();
+            // In KV elements (f32): a bf16 adapter takes half the room.
+            *n += (t.elem_count() * t.dtype().size_in_bytes()).div_ceil(4);
         }
     }
     per_layer.iter().map(|n| n.div_ceil(width).div_ceil(2 * block)).max().unwrap_or(0)

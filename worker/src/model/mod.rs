@@ -22,6 +22,7 @@ pub use pass::{LossRows, Pass, Trained};
 pub use tensor_parallel::{MoeSplit, Shard, TensorParallel};
 pub use weights::Weights;
 
+use crate::adapters::Adapter;
 use crate::error::Result;
 use crate::safetensors_file::TensorSource;
 
@@ -51,6 +52,15 @@ impl Model {
         let weights = weights::load_weights(&config, &src, dtype, device)?;
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling)?;
         Ok(Model { config, weights, rope, device, tp: None })
+    }
+
+    /// `adapter` as this model serves it: its LoRA weights in bf16 where the base weights are
+    /// bf16 on the CPU, f32 elsewhere. Decoding's deltas stream every adapter in the batch once
+    /// per step, so with a bf16 base, f32 adapters would read as many bytes as the base itself.
+    /// For served adapters only: a job in training keeps (and publishes) f32 weights.
+    pub fn serving_adapter(&self, adapter: Adapter) -> Result<Adapter> {
+        let bf16 = self.device == Device::Cpu && self.weights.embed.dtype() == DType::BF16;
+        adapter.with_lora_dtype(if bf16 { DType::BF16 } else { DType::F32 })
     }
 }
 

@@ -218,10 +218,10 @@ fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error>
     Ok(())
 }
 
-/// The adapter in `dir`, for `model`: on a tensor-parallel shard, read against the whole
-/// model and cut for the shard.
+/// The adapter in `dir`, as `model` serves it: on a tensor-parallel shard, read against the
+/// whole model and cut for the shard.
 pub(crate) fn read_adapter(model: &Model, dir: &Path) -> Result<Adapter, Error> {
-    model.shard_adapter(&Adapter::load_dir(dir, model.whole_config())?)
+    model.serving_adapter(model.shard_adapter(&Adapter::load_dir(dir, model.whole_config())?)?)
 }
 
 /// Where a job's files go, how often it checkpoints, and what it is validated on.
