@@ -257,7 +257,9 @@ fn serve(
     let adapters: Vec<(String, Adapter)> = adapter_dirs[..n_adapters]
         .iter()
         .enumerate()
-        .map(|(i, d)| Ok((i.to_string(), model.serving_adapter(Adapter::Lora(LoraAdapter::load(d, &model.config)?))?)))
+        .map(|(i, d)| {
+            Ok((i.to_string(), Adapter::Lora(LoraAdapter::load_as(d, &model.config, model.serving_lora_dtype())?)))
+        })
         .collect::<Result<_>>()?;
     let c = &model.config;
     let block_size = 16;

@@ -23,6 +23,6 @@ impl Checks for RuntimeChecks {
 
     fn adapter(&self, dir: &Path, model_uri: &str) -> Result<(), Invalid> {
         let cfg = ModelConfig::load(Path::new(model_uri)).map_err(|e| Invalid(format!("the base model: {e}")))?;
-        Adapter::load_dir(dir, &cfg).map(drop).map_err(|e| Invalid(e.to_string()))
+        Adapter::load_dir(dir, &cfg, tandem_kernels::DType::F32).map(drop).map_err(|e| Invalid(e.to_string()))
     }
 }

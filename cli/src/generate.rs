@@ -136,7 +136,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 /// `NAME=DIR`: a PEFT LoRA adapter (adapter_config.json) or an ESFT adapter (esft_config.json).
 pub fn load_adapter(spec: &str, config: &ModelConfig) -> Result<(String, Adapter)> {
     let Some((name, dir)) = spec.split_once('=') else { bail!("--adapter {spec:?}: expected NAME=DIR") };
-    Ok((name.to_string(), Adapter::load_dir(Path::new(dir), config)?))
+    Ok((name.to_string(), Adapter::load_dir(Path::new(dir), config, tandem_kernels::DType::F32)?))
 }
 
 fn encode(tokenizer: Option<&TextTokenizer>, text: &str) -> Result<Vec<u32>> {

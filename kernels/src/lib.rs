@@ -7,15 +7,17 @@
 //!   checked once there, then the CPU kernel or the CUDA one runs.
 //! - `cpu/`: the GEMM wrapper over the `gemm` crate that the CPU kernels share and which
 //!   instruction set it runs with here ([`gemm_instruction_set`]); the vector instructions our
-//!   own kernels run with, found at run time ([`kernel_isa`], `isa.rs`); the matmul of a few
-//!   rows (`few_rows.rs`); products with bf16 weights on Intel AMX tiles (`amx.rs`).
+//!   own kernels run with, found at run time ([`kernel_isa`], `isa.rs`); the matmuls of
+//!   decoding and of LoRA deltas, `x · Wᵀ` where either has few rows (`few_rows.rs`) and `x · W`
+//!   where `W` has few rows (`low_rank.rs`), reading f32 or bf16 weights (`weight.rs`);
+//!   products with bf16 weights on Intel AMX tiles (`amx.rs`).
 //! - `cuda/`: the CUDA backend (feature `cuda`): cudarc with the libraries loaded at run time,
 //!   `.cu` kernels compiled by NVRTC, cuBLAS GEMMs. Without the feature the same names exist
 //!   and answer [`Error::CudaUnavailable`], so callers need no `cfg`.
 //!
 //! bf16 and f16 tensors keep their width in memory; the CPU computes in f32, except that a bf16
 //! weight is multiplied on the AMX tiles where the CPU has them (inputs rounded to bf16, sums in
-//! f32).
+//! f32). bf16 LoRA weights are widened to f32 as the kernels load them.
 
 mod cpu;
 pub mod cuda;

@@ -94,7 +94,7 @@ fn run_job(
     while let Some(event) = tuned.blocking_recv() {
         event.unwrap(); // the job's adapter, sent to the followers as weights, serves
     }
-    let adapter = Adapter::load_dir(&adapter, engine.model().whole_config()).unwrap();
+    let adapter = Adapter::load_dir(&adapter, engine.model().whole_config(), tandem_kernels::DType::F32).unwrap();
     Outcome { losses, checkpoint: checkpoint.unwrap(), adapter, validation_loss, answer }
 }
 

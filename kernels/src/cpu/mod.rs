@@ -1,9 +1,9 @@
 //! Shared pieces of the CPU backend: a safe wrapper over the `gemm` crate, used by every op that
 //! multiplies matrices (matmul, multi-LoRA, grouped experts), and the reductions our own kernels
-//! share. `isa.rs` picks the vector instructions our kernels use; `few_rows.rs` (`x · Wᵀ`, either of
-//! them few rows) and `low_rank.rs` (`x · W`, `W` few rows) are the matmuls of decoding and of
-//! LoRA deltas, where the `gemm` crate is slow; `amx.rs` multiplies bf16 weights on
-//! the AMX tiles.
+//! share. `isa.rs` picks the vector instructions our kernels use; `few_rows.rs` (`x · Wᵀ`, either
+//! of them few rows) and `low_rank.rs` (`x · W`, `W` few rows) are the matmuls of decoding and
+//! of LoRA deltas, where the `gemm` crate is slow, with f32 or bf16 weights (`weight.rs`);
+//! `amx.rs` multiplies bf16 weights on the AMX tiles.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;

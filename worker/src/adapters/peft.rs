@@ -210,6 +210,13 @@ impl LoraAdapter {
     /// the config targets has its A and B, of the rank the config gives and the base's shapes,
     /// and there is no tensor the config does not account for.
     pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
+        Self::load_as(dir, cfg, DType::F32)
+    }
+
+    /// [`LoraAdapter::load`] with the modules' weights in `dtype`, each converted as it is read
+    /// (converting a whole adapter after it is read would leave its f32 copy's room behind in
+    /// the heap, adapter after adapter).
+    pub fn load_as(dir: &Path, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
         let config_path = dir.join("adapter_config.json");
         let raw: Value = read_json(&config_path)?;
         let peft = PeftConfig::parse(&raw).map_err(|e| match e {
@@ -245,7 +252,8 @@ impl LoraAdapter {
             };
             let (a, b) = (read(&a_name, [r, inp])?, read(&b_name, [out, r])?);
             used += 2;
-            modules.insert(key, LoraModule { a, bt: ops::transpose(&b)?, scale });
+            let (a, bt) = (a.into_dtype(dtype)?, ops::transpose(&b)?.into_dtype(dtype)?);
+            modules.insert(key, LoraModule { a, bt, scale });
         }
         used += load_target_parameters(&peft, &file, cfg, &mut modules)?;
         if used != file.names().len() {

@@ -22,12 +22,13 @@ pub enum Adapter {
 
 impl Adapter {
     /// The adapter in folder `dir`: ESFT when it holds `esft_config.json`, else PEFT LoRA
-    /// (`adapter_config.json`), checked against the base model's `cfg`.
-    pub fn load_dir(dir: &std::path::Path, cfg: &crate::model::ModelConfig) -> Result<Adapter> {
+    /// (`adapter_config.json`, its weights in `lora_dtype`), checked against the base model's
+    /// `cfg`.
+    pub fn load_dir(dir: &std::path::Path, cfg: &crate::model::ModelConfig, lora_dtype: DType) -> Result<Adapter> {
         Ok(if dir.join("esft_config.json").exists() {
             Adapter::Esft(EsftAdapter::load(dir, cfg)?)
         } else {
-            Adapter::Lora(LoraAdapter::load(dir, cfg)?)
+            Adapter::Lora(LoraAdapter::load_as(dir, cfg, lora_dtype)?)
         })
     }
 

@@ -59,8 +59,13 @@ impl Model {
     /// per step, so with a bf16 base, f32 adapters would read as many bytes as the base itself.
     /// For served adapters only: a job in training keeps (and publishes) f32 weights.
     pub fn serving_adapter(&self, adapter: Adapter) -> Result<Adapter> {
+        adapter.with_lora_dtype(self.serving_lora_dtype())
+    }
+
+    /// The dtype of served LoRA weights ([`Model::serving_adapter`]).
+    pub fn serving_lora_dtype(&self) -> DType {
         let bf16 = self.device == Device::Cpu && self.weights.embed.dtype() == DType::BF16;
-        adapter.with_lora_dtype(if bf16 { DType::BF16 } else { DType::F32 })
+        if bf16 { DType::BF16 } else { DType::F32 }
     }
 }
 

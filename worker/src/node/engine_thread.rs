@@ -221,7 +221,8 @@ fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error>
 /// The adapter in `dir`, as `model` serves it: on a tensor-parallel shard, read against the
 /// whole model and cut for the shard.
 pub(crate) fn read_adapter(model: &Model, dir: &Path) -> Result<Adapter, Error> {
-    model.serving_adapter(model.shard_adapter(&Adapter::load_dir(dir, model.whole_config())?)?)
+    let adapter = Adapter::load_dir(dir, model.whole_config(), model.serving_lora_dtype())?;
+    model.serving_adapter(model.shard_adapter(&adapter)?)
 }
 
 /// Where a job's files go, how often it checkpoints, and what it is validated on.
