@@ -235,8 +235,7 @@ fn kernels(
     let x = tensor(&[tokens, d], 3, device)?;
     let modules = (0..adapters as u64)
         .map(|i| Ok((tensor(&[rank, d], 4 + 2 * i, Device::Cpu)?, tensor(&[rank, d], 5 + 2 * i, Device::Cpu)?, 2.0)))
-        .collect::<Result<_>>()?;
-    let modules: Vec<(Tensor, Tensor, f32)> = modules;
+        .collect::<Result<Vec<_>>>()?;
     let bank = LoraBank::new(modules.clone(), device)?;
     // Served adapters are bf16 where the base weights are (`Model::serving_adapter`).
     let bf16 = |t: &Tensor| t.clone().into_dtype(DType::BF16);

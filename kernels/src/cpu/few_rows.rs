@@ -223,7 +223,7 @@ mod tests {
     use half::bf16;
 
     use super::*;
-    use crate::cpu::random;
+    use crate::cpu::{check_product, random};
 
     /// Every kernel this CPU runs against an f64 reference, over shapes with partial tiles, odd
     /// `k` (the tails), a single row, more weight rows than one block, and accumulation.
@@ -247,29 +247,9 @@ mod tests {
         }
     }
 
-    /// One shape with weights of type `W`, overwriting and accumulating.
+    /// One shape with weights of type `W`.
     fn check<W: Weight>(isa: Isa, (m, n, k): (usize, usize, usize), w: &[W]) {
-        let x = random(m * k, 1);
-        let init = random(m * n, 3);
-        for accumulate in [false, true] {
-            let mut dst = init.clone();
-            if !matmul_xwt(isa, &mut dst, &x, w, (m, n, k), 0.5, accumulate, 2) {
-                assert_eq!(isa, Isa::Portable, "{isa:?} has a kernel");
-                assert_eq!(dst, init, "a refused call wrote");
-                continue;
-            }
-            for i in 0..m {
-                for j in 0..n {
-                    let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p].to_f32() as f64).sum();
-                    let want = 0.5 * dot + if accumulate { init[i * n + j] as f64 } else { 0.0 };
-                    let got = dst[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{isa:?} {} {m}x{n}x{k} [{i},{j}]: {got} vs {want}",
-                        std::any::type_name::<W>()
-                    );
-                }
-            }
-        }
+        let kernel = |dst: &mut [f32], x: &[f32], acc| matmul_xwt(isa, dst, x, w, (m, n, k), 0.5, acc, 2);
+        check_product(isa, (m, n, k), |p, j| w[j * k + p].to_f32(), kernel, std::any::type_name::<W>());
     }
 }

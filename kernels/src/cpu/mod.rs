@@ -15,7 +15,7 @@ mod weight;
 pub use isa::Isa;
 pub use isa::kernel_isa;
 pub(crate) use isa::multiversion;
-use weight::Weight;
+pub(crate) use weight::Weight;
 
 use std::borrow::Cow;
 
@@ -287,6 +287,41 @@ pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
         })
         .collect()
+}
+
+/// Checks a kernel computing `dst[m×n] (+)= 0.5 · x[m×k] · W` (`kernel(dst, x, accumulate)`,
+/// which answers whether it ran; only the portable ISA may refuse) against f64 sums, `weight(p,
+/// j)` the element of `W` at reduction step `p` of output column `j`; overwriting and
+/// accumulating.
+#[cfg(test)]
+pub(crate) fn check_product(
+    isa: Isa,
+    (m, n, k): (usize, usize, usize),
+    weight: impl Fn(usize, usize) -> f32,
+    kernel: impl Fn(&mut [f32], &[f32], bool) -> bool,
+    what: &str,
+) {
+    let x = random(m * k, 1);
+    let init = random(m * n, 3);
+    for accumulate in [false, true] {
+        let mut dst = init.clone();
+        if !kernel(&mut dst, &x, accumulate) {
+            assert_eq!(isa, Isa::Portable, "{isa:?} has a kernel");
+            assert_eq!(dst, init, "a refused call wrote");
+            continue;
+        }
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * weight(p, j) as f64).sum();
+                let want = 0.5 * dot + if accumulate { init[i * n + j] as f64 } else { 0.0 };
+                let got = dst[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{isa:?} {what} {m}x{n}x{k} [{i},{j}]: {got} vs {want}"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

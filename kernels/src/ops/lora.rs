@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use crate::cpu::{self, Gemm, threads};
+use crate::cpu::{self, Gemm, Weight, threads};
 use crate::error::{Result, arg_err, shape_err};
 use crate::ops::Segments;
 use crate::tensor::same_device;
@@ -161,10 +161,7 @@ impl HostModule<'_> {
     fn widened(&self) -> (Cow<'_, [f32]>, Cow<'_, [f32]>) {
         match self {
             HostModule::F32(a, bt) => (Cow::Borrowed(&**a), Cow::Borrowed(&**bt)),
-            HostModule::Bf16(a, bt) => {
-                let widen = |w: &[bf16]| Cow::Owned(w.iter().map(|v| v.to_f32()).collect());
-                (widen(a), widen(bt))
-            }
+            HostModule::Bf16(a, bt) => (Weight::widen(a), Weight::widen(bt)),
         }
     }
 }
