@@ -84,7 +84,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         let storage = match &self.storage {
-            Storage::Cpu(s) => Storage::Cpu(Arc::new(CpuStorage::from_f32(s.to_f32().into_owned(), dtype))),
+            Storage::Cpu(s) => Storage::Cpu(Arc::new(CpuStorage::from_f32_slice(&s.to_f32(), dtype))),
             Storage::Cuda(s) => Storage::Cuda(cuda::to_dtype(s, dtype)?),
         };
         Ok(Tensor { shape: self.shape.clone(), storage })
