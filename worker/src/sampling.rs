@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::rng::{Xoshiro256, splitmix64};
+use tandem_kernels::ops;
 
 /// What a request asks of the sampler and the stop conditions. Missing JSON fields take the
 /// defaults of [`SamplingParams::default`].
@@ -171,31 +172,21 @@ impl Sampler {
 
 /// Index of the largest logit, lowest id on ties; NaN never wins. 0 for an empty or all-NaN row.
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if l.is_nan() {
-            continue;
-        }
-        // Strictly greater keeps the lowest id among equal maxima.
-        if best.is_none_or(|(_, b)| l > b) {
-            best = Some((i, l));
-        }
-    }
-    best.map_or(0, |(i, _)| i as u32)
+    ops::argmax(logits).map_or(0, |i| i as u32)
 }
 
-/// `log_softmax(logits)[index]` in f64 (NaN logits ignored).
+/// `log_softmax(logits)[index]` (NaN logits ignored).
 fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
-    let Some(&chosen) = logits.get(index) else {
+    let Some(&chosen) = logits.get(index).filter(|l| !l.is_nan()) else {
         return f32::NEG_INFINITY;
     };
-    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY || chosen.is_nan() {
-        return f32::NEG_INFINITY;
-    }
-    let max = f64::from(max);
-    let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| (f64::from(l) - max).exp()).sum();
-    (f64::from(chosen) - max - sum.ln()) as f32
+    let lse = ops::log_sum_exp(logits);
+    let lse = if lse.is_nan() {
+        ops::log_sum_exp(&logits.iter().copied().filter(|l| !l.is_nan()).collect::<Vec<_>>())
+    } else {
+        lse
+    };
+    if lse == f32::NEG_INFINITY { f32::NEG_INFINITY } else { chosen - lse }
 }
 
 /// Total order: larger logit first, then lower token id (so ties resolve like greedy).

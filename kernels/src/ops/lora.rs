@@ -11,6 +11,7 @@
 //! coalesced. Gradients have the packed shapes on every device.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -221,21 +222,18 @@ pub fn bgmv(y: &mut Tensor, x: &Tensor, bank: &LoraBank, adapter: &[i32]) -> Res
         Device::Cpu => {
             let (xs, w) = (x.cpu_f32()?, bank.host(OP)?);
             let groups = rows_by_adapter(adapter, bank.num_adapters());
-            if let Some(ranges) = contiguous(&groups) {
-                // Every adapter's rows are one run (training, a prefill): the delta goes
-                // straight into those rows of `y`, one adapter after another, each GEMM on all
-                // threads.
+            let gemm_threads = threads_per_group(&groups);
+            if let Some(runs) = contiguous(&groups) {
+                // Every adapter's rows are one run (a decoding batch grouped by adapter, a
+                // prefill, training): each delta goes straight into its rows of `y`.
                 return y.cpu_update(|ys| {
-                    for (i, r) in ranges.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                        let (y_rows, x_rows) =
-                            (&mut ys[r.start * out_f..r.end * out_f], &xs[r.start * in_f..r.end * in_f]);
-                        lora_forward_rows(y_rows, x_rows, &w, bank, i, threads());
-                    }
+                    par_runs(ys, out_f, &runs, vec![(); runs.len()], |i, run, y_rows, ()| {
+                        lora_forward_rows(y_rows, &xs[run.start * in_f..run.end * in_f], &w, bank, i, gemm_threads);
+                    })
                 });
             }
             // Rows of one adapter are gathered into a dense block so the delta is two GEMMs per
             // adapter rather than two matrix-vector products per row.
-            let gemm_threads = threads_per_group(&groups);
             y.cpu_update(|ys| {
                 par_groups(ys, out_f, &groups, vec![(); groups.len()], |i, rows, mine, ()| {
                     let mut d = vec![0.0; rows.len() * out_f];
@@ -330,20 +328,18 @@ fn lora_backward(
                     Gemm::new(r, in_f, m, true, false).run(da_i, &dh, &xg, 1.0, false, t);
                     Gemm::new(m, in_f, r, false, false).run(dx_i, &dh, a_i, 1.0, true, t);
                 };
-            if let Some(ranges) = contiguous(&groups) {
-                // Every adapter's rows are one run: each adapter in turn on all threads, its
-                // input gradient added straight into its rows of dx.
+            let gemm_threads = threads_per_group(&groups);
+            let blocks = da_blocks.into_iter().zip(dbt_blocks).collect();
+            if let Some(runs) = contiguous(&groups) {
+                // Every adapter's rows are one run: its input gradient goes straight into its
+                // rows of dx.
                 dx.cpu_update(|dxs| {
-                    for (i, ((r, da_i), dbt_i)) in ranges.iter().zip(da_blocks).zip(dbt_blocks).enumerate() {
-                        let rows: Vec<usize> = r.clone().collect();
-                        per_adapter(i, &rows, da_i, dbt_i, &mut dxs[r.start * in_f..r.end * in_f], threads());
-                    }
+                    par_runs(dxs, in_f, &runs, blocks, |i, run, dx_i, (da_i, dbt_i)| {
+                        per_adapter(i, &run.collect::<Vec<_>>(), da_i, dbt_i, dx_i, gemm_threads);
+                    })
                 })?;
             } else {
-                // Scattered rows: adapters in parallel, one thread each, each adding its dx
-                // rows into its own rows of dx.
-                let gemm_threads = threads_per_group(&groups);
-                let blocks = da_blocks.into_iter().zip(dbt_blocks).collect();
+                // Scattered rows: each adapter adds its dx rows into its own rows of dx.
                 dx.cpu_update(|dxs| {
                     par_groups(dxs, in_f, &groups, blocks, |i, rows, mine, (da_i, dbt_i)| {
                         let mut dx_i = vec![0.0; rows.len() * in_f];
@@ -404,6 +400,29 @@ fn par_groups<T: Send>(
     });
 }
 
+/// Runs `f(i, run, block, extra_i)` for every adapter `i` whose rows are the non-empty run
+/// `runs[i]` of `ys` (`[_, width]`), in parallel: `block` is those rows of `ys`, given straight,
+/// with nothing gathered or added back.
+fn par_runs<T: Send>(
+    mut ys: &mut [f32],
+    width: usize,
+    runs: &[Range<usize>],
+    extra: Vec<T>,
+    f: impl Fn(usize, Range<usize>, &mut [f32], T) + Sync,
+) {
+    let mut order: Vec<_> =
+        runs.iter().cloned().zip(extra).enumerate().filter(|(_, (run, _))| !run.is_empty()).collect();
+    order.sort_by_key(|(_, (run, _))| run.start);
+    let (mut blocks, mut at) = (Vec::with_capacity(order.len()), 0);
+    for (i, (run, extra)) in order {
+        let (_, tail) = std::mem::take(&mut ys).split_at_mut((run.start - at) * width);
+        let (block, tail) = tail.split_at_mut(run.len() * width);
+        (ys, at) = (tail, run.end);
+        blocks.push((i, run, block, extra));
+    }
+    blocks.into_par_iter().for_each(|(i, run, block, extra)| f(i, run, block, extra));
+}
+
 /// Adds the rows of `d` (dense, as many as `rows`) into `rows`.
 fn add_rows(rows: &mut [&mut [f32]], d: &[f32]) {
     let width = d.len() / rows.len().max(1);
@@ -440,7 +459,7 @@ fn gather<'a>(data: &'a [f32], rows: &[usize], width: usize) -> Cow<'a, [f32]> {
 
 /// Each adapter's rows as one range, when every adapter's rows are consecutive (empty ranges for
 /// adapters without rows); `None` when some adapter's rows are scattered.
-fn contiguous(groups: &[Vec<usize>]) -> Option<Vec<std::ops::Range<usize>>> {
+fn contiguous(groups: &[Vec<usize>]) -> Option<Vec<Range<usize>>> {
     groups
         .iter()
         .map(|rows| match (rows.first(), rows.last()) {

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::reduce::log_sum_exp;
 use crate::error::{Result, arg_err, shape_err};
 use crate::tensor::same_device;
 use crate::{Device, Tensor, cuda};
@@ -106,10 +107,4 @@ fn check(op: &'static str, logits: &Tensor, targets: &[i32]) -> Result<(usize, u
         return arg_err(op, format!("target {t} outside the vocabulary of {vocab}"));
     }
     Ok((n, vocab))
-}
-
-pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = crate::cpu::max(row);
-    let exps: Vec<f32> = row.iter().map(|&v| crate::cpu::exp(v - max)).collect();
-    max + crate::cpu::sum(&exps).ln()
 }

@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod moe;
 pub mod norm;
 pub mod optim;
+pub mod reduce;
 pub mod rope;
 pub mod segments;
 
@@ -29,6 +30,7 @@ pub use matmul::{MatmulDims, matmul, matmul_backward, matmul_cpu};
 pub use moe::{MoeRouting, grouped_matmul, grouped_matmul_backward, moe_gate, moe_gate_backward};
 pub use norm::{rms_norm, rms_norm_backward};
 pub use optim::{AdamW, adamw_step, clip_grad_norm, grad_norm, scale_in_place, sum_squares};
+pub use reduce::{argmax, log_sum_exp};
 pub use rope::{Rope, RopeScaling, rope, rope_backward};
 pub use segments::Segments;
 

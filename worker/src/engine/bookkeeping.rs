@@ -5,6 +5,8 @@
 
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use super::coserve::{InFlight, Member, Planned};
 use super::execute::Ran;
 use super::pool::PageUse;
@@ -12,6 +14,7 @@ use super::{Engine, GenerationOutput, Progress, Sequence};
 use crate::adapters::AdapterSet;
 use crate::error::Result;
 use crate::model::{AdapterGrads, Trained};
+use crate::sampling::Sampled;
 
 impl Engine {
     /// Books what an iteration's forward pass produced; returns the requests that finished.
@@ -93,8 +96,23 @@ impl Engine {
             self.budget.observe_wait((now - last).as_secs_f64());
         }
         self.last_sample = Some(now);
+        // A row of logits for each sequence whose scheduled tokens reach its end. Each sampler
+        // reads a whole vocabulary, so they run in parallel rather than one after another.
+        let mut rows = vec![None; self.running.len()];
+        for (row, &(i, _)) in scheduled
+            .iter()
+            .filter(|&&(i, chunk)| self.running[i].computed + chunk >= self.running[i].tokens.len())
+            .enumerate()
+        {
+            rows[i] = Some(row);
+        }
+        let sampled: Vec<Option<Sampled>> = self
+            .running
+            .par_iter_mut()
+            .zip(&rows)
+            .map(|(seq, row)| row.map(|r| seq.sampler.sample(&logits[r * vocab..(r + 1) * vocab])))
+            .collect();
         let mut finished = Vec::new();
-        let mut row = 0;
         for &(i, chunk) in scheduled {
             let seq = &mut self.running[i];
             if seq.computed >= seq.prompt_len {
@@ -103,11 +121,9 @@ impl Engine {
                 self.counters.last.prefill += chunk as u64;
             }
             seq.computed += chunk;
-            if seq.computed < seq.tokens.len() {
+            let Some(sampled) = sampled[i] else {
                 continue; // a prefill chunk that did not reach the end of the prompt
-            }
-            let sampled = seq.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
-            row += 1;
+            };
             seq.tokens.push(sampled.token);
             seq.logprobs.push(sampled.logprob);
             match seq.last_token_at {

@@ -125,14 +125,17 @@ impl Engine {
         let mut ids: Vec<u64> = Vec::new();
         let mut scheduled = Vec::new();
         let decoding = |s: &Sequence| s.computed >= s.prompt_len;
-        let order = self
-            .running
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| decoding(s))
-            .chain(self.running.iter().enumerate().filter(|(_, s)| !decoding(s)));
+        // The decoding sequences the budget holds, chosen in running order so that none
+        // starves, then grouped by adapter: the LoRA kernels find each adapter's rows side by
+        // side and add its delta straight into them.
+        let mut decode: Vec<usize> = (0..self.running.len())
+            .filter(|&i| decoding(&self.running[i]) && self.running[i].tokens.len() > self.running[i].computed)
+            .take(max_tokens)
+            .collect();
+        decode.sort_by_key(|&i| self.running[i].adapter.as_ref().map(|v| v.id));
+        let order = decode.into_iter().chain((0..self.running.len()).filter(|&i| !decoding(&self.running[i])));
         let mut input = ForwardInput::default();
-        for (i, seq) in order {
+        for (i, seq) in order.map(|i| (i, &self.running[i])) {
             let chunk = (seq.tokens.len() - seq.computed).min(budget);
             if chunk == 0 {
                 continue;
