@@ -32,7 +32,7 @@ multiversion! {
             return f32::NAN;
         }
         let max = crate::cpu::max(row);
-        if max == f32::NEG_INFINITY || max == f32::INFINITY {
+        if max.is_infinite() {
             return max;
         }
         let sum: f64 = row
