@@ -46,6 +46,10 @@ pub struct FinetuneArgs {
     job_seq_len: usize,
     #[arg(long, default_value_t = 6)]
     job_steps: usize,
+    /// The many-jobs measurement's two runs alternate this many times, and each keeps its
+    /// fastest: other work on a shared machine only ever slows a run down.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Where the model is written (reused when present).
     #[arg(long, default_value = "target/bench-finetune")]
     dir: PathBuf,
@@ -115,8 +119,16 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         );
     }
 
-    let together = child(&args, "together")?;
-    let sequential = child(&args, "sequential")?;
+    let (mut together, mut sequential) = (None::<Value>, None::<Value>);
+    for _ in 0..args.repeat.max(1) {
+        for (best, what) in [(&mut together, "together"), (&mut sequential, "sequential")] {
+            let run = child(&args, what)?;
+            if best.as_ref().is_none_or(|b| rate(&run) > rate(b)) {
+                *best = Some(run);
+            }
+        }
+    }
+    let (Some(together), Some(sequential)) = (together, sequential) else { bail!("no many-jobs measurement ran") };
     println!();
     println!("{} jobs, each 1 x {} tokens per step, {} steps each:", args.jobs, args.job_seq_len, args.job_steps);
     println!("{:<28} {:>10.1}", "trained in one batch", rate(&together));

@@ -121,6 +121,19 @@ impl Tensor {
         })
     }
 
+    /// [`Tensor::to_vec_f32`], taking the elements without a copy where this is the only handle
+    /// on an f32 CPU tensor (a step's logits: tens of MB).
+    pub fn into_vec_f32(self) -> Result<Vec<f32>> {
+        match self.storage {
+            Storage::Cpu(s) => Ok(match Arc::try_unwrap(s) {
+                Ok(CpuStorage::F32(v)) => v,
+                Ok(other) => other.to_f32().into_owned(),
+                Err(shared) => shared.to_f32().into_owned(),
+            }),
+            Storage::Cuda(s) => Ok(cuda::download(&s)?.to_f32().into_owned()),
+        }
+    }
+
     /// The storage, copied to the host in the tensor's own dtype.
     pub fn to_cpu_storage(&self) -> Result<CpuStorage> {
         match &self.storage {

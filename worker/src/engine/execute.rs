@@ -101,7 +101,7 @@ impl Engine {
             }
             let pass = self.model.pass(&input, &mut self.cache, set, rows.as_ref())?;
             if let Some(l) = pass.logits {
-                logits = l.to_vec_f32()?;
+                logits = l.into_vec_f32()?;
             }
             trained = trained.or(pass.trained);
         }
