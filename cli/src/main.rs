@@ -8,6 +8,7 @@
 //! - `up.rs`: `tandem up`, a whole cluster of processes on this machine.
 //! - `jobs.rs`: `tandem submit`, `jobs`, `adapters`, `keys` over the gateway's gRPC API.
 //! - `groups.rs`: `tandem groups` (worker groups, through the cluster API).
+//! - `certs.rs`: `tandem certs` (the cluster CA and each process's certificate).
 //! - `generate.rs`, `finetune.rs`: inference and fine-tuning on this machine, no cluster.
 //! - `tp_rank.rs`: one tensor-parallel rank over TCP (parity tests, traffic figures).
 //! - `machine.rs`: the CPU a benchmark ran on, printed beside its figures.
@@ -20,6 +21,7 @@ mod bench_failover;
 mod bench_finetune;
 mod bench_gateway;
 mod bench_serve;
+mod certs;
 mod checks;
 mod coordinator;
 mod finetune;
@@ -80,6 +82,9 @@ enum Command {
     /// Worker groups (a base model as tensor-parallel ranks over group workers): create, list,
     /// rm.
     Groups(groups::GroupsArgs),
+    /// The cluster's certificates: `init` makes its CA, `issue` a process's key and
+    /// certificate.
+    Certs(certs::CertsArgs),
     /// Run one rank of a tensor-parallel group over TCP on a fixed batch; prints its logits and
     /// the bytes it sent, as JSON (parity tests and communication figures).
     TpRank(tp_rank::TpRankArgs),
@@ -107,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         Command::Keys(args) => jobs::keys(args),
         Command::TpRank(args) => tp_rank::run(args),
         Command::Groups(args) => groups::groups(args),
+        Command::Certs(args) => certs::certs(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;
             tandem_worker::init_model::write_model(preset, &out, seed)?;
