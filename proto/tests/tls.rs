@@ -1,6 +1,8 @@
 //! Mutual TLS between Tandem processes, over real sockets: a server of the cluster answers a
 //! client with a certificate of the cluster's CA, and refuses every other one at the handshake.
 
+#![allow(clippy::unwrap_used)] // tests unwrap by design
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
