@@ -2,7 +2,8 @@
 //! `tandem coordinator` processes on loopback; a client writes through them; the leader's
 //! process is killed (SIGKILL) and the outage is the time from the kill to the first write
 //! acknowledged afterwards (the client retrying through the survivors, as a real one would).
-//! The killed coordinator restarts from its disk before the next kill.
+//! The killed coordinator restarts from its disk before the next kill. Everything runs over
+//! mutual TLS, with a CA of the benchmark's own.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command as StateCommand, Proposal};
+use tandem_proto::tls::{CertificateAuthority, ClusterTls, Role};
+use tandem_proto::{ClusterClient, Security};
 
 #[derive(Args)]
 pub struct FailoverArgs {
@@ -40,6 +42,8 @@ struct Group {
     tick_ms: u64,
     addrs: BTreeMap<u64, String>,
     procs: BTreeMap<u64, Child>,
+    /// The writing client's: an operator's certificate.
+    security: Security,
 }
 
 impl Group {
@@ -48,6 +52,8 @@ impl Group {
             .args(["coordinator", "--id", &id.to_string(), "--peers", &self.peers])
             .args(["--tick-ms", &self.tick_ms.to_string(), "--data-dir"])
             .arg(self.dir.join(id.to_string()))
+            .arg("--certs")
+            .arg(self.dir.join("certs"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -74,15 +80,15 @@ impl Drop for Group {
     }
 }
 
-fn client(addr: &str) -> Option<ClusterClient> {
-    ClusterClient::with_timeouts(addr, ATTEMPT, ATTEMPT).ok()
+fn client(g: &Group, addr: &str) -> Option<ClusterClient> {
+    ClusterClient::with_timeouts(addr, &g.security, ATTEMPT, ATTEMPT).ok()
 }
 
 /// The leader every live coordinator agrees on, if they do.
 async fn leader(g: &Group) -> Option<u64> {
     let mut seen = Vec::new();
     for id in g.procs.keys() {
-        let s = client(&g.addrs[id])?.status(false).await.ok()?;
+        let s = client(g, &g.addrs[id])?.status(false).await.ok()?;
         seen.push(s.leader);
     }
     let first = *seen.first()?;
@@ -96,7 +102,7 @@ async fn write(g: &Group, n: u64, give_up: Instant) -> Result<()> {
     let ids: Vec<u64> = g.procs.keys().copied().collect();
     for attempt in 0.. {
         let addr = &g.addrs[&ids[attempt % ids.len()]];
-        if let Some(c) = client(addr)
+        if let Some(c) = client(g, addr)
             && c.propose_as(p.clone()).await.is_ok()
         {
             return Ok(());
@@ -119,7 +125,16 @@ pub fn run(args: FailoverArgs) -> Result<()> {
     let addrs: BTreeMap<u64, String> = (1..=3).map(|id| Ok((id, crate::up::free_addr()?))).collect::<Result<_>>()?;
     let peers = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
     let exe = std::env::current_exe()?;
-    let mut g = Group { exe, dir: args.dir.clone(), peers, tick_ms: args.tick_ms, addrs, procs: BTreeMap::new() };
+    let certs = args.dir.join("certs");
+    let ca = CertificateAuthority::create()?;
+    ca.write(&certs)?;
+    for id in addrs.keys() {
+        ca.issue_into(&certs, Role::Coordinator, &id.to_string())?;
+    }
+    ca.issue_into(&certs, Role::Operator, "operator")?;
+    let security = Security::Mutual(std::sync::Arc::new(ClusterTls::load(&certs, "operator")?));
+    let dir = args.dir.clone();
+    let mut g = Group { exe, dir, peers, tick_ms: args.tick_ms, addrs, procs: BTreeMap::new(), security };
     for id in 1..=3 {
         g.spawn(id)?;
     }

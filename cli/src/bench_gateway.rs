@@ -108,7 +108,9 @@ fn healthy(http: &str) -> bool {
 
 /// The worker's gRPC address, as `tandem status --json` reports it.
 fn worker_addr(grpc: &str) -> Result<String> {
-    let out = Command::new(std::env::current_exe()?).args(["status", "--coordinator", grpc, "--json"]).output()?;
+    let out = Command::new(std::env::current_exe()?)
+        .args(["status", "--coordinator", grpc, "--json", "--insecure"])
+        .output()?;
     let status: Value = serde_json::from_slice(&out.stdout).context("tandem status --json")?;
     let workers = status["workers"].as_object().ok_or_else(|| anyhow!("no workers in {status}"))?;
     let addr = workers.values().find_map(|w| w["addr"].as_str()).ok_or_else(|| anyhow!("no worker address"))?;

@@ -3,10 +3,12 @@
 //! started process by process.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use tandem_proto::tls::{CertificateAuthority, Role};
+use tandem_proto::Security;
+use tandem_proto::tls::{CertificateAuthority, ClusterTls, Role};
 
 #[derive(Args)]
 pub struct CertsArgs {
@@ -45,4 +47,41 @@ pub fn certs(args: CertsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How a process shows who it is to the cluster's other processes and checks who they are:
+/// its certificate from `tandem certs`, or, only when asked for by name, plain text.
+#[derive(Args, Clone)]
+pub struct SecurityArgs {
+    /// The certificates directory: the cluster's `ca.pem`, and this process's certificate.
+    #[arg(long, global = true, default_value = "certs")]
+    certs: PathBuf,
+    /// This process's certificate in `--certs` (`NAME.pem`, `NAME.key`); default: a
+    /// coordinator's id, a worker's id, `operator` for the other commands.
+    #[arg(long, global = true)]
+    cert_name: Option<String>,
+    /// Plain text, no certificates: anyone who reaches a port can call it. Test benches only.
+    #[arg(long, global = true)]
+    insecure: bool,
+}
+
+impl SecurityArgs {
+    /// The process's [`Security`]: its certificate `default_name` unless `--cert-name` says
+    /// another.
+    pub fn security(&self, default_name: &str) -> Result<Security> {
+        if self.insecure {
+            eprintln!(
+                "warning: --insecure: plain text between the cluster's processes, and anyone who reaches a port may call it"
+            );
+            return Ok(Security::Insecure);
+        }
+        let name = self.cert_name.as_deref().unwrap_or(default_name);
+        let tls = ClusterTls::load(&self.certs, name).with_context(|| {
+            format!(
+                "loading certificate {name:?} from {} (make one with `tandem certs issue`, or run with --insecure)",
+                self.certs.display()
+            )
+        })?;
+        Ok(Security::Mutual(Arc::new(tls)))
+    }
 }

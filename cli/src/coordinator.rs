@@ -15,6 +15,7 @@ use tandem_coordinator::server;
 use tandem_proto::ClusterClient;
 use tandem_proto::contract::Member;
 
+use crate::certs::SecurityArgs;
 use crate::checks::RuntimeChecks;
 
 #[derive(Args)]
@@ -54,6 +55,8 @@ pub struct CoordinatorArgs {
     /// founding one with the peers.
     #[arg(long)]
     join: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Args)]
@@ -64,6 +67,8 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Args)]
@@ -73,6 +78,8 @@ pub struct MembersArgs {
     coordinator: String,
     #[command(subcommand)]
     change: MemberChange,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Subcommand)]
@@ -95,6 +102,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         timing: Timing { tick: Duration::from_millis(args.tick_ms.max(1)), ..Timing::default() },
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
+        security: args.security.security(&args.id.to_string())?,
         etcd: args.store,
         http: match (args.http, args.api_key) {
             (Some(addr), Some(admin_key)) => Some(GatewayOptions {
@@ -118,7 +126,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
 pub fn members(args: MembersArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let client = ClusterClient::new(&args.coordinator)?;
+        let client = ClusterClient::new(&args.coordinator, &args.security.security("operator")?)?;
         match args.change {
             MemberChange::Add { member } => {
                 let (id, addr) = server::parse_peers(&member).map_err(|e| anyhow!("{e}"))?.pop_first().unzip();
@@ -143,7 +151,8 @@ fn describe(members: &[Member]) -> String {
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let s = rt.block_on(async { anyhow::Ok(ClusterClient::new(&args.coordinator)?.status(true).await?) })?;
+    let security = args.security.security("operator")?;
+    let s = rt.block_on(async { anyhow::Ok(ClusterClient::new(&args.coordinator, &security)?.status(true).await?) })?;
     let state: Value = serde_json::to_value(&s.state)?;
     let workers = state.get("workers").cloned().unwrap_or(Value::Null);
     if args.json {

@@ -5,6 +5,8 @@
 use anyhow::{Result, anyhow};
 use clap::{Args, Subcommand};
 use tandem_proto::ClusterClient;
+
+use crate::certs::SecurityArgs;
 use tandem_proto::contract::{Command, Reply};
 
 #[derive(Args)]
@@ -14,6 +16,8 @@ pub struct GroupsArgs {
     coordinator: String,
     #[command(subcommand)]
     action: GroupAction,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Subcommand)]
@@ -42,7 +46,7 @@ enum GroupAction {
 pub fn groups(args: GroupsArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let client = ClusterClient::new(&args.coordinator)?;
+        let client = ClusterClient::new(&args.coordinator, &args.security.security("operator")?)?;
         let command = match args.action {
             GroupAction::List => {
                 let state = client.state().await?;

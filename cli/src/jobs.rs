@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value, json};
 use tandem_coordinator::gateway::MAX_API_MESSAGE;
+use tandem_proto::Role;
 use tandem_proto::v1::api_client::ApiClient;
 use tandem_proto::v1::{
     AdapterFile, CreateJobRequest, CreateKeyRequest, DeleteAdapterRequest, JobRequest, ListAdaptersRequest,
@@ -18,6 +19,8 @@ use tandem_proto::v1::{
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
+
+use crate::certs::SecurityArgs;
 
 /// Where the key comes from when `--api-key` is not given.
 const KEY_VAR: &str = "TANDEM_API_KEY";
@@ -34,6 +37,8 @@ pub struct ApiArgs {
     /// Your API key (default: the TANDEM_API_KEY environment variable).
     #[arg(long, global = true)]
     api_key: Option<String>,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Args)]
@@ -166,7 +171,7 @@ impl Client {
             .parse()
             .map_err(|_| anyhow!("the API key has characters a request header cannot carry"))?;
         let addr = args.coordinator.clone();
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = (args.security.security("operator")?.endpoint(&addr, Role::Coordinator))
             .with_context(|| format!("--coordinator {addr:?} is not HOST:PORT"))?
             .connect_timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {addr}"))?;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tandem_coordinator::gateway::new_key;
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command as StateCommand, Proposal};
+use tandem_proto::{ClusterClient, Security};
 use tandem_worker::init_model::{Preset, write_model};
 
 #[derive(Args)]
@@ -106,7 +106,7 @@ async fn register_model(grpc: &str, name: &str, uri: &str) -> Result<()> {
     let command = StateCommand::RegisterModel { name: name.into(), uri: uri.into() };
     let p = Proposal::new(format!("up-model-{name}"), command);
     let deadline = Instant::now() + Duration::from_secs(30);
-    let cluster = ClusterClient::new(grpc)?;
+    let cluster = ClusterClient::new(grpc, &Security::Insecure)?;
     loop {
         match cluster.propose_as(p.clone()).await {
             Ok(_) => return Ok(()),
@@ -146,6 +146,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         &key,
         "--blobs",
         &blobs,
+        "--insecure",
     ]
     .map(str::to_string);
     let mut cluster = Cluster(Vec::new());
@@ -166,6 +167,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             &model_s,
             "--blobs",
             &blobs,
+            "--insecure",
         ];
         cluster.0.push(start(&id, &worker, &logs)?);
     }

@@ -11,6 +11,8 @@ use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use tandem_kernels::Device;
 use tandem_proto::ClusterClient;
+
+use crate::certs::SecurityArgs;
 use tandem_worker::collective::CollectiveOptions;
 use tandem_worker::engine::{Engine, EngineConfig};
 use tandem_worker::model::{Model, ModelConfig};
@@ -60,16 +62,20 @@ pub struct WorkerArgs {
     /// `--device cuda:N`; the plans still go over TCP, which also hands out the NCCL id).
     #[arg(long, default_value = "tcp")]
     collective_backend: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
     let device: Device = args.device.parse()?;
     device.ensure_available()?;
     let config = ModelConfig::load(&args.model)?;
+    let security = args.security.security(&args.id)?;
     let node = Node {
         id: args.id.clone(),
         listen: args.listen.clone(),
-        cluster: ClusterClient::new(&args.coordinator)?,
+        cluster: ClusterClient::new(&args.coordinator, &security)?,
+        security,
         blobs: args.blobs.clone(),
     };
     let rt = tokio::runtime::Runtime::new()?;

@@ -83,7 +83,7 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let leader = g.leader();
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = ClusterClient::new(g.addr(follower)).unwrap();
+    let client = ClusterClient::new(g.addr(follower), &tandem_proto::Security::Insecure).unwrap();
     // A job, which the scheduler places on the first of the two idle workers below (submitted
     // first, so that the workers' heartbeats start as soon as they register).
     g.propose(follower, "model", StateCommand::RegisterModel { name: "m".into(), uri: "/m".into() });

@@ -69,7 +69,9 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let key = "sk-made-elsewhere";
     let command = Command::CreateApiKey { tenant: "carol".into(), key_sha256: sha256_hex(key.as_bytes()) };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let reply = rt.block_on(ClusterClient::new(coord).unwrap().propose("test-key", command)).unwrap();
+    let reply = rt
+        .block_on(ClusterClient::new(coord, &tandem_proto::Security::Insecure).unwrap().propose("test-key", command))
+        .unwrap();
     assert_eq!(reply, Reply::Done);
     let body = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).to_string();
     let (status, text) = http::http(http_addr, "POST", "/v1/completions", Some(key), Some(&body));

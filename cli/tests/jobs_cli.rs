@@ -88,7 +88,7 @@ fn up(dir: &Path, http: &str, grpc: &str) -> Up {
 /// stdout, stderr).
 fn cli(grpc: &str, key: Option<&str>, args: &[&str], timeout: Duration) -> (bool, String, String) {
     let mut cmd = TANDEM.command();
-    cmd.args(args).args(["--coordinator", grpc]).env_remove("TANDEM_API_KEY");
+    cmd.args(args).args(["--coordinator", grpc, "--insecure"]).env_remove("TANDEM_API_KEY");
     if let Some(k) = key {
         cmd.args(["--api-key", k]);
     }
@@ -203,7 +203,7 @@ fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     assert!(row.contains("succeeded") && row.contains(&model), "{row}");
     // The key from the environment works as well as --api-key.
     let mut events = TANDEM.command();
-    events.args(["jobs", "events", &id, "--coordinator", &grpc]).env("TANDEM_API_KEY", &alice);
+    events.args(["jobs", "events", &id, "--coordinator", &grpc, "--insecure"]).env("TANDEM_API_KEY", &alice);
     let (ok, out, err) = run(events, quick);
     assert!(ok, "{err}");
     let created = out.lines().position(|l| l.contains("Job created")).unwrap_or_else(|| panic!("{out}"));

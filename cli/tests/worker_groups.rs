@@ -216,7 +216,8 @@ fn generate_with_adapter(model: &std::path::Path, adapter: &str, prompt: &str, m
 
 /// Proposes `command` to the cluster (as the operator's tools do), retried until applied.
 fn propose(coordinator: &str, command: Command) {
-    let reply = tandem_testkit::propose(coordinator, Proposal::new(format!("test-{}", std::process::id()), command));
+    let client = tandem_proto::ClusterClient::new(coordinator, &tandem_proto::Security::Insecure).unwrap();
+    let reply = tandem_testkit::propose(&client, Proposal::new(format!("test-{}", std::process::id()), command));
     assert!(!matches!(reply, Reply::Refused { .. }), "{reply:?}");
 }
 
@@ -225,7 +226,8 @@ fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
     let mut c = cluster("groups-rank0", "tiny", 3);
     let (model, http, coordinator) = (c.model.clone(), c.http().to_string(), c.coordinator.clone());
     // Placed with the CLI this time.
-    let groups = |args: &[&str]| TANDEM.run(&[&["groups", "--coordinator", &coordinator][..], args].concat());
+    let groups =
+        |args: &[&str]| TANDEM.run(&[&["groups", "--coordinator", &coordinator, "--insecure"][..], args].concat());
     let (ok, out, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);
     assert!(ok, "{out}{err}");
     let (ok, _, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
-use tandem_proto::ClusterClient;
 use tandem_proto::cluster_server::{Cluster, ClusterServer};
 use tandem_proto::contract::{
     Command, GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange, Proposal,
@@ -22,6 +21,7 @@ use tandem_proto::contract::{
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
 use tandem_proto::v1::{RaftAck, RaftMessage};
+use tandem_proto::{ClusterClient, Role, Security};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -84,6 +84,7 @@ struct GrpcTransport {
     book: AddressBook,
     queues: Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>,
     rt: tokio::runtime::Handle,
+    security: Security,
 }
 
 impl Transport for GrpcTransport {
@@ -93,8 +94,10 @@ impl Transport for GrpcTransport {
             Entry::Occupied(q) => q.into_mut(),
             Entry::Vacant(slot) => {
                 let Some(addr) = self.book.get(msg.to) else { return };
+                let Ok(endpoint) = self.security.endpoint(&addr, Role::Coordinator) else { return };
+                let endpoint = endpoint.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(2));
                 let (tx, rx) = mpsc::unbounded_channel();
-                self.rt.spawn(drain(format!("http://{addr}"), rx));
+                self.rt.spawn(drain(endpoint, rx));
                 slot.insert(tx)
             }
         };
@@ -109,15 +112,11 @@ impl Transport for GrpcTransport {
 }
 
 /// Delivers one peer's queue; a peer that is down loses its messages (Raft resends).
-async fn drain(url: String, mut rx: mpsc::UnboundedReceiver<Message>) {
+async fn drain(endpoint: tonic::transport::Endpoint, mut rx: mpsc::UnboundedReceiver<Message>) {
     let mut client: Option<RaftClient<tonic::transport::Channel>> = None;
     while let Some(msg) = rx.recv().await {
         let Ok(bytes) = msg.write_to_bytes() else { continue };
         if client.is_none() {
-            let endpoint = match tonic::transport::Endpoint::from_shared(url.clone()) {
-                Ok(e) => e.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(2)),
-                Err(_) => return,
-            };
             client = endpoint.connect().await.ok().map(RaftClient::new);
         }
         if let Some(c) = client.as_mut()
@@ -193,6 +192,7 @@ struct ClusterService {
     leases: Arc<Leases>,
     /// One client per leader address seen, reused by every forwarded request.
     leaders: Mutex<HashMap<String, ClusterClient>>,
+    security: Security,
 }
 
 impl ClusterService {
@@ -203,7 +203,8 @@ impl ClusterService {
         if let Some(c) = leaders.get(&addr) {
             return Ok(c.clone());
         }
-        let client = ClusterClient::new(&addr).map_err(|e| Status::unavailable(format!("leader at {addr}: {e}")))?;
+        let client = ClusterClient::new(&addr, &self.security)
+            .map_err(|e| Status::unavailable(format!("leader at {addr}: {e}")))?;
         leaders.insert(addr, client.clone());
         Ok(client)
     }
@@ -425,6 +426,8 @@ pub struct Options {
     pub etcd: Option<String>,
     /// Serve the HTTP gateway.
     pub http: Option<GatewayOptions>,
+    /// How it answers and reaches the cluster's other processes.
+    pub security: Security,
 }
 
 /// How a Raft coordinator's replica reaches the others.
@@ -456,7 +459,8 @@ pub async fn serve_with(
     let own = own.clone();
     let addr: SocketAddr =
         own.parse().map_err(|e| Error::Invalid(format!("address of coordinator {id} ({own:?}): {e}")))?;
-    let mut server = tonic::transport::Server::builder();
+    let security = opts.security.clone();
+    let mut server = security.server(tonic::transport::Server::builder()).map_err(|e| Error::Invalid(e.to_string()))?;
     let (store, lead, raft) = match opts.etcd {
         Some(url) => {
             let store = Arc::new(EtcdStore::connect(&url, ETCD_PREFIX).await?);
@@ -470,7 +474,8 @@ pub async fn serve_with(
             let replica = match links {
                 RaftLinks::Grpc => {
                     let rt = tokio::runtime::Handle::current();
-                    let transport = GrpcTransport { book: book.clone(), queues: Mutex::default(), rt };
+                    let transport =
+                        GrpcTransport { book: book.clone(), queues: Mutex::default(), rt, security: security.clone() };
                     Replica::start(id, &founders, &opts.dir, transport, opts.timing)?
                 }
                 RaftLinks::Given { transport, connect } => {
@@ -493,7 +498,7 @@ pub async fn serve_with(
             let addr = http.addr;
             let listener = (tokio::net::TcpListener::bind(addr).await)
                 .map_err(|e| Error::Unavailable(format!("--http {addr}: {e}")))?;
-            let gateway = Gateway::new(store.clone(), ClusterClient::new(&own)?, &http);
+            let gateway = Gateway::new(store.clone(), ClusterClient::new(&own, &security)?, security.clone(), &http);
             let api = gateway::api_server(gateway.clone());
             let stopped = async move {
                 let _ = http_stopped.await;
@@ -507,7 +512,7 @@ pub async fn serve_with(
     };
     let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
     let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
-    let cluster = ClusterService { store, lead, leases, leaders: Mutex::default() };
+    let cluster = ClusterService { store, lead, leases, leaders: Mutex::default(), security };
     server
         .add_optional_service(raft.map(RaftServer::new))
         .add_service(ClusterServer::new(cluster))

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server::{Options, serve};
 use tandem_proto::contract::{Command, Proposal, Reply, WorkerRegistration};
-use tandem_proto::{ClientError, ClusterClient};
-use tandem_testkit::{Etcd, free_addr};
+use tandem_proto::{ClientError, ClusterClient, Role};
+use tandem_testkit::{Etcd, Scratch, TestCerts, free_addr};
 
-async fn coordinator(etcd: &Etcd) -> ClusterClient {
+/// A coordinator over `etcd`, its certificate `id` from `certs`; an operator's client of it.
+async fn coordinator(etcd: &Etcd, certs: &TestCerts, id: u64) -> ClusterClient {
     let addr = free_addr();
     let opts = Options {
         id: 1,
@@ -25,9 +26,10 @@ async fn coordinator(etcd: &Etcd) -> ClusterClient {
         join: false,
         etcd: Some(etcd.url()),
         http: None,
+        security: certs.security(Role::Coordinator, &id.to_string()),
     };
     tokio::spawn(async move { serve(opts, std::future::pending()).await.unwrap() });
-    let client = ClusterClient::new(&addr).unwrap();
+    let client = ClusterClient::new(&addr, &certs.operator()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match client.status(false).await {
@@ -43,8 +45,10 @@ async fn coordinator(etcd: &Etcd) -> ClusterClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_over_etcd_share_the_state_and_one_keeps_the_leases() {
     let etcd = Etcd::start("server");
-    let a = coordinator(&etcd).await;
-    let b = coordinator(&etcd).await;
+    let scratch = Scratch::new("etcd-server-certs");
+    let certs = TestCerts::new(&scratch.join("certs"));
+    let a = coordinator(&etcd, &certs, 1).await;
+    let b = coordinator(&etcd, &certs, 2).await;
 
     let p = Proposal::new("m1", Command::RegisterModel { name: "base".into(), uri: "/m".into() });
     assert_eq!(a.propose_as(p).await.unwrap(), Reply::Done);

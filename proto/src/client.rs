@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::{Role, Security};
+
 use crate::cluster_service::cluster_client::ClusterClient as Rpc;
 use crate::contract::{
     ClusterState, Command, GroupStatus, Heartbeat, LeaderTransfer, LeaseGrant, Member, MembershipChange, Proposal,
@@ -87,15 +89,21 @@ impl std::fmt::Debug for ClusterClient {
 }
 
 impl ClusterClient {
-    /// A client of the coordinator at `addr` (`HOST:PORT`); nothing is dialled until a call.
-    pub fn new(addr: &str) -> Result<Self, ClientError> {
-        Self::with_timeouts(addr, CONNECT_TIMEOUT, CALL_TIMEOUT)
+    /// A client of the coordinator at `addr` (`HOST:PORT`), reached with `security`; nothing
+    /// is dialled until a call.
+    pub fn new(addr: &str, security: &Security) -> Result<Self, ClientError> {
+        Self::with_timeouts(addr, security, CONNECT_TIMEOUT, CALL_TIMEOUT)
     }
 
     /// The same, with other timeouts (a probe that must fail fast).
-    pub fn with_timeouts(addr: &str, connect: Duration, call: Duration) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::Invalid(format!("coordinator address {addr:?}: {e}")))?
+    pub fn with_timeouts(
+        addr: &str,
+        security: &Security,
+        connect: Duration,
+        call: Duration,
+    ) -> Result<Self, ClientError> {
+        let endpoint = (security.endpoint(addr, Role::Coordinator))
+            .map_err(|e| ClientError::Invalid(e.to_string()))?
             .connect_timeout(connect)
             .timeout(call);
         Ok(ClusterClient { endpoint, rpc: Arc::default() })

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_proto::contract::{Command, Proposal, Reply};
-use tandem_proto::{ClientError, ClusterClient};
+use tandem_proto::{ClientError, ClusterClient, Security};
 use tokio::sync::watch;
 
 use crate::ports::free_addr;
@@ -106,7 +106,7 @@ impl Coordinators {
 
     /// A client of coordinator `id`.
     pub fn client(&self, id: u64) -> ClusterClient {
-        ClusterClient::new(&self.addrs[&id]).unwrap()
+        ClusterClient::new(&self.addrs[&id], &Security::Insecure).unwrap()
     }
 
     /// Starts coordinator `id` (again: from its data folder) with `extra` arguments.
@@ -119,7 +119,7 @@ impl Coordinators {
             args.extend(["--lease-ms", lease]);
         }
         args.extend(extra);
-        args.extend(["--data-dir", data.to_str().unwrap()]);
+        args.extend(["--data-dir", data.to_str().unwrap(), "--insecure"]);
         let child = self.tandem.spawn(&args);
         self.procs.insert(id, child);
     }
@@ -201,7 +201,7 @@ impl Coordinators {
     /// Proposes `command` once through coordinator `via`.
     pub fn try_propose(&self, via: u64, request_id: &str, command: &Command) -> Result<Reply, ClientError> {
         let p = Proposal::new(request_id, command.clone());
-        let c = ClusterClient::new(&self.addrs[&via])?;
+        let c = ClusterClient::new(&self.addrs[&via], &Security::Insecure)?;
         self.rt.block_on(c.propose_as(p))
     }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server::{self, RaftLinks};
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::{ClusterState, Command, Proposal, Reply};
+use tandem_proto::{ClusterClient, Role};
 use tandem_worker::engine::{Engine, EngineConfig};
 use tandem_worker::init_model::{Preset, write_model};
 use tandem_worker::kernels::Device;
@@ -22,6 +22,7 @@ use tandem_worker::tokenizer::TextTokenizer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::certs::TestCerts;
 use crate::mem_net::MemNet;
 use crate::ports::free_addr;
 use crate::process::{Scratch, propose, wait_for};
@@ -42,6 +43,8 @@ pub struct InProcessCluster {
     workers: BTreeMap<String, (String, u64)>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The cluster's CA: coordinators, workers and the test's clients talk mutual TLS.
+    certs: TestCerts,
     dir: Scratch,
 }
 
@@ -69,6 +72,7 @@ impl InProcessCluster {
             workers: BTreeMap::new(),
             stop,
             tasks: Vec::new(),
+            certs: TestCerts::new(&dir.join("certs")),
             dir,
         };
         for &id in peers.keys() {
@@ -97,6 +101,7 @@ impl InProcessCluster {
             join: false,
             etcd: None,
             http: None,
+            security: self.certs.security(Role::Coordinator, &id.to_string()),
         };
         let net = self.net.clone();
         let links = RaftLinks::Given {
@@ -120,7 +125,8 @@ impl InProcessCluster {
         let node = Node {
             id: id.into(),
             listen: listen.clone(),
-            cluster: ClusterClient::new(&self.coordinators[&via]).unwrap(),
+            cluster: ClusterClient::new(&self.coordinators[&via], &self.certs.security(Role::Worker, id)).unwrap(),
+            security: self.certs.security(Role::Worker, id),
             blobs: self.blobs(),
         };
         let name = id.to_string();
@@ -159,7 +165,7 @@ impl InProcessCluster {
 
     /// A client of coordinator `id`.
     pub fn client(&self, id: u64) -> ClusterClient {
-        ClusterClient::new(&self.coordinators[&id]).unwrap()
+        ClusterClient::new(&self.coordinators[&id], &self.certs.operator()).unwrap()
     }
 
     /// Runs `f` on the cluster's runtime.
@@ -169,7 +175,7 @@ impl InProcessCluster {
 
     /// `p` proposed through coordinator `via`, retried until the group answers ([`propose`]).
     pub fn propose(&self, via: u64, p: Proposal) -> Reply {
-        propose(&self.coordinators[&via], p)
+        propose(&self.client(via), p)
     }
 
     /// The state as coordinator `id` reads it (linearizable: `None` without a quorum).

@@ -26,10 +26,12 @@
 //! - `http.rs`: a blocking HTTP/1.1 client for the gateway (JSON, multipart uploads, event
 //!   pages).
 //! - `etcd.rs`: [`Etcd`], a real one-member etcd server for the etcd store's tests.
+//! - `certs.rs`: [`TestCerts`], a test cluster's own CA and its processes' certificates.
 
 // A harness that cannot set up is a failed test: it unwraps, and panics with what went wrong.
 #![allow(clippy::unwrap_used)]
 
+mod certs;
 mod coordinators;
 mod etcd;
 pub mod http;
@@ -40,6 +42,7 @@ mod ports;
 mod process;
 mod replicas;
 
+pub use certs::TestCerts;
 pub use coordinators::{CoordinatorOptions, Coordinators};
 pub use etcd::Etcd;
 pub use in_process::InProcessCluster;

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use tandem_proto::contract::{Command, Proposal};
+use tandem_proto::{ClusterClient, Security};
 
 use crate::http::http;
 use crate::ports::free_addr;
@@ -70,7 +71,7 @@ impl MiniClusterBuilder {
         if let Some(lease) = &lease {
             args.extend(["--lease-ms", lease]);
         }
-        args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs]);
+        args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs, "--insecure"]);
         if let (Some(http), Some(key)) = (&http, &self.api_key) {
             args.extend(["--http", http, "--api-key", key]);
         }
@@ -81,7 +82,7 @@ impl MiniClusterBuilder {
         for (i, listen) in workers.iter().enumerate() {
             let id = format!("w{}", i + 1);
             let mut args = vec!["worker", "--id", &id, "--listen", listen, "--coordinator", &coordinator];
-            args.extend(["--model", model_arg, "--blobs", blobs]);
+            args.extend(["--model", model_arg, "--blobs", blobs, "--insecure"]);
             let collective = free_addr();
             if let Some((collective_timeout, setup_timeout)) = &timeouts {
                 args.extend(["--collective-addr", &collective, "--collective-timeout-ms", collective_timeout]);
@@ -136,7 +137,8 @@ impl MiniCluster {
     /// answers.
     pub fn register_model(&self, name: &str) {
         let command = Command::RegisterModel { name: name.into(), uri: self.model.to_str().unwrap().into() };
-        propose(&self.coordinator, Proposal::new(format!("model-{name}"), command));
+        let client = ClusterClient::new(&self.coordinator, &Security::Insecure).unwrap();
+        propose(&client, Proposal::new(format!("model-{name}"), command));
     }
 
     /// Waits up to 60 s until the gateway's health reports `n` workers alive.

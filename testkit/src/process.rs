@@ -52,7 +52,7 @@ impl Tandem {
 
     /// `tandem status --json` asked at coordinator `addr` (None while it does not answer).
     pub fn status(&self, addr: &str) -> Option<serde_json::Value> {
-        let (ok, out, _) = self.run(&["status", "--json", "--coordinator", addr]);
+        let (ok, out, _) = self.run(&["status", "--json", "--coordinator", addr, "--insecure"]);
         ok.then(|| serde_json::from_str(&out).unwrap())
     }
 
@@ -151,12 +151,11 @@ pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) 
     }
 }
 
-/// Proposes `p` through the coordinator at `coordinator`, as an operator's tool does, retried
-/// (the same request id: it applies once) until a coordinator answers, for up to 30 s.
-pub fn propose(coordinator: &str, p: Proposal) -> Reply {
+/// Proposes `p` through `client`, as an operator's tool does, retried (the same request id: it
+/// applies once) until a coordinator answers, for up to 30 s.
+pub fn propose(client: &ClusterClient, p: Proposal) -> Reply {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = ClusterClient::new(coordinator).unwrap();
-    wait_for(30, &format!("coordinator {coordinator} to take proposal {}", p.request_id), || {
+    wait_for(30, &format!("coordinator {} to take proposal {}", client.addr(), p.request_id), || {
         rt.block_on(client.propose_as(p.clone())).ok()
     })
 }

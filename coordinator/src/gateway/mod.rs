@@ -24,9 +24,9 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::{ClusterState, Command, Invalid, Reply, fresh_id, sha256_hex};
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
+use tandem_proto::{ClusterClient, Security};
 use tokio_stream::StreamExt;
 
 use crate::store::Store;
@@ -127,7 +127,8 @@ pub struct Gateway {
 impl Gateway {
     /// The gateway, with a task that keeps its view fresh for as long as it lives (call inside
     /// the runtime that serves it).
-    pub fn new(store: Store, cluster: ClusterClient, opts: &GatewayOptions) -> Arc<Self> {
+    /// A gateway over `store`, proposing through `cluster`; it reaches workers with `security`.
+    pub fn new(store: Store, cluster: ClusterClient, security: Security, opts: &GatewayOptions) -> Arc<Self> {
         let gateway = Arc::new(Gateway {
             store,
             cluster,
@@ -137,7 +138,7 @@ impl Gateway {
             turn: AtomicUsize::new(0),
             affinity: Default::default(),
             metrics: metrics::Metrics::default(),
-            view: view::View::default(),
+            view: view::View::new(security),
         });
         let weak = Arc::downgrade(&gateway);
         tokio::spawn(async move {

@@ -13,21 +13,26 @@ use std::time::Duration;
 
 use tandem_proto::contract::ClusterState;
 use tandem_proto::v1::worker_client::WorkerClient;
-use tonic::transport::{Channel, Endpoint};
+use tandem_proto::{Role, Security};
+use tonic::transport::Channel;
 
 /// How often the view is read afresh.
 pub const REFRESH: Duration = Duration::from_millis(200);
 /// How long connecting to a worker may take before the next one is tried.
 const WORKER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Default)]
 pub struct View {
     state: RwLock<Arc<ClusterState>>,
     /// One lazily connected channel per worker address.
     workers: Mutex<HashMap<String, WorkerClient<Channel>>>,
+    security: Security,
 }
 
 impl View {
+    pub fn new(security: Security) -> Self {
+        View { state: RwLock::default(), workers: Mutex::default(), security }
+    }
+
     /// The state as last read.
     pub fn state(&self) -> Arc<ClusterState> {
         self.state.read().map(|s| s.clone()).unwrap_or_default()
@@ -49,7 +54,7 @@ impl View {
         if let Some(c) = workers.get(addr) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = (self.security.endpoint(addr, Role::Worker))
             .map_err(|e| tonic::Status::unavailable(format!("worker {addr}: {e}")))?
             .connect_timeout(WORKER_CONNECT_TIMEOUT);
         let client = WorkerClient::new(endpoint.connect_lazy());

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tandem_kernels::Device;
 use tandem_proto::contract::{Command, Proposal, Reply};
-use tandem_proto::{ClientError, ClusterClient};
+use tandem_proto::{ClientError, ClusterClient, Security};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use engine_thread::{EngineThread, JobStart, Serving, TrainEvent, TrainEvents, Training};
@@ -50,6 +50,8 @@ pub struct Node {
     pub listen: String,
     /// The coordinators (any member: a follower forwards to the leader).
     pub cluster: ClusterClient,
+    /// How it answers the gateway (mutual TLS with the cluster's certificates).
+    pub security: Security,
     /// The shared folder of uploaded files and adapters; jobs' checkpoints and exported
     /// adapters go under `jobs/` there.
     pub blobs: PathBuf,
@@ -134,10 +136,9 @@ impl Node {
         let jobs = tokio::spawn(jobs.run(assigned, trained));
         let groups = groups_agent.map(|agent| tokio::spawn(agent.run(memberships)));
         eprintln!("{kind} {} serving on {}", self.id, self.listen);
-        let served = tonic::transport::Server::builder()
-            .add_service(WorkerService::serving(serving))
-            .serve_with_shutdown(addr, shutdown)
-            .await;
+        let mut server = (self.security.server(tonic::transport::Server::builder()))
+            .map_err(|e| Error::InvalidRequest(format!("TLS: {e}")))?;
+        let served = server.add_service(WorkerService::serving(serving)).serve_with_shutdown(addr, shutdown).await;
         lease.abort();
         jobs.abort();
         groups.inspect(|g| g.abort());
