@@ -9,11 +9,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use serde_json::Value;
+use tandem_proto::Security;
+use tandem_proto::tls::{ClusterTls, Role};
 use tandem_proto::v1::GenerateRequest;
 use tandem_proto::v1::worker_client::WorkerClient;
 
@@ -73,16 +76,20 @@ pub fn run(args: GatewayArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let key = std::fs::read_to_string(args.dir.join("admin-key"))?.trim().to_string();
-    let worker = worker_addr(&grpc)?;
+    // The operator's certificate that `tandem up` made: the worker answers holders of the
+    // cluster's certificates only, as the gateway is one.
+    let certs = args.dir.join("certs");
+    let security = Security::Mutual(Arc::new(ClusterTls::load(&certs, "operator")?));
+    let worker = worker_addr(&grpc, &certs)?;
     let rt = tokio::runtime::Runtime::new()?;
     let seconds = Duration::from_secs_f64(args.seconds);
     // One warm-up round of each, not counted.
     gateway_round(&http, &key, args.clients, Duration::from_secs(1))?;
-    rt.block_on(direct_round(&worker, args.clients, Duration::from_secs(1)))?;
+    rt.block_on(direct_round(&worker, &security, args.clients, Duration::from_secs(1)))?;
     let (mut via_gateway, mut direct) = (0.0, 0.0);
     for _ in 0..args.rounds.max(1) {
         via_gateway += gateway_round(&http, &key, args.clients, seconds)?;
-        direct += rt.block_on(direct_round(&worker, args.clients, seconds))?;
+        direct += rt.block_on(direct_round(&worker, &security, args.clients, seconds))?;
     }
     let rounds = args.rounds.max(1) as f64;
     let (via_gateway, direct) = (via_gateway / rounds, direct / rounds);
@@ -107,9 +114,10 @@ fn healthy(http: &str) -> bool {
 }
 
 /// The worker's gRPC address, as `tandem status --json` reports it.
-fn worker_addr(grpc: &str) -> Result<String> {
+fn worker_addr(grpc: &str, certs: &std::path::Path) -> Result<String> {
     let out = Command::new(std::env::current_exe()?)
-        .args(["status", "--coordinator", grpc, "--json", "--insecure"])
+        .args(["status", "--coordinator", grpc, "--json", "--certs"])
+        .arg(certs)
         .output()?;
     let status: Value = serde_json::from_slice(&out.stdout).context("tandem status --json")?;
     let workers = status["workers"].as_object().ok_or_else(|| anyhow!("no workers in {status}"))?;
@@ -177,11 +185,11 @@ fn read_response(reader: &mut impl BufRead) -> Result<u16> {
 }
 
 /// Requests per second straight to the worker: `clients` tasks, each on its own channel.
-async fn direct_round(worker: &str, clients: usize, length: Duration) -> Result<f64> {
+async fn direct_round(worker: &str, security: &Security, clients: usize, length: Duration) -> Result<f64> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let mut client = WorkerClient::connect(format!("http://{worker}")).await?;
+        let mut client = WorkerClient::new(security.endpoint(worker, Role::Worker)?.connect().await?);
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
             while start.elapsed() < length {

@@ -1,6 +1,7 @@
 //! `tandem submit`, `tandem jobs`, `tandem adapters` and `tandem keys`: a tenant's work in a
-//! running cluster, through the coordinator's gRPC job API (`tandem.v1.Api`), which answers
-//! with the gateway's JSON objects. Every call carries the caller's API key.
+//! running cluster, through the gateway's gRPC job API (`tandem.v1.Api`, on the gateway's own
+//! port), which answers with the gateway's JSON objects. Every call carries the caller's API
+//! key.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +11,6 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value, json};
 use tandem_coordinator::gateway::MAX_API_MESSAGE;
-use tandem_proto::Role;
 use tandem_proto::v1::api_client::ApiClient;
 use tandem_proto::v1::{
     AdapterFile, CreateJobRequest, CreateKeyRequest, DeleteAdapterRequest, JobRequest, ListAdaptersRequest,
@@ -20,25 +20,22 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use crate::certs::SecurityArgs;
-
 /// Where the key comes from when `--api-key` is not given.
 const KEY_VAR: &str = "TANDEM_API_KEY";
 /// The files of an adapter folder, by kind.
 const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 const ESFT_FILES: [&str; 2] = ["esft_config.json", "esft_model.safetensors"];
 
-/// Which coordinator to ask, and as whom (accepted before or after the subcommand).
+/// Which gateway to ask, and as whom (accepted before or after the subcommand).
 #[derive(Args)]
 pub struct ApiArgs {
-    /// Any coordinator's gRPC address (one that serves the gateway).
-    #[arg(long, global = true, default_value = "127.0.0.1:7400")]
-    coordinator: String,
+    /// The gateway's address (`tandem up --http`, `tandem coordinator --http`): its gRPC job
+    /// API answers there beside the HTTP API.
+    #[arg(long, global = true, default_value = "127.0.0.1:8000")]
+    gateway: String,
     /// Your API key (default: the TANDEM_API_KEY environment variable).
     #[arg(long, global = true)]
     api_key: Option<String>,
-    #[command(flatten)]
-    security: SecurityArgs,
 }
 
 #[derive(Args)]
@@ -150,7 +147,7 @@ enum KeysCommand {
     },
 }
 
-/// A connection to a coordinator's job API, with the caller's key.
+/// A connection to a gateway's job API, with the caller's key.
 struct Client {
     api: ApiClient<Channel>,
     auth: MetadataValue<Ascii>,
@@ -170,11 +167,11 @@ impl Client {
         let auth = format!("Bearer {}", key.trim())
             .parse()
             .map_err(|_| anyhow!("the API key has characters a request header cannot carry"))?;
-        let addr = args.coordinator.clone();
-        let endpoint = (args.security.security("operator")?.endpoint(&addr, Role::Coordinator))
-            .with_context(|| format!("--coordinator {addr:?} is not HOST:PORT"))?
+        let addr = args.gateway.clone();
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .with_context(|| format!("--gateway {addr:?} is not HOST:PORT"))?
             .connect_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {addr}"))?;
+        let channel = endpoint.connect().await.with_context(|| format!("cannot reach the gateway at {addr}"))?;
         let api = ApiClient::new(channel)
             .max_encoding_message_size(MAX_API_MESSAGE)
             .max_decoding_message_size(MAX_API_MESSAGE);
@@ -199,32 +196,29 @@ impl Client {
     /// The server's message, as it is: it names what was wrong.
     fn error(&self, s: Status) -> anyhow::Error {
         match s.code() {
-            Code::Unimplemented => anyhow!(
-                "the coordinator at {} does not serve the job API: start it with the gateway (--http, --api-key)",
-                self.addr
-            ),
-            // tonic's own words for a peer that is no gRPC server, such as the HTTP gateway.
+            Code::Unimplemented => anyhow!("{} does not serve the job API: it is not a gateway", self.addr),
+            // tonic's own words for a peer that is no gRPC server, or one that talks TLS.
             Code::Internal | Code::Unknown if s.message().starts_with("protocol error") => anyhow!(
-                "{} does not answer as a coordinator's gRPC address (`tandem up --grpc`, not the HTTP gateway's): {}",
+                "{} does not answer as a gateway (`tandem up --http`, not `--grpc`): {}",
                 self.addr,
                 s.message()
             ),
-            _ if s.message().is_empty() => anyhow!("the coordinator at {} answered {:?}", self.addr, s.code()),
-            Code::Unavailable => anyhow!("the coordinator at {} is unavailable: {}", self.addr, s.message()),
+            _ if s.message().is_empty() => anyhow!("the gateway at {} answered {:?}", self.addr, s.code()),
+            Code::Unavailable => anyhow!("the gateway at {} is unavailable: {}", self.addr, s.message()),
             _ => anyhow!("{}", s.message()),
         }
     }
 }
 
 fn parse(json: &str) -> Result<Value> {
-    serde_json::from_str(json).with_context(|| format!("the coordinator's reply is not JSON: {json:?}"))
+    serde_json::from_str(json).with_context(|| format!("the gateway's reply is not JSON: {json:?}"))
 }
 
 fn parse_all(list: &[String]) -> Result<Vec<Value>> {
     list.iter().map(|j| parse(j)).collect()
 }
 
-/// Runs `f` against the coordinator `args` name.
+/// Runs `f` against the gateway `args` name.
 fn with_client<T>(args: &ApiArgs, f: impl AsyncFnOnce(&Client) -> Result<T>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
@@ -423,7 +417,7 @@ fn finished(id: &str, job: &Value) -> Result<()> {
             println!("job {id} cancelled");
             bail!("job {id} was cancelled")
         }
-        other => bail!("the coordinator stopped sending updates of job {id} while it was {other}"),
+        other => bail!("the gateway stopped sending updates of job {id} while it was {other}"),
     }
 }
 

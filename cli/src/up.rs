@@ -1,16 +1,19 @@
 //! `tandem up`: a whole cluster on this machine. One coordinator (serving the HTTP gateway) and
 //! N CPU workers, each a process of its own, with their data in one folder; on first start it
-//! writes the built-in model there and makes an operator key. It prints the endpoint and the
-//! key, and stops everything on Ctrl-C or SIGTERM.
+//! writes the built-in model there and makes an operator key and the cluster's certificates
+//! (its processes talk mutual TLS; the gateway answers plain HTTP on its address). It prints
+//! the endpoint and the key, and stops everything on Ctrl-C or SIGTERM.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tandem_coordinator::gateway::new_key;
 use tandem_proto::contract::{Command as StateCommand, Proposal};
+use tandem_proto::tls::{CertificateAuthority, ClusterTls, Role};
 use tandem_proto::{ClusterClient, Security};
 use tandem_worker::init_model::{Preset, write_model};
 
@@ -101,12 +104,31 @@ fn start(name: &str, args: &[&str], logs: &Path) -> Result<(String, Child)> {
     Ok((name.to_string(), child))
 }
 
+/// The cluster's CA in `dir` (made on first start) and a certificate for the coordinator (`1`),
+/// each of `workers` and the operator, each made once; the operator's [`Security`], which
+/// `tandem up` itself uses.
+fn cluster_certs(dir: &Path, workers: &[String]) -> Result<Security> {
+    if !dir.join("ca.pem").exists() {
+        CertificateAuthority::create()?.write(dir)?;
+    }
+    let ca = CertificateAuthority::open(dir)?;
+    let holders = [(Role::Coordinator, "1"), (Role::Operator, "operator")]
+        .into_iter()
+        .chain(workers.iter().map(|w| (Role::Worker, w.as_str())));
+    for (role, name) in holders {
+        if !dir.join(format!("{name}.pem")).exists() {
+            ca.issue_into(dir, role, name)?;
+        }
+    }
+    Ok(Security::Mutual(Arc::new(ClusterTls::load(dir, "operator")?)))
+}
+
 /// Proposes the model into the catalogue, waiting for the coordinator to be up.
-async fn register_model(grpc: &str, name: &str, uri: &str) -> Result<()> {
+async fn register_model(grpc: &str, security: &Security, name: &str, uri: &str) -> Result<()> {
     let command = StateCommand::RegisterModel { name: name.into(), uri: uri.into() };
     let p = Proposal::new(format!("up-model-{name}"), command);
     let deadline = Instant::now() + Duration::from_secs(30);
-    let cluster = ClusterClient::new(grpc, &Security::Insecure)?;
+    let cluster = ClusterClient::new(grpc, security)?;
     loop {
         match cluster.propose_as(p.clone()).await {
             Ok(_) => return Ok(()),
@@ -129,6 +151,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         write_model(preset, &model, 0)?;
     }
     let key = admin_key(dir, args.api_key)?;
+    let certs = dir.join("certs");
+    let workers: Vec<String> = (1..=args.workers).map(|i| format!("worker-{i}")).collect();
+    let security = cluster_certs(&certs, &workers)?;
+    let certs_s = certs.to_string_lossy().into_owned();
     let blobs = dir.join("blobs").to_string_lossy().into_owned();
     let (model_s, coord_dir) = (model.to_string_lossy().into_owned(), dir.join("coordinator"));
     let peers = format!("1={}", args.grpc);
@@ -146,19 +172,20 @@ pub fn run(args: UpArgs) -> Result<()> {
         &key,
         "--blobs",
         &blobs,
-        "--insecure",
+        "--certs",
+        &certs_s,
     ]
     .map(str::to_string);
     let mut cluster = Cluster(Vec::new());
     cluster.0.push(start("coordinator", &coordinator.each_ref().map(String::as_str), &logs)?);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(register_model(&args.grpc, preset.name(), &model_s))?;
-    for i in 1..=args.workers {
-        let (id, listen) = (format!("worker-{i}"), free_addr()?);
+    rt.block_on(register_model(&args.grpc, &security, preset.name(), &model_s))?;
+    for id in &workers {
+        let listen = free_addr()?;
         let worker = [
             "worker",
             "--id",
-            &id,
+            id,
             "--listen",
             &listen,
             "--coordinator",
@@ -167,14 +194,16 @@ pub fn run(args: UpArgs) -> Result<()> {
             &model_s,
             "--blobs",
             &blobs,
-            "--insecure",
+            "--certs",
+            &certs_s,
         ];
-        cluster.0.push(start(&id, &worker, &logs)?);
+        cluster.0.push(start(id, &worker, &logs)?);
     }
     println!("Tandem is up: {} worker(s), model {:?}", args.workers, preset.name());
     println!("  endpoint:  http://{}/v1", args.http);
     println!("  API key:   {key}");
     println!("  data:      {} (logs in {})", dir.display(), logs.display());
+    println!("  operator:  tandem status --coordinator {} --certs {}", args.grpc, certs.display());
     println!("Ctrl-C stops it.");
     rt.block_on(async {
         let exited = async {

@@ -1,4 +1,4 @@
-//! The job CLI against a cluster started by `tandem up`, through the coordinator's gRPC job API:
+//! The job CLI against a cluster started by `tandem up`, through the gateway's gRPC job API:
 //! the operator makes tenants' keys; a tenant uploads, lists and removes an adapter that
 //! another tenant cannot see; submits a fine-tuning job and watches it to its end; a finished
 //! job cannot be cancelled; a wrong key is refused with a clear message.
@@ -84,11 +84,11 @@ fn up(dir: &Path, http: &str, grpc: &str) -> Up {
     }
 }
 
-/// `tandem args... --coordinator GRPC [--api-key KEY]`, killed after `timeout`: (success,
+/// `tandem args... --gateway HTTP [--api-key KEY]`, killed after `timeout`: (success,
 /// stdout, stderr).
-fn cli(grpc: &str, key: Option<&str>, args: &[&str], timeout: Duration) -> (bool, String, String) {
+fn cli(gateway: &str, key: Option<&str>, args: &[&str], timeout: Duration) -> (bool, String, String) {
     let mut cmd = TANDEM.command();
-    cmd.args(args).args(["--coordinator", grpc, "--insecure"]).env_remove("TANDEM_API_KEY");
+    cmd.args(args).args(["--gateway", gateway]).env_remove("TANDEM_API_KEY");
     if let Some(k) = key {
         cmd.args(["--api-key", k]);
     }
@@ -138,7 +138,7 @@ fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     let (http, grpc) = (free_addr(), free_addr());
     let cluster = up(&dir, &http, &grpc);
     let quick = Duration::from_secs(60);
-    let call = |key: Option<&str>, args: &[&str]| cli(&grpc, key, args, quick);
+    let call = |key: Option<&str>, args: &[&str]| cli(&http, key, args, quick);
 
     // The operator makes the tenants' keys; a tenant cannot.
     let (ok, alice, err) = call(Some(ADMIN), &["keys", "create", "--tenant", "alice"]);
@@ -189,7 +189,7 @@ fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     let id = out.trim().to_string();
     assert!(id.starts_with("ftjob-") && !id.contains('\n'), "{out}");
 
-    let (ok, out, err) = cli(&grpc, Some(&alice), &["jobs", "watch", &id], JOB_TIMEOUT);
+    let (ok, out, err) = cli(&http, Some(&alice), &["jobs", "watch", &id], JOB_TIMEOUT);
     assert!(ok, "the job did not succeed\nstdout: {out}\nstderr: {err}\n{}", cluster.logs());
     let model = format!("ft:tiny:alice:cnt:{id}");
     assert!(out.contains(&format!("job {id} succeeded")), "{out}");
@@ -203,7 +203,7 @@ fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     assert!(row.contains("succeeded") && row.contains(&model), "{row}");
     // The key from the environment works as well as --api-key.
     let mut events = TANDEM.command();
-    events.args(["jobs", "events", &id, "--coordinator", &grpc, "--insecure"]).env("TANDEM_API_KEY", &alice);
+    events.args(["jobs", "events", &id, "--gateway", &http]).env("TANDEM_API_KEY", &alice);
     let (ok, out, err) = run(events, quick);
     assert!(ok, "{err}");
     let created = out.lines().position(|l| l.contains("Job created")).unwrap_or_else(|| panic!("{out}"));

@@ -1,6 +1,7 @@
 //! `tandem up`: one command starts a coordinator with the gateway and two workers as separate
 //! processes, prints the endpoint and a key it made (kept for the next start), serves a
-//! completion, and stops every process on SIGTERM.
+//! completion, keeps its cluster ports to holders of the certificates it made, and stops every
+//! process on SIGTERM.
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
@@ -58,6 +59,27 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage"]["completion_tokens"], 3);
     }
+
+    // The processes talk mutual TLS: the coordinator's port and the workers' answer the
+    // certificates `tandem up` made, and nothing else.
+    let certs = dir.join("certs");
+    let status = |extra: &[&str]| TANDEM.run(&[&["status", "--json", "--coordinator", &grpc][..], extra].concat());
+    let (ok, out, err) = status(&["--certs", certs.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let workers = serde_json::from_str::<Value>(&out).unwrap()["workers"].clone();
+    assert_eq!(workers.as_object().unwrap().len(), 2, "{workers}");
+    let (ok, _, err) = status(&["--insecure"]);
+    assert!(!ok, "plain text was answered by the coordinator");
+    assert!(err.contains("--insecure"), "{err}");
+    let stranger = dir.join("stranger");
+    assert!(TANDEM.run(&["certs", "--dir", stranger.to_str().unwrap(), "init"]).0);
+    assert!(
+        TANDEM
+            .run(&["certs", "--dir", stranger.to_str().unwrap(), "issue", "--role", "operator", "--name", "operator"])
+            .0
+    );
+    let (ok, _, _) = status(&["--certs", stranger.to_str().unwrap()]);
+    assert!(!ok, "a certificate of another CA was answered by the coordinator");
 
     // SIGTERM: every process stops, and the ports are free again.
     // SAFETY: kill(2) on our own child's pid.

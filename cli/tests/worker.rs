@@ -36,7 +36,7 @@ fn a_worker_registers_and_streams_what_generate_prints() {
     // Registered, with its base model.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (ok, out, _) = TANDEM.run(&["status", "--json", "--coordinator", coord]);
+        let (ok, out, _) = TANDEM.run(&["status", "--json", "--coordinator", coord, "--insecure"]);
         if ok {
             let s: serde_json::Value = serde_json::from_str(&out).unwrap();
             if s["workers"]["w1"]["alive"] == true {

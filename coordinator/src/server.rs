@@ -492,23 +492,21 @@ pub async fn serve_with(
     };
     let lead = Arc::new(lead);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    // With the gateway, its operations are on the gRPC address too (`tandem.v1.Api`).
-    let (http, api) = match opts.http {
+    let http = match opts.http {
         Some(http) => {
             let addr = http.addr;
             let listener = (tokio::net::TcpListener::bind(addr).await)
                 .map_err(|e| Error::Unavailable(format!("--http {addr}: {e}")))?;
             let gateway = Gateway::new(store.clone(), ClusterClient::new(&own, &security)?, security.clone(), &http);
-            let api = gateway::api_server(gateway.clone());
             let stopped = async move {
                 let _ = http_stopped.await;
             };
             let task = tokio::spawn(async move {
                 axum::serve(listener, gateway::router(gateway)).with_graceful_shutdown(stopped).await
             });
-            (Some(task), Some(api))
+            Some(task)
         }
-        None => (None, None),
+        None => None,
     };
     let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
     let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
@@ -516,7 +514,6 @@ pub async fn serve_with(
     server
         .add_optional_service(raft.map(RaftServer::new))
         .add_service(ClusterServer::new(cluster))
-        .add_optional_service(api)
         .serve_with_shutdown(addr, shutdown)
         .await
         .map_err(|e| Error::Unavailable(format!("serving gRPC on {addr}: {e}")))?;

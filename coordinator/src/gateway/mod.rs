@@ -264,6 +264,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .merge(resources::routes())
         .merge(groups::routes())
+        // The same operations for programmatic clients, as gRPC (HTTP/2) on the same port: a
+        // tenant needs its key there, and no certificate of the cluster's.
+        .route_service("/tandem.v1.Api/{*method}", api_server(gateway.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(gateway)
