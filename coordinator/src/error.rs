@@ -23,6 +23,10 @@ pub enum Error {
     #[error("refused: {0}")]
     Conflict(String),
 
+    /// The caller's certificate does not allow it.
+    #[error("denied: {0}")]
+    Denied(String),
+
     /// This replica does not lead; `leader` is the one it knows of (0: none), where the request
     /// can go instead.
     #[error("not the leader (leader: {leader})")]
@@ -80,6 +84,7 @@ impl From<ClientError> for Error {
             ClientError::Invalid(m) => Error::Invalid(m),
             ClientError::NotFound(m) => Error::NotFound(m),
             ClientError::Conflict(m) => Error::Conflict(m),
+            ClientError::Denied(m) => Error::Denied(m),
             ClientError::Unavailable(m) => Error::Unavailable(m),
             ClientError::Internal(m) => Error::Internal(m),
         }
@@ -94,6 +99,7 @@ impl From<Error> for tonic::Status {
             Error::Invalid(m) => tonic::Status::invalid_argument(m),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::Conflict(m) => tonic::Status::failed_precondition(m),
+            Error::Denied(m) => tonic::Status::permission_denied(m),
             Error::NotLeader { leader } => {
                 tonic::Status::unavailable(format!("no leader reachable (last known: {leader})"))
             }

@@ -15,9 +15,10 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tandem_proto::cluster_server::{Cluster, ClusterServer};
 use tandem_proto::contract::{
-    Command, GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange, Proposal,
-    Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
+    ClusterState, Command, GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members,
+    MembershipChange, Proposal, Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
 };
+use tandem_proto::tls::Caller;
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
 use tandem_proto::v1::{RaftAck, RaftMessage};
@@ -134,6 +135,7 @@ struct RaftService {
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn step(&self, req: Request<RaftMessage>) -> Result<Response<RaftAck>, Status> {
+        Caller::of(&req).require("Raft.Step", &[Role::Coordinator])?;
         let msg = Message::parse_from_bytes(&req.into_inner().message)
             .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
         if !self.inbox.deliver(msg) {
@@ -186,6 +188,35 @@ impl Lead {
     }
 }
 
+/// Who may change the group and mint what an operator mints: an operator, or a coordinator
+/// forwarding an operator's call to the leader (every coordinator checks its caller before it
+/// forwards).
+const OPERATOR: &[Role] = &[Role::Operator, Role::Coordinator];
+
+/// A worker registers and heartbeats as its own name only; an operator or a forwarding
+/// coordinator may for any.
+fn as_worker(caller: &Caller, worker_id: &str) -> Result<(), Status> {
+    if caller.is(Role::Worker, Some(worker_id)) || OPERATOR.iter().any(|&r| caller.is(r, None)) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "only worker {worker_id:?}'s own certificate registers and heartbeats as it"
+    )))
+}
+
+/// What a worker may propose: reports of a job whose current attempt is its own, and news of a
+/// worker group it is a rank of.
+fn worker_may_propose(state: &ClusterState, caller: &Caller, command: &Command) -> bool {
+    match command {
+        Command::ReportJob { id, .. } => (state.jobs.get(id).and_then(|j| j.attempts.last()))
+            .is_some_and(|a| caller.is(Role::Worker, Some(&a.worker))),
+        Command::GroupFormed { group, .. } | Command::GroupFailed { group, .. } => {
+            (state.placements.get(group)).is_some_and(|p| p.workers.iter().any(|w| caller.is(Role::Worker, Some(w))))
+        }
+        _ => false,
+    }
+}
+
 struct ClusterService {
     store: Store,
     lead: Arc<Lead>,
@@ -227,8 +258,17 @@ impl ClusterService {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn propose(&self, req: Request<Proposal>) -> Result<Response<Reply>, Status> {
+        let caller = Caller::of(&req);
         let p = req.into_inner();
         p.command.validate().map_err(|e| Status::invalid_argument(e.0))?;
+        if !caller.is(Role::Coordinator, None) && !caller.is(Role::Operator, None) {
+            let state = self.store.read(REQUEST_TIMEOUT).await.map_err(Status::from)?;
+            if !worker_may_propose(&state, &caller, &p.command) {
+                return Err(Status::permission_denied(
+                    "a worker proposes reports of its own jobs and groups only; anything else needs an operator certificate",
+                ));
+            }
+        }
         match self.store.propose(p.clone(), REQUEST_TIMEOUT).await {
             Ok(reply) => Ok(Response::new(reply)),
             Err(Error::NotLeader { .. }) => Ok(Response::new(self.forward().await?.propose_as(p).await?)),
@@ -237,7 +277,9 @@ impl Cluster for ClusterService {
     }
 
     async fn register_worker(&self, req: Request<WorkerRegistration>) -> Result<Response<LeaseGrant>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        as_worker(&caller, &r.worker_id)?;
         if !self.leads() {
             let lease = self.forward().await?.register_worker(r).await?;
             return Ok(Response::new(LeaseGrant { lease_ms: lease.as_millis() as u64 }));
@@ -257,7 +299,9 @@ impl Cluster for ClusterService {
     }
 
     async fn heartbeat(&self, req: Request<Heartbeat>) -> Result<Response<WorkerView>, Status> {
+        let caller = Caller::of(&req);
         let Heartbeat { worker_id } = req.into_inner();
+        as_worker(&caller, &worker_id)?;
         if !self.leads() {
             return Ok(Response::new(self.forward().await?.heartbeat(&worker_id).await?));
         }
@@ -270,6 +314,7 @@ impl Cluster for ClusterService {
     }
 
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<GroupStatus>, Status> {
+        Caller::of(&req).require("Status", &Role::ALL)?;
         let state = match req.into_inner().with_state {
             true => self.store.read(Duration::from_secs(2)).await.ok(),
             false => None,
@@ -312,6 +357,7 @@ impl Cluster for ClusterService {
     }
 
     async fn change_members(&self, req: Request<MembershipChange>) -> Result<Response<Members>, Status> {
+        Caller::of(&req).require("ChangeMembers", OPERATOR)?;
         let req = req.into_inner();
         let (replica, book, _) = self.raft()?;
         if !self.leads() {
@@ -343,6 +389,7 @@ impl Cluster for ClusterService {
     }
 
     async fn transfer_leader(&self, req: Request<LeaderTransfer>) -> Result<Response<Leader>, Status> {
+        Caller::of(&req).require("TransferLeader", OPERATOR)?;
         let LeaderTransfer { to } = req.into_inner();
         let (replica, _, transfer_timeout) = self.raft()?;
         if !self.leads() {

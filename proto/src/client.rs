@@ -31,6 +31,9 @@ pub enum ClientError {
     /// What it names does not exist (a worker without a lease, a coordinator not a member).
     #[error("not found: {0}")]
     NotFound(String),
+    /// The caller's certificate does not allow it (another worker's name, an operator's call).
+    #[error("denied: {0}")]
+    Denied(String),
     /// The cluster refused it as things stand (a refused command, a stale epoch).
     #[error("refused: {0}")]
     Conflict(String),
@@ -48,6 +51,7 @@ impl From<tonic::Status> for ClientError {
         match s.code() {
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => ClientError::Invalid(message),
             tonic::Code::NotFound => ClientError::NotFound(message),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => ClientError::Denied(message),
             tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists | tonic::Code::Aborted => {
                 ClientError::Conflict(message)
             }
@@ -65,6 +69,7 @@ impl From<ClientError> for tonic::Status {
         match e {
             ClientError::Invalid(m) => tonic::Status::invalid_argument(m),
             ClientError::NotFound(m) => tonic::Status::not_found(m),
+            ClientError::Denied(m) => tonic::Status::permission_denied(m),
             ClientError::Conflict(m) => tonic::Status::failed_precondition(m),
             ClientError::Unavailable(m) => tonic::Status::unavailable(m),
             ClientError::Internal(m) => tonic::Status::internal(m),

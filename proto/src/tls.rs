@@ -8,6 +8,9 @@
 //! A certificates directory holds `ca.pem` (the cluster CA, trusted by every process),
 //! `ca.key` (only where certificates are issued), and `{name}.pem` / `{name}.key` per process.
 //! Keys are written 0600 and never overwritten.
+//!
+//! [`Caller`] reads the certificate a client showed, so that a server can require a role (and
+//! a name) of each call.
 
 use std::fmt;
 use std::io::Write;
@@ -20,6 +23,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
+use rustls_pki_types::{CertificateDer, ServerName};
 use time::{Duration, OffsetDateTime};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
@@ -265,5 +269,39 @@ impl Security {
             Security::Mutual(tls) => server.tls_config(tls.server_config()).map_err(invalid),
             Security::Insecure => Ok(server),
         }
+    }
+}
+
+/// Who called a server, as the certificate it showed says. On a plain-text server
+/// (`--insecure`) no caller can be told from another, and every check passes: that is what
+/// `--insecure` gives up.
+pub struct Caller(Option<Arc<Vec<CertificateDer<'static>>>>);
+
+impl Caller {
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        Caller(request.peer_certs())
+    }
+
+    /// Whether it holds a certificate of `role`, held by `name` when one is given.
+    pub fn is(&self, role: Role, name: Option<&str>) -> bool {
+        let Some(certs) = &self.0 else { return true };
+        let Some(cert) = certs.first().and_then(|c| webpki::EndEntityCert::try_from(c).ok()) else {
+            return false;
+        };
+        let dns = match name {
+            Some(name) => role.holder_dns_name(name),
+            None => role.dns_name(),
+        };
+        ServerName::try_from(dns).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+    }
+
+    /// `Ok` when it holds a certificate of one of `roles`; otherwise a `PermissionDenied` that
+    /// names what `call` needs.
+    pub fn require(&self, call: &str, roles: &[Role]) -> Result<(), tonic::Status> {
+        if roles.iter().any(|&r| self.is(r, None)) {
+            return Ok(());
+        }
+        let needed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        Err(tonic::Status::permission_denied(format!("{call} needs a {} certificate", needed.join(" or "))))
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server::{self, RaftLinks};
 use tandem_proto::contract::{ClusterState, Command, Proposal, Reply};
-use tandem_proto::{ClusterClient, Role};
+use tandem_proto::{ClusterClient, Role, Security};
 use tandem_worker::engine::{Engine, EngineConfig};
 use tandem_worker::init_model::{Preset, write_model};
 use tandem_worker::kernels::Device;
@@ -163,7 +163,17 @@ impl InProcessCluster {
         self.dir.join("blobs")
     }
 
-    /// A client of coordinator `id`.
+    /// A client of coordinator `id` showing the certificate `name` of `role` (made on first use).
+    pub fn client_as(&self, id: u64, role: Role, name: &str) -> ClusterClient {
+        ClusterClient::new(&self.coordinators[&id], &self.certs.security(role, name)).unwrap()
+    }
+
+    /// The [`Security`] of a holder of certificate `name` of `role`, for the test's own calls.
+    pub fn security(&self, role: Role, name: &str) -> Security {
+        self.certs.security(role, name)
+    }
+
+    /// A client of coordinator `id`, as an operator.
     pub fn client(&self, id: u64) -> ClusterClient {
         ClusterClient::new(&self.coordinators[&id], &self.certs.operator()).unwrap()
     }
