@@ -17,6 +17,7 @@ use tandem_proto::contract::Member;
 
 use crate::certs::SecurityArgs;
 use crate::checks::RuntimeChecks;
+use crate::secrets;
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
@@ -40,11 +41,12 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     store: Option<String>,
     /// Serve the OpenAI-compatible HTTP gateway here (HOST:PORT).
-    #[arg(long, requires = "api_key")]
-    http: Option<String>,
-    /// The operator's API key for the gateway (bearer token).
     #[arg(long)]
-    api_key: Option<String>,
+    http: Option<String>,
+    /// A file holding the operator's API key for the gateway (mode 0600); without it, the
+    /// TANDEM_API_KEY environment variable. Never on the command line, where `ps` shows it.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
     /// Raft tick, milliseconds (elections after 10-20 ticks, heartbeats every 2).
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
@@ -104,15 +106,17 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         join: args.join,
         security: args.security.security(&args.id.to_string())?,
         etcd: args.store,
-        http: match (args.http, args.api_key) {
-            (Some(addr), Some(admin_key)) => Some(GatewayOptions {
+        http: match args.http {
+            Some(addr) => Some(GatewayOptions {
                 addr: addr.parse().map_err(|e| anyhow!("--http {addr}: {e}"))?,
-                admin_key,
+                admin_key: secrets::key(args.api_key_file.as_deref())?.ok_or_else(|| {
+                    anyhow!("--http needs the operator's key: --api-key-file PATH or {}", secrets::KEY_VAR)
+                })?,
                 blobs: (args.blobs.or_else(|| data_dir.as_ref().map(|d| d.join("blobs"))))
                     .ok_or_else(|| anyhow!("--http needs --blobs DIR (or --data-dir)"))?,
                 checks: Arc::new(RuntimeChecks),
             }),
-            _ => None,
+            None => None,
         },
     };
     let rt = tokio::runtime::Runtime::new()?;

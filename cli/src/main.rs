@@ -12,6 +12,7 @@
 //! - `generate.rs`, `finetune.rs`: inference and fine-tuning on this machine, no cluster.
 //! - `tp_rank.rs`: one tensor-parallel rank over TCP (parity tests, traffic figures).
 //! - `machine.rs`: the CPU a benchmark ran on, printed beside its figures.
+//! - `secrets.rs`: secrets on disk (0600, never on a command line).
 //! - `checks.rs`: what the gateway checks with the model runtime (uploads).
 //! - `bench*.rs`: `tandem bench kernels|serve|finetune|coserve|failover|gateway`.
 
@@ -29,6 +30,7 @@ mod generate;
 mod groups;
 mod jobs;
 mod machine;
+mod secrets;
 mod tp_rank;
 mod up;
 mod worker;

@@ -17,6 +17,8 @@ use tandem_proto::tls::{CertificateAuthority, ClusterTls, Role};
 use tandem_proto::{ClusterClient, Security};
 use tandem_worker::init_model::{Preset, write_model};
 
+use crate::secrets;
+
 #[derive(Args)]
 pub struct UpArgs {
     /// CPU workers to start.
@@ -31,9 +33,10 @@ pub struct UpArgs {
     /// Where the cluster keeps its data (the model, the coordinator's log, the key).
     #[arg(long, default_value = "tandem-data")]
     data_dir: PathBuf,
-    /// The operator's API key (default: the one made on first start, in DATA_DIR/admin-key).
+    /// A file holding the operator's API key, mode 0600 (default: DATA_DIR/admin-key, made on
+    /// first start).
     #[arg(long)]
-    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
     /// The built-in model written on first start: tiny | tiny-moe | small.
     #[arg(long, default_value = "small")]
     preset: String,
@@ -79,24 +82,27 @@ fn terminate(child: &Child) {
 #[cfg(not(unix))]
 fn terminate(_child: &Child) {}
 
-/// The key given, or the one kept in the data folder (made on first start).
-fn admin_key(dir: &Path, given: Option<String>) -> Result<String> {
+/// The key in `file`, or the one kept in the data folder (made on first start, mode 0600).
+fn admin_key(dir: &Path, file: Option<&Path>) -> Result<String> {
     let path = dir.join("admin-key");
-    if let Some(k) = given {
-        return Ok(k);
+    if let Some(file) = file {
+        return secrets::read(file);
     }
-    if let Ok(k) = std::fs::read_to_string(&path) {
-        return Ok(k.trim().to_string());
+    if path.exists() {
+        return secrets::read(&path);
     }
     let key = new_key().context("making a key")?;
-    std::fs::write(&path, &key).with_context(|| format!("writing {}", path.display()))?;
+    secrets::write(&path, &key)?;
     Ok(key)
 }
 
-fn start(name: &str, args: &[&str], logs: &Path) -> Result<(String, Child)> {
+/// Starts `tandem args...` as `name`, its output in `logs`, with `env` added to its environment
+/// (where a secret goes: only the process's own user can read it there).
+fn start(name: &str, args: &[&str], env: &[(&str, &str)], logs: &Path) -> Result<(String, Child)> {
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let child = Command::new(std::env::current_exe()?)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .spawn()
@@ -150,7 +156,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         eprintln!("writing the built-in {} model to {}", preset.name(), model.display());
         write_model(preset, &model, 0)?;
     }
-    let key = admin_key(dir, args.api_key)?;
+    let key = admin_key(dir, args.api_key_file.as_deref())?;
     let certs = dir.join("certs");
     let workers: Vec<String> = (1..=args.workers).map(|i| format!("worker-{i}")).collect();
     let security = cluster_certs(&certs, &workers)?;
@@ -168,8 +174,6 @@ pub fn run(args: UpArgs) -> Result<()> {
         &coord_dir.to_string_lossy(),
         "--http",
         &args.http,
-        "--api-key",
-        &key,
         "--blobs",
         &blobs,
         "--certs",
@@ -177,7 +181,8 @@ pub fn run(args: UpArgs) -> Result<()> {
     ]
     .map(str::to_string);
     let mut cluster = Cluster(Vec::new());
-    cluster.0.push(start("coordinator", &coordinator.each_ref().map(String::as_str), &logs)?);
+    let coordinator = coordinator.each_ref().map(String::as_str);
+    cluster.0.push(start("coordinator", &coordinator, &[(secrets::KEY_VAR, &key)], &logs)?);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(register_model(&args.grpc, &security, preset.name(), &model_s))?;
     for id in &workers {
@@ -197,7 +202,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             "--certs",
             &certs_s,
         ];
-        cluster.0.push(start(id, &worker, &logs)?);
+        cluster.0.push(start(id, &worker, &[], &logs)?);
     }
     println!("Tandem is up: {} worker(s), model {:?}", args.workers, preset.name());
     println!("  endpoint:  http://{}/v1", args.http);

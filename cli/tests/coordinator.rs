@@ -252,7 +252,11 @@ fn a_followers_gateway_forwards_its_writes_to_the_leader() {
     // The follower again, now serving the HTTP gateway.
     g.kill(follower);
     let (http, blobs) = (free_addr(), g.dir().join("blobs"));
-    g.spawn(follower, &["--http", &http, "--api-key", "sk-op", "--blobs", blobs.to_str().unwrap()]);
+    let key_file = tandem_testkit::secret_file(&g.dir().join("admin-key"), "sk-op");
+    g.spawn(
+        follower,
+        &["--http", &http, "--api-key-file", key_file.to_str().unwrap(), "--blobs", blobs.to_str().unwrap()],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&http).is_err() {
         assert!(Instant::now() < deadline, "the follower's gateway never listened");

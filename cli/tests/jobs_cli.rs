@@ -61,9 +61,11 @@ impl Up {
 
 fn up(dir: &Path, http: &str, grpc: &str) -> Up {
     std::fs::create_dir_all(dir).unwrap();
+    let key_file = tandem_testkit::secret_file(&dir.join("operator-key"), ADMIN);
     let child = TANDEM
         .command()
-        .args(["up", "--workers", "1", "--preset", "tiny", "--http", http, "--grpc", grpc, "--api-key", ADMIN])
+        .args(["up", "--workers", "1", "--preset", "tiny", "--http", http, "--grpc", grpc, "--api-key-file"])
+        .arg(&key_file)
         .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::null())

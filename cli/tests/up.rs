@@ -8,6 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,8 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
     assert_eq!(endpoint, format!("http://{http}/v1"));
     assert!(key.starts_with("tk-") && key.len() > 40, "{key}");
     assert_eq!(std::fs::read_to_string(dir.join("admin-key")).unwrap().trim(), key);
+    let mode = std::fs::metadata(dir.join("admin-key")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the key file is readable by others");
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -80,6 +83,14 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
     );
     let (ok, _, _) = status(&["--certs", stranger.to_str().unwrap()]);
     assert!(!ok, "a certificate of another CA was answered by the coordinator");
+
+    // No process of the cluster shows the key on its command line (`ps` would).
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(!cmdline.contains(&key), "the key is on a command line: {cmdline}");
+        }
+    }
 
     // SIGTERM: every process stops, and the ports are free again.
     // SAFETY: kill(2) on our own child's pid.

@@ -49,5 +49,5 @@ pub use in_process::InProcessCluster;
 pub use mem_net::MemNet;
 pub use mini_cluster::{MiniCluster, MiniClusterBuilder};
 pub use ports::{free_addr, free_port};
-pub use process::{Procs, Scratch, Tandem, propose, wait_for};
+pub use process::{Procs, Scratch, Tandem, propose, secret_file, wait_for};
 pub use replicas::{FAST, Replicas, WAIT};

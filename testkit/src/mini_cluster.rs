@@ -10,7 +10,7 @@ use tandem_proto::{ClusterClient, Security};
 
 use crate::http::http;
 use crate::ports::free_addr;
-use crate::process::{Procs, Scratch, Tandem, propose, wait_for};
+use crate::process::{Procs, Scratch, Tandem, propose, secret_file, wait_for};
 
 /// What to start; [`MiniClusterBuilder::start`] starts it.
 pub struct MiniClusterBuilder {
@@ -72,8 +72,9 @@ impl MiniClusterBuilder {
             args.extend(["--lease-ms", lease]);
         }
         args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs, "--insecure"]);
-        if let (Some(http), Some(key)) = (&http, &self.api_key) {
-            args.extend(["--http", http, "--api-key", key]);
+        let key_file = self.api_key.as_ref().map(|key| secret_file(&dir.join("admin-key"), key));
+        if let (Some(http), Some(key_file)) = (&http, &key_file) {
+            args.extend(["--http", http, "--api-key-file", key_file.to_str().unwrap()]);
         }
         let mut procs = Procs(vec![tandem.spawn(&args)]);
         let model_arg = model.to_str().unwrap();

@@ -159,3 +159,12 @@ pub fn propose(client: &ClusterClient, p: Proposal) -> Reply {
         rt.block_on(client.propose_as(p.clone())).ok()
     })
 }
+
+/// Writes `secret` to `path` with mode 0600, as `tandem` reads a key file (it refuses one that
+/// others may read).
+pub fn secret_file(path: &Path, secret: &str) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
+    std::io::Write::write_all(&mut f, secret.as_bytes()).unwrap();
+    path.to_path_buf()
+}
