@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_proto::contract::{Command as StateCommand, FileRef, JobSpec, MethodChoice, Reply, WorkerRegistration};
-use tandem_proto::{ClientError, ClusterClient};
+use tandem_proto::ClientError;
 use tandem_testkit::{CoordinatorOptions, Coordinators, free_addr, http};
 
 use common::TANDEM;
@@ -83,7 +83,7 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let leader = g.leader();
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = ClusterClient::new(g.addr(follower), &tandem_proto::Security::Insecure).unwrap();
+    let client = g.client(follower);
     // A job, which the scheduler places on the first of the two idle workers below (submitted
     // first, so that the workers' heartbeats start as soon as they register).
     g.propose(follower, "model", StateCommand::RegisterModel { name: "m".into(), uri: "/m".into() });

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_proto::contract::{Command, Proposal, Reply};
-use tandem_proto::{ClientError, ClusterClient, Security};
+use tandem_proto::{ClientError, ClusterClient, Role};
 use tokio::sync::watch;
 
+use crate::certs::TestCerts;
 use crate::ports::free_addr;
 use crate::process::{Scratch, Tandem};
 
@@ -50,8 +51,14 @@ pub struct Coordinators {
     /// (from, to) → the switch that severs that link.
     links: BTreeMap<(u64, u64), watch::Sender<bool>>,
     rt: tokio::runtime::Runtime,
+    /// The cluster's CA: the coordinators and the test's clients talk mutual TLS.
+    certs: TestCerts,
     /// Dropped after the processes are killed (see `Drop`).
     dir: Scratch,
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 fn peers_arg(addrs: &BTreeMap<u64, String>) -> String {
@@ -77,7 +84,8 @@ impl Coordinators {
             peers.insert(from, peers_arg(&view));
         }
         let dir = Scratch::new(tag);
-        let mut c = Coordinators { tandem, opts, addrs, peers, procs: BTreeMap::new(), links, rt, dir };
+        let certs = TestCerts::new(&dir.join("certs"));
+        let mut c = Coordinators { tandem, opts, addrs, peers, procs: BTreeMap::new(), links, rt, certs, dir };
         for id in ids {
             c.spawn(id, &[]);
         }
@@ -104,9 +112,9 @@ impl Coordinators {
         self.rt.block_on(f)
     }
 
-    /// A client of coordinator `id`.
+    /// A client of coordinator `id`, as an operator.
     pub fn client(&self, id: u64) -> ClusterClient {
-        ClusterClient::new(&self.addrs[&id], &Security::Insecure).unwrap()
+        ClusterClient::new(&self.addrs[&id], &self.certs.operator()).unwrap()
     }
 
     /// Starts coordinator `id` (again: from its data folder) with `extra` arguments.
@@ -119,7 +127,9 @@ impl Coordinators {
             args.extend(["--lease-ms", lease]);
         }
         args.extend(extra);
-        args.extend(["--data-dir", data.to_str().unwrap(), "--insecure"]);
+        args.extend(["--data-dir", data.to_str().unwrap()]);
+        let certs = self.certs.args(Role::Coordinator, &id_arg);
+        args.extend(certs.iter().map(String::as_str));
         let child = self.tandem.spawn(&args);
         self.procs.insert(id, child);
     }
@@ -167,7 +177,10 @@ impl Coordinators {
 
     /// `tandem status --json` asked at coordinator `id` (None while it does not answer).
     pub fn status(&self, id: u64) -> Option<Value> {
-        self.tandem.status(&self.addrs[&id])
+        let operator = self.certs.args(Role::Operator, "operator");
+        let args = [&["status", "--json", "--coordinator", &self.addrs[&id]][..], &as_strs(&operator)].concat();
+        let (ok, out, _) = self.tandem.run(&args);
+        ok.then(|| serde_json::from_str(&out).unwrap())
     }
 
     /// The leader as the running coordinators agree on it, waiting for one.
@@ -201,7 +214,7 @@ impl Coordinators {
     /// Proposes `command` once through coordinator `via`.
     pub fn try_propose(&self, via: u64, request_id: &str, command: &Command) -> Result<Reply, ClientError> {
         let p = Proposal::new(request_id, command.clone());
-        let c = ClusterClient::new(&self.addrs[&via], &Security::Insecure)?;
+        let c = ClusterClient::new(&self.addrs[&via], &self.certs.operator())?;
         self.rt.block_on(c.propose_as(p))
     }
 
@@ -248,7 +261,9 @@ impl Coordinators {
     /// `tandem members <change...> --coordinator <via>`: its output; a failure panics with
     /// every coordinator's status.
     pub fn members(&self, via: u64, change: &[&str]) -> String {
-        let mut args = vec!["members", "--coordinator", &self.addrs[&via], "--insecure"];
+        let operator = self.certs.args(Role::Operator, "operator");
+        let mut args = vec!["members", "--coordinator", &self.addrs[&via]];
+        args.extend(as_strs(&operator));
         args.extend(change);
         let (ok, out, err) = self.tandem.run(&args);
         if !ok {

@@ -50,12 +50,6 @@ impl Tandem {
         assert!(ok, "init-model --preset {preset}: {err}");
     }
 
-    /// `tandem status --json` asked at coordinator `addr` (None while it does not answer).
-    pub fn status(&self, addr: &str) -> Option<serde_json::Value> {
-        let (ok, out, _) = self.run(&["status", "--json", "--coordinator", addr, "--insecure"]);
-        ok.then(|| serde_json::from_str(&out).unwrap())
-    }
-
     /// `tandem generate --json --logprobs` of `prompt`, greedy, on the model in `model`: what a
     /// served completion must equal.
     pub fn generate_greedy(&self, model: &Path, prompt: &str, max_tokens: usize) -> serde_json::Value {
