@@ -11,8 +11,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_proto::contract::{Command as StateCommand, FileRef, JobSpec, MethodChoice, Reply, WorkerRegistration};
 use tandem_proto::ClientError;
+use tandem_proto::contract::{Command as StateCommand, FileRef, JobSpec, MethodChoice, Reply, WorkerRegistration};
 use tandem_testkit::{CoordinatorOptions, Coordinators, free_addr, http};
 
 use common::TANDEM;
