@@ -20,8 +20,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-/// Where the key comes from when `--api-key` is not given.
-const KEY_VAR: &str = "TANDEM_API_KEY";
+use crate::secrets;
+
 /// The files of an adapter folder, by kind.
 const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 const ESFT_FILES: [&str; 2] = ["esft_config.json", "esft_model.safetensors"];
@@ -159,10 +159,10 @@ impl Client {
         let key = match &args.api_key {
             Some(k) => k.clone(),
             // By hand: the workspace's clap has no `env` feature.
-            None => std::env::var(KEY_VAR).unwrap_or_default(),
+            None => std::env::var(secrets::KEY_VAR).unwrap_or_default(),
         };
         if key.trim().is_empty() {
-            bail!("no API key: pass --api-key KEY or set {KEY_VAR}");
+            bail!("no API key: pass --api-key KEY or set {}", secrets::KEY_VAR);
         }
         let auth = format!("Bearer {}", key.trim())
             .parse()

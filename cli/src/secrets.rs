@@ -1,8 +1,7 @@
 //! Secrets on disk (the operator's API key): written 0600 from their creation on, and read only
 //! from a file no one else can read. A secret never goes on a command line, where `ps` shows it.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -26,9 +25,7 @@ pub fn read(path: &Path) -> Result<String> {
 
 /// Writes `secret` to a new file `path`, mode 0600.
 pub fn write(path: &Path, secret: &str) -> Result<()> {
-    let mut f = (std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path))
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(secret.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    Ok(tandem_proto::tls::write_new(path, secret, 0o600)?)
 }
 
 /// The key in `file` when one is given, else the `TANDEM_API_KEY` environment variable.

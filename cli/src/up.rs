@@ -122,9 +122,7 @@ fn cluster_certs(dir: &Path, workers: &[String]) -> Result<Security> {
         .into_iter()
         .chain(workers.iter().map(|w| (Role::Worker, w.as_str())));
     for (role, name) in holders {
-        if !dir.join(format!("{name}.pem")).exists() {
-            ca.issue_into(dir, role, name)?;
-        }
+        ca.issue_missing(dir, role, name)?;
     }
     Ok(Security::Mutual(Arc::new(ClusterTls::load(dir, "operator")?)))
 }

@@ -188,6 +188,14 @@ impl CertificateAuthority {
         write_new(&dir.join(format!("{name}.key")), &issued.key_pem, 0o600)?;
         write_new(&dir.join(format!("{name}.pem")), &issued.cert_pem, 0o644)
     }
+
+    /// [`CertificateAuthority::issue_into`] unless `dir` holds a certificate of `name` already.
+    pub fn issue_missing(&self, dir: &Path, role: Role, name: &str) -> Result<(), TlsError> {
+        if dir.join(format!("{name}.pem")).exists() {
+            return Ok(());
+        }
+        self.issue_into(dir, role, name)
+    }
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
@@ -196,7 +204,7 @@ fn read(path: &Path) -> Result<String, TlsError> {
 
 /// Writes a file that must not exist yet, with `mode` from its creation on (a key is never
 /// readable by others, not even for a moment).
-fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), TlsError> {
+pub fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), TlsError> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_err(path))?;
     f.write_all(text.as_bytes()).map_err(io_err(path))
 }
