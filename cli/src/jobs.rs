@@ -14,7 +14,7 @@ use tandem_coordinator::gateway::MAX_API_MESSAGE;
 use tandem_proto::v1::api_client::ApiClient;
 use tandem_proto::v1::{
     AdapterFile, CreateJobRequest, CreateKeyRequest, DeleteAdapterRequest, JobRequest, ListAdaptersRequest,
-    ListJobsRequest, PutAdapterRequest, UploadFileRequest,
+    ListJobsRequest, ListKeysRequest, PutAdapterRequest, RevokeKeyRequest, UploadFileRequest,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
@@ -144,7 +144,29 @@ enum KeysCommand {
     Create {
         #[arg(long)]
         tenant: String,
+        /// How long the key lasts: seconds, or a number with s, m, h or d (default: until
+        /// revoked).
+        #[arg(long, value_parser = parse_lifetime)]
+        expires_in: Option<u64>,
     },
+    /// Every tenant's keys, by id (never the key itself).
+    List,
+    /// Revoke a key by its id (as `tandem keys list` shows it): refused from then on.
+    Revoke { id: String },
+}
+
+/// Seconds in `90`, `90s`, `15m`, `12h` or `30d`.
+fn parse_lifetime(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: a number of seconds, or one with s, m, h or d (30d)")),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?}: no number"))?;
+    n.checked_mul(scale).filter(|&s| s > 0).ok_or_else(|| format!("{text:?}: out of range"))
 }
 
 /// A connection to a gateway's job API, with the caller's key.
@@ -486,18 +508,50 @@ fn adapter_files(dir: &Path) -> Result<Vec<AdapterFile>> {
 }
 
 pub fn keys(args: KeysArgs) -> Result<()> {
-    let KeysCommand::Create { tenant } = &args.command;
-    with_client(&args.api, async |c| {
-        let key = parse(&c.reply(c.api().create_key(c.req(CreateKeyRequest { tenant: tenant.clone() })).await)?.json)?;
-        eprintln!("API key for tenant {tenant} (shown once: keep it):");
-        println!("{}", key["key"].as_str().ok_or_else(|| anyhow!("the reply has no key: {key}"))?);
-        Ok(())
+    with_client(&args.api, async |c| match &args.command {
+        KeysCommand::Create { tenant, expires_in } => {
+            let req = CreateKeyRequest { tenant: tenant.clone(), expires_in: *expires_in };
+            let key = parse(&c.reply(c.api().create_key(c.req(req)).await)?.json)?;
+            let until =
+                key["expires_at"].as_u64().map_or_else(|| "until revoked".into(), |t| format!("until {}", utc(t)));
+            let id = key["id"].as_str().unwrap_or("?");
+            eprintln!("API key {id} for tenant {tenant}, {until} (shown once: keep it):");
+            println!("{}", key["key"].as_str().ok_or_else(|| anyhow!("the reply has no key: {key}"))?);
+            Ok(())
+        }
+        KeysCommand::List => {
+            let list = parse_all(&c.reply(c.api().list_keys(c.req(ListKeysRequest {})).await)?.json)?;
+            let time = |v: &Value| v.as_u64().map_or_else(|| "-".into(), utc);
+            let rows: Vec<[String; 4]> = (list.iter())
+                .map(|k| {
+                    let text = |f: &str| k[f].as_str().unwrap_or_default().to_string();
+                    [text("id"), text("tenant"), time(&k["created_at"]), time(&k["expires_at"])]
+                })
+                .collect();
+            table(["ID", "TENANT", "CREATED", "EXPIRES"], &rows);
+            Ok(())
+        }
+        KeysCommand::Revoke { id } => {
+            c.reply(c.api().revoke_key(c.req(RevokeKeyRequest { id: id.clone() })).await)?;
+            println!("revoked {id}");
+            Ok(())
+        }
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lifetimes_read_units_and_refuse_the_rest() {
+        assert_eq!(parse_lifetime("90"), Ok(90));
+        assert_eq!(parse_lifetime("15m"), Ok(900));
+        assert_eq!(parse_lifetime("30d"), Ok(2_592_000));
+        for bad in ["", "0", "d", "1w", "-5", "1.5h", "99999999999999999999d"] {
+            assert!(parse_lifetime(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn utc_dates_follow_the_calendar() {

@@ -2,7 +2,8 @@
 //! sent to a follower reaches the leader, the leader's process is killed and another takes
 //! over with no acknowledged write lost, and the killed one restarts from its disk; a leader
 //! cut off by a partition steps down while the majority goes on; every coordinator killed at
-//! once loses no acknowledged write; members join and leave under load; workers' leases.
+//! once loses no acknowledged write; members join and leave under load; workers' leases; a key
+//! revoked through one coordinator's gateway is refused by another's within a second.
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
@@ -244,24 +245,27 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Restarts coordinator `id` serving the HTTP gateway (operator key `sk-op`); its address once
+/// it listens.
+fn serve_gateway(g: &mut Coordinators, id: u64) -> String {
+    g.kill(id);
+    let (http, blobs) = (free_addr(), g.dir().join("blobs"));
+    let key_file = tandem_testkit::secret_file(&g.dir().join("admin-key"), "sk-op");
+    g.spawn(id, &["--http", &http, "--api-key-file", key_file.to_str().unwrap(), "--blobs", blobs.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&http).is_err() {
+        assert!(Instant::now() < deadline, "coordinator {id}'s gateway never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    http
+}
+
 #[test]
 fn a_followers_gateway_forwards_its_writes_to_the_leader() {
     let mut g = start("follower-gateway", false);
     let leader = g.leader();
     let follower = (1..=3).find(|&id| id != leader).unwrap();
-    // The follower again, now serving the HTTP gateway.
-    g.kill(follower);
-    let (http, blobs) = (free_addr(), g.dir().join("blobs"));
-    let key_file = tandem_testkit::secret_file(&g.dir().join("admin-key"), "sk-op");
-    g.spawn(
-        follower,
-        &["--http", &http, "--api-key-file", key_file.to_str().unwrap(), "--blobs", blobs.to_str().unwrap()],
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&http).is_err() {
-        assert!(Instant::now() < deadline, "the follower's gateway never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let http = serve_gateway(&mut g, follower);
     assert_ne!(g.leader(), follower, "the test needs the gateway on a follower");
     // A write (a key is a log entry) through the follower, then a read that needs it.
     let (status, body) = http::http(&http, "POST", "/v1/admin/api-keys", Some("sk-op"), Some(r#"{"tenant": "t1"}"#));
@@ -269,4 +273,36 @@ fn a_followers_gateway_forwards_its_writes_to_the_leader() {
     let key: Value = serde_json::from_str(&body).unwrap();
     let (status, body) = http::http(&http, "GET", "/v1/models", key["key"].as_str(), None);
     assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn a_revoked_key_is_refused_by_every_gateway_within_a_second() {
+    let mut g = start("revoke", false);
+    let (a, b) = (serve_gateway(&mut g, 1), serve_gateway(&mut g, 2));
+    g.leader(); // elected again after the restarts
+    let models = |addr: &str, key: &str| http::http(addr, "GET", "/v1/models", Some(key), None);
+    let (status, body) = http::http(&a, "POST", "/v1/admin/api-keys", Some("sk-op"), Some(r#"{"tenant": "t1"}"#));
+    assert_eq!(status, 200, "{body}");
+    let made: Value = serde_json::from_str(&body).unwrap();
+    let (key, id) = (made["key"].as_str().unwrap(), made["id"].as_str().unwrap());
+    assert_eq!(models(&b, key).0, 200, "gateway b accepts the key");
+    // Listed on the other gateway by id and tenant, never with the key.
+    let (status, listed) = http::http(&b, "GET", "/v1/admin/api-keys", Some("sk-op"), None);
+    assert_eq!(status, 200, "{listed}");
+    assert!(!listed.contains(key), "{listed}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["data"][0]["id"], id);
+    assert_eq!(listed["data"][0]["tenant"], "t1");
+    assert_eq!(http::http(&b, "GET", "/v1/admin/api-keys", Some(key), None).0, 403, "a tenant lists no keys");
+
+    let (status, body) = http::http(&a, "DELETE", &format!("/v1/admin/api-keys/{id}"), Some("sk-op"), None);
+    assert_eq!(status, 200, "{body}");
+    let revoked = Instant::now();
+    while models(&b, key).0 != 401 {
+        assert!(revoked.elapsed() < Duration::from_secs(1), "gateway b still accepts a revoked key");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(models(&a, key).0, 401);
+    let (status, body) = http::http(&b, "DELETE", &format!("/v1/admin/api-keys/{id}"), Some("sk-op"), None);
+    assert_eq!(status, 404, "{body}");
 }

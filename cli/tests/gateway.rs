@@ -67,7 +67,8 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     // gateway's view has not seen it) is accepted at once: a key the view lacks is looked up
     // again before it is refused; a key that does not exist still is.
     let key = "sk-made-elsewhere";
-    let command = Command::CreateApiKey { tenant: "carol".into(), key_sha256: sha256_hex(key.as_bytes()) };
+    let command =
+        Command::CreateApiKey { tenant: "carol".into(), key_sha256: sha256_hex(key.as_bytes()), expires_at: None };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reply = rt
         .block_on(ClusterClient::new(coord, &tandem_proto::Security::Insecure).unwrap().propose("test-key", command))

@@ -1,7 +1,8 @@
 //! The job CLI against a cluster started by `tandem up`, through the gateway's gRPC job API:
-//! the operator makes tenants' keys; a tenant uploads, lists and removes an adapter that
-//! another tenant cannot see; submits a fine-tuning job and watches it to its end; a finished
-//! job cannot be cancelled; a wrong key is refused with a clear message.
+//! the operator makes, lists and revokes tenants' keys (one made to expire is refused after);
+//! a tenant uploads, lists and removes an adapter that another tenant cannot see; submits a
+//! fine-tuning job and watches it to its end; a finished job cannot be cancelled; a wrong key
+//! is refused with a clear message.
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
@@ -152,6 +153,37 @@ fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     let bob = bob.trim().to_string();
     let (ok, _, err) = call(Some(&alice), &["keys", "create", "--tenant", "mallory"]);
     assert!(!ok && err.contains("only the operator"), "{err}");
+
+    // Keys are listed by id, never shown again; a revoked key and an expired one are refused.
+    let (ok, temp, err) = call(Some(ADMIN), &["keys", "create", "--tenant", "carol", "--expires-in", "1h"]);
+    assert!(ok, "{err}");
+    let temp_id = err.split_whitespace().find(|w| w.starts_with("key_"));
+    let temp_id = temp_id.unwrap_or_else(|| panic!("no key id in {err:?}")).to_string();
+    let (ok, list, err) = call(Some(ADMIN), &["keys", "list"]);
+    assert!(ok, "{err}");
+    assert!(!list.contains(&alice) && !list.contains(temp.trim()), "a key is shown again:\n{list}");
+    let row = list.lines().find(|l| l.starts_with(&temp_id)).unwrap_or_else(|| panic!("{list}"));
+    assert!(row.contains("carol") && !row.trim_end().ends_with('-'), "{row}");
+    assert_eq!(list.lines().filter(|l| l.starts_with("key_")).count(), 3, "{list}");
+    let (ok, _, err) = call(Some(&alice), &["keys", "list"]);
+    assert!(!ok && err.contains("only the operator"), "{err}");
+    let (ok, _, err) = call(Some(&alice), &["keys", "revoke", &temp_id]);
+    assert!(!ok && err.contains("only the operator"), "{err}");
+    let (ok, out, err) = call(Some(temp.trim()), &["adapters", "list"]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = call(Some(ADMIN), &["keys", "revoke", &temp_id]);
+    assert!(ok && out.contains("revoked"), "{err}");
+    let (ok, _, err) = call(Some(temp.trim()), &["adapters", "list"]);
+    assert!(!ok && err.contains("not valid"), "{err}");
+    let (ok, _, err) = call(Some(ADMIN), &["keys", "revoke", &temp_id]);
+    assert!(!ok && err.contains("no API key"), "{err}");
+    let (ok, _, err) = call(Some(ADMIN), &["keys", "create", "--tenant", "carol", "--expires-in", "0"]);
+    assert!(!ok && err.contains("out of range"), "{err}");
+    let (ok, short, err) = call(Some(ADMIN), &["keys", "create", "--tenant", "carol", "--expires-in", "1s"]);
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(2100));
+    let (ok, _, err) = call(Some(short.trim()), &["adapters", "list"]);
+    assert!(!ok && err.contains("expired"), "{err}");
 
     // Adapters: alice's is hers alone.
     let adapter = dir.join("my-adapter");

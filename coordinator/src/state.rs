@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use tandem_proto::contract::{
-    AdapterVersion, Attempt, Checkpoint, ClusterState, Command, Job, JobEvent, JobReport, JobStatus, Model, Placement,
-    Proposal, Reply, Worker,
+    AdapterVersion, ApiKey, Attempt, Checkpoint, ClusterState, Command, Job, JobEvent, JobReport, JobStatus, Model,
+    Placement, Proposal, Reply, Worker,
 };
 
 /// Replies remembered for retried proposals: the last this many request ids.
@@ -262,9 +262,17 @@ impl StateMachine {
                 Some(p) => refused(format!("stale formation: epoch {epoch}, group {group:?} is at epoch {}", p.epoch)),
                 None => refused(format!("no group {group:?}")),
             },
-            Command::CreateApiKey { tenant, key_sha256 } => {
-                self.state.api_keys.insert(key_sha256, tenant);
+            Command::CreateApiKey { tenant, key_sha256, expires_at } => {
+                self.state.api_keys.insert(key_sha256, ApiKey { tenant, created_at: at, expires_at });
                 Reply::Done
+            }
+            Command::RevokeApiKey { id } => {
+                let before = self.state.api_keys.len();
+                self.state.api_keys.retain(|hash, _| ApiKey::id(hash) != id);
+                match self.state.api_keys.len() < before {
+                    true => Reply::Done,
+                    false => refused(format!("no API key {id:?}")),
+                }
             }
             Command::PutFile { id, file } => {
                 if self.state.files.contains_key(&id) {

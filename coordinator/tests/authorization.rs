@@ -30,7 +30,8 @@ fn a_workers_certificate_acts_as_itself_only_and_an_operators_runs_the_cluster()
     let leader = cluster.leader();
     let w1 = cluster.client_as(leader, Role::Worker, "w1");
     let operator = cluster.client(leader);
-    let key = Command::CreateApiKey { tenant: "mallory".into(), key_sha256: sha256_hex(b"tk-minted") };
+    let key =
+        Command::CreateApiKey { tenant: "mallory".into(), key_sha256: sha256_hex(b"tk-minted"), expires_at: None };
     cluster.block_on(async {
         // A worker reads the state and heartbeats as itself...
         assert!(w1.status(true).await.unwrap().state.is_some());

@@ -8,8 +8,8 @@ use serde_json::json;
 use tandem_coordinator::placement::schedule;
 use tandem_coordinator::state::{MAX_ATTEMPTS, StateMachine};
 use tandem_proto::contract::{
-    ClusterState, Command, File, FileRef, Gpu, JobReport, JobSpec, JobStatus, MethodChoice, Placement, Proposal, Reply,
-    StepFigures, check_name,
+    ApiKey, ClusterState, Command, File, FileRef, Gpu, JobReport, JobSpec, JobStatus, MethodChoice, Placement,
+    Proposal, Reply, StepFigures, check_name,
 };
 
 /// Applies commands at consecutive indices, each with its own request id.
@@ -275,10 +275,13 @@ fn a_job_reports_its_steps_and_its_success_registers_its_adapter_for_its_tenant(
 #[test]
 fn keys_files_and_names_are_checked() {
     let mut log = cluster();
-    let key =
-        |tenant: &str| Command::CreateApiKey { tenant: tenant.into(), key_sha256: format!("{:0>64}", tenant.len()) };
+    let key = |tenant: &str| Command::CreateApiKey {
+        tenant: tenant.into(),
+        key_sha256: format!("{:0>64}", tenant.len()),
+        expires_at: None,
+    };
     assert_eq!(log.apply(key("alice")), Reply::Done);
-    assert_eq!(log.state().api_keys[&format!("{:0>64}", 5)], "alice");
+    assert_eq!(log.state().api_keys[&format!("{:0>64}", 5)].tenant, "alice");
     for bad in ["", "../etc", "a/b", "a b", "x\u{7}", &"t".repeat(65)] {
         assert!(matches!(log.apply(key(bad)), Reply::Refused { .. }), "tenant {bad:?}");
     }
@@ -484,4 +487,37 @@ fn a_snapshot_keeps_the_coordinators_added_by_their_ids() {
     let restored = StateMachine::restore(&log.machine.snapshot().unwrap()).unwrap();
     assert_eq!(restored.state().coordinators[&4], "127.0.0.1:7404");
     assert_eq!(restored, log.machine);
+}
+
+#[test]
+fn keys_keep_their_expiry_and_are_revoked_by_id() {
+    let mut log = cluster();
+    let hash = tandem_proto::contract::sha256_hex(b"tk-alice");
+    let create = Command::CreateApiKey { tenant: "alice".into(), key_sha256: hash.clone(), expires_at: Some(2_000) };
+    assert_eq!(log.apply(create), Reply::Done);
+    let key = log.state().api_keys[&hash].clone();
+    assert_eq!((key.tenant.as_str(), key.expires_at), ("alice", Some(2_000)));
+    assert!(key.created_at > 0, "the proposal's time is the key's creation time");
+    assert!(!key.expired(1_999) && key.expired(2_000));
+    let id = ApiKey::id(&hash);
+    assert_eq!(id, format!("key_{}", &hash[..16]));
+    // An unknown id changes nothing; the key's id removes it.
+    assert!(matches!(log.apply(Command::RevokeApiKey { id: "key_0000".into() }), Reply::Refused { .. }));
+    assert_eq!(log.state().api_keys.len(), 1);
+    assert_eq!(log.apply(Command::RevokeApiKey { id: id.clone() }), Reply::Done);
+    assert!(log.state().api_keys.is_empty());
+    assert!(matches!(log.apply(Command::RevokeApiKey { id }), Reply::Refused { .. }));
+    assert!(matches!(log.apply(Command::RevokeApiKey { id: "../x".into() }), Reply::Refused { .. }));
+}
+
+#[test]
+fn a_state_that_kept_keys_as_bare_tenants_still_reads() {
+    let hash = "ab".repeat(32);
+    let stored = json!({"applied": 7, "workers": {}, "models": {}, "adapters": {}, "jobs": {}, "placements": {},
+        "api_keys": {hash.clone(): "alice"}});
+    let state: ClusterState = serde_json::from_value(stored).unwrap();
+    assert_eq!(state.api_keys[&hash], ApiKey { tenant: "alice".into(), created_at: 0, expires_at: None });
+    // And what it writes reads back the same.
+    let again: ClusterState = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
+    assert_eq!(again, state);
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tandem_proto::v1::api_server::{Api, ApiServer};
 use tandem_proto::v1::{
     ApiList, ApiObject, CreateJobRequest, CreateKeyRequest, DeleteAdapterRequest, JobRequest, JobUpdate,
-    ListAdaptersRequest, ListJobsRequest, PutAdapterRequest, UploadFileRequest,
+    ListAdaptersRequest, ListJobsRequest, ListKeysRequest, PutAdapterRequest, RevokeKeyRequest, UploadFileRequest,
 };
 use tokio::sync::mpsc;
 use tonic::metadata::MetadataMap;
@@ -78,7 +78,18 @@ type Updates = Pin<Box<dyn tokio_stream::Stream<Item = Result<JobUpdate, Status>
 impl Api for ApiService {
     async fn create_key(&self, req: Request<CreateKeyRequest>) -> Result<Response<ApiObject>, Status> {
         let caller = caller(&self.gateway, req.metadata()).await?;
-        object(self.gateway.create_key(&caller, &req.get_ref().tenant).await)
+        let CreateKeyRequest { tenant, expires_in } = req.get_ref();
+        object(self.gateway.create_key(&caller, tenant, *expires_in).await)
+    }
+
+    async fn list_keys(&self, req: Request<ListKeysRequest>) -> Result<Response<ApiList>, Status> {
+        let caller = caller(&self.gateway, req.metadata()).await?;
+        list(self.gateway.list_keys(&caller).await)
+    }
+
+    async fn revoke_key(&self, req: Request<RevokeKeyRequest>) -> Result<Response<ApiObject>, Status> {
+        let caller = caller(&self.gateway, req.metadata()).await?;
+        object(self.gateway.revoke_key(&caller, &req.get_ref().id).await)
     }
 
     async fn upload_file(&self, req: Request<UploadFileRequest>) -> Result<Response<ApiObject>, Status> {

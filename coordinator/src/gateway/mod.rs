@@ -24,7 +24,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tandem_proto::contract::{ClusterState, Command, Invalid, Reply, fresh_id, sha256_hex};
+use tandem_proto::contract::{ClusterState, Command, Invalid, Reply, fresh_id, sha256_hex, unix_now};
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tandem_proto::{ClusterClient, Security};
 use tokio_stream::StreamExt;
@@ -168,13 +168,16 @@ impl Gateway {
             return Ok(Caller { tenant: ADMIN_TENANT.into(), admin: true });
         }
         // A key the view lacks may be newer than the view: read again before refusing it.
-        if let Some(tenant) = self.view.state().api_keys.get(&hash) {
-            return Ok(Caller { tenant: tenant.clone(), admin: false });
+        let key = match self.view.state().api_keys.get(&hash) {
+            Some(k) => k.clone(),
+            None => (self.state().await?.api_keys.get(&hash).cloned()).ok_or_else(|| {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid")
+            })?,
+        };
+        if key.expired(unix_now()) {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key has expired"));
         }
-        match self.state().await?.api_keys.get(&hash) {
-            Some(tenant) => Ok(Caller { tenant: tenant.clone(), admin: false }),
-            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid")),
-        }
+        Ok(Caller { tenant: key.tenant, admin: false })
     }
 
     /// The state, read linearizably (and kept as the view).

@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use super::openai::{Body, parse};
 use super::{ApiError, Caller, Gateway};
 use tandem_proto::contract::{
-    ClusterState, Command, File, FileRef, Hyperparams, Job, JobSpec, JobStatus, MethodChoice, Reply, check_name,
-    check_tenant, dir_checksum, fresh_id, sha256_hex, to_hex, unix_now,
+    ApiKey, ClusterState, Command, File, FileRef, Hyperparams, Job, JobSpec, JobStatus, MethodChoice, Reply,
+    check_name, check_tenant, dir_checksum, fresh_id, sha256_hex, to_hex, unix_now,
 };
 
 /// Largest training file accepted.
@@ -32,7 +32,8 @@ pub const BASE_LEARNING_RATE: f64 = 1e-3;
 
 pub fn routes() -> Router<Arc<Gateway>> {
     Router::new()
-        .route("/v1/admin/api-keys", post(create_key))
+        .route("/v1/admin/api-keys", post(create_key).get(list_keys))
+        .route("/v1/admin/api-keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/files", post(upload_file).layer(DefaultBodyLimit::max(MAX_FILE)).get(list_files))
         .route("/v1/files/{id}", get(file).delete(delete_file))
         .route("/v1/files/{id}/content", get(file_content))
@@ -106,22 +107,87 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ApiError> {
 
 async fn create_key(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): Body) -> Result<Response, ApiError> {
     #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
     struct NewKey {
         tenant: String,
+        /// Seconds the key lasts; none: until revoked.
+        #[serde(default)]
+        expires_in: Option<u64>,
     }
-    let NewKey { tenant } = parse(&body)?;
-    gw.create_key(&caller, &tenant).await.map(ok)
+    let NewKey { tenant, expires_in } = parse(&body)?;
+    gw.create_key(&caller, &tenant, expires_in).await.map(ok)
+}
+
+async fn list_keys(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
+    Ok(ok(page.of(gw.list_keys(&caller).await?)))
+}
+
+async fn revoke_key(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    gw.revoke_key(&caller, &id).await.map(ok)
+}
+
+/// The longest a key may be made to last: ten years.
+const MAX_KEY_LIFETIME: u64 = 10 * 366 * 86_400;
+
+/// The `api_key` object of the key whose SHA-256 is `hash` (never the key itself).
+fn key_object(hash: &str, k: &ApiKey) -> Value {
+    json!({
+        "object": "api_key", "id": ApiKey::id(hash), "tenant": k.tenant, "created_at": k.created_at,
+        "expires_at": k.expires_at,
+    })
 }
 
 impl Gateway {
-    /// Makes an API key for `tenant` (the operator only); the key is shown once.
-    pub async fn create_key(&self, caller: &Caller, tenant: &str) -> Result<Value, ApiError> {
+    /// Makes an API key for `tenant` that lasts `expires_in` seconds, or until revoked (the
+    /// operator only); the key is shown once.
+    pub async fn create_key(&self, caller: &Caller, tenant: &str, expires_in: Option<u64>) -> Result<Value, ApiError> {
         caller.must_be_operator("makes API keys")?;
         check_tenant(tenant).map_err(|e| ApiError::bad_request("tenant", e.0))?;
+        if let Some(s) = expires_in.filter(|s| !(1..=MAX_KEY_LIFETIME).contains(s)) {
+            return Err(ApiError::bad_request("expires_in", format!("{s} is not 1 to {MAX_KEY_LIFETIME} seconds")));
+        }
         let key = new_key().map_err(|e| ApiError::unavailable(format!("no randomness: {e}")))?;
-        let command = Command::CreateApiKey { tenant: tenant.into(), key_sha256: sha256_hex(key.as_bytes()) };
+        let key_sha256 = sha256_hex(key.as_bytes());
+        let now = unix_now();
+        let created = ApiKey { tenant: tenant.into(), created_at: now, expires_at: expires_in.map(|s| now + s) };
+        let command = Command::CreateApiKey {
+            tenant: tenant.into(),
+            key_sha256: key_sha256.clone(),
+            expires_at: created.expires_at,
+        };
         self.propose("api-key", command).await?;
-        Ok(json!({"object": "api_key", "tenant": tenant, "key": key, "created_at": unix_now()}))
+        let mut object = key_object(&key_sha256, &created);
+        object["key"] = json!(key);
+        Ok(object)
+    }
+
+    /// Every tenant's keys, by id and tenant, oldest first (the operator only).
+    pub async fn list_keys(&self, caller: &Caller) -> Result<Vec<Value>, ApiError> {
+        caller.must_be_operator("lists API keys")?;
+        let state = self.state().await?;
+        let mut keys: Vec<_> = state.api_keys.iter().collect();
+        keys.sort_by(|a, b| (a.1.created_at, a.0).cmp(&(b.1.created_at, b.0)));
+        Ok(keys.into_iter().map(|(hash, k)| key_object(hash, k)).collect())
+    }
+
+    /// Revokes the key `id` (the operator only): every gateway refuses it within a view
+    /// refresh.
+    pub async fn revoke_key(&self, caller: &Caller, id: &str) -> Result<Value, ApiError> {
+        caller.must_be_operator("revokes API keys")?;
+        let known = self.state().await?.api_keys.keys().any(|hash| ApiKey::id(hash) == id);
+        if !known {
+            return Err(ApiError::not_found("api_key_not_found", format!("no API key {id:?}")));
+        }
+        self.propose("revoke-api-key", Command::RevokeApiKey { id: id.into() }).await?;
+        Ok(json!({"object": "api_key", "id": id, "deleted": true}))
     }
 }
 

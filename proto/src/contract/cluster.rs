@@ -17,9 +17,9 @@ pub struct ClusterState {
     pub adapters: BTreeMap<String, BTreeMap<String, Vec<AdapterVersion>>>,
     pub jobs: BTreeMap<String, Job>,
     pub placements: BTreeMap<String, Placement>,
-    /// Tenants' API keys: SHA-256 (hex) → tenant.
-    #[serde(default)]
-    pub api_keys: BTreeMap<String, String>,
+    /// Tenants' API keys by the key's SHA-256 (hex): the key itself is never stored.
+    #[serde(default, deserialize_with = "api_keys")]
+    pub api_keys: BTreeMap<String, ApiKey>,
     /// Uploaded files by id.
     #[serde(default)]
     pub files: BTreeMap<String, File>,
@@ -27,6 +27,51 @@ pub struct ClusterState {
     /// with are on every coordinator's command line), by Raft id.
     #[serde(default, with = "super::number_keys")]
     pub coordinators: BTreeMap<u64, String>,
+}
+
+/// A tenant's API key as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub tenant: String,
+    /// Unix seconds (the proposer's clock).
+    #[serde(default)]
+    pub created_at: u64,
+    /// Unix seconds after which the key is refused; none: it lasts until revoked.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+}
+
+impl ApiKey {
+    /// The key's public name, for listing and revoking it: `key_` and the first 16 hex digits
+    /// of its SHA-256 (64 bits of a hash of 192 random bits tell nothing about the key).
+    pub fn id(key_sha256: &str) -> String {
+        format!("key_{}", key_sha256.get(..16).unwrap_or(key_sha256))
+    }
+
+    /// Whether the key is refused at `now` (Unix seconds).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// Reads `api_keys` whether its values are [`ApiKey`]s or bare tenant names (how states
+/// written before keys had a creation time and an expiry hold them), so an upgraded
+/// coordinator keeps every key.
+fn api_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, ApiKey>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Key(ApiKey),
+        Tenant(String),
+    }
+    let stored = BTreeMap::<String, Stored>::deserialize(d)?;
+    Ok(stored
+        .into_iter()
+        .map(|(hash, k)| match k {
+            Stored::Key(k) => (hash, k),
+            Stored::Tenant(tenant) => (hash, ApiKey { tenant, created_at: 0, expires_at: None }),
+        })
+        .collect())
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -72,6 +72,14 @@ pub enum Command {
     CreateApiKey {
         tenant: String,
         key_sha256: String,
+        /// Unix seconds after which the key is refused; none: it lasts until revoked.
+        #[serde(default)]
+        expires_at: Option<u64>,
+    },
+    /// Forgets the key whose [`super::ApiKey::id`] is `id`: every gateway refuses it from its
+    /// next view of the state on.
+    RevokeApiKey {
+        id: String,
     },
     PutFile {
         id: String,
@@ -166,13 +174,14 @@ impl Command {
                 check_name("model", &placement.model)?;
                 placement.workers.iter().try_for_each(|w| check_name("worker id", w))
             }
-            Command::CreateApiKey { tenant, key_sha256 } => {
+            Command::CreateApiKey { tenant, key_sha256, .. } => {
                 check_tenant(tenant)?;
                 match key_sha256.len() == 64 && key_sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                     true => Ok(()),
                     false => Err(Invalid("key_sha256 must be 64 hex digits".into())),
                 }
             }
+            Command::RevokeApiKey { id } => check_name("key id", id),
             Command::PutFile { id, file } => {
                 check_name("file id", id)?;
                 check_tenant(&file.tenant)?;
@@ -260,7 +269,7 @@ mod tests {
             collective_addr: String::new(),
         };
         assert!(bad.validate().is_err());
-        let key = Command::CreateApiKey { tenant: "acme".into(), key_sha256: "not-a-hash".into() };
+        let key = Command::CreateApiKey { tenant: "acme".into(), key_sha256: "not-a-hash".into(), expires_at: None };
         assert!(key.validate().is_err());
         let model = Command::RegisterModel { name: "tiny".into(), uri: "/models/../../etc".into() };
         assert!(model.validate().is_err());

@@ -24,8 +24,8 @@ mod rpc;
 
 pub use checksum::{dir_checksum, sha256_hex, to_hex};
 pub use cluster::{
-    AdapterVersion, Attempt, ClusterState, File, Gpu, Job, JobEvent, JobStatus, Membership, Model, Placement, Worker,
-    WorkerView,
+    AdapterVersion, ApiKey, Attempt, ClusterState, File, Gpu, Job, JobEvent, JobStatus, Membership, Model, Placement,
+    Worker, WorkerView,
 };
 pub use command::{Command, Proposal, Reply, fresh_id, unix_now};
 pub use job::{
