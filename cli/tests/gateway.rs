@@ -9,7 +9,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command, Reply, sha256_hex};
 use tandem_testkit::{MiniCluster, http};
 
@@ -30,7 +29,7 @@ fn sse(body: &str) -> Vec<String> {
 #[test]
 fn the_gateway_serves_openai_completions_from_a_worker() {
     let cluster = MiniCluster::builder(TANDEM, "gateway").gateway(KEY).start();
-    let (coord, http_addr) = (cluster.coordinator.as_str(), cluster.http());
+    let http_addr = cluster.http();
 
     cluster.register_model("tiny");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -70,9 +69,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let command =
         Command::CreateApiKey { tenant: "carol".into(), key_sha256: sha256_hex(key.as_bytes()), expires_at: None };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let reply = rt
-        .block_on(ClusterClient::new(coord, &tandem_proto::Security::Insecure).unwrap().propose("test-key", command))
-        .unwrap();
+    let reply = rt.block_on(cluster.client().propose("test-key", command)).unwrap();
     assert_eq!(reply, Reply::Done);
     let body = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).to_string();
     let (status, text) = http::http(http_addr, "POST", "/v1/completions", Some(key), Some(&body));

@@ -1,5 +1,6 @@
 //! `tandem worker` as a process: it registers with a coordinator and holds its lease, and it
-//! streams completions over gRPC that equal `tandem generate`'s; bad requests get clear errors.
+//! streams completions over gRPC that equal `tandem generate`'s; bad requests get clear errors;
+//! it answers the cluster's coordinators and operators only, over mutual TLS.
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
@@ -7,16 +8,23 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use tandem_proto::Security;
+use tandem_proto::tls::Role;
 use tandem_proto::v1::worker_client::WorkerClient;
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tandem_testkit::MiniCluster;
 
 use common::TANDEM;
 
-/// Every event of one request, or its error.
-async fn generate(addr: &str, req: GenerateRequest) -> Result<Vec<GenerateEvent>, tonic::Status> {
-    let mut client = WorkerClient::connect(format!("http://{addr}")).await.unwrap();
-    let mut stream = client.generate(req).await?.into_inner();
+/// Every event of one request made with `security`, or its error.
+async fn generate_as(
+    security: &Security,
+    addr: &str,
+    req: GenerateRequest,
+) -> Result<Vec<GenerateEvent>, tonic::Status> {
+    let channel = security.endpoint(addr, Role::Worker).unwrap().connect().await;
+    let channel = channel.map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+    let mut stream = WorkerClient::new(channel).generate(req).await?.into_inner();
     let mut events = Vec::new();
     while let Some(e) = stream.message().await? {
         events.push(e);
@@ -32,11 +40,15 @@ fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
 fn a_worker_registers_and_streams_what_generate_prints() {
     let cluster = MiniCluster::builder(TANDEM, "worker").start();
     let (coord, worker, model) = (cluster.coordinator.as_str(), cluster.workers[0].as_str(), &cluster.model);
+    let operator = cluster.certs.operator();
+    let generate = |addr, req| generate_as(&operator, addr, req);
 
     // Registered, with its base model.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let operator_args = cluster.operator_args();
+    let status = [&["status", "--json", "--coordinator", coord][..], &as_strs(&operator_args)].concat();
     loop {
-        let (ok, out, _) = TANDEM.run(&["status", "--json", "--coordinator", coord, "--insecure"]);
+        let (ok, out, _) = TANDEM.run(&status);
         if ok {
             let s: serde_json::Value = serde_json::from_str(&out).unwrap();
             if s["workers"]["w1"]["alive"] == true {
@@ -93,4 +105,16 @@ fn a_worker_registers_and_streams_what_generate_prints() {
     let bad = GenerateRequest { temperature: -1.0, ..greedy("Hello", 4) };
     assert_eq!(rt.block_on(generate(worker, bad)).unwrap_err().code(), tonic::Code::InvalidArgument);
     assert_eq!(rt.block_on(generate(worker, greedy("Hello", 3))).unwrap().last().unwrap().completion_tokens, 3);
+
+    // Only the cluster's coordinators and operators are served: plain text gets no answer, and
+    // another worker's certificate is refused.
+    let plain = rt.block_on(generate_as(&Security::Insecure, worker, greedy("Hello", 3))).unwrap_err();
+    assert_ne!(plain.code(), tonic::Code::Ok, "{plain}");
+    let other_worker = cluster.certs.security(Role::Worker, "w9");
+    let denied = rt.block_on(generate_as(&other_worker, worker, greedy("Hello", 3))).unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }

@@ -116,8 +116,7 @@ fn cluster(tag: &str, preset: &str, workers: usize) -> MiniCluster {
 #[test]
 fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     let mut c = cluster("groups", "tiny", 3);
-    let (dir, model, coordinator, http) =
-        (c.dir().to_path_buf(), c.model.clone(), c.coordinator.clone(), c.http().to_string());
+    let (dir, model, http) = (c.dir().to_path_buf(), c.model.clone(), c.http().to_string());
     // Group workers serve no whole model: nothing serves "tiny" before the group forms.
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", Some(req.clone()));
@@ -145,7 +144,7 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     // sent together so that they may share batches.
     let adapter = save_adapter(&model, &dir.join("adapter-a"));
     propose(
-        &coordinator,
+        &c,
         Command::PutAdapter {
             tenant: "admin".into(),
             name: "a".into(),
@@ -215,9 +214,9 @@ fn generate_with_adapter(model: &std::path::Path, adapter: &str, prompt: &str, m
 }
 
 /// Proposes `command` to the cluster (as the operator's tools do), retried until applied.
-fn propose(coordinator: &str, command: Command) {
-    let client = tandem_proto::ClusterClient::new(coordinator, &tandem_proto::Security::Insecure).unwrap();
-    let reply = tandem_testkit::propose(&client, Proposal::new(format!("test-{}", std::process::id()), command));
+fn propose(cluster: &MiniCluster, command: Command) {
+    let reply =
+        tandem_testkit::propose(&cluster.client(), Proposal::new(format!("test-{}", std::process::id()), command));
     assert!(!matches!(reply, Reply::Refused { .. }), "{reply:?}");
 }
 
@@ -225,9 +224,12 @@ fn propose(coordinator: &str, command: Command) {
 fn a_group_whose_rank_0_dies_is_re_formed_around_its_follower() {
     let mut c = cluster("groups-rank0", "tiny", 3);
     let (model, http, coordinator) = (c.model.clone(), c.http().to_string(), c.coordinator.clone());
-    // Placed with the CLI this time.
-    let groups =
-        |args: &[&str]| TANDEM.run(&[&["groups", "--coordinator", &coordinator, "--insecure"][..], args].concat());
+    // Placed with the CLI this time, as the operator.
+    let operator = c.operator_args();
+    let groups = |args: &[&str]| {
+        let operator = operator.iter().map(String::as_str);
+        TANDEM.run(&[&["groups", "--coordinator", &coordinator][..], &operator.collect::<Vec<_>>(), args].concat())
+    };
     let (ok, out, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);
     assert!(ok, "{out}{err}");
     let (ok, _, err) = groups(&["create", "--model", "tiny", "--size", "2", "--group", "tp"]);

@@ -1,13 +1,16 @@
 //! The smallest whole cluster, as processes: a random-weight model of a preset, one
 //! coordinator (serving the HTTP gateway or not) and workers `w1`, `w2`, ... that serve the
 //! model whole or, as group workers, join the worker groups the coordinator places on them.
-//! Every process shares one blobs folder, as machines share one in a deployment.
+//! Every process shares one blobs folder, as machines share one in a deployment, and holds a
+//! certificate of the test's own CA: the processes talk mutual TLS, as a deployment's do.
 
 use std::path::{Path, PathBuf};
 
+use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command, Proposal};
-use tandem_proto::{ClusterClient, Security};
+use tandem_proto::tls::Role;
 
+use crate::certs::TestCerts;
 use crate::http::http;
 use crate::ports::free_addr;
 use crate::process::{Procs, Scratch, Tandem, propose, secret_file, wait_for};
@@ -63,6 +66,7 @@ impl MiniClusterBuilder {
         let dir = Scratch::new(&self.tag);
         let model = dir.join("tiny");
         tandem.init_model(&self.preset, &model);
+        let certs = TestCerts::new(&dir.join("certs"));
         let (coordinator, http) = (free_addr(), self.api_key.as_ref().map(|_| free_addr()));
         let (peers, data, blobs) = (format!("1={coordinator}"), dir.join("coordinator"), dir.join("blobs"));
         let blobs = blobs.to_str().unwrap();
@@ -71,7 +75,9 @@ impl MiniClusterBuilder {
         if let Some(lease) = &lease {
             args.extend(["--lease-ms", lease]);
         }
-        args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs, "--insecure"]);
+        args.extend(["--data-dir", data.to_str().unwrap(), "--blobs", blobs]);
+        let coordinator_certs = certs.args(Role::Coordinator, "1");
+        args.extend(coordinator_certs.iter().map(String::as_str));
         let key_file = self.api_key.as_ref().map(|key| secret_file(&dir.join("admin-key"), key));
         if let (Some(http), Some(key_file)) = (&http, &key_file) {
             args.extend(["--http", http, "--api-key-file", key_file.to_str().unwrap()]);
@@ -83,7 +89,9 @@ impl MiniClusterBuilder {
         for (i, listen) in workers.iter().enumerate() {
             let id = format!("w{}", i + 1);
             let mut args = vec!["worker", "--id", &id, "--listen", listen, "--coordinator", &coordinator];
-            args.extend(["--model", model_arg, "--blobs", blobs, "--insecure"]);
+            args.extend(["--model", model_arg, "--blobs", blobs]);
+            let worker_certs = certs.args(Role::Worker, &id);
+            args.extend(worker_certs.iter().map(String::as_str));
             let collective = free_addr();
             if let Some((collective_timeout, setup_timeout)) = &timeouts {
                 args.extend(["--collective-addr", &collective, "--collective-timeout-ms", collective_timeout]);
@@ -91,7 +99,7 @@ impl MiniClusterBuilder {
             }
             procs.0.push(tandem.spawn(&args));
         }
-        MiniCluster { procs, model, coordinator, http, workers, dir }
+        MiniCluster { procs, model, coordinator, http, workers, certs, dir }
     }
 }
 
@@ -106,6 +114,8 @@ pub struct MiniCluster {
     http: Option<String>,
     /// Each worker's gRPC address, `w1` first.
     pub workers: Vec<String>,
+    /// The cluster's CA, in `certs/` of the folder.
+    pub certs: TestCerts,
     dir: Scratch,
 }
 
@@ -138,8 +148,17 @@ impl MiniCluster {
     /// answers.
     pub fn register_model(&self, name: &str) {
         let command = Command::RegisterModel { name: name.into(), uri: self.model.to_str().unwrap().into() };
-        let client = ClusterClient::new(&self.coordinator, &Security::Insecure).unwrap();
-        propose(&client, Proposal::new(format!("model-{name}"), command));
+        propose(&self.client(), Proposal::new(format!("model-{name}"), command));
+    }
+
+    /// A client of the coordinator, as the operator.
+    pub fn client(&self) -> ClusterClient {
+        ClusterClient::new(&self.coordinator, &self.certs.operator()).unwrap()
+    }
+
+    /// The arguments that make a `tandem` tool (`status`, `groups`) the operator.
+    pub fn operator_args(&self) -> Vec<String> {
+        self.certs.args(Role::Operator, "operator")
     }
 
     /// Waits up to 60 s until the gateway's health reports `n` workers alive.
