@@ -84,6 +84,8 @@ impl Tensor {
             return Ok(self.clone());
         }
         let storage = match &self.storage {
+            // To f32, the converted values are the storage: no second copy of a large tensor.
+            Storage::Cpu(s) if dtype == DType::F32 => Storage::Cpu(Arc::new(CpuStorage::F32(s.to_f32().into_owned()))),
             Storage::Cpu(s) => Storage::Cpu(Arc::new(CpuStorage::from_f32_slice(&s.to_f32(), dtype))),
             Storage::Cuda(s) => Storage::Cuda(cuda::to_dtype(s, dtype)?),
         };

@@ -94,14 +94,11 @@ impl SafetensorsFile {
             .info(name)
             .ok_or_else(|| Error::Format(format!("{}: tensor {name} is missing", self.path.display())))?;
         let (start, end) = info.data_offsets;
-        let mut data = vec![0u8; end - start];
-        self.file.read_exact_at(&mut data, self.data_start + start as u64).map_err(Error::io(&self.path))?;
+        let (at, len) = (self.data_start + start as u64, end - start);
         let storage = match info.dtype {
-            Dtype::F32 => {
-                CpuStorage::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-            }
-            Dtype::BF16 => CpuStorage::BF16(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
-            Dtype::F16 => CpuStorage::F16(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+            Dtype::F32 => CpuStorage::F32(self.values(at, len, |c: &[u8; 4]| f32::from_le_bytes(*c))?),
+            Dtype::BF16 => CpuStorage::BF16(self.values(at, len, |c: &[u8; 2]| bf16::from_le_bytes(*c))?),
+            Dtype::F16 => CpuStorage::F16(self.values(at, len, |c: &[u8; 2]| f16::from_le_bytes(*c))?),
             other => {
                 return Err(Error::Unsupported(format!(
                     "{}: tensor {name} has dtype {other:?} (supported: F32, BF16, F16)",
@@ -110,6 +107,22 @@ impl SafetensorsFile {
             }
         };
         Tensor::from_cpu(storage, info.shape.clone()).map_err(Error::from)
+    }
+
+    /// The `len` bytes at `at` as values of `N` bytes each, read a chunk at a time so that a
+    /// large tensor's bytes are never held beside its values (the peak memory of a load).
+    fn values<T, const N: usize>(&self, at: u64, len: usize, value: impl Fn(&[u8; N]) -> T) -> Result<Vec<T>> {
+        const CHUNK: usize = 1 << 22;
+        let mut out = Vec::with_capacity(len / N);
+        let mut buf = vec![0u8; CHUNK.min(len)];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.file.read_exact_at(&mut buf[..n], at + done as u64).map_err(Error::io(&self.path))?;
+            out.extend(buf[..n].as_chunks::<N>().0.iter().map(&value));
+            done += n;
+        }
+        Ok(out)
     }
 }
 

@@ -125,6 +125,13 @@ pub(super) fn load_weights_cut(
             down: linear(&format!("{prefix}.down_proj"), h, inter, false)?,
         })
     };
+    let vocab = |t: Tensor| match cut {
+        Some(sp) => sp.vocab_rows(&t),
+        None => Ok(t),
+    };
+    // The largest tensor first, while nothing else is held: its read and conversion need room
+    // for both dtypes at once, which at the end of the load would set the process's peak.
+    let embed = vocab(get("model.embed_tokens.weight", &[v, h])?)?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
@@ -180,13 +187,9 @@ pub(super) fn load_weights_cut(
             None => layer,
         });
     }
-    let vocab = |t: Tensor| match cut {
-        Some(sp) => sp.vocab_rows(&t),
-        None => Ok(t),
-    };
     let lm_head = if cfg.tie_word_embeddings { None } else { Some(vocab(get("lm_head.weight", &[v, h])?)?) };
     Ok(Weights {
-        embed: vocab(get("model.embed_tokens.weight", &[v, h])?)?,
+        embed,
         layers,
         norm: get("model.norm.weight", &[h])?,
         lm_head,
