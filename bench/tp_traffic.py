@@ -20,11 +20,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def group(binary, model, world, moe_split):
+def certificates(binary, folder):
+    """A cluster CA and worker certificates rank0..rank3: the ranks talk under TLS, as deployed."""
+    certs = os.path.join(folder, "certs")
+    if not os.path.exists(os.path.join(certs, "ca.pem")):
+        subprocess.run([binary, "certs", "--dir", certs, "init"], check=True, stdout=subprocess.DEVNULL)
+    for r in range(4):
+        if not os.path.exists(os.path.join(certs, f"rank{r}.pem")):
+            subprocess.run([binary, "certs", "--dir", certs, "issue", "--role", "worker", "--name", f"rank{r}"],
+                           check=True, stdout=subprocess.DEVNULL)
+    return certs
+
+
+def group(binary, model, world, moe_split, certs):
     peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(world))
     procs = [
         subprocess.Popen([binary, "tp-rank", "--model", model, "--rank", str(r), "--peers", peers,
-                          "--moe-split", moe_split], stdout=subprocess.PIPE, text=True)
+                          "--moe-split", moe_split, "--certs", certs], stdout=subprocess.PIPE, text=True)
         for r in range(world)
     ]
     outs = [json.loads(p.communicate()[0]) for p in procs]
@@ -79,12 +91,13 @@ def main():
     ap.add_argument("--dir", default="/tmp/tp-traffic")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
+    certs = certificates(args.bin, args.dir)
     for preset, moe_split in RUNS:
         model = os.path.join(args.dir, preset)
         if not os.path.exists(os.path.join(model, "config.json")):
             subprocess.run([args.bin, "init-model", "--preset", preset, "--out", model], check=True,
                            stdout=subprocess.DEVNULL)
-        tables = {w: figures(group(args.bin, model, w, moe_split)[0]) for w in (2, 4)}
+        tables = {w: figures(group(args.bin, model, w, moe_split, certs)[0]) for w in (2, 4)}
         print(f"\n`{preset}`, experts split: {moe_split} (rank 0's bytes; theory in brackets)\n")
         print("| per | degree 2 | degree 4 |")
         print("| --- | --- | --- |")

@@ -2,7 +2,9 @@
 # Tensor-parallel ranks as separate hosts would be: each `tandem tp-rank` in its own network
 # namespace, joined to the others by a veth link to one bridge (10.99.0.0/24), must give the
 # logits, training losses and adapter gradients of a group of one (within 1e-4), dense and MoE
-# (experts split inside, and whole experts per rank), at degrees 2 and 4. Needs root (CAP_NET_ADMIN) and iproute2; `.ci/run` runs it.
+# (experts split inside, and whole experts per rank), at degrees 2 and 4. The ranks hold worker
+# certificates of one cluster CA, so their connections run under TLS as group workers' do.
+# Needs root (CAP_NET_ADMIN) and iproute2; `.ci/run` runs it.
 # Usage: deploy/netns-tp-parity.sh [path/to/tandem]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,9 @@ cleanup_ns_only() {
         ip link del "$link" 2>/dev/null || true
     done
 }
+
+"$bin" certs --dir "$work/certs" init >/dev/null
+for i in 0 1 2 3; do "$bin" certs --dir "$work/certs" issue --role worker --name "rank$i" >/dev/null; done
 
 ip link add "$bridge" type bridge
 ip link set "$bridge" up
@@ -79,7 +84,7 @@ for run in "tiny tiny intermediate" "tiny-moe tiny-moe intermediate" "tiny-moe-e
         pids=()
         for ((i = 0; i < world; i++)); do
             ip netns exec "tandem-r$i" "$bin" tp-rank --model "$model" --moe-split "$moe_split" --rank "$i" \
-                --peers "$peers" --timeout-s 20 > "$work/$name-$world-$i.json" &
+                --peers "$peers" --timeout-s 20 --certs "$work/certs" > "$work/$name-$world-$i.json" &
             pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid"; done

@@ -4,7 +4,7 @@
 //! the prompts, and prints the logits of every step, the training losses and adapter
 //! gradients, and the bytes it sent at each place in the model, as JSON. The parity tests run
 //! one process per rank and compare with a group of one; the same run gives the communication
-//! figures.
+//! figures. The ranks talk under the cluster's TLS (`--certs`), as group workers do.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use tandem_worker::collective::{CollectiveOptions, TcpGroup};
 use tandem_worker::model::probe::{adapter_gradients, greedy_logits, mixed_adapters};
 use tandem_worker::model::{Model, MoeSplit};
 use tandem_worker::train::data::Example;
+
+use crate::certs::SecurityArgs;
 
 #[derive(Args)]
 pub struct TpRankArgs {
@@ -44,6 +46,10 @@ pub struct TpRankArgs {
     /// How long a collective (and the group's set-up) may wait for a peer.
     #[arg(long, default_value_t = 30)]
     timeout_s: u64,
+    /// The ranks' connections run under the cluster's TLS: each rank holds a worker
+    /// certificate (default name `rank{RANK}`).
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 pub fn run(args: TpRankArgs) -> Result<()> {
@@ -54,7 +60,8 @@ pub fn run(args: TpRankArgs) -> Result<()> {
     let comm = if args.peers.len() > 1 {
         let timeout = Duration::from_secs(args.timeout_s.max(1));
         let options = CollectiveOptions { timeout, setup_timeout: timeout };
-        Some(TcpGroup::join(args.rank, &args.peers, &options).map_err(|e| anyhow!("{e}"))?)
+        let security = args.security.security(&format!("rank{}", args.rank))?;
+        Some(TcpGroup::join(args.rank, &args.peers, &options, &security).map_err(|e| anyhow!("{e}"))?)
     } else {
         None
     };

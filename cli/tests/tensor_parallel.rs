@@ -1,5 +1,5 @@
 //! Tensor parallelism across processes: `tandem tp-rank` processes, one per rank, joined over
-//! TCP on loopback, give the logits of a group of one (prefill and greedy decode steps, a batch
+//! TCP on loopback under the cluster's TLS, give the logits of a group of one (prefill and greedy decode steps, a batch
 //! mixing adapters) and its training losses and adapter gradients, for the tiny dense and MoE
 //! models at degrees 2 and 4; a rank killed mid-run makes the others fail
 //! with an error naming it, and a rank that never comes fails the set-up, both within their
@@ -13,25 +13,29 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_testkit::{Scratch, free_addr};
+use tandem_proto::tls::Role;
+use tandem_testkit::{Scratch, TestCerts, free_addr};
 
 use common::TANDEM;
 
-fn rank(model: &str, rank: usize, peers: &[String], extra: &[&str]) -> std::process::Child {
-    let (peers, rank) = (peers.join(","), rank.to_string());
+/// Rank `rank` as a process, holding worker certificate `rank{rank}` of `certs`.
+fn rank(certs: &TestCerts, model: &str, rank: usize, peers: &[String], extra: &[&str]) -> std::process::Child {
+    let (peers, cert) = (peers.join(","), certs.args(Role::Worker, &format!("rank{rank}")));
+    let rank = rank.to_string();
     let mut args = vec!["tp-rank", "--model", model, "--rank", &rank];
     if !peers.is_empty() {
         args.extend(["--peers", &peers]);
     }
+    args.extend(cert.iter().map(String::as_str));
     args.extend(extra);
     let cmd = TANDEM.command().args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     cmd.unwrap()
 }
 
 /// Every rank's JSON output for a group of `world` processes.
-fn group(model: &str, world: usize, extra: &[&str]) -> Vec<Value> {
+fn group(certs: &TestCerts, model: &str, world: usize, extra: &[&str]) -> Vec<Value> {
     let peers: Vec<String> = if world > 1 { (0..world).map(|_| free_addr()).collect() } else { Vec::new() };
-    let children: Vec<_> = (0..world).map(|r| rank(model, r, &peers, extra)).collect();
+    let children: Vec<_> = (0..world).map(|r| rank(certs, model, r, &peers, extra)).collect();
     (children.into_iter())
         .map(|c| {
             let out = c.wait_with_output().unwrap();
@@ -70,11 +74,11 @@ fn parity(preset: &str, extra: &[&str]) {
     let model = dir.join(preset);
     let (ok, _, err) = TANDEM.run(&["init-model", "--preset", preset, "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let model = model.to_str().unwrap();
-    let one = group(model, 1, extra).remove(0);
+    let (model, certs) = (model.to_str().unwrap(), TestCerts::new(&dir.join("certs")));
+    let one = group(&certs, model, 1, extra).remove(0);
     let (want, want_training) = (logits(&one), one);
     for world in [2, 4] {
-        for out in group(model, world, extra) {
+        for out in group(&certs, model, world, extra) {
             let got = logits(&out);
             assert_eq!(got.len(), want.len());
             for (step, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -117,12 +121,12 @@ fn a_rank_killed_mid_run_fails_its_group_cleanly() {
     let model = dir.join("tiny");
     let (ok, _, err) = TANDEM.run(&["init-model", "--preset", "tiny", "--out", model.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let model = model.to_str().unwrap();
+    let (model, certs) = (model.to_str().unwrap(), TestCerts::new(&dir.join("certs")));
     // A long run (many decode steps) with a short timeout; rank 1 is killed once it has begun.
     let peers: Vec<String> = (0..2).map(|_| free_addr()).collect();
     let long = ["--steps", "100000", "--timeout-s", "3"];
-    let survivor = rank(model, 0, &peers, &long);
-    let mut victim = rank(model, 1, &peers, &long);
+    let survivor = rank(&certs, model, 0, &peers, &long);
+    let mut victim = rank(&certs, model, 1, &peers, &long);
     std::thread::sleep(Duration::from_secs(2));
     victim.kill().unwrap();
     victim.wait().unwrap();
@@ -136,7 +140,7 @@ fn a_rank_killed_mid_run_fails_its_group_cleanly() {
     // A rank that never comes: the set-up fails by its deadline.
     let peers: Vec<String> = (0..2).map(|_| free_addr()).collect();
     let start = Instant::now();
-    let out = rank(model, 0, &peers, &["--timeout-s", "2"]).wait_with_output().unwrap();
+    let out = rank(&certs, model, 0, &peers, &["--timeout-s", "2"]).wait_with_output().unwrap();
     assert!(!out.status.success());
     assert!(start.elapsed() < Duration::from_secs(10), "set-up took {:?} to fail", start.elapsed());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -14,6 +14,7 @@
 pub mod client;
 pub mod codec;
 pub mod contract;
+pub mod sealed;
 pub mod tls;
 
 pub use client::{ClientError, ClusterClient};

@@ -23,7 +23,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use time::{Duration, OffsetDateTime};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
@@ -213,6 +214,14 @@ pub fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), TlsError> {
 pub struct ClusterTls {
     ca: Certificate,
     identity: Identity,
+    /// The same, for the raw streams that rustls serves without tonic ([`crate::sealed`]).
+    pem: Pem,
+}
+
+struct Pem {
+    ca: String,
+    cert: String,
+    key: String,
 }
 
 impl fmt::Debug for ClusterTls {
@@ -230,7 +239,11 @@ impl ClusterTls {
     }
 
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Self {
-        ClusterTls { ca: Certificate::from_pem(ca_pem), identity: Identity::from_pem(cert_pem, key_pem) }
+        ClusterTls {
+            ca: Certificate::from_pem(ca_pem),
+            identity: Identity::from_pem(cert_pem, key_pem),
+            pem: Pem { ca: ca_pem.into(), cert: cert_pem.into(), key: key_pem.into() },
+        }
     }
 
     /// A server that answers only clients with a certificate of this cluster's CA.
@@ -245,6 +258,65 @@ impl ClusterTls {
             .ca_certificate(self.ca.clone())
             .identity(self.identity.clone())
             .domain_name(server.dns_name())
+    }
+}
+
+/// rustls settings for the cluster's raw streams ([`crate::sealed`]): TLS 1.3 with
+/// ChaCha20-Poly1305 only (a connection that lives for days never nears its key's limits, so
+/// keys need no update), each side showing its certificate, and the keys extractable.
+impl ClusterTls {
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        // Deprecated for its lack of post-quantum key exchange, which only aws-lc-rs offers, and
+        // that would build a C library on every fresh machine (as for tonic: `Cargo.toml`).
+        #[allow(deprecated)]
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
+        Arc::new(provider)
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(self.pem.ca.as_bytes()).map_err(invalid)?).map_err(invalid)?;
+        Ok(roots)
+    }
+
+    fn chain(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let chain = CertificateDer::pem_slice_iter(self.pem.cert.as_bytes()).collect::<Result<_, _>>();
+        Ok((chain.map_err(invalid)?, PrivateKeyDer::from_pem_slice(self.pem.key.as_bytes()).map_err(invalid)?))
+    }
+
+    /// The client of a stream (the server's role is named when connecting: [`crate::sealed`]).
+    pub fn stream_client(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let (chain, key) = self.chain()?;
+        let mut config = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(invalid)?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(chain, key)
+            .map_err(invalid)?;
+        config.enable_secret_extraction = true;
+        Ok(Arc::new(config))
+    }
+
+    /// The server of a stream, which answers only clients with a certificate of the cluster's CA
+    /// (their role is the caller's to check: [`Caller::is`]).
+    pub fn stream_server(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let (chain, key) = self.chain()?;
+        let provider = Self::provider();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+                .build()
+                .map_err(invalid)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(invalid)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(invalid)?;
+        config.enable_secret_extraction = true;
+        // Nothing may follow the handshake but what the caller sends (`sealed`).
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
     }
 }
 
@@ -288,6 +360,11 @@ pub struct Caller(Option<Arc<Vec<CertificateDer<'static>>>>);
 impl Caller {
     pub fn of<T>(request: &tonic::Request<T>) -> Self {
         Caller(request.peer_certs())
+    }
+
+    /// The peer of a TLS connection that showed `certs`.
+    pub fn with_certs(certs: &[CertificateDer<'_>]) -> Self {
+        Caller(Some(Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())))
     }
 
     /// Whether it holds a certificate of `role`, held by `name` when one is given.

@@ -1,15 +1,19 @@
-//! The collectives on both host backends (in-process channels, TCP on loopback) for world sizes
-//! 1 to 4, against plain serial computations; and their failures: a rank that leaves, hangs
-//! or never comes makes the others fail, naming it, instead of hanging.
+//! The collectives on the host backends (in-process channels, TCP on loopback in plain text and
+//! under the cluster's TLS) for world sizes 1 to 4, against plain serial computations; and their
+//! failures: a rank that leaves, hangs, never comes or holds no certificate of the cluster makes
+//! the others fail, naming it, instead of hanging.
 
 // A failed call is a failed test; helpers outside `#[test]` fns unwrap too.
 #![allow(clippy::unwrap_used)]
 
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tandem_proto::Security;
+use tandem_proto::tls::{CertificateAuthority, ClusterTls, Role};
 use tandem_worker::collective::{Collective, CollectiveError, CollectiveOptions, HostCollective, LocalGroup, TcpGroup};
 use tandem_worker::rng::splitmix64;
 
@@ -17,9 +21,31 @@ use tandem_worker::rng::splitmix64;
 enum Backend {
     Local,
     Tcp,
+    /// TCP under the cluster's TLS, as every deployment but `--insecure` runs it.
+    SealedTcp,
 }
 
-const BACKENDS: [Backend; 2] = [Backend::Local, Backend::Tcp];
+const BACKENDS: [Backend; 3] = [Backend::Local, Backend::Tcp, Backend::SealedTcp];
+
+/// A worker certificate named `name` of `ca`.
+fn worker_tls(ca: &CertificateAuthority, name: &str) -> Security {
+    let issued = ca.issue(Role::Worker, name).unwrap();
+    Security::Mutual(Arc::new(ClusterTls::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem)))
+}
+
+/// The cluster's CA, one for the whole test binary.
+fn cluster_ca() -> &'static CertificateAuthority {
+    static CA: std::sync::OnceLock<CertificateAuthority> = std::sync::OnceLock::new();
+    CA.get_or_init(|| CertificateAuthority::create().unwrap())
+}
+
+/// What rank `rank` of `backend` joins with.
+fn security(backend: Backend, rank: usize) -> Security {
+    match backend {
+        Backend::SealedTcp => worker_tls(cluster_ca(), &format!("w{rank}")),
+        _ => Security::Insecure,
+    }
+}
 const WORLDS: [usize; 4] = [1, 2, 3, 4];
 
 /// Generous: these tests run next to long builds on 2 cores; the failure tests set their own.
@@ -41,15 +67,17 @@ fn loopback_listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
 fn form(backend: Backend, world: usize, options: &CollectiveOptions) -> Vec<HostCollective> {
     match backend {
         Backend::Local => LocalGroup::with_options(world, options),
-        Backend::Tcp => {
+        Backend::Tcp | Backend::SealedTcp => {
             // Joining blocks until every rank is connected, so every rank joins on its own thread.
             let (listeners, addrs) = loopback_listeners(world);
             let handles: Vec<_> = listeners
                 .into_iter()
                 .enumerate()
                 .map(|(rank, listener)| {
-                    let (addrs, options) = (addrs.clone(), options.clone());
-                    thread::spawn(move || TcpGroup::join_with_listener(listener, rank, &addrs, &options).unwrap())
+                    let (addrs, options, security) = (addrs.clone(), options.clone(), security(backend, rank));
+                    thread::spawn(move || {
+                        TcpGroup::join_with_listener(listener, rank, &addrs, &options, &security).unwrap()
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -139,15 +167,17 @@ fn a_large_all_reduce_over_tcp() {
     // Chunks far above the socket buffers: every rank sends before it receives, which only
     // works because the links drain their sockets on their own threads.
     let (world, len) = (4, 1 << 20);
-    let comms = form(Backend::Tcp, world, &options());
-    let results = on_each(&comms, |c| {
-        let mut buf = data(c.rank(), len);
-        c.all_reduce_sum(&mut buf).unwrap();
-        buf
-    });
-    let (want, scale) = serial_sum(world, len);
-    assert_close(&results[0], &want, &scale, "large");
-    assert_bit_identical(&results, "large");
+    for backend in [Backend::Tcp, Backend::SealedTcp] {
+        let comms = form(backend, world, &options());
+        let results = on_each(&comms, |c| {
+            let mut buf = data(c.rank(), len);
+            c.all_reduce_sum(&mut buf).unwrap();
+            buf
+        });
+        let (want, scale) = serial_sum(world, len);
+        assert_close(&results[0], &want, &scale, "large");
+        assert_bit_identical(&results, "large");
+    }
 }
 
 #[test]
@@ -438,7 +468,9 @@ fn set_up_fails_by_the_deadline_when_a_rank_never_comes() {
         .zip(listeners)
         .map(|(rank, listener)| {
             let (addrs, options) = (addrs.clone(), options.clone());
-            thread::spawn(move || TcpGroup::join_with_listener(listener, rank, &addrs, &options).err())
+            thread::spawn(move || {
+                TcpGroup::join_with_listener(listener, rank, &addrs, &options, &Security::Insecure).err()
+            })
         })
         .collect();
     for handle in handles {
@@ -457,7 +489,8 @@ fn set_up_fails_by_the_deadline_when_nobody_listens() {
     drop(listeners.next()); // rank 0 is not there: connections are refused
     let options = CollectiveOptions { timeout: Duration::from_secs(2), setup_timeout: Duration::from_secs(2) };
     let start = Instant::now();
-    let err = TcpGroup::join_with_listener(listeners.next().unwrap(), 1, &addrs, &options).err().unwrap();
+    let err = TcpGroup::join_with_listener(listeners.next().unwrap(), 1, &addrs, &options, &Security::Insecure);
+    let err = err.err().unwrap();
     assert!(err.to_string().contains("could not reach rank 0"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(6), "{:?}", start.elapsed());
 }
@@ -474,9 +507,9 @@ fn set_up_refuses_ranks_that_disagree_on_the_group() {
     let start = Instant::now();
     let rank0 = {
         let (addrs, options) = (addrs.clone(), options.clone());
-        thread::spawn(move || TcpGroup::join_with_listener(l0, 0, &addrs, &options).err())
+        thread::spawn(move || TcpGroup::join_with_listener(l0, 0, &addrs, &options, &Security::Insecure).err())
     };
-    let err1 = TcpGroup::join_with_listener(l1, 1, &longer, &options).err().unwrap();
+    let err1 = TcpGroup::join_with_listener(l1, 1, &longer, &options, &Security::Insecure).err().unwrap();
     let err0 = rank0.join().unwrap().unwrap();
     assert!(err0.to_string().contains("world of 3"), "{err0}");
     assert!(err1.to_string().contains("refused"), "{err1}");
@@ -485,8 +518,29 @@ fn set_up_refuses_ranks_that_disagree_on_the_group() {
 }
 
 #[test]
+fn a_rank_without_the_clusters_certificate_cannot_join() {
+    // Rank 1 holds a worker certificate of another CA, then no TLS at all: rank 0 takes either
+    // connection for a stray and waits out its deadline; rank 1 fails at the TLS handshake.
+    let options = CollectiveOptions { timeout: Duration::from_secs(2), setup_timeout: Duration::from_secs(2) };
+    let outsider = worker_tls(&CertificateAuthority::create().unwrap(), "w1");
+    for rank1 in [outsider, Security::Insecure] {
+        let (listeners, addrs) = loopback_listeners(2);
+        let mut listeners = listeners.into_iter();
+        let (l0, l1) = (listeners.next().unwrap(), listeners.next().unwrap());
+        let rank0 = {
+            let (addrs, options, tls) = (addrs.clone(), options.clone(), worker_tls(cluster_ca(), "w0"));
+            thread::spawn(move || TcpGroup::join_with_listener(l0, 0, &addrs, &options, &tls).err())
+        };
+        let err1 = TcpGroup::join_with_listener(l1, 1, &addrs, &options, &rank1).err().unwrap();
+        let err0 = rank0.join().unwrap().unwrap();
+        assert!(err0.to_string().contains("rank 1") && err0.to_string().contains("did not join"), "{err0}");
+        assert!(err1.to_string().contains("rank 0"), "{err1}");
+    }
+}
+
+#[test]
 fn join_binds_its_own_address_and_a_world_of_one_needs_no_peers() {
-    let comm = TcpGroup::join(0, &["127.0.0.1:0".to_string()], &options()).unwrap();
+    let comm = TcpGroup::join(0, &["127.0.0.1:0".to_string()], &options(), &Security::Insecure).unwrap();
     let mut buf = vec![1.5, -2.0];
     comm.all_reduce_sum(&mut buf).unwrap();
     assert_eq!(buf, vec![1.5, -2.0]);

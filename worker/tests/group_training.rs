@@ -121,6 +121,7 @@ fn form(
                         timeout: Duration::from_secs(20),
                         setup_timeout: Duration::from_secs(20),
                     },
+                    security: tandem_proto::Security::Insecure,
                     engine: EngineConfig::default(),
                     moe,
                     data: DataPlane::Tcp,

@@ -331,6 +331,7 @@ fn a_worker_group_hands_out_rank_0s_nccl_id_or_why_it_has_none() {
                     rank,
                     peers: peers.clone(),
                     options: options(Duration::from_secs(10), Duration::from_secs(10)),
+                    security: tandem_proto::Security::Insecure,
                     engine: EngineConfig::default(),
                     moe: MoeSplit::Intermediate,
                     data: DataPlane::Nccl { device: 0 },

@@ -6,6 +6,13 @@
 //! A handshake (magic, world size, both ranks) catches mismatched address lists and duplicate
 //! ranks; the whole set-up, retries of refused connections included, has one deadline.
 //!
+//! Under the cluster's TLS (every deployment but `--insecure`), each connection starts with a
+//! TLS 1.3 handshake in which both ends show a worker certificate of the cluster's CA, and every
+//! message after it, the ranks' handshake included, is a record sealed with the keys it agreed
+//! (`tandem_proto::sealed`). The dialling rank is the TLS server there, because the TLS server
+//! must speak first and the dialler's hello is the first message. A connection that fails the
+//! TLS handshake is a stray, like one that says nothing sensible.
+//!
 //! Wire format after the handshake, per frame: kind (u8: data, goodbye, abort), collective code
 //! (u8), sequence number (u64 LE; the goodbye's count of finished collectives), payload length
 //! (u64 LE), payload (data: f32 little-endian or raw bytes; abort: the reason in UTF-8).
@@ -15,6 +22,10 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use tandem_proto::Security;
+use tandem_proto::sealed::{self, Opener, Sealer};
+use tandem_proto::tls::{ClusterTls, Role};
 
 use super::group::{Event, Frame, Group, Incoming, Link, LinkError};
 use super::{CollectiveError, CollectiveOptions, HostCollective};
@@ -31,6 +42,8 @@ const KIND_ABORT: u8 = 2;
 const HEADER_LEN: usize = 1 + 1 + 8 + 8;
 /// Frames above this are taken for a corrupt stream.
 const MAX_PAYLOAD: u64 = 1 << 36;
+/// The longest sealed record: a frame with the longest payload.
+const MAX_RECORD: usize = HEADER_LEN + MAX_PAYLOAD as usize;
 /// Payloads up to this size go out in one write with their header (one segment, not two).
 const COALESCE_BELOW: usize = 64 * 1024;
 
@@ -45,13 +58,19 @@ pub struct TcpGroup;
 
 impl TcpGroup {
     /// Joins the group whose rank `i` listens on `addrs[i]` (`host:port`), as rank `rank`,
-    /// listening on `addrs[rank]`. Returns once connected to every other rank, or fails by
-    /// `options.setup_timeout` naming the rank that did not come.
-    pub fn join(rank: usize, addrs: &[String], options: &CollectiveOptions) -> Result<HostCollective, CollectiveError> {
+    /// listening on `addrs[rank]`, with the connections under `security`. Returns once
+    /// connected to every other rank, or fails by `options.setup_timeout` naming the rank that
+    /// did not come.
+    pub fn join(
+        rank: usize,
+        addrs: &[String],
+        options: &CollectiveOptions,
+        security: &Security,
+    ) -> Result<HostCollective, CollectiveError> {
         let err = |detail: String| CollectiveError::Setup { rank, detail };
         let addr = addrs.get(rank).ok_or_else(|| err(format!("no address for rank {rank} among {}", addrs.len())))?;
         let listener = TcpListener::bind(addr.as_str()).map_err(|e| err(format!("cannot listen on {addr}: {e}")))?;
-        Self::join_with_listener(listener, rank, addrs, options)
+        Self::join_with_listener(listener, rank, addrs, options, security)
     }
 
     /// As [`TcpGroup::join`], on a listener the caller bound already (port 0 in tests, or a
@@ -61,10 +80,15 @@ impl TcpGroup {
         rank: usize,
         addrs: &[String],
         options: &CollectiveOptions,
+        security: &Security,
     ) -> Result<HostCollective, CollectiveError> {
         let options = options.clamped();
-        let setup = Setup::new(rank, addrs, &options)?;
-        let mut streams: Vec<Option<TcpStream>> = (0..addrs.len()).map(|_| None).collect();
+        let tls = match security {
+            Security::Mutual(tls) => Some(tls.as_ref()),
+            Security::Insecure => None,
+        };
+        let setup = Setup::new(rank, addrs, &options, tls)?;
+        let mut streams: Vec<Option<Conn>> = (0..addrs.len()).map(|_| None).collect();
         for (peer, slot) in streams.iter_mut().enumerate().take(rank) {
             *slot = Some(setup.connect(peer)?);
         }
@@ -75,6 +99,46 @@ impl TcpGroup {
     }
 }
 
+/// One connection of the mesh, with its keys when it runs under the cluster's TLS.
+struct Conn {
+    stream: TcpStream,
+    keys: Option<(Sealer, Opener)>,
+}
+
+impl Conn {
+    /// Starts a connection: as it is, or through a TLS handshake in which this end is the
+    /// server when `serve` (and then speaks first) or the client.
+    fn start(mut stream: TcpStream, tls: Option<&ClusterTls>, serve: bool) -> io::Result<Conn> {
+        let keys = match tls {
+            None => None,
+            Some(tls) if serve => Some(sealed::server(&mut stream, tls, Role::Worker)?),
+            Some(tls) => Some(sealed::client(&mut stream, tls, Role::Worker)?),
+        };
+        Ok(Conn { stream, keys })
+    }
+
+    /// Sends one set-up message.
+    fn send(&mut self, message: &[u8]) -> io::Result<()> {
+        match &mut self.keys {
+            Some((sealer, _)) => sealer.write(&mut self.stream, &mut message.to_vec()),
+            None => self.stream.write_all(message),
+        }
+    }
+
+    /// Receives one set-up message of `N` bytes.
+    fn receive<const N: usize>(&mut self) -> io::Result<[u8; N]> {
+        match &mut self.keys {
+            Some((_, opener)) => (opener.read(&mut self.stream, N)?.try_into())
+                .map_err(|_| io::Error::new(ErrorKind::InvalidData, "a set-up message of the wrong length")),
+            None => {
+                let mut message = [0u8; N];
+                self.stream.read_exact(&mut message)?;
+                Ok(message)
+            }
+        }
+    }
+}
+
 /// One rank's view of the set-up in progress.
 struct Setup<'a> {
     rank: usize,
@@ -82,10 +146,16 @@ struct Setup<'a> {
     addrs: &'a [String],
     deadline: Instant,
     setup_timeout: Duration,
+    tls: Option<&'a ClusterTls>,
 }
 
 impl<'a> Setup<'a> {
-    fn new(rank: usize, addrs: &'a [String], options: &CollectiveOptions) -> Result<Setup<'a>, CollectiveError> {
+    fn new(
+        rank: usize,
+        addrs: &'a [String],
+        options: &CollectiveOptions,
+        tls: Option<&'a ClusterTls>,
+    ) -> Result<Setup<'a>, CollectiveError> {
         let world = addrs.len();
         if rank >= world || u32::try_from(world).is_err() {
             return Err(CollectiveError::Setup {
@@ -94,7 +164,7 @@ impl<'a> Setup<'a> {
             });
         }
         let deadline = Instant::now() + options.setup_timeout;
-        Ok(Setup { rank, world, addrs, deadline, setup_timeout: options.setup_timeout })
+        Ok(Setup { rank, world, addrs, deadline, setup_timeout: options.setup_timeout, tls })
     }
 
     fn err(&self, detail: String) -> CollectiveError {
@@ -112,17 +182,17 @@ impl<'a> Setup<'a> {
 
     // ---- the connecting side (to lower ranks) ----
 
-    fn connect(&self, peer: usize) -> Result<TcpStream, CollectiveError> {
+    fn connect(&self, peer: usize) -> Result<Conn, CollectiveError> {
         let addr = &self.addrs[peer];
-        let mut stream = self.dial(peer)?;
+        let stream = self.dial(peer)?;
         let io_err = |e: io::Error| self.err(format!("handshake with rank {peer} at {addr}: {e}"));
         stream.set_read_timeout(Some(self.left_for_socket())).map_err(io_err)?;
         stream.set_write_timeout(Some(self.left_for_socket())).map_err(io_err)?;
-        stream.write_all(&encode_hello(self.world, self.rank, peer)).map_err(io_err)?;
-        let mut reply = [0u8; REPLY_LEN];
-        stream.read_exact(&mut reply).map_err(|e| self.reply_error(peer, &e))?;
+        let mut conn = Conn::start(stream, self.tls, true).map_err(|e| self.reply_error(peer, &e))?;
+        conn.send(&encode_hello(self.world, self.rank, peer)).map_err(io_err)?;
+        let reply = conn.receive::<REPLY_LEN>().map_err(|e| self.reply_error(peer, &e))?;
         self.check_reply(peer, &reply)?;
-        Ok(stream)
+        Ok(conn)
     }
 
     /// Connects to `addrs[peer]`, retrying while it refuses (not listening yet) until the
@@ -175,7 +245,7 @@ impl<'a> Setup<'a> {
 
     // ---- the accepting side (from higher ranks) ----
 
-    fn accept_all(&self, listener: &TcpListener, streams: &mut [Option<TcpStream>]) -> Result<(), CollectiveError> {
+    fn accept_all(&self, listener: &TcpListener, streams: &mut [Option<Conn>]) -> Result<(), CollectiveError> {
         // Polled, so that the deadline holds while nobody connects.
         listener.set_nonblocking(true).map_err(|e| self.err(format!("listener: {e}")))?;
         loop {
@@ -204,29 +274,30 @@ impl<'a> Setup<'a> {
     }
 
     /// Reads a connecting peer's hello and answers it. A connection that says nothing
-    /// sensible is a stray (a port scan, a health check) and is dropped; a Tandem peer whose
-    /// view of the group differs fails the set-up, since the group cannot form.
-    fn admit(&self, mut stream: TcpStream, streams: &mut [Option<TcpStream>]) -> Result<(), CollectiveError> {
-        let mut hello = [0u8; HELLO_LEN];
-        let read = stream
-            .set_nonblocking(false)
-            .and_then(|()| stream.set_read_timeout(Some(self.left_for_socket())))
-            .and_then(|()| stream.read_exact(&mut hello));
-        let Some((world, from, to)) = read.ok().and_then(|()| decode_hello(&hello)) else {
+    /// sensible (or fails the TLS handshake) is a stray (a port scan, a health check, a
+    /// process without the cluster's certificate) and is dropped; a Tandem peer whose view of
+    /// the group differs fails the set-up, since the group cannot form.
+    fn admit(&self, stream: TcpStream, streams: &mut [Option<Conn>]) -> Result<(), CollectiveError> {
+        let left = Some(self.left_for_socket());
+        let started = (stream.set_nonblocking(false))
+            .and_then(|()| stream.set_read_timeout(left))
+            .and_then(|()| stream.set_write_timeout(left))
+            .and_then(|()| Conn::start(stream, self.tls, false));
+        let Ok(mut conn) = started else { return Ok(()) };
+        let Some((world, from, to)) = conn.receive::<HELLO_LEN>().ok().and_then(|hello| decode_hello(&hello)) else {
             return Ok(());
         };
         let refusal = self.judge(world, from, to, streams);
-        let reply = encode_reply(self.world, self.rank, refusal.is_none());
-        let sent = stream.set_write_timeout(Some(self.left_for_socket())).and_then(|()| stream.write_all(&reply));
+        let sent = conn.send(&encode_reply(self.world, self.rank, refusal.is_none()));
         if let Some(refusal) = refusal {
             return Err(self.err(refusal));
         }
         sent.map_err(|e| self.err(format!("rank {from} dropped the connection in the handshake: {e}")))?;
-        streams[from] = Some(stream);
+        streams[from] = Some(conn);
         Ok(())
     }
 
-    fn judge(&self, world: usize, from: usize, to: usize, streams: &[Option<TcpStream>]) -> Option<String> {
+    fn judge(&self, world: usize, from: usize, to: usize, streams: &[Option<Conn>]) -> Option<String> {
         let same_lists = "are the address lists the same on every rank?";
         if world != self.world {
             return Some(format!(
@@ -296,24 +367,40 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// The sending half of a connection.
+struct Outgoing {
+    stream: TcpStream,
+    sealer: Option<Sealer>,
+}
+
+impl Outgoing {
+    fn send(&mut self, frame: &Frame) -> io::Result<()> {
+        let Some(sealer) = &mut self.sealer else { return write_frame(&mut self.stream, frame) };
+        let mut record = Vec::new();
+        write_frame(&mut record, frame)?;
+        sealer.write(&mut self.stream, &mut record)
+    }
+}
+
 /// The connections of one rank once the group is formed.
 struct TcpLink {
     /// Indexed by peer rank; `None` at this rank's own index.
-    writers: Vec<Option<TcpStream>>,
+    writers: Vec<Option<Outgoing>>,
     inbox: Receiver<Event>,
     // Keeps the inbox connected after every reader has ended, so a wait sleeps, not spins.
     _own: Sender<Event>,
 }
 
 impl TcpLink {
-    fn start(rank: usize, streams: Vec<Option<TcpStream>>, timeout: Duration) -> io::Result<TcpLink> {
+    fn start(rank: usize, conns: Vec<Option<Conn>>, timeout: Duration) -> io::Result<TcpLink> {
         let (own, inbox) = mpsc::channel();
-        let mut writers = Vec::with_capacity(streams.len());
-        for (peer, stream) in streams.into_iter().enumerate() {
-            let Some(stream) = stream else {
+        let mut writers = Vec::with_capacity(conns.len());
+        for (peer, conn) in conns.into_iter().enumerate() {
+            let Some(Conn { stream, keys }) = conn else {
                 writers.push(None);
                 continue;
             };
+            let (sealer, opener) = keys.unzip();
             // Reads block in their thread (the waiting side has the timeout); a write that
             // stalls means a peer that stopped reading, and must not block the caller forever.
             stream.set_read_timeout(None)?;
@@ -323,9 +410,9 @@ impl TcpLink {
             let events = own.clone();
             thread::Builder::new()
                 .name(format!("coll{rank}<-{peer}"))
-                .spawn(move || read_frames(peer, reader, events))
+                .spawn(move || read_frames(peer, reader, opener, events))
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot start a reader thread: {e}")))?;
-            writers.push(Some(stream));
+            writers.push(Some(Outgoing { stream, sealer }));
         }
         Ok(TcpLink { writers, inbox, _own: own })
     }
@@ -333,13 +420,13 @@ impl TcpLink {
 
 impl Link for TcpLink {
     fn send(&mut self, to: usize, frame: &Frame) -> Result<(), LinkError> {
-        let Some(stream) = self.writers.get_mut(to).and_then(Option::as_mut) else {
+        let Some(out) = self.writers.get_mut(to).and_then(Option::as_mut) else {
             return Err(LinkError::Closed("no connection".into()));
         };
-        let Err(e) = write_frame(stream, frame) else { return Ok(()) };
+        let Err(e) = out.send(frame) else { return Ok(()) };
         // A failed write may have left half a frame on the wire: nothing more may follow it,
         // so this connection is done (the peer sees it close).
-        let _ = stream.shutdown(Shutdown::Both);
+        let _ = out.stream.shutdown(Shutdown::Both);
         self.writers[to] = None;
         Err(match e.kind() {
             ErrorKind::WouldBlock | ErrorKind::TimedOut => LinkError::TimedOut,
@@ -353,30 +440,34 @@ impl Link for TcpLink {
     }
 
     fn close(&mut self, last: &Frame) {
-        for stream in self.writers.iter_mut().flatten() {
+        for out in self.writers.iter_mut().flatten() {
             // Best effort, and brief: a peer that is gone or stuck cannot be told, and must not
             // hold up this rank's failure or exit. Only the sending half closes, so a reader
             // thread still drains what the peer sends until the peer closes too.
-            let _ = stream.set_write_timeout(Some(LAST_WORD_TIMEOUT));
-            let _ = write_frame(stream, last);
-            let _ = stream.shutdown(Shutdown::Write);
+            let _ = out.stream.set_write_timeout(Some(LAST_WORD_TIMEOUT));
+            let _ = out.send(last);
+            let _ = out.stream.shutdown(Shutdown::Write);
         }
     }
 
     #[cfg(test)]
     fn sever(&mut self) {
-        for stream in self.writers.iter_mut().flatten() {
-            let _ = stream.shutdown(Shutdown::Both);
+        for out in self.writers.iter_mut().flatten() {
+            let _ = out.stream.shutdown(Shutdown::Both);
         }
     }
 }
 
 /// A reader thread: forwards `from`'s frames to the inbox until a goodbye, an abort, a broken
 /// connection, or the communicator is gone.
-fn read_frames(from: usize, stream: TcpStream, events: Sender<Event>) {
+fn read_frames(from: usize, stream: TcpStream, mut opener: Option<Opener>, events: Sender<Event>) {
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     loop {
-        let what = match read_frame(&mut reader) {
+        let frame = match &mut opener {
+            None => read_frame(&mut reader),
+            Some(opener) => opener.read(&mut reader, MAX_RECORD).and_then(|record| read_frame(&mut &record[..])),
+        };
+        let what = match frame {
             Ok(frame) => Incoming::Frame(frame),
             Err(e) => Incoming::Lost(describe(&e)),
         };
@@ -494,7 +585,8 @@ mod tests {
             .map(|(rank, listener)| {
                 let (addrs, options) = (addrs.clone(), options.clone());
                 thread::spawn(move || {
-                    let comm = TcpGroup::join_with_listener(listener, rank, &addrs, &options).unwrap();
+                    let comm =
+                        TcpGroup::join_with_listener(listener, rank, &addrs, &options, &Security::Insecure).unwrap();
                     let start = Instant::now();
                     // Rank 2 crashes as soon as it leaves the barrier; another rank may still be
                     // inside it then (a barrier does not release every rank at the same moment),

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tandem_kernels::Device;
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::{Command, Membership};
+use tandem_proto::{ClusterClient, Security};
 use tokio::sync::{mpsc, watch};
 
 use super::engine_thread::{Serving, TrainEvents};
@@ -44,6 +44,7 @@ pub struct GroupsAgent {
     pub model_name: String,
     pub device: Device,
     pub options: CollectiveOptions,
+    pub security: Security,
     pub engine: EngineConfig,
     pub data: DataPlane,
 }
@@ -141,6 +142,7 @@ impl GroupsAgent {
             rank: m.rank,
             peers: m.peers.clone(),
             options: self.options.clone(),
+            security: self.security.clone(),
             engine: self.engine,
             moe: if m.expert_parallel { MoeSplit::Experts } else { MoeSplit::Intermediate },
             data: self.data,

@@ -100,6 +100,7 @@ impl Node {
             model_name: g.model_name,
             device: g.device,
             options: g.collective,
+            security: self.security.clone(),
             engine: g.engine,
             data: g.data,
         };

@@ -19,6 +19,7 @@ mod leader;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tandem_proto::Security;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::collective::{Collective, CollectiveOptions, TcpGroup};
@@ -38,6 +39,8 @@ pub struct GroupSpec {
     /// Every rank's collective address, rank order; this rank listens on its own.
     pub peers: Vec<String>,
     pub options: CollectiveOptions,
+    /// Whether the TCP group's connections run under the cluster's TLS.
+    pub security: Security,
     /// The engine's sizes: rank 0's engine and the followers' KV caches must have the same.
     pub engine: EngineConfig,
     /// How a MoE model's experts are split over the ranks.
@@ -109,7 +112,7 @@ pub fn join(
     train_events: TrainEvents,
     ended: UnboundedSender<Ended>,
 ) -> Result<Member> {
-    let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options)?;
+    let comm = TcpGroup::join(spec.rank, &spec.peers, &spec.options, &spec.security)?;
     let comm: Arc<dyn Collective> = Arc::new(comm);
     check_formation(comm.as_ref(), spec)?;
     let data = match spec.data {
@@ -199,6 +202,7 @@ mod tests {
             rank,
             peers: Vec::new(),
             options: CollectiveOptions::default(),
+            security: Security::Insecure,
             engine: EngineConfig::default(),
             moe: MoeSplit::Intermediate,
             data: DataPlane::Tcp,
