@@ -188,12 +188,7 @@ pub(super) fn load_weights_cut(
         });
     }
     let lm_head = if cfg.tie_word_embeddings { None } else { Some(vocab(get("lm_head.weight", &[v, h])?)?) };
-    Ok(Weights {
-        embed,
-        layers,
-        norm: get("model.norm.weight", &[h])?,
-        lm_head,
-    })
+    Ok(Weights { embed, layers, norm: get("model.norm.weight", &[h])?, lm_head })
 }
 
 /// The module holding the experts, and the names of an expert's gate, up and down projections
