@@ -1,19 +1,19 @@
 //! `tandem coordinator` (one member of the Raft group) and `tandem status` (what a coordinator
 //! knows of the group).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tandem_coordinator::gateway::GatewayOptions;
 use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server;
 
-use tandem_proto::ClusterClient;
 use tandem_proto::contract::Member;
+use tandem_proto::{ClusterClient, tls};
 
 use crate::certs::SecurityArgs;
 use crate::checks::RuntimeChecks;
@@ -43,6 +43,12 @@ pub struct CoordinatorArgs {
     /// Serve the OpenAI-compatible HTTP gateway here (HOST:PORT).
     #[arg(long)]
     http: Option<String>,
+    /// Serve the gateway on HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// A file holding the operator's API key for the gateway (mode 0600); without it, the
     /// TANDEM_API_KEY environment variable. Never on the command line, where `ps` shows it.
     #[arg(long)]
@@ -115,6 +121,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
                 blobs: (args.blobs.or_else(|| data_dir.as_ref().map(|d| d.join("blobs"))))
                     .ok_or_else(|| anyhow!("--http needs --blobs DIR (or --data-dir)"))?,
                 checks: Arc::new(RuntimeChecks),
+                tls: https(args.tls_cert.as_deref(), args.tls_key.as_deref())?,
             }),
             None => None,
         },
@@ -125,6 +132,17 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         eprintln!("coordinator {} serving on {}", opts.id, opts.peers.get(&opts.id).map_or("?", String::as_str));
         server::serve(opts, shutdown).await.map_err(|e| anyhow!("{e}"))
     })
+}
+
+/// The gateway's HTTPS settings from `--tls-cert` and `--tls-key` (the key refused unless only
+/// its owner may read it); none without them.
+fn https(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    let (Some(cert), Some(key)) = (cert, key) else { return Ok(None) };
+    let cert_pem = std::fs::read_to_string(cert).with_context(|| format!("--tls-cert {}", cert.display()))?;
+    let key_pem = secrets::read(key).with_context(|| format!("--tls-key {}", key.display()))?;
+    let config = tls::public_server_config(&cert_pem, &key_pem)
+        .with_context(|| format!("--tls-cert {} with --tls-key {}", cert.display(), key.display()))?;
+    Ok(Some(config))
 }
 
 pub fn members(args: MembersArgs) -> Result<()> {

@@ -3,7 +3,7 @@
 //! port), which answers with the gateway's JSON objects. Every call carries the caller's API
 //! key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -17,7 +17,7 @@ use tandem_proto::v1::{
     ListJobsRequest, ListKeysRequest, PutAdapterRequest, RevokeKeyRequest, UploadFileRequest,
 };
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use crate::secrets;
@@ -30,9 +30,12 @@ const ESFT_FILES: [&str; 2] = ["esft_config.json", "esft_model.safetensors"];
 #[derive(Args)]
 pub struct ApiArgs {
     /// The gateway's address (`tandem up --http`, `tandem coordinator --http`): its gRPC job
-    /// API answers there beside the HTTP API.
+    /// API answers there beside the HTTP API. `https://HOST:PORT` for a gateway on HTTPS.
     #[arg(long, global = true, default_value = "127.0.0.1:8000")]
     gateway: String,
+    /// The CA certificate (PEM) that signed an HTTPS gateway's certificate.
+    #[arg(long, global = true)]
+    ca_cert: Option<PathBuf>,
     /// Your API key (default: the TANDEM_API_KEY environment variable).
     #[arg(long, global = true)]
     api_key: Option<String>,
@@ -169,6 +172,24 @@ fn parse_lifetime(text: &str) -> Result<u64, String> {
     n.checked_mul(scale).filter(|&s| s > 0).ok_or_else(|| format!("{text:?}: out of range"))
 }
 
+/// The gateway at `addr` (`HOST:PORT`, or `https://HOST:PORT` checked against the CA in
+/// `ca_cert`).
+fn gateway_endpoint(addr: &str, ca_cert: Option<&Path>) -> Result<Endpoint> {
+    let Some(host_port) = addr.strip_prefix("https://") else {
+        let plain = addr.strip_prefix("http://").unwrap_or(addr);
+        return Endpoint::from_shared(format!("http://{plain}"))
+            .with_context(|| format!("--gateway {addr:?} is not HOST:PORT"));
+    };
+    let ca =
+        ca_cert.ok_or_else(|| anyhow!("--gateway {addr}: pass --ca-cert FILE, the CA that signed its certificate"))?;
+    let pem = std::fs::read_to_string(ca).with_context(|| format!("--ca-cert {}", ca.display()))?;
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h).trim_matches(['[', ']']);
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)).domain_name(host);
+    (Endpoint::from_shared(addr.to_string()).with_context(|| format!("--gateway {addr:?} is not https://HOST:PORT"))?)
+        .tls_config(tls)
+        .with_context(|| format!("--gateway {addr}"))
+}
+
 /// A connection to a gateway's job API, with the caller's key.
 struct Client {
     api: ApiClient<Channel>,
@@ -190,9 +211,7 @@ impl Client {
             .parse()
             .map_err(|_| anyhow!("the API key has characters a request header cannot carry"))?;
         let addr = args.gateway.clone();
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .with_context(|| format!("--gateway {addr:?} is not HOST:PORT"))?
-            .connect_timeout(Duration::from_secs(5));
+        let endpoint = gateway_endpoint(&addr, args.ca_cert.as_deref())?.connect_timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.with_context(|| format!("cannot reach the gateway at {addr}"))?;
         let api = ApiClient::new(channel)
             .max_encoding_message_size(MAX_API_MESSAGE)

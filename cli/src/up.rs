@@ -40,6 +40,12 @@ pub struct UpArgs {
     /// The built-in model written on first start: tiny | tiny-moe | small.
     #[arg(long, default_value = "small")]
     preset: String,
+    /// Serve the gateway on HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM, mode 0600).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The processes of the cluster; dropping it stops them (SIGTERM, then SIGKILL after a grace).
@@ -179,7 +185,14 @@ pub fn run(args: UpArgs) -> Result<()> {
     ]
     .map(str::to_string);
     let mut cluster = Cluster(Vec::new());
-    let coordinator = coordinator.each_ref().map(String::as_str);
+    let mut coordinator: Vec<&str> = coordinator.iter().map(String::as_str).collect();
+    let https = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some([cert.to_string_lossy(), key.to_string_lossy()]),
+        _ => None,
+    };
+    if let Some([cert, key]) = &https {
+        coordinator.extend(["--tls-cert", cert, "--tls-key", key]);
+    }
     cluster.0.push(start("coordinator", &coordinator, &[(secrets::KEY_VAR, &key)], &logs)?);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(register_model(&args.grpc, &security, preset.name(), &model_s))?;
@@ -203,7 +216,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         cluster.0.push(start(id, &worker, &[], &logs)?);
     }
     println!("Tandem is up: {} worker(s), model {:?}", args.workers, preset.name());
-    println!("  endpoint:  http://{}/v1", args.http);
+    println!("  endpoint:  {}://{}/v1", if https.is_some() { "https" } else { "http" }, args.http);
     println!("  API key:   {key}");
     println!("  data:      {} (logs in {})", dir.display(), logs.display());
     println!("  operator:  tandem status --coordinator {} --certs {}", args.grpc, certs.display());

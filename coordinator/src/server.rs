@@ -548,9 +548,7 @@ pub async fn serve_with(
             let stopped = async move {
                 let _ = http_stopped.await;
             };
-            let task = tokio::spawn(async move {
-                axum::serve(listener, gateway::router(gateway)).with_graceful_shutdown(stopped).await
-            });
+            let task = tokio::spawn(gateway::listen::serve(listener, gateway::router(gateway), http.tls, stopped));
             Some(task)
         }
         None => None,

@@ -320,6 +320,28 @@ impl ClusterTls {
     }
 }
 
+/// A server that shows the certificate chain `cert_pem` (with its key, `key_pem`) to any client,
+/// asking none of it: the gateway's HTTPS, whose clients are tenants with API keys, not
+/// processes of the cluster. It speaks HTTP/2 (the gRPC job API) and HTTP/1.1.
+pub fn public_server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>();
+    let chain = chain.map_err(|e| invalid(format!("the certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid("the certificate file holds no certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid(format!("the key: {e}")))?;
+    #[allow(deprecated)] // ring's provider: see `ClusterTls::provider`
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(invalid)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid(format!("the certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// How a process talks to the others: mutual TLS, or plain text where an operator asked for it
 /// (`--insecure`).
 #[derive(Clone, Debug)]

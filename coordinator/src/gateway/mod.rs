@@ -7,6 +7,7 @@
 
 mod groups;
 mod grpc;
+pub(crate) mod listen;
 mod metrics;
 mod openai;
 mod resources;
@@ -63,6 +64,8 @@ pub struct GatewayOptions {
     /// path (a shared filesystem across hosts).
     pub blobs: std::path::PathBuf,
     pub checks: Arc<dyn Checks>,
+    /// HTTPS with this certificate (`--tls-cert`); none: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Who is calling: the tenant its key belongs to.
