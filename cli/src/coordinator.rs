@@ -14,6 +14,7 @@ use tandem_coordinator::server;
 
 use tandem_proto::contract::Member;
 use tandem_proto::{ClusterClient, tls};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::certs::SecurityArgs;
 use crate::checks::RuntimeChecks;
@@ -64,7 +65,34 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     join: bool,
     #[command(flatten)]
+    etcd: EtcdTlsArgs,
+    #[command(flatten)]
     security: SecurityArgs,
+}
+
+/// TLS to etcd, which authenticates its clients by certificate (`--client-cert-auth`): its PKI
+/// is its own, apart from the cluster's.
+#[derive(Args)]
+struct EtcdTlsArgs {
+    /// The CA certificate (PEM) that signed etcd's server certificate; with it, `--store`
+    /// connects over TLS.
+    #[arg(long, requires_all = ["etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    /// This coordinator's client certificate for etcd (PEM).
+    #[arg(long, requires = "etcd_ca")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM, mode 0600).
+    #[arg(long, requires = "etcd_ca")]
+    etcd_key: Option<PathBuf>,
+}
+
+/// The TLS settings `args` give for etcd; none without them.
+fn etcd_tls(args: &EtcdTlsArgs) -> Result<Option<ClientTlsConfig>> {
+    let (Some(ca), Some(cert), Some(key)) = (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) else { return Ok(None) };
+    let read =
+        |flag: &str, path: &Path| std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()));
+    let identity = Identity::from_pem(read("--etcd-cert", cert)?, secrets::read(key).context("--etcd-key")?);
+    Ok(Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--etcd-ca", ca)?)).identity(identity)))
 }
 
 #[derive(Args)]
@@ -111,6 +139,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
         security: args.security.security(&args.id.to_string())?,
+        etcd_tls: etcd_tls(&args.etcd)?,
         etcd: args.store,
         http: match args.http {
             Some(addr) => Some(GatewayOptions {

@@ -41,11 +41,13 @@ pub struct EtcdOptions {
     pub compact_every: u64,
     /// How long [`EtcdStore::connect_with`] waits for etcd to answer.
     pub connect_timeout: Duration,
+    /// TLS to etcd (its CA, and this coordinator's client certificate); none: plain text.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for EtcdOptions {
     fn default() -> Self {
-        EtcdOptions { compact_every: 1000, connect_timeout: Duration::from_secs(5) }
+        EtcdOptions { compact_every: 1000, connect_timeout: Duration::from_secs(5), tls: None }
     }
 }
 
@@ -216,12 +218,16 @@ impl EtcdStore {
     }
 
     pub async fn connect_with(url: &str, prefix: &str, options: EtcdOptions) -> Result<Self> {
-        let endpoints = parse_url(url)?;
-        let unreachable =
-            |reason: String| Error::Unavailable(format!("cannot reach etcd at {}: {reason}", endpoints.join(",")));
-        let connect_options = ConnectOptions::new()
+        let mut endpoints = parse_url(url)?;
+        let mut connect_options = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(tls) = &options.tls {
+            endpoints = endpoints.iter().map(|e| e.replacen("http://", "https://", 1)).collect();
+            connect_options = connect_options.with_tls(tls.clone());
+        }
+        let unreachable =
+            |reason: String| Error::Unavailable(format!("cannot reach etcd at {}: {reason}", endpoints.join(",")));
         let client = tokio::time::timeout(options.connect_timeout, Client::connect(&endpoints, Some(connect_options)))
             .await
             .map_err(|_| unreachable("timed out".into()))?

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result, joined};
-use crate::etcd_store::{EtcdStore, Leadership};
+use crate::etcd_store::{EtcdOptions, EtcdStore, Leadership};
 use crate::gateway::{self, Gateway, GatewayOptions};
 use crate::placement::schedule;
 use crate::replica::{Inbox, Replica, Timing, Transport};
@@ -471,6 +471,8 @@ pub struct Options {
     pub join: bool,
     /// `etcd://HOST:PORT[,...]`: keep the state in this etcd cluster instead of a Raft log.
     pub etcd: Option<String>,
+    /// TLS to that etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`); none: plain text.
+    pub etcd_tls: Option<tonic::transport::ClientTlsConfig>,
     /// Serve the HTTP gateway.
     pub http: Option<GatewayOptions>,
     /// How it answers and reaches the cluster's other processes.
@@ -510,7 +512,8 @@ pub async fn serve_with(
     let mut server = security.server(tonic::transport::Server::builder()).map_err(|e| Error::Invalid(e.to_string()))?;
     let (store, lead, raft) = match opts.etcd {
         Some(url) => {
-            let store = Arc::new(EtcdStore::connect(&url, ETCD_PREFIX).await?);
+            let options = EtcdOptions { tls: opts.etcd_tls, ..EtcdOptions::default() };
+            let store = Arc::new(EtcdStore::connect_with(&url, ETCD_PREFIX, options).await?);
             // The candidate's name is its address: the others forward lease requests there.
             let leadership = store.campaign(&own, opts.lease.max(Duration::from_secs(2))).await?;
             (Store::Etcd(store.clone()), Lead::Etcd { store, leadership, url }, None)

@@ -25,6 +25,7 @@ async fn coordinator(etcd: &Etcd, certs: &TestCerts, id: u64) -> ClusterClient {
         lease: Duration::from_millis(2000),
         join: false,
         etcd: Some(etcd.url()),
+        etcd_tls: None,
         http: None,
         security: certs.security(Role::Coordinator, &id.to_string()),
     };

@@ -1,7 +1,8 @@
 //! The etcd store against a real etcd: coordinators appending at once take distinct indices and
 //! agree, a late coordinator restores from the snapshot, an etcd killed with SIGKILL keeps what
-//! was acknowledged, the scheduler election has one holder at a time and fails over, and a bad
-//! URL is an error.
+//! was acknowledged, the scheduler election has one holder at a time and fails over, a bad
+//! URL is an error, and an etcd that requires client certificates is reached with one of its
+//! CA's and refuses plain text and another CA's.
 
 #![allow(clippy::unwrap_used)] // tests unwrap by design
 
@@ -14,7 +15,8 @@ use tandem_coordinator::Error;
 use tandem_coordinator::etcd_store::{EtcdOptions, EtcdStore, Leadership};
 use tandem_coordinator::store::Store;
 use tandem_proto::contract::{Command, Proposal, Reply};
-use tandem_testkit::{Etcd, free_addr};
+use tandem_testkit::{Etcd, EtcdClientFiles, free_addr};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 const PREFIX: &str = "/tandem";
 const WAIT: Duration = Duration::from_secs(10);
@@ -259,4 +261,28 @@ async fn a_bad_url_is_an_error_not_a_panic() {
     let refused = matches!(&unreachable, Err(Error::Unavailable(m)) if m.starts_with("cannot reach etcd"));
     assert!(refused, "{:?}", unreachable.err());
     assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+/// TLS to the etcd of `files` with client certificate `cert`, `key`.
+fn tls(files: &EtcdClientFiles, cert: &std::path::Path, key: &std::path::Path) -> EtcdOptions {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&files.ca)))
+        .identity(Identity::from_pem(read(cert), read(key)));
+    EtcdOptions { tls: Some(config), connect_timeout: Duration::from_secs(3), ..EtcdOptions::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_requires_client_certificates_answers_only_its_cas() {
+    let (etcd, files) = Etcd::start_tls("tls");
+    let store = EtcdStore::connect_with(&etcd.url(), PREFIX, tls(&files, &files.cert, &files.key)).await.unwrap();
+    assert_eq!(propose(&store, model("m")).await, Reply::Done);
+    assert!(store.read().await.unwrap().models.contains_key("m"));
+
+    let plain = EtcdOptions { connect_timeout: Duration::from_secs(3), ..EtcdOptions::default() };
+    let refused = EtcdStore::connect_with(&etcd.url(), PREFIX, plain).await;
+    assert!(matches!(&refused, Err(Error::Unavailable(_))), "plain text: {:?}", refused.err());
+    let stranger = tls(&files, &files.stranger_cert, &files.stranger_key);
+    let refused = EtcdStore::connect_with(&etcd.url(), PREFIX, stranger).await;
+    assert!(matches!(&refused, Err(Error::Unavailable(_))), "another CA's certificate: {:?}", refused.err());
 }

@@ -100,6 +100,7 @@ impl InProcessCluster {
             lease: Self::LEASE,
             join: false,
             etcd: None,
+            etcd_tls: None,
             http: None,
             security: self.certs.security(Role::Coordinator, &id.to_string()),
         };

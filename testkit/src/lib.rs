@@ -44,7 +44,7 @@ mod replicas;
 
 pub use certs::TestCerts;
 pub use coordinators::{CoordinatorOptions, Coordinators};
-pub use etcd::Etcd;
+pub use etcd::{Etcd, EtcdClientFiles};
 pub use in_process::InProcessCluster;
 pub use mem_net::MemNet;
 pub use mini_cluster::{MiniCluster, MiniClusterBuilder};
