@@ -138,6 +138,19 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     }
     let (status, body) = http::http(http_addr, "POST", "/v1/completions", Some(KEY), Some("{not json"));
     assert_eq!(status, 400, "{body}");
+    // Refusals axum makes itself (a method the route lacks, a query string it cannot read, a
+    // route that does not exist) come in OpenAI's body too.
+    for (method, path, want_status, want_code) in [
+        ("DELETE", "/v1/models", 405, "method_not_allowed"),
+        ("PUT", "/v1/completions", 405, "method_not_allowed"),
+        ("GET", "/v1/files?limit=abc", 400, "invalid_request_error"),
+        ("GET", "/v1/fine_tuning/jobs?limit=-1", 400, "invalid_request_error"),
+        ("GET", "/v2/anything", 404, "not_found"),
+    ] {
+        let (status, out) = http::call_json(http_addr, method, path, KEY, None);
+        assert_eq!((status, out["error"]["code"].as_str()), (want_status, Some(want_code)), "{method} {path}: {out}");
+        assert!(!out["error"]["message"].as_str().unwrap().is_empty(), "{method} {path}: {out}");
+    }
     let (status, out) = post(http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}));
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));
 }

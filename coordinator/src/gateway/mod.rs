@@ -275,6 +275,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route_service("/tandem.v1.Api/{*method}", api_server(gateway.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(openai::error_body))
         .with_state(gateway)
 }
 

@@ -76,6 +76,41 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Gives every refusal OpenAI's error body: those axum makes itself (405 with no body, a query
+/// string or form it cannot read as plain text, ...) keep their status and headers (`Allow`)
+/// and say what was wrong in the body clients parse. gRPC answers are left as they are.
+pub async fn error_body(response: Response) -> Response {
+    let status = response.status();
+    let content_type = response.headers().get(axum::http::header::CONTENT_TYPE).map(|v| v.as_bytes().to_vec());
+    let ours = content_type
+        .as_deref()
+        .is_some_and(|t| t.starts_with(b"application/json") || t.starts_with(b"application/grpc"));
+    if !(status.is_client_error() || status.is_server_error()) || ours {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("refused").to_lowercase(),
+        said => said.to_string(),
+    };
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::LENGTH_REQUIRED => "length_required",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
+        StatusCode::NOT_FOUND => "not_found",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    };
+    let fresh = ApiError::new(status, code, message).into_response();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(axum::http::header::CONTENT_TYPE, "application/json".parse().expect("a valid header"));
+    Response::from_parts(parts, fresh.into_body())
+}
+
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Deserialize)]
 #[serde(untagged)]
