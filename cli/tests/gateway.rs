@@ -154,3 +154,46 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let (status, out) = post(http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}));
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));
 }
+
+/// The rows of the HTTP route table in `docs/security.md`: method, path, who may call it.
+fn route_table() -> Vec<(String, String, String)> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md")).unwrap();
+    let table = doc.split("| HTTP route | who may call it |").nth(1).expect("the HTTP route table");
+    (table.lines().skip(2))
+        .take_while(|l| l.starts_with('|'))
+        .map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (method, path) = cells[1].trim_matches('`').split_once(' ').unwrap();
+            (method.to_string(), path.to_string(), cells[2].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_route_in_the_role_table_asks_for_its_role() {
+    let cluster = MiniCluster::builder(TANDEM, "route-roles").gateway(KEY).start();
+    let addr = cluster.http();
+    cluster.wait_alive(1);
+    let (status, made) = post(addr, "/v1/admin/api-keys", json!({"tenant": "t1"}));
+    assert_eq!(status, 200, "{made}");
+    let tenant = made["key"].as_str().unwrap().to_string();
+    let rows = route_table();
+    assert!(rows.len() >= 25, "{rows:?}");
+    for (method, path, who) in rows {
+        // Any name in a path's braces: what it names need not exist, the role is checked first.
+        let path: String =
+            path.split('/').map(|p| if p.starts_with('{') { "x" } else { p }).collect::<Vec<_>>().join("/");
+        let body = (method == "POST").then_some("{}");
+        let call = |key: Option<&str>| http::http(addr, &method, &path, key, body).0;
+        let (none, as_tenant, as_operator) = (call(None), call(Some(&tenant)), call(Some(KEY)));
+        let what = format!("{method} {path} ({who}): no key {none}, tenant {as_tenant}, operator {as_operator}");
+        match who.as_str() {
+            "anyone" => assert!(![401, 403].contains(&none), "{what}"),
+            "tenant" => assert!(none == 401 && ![401, 403].contains(&as_tenant), "{what}"),
+            "operator" => assert!(none == 401 && as_tenant == 403, "{what}"),
+            other => panic!("unknown role {other:?} in the table"),
+        }
+        assert!(![401, 403, 404, 405].contains(&as_operator) || path.contains("/x"), "{what}");
+        assert!(as_operator < 500 || as_operator == 503, "{what}");
+    }
+}

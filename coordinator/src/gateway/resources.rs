@@ -114,6 +114,8 @@ async fn create_key(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): 
         #[serde(default)]
         expires_in: Option<u64>,
     }
+    // The role before the body: a tenant learns nothing of what this route would accept.
+    caller.must_be_operator("makes API keys")?;
     let NewKey { tenant, expires_in } = parse(&body)?;
     gw.create_key(&caller, &tenant, expires_in).await.map(ok)
 }
