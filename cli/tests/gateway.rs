@@ -197,3 +197,64 @@ fn every_route_in_the_role_table_asks_for_its_role() {
         assert!(as_operator < 500 || as_operator == 503, "{what}");
     }
 }
+
+/// The `Retry-After` of the answer to a POST of `body` to `path` with `key`.
+fn retry_after(addr: &str, path: &str, key: &str, body: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let head = raw.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    head.lines().find_map(|l| l.strip_prefix("retry-after:")).and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn tenant_limits_answer_429_with_when_to_retry() {
+    let cluster = MiniCluster::builder(TANDEM, "limits").gateway(KEY).start();
+    let addr = cluster.http();
+    cluster.register_model("tiny");
+    cluster.wait_alive(1);
+    let (_, made) = post(addr, "/v1/admin/api-keys", json!({"tenant": "t1"}));
+    let t1 = made["key"].as_str().unwrap().to_string();
+    let limits = json!({"requests_per_minute": 2, "max_files": 1});
+    let (status, set) = http::call_json(addr, "PUT", "/v1/admin/tenants/t1/limits", KEY, Some(limits));
+    assert_eq!(
+        (status, &set["requests_per_minute"], &set["object"]),
+        (200, &json!(2), &json!("tenant.limits")),
+        "{set}"
+    );
+    let (status, _) = http::call_json(addr, "PUT", "/v1/admin/tenants/t1/limits", &t1, Some(json!({})));
+    assert_eq!(status, 403, "a tenant sets no limits");
+    let (status, bad) = http::call_json(addr, "PUT", "/v1/admin/tenants/t1/limits", KEY, Some(json!({"rpm": 1})));
+    assert_eq!(status, 400, "{bad}");
+    let (_, read) = http::call_json(addr, "GET", "/v1/admin/tenants/t1/limits", KEY, None);
+    assert_eq!(read["max_files"], 1, "{read}");
+
+    // Two completions a minute: the third is refused with when to retry; others are not held.
+    let body = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).to_string();
+    for _ in 0..2 {
+        assert_eq!(http::http(addr, "POST", "/v1/completions", Some(&t1), Some(&body)).0, 200);
+    }
+    let (status, refused) = http::http(addr, "POST", "/v1/completions", Some(&t1), Some(&body));
+    assert_eq!(status, 429, "{refused}");
+    assert!(refused.contains("rate_limit_exceeded"), "{refused}");
+    assert!(matches!(retry_after(addr, "/v1/completions", &t1, &body), Some(1..=30)));
+    assert_eq!(http::http(addr, "POST", "/v1/completions", Some(KEY), Some(&body)).0, 200, "another tenant");
+
+    // One training file at most.
+    let line = r#"{"prompt": "a", "completion": "b"}"#;
+    assert_eq!(http::upload(addr, &t1, "one.jsonl", line).0, 200);
+    let (status, refused) = http::upload(addr, &t1, "two.jsonl", line);
+    assert_eq!(status, 429, "{refused}");
+    assert!(refused.contains("quota_exceeded"), "{refused}");
+    // Lifted: the body is the whole set.
+    let (status, _) = http::call_json(addr, "PUT", "/v1/admin/tenants/t1/limits", KEY, Some(json!({})));
+    assert_eq!(status, 200);
+    assert_eq!(http::upload(addr, &t1, "two.jsonl", line).0, 200);
+}

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use tandem_proto::contract::{
     AdapterVersion, ApiKey, Attempt, Checkpoint, ClusterState, Command, Job, JobEvent, JobReport, JobStatus, Model,
-    Placement, Proposal, Reply, Worker,
+    Placement, Proposal, Reply, TenantLimits, Worker,
 };
 
 /// Replies remembered for retried proposals: the last this many request ids.
@@ -264,6 +264,13 @@ impl StateMachine {
             },
             Command::CreateApiKey { tenant, key_sha256, expires_at } => {
                 self.state.api_keys.insert(key_sha256, ApiKey { tenant, created_at: at, expires_at });
+                Reply::Done
+            }
+            Command::SetLimits { tenant, limits } => {
+                match limits == TenantLimits::default() {
+                    true => self.state.limits.remove(&tenant),
+                    false => self.state.limits.insert(tenant, limits),
+                };
                 Reply::Done
             }
             Command::RevokeApiKey { id } => {

@@ -7,6 +7,7 @@
 
 mod groups;
 mod grpc;
+mod limits;
 pub(crate) mod listen;
 mod metrics;
 mod openai;
@@ -125,6 +126,8 @@ pub struct Gateway {
     metrics: metrics::Metrics,
     /// The state and worker channels requests are routed with.
     view: view::View,
+    /// Tenants' rates and requests in flight on this gateway.
+    limiter: Arc<limits::Limiter>,
 }
 
 impl Gateway {
@@ -142,6 +145,7 @@ impl Gateway {
             affinity: Default::default(),
             metrics: metrics::Metrics::default(),
             view: view::View::new(security),
+            limiter: Arc::default(),
         });
         let weak = Arc::downgrade(&gateway);
         tokio::spawn(async move {
@@ -522,6 +526,9 @@ impl Gateway {
         sampling: &Sampling,
         make: impl Fn(u32) -> Result<GenerateRequest, ApiError>,
     ) -> Result<Response, ApiError> {
+        let limits = self.view.state().limits.get(&target.tenant).cloned().unwrap_or_default();
+        let permit = self.limiter.admit(&target.tenant, &limits)?;
+        let charge = Charge { permit, limits, limiter: self.limiter.clone() };
         let n = sampling.n.unwrap_or(1);
         // Every choice's stream gives its first event before anything is answered, so a refused
         // request is an error status, not a broken stream, and a worker that fails first is
@@ -547,7 +554,10 @@ impl Gateway {
             let metrics = self.metrics.clone();
             let tenant = target.tenant.clone();
             let name = model.clone();
-            let count = move |prompt, completion| metrics.tokens(&tenant, &name, prompt, completion);
+            let count = move |prompt, completion| {
+                metrics.tokens(&tenant, &name, prompt, completion);
+                charge.tokens(&tenant, prompt + completion);
+            };
             return Ok(stream_chunks(kind, id, model, streams, usage, count));
         }
         let mut choices = Vec::new();
@@ -568,11 +578,27 @@ impl Gateway {
             });
         }
         self.metrics.tokens(&target.tenant, &model, prompt_tokens, completion_tokens);
+        charge.tokens(&target.tenant, prompt_tokens + completion_tokens);
         let body = json!({
             "id": id, "object": kind.object(false), "created": now(), "model": model, "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens),
         });
         Ok(axum::Json(body).into_response())
+    }
+}
+
+/// An admitted request's place under its tenant's limits, held until the answer (or stream)
+/// ends, and what it used charged to the tenant then.
+struct Charge {
+    permit: limits::Permit,
+    limits: tandem_proto::contract::TenantLimits,
+    limiter: Arc<limits::Limiter>,
+}
+
+impl Charge {
+    fn tokens(self, tenant: &str, tokens: u32) {
+        self.limiter.charge(tenant, &self.limits, u64::from(tokens));
+        drop(self.permit);
     }
 }
 

@@ -20,11 +20,13 @@ pub struct ApiError {
     pub message: String,
     pub code: &'static str,
     pub param: Option<&'static str>,
+    /// Seconds after which the refused request may succeed (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), code, param: None }
+        ApiError { status, message: message.into(), code, param: None, retry_after: None }
     }
 
     pub fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
@@ -72,7 +74,11 @@ impl IntoResponse for ApiError {
         let body = json!({"error": {
             "message": self.message, "type": self.kind(), "param": self.param, "code": self.code,
         }});
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

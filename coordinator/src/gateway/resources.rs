@@ -16,11 +16,12 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::limits::quota;
 use super::openai::{Body, parse};
 use super::{ApiError, Caller, Gateway};
 use tandem_proto::contract::{
     ApiKey, ClusterState, Command, File, FileRef, Hyperparams, Job, JobSpec, JobStatus, MethodChoice, Reply,
-    check_name, check_tenant, dir_checksum, fresh_id, sha256_hex, to_hex, unix_now,
+    TenantLimits, check_name, check_tenant, dir_checksum, fresh_id, sha256_hex, to_hex, unix_now,
 };
 
 /// Largest training file accepted.
@@ -34,6 +35,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/v1/admin/api-keys", post(create_key).get(list_keys))
         .route("/v1/admin/api-keys/{id}", axum::routing::delete(revoke_key))
+        .route("/v1/admin/tenants/{tenant}/limits", get(tenant_limits).put(set_tenant_limits))
         .route("/v1/files", post(upload_file).layer(DefaultBodyLimit::max(MAX_FILE)).get(list_files))
         .route("/v1/files/{id}", get(file).delete(delete_file))
         .route("/v1/files/{id}/content", get(file_content))
@@ -72,6 +74,11 @@ impl Page {
             "first_id": data.first().map(|v| v["id"].clone()), "last_id": data.last().map(|v| v["id"].clone()),
         })
     }
+}
+
+/// What `tenant` may use (no limits unless the operator set some).
+fn limits_of(state: &ClusterState, tenant: &str) -> TenantLimits {
+    state.limits.get(tenant).cloned().unwrap_or_default()
 }
 
 fn bad_name(param: &'static str, what: &str, name: &str) -> Result<(), ApiError> {
@@ -134,6 +141,38 @@ async fn revoke_key(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     gw.revoke_key(&caller, &id).await.map(ok)
+}
+
+/// The `tenant.limits` object: every limit set, by name.
+fn limits_object(tenant: &str, limits: &TenantLimits) -> Value {
+    let mut object = json!(limits);
+    object["object"] = json!("tenant.limits");
+    object["tenant"] = json!(tenant);
+    object
+}
+
+async fn tenant_limits(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    UrlPath(tenant): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    caller.must_be_operator("reads tenants' limits")?;
+    check_tenant(&tenant).map_err(|e| ApiError::bad_request("tenant", e.0))?;
+    Ok(ok(limits_object(&tenant, &limits_of(&*gw.state().await?, &tenant))))
+}
+
+/// Sets what a tenant may use: the body is the whole set (a limit left out is lifted).
+async fn set_tenant_limits(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    UrlPath(tenant): UrlPath<String>,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    caller.must_be_operator("sets tenants' limits")?;
+    check_tenant(&tenant).map_err(|e| ApiError::bad_request("tenant", e.0))?;
+    let limits: TenantLimits = parse(&body)?;
+    gw.propose("limits", Command::SetLimits { tenant: tenant.clone(), limits: limits.clone() }).await?;
+    Ok(ok(limits_object(&tenant, &limits)))
 }
 
 /// The longest a key may be made to last: ten years.
@@ -237,6 +276,9 @@ async fn upload_file(
 impl Gateway {
     /// Checks a training file and stores it in the caller's namespace.
     pub async fn upload_file(&self, caller: &Caller, filename: &str, bytes: Bytes) -> Result<Value, ApiError> {
+        let state = self.state().await?;
+        let held = state.files.values().filter(|f| f.tenant == caller.tenant).count();
+        quota("training files", held, limits_of(&state, &caller.tenant).max_files)?;
         let checks = self.checks.clone();
         let data = bytes.clone();
         let name = filename.to_string();
@@ -415,6 +457,8 @@ impl Gateway {
             _ => Err(ApiError::bad_request(param, format!("no file {id:?} among yours"))),
         };
         let training_file = file("training_file", &req.training_file)?;
+        let open = state.jobs.values().filter(|j| j.tenant == caller.tenant && !j.status.is_final()).count();
+        quota("fine-tuning jobs queued or running", open, limits_of(&state, &caller.tenant).concurrent_jobs)?;
         let validation_file = req.validation_file.as_deref().map(|id| file("validation_file", id)).transpose()?;
         let suffix = req.suffix.clone().unwrap_or_default();
         if !suffix.is_empty() {
@@ -687,6 +731,8 @@ impl Gateway {
     ) -> Result<Value, ApiError> {
         bad_name("name", "adapter", name)?;
         let state = self.state().await?;
+        let held = state.adapters.get(&caller.tenant).filter(|a| !a.contains_key(name)).map_or(0, |a| a.len());
+        quota("adapters", held, limits_of(&state, &caller.tenant).max_adapters)?;
         let model = state.models.get(base).ok_or_else(|| ApiError::model_not_found(base))?.uri.clone();
         const KNOWN: [&str; 4] =
             ["adapter_config.json", "adapter_model.safetensors", "esft_config.json", "esft_model.safetensors"];

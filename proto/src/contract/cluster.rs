@@ -27,6 +27,34 @@ pub struct ClusterState {
     /// with are on every coordinator's command line), by Raft id.
     #[serde(default, with = "super::number_keys")]
     pub coordinators: BTreeMap<u64, String>,
+    /// What the operator allows each tenant, by tenant; a tenant not here has no limits.
+    #[serde(default)]
+    pub limits: BTreeMap<String, TenantLimits>,
+}
+
+/// What a tenant may use; each limit unset is no limit. Rates and concurrency are counted by
+/// each gateway on its own; quotas against the replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Completions and chat completions per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt and completion tokens per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Completions and chat completions in progress at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_requests: Option<u32>,
+    /// Training files stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u32>,
+    /// Adapters stored (by name; versions of one adapter count once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_adapters: Option<u32>,
+    /// Fine-tuning jobs queued or running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_jobs: Option<u32>,
 }
 
 /// A tenant's API key as the cluster knows it.

@@ -81,6 +81,11 @@ pub enum Command {
     RevokeApiKey {
         id: String,
     },
+    /// Sets what `tenant` may use (all unset: no limits).
+    SetLimits {
+        tenant: String,
+        limits: super::TenantLimits,
+    },
     PutFile {
         id: String,
         file: File,
@@ -182,6 +187,7 @@ impl Command {
                 }
             }
             Command::RevokeApiKey { id } => check_name("key id", id),
+            Command::SetLimits { tenant, .. } => check_tenant(tenant),
             Command::PutFile { id, file } => {
                 check_name("file id", id)?;
                 check_tenant(&file.tenant)?;

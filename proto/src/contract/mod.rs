@@ -25,7 +25,7 @@ mod rpc;
 pub use checksum::{dir_checksum, sha256_hex, to_hex};
 pub use cluster::{
     AdapterVersion, ApiKey, Attempt, ClusterState, File, Gpu, Job, JobEvent, JobStatus, Membership, Model, Placement,
-    Worker, WorkerView,
+    TenantLimits, Worker, WorkerView,
 };
 pub use command::{Command, Proposal, Reply, fresh_id, unix_now};
 pub use job::{
