@@ -315,32 +315,51 @@ async fn models(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Respon
 }
 
 /// The worker request for `prompt` or `messages` under `s`, choice `i` of `n`, on `target`.
-fn generate_request(s: &Sampling, target: &Target, i: u32) -> Result<GenerateRequest, ApiError> {
+/// Checks the sampling parameters before the request is routed, so a malformed request is a
+/// 400 whether or not a worker serves its model yet.
+fn check_sampling(s: &Sampling) -> Result<(), ApiError> {
     let n = s.n.unwrap_or(1);
     if n == 0 || n > MAX_CHOICES {
         return Err(ApiError::bad_request("n", format!("n must be between 1 and {MAX_CHOICES}")));
     }
-    let (adapter, adapter_uri) = target.adapter.clone().unwrap_or_default();
-    // The engine gives the sampled tokens' log-probabilities, not the best alternatives.
-    let logprobs = match &s.logprobs {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Bool(true)) => true,
-        Some(Value::Number(k)) if k.as_u64() == Some(0) => true,
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "logprobs",
-                "only logprobs of the sampled tokens are served (logprobs: true for chat, 0 for completions)",
-            ));
-        }
-    };
+    sampled_logprobs(s)?;
     if s.top_logprobs.is_some_and(|k| k > 0) {
         return Err(ApiError::bad_request(
             "top_logprobs",
             "alternatives per token are not served: top_logprobs must be 0",
         ));
     }
+    if s.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(ApiError::bad_request("temperature", "temperature must be between 0 and 2"));
+    }
+    if s.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(ApiError::bad_request("top_p", "top_p must be above 0 and at most 1"));
+    }
+    if s.max_completion_tokens.or(s.max_tokens) == Some(0) {
+        return Err(ApiError::bad_request("max_tokens", "max_tokens must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Whether the sampled tokens' log-probabilities are asked for: the engine gives those, not
+/// the best alternatives.
+fn sampled_logprobs(s: &Sampling) -> Result<bool, ApiError> {
+    match &s.logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(false),
+        Some(Value::Bool(true)) => Ok(true),
+        Some(Value::Number(k)) if k.as_u64() == Some(0) => Ok(true),
+        Some(_) => Err(ApiError::bad_request(
+            "logprobs",
+            "only logprobs of the sampled tokens are served (logprobs: true for chat, 0 for completions)",
+        )),
+    }
+}
+
+/// The worker's request for choice `i` (the sampling checked by [`check_sampling`]).
+fn generate_request(s: &Sampling, target: &Target, i: u32) -> Result<GenerateRequest, ApiError> {
+    let (adapter, adapter_uri) = target.adapter.clone().unwrap_or_default();
     Ok(GenerateRequest {
-        logprobs,
+        logprobs: sampled_logprobs(s)?,
         adapter,
         adapter_uri,
         max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(16),
@@ -509,6 +528,7 @@ impl Gateway {
         make: impl Fn(&Target, u32) -> Result<GenerateRequest, ApiError>,
     ) -> Result<Response, ApiError> {
         let result = async {
+            check_sampling(sampling)?;
             let (target, workers) = self.route(caller, &model).await?;
             self.run_choices(kind, &target, &workers, model.clone(), sampling, |i| make(&target, i)).await
         }

@@ -232,7 +232,12 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 }
 
 /// Parses a JSON body into `T`, with OpenAI's error for a malformed one.
+/// A request body: a JSON object of `T`'s fields (serde would also take a struct from an array
+/// of its fields in order, which no client means), each key once.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("body", format!("the request body is not valid: {e}")))
+    let invalid = |e: String| ApiError::bad_request("body", format!("the request body is not valid: {e}"));
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(invalid("it must be a JSON object".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))
 }
