@@ -258,3 +258,34 @@ fn tenant_limits_answer_429_with_when_to_retry() {
     assert_eq!(status, 200);
     assert_eq!(http::upload(addr, &t1, "two.jsonl", line).0, 200);
 }
+
+#[test]
+fn a_client_that_stalls_is_disconnected() {
+    use std::io::{Read, Write};
+    let cluster = MiniCluster::builder(TANDEM, "stall").gateway(KEY).start();
+    let addr = cluster.http().to_string();
+    cluster.wait_alive(1);
+    // One says nothing; one sends half its headers and stops. Each is closed by the gateway's
+    // 10 s header deadline, not kept open forever.
+    let stalls: Vec<_> = [&b""[..], b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"]
+        .into_iter()
+        .map(|sent| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                s.write_all(sent).unwrap();
+                let start = Instant::now();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+                start.elapsed()
+            })
+        })
+        .collect();
+    for stall in stalls {
+        let waited = stall.join().unwrap();
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(20), "closed after {waited:?}");
+    }
+    // And the gateway still answers.
+    assert_eq!(http::http(&addr, "GET", "/health", None, None).0, 200);
+}
