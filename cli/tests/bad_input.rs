@@ -199,7 +199,7 @@ fn hostile_requests_get_4xx_error_bodies_and_change_nothing() {
     let before = stored(addr, &[t1, t2]);
 
     // Keys: none, wrong, malformed, on every route but health.
-    let routes = route_table();
+    let routes = http::route_table();
     for (method, path, who) in &routes {
         if who == "anyone" {
             continue;
@@ -355,18 +355,4 @@ fn stored(addr: &str, tenants: &[&str]) -> Vec<Value> {
     all.push(http::call_json(addr, "GET", "/v1/admin/groups", KEY, None).1);
     all.push(http::call_json(addr, "GET", "/v1/admin/tenants/t1/limits", KEY, None).1);
     all
-}
-
-/// The rows of the HTTP route table in `docs/security.md`: method, path, who may call it.
-fn route_table() -> Vec<(String, String, String)> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md")).unwrap();
-    let table = doc.split("| HTTP route | who may call it |").nth(1).expect("the HTTP route table");
-    (table.lines().skip(2))
-        .take_while(|l| l.starts_with('|'))
-        .map(|row| {
-            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-            let (method, path) = cells[1].trim_matches('`').split_once(' ').unwrap();
-            (method.to_string(), path.to_string(), cells[2].to_string())
-        })
-        .collect()
 }

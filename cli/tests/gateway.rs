@@ -155,20 +155,6 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));
 }
 
-/// The rows of the HTTP route table in `docs/security.md`: method, path, who may call it.
-fn route_table() -> Vec<(String, String, String)> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md")).unwrap();
-    let table = doc.split("| HTTP route | who may call it |").nth(1).expect("the HTTP route table");
-    (table.lines().skip(2))
-        .take_while(|l| l.starts_with('|'))
-        .map(|row| {
-            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-            let (method, path) = cells[1].trim_matches('`').split_once(' ').unwrap();
-            (method.to_string(), path.to_string(), cells[2].to_string())
-        })
-        .collect()
-}
-
 #[test]
 fn every_route_in_the_role_table_asks_for_its_role() {
     let cluster = MiniCluster::builder(TANDEM, "route-roles").gateway(KEY).start();
@@ -177,7 +163,7 @@ fn every_route_in_the_role_table_asks_for_its_role() {
     let (status, made) = post(addr, "/v1/admin/api-keys", json!({"tenant": "t1"}));
     assert_eq!(status, 200, "{made}");
     let tenant = made["key"].as_str().unwrap().to_string();
-    let rows = route_table();
+    let rows = http::route_table();
     assert!(rows.len() >= 25, "{rows:?}");
     for (method, path, who) in rows {
         // Any name in a path's braces: what it names need not exist, the role is checked first.

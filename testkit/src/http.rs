@@ -73,3 +73,18 @@ fn exchange(addr: &str, method: &str, path: &str, key: Option<&str>, content_typ
         rest = &after[size + 2..];
     }
 }
+
+/// The rows of the HTTP route table in `docs/security.md` (method, path, who may call it): the
+/// tests that walk every route read the table the operators read.
+pub fn route_table() -> Vec<(String, String, String)> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md")).unwrap();
+    let table = doc.split("| HTTP route | who may call it |").nth(1).expect("the HTTP route table");
+    (table.lines().skip(2))
+        .take_while(|l| l.starts_with('|'))
+        .map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (method, path) = cells[1].trim_matches('`').split_once(' ').unwrap();
+            (method.to_string(), path.to_string(), cells[2].to_string())
+        })
+        .collect()
+}
