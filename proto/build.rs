@@ -10,7 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
-    tonic_prost_build::configure().compile_protos(
+    // Requests that do not decode are InvalidArgument, not tonic's Internal (`src/codec.rs`).
+    tonic_prost_build::configure().codec_path("crate::codec::ProtoCodec").compile_protos(
         &[
             "proto/tandem/v1/health.proto",
             "proto/tandem/v1/coordinator.proto",

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use tandem_proto::Security;
 use tandem_proto::tls::{CertificateAuthority, ClusterTls, Role};
@@ -66,6 +66,16 @@ pub struct SecurityArgs {
 }
 
 impl SecurityArgs {
+    /// A coordinator's [`Security`]: its certificate is named by its Raft id, since the others
+    /// accept a Raft message only from the holder of the certificate its sender names.
+    pub fn coordinator_security(&self, id: u64) -> Result<Security> {
+        let id = id.to_string();
+        if self.cert_name.as_ref().is_some_and(|name| *name != id) {
+            bail!("a coordinator's certificate is named by its Raft id: --cert-name must be {id} or left out");
+        }
+        self.security(&id)
+    }
+
     /// The process's [`Security`]: its certificate `default_name` unless `--cert-name` says
     /// another.
     pub fn security(&self, default_name: &str) -> Result<Security> {

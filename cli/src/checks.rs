@@ -13,8 +13,8 @@ use tandem_worker::train::data::check_jsonl;
 pub struct RuntimeChecks;
 
 impl Checks for RuntimeChecks {
-    fn training_file(&self, bytes: &[u8]) -> Result<u64, Invalid> {
-        check_jsonl(Path::new("the file"), bytes).map_err(|e| match e {
+    fn training_file(&self, path: &Path) -> Result<u64, Invalid> {
+        check_jsonl(path).map_err(|e| match e {
             Error::Data { line: 0, msg, .. } => Invalid(msg),
             Error::Data { line, msg, .. } => Invalid(format!("line {line}: {msg}")),
             other => Invalid(other.to_string()),

@@ -54,6 +54,14 @@ pub struct CoordinatorArgs {
     /// TANDEM_API_KEY environment variable. Never on the command line, where `ps` shows it.
     #[arg(long)]
     api_key_file: Option<PathBuf>,
+    /// Serve this process's metrics for Prometheus here (HOST:PORT): `GET /metrics`, under the
+    /// cluster's mutual TLS to holders of an operator certificate.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Adapters named in the gateway's per-adapter request series, the busiest first (the rest
+    /// are counted together as `other`, so tenants cannot grow the series without bound).
+    #[arg(long, default_value_t = tandem_coordinator::gateway::TOP_ADAPTERS)]
+    metrics_top_adapters: usize,
     /// Raft tick, milliseconds (elections after 10-20 ticks, heartbeats every 2).
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
@@ -68,6 +76,8 @@ pub struct CoordinatorArgs {
     etcd: EtcdTlsArgs,
     #[command(flatten)]
     security: SecurityArgs,
+    #[command(flatten)]
+    pub otlp: crate::telemetry::OtlpArgs,
 }
 
 /// TLS to etcd, which authenticates its clients by certificate (`--client-cert-auth`): its PKI
@@ -138,7 +148,8 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         timing: Timing { tick: Duration::from_millis(args.tick_ms.max(1)), ..Timing::default() },
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
-        security: args.security.security(&args.id.to_string())?,
+        security: args.security.coordinator_security(args.id)?,
+        metrics: args.metrics,
         etcd_tls: etcd_tls(&args.etcd)?,
         etcd: args.store,
         http: match args.http {
@@ -151,6 +162,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
                     .ok_or_else(|| anyhow!("--http needs --blobs DIR (or --data-dir)"))?,
                 checks: Arc::new(RuntimeChecks),
                 tls: https(args.tls_cert.as_deref(), args.tls_key.as_deref())?,
+                top_adapters: args.metrics_top_adapters,
             }),
             None => None,
         },
@@ -158,7 +170,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let shutdown = crate::stop_requested();
-        eprintln!("coordinator {} serving on {}", opts.id, opts.peers.get(&opts.id).map_or("?", String::as_str));
+        tracing::info!(coordinator = opts.id, listen = opts.peers.get(&opts.id).map_or("?", String::as_str), "serving");
         server::serve(opts, shutdown).await.map_err(|e| anyhow!("{e}"))
     })
 }

@@ -12,6 +12,7 @@
 //! - `generate.rs`, `finetune.rs`: inference and fine-tuning on this machine, no cluster.
 //! - `tp_rank.rs`: one tensor-parallel rank over TCP (parity tests, traffic figures).
 //! - `machine.rs`: the CPU a benchmark ran on, printed beside its figures.
+//! - `telemetry.rs`: logs (`RUST_LOG`, text or JSON) and traces (OTLP) of every process.
 //! - `secrets.rs`: secrets on disk (0600, never on a command line).
 //! - `checks.rs`: what the gateway checks with the model runtime (uploads).
 //! - `bench*.rs`: `tandem bench kernels|serve|finetune|coserve|failover|gateway`.
@@ -31,6 +32,7 @@ mod groups;
 mod jobs;
 mod machine;
 mod secrets;
+mod telemetry;
 mod tp_rank;
 mod up;
 mod worker;
@@ -40,6 +42,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Co-serve LLM inference and LoRA fine-tuning on shared GPUs")]
 struct Cli {
+    /// How log lines are written to stderr: text | json (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,16 +102,32 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The name a process of this command has in traces, and where it exports them: `None` for
+    /// commands a person runs, which only log warnings.
+    fn service(&self) -> (&'static str, Option<&telemetry::OtlpArgs>) {
+        match self {
+            Command::Coordinator(args) => ("tandem-coordinator", Some(&args.otlp)),
+            Command::Worker(args) => ("tandem-worker", Some(&args.otlp)),
+            Command::Up(args) => ("tandem-up", Some(&args.otlp)),
+            _ => ("tandem", None),
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let (service, otlp) = cli.command.service();
+    let _telemetry = telemetry::init(cli.log_format, service, otlp)?;
+    match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::Finetune(args) => finetune::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => coordinator::status(args),
         Command::Members(args) => coordinator::members(args),
         Command::Worker(args) => worker::run(args),
-        Command::Up(args) => up::run(args),
+        Command::Up(args) => up::run(args, cli.log_format),
         Command::Generate(args) => generate::run(args),
         Command::Submit(args) => jobs::submit(args),
         Command::Jobs(args) => jobs::jobs(args),

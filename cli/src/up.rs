@@ -18,6 +18,7 @@ use tandem_proto::{ClusterClient, Security};
 use tandem_worker::init_model::{Preset, write_model};
 
 use crate::secrets;
+use crate::telemetry::LogFormat;
 
 #[derive(Args)]
 pub struct UpArgs {
@@ -46,6 +47,8 @@ pub struct UpArgs {
     /// The private key of --tls-cert (PEM, mode 0600).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub otlp: crate::telemetry::OtlpArgs,
 }
 
 /// The processes of the cluster; dropping it stops them (SIGTERM, then SIGKILL after a grace).
@@ -62,7 +65,7 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if child.try_wait().ok().flatten().is_none() {
-                eprintln!("{name} did not stop in time: killing it");
+                tracing::warn!("{name} did not stop in time: killing it");
                 let _ = child.kill();
             }
             let _ = child.wait();
@@ -103,11 +106,19 @@ fn admin_key(dir: &Path, file: Option<&Path>) -> Result<String> {
 }
 
 /// Starts `tandem args...` as `name`, its output in `logs`, with `env` added to its environment
-/// (where a secret goes: only the process's own user can read it there).
-fn start(name: &str, args: &[&str], env: &[(&str, &str)], logs: &Path) -> Result<(String, Child)> {
+/// (where a secret goes: only the process's own user can read it there) and `telemetry` (the
+/// log format and OTLP flags `tandem up` was given) after its arguments.
+fn start(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    telemetry: &[String],
+    logs: &Path,
+) -> Result<(String, Child)> {
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let child = Command::new(std::env::current_exe()?)
         .args(args)
+        .args(telemetry)
         .envs(env.iter().copied())
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
@@ -148,7 +159,7 @@ async fn register_model(grpc: &str, security: &Security, name: &str, uri: &str) 
     }
 }
 
-pub fn run(args: UpArgs) -> Result<()> {
+pub fn run(args: UpArgs, log_format: LogFormat) -> Result<()> {
     let preset: Preset = args.preset.parse()?;
     let dir = &args.data_dir;
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
@@ -157,7 +168,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     let logs = dir.join("logs");
     let model = dir.join(preset.name());
     if !model.join("model.safetensors").exists() {
-        eprintln!("writing the built-in {} model to {}", preset.name(), model.display());
+        tracing::info!("writing the built-in {} model to {}", preset.name(), model.display());
         write_model(preset, &model, 0)?;
     }
     let key = admin_key(dir, args.api_key_file.as_deref())?;
@@ -184,6 +195,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         &certs_s,
     ]
     .map(str::to_string);
+    let telemetry = [vec!["--log-format".to_string(), log_format.as_str().to_string()], args.otlp.to_args()].concat();
     let mut cluster = Cluster(Vec::new());
     let mut coordinator: Vec<&str> = coordinator.iter().map(String::as_str).collect();
     let https = match (&args.tls_cert, &args.tls_key) {
@@ -193,13 +205,18 @@ pub fn run(args: UpArgs) -> Result<()> {
     if let Some([cert, key]) = &https {
         coordinator.extend(["--tls-cert", cert, "--tls-key", key]);
     }
-    cluster.0.push(start("coordinator", &coordinator, &[(secrets::KEY_VAR, &key)], &logs)?);
+    // Every process serves its metrics on a loopback port of its own (operator certificate).
+    let mut metrics = vec![("coordinator".to_string(), free_addr()?)];
+    coordinator.extend(["--metrics", &metrics[0].1]);
+    cluster.0.push(start("coordinator", &coordinator, &[(secrets::KEY_VAR, &key)], &telemetry, &logs)?);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(register_model(&args.grpc, &security, preset.name(), &model_s))?;
     for id in &workers {
-        let listen = free_addr()?;
+        let (listen, metrics_at) = (free_addr()?, free_addr()?);
         let worker = [
             "worker",
+            "--metrics",
+            &metrics_at,
             "--id",
             id,
             "--listen",
@@ -213,13 +230,18 @@ pub fn run(args: UpArgs) -> Result<()> {
             "--certs",
             &certs_s,
         ];
-        cluster.0.push(start(id, &worker, &[], &logs)?);
+        cluster.0.push(start(id, &worker, &[], &telemetry, &logs)?);
+        metrics.push((id.clone(), metrics_at));
     }
     println!("Tandem is up: {} worker(s), model {:?}", args.workers, preset.name());
-    println!("  endpoint:  {}://{}/v1", if https.is_some() { "https" } else { "http" }, args.http);
+    let scheme = if https.is_some() { "https" } else { "http" };
+    println!("  endpoint:  {scheme}://{}/v1", args.http);
+    println!("  dashboard: {scheme}://{}/dashboard (sign in with the API key)", args.http);
     println!("  API key:   {key}");
     println!("  data:      {} (logs in {})", dir.display(), logs.display());
     println!("  operator:  tandem status --coordinator {} --certs {}", args.grpc, certs.display());
+    let ports: Vec<String> = metrics.iter().map(|(name, at)| format!("{name} {at}")).collect();
+    println!("  metrics:   {} (operator certificate)", ports.join(", "));
     println!("Ctrl-C stops it.");
     rt.block_on(async {
         let exited = async {
@@ -235,10 +257,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         };
         tokio::select! {
             _ = crate::stop_requested() => {}
-            (name, status) = exited => eprintln!("{name} exited ({status}); stopping the cluster"),
+            (name, status) = exited => tracing::error!("{name} exited ({status}); stopping the cluster"),
         }
     });
-    eprintln!("stopping");
+    tracing::info!("stopping the cluster");
     cluster.stop();
     Ok(())
 }

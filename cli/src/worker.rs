@@ -44,6 +44,10 @@ pub struct WorkerArgs {
     /// writes its jobs' checkpoints and adapters under `jobs/` there.
     #[arg(long)]
     blobs: PathBuf,
+    /// Serve this worker's metrics for Prometheus here (HOST:PORT): `GET /metrics`, under the
+    /// cluster's mutual TLS to holders of an operator certificate.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -64,6 +68,8 @@ pub struct WorkerArgs {
     collective_backend: String,
     #[command(flatten)]
     security: SecurityArgs,
+    #[command(flatten)]
+    pub otlp: crate::telemetry::OtlpArgs,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -77,6 +83,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         cluster: ClusterClient::new(&args.coordinator, &security)?,
         security,
         blobs: args.blobs.clone(),
+        metrics: args.metrics,
     };
     let rt = tokio::runtime::Runtime::new()?;
     if let Some(collective_addr) = args.collective_addr.clone() {

@@ -42,3 +42,14 @@ fn init_then_issue_makes_a_loadable_identity_and_refuses_to_overwrite() {
     assert!(!dir.join("../w1.pem").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_coordinators_certificate_is_named_by_its_raft_id() {
+    // The others take a Raft message only from the holder of the certificate its sender names.
+    let args =
+        ["coordinator", "--id", "1", "--peers", "1=127.0.0.1:1", "--cert-name", "2", "--data-dir", "/nonexistent"];
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cert-name must be 1"), "{err}");
+}

@@ -103,7 +103,7 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let spare = WorkerRegistration { worker_id: "spare".into(), ..reg.clone() };
     rt.block_on(client.register_worker(spare)).unwrap();
     let beat = |who: &str| {
-        rt.block_on(client.heartbeat(who)).unwrap();
+        rt.block_on(client.heartbeat(who, None)).unwrap();
     };
     // Heartbeats every 150 ms for two leases: still alive.
     for _ in 0..2 * LEASE_MS / 150 {
@@ -132,7 +132,7 @@ fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     assert_eq!(job(follower)["attempts"][1]["worker"], "spare");
     assert_eq!(job(follower)["attempts"][0]["ended"], "its worker's lease expired");
     // A dead worker's heartbeat is refused until it registers again.
-    let err = rt.block_on(client.heartbeat("gpu-box")).unwrap_err();
+    let err = rt.block_on(client.heartbeat("gpu-box", None)).unwrap_err();
     assert!(matches!(err, ClientError::NotFound(_)), "{err}");
     rt.block_on(client.register_worker(reg)).unwrap();
     assert!(alive(&g, leader, "gpu-box"));

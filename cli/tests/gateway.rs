@@ -151,7 +151,8 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
         assert_eq!((status, out["error"]["code"].as_str()), (want_status, Some(want_code)), "{method} {path}: {out}");
         assert!(!out["error"]["message"].as_str().unwrap().is_empty(), "{method} {path}: {out}");
     }
-    let (status, out) = post(http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}));
+    let (status, out) =
+        post(http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2, "seed": 3}));
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));
 }
 
@@ -165,6 +166,21 @@ fn every_route_in_the_role_table_asks_for_its_role() {
     let tenant = made["key"].as_str().unwrap().to_string();
     let rows = http::route_table();
     assert!(rows.len() >= 25, "{rows:?}");
+    // The OpenAPI document the gateway serves has the same routes, each with its role.
+    let (status, document) = http::http(addr, "GET", "/openapi.json", None, None);
+    assert_eq!(status, 200, "{document}");
+    let document: Value = serde_json::from_str(&document).unwrap();
+    let mut documented: Vec<(String, String, String)> = Vec::new();
+    for (path, operations) in document["paths"].as_object().unwrap() {
+        for (method, op) in operations.as_object().unwrap() {
+            let who = op["description"].as_str().unwrap().split("Who may call it: ").nth(1).unwrap();
+            documented.push((method.to_uppercase(), path.clone(), who.trim_end_matches('.').to_string()));
+        }
+    }
+    let (mut table, mut documented) = (rows.clone(), documented);
+    table.sort();
+    documented.sort();
+    assert_eq!(documented, table, "the OpenAPI document and the role table in docs/security.md differ");
     for (method, path, who) in rows {
         // Any name in a path's braces: what it names need not exist, the role is checked first.
         let path: String =
@@ -182,6 +198,70 @@ fn every_route_in_the_role_table_asks_for_its_role() {
         assert!(![401, 403, 404, 405].contains(&as_operator) || path.contains("/x"), "{what}");
         assert!(as_operator < 500 || as_operator == 503, "{what}");
     }
+}
+
+/// What `GET /v1/admin/overview` answers the operator.
+fn overview(addr: &str) -> Value {
+    let (status, o) = http::call_json(addr, "GET", "/v1/admin/overview", KEY, None);
+    assert_eq!(status, 200, "{o}");
+    o
+}
+
+#[test]
+fn the_overview_shows_the_cluster_and_a_drained_worker_gets_no_requests() {
+    let cluster = MiniCluster::builder(TANDEM, "overview").gateway(KEY).start();
+    let addr = cluster.http();
+    cluster.register_model("tiny");
+    cluster.wait_alive(1);
+    let completion = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0});
+    assert_eq!(post(addr, "/v1/completions", completion.clone()).0, 200);
+
+    // The page is served to anyone and loads nothing from elsewhere; its data is the operator's.
+    let (status, page) = http::http(addr, "GET", "/dashboard", None, None);
+    assert!(status == 200 && page.contains("/v1/admin/overview"), "{status}");
+    // (The SVG namespace is a name, not a place anything is loaded from.)
+    let page = page.replace("http://www.w3.org/2000/svg", "");
+    assert!(!page.contains("http://") && !page.contains("https://"), "the page names another origin");
+    assert_eq!(http::http(addr, "GET", "/v1/admin/overview", None, None).0, 401);
+
+    // The leader, and the worker with what its heartbeats carry (the engine's pool).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let o = loop {
+        let o = overview(addr);
+        if o["workers"][0]["load"]["pages"].as_u64().is_some_and(|p| p > 0) {
+            break o;
+        }
+        assert!(Instant::now() < deadline, "no worker load in {o}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (coordinator, worker) = (&o["coordinators"][0], &o["workers"][0]);
+    assert_eq!((coordinator["leader"].as_bool(), coordinator["reachable"].as_bool()), (Some(true), Some(true)), "{o}");
+    let (commit, applied) = (coordinator["commit"].as_u64().unwrap(), coordinator["applied"].as_u64().unwrap());
+    assert!(commit >= 1 && applied <= commit, "{o}");
+    assert_eq!((worker["alive"].as_bool(), worker["draining"].as_bool()), (Some(true), Some(false)), "{o}");
+    assert!(worker["heard_seconds_ago"].as_f64().is_some_and(|s| s < 10.0), "{o}");
+    assert_eq!(worker["models"], json!(["tiny"]), "{o}");
+    assert_eq!(o["models"][0]["id"], "tiny", "{o}");
+    for key in ["jobs", "groups", "api_keys", "events"] {
+        assert!(o[key].is_array(), "{key}: {o}");
+    }
+
+    // Drained, it gets no request (there is no other worker: 503) until it is back in service.
+    let id = worker["id"].as_str().unwrap().to_string();
+    let drain = |on: bool| post(addr, &format!("/v1/admin/workers/{id}/drain"), json!({"drain": on}));
+    assert_eq!(drain(true), (200, json!({"object": "worker", "id": id, "draining": true})));
+    assert_eq!(overview(addr)["workers"][0]["draining"], true);
+    let (status, refused) = post(addr, "/v1/completions", completion.clone());
+    assert_eq!(status, 503, "{refused}");
+    // The 503 is among the recent events.
+    let events = overview(addr)["events"].to_string();
+    assert!(events.contains("503 answered to admin"), "{events}");
+    assert_eq!(drain(false).0, 200);
+    assert_eq!(post(addr, "/v1/completions", completion).0, 200);
+    let (status, missing) = post(addr, "/v1/admin/workers/nope/drain", json!({"drain": true}));
+    assert_eq!(status, 404, "{missing}");
+    let (status, bad) = post(addr, &format!("/v1/admin/workers/{id}/drain"), json!({"drain": "yes"}));
+    assert_eq!(status, 400, "{bad}");
 }
 
 /// The `Retry-After` of the answer to a POST of `body` to `path` with `key`.
@@ -251,9 +331,9 @@ fn a_client_that_stalls_is_disconnected() {
     let cluster = MiniCluster::builder(TANDEM, "stall").gateway(KEY).start();
     let addr = cluster.http().to_string();
     cluster.wait_alive(1);
-    // One says nothing; one sends half its headers and stops. Each is closed by the gateway's
-    // 10 s header deadline, not kept open forever.
-    let stalls: Vec<_> = [&b""[..], b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"]
+    // One says nothing; one sends a byte, one half an HTTP/2 preface, one half its headers, and
+    // each stops there. Each is closed by the gateway's 10 s deadlines, not kept open forever.
+    let stalls: Vec<_> = [&b""[..], b"G", b"PRI * HTTP/2.0\r\n", b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"]
         .into_iter()
         .map(|sent| {
             let addr = addr.clone();

@@ -36,20 +36,30 @@ fn web_certificate(dir: &Path) {
     assert!(key_file.exists());
 }
 
-/// One HTTP/1.1 GET over TLS to `addr`, trusting `ca.pem` of `dir` for `localhost`.
-fn https_get(dir: &Path, addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+/// A TLS connection to `addr` that trusts `ca.pem` of `dir` for `localhost`, offering `alpn`.
+fn tls_stream(
+    dir: &Path,
+    addr: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(dir.join("ca.pem"))?;
     roots.add(CertificateDer::from_pem_slice(&ca).unwrap()).unwrap();
     #[allow(deprecated)] // ring's provider, as the product's
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr)?);
+    Ok(rustls::StreamOwned::new(conn, TcpStream::connect(addr)?))
+}
+
+/// One HTTP/1.1 GET over TLS to `addr`, trusting `ca.pem` of `dir` for `localhost`.
+fn https_get(dir: &Path, addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut tls = tls_stream(dir, addr, &[])?;
     write!(tls, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut out = Vec::new();
     // A server may close without TLS's close_notify once the answer is sent.
@@ -122,6 +132,15 @@ fn the_gateway_serves_https_with_the_operators_certificate() {
     let mut answer = Vec::new();
     let _ = plain.read_to_end(&mut answer);
     assert!(!answer.starts_with(b"HTTP/"), "{}", String::from_utf8_lossy(&answer));
+
+    // A client that finishes its handshake asking for HTTP/2 and then sends nothing (not even
+    // the HTTP/2 preface) is closed by the gateway's 10 s deadline.
+    let mut silent = tls_stream(&dir, &http_addr, &[b"h2"]).unwrap();
+    silent.sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let start = Instant::now();
+    let _ = silent.read_to_end(&mut Vec::new());
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(20), "closed after {waited:?}");
 
     // The CLI reaches the gRPC job API over the same TLS port, checking the certificate.
     let https_url = format!("https://localhost:{}", http_addr.rsplit_once(':').unwrap().1);

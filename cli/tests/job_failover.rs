@@ -88,10 +88,13 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     assert_eq!(http::http(&http, "GET", "/metrics", Some(bob), None).0, 403);
     let (status, text) = http::http(&http, "GET", "/metrics", Some(ADMIN), None);
     assert_eq!(status, 200, "{text}");
-    let served = format!("tandem_requests_total{{tenant=\"alice\",model=\"{model}\",code=\"200\"}} 1");
-    let missing = format!("tandem_requests_total{{tenant=\"bob\",model=\"{model}\",code=\"404\"}} 1");
-    let steps = format!("tandem_job_step{{job=\"{id}\",tenant=\"alice\"}} 640");
-    for line in [&served, &missing, &steps, &"tandem_workers{state=\"dead\"} 1".to_string()] {
+    // Labels are bounded: the base model, not the name asked for (alice's four requests to the
+    // base and one to her adapter); an unknown name is "unresolved".
+    let served = "tandem:requests_total{tenant=\"alice\",model=\"tiny\",code=\"200\"} 5".to_string();
+    let missing = "tandem:requests_total{tenant=\"bob\",model=\"unresolved\",code=\"404\"} 1".to_string();
+    let adapter = format!("tandem:adapter_requests{{adapter=\"alice:{model}\"}} 1.0");
+    let steps = format!("tandem:job_step{{job=\"{id}\",tenant=\"alice\"}} 640.0");
+    for line in [&served, &missing, &adapter, &steps, &"tandem:workers{state=\"dead\"} 1.0".to_string()] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
 }

@@ -15,11 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tandem_testkit::{Scratch, free_addr, http};
-use tandem_worker::adapters::LoraAdapter;
-use tandem_worker::model::ModelConfig;
-use tandem_worker::rng::Xoshiro256;
 
-use common::TANDEM;
+use common::{TANDEM, random_adapter};
 
 const ADMIN: &str = "sk-test-operator";
 /// Fine-tuning on a CPU worker of a machine busy with other tests: generous.
@@ -128,13 +125,6 @@ fn run(mut cmd: Command, timeout: Duration) -> (bool, String, String) {
 }
 
 /// A PEFT LoRA folder for `model`, with random weights.
-fn random_adapter(model: &Path, dir: &Path) {
-    let cfg = ModelConfig::load(model).unwrap();
-    let config = json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]});
-    let adapter = LoraAdapter::init_random(&cfg, config, &mut Xoshiro256::seed_from_u64(7), 0.05).unwrap();
-    adapter.save(dir, &cfg).unwrap();
-}
-
 #[test]
 fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     let dir = Scratch::new("jobs-cli");

@@ -13,6 +13,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use std::sync::Arc;
+use tandem_proto::Security;
+use tandem_proto::tls::{ClusterTls, Role};
 use tandem_testkit::{Scratch, free_addr, http};
 
 use common::TANDEM;
@@ -30,15 +33,17 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut key = String::new();
-    let mut endpoint = String::new();
-    while key.is_empty() {
-        let line = lines.next().expect("tandem up ended before printing its key").unwrap();
+    let (mut key, mut endpoint, mut metrics) = (String::new(), String::new(), String::new());
+    while metrics.is_empty() {
+        let line = lines.next().expect("tandem up ended before printing its key and metrics ports").unwrap();
         if let Some(k) = line.trim().strip_prefix("API key:") {
             key = k.trim().to_string();
         }
         if let Some(e) = line.trim().strip_prefix("endpoint:") {
             endpoint = e.trim().to_string();
+        }
+        if let Some(m) = line.trim().strip_prefix("metrics:") {
+            metrics = m.trim().to_string();
         }
     }
     assert_eq!(endpoint, format!("http://{http}/v1"));
@@ -56,7 +61,8 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
         assert!(Instant::now() < deadline, "the workers never came up: {status} {body}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let req = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 3}).to_string();
+    // Greedy, so the count is deterministic: a sampled token may be EOS (1 in 512 on a random model).
+    let req = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0}).to_string();
     for _ in 0..2 {
         let (status, body) = http::http(&http, "POST", "/v1/completions", Some(&key), Some(&req));
         assert_eq!(status, 200, "{body}");
@@ -83,6 +89,17 @@ fn tandem_up_starts_a_cluster_and_stops_it_on_sigterm() {
     );
     let (ok, _, _) = status(&["--certs", stranger.to_str().unwrap()]);
     assert!(!ok, "a certificate of another CA was answered by the coordinator");
+
+    // Every process serves its metrics, to the operator's certificate.
+    let operator = Security::Mutual(Arc::new(ClusterTls::load(&certs, "operator").unwrap()));
+    let ports: Vec<(&str, &str)> =
+        metrics.trim_end_matches(" (operator certificate)").split(", ").filter_map(|p| p.split_once(' ')).collect();
+    assert_eq!(ports.iter().map(|p| p.0).collect::<Vec<_>>(), ["coordinator", "worker-1", "worker-2"], "{metrics}");
+    for (name, at) in ports {
+        let role = if name == "coordinator" { Role::Coordinator } else { Role::Worker };
+        let (status, text) = http::scrape(at, &operator, role).unwrap();
+        assert!(status == 200 && text.contains("# TYPE tandem:"), "{name} at {at}: {status} {text}");
+    }
 
     // No process of the cluster shows the key on its command line (`ps` would).
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {

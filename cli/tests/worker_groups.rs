@@ -184,7 +184,7 @@ fn a_group_serves_as_the_whole_model_does_and_is_re_placed_when_a_rank_dies() {
     assert_eq!(out_a["choices"][0]["text"], want_a["text"], "{out_a}");
     let (status, metrics) = http::http(&http, "GET", "/metrics", Some(ADMIN), None);
     assert_eq!(status, 200, "{metrics}");
-    let line = "tandem_worker_group_epoch{group=\"tp\",model=\"tiny\",formed=\"true\"} 2";
+    let line = "tandem:worker_group_epoch{group=\"tp\",model=\"tiny\",formed=\"true\"} 2.0";
     assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
 
     // Removed: its members leave it and nothing serves "tiny" any more.

@@ -14,11 +14,14 @@
 //! - `server.rs`: a coordinator process: Raft transport (gRPC, or a network the caller gives:
 //!   the testkit's in-memory one), the `tandem.v1.Cluster` service, leases and the scheduler
 //!   loop, the gateway.
-//! - `gateway/`: OpenAI-compatible HTTP API, jobs, files, adapters, keys, groups, metrics.
+//! - `metrics.rs`: the process's Prometheus registry: the Raft replica's series, the gateway's.
+//! - `gateway/`: OpenAI-compatible HTTP API, jobs, files, adapters, keys, groups, metrics, the
+//!   operators' dashboard.
 
 mod error;
 pub mod etcd_store;
 pub mod gateway;
+pub mod metrics;
 pub mod placement;
 pub mod raft_log;
 pub mod replica;

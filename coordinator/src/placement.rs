@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tandem_proto::contract::{ClusterState, JobStatus, Worker};
 
-/// The scheduler's next moves: each queued job onto the alive worker with the fewest jobs
+/// The scheduler's next moves: each queued job onto the worker taking work with the fewest jobs
 /// placed or running (counting the moves before it), preferring workers that have the job's
 /// base model loaded, then rank 0 of a formed worker group that serves it, then the other
 /// whole-model workers. Pure: the leader proposes them as `PlaceJob` commands.
@@ -32,7 +32,7 @@ pub fn schedule(state: &ClusterState) -> Vec<(String, String)> {
             (false, _, false) => None,
         };
         let best = (state.workers.iter())
-            .filter(|(_, info)| info.alive)
+            .filter(|(_, info)| info.takes_work())
             .filter_map(|(w, info)| tier(w, info).map(|t| (t, jobs_on.get(w).copied().unwrap_or(0), w)))
             .min()
             .map(|(_, _, w)| w.clone());

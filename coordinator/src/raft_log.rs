@@ -78,6 +78,7 @@ impl DiskStorage {
         let keep = entries.iter().position(|e| e.index > snap_index).unwrap_or(entries.len());
         entries.drain(..keep);
         offsets.drain(..keep);
+        check_sequence(&log_path, &snapshot, &entries, hard_state.commit)?;
         let mut core = Core { dir: dir.to_path_buf(), hard_state, conf_state, snapshot, entries, offsets, log };
         if keep > 0 {
             core.rewrite_log()?;
@@ -309,8 +310,30 @@ impl Storage for DiskStorage {
     }
 }
 
-/// Appends one record: length, CRC-32 of the payload, payload.
-fn frame(buf: &mut Vec<u8>, payload: &[u8]) {
+/// Refuses a log that raft-rs could not run on (records whose checksums hold, written by
+/// something other than this module): entries must follow the snapshot one index at a time,
+/// terms must not go back, and the commit index must be in the log.
+fn check_sequence(path: &Path, snapshot: &Snapshot, entries: &[Entry], commit: u64) -> Result<()> {
+    let meta = snapshot.get_metadata();
+    let corrupt = |why: String| Err(Error::Corrupt(format!("{}: {why}", path.display())));
+    if meta.index == u64::MAX {
+        return corrupt("the snapshot's index has no successor".into());
+    }
+    let (mut index, mut term) = (meta.index, meta.term);
+    for e in entries {
+        if e.index != index + 1 || e.term < term {
+            return corrupt(format!("entry {} (term {}) follows entry {index} (term {term})", e.index, e.term));
+        }
+        (index, term) = (e.index, e.term);
+    }
+    if commit > index {
+        return corrupt(format!("the commit index {commit} is past the last entry, {index}"));
+    }
+    Ok(())
+}
+
+/// Appends one record, as every file here holds them: length, CRC-32 of the payload, payload.
+pub fn frame(buf: &mut Vec<u8>, payload: &[u8]) {
     buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     buf.extend_from_slice(&crc32(payload).to_le_bytes());
     buf.extend_from_slice(payload);

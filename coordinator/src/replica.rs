@@ -20,8 +20,11 @@ use raft::{Config, RawNode, SnapshotStatus, StateRole};
 
 use crate::error::{Error, Result};
 use crate::raft_log::DiskStorage;
+use opentelemetry::KeyValue;
 use tandem_proto::contract::{ClusterState, Proposal, Reply};
+use tandem_proto::trace_context::Hindsight;
 
+use crate::metrics::Proposals;
 use crate::state::StateMachine;
 
 /// Sends Raft messages to other replicas (best effort: Raft retries).
@@ -57,6 +60,8 @@ pub struct Status {
     pub waiting: usize,
     /// Why the loop stopped, if it did (its log could not be written).
     pub stopped: Option<String>,
+    /// Size of the last snapshot of the state (taken at start or at a compaction).
+    pub snapshot_bytes: usize,
 }
 
 /// Timing of the loop: one tick, and the ticks to an election (randomized by raft-rs in
@@ -79,7 +84,8 @@ const COMPACT_EVERY: u64 = 1000;
 
 enum Event {
     Raft(Message),
-    Propose(Box<Proposal>, Waiter<Reply>),
+    /// Answered with what applying it returned, and when it was committed.
+    Propose(Box<Proposal>, Waiter<(Reply, Instant)>),
     Read(Waiter<ClusterState>),
     ChangeMembers(ConfChangeV2, Waiter<Vec<u64>>),
     TransferLeader(u64),
@@ -115,10 +121,12 @@ impl Inbox {
 }
 
 /// A handle to a running replica; dropping it stops the loop.
+#[derive(Debug)]
 pub struct Replica {
     events: Sender<Event>,
     status: Arc<Mutex<Status>>,
     thread: Option<JoinHandle<()>>,
+    proposals: Proposals,
 }
 
 impl Replica {
@@ -166,12 +174,13 @@ impl Replica {
             reads: Vec::new(),
             next_ctx: 0,
             conf_changes: HashMap::new(),
+            snapshot_bytes: snap_data.len(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{id}"))
             .spawn(move || driver.run(rx, timing.tick))
             .map_err(|e| Error::Unavailable(format!("starting the Raft thread: {e}")))?;
-        Ok(Replica { events: tx, status, thread: Some(thread) })
+        Ok(Replica { events: tx, status, thread: Some(thread), proposals: Proposals::default() })
     }
 
     pub fn status(&self) -> Status {
@@ -183,9 +192,26 @@ impl Replica {
         Inbox(self.events.clone())
     }
 
-    /// Proposes `p` and waits until it is applied (or `timeout`).
+    /// Proposes `p` and waits until it is applied (or `timeout`). In the caller's trace, the
+    /// proposal shows as `raft_propose` (until committed) and `raft_apply` (until applied).
     pub fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply> {
-        self.ask(timeout, |w| Event::Propose(Box::new(p), w))
+        let started = Instant::now();
+        let request_id = p.request_id.clone();
+        let result = self.ask(timeout, |w| Event::Propose(Box::new(p), w));
+        if let Ok((_, committed)) = &result {
+            let (spans, caller) = (Hindsight::default(), tracing::Span::current());
+            let attributes = vec![KeyValue::new("request_id", request_id)];
+            spans.record(&caller, "raft_propose", (started, *committed), attributes);
+            spans.record(&caller, "raft_apply", (*committed, Instant::now()), Vec::new());
+        }
+        let result = result.map(|(reply, _)| reply);
+        self.proposals.observe(started, &result);
+        result
+    }
+
+    /// The proposals made through this replica, counted and timed.
+    pub fn proposals(&self) -> &Proposals {
+        &self.proposals
     }
 
     /// A linearizable read: the state once everything committed before the call is applied.
@@ -267,11 +293,13 @@ struct Driver<T: Transport> {
     transport: T,
     status: Arc<Mutex<Status>>,
     /// Callers waiting for their proposal, by request id.
-    proposals: HashMap<String, Waiter<Reply>>,
+    proposals: HashMap<String, Waiter<(Reply, Instant)>>,
     reads: Vec<PendingRead>,
     /// Counter for the contexts of reads and membership changes.
     next_ctx: u64,
     conf_changes: HashMap<Vec<u8>, Waiter<Vec<u64>>>,
+    /// Size of the last snapshot taken (published in the status).
+    snapshot_bytes: usize,
 }
 
 impl<T: Transport> Driver<T> {
@@ -297,6 +325,7 @@ impl<T: Transport> Driver<T> {
             }
             if let Err(e) = self.on_ready() {
                 // The log cannot be written: stop rather than run on without durability.
+                tracing::error!(coordinator = self.node.raft.id, "raft: stopping: {e}");
                 if let Ok(mut status) = self.status.lock() {
                     status.stopped = Some(e.to_string());
                 }
@@ -400,6 +429,7 @@ impl<T: Transport> Driver<T> {
         // The snapshot must describe exactly `index`: only when the state is there.
         if due && index == self.machine.state().applied {
             let data = self.machine.snapshot().map_err(|e| Error::Internal(format!("encoding a snapshot: {e}")))?;
+            self.snapshot_bytes = data.len();
             self.storage.compact(index, data)?;
             self.compacted = index;
             self.members_changed = false;
@@ -420,6 +450,8 @@ impl<T: Transport> Driver<T> {
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        // The Ready that hands entries over is where this replica learns they are committed.
+        let committed = Instant::now();
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal if !e.data.is_empty() => {
@@ -427,7 +459,7 @@ impl<T: Transport> Driver<T> {
                         .map_err(|err| Error::Corrupt(format!("log entry {}: {err}", e.index)))?;
                     let reply = self.machine.apply(e.index, &p);
                     if let Some(waiter) = self.proposals.remove(&p.request_id) {
-                        waiter.answer(Ok(reply));
+                        waiter.answer(Ok((reply, committed)));
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
@@ -501,8 +533,12 @@ impl<T: Transport> Driver<T> {
             voters,
             waiting: self.proposals.len() + self.reads.len() + self.conf_changes.len(),
             stopped: None,
+            snapshot_bytes: self.snapshot_bytes,
         };
         if let Ok(mut status) = self.status.lock() {
+            if (status.leader, status.term) != (s.leader, s.term) {
+                tracing::info!(coordinator = s.id, leader = s.leader, term = s.term, "raft: leader or term changed");
+            }
             *status = s;
         }
     }

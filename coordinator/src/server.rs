@@ -16,8 +16,10 @@ use raft::eraftpb::Message;
 use tandem_proto::cluster_server::{Cluster, ClusterServer};
 use tandem_proto::contract::{
     ClusterState, Command, GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members,
-    MembershipChange, Proposal, Reply, StatusRequest, WorkerRegistration, WorkerView, check_addr, fresh_id,
+    MembershipChange, Proposal, Reply, StatusRequest, WorkerLease, WorkerLoad, WorkerRegistration, WorkerView,
+    check_addr, fresh_id,
 };
+use tandem_proto::metrics_port;
 use tandem_proto::tls::Caller;
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
@@ -29,6 +31,7 @@ use tonic::{Request, Response, Status};
 use crate::error::{Error, Result, joined};
 use crate::etcd_store::{EtcdOptions, EtcdStore, Leadership};
 use crate::gateway::{self, Gateway, GatewayOptions};
+use crate::metrics;
 use crate::placement::schedule;
 use crate::replica::{Inbox, Replica, Timing, Transport};
 use crate::store::Store;
@@ -129,15 +132,25 @@ async fn drain(endpoint: tonic::transport::Endpoint, mut rx: mpsc::UnboundedRece
 }
 
 struct RaftService {
+    /// This coordinator's Raft id: messages must be addressed to it.
+    id: u64,
     inbox: Inbox,
 }
 
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn step(&self, req: Request<RaftMessage>) -> Result<Response<RaftAck>, Status> {
-        Caller::of(&req).require("Raft.Step", &[Role::Coordinator])?;
+        let caller = Caller::of(&req);
+        caller.require("Raft.Step", &[Role::Coordinator])?;
         let msg = Message::parse_from_bytes(&req.into_inner().message)
             .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
+        // A coordinator speaks for itself only: its certificate is named by its Raft id.
+        if !caller.is(Role::Coordinator, Some(&msg.from.to_string())) {
+            return Err(Status::permission_denied(format!("a Raft message from {} needs its certificate", msg.from)));
+        }
+        if msg.to != self.id {
+            return Err(Status::invalid_argument(format!("a Raft message to {} sent to {}", msg.to, self.id)));
+        }
         if !self.inbox.deliver(msg) {
             return Err(Status::unavailable("this coordinator is stopping"));
         }
@@ -145,17 +158,61 @@ impl Raft for RaftService {
     }
 }
 
-/// Workers' leases, kept by the leader in memory: when each was last heard from.
+/// Workers' leases, kept by the leader in memory, by worker id.
+#[derive(Debug)]
 struct Leases {
     lease: Duration,
-    last_seen: Mutex<HashMap<String, Instant>>,
+    seen: Mutex<BTreeMap<String, Seen>>,
+}
+
+/// When a worker was last heard from, and what its last heartbeat said it was doing.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    load: Option<WorkerLoad>,
+}
+
+/// How long ago each worker was last heard from, as the leader's lease keeping sees it (a
+/// follower's table is empty: it keeps no leases).
+#[derive(Debug)]
+struct LeaseAges(Arc<Leases>);
+
+impl prometheus_client::collector::Collector for LeaseAges {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let seen = self.0.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let ages = seen.into_iter().map(|(w, s)| (vec![("worker", w)], s.at.elapsed().as_secs_f64()));
+        let help = "Seconds since each worker's last heartbeat (leases kept by this coordinator).";
+        metrics::encode(&mut encoder, "tandem:worker_lease_age_seconds", help, &metrics::gauges(ages))?;
+        let lease = metrics::gauges([(Vec::new(), self.0.lease.as_secs_f64())]);
+        metrics::encode(&mut encoder, "tandem:worker_lease_seconds", "How long a worker's lease lasts.", &lease)
+    }
 }
 
 impl Leases {
-    fn renew(&self, worker: &str) {
-        if let Ok(mut m) = self.last_seen.lock() {
-            m.insert(worker.to_string(), Instant::now());
+    fn new(lease: Duration) -> Self {
+        Leases { lease, seen: Mutex::default() }
+    }
+
+    /// Worker `worker` was heard from now; `load`: what it said it was doing (none: what it
+    /// said last still holds).
+    fn renew(&self, worker: &str, load: Option<WorkerLoad>) {
+        if let Ok(mut seen) = self.seen.lock() {
+            let entry = seen.entry(worker.to_string()).or_insert(Seen { at: Instant::now(), load: None });
+            entry.at = Instant::now();
+            entry.load = load.or(entry.load.take());
         }
+    }
+
+    /// Every worker's lease, by id.
+    fn table(&self) -> Vec<WorkerLease> {
+        let seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        (seen.into_iter())
+            .map(|(worker_id, s)| WorkerLease {
+                worker_id,
+                heard_ms_ago: s.at.elapsed().as_millis() as u64,
+                load: s.load,
+            })
+            .collect()
     }
 }
 
@@ -292,7 +349,8 @@ impl Cluster for ClusterService {
         match self.store.propose(p, REQUEST_TIMEOUT).await.map_err(Status::from)? {
             Reply::Refused { reason } => Err(Status::failed_precondition(reason)),
             _ => {
-                self.leases.renew(&id);
+                tracing::info!(worker = %id, "worker registered");
+                self.leases.renew(&id, None);
                 Ok(Response::new(LeaseGrant { lease_ms: self.leases.lease.as_millis() as u64 }))
             }
         }
@@ -300,16 +358,16 @@ impl Cluster for ClusterService {
 
     async fn heartbeat(&self, req: Request<Heartbeat>) -> Result<Response<WorkerView>, Status> {
         let caller = Caller::of(&req);
-        let Heartbeat { worker_id } = req.into_inner();
+        let Heartbeat { worker_id, load } = req.into_inner();
         as_worker(&caller, &worker_id)?;
         if !self.leads() {
-            return Ok(Response::new(self.forward().await?.heartbeat(&worker_id).await?));
+            return Ok(Response::new(self.forward().await?.heartbeat(&worker_id, load).await?));
         }
         let state = self.store.read(REQUEST_TIMEOUT).await.map_err(Status::from)?;
         if !state.workers.get(&worker_id).is_some_and(|w| w.alive) {
             return Err(Status::not_found(format!("worker {worker_id:?} has no lease: register again")));
         }
-        self.leases.renew(&worker_id);
+        self.leases.renew(&worker_id, load);
         Ok(Response::new(state.worker_view(&worker_id, self.leases.lease.as_millis() as u64)))
     }
 
@@ -319,6 +377,7 @@ impl Cluster for ClusterService {
             true => self.store.read(Duration::from_secs(2)).await.ok(),
             false => None,
         };
+        let leases = if self.leads() { self.leases.table() } else { Vec::new() };
         let status = match &*self.lead {
             Lead::Raft { replica, book, .. } => {
                 let s = replica.status();
@@ -332,6 +391,7 @@ impl Cluster for ClusterService {
                     voters: s.voters,
                     state,
                     store: "raft".into(),
+                    leases,
                 }
             }
             // etcd's members, leader and term; the log's head as the commit index.
@@ -350,6 +410,7 @@ impl Cluster for ClusterService {
                     members,
                     state,
                     store: url.clone(),
+                    leases,
                 }
             }
         };
@@ -427,21 +488,22 @@ async fn supervise(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
         let Ok(state) = store.read(leases.lease).await else { continue };
         let now = Instant::now();
         let mut expired = Vec::new();
-        if let Ok(mut seen) = leases.last_seen.lock() {
+        if let Ok(mut seen) = leases.seen.lock() {
             if led != Some(leading) {
                 led = Some(leading);
                 for id in state.workers.keys() {
-                    seen.insert(id.clone(), now);
+                    seen.entry(id.clone()).or_insert(Seen { at: now, load: None }).at = now;
                 }
             }
             for (id, w) in &state.workers {
-                let last = *seen.entry(id.clone()).or_insert(now);
+                let last = seen.entry(id.clone()).or_insert(Seen { at: now, load: None }).at;
                 if w.alive && now.duration_since(last) > leases.lease {
                     expired.push(id.clone());
                 }
             }
         }
         for id in &expired {
+            tracing::warn!(worker = %id, "lease expired: marking the worker dead");
             let command = Command::MarkWorkerDead { id: id.clone() };
             let _ = store.propose(Proposal::new(fresh_id(&format!("dead-{id}")), command), REQUEST_TIMEOUT).await;
         }
@@ -475,6 +537,8 @@ pub struct Options {
     pub etcd_tls: Option<tonic::transport::ClientTlsConfig>,
     /// Serve the HTTP gateway.
     pub http: Option<GatewayOptions>,
+    /// Serve this process's metrics here (`--metrics`).
+    pub metrics: Option<SocketAddr>,
     /// How it answers and reaches the cluster's other processes.
     pub security: Security,
 }
@@ -535,28 +599,46 @@ pub async fn serve_with(
                 }
             };
             let replica = Arc::new(replica);
-            let raft = RaftService { inbox: replica.inbox() };
+            let raft = RaftService { id, inbox: replica.inbox() };
             let transfer_timeout = opts.timing.tick * (4 * opts.timing.election_ticks) as u32;
             (Store::Raft(replica.clone()), Lead::Raft { replica, book, transfer_timeout }, Some(raft))
         }
     };
     let lead = Arc::new(lead);
+    let leases = Arc::new(Leases::new(opts.lease));
+    let gateway_metrics = opts.http.as_ref().map(|http| gateway::Metrics::new(http.top_adapters));
+    let registry = metrics::registry(&store, |r| {
+        r.register_collector(Box::new(LeaseAges(leases.clone())));
+        gateway_metrics.iter().for_each(|m| m.register(r));
+    });
+    let metrics_port = match opts.metrics {
+        Some(addr) => {
+            let registry = registry.clone();
+            let render: metrics_port::Render = Arc::new(move || {
+                let registry = registry.clone();
+                Box::pin(async move { metrics::text(&[&registry]) })
+            });
+            let port = metrics_port::spawn(addr, &security, render).await;
+            Some(port.map_err(|e| Error::Unavailable(format!("--metrics {addr}: {e}")))?)
+        }
+        None => None,
+    };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = match opts.http {
-        Some(http) => {
+    let http = match (opts.http, gateway_metrics) {
+        (Some(http), Some(gateway_metrics)) => {
             let addr = http.addr;
             let listener = (tokio::net::TcpListener::bind(addr).await)
                 .map_err(|e| Error::Unavailable(format!("--http {addr}: {e}")))?;
-            let gateway = Gateway::new(store.clone(), ClusterClient::new(&own, &security)?, security.clone(), &http);
+            let cluster = ClusterClient::new(&own, &security)?;
+            let gateway = Gateway::new(store.clone(), cluster, security.clone(), &http, gateway_metrics, registry);
             let stopped = async move {
                 let _ = http_stopped.await;
             };
             let task = tokio::spawn(gateway::listen::serve(listener, gateway::router(gateway), http.tls, stopped));
             Some(task)
         }
-        None => None,
+        _ => None,
     };
-    let leases = Arc::new(Leases { lease: opts.lease, last_seen: Mutex::new(HashMap::new()) });
     let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
     let cluster = ClusterService { store, lead, leases, leaders: Mutex::default(), security };
     server
@@ -566,6 +648,7 @@ pub async fn serve_with(
         .await
         .map_err(|e| Error::Unavailable(format!("serving gRPC on {addr}: {e}")))?;
     monitor.abort();
+    metrics_port.inspect(|port| port.abort());
     let _ = stop_http.send(());
     if let Some(http) = http {
         let served = http.await.map_err(|e| Error::Internal(format!("the HTTP gateway's task: {e}")))?;

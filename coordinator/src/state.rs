@@ -111,10 +111,18 @@ impl StateMachine {
     fn execute(&mut self, command: &Command, at: u64) -> Reply {
         match command.clone() {
             Command::RegisterWorker { id, addr, gpus, collective_addr } => {
-                self.state.workers.insert(id, Worker { addr, gpus, alive: true, collective_addr });
+                let draining = self.state.workers.get(&id).is_some_and(|w| w.draining);
+                self.state.workers.insert(id, Worker { addr, gpus, alive: true, collective_addr, draining });
                 Reply::Done
             }
             Command::MarkWorkerDead { id } => self.worker_died(&id, at),
+            Command::DrainWorker { id, drain } => match self.state.workers.get_mut(&id) {
+                Some(w) => {
+                    w.draining = drain;
+                    Reply::Done
+                }
+                None => refused(format!("no worker {id:?}")),
+            },
             Command::RegisterModel { name, uri } => {
                 self.state.models.insert(name, Model { uri });
                 Reply::Done
@@ -153,8 +161,10 @@ impl StateMachine {
                 Reply::Done
             }
             Command::PlaceJob { id, worker } => {
-                if !self.state.workers.get(&worker).is_some_and(|w| w.alive) {
-                    return refused(format!("worker {worker:?} is not alive"));
+                match self.state.workers.get(&worker) {
+                    Some(w) if w.draining => return refused(format!("worker {worker:?} is draining")),
+                    Some(w) if w.alive => {}
+                    _ => return refused(format!("worker {worker:?} is not alive")),
                 }
                 let Some(job) = self.state.jobs.get_mut(&id) else { return refused(format!("no job {id:?}")) };
                 if job.status != JobStatus::Queued {
@@ -199,7 +209,7 @@ impl StateMachine {
                     JobReport::Checkpoint { step, uri } => {
                         job.status = JobStatus::Running;
                         job.events.push(JobEvent::new(at, format!("Checkpoint saved at step {step}")));
-                        job.checkpoint = Some(Checkpoint { step, uri });
+                        job.checkpoint = Some(Checkpoint { step, uri, at });
                         job.checkpoints.extend(job.checkpoint.clone());
                     }
                     JobReport::Succeeded { uri, checksum } => {
@@ -426,22 +436,22 @@ impl StateMachine {
     }
 }
 
-/// Group workers alive and in no group, by id: those a group may take.
+/// Group workers taking work and in no group, by id: those a group may take.
 fn spares(state: &ClusterState) -> Vec<String> {
     (state.workers.iter())
-        .filter(|(id, w)| w.alive && !w.collective_addr.is_empty() && shards_on(state, id) == 0)
+        .filter(|(id, w)| w.takes_work() && !w.collective_addr.is_empty() && shards_on(state, id) == 0)
         .map(|(id, _)| id.clone())
         .collect()
 }
 
-/// The alive worker `eligible` allows with the least `load` (ties: the first by id).
+/// The worker taking work that `eligible` allows with the least `load` (ties: the first by id).
 fn least_loaded<L: Ord>(
     state: &ClusterState,
     load: impl Fn(&str) -> L,
     eligible: impl Fn(&String) -> bool,
 ) -> Option<String> {
     (state.workers.iter())
-        .filter(|(w, info)| info.alive && eligible(w))
+        .filter(|(w, info)| info.takes_work() && eligible(w))
         .min_by_key(|(w, _)| load(w))
         .map(|(w, _)| w.clone())
 }

@@ -21,8 +21,8 @@ impl Store {
     pub async fn propose(&self, p: Proposal, timeout: Duration) -> Result<Reply> {
         match self {
             Store::Raft(replica) => {
-                let replica = replica.clone();
-                let r = tokio::task::spawn_blocking(move || replica.propose(p, timeout)).await;
+                let (replica, caller) = (replica.clone(), tracing::Span::current());
+                let r = tokio::task::spawn_blocking(move || caller.in_scope(|| replica.propose(p, timeout))).await;
                 joined(r)
             }
             Store::Etcd(etcd) => {

@@ -35,9 +35,9 @@ fn a_workers_certificate_acts_as_itself_only_and_an_operators_runs_the_cluster()
     cluster.block_on(async {
         // A worker reads the state and heartbeats as itself...
         assert!(w1.status(true).await.unwrap().state.is_some());
-        w1.heartbeat("w1").await.unwrap();
+        w1.heartbeat("w1", None).await.unwrap();
         // ...and nothing as another worker, nor an operator's calls.
-        denied(w1.heartbeat("w2").await);
+        denied(w1.heartbeat("w2", None).await);
         denied(w1.register_worker(registration("w2")).await);
         denied(w1.propose("mint", key.clone()).await);
         denied(w1.change_members(Vec::new(), vec![leader]).await);

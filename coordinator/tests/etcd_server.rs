@@ -27,6 +27,7 @@ async fn coordinator(etcd: &Etcd, certs: &TestCerts, id: u64) -> ClusterClient {
         etcd: Some(etcd.url()),
         etcd_tls: None,
         http: None,
+        metrics: None,
         security: certs.security(Role::Coordinator, &id.to_string()),
     };
     tokio::spawn(async move { serve(opts, std::future::pending()).await.unwrap() });
@@ -72,7 +73,7 @@ async fn coordinators_over_etcd_share_the_state_and_one_keeps_the_leases() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for _ in 0..12 {
-        b.heartbeat("w1").await.unwrap();
+        b.heartbeat("w1", None).await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(a.state().await.unwrap().workers["w1"].alive);

@@ -89,6 +89,29 @@ fn a_retried_proposal_applies_once() {
 }
 
 #[test]
+fn a_draining_worker_gets_no_new_job_and_keeps_what_runs_there() {
+    let mut log = cluster();
+    log.apply(submit("running"));
+    assert_eq!(log.apply(Command::PlaceJob { id: "running".into(), worker: "w1".into() }), Reply::Epoch { epoch: 1 });
+    let drain = |drain| Command::DrainWorker { id: "w1".into(), drain };
+    assert_eq!(log.apply(drain(true)), Reply::Done);
+    assert!(log.state().workers["w1"].draining && !log.state().workers["w1"].takes_work());
+    // Its job goes on there; a new one goes to w2 only, and w1 refuses a placement.
+    assert_eq!(log.state().jobs["running"].status, JobStatus::Placed);
+    log.apply(submit("new"));
+    assert_eq!(schedule(log.state()), vec![("new".to_string(), "w2".to_string())]);
+    let refused = log.apply(Command::PlaceJob { id: "new".into(), worker: "w1".into() });
+    assert!(matches!(&refused, Reply::Refused { reason } if reason.contains("draining")), "{refused:?}");
+    // Restarting does not undo the operator's drain; putting it back in service does.
+    assert_eq!(log.apply(worker("w1")), Reply::Done);
+    assert!(log.state().workers["w1"].draining);
+    assert_eq!(log.apply(drain(false)), Reply::Done);
+    assert!(log.state().workers["w1"].takes_work());
+    let unknown = log.apply(Command::DrainWorker { id: "w9".into(), drain: true });
+    assert!(matches!(unknown, Reply::Refused { .. }), "{unknown:?}");
+}
+
+#[test]
 fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoint() {
     let mut log = cluster();
     log.apply(submit("j"));

@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::tls::{Role, Security};
+use crate::trace_context::{Traced, traced};
 
 use crate::cluster_service::cluster_client::ClusterClient as Rpc;
 use crate::contract::{
     ClusterState, Command, GroupStatus, Heartbeat, LeaderTransfer, LeaseGrant, Member, MembershipChange, Proposal,
-    Reply, StatusRequest, WorkerRegistration, WorkerView, fresh_id,
+    Reply, StatusRequest, WorkerLoad, WorkerRegistration, WorkerView, fresh_id,
 };
 
 /// How long connecting to a coordinator may take.
@@ -84,7 +85,7 @@ pub struct ClusterClient {
     endpoint: Endpoint,
     /// Made on the first call, inside the runtime that makes it (a channel needs one), so a
     /// client can be made anywhere.
-    rpc: Arc<OnceCell<Rpc<Channel>>>,
+    rpc: Arc<OnceCell<Rpc<Traced>>>,
 }
 
 impl std::fmt::Debug for ClusterClient {
@@ -114,8 +115,8 @@ impl ClusterClient {
         Ok(ClusterClient { endpoint, rpc: Arc::default() })
     }
 
-    async fn rpc(&self) -> Rpc<Channel> {
-        self.rpc.get_or_init(|| async { Rpc::new(self.endpoint.connect_lazy()) }).await.clone()
+    async fn rpc(&self) -> Rpc<Traced> {
+        self.rpc.get_or_init(|| async { Rpc::new(traced(self.endpoint.connect_lazy())) }).await.clone()
     }
 
     /// The coordinator's address (`HOST:PORT`).
@@ -153,8 +154,8 @@ impl ClusterClient {
 
     /// Renews worker `id`'s lease; answers with what it is to do now. `NotFound`: it has no
     /// lease any more and must register again.
-    pub async fn heartbeat(&self, id: &str) -> Result<WorkerView, ClientError> {
-        Ok(self.rpc().await.heartbeat(Heartbeat { worker_id: id.to_string() }).await?.into_inner())
+    pub async fn heartbeat(&self, id: &str, load: Option<WorkerLoad>) -> Result<WorkerView, ClientError> {
+        Ok(self.rpc().await.heartbeat(Heartbeat { worker_id: id.to_string(), load }).await?.into_inner())
     }
 
     /// Adds and removes coordinators (a Raft membership change); returns the members after it.

@@ -1,6 +1,7 @@
-//! The gRPC codec of the `tandem.v1.Cluster` service: its messages are the contract's serde
-//! types themselves (`crate::contract`), written as JSON inside gRPC frames. It is the only
-//! place those types are encoded for the wire, so no caller builds or parses them by hand.
+//! The gRPC codecs. `tandem.v1.Cluster`'s messages are the contract's serde types themselves
+//! (`crate::contract`), written as JSON inside gRPC frames: this is the only place those types
+//! are encoded for the wire, so no caller builds or parses them by hand. The other services'
+//! are protobuf, through [`ProtoCodec`].
 
 use std::marker::PhantomData;
 
@@ -58,5 +59,48 @@ where
 
     fn decoder(&mut self) -> Self::Decoder {
         SerdeDecoder(PhantomData)
+    }
+}
+
+/// The codec of the protobuf services (`Raft`, `Worker`, `Api`, health): prost's, except that a
+/// request which does not decode is the caller's error (`InvalidArgument`) rather than the
+/// server's (`Internal`, as tonic answers it).
+pub struct ProtoCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for ProtoCodec<T, U> {
+    fn default() -> Self {
+        ProtoCodec(PhantomData)
+    }
+}
+
+pub struct ProtoDecoder<U>(PhantomData<U>);
+
+impl<U: prost::Message + Default> Decoder for ProtoDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(src)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("malformed {}: {e}", std::any::type_name::<U>())))
+    }
+}
+
+impl<T, U> Codec for ProtoCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = ProtoDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<T, U>::default().encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProtoDecoder(PhantomData)
     }
 }

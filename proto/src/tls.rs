@@ -274,10 +274,17 @@ impl ClusterTls {
         Arc::new(provider)
     }
 
+    /// Every CA certificate of `ca.pem`: while the CA is rotated it holds the old one and the
+    /// new one (docs/security.md), as tonic's connections read it too.
     fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(self.pem.ca.as_bytes()).map_err(invalid)?).map_err(invalid)?;
-        Ok(roots)
+        for cert in CertificateDer::pem_slice_iter(self.pem.ca.as_bytes()) {
+            roots.add(cert.map_err(invalid)?).map_err(invalid)?;
+        }
+        match roots.is_empty() {
+            true => Err(invalid("ca.pem holds no certificate")),
+            false => Ok(roots),
+        }
     }
 
     fn chain(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
@@ -365,12 +372,14 @@ impl Security {
         }
     }
 
-    /// `server` answering over mutual TLS, or as it is when insecure.
+    /// `server` answering over mutual TLS, or as it is when insecure; each call in a span that
+    /// continues its caller's trace.
     pub fn server(&self, server: Server) -> Result<Server, TlsError> {
         match self {
             Security::Mutual(tls) => server.tls_config(tls.server_config()).map_err(invalid),
             Security::Insecure => Ok(server),
         }
+        .map(|server| server.trace_fn(crate::trace_context::server_span))
     }
 }
 

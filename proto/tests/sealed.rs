@@ -42,6 +42,23 @@ fn pair(
     (server.join().unwrap(), client)
 }
 
+/// A holder of a certificate of `issuer` that trusts every CA of `trusted` (a `ca.pem` bundle).
+fn holder_trusting(issuer: &CertificateAuthority, trusted: &[&CertificateAuthority], name: &str) -> ClusterTls {
+    let issued = issuer.issue(Role::Worker, name).unwrap();
+    let bundle: String = trusted.iter().map(|ca| ca.cert_pem()).collect();
+    ClusterTls::from_pem(&bundle, &issued.cert_pem, &issued.key_pem)
+}
+
+#[test]
+fn during_a_ca_rotation_ranks_of_the_old_and_the_new_ca_connect() {
+    let (old, new) = (CertificateAuthority::create().unwrap(), CertificateAuthority::create().unwrap());
+    let (server, client) = pair(holder_trusting(&old, &[&old, &new], "w1"), holder_trusting(&new, &[&old, &new], "w2"));
+    assert!(server.is_ok() && client.is_ok());
+    // Once the old CA has left the bundle, its certificates are refused.
+    let (server, client) = pair(holder_trusting(&new, &[&new], "w1"), holder_trusting(&old, &[&old, &new], "w2"));
+    assert!(server.is_err() || client.is_err());
+}
+
 #[test]
 fn records_cross_both_ways_between_two_workers() {
     let ca = CertificateAuthority::create().unwrap();

@@ -118,3 +118,34 @@ fn names_that_are_not_dns_labels_are_refused() {
     assert!("admin".parse::<Role>().is_err());
     assert_eq!("worker".parse::<Role>().unwrap(), Role::Worker);
 }
+
+/// A process of the CA `issuer` that trusts every CA of `trusted` (a `ca.pem` bundle).
+fn holder_trusting(
+    issuer: &CertificateAuthority,
+    trusted: &[&CertificateAuthority],
+    role: Role,
+    name: &str,
+) -> Security {
+    let issued = issuer.issue(role, name).unwrap();
+    let bundle: String = trusted.iter().map(|ca| ca.cert_pem()).collect();
+    Security::Mutual(Arc::new(ClusterTls::from_pem(&bundle, &issued.cert_pem, &issued.key_pem)))
+}
+
+#[tokio::test]
+async fn the_ca_rotates_through_a_bundle_of_the_old_and_the_new() {
+    let (old, new) = (CertificateAuthority::create().unwrap(), CertificateAuthority::create().unwrap());
+    // Step 1 done: every process trusts both CAs. A server still on its old certificate answers
+    // a client already on a new one, and the other way round.
+    let server = serve(&holder_trusting(&old, &[&old, &new], Role::Coordinator, "1")).await;
+    let client = holder_trusting(&new, &[&old, &new], Role::Worker, "w0");
+    assert!(check(&client, &server, Role::Coordinator).await.is_ok());
+    let server = serve(&holder_trusting(&new, &[&old, &new], Role::Coordinator, "1")).await;
+    let client = holder_trusting(&old, &[&old, &new], Role::Worker, "w0");
+    assert!(check(&client, &server, Role::Coordinator).await.is_ok());
+    // Step 3 done: the old CA is out of the bundle; a certificate it signed gets no answer.
+    let server = serve(&holder_trusting(&new, &[&new], Role::Coordinator, "1")).await;
+    assert!(
+        check(&holder_trusting(&old, &[&old, &new], Role::Worker, "w0"), &server, Role::Coordinator).await.is_err()
+    );
+    assert!(check(&holder_trusting(&new, &[&new], Role::Worker, "w0"), &server, Role::Coordinator).await.is_ok());
+}

@@ -226,7 +226,7 @@ impl Coordinators {
             match self.try_propose(via, request_id, &command) {
                 Ok(reply) => return reply,
                 Err(e) if Instant::now() < deadline => {
-                    eprintln!("retrying: {e}");
+                    tracing::debug!("retrying: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => panic!("proposing {request_id} via {via}: {e}"),

@@ -2,14 +2,31 @@
 //! exchange (`Connection: close`), chunked bodies decoded. Tests see exactly the bytes and
 //! status the gateway sends, with no client library deciding anything for them.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::time::Duration;
 
+use rustls_pki_types::ServerName;
 use serde_json::Value;
+use tandem_proto::Security;
+use tandem_proto::tls::Role;
 
 /// One exchange with a JSON body (or none): the status and the body.
 pub fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (u16, String) {
-    exchange(addr, method, path, key, "application/json", body.unwrap_or(""))
+    let (status, _, body) = exchange(addr, method, path, key, &[], "application/json", body.unwrap_or(""));
+    (status, body)
+}
+
+/// [`http`] with `headers` added; answers the response's headers too (names in lower case).
+pub fn http_with_headers(
+    addr: &str,
+    method: &str,
+    path: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    exchange(addr, method, path, Some(key), headers, "application/json", body)
 }
 
 /// [`http`] with a JSON value as the body, and the answer as JSON (a string if it is not).
@@ -43,14 +60,27 @@ pub fn upload(addr: &str, key: &str, filename: &str, content: &str) -> (u16, Str
          --{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
          Content-Type: application/jsonl\r\n\r\n{content}\r\n--{b}--\r\n"
     );
-    exchange(addr, "POST", "/v1/files", Some(key), &format!("multipart/form-data; boundary={b}"), &body)
+    let (status, _, body) =
+        exchange(addr, "POST", "/v1/files", Some(key), &[], &format!("multipart/form-data; boundary={b}"), &body);
+    (status, body)
 }
 
-fn exchange(addr: &str, method: &str, path: &str, key: Option<&str>, content_type: &str, body: &str) -> (u16, String) {
+fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(k) = key {
         req += &format!("Authorization: Bearer {k}\r\n");
+    }
+    for (name, value) in headers {
+        req += &format!("{name}: {value}\r\n");
     }
     req += &format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes()).unwrap();
@@ -59,15 +89,19 @@ fn exchange(addr: &str, method: &str, path: &str, key: Option<&str>, content_typ
     let raw = String::from_utf8(raw).unwrap();
     let (head, mut rest) = raw.split_once("\r\n\r\n").unwrap();
     let status = head[9..12].parse().unwrap();
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return (status, rest.to_string());
+    let headers: Vec<(String, String)> = (head.lines().skip(1))
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    if !headers.iter().any(|(name, value)| name == "transfer-encoding" && value.contains("chunked")) {
+        return (status, headers, rest.to_string());
     }
     let mut body = String::new();
     loop {
         let (size, after) = rest.split_once("\r\n").unwrap();
         let size = usize::from_str_radix(size.trim(), 16).unwrap();
         if size == 0 {
-            return (status, body);
+            return (status, headers, body);
         }
         body.push_str(&after[..size]);
         rest = &after[size + 2..];
@@ -87,4 +121,36 @@ pub fn route_table() -> Vec<(String, String, String)> {
             (method.to_string(), path.to_string(), cells[2].to_string())
         })
         .collect()
+}
+
+/// `GET /metrics` from the metrics port of a process of `server`'s role at `addr`, showing
+/// `security`'s certificate (plain HTTP when insecure): the status and the body.
+pub fn scrape(addr: &str, security: &Security, server: Role) -> io::Result<(u16, String)> {
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut raw = Vec::new();
+    match security {
+        Security::Mutual(tls) => {
+            let name = ServerName::try_from(server.dns_name()).map_err(io::Error::other)?;
+            let config = tls.stream_client().map_err(io::Error::other)?;
+            let connection = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+            let mut stream = rustls::StreamOwned::new(connection, tcp);
+            stream.write_all(request.as_bytes())?;
+            // A server that closes without TLS's close_notify still sent a whole response.
+            match stream.read_to_end(&mut raw) {
+                Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => return Err(e),
+                _ => {}
+            }
+        }
+        Security::Insecure => {
+            let mut tcp = tcp;
+            tcp.write_all(request.as_bytes())?;
+            tcp.read_to_end(&mut raw)?;
+        }
+    }
+    let raw = String::from_utf8(raw).map_err(io::Error::other)?;
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(|| io::Error::other(format!("not HTTP: {raw:?}")))?;
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| io::Error::other(head.to_string()))?;
+    Ok((status, body.to_string()))
 }

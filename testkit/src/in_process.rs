@@ -102,6 +102,7 @@ impl InProcessCluster {
             etcd: None,
             etcd_tls: None,
             http: None,
+            metrics: None,
             security: self.certs.security(Role::Coordinator, &id.to_string()),
         };
         let net = self.net.clone();
@@ -129,6 +130,7 @@ impl InProcessCluster {
             cluster: ClusterClient::new(&self.coordinators[&via], &self.certs.security(Role::Worker, id)).unwrap(),
             security: self.certs.security(Role::Worker, id),
             blobs: self.blobs(),
+            metrics: None,
         };
         let name = id.to_string();
         self.tasks.push(self.rt.spawn(async move {

@@ -27,6 +27,8 @@ struct Links {
     /// Picks which messages a fractional drop loses (xorshift: deterministic for a seed).
     rng: u64,
     dropped: u64,
+    /// Every message carried since [`MemNet::record`], in order (none while not recording).
+    recorded: Option<Vec<Message>>,
 }
 
 impl Default for MemNet {
@@ -45,6 +47,7 @@ impl MemNet {
             isolated: HashSet::new(),
             rng: seed.max(1),
             dropped: 0,
+            recorded: None,
         };
         MemNet { inner: Arc::new(Mutex::new(links)) }
     }
@@ -98,6 +101,16 @@ impl MemNet {
         self.links().dropped
     }
 
+    /// Keeps a copy of every message carried from now on (for a test that replays them).
+    pub fn record(&self) {
+        self.links().recorded = Some(Vec::new());
+    }
+
+    /// The messages carried since [`MemNet::record`], in the order they were sent.
+    pub fn recorded(&self) -> Vec<Message> {
+        self.links().recorded.clone().unwrap_or_default()
+    }
+
     fn links(&self) -> std::sync::MutexGuard<'_, Links> {
         // A test thread that panicked while holding it leaves the rules as they were.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -108,6 +121,9 @@ impl MemNet {
         if links.lost(from, msg.to) {
             links.dropped += 1;
             return;
+        }
+        if let Some(recorded) = &mut links.recorded {
+            recorded.push(msg.clone());
         }
         if let Some(inbox) = links.inboxes.get(&msg.to) {
             inbox.deliver(msg);

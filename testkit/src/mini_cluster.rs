@@ -25,6 +25,10 @@ pub struct MiniClusterBuilder {
     lease_ms: Option<u64>,
     /// Group workers' collective and group set-up timeouts (ms).
     group: Option<(u64, u64)>,
+    /// Added to every process's arguments.
+    extra: Vec<String>,
+    /// Every process serves its metrics on a port of its own.
+    metrics: bool,
 }
 
 impl MiniClusterBuilder {
@@ -59,6 +63,18 @@ impl MiniClusterBuilder {
         self
     }
 
+    /// Adds `args` to every process's command line (its log format, where it sends traces).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Every process serves its metrics (`--metrics` on a free port: [`MiniCluster::metrics`]).
+    pub fn metrics_ports(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
     /// Makes the model and starts the processes; returns without waiting for them (the
     /// coordinator does not know the model yet: [`MiniCluster::register_model`]).
     pub fn start(self) -> MiniCluster {
@@ -82,7 +98,13 @@ impl MiniClusterBuilder {
         if let (Some(http), Some(key_file)) = (&http, &key_file) {
             args.extend(["--http", http, "--api-key-file", key_file.to_str().unwrap()]);
         }
-        let mut procs = Procs(vec![tandem.spawn(&args)]);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        args.extend(&extra);
+        let metrics: Vec<String> = (0..=self.workers).filter(|_| self.metrics).map(|_| free_addr()).collect();
+        if let Some(port) = metrics.first() {
+            args.extend(["--metrics", port]);
+        }
+        let mut procs = Procs(vec![tandem.spawn_logged(&args, &dir.join("logs/coordinator.log"))]);
         let model_arg = model.to_str().unwrap();
         let workers: Vec<String> = (0..self.workers).map(|_| free_addr()).collect();
         let timeouts = self.group.map(|(c, s)| (c.to_string(), s.to_string()));
@@ -97,9 +119,13 @@ impl MiniClusterBuilder {
                 args.extend(["--collective-addr", &collective, "--collective-timeout-ms", collective_timeout]);
                 args.extend(["--group-setup-timeout-ms", setup_timeout]);
             }
-            procs.0.push(tandem.spawn(&args));
+            args.extend(&extra);
+            if let Some(port) = metrics.get(i + 1) {
+                args.extend(["--metrics", port]);
+            }
+            procs.0.push(tandem.spawn_logged(&args, &dir.join(format!("logs/{id}.log"))));
         }
-        MiniCluster { procs, model, coordinator, http, workers, certs, dir }
+        MiniCluster { procs, model, coordinator, http, workers, metrics, certs, dir }
     }
 }
 
@@ -114,6 +140,8 @@ pub struct MiniCluster {
     http: Option<String>,
     /// Each worker's gRPC address, `w1` first.
     pub workers: Vec<String>,
+    /// The metrics ports, the coordinator's then each worker's (none unless asked for).
+    pub metrics: Vec<String>,
     /// The cluster's CA, in `certs/` of the folder.
     pub certs: TestCerts,
     dir: Scratch,
@@ -131,10 +159,13 @@ impl MiniCluster {
             api_key: None,
             lease_ms: None,
             group: None,
+            extra: Vec::new(),
+            metrics: false,
         }
     }
 
-    /// The scratch folder: the model in `tiny/`, the shared blobs in `blobs/`.
+    /// The scratch folder: the model in `tiny/`, the shared blobs in `blobs/`, each process's
+    /// output in `logs/` (`coordinator.log`, `w1.log`, ...).
     pub fn dir(&self) -> &Path {
         &self.dir
     }

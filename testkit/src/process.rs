@@ -44,6 +44,17 @@ impl Tandem {
         self.command().args(args).stdout(out()).stderr(out()).spawn().unwrap()
     }
 
+    /// [`Tandem::spawn`], its output written to `log` instead (shown with `TANDEM_TEST_LOGS`
+    /// all the same), where a test reads it and a failed test's kept folder keeps it.
+    pub fn spawn_logged(&self, args: &[&str], log: &Path) -> Child {
+        if std::env::var_os("TANDEM_TEST_LOGS").is_some() {
+            return self.spawn(args);
+        }
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let file = std::fs::File::create(log).unwrap();
+        self.command().args(args).stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap()
+    }
+
     /// `tandem init-model --preset <preset> --out <out>`: a random-weight model.
     pub fn init_model(&self, preset: &str, out: &Path) {
         let (ok, _, err) = self.run(&["init-model", "--preset", preset, "--out", out.to_str().unwrap()]);
@@ -71,6 +82,22 @@ impl Procs {
     pub fn kill(&mut self, i: usize) {
         self.0[i].kill().unwrap();
         self.0[i].wait().unwrap();
+    }
+
+    /// Asks process `i` to stop (SIGTERM), as a service manager does, and waits up to 20 s for
+    /// it to exit; whether it exited cleanly.
+    pub fn terminate(&mut self, i: usize) -> bool {
+        let child = &mut self.0[i];
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 }
 

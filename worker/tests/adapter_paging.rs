@@ -88,6 +88,10 @@ fn the_pool_never_exceeds_its_size_and_idle_adapters_make_room() {
     assert!(u.adapter <= 2 * per_adapter, "{u:?}");
     let stats = e.adapter_cache_stats();
     assert!(stats.evictions >= 4 && stats.misses >= 6, "{stats:?}");
+    // Every page-in was timed (prefetches too), and every iteration.
+    let m = e.metrics();
+    assert!(m.adapter_page_ins.count() >= stats.misses, "{stats:?}");
+    assert!(m.adapter_page_ins.sum > 0.0 && m.iteration_seconds.count() == m.iterations);
     out.sort_by_key(|o| o.index);
     assert_eq!(out.len(), requests.len());
     for (i, (r, got)) in requests.into_iter().zip(&out).enumerate() {

@@ -448,9 +448,12 @@ fn a_rank_that_hangs_makes_the_others_time_out_instead_of_waiting() {
             }
             assert!(*elapsed < timeout * 2, "{what}: took {elapsed:?}");
         }
-        // The rank after it in the ring waits on it directly and names it.
+        // The rank after it in the ring waits on it directly and names it, unless the rank it
+        // sends to (waiting on it in turn) timed out a moment sooner and told it so first: both
+        // deadlines fall within a few milliseconds, so a loaded machine may order them either way.
         let next = &results[(sleeper + 1) % world].0;
-        assert_eq!(next.culprit(), Some(sleeper), "{next}");
+        let told = next.culprit() == Some((sleeper + 2) % world) && next.to_string().contains("gave up");
+        assert!(next.culprit() == Some(sleeper) || told, "{next}");
     }
 }
 

@@ -75,6 +75,7 @@ fn coserve(
         e.submit(r.clone()).unwrap();
     }
     let (mut out, mut forward, mut mixed, mut backward, mut steps) = (Vec::new(), 0, 0, 0, 0);
+    let mut shared = false;
     while e.has_work() {
         out.extend(e.step().unwrap());
         steps += 1;
@@ -83,7 +84,13 @@ fn coserve(
                 e.submit(r.clone()).unwrap();
             }
         }
-        let last = e.metrics().last_iteration;
+        let m = e.metrics();
+        // Each job's share of the engine's time: some, and never more than the engine had.
+        let share: f64 = m.jobs.values().map(|j| j.engine_share).sum();
+        assert!(share <= 1.0 + 1e-9, "jobs took {share} of the engine's time");
+        shared |= m.jobs.values().any(|j| j.engine_share > 0.0 && j.learning_rate > 0.0);
+        assert_eq!(m.iteration_seconds.count(), m.iterations, "every iteration timed");
+        let last = m.last_iteration;
         if last.finetune > 0 && last.decode + last.prefill > 0 {
             mixed += 1;
         }
@@ -91,6 +98,7 @@ fn coserve(
         backward += usize::from(last.finetune_backward > 0);
     }
     assert_eq!(e.pool_usage().kv, 0, "KV pages leaked");
+    assert!(shared, "no job was seen taking engine time at a learning rate");
     out.sort_by_key(|o| o.index);
     let mut jobs = e.take_finished_jobs();
     jobs.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));

@@ -33,9 +33,10 @@ impl PlanSink for Recorder {
         input: &ForwardInput,
         adapters: &[Arc<AdapterVersion>],
         training: Option<TrainingRows>,
+        _: &[String],
     ) -> tandem_worker::Result<()> {
         let refs = adapters.iter().map(|v| AdapterRef { id: v.id, name: v.name.clone(), uri: String::new() }).collect();
-        self.0.lock().unwrap().push(BatchPlan::Forward(ForwardPlan::new(input, refs, training)).encode()?);
+        self.0.lock().unwrap().push(BatchPlan::Forward(Box::new(ForwardPlan::new(input, refs, training))).encode()?);
         Ok(())
     }
 

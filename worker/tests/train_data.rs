@@ -141,7 +141,7 @@ fn bad_lines_name_the_line_and_the_field() {
         (&json!({"messages": [user, 7]}).to_string(), "`messages[1]`: expected an object"),
         (
             &json!({"messages": [user, {"role": "bot", "content": "x"}]}).to_string(),
-            "`messages[1].role`: expected one of system, user, assistant, tool, got \"bot\"",
+            "`messages[1].role`: expected one of system, developer, user, assistant, tool, got \"bot\"",
         ),
         (&json!({"messages": [{"content": "x"}]}).to_string(), "`messages[0].role`: missing"),
         (&json!({"messages": [{"role": "user"}, reply]}).to_string(), "`messages[0].content`: missing"),

@@ -23,7 +23,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
 }
 
 /// A group as the API shows it.
-fn group_json(state: &ClusterState, name: &str, p: &Placement) -> Value {
+pub(super) fn group_json(state: &ClusterState, name: &str, p: &Placement) -> Value {
     let ranks: Vec<Value> = (p.workers.iter().enumerate())
         .map(|(rank, w)| {
             let info = state.workers.get(w);

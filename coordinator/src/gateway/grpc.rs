@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::http::StatusCode;
 use serde_json::Value;
 use tandem_proto::v1::api_server::{Api, ApiServer};
@@ -20,6 +19,7 @@ use tokio::sync::mpsc;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use super::staged::Staged;
 use super::{ApiError, Caller, Gateway};
 
 /// Largest request the service decodes: a training file or an adapter, whole.
@@ -95,7 +95,11 @@ impl Api for ApiService {
     async fn upload_file(&self, req: Request<UploadFileRequest>) -> Result<Response<ApiObject>, Status> {
         let caller = caller(&self.gateway, req.metadata()).await?;
         let UploadFileRequest { filename, content } = req.into_inner();
-        object(self.gateway.upload_file(&caller, &filename, Bytes::from(content)).await)
+        let upload = async {
+            let staged = Staged::of(&self.gateway.blobs, &content).await?;
+            self.gateway.upload_file(&caller, &filename, staged).await
+        };
+        object(upload.await)
     }
 
     async fn create_job(&self, req: Request<CreateJobRequest>) -> Result<Response<ApiObject>, Status> {
@@ -148,8 +152,14 @@ impl Api for ApiService {
     async fn put_adapter(&self, req: Request<PutAdapterRequest>) -> Result<Response<ApiObject>, Status> {
         let caller = caller(&self.gateway, req.metadata()).await?;
         let PutAdapterRequest { name, base_model, files } = req.into_inner();
-        let files = files.into_iter().map(|f| (f.name, Bytes::from(f.content))).collect();
-        object(self.gateway.put_adapter(&caller, &name, &base_model, files).await)
+        let upload = async {
+            let mut staged = Vec::new();
+            for f in files {
+                staged.push((f.name, Staged::of(&self.gateway.blobs, &f.content).await?));
+            }
+            self.gateway.put_adapter(&caller, &name, &base_model, staged).await
+        };
+        object(upload.await)
     }
 
     async fn delete_adapter(&self, req: Request<DeleteAdapterRequest>) -> Result<Response<ApiObject>, Status> {

@@ -5,14 +5,16 @@
 //! closed.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -24,6 +26,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 connections are pinged this often, and closed when a ping goes unanswered this long.
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// hyper's own cap on a request's headers, far above the gateway's (`mod.rs`, which answers in
+/// OpenAI's shape): past it hyper answers a bare 431 before any route sees the request.
+const HYPER_MAX_HEADERS: usize = 1000;
 /// The pause after a failed accept (out of file descriptors, ...), so the loop does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
@@ -51,20 +56,10 @@ pub async fn serve(
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
             match acceptor {
-                None => {
-                    // Telling HTTP/1 from HTTP/2 waits for the client's first bytes, with no
-                    // deadline of its own: a client that sends nothing is dropped here.
-                    let mut first = [0u8; 1];
-                    if let Ok(Ok(1..)) = tokio::time::timeout(HEADER_TIMEOUT, tcp.peek(&mut first)).await {
-                        connection(tcp, router, false).await;
-                    }
-                }
+                None => connection(FirstBytes::new(tcp), router).await,
                 Some(acceptor) => {
                     if let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        // ALPN named the protocol: an HTTP/1 client needs no sniffing, so its
-                        // header deadline holds from the start.
-                        let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
-                        connection(stream, router, http1).await;
+                        connection(FirstBytes::new(stream), router).await;
                     }
                 }
             }
@@ -72,15 +67,58 @@ pub async fn serve(
     }
 }
 
-/// Serves one connection's requests until it ends (cleanly or not: the client's business);
-/// `http1` when the protocol is known to be HTTP/1.
-async fn connection(io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static, router: Router, http1: bool) {
+/// Serves one connection's requests until it ends (cleanly or not: the client's business).
+/// [`FirstBytes`] bounds the wait before hyper has told HTTP/1 from HTTP/2.
+async fn connection(io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static, router: Router) {
     let mut builder = Builder::new(TokioExecutor::new());
-    if http1 {
-        builder = builder.http1_only();
-    }
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_headers(HYPER_MAX_HEADERS);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(PING_INTERVAL).keep_alive_timeout(PING_TIMEOUT);
     let service = TowerToHyperService::new(router);
     let _ = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await;
+}
+
+/// The length of HTTP/2's connection preface; every HTTP/1 request with a `Host` header is
+/// longer too.
+const PREFACE: usize = 24;
+
+/// A connection whose client must send its first [`PREFACE`] bytes within [`HEADER_TIMEOUT`]:
+/// hyper waits for them with no deadline of its own (to tell HTTP/1 from HTTP/2, and for an
+/// HTTP/2 preface), and its header and ping deadlines start only after.
+struct FirstBytes<IO> {
+    io: IO,
+    read: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<IO> FirstBytes<IO> {
+    fn new(io: IO) -> Self {
+        FirstBytes { io, read: 0, deadline: Box::pin(tokio::time::sleep(HEADER_TIMEOUT)) }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstBytes<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.read < PREFACE && self.deadline.as_mut().poll(cx).is_ready() {
+            let late = format!("no request within {HEADER_TIMEOUT:?}");
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, late)));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.read += buf.filled().len() - before;
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstBytes<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

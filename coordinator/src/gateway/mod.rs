@@ -1,23 +1,27 @@
 //! The HTTP gateway every coordinator serves: OpenAI's completions and chat completions (whole
 //! or streamed as server-sent events), models, files, fine-tuning jobs, Tandem's adapters and
-//! API keys, health and metrics. A request is authenticated (a bearer key names a tenant; the
+//! API keys, health, metrics and the operators' dashboard. A request is authenticated (a bearer key names a tenant; the
 //! operator's key is the admin), its model resolved in the replicated state inside the tenant's
 //! namespace, and it goes to an alive worker that has the base model loaded, preferring the
 //! one that last served its adapter; the worker's token stream is relayed to the client.
 
+mod dashboard;
 mod groups;
 mod grpc;
+mod history;
 mod limits;
 pub(crate) mod listen;
 mod metrics;
 mod openai;
 mod resources;
+mod staged;
+mod traced;
 mod view;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -26,13 +30,15 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tandem_proto::contract::{ClusterState, Command, Invalid, Reply, fresh_id, sha256_hex, unix_now};
+use tandem_proto::contract::{ClusterState, Command, Invalid, Reply, check_role, fresh_id, sha256_hex, unix_now};
 use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest};
 use tandem_proto::{ClusterClient, Security};
 use tokio_stream::StreamExt;
+use tracing::Instrument;
 
 use crate::store::Store;
 pub use grpc::{ApiService, MAX_API_MESSAGE, api_server};
+pub use metrics::{Metrics, TOP_ADAPTERS};
 pub use openai::ApiError;
 use openai::{Body, ChatRequest, CompletionRequest, Sampling, parse};
 pub use resources::new_key;
@@ -41,6 +47,9 @@ pub use resources::new_key;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most choices one request may ask for (`n`).
 const MAX_CHOICES: u32 = 8;
+/// How long a worker may stay silent, before a request's first event (its queue wait and
+/// prefill) and between events; past it the worker is taken for failed.
+const WORKER_SILENCE: Duration = Duration::from_secs(120);
 /// Largest body of a JSON request (a prompt, a job); uploads have their own limits.
 const MAX_BODY: usize = 4 << 20;
 /// The admin's own namespace (the operator's key acts as this tenant).
@@ -49,9 +58,9 @@ pub const ADMIN_TENANT: &str = "admin";
 /// What the gateway checks with the model runtime, which this crate does not link: the
 /// binary that serves the gateway provides it.
 pub trait Checks: Send + Sync {
-    /// Checks a JSONL training file; returns how many examples it holds, or an error that
-    /// names the line and field.
-    fn training_file(&self, bytes: &[u8]) -> Result<u64, Invalid>;
+    /// Checks the JSONL training file at `path`; returns how many examples it holds, or an
+    /// error that names the line and field (not the path).
+    fn training_file(&self, path: &std::path::Path) -> Result<u64, Invalid>;
     /// Checks an adapter folder (PEFT LoRA or ESFT) against the base model at `model_uri`.
     fn adapter(&self, dir: &std::path::Path, model_uri: &str) -> Result<(), Invalid>;
 }
@@ -67,6 +76,8 @@ pub struct GatewayOptions {
     pub checks: Arc<dyn Checks>,
     /// HTTPS with this certificate (`--tls-cert`); none: plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Adapters named in the per-adapter request series (the rest are counted as `other`).
+    pub top_adapters: usize,
 }
 
 /// Who is calling: the tenant its key belongs to.
@@ -96,7 +107,7 @@ impl axum::extract::FromRequestParts<Arc<Gateway>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, gw: &Arc<Gateway>) -> Result<Self, ApiError> {
-        gw.authenticate(&parts.headers).await
+        gw.authenticate(&parts.headers).instrument(tracing::info_span!("auth")).await
     }
 }
 
@@ -124,17 +135,29 @@ pub struct Gateway {
     /// alive, where the adapter is resident.
     affinity: std::sync::Mutex<std::collections::HashMap<String, String>>,
     metrics: metrics::Metrics,
+    /// This process's metrics (the gateway's among them), served at `/metrics`.
+    registry: Arc<prometheus_client::registry::Registry>,
     /// The state and worker channels requests are routed with.
     view: view::View,
     /// Tenants' rates and requests in flight on this gateway.
     limiter: Arc<limits::Limiter>,
+    /// The last minutes of traffic and errors, for the dashboard.
+    history: history::History,
 }
 
 impl Gateway {
     /// The gateway, with a task that keeps its view fresh for as long as it lives (call inside
     /// the runtime that serves it).
     /// A gateway over `store`, proposing through `cluster`; it reaches workers with `security`.
-    pub fn new(store: Store, cluster: ClusterClient, security: Security, opts: &GatewayOptions) -> Arc<Self> {
+    /// `metrics` are its series, in the process's `registry`.
+    pub fn new(
+        store: Store,
+        cluster: ClusterClient,
+        security: Security,
+        opts: &GatewayOptions,
+        metrics: Metrics,
+        registry: Arc<prometheus_client::registry::Registry>,
+    ) -> Arc<Self> {
         let gateway = Arc::new(Gateway {
             store,
             cluster,
@@ -143,9 +166,11 @@ impl Gateway {
             checks: opts.checks.clone(),
             turn: AtomicUsize::new(0),
             affinity: Default::default(),
-            metrics: metrics::Metrics::default(),
+            metrics,
+            registry,
             view: view::View::new(security),
             limiter: Arc::default(),
+            history: history::History::default(),
         });
         let weak = Arc::downgrade(&gateway);
         tokio::spawn(async move {
@@ -154,6 +179,16 @@ impl Gateway {
                 let Some(gateway) = weak.upgrade() else { return };
                 // A failed read keeps the last view; requests that need more read for themselves.
                 let _ = gateway.state().await;
+            }
+        });
+        let weak = Arc::downgrade(&gateway);
+        tokio::spawn(async move {
+            loop {
+                let Some(gateway) = weak.upgrade() else { return };
+                let leases = gateway.leader_leases().await;
+                gateway.history.sample(&gateway.metrics.totals, leases.as_deref());
+                drop(gateway);
+                tokio::time::sleep(history::INTERVAL).await;
             }
         });
         gateway
@@ -208,18 +243,18 @@ impl Gateway {
         }
     }
 
-    /// The alive workers that have base `model` loaded, and rank 0 of each formed worker group
+    /// The workers taking work that have base `model` loaded, and rank 0 of each formed worker group
     /// of it (the other ranks serve nothing themselves): the one that last served `adapter`
     /// first, then the rest in turn.
     fn workers_for(&self, state: &ClusterState, target: &Target) -> Result<Vec<String>, ApiError> {
         let mut workers: Vec<String> = (state.workers.values())
-            .filter(|w| w.alive && w.gpus.iter().any(|g| g.models.contains(&target.base)))
+            .filter(|w| w.takes_work() && w.gpus.iter().any(|g| g.models.contains(&target.base)))
             .map(|w| w.addr.clone())
             .collect();
         let leaders = (state.placements.values())
             .filter(|p| p.formed && p.model == target.base)
             .filter_map(|p| state.workers.get(p.workers.first()?))
-            .filter(|w| w.alive);
+            .filter(|w| w.takes_work());
         workers.extend(leaders.map(|w| w.addr.clone()));
         if workers.is_empty() {
             return Err(ApiError::unavailable(format!("no worker serves {:?} right now", target.base)));
@@ -268,19 +303,39 @@ impl Gateway {
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics::serve))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .merge(resources::routes())
         .merge(groups::routes())
+        .merge(dashboard::routes())
         // The same operations for programmatic clients, as gRPC (HTTP/2) on the same port: a
         // tenant needs its key there, and no certificate of the cluster's.
         .route_service("/tandem.v1.Api/{*method}", api_server(gateway.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(header_limits))
         .layer(axum::middleware::map_response(openai::error_body))
+        .layer(axum::middleware::from_fn(traced::traced))
         .with_state(gateway)
+}
+
+/// Most headers one request may carry, and most bytes their names and values may take: past
+/// either, a 431 in OpenAI's shape. hyper's own limits sit far above (`listen.rs`); past those
+/// it answers with a bare 431 itself.
+const MAX_HEADERS: usize = 100;
+const MAX_HEADER_BYTES: usize = 64 << 10;
+
+async fn header_limits(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        let msg = format!("{} headers of {bytes} bytes: at most {MAX_HEADERS}, of {MAX_HEADER_BYTES}", headers.len());
+        return ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", msg).into_response();
+    }
+    next.run(request).await
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
@@ -291,6 +346,13 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
         }
         Err(e) => ApiError::cluster("no quorum", e).into_response(),
     }
+}
+
+/// The gateway's OpenAPI document: every route, its body and its answers (`docs/security.md`
+/// lists the same routes with the role each needs; a test checks the two agree).
+async fn openapi() -> Response {
+    const DOCUMENT: &str = include_str!("openapi.json");
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], DOCUMENT).into_response()
 }
 
 fn now() -> u64 {
@@ -314,7 +376,6 @@ async fn models(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Respon
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-/// The worker request for `prompt` or `messages` under `s`, choice `i` of `n`, on `target`.
 /// Checks the sampling parameters before the request is routed, so a malformed request is a
 /// 400 whether or not a worker serves its model yet.
 fn check_sampling(s: &Sampling) -> Result<(), ApiError> {
@@ -395,8 +456,13 @@ async fn start(view: &view::View, workers: &[String], req: GenerateRequest) -> R
             let first = stream.message().await?;
             Ok::<_, tonic::Status>((first, stream))
         };
-        match attempt.await {
+        let attempt = attempt.instrument(tracing::info_span!("worker", worker = %worker));
+        let name = worker.clone();
+        let silent =
+            move || tonic::Status::deadline_exceeded(format!("worker {name} was silent for {WORKER_SILENCE:?}"));
+        match tokio::time::timeout(WORKER_SILENCE, attempt).await.unwrap_or_else(|_| Err(silent())) {
             Ok((first, rest)) => {
+                let rest = rest.timeout(WORKER_SILENCE).map(move |event| event.unwrap_or_else(|_| Err(silent())));
                 let events: Events = Box::pin(tokio_stream::iter(first.map(Ok)).chain(rest));
                 return Ok((events, worker.clone()));
             }
@@ -509,7 +575,10 @@ async fn chat_completions(
         return Err(ApiError::bad_request("messages", "messages must not be empty"));
     }
     let messages = (req.messages.iter())
-        .map(|m| Ok(ChatMessage { role: m.role.clone(), content: m.content.text()? }))
+        .map(|m| {
+            check_role(&m.role).map_err(|e| ApiError::bad_request("messages", e.0))?;
+            Ok(ChatMessage { role: m.role.clone(), content: m.content.text()? })
+        })
         .collect::<Result<Vec<_>, ApiError>>()?;
     let make =
         |t: &Target, i| Ok(GenerateRequest { messages: messages.clone(), ..generate_request(&req.sampling, t, i)? });
@@ -527,25 +596,39 @@ impl Gateway {
         sampling: &Sampling,
         make: impl Fn(&Target, u32) -> Result<GenerateRequest, ApiError>,
     ) -> Result<Response, ApiError> {
+        let arrived = Instant::now();
+        let mut routed = None;
         let result = async {
             check_sampling(sampling)?;
-            let (target, workers) = self.route(caller, &model).await?;
-            self.run_choices(kind, &target, &workers, model.clone(), sampling, |i| make(&target, i)).await
+            let (target, workers) = self.route(caller, &model).instrument(tracing::info_span!("route")).await?;
+            let asked = Asked { kind, model: model.clone(), sampling, arrived };
+            let answer = self.run_choices(asked, &target, &workers, |i| make(&target, i)).await;
+            routed = Some(target);
+            answer
         }
         .await;
-        self.metrics.request(&caller.tenant, &model, result.as_ref().map_or_else(|e| e.status, |_| StatusCode::OK));
+        let status = result.as_ref().map_or_else(|e| e.status, |_| StatusCode::OK);
+        let adapter = (routed.as_ref().and_then(|t| t.adapter.as_ref()))
+            .map(|(version, _)| version.split_once('@').map_or(version.as_str(), |(name, _)| name));
+        self.metrics.request(&caller.tenant, routed.as_ref().map(|t| t.base.as_str()), adapter, status);
+        if let Err(e) = &result
+            && status.is_server_error()
+        {
+            let (tenant, status, message) = (caller.tenant.clone(), status.as_u16(), e.message.clone());
+            let event = history::ErrorEvent { at: unix_now(), tenant, model: model.clone(), status, message, count: 1 };
+            self.history.error(event);
+        }
         result
     }
 
     async fn run_choices(
         &self,
-        kind: Kind,
+        asked: Asked<'_>,
         target: &Target,
         workers: &[String],
-        model: String,
-        sampling: &Sampling,
         make: impl Fn(u32) -> Result<GenerateRequest, ApiError>,
     ) -> Result<Response, ApiError> {
+        let Asked { kind, model, sampling, arrived } = asked;
         let limits = self.view.state().limits.get(&target.tenant).cloned().unwrap_or_default();
         let permit = self.limiter.admit(&target.tenant, &limits)?;
         let charge = Charge { permit, limits, limiter: self.limiter.clone() };
@@ -563,6 +646,8 @@ impl Gateway {
             }
             streams.push(stream);
         }
+        // Every choice has given its first token.
+        let first_token = arrived.elapsed();
         if let (Some((key, _)), Some(w)) = (&target.adapter, workers.first())
             && let Ok(mut affinity) = self.affinity.lock()
         {
@@ -572,10 +657,10 @@ impl Gateway {
         if sampling.stream {
             let usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
             let metrics = self.metrics.clone();
-            let tenant = target.tenant.clone();
-            let name = model.clone();
+            let (tenant, base) = (target.tenant.clone(), target.base.clone());
             let count = move |prompt, completion| {
-                metrics.tokens(&tenant, &name, prompt, completion);
+                metrics.tokens(&tenant, &base, prompt, completion);
+                metrics.latency(&base, arrived, first_token, completion / n);
                 charge.tokens(&tenant, prompt + completion);
             };
             return Ok(stream_chunks(kind, id, model, streams, usage, count));
@@ -597,7 +682,8 @@ impl Gateway {
                 }),
             });
         }
-        self.metrics.tokens(&target.tenant, &model, prompt_tokens, completion_tokens);
+        self.metrics.tokens(&target.tenant, &target.base, prompt_tokens, completion_tokens);
+        self.metrics.latency(&target.base, arrived, first_token, completion_tokens / n);
         charge.tokens(&target.tenant, prompt_tokens + completion_tokens);
         let body = json!({
             "id": id, "object": kind.object(false), "created": now(), "model": model, "choices": choices,
@@ -605,6 +691,15 @@ impl Gateway {
         });
         Ok(axum::Json(body).into_response())
     }
+}
+
+/// What a completion or chat request asked for, and when it arrived.
+struct Asked<'a> {
+    kind: Kind,
+    /// The model as the caller named it (echoed in the response).
+    model: String,
+    sampling: &'a Sampling,
+    arrived: Instant,
 }
 
 /// An admitted request's place under its tenant's limits, held until the answer (or stream)
@@ -653,48 +748,54 @@ fn relay(
     count: impl FnOnce(u32, u32) + Send + 'static,
 ) -> impl tokio_stream::Stream<Item = Result<Event, Infallible>> + Send {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut started = std::collections::HashSet::new();
-        // Bytes of text each choice has sent (completions' `text_offset`).
-        let mut offsets = std::collections::HashMap::new();
-        let (mut prompt_tokens, mut completion_tokens) = (0u32, 0u32);
-        while let Some((i, event)) = merged.next().await {
-            let e = match event {
-                Ok(e) => e,
-                Err(s) => {
-                    let error =
-                        json!({"error": {"message": s.message(), "type": "server_error", "code": "worker_failed"}});
-                    let _ = tx.send(Event::default().data(error.to_string()));
-                    break;
-                }
-            };
-            let finish = (!e.finish_reason.is_empty()).then(|| e.finish_reason.clone());
-            if finish.is_some() {
-                prompt_tokens = e.prompt_tokens;
-                completion_tokens += e.completion_tokens;
-            }
-            let offset = offsets.entry(i).or_insert(0usize);
-            let logprobs = kind.logprobs(&e.tokens, &e.logprobs, *offset);
-            *offset += e.tokens.iter().map(String::len).sum::<usize>();
-            let choice = match kind {
-                Kind::Completion => json!({"index": i, "text": e.text, "logprobs": logprobs, "finish_reason": finish}),
-                Kind::Chat => {
-                    let mut delta = json!({"content": e.text});
-                    if started.insert(i) {
-                        delta["role"] = json!("assistant");
+    // Relaying goes on after the handler returns: in a span of its own, in the request's trace.
+    tokio::spawn(
+        async move {
+            let mut started = std::collections::HashSet::new();
+            // Bytes of text each choice has sent (completions' `text_offset`).
+            let mut offsets = std::collections::HashMap::new();
+            let (mut prompt_tokens, mut completion_tokens) = (0u32, 0u32);
+            while let Some((i, event)) = merged.next().await {
+                let e = match event {
+                    Ok(e) => e,
+                    Err(s) => {
+                        let error =
+                            json!({"error": {"message": s.message(), "type": "server_error", "code": "worker_failed"}});
+                        let _ = tx.send(Event::default().data(error.to_string()));
+                        break;
                     }
-                    json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                };
+                let finish = (!e.finish_reason.is_empty()).then(|| e.finish_reason.clone());
+                if finish.is_some() {
+                    prompt_tokens = e.prompt_tokens;
+                    completion_tokens += e.completion_tokens;
                 }
-            };
-            if tx.send(chunk(json!([choice]), Value::Null)).is_err() {
-                return; // the client went away
+                let offset = offsets.entry(i).or_insert(0usize);
+                let logprobs = kind.logprobs(&e.tokens, &e.logprobs, *offset);
+                *offset += e.tokens.iter().map(String::len).sum::<usize>();
+                let choice = match kind {
+                    Kind::Completion => {
+                        json!({"index": i, "text": e.text, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                    Kind::Chat => {
+                        let mut delta = json!({"content": e.text});
+                        if started.insert(i) {
+                            delta["role"] = json!("assistant");
+                        }
+                        json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                };
+                if tx.send(chunk(json!([choice]), Value::Null)).is_err() {
+                    return; // the client went away
+                }
             }
+            count(prompt_tokens, completion_tokens);
+            if include_usage {
+                let _ = tx.send(chunk(json!([]), usage(prompt_tokens, completion_tokens)));
+            }
+            let _ = tx.send(Event::default().data("[DONE]"));
         }
-        count(prompt_tokens, completion_tokens);
-        if include_usage {
-            let _ = tx.send(chunk(json!([]), usage(prompt_tokens, completion_tokens)));
-        }
-        let _ = tx.send(Event::default().data("[DONE]"));
-    });
+        .instrument(tracing::info_span!("stream")),
+    );
     tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok)
 }

@@ -41,6 +41,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
+    /// The blobs folder failed at `path` (a 500: the request was fine).
+    pub fn storage(path: &std::path::Path, e: std::io::Error) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", format!("{}: {e}", path.display()))
+    }
+
     /// The cluster below the gateway failed with `e` while doing `what`: a request it finds
     /// invalid is a 400, what does not exist a 404, a refusal a 409, and anything else means it
     /// cannot serve the request now (503).

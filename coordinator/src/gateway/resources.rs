@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -18,6 +17,7 @@ use serde_json::{Value, json};
 
 use super::limits::quota;
 use super::openai::{Body, parse};
+use super::staged::Staged;
 use super::{ApiError, Caller, Gateway};
 use tandem_proto::contract::{
     ApiKey, ClusterState, Command, File, FileRef, Hyperparams, Job, JobSpec, JobStatus, MethodChoice, Reply,
@@ -90,26 +90,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + S
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::unavailable(format!("a worker thread failed: {e}")))?
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", format!("{}: {e}", path.display()))
-}
-
-/// Writes `bytes` to `path` whole or not at all (a temporary name, synced, then renamed).
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ApiError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let write = || {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| io_error(path, e))
-}
-
 // --- API keys ---
 
 async fn create_key(State(gw): State<Arc<Gateway>>, caller: Caller, Body(body): Body) -> Result<Response, ApiError> {
@@ -179,7 +159,7 @@ async fn set_tenant_limits(
 const MAX_KEY_LIFETIME: u64 = 10 * 366 * 86_400;
 
 /// The `api_key` object of the key whose SHA-256 is `hash` (never the key itself).
-fn key_object(hash: &str, k: &ApiKey) -> Value {
+pub(super) fn key_object(hash: &str, k: &ApiKey) -> Value {
     json!({
         "object": "api_key", "id": ApiKey::id(hash), "tenant": k.tenant, "created_at": k.created_at,
         "expires_at": k.expires_at,
@@ -262,38 +242,37 @@ async fn upload_file(
     caller: Caller,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    let form = read_form(form).await?;
+    let form = read_form(form, &gw.blobs).await?;
     let purpose = form.text("purpose")?;
     if purpose != "fine-tune" {
         return Err(ApiError::bad_request("purpose", format!("purpose must be \"fine-tune\", got {purpose:?}")));
     }
-    let [(filename, bytes)] = form.files.as_slice() else {
+    let Ok([(filename, staged)]) = <[_; 1]>::try_from(form.files) else {
         return Err(ApiError::bad_request("file", "send exactly one file (the form field `file`)"));
     };
-    gw.upload_file(&caller, filename, bytes.clone()).await.map(ok)
+    gw.upload_file(&caller, &filename, staged).await.map(ok)
 }
 
 impl Gateway {
-    /// Checks a training file and stores it in the caller's namespace.
-    pub async fn upload_file(&self, caller: &Caller, filename: &str, bytes: Bytes) -> Result<Value, ApiError> {
+    /// Checks a training file (on disk already) and stores it in the caller's namespace.
+    pub async fn upload_file(&self, caller: &Caller, filename: &str, mut staged: Staged) -> Result<Value, ApiError> {
         let state = self.state().await?;
         let held = state.files.values().filter(|f| f.tenant == caller.tenant).count();
         quota("training files", held, limits_of(&state, &caller.tenant).max_files)?;
-        let checks = self.checks.clone();
-        let data = bytes.clone();
-        let name = filename.to_string();
+        staged.finish().await?;
+        let (checks, at, name) = (self.checks.clone(), staged.path().to_path_buf(), filename.to_string());
         let examples = blocking(move || {
-            checks.training_file(&data).map_err(|e| ApiError::bad_request("file", format!("{name}: {e}")))
+            checks.training_file(&at).map_err(|e| ApiError::bad_request("file", format!("{name}: {e}")))
         })
         .await?;
         let id = fresh_id("file");
         let path = self.blobs.join("files").join(format!("{id}.jsonl"));
-        let target = path.clone();
-        blocking(move || write_atomically(&target, &bytes)).await?;
+        let bytes = staged.len();
+        staged.persist(&path).await?;
         let file = File {
             tenant: caller.tenant.clone(),
             filename: Path::new(filename).file_name().map_or("upload".into(), |n| n.to_string_lossy().into_owned()),
-            bytes: bytes_len(&path),
+            bytes,
             purpose: "fine-tune".into(),
             examples,
             created_at: unix_now(),
@@ -303,10 +282,6 @@ impl Gateway {
         self.propose("file", Command::PutFile { id, file }).await?;
         Ok(object)
     }
-}
-
-fn bytes_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 async fn list_files(
@@ -336,8 +311,31 @@ async fn file_content(
 ) -> Result<Response, ApiError> {
     let state = gw.state().await?;
     let path = PathBuf::from(&own_file(&state, &caller, &id)?.uri);
-    let bytes = blocking(move || std::fs::read(&path).map_err(|e| io_error(&path, e))).await?;
-    Ok(bytes.into_response())
+    let file = tokio::fs::File::open(&path).await.map_err(|e| ApiError::storage(&path, e))?;
+    // Sent as it is read, 64 KiB at a time: a file is never held in memory whole.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = file;
+        loop {
+            let mut chunk = vec![0u8; 64 << 10];
+            match file.read(&mut chunk).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
 async fn delete_file(
@@ -351,10 +349,11 @@ async fn delete_file(
     Ok(ok(json!({"id": id, "object": "file", "deleted": true})))
 }
 
-/// A multipart form: its text fields and its files (name as sent, bytes).
+/// A multipart form: its text fields, and its files (name as sent) written to disk as they
+/// arrived.
 struct Form {
     texts: Vec<(String, String)>,
-    files: Vec<(String, Bytes)>,
+    files: Vec<(String, Staged)>,
 }
 
 impl Form {
@@ -364,19 +363,27 @@ impl Form {
     }
 }
 
-async fn read_form(form: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> Result<Form, ApiError> {
+/// Reads a form, each file into a [`Staged`] file under `blobs` chunk by chunk (the route's
+/// body limit stops an upload past its cap while it streams).
+async fn read_form(
+    form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    blobs: &Path,
+) -> Result<Form, ApiError> {
     let multipart_error = |status: StatusCode, msg: String| {
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_request_error" };
         ApiError::new(status, code, msg)
     };
     let mut form = form.map_err(|e| multipart_error(e.status(), e.body_text()))?;
     let mut out = Form { texts: Vec::new(), files: Vec::new() };
-    while let Some(field) = form.next_field().await.map_err(|e| multipart_error(e.status(), e.body_text()))? {
+    while let Some(mut field) = form.next_field().await.map_err(|e| multipart_error(e.status(), e.body_text()))? {
         let name = field.name().unwrap_or_default().to_string();
         match field.file_name().map(str::to_string) {
             Some(file_name) => {
-                let bytes = field.bytes().await.map_err(|e| multipart_error(e.status(), e.body_text()))?;
-                out.files.push((file_name, bytes));
+                let mut staged = Staged::create(blobs).await?;
+                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e.status(), e.body_text()))? {
+                    staged.write(&chunk).await?;
+                }
+                out.files.push((file_name, staged));
             }
             None => {
                 let text = field.text().await.map_err(|e| multipart_error(e.status(), e.body_text()))?;
@@ -540,7 +547,7 @@ impl Gateway {
 }
 
 /// OpenAI's status name.
-fn status_name(s: JobStatus) -> &'static str {
+pub(super) fn status_name(s: JobStatus) -> &'static str {
     match s {
         JobStatus::Queued | JobStatus::Placed => "queued",
         JobStatus::Running => "running",
@@ -581,10 +588,11 @@ fn job_object(id: &str, job: &Job) -> Value {
     })
 }
 
-/// The caller's job `id` (another tenant's is not found).
+/// Job `id` if it is the caller's (another tenant's is not found); the operator may reach any tenant's job by its id (to cancel
+/// it from the dashboard), though its own list shows only its own.
 fn own_job<'a>(state: &'a ClusterState, caller: &Caller, id: &str) -> Result<&'a Job, ApiError> {
     match state.jobs.get(id) {
-        Some(j) if j.tenant == caller.tenant => Ok(j),
+        Some(j) if caller.admin || j.tenant == caller.tenant => Ok(j),
         _ => Err(ApiError::not_found("job_not_found", format!("no fine-tuning job {id:?}"))),
     }
 }
@@ -655,7 +663,7 @@ impl Gateway {
         let checkpoints = job.checkpoints.iter().rev().map(|c| {
             json!({
                 "object": "fine_tuning.job.checkpoint", "id": format!("ftckpt-{id}-{}", c.step),
-                "created_at": job.created_at, "fine_tuned_model_checkpoint": format!("{adapter}:ckpt-step-{}", c.step),
+                "created_at": if c.at > 0 { c.at } else { job.created_at }, "fine_tuned_model_checkpoint": format!("{adapter}:ckpt-step-{}", c.step),
                 "step_number": c.step, "metrics": {"step": c.step, "train_loss": loss_at(c.step)},
                 "fine_tuning_job_id": id,
             })
@@ -712,7 +720,7 @@ async fn upload_adapter(
     caller: Caller,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
-    let form = read_form(form).await?;
+    let form = read_form(form, &gw.blobs).await?;
     let (name, base) = (form.text("name")?, form.text("base_model")?);
     gw.put_adapter(&caller, &name, &base, form.files).await.map(ok)
 }
@@ -727,7 +735,7 @@ impl Gateway {
         caller: &Caller,
         name: &str,
         base: &str,
-        files: Vec<(String, Bytes)>,
+        files: Vec<(String, Staged)>,
     ) -> Result<Value, ApiError> {
         bad_name("name", "adapter", name)?;
         let state = self.state().await?;
@@ -743,17 +751,24 @@ impl Gateway {
             return Err(ApiError::bad_request("file", format!("no files: send the adapter's {}", KNOWN.join(", "))));
         }
         let dir = self.blobs.join("adapters").join(&caller.tenant).join(name).join(fresh_id("v"));
+        let persisted = async {
+            for (f, staged) in files {
+                staged.persist(&dir.join(f)).await?;
+            }
+            Ok::<_, ApiError>(())
+        };
+        if let Err(e) = persisted.await {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e);
+        }
         let checks = self.checks.clone();
         let folder = dir.clone();
         let checksum = blocking(move || {
-            for (f, bytes) in &files {
-                write_atomically(&folder.join(f), bytes)?;
-            }
             if let Err(e) = checks.adapter(&folder, &model) {
                 let _ = std::fs::remove_dir_all(&folder);
                 return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_adapter", e.0));
             }
-            dir_checksum(&folder).map_err(|e| io_error(&folder, e))
+            dir_checksum(&folder).map_err(|e| ApiError::storage(&folder, e))
         })
         .await?;
         let command = Command::PutAdapter {

@@ -121,6 +121,17 @@ pub struct Worker {
     /// the scheduler gives it no fine-tuning job.
     #[serde(default)]
     pub collective_addr: String,
+    /// The operator drains it: no new request, job or group place goes to it, and what runs
+    /// there finishes. It stays drained across restarts until the operator says otherwise.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+impl Worker {
+    /// Whether new work (requests, jobs, group places) may go to it: alive and not draining.
+    pub fn takes_work(&self) -> bool {
+        self.alive && !self.draining
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,6 +26,11 @@ pub enum Command {
     MarkWorkerDead {
         id: String,
     },
+    /// Drains worker `id` (`drain`), or puts it back in service: see [`super::Worker::draining`].
+    DrainWorker {
+        id: String,
+        drain: bool,
+    },
     RegisterModel {
         name: String,
         uri: String,
@@ -139,7 +144,7 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::MarkWorkerDead { id } => check_name("worker id", id),
+            Command::MarkWorkerDead { id } | Command::DrainWorker { id, .. } => check_name("worker id", id),
             Command::RegisterModel { name, uri } => {
                 check_name("model", name)?;
                 check_uri("model uri", uri)

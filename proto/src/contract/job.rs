@@ -318,6 +318,9 @@ impl JobReport {
 pub struct Checkpoint {
     pub step: u64,
     pub uri: String,
+    /// Unix seconds when it was recorded (the proposer's clock; 0: not known).
+    #[serde(default)]
+    pub at: u64,
 }
 
 /// A fine-tuning attempt a worker is to run: part of what its heartbeat tells it.

@@ -31,10 +31,10 @@ pub use command::{Command, Proposal, Reply, fresh_id, unix_now};
 pub use job::{
     Assignment, Checkpoint, FileRef, Hyperparams, JobReport, JobSpec, MethodChoice, StepFigures, number_keys,
 };
-pub use names::{check_addr, check_name, check_tenant, check_uri};
+pub use names::{CHAT_ROLES, check_addr, check_name, check_role, check_tenant, check_uri};
 pub use rpc::{
     GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange, StatusRequest,
-    WorkerRegistration,
+    WorkerLease, WorkerLoad, WorkerRegistration,
 };
 
 /// A value that breaks the contract's rules; the message names the field and the rule.

@@ -56,6 +56,17 @@ fn verdict(what: &str, value: &str, bad: Option<&str>) -> Result<(), Invalid> {
 }
 
 /// Checks a network address (`HOST:PORT`); `optional` allows it empty.
+/// The roles a chat message may have (OpenAI's).
+pub const CHAT_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// A chat message's role: one of [`CHAT_ROLES`] (the chat template writes it into the prompt).
+pub fn check_role(role: &str) -> Result<(), Invalid> {
+    match CHAT_ROLES.contains(&role) {
+        true => Ok(()),
+        false => Err(Invalid(format!("role {role:?}: use one of {}", CHAT_ROLES.join(", ")))),
+    }
+}
+
 pub fn check_addr(what: &str, addr: &str, optional: bool) -> Result<(), Invalid> {
     if addr.is_empty() && optional {
         return Ok(());

@@ -34,6 +34,42 @@ pub struct GroupStatus {
     pub store: String,
     /// Read through ReadIndex; none when not asked or no linearizable read was possible.
     pub state: Option<ClusterState>,
+    /// The workers' leases as this coordinator keeps them: the leader's, empty on a follower.
+    #[serde(default)]
+    pub leases: Vec<WorkerLease>,
+}
+
+/// A worker's lease as the leader keeps it: when it was last heard from and what it said.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerLease {
+    pub worker_id: String,
+    /// Milliseconds since its last heartbeat (or registration).
+    pub heard_ms_ago: u64,
+    /// What its last heartbeat said it was doing; none before its first.
+    pub load: Option<WorkerLoad>,
+}
+
+/// What a worker's engine holds and does, as its heartbeat tells it: for operators (the
+/// dashboard), kept by the leader beside the lease and never replicated.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerLoad {
+    pub requests_running: u64,
+    pub requests_waiting: u64,
+    /// The page pool: all its pages, and those holding KV cache and adapter weights.
+    pub pages: u64,
+    pub kv_pages: u64,
+    pub adapter_pages: u64,
+    /// Adapters resident in the page pool (worker names, `tenant:name@version`); the rest of the
+    /// registered ones are in host memory only.
+    pub adapters_pool: Vec<String>,
+    pub adapters_host: u64,
+    /// Output tokens (after each request's first) timed since the engine started, and those of
+    /// them within its TPOT target: the SLO attainment over any interval is the ratio of their
+    /// increases.
+    pub output_tokens_timed: u64,
+    pub tokens_within_target: u64,
+    /// Fine-tuning jobs training in the engine now.
+    pub jobs_training: u64,
 }
 
 /// A worker joining (or rejoining) the cluster.
@@ -53,9 +89,12 @@ pub struct LeaseGrant {
     pub lease_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub worker_id: String,
+    /// What it is doing (none: it has no engine yet).
+    #[serde(default)]
+    pub load: Option<WorkerLoad>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

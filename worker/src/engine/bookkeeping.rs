@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::coserve::{InFlight, Member, Planned};
+use super::coserve::{InFlight, Member, MicrobatchTrace, Planned, StepTrace, spend};
 use super::execute::Ran;
 use super::pool::PageUse;
-use super::{Engine, GenerationOutput, Progress, Sequence};
+use super::{Engine, GenerationOutput, Progress, Sequence, Timings};
 use crate::adapters::AdapterSet;
 use crate::error::Result;
 use crate::model::{AdapterGrads, Trained};
@@ -24,11 +24,15 @@ impl Engine {
             None => self.budget.forward.observe(ran.n_inf, ran.started.elapsed().as_secs_f64()),
             Some((planned, adapters, trained)) => {
                 let rows = trained.backward.tokens();
-                self.queue_backward(planned, adapters, trained, ran.first_slot);
+                self.queue_backward(planned, adapters, trained, ran.first_slot, ran.started);
                 // What the fine-tuning rows added to the iteration: packing their adapters,
                 // their share of the forward pass, their loss.
                 let inference = self.inference_cost(ran.n_inf);
-                self.budget.finetune.observe(rows, (ran.started.elapsed().as_secs_f64() - inference).max(0.0));
+                let finetune = (ran.started.elapsed().as_secs_f64() - inference).max(0.0);
+                self.budget.finetune.observe(rows, finetune);
+                if let Some(batch) = self.training.in_flight.back() {
+                    spend(&mut self.training.jobs, &batch.members, finetune);
+                }
             }
         }
         Ok(outputs)
@@ -36,7 +40,7 @@ impl Engine {
 
     /// Books the planned microbatches' losses to their jobs and puts their backward in
     /// flight. The jobs' adapters have slots from `first_slot`.
-    fn queue_backward(&mut self, p: Planned, adapters: AdapterSet, trained: Trained, first_slot: usize) {
+    fn queue_backward(&mut self, p: Planned, adapters: AdapterSet, trained: Trained, first_slot: usize, at: Instant) {
         let mut members = Vec::new();
         let mut row = 0;
         for (i, (j, mb)) in p.microbatches.into_iter().enumerate() {
@@ -45,7 +49,8 @@ impl Engine {
             let loss = trained.losses[row..row + len].iter().map(|&l| l as f64).sum();
             row += len;
             job.tokens += len as u64;
-            members.push(Member { job: job.job.spec.name.clone(), slot: first_slot + i, examples: mb.examples, loss });
+            let (name, slot) = (job.job.spec.name.clone(), first_slot + i);
+            members.push(Member { job: name, slot, examples: mb.examples, tokens: len, loss });
         }
         let tokens = trained.backward.tokens() as u64;
         self.counters.last.finetune = tokens;
@@ -59,6 +64,8 @@ impl Engine {
             grads: AdapterGrads::default(),
             members,
             blocks: p.blocks,
+            forward: (at, Instant::now()),
+            backward_slices: Vec::new(),
         });
     }
 
@@ -72,14 +79,24 @@ impl Engine {
         for m in &batch.members {
             let Some(job) = self.training.job_mut(&m.job) else { continue };
             let report = job.job.microbatch_done(&batch.adapters, &batch.grads, m.slot, &m.examples, m.loss)?;
+            let (forward, backward) = (batch.forward, batch.backward_slices.clone());
+            job.microbatches.push(MicrobatchTrace { tokens: m.tokens, forward, backward, done: Instant::now() });
             if let Some(report) = report {
+                let microbatches = std::mem::take(&mut job.microbatches);
+                let (name, step, loss) = (m.job.clone(), report.step, report.loss);
+                if self.step_traces.len() == super::STEP_TRACES {
+                    self.step_traces.remove(0);
+                }
+                self.step_traces.push(StepTrace { job: name, step, loss, microbatches });
                 job.last_loss = Some(report.loss);
                 let (step, whole) = (report.step, job.job.weights.adapter());
                 self.reports.push(report);
                 self.publish_job_weights(&m.job, step, whole)?;
             }
         }
-        self.budget.finish.observe(batch.members.len(), t.elapsed().as_secs_f64());
+        let seconds = t.elapsed().as_secs_f64();
+        self.budget.finish.observe(batch.members.len(), seconds);
+        spend(&mut self.training.jobs, &batch.members, seconds);
         Ok(())
     }
 
@@ -127,8 +144,12 @@ impl Engine {
             seq.tokens.push(sampled.token);
             seq.logprobs.push(sampled.logprob);
             match seq.last_token_at {
-                None => self.counters.ttft.push((now - seq.submitted_at).as_secs_f64()),
+                None => {
+                    self.counters.ttft.push((now - seq.submitted_at).as_secs_f64());
+                    seq.first_token_at = Some(now);
+                }
                 Some(t) => {
+                    seq.decode_batches += 1;
                     let gap = (now - t).as_secs_f64();
                     self.counters.tpot.push(gap);
                     self.counters.timed += 1;
@@ -163,6 +184,14 @@ impl Engine {
         let mut outputs = Vec::with_capacity(finished.len());
         for (i, reason, text) in finished {
             let seq = self.retire(i);
+            self.timings.push(Timings {
+                index: seq.index,
+                submitted: seq.submitted_at,
+                scheduled: seq.scheduled_at.unwrap_or(seq.submitted_at),
+                first_token: seq.first_token_at.unwrap_or(now),
+                finished: now,
+                decode_batches: seq.decode_batches,
+            });
             outputs.push(GenerationOutput {
                 index: seq.index,
                 prompt_tokens: seq.prompt_len,

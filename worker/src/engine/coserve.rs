@@ -27,6 +27,9 @@ pub(super) struct InFlight {
     pub members: Vec<Member>,
     /// KV pages of their sequences (the backward reads their keys and values).
     pub blocks: Vec<u32>,
+    /// When their forward pass ran, and each slice of their backward (with its layers).
+    pub forward: (Instant, Instant),
+    pub backward_slices: Vec<(Instant, Instant, usize)>,
 }
 
 /// One job's microbatch in an [`InFlight`] batch.
@@ -35,8 +38,42 @@ pub(super) struct Member {
     /// The job's adapter slot in the batch's adapters.
     pub slot: usize,
     pub examples: Vec<u32>,
+    /// Tokens of its examples: its share of the batch's time.
+    pub tokens: usize,
     /// Summed token loss of its examples.
     pub loss: f64,
+}
+
+/// Books `seconds` of engine time spent on `members` to their jobs, in proportion to their
+/// tokens. (A function of the jobs alone, so that a batch in `Training::in_flight` can be
+/// borrowed beside them.)
+pub(super) fn spend(jobs: &mut [EngineJob], members: &[Member], seconds: f64) {
+    let total: usize = members.iter().map(|m| m.tokens).sum();
+    for m in members.iter().filter(|_| total > 0) {
+        if let Some(job) = jobs.iter_mut().find(|j| j.job.spec.name == m.job) {
+            job.engine_seconds += seconds * m.tokens as f64 / total as f64;
+        }
+    }
+}
+
+/// An optimizer step of a job as it ran, for its trace: the microbatches whose gradients it
+/// applied, in order.
+#[derive(Clone, Debug)]
+pub struct StepTrace {
+    pub job: String,
+    pub step: u64,
+    pub loss: f64,
+    pub microbatches: Vec<MicrobatchTrace>,
+}
+
+/// One microbatch of a step: its tokens, the forward pass it joined, the slices of backward
+/// (start, end, layers) it went through, and when its gradients were handed to the job.
+#[derive(Clone, Debug)]
+pub struct MicrobatchTrace {
+    pub tokens: usize,
+    pub forward: (Instant, Instant),
+    pub backward: Vec<(Instant, Instant, usize)>,
+    pub done: Instant,
 }
 
 pub(super) struct EngineJob {
@@ -44,6 +81,10 @@ pub(super) struct EngineJob {
     pub added: Instant,
     pub tokens: u64,
     pub last_loss: Option<f64>,
+    /// Engine time spent on its rows, in seconds.
+    pub engine_seconds: f64,
+    /// Its microbatches done since its last optimizer step.
+    pub microbatches: Vec<MicrobatchTrace>,
 }
 
 /// Jobs and the batches in flight.

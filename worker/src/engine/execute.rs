@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use super::Engine;
-use super::coserve::Planned;
+use super::coserve::{Planned, spend};
 use super::group_plan::TrainingRows;
 use super::schedule::Iteration;
 use crate::adapters::AdapterSet;
@@ -93,11 +93,15 @@ impl Engine {
                 }
             }
         };
+        let traces: Vec<String> = match &self.plans {
+            Some(_) => scheduled.iter().filter_map(|&(i, _)| self.running.get(i)?.trace.clone()).collect(),
+            None => Vec::new(),
+        };
         let (mut logits, mut trained) = (Vec::new(), None);
         for (input, rows) in passes {
             if let Some(sink) = &mut self.plans {
                 let training = rows.as_ref().map(|rows| TrainingRows { id: self.training.next_id, rows: rows.clone() });
-                sink.forward(&input, &versions, training)?;
+                sink.forward(&input, &versions, training, &traces)?;
             }
             let pass = self.model.pass(&input, &mut self.cache, set, rows.as_ref())?;
             if let Some(l) = pass.logits {
@@ -142,7 +146,11 @@ impl Engine {
                 self.model.backward_layers(&mut batch.backward, &self.cache, &batch.adapters, &mut batch.grads, run)?;
             self.counters.last.finetune_backward += (tokens * run) as u64;
             self.counters.tokens.finetune_backward += (tokens * run) as u64;
-            self.budget.backward.observe(tokens, t.elapsed().as_secs_f64() / run.max(1) as f64);
+            let end = Instant::now();
+            batch.backward_slices.push((t, end, run));
+            let seconds = (end - t).as_secs_f64();
+            self.budget.backward.observe(tokens, seconds / run.max(1) as f64);
+            spend(&mut self.training.jobs, &batch.members, seconds);
             if !done {
                 return Ok(());
             }

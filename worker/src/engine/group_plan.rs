@@ -31,7 +31,7 @@ pub enum BatchPlan {
     Weights { id: u64, layout: Layout },
     /// Run this forward pass (hidden states, then the logits of its logit rows, then the loss
     /// of its fine-tuning rows).
-    Forward(ForwardPlan),
+    Forward(Box<ForwardPlan>),
     /// Run `layers` more layers of the backward pass of fine-tuning rows `id`.
     Backward { id: u64, layers: usize },
     /// The mean loss of an adapter on examples (a job's validation).
@@ -77,6 +77,9 @@ pub struct ForwardPlan {
     pub training: Option<TrainingRows>,
     /// Adapter versions no plan will use again (rank 0 dropped them).
     pub forget: Vec<u64>,
+    /// The W3C `traceparent` of each traced request in the pass: the other ranks record their
+    /// part of the pass in those traces.
+    pub traces: Vec<String>,
 }
 
 /// The fine-tuning rows of a forward pass. Their loss and the start of their backward follow
@@ -120,6 +123,7 @@ impl ForwardPlan {
             adapter_refs,
             training,
             forget: Vec::new(),
+            traces: Vec::new(),
         }
     }
 
@@ -166,12 +170,13 @@ pub fn weight_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
 /// describes ([`super::Engine::lead_group`]).
 pub trait PlanSink: Send {
     /// `input` is about to run with `adapters` in its slots (slot order); `training` says which
-    /// rows are fine-tuning rows.
+    /// rows are fine-tuning rows; `traces` are its requests' trace contexts (`traceparent`).
     fn forward(
         &mut self,
         input: &ForwardInput,
         adapters: &[Arc<AdapterVersion>],
         training: Option<TrainingRows>,
+        traces: &[String],
     ) -> Result<()>;
     /// `layers` more layers of fine-tuning rows `id`'s backward pass are about to run.
     fn backward(&mut self, id: u64, layers: usize) -> Result<()>;
@@ -209,7 +214,7 @@ mod tests {
         let refs = vec![AdapterRef { id: 7, name: "alice:a@2".into(), uri: "/blobs/adapters/x".into() }];
         let rows = LossRows { first_row: 3, first_seq: 1, targets: vec![9], loss_weights: vec![0.5] };
         let training = TrainingRows { id: 3, rows };
-        let plan = BatchPlan::Forward(ForwardPlan::new(&input, refs.clone(), Some(training.clone())));
+        let plan = BatchPlan::Forward(Box::new(ForwardPlan::new(&input, refs.clone(), Some(training.clone()))));
         let back = BatchPlan::decode(&plan.encode().unwrap()).unwrap();
         assert_eq!(back, plan);
         let BatchPlan::Forward(f) = back else { panic!("not a forward plan") };

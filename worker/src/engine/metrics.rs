@@ -42,10 +42,53 @@ pub struct JobMetrics {
     /// Tokens per second of the engine's time since the job was added.
     pub tokens_per_s: f64,
     pub last_loss: Option<f64>,
+    /// The learning rate of its next optimizer step.
+    pub learning_rate: f64,
+    /// Share of the engine's wall time since the job was added that went to its rows (forward
+    /// and backward, each iteration's fine-tuning time split over its jobs by tokens).
+    pub engine_share: f64,
+}
+
+/// Latency bounds (seconds) of the engine's histograms: iterations and adapter loads.
+const BOUNDS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Observations counted in fixed buckets, as a Prometheus histogram reports them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Buckets {
+    /// Observations at or below each of [`BOUNDS`] and above the previous one, then those above
+    /// the last.
+    counts: [u64; BOUNDS.len() + 1],
+    pub sum: f64,
+}
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Buckets { counts: [0; BOUNDS.len() + 1], sum: 0.0 }
+    }
+}
+
+impl Buckets {
+    pub fn observe(&mut self, seconds: f64) {
+        self.counts[BOUNDS.iter().position(|&b| seconds <= b).unwrap_or(BOUNDS.len())] += 1;
+        self.sum += seconds;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// (upper bound, observations at or below it), cumulative, ending at +Inf.
+    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+        let bounds = BOUNDS.iter().copied().chain([f64::INFINITY]);
+        bounds.zip(self.counts.iter().scan(0, |n, c| Some(*n + c).inspect(|t| *n = *t))).collect()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct EngineMetrics {
+    /// Requests decoding (or prefilling) now, and requests queued behind them.
+    pub running: usize,
+    pub waiting: usize,
     pub iterations: u64,
     pub tokens: TokenCounts,
     /// Tokens of each kind in the last iteration.
@@ -58,9 +101,17 @@ pub struct EngineMetrics {
     pub output_tokens_timed: u64,
     pub jobs: BTreeMap<String, JobMetrics>,
     pub adapter_cache: CacheStats,
+    /// Adapters registered here (in host memory), and the names of those resident in the pool.
+    pub adapters_host: usize,
+    pub adapters_pool: Vec<String>,
     pub pool: PoolUsage,
     /// The iteration time the planner aims at now, in seconds.
     pub iteration_limit_s: f64,
+    /// How long each iteration took.
+    pub iteration_seconds: Buckets,
+    /// How long adapters took to load from disk into host memory, and to page into the pool.
+    pub adapter_disk_loads: Buckets,
+    pub adapter_page_ins: Buckets,
 }
 
 impl EngineMetrics {

@@ -34,7 +34,8 @@ use tandem_kernels::DType;
 
 use budget::Budget;
 use coserve::{EngineJob, Training};
-use metrics::{EngineMetrics, JobMetrics, Samples, TokenCounts};
+pub use coserve::{MicrobatchTrace, StepTrace};
+use metrics::{Buckets, EngineMetrics, JobMetrics, Samples, TokenCounts};
 use paged::PagedAdapters;
 pub use paged::{CacheStats, adapter_pages};
 use pool::{PagePool, PoolUsage};
@@ -49,6 +50,9 @@ use crate::train::data::Example;
 use crate::train::finetune::{MethodChoice, resolve_method};
 use crate::train::job::{Hyperparams, Job, Method, StepReport, TrainSpec};
 use crate::train::trainer::validation_loss;
+
+/// Step traces an engine keeps for [`Engine::take_step_traces`].
+pub const STEP_TRACES: usize = 64;
 
 /// Sizes of the engine's cache and batches.
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +109,19 @@ pub struct GenerationOutput {
     pub finish_reason: FinishReason,
 }
 
+/// When a finished request passed each phase on this engine, for its trace.
+#[derive(Clone, Copy, Debug)]
+pub struct Timings {
+    pub index: usize,
+    pub submitted: Instant,
+    /// Taken off the queue for its prefill.
+    pub scheduled: Instant,
+    pub first_token: Instant,
+    pub finished: Instant,
+    /// Decode iterations it took part in (after its first token).
+    pub decode_batches: u32,
+}
+
 /// A token sampled for a request that goes on, for streaming: the text it settled (empty while
 /// it may still become part of a stop string or of a character being decoded).
 #[derive(Clone, Debug, PartialEq)]
@@ -132,8 +149,13 @@ struct Sequence {
     /// Bytes of its text already reported in [`Progress`].
     streamed: usize,
     submitted_at: Instant,
-    /// When its last token was sampled.
+    /// When it left the queue, and when its first and last tokens were sampled.
+    scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+    decode_batches: u32,
+    /// The request's W3C `traceparent`, which a worker group's plans carry to its other ranks.
+    trace: Option<String>,
 }
 
 /// Latency and token counters behind [`Engine::metrics`].
@@ -146,6 +168,8 @@ struct Counters {
     tpot: Samples,
     within_target: u64,
     timed: u64,
+    iteration: Buckets,
+    disk_loads: Buckets,
 }
 
 pub struct Engine {
@@ -166,24 +190,33 @@ pub struct Engine {
     training: Training,
     /// Optimizer steps taken since the last [`Engine::take_step_reports`].
     reports: Vec<StepReport>,
+    /// The optimizer steps taken since the last call to [`Engine::take_step_traces`] (the
+    /// latest [`STEP_TRACES`]), as they ran.
+    step_traces: Vec<StepTrace>,
     budget: Budget,
     /// When the last iteration sampled tokens.
     last_sample: Option<Instant>,
     counters: Counters,
     /// Tokens the last step sampled for requests that go on.
     progress: Vec<Progress>,
+    /// The phases of the requests the last step finished.
+    timings: Vec<Timings>,
     /// Rank 0 of a worker group: where each forward pass's plan goes first.
     plans: Option<Box<dyn group_plan::PlanSink>>,
 }
 
 fn job_metrics(j: &EngineJob) -> JobMetrics {
     let secs = j.added.elapsed().as_secs_f64();
+    let per_second = |x: f64| if secs > 0.0 { x / secs } else { 0.0 };
+    let p = &j.job.progress;
     JobMetrics {
-        step: j.job.progress.step,
-        total_steps: j.job.progress.total_steps,
+        step: p.step,
+        total_steps: p.total_steps,
         tokens: j.tokens,
-        tokens_per_s: if secs > 0.0 { j.tokens as f64 / secs } else { 0.0 },
+        tokens_per_s: per_second(j.tokens as f64),
         last_loss: j.last_loss,
+        learning_rate: f64::from(j.job.spec.hyper.lr_at((p.step + 1).min(p.total_steps), p.total_steps)),
+        engine_share: per_second(j.engine_seconds).min(1.0),
     }
 }
 
@@ -229,9 +262,11 @@ impl Engine {
             submitted: 0,
             training: Training::default(),
             reports: Vec::new(),
+            step_traces: Vec::new(),
             last_sample: None,
             counters: Counters::default(),
             progress: Vec::new(),
+            timings: Vec::new(),
             plans: None,
         })
     }
@@ -296,7 +331,14 @@ impl Engine {
             return Err(Error::InvalidRequest(format!("an adapter named {name:?} exists already")));
         }
         self.publish_job_weights(&name, job.progress.step, job.weights.adapter())?;
-        self.training.jobs.push(EngineJob { job, added: Instant::now(), tokens: 0, last_loss: None });
+        self.training.jobs.push(EngineJob {
+            job,
+            added: Instant::now(),
+            tokens: 0,
+            last_loss: None,
+            engine_seconds: 0.0,
+            microbatches: Vec::new(),
+        });
         Ok(())
     }
 
@@ -372,10 +414,19 @@ impl Engine {
         std::mem::take(&mut self.reports)
     }
 
+    /// How the optimizer steps taken since the last call ran, for their traces (the latest
+    /// [`STEP_TRACES`] of them: an engine nobody asks keeps no more).
+    pub fn take_step_traces(&mut self) -> Vec<StepTrace> {
+        std::mem::take(&mut self.step_traces)
+    }
+
     pub fn metrics(&self) -> EngineMetrics {
         let c = &self.counters;
         let jobs = self.training.jobs.iter().map(|j| (j.job.spec.name.clone(), job_metrics(j))).collect();
+        let adapters = self.registry.list();
         EngineMetrics {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
             iterations: c.iterations,
             tokens: c.tokens,
             last_iteration: c.last,
@@ -386,8 +437,13 @@ impl Engine {
             output_tokens_timed: c.timed,
             jobs,
             adapter_cache: self.paged.stats,
+            adapters_host: adapters.len(),
+            adapters_pool: (adapters.iter()).filter(|v| self.paged.is_resident(v.id)).map(|v| v.name.clone()).collect(),
             pool: self.pool.usage(),
             iteration_limit_s: self.budget.limit(),
+            iteration_seconds: c.iteration.clone(),
+            adapter_disk_loads: c.disk_loads.clone(),
+            adapter_page_ins: self.paged.page_ins.clone(),
         }
     }
 
@@ -444,9 +500,21 @@ impl Engine {
             logprobs: Vec::new(),
             streamed: 0,
             submitted_at: Instant::now(),
+            scheduled_at: None,
+            first_token_at: None,
             last_token_at: None,
+            decode_batches: 0,
+            trace: None,
         });
         Ok(index)
+    }
+
+    /// Names the trace waiting request `index` belongs to (its W3C `traceparent`), so that
+    /// the plans of the passes it joins carry it to a worker group's other ranks.
+    pub fn trace(&mut self, index: usize, traceparent: String) {
+        if let Some(seq) = self.waiting.iter_mut().find(|s| s.index == index) {
+            seq.trace = Some(traceparent);
+        }
     }
 
     /// The tokens the last step sampled for requests that go on, with the text each settled:
@@ -454,6 +522,11 @@ impl Engine {
     /// the rest of its [`GenerationOutput::text`] make its whole text.
     pub fn progress(&self) -> &[Progress] {
         &self.progress
+    }
+
+    /// When each request the last step finished passed its phases.
+    pub fn timings(&self) -> &[Timings] {
+        &self.timings
     }
 
     /// Whether any request is queued or running.
@@ -470,7 +543,9 @@ impl Engine {
     /// time budget leaves, all in one forward pass; then the loss of those microbatches and as
     /// much backward as still fits. Returns the requests that finished.
     pub fn step(&mut self) -> Result<Vec<GenerationOutput>> {
+        let started = Instant::now();
         self.progress.clear();
+        self.timings.clear();
         self.counters.last = TokenCounts::default();
         let Some(iteration) = self.schedule()? else { return Ok(Vec::new()) };
         // Backward layers first, in what the planned forward pass leaves of the budget (at
@@ -482,7 +557,26 @@ impl Engine {
             None => Vec::new(),
         };
         self.counters.iterations += 1;
+        self.counters.iteration.observe(started.elapsed().as_secs_f64());
         Ok(outputs)
+    }
+
+    /// Counts an adapter's load from disk into host memory, which took `seconds` (it happens
+    /// outside the engine, before the request that needs it is submitted).
+    pub fn record_disk_load(&mut self, seconds: f64) {
+        self.counters.disk_loads.observe(seconds);
+    }
+
+    /// Whether request `index` is still queued (not yet scheduled for its prefill).
+    pub fn is_waiting(&self, index: usize) -> bool {
+        self.waiting.iter().any(|s| s.index == index)
+    }
+
+    /// Where adapter `name` is now: `resident` in the page pool, or only in `host` memory;
+    /// `None` if it is not registered here.
+    pub fn adapter_tier(&self, name: &str) -> Option<&'static str> {
+        let v = self.registry.resolve(name).ok()?;
+        Some(if self.paged.is_resident(v.id) { "resident" } else { "host" })
     }
 
     /// Drops request `index` (its caller went away), waiting or running, and frees what it

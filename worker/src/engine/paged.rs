@@ -11,10 +11,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tandem_kernels::ops;
 use tandem_kernels::{DType, Device, Tensor};
 
+use super::metrics::Buckets;
 use super::pool::{PagePool, PageUse};
 use crate::adapters::Adapter;
 use crate::adapters::registry::AdapterVersion;
@@ -42,9 +44,16 @@ pub struct PagedAdapters {
     resident: HashMap<u64, Resident>,
     clock: u64,
     pub stats: CacheStats,
+    /// How long paging an adapter's weights into the pool took.
+    pub page_ins: Buckets,
 }
 
 impl PagedAdapters {
+    /// Whether adapter version `id` is in the pool now.
+    pub fn is_resident(&self, id: u64) -> bool {
+        self.resident.contains_key(&id)
+    }
+
     /// Pins `v`, paging it in first if it is not resident (evicting unpinned adapters, least
     /// recently used first, when the pool is short). `Ok(false)`: it cannot fit now.
     pub fn acquire(&mut self, v: &Arc<AdapterVersion>, pool: &mut PagePool, cache: &mut KvCache) -> Result<bool> {
@@ -148,6 +157,7 @@ impl PagedAdapters {
         pool: &mut PagePool,
         cache: &mut KvCache,
     ) -> Result<()> {
+        let started = Instant::now();
         let pages =
             pool.alloc(need, PageUse::Adapter).ok_or_else(|| Error::InvalidRequest("page pool is full".into()))?;
         if pages_hold_weights(cache)
@@ -157,6 +167,7 @@ impl PagedAdapters {
             return Err(e);
         }
         self.resident.insert(v.id, Resident { version: v.clone(), pages, pins: 0, last_used: self.clock });
+        self.page_ins.observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! token budget the time target allows, the fine-tuning microbatches that fit beside them, and
 //! the time left for backward layers of the microbatches in flight.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_kernels::ops::SeqAttention;
 
@@ -107,6 +107,7 @@ impl Engine {
             };
             let Some(mut seq) = self.waiting.pop_front() else { break };
             seq.blocks = blocks;
+            seq.scheduled_at = Some(Instant::now());
             self.running.push(seq);
         }
         for seq in self.waiting.iter().take(self.cfg.max_running) {

@@ -8,14 +8,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tandem_proto::contract::check_role;
+use tandem_proto::trace_context;
 use tandem_proto::v1::{GenerateEvent, GenerateRequest};
 use tokio::sync::mpsc as async_mpsc;
 use tonic::Status;
 
+use super::phases;
 use crate::adapters::Adapter;
 use crate::adapters::registry::Origin;
+use crate::engine::metrics::EngineMetrics;
 use crate::engine::{Engine, GenerationOutput, GenerationRequest, Progress};
 use crate::error::Error;
 use crate::model::Model;
@@ -33,10 +37,14 @@ pub(crate) enum Order {
     Generate {
         req: GenerateRequest,
         events: EventSender,
+        /// The caller's span: the request's phases here are its children.
+        span: tracing::Span,
     },
     Train(Box<Training>),
     /// Stop training this job (its adapter is withdrawn).
     Stop(String),
+    /// What the engine measures about itself, now.
+    Metrics(tokio::sync::oneshot::Sender<EngineMetrics>),
 }
 
 /// A job to train, and where its files go.
@@ -100,6 +108,8 @@ pub enum TrainEvent {
 /// A request the engine runs, and where its events go.
 struct Stream {
     events: EventSender,
+    /// The caller's span, parent of the request's phases here.
+    span: tracing::Span,
     logprobs: bool,
     /// Bytes of text and tokens already sent.
     text_sent: usize,
@@ -147,7 +157,7 @@ impl EngineThread {
         req: GenerateRequest,
     ) -> Result<async_mpsc::UnboundedReceiver<Result<GenerateEvent, Status>>, Status> {
         let (events, rx) = async_mpsc::unbounded_channel();
-        self.send(Order::Generate { req, events })?;
+        self.send(Order::Generate { req, events, span: tracing::Span::current() })?;
         Ok(rx)
     }
 
@@ -159,6 +169,13 @@ impl EngineThread {
     /// Stops training job `name`.
     pub fn stop(&self, name: &str) -> Result<(), Status> {
         self.send(Order::Stop(name.to_string()))
+    }
+
+    /// The engine's figures, taken between two of its steps.
+    pub async fn metrics(&self) -> Result<EngineMetrics, Status> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Order::Metrics(reply))?;
+        answer.await.map_err(|_| Status::unavailable("the engine stopped"))
     }
 
     fn send(&self, order: Order) -> Result<(), Status> {
@@ -182,6 +199,9 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
     let prompt = if req.messages.is_empty() {
         tokenizer.encode(&req.prompt, true)?
     } else {
+        for m in &req.messages {
+            check_role(&m.role).map_err(|e| Error::InvalidRequest(e.0))?;
+        }
         let messages: Vec<ChatMessage> = req.messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
         // The template writes the special tokens itself.
         tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
@@ -202,10 +222,18 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
 /// Makes sure the adapter `req` names is loaded: read from `adapter_uri` the first time. A newer
 /// version (`NAME@VERSION`) replaces the older ones of the same name for new requests.
 fn load_adapter(engine: &mut Engine, req: &GenerateRequest) -> Result<(), Error> {
+    if req.adapter.is_empty() && !req.adapter_uri.is_empty() {
+        return Err(Error::InvalidRequest("adapter_uri names no adapter: give the adapter's name too".into()));
+    }
     if req.adapter.is_empty() || req.adapter_uri.is_empty() || engine.registry().resolve(&req.adapter).is_ok() {
         return Ok(());
     }
-    let adapter = read_adapter(engine.model(), Path::new(&req.adapter_uri))?;
+    // A folder that is missing or holds no valid adapter is the request's error; a disk that
+    // fails to read one is this worker's.
+    let adapter = read_adapter(engine.model(), Path::new(&req.adapter_uri)).map_err(|e| match e {
+        Error::Io { ref source, .. } if source.kind() != std::io::ErrorKind::NotFound => e,
+        e => Error::InvalidRequest(format!("adapter {:?} at {:?}: {e}", req.adapter, req.adapter_uri)),
+    })?;
     let family = req.adapter.rsplit_once('@').map_or(req.adapter.as_str(), |(name, _)| name);
     let older: Vec<String> = (engine.registry().list().iter())
         .filter(|v| v.name.rsplit_once('@').is_some_and(|(name, _)| name == family))
@@ -286,7 +314,7 @@ pub(crate) fn serve(
         };
         while let Some(order) = next.take() {
             match order {
-                Order::Generate { req, events } => streams.submit(engine, &req, events),
+                Order::Generate { req, events, span } => streams.submit(engine, &req, events, span),
                 Order::Train(t) => {
                     let Training { job, dir, checkpoint_every, validation } = *t;
                     let name = job.name().to_string();
@@ -307,6 +335,7 @@ pub(crate) fn serve(
                     }
                     jobs.dirs.remove(&name);
                 }
+                Order::Metrics(reply) => drop(reply.send(engine.metrics())),
             }
             next = orders.try_recv().ok();
         }
@@ -344,6 +373,7 @@ impl Jobs {
     /// Reports the optimizer steps taken, saves the checkpoints due (at a step boundary), and
     /// exports the jobs that finished.
     fn after_step(&mut self, engine: &mut Engine, send: &impl Fn(TrainEvent)) {
+        engine.take_step_traces().iter().for_each(phases::finetune_step);
         let reports = engine.take_step_reports();
         for report in reports {
             let every = self.dirs.get(&report.job).map_or(0, |f| f.checkpoint_every);
@@ -378,7 +408,7 @@ impl Jobs {
                 files.validation.and_then(|examples| match engine.validation_loss(&name, &examples) {
                     Ok(loss) => Some(loss),
                     Err(e) => {
-                        eprintln!("job {name}: validation: {e}");
+                        tracing::warn!(job = %name, "validation failed: {e}");
                         None
                     }
                 });
@@ -399,8 +429,8 @@ fn token_texts(tokenizer: Option<&TextTokenizer>, ids: &[u32]) -> Vec<String> {
 }
 
 impl Stream {
-    fn new(events: EventSender, logprobs: bool) -> Self {
-        Stream { events, logprobs, text_sent: 0, tokens_sent: 0 }
+    fn new(events: EventSender, logprobs: bool, span: tracing::Span) -> Self {
+        Stream { events, span, logprobs, text_sent: 0, tokens_sent: 0 }
     }
 
     fn send_progress(&mut self, p: &Progress, tokenizer: Option<&TextTokenizer>) {
@@ -439,10 +469,31 @@ pub(crate) struct Streams(HashMap<usize, Stream>);
 impl Streams {
     /// Submits `req` to `engine` (its adapter loaded first); its events go to `events`, and an
     /// error at once if it cannot run.
-    pub(crate) fn submit(&mut self, engine: &mut Engine, req: &GenerateRequest, events: EventSender) {
-        let submitted = load_adapter(engine, req).and_then(|()| prepare(engine, req)).and_then(|r| engine.submit(r));
+    pub(crate) fn submit(
+        &mut self,
+        engine: &mut Engine,
+        req: &GenerateRequest,
+        events: EventSender,
+        span: tracing::Span,
+    ) {
+        // Where the adapter was before this request made it ready (none: read from disk now).
+        let tier = (!req.adapter.is_empty()).then(|| engine.adapter_tier(&req.adapter).unwrap_or("disk"));
+        let started = Instant::now();
+        let loaded = load_adapter(engine, req);
+        if let (Some(tier), Ok(())) = (tier, &loaded) {
+            phases::adapter_load(&span, &req.adapter, tier, started);
+            if tier == "disk" {
+                engine.record_disk_load(started.elapsed().as_secs_f64());
+            }
+        }
+        let submitted = loaded.and_then(|()| prepare(engine, req)).and_then(|r| engine.submit(r));
         match submitted {
-            Ok(index) => drop(self.0.insert(index, Stream::new(events, req.logprobs))),
+            Ok(index) => {
+                if let Some(traceparent) = trace_context::traceparent(&span) {
+                    engine.trace(index, traceparent);
+                }
+                drop(self.0.insert(index, Stream::new(events, req.logprobs, span)))
+            }
             Err(e) => drop(events.send(Err(status_of(e)))),
         }
     }
@@ -467,6 +518,9 @@ impl Streams {
         }
         for out in finished {
             if let Some(s) = self.0.remove(&out.index) {
+                if let Some(t) = engine.timings().iter().find(|t| t.index == out.index) {
+                    phases::finished(&s.span, t);
+                }
                 s.finish(&out, engine.tokenizer());
             }
         }

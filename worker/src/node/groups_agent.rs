@@ -62,7 +62,7 @@ impl GroupsAgent {
                     }
                     let list = groups.borrow_and_update().clone();
                     if list.len() > 1 {
-                        eprintln!("worker {}: in {} groups; a worker serves one at a time", self.id, list.len());
+                        tracing::warn!(worker = %self.id, "in {} groups; a worker serves one at a time", list.len());
                     }
                     let wanted = list.into_iter().next();
                     if current.as_ref().map(|(m, _)| m) == wanted.as_ref() {
@@ -78,7 +78,7 @@ impl GroupsAgent {
                     };
                     match self.join(&m, ended_tx.clone()).await {
                         Ok(member) => {
-                            eprintln!("worker {}: joined group {} (epoch {}) as rank {}", self.id, m.group, m.epoch, m.rank);
+                            tracing::info!(worker = %self.id, group = %m.group, epoch = m.epoch, rank = m.rank, "joined its worker group");
                             match &member {
                                 Member::Leader(engine) => {
                                     self.serving.serve(engine.clone());
@@ -99,7 +99,7 @@ impl GroupsAgent {
                             // place. Reporting would only start yet another formation, which
                             // the same stragglers disturb. So the same formation is tried again
                             // while it is the one the heartbeats name.
-                            eprintln!("worker {}: group {} (epoch {}): {e}; trying again", self.id, m.group, m.epoch);
+                            tracing::warn!(worker = %self.id, group = %m.group, epoch = m.epoch, "forming the group: {e}; trying again");
                             tokio::time::sleep(JOIN_RETRY_PAUSE).await;
                             groups.mark_changed();
                         }
@@ -112,7 +112,7 @@ impl GroupsAgent {
                         self.serving.withdraw(format!("worker {}: its worker group is being formed again", self.id));
                     }
                     if let (Some(error), true) = (&end.error, ours) {
-                        eprintln!("worker {}: group {} (epoch {}) rank {} failed: {error}", self.id, end.group, end.epoch, end.rank);
+                        tracing::error!(worker = %self.id, group = %end.group, epoch = end.epoch, rank = end.rank, "rank failed: {error}");
                         let command = Command::GroupFailed { group: end.group.clone(), epoch: end.epoch, blame: end.blame };
                         let request_id = format!("group-failed-{}-{}-{}", end.group, end.epoch, self.id);
                         // A follower often learns of a failure from rank 0 giving up (so its

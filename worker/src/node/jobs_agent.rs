@@ -109,7 +109,7 @@ impl JobsAgent {
             Err(why) => {
                 // A group worker between formations: its jobs are queued again by the
                 // coordinator when it re-forms the group (and placed on the new rank 0).
-                eprintln!("jobs: no engine to train on: {}", why.message());
+                tracing::warn!("jobs: no engine to train on: {}", why.message());
                 return;
             }
         };

@@ -6,6 +6,11 @@ use std::time::Duration;
 use tandem_proto::contract::{Assignment, Gpu, Membership, WorkerRegistration};
 use tandem_proto::{ClientError, ClusterClient};
 
+use super::Serving;
+
+/// How long a heartbeat waits for the engine's figures before going without them.
+const LOAD_WAIT: Duration = Duration::from_millis(250);
+
 /// Who a worker is to the coordinator, and where the heartbeats' news goes.
 pub struct Lease {
     /// A coordinator (a follower forwards to the leader).
@@ -21,6 +26,8 @@ pub struct Lease {
     pub assignments: tokio::sync::watch::Sender<Vec<Assignment>>,
     /// The worker groups it is a member of.
     pub groups: tokio::sync::watch::Sender<Vec<Membership>>,
+    /// The engine serving here, whose figures each heartbeat carries.
+    pub serving: Serving,
 }
 
 /// Publishes `new` on `tx` when it differs from what is there.
@@ -36,11 +43,12 @@ fn publish<T: PartialEq>(tx: &tokio::sync::watch::Sender<T>, new: T) {
 
 /// Registers the worker with the coordinator and keeps its lease: a heartbeat every third of
 /// the lease, registering again when the coordinator has forgotten it (it was marked dead) and
-/// retrying while it cannot be reached. Each heartbeat's answer carries the fine-tuning
+/// retrying while it cannot be reached. Each heartbeat carries what the engine is doing (for the
+/// operators' dashboard); each answer carries the fine-tuning
 /// attempts this worker is to run and its worker groups, published on `lease`'s channels. Runs
 /// until the task is dropped.
 pub async fn keep_lease(lease: Lease) {
-    let Lease { cluster, id, addr, models, collective_addr, assignments, groups } = lease;
+    let Lease { cluster, id, addr, models, collective_addr, assignments, groups, serving } = lease;
     let gpus = vec![Gpu { index: 0, memory_bytes: 0, models }];
     let register = WorkerRegistration { worker_id: id.clone(), addr, gpus, collective_addr };
     let mut registered = false;
@@ -52,7 +60,15 @@ pub async fn keep_lease(lease: Lease) {
                 registered = true;
                 return Ok(lease / 3);
             }
-            match cluster.heartbeat(&id).await {
+            // A busy engine answers after its iteration: the lease must not wait on it.
+            let load = match serving.current() {
+                Ok(engine) => match tokio::time::timeout(LOAD_WAIT, engine.metrics()).await {
+                    Ok(Ok(m)) => Some(super::metrics::load(&m)),
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            match cluster.heartbeat(&id, load).await {
                 Ok(view) => {
                     publish(&assignments, view.assignments);
                     publish(&groups, view.groups);
@@ -68,7 +84,7 @@ pub async fn keep_lease(lease: Lease) {
         .await;
         match result {
             Ok(next) => pause = next.max(Duration::from_millis(50)),
-            Err(e) => eprintln!("worker {id}: coordinator {}: {e}; retrying", cluster.addr()),
+            Err(e) => tracing::warn!(worker = %id, coordinator = cluster.addr(), "lease: {e}; retrying"),
         }
         tokio::time::sleep(pause).await;
     }

@@ -8,27 +8,36 @@
 //! Map:
 //! - `mod.rs`: [`Node`]: a worker's life, whole-model ([`Node::serve_model`]) or group worker
 //!   ([`Node::serve_groups`]); the agents' reports to the cluster, retried until recorded.
-//! - `lease.rs`: registration and the lease, which publishes what the heartbeats say.
+//! - `lease.rs`: registration and the lease: heartbeats carry the engine's load, and their
+//!   answers are published for the agents.
 //! - `jobs_agent.rs`: the fine-tuning attempts assigned here, started, stopped, reported.
 //! - `groups_agent.rs`: the worker groups this worker is a rank of, joined and reported.
 //! - `group/`: a rank of a worker group: rank 0's engine loop broadcasting plans, followers.
 //! - `engine_thread.rs`: the engine on its own thread, fed by orders; what `Generate` and the
 //!   agents talk to ([`Serving`]).
 //! - `service.rs`: the gRPC `Worker` service.
+//! - `metrics.rs`: the worker's series on its metrics port, from its engine's figures.
+//! - `phases.rs`: a request's adapter load, queue wait, prefill and decode as spans, and each
+//!   fine-tuning step as a trace.
 
 mod engine_thread;
 pub mod group;
 mod groups_agent;
 mod jobs_agent;
 mod lease;
+mod metrics;
+mod phases;
 mod service;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_kernels::Device;
 use tandem_proto::contract::{Command, Proposal, Reply};
+use tandem_proto::metrics_port;
 use tandem_proto::{ClientError, ClusterClient, Security};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -55,6 +64,8 @@ pub struct Node {
     /// The shared folder of uploaded files and adapters; jobs' checkpoints and exported
     /// adapters go under `jobs/` there.
     pub blobs: PathBuf,
+    /// Where it serves its metrics for Prometheus (`--metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a group worker needs to serve as the ranks the coordinator places on it.
@@ -133,17 +144,42 @@ impl Node {
             collective_addr,
             assignments,
             groups,
+            serving: serving.clone(),
         }));
         let jobs = tokio::spawn(jobs.run(assigned, trained));
         let groups = groups_agent.map(|agent| tokio::spawn(agent.run(memberships)));
-        eprintln!("{kind} {} serving on {}", self.id, self.listen);
+        let metrics_port = match self.metrics {
+            Some(at) => Some(self.spawn_metrics_port(at, serving.clone()).await?),
+            None => None,
+        };
+        tracing::info!(worker = %self.id, listen = %self.listen, "{kind} serving");
         let mut server = (self.security.server(tonic::transport::Server::builder()))
             .map_err(|e| Error::InvalidRequest(format!("TLS: {e}")))?;
         let served = server.add_service(WorkerService::serving(serving)).serve_with_shutdown(addr, shutdown).await;
         lease.abort();
         jobs.abort();
         groups.inspect(|g| g.abort());
+        metrics_port.inspect(|m| m.abort());
         served.map_err(|e| Error::Unavailable(format!("serving on {}: {e}", self.listen)))
+    }
+}
+
+impl Node {
+    /// The metrics port: each scrape asks the engine serving here (none: an empty scrape).
+    async fn spawn_metrics_port(&self, at: SocketAddr, serving: Serving) -> Result<tokio::task::JoinHandle<()>> {
+        let id = self.id.clone();
+        let render: metrics_port::Render = Arc::new(move || {
+            let (serving, id) = (serving.clone(), id.clone());
+            Box::pin(async move {
+                let figures = match serving.current() {
+                    Ok(engine) => engine.metrics().await.ok(),
+                    Err(_) => None,
+                };
+                figures.map_or_else(|| metrics_port::text(&[]), |m| metrics::render(&id, m))
+            })
+        });
+        let port = metrics_port::spawn(at, &self.security, render).await;
+        port.map_err(|e| Error::Unavailable(format!("--metrics {at}: {e}")))
     }
 }
 
@@ -162,16 +198,16 @@ async fn propose_until_recorded(
     for attempt in 0..tries {
         match cluster.propose_as(proposal.clone()).await {
             Ok(Reply::Refused { reason }) => {
-                eprintln!("{what}: report refused: {reason}");
+                tracing::warn!("{what}: report refused: {reason}");
                 return;
             }
             Ok(_) => return,
             Err(e @ (ClientError::Invalid(_) | ClientError::Conflict(_))) => {
-                eprintln!("{what}: report refused: {e}");
+                tracing::warn!("{what}: report refused: {e}");
                 return;
             }
             Err(e) => {
-                eprintln!("{what}: reporting (try {attempt}): {e:#}");
+                tracing::warn!("{what}: reporting (try {attempt}): {e:#}");
                 tokio::time::sleep(pause).await;
             }
         }

@@ -11,14 +11,13 @@
 use std::path::Path;
 
 use serde_json::{Map, Value};
+use tandem_proto::contract::CHAT_ROLES;
 
 use crate::error::{Error, Result};
 use crate::tokenizer::{ChatMessage, TextTokenizer};
 
 /// The target of a position that carries no loss (PyTorch's `ignore_index` convention).
 pub const IGNORE: i32 = -100;
-
-const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 /// One training sequence: the tokens fed to the model, and for each position the token the
 /// model must predict there (the next token), or -100 where that position carries no loss.
@@ -37,9 +36,8 @@ impl Example {
 
 /// Reads a JSONL training file. Blank lines are skipped. Errors name the file, the 1-based line and the field.
 pub fn load_jsonl(path: &Path, tokenizer: &TextTokenizer, max_seq_len: usize) -> Result<Vec<Example>> {
-    let bytes = std::fs::read(path).map_err(Error::io(path))?;
     let mut examples = Vec::new();
-    for_each_line(path, &bytes, |line| {
+    for_each_line(path, |line| {
         examples.push(parse_example(line, tokenizer, max_seq_len)?);
         Ok(())
     })?;
@@ -48,10 +46,10 @@ pub fn load_jsonl(path: &Path, tokenizer: &TextTokenizer, max_seq_len: usize) ->
 
 /// Checks a JSONL training file's form without a tokenizer (what the gateway does on upload:
 /// a file serves any base model): every line a valid example in one of the two formats.
-/// Returns the number of examples. `name` is what errors call the file.
-pub fn check_jsonl(name: &Path, bytes: &[u8]) -> Result<u64> {
+/// Returns the number of examples. It reads a line at a time: an upload is checked on disk.
+pub fn check_jsonl(path: &Path) -> Result<u64> {
     let mut examples = 0;
-    for_each_line(name, bytes, |line| {
+    for_each_line(path, |line| {
         check_example(line)?;
         examples += 1;
         Ok(())
@@ -59,15 +57,18 @@ pub fn check_jsonl(name: &Path, bytes: &[u8]) -> Result<u64> {
     Ok(examples)
 }
 
-/// Calls `f` on each non-blank line; an error becomes an [`Error::Data`] that names the file and
-/// the 1-based line. An empty file is an error.
-fn for_each_line(path: &Path, bytes: &[u8], mut f: impl FnMut(&str) -> Result<()>) -> Result<()> {
-    // Editors on Windows may start the file with a byte-order mark, which is not JSON.
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+/// Calls `f` on each non-blank line of the file at `path`, read a line at a time; an error
+/// becomes an [`Error::Data`] that names the file and the 1-based line. An empty file is an
+/// error.
+fn for_each_line(path: &Path, mut f: impl FnMut(&str) -> Result<()>) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(Error::io(path))?;
     let error = |line, msg| Error::Data { path: path.to_path_buf(), line, msg };
     let mut any = false;
     // Lines are split as bytes so that text which is not UTF-8 is reported with its line number.
-    for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
+    for (index, line) in std::io::BufRead::split(std::io::BufReader::new(file), b'\n').enumerate() {
+        let line = line.map_err(Error::io(path))?;
+        // Editors on Windows may start the file with a byte-order mark, which is not JSON.
+        let line = if index == 0 { line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&line) } else { &line };
         let line = std::str::from_utf8(line).map_err(|e| error(index + 1, format!("not UTF-8 text: {e}")))?;
         if !line.trim().is_empty() {
             f(line).map_err(|e| match e {
@@ -222,8 +223,8 @@ fn parse_message(index: usize, value: &Value) -> Result<(ChatMessage, bool)> {
     };
     only_fields(message, &["role", "content", "weight"], &format!("{path}."))?;
     let role = match message.get("role") {
-        Some(Value::String(role)) if ROLES.contains(&role.as_str()) => role,
-        other => return Err(wrong(&format!("{path}.role"), &format!("one of {}", ROLES.join(", ")), other)),
+        Some(Value::String(role)) if CHAT_ROLES.contains(&role.as_str()) => role,
+        other => return Err(wrong(&format!("{path}.role"), &format!("one of {}", CHAT_ROLES.join(", ")), other)),
     };
     let Some(Value::String(content)) = message.get("content") else {
         return Err(wrong(&format!("{path}.content"), "a string", message.get("content")));

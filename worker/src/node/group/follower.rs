@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tandem_kernels::{DType, Device, Tensor};
+use tandem_proto::trace_context;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Ended, GroupSpec};
@@ -38,7 +39,15 @@ pub(super) fn start(
 ) -> Result<()> {
     let cache = KvCache::new(&model, spec.engine.pages, spec.engine.block_size, DType::F32)?;
     let name = format!("group-{}-rank{}", spec.group, spec.rank);
-    let mut follower = Follower { model, cache, comm, adapters: HashMap::new(), set: None, backwards: HashMap::new() };
+    let mut follower = Follower {
+        rank: spec.rank,
+        model,
+        cache,
+        comm,
+        adapters: HashMap::new(),
+        set: None,
+        backwards: HashMap::new(),
+    };
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
@@ -50,6 +59,7 @@ pub(super) fn start(
 }
 
 struct Follower {
+    rank: usize,
     model: Model,
     cache: KvCache,
     comm: Arc<dyn Collective>,
@@ -69,7 +79,16 @@ impl Follower {
                 BatchPlan::Idle => {}
                 BatchPlan::Stop => return Ok(()),
                 BatchPlan::Weights { id, layout } => self.weights(id, layout)?,
-                BatchPlan::Forward(plan) => self.forward(plan)?,
+                BatchPlan::Forward(plan) => {
+                    // Its part of the pass, in the traces of the requests the pass serves.
+                    let span = match plan.traces.is_empty() {
+                        true => tracing::Span::none(),
+                        false => tracing::info_span!("rank_forward", rank = self.rank, tokens = plan.tokens.len()),
+                    };
+                    trace_context::join_batch(&span, &plan.traces);
+                    let _in = span.enter();
+                    self.forward(*plan)?
+                }
                 BatchPlan::Backward { id, layers } => self.backward(id, layers)?,
                 BatchPlan::Validate { adapter, examples } => self.validate(&adapter, &examples)?,
                 // A new ESFT job's calls: rank 0 answers for the job; a call that fails before

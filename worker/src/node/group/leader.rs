@@ -103,12 +103,14 @@ impl PlanSink for SharedPlans {
         input: &ForwardInput,
         adapters: &[Arc<AdapterVersion>],
         training: Option<TrainingRows>,
+        traces: &[String],
     ) -> Result<()> {
         let mut plans = lock(&self.0)?;
         let refs = plans.refs(adapters)?;
         let mut plan = ForwardPlan::new(input, refs, training);
         plan.forget = plans.forget();
-        plans.send(&BatchPlan::Forward(plan))
+        plan.traces = traces.to_vec();
+        plans.send(&BatchPlan::Forward(Box::new(plan)))
     }
 
     fn backward(&mut self, id: u64, layers: usize) -> Result<()> {
