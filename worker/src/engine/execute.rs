@@ -127,10 +127,13 @@ impl Engine {
             let left = deadline.saturating_duration_since(Instant::now()).as_secs_f64();
             let per_layer = self.budget.backward.predict_high(tokens).filter(|&c| c > 0.0);
             let mut layers = per_layer.map_or(1, |c| (left / c) as usize);
-            // The last layer also pays for finishing the batch.
+            // The last layer also pays for finishing the batch: all the layers left run only
+            // when finishing fits too (the cost of those layers, not of all `layers` the time
+            // would hold, else a batch one layer from done would wait for an idle iteration).
             let finish = self.budget.finish.predict_high(batch.members.len()).unwrap_or(0.0);
-            if layers >= batch.backward.layers_left() && per_layer.is_some_and(|c| c * layers as f64 + finish > left) {
-                layers = batch.backward.layers_left() - 1;
+            let remaining = batch.backward.layers_left();
+            if layers >= remaining && per_layer.is_some_and(|c| c * remaining as f64 + finish > left) {
+                layers = remaining - 1;
             }
             let layers = if at_least_one { layers.max(1) } else { layers };
             if layers == 0 {
