@@ -1,12 +1,36 @@
-//! Tandem under faults (issue 20): real clusters driven by recorded workloads, nemeses, and
-//! checkers over the histories they leave. Built in steps; what exists:
+//! Tandem under faults (issue 20): a real cluster of `tandem` processes in network namespaces,
+//! driven by a recorded workload while a nemesis injects one fault, then checked. The map:
 //!
-//! - `linearizability.rs`: whether a history of operations on a shared object (a tenant's
-//!   adapter, a job) could have happened one at a time in an order that respects real time, as
-//!   the object's sequential model says: Wing and Gong's search with Lowe's memoisation (the
-//!   algorithm of Knossos and Porcupine), per key.
+//! - `net.rs`: the namespaces, the bridge, and the faults of the network (links down, drops
+//!   with nftables, random loss, `tc netem`).
+//! - `cluster.rs`: 3 coordinators (gateways on) and workers as processes under mutual TLS;
+//!   kill, pause, resume, restart; the leader; each process's memory and descriptors.
+//! - `client.rs`: the workload's HTTP client: bounded, every failure a value.
+//! - `history.rs`: operations with their invocation and completion times and what each
+//!   outcome proves (done, not done, maybe).
+//! - `workload.rs`: OpenAI-style clients of a few tenants (completions, streams, adapter
+//!   uploads, deletes and reads over shared names).
+//! - `nemesis.rs`: the scenarios, one fault each, and how each heals.
+//! - `run.rs`: one scenario with one seed on a fresh cluster, with the write and inference
+//!   probes, and every checker.
+//! - `checkers.rs`: linearizability of the adapter registry, retryable inference errors,
+//!   recovery times, panics.
+//! - `linearizability.rs`: Wing and Gong's search with Lowe's memoisation (the algorithm of
+//!   Knossos and Porcupine), per key.
 //! - `models.rs`: the objects' sequential models (the adapter registry), each tested against
 //!   the coordinators' state machine.
+//! - `etcd.rs`: the same run's yardstick: a 3-member etcd's leader-kill outage.
+//!
+//! `main.rs` is the scorecard: `cargo run -p tandem-chaos --release -- --scenarios all --seeds 20`.
 
+pub mod checkers;
+pub mod client;
+pub mod cluster;
+pub mod etcd;
+pub mod history;
 pub mod linearizability;
 pub mod models;
+pub mod nemesis;
+pub mod net;
+pub mod run;
+pub mod workload;

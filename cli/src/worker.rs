@@ -28,7 +28,8 @@ pub struct WorkerArgs {
     /// Where it serves gRPC (HOST:PORT); the coordinator and the gateway reach it there.
     #[arg(long)]
     listen: String,
-    /// A coordinator's address (a follower forwards to the leader).
+    /// The coordinators' addresses, separated by commas (a follower forwards to the leader):
+    /// the worker keeps its lease through whichever answers, so give every one.
     #[arg(long)]
     coordinator: String,
     /// Base model directory (HF format, with tokenizer.json).

@@ -79,6 +79,38 @@ fn a_coordinator_group_fails_over_without_losing_a_write() {
 }
 
 #[test]
+fn a_client_given_every_coordinator_outlives_the_one_it_talks_to() {
+    let mut g = start("client-failover", false);
+    g.leader();
+    let client = g.client_of(&[1, 2, 3]);
+    let first = g.block_on(client.status(false)).unwrap().id;
+    assert_eq!(client.addr(), g.addr(first));
+    g.kill(first);
+    // The next call finds another coordinator, and the calls after it start there.
+    let t = Instant::now();
+    let next = g.block_on(client.status(false)).unwrap().id;
+    assert!(next != first && t.elapsed() < Duration::from_secs(5), "{next} after {:?}", t.elapsed());
+    assert_eq!(client.addr(), g.addr(next));
+    let command = StateCommand::RegisterWorker {
+        id: "w1".into(),
+        addr: "w1:1".into(),
+        gpus: vec![],
+        collective_addr: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Retried while the two left elect a leader (when the killed one led).
+    let proposal = tandem_proto::contract::Proposal::new("register-w1", command);
+    while g.block_on(client.propose_as(proposal.clone())) != Ok(Reply::Done) {
+        assert!(Instant::now() < deadline, "no coordinator took the proposal");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A dead address first in a new client's list costs one refused connection.
+    let dead_first = g.client_of(&[first, next]);
+    assert_eq!(g.block_on(dead_first.status(false)).unwrap().id, next);
+    assert_eq!(workers(&g, next), vec!["w1".to_string()]);
+}
+
+#[test]
 fn a_worker_keeps_its_lease_by_heartbeats_and_its_job_moves_when_it_stops() {
     let g = start("leases", false);
     let leader = g.leader();

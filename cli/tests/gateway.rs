@@ -253,6 +253,8 @@ fn the_overview_shows_the_cluster_and_a_drained_worker_gets_no_requests() {
     assert_eq!(overview(addr)["workers"][0]["draining"], true);
     let (status, refused) = post(addr, "/v1/completions", completion.clone());
     assert_eq!(status, 503, "{refused}");
+    // Told when to come back, as every 503 is.
+    assert_eq!(retry_after(addr, "/v1/completions", KEY, &completion.to_string()), Some(1));
     // The 503 is among the recent events.
     let events = overview(addr)["events"].to_string();
     assert!(events.contains("503 answered to admin"), "{events}");

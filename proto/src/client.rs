@@ -3,7 +3,9 @@
 //! with timeouts on connecting and on every call, so callers share it instead of dialling per
 //! request.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
@@ -22,6 +24,10 @@ use crate::contract::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a call may take: a proposal waits up to 5 s for the group, plus a forward.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a worker's registration or lease renewal waits for one coordinator before it tries
+/// the next: a third of the default lease, so a stopped or cut-off coordinator costs a worker
+/// one renewal, not its lease.
+const LEASE_CALL_BOUND: Duration = Duration::from_secs(1);
 
 /// What went wrong, by what a caller can do about it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -78,14 +84,20 @@ impl From<ClientError> for tonic::Status {
     }
 }
 
-/// A client of the coordinator at one address (any member: a follower forwards to the leader).
-/// Cheap to clone; clones share the channel.
+/// A client of the coordinators at one or more addresses (any member: a follower forwards to
+/// the leader). A call goes to the coordinator that last answered and, when that one cannot be
+/// reached or does not answer in time, to the next: a process given every coordinator's address
+/// outlives the loss of any one of them. Every call may be repeated this way: proposals carry a
+/// request id that applies once, and the rest are reads, idempotent registrations or renewals.
+/// Cheap to clone; clones share the channels.
 #[derive(Clone)]
 pub struct ClusterClient {
-    endpoint: Endpoint,
-    /// Made on the first call, inside the runtime that makes it (a channel needs one), so a
-    /// client can be made anywhere.
-    rpc: Arc<OnceCell<Rpc<Traced>>>,
+    endpoints: Arc<[Endpoint]>,
+    /// Each endpoint's channel, made on its first call inside the runtime that makes it (a
+    /// channel needs one), so a client can be made anywhere.
+    rpcs: Arc<[OnceCell<Rpc<Traced>>]>,
+    /// The endpoint that last answered: calls start there.
+    current: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for ClusterClient {
@@ -95,33 +107,72 @@ impl std::fmt::Debug for ClusterClient {
 }
 
 impl ClusterClient {
-    /// A client of the coordinator at `addr` (`HOST:PORT`), reached with `security`; nothing
-    /// is dialled until a call.
-    pub fn new(addr: &str, security: &Security) -> Result<Self, ClientError> {
-        Self::with_timeouts(addr, security, CONNECT_TIMEOUT, CALL_TIMEOUT)
+    /// A client of the coordinators at `addrs` (`HOST:PORT`, several separated by commas),
+    /// reached with `security`; nothing is dialled until a call.
+    pub fn new(addrs: &str, security: &Security) -> Result<Self, ClientError> {
+        Self::with_timeouts(addrs, security, CONNECT_TIMEOUT, CALL_TIMEOUT)
     }
 
     /// The same, with other timeouts (a probe that must fail fast).
     pub fn with_timeouts(
-        addr: &str,
+        addrs: &str,
         security: &Security,
         connect: Duration,
         call: Duration,
     ) -> Result<Self, ClientError> {
-        let endpoint = (security.endpoint(addr, Role::Coordinator))
-            .map_err(|e| ClientError::Invalid(e.to_string()))?
-            .connect_timeout(connect)
-            .timeout(call);
-        Ok(ClusterClient { endpoint, rpc: Arc::default() })
+        let endpoints = (addrs.split(',').map(str::trim))
+            .map(|addr| {
+                let endpoint = (security.endpoint(addr, Role::Coordinator))
+                    .map_err(|e| ClientError::Invalid(format!("{addr}: {e}")))?;
+                Ok(endpoint.connect_timeout(connect).timeout(call))
+            })
+            .collect::<Result<Arc<[Endpoint]>, ClientError>>()?;
+        let rpcs = endpoints.iter().map(|_| OnceCell::new()).collect();
+        Ok(ClusterClient { endpoints, rpcs, current: Arc::default() })
     }
 
-    async fn rpc(&self) -> Rpc<Traced> {
-        self.rpc.get_or_init(|| async { Rpc::new(traced(self.endpoint.connect_lazy())) }).await.clone()
+    async fn rpc(&self, i: usize) -> Rpc<Traced> {
+        self.rpcs[i].get_or_init(|| async { Rpc::new(traced(self.endpoints[i].connect_lazy())) }).await.clone()
     }
 
-    /// The coordinator's address (`HOST:PORT`).
+    /// Calls `f` on the coordinator that last answered, then on each other in turn while the
+    /// answer is "unavailable" (or none comes within `bound`, when given): the first other
+    /// answer, or the last coordinator's failure.
+    async fn call<T, F, Fut>(&self, bound: Option<Duration>, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Rpc<Traced>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut failure = ClientError::Unavailable("no coordinator address".into());
+        for i in (0..self.endpoints.len()).map(|k| (first + k) % self.endpoints.len()) {
+            let attempt = f(self.rpc(i).await);
+            let result = match bound {
+                Some(bound) => tokio::time::timeout(bound, attempt).await.unwrap_or_else(|_| {
+                    Err(tonic::Status::unavailable(format!("no answer within {} ms", bound.as_millis())))
+                }),
+                None => attempt.await,
+            };
+            match result.map_err(ClientError::from) {
+                Err(e @ ClientError::Unavailable(_)) => {
+                    failure = ClientError::Unavailable(format!("{}: {e}", self.address(i)))
+                }
+                other => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    fn address(&self, i: usize) -> &str {
+        self.endpoints[i].uri().authority().map_or("", |a| a.as_str())
+    }
+
+    /// The address (`HOST:PORT`) of the coordinator calls go to first.
     pub fn addr(&self) -> &str {
-        self.endpoint.uri().authority().map_or("", |a| a.as_str())
+        self.address(self.current.load(Ordering::Relaxed))
     }
 
     /// Proposes `command` under a fresh request id (named after `what`) and returns what
@@ -132,7 +183,11 @@ impl ClusterClient {
 
     /// Proposes `p` as it is: a retry under the same request id applies once.
     pub async fn propose_as(&self, p: Proposal) -> Result<Reply, ClientError> {
-        Ok(self.rpc().await.propose(p).await?.into_inner())
+        self.call(None, |mut rpc| {
+            let p = p.clone();
+            async move { Ok(rpc.propose(p).await?.into_inner()) }
+        })
+        .await
     }
 
     /// The replicated state, read linearizably.
@@ -143,28 +198,44 @@ impl ClusterClient {
     /// This coordinator's view of its group; with the state when `with_state` (none if no
     /// linearizable read was possible).
     pub async fn status(&self, with_state: bool) -> Result<GroupStatus, ClientError> {
-        Ok(self.rpc().await.status(StatusRequest { with_state }).await?.into_inner())
+        self.call(None, |mut rpc| async move { Ok(rpc.status(StatusRequest { with_state }).await?.into_inner()) }).await
     }
 
     /// Registers (or registers again) a worker; returns its lease.
     pub async fn register_worker(&self, r: WorkerRegistration) -> Result<Duration, ClientError> {
-        let LeaseGrant { lease_ms } = self.rpc().await.register_worker(r).await?.into_inner();
+        let register = |mut rpc: Rpc<Traced>| {
+            let r = r.clone();
+            async move { Ok(rpc.register_worker(r).await?.into_inner()) }
+        };
+        let LeaseGrant { lease_ms } = self.call(Some(LEASE_CALL_BOUND), register).await?;
         Ok(Duration::from_millis(lease_ms))
     }
 
     /// Renews worker `id`'s lease; answers with what it is to do now. `NotFound`: it has no
     /// lease any more and must register again.
     pub async fn heartbeat(&self, id: &str, load: Option<WorkerLoad>) -> Result<WorkerView, ClientError> {
-        Ok(self.rpc().await.heartbeat(Heartbeat { worker_id: id.to_string(), load }).await?.into_inner())
+        let beat = |mut rpc: Rpc<Traced>| {
+            let h = Heartbeat { worker_id: id.to_string(), load: load.clone() };
+            async move { Ok(rpc.heartbeat(h).await?.into_inner()) }
+        };
+        self.call(Some(LEASE_CALL_BOUND), beat).await
     }
 
     /// Adds and removes coordinators (a Raft membership change); returns the members after it.
     pub async fn change_members(&self, add: Vec<Member>, remove: Vec<u64>) -> Result<Vec<Member>, ClientError> {
-        Ok(self.rpc().await.change_members(MembershipChange { add, remove }).await?.into_inner().members)
+        let change = |mut rpc: Rpc<Traced>| {
+            let m = MembershipChange { add: add.clone(), remove: remove.clone() };
+            async move { Ok(rpc.change_members(m).await?.into_inner().members) }
+        };
+        self.call(None, change).await
     }
 
     /// Hands leadership to coordinator `to`; returns the leader once it leads.
     pub async fn transfer_leader(&self, to: u64) -> Result<u64, ClientError> {
-        Ok(self.rpc().await.transfer_leader(LeaderTransfer { to }).await?.into_inner().leader)
+        self.call(
+            None,
+            |mut rpc| async move { Ok(rpc.transfer_leader(LeaderTransfer { to }).await?.into_inner().leader) },
+        )
+        .await
     }
 }

@@ -117,6 +117,12 @@ impl Coordinators {
         ClusterClient::new(&self.addrs[&id], &self.certs.operator()).unwrap()
     }
 
+    /// A client of coordinators `ids`, in that order (one address list), as an operator.
+    pub fn client_of(&self, ids: &[u64]) -> ClusterClient {
+        let addrs: Vec<&str> = ids.iter().map(|id| self.addrs[id].as_str()).collect();
+        ClusterClient::new(&addrs.join(","), &self.certs.operator()).unwrap()
+    }
+
     /// Starts coordinator `id` (again: from its data folder) with `extra` arguments.
     pub fn spawn(&mut self, id: u64, extra: &[&str]) {
         let (id_arg, tick) = (id.to_string(), self.opts.tick_ms.to_string());

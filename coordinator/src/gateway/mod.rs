@@ -436,7 +436,10 @@ fn generate_request(s: &Sampling, target: &Target, i: u32) -> Result<GenerateReq
 fn status_to_error(s: tonic::Status) -> ApiError {
     match s.code() {
         tonic::Code::InvalidArgument => ApiError::bad_request("body", s.message()),
-        tonic::Code::ResourceExhausted => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", s.message()),
+        // A full queue drains in about a second at the rates a worker serves.
+        tonic::Code::ResourceExhausted => {
+            ApiError { retry_after: Some(1), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", s.message()) }
+        }
         _ => ApiError::unavailable(format!("the worker failed: {}", s.message())),
     }
 }

@@ -33,8 +33,11 @@ impl ApiError {
         ApiError { param: Some(param), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
     }
 
+    /// The cluster cannot serve the request now (no worker, no quorum, a coordinator out of
+    /// reach): clients are told to come back in a second, by when an election or a worker's
+    /// return has usually happened.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+        ApiError { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message) }
     }
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {

@@ -1,0 +1,163 @@
+//! The checks over a run's history and its processes' logs. Each returns what it found wrong,
+//! so a scenario's verdict lists every failure, not the first.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::history::{Answer, Event, Op, Outcome};
+use crate::linearizability::{Operation, Verdict, check};
+use crate::models::{AdapterAnswer, AdapterOp, AdapterRegistry};
+use crate::workload::NAMES;
+
+/// States the linearizability search may explore per adapter before it answers "unknown".
+const BUDGET: usize = 2_000_000;
+
+/// The adapter registry's operations in `events`, as the checker takes them: an answer the
+/// client never got (cut, timed out, a 5xx) may have taken effect or not; a refusal (4xx) or a
+/// request never sent did not happen and is left out; a list is a read of each shared name.
+pub fn adapter_operations(events: &[Event]) -> Vec<Operation<AdapterOp, AdapterAnswer>> {
+    let at = |d: Duration| d.as_nanos() as u64;
+    let mut ops = Vec::new();
+    for e in events {
+        let answered = |answer| Some((at(e.ret), answer));
+        let unknown = matches!(&e.outcome, Outcome::Unknown(_) | Outcome::Refused { status: 500.., .. });
+        match (&e.op, &e.outcome) {
+            (Op::PutAdapter { tenant, name }, outcome) => {
+                let input = AdapterOp::Put { tenant: tenant.clone(), name: name.clone() };
+                let ret = match outcome {
+                    Outcome::Ok(Answer::Version(v)) => answered(AdapterAnswer::Version(*v)),
+                    _ if unknown => None,
+                    _ => continue,
+                };
+                ops.push(Operation { input, call: at(e.call), ret });
+            }
+            (Op::DeleteAdapter { tenant, name }, outcome) => {
+                let input = AdapterOp::Delete { tenant: tenant.clone(), name: name.clone() };
+                let ret = match outcome {
+                    Outcome::Ok(Answer::Deleted) => answered(AdapterAnswer::Deleted),
+                    Outcome::Ok(Answer::NotFound) => answered(AdapterAnswer::NotFound),
+                    _ if unknown => None,
+                    _ => continue,
+                };
+                ops.push(Operation { input, call: at(e.call), ret });
+            }
+            (Op::ListAdapters { tenant }, Outcome::Ok(Answer::Adapters(latest))) => {
+                for name in NAMES {
+                    let input = AdapterOp::Get { tenant: tenant.clone(), name: name.into() };
+                    let ret = answered(AdapterAnswer::Latest(latest.get(name).copied()));
+                    ops.push(Operation { input, call: at(e.call), ret });
+                }
+            }
+            _ => {}
+        }
+    }
+    ops
+}
+
+/// Whether the adapter registry's history is linearizable (and how many operations it had).
+pub fn adapters_linearizable(events: &[Event]) -> (Verdict<(String, String)>, usize) {
+    let ops = adapter_operations(events);
+    (check(&AdapterRegistry, &ops, BUDGET), ops.len())
+}
+
+/// Whether a failed inference told its client to come back: no connection or no whole answer
+/// (the gateway or the link is down; another gateway will do), a 503 or 429 with
+/// `Retry-After`. Anything else (a 500, a 503 without `Retry-After`, a 4xx) is a failure the
+/// client cannot act on.
+pub fn retryable(outcome: &Outcome) -> bool {
+    match outcome {
+        Outcome::Ok(_) | Outcome::NotSent(_) | Outcome::Unknown(_) => true,
+        Outcome::Refused { status, retry_after, .. } => matches!(status, 429 | 503) && *retry_after,
+    }
+}
+
+/// Inference failures that were not retryable, described.
+pub fn unretryable_inference(events: &[Event]) -> Vec<String> {
+    (events.iter())
+        .filter(|e| matches!(e.op, Op::Complete { .. }) && !retryable(&e.outcome))
+        .map(|e| format!("{:?} at {:.1} s via {}: {:?}", e.op, e.call.as_secs_f64(), e.gateway, e.outcome))
+        .collect()
+}
+
+/// How long after `from` the first operation invoked at or after `from` that `wanted` picks
+/// succeeded (from `from` to its return); None if none did.
+pub fn first_success_after(events: &[Event], from: Duration, wanted: impl Fn(&Op) -> bool) -> Option<Duration> {
+    (events.iter()).filter(|e| e.call >= from && wanted(&e.op) && e.outcome.ok()).map(|e| e.ret - from).min()
+}
+
+/// Lines of the logs in `logs` that tell of a panic.
+pub fn panics(logs: &[&Path]) -> Vec<String> {
+    let mut found = Vec::new();
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        found.extend(text.lines().filter(|l| l.contains("panicked at")).map(|l| format!("{name}: {l}")));
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn event(op: Op, call: u64, ret: u64, outcome: Outcome) -> Event {
+        let gateway = SocketAddr::from(([127, 0, 0, 1], 1));
+        let (call, ret) = (Duration::from_millis(call), Duration::from_millis(ret));
+        Event { client: 0, gateway, op, call, ret, outcome }
+    }
+
+    fn put() -> Op {
+        Op::PutAdapter { tenant: "t".into(), name: "a".into() }
+    }
+
+    fn list(latest: &[(&str, u64)]) -> Outcome {
+        Outcome::Ok(Answer::Adapters(latest.iter().map(|(n, v)| (n.to_string(), *v)).collect()))
+    }
+
+    #[test]
+    fn an_acknowledged_upload_that_a_later_read_misses_is_a_violation() {
+        let listed = Op::ListAdapters { tenant: "t".into() };
+        let lost = [event(put(), 0, 10, Outcome::Ok(Answer::Version(1))), event(listed.clone(), 20, 30, list(&[]))];
+        assert!(matches!(adapters_linearizable(&lost).0, Verdict::Violation { .. }));
+        let kept =
+            [event(put(), 0, 10, Outcome::Ok(Answer::Version(1))), event(listed.clone(), 20, 30, list(&[("a", 1)]))];
+        assert_eq!(adapters_linearizable(&kept).0, Verdict::Linearizable);
+        // An upload whose answer was lost may have happened: seen or not, both are fine.
+        for seen in [list(&[]), list(&[("a", 1)])] {
+            let unknown = [event(put(), 0, 10, Outcome::Unknown("cut".into())), event(listed.clone(), 20, 30, seen)];
+            assert_eq!(adapters_linearizable(&unknown).0, Verdict::Linearizable);
+        }
+        // A 4xx did not happen: a read that sees it is a violation.
+        let refused = Outcome::Refused { status: 422, retry_after: false, body: String::new() };
+        let phantom = [event(put(), 0, 10, refused), event(listed, 20, 30, list(&[("a", 1)]))];
+        assert!(matches!(adapters_linearizable(&phantom).0, Verdict::Violation { .. }));
+    }
+
+    #[test]
+    fn only_retryable_inference_failures_pass() {
+        let complete = Op::Complete { stream: false };
+        let refused = |status, retry_after| Outcome::Refused { status, retry_after, body: String::new() };
+        let events = [
+            event(complete.clone(), 0, 1, refused(503, true)),
+            event(complete.clone(), 0, 1, Outcome::NotSent("refused".into())),
+            event(complete.clone(), 0, 1, refused(503, false)),
+            event(complete, 0, 1, refused(500, false)),
+        ];
+        assert_eq!(unretryable_inference(&events).len(), 2);
+    }
+
+    #[test]
+    fn recovery_counts_from_the_fault_to_the_first_success_invoked_after_it() {
+        let ok = || Outcome::Ok(Answer::Key { key: "k".into() });
+        let events = [
+            event(Op::CreateKey, 900, 1500, ok()), // invoked before the fault: not counted
+            event(Op::CreateKey, 1000, 1100, Outcome::NotSent("down".into())),
+            event(Op::CreateKey, 1200, 2300, ok()),
+            event(Op::CreateKey, 1300, 2100, ok()),
+        ];
+        let after = first_success_after(&events, Duration::from_millis(1000), Op::writes);
+        assert_eq!(after, Some(Duration::from_millis(1100)));
+    }
+}

@@ -1,0 +1,329 @@
+//! A real cluster for the nemeses: `tandem` processes, each in its own network namespace
+//! ([`Net`]): coordinators 1-3 at 10.98.0.1-3 (Raft and the cluster API on :7000, the
+//! OpenAI-compatible gateway on :8000, one shared blobs folder as a shared filesystem) and
+//! workers `w1`, `w2`, ... at 10.98.0.11 on (:7100) serving a random-weight `tiny` model. Every
+//! process holds a certificate of the run's own CA: they talk mutual TLS. The runner, in the
+//! root namespace, reaches the gateways over the bridge as any client would.
+
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tandem_proto::ClusterClient;
+use tandem_proto::contract::{Command as StateCommand, Proposal};
+use tandem_proto::tls::Role;
+use tandem_testkit::TestCerts;
+
+use crate::client::{Request, exchange};
+use crate::net::{Host, Net};
+
+/// The model every worker serves, by its name in the cluster.
+pub const MODEL: &str = "tiny";
+/// How many coordinators.
+pub const COORDINATORS: u64 = 3;
+/// The workers' lease: a worker not heard from for this long is dead (the binary's default).
+pub const LEASE: Duration = Duration::from_millis(3000);
+
+/// What a node runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Coordinator(u64),
+    Worker,
+}
+
+/// One process of the cluster, on its own host.
+pub struct Node {
+    pub name: String,
+    pub kind: Kind,
+    pub host: Host,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    /// Its output, appended across restarts (the panic check reads all of it).
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// Starts the process in its namespace (`ip netns exec` execs it: the child's pid is the
+    /// process's own, so signals reach it).
+    fn start(&mut self, bin: &Path) -> Result<()> {
+        let log = OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.host.ns])
+            .arg(bin)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and reaped: what it had not written to disk is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, as a service manager stops it; waits up to 20 s for it to exit (then kills it).
+    pub fn terminate(&mut self) {
+        if let Some(pid) = self.pid() {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("chaos: {} (pid {pid}) ignored SIGTERM for 20 s; killing it", self.name);
+        }
+        self.kill();
+    }
+
+    /// SIGSTOP: the process stops in its tracks, its sockets open (a zombie when it resumes).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
+    /// Whether it died on its own (reaping it).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+/// The running cluster; its processes and network go when it is dropped.
+pub struct Cluster {
+    bin: PathBuf,
+    pub dir: PathBuf,
+    pub net: Net,
+    pub nodes: Vec<Node>,
+    certs: TestCerts,
+    /// The operator's API key.
+    pub key: String,
+    /// A random LoRA adapter of the model: its files' names and bytes, for uploads.
+    pub adapter: Vec<(String, Vec<u8>)>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    /// Starts 3 coordinators and `workers` workers in a fresh `dir`, registers the model and
+    /// waits until every worker serves.
+    pub fn start(bin: &Path, dir: &Path, workers: usize) -> Result<Cluster> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let model = dir.join(MODEL);
+        let status = Command::new(bin).args(["init-model", "--preset", MODEL, "--out"]).arg(&model).output()?;
+        if !status.status.success() {
+            bail!("init-model: {}", String::from_utf8_lossy(&status.stderr));
+        }
+        let adapter = random_adapter(&model, &dir.join("adapter"))?;
+        let certs = TestCerts::new(&dir.join("certs"));
+        let key = format!("chaos-operator-{}", std::process::id());
+        let mut net = Net::new()?;
+        let ids: Vec<u64> = (1..=COORDINATORS).collect();
+        let peers: Vec<String> = ids.iter().map(|id| format!("{id}=10.98.0.{id}:7000")).collect();
+        let coordinators: Vec<String> = ids.iter().map(|id| format!("10.98.0.{id}:7000")).collect();
+        let blobs = dir.join("blobs").to_string_lossy().into_owned();
+        let mut nodes = Vec::new();
+        for &id in &ids {
+            let host = net.add_host(&format!("c{id}"), id as u8)?;
+            let mut args =
+                vec!["coordinator".to_string(), "--id".into(), id.to_string(), "--peers".into(), peers.join(",")];
+            args.extend(["--data-dir".into(), dir.join(format!("c{id}")).to_string_lossy().into_owned()]);
+            args.extend(["--http".into(), format!("{}:8000", host.ip), "--blobs".into(), blobs.clone()]);
+            args.extend(certs.args(Role::Coordinator, &id.to_string()));
+            let env = vec![("TANDEM_API_KEY".to_string(), key.clone())];
+            let log = dir.join(format!("logs/c{id}.log"));
+            nodes.push(Node { name: format!("c{id}"), kind: Kind::Coordinator(id), host, args, env, child: None, log });
+        }
+        for w in 1..=workers {
+            let name = format!("w{w}");
+            let host = net.add_host(&name, 10 + w as u8)?;
+            let mut args =
+                vec!["worker".to_string(), "--id".into(), name.clone(), "--listen".into(), format!("{}:7100", host.ip)];
+            args.extend(["--coordinator".into(), coordinators.join(",")]);
+            args.extend(["--model".into(), model.to_string_lossy().into_owned(), "--blobs".into(), blobs.clone()]);
+            args.extend(certs.args(Role::Worker, &name));
+            let log = dir.join(format!("logs/{name}.log"));
+            nodes.push(Node { name, kind: Kind::Worker, host, args, env: Vec::new(), child: None, log });
+        }
+        let rt = tokio::runtime::Runtime::new()?;
+        let mut cluster =
+            Cluster { bin: bin.to_path_buf(), dir: dir.to_path_buf(), net, nodes, certs, key, adapter, rt };
+        for i in 0..cluster.nodes.len() {
+            cluster.nodes[i].start(bin)?;
+        }
+        cluster.register_model(&model)?;
+        cluster.wait_serving(workers, Duration::from_secs(90))?;
+        Ok(cluster)
+    }
+
+    /// Puts the model in the catalogue, as `tandem up` does, once a coordinator takes it.
+    fn register_model(&self, model: &Path) -> Result<()> {
+        let command = StateCommand::RegisterModel { name: MODEL.into(), uri: model.to_string_lossy().into_owned() };
+        let p = Proposal::new("chaos-model", command);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let client = self.client(1)?;
+            match self.rt.block_on(client.propose_as(p.clone())) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => bail!("no coordinator took the model: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// A client of coordinator `id`, as the operator, that gives up quickly.
+    fn client(&self, id: u64) -> Result<ClusterClient> {
+        let timeout = Duration::from_millis(1000);
+        Ok(ClusterClient::with_timeouts(&format!("10.98.0.{id}:7000"), &self.certs.operator(), timeout, timeout)?)
+    }
+
+    /// Every gateway's address.
+    pub fn gateways(&self) -> Vec<SocketAddr> {
+        (1..=COORDINATORS).map(|id| SocketAddr::from(([10, 98, 0, id as u8], 8000))).collect()
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The names of the nodes of `kind` (coordinators: any id).
+    pub fn names(&self, coordinators: bool) -> Vec<String> {
+        let matches = |k: Kind| matches!(k, Kind::Coordinator(_)) == coordinators;
+        self.nodes.iter().filter(|n| matches(n.kind)).map(|n| n.name.clone()).collect()
+    }
+
+    /// (Re)starts node `name`.
+    pub fn start_node(&mut self, name: &str) -> Result<()> {
+        let bin = self.bin.clone();
+        self.node(name).start(&bin)
+    }
+
+    /// The leader, as a majority of the running coordinators that answer agree on it (None
+    /// while there is none).
+    pub fn leader(&self) -> Option<u64> {
+        let mut votes = std::collections::BTreeMap::<u64, u64>::new();
+        for n in self.nodes.iter().filter(|n| n.running()) {
+            let Kind::Coordinator(id) = n.kind else { continue };
+            let Ok(client) = self.client(id) else { continue };
+            if let Ok(s) = self.rt.block_on(client.status(false))
+                && s.leader != 0
+            {
+                *votes.entry(s.leader).or_default() += 1;
+            }
+        }
+        votes.into_iter().find(|&(_, v)| v * 2 > COORDINATORS).map(|(leader, _)| leader)
+    }
+
+    /// Waits up to `timeout` for a leader.
+    pub fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                bail!("no leader within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until some gateway's health reports `workers` alive workers.
+    pub fn wait_serving(&self, workers: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let want = workers as u64;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            for g in self.gateways() {
+                match exchange(
+                    g,
+                    &Request { method: "GET", path: "/health", key: None, content_type: "text/plain", body: b"" },
+                    Duration::from_secs(2),
+                    None,
+                ) {
+                    Ok(r) if r.status == 200 && r.json()["workers_alive"].as_u64() == Some(want) => return Ok(()),
+                    Ok(r) => last = format!("{g}: {} {}", r.status, r.body),
+                    Err(e) => last = format!("{g}: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("the cluster did not serve with {workers} workers within {timeout:?}; last: {last}")
+    }
+
+    /// Every running node's name, pid, resident memory (bytes) and open file descriptors now.
+    pub fn footprint(&self) -> Vec<(String, u32, u64, usize)> {
+        (self.nodes.iter())
+            .filter_map(|n| {
+                let pid = n.pid()?;
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let rss_kib: u64 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()?;
+                let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+                Some((n.name.clone(), pid, rss_kib * 1024, fds))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+}
+
+/// Writes a random LoRA adapter (rank 4 on q and v) of the model in `model` into `dir`; its
+/// files' names and bytes.
+fn random_adapter(model: &Path, dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    use tandem_worker::adapters::LoraAdapter;
+    use tandem_worker::model::ModelConfig;
+    use tandem_worker::rng::Xoshiro256;
+
+    let cfg = ModelConfig::load(model)?;
+    let config = serde_json::json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]});
+    let adapter = LoraAdapter::init_random(&cfg, config, &mut Xoshiro256::seed_from_u64(7), 0.05)?;
+    adapter.save(dir, &cfg)?;
+    ["adapter_config.json", "adapter_model.safetensors"]
+        .into_iter()
+        .map(|f| Ok((f.to_string(), std::fs::read(dir.join(f))?)))
+        .collect()
+}

@@ -1,0 +1,180 @@
+//! The nemeses: each scenario injects one fault into a running cluster, chosen by the run's
+//! seed where there is a choice (which follower, which worker), and hands back what heals it.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use tandem_worker::rng::Xoshiro256;
+
+use crate::cluster::{Cluster, Kind, LEASE};
+use crate::net::Host;
+
+/// What undoes a fault.
+pub type Heal = Box<dyn FnOnce(&mut Cluster) -> Result<()>>;
+
+/// One kind of fault.
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// How long the fault lasts before it is healed.
+    pub hold: Duration,
+    /// The workload's clients hang up on every stream after this many bytes.
+    pub hang_up_after: Option<usize>,
+    /// How many clients, as a multiple of the usual.
+    pub load: usize,
+    /// Needs `tc netem` in the kernel.
+    pub needs_netem: bool,
+    inject: fn(&mut Cluster, &mut Xoshiro256) -> Result<Heal>,
+}
+
+impl Scenario {
+    pub fn inject(&self, cluster: &mut Cluster, rng: &mut Xoshiro256) -> Result<Heal> {
+        (self.inject)(cluster, rng)
+    }
+}
+
+const HOLD: Duration = Duration::from_secs(5);
+
+const fn scenario(
+    name: &'static str,
+    about: &'static str,
+    inject: fn(&mut Cluster, &mut Xoshiro256) -> Result<Heal>,
+) -> Scenario {
+    Scenario { name, about, hold: HOLD, hang_up_after: None, load: 1, needs_netem: false, inject }
+}
+
+/// Every scenario, in the scorecard's order.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        scenario("leader-kill", "kill -9 of the leader coordinator; restarted after the hold", |c, _| {
+            let leader = c.wait_leader(Duration::from_secs(20))?;
+            kill(c, &format!("c{leader}"))
+        }),
+        scenario("follower-kill", "kill -9 of a follower coordinator; restarted after the hold", |c, rng| {
+            let follower = follower(c, rng)?;
+            kill(c, &follower)
+        }),
+        scenario(
+            "leader-pause",
+            "SIGSTOP of the leader past the election timeout, then SIGCONT (a zombie leader)",
+            |c, _| {
+                let leader = c.wait_leader(Duration::from_secs(20))?;
+                pause(c, &format!("c{leader}"))
+            },
+        ),
+        scenario("worker-kill", "kill -9 of a worker mid-stream; restarted after the hold", |c, rng| {
+            let worker = pick(&c.names(false), rng);
+            kill(c, &worker)
+        }),
+        Scenario {
+            hold: LEASE * 2,
+            ..scenario(
+                "worker-pause",
+                "SIGSTOP of a worker past its lease, then SIGCONT (a zombie worker)",
+                |c, rng| {
+                    let worker = pick(&c.names(false), rng);
+                    pause(c, &worker)
+                },
+            )
+        },
+        scenario("leader-isolated", "the leader's link down: a minority partition of the leader", |c, _| {
+            let leader = c.wait_leader(Duration::from_secs(20))?;
+            let host = c.node(&format!("c{leader}")).host.clone();
+            c.net.isolate(&host)?;
+            Ok(heal_net())
+        }),
+        scenario("follower-isolated", "a follower's link down: the leader keeps its majority", |c, rng| {
+            let follower = follower(c, rng)?;
+            let host = c.node(&follower).host.clone();
+            c.net.isolate(&host)?;
+            Ok(heal_net())
+        }),
+        scenario(
+            "leader-one-way",
+            "everything the leader sends to the other coordinators is dropped; it hears them",
+            |c, _| {
+                let leader = c.wait_leader(Duration::from_secs(20))?;
+                let from = c.node(&format!("c{leader}")).host.clone();
+                let others: Vec<Host> = (c.nodes.iter())
+                    .filter(|n| matches!(n.kind, Kind::Coordinator(id) if id != leader))
+                    .map(|n| n.host.clone())
+                    .collect();
+                c.net.drop_to(&from, &others.iter().collect::<Vec<_>>())?;
+                Ok(heal_net())
+            },
+        ),
+        scenario("loss", "20% of every node's packets dropped at random", |c, _| {
+            for host in hosts(c) {
+                c.net.loss(&host, 20)?;
+            }
+            Ok(heal_net())
+        }),
+        Scenario {
+            needs_netem: true,
+            ..scenario("netem", "tc netem on every node: 50 ms +- 20 ms delay, 5% loss, 25% reordered", |c, _| {
+                for host in hosts(c) {
+                    c.net.netem(&host, "delay 50ms 20ms loss 5% reorder 25% 50%")?;
+                }
+                Ok(heal_net())
+            })
+        },
+        Scenario {
+            hold: Duration::ZERO,
+            ..scenario("rolling-restart", "every process stopped (SIGTERM) and started again, one at a time", |c, _| {
+                for name in c.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>() {
+                    c.node(&name).terminate();
+                    c.start_node(&name)?;
+                    match c.node(&name).kind {
+                        Kind::Coordinator(_) => drop(c.wait_leader(Duration::from_secs(30))?),
+                        Kind::Worker => c.wait_serving(c.names(false).len(), Duration::from_secs(60))?,
+                    }
+                }
+                Ok(Box::new(|_| Ok(())))
+            })
+        },
+        Scenario {
+            hang_up_after: Some(200),
+            ..scenario("stream-hangups", "clients hang up on every stream after its first bytes", |_, _| {
+                Ok(Box::new(|_| Ok(())))
+            })
+        },
+        Scenario { load: 4, ..scenario("overload", "4x the clients", |_, _| Ok(Box::new(|_| Ok(())))) },
+    ]
+}
+
+fn pick(names: &[String], rng: &mut Xoshiro256) -> String {
+    names[rng.below(names.len() as u64) as usize].clone()
+}
+
+/// A coordinator other than the leader, by the seed.
+fn follower(c: &Cluster, rng: &mut Xoshiro256) -> Result<String> {
+    let leader = c.wait_leader(Duration::from_secs(20))?;
+    let followers: Vec<String> = c.names(true).into_iter().filter(|n| *n != format!("c{leader}")).collect();
+    if followers.is_empty() {
+        bail!("no follower");
+    }
+    Ok(pick(&followers, rng))
+}
+
+fn hosts(c: &Cluster) -> Vec<Host> {
+    c.nodes.iter().map(|n| n.host.clone()).collect()
+}
+
+fn kill(c: &mut Cluster, name: &str) -> Result<Heal> {
+    c.node(name).kill();
+    let name = name.to_string();
+    Ok(Box::new(move |c| c.start_node(&name)))
+}
+
+fn pause(c: &mut Cluster, name: &str) -> Result<Heal> {
+    c.node(name).pause();
+    let name = name.to_string();
+    Ok(Box::new(move |c| {
+        c.node(&name).resume();
+        Ok(())
+    }))
+}
+
+fn heal_net() -> Heal {
+    Box::new(|c| Ok(c.net.heal()?))
+}

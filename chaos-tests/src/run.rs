@@ -1,0 +1,260 @@
+//! One run: a fresh cluster, the workload and the write probe running, the scenario's fault
+//! injected after a warm-up, held, healed, the cluster given time to settle, then the final
+//! reads and every checker. What it measured and every failure it found come back as a
+//! [`RunReport`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tandem_worker::rng::Xoshiro256;
+
+use crate::checkers;
+use crate::client::{Request, exchange};
+use crate::cluster::Cluster;
+use crate::history::{Answer, History, Op, Outcome};
+use crate::linearizability::Verdict;
+use crate::nemesis::Scenario;
+use crate::workload::{Tenant, Workload};
+
+/// Workers in the cluster.
+const WORKERS: usize = 3;
+/// Workload clients (times the scenario's load).
+const CLIENTS: usize = 4;
+const WARM_UP: Duration = Duration::from_secs(3);
+/// After the heal, before the workload stops.
+const SETTLE: Duration = Duration::from_secs(8);
+/// Inference must answer again within this long after a fault heals.
+pub const RECOVERY_BOUND: Duration = Duration::from_secs(10);
+/// The probes' pace, and their bound on each attempt (then they try the next gateway).
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// History client numbers of the runner's own operations.
+const PROBE: usize = 1000;
+const FINAL: usize = 1001;
+
+/// What one run found.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub scenario: &'static str,
+    pub seed: u64,
+    /// Operations in the history.
+    pub operations: usize,
+    /// Acknowledged writes not found at the end.
+    pub lost: usize,
+    pub verdict: Verdict<(String, String)>,
+    /// Operations the linearizability checker saw.
+    pub checked: usize,
+    /// From the fault to the first acknowledged write invoked after it.
+    pub write_outage: Option<Duration>,
+    /// From the heal to the first whole completion invoked after it.
+    pub recovery: Option<Duration>,
+    /// Every check that failed, described.
+    pub failures: Vec<String>,
+}
+
+impl RunReport {
+    /// A run that could not be carried out (the cluster did not start, a fault could not be
+    /// injected): failed, with why.
+    pub fn broken(scenario: &'static str, seed: u64, why: String) -> Self {
+        let verdict = Verdict::Unknown { key: (String::new(), String::new()) };
+        let (write_outage, recovery) = (None, None);
+        RunReport {
+            scenario,
+            seed,
+            operations: 0,
+            lost: 0,
+            verdict,
+            checked: 0,
+            write_outage,
+            recovery,
+            failures: vec![why],
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Runs `scenario` with `seed` on a fresh cluster of `bin` in `dir`.
+pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<RunReport> {
+    let mut cluster = Cluster::start(bin, dir, WORKERS).context("starting the cluster")?;
+    let gateways = cluster.gateways();
+    let history = History::new();
+    let tenants = (0..2)
+        .map(|t| {
+            Ok(Tenant { name: format!("tenant{t}"), key: create_key(&gateways, &cluster.key, &format!("tenant{t}"))? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = Workload {
+        gateways: gateways.clone(),
+        tenants: tenants.clone(),
+        adapter: Arc::new(cluster.adapter.clone()),
+        history: history.clone(),
+        stop: stop.clone(),
+        max_ops: 2_000,
+        hang_up_after: scenario.hang_up_after,
+        // A completion of a few tokens of the tiny model takes milliseconds.
+        timeout: Duration::from_secs(10),
+    };
+    let mut threads = workload.spawn(CLIENTS * scenario.load, seed);
+    threads.extend(probes(&workload, cluster.key.clone(), &tenants[0]));
+
+    std::thread::sleep(WARM_UP);
+    let before = cluster.footprint();
+    let mut rng = Xoshiro256::seed_from_u64(seed);
+    let fault = history.now();
+    let heal = scenario.inject(&mut cluster, &mut rng).with_context(|| format!("injecting {}", scenario.name))?;
+    std::thread::sleep(scenario.hold);
+    let healed = history.now();
+    heal(&mut cluster).context("healing")?;
+    std::thread::sleep(SETTLE);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+
+    let mut failures = Vec::new();
+    if let Err(e) = cluster.wait_serving(WORKERS, Duration::from_secs(60)) {
+        failures.push(format!("after the heal: {e}"));
+    }
+    for (i, tenant) in tenants.iter().enumerate() {
+        final_read(&workload, FINAL + i, tenant);
+    }
+    let events = history.events();
+    let lost = lost_keys(&events, &gateways);
+    if lost > 0 {
+        failures.push(format!("{lost} acknowledged API keys no longer work"));
+    }
+    let (verdict, checked) = checkers::adapters_linearizable(&events);
+    if verdict != Verdict::Linearizable {
+        failures.push(format!("adapter registry: {verdict:?}"));
+    }
+    failures.extend(checkers::unretryable_inference(&events).into_iter().take(5));
+    let recovery = checkers::first_success_after(&events, healed, |op| matches!(op, Op::Complete { .. }));
+    match recovery {
+        Some(r) if r <= RECOVERY_BOUND => {}
+        _ => failures.push(format!("inference did not answer within {RECOVERY_BOUND:?} of the heal: {recovery:?}")),
+    }
+    let write_outage = checkers::first_success_after(&events, fault, Op::writes);
+    let logs: Vec<&Path> = cluster.nodes.iter().map(|n| n.log.as_path()).collect();
+    failures.extend(checkers::panics(&logs));
+    failures.extend(footprint_growth(&before, &cluster.footprint()));
+    for node in &mut cluster.nodes {
+        if let Some(status) = node.exited() {
+            failures.push(format!("{} exited on its own: {status}", node.name));
+        }
+    }
+    Ok(RunReport {
+        scenario: scenario.name,
+        seed,
+        operations: events.len(),
+        lost,
+        verdict,
+        checked,
+        write_outage,
+        recovery,
+        failures,
+    })
+}
+
+/// A tenant's API key made through the first gateway that takes it.
+fn create_key(gateways: &[SocketAddr], operator: &str, tenant: &str) -> Result<String> {
+    let body = json!({"tenant": tenant}).to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &g in gateways.iter().cycle() {
+        if let Ok(r) =
+            exchange(g, &Request::json("POST", "/v1/admin/api-keys", operator, &body), PROBE_TIMEOUT * 5, None)
+            && r.status == 200
+            && let Some(key) = r.json()["key"].as_str()
+        {
+            return Ok(key.to_string());
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("no gateway made a key for {tenant}")
+}
+
+/// The probes: every 50 ms a write (a key for tenant `probe`) through the next gateway, and
+/// a completion through the next, each bounded to 1 s, so the history shows to a tenth of a
+/// second when writes and inference stop and start again.
+fn probes(w: &Workload, operator: String, tenant: &Tenant) -> [std::thread::JoinHandle<()>; 2] {
+    let w = Workload { timeout: PROBE_TIMEOUT, ..w.clone() };
+    let (body, key) = (json!({"tenant": "probe"}).to_string(), tenant.key.clone());
+    [
+        every(w.clone(), move |w, g| {
+            w.history.record(PROBE, g, Op::CreateKey, || {
+                let req = Request::json("POST", "/v1/admin/api-keys", &operator, &body);
+                Outcome::of(exchange(g, &req, w.timeout, None), |r| {
+                    r.json()["key"].as_str().map(|k| Answer::Key { key: k.into() })
+                })
+            });
+        }),
+        every(w, move |w, g| drop(w.complete(PROBE, g, &key, false))),
+    ]
+}
+
+/// Runs `f` with each gateway in turn, every [`PROBE_EVERY`], until the workload stops.
+fn every(w: Workload, f: impl Fn(&Workload, SocketAddr) + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for &g in w.gateways.iter().cycle() {
+            if w.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            f(&w, g);
+            std::thread::sleep(PROBE_EVERY);
+        }
+    })
+}
+
+/// Reads `tenant`'s adapters once the cluster answers (recorded: the checker's last read).
+fn final_read(w: &Workload, client: usize, tenant: &Tenant) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &g in w.gateways.iter().cycle() {
+        if w.list_adapters(client, g, tenant).ok() || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// How many acknowledged probe keys no gateway accepts now.
+fn lost_keys(events: &[crate::history::Event], gateways: &[SocketAddr]) -> usize {
+    let keys = events.iter().filter_map(|e| match &e.outcome {
+        Outcome::Ok(Answer::Key { key }) => Some(key.as_str()),
+        _ => None,
+    });
+    let works = |key: &str| {
+        (0..3).any(|attempt| {
+            let g = gateways[attempt % gateways.len()];
+            exchange(g, &Request::json("GET", "/v1/models", key, ""), Duration::from_secs(5), None)
+                .is_ok_and(|r| r.status == 200)
+        })
+    };
+    keys.filter(|k| !works(k)).count()
+}
+
+/// Processes (the same pid before and after) whose memory or descriptors grew past bounds:
+/// more than 64 descriptors, or twice their memory and 256 MiB more.
+fn footprint_growth(before: &[(String, u32, u64, usize)], after: &[(String, u32, u64, usize)]) -> Vec<String> {
+    let mut grew = Vec::new();
+    for (name, pid, rss, fds) in after {
+        let Some((_, _, rss0, fds0)) = before.iter().find(|(n, p, ..)| n == name && p == pid) else { continue };
+        if *fds > fds0 + 64 {
+            grew.push(format!("{name}: file descriptors {fds0} -> {fds}"));
+        }
+        if *rss > 2 * rss0 + (256 << 20) {
+            grew.push(format!("{name}: resident memory {} -> {} MiB", rss0 >> 20, rss >> 20));
+        }
+    }
+    grew
+}

@@ -1,0 +1,147 @@
+//! The workload: OpenAI-style clients of a few tenants, each a thread that picks, by its seed,
+//! a gateway and an operation (completions, streamed or not, adapter uploads, deletes and
+//! reads over a few shared names, so operations on one adapter overlap), and records each in
+//! the [`History`]. Bounded in count and in time; a client that finds its gateway gone goes on
+//! with another, as a client with several endpoints does.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::json;
+use tandem_worker::rng::Xoshiro256;
+
+use crate::client::{Request, Response, exchange, multipart};
+use crate::cluster::MODEL;
+use crate::history::{Answer, History, Op, Outcome};
+
+/// The adapter names each tenant's clients share.
+pub const NAMES: [&str; 2] = ["a", "b"];
+
+/// A tenant and its API key.
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    pub name: String,
+    pub key: String,
+}
+
+/// What the clients share.
+#[derive(Clone)]
+pub struct Workload {
+    pub gateways: Vec<SocketAddr>,
+    pub tenants: Vec<Tenant>,
+    /// The adapter's files, uploaded as every version.
+    pub adapter: Arc<Vec<(String, Vec<u8>)>>,
+    pub history: History,
+    /// Set to stop every client after its current operation.
+    pub stop: Arc<AtomicBool>,
+    /// At most this many operations per client.
+    pub max_ops: usize,
+    /// Streams are read this far and then dropped (clients that go away mid-stream).
+    pub hang_up_after: Option<usize>,
+    /// Every exchange's bound.
+    pub timeout: Duration,
+}
+
+impl Workload {
+    /// Starts `clients` clients, client `i` of tenant `i % tenants` with its own seed.
+    pub fn spawn(&self, clients: usize, seed: u64) -> Vec<JoinHandle<()>> {
+        (0..clients)
+            .map(|i| {
+                let w = self.clone();
+                std::thread::spawn(move || w.client(i, Xoshiro256::seed_from_u64(seed.wrapping_mul(1000) + i as u64)))
+            })
+            .collect()
+    }
+
+    fn client(&self, i: usize, mut rng: Xoshiro256) {
+        let tenant = &self.tenants[i % self.tenants.len()];
+        for _ in 0..self.max_ops {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let gateway = self.gateways[rng.below(self.gateways.len() as u64) as usize];
+            let name = NAMES[rng.below(NAMES.len() as u64) as usize];
+            match rng.below(100) {
+                0..40 => self.complete(i, gateway, &tenant.key, false),
+                40..55 => self.complete(i, gateway, &tenant.key, true),
+                55..70 => self.put_adapter(i, gateway, tenant, name),
+                70..80 => self.delete_adapter(i, gateway, tenant, name),
+                _ => self.list_adapters(i, gateway, tenant),
+            };
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A greedy completion of a few tokens.
+    pub fn complete(&self, client: usize, gateway: SocketAddr, key: &str, stream: bool) -> Outcome {
+        let body =
+            json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": stream}).to_string();
+        let hang_up = self.hang_up_after.filter(|_| stream);
+        self.history.record(client, gateway, Op::Complete { stream }, || {
+            let result =
+                exchange(gateway, &Request::json("POST", "/v1/completions", key, &body), self.timeout, hang_up);
+            Outcome::of(result, |r| completed(r, stream))
+        })
+    }
+
+    fn put_adapter(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, name: &str) -> Outcome {
+        let files: Vec<(&str, &str, &[u8])> =
+            self.adapter.iter().map(|(f, b)| ("file", f.as_str(), b.as_slice())).collect();
+        let (content_type, body) = multipart(&[("name", name), ("base_model", MODEL)], &files);
+        let op = Op::PutAdapter { tenant: tenant.name.clone(), name: name.into() };
+        self.history.record(client, gateway, op, || {
+            let req = Request {
+                method: "POST",
+                path: "/v1/adapters",
+                key: Some(&tenant.key),
+                content_type: &content_type,
+                body: &body,
+            };
+            Outcome::of(exchange(gateway, &req, self.timeout, None), |r| {
+                r.json()["version"].as_u64().map(Answer::Version)
+            })
+        })
+    }
+
+    fn delete_adapter(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, name: &str) -> Outcome {
+        let op = Op::DeleteAdapter { tenant: tenant.name.clone(), name: name.into() };
+        let path = format!("/v1/adapters/{name}");
+        self.history.record(client, gateway, op, || {
+            let result = exchange(gateway, &Request::json("DELETE", &path, &tenant.key, ""), self.timeout, None);
+            match Outcome::of(result, |r| (r.json()["deleted"] == true).then_some(Answer::Deleted)) {
+                // Not there when read (404), or gone by the time the delete applied (409).
+                Outcome::Refused { status: 404 | 409, .. } => Outcome::Ok(Answer::NotFound),
+                other => other,
+            }
+        })
+    }
+
+    /// Every adapter of `tenant`, latest versions; recorded as client `client`.
+    pub fn list_adapters(&self, client: usize, gateway: SocketAddr, tenant: &Tenant) -> Outcome {
+        let op = Op::ListAdapters { tenant: tenant.name.clone() };
+        self.history.record(client, gateway, op, || {
+            let result = exchange(gateway, &Request::json("GET", "/v1/adapters", &tenant.key, ""), self.timeout, None);
+            Outcome::of(result, |r| {
+                let data = r.json()["data"].as_array()?.clone();
+                let latest: Option<BTreeMap<String, u64>> =
+                    data.iter().map(|a| Some((a["id"].as_str()?.to_string(), a["version"].as_u64()?))).collect();
+                latest.map(Answer::Adapters)
+            })
+        })
+    }
+}
+
+/// Whether a 2xx completion is whole: a non-streamed one has its choice; a stream ends with
+/// `[DONE]` and carries no error event (a worker that fails mid-stream is reported in-band).
+fn completed(r: &Response, stream: bool) -> Option<Answer> {
+    if !stream {
+        return r.json()["choices"][0]["text"].is_string().then_some(Answer::Completed);
+    }
+    let events: Vec<&str> = r.body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let whole = events.last() == Some(&"[DONE]") && !events.iter().any(|e| e.starts_with("{\"error\""));
+    whole.then_some(Answer::Completed)
+}
