@@ -85,6 +85,66 @@ pub fn first_success_after(events: &[Event], from: Duration, wanted: impl Fn(&Op
     (events.iter()).filter(|e| e.call >= from && wanted(&e.op) && e.outcome.ok()).map(|e| e.ret - from).min()
 }
 
+/// A fine-tuning job at the end of a run, as its tenant reads it.
+#[derive(Clone, Debug)]
+pub struct JobEnd {
+    pub id: String,
+    pub status: String,
+    /// Its events' messages, oldest first.
+    pub events: Vec<String>,
+    /// The versions its tenant's adapter list shows for the job's model (it must be 1: one
+    /// success registers it once).
+    pub adapter_version: Option<u64>,
+}
+
+/// What is wrong with a job's end: it did not succeed; an attempt resumed elsewhere than at the
+/// last checkpoint committed before it (a resumed job must start at or after its last
+/// acknowledged checkpoint, and there is no later one to start from); a checkpoint a client
+/// was shown is missing from its events; it succeeded more than once or its adapter is not
+/// version 1 (a success committed twice, or by a fenced-off attempt).
+pub fn job_failures(end: &JobEnd, seen_checkpoints: &[u64]) -> Vec<String> {
+    let id = &end.id;
+    let mut wrong = Vec::new();
+    if end.status != "succeeded" {
+        wrong.push(format!("job {id} ended {}", end.status));
+    }
+    let (mut last, mut saved, mut successes) = (0, Vec::new(), 0);
+    for e in &end.events {
+        if let Some(step) = e.strip_prefix("Checkpoint saved at step ").and_then(|s| s.parse::<u64>().ok()) {
+            last = step;
+            saved.push(step);
+        } else if let Some((attempt, step)) = e
+            .strip_prefix("Attempt ")
+            .and_then(|rest| rest.split_once(" started training at step "))
+            .and_then(|(a, s)| Some((a.parse::<u64>().ok()?, s.parse::<u64>().ok()?)))
+            && step != last
+        {
+            wrong.push(format!(
+                "job {id}: attempt {attempt} started at step {step}, its last checkpoint was step {last}"
+            ));
+        } else if e == "The job has successfully completed" {
+            successes += 1;
+        }
+    }
+    if let Some(lost) = seen_checkpoints.iter().find(|s| !saved.contains(s)) {
+        wrong.push(format!("job {id}: the checkpoint at step {lost} a client was shown is gone"));
+    }
+    if end.status == "succeeded" && (successes != 1 || end.adapter_version != Some(1)) {
+        wrong.push(format!("job {id}: {successes} successes, its adapter at version {:?}", end.adapter_version));
+    }
+    wrong
+}
+
+/// A job's story in a few words: its attempts and the steps they started at.
+pub fn job_summary(end: &JobEnd) -> String {
+    let starts: Vec<&str> = (end.events.iter())
+        .filter_map(|e| {
+            e.strip_prefix("Attempt ").and_then(|r| r.split_once(" started training at step ")).map(|(_, s)| s)
+        })
+        .collect();
+    format!("{} {}, attempts starting at steps [{}]", end.id, end.status, starts.join(", "))
+}
+
 /// Lines of the logs in `logs` that tell of a panic.
 pub fn panics(logs: &[&Path]) -> Vec<String> {
     let mut found = Vec::new();
@@ -133,6 +193,33 @@ mod tests {
         let refused = Outcome::Refused { status: 422, retry_after: false, body: String::new() };
         let phantom = [event(put(), 0, 10, refused), event(listed, 20, 30, list(&[("a", 1)]))];
         assert!(matches!(adapters_linearizable(&phantom).0, Verdict::Violation { .. }));
+    }
+
+    #[test]
+    fn a_job_resumes_at_its_last_checkpoint_and_succeeds_once() {
+        let events = |list: &[&str]| list.iter().map(|e| e.to_string()).collect::<Vec<_>>();
+        let good = [
+            "Attempt 1 placed on worker w1",
+            "Attempt 1 started training at step 0",
+            "Checkpoint saved at step 2",
+            "Checkpoint saved at step 4",
+            "Attempt 1 ended: worker w1 lost its lease; queued again",
+            "Attempt 2 placed on worker w2",
+            "Attempt 2 started training at step 4",
+            "The job has successfully completed",
+        ];
+        let end =
+            JobEnd { id: "j".into(), status: "succeeded".into(), events: events(&good), adapter_version: Some(1) };
+        assert_eq!(job_failures(&end, &[2, 4]), Vec::<String>::new());
+        // Resumed from an older checkpoint: the steps after it were trained twice.
+        let mut older = end.clone();
+        older.events[6] = "Attempt 2 started training at step 2".into();
+        assert_eq!(job_failures(&older, &[]).len(), 1);
+        // A checkpoint a client saw is not among the events.
+        assert_eq!(job_failures(&end, &[6]).len(), 1);
+        // Registered twice.
+        assert_eq!(job_failures(&JobEnd { adapter_version: Some(2), ..end.clone() }, &[]).len(), 1);
+        assert_eq!(job_failures(&JobEnd { status: "failed".into(), ..end }, &[]).len(), 1);
     }
 
     #[test]

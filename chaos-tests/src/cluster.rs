@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tandem_proto::ClusterClient;
-use tandem_proto::contract::{Command as StateCommand, Proposal};
+use tandem_proto::contract::{Command as StateCommand, JobStatus, Proposal};
 use tandem_proto::tls::Role;
 use tandem_testkit::TestCerts;
 
@@ -227,6 +227,19 @@ impl Cluster {
     pub fn start_node(&mut self, name: &str) -> Result<()> {
         let bin = self.bin.clone();
         self.node(name).start(&bin)
+    }
+
+    /// The workers running a fine-tuning job's current attempt now, as the state says.
+    pub fn training_workers(&self) -> Vec<String> {
+        let state = (1..=COORDINATORS).find_map(|id| self.rt.block_on(self.client(id).ok()?.state()).ok());
+        let mut workers: Vec<String> = (state.iter())
+            .flat_map(|s| s.jobs.values())
+            .filter(|j| j.status == JobStatus::Running)
+            .filter_map(|j| j.attempts.last().map(|a| a.worker.clone()))
+            .collect();
+        workers.sort();
+        workers.dedup();
+        workers
     }
 
     /// The leader, as a majority of the running coordinators that answer agree on it (None

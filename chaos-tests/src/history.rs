@@ -31,12 +31,31 @@ pub enum Op {
     },
     /// A tenant's API key made by the operator (the runner's probe of writes).
     CreateKey,
+    /// A training file uploaded by `tenant`.
+    UploadFile {
+        tenant: String,
+    },
+    /// A fine-tuning job created by `tenant`.
+    CreateJob {
+        tenant: String,
+    },
+    /// A job's checkpoints, read.
+    ListCheckpoints {
+        job: String,
+    },
 }
 
 impl Op {
     /// Whether it changes the replicated state.
     pub fn writes(&self) -> bool {
-        matches!(self, Op::PutAdapter { .. } | Op::DeleteAdapter { .. } | Op::CreateKey)
+        matches!(
+            self,
+            Op::PutAdapter { .. }
+                | Op::DeleteAdapter { .. }
+                | Op::CreateKey
+                | Op::UploadFile { .. }
+                | Op::CreateJob { .. }
+        )
     }
 }
 
@@ -52,10 +71,16 @@ pub enum Answer {
     NotFound,
     /// Each adapter's latest version.
     Adapters(BTreeMap<String, u64>),
-    /// A key and its id.
+    /// A key.
     Key {
         key: String,
     },
+    /// The id of a file or a job made.
+    Made {
+        id: String,
+    },
+    /// A job's checkpoints' steps.
+    Checkpoints(Vec<u64>),
 }
 
 /// How an operation ended.

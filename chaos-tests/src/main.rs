@@ -77,11 +77,12 @@ fn main() -> Result<()> {
             let verdict =
                 if report.passed() { "passed".to_string() } else { format!("FAILED: {}", report.failures.join("; ")) };
             eprintln!(
-                "chaos: {} seed {seed}: {} operations, write outage {}, recovery {}: {verdict}",
+                "chaos: {} seed {seed}: {} operations, write outage {}, recovery {}; jobs: {}: {verdict}",
                 s.name,
                 report.operations,
                 ms(report.write_outage),
-                ms(report.recovery)
+                ms(report.recovery),
+                report.jobs.join("; ")
             );
             failed |= !report.passed();
             reports.push(report);

@@ -62,17 +62,21 @@ pub fn all() -> Vec<Scenario> {
                 pause(c, &format!("c{leader}"))
             },
         ),
-        scenario("worker-kill", "kill -9 of a worker mid-stream; restarted after the hold", |c, rng| {
-            let worker = pick(&c.names(false), rng);
-            kill(c, &worker)
-        }),
+        scenario(
+            "worker-kill",
+            "kill -9 of a worker mid-fine-tune and mid-stream; restarted after the hold",
+            |c, rng| {
+                let worker = training_worker(c, rng);
+                kill(c, &worker)
+            },
+        ),
         Scenario {
             hold: LEASE * 2,
             ..scenario(
                 "worker-pause",
-                "SIGSTOP of a worker past its lease, then SIGCONT (a zombie worker)",
+                "SIGSTOP of a worker mid-fine-tune past its lease, then SIGCONT (a zombie worker)",
                 |c, rng| {
-                    let worker = pick(&c.names(false), rng);
+                    let worker = training_worker(c, rng);
                     pause(c, &worker)
                 },
             )
@@ -144,6 +148,12 @@ pub fn all() -> Vec<Scenario> {
 
 fn pick(names: &[String], rng: &mut Xoshiro256) -> String {
     names[rng.below(names.len() as u64) as usize].clone()
+}
+
+/// A worker running a fine-tuning job, by the seed (any worker if none is).
+fn training_worker(c: &Cluster, rng: &mut Xoshiro256) -> String {
+    let training = c.training_workers();
+    pick(if training.is_empty() { c.names(false) } else { training }.as_slice(), rng)
 }
 
 /// A coordinator other than the leader, by the seed.

@@ -35,7 +35,16 @@ const PROBE_EVERY: Duration = Duration::from_millis(50);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// History client numbers of the runner's own operations.
 const PROBE: usize = 1000;
-const FINAL: usize = 1001;
+const WATCH: usize = 1001;
+const SETUP: usize = 1002;
+const FINAL: usize = 1003;
+/// The fine-tuning data: the `reverse` task's first 64 examples.
+const TRAINING_DATA: &str = include_str!("../../data/reverse/train.jsonl");
+/// Epochs of each run's jobs over their 64 examples (16 steps each): long enough to be
+/// training when the fault comes.
+const JOB_EPOCHS: u32 = 25;
+/// How long a job may take to end after the run's workload stops.
+const JOB_BOUND: Duration = Duration::from_secs(120);
 
 /// What one run found.
 #[derive(Clone, Debug)]
@@ -55,6 +64,8 @@ pub struct RunReport {
     pub recovery: Option<Duration>,
     /// Every check that failed, described.
     pub failures: Vec<String>,
+    /// What became of the run's fine-tuning jobs.
+    pub jobs: Vec<String>,
 }
 
 impl RunReport {
@@ -73,6 +84,7 @@ impl RunReport {
             write_outage,
             recovery,
             failures: vec![why],
+            jobs: Vec::new(),
         }
     }
 
@@ -85,7 +97,6 @@ impl RunReport {
 pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<RunReport> {
     let mut cluster = Cluster::start(bin, dir, WORKERS).context("starting the cluster")?;
     let gateways = cluster.gateways();
-    let history = History::new();
     let tenants = (0..2)
         .map(|t| {
             Ok(Tenant { name: format!("tenant{t}"), key: create_key(&gateways, &cluster.key, &format!("tenant{t}"))? })
@@ -96,23 +107,32 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         gateways: gateways.clone(),
         tenants: tenants.clone(),
         adapter: Arc::new(cluster.adapter.clone()),
-        history: history.clone(),
+        history: History::new(),
         stop: stop.clone(),
         max_ops: 2_000,
         hang_up_after: scenario.hang_up_after,
         // A completion of a few tokens of the tiny model takes milliseconds.
         timeout: Duration::from_secs(10),
     };
+    // A training file and a fine-tuning job per tenant, made before the clients start.
+    let data: String = TRAINING_DATA.lines().take(64).map(|l| format!("{l}\n")).collect();
+    let mut jobs = Vec::new();
+    for tenant in &tenants {
+        let file = until_made(&workload, |g| workload.upload_file(SETUP, g, tenant, data.as_bytes()))?;
+        let job = until_made(&workload, |g| workload.create_job(SETUP, g, tenant, &file, JOB_EPOCHS, 4))?;
+        jobs.push((tenant.clone(), job, file));
+    }
     let mut threads = workload.spawn(CLIENTS * scenario.load, seed);
     threads.extend(probes(&workload, cluster.key.clone(), &tenants[0]));
+    threads.push(watch_checkpoints(&workload, &jobs));
 
     std::thread::sleep(WARM_UP);
     let before = cluster.footprint();
     let mut rng = Xoshiro256::seed_from_u64(seed);
-    let fault = history.now();
+    let fault = workload.history.now();
     let heal = scenario.inject(&mut cluster, &mut rng).with_context(|| format!("injecting {}", scenario.name))?;
     std::thread::sleep(scenario.hold);
-    let healed = history.now();
+    let healed = workload.history.now();
     heal(&mut cluster).context("healing")?;
     std::thread::sleep(SETTLE);
     stop.store(true, Ordering::Relaxed);
@@ -127,10 +147,24 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
     for (i, tenant) in tenants.iter().enumerate() {
         final_read(&workload, FINAL + i, tenant);
     }
-    let events = history.events();
-    let lost = lost_keys(&events, &gateways);
+    let events = workload.history.events();
+    let mut lost = lost_keys(&events, &gateways);
     if lost > 0 {
         failures.push(format!("{lost} acknowledged API keys no longer work"));
+    }
+    let mut jobs_seen = Vec::new();
+    for (tenant, job, file) in &jobs {
+        if !file_intact(&gateways, tenant, file, data.as_bytes()) {
+            lost += 1;
+            failures.push(format!("the training file {file} of {} is gone or changed", tenant.name));
+        }
+        match job_end(&gateways, tenant, job) {
+            Ok(end) => {
+                failures.extend(checkers::job_failures(&end, &seen_checkpoints(&events, job)));
+                jobs_seen.push(checkers::job_summary(&end));
+            }
+            Err(e) => failures.push(format!("job {job}: {e:#}")),
+        }
     }
     let (verdict, checked) = checkers::adapters_linearizable(&events);
     if verdict != Verdict::Linearizable {
@@ -161,6 +195,7 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         write_outage,
         recovery,
         failures,
+        jobs: jobs_seen,
     })
 }
 
@@ -213,6 +248,107 @@ fn every(w: Workload, f: impl Fn(&Workload, SocketAddr) + Send + 'static) -> std
             f(&w, g);
             std::thread::sleep(PROBE_EVERY);
         }
+    })
+}
+
+/// Calls `f` on each gateway in turn until it makes something (up to 30 s); its id.
+fn until_made(w: &Workload, f: impl Fn(SocketAddr) -> Outcome) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &g in w.gateways.iter().cycle() {
+        match f(g) {
+            Outcome::Ok(Answer::Made { id }) => return Ok(id),
+            other if Instant::now() > deadline => bail!("nothing made in 30 s: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    unreachable!("cycling over the gateways never ends")
+}
+
+/// Reads every job's checkpoints every 250 ms until the workload stops: what clients were
+/// shown, which must never be lost.
+fn watch_checkpoints(w: &Workload, jobs: &[(Tenant, String, String)]) -> std::thread::JoinHandle<()> {
+    let (w, jobs) = (w.clone(), jobs.to_vec());
+    std::thread::spawn(move || {
+        for (i, &g) in w.gateways.iter().cycle().enumerate() {
+            if w.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let (tenant, job, _) = &jobs[i % jobs.len()];
+            w.list_checkpoints(WATCH, g, tenant, job);
+            std::thread::sleep(Duration::from_millis(250) / jobs.len() as u32);
+        }
+    })
+}
+
+/// Every checkpoint step of `job` a client was shown.
+fn seen_checkpoints(events: &[crate::history::Event], job: &str) -> Vec<u64> {
+    let mut steps: Vec<u64> = (events.iter())
+        .filter(|e| matches!(&e.op, Op::ListCheckpoints { job: j } if j == job))
+        .filter_map(|e| match &e.outcome {
+            Outcome::Ok(Answer::Checkpoints(steps)) => Some(steps.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    steps.sort();
+    steps.dedup();
+    steps
+}
+
+/// `GET path` with `key` through the first gateway that answers 200 (up to 30 s).
+fn get_json(gateways: &[SocketAddr], key: &str, path: &str) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &g in gateways.iter().cycle() {
+        match exchange(g, &Request::json("GET", path, key, ""), Duration::from_secs(5), None) {
+            Ok(r) if r.status == 200 => return Ok(r.json()),
+            other if Instant::now() > deadline => bail!("GET {path}: {other:?}"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    unreachable!("cycling over the gateways never ends")
+}
+
+/// Job `id` once it has ended (waiting up to [`JOB_BOUND`]): its status, events and adapter.
+fn job_end(gateways: &[SocketAddr], tenant: &Tenant, id: &str) -> Result<checkers::JobEnd> {
+    let deadline = Instant::now() + JOB_BOUND;
+    let job = loop {
+        let job = get_json(gateways, &tenant.key, &format!("/v1/fine_tuning/jobs/{id}"))?;
+        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or("")) {
+            break job;
+        }
+        if Instant::now() > deadline {
+            bail!("still {} {} s after the run", job["status"], JOB_BOUND.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let mut events = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = get_json(gateways, &tenant.key, &format!("/v1/fine_tuning/jobs/{id}/events?limit=100{after}"))?;
+        let data = page["data"].as_array().cloned().unwrap_or_default();
+        events.extend(data.iter().filter_map(|e| e["message"].as_str().map(str::to_string)));
+        match data.last() {
+            Some(last) if page["has_more"] == true => after = format!("&after={}", last["id"].as_str().unwrap_or("")),
+            _ => break,
+        }
+    }
+    events.reverse();
+    let model = job["fine_tuned_model"].as_str().unwrap_or("");
+    let adapters = get_json(gateways, &tenant.key, "/v1/adapters")?;
+    let adapter_version = (adapters["data"].as_array().into_iter().flatten())
+        .find(|a| a["id"] == model)
+        .and_then(|a| a["version"].as_u64());
+    let status = job["status"].as_str().unwrap_or("").to_string();
+    Ok(checkers::JobEnd { id: id.into(), status, events, adapter_version })
+}
+
+/// Whether file `id` of `tenant` still reads back as `content`.
+fn file_intact(gateways: &[SocketAddr], tenant: &Tenant, id: &str, content: &[u8]) -> bool {
+    let path = format!("/v1/files/{id}/content");
+    (0..6).any(|attempt| {
+        let g = gateways[attempt % gateways.len()];
+        exchange(g, &Request::json("GET", &path, &tenant.key, ""), Duration::from_secs(5), None)
+            .is_ok_and(|r| r.status == 200 && r.body.as_bytes() == content)
     })
 }
 

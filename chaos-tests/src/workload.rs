@@ -135,6 +135,67 @@ impl Workload {
     }
 }
 
+/// The runner's own requests: files and jobs made once at the start, checkpoints watched.
+impl Workload {
+    /// Uploads `content` as a training file of `tenant`.
+    pub fn upload_file(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, content: &[u8]) -> Outcome {
+        let (content_type, body) = multipart(&[("purpose", "fine-tune")], &[("file", "train.jsonl", content)]);
+        self.history.record(client, gateway, Op::UploadFile { tenant: tenant.name.clone() }, || {
+            let req = Request {
+                method: "POST",
+                path: "/v1/files",
+                key: Some(&tenant.key),
+                content_type: &content_type,
+                body: &body,
+            };
+            Outcome::of(exchange(gateway, &req, self.timeout, None), made)
+        })
+    }
+
+    /// A fine-tuning job of `tenant` on `file`: `epochs` over it, 4 examples a step, a
+    /// checkpoint every `every` steps.
+    pub fn create_job(
+        &self,
+        client: usize,
+        gateway: SocketAddr,
+        tenant: &Tenant,
+        file: &str,
+        epochs: u32,
+        every: u64,
+    ) -> Outcome {
+        let hyper = json!({"n_epochs": epochs, "batch_size": 4, "checkpoint_every": every});
+        let body = json!({"model": MODEL, "training_file": file, "seed": 1, "hyperparameters": hyper}).to_string();
+        self.history.record(client, gateway, Op::CreateJob { tenant: tenant.name.clone() }, || {
+            Outcome::of(
+                exchange(
+                    gateway,
+                    &Request::json("POST", "/v1/fine_tuning/jobs", &tenant.key, &body),
+                    self.timeout,
+                    None,
+                ),
+                made,
+            )
+        })
+    }
+
+    /// The steps of job `id`'s checkpoints.
+    pub fn list_checkpoints(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, id: &str) -> Outcome {
+        let path = format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=100");
+        self.history.record(client, gateway, Op::ListCheckpoints { job: id.into() }, || {
+            Outcome::of(exchange(gateway, &Request::json("GET", &path, &tenant.key, ""), self.timeout, None), |r| {
+                let data = r.json()["data"].as_array()?.clone();
+                let steps: Option<Vec<u64>> = data.iter().map(|c| c["step_number"].as_u64()).collect();
+                steps.map(Answer::Checkpoints)
+            })
+        })
+    }
+}
+
+/// The id of the object a 2xx made.
+fn made(r: &Response) -> Option<Answer> {
+    r.json()["id"].as_str().map(|id| Answer::Made { id: id.into() })
+}
+
 /// Whether a 2xx completion is whole: a non-streamed one has its choice; a stream ends with
 /// `[DONE]` and carries no error event (a worker that fails mid-stream is reported in-band).
 fn completed(r: &Response, stream: bool) -> Option<Answer> {
