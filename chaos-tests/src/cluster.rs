@@ -138,6 +138,7 @@ impl Cluster {
     /// Starts 3 coordinators and `workers` workers in a fresh `dir`, registers the model and
     /// waits until every worker serves.
     pub fn start(bin: &Path, dir: &Path, workers: usize) -> Result<Cluster> {
+        unmount_disks(dir);
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("logs"))?;
         let model = dir.join(MODEL);
@@ -155,6 +156,9 @@ impl Cluster {
         let blobs = dir.join("blobs").to_string_lossy().into_owned();
         let mut nodes = Vec::new();
         for &id in &ids {
+            // Each coordinator's disk is a small tmpfs of its own, which a nemesis can fill or
+            // make read-only.
+            mount_disk(&dir.join(format!("c{id}")))?;
             let host = net.add_host(&format!("c{id}"), id as u8)?;
             let mut args =
                 vec!["coordinator".to_string(), "--id".into(), id.to_string(), "--peers".into(), peers.join(",")];
@@ -223,6 +227,16 @@ impl Cluster {
         self.nodes.iter().filter(|n| matches(n.kind)).map(|n| n.name.clone()).collect()
     }
 
+    /// Starts node `name` again if it exited, as a service manager would; whether it had.
+    pub fn restart_if_exited(&mut self, name: &str) -> Result<bool> {
+        let exited = self.node(name).exited().is_some();
+        if exited {
+            self.node(name).kill();
+            self.start_node(name)?;
+        }
+        Ok(exited)
+    }
+
     /// (Re)starts node `name`.
     pub fn start_node(&mut self, name: &str) -> Result<()> {
         let bin = self.bin.clone();
@@ -256,6 +270,30 @@ impl Cluster {
             }
         }
         votes.into_iter().find(|&(_, v)| v * 2 > COORDINATORS).map(|(leader, _)| leader)
+    }
+
+    /// Waits up to `timeout` until every coordinator has applied what the leader had committed
+    /// when the wait began (a replica that stopped, or cannot catch up, fails it).
+    pub fn wait_caught_up(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let status = |id| self.client(id).ok().and_then(|c| self.rt.block_on(c.status(false)).ok());
+        let leader = self.wait_leader(timeout)?;
+        let commit = status(leader).map_or(0, |s| s.commit);
+        let mut behind: Vec<String> = Vec::new();
+        while Instant::now() < deadline {
+            behind = (1..=COORDINATORS)
+                .filter_map(|id| match status(id) {
+                    Some(s) if s.applied >= commit => None,
+                    Some(s) => Some(format!("c{id} applied {} of {commit}", s.applied)),
+                    None => Some(format!("c{id} does not answer")),
+                })
+                .collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("coordinators behind the leader's commit after {timeout:?}: {}", behind.join(", "))
     }
 
     /// Waits up to `timeout` for a leader.
@@ -321,7 +359,43 @@ impl Drop for Cluster {
         for n in &mut self.nodes {
             n.kill();
         }
+        unmount_disks(&self.dir);
     }
+}
+
+/// A coordinator's disk: 64 MiB of tmpfs.
+const DISK: &str = "size=64m";
+
+fn mount_disk(at: &Path) -> Result<()> {
+    std::fs::create_dir_all(at)?;
+    let out = Command::new("mount").args(["-t", "tmpfs", "-o", DISK, "tmpfs"]).arg(at).output()?;
+    if !out.status.success() {
+        bail!("mounting a tmpfs at {}: {}", at.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Unmounts every coordinator's disk under `dir` (those an earlier run left too).
+fn unmount_disks(dir: &Path) {
+    for id in 1..=COORDINATORS {
+        let _ = Command::new("umount").arg(dir.join(format!("c{id}"))).output();
+    }
+}
+
+/// Fills the disk holding `dir` (a file of zeros until no space is left); removed by
+/// [`free_disk`].
+pub fn fill_disk(dir: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("chaos-fill"))?;
+    let chunk = vec![0u8; 1 << 20];
+    while f.write_all(&chunk).is_ok() {}
+    // What fits of a last partial chunk, so not a byte is left.
+    while f.write_all(&chunk[..4096]).is_ok() {}
+    Ok(())
+}
+
+pub fn free_disk(dir: &Path) -> Result<()> {
+    Ok(std::fs::remove_file(dir.join("chaos-fill"))?)
 }
 
 /// Writes a random LoRA adapter (rank 4 on q and v) of the model in `model` into `dir`; its

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use tandem_worker::rng::Xoshiro256;
 
-use crate::cluster::{Cluster, Kind, LEASE};
+use crate::cluster::{Cluster, Kind, LEASE, fill_disk, free_disk};
 use crate::net::Host;
 
 /// What undoes a fault.
@@ -107,6 +107,18 @@ pub fn all() -> Vec<Scenario> {
                 Ok(heal_net())
             },
         ),
+        scenario(
+            "disk-full",
+            "the leader's disk fills up; freed after the hold (and the process restarted if it exited)",
+            |c, _| {
+                let (name, disk) = leader_disk(c)?;
+                fill_disk(&disk)?;
+                Ok(Box::new(move |c| {
+                    free_disk(&disk)?;
+                    c.restart_if_exited(&name).map(drop)
+                }))
+            },
+        ),
         scenario("loss", "20% of every node's packets dropped at random", |c, _| {
             for host in hosts(c) {
                 c.net.loss(&host, 20)?;
@@ -144,6 +156,12 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario { load: 4, ..scenario("overload", "4x the clients", |_, _| Ok(Box::new(|_| Ok(())))) },
     ]
+}
+
+/// The leader's name and its disk.
+fn leader_disk(c: &Cluster) -> Result<(String, std::path::PathBuf)> {
+    let leader = c.wait_leader(Duration::from_secs(20))?;
+    Ok((format!("c{leader}"), c.dir.join(format!("c{leader}"))))
 }
 
 fn pick(names: &[String], rng: &mut Xoshiro256) -> String {

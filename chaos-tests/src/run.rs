@@ -144,6 +144,9 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
     if let Err(e) = cluster.wait_serving(WORKERS, Duration::from_secs(60)) {
         failures.push(format!("after the heal: {e}"));
     }
+    if let Err(e) = cluster.wait_caught_up(Duration::from_secs(30)) {
+        failures.push(format!("after the heal: {e}"));
+    }
     for (i, tenant) in tenants.iter().enumerate() {
         final_read(&workload, FINAL + i, tenant);
     }

@@ -640,11 +640,24 @@ pub async fn serve_with(
         _ => None,
     };
     let monitor = tokio::spawn(supervise(store.clone(), lead.clone(), leases.clone()));
+    // A replica whose log cannot be written (a full or failing disk) has stopped: the process
+    // stops too, with the reason, so that its supervisor restarts it and the restart recovers
+    // from what the disk holds, instead of a process that answers but never applies again.
+    let failed = Arc::new(Mutex::new(None));
+    let stop = {
+        let (store, failed) = (store.clone(), failed.clone());
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                why = replica_stopped(store) => *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why),
+            }
+        }
+    };
     let cluster = ClusterService { store, lead, leases, leaders: Mutex::default(), security };
     server
         .add_optional_service(raft.map(RaftServer::new))
         .add_service(ClusterServer::new(cluster))
-        .serve_with_shutdown(addr, shutdown)
+        .serve_with_shutdown(addr, stop)
         .await
         .map_err(|e| Error::Unavailable(format!("serving gRPC on {addr}: {e}")))?;
     monitor.abort();
@@ -654,5 +667,20 @@ pub async fn serve_with(
         let served = http.await.map_err(|e| Error::Internal(format!("the HTTP gateway's task: {e}")))?;
         served.map_err(|e| Error::Unavailable(format!("the HTTP gateway: {e}")))?;
     }
-    Ok(())
+    match failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        Some(why) => Err(Error::Unavailable(format!("the Raft replica stopped: {why}"))),
+        None => Ok(()),
+    }
+}
+
+/// Resolves with the reason once this coordinator's Raft replica has stopped (never for an
+/// etcd-backed group, whose store is etcd's to keep).
+async fn replica_stopped(store: Store) -> String {
+    let Store::Raft(replica) = store else { return std::future::pending().await };
+    loop {
+        if let Some(why) = replica.status().stopped {
+            return why;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
