@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tandem_proto::ClusterClient;
-use tandem_proto::contract::{Command as StateCommand, JobStatus, Proposal};
+use tandem_proto::contract::{Command as StateCommand, JobStatus, Member, Proposal};
 use tandem_proto::tls::Role;
 use tandem_testkit::TestCerts;
 
@@ -22,8 +22,10 @@ use crate::net::{Host, Net};
 
 /// The model every worker serves, by its name in the cluster.
 pub const MODEL: &str = "tiny";
-/// How many coordinators.
+/// How many coordinators found the group (ids 1-3); coordinator 4 is a spare, not started,
+/// that a membership change adds.
 pub const COORDINATORS: u64 = 3;
+pub const SPARE: u64 = 4;
 /// The workers' lease: a worker not heard from for this long is dead (the binary's default).
 pub const LEASE: Duration = Duration::from_millis(3000);
 
@@ -150,18 +152,21 @@ impl Cluster {
         let certs = TestCerts::new(&dir.join("certs"));
         let key = format!("chaos-operator-{}", std::process::id());
         let mut net = Net::new()?;
-        let ids: Vec<u64> = (1..=COORDINATORS).collect();
+        let ids: Vec<u64> = (1..=SPARE).collect();
         let peers: Vec<String> = ids.iter().map(|id| format!("{id}=10.98.0.{id}:7000")).collect();
         let coordinators: Vec<String> = ids.iter().map(|id| format!("10.98.0.{id}:7000")).collect();
+        let founders = peers[..COORDINATORS as usize].join(",");
         let blobs = dir.join("blobs").to_string_lossy().into_owned();
         let mut nodes = Vec::new();
         for &id in &ids {
-            // Each coordinator's disk is a small tmpfs of its own, which a nemesis can fill or
-            // make read-only.
+            // Each coordinator's disk is a small tmpfs of its own, which a nemesis can fill.
             mount_disk(&dir.join(format!("c{id}")))?;
             let host = net.add_host(&format!("c{id}"), id as u8)?;
-            let mut args =
-                vec!["coordinator".to_string(), "--id".into(), id.to_string(), "--peers".into(), peers.join(",")];
+            // The spare joins a running group: it knows every address, itself included.
+            let (peers, join) =
+                if id == SPARE { (peers.join(","), Some("--join".to_string())) } else { (founders.clone(), None) };
+            let mut args = vec!["coordinator".to_string(), "--id".into(), id.to_string(), "--peers".into(), peers];
+            args.extend(join);
             args.extend(["--data-dir".into(), dir.join(format!("c{id}")).to_string_lossy().into_owned()]);
             args.extend(["--http".into(), format!("{}:8000", host.ip), "--blobs".into(), blobs.clone()]);
             args.extend(certs.args(Role::Coordinator, &id.to_string()));
@@ -183,8 +188,8 @@ impl Cluster {
         let rt = tokio::runtime::Runtime::new()?;
         let mut cluster =
             Cluster { bin: bin.to_path_buf(), dir: dir.to_path_buf(), net, nodes, certs, key, adapter, rt };
-        for i in 0..cluster.nodes.len() {
-            cluster.nodes[i].start(bin)?;
+        for node in cluster.nodes.iter_mut().filter(|n| n.kind != Kind::Coordinator(SPARE)) {
+            node.start(bin)?;
         }
         cluster.register_model(&model)?;
         cluster.wait_serving(workers, Duration::from_secs(90))?;
@@ -243,9 +248,40 @@ impl Cluster {
         self.node(name).start(&bin)
     }
 
+    /// The ids of the coordinators running now.
+    pub fn coordinators(&self) -> Vec<u64> {
+        (self.nodes.iter().filter(|n| n.running()))
+            .filter_map(|n| match n.kind {
+                Kind::Coordinator(id) => Some(id),
+                Kind::Worker => None,
+            })
+            .collect()
+    }
+
+    /// Adds the coordinators `add` and removes `remove` (a Raft membership change), through the
+    /// leader.
+    pub fn change_members(&self, add: &[u64], remove: &[u64]) -> Result<()> {
+        let leader = self.wait_leader(Duration::from_secs(20))?;
+        let add = add.iter().map(|&id| Member { id, addr: format!("10.98.0.{id}:7000") }).collect();
+        let client = ClusterClient::new(&format!("10.98.0.{leader}:7000"), &self.certs.operator())?;
+        self.rt.block_on(client.change_members(add, remove.to_vec()))?;
+        Ok(())
+    }
+
+    /// Hands leadership to coordinator `to`.
+    pub fn transfer_leader(&self, to: u64) -> Result<()> {
+        let leader = self.wait_leader(Duration::from_secs(20))?;
+        let client = ClusterClient::new(&format!("10.98.0.{leader}:7000"), &self.certs.operator())?;
+        let now = self.rt.block_on(client.transfer_leader(to))?;
+        if now != to {
+            bail!("leadership went to {now}, not {to}");
+        }
+        Ok(())
+    }
+
     /// The workers running a fine-tuning job's current attempt now, as the state says.
     pub fn training_workers(&self) -> Vec<String> {
-        let state = (1..=COORDINATORS).find_map(|id| self.rt.block_on(self.client(id).ok()?.state()).ok());
+        let state = self.coordinators().into_iter().find_map(|id| self.rt.block_on(self.client(id).ok()?.state()).ok());
         let mut workers: Vec<String> = (state.iter())
             .flat_map(|s| s.jobs.values())
             .filter(|j| j.status == JobStatus::Running)
@@ -269,7 +305,8 @@ impl Cluster {
                 *votes.entry(s.leader).or_default() += 1;
             }
         }
-        votes.into_iter().find(|&(_, v)| v * 2 > COORDINATORS).map(|(leader, _)| leader)
+        let running = self.coordinators().len() as u64;
+        votes.into_iter().find(|&(_, v)| v * 2 > running).map(|(leader, _)| leader)
     }
 
     /// Waits up to `timeout` until every coordinator has applied what the leader had committed
@@ -281,7 +318,7 @@ impl Cluster {
         let commit = status(leader).map_or(0, |s| s.commit);
         let mut behind: Vec<String> = Vec::new();
         while Instant::now() < deadline {
-            behind = (1..=COORDINATORS)
+            behind = (self.coordinators().into_iter())
                 .filter_map(|id| match status(id) {
                     Some(s) if s.applied >= commit => None,
                     Some(s) => Some(format!("c{id} applied {} of {commit}", s.applied)),
@@ -377,7 +414,7 @@ fn mount_disk(at: &Path) -> Result<()> {
 
 /// Unmounts every coordinator's disk under `dir` (those an earlier run left too).
 fn unmount_disks(dir: &Path) {
-    for id in 1..=COORDINATORS {
+    for id in 1..=SPARE {
         let _ = Command::new("umount").arg(dir.join(format!("c{id}"))).output();
     }
 }

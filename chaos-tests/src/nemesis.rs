@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use tandem_worker::rng::Xoshiro256;
 
-use crate::cluster::{Cluster, Kind, LEASE, fill_disk, free_disk};
+use crate::cluster::{Cluster, Kind, LEASE, SPARE, fill_disk, free_disk};
 use crate::net::Host;
 
 /// What undoes a fault.
@@ -117,6 +117,27 @@ pub fn all() -> Vec<Scenario> {
                     free_disk(&disk)?;
                     c.restart_if_exited(&name).map(drop)
                 }))
+            },
+        ),
+        scenario("leader-transfer", "leadership handed to each follower in turn, under load", |c, _| {
+            let leader = c.wait_leader(Duration::from_secs(20))?;
+            for to in c.coordinators().into_iter().filter(|&id| id != leader) {
+                c.transfer_leader(to)?;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Ok(Box::new(|_| Ok(())))
+        }),
+        scenario(
+            "membership",
+            "a fourth coordinator joins, takes the lead, and the old leader is removed and stopped",
+            |c, _| {
+                let leader = c.wait_leader(Duration::from_secs(20))?;
+                c.start_node(&format!("c{SPARE}"))?;
+                c.change_members(&[SPARE], &[])?;
+                c.transfer_leader(SPARE)?;
+                c.change_members(&[], &[leader])?;
+                c.node(&format!("c{leader}")).terminate();
+                Ok(Box::new(|_| Ok(())))
             },
         ),
         scenario("loss", "20% of every node's packets dropped at random", |c, _| {
