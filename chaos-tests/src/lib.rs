@@ -3,8 +3,10 @@
 //!
 //! - `net.rs`: the namespaces, the bridge, and the faults of the network (links down, drops
 //!   with nftables, random loss, `tc netem`).
-//! - `cluster.rs`: 3 coordinators (gateways on) and workers as processes under mutual TLS;
-//!   kill, pause, resume, restart; the leader; each process's memory and descriptors.
+//! - `cluster.rs`: 3 coordinators (gateways on, each on a tmpfs disk of its own, a spare fourth
+//!   for membership changes) and workers as processes under mutual TLS; kill, pause, resume,
+//!   restart, fill a disk, change members, transfer the lead; each process's memory and
+//!   descriptors.
 //! - `client.rs`: the workload's HTTP client: bounded, every failure a value.
 //! - `history.rs`: operations with their invocation and completion times and what each
 //!   outcome proves (done, not done, maybe).
@@ -13,8 +15,8 @@
 //! - `nemesis.rs`: the scenarios, one fault each, and how each heals.
 //! - `run.rs`: one scenario with one seed on a fresh cluster, with the write and inference
 //!   probes, and every checker.
-//! - `checkers.rs`: linearizability of the adapter registry, retryable inference errors,
-//!   recovery times, panics.
+//! - `checkers.rs`: linearizability of the adapter registry, fine-tuning jobs (resumed at their
+//!   last checkpoint, registered once), retryable inference errors, recovery times, panics.
 //! - `linearizability.rs`: Wing and Gong's search with Lowe's memoisation (the algorithm of
 //!   Knossos and Porcupine), per key.
 //! - `models.rs`: the objects' sequential models (the adapter registry), each tested against
