@@ -52,8 +52,18 @@ impl Node {
     /// Starts the process in its namespace (`ip netns exec` execs it: the child's pid is the
     /// process's own, so signals reach it).
     fn start(&mut self, bin: &Path) -> Result<()> {
+        use std::os::unix::process::CommandExt;
         let log = OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        // SAFETY: prctl(2) in the child before exec touches no memory of ours. The process dies
+        // with the runner, however the runner ends (the signal survives the exec).
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
+        let child = command
             .args(["netns", "exec", &self.host.ns])
             .arg(bin)
             .args(&self.args)
@@ -226,10 +236,9 @@ impl Cluster {
         self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
-    /// The names of the nodes of `kind` (coordinators: any id).
-    pub fn names(&self, coordinators: bool) -> Vec<String> {
-        let matches = |k: Kind| matches!(k, Kind::Coordinator(_)) == coordinators;
-        self.nodes.iter().filter(|n| matches(n.kind)).map(|n| n.name.clone()).collect()
+    /// The workers' names.
+    pub fn workers(&self) -> Vec<String> {
+        self.nodes.iter().filter(|n| n.kind == Kind::Worker).map(|n| n.name.clone()).collect()
     }
 
     /// Starts node `name` again if it exited, as a service manager would; whether it had.

@@ -17,9 +17,10 @@ use tandem_chaos::{etcd, net};
 #[derive(Parser)]
 #[command(about = "Tandem under faults: real processes, nemeses, checkers, a scorecard")]
 struct Args {
-    /// The `tandem` binary (built with `cargo build --release`).
-    #[arg(long, default_value = "target/release/tandem")]
-    bin: PathBuf,
+    /// The `tandem` binary (default: `release/tandem` in `$CARGO_TARGET_DIR`, else in
+    /// `target/`, as `cargo build --release` leaves it).
+    #[arg(long)]
+    bin: Option<PathBuf>,
     /// `all`, or scenario names separated by commas.
     #[arg(long, default_value = "all")]
     scenarios: String,
@@ -54,8 +55,11 @@ fn main() -> Result<()> {
         .filter(|s| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == s.name)))
         .filter(|s| !except.iter().any(|n| n == s.name))
         .collect();
-    let bin = std::fs::canonicalize(&args.bin)
-        .map_err(|e| anyhow::anyhow!("{}: {e} (cargo build --release)", args.bin.display()))?;
+    let bin = args.bin.unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into())).join("release/tandem")
+    });
+    let bin =
+        std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e} (cargo build --release)", bin.display()))?;
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
     let netem = net::has_netem();

@@ -158,12 +158,12 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             hold: Duration::ZERO,
             ..scenario("rolling-restart", "every process stopped (SIGTERM) and started again, one at a time", |c, _| {
-                for name in c.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>() {
+                for name in c.nodes.iter().filter(|n| n.running()).map(|n| n.name.clone()).collect::<Vec<_>>() {
                     c.node(&name).terminate();
                     c.start_node(&name)?;
                     match c.node(&name).kind {
                         Kind::Coordinator(_) => drop(c.wait_leader(Duration::from_secs(30))?),
-                        Kind::Worker => c.wait_serving(c.names(false).len(), Duration::from_secs(60))?,
+                        Kind::Worker => c.wait_serving(c.workers().len(), Duration::from_secs(60))?,
                     }
                 }
                 Ok(Box::new(|_| Ok(())))
@@ -192,13 +192,14 @@ fn pick(names: &[String], rng: &mut Xoshiro256) -> String {
 /// A worker running a fine-tuning job, by the seed (any worker if none is).
 fn training_worker(c: &Cluster, rng: &mut Xoshiro256) -> String {
     let training = c.training_workers();
-    pick(if training.is_empty() { c.names(false) } else { training }.as_slice(), rng)
+    pick(if training.is_empty() { c.workers() } else { training }.as_slice(), rng)
 }
 
 /// A coordinator other than the leader, by the seed.
 fn follower(c: &Cluster, rng: &mut Xoshiro256) -> Result<String> {
     let leader = c.wait_leader(Duration::from_secs(20))?;
-    let followers: Vec<String> = c.names(true).into_iter().filter(|n| *n != format!("c{leader}")).collect();
+    let followers: Vec<String> =
+        c.coordinators().into_iter().filter(|&id| id != leader).map(|id| format!("c{id}")).collect();
     if followers.is_empty() {
         bail!("no follower");
     }

@@ -145,6 +145,14 @@ fn cleanup() {
         // Deleting the namespace deletes its veth pair.
         let _ = run("ip", &["netns", "del", ns]);
     }
+    // A veth whose namespace is gone (a run killed while it made them).
+    let links = Command::new("ip").args(["-o", "link", "show"]).output().map(|o| o.stdout).unwrap_or_default();
+    for link in String::from_utf8_lossy(&links).lines().filter_map(|l| l.split(": ").nth(1)) {
+        let name = link.split('@').next().unwrap_or(link);
+        if name.starts_with(PREFIX) {
+            let _ = run("ip", &["link", "del", name]);
+        }
+    }
     let _ = run("ip", &["link", "del", BRIDGE]);
 }
 

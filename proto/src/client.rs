@@ -87,8 +87,9 @@ impl From<ClientError> for tonic::Status {
 /// A client of the coordinators at one or more addresses (any member: a follower forwards to
 /// the leader). A call goes to the coordinator that last answered and, when that one cannot be
 /// reached or does not answer in time, to the next: a process given every coordinator's address
-/// outlives the loss of any one of them. Every call may be repeated this way: proposals carry a
-/// request id that applies once, and the rest are reads, idempotent registrations or renewals.
+/// outlives the loss of any one of them. Repeating a call this way is safe: proposals carry a
+/// request id that applies once; reads, registrations and renewals are idempotent; a membership
+/// change or leader transfer repeated after its answer was lost is refused as done already.
 /// Cheap to clone; clones share the channels.
 #[derive(Clone)]
 pub struct ClusterClient {
