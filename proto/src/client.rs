@@ -65,6 +65,13 @@ impl From<tonic::Status> for ClientError {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                 ClientError::Unavailable(message)
             }
+            // tonic's word for a connection that broke under the call (the coordinator died or
+            // was cut off after the channel connected): another coordinator may answer.
+            tonic::Code::Unknown
+                if std::error::Error::source(&s).is_some_and(|e| e.is::<tonic::transport::Error>()) =>
+            {
+                ClientError::Unavailable(format!("the connection broke: {message}"))
+            }
             _ => ClientError::Internal(format!("{:?}: {message}", s.code())),
         }
     }
