@@ -372,12 +372,17 @@ fn lost_keys(events: &[crate::history::Event], gateways: &[SocketAddr]) -> usize
         Outcome::Ok(Answer::Key { key }) => Some(key.as_str()),
         _ => None,
     });
+    // A 200 says the key works and a 401 that it is unknown; anything else asks the next gateway.
     let works = |key: &str| {
-        (0..3).any(|attempt| {
-            let g = gateways[attempt % gateways.len()];
-            exchange(g, &Request::json("GET", "/v1/models", key, ""), Duration::from_secs(5), None)
-                .is_ok_and(|r| r.status == 200)
-        })
+        (gateways.iter())
+            .find_map(|&g| {
+                match exchange(g, &Request::json("GET", "/v1/models", key, ""), Duration::from_secs(5), None) {
+                    Ok(r) if r.status == 200 => Some(true),
+                    Ok(r) if r.status == 401 => Some(false),
+                    _ => None,
+                }
+            })
+            .unwrap_or(false)
     };
     keys.filter(|k| !works(k)).count()
 }

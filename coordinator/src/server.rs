@@ -61,20 +61,37 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
 }
 
 /// Coordinators' addresses: those on this coordinator's command line first (that is how it
-/// reaches them), then those replicated with the membership changes that added the others.
+/// reaches them), then those replicated with the membership changes that added the others, then
+/// those the others' messages said.
 #[derive(Clone)]
 struct AddressBook {
     given: BTreeMap<u64, String>,
     learned: Arc<Mutex<BTreeMap<u64, String>>>,
+    /// Addresses the members' own Raft messages gave, for members neither given nor learned
+    /// yet: a follower behind the change that added a new leader must still answer it, or it
+    /// never receives that change.
+    heard: Arc<Mutex<BTreeMap<u64, String>>>,
 }
 
 impl AddressBook {
     fn new(given: BTreeMap<u64, String>) -> Self {
-        AddressBook { given, learned: Arc::default() }
+        AddressBook { given, learned: Arc::default(), heard: Arc::default() }
     }
 
     fn get(&self, id: u64) -> Option<String> {
-        self.given.get(&id).cloned().or_else(|| self.learned.lock().ok()?.get(&id).cloned())
+        (self.given.get(&id).cloned())
+            .or_else(|| self.learned.lock().ok()?.get(&id).cloned())
+            .or_else(|| self.heard.lock().ok()?.get(&id).cloned())
+    }
+
+    /// Keeps `addr` for coordinator `id` when no other address of it is known.
+    fn hear(&self, id: u64, addr: &str) {
+        if !addr.is_empty()
+            && self.get(id).is_none()
+            && let Ok(mut heard) = self.heard.lock()
+        {
+            heard.insert(id, addr.to_string());
+        }
     }
 
     fn members(&self, voters: &[u64]) -> Vec<Member> {
@@ -86,6 +103,8 @@ impl AddressBook {
 /// message for that peer leaves.
 struct GrpcTransport {
     book: AddressBook,
+    /// This coordinator's own address, sent with every message.
+    own: String,
     queues: Mutex<HashMap<u64, mpsc::UnboundedSender<Message>>>,
     rt: tokio::runtime::Handle,
     security: Security,
@@ -101,7 +120,7 @@ impl Transport for GrpcTransport {
                 let Ok(endpoint) = self.security.endpoint(&addr, Role::Coordinator) else { return };
                 let endpoint = endpoint.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(2));
                 let (tx, rx) = mpsc::unbounded_channel();
-                self.rt.spawn(drain(endpoint, rx));
+                self.rt.spawn(drain(endpoint, self.own.clone(), rx));
                 slot.insert(tx)
             }
         };
@@ -116,7 +135,7 @@ impl Transport for GrpcTransport {
 }
 
 /// Delivers one peer's queue; a peer that is down loses its messages (Raft resends).
-async fn drain(endpoint: tonic::transport::Endpoint, mut rx: mpsc::UnboundedReceiver<Message>) {
+async fn drain(endpoint: tonic::transport::Endpoint, own: String, mut rx: mpsc::UnboundedReceiver<Message>) {
     let mut client: Option<RaftClient<tonic::transport::Channel>> = None;
     while let Some(msg) = rx.recv().await {
         let Ok(bytes) = msg.write_to_bytes() else { continue };
@@ -124,7 +143,7 @@ async fn drain(endpoint: tonic::transport::Endpoint, mut rx: mpsc::UnboundedRece
             client = endpoint.connect().await.ok().map(RaftClient::new);
         }
         if let Some(c) = client.as_mut()
-            && c.step(RaftMessage { message: bytes }).await.is_err()
+            && c.step(RaftMessage { message: bytes, from_addr: own.clone() }).await.is_err()
         {
             client = None;
         }
@@ -135,6 +154,8 @@ struct RaftService {
     /// This coordinator's Raft id: messages must be addressed to it.
     id: u64,
     inbox: Inbox,
+    /// Learns where a sender not yet in it listens.
+    book: AddressBook,
 }
 
 #[tonic::async_trait]
@@ -142,8 +163,9 @@ impl Raft for RaftService {
     async fn step(&self, req: Request<RaftMessage>) -> Result<Response<RaftAck>, Status> {
         let caller = Caller::of(&req);
         caller.require("Raft.Step", &[Role::Coordinator])?;
-        let msg = Message::parse_from_bytes(&req.into_inner().message)
-            .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
+        let RaftMessage { message, from_addr } = req.into_inner();
+        let msg =
+            Message::parse_from_bytes(&message).map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
         // A coordinator speaks for itself only: its certificate is named by its Raft id.
         if !caller.is(Role::Coordinator, Some(&msg.from.to_string())) {
             return Err(Status::permission_denied(format!("a Raft message from {} needs its certificate", msg.from)));
@@ -151,6 +173,7 @@ impl Raft for RaftService {
         if msg.to != self.id {
             return Err(Status::invalid_argument(format!("a Raft message to {} sent to {}", msg.to, self.id)));
         }
+        self.book.hear(msg.from, &from_addr);
         if !self.inbox.deliver(msg) {
             return Err(Status::unavailable("this coordinator is stopping"));
         }
@@ -588,8 +611,13 @@ pub async fn serve_with(
             let replica = match links {
                 RaftLinks::Grpc => {
                     let rt = tokio::runtime::Handle::current();
-                    let transport =
-                        GrpcTransport { book: book.clone(), queues: Mutex::default(), rt, security: security.clone() };
+                    let transport = GrpcTransport {
+                        book: book.clone(),
+                        own: own.clone(),
+                        queues: Mutex::default(),
+                        rt,
+                        security: security.clone(),
+                    };
                     Replica::start(id, &founders, &opts.dir, transport, opts.timing)?
                 }
                 RaftLinks::Given { transport, connect } => {
@@ -599,7 +627,7 @@ pub async fn serve_with(
                 }
             };
             let replica = Arc::new(replica);
-            let raft = RaftService { id, inbox: replica.inbox() };
+            let raft = RaftService { id, inbox: replica.inbox(), book: book.clone() };
             let transfer_timeout = opts.timing.tick * (4 * opts.timing.election_ticks) as u32;
             (Store::Raft(replica.clone()), Lead::Raft { replica, book, transfer_timeout }, Some(raft))
         }

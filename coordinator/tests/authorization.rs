@@ -49,7 +49,7 @@ fn a_workers_certificate_acts_as_itself_only_and_an_operators_runs_the_cluster()
         // Raft messages come from coordinators only.
         let raft = cluster.security(Role::Worker, "w1").endpoint(w1.addr(), Role::Coordinator).unwrap();
         let mut raft = RaftClient::new(raft.connect().await.unwrap());
-        let step = raft.step(RaftMessage { message: Vec::new() }).await.unwrap_err();
+        let step = raft.step(RaftMessage { message: Vec::new(), from_addr: String::new() }).await.unwrap_err();
         assert_eq!(step.code(), tonic::Code::PermissionDenied, "{step}");
 
         // A worker's Generate answers the gateway's coordinators and operators, not a worker.

@@ -302,12 +302,18 @@ fn malformed_and_hostile_grpc_calls_are_refused_and_change_nothing() {
             (forged(follower, 99), tonic::Code::InvalidArgument),
             (forged(follower, follower), tonic::Code::InvalidArgument),
         ] {
-            let status = raft.step(RaftMessage { message: msg.write_to_bytes().unwrap() }).await.unwrap_err();
+            let status = raft
+                .step(RaftMessage { message: msg.write_to_bytes().unwrap(), from_addr: String::new() })
+                .await
+                .unwrap_err();
             assert_eq!(status.code(), code, "{msg:?}: {status}");
             calls += 1;
         }
         let cut = forged(follower, leader).write_to_bytes().unwrap();
-        let status = raft.step(RaftMessage { message: cut[..cut.len() - 1].to_vec() }).await.unwrap_err();
+        let status = raft
+            .step(RaftMessage { message: cut[..cut.len() - 1].to_vec(), from_addr: String::new() })
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
         calls += 1;
 
@@ -347,7 +353,10 @@ fn malformed_and_hostile_grpc_calls_are_refused_and_change_nothing() {
         }
         for msg in replay.iter().rev() {
             let client = clients.get_mut(&(msg.from, msg.to)).unwrap();
-            client.step(RaftMessage { message: msg.write_to_bytes().unwrap() }).await.unwrap();
+            client
+                .step(RaftMessage { message: msg.write_to_bytes().unwrap(), from_addr: String::new() })
+                .await
+                .unwrap();
             calls += 1;
         }
     });
