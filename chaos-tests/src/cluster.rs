@@ -143,6 +143,8 @@ pub struct Cluster {
     pub key: String,
     /// A random LoRA adapter of the model: its files' names and bytes, for uploads.
     pub adapter: Vec<(String, Vec<u8>)>,
+    /// When the nemesis struck: the moment its fault began, after it chose its target.
+    pub struck: Option<Instant>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -196,8 +198,17 @@ impl Cluster {
             nodes.push(Node { name, kind: Kind::Worker, host, args, env: Vec::new(), child: None, log });
         }
         let rt = tokio::runtime::Runtime::new()?;
-        let mut cluster =
-            Cluster { bin: bin.to_path_buf(), dir: dir.to_path_buf(), net, nodes, certs, key, adapter, rt };
+        let mut cluster = Cluster {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            net,
+            nodes,
+            certs,
+            key,
+            adapter,
+            struck: None,
+            rt,
+        };
         for node in cluster.nodes.iter_mut().filter(|n| n.kind != Kind::Coordinator(SPARE)) {
             node.start(bin)?;
         }
@@ -225,6 +236,12 @@ impl Cluster {
     fn client(&self, id: u64) -> Result<ClusterClient> {
         let timeout = Duration::from_millis(1000);
         Ok(ClusterClient::with_timeouts(&format!("10.98.0.{id}:7000"), &self.certs.operator(), timeout, timeout)?)
+    }
+
+    /// Marks this moment as the fault's start (the first mark counts): outages are timed
+    /// from here, not from before the nemesis looked for its target.
+    pub fn strike(&mut self) {
+        self.struck.get_or_insert_with(Instant::now);
     }
 
     /// Every gateway's address.

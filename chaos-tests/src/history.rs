@@ -150,6 +150,11 @@ impl History {
         self.start.elapsed()
     }
 
+    /// `at` as time since the run's start.
+    pub fn at(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.start)
+    }
+
     /// Runs `f` as operation `op` of `client` against `gateway`, recording it.
     pub fn record(&self, client: usize, gateway: SocketAddr, op: Op, f: impl FnOnce() -> Outcome) -> Outcome {
         let call = self.now();

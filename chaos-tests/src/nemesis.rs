@@ -47,8 +47,8 @@ const fn scenario(
 pub fn all() -> Vec<Scenario> {
     vec![
         scenario("leader-kill", "kill -9 of the leader coordinator; restarted after the hold", |c, _| {
-            let leader = c.wait_leader(Duration::from_secs(20))?;
-            kill(c, &format!("c{leader}"))
+            let leader = leader(c)?;
+            kill(c, &leader)
         }),
         scenario("follower-kill", "kill -9 of a follower coordinator; restarted after the hold", |c, rng| {
             let follower = follower(c, rng)?;
@@ -58,8 +58,8 @@ pub fn all() -> Vec<Scenario> {
             "leader-pause",
             "SIGSTOP of the leader past the election timeout, then SIGCONT (a zombie leader)",
             |c, _| {
-                let leader = c.wait_leader(Duration::from_secs(20))?;
-                pause(c, &format!("c{leader}"))
+                let leader = leader(c)?;
+                pause(c, &leader)
             },
         ),
         scenario(
@@ -82,14 +82,15 @@ pub fn all() -> Vec<Scenario> {
             )
         },
         scenario("leader-isolated", "the leader's link down: a minority partition of the leader", |c, _| {
-            let leader = c.wait_leader(Duration::from_secs(20))?;
-            let host = c.node(&format!("c{leader}")).host.clone();
+            let host = c.node(&leader(c)?).host.clone();
+            c.strike();
             c.net.isolate(&host)?;
             Ok(heal_net())
         }),
         scenario("follower-isolated", "a follower's link down: the leader keeps its majority", |c, rng| {
             let follower = follower(c, rng)?;
             let host = c.node(&follower).host.clone();
+            c.strike();
             c.net.isolate(&host)?;
             Ok(heal_net())
         }),
@@ -103,6 +104,7 @@ pub fn all() -> Vec<Scenario> {
                     .filter(|n| matches!(n.kind, Kind::Coordinator(id) if id != leader))
                     .map(|n| n.host.clone())
                     .collect();
+                c.strike();
                 c.net.drop_to(&from, &others.iter().collect::<Vec<_>>())?;
                 Ok(heal_net())
             },
@@ -111,7 +113,9 @@ pub fn all() -> Vec<Scenario> {
             "disk-full",
             "the leader's disk fills up; freed after the hold (and the process restarted if it exited)",
             |c, _| {
-                let (name, disk) = leader_disk(c)?;
+                let name = leader(c)?;
+                let disk = c.dir.join(&name);
+                c.strike();
                 fill_disk(&disk)?;
                 Ok(Box::new(move |c| {
                     free_disk(&disk)?;
@@ -121,26 +125,29 @@ pub fn all() -> Vec<Scenario> {
         ),
         scenario("leader-transfer", "leadership handed to each follower in turn, under load", |c, _| {
             let leader = c.wait_leader(Duration::from_secs(20))?;
+            c.strike();
             for to in c.coordinators().into_iter().filter(|&id| id != leader) {
                 c.transfer_leader(to)?;
                 std::thread::sleep(Duration::from_secs(1));
             }
-            Ok(Box::new(|_| Ok(())))
+            Ok(no_heal())
         }),
         scenario(
             "membership",
             "a fourth coordinator joins, takes the lead, and the old leader is removed and stopped",
             |c, _| {
                 let leader = c.wait_leader(Duration::from_secs(20))?;
+                c.strike();
                 c.start_node(&format!("c{SPARE}"))?;
                 c.change_members(&[SPARE], &[])?;
                 c.transfer_leader(SPARE)?;
                 c.change_members(&[], &[leader])?;
                 c.node(&format!("c{leader}")).terminate();
-                Ok(Box::new(|_| Ok(())))
+                Ok(no_heal())
             },
         ),
         scenario("loss", "20% of every node's packets dropped at random", |c, _| {
+            c.strike();
             for host in hosts(c) {
                 c.net.loss(&host, 20)?;
             }
@@ -149,6 +156,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             needs_netem: true,
             ..scenario("netem", "tc netem on every node: 50 ms +- 20 ms delay, 5% loss, 25% reordered", |c, _| {
+                c.strike();
                 for host in hosts(c) {
                     c.net.netem(&host, "delay 50ms 20ms loss 5% reorder 25% 50%")?;
                 }
@@ -158,6 +166,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             hold: Duration::ZERO,
             ..scenario("rolling-restart", "every process stopped (SIGTERM) and started again, one at a time", |c, _| {
+                c.strike();
                 for name in c.nodes.iter().filter(|n| n.running()).map(|n| n.name.clone()).collect::<Vec<_>>() {
                     c.node(&name).terminate();
                     c.start_node(&name)?;
@@ -166,23 +175,20 @@ pub fn all() -> Vec<Scenario> {
                         Kind::Worker => c.wait_serving(c.workers().len(), Duration::from_secs(60))?,
                     }
                 }
-                Ok(Box::new(|_| Ok(())))
+                Ok(no_heal())
             })
         },
         Scenario {
             hang_up_after: Some(200),
-            ..scenario("stream-hangups", "clients hang up on every stream after its first bytes", |_, _| {
-                Ok(Box::new(|_| Ok(())))
-            })
+            ..scenario("stream-hangups", "clients hang up on every stream after its first bytes", |_, _| Ok(no_heal()))
         },
-        Scenario { load: 4, ..scenario("overload", "4x the clients", |_, _| Ok(Box::new(|_| Ok(())))) },
+        Scenario { load: 4, ..scenario("overload", "4x the clients", |_, _| Ok(no_heal())) },
     ]
 }
 
-/// The leader's name and its disk.
-fn leader_disk(c: &Cluster) -> Result<(String, std::path::PathBuf)> {
-    let leader = c.wait_leader(Duration::from_secs(20))?;
-    Ok((format!("c{leader}"), c.dir.join(format!("c{leader}"))))
+/// The leader's node name.
+fn leader(c: &Cluster) -> Result<String> {
+    Ok(format!("c{}", c.wait_leader(Duration::from_secs(20))?))
 }
 
 fn pick(names: &[String], rng: &mut Xoshiro256) -> String {
@@ -211,18 +217,25 @@ fn hosts(c: &Cluster) -> Vec<Host> {
 }
 
 fn kill(c: &mut Cluster, name: &str) -> Result<Heal> {
+    c.strike();
     c.node(name).kill();
     let name = name.to_string();
     Ok(Box::new(move |c| c.start_node(&name)))
 }
 
 fn pause(c: &mut Cluster, name: &str) -> Result<Heal> {
+    c.strike();
     c.node(name).pause();
     let name = name.to_string();
     Ok(Box::new(move |c| {
         c.node(&name).resume();
         Ok(())
     }))
+}
+
+/// For a fault that is over once injected (or lies in the workload).
+fn no_heal() -> Heal {
+    Box::new(|_| Ok(()))
 }
 
 fn heal_net() -> Heal {

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
 use tandem_worker::rng::Xoshiro256;
 
 use crate::checkers;
@@ -97,15 +96,10 @@ impl RunReport {
 pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<RunReport> {
     let mut cluster = Cluster::start(bin, dir, WORKERS).context("starting the cluster")?;
     let gateways = cluster.gateways();
-    let tenants = (0..2)
-        .map(|t| {
-            Ok(Tenant { name: format!("tenant{t}"), key: create_key(&gateways, &cluster.key, &format!("tenant{t}"))? })
-        })
-        .collect::<Result<Vec<_>>>()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let workload = Workload {
+    let mut workload = Workload {
         gateways: gateways.clone(),
-        tenants: tenants.clone(),
+        tenants: Vec::new(),
         adapter: Arc::new(cluster.adapter.clone()),
         history: History::new(),
         stop: stop.clone(),
@@ -114,12 +108,20 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         // A completion of a few tokens of the tiny model takes milliseconds.
         timeout: Duration::from_secs(10),
     };
-    // A training file and a fine-tuning job per tenant, made before the clients start.
+    // Two tenants' keys, and a training file and a fine-tuning job for each, made before the
+    // clients start.
+    let operator = cluster.key.clone();
+    for t in 0..2 {
+        let name = format!("tenant{t}");
+        let key = until_ok(&workload, |g| workload.create_key(SETUP, g, &operator, &name))?;
+        workload.tenants.push(Tenant { name, key });
+    }
+    let tenants = workload.tenants.clone();
     let data: String = TRAINING_DATA.lines().take(64).map(|l| format!("{l}\n")).collect();
     let mut jobs = Vec::new();
     for tenant in &tenants {
-        let file = until_made(&workload, |g| workload.upload_file(SETUP, g, tenant, data.as_bytes()))?;
-        let job = until_made(&workload, |g| workload.create_job(SETUP, g, tenant, &file, JOB_EPOCHS, 4))?;
+        let file = until_ok(&workload, |g| workload.upload_file(SETUP, g, tenant, data.as_bytes()))?;
+        let job = until_ok(&workload, |g| workload.create_job(SETUP, g, tenant, &file, JOB_EPOCHS, 4))?;
         jobs.push((tenant.clone(), job, file));
     }
     let mut threads = workload.spawn(CLIENTS * scenario.load, seed);
@@ -129,8 +131,10 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
     std::thread::sleep(WARM_UP);
     let before = cluster.footprint();
     let mut rng = Xoshiro256::seed_from_u64(seed);
-    let fault = workload.history.now();
+    let asked = Instant::now();
     let heal = scenario.inject(&mut cluster, &mut rng).with_context(|| format!("injecting {}", scenario.name))?;
+    // A fault that lies in the workload (hang-ups, overload) has no moment of its own.
+    let fault = workload.history.at(cluster.struck.unwrap_or(asked));
     std::thread::sleep(scenario.hold);
     let healed = workload.history.now();
     heal(&mut cluster).context("healing")?;
@@ -202,41 +206,14 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
     })
 }
 
-/// A tenant's API key made through the first gateway that takes it.
-fn create_key(gateways: &[SocketAddr], operator: &str, tenant: &str) -> Result<String> {
-    let body = json!({"tenant": tenant}).to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for &g in gateways.iter().cycle() {
-        if let Ok(r) =
-            exchange(g, &Request::json("POST", "/v1/admin/api-keys", operator, &body), PROBE_TIMEOUT * 5, None)
-            && r.status == 200
-            && let Some(key) = r.json()["key"].as_str()
-        {
-            return Ok(key.to_string());
-        }
-        if Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    bail!("no gateway made a key for {tenant}")
-}
-
 /// The probes: every 50 ms a write (a key for tenant `probe`) through the next gateway, and
 /// a completion through the next, each bounded to 1 s, so the history shows to a tenth of a
 /// second when writes and inference stop and start again.
 fn probes(w: &Workload, operator: String, tenant: &Tenant) -> [std::thread::JoinHandle<()>; 2] {
     let w = Workload { timeout: PROBE_TIMEOUT, ..w.clone() };
-    let (body, key) = (json!({"tenant": "probe"}).to_string(), tenant.key.clone());
+    let key = tenant.key.clone();
     [
-        every(w.clone(), move |w, g| {
-            w.history.record(PROBE, g, Op::CreateKey, || {
-                let req = Request::json("POST", "/v1/admin/api-keys", &operator, &body);
-                Outcome::of(exchange(g, &req, w.timeout, None), |r| {
-                    r.json()["key"].as_str().map(|k| Answer::Key { key: k.into() })
-                })
-            });
-        }),
+        every(w.clone(), move |w, g| drop(w.create_key(PROBE, g, &operator, "probe"))),
         every(w, move |w, g| drop(w.complete(PROBE, g, &key, false))),
     ]
 }
@@ -254,12 +231,12 @@ fn every(w: Workload, f: impl Fn(&Workload, SocketAddr) + Send + 'static) -> std
     })
 }
 
-/// Calls `f` on each gateway in turn until it makes something (up to 30 s); its id.
-fn until_made(w: &Workload, f: impl Fn(SocketAddr) -> Outcome) -> Result<String> {
+/// Calls `f` on each gateway in turn until it makes something (up to 30 s): the key or id.
+fn until_ok(w: &Workload, f: impl Fn(SocketAddr) -> Outcome) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for &g in w.gateways.iter().cycle() {
         match f(g) {
-            Outcome::Ok(Answer::Made { id }) => return Ok(id),
+            Outcome::Ok(Answer::Made { id } | Answer::Key { key: id }) => return Ok(id),
             other if Instant::now() > deadline => bail!("nothing made in 30 s: {other:?}"),
             _ => std::thread::sleep(Duration::from_millis(200)),
         }

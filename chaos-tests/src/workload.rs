@@ -137,6 +137,17 @@ impl Workload {
 
 /// The runner's own requests: files and jobs made once at the start, checkpoints watched.
 impl Workload {
+    /// An API key for `tenant`, made with the operator's key.
+    pub fn create_key(&self, client: usize, gateway: SocketAddr, operator: &str, tenant: &str) -> Outcome {
+        let body = json!({"tenant": tenant}).to_string();
+        self.history.record(client, gateway, Op::CreateKey, || {
+            let req = Request::json("POST", "/v1/admin/api-keys", operator, &body);
+            Outcome::of(exchange(gateway, &req, self.timeout, None), |r| {
+                r.json()["key"].as_str().map(|k| Answer::Key { key: k.into() })
+            })
+        })
+    }
+
     /// Uploads `content` as a training file of `tenant`.
     pub fn upload_file(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, content: &[u8]) -> Outcome {
         let (content_type, body) = multipart(&[("purpose", "fine-tune")], &[("file", "train.jsonl", content)]);
