@@ -65,6 +65,10 @@ pub struct CoordinatorArgs {
     /// Raft tick, milliseconds (elections after 10-20 ticks, heartbeats every 2).
     #[arg(long, default_value_t = 100)]
     tick_ms: u64,
+    /// Raft entries applied between two snapshots of the state (the log up to a snapshot is
+    /// dropped; a lagging or new coordinator catches up from it).
+    #[arg(long, default_value_t = Timing::DEFAULT.compact_every)]
+    snapshot_every: u64,
     /// A worker not heard from for this long is marked dead, milliseconds.
     #[arg(long, default_value_t = 3000)]
     lease_ms: u64,
@@ -145,7 +149,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         id: args.id,
         peers,
         dir: data_dir.clone().unwrap_or_default(),
-        timing: Timing { tick: Duration::from_millis(args.tick_ms.max(1)), ..Timing::default() },
+        timing: Timing {
+            tick: Duration::from_millis(args.tick_ms.max(1)),
+            compact_every: args.snapshot_every.max(1),
+            ..Timing::DEFAULT
+        },
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
         security: args.security.coordinator_security(args.id)?,

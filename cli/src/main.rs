@@ -120,6 +120,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (service, otlp) = cli.command.service();
     let _telemetry = telemetry::init(cli.log_format, service, otlp)?;
+    tandem_proto::durable::failpoints_from_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Bench { what } => bench::run(what),
         Command::Finetune(args) => finetune::run(args),

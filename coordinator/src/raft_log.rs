@@ -11,7 +11,9 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tandem_proto::durable;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -138,7 +140,7 @@ impl DiskStorage {
             core.entries.push(e.clone());
         }
         core.log.write_all(&buf).map_err(io_err(&path))?;
-        core.log.sync_data().map_err(io_err(&path))
+        durable::step("raft-log", "fsync", || core.log.sync_data()).map_err(io_err(&path))
     }
 
     pub fn set_hard_state(&self, hs: &HardState) -> Result<()> {
@@ -368,14 +370,16 @@ fn parse<M: protobuf::Message>(path: &Path, bytes: &[u8]) -> Result<M> {
 
 /// Replaces `dir/name` with `contents` atomically: a temporary file, fsynced, renamed over it,
 /// and the folder fsynced so the rename itself survives a crash.
+/// Its failpoints are named `raft-{name}-...`.
 fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
+    let what = format!("raft-{name}");
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(contents).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
+    durable::step(&what, "fsync", || f.sync_all()).map_err(io_err(&tmp))?;
     let path = dir.join(name);
-    fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    durable::step(&what, "rename", || fs::rename(&tmp, &path)).map_err(io_err(&path))?;
+    durable::step(&what, "dirsync", || File::open(dir)?.sync_all()).map_err(io_err(dir))
 }
 
 /// CRC-32 (IEEE), bit by bit: the coordinator's records are small.

@@ -64,23 +64,27 @@ pub struct Status {
     pub snapshot_bytes: usize,
 }
 
-/// Timing of the loop: one tick, and the ticks to an election (randomized by raft-rs in
-/// `[election, 2 * election)`) and between heartbeats.
+/// Timing of the loop: one tick, the ticks to an election (randomized by raft-rs in
+/// `[election, 2 * election)`) and between heartbeats, and the entries applied between two
+/// compactions of the log into a snapshot.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    pub compact_every: u64,
+}
+
+impl Timing {
+    pub const DEFAULT: Timing =
+        Timing { tick: Duration::from_millis(100), election_ticks: 10, heartbeat_ticks: 2, compact_every: 1000 };
 }
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing { tick: Duration::from_millis(100), election_ticks: 10, heartbeat_ticks: 2 }
+        Timing::DEFAULT
     }
 }
-
-/// Entries applied between two compactions of the log into a snapshot.
-const COMPACT_EVERY: u64 = 1000;
 
 enum Event {
     Raft(Message),
@@ -166,6 +170,7 @@ impl Replica {
             node,
             storage,
             compacted: snap_index,
+            compact_every: timing.compact_every.max(1),
             members_changed: false,
             machine,
             transport,
@@ -287,6 +292,7 @@ struct Driver<T: Transport> {
     storage: DiskStorage,
     /// Index of the last compaction's snapshot.
     compacted: u64,
+    compact_every: u64,
     /// A membership change was applied since the last compaction.
     members_changed: bool,
     machine: StateMachine,
@@ -419,13 +425,13 @@ impl<T: Transport> Driver<T> {
         self.maybe_compact()
     }
 
-    /// Every [`COMPACT_EVERY`] applied entries, and after a membership change, the state becomes
+    /// Every `compact_every` applied entries, and after a membership change, the state becomes
     /// the snapshot and the log up to it goes (only entries already on this replica's disk). A
     /// new member catches up from a snapshot, and raft-rs refuses one whose configuration does
     /// not include it: so a change is followed by a snapshot that does.
     fn maybe_compact(&mut self) -> Result<()> {
         let index = self.machine.state().applied.min(self.storage.last_index_on_disk());
-        let due = index >= self.compacted + COMPACT_EVERY || (self.members_changed && index > self.compacted);
+        let due = index >= self.compacted + self.compact_every || (self.members_changed && index > self.compacted);
         // The snapshot must describe exactly `index`: only when the state is there.
         if due && index == self.machine.state().applied {
             let data = self.machine.snapshot().map_err(|e| Error::Internal(format!("encoding a snapshot: {e}")))?;

@@ -232,6 +232,10 @@ impl StateMachine {
                         job.events.push(JobEvent::new(at, format!("The job failed: {error}")));
                         job.error = Some(error);
                     }
+                    JobReport::Interrupted { error } => {
+                        let worker = job.attempts.last().map(|a| a.worker.clone()).unwrap_or_default();
+                        end_attempt(job, &worker, at, &format!("interrupted on worker {worker}: {error}"));
+                    }
                 }
                 Reply::Done
             }

@@ -112,6 +112,30 @@ fn a_draining_worker_gets_no_new_job_and_keeps_what_runs_there() {
 }
 
 #[test]
+fn an_interrupted_attempt_queues_the_job_again_from_its_checkpoint_while_attempts_are_left() {
+    let mut log = cluster();
+    log.apply(submit("j"));
+    let report = |epoch, report| Command::ReportJob { id: "j".into(), epoch, report };
+    let interrupted = || JobReport::Interrupted { error: "checkpoint: input/output error".into() };
+    assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Epoch { epoch: 1 });
+    log.apply(report(1, JobReport::Checkpoint { step: 8, uri: "/ckpt/j/step-000008".into() }));
+    assert_eq!(log.apply(report(1, interrupted())), Reply::Done);
+    let job = &log.state().jobs["j"];
+    assert_eq!(job.status, JobStatus::Queued, "the disk's fault is not the job's");
+    assert_eq!(job.checkpoint.as_ref().unwrap().step, 8);
+    assert!(job.attempts[0].ended.as_deref().unwrap().contains("interrupted on worker w1: checkpoint"));
+    // The ended attempt is fenced like any other.
+    assert!(matches!(log.apply(report(1, interrupted())), Reply::Refused { .. }));
+    for epoch in 2..=MAX_ATTEMPTS as u64 {
+        assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch });
+        assert_eq!(log.apply(report(epoch, interrupted())), Reply::Done);
+    }
+    let job = &log.state().jobs["j"];
+    assert_eq!(job.status, JobStatus::Failed, "a disk that keeps failing ends the job at its last attempt");
+    assert!(job.error.as_deref().unwrap().contains("giving up"), "{:?}", job.error);
+}
+
+#[test]
 fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoint() {
     let mut log = cluster();
     log.apply(submit("j"));

@@ -10,6 +10,8 @@
 //!   [`Security`] of every connection between Tandem processes.
 //! - `sealed.rs`: raw TCP streams under the cluster's certificates (a TLS 1.3 handshake, then
 //!   records sealed per direction), for what gRPC does not carry: the collectives between ranks.
+//! - `durable.rs`: the fsyncs and renames that decide what survives a crash, each between
+//!   failpoints (set through `TANDEM_FAILPOINTS` in a `failpoints` build, for the chaos tests).
 //! - `metrics_port.rs`: a process's `/metrics` for Prometheus, under the cluster's mutual TLS.
 //! - `trace_context.rs`: W3C trace context carried in every gRPC call's metadata, so a request
 //!   is one trace across processes.
@@ -20,6 +22,7 @@
 pub mod client;
 pub mod codec;
 pub mod contract;
+pub mod durable;
 pub mod metrics_port;
 pub mod sealed;
 pub mod tls;

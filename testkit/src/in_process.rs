@@ -29,7 +29,8 @@ use crate::process::{Scratch, propose, wait_for};
 
 /// Raft ticks of the in-process coordinators: elections in a fifth of a second, with room for
 /// a loaded 2-core machine running the workers' engines beside them.
-const TIMING: Timing = Timing { tick: Duration::from_millis(20), election_ticks: 10, heartbeat_ticks: 2 };
+const TIMING: Timing =
+    Timing { tick: Duration::from_millis(20), election_ticks: 10, heartbeat_ticks: 2, ..Timing::DEFAULT };
 
 /// A cluster of coordinators `1..=N` and workers `w1..=wM` in this process. Worker `wI`
 /// registers, heartbeats and reports through coordinator `(I - 1) % N + 1` only, so cutting a

@@ -13,7 +13,8 @@ use crate::mem_net::MemNet;
 use crate::process::Scratch;
 
 /// Ticks short enough for quick elections, long enough for a loaded 2-core machine.
-pub const FAST: Timing = Timing { tick: Duration::from_millis(10), election_ticks: 10, heartbeat_ticks: 2 };
+pub const FAST: Timing =
+    Timing { tick: Duration::from_millis(10), election_ticks: 10, heartbeat_ticks: 2, ..Timing::DEFAULT };
 
 /// How long the harness waits for the replicas (a leader, a write) at [`FAST`] timing.
 pub const WAIT: Duration = Duration::from_secs(5);

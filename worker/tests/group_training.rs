@@ -84,7 +84,9 @@ fn run_job(
             TrainEvent::Step { report, .. } => losses.push(report.loss),
             TrainEvent::Checkpoint { path, .. } => checkpoint = checkpoint.or(Some(path)),
             TrainEvent::Finished { adapter, validation_loss, .. } => break (adapter, validation_loss.unwrap()),
-            TrainEvent::Failed { error, .. } => panic!("the job failed: {error}"),
+            TrainEvent::Failed { error, .. } | TrainEvent::Interrupted { error, .. } => {
+                panic!("the job ended: {error}")
+            }
         }
     };
     let mut answer = Vec::new();

@@ -300,7 +300,14 @@ pub enum JobReport {
         uri: String,
         checksum: String,
     },
+    /// The job cannot go on.
     Failed {
+        error: String,
+    },
+    /// The attempt cannot go on on this worker (a checkpoint or the export could not be
+    /// written, a file could not be read: its disk's fault, not the job's): the job resumes
+    /// from its last checkpoint in a new attempt, while it has attempts left.
+    Interrupted {
         error: String,
     },
 }

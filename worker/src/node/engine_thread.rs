@@ -103,6 +103,12 @@ pub enum TrainEvent {
         job: String,
         error: String,
     },
+    /// It cannot go on here: a checkpoint or its export could not be written (this worker's
+    /// disk, not the job, is at fault); it resumes elsewhere from its last checkpoint.
+    Interrupted {
+        job: String,
+        error: String,
+    },
 }
 
 /// A request the engine runs, and where its events go.
@@ -391,7 +397,7 @@ impl Jobs {
             let step = job.progress.step;
             match checkpoint::save(job, engine.model().whole_config(), &dir.join("checkpoints")) {
                 Ok(path) => send(TrainEvent::Checkpoint { job: name.clone(), step, path }),
-                Err(e) => send(TrainEvent::Failed { job: name.clone(), error: format!("checkpoint: {e}") }),
+                Err(e) => send(TrainEvent::Interrupted { job: name.clone(), error: format!("checkpoint: {e}") }),
             }
             false
         });
@@ -417,7 +423,7 @@ impl Jobs {
             let step = job.progress.step;
             match checkpoint::export(&job, &cfg, &adapter) {
                 Ok(()) => send(TrainEvent::Finished { job: name, step, adapter, validation_loss }),
-                Err(e) => send(TrainEvent::Failed { job: name, error: format!("export: {e}") }),
+                Err(e) => send(TrainEvent::Interrupted { job: name, error: format!("export: {e}") }),
             }
         }
     }

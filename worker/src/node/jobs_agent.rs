@@ -69,8 +69,12 @@ impl JobsAgent {
                             (job, JobReport::Succeeded { uri: adapter.to_string_lossy().into_owned(), checksum })
                         }
                         TrainEvent::Failed { job, error } => (job, JobReport::Failed { error }),
+                        TrainEvent::Interrupted { job, error } => (job, JobReport::Interrupted { error }),
                     };
-                    let final_report = matches!(report, JobReport::Succeeded { .. } | JobReport::Failed { .. });
+                    let final_report = matches!(
+                        report,
+                        JobReport::Succeeded { .. } | JobReport::Failed { .. } | JobReport::Interrupted { .. }
+                    );
                     let epoch = if final_report { running.remove(&job) } else { running.get(&job).copied() };
                     if let Some(epoch) = epoch {
                         if final_report {
@@ -132,7 +136,14 @@ impl JobsAgent {
                 }
                 Err(e) => {
                     running.remove(&a.job);
-                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.to_string() }));
+                    // A file that could not be read is this worker's fault (its disk, its mount
+                    // of the blobs), not the job's: another attempt may read it.
+                    let error = e.to_string();
+                    let report = match e {
+                        Error::Io { .. } => JobReport::Interrupted { error },
+                        _ => JobReport::Failed { error },
+                    };
+                    let _ = reports.send((a.job.clone(), a.epoch, report));
                 }
             }
         }

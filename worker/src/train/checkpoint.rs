@@ -4,13 +4,15 @@
 //! bit for bit as if it had never stopped: the adapter (`adapter/`, in the export format),
 //! AdamW's moments (`optimizer.safetensors`) and `state.json` (the job's spec, its step, its
 //! data order and position, its PRNG state). It is written under a temporary name, every file
-//! synced, then renamed into place, so a crash leaves either the whole checkpoint or none.
+//! synced, then renamed into place, so a crash leaves either the whole checkpoint or none (each
+//! of those steps between failpoints named `checkpoint-...`: `tandem_proto::durable`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tandem_proto::durable;
 
 use super::data::Example;
 use super::job::{Job, Progress, TrainSpec, Weights};
@@ -64,7 +66,7 @@ pub fn save(job: &Job, cfg: &ModelConfig, dir: &Path) -> Result<PathBuf> {
     if done.exists() {
         std::fs::remove_dir_all(&done).map_err(Error::io(&done))?;
     }
-    std::fs::rename(&tmp, &done).map_err(Error::io(&done))?;
+    durable::step("checkpoint", "rename", || std::fs::rename(&tmp, &done)).map_err(Error::io(&done))?;
     sync(dir)?;
     Ok(done)
 }
@@ -111,12 +113,12 @@ fn sync_dir_files(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(Error::io(dir))? {
         let path = entry.map_err(Error::io(dir))?.path();
         if path.is_file() {
-            File::open(&path).and_then(|f| f.sync_all()).map_err(Error::io(&path))?;
+            durable::step("checkpoint", "fsync", || File::open(&path)?.sync_all()).map_err(Error::io(&path))?;
         }
     }
     sync(dir)
 }
 
 fn sync(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(Error::io(dir))
+    durable::step("checkpoint", "dirsync", || File::open(dir)?.sync_all()).map_err(Error::io(dir))
 }
