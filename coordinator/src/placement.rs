@@ -8,7 +8,8 @@ use tandem_proto::contract::{ClusterState, JobStatus, Worker};
 /// The scheduler's next moves: each queued job onto the worker taking work with the fewest jobs
 /// placed or running (counting the moves before it), preferring workers that have the job's
 /// base model loaded, then rank 0 of a formed worker group that serves it, then the other
-/// whole-model workers. Pure: the leader proposes them as `PlaceJob` commands.
+/// whole-model workers; the worker the job's last attempt ended on comes last of all. Pure: the
+/// leader proposes them as `PlaceJob` commands.
 pub fn schedule(state: &ClusterState) -> Vec<(String, String)> {
     let mut jobs_on: BTreeMap<String, usize> = BTreeMap::new();
     for job in state.jobs.values().filter(|j| matches!(j.status, JobStatus::Placed | JobStatus::Running)) {
@@ -31,11 +32,13 @@ pub fn schedule(state: &ClusterState) -> Vec<(String, String)> {
             (true, false, _) => Some(2),
             (false, _, false) => None,
         };
+        // The worker its last attempt ended on (its disk failed the job, say) is the last choice.
+        let ended_on = |w: &str| job.attempts.last().is_some_and(|a| a.worker == w);
         let best = (state.workers.iter())
             .filter(|(_, info)| info.takes_work())
-            .filter_map(|(w, info)| tier(w, info).map(|t| (t, jobs_on.get(w).copied().unwrap_or(0), w)))
+            .filter_map(|(w, info)| tier(w, info).map(|t| (ended_on(w), t, jobs_on.get(w).copied().unwrap_or(0), w)))
             .min()
-            .map(|(_, _, w)| w.clone());
+            .map(|(_, _, _, w)| w.clone());
         let Some(worker) = best else { break };
         *jobs_on.entry(worker.clone()).or_default() += 1;
         moves.push((id.clone(), worker));
