@@ -145,6 +145,8 @@ pub struct Cluster {
     pub adapter: Vec<(String, Vec<u8>)>,
     /// When the nemesis struck: the moment its fault began, after it chose its target.
     pub struck: Option<Instant>,
+    /// The run's seed, for a nemesis that walks a list by it.
+    pub seed: u64,
     rt: tokio::runtime::Runtime,
 }
 
@@ -155,6 +157,7 @@ impl Cluster {
         unmount_disks(dir);
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("logs"))?;
+        std::fs::create_dir_all(dir.join("failpoints"))?;
         let model = dir.join(MODEL);
         let status = Command::new(bin).args(["init-model", "--preset", MODEL, "--out"]).arg(&model).output()?;
         if !status.status.success() {
@@ -182,7 +185,10 @@ impl Cluster {
             args.extend(["--data-dir".into(), dir.join(format!("c{id}")).to_string_lossy().into_owned()]);
             args.extend(["--http".into(), format!("{}:8000", host.ip), "--blobs".into(), blobs.clone()]);
             args.extend(certs.args(Role::Coordinator, &id.to_string()));
-            let env = vec![("TANDEM_API_KEY".to_string(), key.clone())];
+            // Snapshots every few seconds under the workload, so the snapshot's writes and the
+            // log's rewrite happen within a run (and their failpoints are reached).
+            args.extend(["--snapshot-every".into(), "50".into()]);
+            let env = vec![("TANDEM_API_KEY".to_string(), key.clone()), failpoints(dir, &format!("c{id}"))];
             let log = dir.join(format!("logs/c{id}.log"));
             nodes.push(Node { name: format!("c{id}"), kind: Kind::Coordinator(id), host, args, env, child: None, log });
         }
@@ -195,7 +201,8 @@ impl Cluster {
             args.extend(["--model".into(), model.to_string_lossy().into_owned(), "--blobs".into(), blobs.clone()]);
             args.extend(certs.args(Role::Worker, &name));
             let log = dir.join(format!("logs/{name}.log"));
-            nodes.push(Node { name, kind: Kind::Worker, host, args, env: Vec::new(), child: None, log });
+            let env = vec![failpoints(dir, &name)];
+            nodes.push(Node { name, kind: Kind::Worker, host, args, env, child: None, log });
         }
         let rt = tokio::runtime::Runtime::new()?;
         let mut cluster = Cluster {
@@ -207,6 +214,7 @@ impl Cluster {
             key,
             adapter,
             struck: None,
+            seed: 0,
             rt,
         };
         for node in cluster.nodes.iter_mut().filter(|n| n.kind != Kind::Coordinator(SPARE)) {
@@ -242,6 +250,47 @@ impl Cluster {
     /// from here, not from before the nemesis looked for its target.
     pub fn strike(&mut self) {
         self.struck.get_or_insert_with(Instant::now);
+    }
+
+    /// Sets node `name`'s failpoints to `text` (`point=actions` lines, `tandem_proto::durable`;
+    /// empty: none), which the process picks up within a few milliseconds, and at its start.
+    pub fn set_failpoints(&self, name: &str, text: &str) -> Result<()> {
+        let path = self.dir.join("failpoints").join(name);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        Ok(std::fs::rename(&tmp, &path)?)
+    }
+
+    /// Sets `point` to crash each of `names` there, waits up to `within` for one of them to
+    /// crash, clears their points and starts again each that crashed (two may have, at once);
+    /// their names.
+    pub fn crash_at(&mut self, names: &[String], point: &str, within: Duration) -> Result<Vec<String>> {
+        for name in names {
+            self.set_failpoints(name, &format!("{point}=return(crash)"))?;
+        }
+        let deadline = Instant::now() + within;
+        while !names.iter().any(|n| self.node(n).exited().is_some()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for name in names {
+            self.set_failpoints(name, "")?;
+        }
+        // A process that read the point before it was cleared may be crashing still.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut crashed = Vec::new();
+        for name in names {
+            let Some(status) = self.node(name).exited() else { continue };
+            if status.code() != Some(tandem_proto::durable::CRASH_EXIT) {
+                bail!("{name} exited ({status}), not at failpoint {point}");
+            }
+            self.node(name).kill();
+            self.start_node(name)?;
+            crashed.push(name.clone());
+        }
+        if crashed.is_empty() {
+            bail!("none of {} reached failpoint {point} within {within:?}", names.join(", "));
+        }
+        Ok(crashed)
     }
 
     /// Every gateway's address.
@@ -424,6 +473,11 @@ impl Drop for Cluster {
         }
         unmount_disks(&self.dir);
     }
+}
+
+/// The variable that names node `name`'s failpoints file, set by [`Cluster::set_failpoints`].
+fn failpoints(dir: &Path, name: &str) -> (String, String) {
+    ("TANDEM_FAILPOINTS".into(), dir.join("failpoints").join(name).to_string_lossy().into_owned())
 }
 
 /// A coordinator's disk: 64 MiB of tmpfs.

@@ -123,6 +123,54 @@ pub fn all() -> Vec<Scenario> {
                 }))
             },
         ),
+        Scenario {
+            hold: Duration::ZERO,
+            ..scenario(
+                "crash-points",
+                "a process crashes at failpoints before and after the fsyncs and renames of the Raft log, \
+                 state, snapshots and checkpoints (a quarter of them each seed), restarted at once",
+                |c, rng| {
+                    c.strike();
+                    let block = (c.seed.saturating_sub(1) % 4) as usize;
+                    for point in durable_points().into_iter().skip(block).step_by(4) {
+                        let targets = if point.starts_with("checkpoint") {
+                            c.workers()
+                        } else if rng.below(2) == 0 {
+                            vec![leader(c)?]
+                        } else {
+                            vec![follower(c, rng)?]
+                        };
+                        let crashed = c.crash_at(&targets, &point, Duration::from_secs(20))?;
+                        eprintln!("chaos: crash-points: {} crashed at {point}", crashed.join(", "));
+                    }
+                    Ok(no_heal())
+                },
+            )
+        },
+        scenario(
+            "disk-eio",
+            "every write of the leader's Raft log and of a training worker's checkpoints fails (EIO); \
+             healed after the hold (and a process restarted if it exited)",
+            |c, rng| {
+                let (leader, worker) = (leader(c)?, training_worker(c, rng));
+                let fail = |files: &[&str]| -> String {
+                    (files.iter())
+                        .flat_map(|f| STEPS.iter().map(move |op| format!("{f}-{op}-before=return(eio)\n")))
+                        .collect()
+                };
+                c.strike();
+                c.set_failpoints(&leader, &fail(&RAFT_FILES))?;
+                c.set_failpoints(&worker, &fail(&["checkpoint"]))?;
+                Ok(Box::new(|c| {
+                    let names: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+                    for name in &names {
+                        c.set_failpoints(name, "")?;
+                        c.restart_if_exited(name)?;
+                    }
+                    Ok(())
+                }))
+            },
+        ),
         scenario("leader-transfer", "leadership handed to each follower in turn, under load", |c, _| {
             let leader = c.wait_leader(Duration::from_secs(20))?;
             c.strike();
@@ -184,6 +232,19 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario { load: 4, ..scenario("overload", "4x the clients", |_, _| Ok(no_heal())) },
     ]
+}
+
+/// The files written durably (`tandem_proto::durable`): the coordinators' Raft log, state and
+/// snapshot, and the workers' checkpoints; and the steps of each write.
+const RAFT_FILES: [&str; 3] = ["raft-log", "raft-state", "raft-snapshot"];
+const STEPS: [&str; 3] = ["fsync", "rename", "dirsync"];
+
+/// Every failpoint of those writes: before and after each step of each file's.
+fn durable_points() -> Vec<String> {
+    // Checkpoints first: the jobs that write them end some seconds into the run.
+    (["checkpoint"].iter().chain(&RAFT_FILES))
+        .flat_map(|f| STEPS.iter().flat_map(move |op| ["before", "after"].map(|when| format!("{f}-{op}-{when}"))))
+        .collect()
 }
 
 /// The leader's node name.

@@ -40,8 +40,9 @@ const FINAL: usize = 1003;
 /// The fine-tuning data: the `reverse` task's first 64 examples.
 const TRAINING_DATA: &str = include_str!("../../data/reverse/train.jsonl");
 /// Epochs of each run's jobs over their 64 examples (16 steps each): long enough to be
-/// training when the fault comes.
-const JOB_EPOCHS: u32 = 25;
+/// training through the fault on a fast machine (about 100 steps a second on a 2-vCPU Zen 4
+/// beside the workload), at the price of a wait for them after the run on a slow one.
+const JOB_EPOCHS: u32 = 100;
 /// How long a job may take to end after the run's workload stops.
 const JOB_BOUND: Duration = Duration::from_secs(120);
 
@@ -130,6 +131,7 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
 
     std::thread::sleep(WARM_UP);
     let before = cluster.footprint();
+    cluster.seed = seed;
     let mut rng = Xoshiro256::seed_from_u64(seed);
     let asked = Instant::now();
     let heal = scenario.inject(&mut cluster, &mut rng).with_context(|| format!("injecting {}", scenario.name))?;

@@ -76,7 +76,16 @@ impl DiskStorage {
         }
         // Entries a snapshot covers may remain after a crash between writing the snapshot and
         // rewriting the log: they are dropped here.
-        let snap_index = snapshot.get_metadata().index;
+        let meta = snapshot.get_metadata();
+        let snap_index = meta.index;
+        // A crash between installing a leader's snapshot and writing the state leaves a state
+        // older than the snapshot (raft-rs refuses to start on a commit behind it): a snapshot
+        // is committed, so the state is brought up to it as the install would have.
+        if hard_state.commit < snap_index {
+            hard_state.commit = snap_index;
+            hard_state.term = hard_state.term.max(meta.term);
+            conf_state = meta.get_conf_state().clone();
+        }
         let keep = entries.iter().position(|e| e.index > snap_index).unwrap_or(entries.len());
         entries.drain(..keep);
         offsets.drain(..keep);

@@ -131,6 +131,22 @@ fn compaction_and_snapshots_persist() {
     assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (11, 10));
     assert_eq!(s.initial_state().unwrap().hard_state.commit, 10);
     assert_eq!(s.snapshot_data(), (10, b"state at 10".to_vec()));
+
+    // A crash after the snapshot was installed and before the state was written (found by
+    // the chaos tests' crash-points): the state file predates the snapshot; the snapshot wins.
+    let old_state = std::fs::read(f.join("state")).unwrap();
+    snap.mut_metadata().index = 20;
+    snap.mut_metadata().term = 4;
+    snap.mut_metadata().set_conf_state(ConfState { voters: vec![1, 2, 4], ..Default::default() });
+    s.apply_snapshot(&snap).unwrap();
+    drop(s);
+    std::fs::write(f.join("state"), old_state).unwrap();
+    let s = DiskStorage::open(&f).unwrap();
+    let state = s.initial_state().unwrap();
+    assert_eq!((state.hard_state.commit, state.hard_state.term), (20, 4));
+    assert_eq!(state.conf_state.voters, vec![1, 2, 4]);
+    let config = Config { id: 1, applied: 20, ..Default::default() };
+    RawNode::new(&config, s, &raft::default_logger()).unwrap();
 }
 
 /// Runs one Ready of a single-node group the way the coordinator's loop will: persist entries
