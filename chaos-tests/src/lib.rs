@@ -2,7 +2,9 @@
 //! driven by a recorded workload while a nemesis injects one fault, then checked. The map:
 //!
 //! - `net.rs`: the namespaces, the bridge, and the faults of the network (links down, drops
-//!   with nftables, random loss, `tc netem`).
+//!   with nftables, random loss, shaping).
+//! - `shaper.rs`: delay, jitter, loss and reordering in user space through NFQUEUE (what
+//!   `tc netem` does, on kernels without it).
 //! - `cluster.rs`: 3 coordinators (gateways on, each on a tmpfs disk of its own, a spare fourth
 //!   for membership changes) and workers as processes under mutual TLS; kill, pause, resume,
 //!   restart, fill a disk, change members, transfer the lead; each process's memory and
@@ -35,4 +37,5 @@ pub mod models;
 pub mod nemesis;
 pub mod net;
 pub mod run;
+pub mod shaper;
 pub mod workload;

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::Parser;
+use tandem_chaos::etcd;
 use tandem_chaos::linearizability::Verdict;
 use tandem_chaos::nemesis::{self, Scenario};
 use tandem_chaos::run::{RECOVERY_BOUND, RunReport, run};
-use tandem_chaos::{etcd, net};
 
 #[derive(Parser)]
 #[command(about = "Tandem under faults: real processes, nemeses, checkers, a scorecard")]
@@ -62,16 +62,9 @@ fn main() -> Result<()> {
         std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e} (cargo build --release)", bin.display()))?;
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
-    let netem = net::has_netem();
     let mut rows = Vec::new();
     let mut failed = false;
     for s in chosen {
-        if s.needs_netem && !netem {
-            eprintln!("chaos: {}: NOT RUN: this kernel has no tc netem (sch_netem)", s.name);
-            rows.push(Row { scenario: s, reports: Vec::new(), not_run: true });
-            failed = true;
-            continue;
-        }
         let mut reports = Vec::new();
         for seed in 1..=args.seeds {
             let report = match run(&bin, &dir.join("run"), s, seed) {
@@ -91,12 +84,12 @@ fn main() -> Result<()> {
             failed |= !report.passed();
             reports.push(report);
         }
-        rows.push(Row { scenario: s, reports, not_run: false });
+        rows.push(Row { scenario: s, reports });
     }
     let etcd = (0..args.seeds.min(20))
         .map(|i| etcd::leader_kill_outage(&dir.join(format!("etcd-{i}"))))
         .collect::<Result<Vec<Duration>>>()?;
-    let card = scorecard(&rows, &etcd, netem);
+    let card = scorecard(&rows, &etcd);
     println!("{card}");
     if let Some(out) = &args.out {
         write_between_markers(out, &card)?;
@@ -110,7 +103,6 @@ fn main() -> Result<()> {
 struct Row<'a> {
     scenario: &'a Scenario,
     reports: Vec<RunReport>,
-    not_run: bool,
 }
 
 fn ms(d: Option<Duration>) -> String {
@@ -125,7 +117,7 @@ fn percentile(values: &[Duration], p: f64) -> Option<Duration> {
     v.get(rank.saturating_sub(1)).copied()
 }
 
-fn scorecard(rows: &[Row], etcd: &[Duration], netem: bool) -> String {
+fn scorecard(rows: &[Row], etcd: &[Duration]) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -134,18 +126,13 @@ fn scorecard(rows: &[Row], etcd: &[Duration], netem: bool) -> String {
         })
         .unwrap_or_default();
     let mut out = format!(
-        "Machine: {cpu}, {} CPUs; kernel netem: {}. Inference must answer within {} s of each heal.\n\n",
+        "Machine: {cpu}, {} CPUs. Inference must answer within {} s of each heal.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if netem { "yes" } else { "no" },
         RECOVERY_BOUND.as_secs()
     );
     out += "| scenario | seeds run | passed | operations | acknowledged lost | linearizability | write outage p50 / p99 | inference recovery p50 / p99 |\n";
     out += "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n";
     for row in rows {
-        if row.not_run {
-            out += &format!("| {} | 0 | - | - | - | not run: no netem in this kernel | - | - |\n", row.scenario.name);
-            continue;
-        }
         let r = &row.reports;
         let passed = r.iter().filter(|r| r.passed()).count();
         let operations: usize = r.iter().map(|r| r.operations).sum();

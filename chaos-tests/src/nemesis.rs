@@ -8,6 +8,7 @@ use tandem_worker::rng::Xoshiro256;
 
 use crate::cluster::{Cluster, Kind, LEASE, SPARE, fill_disk, free_disk};
 use crate::net::Host;
+use crate::shaper::Shape;
 
 /// What undoes a fault.
 pub type Heal = Box<dyn FnOnce(&mut Cluster) -> Result<()>>;
@@ -22,8 +23,6 @@ pub struct Scenario {
     pub hang_up_after: Option<usize>,
     /// How many clients, as a multiple of the usual.
     pub load: usize,
-    /// Needs `tc netem` in the kernel.
-    pub needs_netem: bool,
     inject: fn(&mut Cluster, &mut Xoshiro256) -> Result<Heal>,
 }
 
@@ -40,7 +39,7 @@ const fn scenario(
     about: &'static str,
     inject: fn(&mut Cluster, &mut Xoshiro256) -> Result<Heal>,
 ) -> Scenario {
-    Scenario { name, about, hold: HOLD, hang_up_after: None, load: 1, needs_netem: false, inject }
+    Scenario { name, about, hold: HOLD, hang_up_after: None, load: 1, inject }
 }
 
 /// Every scenario, in the scorecard's order.
@@ -201,16 +200,19 @@ pub fn all() -> Vec<Scenario> {
             }
             Ok(heal_net())
         }),
-        Scenario {
-            needs_netem: true,
-            ..scenario("netem", "tc netem on every node: 50 ms +- 20 ms delay, 5% loss, 25% reordered", |c, _| {
+        scenario(
+            "delay",
+            "every node's packets delayed 50 ms +- 20 ms, 5% dropped, reordered where delays cross (NFQUEUE)",
+            |c, rng| {
+                let shape =
+                    Shape { delay: Duration::from_millis(50), jitter: Duration::from_millis(20), loss_percent: 5 };
                 c.strike();
                 for host in hosts(c) {
-                    c.net.netem(&host, "delay 50ms 20ms loss 5% reorder 25% 50%")?;
+                    c.net.shape(&host, shape, rng.next_u64())?;
                 }
                 Ok(heal_net())
-            })
-        },
+            },
+        ),
         Scenario {
             hold: Duration::ZERO,
             ..scenario("rolling-restart", "every process stopped (SIGTERM) and started again, one at a time", |c, _| {

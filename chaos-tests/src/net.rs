@@ -3,11 +3,14 @@
 //! namespace, holds 10.98.0.254 on the bridge). Faults are the kernel's: a node's link taken
 //! down (a partition of that node from everything), nftables rules in a node's namespace that
 //! silently drop what it sends to some peers (one-way or two-way partitions between sets) or a
-//! random share of it (loss), and `tc netem` delay, loss and reordering where the kernel has
-//! netem. Nothing leaves the bridge. Needs root (CAP_NET_ADMIN), iproute2 and nftables.
+//! random share of it (loss), or that queue all it sends to the runner's [`Shaper`] (delay,
+//! jitter, loss and reordering). Nothing leaves the bridge. Needs root (CAP_NET_ADMIN),
+//! iproute2, nftables and iptables.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+
+use crate::shaper::{QUEUE, Shape, Shaper};
 
 /// The bridge every node's link joins.
 const BRIDGE: &str = "tch0";
@@ -57,6 +60,8 @@ pub struct Host {
 /// The bridge and the namespaces on it; dropping it removes them all.
 pub struct Net {
     hosts: Vec<Host>,
+    /// The hosts being shaped, each with its shaper.
+    shapers: Vec<(Host, Shaper)>,
 }
 
 impl Net {
@@ -66,7 +71,7 @@ impl Net {
         run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
         run("ip", &["addr", "add", "10.98.0.254/24", "dev", BRIDGE])?;
         run("ip", &["link", "set", BRIDGE, "up"])?;
-        Ok(Net { hosts: Vec::new() })
+        Ok(Net { hosts: Vec::new(), shapers: Vec::new() })
     }
 
     /// A namespace `tch-<name>` at 10.98.0.`octet`, its loopback and its link up, and an empty
@@ -109,33 +114,30 @@ impl Net {
         run_in(&host.ns, "nft", &rule)
     }
 
-    /// `tc netem` on `host`'s link (`spec`: "delay 100ms 50ms reorder 25%", ...); an error
-    /// where the kernel has no netem.
-    pub fn netem(&self, host: &Host, spec: &str) -> Result<(), NetError> {
-        let args: Vec<&str> =
-            ["qdisc", "add", "dev", "eth0", "root", "netem"].into_iter().chain(spec.split_whitespace()).collect();
-        run_in(&host.ns, "tc", &args)
+    /// Shapes everything `host` sends on its link (`shape`, drawn from `seed`).
+    pub fn shape(&mut self, host: &Host, shape: Shape, seed: u64) -> Result<(), NetError> {
+        let shaper = Shaper::start(&host.ns, shape, seed)
+            .map_err(|e| NetError { command: format!("shaping {}", host.ns), message: e.to_string() })?;
+        self.shapers.push((host.clone(), shaper));
+        // iptables' NFQUEUE target, which kernels without nftables' own `queue` have too.
+        // `bypass`: were the shaper gone, packets would pass rather than vanish.
+        let queue = QUEUE.to_string();
+        let rule = ["-A", "OUTPUT", "-o", "eth0", "-j", "NFQUEUE", "--queue-num", &queue, "--queue-bypass"];
+        run_in(&host.ns, "iptables", &rule)
     }
 
-    /// Every link up, every drop rule and netem qdisc removed.
-    pub fn heal(&self) -> Result<(), NetError> {
+    /// Every link up, every rule removed, and every shaper's held packets let go.
+    pub fn heal(&mut self) -> Result<(), NetError> {
         for h in &self.hosts {
             run("ip", &["link", "set", &h.veth, "up"])?;
             run_in(&h.ns, "nft", &["flush", "chain", "inet", TABLE, "out"])?;
-            // Absent unless netem was added: nothing to remove is not a failure.
-            let _ = run_in(&h.ns, "tc", &["qdisc", "del", "dev", "eth0", "root"]);
+        }
+        for (host, shaper) in self.shapers.drain(..) {
+            run_in(&host.ns, "iptables", &["-F", "OUTPUT"])?;
+            shaper.stop().map_err(|e| NetError { command: "stopping a shaper".into(), message: e.to_string() })?;
         }
         Ok(())
     }
-}
-
-/// Whether this kernel has `tc netem` (many minimal VM kernels do not).
-pub fn has_netem() -> bool {
-    let ns = format!("{PREFIX}probe");
-    let ok = run("ip", &["netns", "add", &ns]).is_ok()
-        && run_in(&ns, "tc", &["qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]).is_ok();
-    let _ = run("ip", &["netns", "del", &ns]);
-    ok
 }
 
 /// Removes the bridge and every chaos namespace and veth.
