@@ -1,7 +1,9 @@
 //! A real cluster for the nemeses: `tandem` processes, each in its own network namespace
 //! ([`Net`]): coordinators 1-3 at 10.98.0.1-3 (Raft and the cluster API on :7000, the
-//! OpenAI-compatible gateway on :8000, one shared blobs folder as a shared filesystem) and
-//! workers `w1`, `w2`, ... at 10.98.0.11 on (:7100) serving a random-weight `tiny` model. Every
+//! OpenAI-compatible gateway on :8000, one shared blobs folder as a shared filesystem),
+//! workers `w1`, `w2`, ... at 10.98.0.11 on (:7100) serving a random-weight `tiny` model whole,
+//! and group workers `g1`, `g2` at 10.98.0.21-22 (collectives on :7200) serving it as the two
+//! ranks of worker group [`GROUP`] (tensor parallelism, its collectives over TCP). Every
 //! process holds a certificate of the run's own CA: they talk mutual TLS. The runner, in the
 //! root namespace, reaches the gateways over the bridge as any client would.
 
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tandem_proto::ClusterClient;
-use tandem_proto::contract::{Command as StateCommand, JobStatus, Member, Proposal};
+use tandem_proto::contract::{Command as StateCommand, JobStatus, Member, Proposal, Reply};
 use tandem_proto::tls::Role;
 use tandem_testkit::TestCerts;
 
@@ -28,12 +30,19 @@ pub const COORDINATORS: u64 = 3;
 pub const SPARE: u64 = 4;
 /// The workers' lease: a worker not heard from for this long is dead (the binary's default).
 pub const LEASE: Duration = Duration::from_millis(3000);
+/// The worker group of two ranks, on group workers `g1` and `g2`.
+pub const GROUP: &str = "tp";
+const GROUP_RANKS: usize = 2;
+/// A group's collectives fail after this long without word from a rank (a paused one); a
+/// killed rank's connections break at once.
 
 /// What a node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Coordinator(u64),
     Worker,
+    /// A rank of [`GROUP`].
+    GroupWorker,
 }
 
 /// One process of the cluster, on its own host.
@@ -151,8 +160,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts 3 coordinators and `workers` workers in a fresh `dir`, registers the model and
-    /// waits until every worker serves.
+    /// Starts 3 coordinators, `workers` whole-model workers and the two group workers in a
+    /// fresh `dir`, registers the model, places the group and waits until every worker serves
+    /// and the group is formed.
     pub fn start(bin: &Path, dir: &Path, workers: usize) -> Result<Cluster> {
         unmount_disks(dir);
         let _ = std::fs::remove_dir_all(dir);
@@ -204,6 +214,25 @@ impl Cluster {
             let env = vec![failpoints(dir, &name)];
             nodes.push(Node { name, kind: Kind::Worker, host, args, env, child: None, log });
         }
+        for g in 1..=GROUP_RANKS {
+            let name = format!("g{g}");
+            let host = net.add_host(&name, 20 + g as u8)?;
+            let mut args =
+                vec!["worker".to_string(), "--id".into(), name.clone(), "--listen".into(), format!("{}:7100", host.ip)];
+            args.extend(["--coordinator".into(), coordinators.join(",")]);
+            args.extend(["--model".into(), model.to_string_lossy().into_owned(), "--blobs".into(), blobs.clone()]);
+            args.extend(["--collective-addr".into(), format!("{}:7200", host.ip)]);
+            args.extend([
+                "--collective-timeout-ms".into(),
+                "3000".into(),
+                "--group-setup-timeout-ms".into(),
+                "10000".into(),
+            ]);
+            args.extend(certs.args(Role::Worker, &name));
+            let log = dir.join(format!("logs/{name}.log"));
+            let env = vec![failpoints(dir, &name)];
+            nodes.push(Node { name, kind: Kind::GroupWorker, host, args, env, child: None, log });
+        }
         let rt = tokio::runtime::Runtime::new()?;
         let mut cluster = Cluster {
             bin: bin.to_path_buf(),
@@ -221,23 +250,48 @@ impl Cluster {
             node.start(bin)?;
         }
         cluster.register_model(&model)?;
-        cluster.wait_serving(workers, Duration::from_secs(90))?;
+        cluster.wait_serving(cluster.workers().len(), Duration::from_secs(90))?;
+        let group = StateCommand::CreateGroup {
+            group: GROUP.into(),
+            model: MODEL.into(),
+            size: GROUP_RANKS,
+            expert_parallel: false,
+        };
+        cluster.propose("group", group)?;
+        cluster.wait_group_formed(Duration::from_secs(60))?;
         Ok(cluster)
     }
 
-    /// Puts the model in the catalogue, as `tandem up` does, once a coordinator takes it.
+    /// Puts the model in the catalogue, as `tandem up` does.
     fn register_model(&self, model: &Path) -> Result<()> {
-        let command = StateCommand::RegisterModel { name: MODEL.into(), uri: model.to_string_lossy().into_owned() };
-        let p = Proposal::new("chaos-model", command);
+        self.propose(
+            "model",
+            StateCommand::RegisterModel { name: MODEL.into(), uri: model.to_string_lossy().into_owned() },
+        )
+    }
+
+    /// Proposes `command` as the operator until it is applied (up to 60 s): through
+    /// coordinator 1 (which forwards to the leader), again after a refusal under a new request
+    /// id (the state machine remembers its answer to each).
+    fn propose(&self, request: &str, command: StateCommand) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let client = self.client(1)?;
-            match self.rt.block_on(client.propose_as(p.clone())) {
+        let mut p = Proposal::new(format!("chaos-{request}-0"), command);
+        for attempt in 1.. {
+            let outcome = self.client(1).and_then(|c| Ok(self.rt.block_on(c.propose_as(p.clone()))?));
+            let why = match outcome {
+                Ok(Reply::Refused { reason }) => {
+                    p = Proposal::new(format!("chaos-{request}-{attempt}"), p.command);
+                    reason
+                }
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() > deadline => bail!("no coordinator took the model: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                bail!("{:?} was not applied within 60 s: {why}", p.command);
             }
+            std::thread::sleep(Duration::from_millis(200));
         }
+        unreachable!("the attempts go on until the deadline")
     }
 
     /// A client of coordinator `id`, as the operator, that gives up quickly.
@@ -302,9 +356,35 @@ impl Cluster {
         self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
-    /// The workers' names.
+    /// The workers' names, group workers too.
     pub fn workers(&self) -> Vec<String> {
-        self.nodes.iter().filter(|n| n.kind == Kind::Worker).map(|n| n.name.clone()).collect()
+        (self.nodes.iter())
+            .filter(|n| matches!(n.kind, Kind::Worker | Kind::GroupWorker))
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// The group's ranks' worker names, rank order, as the state says.
+    pub fn group_ranks(&self) -> Result<Vec<String>> {
+        let state = self.rt.block_on(self.client(self.wait_leader(Duration::from_secs(20))?)?.state())?;
+        Ok(state.placements.get(GROUP).map(|p| p.workers.clone()).unwrap_or_default())
+    }
+
+    /// Waits up to `timeout` until the group is formed (every rank joined its formation).
+    pub fn wait_group_formed(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::from("no state read");
+        while Instant::now() < deadline {
+            let state =
+                self.coordinators().into_iter().find_map(|id| self.rt.block_on(self.client(id).ok()?.state()).ok());
+            match state.as_ref().map(|s| s.placements.get(GROUP)) {
+                Some(Some(p)) if p.formed => return Ok(()),
+                Some(p) => last = format!("{p:?}"),
+                None => {}
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("group {GROUP} not formed within {timeout:?}; last: {last}")
     }
 
     /// Starts node `name` again if it exited, as a service manager would; whether it had.
@@ -328,7 +408,7 @@ impl Cluster {
         (self.nodes.iter().filter(|n| n.running()))
             .filter_map(|n| match n.kind {
                 Kind::Coordinator(id) => Some(id),
-                Kind::Worker => None,
+                Kind::Worker | Kind::GroupWorker => None,
             })
             .collect()
     }

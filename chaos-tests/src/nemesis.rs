@@ -80,6 +80,19 @@ pub fn all() -> Vec<Scenario> {
                 },
             )
         },
+        scenario(
+            "rank-loss",
+            "kill -9 of one rank of the worker group (rank 0 or 1, by the seed), while streams run; \
+             restarted after the hold",
+            |c, rng| {
+                let ranks = c.group_ranks()?;
+                if ranks.is_empty() {
+                    bail!("the worker group has no ranks");
+                }
+                let rank = pick(&ranks, rng);
+                kill(c, &rank)
+            },
+        ),
         scenario("leader-isolated", "the leader's link down: a minority partition of the leader", |c, _| {
             let host = c.node(&leader(c)?).host.clone();
             c.strike();
@@ -222,7 +235,9 @@ pub fn all() -> Vec<Scenario> {
                     c.start_node(&name)?;
                     match c.node(&name).kind {
                         Kind::Coordinator(_) => drop(c.wait_leader(Duration::from_secs(30))?),
-                        Kind::Worker => c.wait_serving(c.workers().len(), Duration::from_secs(60))?,
+                        Kind::Worker | Kind::GroupWorker => {
+                            c.wait_serving(c.workers().len(), Duration::from_secs(60))?
+                        }
                     }
                 }
                 Ok(no_heal())

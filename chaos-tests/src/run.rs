@@ -20,7 +20,7 @@ use crate::linearizability::Verdict;
 use crate::nemesis::Scenario;
 use crate::workload::{Tenant, Workload};
 
-/// Workers in the cluster.
+/// Whole-model workers in the cluster (besides the worker group's two).
 const WORKERS: usize = 3;
 /// Workload clients (times the scenario's load).
 const CLIENTS: usize = 4;
@@ -147,7 +147,10 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
     }
 
     let mut failures = Vec::new();
-    if let Err(e) = cluster.wait_serving(WORKERS, Duration::from_secs(60)) {
+    if let Err(e) = cluster.wait_serving(cluster.workers().len(), Duration::from_secs(60)) {
+        failures.push(format!("after the heal: {e}"));
+    }
+    if let Err(e) = cluster.wait_group_formed(Duration::from_secs(60)) {
         failures.push(format!("after the heal: {e}"));
     }
     if let Err(e) = cluster.wait_caught_up(Duration::from_secs(30)) {

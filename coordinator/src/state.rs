@@ -364,14 +364,13 @@ impl StateMachine {
             );
             let old = self.state.placements[&group].clone();
             self.requeue_group_jobs(&old, at, "a worker of its group died");
-            match replacement {
-                Some(r) => {
-                    if let Some(p) = self.state.placements.get_mut(&group) {
-                        p.workers.iter_mut().filter(|w| *w == id).for_each(|w| *w = r.clone());
-                        reform(p);
-                    }
+            // With no worker to take the rank, the group outlives the outage: it waits, not
+            // formed, for its member to come back (or for a spare at its next failure).
+            if let Some(p) = self.state.placements.get_mut(&group) {
+                if let Some(r) = replacement {
+                    p.workers.iter_mut().filter(|w| *w == id).for_each(|w| *w = r.clone());
                 }
-                None => drop(self.state.placements.remove(&group)),
+                reform(p);
             }
         }
         Reply::Done

@@ -161,9 +161,10 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
 
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 2 });
     assert!(schedule(log.state()).is_empty());
-    // With no worker left to take its shard, the group goes.
+    // With no worker left to take its shard, the group waits for its worker, not formed.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "w2".into() }), Reply::Done);
-    assert!(log.state().placements.is_empty());
+    let waiting = &log.state().placements["g1"];
+    assert_eq!((waiting.workers.clone(), waiting.formed), (vec!["w2".to_string()], false));
     assert!(schedule(log.state()).is_empty(), "nothing alive to place on");
     assert_eq!(log.apply(worker("w2")), Reply::Done);
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() }), Reply::Epoch { epoch: 3 });
@@ -441,10 +442,15 @@ fn a_group_is_placed_on_spare_group_workers_and_re_formed_when_a_rank_fails() {
     // The state with groups survives a snapshot.
     let restored = StateMachine::restore(&log.machine.snapshot().unwrap()).unwrap();
     assert_eq!(restored, log.machine);
-    // A member dies with no group worker to spare: the whole-model workers w1, w2 cannot take
-    // its rank, so the group goes.
+    // A member dies with no group worker to spare (the whole-model workers w1, w2 cannot take
+    // its rank): the group waits for it, not formed, at the next epoch; back, it forms again.
     assert_eq!(log.apply(Command::MarkWorkerDead { id: "g3".into() }), Reply::Done);
-    assert!(log.state().placements.is_empty());
+    let p = &log.state().placements["tp"];
+    assert_eq!((p.workers.clone(), p.epoch, p.formed), (vec!["g2".to_string(), "g3".to_string()], 5, false));
+    assert!(log.state().memberships("g2").iter().all(|m| m.epoch == 5));
+    assert_eq!(log.apply(group_worker("g3")), Reply::Done);
+    assert_eq!(log.apply(Command::GroupFormed { group: "tp".into(), epoch: 5 }), Reply::Done);
+    assert!(log.state().placements["tp"].formed);
 }
 
 /// Jobs go to rank 0 of a formed group that serves their model (after workers holding the
