@@ -364,10 +364,14 @@ impl Cluster {
             .collect()
     }
 
+    /// The state as the leader has it (up to 20 s for a leader).
+    pub fn state(&self) -> Result<tandem_proto::contract::ClusterState> {
+        Ok(self.rt.block_on(self.client(self.wait_leader(Duration::from_secs(20))?)?.state())?)
+    }
+
     /// The group's ranks' worker names, rank order, as the state says.
     pub fn group_ranks(&self) -> Result<Vec<String>> {
-        let state = self.rt.block_on(self.client(self.wait_leader(Duration::from_secs(20))?)?.state())?;
-        Ok(state.placements.get(GROUP).map(|p| p.workers.clone()).unwrap_or_default())
+        Ok(self.state()?.placements.get(GROUP).map(|p| p.workers.clone()).unwrap_or_default())
     }
 
     /// Waits up to `timeout` until the group is formed (every rank joined its formation).

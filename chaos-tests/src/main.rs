@@ -67,6 +67,7 @@ fn main() -> Result<()> {
     for s in chosen {
         let mut reports = Vec::new();
         for seed in 1..=args.seeds {
+            let started = std::time::Instant::now();
             let report = match run(&bin, &dir.join("run"), s, seed) {
                 Ok(r) => r,
                 Err(e) => RunReport::broken(s.name, seed, format!("{e:#}")),
@@ -74,8 +75,9 @@ fn main() -> Result<()> {
             let verdict =
                 if report.passed() { "passed".to_string() } else { format!("FAILED: {}", report.failures.join("; ")) };
             eprintln!(
-                "chaos: {} seed {seed}: {} operations, write outage {}, recovery {}; jobs: {}: {verdict}",
+                "chaos: {} seed {seed} ({} s): {} operations, write outage {}, recovery {}; jobs: {}: {verdict}",
                 s.name,
+                started.elapsed().as_secs(),
                 report.operations,
                 ms(report.write_outage),
                 ms(report.recovery),

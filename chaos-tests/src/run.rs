@@ -178,6 +178,10 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
             Err(e) => failures.push(format!("job {job}: {e:#}")),
         }
     }
+    match cluster.state() {
+        Ok(state) => failures.extend(checkers::adapter_contents(&state, &cluster.dir.join("adapter"))),
+        Err(e) => failures.push(format!("the final state could not be read: {e:#}")),
+    }
     let (verdict, checked) = checkers::adapters_linearizable(&events);
     if verdict != Verdict::Linearizable {
         failures.push(format!("adapter registry: {verdict:?}"));

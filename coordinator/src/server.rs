@@ -532,8 +532,10 @@ async fn supervise(store: Store, lead: Arc<Lead>, leases: Arc<Leases>) {
         }
         let Ok(state) = (if expired.is_empty() { Ok(state) } else { store.read(leases.lease).await }) else { continue };
         for (job, worker) in schedule(&state) {
-            // Named by the attempt it starts, so a retry (or a second leader) places it once.
-            let request_id = format!("place-{job}-{}", state.jobs[&job].epoch + 1);
+            // A fresh request id each time: the state machine remembers its answer to an id, so
+            // a placement refused once (its worker marked dead meanwhile) would be refused under
+            // that id for ever. Placing twice cannot happen: only a queued job is placed.
+            let request_id = fresh_id(&format!("place-{job}"));
             let command = Command::PlaceJob { id: job, worker };
             let _ = store.propose(Proposal::new(request_id, command), REQUEST_TIMEOUT).await;
         }
