@@ -158,6 +158,31 @@ pub fn panics(logs: &[&Path]) -> Vec<String> {
     found
 }
 
+/// Every adapter version the state holds of the workload's names (all uploads of the same
+/// files, in `uploaded`) records the upload's checksum, and its folder on the shared disk still
+/// reads back to it: no acknowledged version's content is lost or changed.
+pub fn adapter_contents(state: &ClusterState, uploaded: &Path) -> Vec<String> {
+    let want = match dir_checksum(uploaded) {
+        Ok(c) => c,
+        Err(e) => return vec![format!("{}: {e}", uploaded.display())],
+    };
+    let versions = (state.adapters.iter())
+        .flat_map(|(tenant, names)| names.iter().map(move |(name, versions)| (tenant, name, versions)))
+        .filter(|(_, name, _)| NAMES.contains(&name.as_str()))
+        .flat_map(|(tenant, name, versions)| versions.iter().map(move |v| (tenant, name, v)));
+    let mut failures = Vec::new();
+    for (tenant, name, v) in versions {
+        let on_disk = dir_checksum(Path::new(&v.uri)).map_err(|e| e.to_string());
+        if v.checksum != want || on_disk.as_ref() != Ok(&want) {
+            failures.push(format!(
+                "adapter {tenant}/{name} version {}: recorded checksum {}, folder {} reads {on_disk:?}, uploaded {want}",
+                v.version, v.checksum, v.uri
+            ));
+        }
+    }
+    failures
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -249,29 +274,4 @@ mod tests {
         let after = first_success_after(&events, Duration::from_millis(1000), Op::writes);
         assert_eq!(after, Some(Duration::from_millis(1100)));
     }
-}
-
-/// Every adapter version the state holds of the workload's names (all uploads of the same
-/// files, in `uploaded`) records the upload's checksum, and its folder on the shared disk still
-/// reads back to it: no acknowledged version's content is lost or changed.
-pub fn adapter_contents(state: &ClusterState, uploaded: &Path) -> Vec<String> {
-    let want = match dir_checksum(uploaded) {
-        Ok(c) => c,
-        Err(e) => return vec![format!("{}: {e}", uploaded.display())],
-    };
-    let versions = (state.adapters.iter())
-        .flat_map(|(tenant, names)| names.iter().map(move |(name, versions)| (tenant, name, versions)))
-        .filter(|(_, name, _)| NAMES.contains(&name.as_str()))
-        .flat_map(|(tenant, name, versions)| versions.iter().map(move |v| (tenant, name, v)));
-    let mut failures = Vec::new();
-    for (tenant, name, v) in versions {
-        let on_disk = dir_checksum(Path::new(&v.uri)).map_err(|e| e.to_string());
-        if v.checksum != want || on_disk.as_ref() != Ok(&want) {
-            failures.push(format!(
-                "adapter {tenant}/{name} version {}: recorded checksum {}, folder {} reads {on_disk:?}, uploaded {want}",
-                v.version, v.checksum, v.uri
-            ));
-        }
-    }
-    failures
 }

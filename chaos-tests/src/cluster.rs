@@ -33,8 +33,10 @@ pub const LEASE: Duration = Duration::from_millis(3000);
 /// The worker group of two ranks, on group workers `g1` and `g2`.
 pub const GROUP: &str = "tp";
 const GROUP_RANKS: usize = 2;
-/// A group's collectives fail after this long without word from a rank (a paused one); a
-/// killed rank's connections break at once.
+/// A group's collectives fail after this long without word from a rank (a paused one; a killed
+/// rank's connections break at once), and it must form within the set-up time.
+const COLLECTIVE_TIMEOUT_MS: &str = "3000";
+const GROUP_SETUP_TIMEOUT_MS: &str = "10000";
 
 /// What a node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,12 +224,8 @@ impl Cluster {
             args.extend(["--coordinator".into(), coordinators.join(",")]);
             args.extend(["--model".into(), model.to_string_lossy().into_owned(), "--blobs".into(), blobs.clone()]);
             args.extend(["--collective-addr".into(), format!("{}:7200", host.ip)]);
-            args.extend([
-                "--collective-timeout-ms".into(),
-                "3000".into(),
-                "--group-setup-timeout-ms".into(),
-                "10000".into(),
-            ]);
+            args.extend(["--collective-timeout-ms".into(), COLLECTIVE_TIMEOUT_MS.into()]);
+            args.extend(["--group-setup-timeout-ms".into(), GROUP_SETUP_TIMEOUT_MS.into()]);
             args.extend(certs.args(Role::Worker, &name));
             let log = dir.join(format!("logs/{name}.log"));
             let env = vec![failpoints(dir, &name)];
