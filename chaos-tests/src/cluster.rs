@@ -204,32 +204,24 @@ impl Cluster {
             let log = dir.join(format!("logs/c{id}.log"));
             nodes.push(Node { name: format!("c{id}"), kind: Kind::Coordinator(id), host, args, env, child: None, log });
         }
-        for w in 1..=workers {
-            let name = format!("w{w}");
-            let host = net.add_host(&name, 10 + w as u8)?;
+        // Whole-model workers w1.. at .11 on, then the group's ranks g1, g2 at .21-22.
+        let whole = (1..=workers).map(|w| (format!("w{w}"), 10 + w as u8, Kind::Worker));
+        let ranks = (1..=GROUP_RANKS).map(|g| (format!("g{g}"), 20 + g as u8, Kind::GroupWorker));
+        for (name, octet, kind) in whole.chain(ranks) {
+            let host = net.add_host(&name, octet)?;
             let mut args =
                 vec!["worker".to_string(), "--id".into(), name.clone(), "--listen".into(), format!("{}:7100", host.ip)];
             args.extend(["--coordinator".into(), coordinators.join(",")]);
             args.extend(["--model".into(), model.to_string_lossy().into_owned(), "--blobs".into(), blobs.clone()]);
+            if kind == Kind::GroupWorker {
+                args.extend(["--collective-addr".into(), format!("{}:7200", host.ip)]);
+                args.extend(["--collective-timeout-ms".into(), COLLECTIVE_TIMEOUT_MS.into()]);
+                args.extend(["--group-setup-timeout-ms".into(), GROUP_SETUP_TIMEOUT_MS.into()]);
+            }
             args.extend(certs.args(Role::Worker, &name));
             let log = dir.join(format!("logs/{name}.log"));
             let env = vec![failpoints(dir, &name)];
-            nodes.push(Node { name, kind: Kind::Worker, host, args, env, child: None, log });
-        }
-        for g in 1..=GROUP_RANKS {
-            let name = format!("g{g}");
-            let host = net.add_host(&name, 20 + g as u8)?;
-            let mut args =
-                vec!["worker".to_string(), "--id".into(), name.clone(), "--listen".into(), format!("{}:7100", host.ip)];
-            args.extend(["--coordinator".into(), coordinators.join(",")]);
-            args.extend(["--model".into(), model.to_string_lossy().into_owned(), "--blobs".into(), blobs.clone()]);
-            args.extend(["--collective-addr".into(), format!("{}:7200", host.ip)]);
-            args.extend(["--collective-timeout-ms".into(), COLLECTIVE_TIMEOUT_MS.into()]);
-            args.extend(["--group-setup-timeout-ms".into(), GROUP_SETUP_TIMEOUT_MS.into()]);
-            args.extend(certs.args(Role::Worker, &name));
-            let log = dir.join(format!("logs/{name}.log"));
-            let env = vec![failpoints(dir, &name)];
-            nodes.push(Node { name, kind: Kind::GroupWorker, host, args, env, child: None, log });
+            nodes.push(Node { name, kind, host, args, env, child: None, log });
         }
         let rt = tokio::runtime::Runtime::new()?;
         let mut cluster = Cluster {
