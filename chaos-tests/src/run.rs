@@ -306,7 +306,15 @@ fn job_end(gateways: &[SocketAddr], tenant: &Tenant, id: &str) -> Result<checker
             break job;
         }
         if Instant::now() > deadline {
-            bail!("still {} {} s after the run", job["status"], JOB_BOUND.as_secs());
+            // Its last events say where it stopped (placed, ended, queued again).
+            let events = get_json(gateways, &tenant.key, &format!("/v1/fine_tuning/jobs/{id}/events?limit=5"))?;
+            let last: Vec<&str> =
+                (events["data"].as_array().into_iter().flatten()).filter_map(|e| e["message"].as_str()).collect();
+            bail!(
+                "still {} {} s after the run; its last events, newest first: {last:?}",
+                job["status"],
+                JOB_BOUND.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     };
