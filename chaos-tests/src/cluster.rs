@@ -359,6 +359,11 @@ impl Cluster {
         Ok(self.rt.block_on(self.client(self.wait_leader(Duration::from_secs(20))?)?.state())?)
     }
 
+    /// The state as the first running coordinator that answers has it (None if none does).
+    fn any_state(&self) -> Option<tandem_proto::contract::ClusterState> {
+        self.coordinators().into_iter().find_map(|id| self.rt.block_on(self.client(id).ok()?.state()).ok())
+    }
+
     /// The group's ranks' worker names, rank order, as the state says.
     pub fn group_ranks(&self) -> Result<Vec<String>> {
         Ok(self.state()?.placements.get(GROUP).map(|p| p.workers.clone()).unwrap_or_default())
@@ -369,8 +374,7 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         let mut last = String::from("no state read");
         while Instant::now() < deadline {
-            let state =
-                self.coordinators().into_iter().find_map(|id| self.rt.block_on(self.client(id).ok()?.state()).ok());
+            let state = self.any_state();
             match state.as_ref().map(|s| s.placements.get(GROUP)) {
                 Some(Some(p)) if p.formed => return Ok(()),
                 Some(p) => last = format!("{p:?}"),
@@ -430,7 +434,7 @@ impl Cluster {
 
     /// The workers running a fine-tuning job's current attempt now, as the state says.
     pub fn training_workers(&self) -> Vec<String> {
-        let state = self.coordinators().into_iter().find_map(|id| self.rt.block_on(self.client(id).ok()?.state()).ok());
+        let state = self.any_state();
         let mut workers: Vec<String> = (state.iter())
             .flat_map(|s| s.jobs.values())
             .filter(|j| j.status == JobStatus::Running)

@@ -313,6 +313,11 @@ pub enum JobReport {
 }
 
 impl JobReport {
+    /// Whether the report ends its attempt (the worker runs it no more).
+    pub fn ends_attempt(&self) -> bool {
+        matches!(self, JobReport::Succeeded { .. } | JobReport::Failed { .. } | JobReport::Interrupted { .. })
+    }
+
     pub fn validate(&self) -> Result<(), Invalid> {
         match self {
             JobReport::Checkpoint { uri, .. } | JobReport::Succeeded { uri, .. } => check_uri("report uri", uri),

@@ -71,10 +71,7 @@ impl JobsAgent {
                         TrainEvent::Failed { job, error } => (job, JobReport::Failed { error }),
                         TrainEvent::Interrupted { job, error } => (job, JobReport::Interrupted { error }),
                     };
-                    let final_report = matches!(
-                        report,
-                        JobReport::Succeeded { .. } | JobReport::Failed { .. } | JobReport::Interrupted { .. }
-                    );
+                    let final_report = report.ends_attempt();
                     let epoch = if final_report { running.remove(&job) } else { running.get(&job).copied() };
                     if let Some(epoch) = epoch {
                         if final_report {
