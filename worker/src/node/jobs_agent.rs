@@ -15,7 +15,7 @@ use tandem_proto::contract::{Assignment, Command, JobReport, StepFigures, dir_ch
 use tokio::sync::{mpsc, watch};
 
 use super::engine_thread::{EngineThread, JobStart, Serving, TrainEvent, Training};
-use super::propose_until_recorded;
+use super::{Recorded, propose_until_recorded};
 use crate::error::{Error, Result};
 use crate::train::checkpoint;
 use crate::train::data::load_jsonl;
@@ -173,19 +173,28 @@ fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> 
     Ok(Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every, validation })
 }
 
-/// Sends reports to the cluster in order, each retried until it is recorded or refused (a
-/// refusal means the attempt is stale: another took over). Request ids name the report, so a
-/// retry applies once.
+/// Sends reports to the cluster in order, each retried until it is recorded or refused. A
+/// refusal means the attempt is stale (another took over): the rest of its reports are dropped
+/// unsent, so that they hold up no report of a current attempt behind them. Request ids name the
+/// report, so a retry applies once.
 fn spawn_reporter(cluster: ClusterClient) -> mpsc::UnboundedSender<(String, u64, JobReport)> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, u64, JobReport)>();
     tokio::spawn(async move {
         let mut sent = 0u64;
+        let mut stale: HashSet<(String, u64)> = HashSet::new();
         while let Some((id, epoch, report)) = rx.recv().await {
+            if stale.contains(&(id.clone(), epoch)) {
+                continue;
+            }
             sent += 1;
             let request_id = format!("report-{id}-{epoch}-{sent}-{}", std::process::id());
             let command = Command::ReportJob { id: id.clone(), epoch, report };
             let what = format!("job {id}");
-            propose_until_recorded(&cluster, &what, request_id, command, 60, Duration::from_millis(500)).await;
+            let recorded =
+                propose_until_recorded(&cluster, &what, request_id, command, 60, Duration::from_millis(500)).await;
+            if recorded == Recorded::Stale {
+                stale.insert((id, epoch));
+            }
         }
     });
     tx
