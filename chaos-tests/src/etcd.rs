@@ -1,6 +1,6 @@
 //! The yardstick beside Tandem's leader-kill outage: a real etcd of 3 members on loopback (its
-//! default 100 ms heartbeat and 1 s election timeout, as Tandem's coordinators default to
-//! 100 ms ticks with elections after 10-20), its leader killed, and the time from the kill to
+//! default 100 ms heartbeat and 1 s election timeout, where Tandem's coordinators default to
+//! 50 ms ticks with elections after 10-20), its leader killed, and the time from the kill to
 //! the first acknowledged write invoked after it, probed every 50 ms (as Tandem's) through the surviving
 //! members' JSON gateway (`/v3/kv/put`) with a 1 s bound per attempt.
 

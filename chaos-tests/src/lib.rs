@@ -24,6 +24,8 @@
 //! - `models.rs`: the objects' sequential models (the adapter registry), each tested against
 //!   the coordinators' state machine.
 //! - `etcd.rs`: the same run's yardstick: a 3-member etcd's leader-kill outage.
+//! - `records.rs`: every run's report kept as a line of JSON, so a long scorecard can be
+//!   finished over several invocations (`--resume`).
 //!
 //! `main.rs` is the scorecard: `cargo run -p tandem-chaos --release -- --scenarios all --seeds 20`.
 
@@ -36,6 +38,7 @@ pub mod linearizability;
 pub mod models;
 pub mod nemesis;
 pub mod net;
+pub mod records;
 pub mod run;
 pub mod shaper;
 pub mod workload;

@@ -50,7 +50,7 @@ impl<I, O> Operation<I, O> {
 pub type OperationOf<M> = Operation<<M as Model>::Input, <M as Model>::Output>;
 
 /// What the search found.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Verdict<K> {
     Linearizable,
     /// No order works for the operations on `key`.

@@ -1,8 +1,9 @@
 //! `tandem-chaos`: runs the scenarios over seeds against the real `tandem` binary and prints
 //! the scorecard (scenario, seeds, passed, operations, acknowledged writes lost,
 //! linearizability, write outage and inference recovery p50 / p99), with the same run's etcd
-//! leader-kill figures beside Tandem's; `--out` writes it into a Markdown file. Needs root
-//! (network namespaces), iproute2, nftables and etcd.
+//! leader-kill figures beside Tandem's; `--out` writes it into a Markdown file. Every run is
+//! recorded in `DIR/records.jsonl`; `--resume` reuses the runs recorded for the same code on
+//! the same CPU model. Needs root (network namespaces), iproute2, nftables and etcd.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use clap::Parser;
 use tandem_chaos::etcd;
 use tandem_chaos::linearizability::Verdict;
 use tandem_chaos::nemesis::{self, Scenario};
+use tandem_chaos::records::{Records, source_revision};
 use tandem_chaos::run::{RECOVERY_BOUND, RunReport, run};
 
 #[derive(Parser)]
@@ -36,6 +38,11 @@ struct Args {
     /// Write the scorecard into this Markdown file, between its scorecard markers.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Take the runs (and etcd kills) that `DIR/records.jsonl` holds for this source revision
+    /// on this CPU model instead of running them again: a scorecard over many seeds can be
+    /// made over several invocations.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn main() -> Result<()> {
@@ -62,22 +69,30 @@ fn main() -> Result<()> {
         std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e} (cargo build --release)", bin.display()))?;
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::fs::canonicalize(&args.dir)?;
+    let revision = source_revision(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let records = Records::open(&dir.join("records.jsonl"), revision, args.resume)?;
     let mut rows = Vec::new();
     let mut failed = false;
     for s in chosen {
         let mut reports = Vec::new();
         for seed in 1..=args.seeds {
             let started = std::time::Instant::now();
-            let report = match run(&bin, &dir.join("run"), s, seed) {
-                Ok(r) => r,
-                Err(e) => RunReport::broken(s.name, seed, format!("{e:#}")),
+            let (report, when) = match records.run(s.name, seed) {
+                Some(report) => (report, "recorded earlier".to_string()),
+                None => {
+                    let report = match run(&bin, &dir.join("run"), s, seed) {
+                        Ok(r) => r,
+                        Err(e) => RunReport::broken(s.name, seed, format!("{e:#}")),
+                    };
+                    records.add_run(&report, started.elapsed().as_secs())?;
+                    (report, format!("{} s", started.elapsed().as_secs()))
+                }
             };
             let verdict =
                 if report.passed() { "passed".to_string() } else { format!("FAILED: {}", report.failures.join("; ")) };
             eprintln!(
-                "chaos: {} seed {seed} ({} s): {} operations, write outage {}, recovery {}; jobs: {}: {verdict}",
+                "chaos: {} seed {seed} ({when}): {} operations, write outage {}, recovery {}; jobs: {}: {verdict}",
                 s.name,
-                started.elapsed().as_secs(),
                 report.operations,
                 ms(report.write_outage),
                 ms(report.recovery),
@@ -88,10 +103,19 @@ fn main() -> Result<()> {
         }
         rows.push(Row { scenario: s, reports });
     }
-    let etcd = (0..args.seeds.min(20))
-        .map(|i| etcd::leader_kill_outage(&dir.join(format!("etcd-{i}"))))
-        .collect::<Result<Vec<Duration>>>()?;
-    let card = scorecard(&rows, &etcd);
+    let mut etcd = Vec::new();
+    for i in 0..args.seeds.min(20) {
+        let outage = match records.etcd_kill(i) {
+            Some(outage) => outage,
+            None => {
+                let outage = etcd::leader_kill_outage(&dir.join(format!("etcd-{i}")))?;
+                records.add_etcd_kill(i, outage)?;
+                outage
+            }
+        };
+        etcd.push(outage);
+    }
+    let card = scorecard(&rows, &etcd, &records);
     println!("{card}");
     if let Some(out) = &args.out {
         write_between_markers(out, &card)?;
@@ -119,17 +143,12 @@ fn percentile(values: &[Duration], p: f64) -> Option<Duration> {
     v.get(rank.saturating_sub(1)).copied()
 }
 
-fn scorecard(rows: &[Row], etcd: &[Duration]) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-        })
-        .unwrap_or_default();
+fn scorecard(rows: &[Row], etcd: &[Duration], records: &Records) -> String {
     let mut out = format!(
-        "Machine: {cpu}, {} CPUs. Inference must answer within {} s of each heal.\n\n",
+        "Machine: {}, {} CPUs. Source revision {}. Inference must answer within {} s of each heal.\n\n",
+        records.cpu,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        records.revision,
         RECOVERY_BOUND.as_secs()
     );
     out += "| scenario | seeds run | passed | operations | acknowledged lost | linearizability | write outage p50 / p99 | inference recovery p50 / p99 |\n";

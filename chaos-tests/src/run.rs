@@ -47,9 +47,9 @@ const JOB_EPOCHS: u32 = 100;
 const JOB_BOUND: Duration = Duration::from_secs(120);
 
 /// What one run found.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunReport {
-    pub scenario: &'static str,
+    pub scenario: String,
     pub seed: u64,
     /// Operations in the history.
     pub operations: usize,
@@ -71,11 +71,11 @@ pub struct RunReport {
 impl RunReport {
     /// A run that could not be carried out (the cluster did not start, a fault could not be
     /// injected): failed, with why.
-    pub fn broken(scenario: &'static str, seed: u64, why: String) -> Self {
+    pub fn broken(scenario: &str, seed: u64, why: String) -> Self {
         let verdict = Verdict::Unknown { key: (String::new(), String::new()) };
         let (write_outage, recovery) = (None, None);
         RunReport {
-            scenario,
+            scenario: scenario.to_string(),
             seed,
             operations: 0,
             lost: 0,
@@ -202,7 +202,7 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         }
     }
     Ok(RunReport {
-        scenario: scenario.name,
+        scenario: scenario.name.to_string(),
         seed,
         operations: events.len(),
         lost,

@@ -22,7 +22,7 @@ pub struct FailoverArgs {
     #[arg(long, default_value_t = 20)]
     kills: usize,
     /// Raft tick of the coordinators, milliseconds (elections after 10-20 ticks).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = tandem_coordinator::replica::Timing::DEFAULT.tick.as_millis() as u64)]
     tick_ms: u64,
     /// Where the coordinators keep their logs (emptied first).
     #[arg(long, default_value = "target/bench-failover")]

@@ -63,7 +63,7 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value_t = tandem_coordinator::gateway::TOP_ADAPTERS)]
     metrics_top_adapters: usize,
     /// Raft tick, milliseconds (elections after 10-20 ticks, heartbeats every 2).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = Timing::DEFAULT.tick.as_millis() as u64)]
     tick_ms: u64,
     /// Raft entries applied between two snapshots of the state (the log up to a snapshot is
     /// dropped; a lagging or new coordinator catches up from it).

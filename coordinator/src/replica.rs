@@ -66,7 +66,10 @@ pub struct Status {
 
 /// Timing of the loop: one tick, the ticks to an election (randomized by raft-rs in
 /// `[election, 2 * election)`) and between heartbeats, and the entries applied between two
-/// compactions of the log into a snapshot.
+/// compactions of the log into a snapshot. The default tick of 50 ms puts an election
+/// 0.5-1 s after a leader falls silent: coordinators share a data-centre network (a round trip
+/// of a millisecond), so ten heartbeats missed in a row mean the leader is gone, and the
+/// cluster's writes stop for half as long as under etcd's 1 s default.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     pub tick: Duration,
@@ -77,7 +80,7 @@ pub struct Timing {
 
 impl Timing {
     pub const DEFAULT: Timing =
-        Timing { tick: Duration::from_millis(100), election_ticks: 10, heartbeat_ticks: 2, compact_every: 1000 };
+        Timing { tick: Duration::from_millis(50), election_ticks: 10, heartbeat_ticks: 2, compact_every: 1000 };
 }
 
 impl Default for Timing {
