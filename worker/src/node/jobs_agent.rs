@@ -15,7 +15,7 @@ use tandem_proto::contract::{Assignment, Command, JobReport, StepFigures, dir_ch
 use tokio::sync::{mpsc, watch};
 
 use super::engine_thread::{EngineThread, JobStart, Serving, TrainEvent, Training};
-use super::{Recorded, propose_until_recorded};
+use super::propose_until_recorded;
 use crate::error::{Error, Result};
 use crate::train::checkpoint;
 use crate::train::data::load_jsonl;
@@ -190,9 +190,9 @@ fn spawn_reporter(cluster: ClusterClient) -> mpsc::UnboundedSender<(String, u64,
             let request_id = format!("report-{id}-{epoch}-{sent}-{}", std::process::id());
             let command = Command::ReportJob { id: id.clone(), epoch, report };
             let what = format!("job {id}");
-            let recorded =
+            let refused =
                 propose_until_recorded(&cluster, &what, request_id, command, 60, Duration::from_millis(500)).await;
-            if recorded == Recorded::Stale {
+            if refused {
                 stale.insert((id, epoch));
             }
         }

@@ -184,9 +184,9 @@ impl Node {
 }
 
 /// Proposes `command` under `request_id` (a retry applies once), trying `tries` times, `pause`
-/// apart, while the cluster cannot be reached. Answers whether the cluster recorded it: a
-/// refusal or a denial (the job or group has moved to other workers) means the news is stale,
-/// and retrying cannot change that. `what` names the sender in the log.
+/// apart, while the cluster cannot be reached. Answers whether the news is stale: refused or
+/// denied (the job or group has moved to other workers), which retrying cannot change. `what`
+/// names the sender in the log.
 async fn propose_until_recorded(
     cluster: &ClusterClient,
     what: &str,
@@ -194,18 +194,18 @@ async fn propose_until_recorded(
     command: Command,
     tries: u32,
     pause: Duration,
-) -> Recorded {
+) -> bool {
     let proposal = Proposal::new(request_id, command);
     for attempt in 0..tries {
         match cluster.propose_as(proposal.clone()).await {
             Ok(Reply::Refused { reason }) => {
                 tracing::warn!("{what}: report refused: {reason}");
-                return Recorded::Stale;
+                return true;
             }
-            Ok(_) => return Recorded::Yes,
+            Ok(_) => return false,
             Err(e @ (ClientError::Invalid(_) | ClientError::Conflict(_) | ClientError::Denied(_))) => {
                 tracing::warn!("{what}: report refused: {e}");
-                return Recorded::Stale;
+                return true;
             }
             Err(e) => {
                 tracing::warn!("{what}: reporting (try {attempt}): {e:#}");
@@ -213,15 +213,5 @@ async fn propose_until_recorded(
             }
         }
     }
-    Recorded::GaveUp
-}
-
-/// What became of a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Recorded {
-    Yes,
-    /// Refused: the attempt or formation it speaks for is no longer current.
-    Stale,
-    /// The cluster could not be reached in all the tries.
-    GaveUp,
+    false
 }
