@@ -8,7 +8,7 @@ use tandem_proto::contract::{ClusterState, dir_checksum};
 
 use crate::history::{Answer, Event, Op, Outcome};
 use crate::linearizability::{Operation, Verdict, check};
-use crate::models::{AdapterAnswer, AdapterOp, AdapterRegistry};
+use crate::models::{AdapterAnswer, AdapterOp, AdapterRegistry, JobAnswer, JobOp, JobRegistry};
 use crate::workload::NAMES;
 
 /// States the linearizability search may explore per adapter before it answers "unknown".
@@ -56,10 +56,43 @@ pub fn adapter_operations(events: &[Event]) -> Vec<Operation<AdapterOp, AdapterA
     ops
 }
 
-/// Whether the adapter registry's history is linearizable (and how many operations it had).
-pub fn adapters_linearizable(events: &[Event]) -> (Verdict<(String, String)>, usize) {
-    let ops = adapter_operations(events);
-    (check(&AdapterRegistry, &ops, BUDGET), ops.len())
+/// The fine-tuning jobs' operations in `events`, as the checker takes them: a job is known by
+/// the id its create answered (a create never answered names no job); a cancel or read never
+/// answered may have taken effect or not; a refusal other than "not found" or "ended already"
+/// did not happen.
+pub fn job_operations(events: &[Event]) -> Vec<Operation<JobOp, JobAnswer>> {
+    let at = |d: Duration| d.as_nanos() as u64;
+    let mut ops = Vec::new();
+    for e in events {
+        let unknown = matches!(&e.outcome, Outcome::Unknown(_) | Outcome::Refused { status: 500.., .. });
+        let answer = match &e.outcome {
+            Outcome::Ok(Answer::JobShown(state)) => Some(JobAnswer::Shown(*state)),
+            Outcome::Ok(Answer::JobEnded(state)) => Some(JobAnswer::Ended(*state)),
+            Outcome::Ok(Answer::NotFound) => Some(JobAnswer::NotFound),
+            _ => None,
+        };
+        let (input, answer) = match (&e.op, &e.outcome) {
+            (Op::CreateJob { .. }, Outcome::Ok(Answer::Made { id })) => {
+                (JobOp::Create { id: id.clone() }, Some(JobAnswer::Created))
+            }
+            (Op::CancelJob { job }, _) if answer.is_some() || unknown => (JobOp::Cancel { id: job.clone() }, answer),
+            (Op::GetJob { job }, _) if answer.is_some() => (JobOp::Get { id: job.clone() }, answer),
+            _ => continue,
+        };
+        ops.push(Operation { input, call: at(e.call), ret: answer.map(|a| (at(e.ret), a)) });
+    }
+    ops
+}
+
+/// Whether the registries' histories, the adapters' and the fine-tuning jobs', are
+/// linearizable (the first key found not to be, described), and how many operations they had.
+pub fn registries_linearizable(events: &[Event]) -> (Verdict<String>, usize) {
+    let (adapters, jobs) = (adapter_operations(events), job_operations(events));
+    let verdict = match check(&AdapterRegistry, &adapters, BUDGET) {
+        Verdict::Linearizable => check(&JobRegistry, &jobs, BUDGET).map_key(|id| format!("job {id}")),
+        other => other.map_key(|(tenant, name)| format!("adapter {name} of {tenant}")),
+    };
+    (verdict, adapters.len() + jobs.len())
 }
 
 /// Whether a failed inference told its client to come back: no connection or no whole answer
@@ -207,19 +240,42 @@ mod tests {
     fn an_acknowledged_upload_that_a_later_read_misses_is_a_violation() {
         let listed = Op::ListAdapters { tenant: "t".into() };
         let lost = [event(put(), 0, 10, Outcome::Ok(Answer::Version(1))), event(listed.clone(), 20, 30, list(&[]))];
-        assert!(matches!(adapters_linearizable(&lost).0, Verdict::Violation { .. }));
+        assert!(matches!(registries_linearizable(&lost).0, Verdict::Violation { .. }));
         let kept =
             [event(put(), 0, 10, Outcome::Ok(Answer::Version(1))), event(listed.clone(), 20, 30, list(&[("a", 1)]))];
-        assert_eq!(adapters_linearizable(&kept).0, Verdict::Linearizable);
+        assert_eq!(registries_linearizable(&kept).0, Verdict::Linearizable);
         // An upload whose answer was lost may have happened: seen or not, both are fine.
         for seen in [list(&[]), list(&[("a", 1)])] {
             let unknown = [event(put(), 0, 10, Outcome::Unknown("cut".into())), event(listed.clone(), 20, 30, seen)];
-            assert_eq!(adapters_linearizable(&unknown).0, Verdict::Linearizable);
+            assert_eq!(registries_linearizable(&unknown).0, Verdict::Linearizable);
         }
         // A 4xx did not happen: a read that sees it is a violation.
         let refused = Outcome::Refused { status: 422, retry_after: false, body: String::new() };
         let phantom = [event(put(), 0, 10, refused), event(listed, 20, 30, list(&[("a", 1)]))];
-        assert!(matches!(adapters_linearizable(&phantom).0, Verdict::Violation { .. }));
+        assert!(matches!(registries_linearizable(&phantom).0, Verdict::Violation { .. }));
+    }
+
+    #[test]
+    fn a_job_read_back_from_the_dead_after_its_cancel_is_a_violation() {
+        use crate::models::JobState::{Active, Cancelled};
+        let job = || "j".to_string();
+        let made = event(Op::CreateJob { tenant: "t".into() }, 0, 10, Outcome::Ok(Answer::Made { id: job() }));
+        let cancel = |outcome| event(Op::CancelJob { job: job() }, 20, 30, outcome);
+        let read = |state| event(Op::GetJob { job: job() }, 40, 50, Outcome::Ok(Answer::JobShown(state)));
+        let cancelled = cancel(Outcome::Ok(Answer::JobShown(Cancelled)));
+        assert_eq!(
+            registries_linearizable(&[made.clone(), cancelled.clone(), read(Cancelled)]).0,
+            Verdict::Linearizable
+        );
+        let revived = registries_linearizable(&[made.clone(), cancelled, read(Active)]).0;
+        assert_eq!(revived, Verdict::Violation { key: "job j".into() });
+        // A cancel never answered may or may not have taken; a refused one did not.
+        let cut = cancel(Outcome::Unknown("cut".into()));
+        for state in [Active, Cancelled] {
+            assert_eq!(registries_linearizable(&[made.clone(), cut.clone(), read(state)]).0, Verdict::Linearizable);
+        }
+        let refused = cancel(Outcome::Refused { status: 403, retry_after: false, body: String::new() });
+        assert!(matches!(registries_linearizable(&[made, refused, read(Cancelled)]).0, Verdict::Violation { .. }));
     }
 
     #[test]

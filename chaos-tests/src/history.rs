@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::client::{Failure, Response};
+use crate::models::JobState;
 
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,6 +40,14 @@ pub enum Op {
     CreateJob {
         tenant: String,
     },
+    /// A fine-tuning job cancelled by its tenant.
+    CancelJob {
+        job: String,
+    },
+    /// A fine-tuning job read by its tenant.
+    GetJob {
+        job: String,
+    },
     /// A job's checkpoints, read.
     ListCheckpoints {
         job: String,
@@ -55,6 +64,7 @@ impl Op {
                 | Op::CreateKey
                 | Op::UploadFile { .. }
                 | Op::CreateJob { .. }
+                | Op::CancelJob { .. }
         )
     }
 }
@@ -67,7 +77,8 @@ pub enum Answer {
     /// The version an upload made.
     Version(u64),
     Deleted,
-    /// A delete of a name that does not exist (404 before, or 409 at, the proposal).
+    /// A delete of a name that does not exist (404 before, or 409 at, the proposal); a job
+    /// read or cancel of an id there is no job of (404).
     NotFound,
     /// Each adapter's latest version.
     Adapters(BTreeMap<String, u64>),
@@ -81,6 +92,10 @@ pub enum Answer {
     },
     /// A job's checkpoints' steps.
     Checkpoints(Vec<u64>),
+    /// A job's state, as a read or a cancel that took showed it.
+    JobShown(JobState),
+    /// A cancel refused (409) because the job had ended, in this state.
+    JobEnded(JobState),
 }
 
 /// How an operation ended.

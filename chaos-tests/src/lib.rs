@@ -13,15 +13,16 @@
 //! - `history.rs`: operations with their invocation and completion times and what each
 //!   outcome proves (done, not done, maybe).
 //! - `workload.rs`: OpenAI-style clients of a few tenants (completions, streams, adapter
-//!   uploads, deletes and reads over shared names).
+//!   uploads, deletes and reads over shared names, short fine-tuning jobs made, cancelled and
+//!   read).
 //! - `nemesis.rs`: the scenarios, one fault each, and how each heals.
 //! - `run.rs`: one scenario with one seed on a fresh cluster, with the write and inference
 //!   probes, and every checker.
-//! - `checkers.rs`: linearizability of the adapter registry, fine-tuning jobs (resumed at their
-//!   last checkpoint, registered once), retryable inference errors, recovery times, panics.
+//! - `checkers.rs`: linearizability of the adapter and job registries, fine-tuning jobs
+//!   (resumed at their last checkpoint, registered once), retryable inference errors, recovery times, panics.
 //! - `linearizability.rs`: Wing and Gong's search with Lowe's memoisation (the algorithm of
 //!   Knossos and Porcupine), per key.
-//! - `models.rs`: the objects' sequential models (the adapter registry), each tested against
+//! - `models.rs`: the objects' sequential models (the adapter and job registries), each tested against
 //!   the coordinators' state machine.
 //! - `etcd.rs`: the same run's yardstick: a 3-member etcd's leader-kill outage.
 //! - `records.rs`: every run's report kept as a line of JSON, so a long scorecard can be

@@ -63,6 +63,17 @@ pub enum Verdict<K> {
     },
 }
 
+impl<K> Verdict<K> {
+    /// The same verdict, its key made into `f`'s.
+    pub fn map_key<L>(self, f: impl FnOnce(K) -> L) -> Verdict<L> {
+        match self {
+            Verdict::Linearizable => Verdict::Linearizable,
+            Verdict::Violation { key } => Verdict::Violation { key: f(key) },
+            Verdict::Unknown { key } => Verdict::Unknown { key: f(key) },
+        }
+    }
+}
+
 /// Checks `history` against `model`, each key on its own, exploring at most `budget` states per
 /// key.
 pub fn check<M: Model>(model: &M, history: &[OperationOf<M>], budget: usize) -> Verdict<M::Key> {

@@ -62,6 +62,96 @@ impl Model for AdapterRegistry {
     }
 }
 
+/// A fine-tuning job, by id: its create makes it (no one can name it before), it is active
+/// (queued or running, back and forth as attempts end and start) until it ends: it succeeds or
+/// fails on its own, or a cancel ends it. An ended job never changes again.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JobRegistry;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobState {
+    Absent,
+    Active,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// The state a job's status, as the API names it, stands for.
+    pub fn of_status(status: &str) -> Option<JobState> {
+        match status {
+            "validating_files" | "queued" | "running" => Some(JobState::Active),
+            "succeeded" => Some(JobState::Succeeded),
+            "failed" => Some(JobState::Failed),
+            "cancelled" => Some(JobState::Cancelled),
+            _ => None,
+        }
+    }
+
+    /// The state `self` may be seen in next: itself, or ended on its own (only a cancel
+    /// cancels a job, and nothing brings one back).
+    fn may_show(self, shown: JobState) -> Option<JobState> {
+        let ended_on_its_own = self == JobState::Active && matches!(shown, JobState::Succeeded | JobState::Failed);
+        (ended_on_its_own || (shown == self && self != JobState::Absent)).then_some(shown)
+    }
+}
+
+/// An operation on job `id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobOp {
+    Create { id: String },
+    Cancel { id: String },
+    Get { id: String },
+}
+
+/// What the cluster answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobAnswer {
+    Created,
+    /// The job as a read, or a cancel that took, showed it.
+    Shown(JobState),
+    /// A cancel refused: the job had ended, in this state.
+    Ended(JobState),
+    /// No such job.
+    NotFound,
+}
+
+impl Model for JobRegistry {
+    type State = JobState;
+    type Input = JobOp;
+    type Output = JobAnswer;
+    type Key = String;
+
+    fn init(&self) -> JobState {
+        JobState::Absent
+    }
+
+    fn step(&self, state: &JobState, op: &JobOp, answer: Option<&JobAnswer>) -> Option<JobState> {
+        use JobState::{Absent, Active, Cancelled};
+        match (op, answer) {
+            (JobOp::Create { .. }, None | Some(JobAnswer::Created)) => (*state == Absent).then_some(Active),
+            (JobOp::Get { .. } | JobOp::Cancel { .. }, Some(JobAnswer::NotFound)) => {
+                (*state == Absent).then_some(Absent)
+            }
+            (JobOp::Get { .. }, None) => Some(*state),
+            (JobOp::Get { .. }, Some(JobAnswer::Shown(shown))) => state.may_show(*shown),
+            // A cancel that took ends an active job; one never answered may also have found it
+            // ended, which leaves it as it was.
+            (JobOp::Cancel { .. }, None) => Some(if *state == Active { Cancelled } else { *state }),
+            (JobOp::Cancel { .. }, Some(JobAnswer::Shown(Cancelled))) => (*state == Active).then_some(Cancelled),
+            (JobOp::Cancel { .. }, Some(JobAnswer::Ended(ended))) if *ended != Active => state.may_show(*ended),
+            _ => None,
+        }
+    }
+
+    fn key(&self, op: &JobOp) -> String {
+        match op {
+            JobOp::Create { id } | JobOp::Cancel { id } | JobOp::Get { id } => id.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +169,32 @@ mod tests {
         // Both told version 1: one upload was lost.
         let lost = [put(0, 10, 1), put(1, 9, 1)];
         assert_eq!(check(&AdapterRegistry, &lost, 1000), Verdict::Violation { key: ("t".into(), "a".into()) });
+    }
+
+    fn job(input: JobOp, call: u64, ret: u64, answer: JobAnswer) -> Operation<JobOp, JobAnswer> {
+        Operation { input, call, ret: Some((ret, answer)) }
+    }
+
+    #[test]
+    fn a_cancelled_job_never_runs_again_and_a_made_one_is_never_lost() {
+        let id = || "j".to_string();
+        let made = job(JobOp::Create { id: id() }, 0, 10, JobAnswer::Created);
+        let cancelled = job(JobOp::Cancel { id: id() }, 20, 30, JobAnswer::Shown(JobState::Cancelled));
+        let read = |at, shown| job(JobOp::Get { id: id() }, at, at + 5, shown);
+        let ok = [made.clone(), read(12, JobAnswer::Shown(JobState::Active)), cancelled.clone()];
+        assert_eq!(check(&JobRegistry, &ok, 1000), Verdict::Linearizable);
+        // A read during the cancel may see it either way; after it, only cancelled.
+        let during = [made.clone(), cancelled.clone(), read(25, JobAnswer::Shown(JobState::Active))];
+        assert_eq!(check(&JobRegistry, &during, 1000), Verdict::Linearizable);
+        for after in [JobAnswer::Shown(JobState::Active), JobAnswer::Shown(JobState::Succeeded), JobAnswer::NotFound] {
+            let history = [made.clone(), cancelled.clone(), read(40, after.clone())];
+            assert_eq!(check(&JobRegistry, &history, 1000), Verdict::Violation { key: id() }, "{after:?}");
+        }
+        // A job that succeeded on its own refuses the cancel, and stays succeeded.
+        let refused = job(JobOp::Cancel { id: id() }, 20, 30, JobAnswer::Ended(JobState::Succeeded));
+        let ended = [made.clone(), refused.clone(), read(40, JobAnswer::Shown(JobState::Succeeded))];
+        assert_eq!(check(&JobRegistry, &ended, 1000), Verdict::Linearizable);
+        let revived = [made, refused, read(40, JobAnswer::Shown(JobState::Active))];
+        assert_eq!(check(&JobRegistry, &revived, 1000), Verdict::Violation { key: id() });
     }
 }

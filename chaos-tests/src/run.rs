@@ -57,7 +57,8 @@ pub struct RunReport {
     pub operations: usize,
     /// Acknowledged writes not found at the end.
     pub lost: usize,
-    pub verdict: Verdict<(String, String)>,
+    /// The registries' (adapters', jobs'); its key names the adapter or job.
+    pub verdict: Verdict<String>,
     /// Operations the linearizability checker saw.
     pub checked: usize,
     /// From the fault to the first acknowledged write invoked after it.
@@ -74,7 +75,7 @@ impl RunReport {
     /// A run that could not be carried out (the cluster did not start, a fault could not be
     /// injected): failed, with why.
     pub fn broken(scenario: &str, seed: u64, why: String) -> Self {
-        let verdict = Verdict::Unknown { key: (String::new(), String::new()) };
+        let verdict = Verdict::Unknown { key: String::new() };
         let (write_outage, recovery) = (None, None);
         RunReport {
             scenario: scenario.to_string(),
@@ -110,6 +111,8 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         hang_up_after: scenario.hang_up_after,
         // A completion of a few tokens of the tiny model takes milliseconds.
         timeout: Duration::from_secs(10),
+        files: Default::default(),
+        jobs: Default::default(),
     };
     // Two tenants' keys, and a training file and a fine-tuning job for each, made before the
     // clients start.
@@ -127,6 +130,7 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         let job = until_ok(&workload, |g| workload.create_job(SETUP, g, tenant, &file, JOB_EPOCHS, 4))?;
         jobs.push((tenant.clone(), job, file));
     }
+    workload.files = jobs.iter().map(|(tenant, _, file)| (tenant.name.clone(), file.clone())).collect();
     let mut threads = workload.spawn(CLIENTS * scenario.load, seed);
     threads.extend(probes(&workload, cluster.key.clone(), &tenants[0]));
     threads.push(watch_checkpoints(&workload, &jobs));
@@ -162,7 +166,10 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         failures.push(format!("after the heal: {e}"));
     }
     for (i, tenant) in tenants.iter().enumerate() {
-        final_read(&workload, FINAL + i, tenant);
+        final_read(&workload, |g| workload.list_adapters(FINAL + i, g, tenant));
+        for job in workload.jobs_of(&tenant.name) {
+            final_read(&workload, |g| workload.get_job(FINAL + i, g, tenant, &job));
+        }
     }
     let events = workload.history.events();
     let mut lost = lost_keys(&events, &gateways);
@@ -187,9 +194,9 @@ pub fn run(bin: &Path, dir: &Path, scenario: &Scenario, seed: u64) -> Result<Run
         Ok(state) => failures.extend(checkers::adapter_contents(&state, &cluster.dir.join("adapter"))),
         Err(e) => failures.push(format!("the final state could not be read: {e:#}")),
     }
-    let (verdict, checked) = checkers::adapters_linearizable(&events);
+    let (verdict, checked) = checkers::registries_linearizable(&events);
     if verdict != Verdict::Linearizable {
-        failures.push(format!("adapter registry: {verdict:?}"));
+        failures.push(format!("registries: {verdict:?}"));
     }
     failures.extend(checkers::unretryable_inference(&events).into_iter().take(5));
     let recovery = recovered(&events, healed);
@@ -359,11 +366,12 @@ fn file_intact(gateways: &[SocketAddr], tenant: &Tenant, id: &str, content: &[u8
     })
 }
 
-/// Reads `tenant`'s adapters once the cluster answers (recorded: the checker's last read).
-fn final_read(w: &Workload, client: usize, tenant: &Tenant) {
+/// Asks `f` of each gateway in turn until one answers (up to 30 s): the final reads, recorded,
+/// the checkers' last word on what survived.
+fn final_read(w: &Workload, f: impl Fn(SocketAddr) -> Outcome) {
     let deadline = Instant::now() + Duration::from_secs(30);
     for &g in w.gateways.iter().cycle() {
-        if w.list_adapters(client, g, tenant).ok() || Instant::now() > deadline {
+        if f(g).ok() || Instant::now() > deadline {
             return;
         }
         std::thread::sleep(Duration::from_millis(200));

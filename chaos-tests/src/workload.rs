@@ -1,13 +1,14 @@
 //! The workload: OpenAI-style clients of a few tenants, each a thread that picks, by its seed,
-//! a gateway and an operation (completions, streamed or not, adapter uploads, deletes and
-//! reads over a few shared names, so operations on one adapter overlap), and records each in
-//! the [`History`]. Bounded in count and in time; a client that finds its gateway gone goes on
+//! a gateway and an operation (completions, streamed or not; adapter uploads, deletes and
+//! reads over a few shared names, so operations on one adapter overlap; short fine-tuning jobs
+//! made, cancelled and read by every client of their tenant), and records each in the
+//! [`History`]. Bounded in count and in time; a client that finds its gateway gone goes on
 //! with another, as a client with several endpoints does.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -17,9 +18,16 @@ use tandem_worker::rng::Xoshiro256;
 use crate::client::{Request, Response, exchange, multipart};
 use crate::cluster::MODEL;
 use crate::history::{Answer, History, Op, Outcome};
+use crate::models::JobState;
 
 /// The adapter names each tenant's clients share.
 pub const NAMES: [&str; 2] = ["a", "b"];
+/// Fine-tuning jobs the clients of a tenant make in a run, at most (bar creates never
+/// answered), so that training does not crowd out the rest.
+const JOBS_PER_TENANT: usize = 8;
+/// Epochs of those jobs over their tenant's training file (16 steps each): a second or two of
+/// training, so cancels meet them queued, running and ended.
+const SHORT_JOB_EPOCHS: u32 = 3;
 
 /// A tenant and its API key.
 #[derive(Clone, Debug)]
@@ -44,6 +52,10 @@ pub struct Workload {
     pub hang_up_after: Option<usize>,
     /// Every exchange's bound.
     pub timeout: Duration,
+    /// Each tenant's training file (by tenant name), for the jobs its clients make.
+    pub files: BTreeMap<String, String>,
+    /// The jobs the clients made, by tenant name.
+    pub jobs: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
 }
 
 impl Workload {
@@ -70,7 +82,8 @@ impl Workload {
                 40..55 => self.complete(i, gateway, &tenant.key, true),
                 55..70 => self.put_adapter(i, gateway, tenant, name),
                 70..80 => self.delete_adapter(i, gateway, tenant, name),
-                _ => self.list_adapters(i, gateway, tenant),
+                80..90 => self.list_adapters(i, gateway, tenant),
+                _ => self.job_op(i, gateway, tenant, &mut rng),
             };
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -115,6 +128,64 @@ impl Workload {
             match Outcome::of(result, |r| (r.json()["deleted"] == true).then_some(Answer::Deleted)) {
                 // Not there when read (404), or gone by the time the delete applied (409).
                 Outcome::Refused { status: 404 | 409, .. } => Outcome::Ok(Answer::NotFound),
+                other => other,
+            }
+        })
+    }
+
+    /// An operation on the tenant's own jobs: a new one (the first, then one in ten while
+    /// there are fewer than [`JOBS_PER_TENANT`]), or a cancel (three in ten) or a read of one.
+    fn job_op(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, rng: &mut Xoshiro256) -> Outcome {
+        let made = self.jobs_of(&tenant.name);
+        let roll = rng.below(10);
+        if made.is_empty() || (roll == 0 && made.len() < JOBS_PER_TENANT) {
+            let Some(file) = self.files.get(&tenant.name) else { return self.list_adapters(client, gateway, tenant) };
+            let outcome = self.create_job(client, gateway, tenant, file, SHORT_JOB_EPOCHS, 16);
+            if let Outcome::Ok(Answer::Made { id }) = &outcome {
+                self.jobs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(tenant.name.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+            return outcome;
+        }
+        let job = &made[rng.below(made.len() as u64) as usize];
+        if roll < 4 {
+            self.cancel_job(client, gateway, tenant, job)
+        } else {
+            self.get_job(client, gateway, tenant, job)
+        }
+    }
+
+    /// The jobs `tenant`'s clients made.
+    pub fn jobs_of(&self, tenant: &str) -> Vec<String> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(tenant).cloned().unwrap_or_default()
+    }
+
+    /// Job `id` of `tenant`, read; recorded as client `client`.
+    pub fn get_job(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, id: &str) -> Outcome {
+        let path = format!("/v1/fine_tuning/jobs/{id}");
+        self.history.record(client, gateway, Op::GetJob { job: id.into() }, || {
+            let result = exchange(gateway, &Request::json("GET", &path, &tenant.key, ""), self.timeout, None);
+            match Outcome::of(result, job_shown) {
+                Outcome::Refused { status: 404, .. } => Outcome::Ok(Answer::NotFound),
+                other => other,
+            }
+        })
+    }
+
+    fn cancel_job(&self, client: usize, gateway: SocketAddr, tenant: &Tenant, id: &str) -> Outcome {
+        let path = format!("/v1/fine_tuning/jobs/{id}/cancel");
+        self.history.record(client, gateway, Op::CancelJob { job: id.into() }, || {
+            let result = exchange(gateway, &Request::json("POST", &path, &tenant.key, ""), self.timeout, None);
+            match Outcome::of(result, job_shown) {
+                Outcome::Refused { status: 404, .. } => Outcome::Ok(Answer::NotFound),
+                Outcome::Refused { status: 409, retry_after, body } => match ended_in(&body) {
+                    Some(state) => Outcome::Ok(Answer::JobEnded(state)),
+                    None => Outcome::Refused { status: 409, retry_after, body },
+                },
                 other => other,
             }
         })
@@ -205,6 +276,19 @@ impl Workload {
 /// The id of the object a 2xx made.
 fn made(r: &Response) -> Option<Answer> {
     r.json()["id"].as_str().map(|id| Answer::Made { id: id.into() })
+}
+
+/// The state a job object shows.
+fn job_shown(r: &Response) -> Option<Answer> {
+    r.json()["status"].as_str().and_then(JobState::of_status).map(Answer::JobShown)
+}
+
+/// The state a cancel's 409 says the job had ended in (`job "ID" is succeeded already`).
+fn ended_in(body: &str) -> Option<JobState> {
+    let error: serde_json::Value = serde_json::from_str(body).ok()?;
+    let message = error["error"]["message"].as_str()?.to_lowercase();
+    let status = message.strip_suffix(" already")?.rsplit(' ').next()?;
+    JobState::of_status(status).filter(|s| *s != JobState::Active)
 }
 
 /// Whether a 2xx completion is whole: a non-streamed one has its choice; a stream ends with
