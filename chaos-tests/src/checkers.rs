@@ -11,18 +11,18 @@ use crate::linearizability::{Operation, Verdict, check};
 use crate::models::{AdapterAnswer, AdapterOp, AdapterRegistry, JobAnswer, JobOp, JobRegistry};
 use crate::workload::NAMES;
 
-/// States the linearizability search may explore per adapter before it answers "unknown".
+/// States the linearizability search may explore per key (an adapter, a job) before it
+/// answers "unknown".
 const BUDGET: usize = 2_000_000;
 
 /// The adapter registry's operations in `events`, as the checker takes them: an answer the
 /// client never got (cut, timed out, a 5xx) may have taken effect or not; a refusal (4xx) or a
 /// request never sent did not happen and is left out; a list is a read of each shared name.
 pub fn adapter_operations(events: &[Event]) -> Vec<Operation<AdapterOp, AdapterAnswer>> {
-    let at = |d: Duration| d.as_nanos() as u64;
     let mut ops = Vec::new();
     for e in events {
-        let answered = |answer| Some((at(e.ret), answer));
-        let unknown = matches!(&e.outcome, Outcome::Unknown(_) | Outcome::Refused { status: 500.., .. });
+        let answered = |answer| Some((nanos(e.ret), answer));
+        let unknown = e.outcome.unknown();
         match (&e.op, &e.outcome) {
             (Op::PutAdapter { tenant, name }, outcome) => {
                 let input = AdapterOp::Put { tenant: tenant.clone(), name: name.clone() };
@@ -31,7 +31,7 @@ pub fn adapter_operations(events: &[Event]) -> Vec<Operation<AdapterOp, AdapterA
                     _ if unknown => None,
                     _ => continue,
                 };
-                ops.push(Operation { input, call: at(e.call), ret });
+                ops.push(Operation { input, call: nanos(e.call), ret });
             }
             (Op::DeleteAdapter { tenant, name }, outcome) => {
                 let input = AdapterOp::Delete { tenant: tenant.clone(), name: name.clone() };
@@ -41,13 +41,13 @@ pub fn adapter_operations(events: &[Event]) -> Vec<Operation<AdapterOp, AdapterA
                     _ if unknown => None,
                     _ => continue,
                 };
-                ops.push(Operation { input, call: at(e.call), ret });
+                ops.push(Operation { input, call: nanos(e.call), ret });
             }
             (Op::ListAdapters { tenant }, Outcome::Ok(Answer::Adapters(latest))) => {
                 for name in NAMES {
                     let input = AdapterOp::Get { tenant: tenant.clone(), name: name.into() };
                     let ret = answered(AdapterAnswer::Latest(latest.get(name).copied()));
-                    ops.push(Operation { input, call: at(e.call), ret });
+                    ops.push(Operation { input, call: nanos(e.call), ret });
                 }
             }
             _ => {}
@@ -61,10 +61,8 @@ pub fn adapter_operations(events: &[Event]) -> Vec<Operation<AdapterOp, AdapterA
 /// answered may have taken effect or not; a refusal other than "not found" or "ended already"
 /// did not happen.
 pub fn job_operations(events: &[Event]) -> Vec<Operation<JobOp, JobAnswer>> {
-    let at = |d: Duration| d.as_nanos() as u64;
     let mut ops = Vec::new();
     for e in events {
-        let unknown = matches!(&e.outcome, Outcome::Unknown(_) | Outcome::Refused { status: 500.., .. });
         let answer = match &e.outcome {
             Outcome::Ok(Answer::JobShown(state)) => Some(JobAnswer::Shown(*state)),
             Outcome::Ok(Answer::JobEnded(state)) => Some(JobAnswer::Ended(*state)),
@@ -75,13 +73,20 @@ pub fn job_operations(events: &[Event]) -> Vec<Operation<JobOp, JobAnswer>> {
             (Op::CreateJob { .. }, Outcome::Ok(Answer::Made { id })) => {
                 (JobOp::Create { id: id.clone() }, Some(JobAnswer::Created))
             }
-            (Op::CancelJob { job }, _) if answer.is_some() || unknown => (JobOp::Cancel { id: job.clone() }, answer),
+            (Op::CancelJob { job }, outcome) if answer.is_some() || outcome.unknown() => {
+                (JobOp::Cancel { id: job.clone() }, answer)
+            }
             (Op::GetJob { job }, _) if answer.is_some() => (JobOp::Get { id: job.clone() }, answer),
             _ => continue,
         };
-        ops.push(Operation { input, call: at(e.call), ret: answer.map(|a| (at(e.ret), a)) });
+        ops.push(Operation { input, call: nanos(e.call), ret: answer.map(|a| (nanos(e.ret), a)) });
     }
     ops
+}
+
+/// A history time as the linearizability search takes it.
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos() as u64
 }
 
 /// Whether the registries' histories, the adapters' and the fine-tuning jobs', are

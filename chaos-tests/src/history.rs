@@ -134,6 +134,11 @@ impl Outcome {
     pub fn ok(&self) -> bool {
         matches!(self, Outcome::Ok(_))
     }
+
+    /// Whether it may or may not have taken effect: no whole answer, or a 5xx.
+    pub fn unknown(&self) -> bool {
+        matches!(self, Outcome::Unknown(_) | Outcome::Refused { status: 500.., .. })
+    }
 }
 
 /// One operation, as its client saw it.

@@ -41,9 +41,9 @@ const FINAL: usize = 1003;
 /// The fine-tuning data: the `reverse` task's first 64 examples.
 const TRAINING_DATA: &str = include_str!("../../data/reverse/train.jsonl");
 /// Epochs of each run's jobs over their 64 examples (16 steps each): long enough to be
-/// training through the fault and past the heal on a fast machine (both jobs together about
-/// 170 steps a second on a 2-vCPU Zen 4 beside the workload), at the price of a wait for them
-/// after the run on a slow one.
+/// training through the fault and past the heal on a 2-vCPU Zen 4 beside the workload (a
+/// resumed attempt's first step shows it in the runs' job summaries), at the price of a wait
+/// for them after the run on a slower machine.
 const JOB_EPOCHS: u32 = 60;
 /// How long a job may take to end after the run's workload stops.
 const JOB_BOUND: Duration = Duration::from_secs(120);
