@@ -285,6 +285,7 @@ fn measure(
         max_running: 32,
         max_waiting: 4096,
         tpot_target: target,
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(model.clone(), adapters.to_vec(), None, cfg)?;
     let mut trainer = None;

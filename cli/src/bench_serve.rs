@@ -19,7 +19,7 @@ use tandem_worker::adapters::{Adapter, LoraAdapter, LoraModule, ModuleKey};
 use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest, adapter_pages};
 use tandem_worker::init_model::{Preset, write_model};
 use tandem_worker::model::weights::open_checkpoint;
-use tandem_worker::model::{Model, ModelConfig, weight_dtype};
+use tandem_worker::model::{KvCache, Model, ModelConfig, weight_dtype};
 use tandem_worker::sampling::SamplingParams;
 
 #[derive(Args)]
@@ -277,8 +277,9 @@ fn serve(
         max_waiting: args.requests,
         // Throughput, not latency: the batch size is what `--max-batch-tokens` says.
         tpot_target: std::time::Duration::MAX,
+        ..EngineConfig::default()
     };
-    let kv_bytes = 2 * c.num_layers * kv_pages * block_size * c.num_kv_heads * c.head_dim * 4;
+    let kv_bytes = kv_pages * KvCache::page_bytes(c, block_size, DType::F32);
     let weight_bytes = tensor_bytes(&model);
     let adapter_bytes: usize = adapters.iter().flat_map(|(_, a)| a.weights()).map(|(_, t)| bytes(t)).sum();
     let mut engine = Engine::new(model, adapters, None, ecfg)?;

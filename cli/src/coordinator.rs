@@ -82,6 +82,22 @@ pub struct CoordinatorArgs {
     security: SecurityArgs,
     #[command(flatten)]
     pub otlp: crate::telemetry::OtlpArgs,
+    #[command(flatten)]
+    config: crate::config::ConfigFile,
+}
+
+impl CoordinatorArgs {
+    /// Checks what can be checked without the peers and the files (`tandem config check`).
+    pub fn check(&self) -> Result<()> {
+        let peers = server::parse_peers(&self.peers).map_err(|e| anyhow!("--peers: {e}"))?;
+        if !peers.contains_key(&self.id) {
+            return Err(anyhow!("--id {} is not one of --peers ({})", self.id, self.peers));
+        }
+        if let Some(addr) = &self.http {
+            addr.parse::<std::net::SocketAddr>().map_err(|e| anyhow!("--http {addr}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// TLS to etcd, which authenticates its clients by certificate (`--client-cert-auth`): its PKI
@@ -143,6 +159,10 @@ enum MemberChange {
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
+    args.check()?;
+    if let Some(file) = &args.config.config {
+        tracing::info!(config = %file.display(), "settings from a config file");
+    }
     let peers = server::parse_peers(&args.peers).map_err(|e| anyhow!("--peers: {e}"))?;
     let data_dir = args.data_dir;
     let opts = server::Options {

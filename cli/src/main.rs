@@ -8,6 +8,8 @@
 //! - `up.rs`: `tandem up`, a whole cluster of processes on this machine.
 //! - `jobs.rs`: `tandem submit`, `jobs`, `adapters`, `keys` over the gateway's gRPC API.
 //! - `groups.rs`: `tandem groups` (worker groups, through the cluster API).
+//! - `config.rs`: the processes' settings from a TOML file and TANDEM_* variables as well as
+//!   flags; `tandem config check`.
 //! - `certs.rs`: `tandem certs` (the cluster CA and each process's certificate).
 //! - `generate.rs`, `finetune.rs`: inference and fine-tuning on this machine, no cluster.
 //! - `tp_rank.rs`: one tensor-parallel rank over TCP (parity tests, traffic figures).
@@ -25,6 +27,7 @@ mod bench_gateway;
 mod bench_serve;
 mod certs;
 mod checks;
+mod config;
 mod coordinator;
 mod finetune;
 mod generate;
@@ -37,7 +40,7 @@ mod tp_rank;
 mod up;
 mod worker;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Co-serve LLM inference and LoRA fine-tuning on shared GPUs")]
@@ -92,6 +95,8 @@ enum Command {
     /// The cluster's certificates: `init` makes its CA, `issue` a process's key and
     /// certificate.
     Certs(certs::CertsArgs),
+    /// The processes' config files: `check` one and print the settings in effect.
+    Config(config::ConfigArgs),
     /// Run one rank of a tensor-parallel group over TCP on a fixed batch; prints its logits and
     /// the bytes it sent, as JSON (parity tests and communication figures).
     TpRank(tp_rank::TpRankArgs),
@@ -117,7 +122,10 @@ impl Command {
 
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let command = config::with_env(Cli::command());
+    let expanded = config::expand(&command, std::env::args_os().collect())?;
+    let matches = expanded.parse(command.clone()).unwrap_or_else(|e| e.exit());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let (service, otlp) = cli.command.service();
     let _telemetry = telemetry::init(cli.log_format, service, otlp)?;
     tandem_proto::durable::failpoints_from_env().map_err(anyhow::Error::msg)?;
@@ -137,6 +145,7 @@ fn main() -> anyhow::Result<()> {
         Command::TpRank(args) => tp_rank::run(args),
         Command::Groups(args) => groups::groups(args),
         Command::Certs(args) => certs::certs(args),
+        Command::Config(args) => config::config(args, command),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;
             tandem_worker::init_model::write_model(preset, &out, seed)?;

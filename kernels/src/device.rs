@@ -27,6 +27,24 @@ impl Device {
 }
 
 impl Device {
+    /// Bytes free for new allocations now: the kernel's estimate of available memory
+    /// (`MemAvailable`) on the CPU, the driver's free device memory on a GPU.
+    pub fn free_memory(self) -> crate::Result<u64> {
+        match self {
+            Device::Cpu => {
+                let unknown = |msg: String| crate::Error::InvalidArgument { op: "free_memory", msg };
+                let meminfo =
+                    std::fs::read_to_string("/proc/meminfo").map_err(|e| unknown(format!("/proc/meminfo: {e}")))?;
+                let kib = (meminfo.lines())
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .ok_or_else(|| unknown("/proc/meminfo has no MemAvailable".into()))?;
+                Ok(kib * 1024)
+            }
+            Device::Cuda(ordinal) => crate::cuda::free_memory(ordinal),
+        }
+    }
+
     /// Waits until all work queued on the device has finished (for timing); a no-op on the CPU,
     /// whose ops are synchronous.
     pub fn synchronize(self) -> crate::Result<()> {

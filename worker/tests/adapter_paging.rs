@@ -191,3 +191,40 @@ fn bad_adapter_names_are_refused() {
         assert!(err.to_string().contains("is not allowed"), "{name:?}: {err}");
     }
 }
+
+#[test]
+fn a_full_host_tier_drops_the_least_recently_requested_upload_and_finishes_its_requests() {
+    let model = std::sync::Arc::new(model());
+    let lora = |i: u64| random_lora(&model, 200 + i);
+    let cfg = EngineConfig { pages: 4096, block_size: BLOCK, host_adapters: Some(2), ..EngineConfig::default() };
+    // One adapter given at start: never counted against the tier, never dropped.
+    let mut e = Engine::new(model.clone(), vec![("start".into(), lora(9))], None, cfg).unwrap();
+    let upload = |n: &str| Origin::Upload { dir: Some(PathBuf::from(format!("/blobs/{n}"))) };
+    e.publish_adapter("u1", lora(1), upload("u1")).unwrap();
+    e.publish_adapter("u2", lora(2), upload("u2")).unwrap();
+    // u1 requested after u2: u2 is the least recently requested when u3 arrives; its request,
+    // submitted before, still finishes on the version it holds.
+    e.submit(request(0, Some("u2".into()))).unwrap();
+    e.submit(request(1, Some("u1".into()))).unwrap();
+    e.publish_adapter("u3", lora(3), upload("u3")).unwrap();
+    let names: Vec<String> = e.registry().list().iter().map(|v| v.name.clone()).collect();
+    assert_eq!(names, ["start", "u1", "u3"]);
+    let outputs = e.run_to_completion().unwrap();
+    assert_eq!(outputs.len(), 2);
+    assert!(outputs.iter().all(|o| o.token_ids.len() == MAX_TOKENS));
+    assert!(e.submit(request(2, Some("u2".into()))).is_err(), "a dropped adapter is unknown until read again");
+}
+
+#[test]
+fn the_maximum_model_length_bounds_what_is_admitted_and_the_model_bounds_it() {
+    let model = std::sync::Arc::new(model());
+    let cfg = EngineConfig { pages: 4096, block_size: BLOCK, max_model_len: Some(8), ..EngineConfig::default() };
+    let mut e = Engine::new(model.clone(), vec![], None, cfg).unwrap();
+    let mut long = request(3, None); // 6 prompt tokens + 6
+    assert!(matches!(e.submit(long.clone()), Err(Error::InvalidRequest(m)) if m.contains("context of 8 tokens")));
+    long.params.max_tokens = 2;
+    e.submit(long).unwrap();
+    let past = Some(model.config.max_position_embeddings + 1);
+    let cfg = EngineConfig { max_model_len: past, ..EngineConfig::default() };
+    assert!(Engine::new(model, vec![], None, cfg).is_err());
+}

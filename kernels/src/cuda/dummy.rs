@@ -53,6 +53,7 @@ macro_rules! unavailable_fns {
 
 unavailable_fns! {
     fn synchronize(usize) -> Result<()>;
+    fn free_memory(usize) -> Result<u64>;
     fn compile_all_kernels(&str) -> Result<()>;
     fn zeros(usize, DType, usize) -> Result<CudaStorage>;
     fn upload(&CpuStorage, usize) -> Result<CudaStorage>;

@@ -26,7 +26,7 @@ mod paged;
 pub mod pool;
 mod schedule;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,13 @@ pub struct EngineConfig {
     /// The time-per-output-token target: how long an iteration may take while requests are
     /// decoding. Fine-tuning gets what the inference tokens leave of it.
     pub tpot_target: Duration,
+    /// The longest prompt plus completion admitted, in tokens; `None`: the model's context
+    /// (and never more than the pool holds).
+    pub max_model_len: Option<usize>,
+    /// Uploaded adapters kept in host memory (the tier below the pool): past this, the least
+    /// recently requested one is dropped and read from its folder again when next asked for.
+    /// `None`: every one is kept. Adapters given at start and jobs' adapters are always kept.
+    pub host_adapters: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -82,6 +89,8 @@ impl Default for EngineConfig {
             max_running: 64,
             max_waiting: 1024,
             tpot_target: Duration::from_millis(200),
+            max_model_len: None,
+            host_adapters: None,
         }
     }
 }
@@ -187,6 +196,9 @@ pub struct Engine {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     submitted: usize,
+    /// The uploaded adapters' last request (its index), which decides which one leaves the
+    /// host tier when it is full.
+    last_requested: HashMap<String, usize>,
     training: Training,
     /// Optimizer steps taken since the last [`Engine::take_step_reports`].
     reports: Vec<StepReport>,
@@ -228,10 +240,17 @@ impl Engine {
         tokenizer: Option<TextTokenizer>,
         cfg: EngineConfig,
     ) -> Result<Self> {
-        if cfg.block_size == 0 || cfg.pages == 0 || cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
+        let optional = [cfg.max_model_len, cfg.host_adapters].map(|n| n.unwrap_or(1));
+        if [cfg.block_size, cfg.pages, cfg.max_batch_tokens, cfg.max_running].iter().chain(&optional).any(|&n| n == 0) {
             return Err(Error::InvalidRequest(format!("engine sizes must be positive: {cfg:?}")));
         }
         let model = model.into();
+        if let Some(len) = cfg.max_model_len.filter(|&len| len > model.config.max_position_embeddings) {
+            return Err(Error::InvalidRequest(format!(
+                "a maximum model length of {len} tokens is past the model's context of {}",
+                model.config.max_position_embeddings
+            )));
+        }
         let mut registry = AdapterRegistry::default();
         for (name, adapter) in adapters {
             if registry.resolve(&name).is_ok() {
@@ -260,6 +279,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             submitted: 0,
+            last_requested: HashMap::new(),
             training: Training::default(),
             reports: Vec::new(),
             step_traces: Vec::new(),
@@ -302,6 +322,9 @@ impl Engine {
     /// use it, requests already submitted finish with the version they hold.
     pub fn publish_adapter(&mut self, name: &str, adapter: Adapter, origin: Origin) -> Result<Arc<AdapterVersion>> {
         let v = self.registry.publish(name, adapter, origin)?;
+        if matches!(v.origin, Origin::Upload { dir: Some(_) }) {
+            self.trim_host_tier(name);
+        }
         self.paged.drop_unused(&mut self.pool);
         Ok(v)
     }
@@ -309,8 +332,25 @@ impl Engine {
     /// Removes adapter `name`; requests already submitted on it finish.
     pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
         self.registry.remove(name)?;
+        self.last_requested.remove(name);
         self.paged.drop_unused(&mut self.pool);
         Ok(())
+    }
+
+    /// Drops the least recently requested uploaded adapters (never `keep`, just published)
+    /// until the host tier holds `host_adapters`; requests already holding one finish with it.
+    fn trim_host_tier(&mut self, keep: &str) {
+        let Some(cap) = self.cfg.host_adapters else { return };
+        let mut droppable: Vec<(usize, String)> = (self.registry.list().into_iter())
+            .filter(|v| matches!(v.origin, Origin::Upload { dir: Some(_) }) && v.name != keep)
+            .map(|v| (self.last_requested.get(&v.name).copied().unwrap_or(0), v.name.clone()))
+            .collect();
+        let excess = (droppable.len() + 1).saturating_sub(cap);
+        droppable.sort_unstable();
+        for (_, name) in droppable.into_iter().take(excess) {
+            let _ = self.registry.remove(&name);
+            self.last_requested.remove(&name);
+        }
     }
 
     /// Pool pages in use by kind.
@@ -463,7 +503,9 @@ impl Engine {
             return Err(Error::InvalidRequest(format!("token id {t} outside the vocabulary of {}", c.vocab_size)));
         }
         let total = req.prompt.len() + req.params.max_tokens;
-        let capacity = (self.cfg.pages * self.cfg.block_size).min(c.max_position_embeddings);
+        let capacity = (self.cfg.pages * self.cfg.block_size)
+            .min(c.max_position_embeddings)
+            .min(self.cfg.max_model_len.unwrap_or(usize::MAX));
         if total > capacity {
             return Err(Error::InvalidRequest(format!(
                 "prompt ({}) plus max_tokens ({}) exceeds the context of {capacity} tokens",
@@ -487,6 +529,9 @@ impl Engine {
         }
         let index = self.submitted;
         self.submitted += 1;
+        if let Some(name) = &req.adapter {
+            self.last_requested.insert(name.clone(), index);
+        }
         self.waiting.push_back(Sequence {
             index,
             prompt_len: req.prompt.len(),

@@ -8,10 +8,10 @@
 use tandem_kernels::ops::{self, MoeRouting, Segments, SeqAttention};
 use tandem_kernels::{DType, Tensor};
 
-use super::Model;
 use super::expert_parallel::EpActs;
 use super::tensor_parallel::Site;
 use super::weights::{DenseMlp, Linear, Mlp, MoeMlp};
+use super::{Model, ModelConfig};
 use crate::adapters::Proj;
 use crate::adapters::set::AdapterSet;
 use crate::error::{Error, Result};
@@ -34,6 +34,11 @@ impl KvCache {
                 .collect::<std::result::Result<Vec<_>, _>>()
         };
         Ok(KvCache { k: make()?, v: make()?, block_size, num_blocks })
+    }
+
+    /// Bytes one page takes: a block of `block_size` tokens' keys and values in every layer.
+    pub fn page_bytes(c: &ModelConfig, block_size: usize, dtype: DType) -> usize {
+        c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * dtype.size_in_bytes()
     }
 }
 

@@ -145,6 +145,12 @@ pub fn synchronize(ordinal: usize) -> Result<()> {
     CudaContext::get(ordinal)?.stream.synchronize().map_err(drv("synchronize"))
 }
 
+/// Free memory on device `ordinal`, bytes.
+pub fn free_memory(ordinal: usize) -> Result<u64> {
+    let (free, _total) = CudaContext::get(ordinal)?.stream.context().mem_get_info().map_err(drv("mem_get_info"))?;
+    Ok(free as u64)
+}
+
 /// A lock that survives a panic on another thread: the guarded maps stay consistent because
 /// every insert is a single call.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -47,7 +47,7 @@ mod storage;
 pub use attention::{paged_attention, paged_attention_backward, write_kv};
 pub use blas::matmul;
 pub use compile::compile_all_kernels;
-pub use context::{CudaContext, synchronize};
+pub use context::{CudaContext, free_memory, synchronize};
 pub use elementwise::{
     add, cross_entropy, cross_entropy_backward, gather_rows, rms_norm, rms_norm_backward, rope, row_dot, scale_rows,
     scatter_add_rows, softmax, softmax_backward, sum_batch, swiglu, swiglu_backward, transpose,
