@@ -13,11 +13,12 @@ use tandem_coordinator::replica::Timing;
 use tandem_coordinator::server;
 
 use tandem_proto::contract::Member;
-use tandem_proto::{ClusterClient, tls};
+use tandem_proto::tls;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::certs::SecurityArgs;
 use crate::checks::RuntimeChecks;
+use crate::cluster_api::ClusterArgs;
 use crate::secrets;
 
 #[derive(Args)]
@@ -72,7 +73,7 @@ pub struct CoordinatorArgs {
     /// A worker not heard from for this long is marked dead, milliseconds.
     #[arg(long, default_value_t = 3000)]
     lease_ms: u64,
-    /// Join a running group (started empty, waiting for `tandem members add`) instead of
+    /// Join a running group (started empty, waiting for `tandem coordinators add`) instead of
     /// founding one with the peers.
     #[arg(long)]
     join: bool,
@@ -127,25 +128,19 @@ fn etcd_tls(args: &EtcdTlsArgs) -> Result<Option<ClientTlsConfig>> {
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// Any coordinator's address.
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    coordinator: String,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    security: SecurityArgs,
+    cluster: ClusterArgs,
 }
 
 #[derive(Args)]
-pub struct MembersArgs {
-    /// Any coordinator's address (a follower forwards to the leader).
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    coordinator: String,
+pub struct CoordinatorsArgs {
     #[command(subcommand)]
     change: MemberChange,
     #[command(flatten)]
-    security: SecurityArgs,
+    cluster: ClusterArgs,
 }
 
 #[derive(Subcommand)]
@@ -214,10 +209,10 @@ fn https(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Arc<rustls::S
     Ok(Some(config))
 }
 
-pub fn members(args: MembersArgs) -> Result<()> {
+pub fn coordinators(args: CoordinatorsArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let client = ClusterClient::new(&args.coordinator, &args.security.security("operator")?)?;
+        let client = args.cluster.client()?;
         match args.change {
             MemberChange::Add { member } => {
                 let (id, addr) = server::parse_peers(&member).map_err(|e| anyhow!("{e}"))?.pop_first().unzip();
@@ -242,8 +237,8 @@ fn describe(members: &[Member]) -> String {
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let security = args.security.security("operator")?;
-    let s = rt.block_on(async { anyhow::Ok(ClusterClient::new(&args.coordinator, &security)?.status(true).await?) })?;
+    let client = args.cluster.client()?;
+    let s = rt.block_on(async { anyhow::Ok(client.status(true).await?) })?;
     let state: Value = serde_json::to_value(&s.state)?;
     let workers = state.get("workers").cloned().unwrap_or(Value::Null);
     if args.json {
@@ -256,7 +251,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("coordinator {} (asked at {})", s.id, args.coordinator);
+    println!("coordinator {} (asked at {})", s.id, args.cluster.coordinator);
     println!("store:        {}", s.store);
     println!("members:      {}", describe(&s.members));
     println!("leader:       {}", if s.leader == 0 { "none".to_string() } else { s.leader.to_string() });

@@ -1,23 +1,19 @@
 //! `tandem groups`: the operator's worker groups, through a coordinator's cluster API (as
-//! `tandem status` and `tandem members` are): create one (a base model as a tensor-parallel
+//! `tandem status` and `tandem coordinators` are): create one (a base model as a tensor-parallel
 //! group over spare group workers), list them, remove one.
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use clap::{Args, Subcommand};
-use tandem_proto::ClusterClient;
+use tandem_proto::contract::Command;
 
-use crate::certs::SecurityArgs;
-use tandem_proto::contract::{Command, Reply};
+use crate::cluster_api::{ClusterArgs, propose, state};
 
 #[derive(Args)]
 pub struct GroupsArgs {
-    /// Any coordinator's address (a follower forwards to the leader).
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    coordinator: String,
     #[command(subcommand)]
     action: GroupAction,
     #[command(flatten)]
-    security: SecurityArgs,
+    cluster: ClusterArgs,
 }
 
 #[derive(Subcommand)]
@@ -46,10 +42,10 @@ enum GroupAction {
 pub fn groups(args: GroupsArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let client = ClusterClient::new(&args.coordinator, &args.security.security("operator")?)?;
+        let client = args.cluster.client()?;
         let command = match args.action {
             GroupAction::List => {
-                let state = client.state().await?;
+                let state = state(&client).await?;
                 if state.placements.is_empty() {
                     println!("no worker groups");
                 }
@@ -68,18 +64,14 @@ pub fn groups(args: GroupsArgs) -> Result<()> {
             }
             GroupAction::Rm { group } => Command::RemovePlacement { group },
         };
-        match client.propose("groups-cli", command.clone()).await? {
-            Reply::Refused { reason } => Err(anyhow!("refused: {reason}")),
-            _ => {
-                match command {
-                    Command::CreateGroup { group, .. } => {
-                        println!("group {group} placed; `tandem groups list` shows when it is formed")
-                    }
-                    Command::RemovePlacement { group } => println!("group {group} removed"),
-                    _ => {}
-                }
-                Ok(())
+        propose(&client, "groups-cli", command.clone()).await?;
+        match command {
+            Command::CreateGroup { group, .. } => {
+                println!("group {group} placed; `tandem groups list` shows when it is formed")
             }
+            Command::RemovePlacement { group } => println!("group {group} removed"),
+            _ => {}
         }
+        Ok(())
     })
 }

@@ -3,8 +3,10 @@
 //! `tandem-coordinator` and `tandem-worker` (`node/`).
 //!
 //! Map:
-//! - `coordinator.rs`: `tandem coordinator`, `status`, `members`.
+//! - `coordinator.rs`: `tandem coordinator`, `status`, `coordinators`.
 //! - `worker.rs`: `tandem worker` (a whole-model or group worker node).
+//! - `models.rs`, `workers.rs`: `tandem models` (the catalogue), `tandem workers` (list, drain).
+//! - `cluster_api.rs`: what the operator's cluster commands share (where, as whom, refusals).
 //! - `up.rs`: `tandem up`, a whole cluster of processes on this machine.
 //! - `jobs.rs`: `tandem submit`, `jobs`, `adapters`, `keys` over the gateway's gRPC API.
 //! - `groups.rs`: `tandem groups` (worker groups, through the cluster API).
@@ -27,6 +29,7 @@ mod bench_gateway;
 mod bench_serve;
 mod certs;
 mod checks;
+mod cluster_api;
 mod config;
 mod coordinator;
 mod finetune;
@@ -34,11 +37,13 @@ mod generate;
 mod groups;
 mod jobs;
 mod machine;
+mod models;
 mod secrets;
 mod telemetry;
 mod tp_rank;
 mod up;
 mod worker;
+mod workers;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -72,8 +77,14 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Ask a coordinator for the group's members, leader, term, commit index and workers.
     Status(coordinator::StatusArgs),
-    /// Change the coordinator group: add or remove members, hand leadership over.
-    Members(coordinator::MembersArgs),
+    /// Change the coordinator group: add or remove coordinators, hand leadership over.
+    Coordinators(coordinator::CoordinatorsArgs),
+    /// The cluster's base models: register (optionally as a tensor-parallel group), list,
+    /// remove.
+    Models(models::ModelsArgs),
+    /// The cluster's workers: list, drain (for an upgrade: no new work, jobs handed off),
+    /// undrain.
+    Workers(workers::WorkersArgs),
     /// Start a whole cluster on this machine: a coordinator with the HTTP gateway and CPU
     /// workers, each a process; prints the endpoint and the API key.
     Up(up::UpArgs),
@@ -134,7 +145,9 @@ fn main() -> anyhow::Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => coordinator::status(args),
-        Command::Members(args) => coordinator::members(args),
+        Command::Coordinators(args) => coordinator::coordinators(args),
+        Command::Models(args) => models::models(args),
+        Command::Workers(args) => workers::workers(args),
         Command::Worker(args) => worker::run(args),
         Command::Up(args) => up::run(args, cli.log_format),
         Command::Generate(args) => generate::run(args),

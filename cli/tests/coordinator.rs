@@ -243,11 +243,11 @@ fn members_join_and_leave_under_load() {
             acked
         });
         let _stop_writer = StopOnDrop(&stop);
-        let out = g.members(stay[0], &["add", &format!("4={addr4}")]);
+        let out = g.coordinators(stay[0], &["add", &format!("4={addr4}")]);
         assert!(out.contains(&format!("4={addr4}")), "{out}");
-        let out = g.members(stay[1], &["transfer-leader", "4"]);
+        let out = g.coordinators(stay[1], &["transfer-leader", "4"]);
         assert_eq!(out.trim(), "leader: 4");
-        g.members(4, &["remove", &first.to_string()]);
+        g.coordinators(4, &["remove", &first.to_string()]);
         std::thread::sleep(Duration::from_millis(500));
         drop(_stop_writer);
         writer.join().unwrap()

@@ -48,7 +48,7 @@ fn end_attempt(job: &mut Job, worker: &str, at: u64, why: &str) {
         return;
     };
     attempt.ended = Some(why.to_string());
-    if job.attempts.len() >= MAX_ATTEMPTS {
+    if job.attempts.iter().filter(|a| !a.handed_off).count() >= MAX_ATTEMPTS {
         let error = format!("attempt {} of {MAX_ATTEMPTS} ended: {why}; giving up", job.epoch);
         job.events.push(JobEvent::new(at, format!("The job failed: {error}")));
         (job.status, job.finished_at, job.error) = (JobStatus::Failed, Some(at), Some(error));
@@ -127,6 +127,7 @@ impl StateMachine {
                 self.state.models.insert(name, Model { uri });
                 Reply::Done
             }
+            Command::RemoveModel { name } => self.remove_model(&name),
             Command::PutAdapter { tenant, name, base_model, checksum, uri } => {
                 self.put_adapter(tenant, name, AdapterVersion { version: 0, base_model, checksum, uri })
             }
@@ -174,7 +175,7 @@ impl StateMachine {
                 job.status = JobStatus::Placed;
                 let message = format!("Attempt {} placed on worker {worker}", job.epoch);
                 job.events.push(JobEvent::new(at, message));
-                job.attempts.push(Attempt { epoch: job.epoch, worker, ended: None });
+                job.attempts.push(Attempt { epoch: job.epoch, worker, ended: None, handed_off: false });
                 Reply::Epoch { epoch: job.epoch }
             }
             Command::ReportJob { id, epoch, report } => {
@@ -235,6 +236,14 @@ impl StateMachine {
                     JobReport::Interrupted { error } => {
                         let worker = job.attempts.last().map(|a| a.worker.clone()).unwrap_or_default();
                         end_attempt(job, &worker, at, &format!("interrupted on worker {worker}: {error}"));
+                    }
+                    JobReport::HandedOff => {
+                        let Some(attempt) = job.attempts.last_mut() else { return refused("no attempt") };
+                        attempt.handed_off = true;
+                        let worker = attempt.worker.clone();
+                        let from =
+                            job.checkpoint.as_ref().map_or("the start".to_string(), |c| format!("step {}", c.step));
+                        end_attempt(job, &worker, at, &format!("handed off by draining worker {worker}, from {from}"));
                     }
                 }
                 Reply::Done
@@ -388,6 +397,29 @@ impl StateMachine {
         for job in self.state.jobs.values_mut() {
             end_attempt(job, rank0, at, why);
         }
+    }
+
+    fn remove_model(&mut self, name: &str) -> Reply {
+        if !self.state.models.contains_key(name) {
+            return refused(format!("no base model {name:?}"));
+        }
+        let s = &self.state;
+        let jobs = s.jobs.iter().filter(|(_, j)| j.spec.base_model == name && !j.status.is_final()).map(|(id, _)| id);
+        let groups = s.placements.iter().filter(|(_, p)| p.model == name).map(|(g, _)| g);
+        let workers = (s.workers.iter())
+            .filter(|(_, w)| {
+                w.alive && w.collective_addr.is_empty() && w.gpus.iter().any(|g| g.models.iter().any(|m| m == name))
+            })
+            .map(|(id, _)| id);
+        let users: Vec<String> = (jobs.map(|id| format!("job {id}")))
+            .chain(groups.map(|g| format!("group {g}")))
+            .chain(workers.map(|w| format!("worker {w}")))
+            .collect();
+        if !users.is_empty() {
+            return refused(format!("base model {name:?} is in use by {}", users.join(", ")));
+        }
+        self.state.models.remove(name);
+        Reply::Done
     }
 
     fn create_group(&mut self, group: String, model: String, size: usize, expert_parallel: bool) -> Reply {

@@ -577,3 +577,51 @@ fn a_state_that_kept_keys_as_bare_tenants_still_reads() {
     let again: ClusterState = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
     assert_eq!(again, state);
 }
+
+#[test]
+fn a_draining_workers_attempts_are_handed_off_from_their_checkpoint_without_counting_as_retries() {
+    let mut log = cluster();
+    log.apply(submit("j"));
+    let report = |epoch, report| Command::ReportJob { id: "j".into(), epoch, report };
+    let drain = |drain| Command::DrainWorker { id: "w1".into(), drain };
+    for epoch in 1..=2 * MAX_ATTEMPTS as u64 {
+        assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Epoch { epoch });
+        assert!(!log.state().assignments("w1")[0].hand_off);
+        log.apply(report(epoch, JobReport::Checkpoint { step: epoch * 10, uri: format!("/ckpt/{epoch}") }));
+        assert_eq!(log.apply(drain(true)), Reply::Done);
+        let assigned = log.state().assignments("w1");
+        assert!(assigned[0].hand_off, "the draining worker is told to hand its attempt off");
+        assert_eq!(log.apply(report(epoch, JobReport::HandedOff)), Reply::Done);
+        let job = &log.state().jobs["j"];
+        assert_eq!(job.status, JobStatus::Queued, "epoch {epoch}");
+        assert_eq!(job.checkpoint.as_ref().unwrap().step, epoch * 10, "it resumes from the checkpoint");
+        assert!(job.attempts.last().unwrap().ended.as_deref().unwrap().contains("handed off by draining worker w1"));
+        assert!(log.state().assignments("w1").is_empty());
+        assert_eq!(log.apply(drain(false)), Reply::Done);
+    }
+    // Twice as many hand-offs as attempts allowed, and a failure still has every attempt left.
+    let epoch = 2 * MAX_ATTEMPTS as u64 + 1;
+    log.apply(Command::PlaceJob { id: "j".into(), worker: "w2".into() });
+    log.apply(report(epoch, JobReport::Interrupted { error: "disk".into() }));
+    assert_eq!(log.state().jobs["j"].status, JobStatus::Queued);
+    assert!(matches!(log.apply(report(epoch, JobReport::HandedOff)), Reply::Refused { .. }), "fenced");
+}
+
+#[test]
+fn a_base_model_is_removed_only_when_nothing_uses_it() {
+    let mut log = cluster();
+    let remove = || Command::RemoveModel { name: "m".into() };
+    // w1 and w2 serve "m" (their heartbeat's models): stopping them is the operator's first step.
+    let Reply::Refused { reason } = log.apply(remove()) else { panic!("removed while served") };
+    assert!(reason.contains("worker w1") && reason.contains("worker w2"), "{reason}");
+    log.apply(Command::MarkWorkerDead { id: "w1".into() });
+    log.apply(Command::MarkWorkerDead { id: "w2".into() });
+    log.apply(submit("j"));
+    let Reply::Refused { reason } = log.apply(remove()) else { panic!("removed under a job") };
+    assert_eq!(reason, "base model \"m\" is in use by job j");
+    log.apply(Command::CancelJob { id: "j".into() });
+    assert_eq!(log.apply(remove()), Reply::Done);
+    assert!(log.state().models.is_empty());
+    assert!(matches!(log.apply(remove()), Reply::Refused { .. }), "no such model any more");
+    assert!(matches!(log.apply(submit("k")), Reply::Refused { .. }), "no job on a removed model");
+}

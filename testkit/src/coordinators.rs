@@ -264,11 +264,11 @@ impl Coordinators {
         }
     }
 
-    /// `tandem members <change...> --coordinator <via>`: its output; a failure panics with
+    /// `tandem coordinators <change...> --coordinator <via>`: its output; a failure panics with
     /// every coordinator's status.
-    pub fn members(&self, via: u64, change: &[&str]) -> String {
+    pub fn coordinators(&self, via: u64, change: &[&str]) -> String {
         let operator = self.certs.args(Role::Operator, "operator");
-        let mut args = vec!["members", "--coordinator", &self.addrs[&via]];
+        let mut args = vec!["coordinators", "--coordinator", &self.addrs[&via]];
         args.extend(as_strs(&operator));
         args.extend(change);
         let (ok, out, err) = self.tandem.run(&args);

@@ -87,6 +87,7 @@ fn run_job(
             TrainEvent::Failed { error, .. } | TrainEvent::Interrupted { error, .. } => {
                 panic!("the job ended: {error}")
             }
+            TrainEvent::HandedOff { .. } => panic!("the job was handed off, unasked"),
         }
     };
     let mut answer = Vec::new();

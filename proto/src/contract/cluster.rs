@@ -174,6 +174,10 @@ pub struct Attempt {
     pub worker: String,
     /// Why it ended, if it did before the job finished (its worker died, ...).
     pub ended: Option<String>,
+    /// It ended because its worker was drained, at a checkpoint: not a failure, so not counted
+    /// against the job's attempts.
+    #[serde(default)]
+    pub handed_off: bool,
 }
 
 /// A training file a tenant uploaded (JSONL, checked on upload).
@@ -313,6 +317,7 @@ impl ClusterState {
                 tenant: j.tenant.clone(),
                 spec: j.spec.clone(),
                 checkpoint: j.checkpoint.clone(),
+                hand_off: self.workers.get(id).is_some_and(|w| w.draining),
             })
             .collect()
     }

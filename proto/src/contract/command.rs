@@ -35,6 +35,11 @@ pub enum Command {
         name: String,
         uri: String,
     },
+    /// Forgets base model `name`; refused while a job not yet ended, a worker group or an
+    /// adapter uses it.
+    RemoveModel {
+        name: String,
+    },
     /// A new version of a tenant's adapter (version 1 for a new name).
     PutAdapter {
         tenant: String,
@@ -149,6 +154,7 @@ impl Command {
                 check_name("model", name)?;
                 check_uri("model uri", uri)
             }
+            Command::RemoveModel { name } => check_name("model", name),
             Command::PutAdapter { tenant, name, base_model, checksum, uri } => {
                 check_tenant(tenant)?;
                 check_name("adapter", name)?;

@@ -310,12 +310,21 @@ pub enum JobReport {
     Interrupted {
         error: String,
     },
+    /// Its worker is draining: the attempt stopped after its checkpoint (reported just before),
+    /// and the job resumes from it elsewhere, in an attempt that does not count as a retry.
+    HandedOff,
 }
 
 impl JobReport {
     /// Whether the report ends its attempt (the worker runs it no more).
     pub fn ends_attempt(&self) -> bool {
-        matches!(self, JobReport::Succeeded { .. } | JobReport::Failed { .. } | JobReport::Interrupted { .. })
+        matches!(
+            self,
+            JobReport::Succeeded { .. }
+                | JobReport::Failed { .. }
+                | JobReport::Interrupted { .. }
+                | JobReport::HandedOff
+        )
     }
 
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -344,6 +353,10 @@ pub struct Assignment {
     pub spec: JobSpec,
     /// Where to resume from.
     pub checkpoint: Option<Checkpoint>,
+    /// The worker is draining: it hands the attempt off (a checkpoint, then
+    /// [`JobReport::HandedOff`]) rather than run it.
+    #[serde(default)]
+    pub hand_off: bool,
 }
 
 #[cfg(test)]

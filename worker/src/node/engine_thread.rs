@@ -43,6 +43,9 @@ pub(crate) enum Order {
     Train(Box<Training>),
     /// Stop training this job (its adapter is withdrawn).
     Stop(String),
+    /// Stop training this job at its next step boundary, after a checkpoint there (its worker
+    /// is draining): [`TrainEvent::Checkpoint`], then [`TrainEvent::HandedOff`].
+    HandOff(String),
     /// What the engine measures about itself, now.
     Metrics(tokio::sync::oneshot::Sender<EngineMetrics>),
 }
@@ -108,6 +111,10 @@ pub enum TrainEvent {
     Interrupted {
         job: String,
         error: String,
+    },
+    /// Stopped at the checkpoint just reported, as [`EngineThread::hand_off`] asked.
+    HandedOff {
+        job: String,
     },
 }
 
@@ -175,6 +182,11 @@ impl EngineThread {
     /// Stops training job `name`.
     pub fn stop(&self, name: &str) -> Result<(), Status> {
         self.send(Order::Stop(name.to_string()))
+    }
+
+    /// Stops training job `name` at its next step boundary, after a checkpoint there.
+    pub fn hand_off(&self, name: &str) -> Result<(), Status> {
+        self.send(Order::HandOff(name.to_string()))
     }
 
     /// The engine's figures, taken between two of its steps.
@@ -272,6 +284,8 @@ struct Jobs {
     dirs: HashMap<String, JobFiles>,
     /// Jobs whose checkpoint is due at their next step boundary.
     due: Vec<String>,
+    /// Jobs to stop after a checkpoint at their next step boundary.
+    handing_off: Vec<String>,
 }
 
 /// The engine thread of a worker.
@@ -335,12 +349,8 @@ pub(crate) fn serve(
                         Err(e) => send(TrainEvent::Failed { job: name, error: e.to_string() }),
                     }
                 }
-                Order::Stop(name) => {
-                    if engine.cancel_job(&name).is_ok() {
-                        let _ = engine.remove_adapter(&name);
-                    }
-                    jobs.dirs.remove(&name);
-                }
+                Order::Stop(name) => jobs.stop(engine, &name),
+                Order::HandOff(name) => jobs.handing_off.push(name),
                 Order::Metrics(reply) => drop(reply.send(engine.metrics())),
             }
             next = orders.try_recv().ok();
@@ -389,18 +399,23 @@ impl Jobs {
             let tokens_per_s = engine.job_metrics(&report.job).map_or(0.0, |m| m.tokens_per_s);
             send(TrainEvent::Step { job: report.job.clone(), report, tokens_per_s });
         }
-        self.due.retain(|name| {
-            let (Some(job), Some(JobFiles { dir, .. })) = (engine.job(name), self.dirs.get(name)) else { return false };
-            if !job.at_step_boundary() {
-                return true;
+        self.due.retain(|name| checkpoint_now(engine, &self.dirs, name, send).is_none());
+        self.export_finished(engine, send);
+        for name in std::mem::take(&mut self.handing_off) {
+            match checkpoint_now(engine, &self.dirs, &name, send) {
+                None => self.handing_off.push(name),
+                Some(saved) => {
+                    self.stop(engine, &name);
+                    if saved {
+                        send(TrainEvent::HandedOff { job: name });
+                    }
+                }
             }
-            let step = job.progress.step;
-            match checkpoint::save(job, engine.model().whole_config(), &dir.join("checkpoints")) {
-                Ok(path) => send(TrainEvent::Checkpoint { job: name.clone(), step, path }),
-                Err(e) => send(TrainEvent::Interrupted { job: name.clone(), error: format!("checkpoint: {e}") }),
-            }
-            false
-        });
+        }
+    }
+
+    /// Exports the jobs that trained to the end, and validates them.
+    fn export_finished(&mut self, engine: &mut Engine, send: &impl Fn(TrainEvent)) {
         let finished = engine.take_finished_jobs();
         if finished.is_empty() {
             return;
@@ -427,6 +442,40 @@ impl Jobs {
             }
         }
     }
+
+    /// Stops training job `name` (its adapter is withdrawn).
+    fn stop(&mut self, engine: &mut Engine, name: &str) {
+        if engine.cancel_job(name).is_ok() {
+            let _ = engine.remove_adapter(name);
+        }
+        self.dirs.remove(name);
+    }
+}
+
+/// Saves job `name`'s checkpoint if it is at a step boundary: `None` while it is not (ask again
+/// after the next step), else whether it was saved (reported as a checkpoint, or as an
+/// interruption when it could not be written; `false` too when the job is gone).
+fn checkpoint_now(
+    engine: &Engine,
+    dirs: &HashMap<String, JobFiles>,
+    name: &str,
+    send: &impl Fn(TrainEvent),
+) -> Option<bool> {
+    let (Some(job), Some(JobFiles { dir, .. })) = (engine.job(name), dirs.get(name)) else { return Some(false) };
+    if !job.at_step_boundary() {
+        return None;
+    }
+    let step = job.progress.step;
+    Some(match checkpoint::save(job, engine.model().whole_config(), &dir.join("checkpoints")) {
+        Ok(path) => {
+            send(TrainEvent::Checkpoint { job: name.to_string(), step, path });
+            true
+        }
+        Err(e) => {
+            send(TrainEvent::Interrupted { job: name.to_string(), error: format!("checkpoint: {e}") });
+            false
+        }
+    })
 }
 
 /// Each token's own text (for logprobs).

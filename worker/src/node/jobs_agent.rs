@@ -1,7 +1,8 @@
 //! The worker's side of fine-tuning jobs: it starts the attempts the coordinator assigns it
 //! (heartbeat answers), from their last checkpoint when they have one, stops those no longer
 //! assigned (cancelled, or placed elsewhere), and reports each attempt's steps, checkpoints and
-//! end to the cluster, fenced by the attempt's epoch. The engine it trains on is the worker's
+//! end to the cluster, fenced by the attempt's epoch. While the worker is draining, it hands its
+//! attempts off instead: each stops after a checkpoint and resumes from it elsewhere. The engine it trains on is the worker's
 //! own, or on a group worker, its group's while it is rank 0 (jobs are placed on rank 0 of a
 //! formed group; when the group is re-formed, the coordinator queues them again).
 
@@ -42,6 +43,8 @@ impl JobsAgent {
         // Attempts that ended here: their end may not be recorded yet, and the heartbeat may
         // still list them.
         let mut ended: HashSet<(String, u64)> = HashSet::new();
+        // Jobs told to hand off (their worker is draining), by epoch.
+        let mut handing: HashSet<(String, u64)> = HashSet::new();
         loop {
             tokio::select! {
                 changed = assignments.changed() => {
@@ -49,7 +52,19 @@ impl JobsAgent {
                         return;
                     }
                     let list = assignments.borrow_and_update().clone();
-                    let list = list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
+                    let list: Vec<Assignment> = list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
+                    for a in list.iter().filter(|a| a.hand_off) {
+                        let attempt = (a.job.clone(), a.epoch);
+                        if running.get(&a.job) == Some(&a.epoch) {
+                            // Stopped after a checkpoint at its next step boundary.
+                            if handing.insert(attempt) && let Ok(engine) = self.serving.current() {
+                                let _ = engine.hand_off(&a.job);
+                            }
+                        } else if ended.insert(attempt) {
+                            // Placed here but not started: it resumes elsewhere as it is.
+                            let _ = reports.send((a.job.clone(), a.epoch, JobReport::HandedOff));
+                        }
+                    }
                     self.reconcile(&mut running, list, &reports).await;
                 }
                 Some(event) = events.recv() => {
@@ -70,11 +85,13 @@ impl JobsAgent {
                         }
                         TrainEvent::Failed { job, error } => (job, JobReport::Failed { error }),
                         TrainEvent::Interrupted { job, error } => (job, JobReport::Interrupted { error }),
+                        TrainEvent::HandedOff { job } => (job, JobReport::HandedOff),
                     };
                     let final_report = report.ends_attempt();
                     let epoch = if final_report { running.remove(&job) } else { running.get(&job).copied() };
                     if let Some(epoch) = epoch {
                         if final_report {
+                            handing.remove(&(job.clone(), epoch));
                             ended.insert((job.clone(), epoch));
                         }
                         let _ = reports.send((job, epoch, report));
@@ -114,7 +131,7 @@ impl JobsAgent {
                 return;
             }
         };
-        let new: Vec<Assignment> = list.into_iter().filter(|a| !running.contains_key(&a.job)).collect();
+        let new: Vec<Assignment> = list.into_iter().filter(|a| !a.hand_off && !running.contains_key(&a.job)).collect();
         for a in new {
             running.insert(a.job.clone(), a.epoch);
             let (assignment, on, dir) = (a.clone(), engine.clone(), self.blobs.join("jobs").join(&a.job));
