@@ -6,6 +6,7 @@
 //! - `coordinator.rs`: `tandem coordinator`, `status`, `coordinators`.
 //! - `worker.rs`: `tandem worker` (a whole-model or group worker node).
 //! - `models.rs`, `workers.rs`: `tandem models` (the catalogue), `tandem workers` (list, drain).
+//! - `snapshot.rs`: `tandem snapshot save|restore` (backups of the state).
 //! - `cluster_api.rs`: what the operator's cluster commands share (where, as whom, refusals).
 //! - `up.rs`: `tandem up`, a whole cluster of processes on this machine.
 //! - `jobs.rs`: `tandem submit`, `jobs`, `adapters`, `keys` over the gateway's gRPC API.
@@ -39,6 +40,7 @@ mod jobs;
 mod machine;
 mod models;
 mod secrets;
+mod snapshot;
 mod telemetry;
 mod tp_rank;
 mod up;
@@ -106,6 +108,8 @@ enum Command {
     /// The cluster's certificates: `init` makes its CA, `issue` a process's key and
     /// certificate.
     Certs(certs::CertsArgs),
+    /// Back the cluster's state up (`save`), and seed a new group with it (`restore`).
+    Snapshot(snapshot::SnapshotArgs),
     /// The processes' config files: `check` one and print the settings in effect.
     Config(config::ConfigArgs),
     /// Run one rank of a tensor-parallel group over TCP on a fixed batch; prints its logits and
@@ -159,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         Command::Groups(args) => groups::groups(args),
         Command::Certs(args) => certs::certs(args),
         Command::Config(args) => config::config(args, command),
+        Command::Snapshot(args) => snapshot::snapshot(args),
         Command::InitModel { preset, out, seed } => {
             let preset: tandem_worker::init_model::Preset = preset.parse()?;
             tandem_worker::init_model::write_model(preset, &out, seed)?;

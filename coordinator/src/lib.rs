@@ -9,6 +9,7 @@
 //! - `state.rs`: [`state::StateMachine`]: validates and applies commands, remembers replies.
 //! - `placement.rs`: where queued jobs go (the leader proposes the moves).
 //! - `raft_log.rs`, `replica.rs`: the durable Raft log and the replica's Ready loop.
+//! - `backup.rs`: backups of the state (`tandem snapshot`) and a new group seeded from one.
 //! - `etcd_store.rs`: the same state machine over an existing etcd's log.
 //! - `store.rs`: one interface over both stores.
 //! - `server.rs`: a coordinator process: Raft transport (gRPC, or a network the caller gives:
@@ -18,6 +19,7 @@
 //! - `gateway/`: OpenAI-compatible HTTP API, jobs, files, adapters, keys, groups, metrics, the
 //!   operators' dashboard.
 
+pub mod backup;
 mod error;
 pub mod etcd_store;
 pub mod gateway;

@@ -7,6 +7,9 @@
 //!   fsync, rename, fsync of the folder).
 //! - `snapshot`: the last snapshot (metadata and the state machine's bytes), replaced the same
 //!   way; compaction writes it, then rewrites `log` without the entries it covers.
+//!
+//! Before the first start a fourth file may be there: `seed`, the state machine a restored
+//! backup starts the new log from ([`write_seed`], `crate::backup`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -95,6 +98,22 @@ impl DiskStorage {
             core.rewrite_log()?;
         }
         Ok(DiskStorage { core: Arc::new(RwLock::new(core)) })
+    }
+
+    /// The seed the folder holds ([`write_seed`]), if any.
+    pub fn seed(&self) -> Result<Option<Vec<u8>>> {
+        let path = self.rl().dir.join(SEED);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Removes the seed once the log holds what it seeded.
+    pub fn drop_seed(&self) -> Result<()> {
+        let path = self.rl().dir.join(SEED);
+        fs::remove_file(&path).map_err(io_err(&path))
     }
 
     fn rl(&self) -> RwLockReadGuard<'_, Core> {
@@ -380,6 +399,22 @@ fn parse<M: protobuf::Message>(path: &Path, bytes: &[u8]) -> Result<M> {
 /// Replaces `dir/name` with `contents` atomically: a temporary file, fsynced, renamed over it,
 /// and the folder fsynced so the rename itself survives a crash.
 /// Its failpoints are named `raft-{name}-...`.
+/// The file a restored backup seeds a new log from.
+const SEED: &str = "seed";
+
+/// Seeds the log in `dir` (which must hold none yet) with `machine`, the state machine's bytes:
+/// the first start of a new group begins from it instead of an empty state.
+pub fn write_seed(dir: &Path, machine: &[u8]) -> Result<()> {
+    if ["log", "state", "snapshot"].iter().any(|f| dir.join(f).exists()) {
+        return Err(Error::Conflict(format!(
+            "{} holds a coordinator's log already: restore into an empty folder",
+            dir.display()
+        )));
+    }
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    replace_file(dir, SEED, machine)
+}
+
 fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<()> {
     let what = format!("raft-{name}");
     let tmp = dir.join(format!("{name}.tmp"));

@@ -143,7 +143,16 @@ impl Replica {
     pub fn start(id: u64, voters: &[u64], dir: &Path, transport: impl Transport, timing: Timing) -> Result<Self> {
         let storage = DiskStorage::open(dir)?;
         if !storage.is_initialized() && !voters.is_empty() {
-            storage.apply_snapshot(&first_snapshot(voters)?)?;
+            let seed = match storage.seed()? {
+                Some(bytes) => StateMachine::restore(&bytes)
+                    .map_err(|e| Error::Corrupt(format!("the seed in {}: {e}", dir.display())))?,
+                None => StateMachine::default(),
+            };
+            storage.apply_snapshot(&first_snapshot(voters, &seed)?)?;
+            if storage.seed()?.is_some() {
+                tracing::info!(index = seed.state().applied, "the log starts from a restored backup");
+                storage.drop_seed()?;
+            }
         }
         let (snap_index, snap_data) = storage.snapshot_data();
         let machine = if snap_index > 0 {
@@ -269,13 +278,15 @@ fn stopped() -> Error {
     Error::Unavailable("the replica stopped".into())
 }
 
-/// The snapshot every founding member starts from: the first configuration and the empty state
-/// at index 1. Being a snapshot, it reaches a coordinator that joins later as one, so that one
+/// The snapshot every founding member starts from: the first configuration and `machine` (the
+/// empty state at index 1, or a restored backup's at the index it was applied up to). Being a
+/// snapshot, it reaches a coordinator that joins later as one, so that one
 /// learns the founding voters too (from entries alone it would only see the members added since
 /// and could elect itself alone).
-fn first_snapshot(voters: &[u64]) -> Result<Snapshot> {
-    let data = StateMachine::default().snapshot().map_err(|e| Error::Internal(format!("encoding a snapshot: {e}")))?;
-    let mut meta = SnapshotMetadata { index: 1, term: 1, ..Default::default() };
+fn first_snapshot(voters: &[u64], machine: &StateMachine) -> Result<Snapshot> {
+    let data = machine.snapshot().map_err(|e| Error::Internal(format!("encoding a snapshot: {e}")))?;
+    let index = machine.state().applied.max(1);
+    let mut meta = SnapshotMetadata { index, term: 1, ..Default::default() };
     meta.mut_conf_state().voters = voters.to_vec();
     let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
     snapshot.set_metadata(meta);

@@ -80,6 +80,15 @@ impl StateMachine {
         serde_json::from_slice(bytes)
     }
 
+    /// A new group's machine holding `state` (a backup's): the coordinators' addresses are the
+    /// new group's own, and no request is remembered. Workers keep their entries: a new leader
+    /// gives each a full lease, so those that come back go on and the others are marked dead
+    /// (their jobs queued again from their checkpoints).
+    pub fn for_new_group(mut state: ClusterState) -> Self {
+        state.coordinators.clear();
+        StateMachine { state, ..StateMachine::default() }
+    }
+
     /// The reply a proposal with `request_id` got, while it is remembered.
     pub fn remembered(&self, request_id: &str) -> Option<&Reply> {
         self.replies.get(request_id)

@@ -112,6 +112,11 @@ impl Coordinators {
         self.rt.block_on(f)
     }
 
+    /// The arguments that make a `tandem` tool the operator.
+    pub fn operator_args(&self) -> Vec<String> {
+        self.certs.args(Role::Operator, "operator")
+    }
+
     /// A client of coordinator `id`, as an operator.
     pub fn client(&self, id: u64) -> ClusterClient {
         ClusterClient::new(&self.addrs[&id], &self.certs.operator()).unwrap()
@@ -267,7 +272,7 @@ impl Coordinators {
     /// `tandem coordinators <change...> --coordinator <via>`: its output; a failure panics with
     /// every coordinator's status.
     pub fn coordinators(&self, via: u64, change: &[&str]) -> String {
-        let operator = self.certs.args(Role::Operator, "operator");
+        let operator = self.operator_args();
         let mut args = vec!["coordinators", "--coordinator", &self.addrs[&via]];
         args.extend(as_strs(&operator));
         args.extend(change);
