@@ -44,6 +44,13 @@ enum ConfigAction {
     },
 }
 
+/// This machine's host name (a Kubernetes pod's name): what a process is called when its
+/// settings do not name it, so one config file serves every host.
+pub fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    Ok(name.trim().to_string())
+}
+
 /// The environment variable of a flag: `--pool-pages` is `TANDEM_POOL_PAGES`.
 pub fn env_name(long: &str) -> String {
     format!("TANDEM_{}", long.to_uppercase().replace('-', "_"))

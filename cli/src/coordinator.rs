@@ -1,6 +1,7 @@
 //! `tandem coordinator` (one member of the Raft group) and `tandem status` (what a coordinator
 //! knows of the group).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +24,22 @@ use crate::secrets;
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
-    /// This coordinator's id (one of the peers').
+    /// This coordinator's id, one of the peers' (default: the peer whose host is this machine's
+    /// host name, or whose name starts with it and a dot, as a StatefulSet's pods are named).
     #[arg(long)]
-    id: u64,
+    id: Option<u64>,
     /// Every coordinator, this one included: `1=HOST:PORT,2=HOST:PORT,3=HOST:PORT`. Each
     /// address carries both the Raft traffic and the cluster API.
     #[arg(long)]
     peers: String,
+    /// Listen here for gRPC (IP:PORT; default: this coordinator's own address in --peers, which
+    /// must then be an IP).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Answer health probes here (IP:PORT), plain HTTP: `GET /health` is 200 while a quorum
+    /// answers.
+    #[arg(long)]
+    health: Option<std::net::SocketAddr>,
     /// Where the Raft log, hard state and snapshots live.
     #[arg(long, required_unless_present = "store")]
     data_dir: Option<PathBuf>,
@@ -90,14 +100,36 @@ pub struct CoordinatorArgs {
 impl CoordinatorArgs {
     /// Checks what can be checked without the peers and the files (`tandem config check`).
     pub fn check(&self) -> Result<()> {
-        let peers = server::parse_peers(&self.peers).map_err(|e| anyhow!("--peers: {e}"))?;
-        if !peers.contains_key(&self.id) {
-            return Err(anyhow!("--id {} is not one of --peers ({})", self.id, self.peers));
-        }
+        self.id()?;
         if let Some(addr) = &self.http {
             addr.parse::<std::net::SocketAddr>().map_err(|e| anyhow!("--http {addr}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// `--id`, or the peer this machine's host name names.
+    fn id(&self) -> Result<u64> {
+        let peers = server::parse_peers(&self.peers).map_err(|e| anyhow!("--peers: {e}"))?;
+        if let Some(id) = self.id {
+            return match peers.contains_key(&id) {
+                true => Ok(id),
+                false => Err(anyhow!("--id {id} is not one of --peers ({})", self.peers)),
+            };
+        }
+        peer_on_host(&peers, &crate::config::hostname()?)
+    }
+}
+
+/// The one peer on `host`: its address's host is `host`, or starts with `host` and a dot.
+fn peer_on_host(peers: &BTreeMap<u64, String>, host: &str) -> Result<u64> {
+    let on_host = |addr: &String| {
+        let name = addr.rsplit_once(':').map_or(addr.as_str(), |(name, _)| name);
+        name == host || name.strip_prefix(host).is_some_and(|rest| rest.starts_with('.'))
+    };
+    match peers.iter().filter(|(_, addr)| on_host(addr)).map(|(id, _)| *id).collect::<Vec<_>>().as_slice() {
+        [id] => Ok(*id),
+        [] => Err(anyhow!("no --id, and no peer in --peers is on this host ({host}): give --id")),
+        _ => Err(anyhow!("no --id, and several peers in --peers are on this host ({host}): give --id")),
     }
 }
 
@@ -158,10 +190,11 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     if let Some(file) = &args.config.config {
         tracing::info!(config = %file.display(), "settings from a config file");
     }
+    let id = args.id()?;
     let peers = server::parse_peers(&args.peers).map_err(|e| anyhow!("--peers: {e}"))?;
     let data_dir = args.data_dir;
     let opts = server::Options {
-        id: args.id,
+        id,
         peers,
         dir: data_dir.clone().unwrap_or_default(),
         timing: Timing {
@@ -171,8 +204,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         },
         lease: Duration::from_millis(args.lease_ms.max(1)),
         join: args.join,
-        security: args.security.coordinator_security(args.id)?,
+        security: args.security.coordinator_security(id)?,
         metrics: args.metrics,
+        health: args.health,
+        listen: args.listen,
         etcd_tls: etcd_tls(&args.etcd)?,
         etcd: args.store,
         http: match args.http {
@@ -267,4 +302,25 @@ pub fn status(args: StatusArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coordinator_finds_its_id_by_its_host_name() {
+        let peers = server::parse_peers(
+            "1=tandem-coordinator-0.tandem-coordinator.tandem.svc:7400,2=tandem-coordinator-1.tandem-coordinator:7400,\
+             3=10.0.0.3:7400",
+        )
+        .unwrap();
+        assert_eq!(peer_on_host(&peers, "tandem-coordinator-1").unwrap(), 2);
+        assert_eq!(peer_on_host(&peers, "10.0.0.3").unwrap(), 3);
+        // A prefix of a name is not the name.
+        assert!(peer_on_host(&peers, "tandem-coordinator").is_err());
+        assert!(peer_on_host(&peers, "tandem-coordinator-0.tandem").is_err());
+        let twice = server::parse_peers("1=host-a:7400,2=host-a:7401").unwrap();
+        assert!(peer_on_host(&twice, "host-a").unwrap_err().to_string().contains("several peers"));
+    }
 }

@@ -22,9 +22,9 @@ use tandem_worker::tokenizer::TextTokenizer;
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// This worker's id in the cluster.
+    /// This worker's id in the cluster (default: this machine's host name).
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// Where it serves gRPC (HOST:PORT); the coordinator and the gateway reach it there.
     #[arg(long)]
     listen: String,
@@ -49,6 +49,10 @@ pub struct WorkerArgs {
     /// cluster's mutual TLS to holders of an operator certificate.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Answer health probes here (IP:PORT), plain HTTP: `GET /health` is 200 while the worker
+    /// holds its lease.
+    #[arg(long)]
+    health: Option<std::net::SocketAddr>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -192,14 +196,19 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     device.ensure_available()?;
     let config = ModelConfig::load(&args.model)?;
     args.engine.check(&config)?;
-    let security = args.security.security(&args.id)?;
+    let id = match &args.id {
+        Some(id) => id.clone(),
+        None => crate::config::hostname()?,
+    };
+    let security = args.security.security(&id)?;
     let node = Node {
-        id: args.id.clone(),
+        id,
         listen: args.listen.clone(),
         cluster: ClusterClient::new(&args.coordinator, &security)?,
         security,
         blobs: args.blobs.clone(),
         metrics: args.metrics,
+        health: args.health,
     };
     let rt = tokio::runtime::Runtime::new()?;
     if let Some(collective_addr) = args.collective_addr.clone() {

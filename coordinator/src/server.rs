@@ -19,12 +19,12 @@ use tandem_proto::contract::{
     MembershipChange, Proposal, Reply, StatusRequest, WorkerLease, WorkerLoad, WorkerRegistration, WorkerView,
     check_addr, fresh_id,
 };
-use tandem_proto::metrics_port;
 use tandem_proto::tls::Caller;
 use tandem_proto::v1::raft_client::RaftClient;
 use tandem_proto::v1::raft_server::{Raft, RaftServer};
 use tandem_proto::v1::{RaftAck, RaftMessage};
 use tandem_proto::{ClusterClient, Role, Security};
+use tandem_proto::{health_port, metrics_port};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -581,6 +581,11 @@ pub struct Options {
     pub http: Option<GatewayOptions>,
     /// Serve this process's metrics here (`--metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Answer health probes here (`--health`): ready while a quorum answers.
+    pub health: Option<SocketAddr>,
+    /// Where it listens for gRPC (`--listen`); none: its own address among `peers` (which
+    /// may then be a name, as a Kubernetes Service gives, when this is set).
+    pub listen: Option<SocketAddr>,
     /// How it answers and reaches the cluster's other processes.
     pub security: Security,
 }
@@ -612,8 +617,12 @@ pub async fn serve_with(
     let id = opts.id;
     let own = opts.peers.get(&id).ok_or_else(|| Error::Invalid(format!("coordinator {id} is not among the peers")))?;
     let own = own.clone();
-    let addr: SocketAddr =
-        own.parse().map_err(|e| Error::Invalid(format!("address of coordinator {id} ({own:?}): {e}")))?;
+    let addr: SocketAddr = match opts.listen {
+        Some(listen) => listen,
+        None => own.parse().map_err(|e| {
+            Error::Invalid(format!("address of coordinator {id} ({own:?}): {e} (a name needs --listen IP:PORT)"))
+        })?,
+    };
     let security = opts.security.clone();
     let mut server = security.server(tonic::transport::Server::builder()).map_err(|e| Error::Invalid(e.to_string()))?;
     let (store, lead, raft) = match opts.etcd {
@@ -670,6 +679,20 @@ pub async fn serve_with(
         }
         None => None,
     };
+    let health_port = match opts.health {
+        Some(addr) => {
+            let store = store.clone();
+            let ready: health_port::Ready = Arc::new(move || {
+                let store = store.clone();
+                Box::pin(async move {
+                    store.read(Duration::from_secs(2)).await.map(drop).map_err(|e| format!("no quorum: {e}"))
+                })
+            });
+            let port = health_port::spawn(addr, ready).await;
+            Some(port.map_err(|e| Error::Unavailable(format!("--health {addr}: {e}")))?)
+        }
+        None => None,
+    };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = match (opts.http, gateway_metrics) {
         (Some(http), Some(gateway_metrics)) => {
@@ -709,6 +732,7 @@ pub async fn serve_with(
         .map_err(|e| Error::Unavailable(format!("serving gRPC on {addr}: {e}")))?;
     monitor.abort();
     metrics_port.inspect(|port| port.abort());
+    health_port.inspect(|port| port.abort());
     let _ = stop_http.send(());
     if let Some(http) = http {
         let served = http.await.map_err(|e| Error::Internal(format!("the HTTP gateway's task: {e}")))?;

@@ -28,6 +28,8 @@ async fn coordinator(etcd: &Etcd, certs: &TestCerts, id: u64) -> ClusterClient {
         etcd_tls: None,
         http: None,
         metrics: None,
+        health: None,
+        listen: None,
         security: certs.security(Role::Coordinator, &id.to_string()),
     };
     tokio::spawn(async move { serve(opts, std::future::pending()).await.unwrap() });

@@ -13,6 +13,7 @@
 //! - `durable.rs`: the fsyncs and renames that decide what survives a crash, each between
 //!   failpoints (set through `TANDEM_FAILPOINTS` in a `failpoints` build, for the chaos tests).
 //! - `metrics_port.rs`: a process's `/metrics` for Prometheus, under the cluster's mutual TLS.
+//! - `health_port.rs`: a process's `/health` for probes, plain HTTP, whether it can serve.
 //! - `trace_context.rs`: W3C trace context carried in every gRPC call's metadata, so a request
 //!   is one trace across processes.
 //! - [`v1`]: prost messages and services generated from `proto/` (Raft transport, the worker's
@@ -23,6 +24,7 @@ pub mod client;
 pub mod codec;
 pub mod contract;
 pub mod durable;
+pub mod health_port;
 pub mod metrics_port;
 pub mod sealed;
 pub mod tls;

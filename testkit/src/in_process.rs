@@ -104,6 +104,8 @@ impl InProcessCluster {
             etcd_tls: None,
             http: None,
             metrics: None,
+            health: None,
+            listen: None,
             security: self.certs.security(Role::Coordinator, &id.to_string()),
         };
         let net = self.net.clone();
@@ -132,6 +134,7 @@ impl InProcessCluster {
             security: self.certs.security(Role::Worker, id),
             blobs: self.blobs(),
             metrics: None,
+            health: None,
         };
         let name = id.to_string();
         self.tasks.push(self.rt.spawn(async move {

@@ -28,6 +28,8 @@ pub struct Lease {
     pub groups: tokio::sync::watch::Sender<Vec<Membership>>,
     /// The engine serving here, whose figures each heartbeat carries.
     pub serving: Serving,
+    /// Whether the lease is held (its last heartbeat answered), or why not: its health.
+    pub held: tokio::sync::watch::Sender<Result<(), String>>,
 }
 
 /// Publishes `new` on `tx` when it differs from what is there.
@@ -48,7 +50,7 @@ fn publish<T: PartialEq>(tx: &tokio::sync::watch::Sender<T>, new: T) {
 /// attempts this worker is to run and its worker groups, published on `lease`'s channels. Runs
 /// until the task is dropped.
 pub async fn keep_lease(lease: Lease) {
-    let Lease { cluster, id, addr, models, collective_addr, assignments, groups, serving } = lease;
+    let Lease { cluster, id, addr, models, collective_addr, assignments, groups, serving, held } = lease;
     let gpus = vec![Gpu { index: 0, memory_bytes: 0, models }];
     let register = WorkerRegistration { worker_id: id.clone(), addr, gpus, collective_addr };
     let mut registered = false;
@@ -83,8 +85,14 @@ pub async fn keep_lease(lease: Lease) {
         }
         .await;
         match result {
-            Ok(next) => pause = next.max(Duration::from_millis(50)),
-            Err(e) => tracing::warn!(worker = %id, coordinator = cluster.addr(), "lease: {e}; retrying"),
+            Ok(next) => {
+                pause = next.max(Duration::from_millis(50));
+                publish(&held, Ok(()));
+            }
+            Err(e) => {
+                tracing::warn!(worker = %id, coordinator = cluster.addr(), "lease: {e}; retrying");
+                publish(&held, Err(format!("no lease: the coordinators did not answer ({e})")));
+            }
         }
         tokio::time::sleep(pause).await;
     }

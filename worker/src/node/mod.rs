@@ -37,8 +37,8 @@ use std::time::Duration;
 
 use tandem_kernels::Device;
 use tandem_proto::contract::{Command, Proposal, Reply};
-use tandem_proto::metrics_port;
 use tandem_proto::{ClientError, ClusterClient, Security};
+use tandem_proto::{health_port, metrics_port};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use engine_thread::{EngineThread, JobStart, Serving, TrainEvent, TrainEvents, Training};
@@ -66,6 +66,8 @@ pub struct Node {
     pub blobs: PathBuf,
     /// Where it serves its metrics for Prometheus (`--metrics`), if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Where it answers health probes (`--health`), if anywhere: ready while it holds its lease.
+    pub health: Option<SocketAddr>,
 }
 
 /// What a group worker needs to serve as the ranks the coordinator places on it.
@@ -136,6 +138,7 @@ impl Node {
         let (assignments, assigned) = tokio::sync::watch::channel(Vec::new());
         let (groups, memberships) = tokio::sync::watch::channel(Vec::new());
         let kind = if groups_agent.is_some() { "group worker" } else { "worker" };
+        let (held, lease_held) = tokio::sync::watch::channel(Err("not registered yet".to_string()));
         let lease = tokio::spawn(keep_lease(Lease {
             cluster: self.cluster.clone(),
             id: self.id.clone(),
@@ -145,11 +148,23 @@ impl Node {
             assignments,
             groups,
             serving: serving.clone(),
+            held,
         }));
         let jobs = tokio::spawn(jobs.run(assigned, trained));
         let groups = groups_agent.map(|agent| tokio::spawn(agent.run(memberships)));
         let metrics_port = match self.metrics {
             Some(at) => Some(self.spawn_metrics_port(at, serving.clone()).await?),
+            None => None,
+        };
+        let health_port = match self.health {
+            Some(at) => {
+                let ready: health_port::Ready = Arc::new(move || {
+                    let held = lease_held.borrow().clone();
+                    Box::pin(async move { held })
+                });
+                let port = health_port::spawn(at, ready).await;
+                Some(port.map_err(|e| Error::Unavailable(format!("--health {at}: {e}")))?)
+            }
             None => None,
         };
         tracing::info!(worker = %self.id, listen = %self.listen, "{kind} serving");
@@ -160,6 +175,7 @@ impl Node {
         jobs.abort();
         groups.inspect(|g| g.abort());
         metrics_port.inspect(|m| m.abort());
+        health_port.inspect(|h| h.abort());
         served.map_err(|e| Error::Unavailable(format!("serving on {}: {e}", self.listen)))
     }
 }
