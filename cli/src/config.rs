@@ -41,6 +41,13 @@ enum ConfigAction {
         /// coordinator | worker (default: the one whose flags the file's keys are).
         #[arg(long)]
         process: Option<String>,
+        /// Check as on the host of this name (default: this one): a coordinator's id and a
+        /// worker's may come from it.
+        #[arg(long)]
+        host: Option<String>,
+        /// The process's flags, as its command line gives them beside the file.
+        #[arg(last = true)]
+        flags: Vec<String>,
     },
 }
 
@@ -132,6 +139,13 @@ impl Expanded {
     }
 }
 
+impl Expanded {
+    /// Whether the file gave setting `key` (no flag or variable did).
+    fn gave(&self, key: &str) -> bool {
+        self.file.as_ref().is_some_and(|(_, keys)| keys.iter().any(|k| k == key))
+    }
+}
+
 /// The file's keys and values, in the order they are written.
 fn read(path: &Path) -> Result<Vec<(String, toml::Value)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
@@ -167,31 +181,38 @@ fn flags(arg: &Arg, key: &str, value: &toml::Value) -> Result<Vec<String>> {
 
 /// `tandem config check`.
 pub fn config(args: ConfigArgs, cli: Command) -> Result<()> {
-    let ConfigAction::Check { file, process } = args.action;
+    let ConfigAction::Check { file, process, host, flags } = args.action;
+    let host = match host {
+        Some(host) => host,
+        None => hostname()?,
+    };
     let process = match process {
         Some(p) if PROCESSES.contains(&p.as_str()) => p,
         Some(p) => bail!("--process {p:?}: expected one of {}", PROCESSES.join(", ")),
         None => infer_process(&cli, &file)?,
     };
-    let argv: Vec<OsString> =
-        ["tandem", &process, "--config"].map(OsString::from).into_iter().chain([file.into()]).collect();
+    let argv: Vec<OsString> = (["tandem", &process].into_iter().map(OsString::from))
+        .chain(flags.into_iter().map(OsString::from))
+        .chain([OsString::from("--config"), file.into()])
+        .collect();
     let expanded = expand(&cli, argv)?;
     let matches = (expanded.parse(cli.clone()))
         .map_err(|e| anyhow!("{}", e.to_string().trim_start_matches("error: ").trim_end()))?;
     let (_, given) = matches.subcommand().ok_or_else(|| anyhow!("no process parsed"))?;
     let command = cli.find_subcommand(&process).ok_or_else(|| anyhow!("no command {process}"))?;
-    match process.as_str() {
-        "coordinator" => crate::coordinator::CoordinatorArgs::from_arg_matches(given)?.check()?,
-        _ => crate::worker::WorkerArgs::from_arg_matches(given)?.check()?,
-    }
-    println!("# tandem {process}: the settings in effect");
+    let id = match process.as_str() {
+        "coordinator" => crate::coordinator::CoordinatorArgs::from_arg_matches(given)?.check(&host)?.to_string(),
+        _ => crate::worker::WorkerArgs::from_arg_matches(given)?.check(&host)?,
+    };
+    println!("# tandem {process}: the settings in effect; on host {host} it runs as {process} {id}");
     for arg in command.get_arguments().filter(|a| takes_setting(a) && a.get_long().is_some_and(|l| l != "config")) {
         let long = arg.get_long().unwrap_or_default();
         let id = arg.get_id().as_str();
         let raw: Vec<String> =
             given.get_raw(id).into_iter().flatten().map(|v| v.to_string_lossy().into_owned()).collect();
         let source = match given.value_source(id) {
-            Some(ValueSource::CommandLine) => "file".to_string(),
+            Some(ValueSource::CommandLine) if expanded.gave(long) => "file".to_string(),
+            Some(ValueSource::CommandLine) => "flag".to_string(),
             Some(ValueSource::EnvVariable) => env_name(long),
             Some(ValueSource::DefaultValue) => "default".to_string(),
             _ => String::new(),

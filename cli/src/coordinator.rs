@@ -98,17 +98,18 @@ pub struct CoordinatorArgs {
 }
 
 impl CoordinatorArgs {
-    /// Checks what can be checked without the peers and the files (`tandem config check`).
-    pub fn check(&self) -> Result<()> {
-        self.id()?;
+    /// Checks what can be checked without the peers and the files (`tandem config check`), on
+    /// the host named `host`; answers this coordinator's id.
+    pub fn check(&self, host: &str) -> Result<u64> {
+        let id = self.id(host)?;
         if let Some(addr) = &self.http {
             addr.parse::<std::net::SocketAddr>().map_err(|e| anyhow!("--http {addr}: {e}"))?;
         }
-        Ok(())
+        Ok(id)
     }
 
-    /// `--id`, or the peer this machine's host name names.
-    fn id(&self) -> Result<u64> {
+    /// `--id`, or the peer on host `host`.
+    fn id(&self, host: &str) -> Result<u64> {
         let peers = server::parse_peers(&self.peers).map_err(|e| anyhow!("--peers: {e}"))?;
         if let Some(id) = self.id {
             return match peers.contains_key(&id) {
@@ -116,7 +117,7 @@ impl CoordinatorArgs {
                 false => Err(anyhow!("--id {id} is not one of --peers ({})", self.peers)),
             };
         }
-        peer_on_host(&peers, &crate::config::hostname()?)
+        peer_on_host(&peers, host)
     }
 }
 
@@ -186,11 +187,10 @@ enum MemberChange {
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
-    args.check()?;
+    let id = args.check(&crate::config::hostname()?)?;
     if let Some(file) = &args.config.config {
         tracing::info!(config = %file.display(), "settings from a config file");
     }
-    let id = args.id()?;
     let peers = server::parse_peers(&args.peers).map_err(|e| anyhow!("--peers: {e}"))?;
     let data_dir = args.data_dir;
     let opts = server::Options {

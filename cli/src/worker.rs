@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use tandem_kernels::{DType, Device};
 use tandem_proto::ClusterClient;
+use tandem_proto::contract::check_name;
 
 use crate::certs::SecurityArgs;
 use tandem_worker::collective::CollectiveOptions;
@@ -176,19 +177,22 @@ impl EngineArgs {
 }
 
 impl WorkerArgs {
-    /// Checks what can be checked without the model and the cluster (`tandem config check`).
-    pub fn check(&self) -> Result<()> {
+    /// Checks what can be checked without the model and the cluster (`tandem config check`), on
+    /// the host named `host`; answers this worker's id.
+    pub fn check(&self, host: &str) -> Result<String> {
+        let id = self.id.clone().unwrap_or_else(|| host.to_string());
+        check_name("worker id", &id).map_err(|e| anyhow!("{} (give --id)", e.0))?;
         let device: Device = self.device.parse()?;
         if self.collective_addr.is_some() && matches!(self.engine.pool_pages, PoolSize::Share(_)) {
             bail!("--pool-pages as a share of memory is for whole-model workers: give a group worker pages");
         }
         data_plane(&self.collective_backend, device)?;
-        Ok(())
+        Ok(id)
     }
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
-    args.check()?;
+    let id = args.check(&crate::config::hostname()?)?;
     if let Some(file) = &args.config.config {
         tracing::info!(config = %file.display(), "settings from a config file");
     }
@@ -196,10 +200,6 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     device.ensure_available()?;
     let config = ModelConfig::load(&args.model)?;
     args.engine.check(&config)?;
-    let id = match &args.id {
-        Some(id) => id.clone(),
-        None => crate::config::hostname()?,
-    };
     let security = args.security.security(&id)?;
     let node = Node {
         id,

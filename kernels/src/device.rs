@@ -27,8 +27,9 @@ impl Device {
 }
 
 impl Device {
-    /// Bytes free for new allocations now: the kernel's estimate of available memory
-    /// (`MemAvailable`) on the CPU, the driver's free device memory on a GPU.
+    /// Bytes free for new allocations now: on the CPU the kernel's estimate of available
+    /// memory (`MemAvailable`), within what the process's cgroup (a container's limit) has left;
+    /// on a GPU the driver's free device memory.
     pub fn free_memory(self) -> crate::Result<u64> {
         match self {
             Device::Cpu => {
@@ -39,7 +40,7 @@ impl Device {
                     .find_map(|l| l.strip_prefix("MemAvailable:"))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
                     .ok_or_else(|| unknown("/proc/meminfo has no MemAvailable".into()))?;
-                Ok(kib * 1024)
+                Ok((kib * 1024).min(cgroup_memory_left().unwrap_or(u64::MAX)))
             }
             Device::Cuda(ordinal) => crate::cuda::free_memory(ordinal),
         }
@@ -76,4 +77,14 @@ impl fmt::Display for Device {
             Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
+}
+
+/// What this process's cgroup (v2) may still allocate: its `memory.max` less its
+/// `memory.current`; none without a limit (or outside a cgroup v2 hierarchy).
+fn cgroup_memory_left() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok()?.trim().parse::<u64>().ok();
+    Some(read("memory.max")?.saturating_sub(read("memory.current")?))
 }

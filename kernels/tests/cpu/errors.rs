@@ -88,3 +88,12 @@ fn optimizer_arguments_are_checked() {
     assert!(message(ops::adamw_step(&mut p, &t(&[3]), &mut m, &mut v, &ops::AdamW::default(), 0)).contains("step"));
     assert!(message(ops::clip_grad_norm(&mut [&mut p], 0.0)).contains("max_norm"));
 }
+
+#[test]
+fn free_memory_is_read_on_the_cpu_and_an_error_without_cuda() {
+    let free = Device::Cpu.free_memory().unwrap();
+    assert!(free > 0 && free < 1 << 50, "{free} bytes");
+    if !Device::cuda_compiled() {
+        assert!(matches!(Device::Cuda(0).free_memory(), Err(Error::CudaUnavailable(_))));
+    }
+}
