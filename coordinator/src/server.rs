@@ -714,12 +714,19 @@ pub async fn serve_with(
     // stops too, with the reason, so that its supervisor restarts it and the restart recovers
     // from what the disk holds, instead of a process that answers but never applies again.
     let failed = Arc::new(Mutex::new(None));
+    // The gateway drains first (its requests in flight need this replica and its gRPC), then
+    // the rest stops.
+    let drained = Arc::new(Mutex::new(None));
     let stop = {
-        let (store, failed) = (store.clone(), failed.clone());
+        let (store, failed, drained) = (store.clone(), failed.clone(), drained.clone());
         async move {
             tokio::select! {
                 () = shutdown => {}
                 why = replica_stopped(store) => *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why),
+            }
+            let _ = stop_http.send(());
+            if let Some(http) = http {
+                *drained.lock().unwrap_or_else(|e| e.into_inner()) = Some(http.await);
             }
         }
     };
@@ -733,9 +740,8 @@ pub async fn serve_with(
     monitor.abort();
     metrics_port.inspect(|port| port.abort());
     health_port.inspect(|port| port.abort());
-    let _ = stop_http.send(());
-    if let Some(http) = http {
-        let served = http.await.map_err(|e| Error::Internal(format!("the HTTP gateway's task: {e}")))?;
+    if let Some(served) = drained.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let served = served.map_err(|e| Error::Internal(format!("the HTTP gateway's task: {e}")))?;
         served.map_err(|e| Error::Unavailable(format!("the HTTP gateway: {e}")))?;
     }
     match failed.lock().unwrap_or_else(|e| e.into_inner()).take() {

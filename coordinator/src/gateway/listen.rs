@@ -16,6 +16,8 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 /// How long a client may take over its TLS handshake.
@@ -31,9 +33,14 @@ const PING_TIMEOUT: Duration = Duration::from_secs(20);
 const HYPER_MAX_HEADERS: usize = 1000;
 /// The pause after a failed accept (out of file descriptors, ...), so the loop does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// How long the requests in flight when the gateway stops may take to finish: under the 30 s a
+/// service manager or Kubernetes gives a process between its SIGTERM and its SIGKILL.
+pub const DRAIN: Duration = Duration::from_secs(20);
 
 /// Serves `router` on `listener` until `stopped` resolves: over TLS with `tls`, else in plain
-/// text. Connections still open then end with the process.
+/// text. Then it drains: it takes no new connection, tells every open one to close once its
+/// request in flight is answered (a rolling restart drops none), and returns when all have
+/// closed or [`DRAIN`] has passed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -41,6 +48,8 @@ pub async fn serve(
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let acceptor = tls.map(TlsAcceptor::from);
+    let (stopping, stop_watch) = watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(stopped);
     loop {
         let tcp = tokio::select! {
@@ -51,30 +60,46 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut stopped => return Ok(()),
+            Some(_) = connections.join_next() => continue,
+            () = &mut stopped => break,
         };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
-        tokio::spawn(async move {
+        let (acceptor, router, stop) = (acceptor.clone(), router.clone(), stop_watch.clone());
+        connections.spawn(async move {
             match acceptor {
-                None => connection(FirstBytes::new(tcp), router).await,
+                None => connection(FirstBytes::new(tcp), router, stop).await,
                 Some(acceptor) => {
                     if let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        connection(FirstBytes::new(stream), router).await;
+                        connection(FirstBytes::new(stream), router, stop).await;
                     }
                 }
             }
         });
     }
+    drop(listener);
+    let _ = stopping.send(true);
+    let _ = tokio::time::timeout(DRAIN, async { while connections.join_next().await.is_some() {} }).await;
+    Ok(())
 }
 
-/// Serves one connection's requests until it ends (cleanly or not: the client's business).
-/// [`FirstBytes`] bounds the wait before hyper has told HTTP/1 from HTTP/2.
-async fn connection(io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static, router: Router) {
+/// Serves one connection's requests until it ends (cleanly or not: the client's business), or,
+/// once `stop` turns true, until its request in flight is answered. [`FirstBytes`] bounds the
+/// wait before hyper has told HTTP/1 from HTTP/2.
+async fn connection(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    router: Router,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_headers(HYPER_MAX_HEADERS);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(PING_INTERVAL).keep_alive_timeout(PING_TIMEOUT);
     let service = TowerToHyperService::new(router);
-    let _ = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await;
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    tokio::select! {
+        _ = served.as_mut() => return,
+        _ = stop.wait_for(|stopping| *stopping) => served.as_mut().graceful_shutdown(),
+    }
+    let _ = served.await;
 }
 
 /// The length of HTTP/2's connection preface; every HTTP/1 request with a `Host` header is
