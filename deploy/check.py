@@ -12,6 +12,8 @@
    TANDEM_* variable a file sets must be one of that process's flags' (or TANDEM_API_KEY), and
    every health check must probe the process's own --health port.
 3. The systemd units pass `systemd-analyze verify` with nothing to say.
+4. Every alert rule (deploy/observability/alerts.yml) is complete, asks only for series the
+   processes export, and is explained in docs/operator-guide.md.
 
 Any failure is printed and the script exits 1.
 """
@@ -272,12 +274,33 @@ def units(tandem):
                 ok(where, "systemd-analyze verify: clean")
 
 
+def alerts():
+    where = "deploy/observability/alerts.yml"
+    rules = [r for g in yaml.safe_load((DEPLOY / "observability/alerts.yml").read_text())["groups"] for r in g["rules"]]
+    # The series the processes export: every name their sources register.
+    sources = "".join(p.read_text() for d in ["coordinator", "worker", "proto"] for p in (ROOT / d / "src").rglob("*.rs"))
+    exported = set(re.findall(r'"(tandem:[a-z_]+)"', sources))
+    guide = (ROOT / "docs/operator-guide.md").read_text()
+    for r in rules:
+        name = r.get("alert", "?")
+        missing = [k for k in ("alert", "expr", "labels", "annotations") if k not in r]
+        if missing or "severity" not in r.get("labels", {}) or "summary" not in r.get("annotations", {}):
+            fail(where, f"{name}: lacks {missing or 'a severity or a summary'}")
+        for series in re.findall(r"tandem:[a-z_]+", r.get("expr", "")):
+            if series.removesuffix("_total") not in exported:
+                fail(where, f"{name}: asks for {series}, which no process exports")
+        if f"`{name}`" not in guide:
+            fail(where, f"{name} is not explained in docs/operator-guide.md")
+    ok(where, f"{len(rules)} alerts, each over exported series and explained in the guide")
+
+
 def main():
     tandem = sys.argv[1]
     resources = kubernetes()
     manifests(tandem, resources)
     dockerfiles(tandem)
     units(tandem)
+    alerts()
     if FAILURES:
         print(f"\n{len(FAILURES)} deployment check(s) failed:", *FAILURES, sep="\n  ")
         sys.exit(1)
