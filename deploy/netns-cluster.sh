@@ -225,7 +225,9 @@ if [ -n "$roll" ]; then
 fi
 
 if [ -n "${KEEP:-}" ]; then
-    echo "netns-cluster: running; the gateways are at $net.{1,2,3}:8080 (operator key in $etc/admin-key). Ctrl-C stops it."
+    echo "netns-cluster: running until Ctrl-C. Gateways: http://$net.{1,2,3}:8080/v1 (the operator's key in"
+    echo "  $etc/admin-key, tenant acme's: $tenant_key). As the operator, add to tandem's commands:"
+    echo "  ${operator[*]}"
     wait
 fi
 echo "netns-cluster: passed"
