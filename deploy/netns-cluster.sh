@@ -21,6 +21,7 @@
 #        KEEP=1 deploy/netns-cluster.sh             (leave it running; Ctrl-C takes it down)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. deploy/netns-host.sh
 roll=
 [ "${1:-}" = --roll ] && { roll=1; shift; }
 bin=$(realpath "${1:-${CARGO_TARGET_DIR:-target}/release/tandem}")
@@ -50,15 +51,7 @@ trap 'failed=1' ERR
 ip link add "$bridge" type bridge
 ip addr add "$net.254/24" dev "$bridge"
 ip link set "$bridge" up
-for host in "${coordinators[@]}" "${workers[@]}"; do
-    ns=tandem-h$host
-    ip netns add "$ns"
-    ip link add "tcl$host" type veth peer name eth0 netns "$ns"
-    ip link set "tcl$host" master "$bridge" up
-    ip -n "$ns" addr add "${addr[$host]}/24" dev eth0
-    ip -n "$ns" link set eth0 up
-    ip -n "$ns" link set lo up
-done
+for host in "${coordinators[@]}" "${workers[@]}"; do netns_host "tandem-h$host" "${addr[$host]}" "$bridge" "tcl$host"; done
 
 # What an operator puts in /etc/tandem: the certificates (each host's own, and the operator's),
 # the operator's key, the units' settings. The base model's folder, shared like the blobs.

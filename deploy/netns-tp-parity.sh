@@ -8,6 +8,7 @@
 # Usage: deploy/netns-tp-parity.sh [path/to/tandem]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. deploy/netns-host.sh
 bin=${1:-${CARGO_TARGET_DIR:-target}/release/tandem}
 [ -x "$bin" ] || { echo "netns: no binary at $bin (cargo build --release first)" >&2; exit 1; }
 work=$(mktemp -d)
@@ -35,15 +36,7 @@ ip link set "$bridge" up
 hosts() {
     local world=$1
     cleanup_ns_only
-    for ((i = 0; i < world; i++)); do
-        local ns=tandem-r$i
-        ip netns add "$ns"
-        ip link add "tveth$i" type veth peer name eth0 netns "$ns"
-        ip link set "tveth$i" master "$bridge" up
-        ip -n "$ns" addr add "10.99.0.$((i + 1))/24" dev eth0
-        ip -n "$ns" link set eth0 up
-        ip -n "$ns" link set lo up
-    done
+    for ((i = 0; i < world; i++)); do netns_host "tandem-r$i" "10.99.0.$((i + 1))" "$bridge" "tveth$i"; done
 }
 
 compare() {  # compare REF OUT...: every rank's logits within 1e-4 of the reference's
