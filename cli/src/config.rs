@@ -63,15 +63,15 @@ pub fn env_name(long: &str) -> String {
     format!("TANDEM_{}", long.to_uppercase().replace('-', "_"))
 }
 
-/// `cli` with a variable on every flag of the processes.
-pub fn with_env(mut cli: Command) -> Command {
+/// `cli` with a variable on every flag of the processes (and on `tandem`'s global flags).
+pub fn with_env(cli: Command) -> Command {
+    let with_variable = |a: Arg| match a.get_long().filter(|_| takes_setting(&a)).map(env_name) {
+        Some(name) => a.env(name),
+        None => a,
+    };
+    let mut cli = cli.mut_args(|a| if a.is_global_set() { with_variable(a) } else { a });
     for process in PROCESSES {
-        cli = cli.mut_subcommand(process, |c| {
-            c.mut_args(|a| match a.get_long().filter(|_| takes_setting(&a)).map(env_name) {
-                Some(name) => a.env(name),
-                None => a,
-            })
-        });
+        cli = cli.mut_subcommand(process, |c| c.mut_args(with_variable));
     }
     cli
 }
