@@ -59,7 +59,7 @@ fn models_are_managed_and_a_drained_worker_hands_its_job_off_at_a_checkpoint() {
     let file: Value = serde_json::from_str(&file).unwrap();
     let create = json!({
         "model": "tiny", "training_file": file["id"], "suffix": "d",
-        "hyperparameters": {"n_epochs": 40, "batch_size": 4, "checkpoint_every": 10},
+        "hyperparameters": {"n_epochs": 100, "batch_size": 4, "checkpoint_every": 10},
     });
     let (status, job) = call(&http, "POST", "/v1/fine_tuning/jobs", &key, Some(create));
     assert_eq!(status, 200, "{job}");
