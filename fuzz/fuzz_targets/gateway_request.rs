@@ -75,6 +75,8 @@ fn gateway() -> &'static Gateway {
                 top_adapters: tandem_coordinator::gateway::TOP_ADAPTERS,
             }),
             metrics: None,
+            health: None,
+            listen: None,
             security: Security::Insecure,
         };
         std::thread::spawn(move || {
