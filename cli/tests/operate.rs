@@ -108,3 +108,40 @@ fn models_are_managed_and_a_drained_worker_hands_its_job_off_at_a_checkpoint() {
     let (ok, _, err) = tandem(&cluster, &["workers", "drain", "w9"]);
     assert!(!ok && err.contains("no worker \"w9\""), "{err}");
 }
+
+/// The gateway routes from a view of the state up to 200 ms old. A worker put back in service
+/// and another drained and stopped within that time leave the view naming only the stopped one:
+/// the request goes to the one back in service, found by a fresh read, and is answered.
+#[test]
+fn a_request_routed_by_a_stale_view_to_a_stopped_worker_goes_to_the_one_back_in_service() {
+    use tandem_proto::contract::{Command, Proposal};
+    let mut cluster = MiniCluster::builder(TANDEM, "stale-view").gateway(ADMIN).workers(3).start();
+    let http = cluster.http().to_string();
+    cluster.register_model("tiny");
+    cluster.wait_alive(3);
+    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "alice"})));
+    assert_eq!(status, 200, "{key}");
+    let key = key["key"].as_str().unwrap().to_string();
+    // A client of its own each time: the testkit's proposing runtime lasts one call.
+    let drain = |cluster: &MiniCluster, id: &str, drain: bool| {
+        let request_id = tandem_proto::contract::fresh_id(&format!("drain-{id}"));
+        let p = Proposal::new(request_id, Command::DrainWorker { id: id.into(), drain });
+        tandem_testkit::propose(&cluster.client(), p);
+    };
+    // w1 is stopped while w2 comes back, then w2 while w3 comes back.
+    for (stopped, back) in [(1, 2), (2, 3)] {
+        let (stopped_id, back_id) = (format!("w{stopped}"), format!("w{back}"));
+        // Out of service long enough for every view to know it.
+        drain(&cluster, &back_id, true);
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        // Then at once: one back, the other drained and stopped, a request.
+        drain(&cluster, &back_id, false);
+        drain(&cluster, &stopped_id, true);
+        let process = &mut cluster.procs.0[stopped];
+        process.kill().unwrap();
+        process.wait().unwrap();
+        let req = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2});
+        let (status, out) = call(&http, "POST", "/v1/completions", &key, Some(req));
+        assert_eq!(status, 200, "{stopped_id} stopped, {back_id} back: {out}");
+    }
+}

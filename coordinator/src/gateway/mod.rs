@@ -624,6 +624,28 @@ impl Gateway {
         result
     }
 
+    /// [`start`] on `workers` (the view's); when none of them could take it, once more on those a
+    /// linearizable read names and the view did not: the view may be [`view::REFRESH`] behind a
+    /// worker just drained and stopped, or another just back in service.
+    async fn start_routed(
+        &self,
+        target: &Target,
+        workers: &[String],
+        req: GenerateRequest,
+    ) -> Result<(Events, String), ApiError> {
+        match start(&self.view, workers, req.clone()).await {
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                let fresh = self.workers_for(&*self.state().await?, target).unwrap_or_default();
+                let untried: Vec<String> = fresh.into_iter().filter(|w| !workers.contains(w)).collect();
+                if untried.is_empty() {
+                    return Err(e);
+                }
+                start(&self.view, &untried, req).await
+            }
+            answer => answer,
+        }
+    }
+
     async fn run_choices(
         &self,
         asked: Asked<'_>,
@@ -642,7 +664,7 @@ impl Gateway {
         let mut streams = Vec::new();
         let mut workers = workers.to_vec();
         for i in 0..n {
-            let (stream, worker) = start(&self.view, &workers, make(i)?).await?;
+            let (stream, worker) = self.start_routed(target, &workers, make(i)?).await?;
             // The other choices go where the first one went (the adapter is resident there now).
             if let Some(at) = workers.iter().position(|w| *w == worker) {
                 workers.rotate_left(at);
