@@ -2,9 +2,10 @@
 //! (heartbeat answers), from their last checkpoint when they have one, stops those no longer
 //! assigned (cancelled, or placed elsewhere), and reports each attempt's steps, checkpoints and
 //! end to the cluster, fenced by the attempt's epoch. While the worker is draining, it hands its
-//! attempts off instead: each stops after a checkpoint and resumes from it elsewhere. The engine it trains on is the worker's
-//! own, or on a group worker, its group's while it is rank 0 (jobs are placed on rank 0 of a
-//! formed group; when the group is re-formed, the coordinator queues them again).
+//! attempts off instead: each stops after a checkpoint and resumes from it elsewhere. The engine
+//! it trains on is the worker's own, or on a group worker, its group's while it is rank 0 (jobs
+//! are placed on rank 0 of a formed group; when the group is re-formed, the coordinator queues
+//! them again).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -52,19 +53,9 @@ impl JobsAgent {
                         return;
                     }
                     let list = assignments.borrow_and_update().clone();
-                    let list: Vec<Assignment> = list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
-                    for a in list.iter().filter(|a| a.hand_off) {
-                        let attempt = (a.job.clone(), a.epoch);
-                        if running.get(&a.job) == Some(&a.epoch) {
-                            // Stopped after a checkpoint at its next step boundary.
-                            if handing.insert(attempt) && let Ok(engine) = self.serving.current() {
-                                let _ = engine.hand_off(&a.job);
-                            }
-                        } else if ended.insert(attempt) {
-                            // Placed here but not started: it resumes elsewhere as it is.
-                            let _ = reports.send((a.job.clone(), a.epoch, JobReport::HandedOff));
-                        }
-                    }
+                    let list: Vec<Assignment> =
+                        list.into_iter().filter(|a| !ended.contains(&(a.job.clone(), a.epoch))).collect();
+                    self.hand_off(&list, &running, &mut handing, &mut ended, &reports);
                     self.reconcile(&mut running, list, &reports).await;
                 }
                 Some(event) = events.recv() => {
@@ -97,6 +88,31 @@ impl JobsAgent {
                         let _ = reports.send((job, epoch, report));
                     }
                 }
+            }
+        }
+    }
+
+    /// Hands off the attempts `list` says to (the worker is draining): one running here stops
+    /// after a checkpoint at its next step boundary (once asked, in `handing`); one placed here
+    /// but not started ends at once and resumes elsewhere as it is.
+    fn hand_off(
+        &self,
+        list: &[Assignment],
+        running: &HashMap<String, u64>,
+        handing: &mut HashSet<(String, u64)>,
+        ended: &mut HashSet<(String, u64)>,
+        reports: &mpsc::UnboundedSender<(String, u64, JobReport)>,
+    ) {
+        for a in list.iter().filter(|a| a.hand_off) {
+            let attempt = (a.job.clone(), a.epoch);
+            if running.get(&a.job) == Some(&a.epoch) {
+                if handing.insert(attempt)
+                    && let Ok(engine) = self.serving.current()
+                {
+                    let _ = engine.hand_off(&a.job);
+                }
+            } else if ended.insert(attempt) {
+                let _ = reports.send((a.job.clone(), a.epoch, JobReport::HandedOff));
             }
         }
     }
