@@ -51,6 +51,14 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let (status, body) = http::http(http_addr, "GET", "/v1/models", Some(KEY), None);
     assert_eq!(status, 200);
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["data"][0]["id"], "tiny");
+    let (status, body) = http::http(http_addr, "GET", "/v1/models/tiny", Some(KEY), None);
+    let model: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((status, &model["id"], &model["owned_by"]), (200, &json!("tiny"), &json!("tandem")), "{body}");
+    let (status, body) = http::http(http_addr, "GET", "/v1/models/no-such-model", Some(KEY), None);
+    assert_eq!(
+        (status, serde_json::from_str::<Value>(&body).unwrap()["error"]["code"].clone()),
+        (404, json!("model_not_found"))
+    );
 
     // A greedy completion equals `tandem generate`'s.
     let req = json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 12, "temperature": 0});

@@ -221,7 +221,11 @@ def main():
     # j. The fine-tuned model is alice's only.
     assert ft in model_ids(alice), "alice's models.list() lacks the fine-tuned model"
     assert ft not in model_ids(bob), "bob sees alice's fine-tuned model"
-    ok("the fine-tuned model is listed for alice only")
+    found = alice.models.retrieve(ft)
+    assert found.id == ft and found.owned_by == "alice" and getattr(found, "parent", None) == BASE, found
+    assert alice.models.retrieve(BASE).owned_by == "tandem"
+    expect(openai.NotFoundError, "bob retrieving alice's model", lambda: bob.models.retrieve(ft))
+    ok("the fine-tuned model is listed and retrieved for alice only")
 
     # k. Bad input gets the right error, and the server keeps serving.
     expect(openai.AuthenticationError, "wrong API key", lambda: client("wrong").models.list())

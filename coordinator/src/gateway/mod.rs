@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -306,6 +306,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics::serve))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .merge(resources::routes())
@@ -362,18 +363,34 @@ fn now() -> u64 {
 /// The base models and the caller's adapters.
 async fn models(State(gw): State<Arc<Gateway>>, caller: Caller) -> Result<Response, ApiError> {
     let state = gw.state().await?;
-    let mut data: Vec<Value> = (state.models.keys())
-        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tandem"}))
-        .collect();
-    for (name, versions) in state.adapters.get(&caller.tenant).into_iter().flatten() {
-        if let Some(v) = versions.last() {
-            data.push(json!({
-                "id": name, "object": "model", "created": 0, "owned_by": caller.tenant,
-                "parent": v.base_model, "version": v.version,
-            }));
-        }
-    }
+    let adapters = state.adapters.get(&caller.tenant).into_iter().flatten().map(|(name, _)| name);
+    let data: Vec<Value> =
+        state.models.keys().chain(adapters).filter_map(|id| model_object(&state, &caller, id)).collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// One base model or one of the caller's adapters, by the name requests give it.
+async fn model(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let state = gw.state().await?;
+    let found = model_object(&state, &caller, &id).ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(axum::Json(found).into_response())
+}
+
+/// `id` as OpenAI's model object: a base model, or the caller's adapter (with its base model as
+/// `parent` and its newest version); none when the caller has no such model.
+fn model_object(state: &ClusterState, caller: &Caller, id: &str) -> Option<Value> {
+    if state.models.contains_key(id) {
+        return Some(json!({"id": id, "object": "model", "created": 0, "owned_by": "tandem"}));
+    }
+    let v = state.adapters.get(&caller.tenant)?.get(id)?.last()?;
+    Some(json!({
+        "id": id, "object": "model", "created": 0, "owned_by": caller.tenant,
+        "parent": v.base_model, "version": v.version,
+    }))
 }
 
 /// Checks the sampling parameters before the request is routed, so a malformed request is a
