@@ -72,18 +72,39 @@ async fn answer<IO>(io: TokioIo<IO>, render: Render, allowed: bool)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+    serve_connection(io, move |path| {
         let render = render.clone();
         async move {
-            let (status, body) = match (allowed, request.uri().path()) {
-                (false, _) => (StatusCode::FORBIDDEN, "the metrics need an operator certificate\n".to_string()),
-                (true, "/metrics") => (StatusCode::OK, render().await),
-                (true, _) => (StatusCode::NOT_FOUND, "only /metrics is served here\n".to_string()),
-            };
-            let content_type = match status {
-                StatusCode::OK => "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                _ => "text/plain; charset=utf-8",
-            };
+            match (allowed, path.as_str()) {
+                (false, _) => (StatusCode::FORBIDDEN, TEXT, "the metrics need an operator certificate\n".to_string()),
+                (true, "/metrics") => (StatusCode::OK, OPENMETRICS, render().await),
+                (true, _) => (StatusCode::NOT_FOUND, TEXT, "only /metrics is served here\n".to_string()),
+            }
+        }
+    })
+    .await;
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const TEXT: &str = "text/plain; charset=utf-8";
+
+/// What a port answers a request for a path: its status, content type and body.
+pub(crate) type Answer = (StatusCode, &'static str, String);
+
+/// Serves one connection's HTTP/1.1 requests, each answered by `respond` from its path; a
+/// request's headers must come within [`HANDSHAKE`]. The processes' small ports (metrics,
+/// health) share it.
+pub(crate) async fn serve_connection<IO, F, Fut>(io: TokioIo<IO>, respond: F)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Answer> + Send,
+{
+    let respond = Arc::new(respond);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let respond = respond.clone();
+        async move {
+            let (status, content_type, body) = respond(request.uri().path().to_string()).await;
             let response = Response::builder()
                 .status(status)
                 .header(hyper::header::CONTENT_TYPE, content_type)
