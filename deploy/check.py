@@ -211,6 +211,12 @@ def manifests(tandem, resources):
             check_process(tandem, f"{where} {c['name']}", argv[1:] if argv[0].endswith("tandem") else argv, text, env, host, health)
 
 
+def host_variables(process):
+    """The per-host variables of deploy/systemd/PROCESS.env, as /etc/tandem/PROCESS.env holds them."""
+    lines = (DEPLOY / "systemd" / f"{process}.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
 def dockerfiles(tandem):
     systemd = DEPLOY / "systemd"
     for path in sorted((DEPLOY / "docker").glob("Dockerfile*")):
@@ -235,7 +241,7 @@ def dockerfiles(tandem):
         if int(port.group(1)) not in exposed:
             fail(where, f"does not expose its health port {port.group(1)}")
         process = cmd[0]
-        env = dict(line.split("=", 1) for line in (systemd / f"{process}.env").read_text().splitlines() if "=" in line and not line.startswith("#"))
+        env = host_variables(process)
         check_process(tandem, where, cmd, (systemd / f"{process}.toml").read_text(), env, "docker", int(port.group(1)))
 
 
@@ -256,7 +262,7 @@ def units(tandem):
         env_file = re.search(r"^EnvironmentFile=-?(.*)$", text, re.M).group(1)
         if env_file != f"/etc/tandem/{process}.env":
             fail(where, f"takes its variables from {env_file}, not /etc/tandem/{process}.env")
-        env = dict(line.split("=", 1) for line in (systemd / f"{process}.env").read_text().splitlines() if "=" in line and not line.startswith("#"))
+        env = host_variables(process)
         check_process(tandem, where, argv[1:], (systemd / f"{process}.toml").read_text(), env, "host-1")
         for setting in ["NoNewPrivileges=yes", "ProtectSystem=strict", "Restart=on-failure", "User=tandem"]:
             if setting not in text.splitlines():
