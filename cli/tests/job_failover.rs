@@ -21,9 +21,7 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     let http = cluster.http().to_string();
     cluster.register_model("tiny");
     cluster.wait_alive(2);
-    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "alice"})));
-    assert_eq!(status, 200, "{key}");
-    let key = key["key"].as_str().unwrap().to_string();
+    let key = http::tenant_key(&http, ADMIN, "alice");
 
     let lines: String = (0..64)
         .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 7)})))
@@ -79,13 +77,12 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     let req = json!({"model": model, "prompt": "n3 =", "max_tokens": 2, "temperature": 0});
     let (status, out) = call(&http, "POST", "/v1/completions", &key, Some(req.clone()));
     assert_eq!(status, 200, "{out}");
-    let (_, bob) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "bob"})));
-    let bob = bob["key"].as_str().unwrap();
-    let (status, out) = call(&http, "POST", "/v1/completions", bob, Some(req));
+    let bob = http::tenant_key(&http, ADMIN, "bob");
+    let (status, out) = call(&http, "POST", "/v1/completions", &bob, Some(req));
     assert_eq!((status, out["error"]["code"].as_str()), (404, Some("model_not_found")), "{out}");
 
     // Metrics: the operator's only; series per tenant and model, and per job.
-    assert_eq!(http::http(&http, "GET", "/metrics", Some(bob), None).0, 403);
+    assert_eq!(http::http(&http, "GET", "/metrics", Some(&bob), None).0, 403);
     let (status, text) = http::http(&http, "GET", "/metrics", Some(ADMIN), None);
     assert_eq!(status, 200, "{text}");
     // Labels are bounded: the base model, not the name asked for (alice's four requests to the

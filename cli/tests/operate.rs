@@ -48,9 +48,7 @@ fn models_are_managed_and_a_drained_worker_hands_its_job_off_at_a_checkpoint() {
     assert!(!tandem(&cluster, &["models", "list"]).1.contains("second"));
 
     // A job that checkpoints every 10 steps, running on one of the two workers.
-    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "alice"})));
-    assert_eq!(status, 200, "{key}");
-    let key = key["key"].as_str().unwrap().to_string();
+    let key = http::tenant_key(&http, ADMIN, "alice");
     let lines: String = (0..32)
         .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 5)})))
         .collect();
@@ -119,9 +117,7 @@ fn a_request_routed_by_a_stale_view_to_a_stopped_worker_goes_to_the_one_back_in_
     let http = cluster.http().to_string();
     cluster.register_model("tiny");
     cluster.wait_alive(3);
-    let (status, key) = call(&http, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "alice"})));
-    assert_eq!(status, 200, "{key}");
-    let key = key["key"].as_str().unwrap().to_string();
+    let key = http::tenant_key(&http, ADMIN, "alice");
     // A client of its own each time: the testkit's proposing runtime lasts one call.
     let drain = |cluster: &MiniCluster, id: &str, drain: bool| {
         let request_id = tandem_proto::contract::fresh_id(&format!("drain-{id}"));

@@ -9,7 +9,6 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use serde_json::json;
 use tandem_proto::contract::{Command, FileRef, JobSpec, MethodChoice, Reply};
 use tandem_testkit::http::{self, call_json as call};
 use tandem_testkit::{CoordinatorOptions, Coordinators, free_addr, secret_file, wait_for};
@@ -36,9 +35,7 @@ fn a_saved_state_restored_into_three_fresh_coordinators_is_all_back() {
     wait_for(60, "the gateway", || gateway_up(&http_addr));
 
     // A tenant's key and file through the gateway; a model, a job and an adapter as commands.
-    let (status, key) = call(&http_addr, "POST", "/v1/admin/api-keys", ADMIN, Some(json!({"tenant": "alice"})));
-    assert_eq!(status, 200, "{key}");
-    let key = key["key"].as_str().unwrap().to_string();
+    let key = http::tenant_key(&http_addr, ADMIN, "alice");
     let (status, file) = http::upload(&http_addr, &key, "train.jsonl", TRAINING);
     assert_eq!(status, 200, "{file}");
     let file: serde_json::Value = serde_json::from_str(&file).unwrap();

@@ -36,6 +36,14 @@ pub fn call_json(addr: &str, method: &str, path: &str, key: &str, body: Option<V
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
+/// A new API key for `tenant`, made with the operator's key `admin` (a refusal panics).
+pub fn tenant_key(addr: &str, admin: &str, tenant: &str) -> String {
+    let (status, key) =
+        call_json(addr, "POST", "/v1/admin/api-keys", admin, Some(serde_json::json!({"tenant": tenant})));
+    assert_eq!(status, 200, "a key for {tenant}: {key}");
+    key["key"].as_str().expect("the answer holds the key").to_string()
+}
+
 /// Every event message of fine-tuning job `id`, newest first, read page by page.
 pub fn job_events(addr: &str, key: &str, id: &str) -> Vec<String> {
     let (mut messages, mut after) = (Vec::new(), String::new());
