@@ -143,14 +143,15 @@ impl Replica {
     pub fn start(id: u64, voters: &[u64], dir: &Path, transport: impl Transport, timing: Timing) -> Result<Self> {
         let storage = DiskStorage::open(dir)?;
         if !storage.is_initialized() && !voters.is_empty() {
-            let seed = match storage.seed()? {
-                Some(bytes) => StateMachine::restore(&bytes)
+            let seeded = storage.seed()?;
+            let machine = match &seeded {
+                Some(bytes) => StateMachine::restore(bytes)
                     .map_err(|e| Error::Corrupt(format!("the seed in {}: {e}", dir.display())))?,
                 None => StateMachine::default(),
             };
-            storage.apply_snapshot(&first_snapshot(voters, &seed)?)?;
-            if storage.seed()?.is_some() {
-                tracing::info!(index = seed.state().applied, "the log starts from a restored backup");
+            storage.apply_snapshot(&first_snapshot(voters, &machine)?)?;
+            if seeded.is_some() {
+                tracing::info!(index = machine.state().applied, "the log starts from a restored backup");
                 storage.drop_seed()?;
             }
         }
