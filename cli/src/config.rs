@@ -15,7 +15,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches, Subcommand};
 
 /// The commands that run as long-lived processes, and so take a config file and variables.
-pub const PROCESSES: [&str; 2] = ["coordinator", "worker"];
+const PROCESSES: [&str; 2] = ["coordinator", "worker"];
 
 /// The flag every process takes: where its config file is.
 #[derive(Args, Clone, Debug, Default)]
@@ -59,7 +59,7 @@ pub fn hostname() -> Result<String> {
 }
 
 /// The environment variable of a flag: `--pool-pages` is `TANDEM_POOL_PAGES`.
-pub fn env_name(long: &str) -> String {
+fn env_name(long: &str) -> String {
     format!("TANDEM_{}", long.to_uppercase().replace('-', "_"))
 }
 
@@ -112,7 +112,7 @@ pub fn expand(cli: &Command, argv: Vec<OsString>) -> Result<Expanded> {
 
 /// A command line with a config file's settings added.
 pub struct Expanded {
-    pub argv: Vec<OsString>,
+    argv: Vec<OsString>,
     /// The file, and the keys it gave (those no flag or variable overrode).
     file: Option<(PathBuf, Vec<String>)>,
 }
