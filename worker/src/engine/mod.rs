@@ -529,7 +529,8 @@ impl Engine {
         }
         let index = self.submitted;
         self.submitted += 1;
-        if let Some(name) = &req.adapter {
+        // Kept only where a bounded host tier needs it to choose what leaves.
+        if let (Some(name), Some(_)) = (&req.adapter, self.cfg.host_adapters) {
             self.last_requested.insert(name.clone(), index);
         }
         self.waiting.push_back(Sequence {
