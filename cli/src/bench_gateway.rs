@@ -193,7 +193,8 @@ async fn direct_round(worker: &str, security: &Security, clients: usize, length:
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
             while start.elapsed() < length {
-                let req = GenerateRequest { prompt: "Hello".into(), max_tokens: 1, top_p: 1.0, ..Default::default() };
+                let req =
+                    GenerateRequest { prompt: "Hello".into(), max_tokens: Some(1), top_p: 1.0, ..Default::default() };
                 let mut events = client.generate(req).await?.into_inner();
                 while events.message().await?.is_some() {}
                 done += 1;

@@ -138,7 +138,7 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
         (json!({"model": "tiny", "prompt": "Hi", "max_tokens": 1_000_000}), 400, "invalid_request_error"),
         (json!({"model": "tiny", "prompt": "Hi", "n": 99}), 400, "invalid_request_error"),
         (json!({"model": "tiny"}), 400, "invalid_request_error"),
-        (json!({"model": "tiny", "prompt": "Hi", "logprobs": 3}), 400, "invalid_request_error"),
+        (json!({"model": "tiny", "prompt": "Hi", "logprobs": true}), 400, "invalid_request_error"),
     ];
     for (req, want_status, want_code) in cases {
         let (status, out) = post(http_addr, "/v1/completions", req.clone());
@@ -162,6 +162,186 @@ fn the_gateway_serves_openai_completions_from_a_worker() {
     let (status, out) =
         post(http_addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2, "seed": 3}));
     assert_eq!((status, out["usage"]["completion_tokens"].as_u64()), (200, Some(2)));
+}
+
+/// `base` with `extra`'s keys added (or replaced).
+fn with(mut base: Value, extra: Value) -> Value {
+    base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    base
+}
+
+/// The `n`-th choice's sampled tokens and their log-probabilities (`logprobs` asked for).
+fn tokens_of(out: &Value, n: usize) -> (Vec<String>, Vec<f64>) {
+    let lp = &out["choices"][n]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    (tokens, lp["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+}
+
+#[test]
+fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
+    let cluster = MiniCluster::builder(TANDEM, "gateway-params").gateway(KEY).start();
+    let addr = cluster.http();
+    cluster.register_model("tiny");
+    cluster.wait_alive(1);
+    let complete = |extra: Value| {
+        let req =
+            with(json!({"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 6, "temperature": 0}), extra);
+        let (status, out) = post(addr, "/v1/completions", req.clone());
+        assert_eq!(status, 200, "{req}: {out}");
+        out
+    };
+    let want = TANDEM.generate_greedy(&cluster.model, "The cat sat on the", 6);
+
+    // A batch of prompts, n each: choices prompt by prompt, each prompt's tokens counted once.
+    let out = complete(json!({"prompt": ["The cat sat on the", "Hello"], "n": 2}));
+    let texts: Vec<&str> = out["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(texts.len(), 4, "{out}");
+    assert_eq!((texts[0], texts[1]), (want["text"].as_str().unwrap(), want["text"].as_str().unwrap()));
+    let hello = complete(json!({"prompt": "Hello"}));
+    assert_eq!(texts[2], hello["choices"][0]["text"]);
+    let indices: Vec<u64> = out["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, [0, 1, 2, 3]);
+    assert_eq!(
+        out["usage"]["prompt_tokens"],
+        want["prompt_tokens"].as_u64().unwrap() + hello["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(out["usage"]["completion_tokens"], 24);
+
+    // Token-id prompts, one or a list.
+    let ids: Vec<u64> = want["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let one = complete(json!({"prompt": ids[..4]}));
+    assert_eq!(one["usage"]["prompt_tokens"], 4, "{one}");
+    let two = complete(json!({"prompt": [ids[..4], ids[..2]]}));
+    assert_eq!(two["choices"][0]["text"], one["choices"][0]["text"]);
+    assert_eq!(two["usage"]["prompt_tokens"], 6, "{two}");
+
+    // Alternatives: the sampled (greedy) token is the most likely of them.
+    let out = complete(json!({"logprobs": 3}));
+    let (tokens, logprobs) = tokens_of(&out, 0);
+    let top = out["choices"][0]["logprobs"]["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), tokens.len());
+    for ((alternatives, token), lp) in top.iter().zip(&tokens).zip(&logprobs) {
+        let alternatives = alternatives.as_object().unwrap();
+        assert!((1..=3).contains(&alternatives.len()), "{out}");
+        if token.contains('\u{FFFD}') {
+            continue; // a part of a character: other such tokens have the same text, and one key
+        }
+        let best = alternatives.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!((best - lp).abs() < 1e-5 && (alternatives[token].as_f64().unwrap() - lp).abs() < 1e-5, "{out}");
+    }
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+        "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, out) = post(addr, "/v1/chat/completions", chat);
+    assert_eq!(status, 200, "{out}");
+    for t in out["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+        let alternatives = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(alternatives.len(), 2, "{out}");
+        assert_eq!(alternatives[0]["logprob"], t["logprob"], "{out}");
+    }
+
+    // logit_bias: +100 makes a token the only choice; the log-probabilities stay the model's.
+    // (A token that is a whole character: parts of characters share one text.)
+    let (biased, tokens) = (1..256u64)
+        .map(|i| ((ids[0] + i) % 256).to_string())
+        .map(|id| (id.clone(), tokens_of(&complete(json!({"logit_bias": {id: 100}, "logprobs": 0})), 0).0))
+        .find(|(_, tokens)| !tokens[0].contains('\u{FFFD}'))
+        .unwrap();
+    assert!(tokens.iter().all(|t| *t == tokens[0]), "{tokens:?}");
+    let (plain, _) = tokens_of(&complete(json!({"logprobs": 0})), 0);
+    assert_ne!(tokens, plain);
+
+    // Penalties, OpenAI's formula: a bias makes the token the choice, until what the penalties
+    // take for its count outweighs it (the random model's logits lie well within 1 of each other).
+    let count = |extra: Value| {
+        let (got, _) = tokens_of(&complete(with(json!({"max_tokens": 8, "logprobs": 0}), extra)), 0);
+        (got[0] == tokens[0], got.iter().filter(|t| **t == tokens[0]).count())
+    };
+    assert_eq!(count(json!({"logit_bias": {&biased: 3}})), (true, 8));
+    assert_eq!(count(json!({"logit_bias": {&biased: 3}, "frequency_penalty": 2})), (true, 2));
+    assert_eq!(count(json!({"logit_bias": {&biased: 1}, "presence_penalty": 2})), (true, 1));
+    assert_eq!(count(json!({"logit_bias": {&biased: 3}, "presence_penalty": 2})), (true, 8));
+
+    // best_of: the candidate of highest mean log-probability, of those n = best_of gives with
+    // the same seed.
+    let all = complete(json!({"n": 3, "seed": 11, "temperature": 1, "logprobs": 0}));
+    let mean = |i: usize| {
+        let (_, lp) = tokens_of(&all, i);
+        lp.iter().sum::<f64>() / lp.len() as f64
+    };
+    let best = (0..3).max_by(|&a, &b| mean(a).total_cmp(&mean(b))).unwrap();
+    let out = complete(json!({"best_of": 3, "seed": 11, "temperature": 1}));
+    assert_eq!(out["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(out["choices"][0]["text"], all["choices"][best]["text"], "{all}");
+    assert_eq!(out["choices"][0]["logprobs"], Value::Null, "not asked for");
+    assert_eq!(out["usage"]["completion_tokens"], 18, "every candidate is counted");
+
+    // Chat without a bound runs to the end of the context, or to the end of its answer.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0});
+    let (status, out) = post(addr, "/v1/chat/completions", chat);
+    assert_eq!(status, 200, "{out}");
+    let used = out["usage"]["total_tokens"].as_u64().unwrap();
+    match out["choices"][0]["finish_reason"].as_str().unwrap() {
+        "length" => assert_eq!(used, 512, "the tiny model's context: {out}"),
+        _ => assert!(out["usage"]["completion_tokens"].as_u64().unwrap() > 16, "{out}"),
+    }
+
+    // A streamed batch: every choice's chunks, each prompt's tokens once in the usage.
+    let req = json!({"model": "tiny", "prompt": ["Hello", "Hi"], "n": 2, "max_tokens": 3, "temperature": 0,
+        "stream": true, "stream_options": {"include_usage": true}, "user": "end-user-7"});
+    let (status, body) = http::http(addr, "POST", "/v1/completions", Some(KEY), Some(&req.to_string()));
+    assert_eq!(status, 200, "{body}");
+    let events = sse(&body);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let mut seen: Vec<u64> = chunks.iter().filter_map(|c| c["choices"][0]["index"].as_u64()).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, [0, 1, 2, 3], "{body}");
+    let usage = &chunks.last().unwrap()["usage"];
+    let single = |p: &str| complete(json!({"prompt": p}))["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(usage["prompt_tokens"].as_u64(), Some(single("Hello") + single("Hi")), "{body}");
+    assert_eq!(usage["completion_tokens"], 12, "{body}");
+
+    // Parameters at OpenAI's defaults are welcome; any other that is not served is a 400 naming it.
+    complete(json!({"echo": false, "suffix": null, "user": "u1", "stream": false}));
+    let chat = |extra: Value| {
+        let req = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        post(addr, "/v1/chat/completions", with(req, extra))
+    };
+    assert_eq!(chat(json!({"store": false, "parallel_tool_calls": true, "modalities": ["text"]})).0, 200);
+    let refused = [
+        ("/v1/completions", json!({"suffix": "x"}), "suffix"),
+        ("/v1/completions", json!({"echo": true}), "echo"),
+        ("/v1/completions", json!({"temprature": 0.5}), "temprature"),
+        ("/v1/completions", json!({"top_logprobs": 2}), "top_logprobs"),
+        ("/v1/completions", json!({"logprobs": 21}), "logprobs"),
+        ("/v1/completions", json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        ("/v1/completions", json!({"n": 2, "best_of": 1}), "best_of"),
+        ("/v1/completions", json!({"best_of": 2, "stream": true}), "best_of"),
+        ("/v1/completions", json!({"prompt": vec!["a"; 65]}), "prompt"),
+        ("/v1/completions", json!({"prompt": [[]]}), "prompt"),
+        ("/v1/completions", json!({"logit_bias": {"x": 1}}), "logit_bias"),
+        ("/v1/completions", json!({"logit_bias": {"1": 101}}), "logit_bias"),
+        ("/v1/completions", json!({"presence_penalty": 2.5}), "presence_penalty"),
+        ("/v1/chat/completions", json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        ("/v1/chat/completions", json!({"response_format": {"type": "json_object"}}), "response_format"),
+        ("/v1/chat/completions", json!({"store": true}), "store"),
+        ("/v1/chat/completions", json!({"top_logprobs": 2}), "top_logprobs"),
+        ("/v1/chat/completions", json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+        ("/v1/chat/completions", json!({"best_of": 2}), "best_of"),
+    ];
+    for (path, extra, param) in refused {
+        let (status, out) = match path {
+            "/v1/completions" => {
+                post(addr, path, with(json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2}), extra.clone()))
+            }
+            _ => chat(extra.clone()),
+        };
+        assert_eq!((status, out["error"]["param"].as_str()), (400, Some(param)), "{path} {extra}: {out}");
+    }
+    // A token id past the vocabulary is the worker's 400.
+    let (status, out) =
+        post(addr, "/v1/completions", json!({"model": "tiny", "prompt": "Hi", "logit_bias": {"99999": 1}}));
+    assert_eq!(status, 400, "{out}");
 }
 
 #[test]

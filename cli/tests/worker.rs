@@ -33,7 +33,13 @@ async fn generate_as(
 }
 
 fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest { prompt: prompt.into(), max_tokens, temperature: 0.0, top_p: 1.0, ..GenerateRequest::default() }
+    GenerateRequest {
+        prompt: prompt.into(),
+        max_tokens: Some(max_tokens),
+        temperature: 0.0,
+        top_p: 1.0,
+        ..GenerateRequest::default()
+    }
 }
 
 #[test]

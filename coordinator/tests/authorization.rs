@@ -54,7 +54,7 @@ fn a_workers_certificate_acts_as_itself_only_and_an_operators_runs_the_cluster()
 
         // A worker's Generate answers the gateway's coordinators and operators, not a worker.
         let at = cluster.worker_addr("w2").to_string();
-        let request = || GenerateRequest { prompt: "Hi".into(), max_tokens: 1, top_p: 1.0, ..Default::default() };
+        let request = || GenerateRequest { prompt: "Hi".into(), max_tokens: Some(1), top_p: 1.0, ..Default::default() };
         let as_worker = cluster.security(Role::Worker, "w1").endpoint(&at, Role::Worker).unwrap();
         let refused = WorkerClient::new(as_worker.connect().await.unwrap()).generate(request()).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");

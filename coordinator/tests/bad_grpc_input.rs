@@ -173,21 +173,26 @@ fn hostile_registrations() -> Vec<WorkerRegistration> {
 
 /// Generation requests a worker refuses.
 fn hostile_generations() -> Vec<GenerateRequest> {
-    let base =
-        || GenerateRequest { prompt: "Hi".into(), max_tokens: 1, temperature: 1.0, top_p: 1.0, ..Default::default() };
+    let base = || GenerateRequest {
+        prompt: "Hi".into(),
+        max_tokens: Some(1),
+        temperature: 1.0,
+        top_p: 1.0,
+        ..Default::default()
+    };
     let chat = |role: &str, content: &str| GenerateRequest {
         messages: vec![ChatMessage { role: role.into(), content: content.into() }],
         ..base()
     };
     vec![
-        GenerateRequest { max_tokens: 0, ..base() },
+        GenerateRequest { max_tokens: Some(0), ..base() },
         GenerateRequest { temperature: -1.0, ..base() },
         GenerateRequest { temperature: f32::NAN, ..base() },
         GenerateRequest { temperature: f32::INFINITY, ..base() },
         GenerateRequest { top_p: 0.0, ..base() },
         GenerateRequest { top_p: 2.0, ..base() },
         GenerateRequest { top_p: f32::NAN, ..base() },
-        GenerateRequest { max_tokens: u32::MAX, ..base() },
+        GenerateRequest { max_tokens: Some(u32::MAX), ..base() },
         GenerateRequest { prompt: "x ".repeat(100_000), ..base() },
         GenerateRequest { adapter: "t1:a@1".into(), adapter_uri: "/etc".into(), ..base() },
         GenerateRequest { adapter: "t1:a@1".into(), adapter_uri: "/nonexistent/../etc".into(), ..base() },

@@ -135,6 +135,35 @@ def main():
     assert chunks[-1].usage and chunks[-1].usage.completion_tokens >= 1, f"last chunk has no usage: {chunks[-1]}"
     ok(f"streamed chat: {len(chunks)} chunks, {''.join(content)!r}, usage {chunks[-1].usage.total_tokens} tokens")
 
+    # d2. The rest of the completions and chat surface (docs/gateway.md's table).
+    assert alice.models.retrieve(BASE).id == BASE
+    r = alice.completions.create(model=BASE, prompt=["Hello", "Hi"], n=2, max_tokens=4, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3], r
+    assert r.choices[0].text == r.choices[1].text, "greedy choices of one prompt agree"
+    r = alice.completions.create(model=BASE, prompt=[1, 2, 3], max_tokens=2)
+    assert r.usage.prompt_tokens == 3, r.usage
+    r = alice.completions.create(model=BASE, prompt="Hello", max_tokens=4, best_of=3, seed=5, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(r.choices) == 1, r
+    assert len(lp.tokens) == len(lp.top_logprobs) and all(1 <= len(t) <= 2 for t in lp.top_logprobs), lp
+    assert r.usage.completion_tokens >= len(lp.tokens) + 2, f"every candidate's tokens count: {r.usage}"
+    r = alice.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=3,
+        logprobs=True, top_logprobs=2, presence_penalty=1, frequency_penalty=0.5, logit_bias={"5": 2},
+        seed=1, stop=["\n\n", "###"], user="e2e-user",
+    )
+    assert all(len(t.top_logprobs) == 2 for t in r.choices[0].logprobs.content), r
+    r = alice.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    assert r.choices[0].finish_reason == "stop" or r.usage.completion_tokens > 16, f"chat's default bound: {r.usage}"
+    e = expect(openai.BadRequestError, "suffix", lambda: alice.completions.create(model=BASE, prompt="Hi", suffix="!"))
+    assert e.param == "suffix", e
+    e = expect(
+        openai.BadRequestError, "a typo",
+        lambda: alice.completions.create(model=BASE, prompt="Hi", extra_body={"temprature": 0.5}),
+    )
+    assert e.param == "temprature", e
+    ok("models.retrieve, prompt batches and token ids, best_of, alternatives, penalties, bias; unserved: a 400")
+
     # e. Upload the training file; it is alice's only.
     with open(train, "rb") as f:
         file = alice.files.create(file=f, purpose="fine-tune")

@@ -1,12 +1,15 @@
 //! Sampling parameters and the per-request sampler.
 //!
 //! - [`SamplingParams`]: what a request asks for (OpenAI-like defaults), with [`SamplingParams::validate`].
-//! - [`Sampler`]: turns one row of logits into a token: greedy, or temperature → top-k → top-p →
-//!   inverse-CDF draw from a seeded PRNG (deterministic for a given seed).
+//! - [`Sampler`]: turns one row of logits into a token: logit bias and presence / frequency
+//!   penalties, then greedy, or temperature → top-k → top-p → inverse-CDF draw from a seeded PRNG
+//!   (deterministic for a given seed); with the token's log-probability and the most likely
+//!   alternatives when asked for.
 //! - [`StopChecker`]: decides after each token whether generation ends (EOS, stop token ids, stop
 //!   strings, `max_tokens`) and where the returned text ends (OpenAI semantics: a stop string is
 //!   not part of the output).
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
@@ -40,6 +43,17 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Whether to return the log-probability of each sampled token.
     pub logprobs: bool,
+    /// How many of the most likely tokens to return, with their log-probabilities, beside each
+    /// sampled token (at most [`MAX_TOP_LOGPROBS`]).
+    pub top_logprobs: usize,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every token
+    /// generated so far.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from a generated token's logit once for
+    /// every time it was generated.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these token ids before sampling, each in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
     /// Keep generating past the model's EOS tokens (benchmarks use this for fixed lengths).
     pub ignore_eos: bool,
 }
@@ -56,6 +70,10 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             logprobs: false,
+            top_logprobs: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             ignore_eos: false,
         }
     }
@@ -87,22 +105,46 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return Err(invalid("stop strings must not be empty"));
         }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs)));
+        }
+        for (name, penalty) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
+            if !(-2.0..=2.0).contains(&penalty) {
+                return Err(invalid(format!("{name} must be in [-2, 2], got {penalty}")));
+            }
+        }
+        if let Some((token, bias)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(invalid(format!("logit_bias of token {token} must be in [-100, 100], got {bias}")));
+        }
         Ok(())
     }
+
+    /// Whether the logits are changed before sampling.
+    fn adjusts_logits(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || !self.logit_bias.is_empty()
+    }
 }
+
+/// Most alternatives a request may ask for beside each token (OpenAI's bound).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidRequest(msg.into())
 }
 
 /// One sampled token.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    /// `log_softmax(logits)[token]` of the RAW logits: temperature 1, before top-k/top-p, so the
-    /// value is the model's own log-probability whatever the sampling settings (what OpenAI's
-    /// `logprobs` reports).
+    /// `log_softmax(logits)[token]` of the RAW logits: temperature 1, before bias, penalties,
+    /// top-k and top-p, so the value is the model's own log-probability whatever the sampling
+    /// settings (what vLLM's `logprobs` reports by default).
     pub logprob: f32,
+    /// The `top_logprobs` most likely tokens of the same raw distribution, most likely first
+    /// (ties to the lower id), with their log-probabilities.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// The per-request sampler. Owns its PRNG so a seeded request is reproducible regardless of
@@ -112,6 +154,16 @@ pub struct Sampler {
     temperature: f32,
     top_k: usize,
     top_p: f32,
+    top_logprobs: usize,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    logit_bias: Vec<(u32, f32)>,
+    /// Whether bias or penalties change the logits.
+    adjusts: bool,
+    /// How often each token was sampled (kept only when a penalty reads it).
+    counts: HashMap<u32, u32>,
+    /// The row of logits after bias and penalties, reused from token to token.
+    adjusted: Vec<f32>,
     rng: Xoshiro256,
     /// Reused buffers of (token, scaled logit) candidates and their softmax weights, so sampling
     /// allocates once per request rather than once per token.
@@ -128,6 +180,13 @@ impl Sampler {
             temperature: params.temperature,
             top_k: params.top_k,
             top_p: params.top_p,
+            top_logprobs: params.top_logprobs,
+            presence_penalty: params.presence_penalty,
+            frequency_penalty: params.frequency_penalty,
+            logit_bias: params.logit_bias.clone(),
+            adjusts: params.adjusts_logits(),
+            counts: HashMap::new(),
+            adjusted: Vec::new(),
             rng: Xoshiro256::seed_from_u64(seed),
             candidates: Vec::new(),
             weights: Vec::new(),
@@ -139,8 +198,41 @@ impl Sampler {
     /// NaN logits are never chosen. An empty row (a caller bug) gives token 0 with logprob -inf
     /// rather than a panic.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let token = if self.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
-        Sampled { token, logprob: log_softmax_at(logits, token as usize) }
+        let mut adjusted = std::mem::take(&mut self.adjusted);
+        let row = if self.adjusts {
+            self.adjust(logits, &mut adjusted);
+            &adjusted[..]
+        } else {
+            logits
+        };
+        let token = if self.temperature == 0.0 { argmax(row) } else { self.draw(row) };
+        self.adjusted = adjusted;
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            *self.counts.entry(token).or_default() += 1;
+        }
+        let lse = log_normalizer(logits);
+        Sampled {
+            token,
+            logprob: log_softmax_at(logits, token as usize, lse),
+            top: top(logits, self.top_logprobs, lse),
+        }
+    }
+
+    /// `logits` with the bias added and OpenAI's penalties subtracted, into `out`:
+    /// `l[j] + bias[j] - count[j] * frequency - (count[j] > 0) * presence`.
+    fn adjust(&self, logits: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(logits);
+        for &(token, bias) in &self.logit_bias {
+            if let Some(l) = out.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
+        for (&token, &count) in &self.counts {
+            if let Some(l) = out.get_mut(token as usize) {
+                *l -= count as f32 * self.frequency_penalty + self.presence_penalty;
+            }
+        }
     }
 
     /// Temperature → top-k → top-p → inverse-CDF draw.
@@ -175,18 +267,37 @@ fn argmax(logits: &[f32]) -> u32 {
     ops::argmax(logits).map_or(0, |i| i as u32)
 }
 
-/// `log_softmax(logits)[index]` (NaN logits ignored).
-fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
-    let Some(&chosen) = logits.get(index).filter(|l| !l.is_nan()) else {
-        return f32::NEG_INFINITY;
-    };
+/// `log(sum(exp(logits)))` over the logits that are not NaN.
+fn log_normalizer(logits: &[f32]) -> f32 {
     let lse = ops::log_sum_exp(logits);
-    let lse = if lse.is_nan() {
+    if lse.is_nan() {
         ops::log_sum_exp(&logits.iter().copied().filter(|l| !l.is_nan()).collect::<Vec<_>>())
     } else {
         lse
-    };
-    if lse == f32::NEG_INFINITY { f32::NEG_INFINITY } else { chosen - lse }
+    }
+}
+
+/// `log_softmax(logits)[index]`, given the row's [`log_normalizer`] `lse`.
+fn log_softmax_at(logits: &[f32], index: usize, lse: f32) -> f32 {
+    match logits.get(index).filter(|l| !l.is_nan()) {
+        Some(&chosen) if lse != f32::NEG_INFINITY => chosen - lse,
+        _ => f32::NEG_INFINITY,
+    }
+}
+
+/// The `k` most likely tokens of `logits` (NaN never), most likely first, with their
+/// log-probabilities given the row's [`log_normalizer`] `lse`.
+fn top(logits: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut candidates: Vec<(u32, f32)> =
+        logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)).collect();
+    if k < candidates.len() {
+        keep_top_k(&mut candidates, k);
+    }
+    candidates.sort_unstable_by(by_logit_desc_then_id);
+    candidates.into_iter().map(|(i, _)| (i, log_softmax_at(logits, i as usize, lse))).collect()
 }
 
 /// Total order: larger logit first, then lower token id (so ties resolve like greedy).

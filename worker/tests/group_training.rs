@@ -61,7 +61,7 @@ fn request(adapter: &str) -> GenerateRequest {
     GenerateRequest {
         prompt: "the group trains".into(),
         adapter: adapter.into(),
-        max_tokens: 24,
+        max_tokens: Some(24),
         top_p: 1.0,
         ..Default::default()
     }

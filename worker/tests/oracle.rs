@@ -125,13 +125,26 @@ fn check_against(name: &str, dtype: DType, stem: &str) {
             max_tokens: r.greedy.len(),
             temperature: 0.0,
             ignore_eos: true,
+            top_logprobs: 5,
             ..SamplingParams::default()
         };
         engine.submit(GenerationRequest { prompt: r.prompt_ids.clone(), adapter: r.adapter.clone(), params }).unwrap();
     }
     let outputs = engine.run_to_completion().unwrap();
-    for (r, out) in reference.requests.iter().zip(&outputs) {
+    for (i, (r, out)) in reference.requests.iter().zip(&outputs).enumerate() {
         assert_eq!(out.token_ids, r.greedy, "{name}: greedy continuation with adapter {:?}", r.adapter);
+        // The first token's alternatives are the best of torch's last row, log-softmaxed.
+        let want = logits.tensor(&format!("logits.{i}")).unwrap().to_vec_f32().unwrap();
+        let last: Vec<f64> = want[(r.prompt_ids.len() - 1) * vocab..].iter().map(|&l| f64::from(l)).collect();
+        let lse = last.iter().map(|l| l.exp()).sum::<f64>().ln();
+        let mut best: Vec<usize> = (0..vocab).collect();
+        best.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+        for (&(id, lp), &want_id) in out.top_logprobs[0].iter().zip(&best[..5]) {
+            let gap = (f64::from(lp) - (last[want_id] - lse)).abs();
+            assert!(gap <= 1e-4, "{name}: request {i}: top logprob of {id} vs torch's {want_id}: off by {gap}");
+            assert!(id as usize == want_id || (last[id as usize] - last[want_id]).abs() < 1e-5, "{name}: request {i}");
+        }
+        assert_eq!(out.top_logprobs.len(), out.token_ids.len(), "{name}: alternatives at every token");
     }
 }
 

@@ -118,6 +118,68 @@ fn logprob_is_log_softmax_of_raw_logits() {
     }
 }
 
+/// Greedy tokens drawn over and over from the same row of logits, with `p`'s bias and penalties.
+fn greedy_run(p: SamplingParams, logits: &[f32], steps: usize) -> Vec<u32> {
+    let mut sampler = Sampler::new(&SamplingParams { temperature: 0.0, ..p });
+    (0..steps).map(|_| sampler.sample(logits).token).collect()
+}
+
+#[test]
+fn logit_bias_moves_the_choice() {
+    let logits = [1.0, 0.9, 0.3, -2.0];
+    let bias = |logit_bias| SamplingParams { logit_bias, ..SamplingParams::default() };
+    assert_eq!(greedy_run(bias(vec![]), &logits, 2), [0, 0]);
+    assert_eq!(greedy_run(bias(vec![(3, 100.0)]), &logits, 2), [3, 3]);
+    assert_eq!(greedy_run(bias(vec![(0, -100.0)]), &logits, 2), [1, 1]);
+    // A token id past the row (the engine refuses those) changes nothing here.
+    assert_eq!(greedy_run(bias(vec![(9, 100.0)]), &logits, 1), [0]);
+}
+
+#[test]
+fn penalties_follow_openais_formula() {
+    // logit - count * frequency - (count > 0) * presence, over the tokens generated so far.
+    let logits = [1.0, 0.9, 0.3];
+    let frequency = SamplingParams { frequency_penalty: 0.2, ..SamplingParams::default() };
+    // A: 1.0 | B: 0.9 > 0.8 | A: 0.8 > 0.7 | B: 0.7 > 0.6 | A
+    assert_eq!(greedy_run(frequency, &logits, 5), [0, 1, 0, 1, 0]);
+    let presence = SamplingParams { presence_penalty: 0.5, ..SamplingParams::default() };
+    // A: 1.0 | B: 0.9 > 0.5 | A: 0.5 > 0.4 > 0.3 | A: presence counts once
+    assert_eq!(greedy_run(presence, &logits, 5), [0, 1, 0, 0, 0]);
+    let negative = SamplingParams { presence_penalty: -2.0, ..SamplingParams::default() };
+    assert_eq!(greedy_run(negative, &[0.9, 1.0], 3), [1, 1, 1]);
+}
+
+#[test]
+fn top_logprobs_are_the_raw_distributions_best() {
+    let logits = varied_logits(300);
+    let expected = log_softmax(&logits);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    // Bias and penalties change what is drawn, not the reported distribution.
+    let p = SamplingParams {
+        top_logprobs: 5,
+        logit_bias: vec![(7, 50.0)],
+        frequency_penalty: 1.0,
+        ..params(0.7, 0, 1.0, 4)
+    };
+    let mut sampler = Sampler::new(&p);
+    for _ in 0..3 {
+        let s = sampler.sample(&logits);
+        assert_eq!(s.token, 7);
+        let ids: Vec<usize> = s.top.iter().map(|&(id, _)| id as usize).collect();
+        assert_eq!(ids, order[..5]);
+        for &(id, lp) in &s.top {
+            assert!((lp as f64 - expected[id as usize]).abs() < 1e-5);
+        }
+        assert!((s.logprob as f64 - expected[7]).abs() < 1e-5);
+    }
+    assert!(Sampler::new(&SamplingParams::default()).sample(&logits).top.is_empty());
+    // More asked for than the row holds: the whole row, NaN left out.
+    let p = SamplingParams { top_logprobs: 4, ..SamplingParams::greedy(1) };
+    let got = Sampler::new(&p).sample(&[f32::NAN, 0.0, 1.0]).top;
+    assert_eq!(got.iter().map(|&(id, _)| id).collect::<Vec<_>>(), [2, 1]);
+}
+
 #[test]
 fn nan_logits_are_never_sampled() {
     let logits = [f32::NAN, 0.0, f32::NAN, 0.0];
@@ -205,6 +267,11 @@ fn validation_rejects_bad_parameters() {
         SamplingParams { top_p: 1.5, ..SamplingParams::default() },
         SamplingParams { top_p: f32::NAN, ..SamplingParams::default() },
         SamplingParams { stop: vec![String::new()], ..SamplingParams::default() },
+        SamplingParams { top_logprobs: 21, ..SamplingParams::default() },
+        SamplingParams { presence_penalty: 2.5, ..SamplingParams::default() },
+        SamplingParams { frequency_penalty: f32::NAN, ..SamplingParams::default() },
+        SamplingParams { logit_bias: vec![(3, 101.0)], ..SamplingParams::default() },
+        SamplingParams { logit_bias: vec![(3, f32::NEG_INFINITY)], ..SamplingParams::default() },
     ];
     for p in bad {
         assert!(matches!(p.validate(), Err(Error::InvalidRequest(_))), "{p:?} should be rejected");

@@ -1,6 +1,7 @@
 //! OpenAI's request and error shapes, as the gateway reads and writes them. Requests are parsed
 //! by hand from the body (not by axum's extractor) so that every mistake gets OpenAI's error
-//! body; fields the gateway does not use are ignored, as OpenAI does. [`ApiError`] is that body
+//! body; a completion or chat parameter the gateway does not serve is refused naming it
+//! ([`parse_served`]), never ignored. [`ApiError`] is that body
 //! on the wire; where a failure of the cluster reaches a client, it is made from the crate's
 //! [`Error`] ([`ApiError::cluster`]).
 
@@ -9,7 +10,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::Error;
 
@@ -19,7 +20,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
     pub code: &'static str,
-    pub param: Option<&'static str>,
+    pub param: Option<String>,
     /// Seconds after which the refused request may succeed (`Retry-After`).
     pub retry_after: Option<u64>,
 }
@@ -29,8 +30,11 @@ impl ApiError {
         ApiError { status, message: message.into(), code, param: None, retry_after: None }
     }
 
-    pub fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
-        ApiError { param: Some(param), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+    pub fn bad_request(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param.to_string()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
     }
 
     /// The cluster cannot serve the request now (no worker, no quorum, a coordinator out of
@@ -64,7 +68,7 @@ impl ApiError {
     /// Another tenant's model is not found either: its name says nothing.
     pub fn model_not_found(model: &str) -> Self {
         let msg = format!("the model {model:?} does not exist or you do not have access to it");
-        ApiError { param: Some("model"), ..Self::not_found("model_not_found", msg) }
+        ApiError { param: Some("model".into()), ..Self::not_found("model_not_found", msg) }
     }
 
     fn kind(&self) -> &'static str {
@@ -125,7 +129,7 @@ pub async fn error_body(response: Response) -> Response {
     Response::from_parts(parts, fresh.into_body())
 }
 
-/// A string or a list of strings (`prompt`, `stop`).
+/// A string or a list of strings (`stop`).
 #[derive(Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
@@ -142,25 +146,58 @@ impl OneOrMany {
     }
 }
 
+/// A completion's `prompt`: a string, token ids, or a list of either (a batch of prompts).
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Prompts {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// One prompt of a completion request.
+#[derive(Clone)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+impl Prompts {
+    /// The prompts, each one not empty.
+    pub fn to_vec(&self) -> Result<Vec<Prompt>, ApiError> {
+        let prompts = match self {
+            Prompts::Text(s) => vec![Prompt::Text(s.clone())],
+            Prompts::Texts(v) => v.iter().cloned().map(Prompt::Text).collect(),
+            Prompts::Tokens(ids) => vec![Prompt::Tokens(ids.clone())],
+            Prompts::TokenLists(v) => v.iter().cloned().map(Prompt::Tokens).collect(),
+        };
+        let empty = |p: &Prompt| matches!(p, Prompt::Tokens(ids) if ids.is_empty());
+        if prompts.is_empty() || prompts.iter().any(empty) {
+            return Err(ApiError::bad_request("prompt", "give at least one prompt, and no empty list of token ids"));
+        }
+        Ok(prompts)
+    }
+}
+
 /// What completions and chat completions share.
 #[derive(Deserialize)]
 pub struct Sampling {
     pub max_tokens: Option<u32>,
-    /// Chat's newer name for `max_tokens`.
-    pub max_completion_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
     pub n: Option<u32>,
-    /// Completions: how many alternatives per token (only 0 is served); chat: whether to
-    /// return log-probabilities.
-    pub logprobs: Option<serde_json::Value>,
-    /// Chat: alternatives per token (only 0 is served).
-    pub top_logprobs: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string) to the bias added to its logit.
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// The caller's end user, recorded in the request's trace.
+    pub user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -172,17 +209,116 @@ pub struct StreamOptions {
 #[derive(Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
-    pub prompt: OneOrMany,
+    pub prompt: Prompts,
+    /// Candidates per prompt, of which the `n` most likely (by mean token log-probability) are
+    /// returned.
+    pub best_of: Option<u32>,
+    /// How many alternatives to return beside each token's log-probability; absent: none.
+    pub logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
+
+/// The parameters of a completion request the gateway serves.
+pub const COMPLETION_PARAMS: &[&str] = &[
+    "model",
+    "prompt",
+    "best_of",
+    "logprobs",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stream",
+    "stream_options",
+    "user",
+];
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<Message>,
+    /// Chat's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<u32>,
+    /// Whether to return each token's log-probability.
+    pub logprobs: Option<bool>,
+    /// And how many alternatives beside it.
+    pub top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+/// The parameters of a chat request the gateway serves.
+pub const CHAT_PARAMS: &[&str] = &[
+    "model",
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stream",
+    "stream_options",
+    "user",
+];
+
+/// Whether `value`, given for OpenAI's parameter `key` that the gateway does not serve, asks for
+/// nothing: null, or OpenAI's own default (clients send those whatever the server). A key that
+/// is no parameter of OpenAI's (a typo) asks for something unknown.
+fn asks_nothing(key: &str, value: &Value) -> bool {
+    const UNSERVED: &[&str] = &[
+        "echo",
+        "suffix",
+        "audio",
+        "function_call",
+        "functions",
+        "metadata",
+        "modalities",
+        "parallel_tool_calls",
+        "prediction",
+        "reasoning_effort",
+        "response_format",
+        "service_tier",
+        "store",
+        "tool_choice",
+        "tools",
+        "web_search_options",
+    ];
+    UNSERVED.contains(&key)
+        && match value {
+            Value::Null => true,
+            Value::Bool(b) => matches!((key, b), ("echo" | "store", false) | ("parallel_tool_calls", true)),
+            Value::String(s) => matches!((key, s.as_str()), ("suffix", "") | ("service_tier", "auto" | "default")),
+            Value::Array(a) => key == "modalities" && a.len() == 1 && a[0] == "text",
+            _ => false,
+        }
+}
+
+/// A completion or chat body whose every key is one of `served` (or a parameter given at a value
+/// that asks for nothing): an unknown or unserved parameter is a 400 naming it.
+pub fn parse_served<T: serde::de::DeserializeOwned>(body: &[u8], served: &[&str]) -> Result<T, ApiError> {
+    let request: T = parse(body)?;
+    // `parse` took it, so it is an object.
+    let keys: serde_json::Map<String, Value> = serde_json::from_slice(body).unwrap_or_default();
+    if let Some((key, _)) = keys.iter().find(|(k, v)| !served.contains(&k.as_str()) && !asks_nothing(k, v)) {
+        return Err(ApiError::bad_request(
+            key,
+            format!("the parameter {key:?} is not supported here (docs/gateway.md lists those that are)"),
+        ));
+    }
+    Ok(request)
 }
 
 #[derive(Deserialize)]

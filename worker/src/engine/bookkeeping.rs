@@ -123,7 +123,7 @@ impl Engine {
         {
             rows[i] = Some(row);
         }
-        let sampled: Vec<Option<Sampled>> = self
+        let mut sampled: Vec<Option<Sampled>> = self
             .running
             .par_iter_mut()
             .zip(&rows)
@@ -138,11 +138,14 @@ impl Engine {
                 self.counters.last.prefill += chunk as u64;
             }
             seq.computed += chunk;
-            let Some(sampled) = sampled[i] else {
+            let Some(sampled) = sampled[i].take() else {
                 continue; // a prefill chunk that did not reach the end of the prompt
             };
             seq.tokens.push(sampled.token);
             seq.logprobs.push(sampled.logprob);
+            if !sampled.top.is_empty() {
+                seq.top_logprobs.push(sampled.top.clone());
+            }
             match seq.last_token_at {
                 None => {
                     self.counters.ttft.push((now - seq.submitted_at).as_secs_f64());
@@ -173,6 +176,7 @@ impl Engine {
                     index: seq.index,
                     token: sampled.token,
                     logprob: sampled.logprob,
+                    top_logprobs: sampled.top,
                     text: new_text,
                 });
             }
@@ -197,6 +201,7 @@ impl Engine {
                 prompt_tokens: seq.prompt_len,
                 token_ids: seq.tokens[seq.prompt_len..].to_vec(),
                 logprobs: seq.logprobs,
+                top_logprobs: seq.top_logprobs,
                 text,
                 finish_reason: reason,
             });

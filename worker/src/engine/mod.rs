@@ -113,6 +113,9 @@ pub struct GenerationOutput {
     pub token_ids: Vec<u32>,
     /// Log-probability of each generated token (always computed; reporting is the caller's).
     pub logprobs: Vec<f32>,
+    /// The most likely alternatives at each generated token, when the request asked for them
+    /// (`top_logprobs`); empty otherwise.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// Decoded text (empty without a tokenizer), cut at a stop string.
     pub text: String,
     pub finish_reason: FinishReason,
@@ -139,6 +142,8 @@ pub struct Progress {
     pub index: usize,
     pub token: u32,
     pub logprob: f32,
+    /// The most likely alternatives, when asked for.
+    pub top_logprobs: Vec<(u32, f32)>,
     pub text: String,
 }
 
@@ -155,6 +160,7 @@ struct Sequence {
     sampler: Sampler,
     stop: StopChecker,
     logprobs: Vec<f32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
     /// Bytes of its text already reported in [`Progress`].
     streamed: usize,
     submitted_at: Instant,
@@ -492,6 +498,17 @@ impl Engine {
         self.training.jobs.iter().find(|j| j.job.spec.name == name).map(job_metrics)
     }
 
+    /// Most tokens a request of `prompt_len` tokens for `adapter` may generate: what is left of
+    /// the context (the model's, `max_model_len`, the pool's pages less those its adapter takes).
+    pub fn room(&self, prompt_len: usize, adapter: Option<&AdapterVersion>) -> usize {
+        let c = &self.model.config;
+        let adapter_pages = adapter.map_or(0, |v| adapter_pages(&v.adapter, c, self.cfg.block_size));
+        let context = (self.cfg.pages.saturating_sub(adapter_pages) * self.cfg.block_size)
+            .min(c.max_position_embeddings)
+            .min(self.cfg.max_model_len.unwrap_or(usize::MAX));
+        context.saturating_sub(prompt_len)
+    }
+
     /// Queues a request after checking it; returns its index.
     pub fn submit(&mut self, req: GenerationRequest) -> Result<usize> {
         req.params.validate()?;
@@ -502,26 +519,24 @@ impl Engine {
         if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(Error::InvalidRequest(format!("token id {t} outside the vocabulary of {}", c.vocab_size)));
         }
-        let total = req.prompt.len() + req.params.max_tokens;
-        let capacity = (self.cfg.pages * self.cfg.block_size)
-            .min(c.max_position_embeddings)
-            .min(self.cfg.max_model_len.unwrap_or(usize::MAX));
-        if total > capacity {
+        if let Some((t, _)) = req.params.logit_bias.iter().find(|&&(t, _)| t as usize >= c.vocab_size) {
             return Err(Error::InvalidRequest(format!(
-                "prompt ({}) plus max_tokens ({}) exceeds the context of {capacity} tokens",
-                req.prompt.len(),
-                req.params.max_tokens
+                "logit_bias names token id {t}, outside the vocabulary of {}",
+                c.vocab_size
             )));
         }
         if !req.params.stop.is_empty() && self.tokenizer.is_none() {
             return Err(Error::InvalidRequest("stop strings need a tokenizer (tokenizer.json)".into()));
         }
         let adapter = req.adapter.as_deref().map(|name| self.registry.resolve(name)).transpose()?;
-        let adapter_pages = adapter.as_ref().map_or(0, |v| adapter_pages(&v.adapter, c, self.cfg.block_size));
-        if total.div_ceil(self.cfg.block_size) + adapter_pages > self.cfg.pages {
+        let room = self.room(req.prompt.len(), adapter.as_deref());
+        if req.params.max_tokens > room {
             return Err(Error::InvalidRequest(format!(
-                "the request's KV cache plus its adapter need more than the {} pages of the pool",
-                self.cfg.pages
+                "prompt ({}) plus max_tokens ({}) exceeds the context of {} tokens (the model's, the pool's, less \
+                 its adapter's pages)",
+                req.prompt.len(),
+                req.params.max_tokens,
+                req.prompt.len() + room
             )));
         }
         if self.waiting.len() >= self.cfg.max_waiting {
@@ -544,6 +559,7 @@ impl Engine {
             sampler: Sampler::new(&req.params),
             stop: StopChecker::new(&req.params, &self.eos),
             logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
             streamed: 0,
             submitted_at: Instant::now(),
             scheduled_at: None,

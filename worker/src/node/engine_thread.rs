@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::contract::check_role;
 use tandem_proto::trace_context;
-use tandem_proto::v1::{GenerateEvent, GenerateRequest};
+use tandem_proto::v1::{GenerateEvent, GenerateRequest, TopLogprobs};
 use tokio::sync::mpsc as async_mpsc;
 use tonic::Status;
 
@@ -35,7 +35,7 @@ pub(crate) type EventSender = async_mpsc::UnboundedSender<Result<GenerateEvent, 
 /// What the engine thread is asked to do.
 pub(crate) enum Order {
     Generate {
-        req: GenerateRequest,
+        req: Box<GenerateRequest>,
         events: EventSender,
         /// The caller's span: the request's phases here are its children.
         span: tracing::Span,
@@ -170,7 +170,7 @@ impl EngineThread {
         req: GenerateRequest,
     ) -> Result<async_mpsc::UnboundedReceiver<Result<GenerateEvent, Status>>, Status> {
         let (events, rx) = async_mpsc::unbounded_channel();
-        self.send(Order::Generate { req, events, span: tracing::Span::current() })?;
+        self.send(Order::Generate { req: Box::new(req), events, span: tracing::Span::current() })?;
         Ok(rx)
     }
 
@@ -213,27 +213,44 @@ fn status_of(e: Error) -> Status {
 /// The engine's request for `req`: its prompt tokenized (chat messages through the model's chat
 /// template) and its sampling parameters checked by the engine.
 fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, Error> {
-    let tokenizer = engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the model has no tokenizer".into()))?;
-    let prompt = if req.messages.is_empty() {
-        tokenizer.encode(&req.prompt, true)?
+    let tokenizer = || engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the model has no tokenizer".into()));
+    let prompt = if !req.prompt_token_ids.is_empty() {
+        if !req.prompt.is_empty() || !req.messages.is_empty() {
+            return Err(Error::InvalidRequest("give the prompt as text, token ids or messages: one of them".into()));
+        }
+        req.prompt_token_ids.clone()
+    } else if req.messages.is_empty() {
+        tokenizer()?.encode(&req.prompt, true)?
     } else {
         for m in &req.messages {
             check_role(&m.role).map_err(|e| Error::InvalidRequest(e.0))?;
         }
         let messages: Vec<ChatMessage> = req.messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
         // The template writes the special tokens itself.
+        let tokenizer = tokenizer()?;
         tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
     };
+    let adapter = (!req.adapter.is_empty()).then(|| req.adapter.clone());
+    let max_tokens = match req.max_tokens {
+        Some(n) => n as usize,
+        None => {
+            let version = adapter.as_deref().map(|name| engine.registry().resolve(name)).transpose()?;
+            engine.room(prompt.len(), version.as_deref()).max(1)
+        }
+    };
     let params = SamplingParams {
-        max_tokens: req.max_tokens as usize,
+        max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
         stop: req.stop.clone(),
         logprobs: req.logprobs,
+        top_logprobs: req.top_logprobs as usize,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logit_bias: req.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
         ..SamplingParams::default()
     };
-    let adapter = (!req.adapter.is_empty()).then(|| req.adapter.clone());
     Ok(GenerationRequest { prompt, adapter, params })
 }
 
@@ -483,6 +500,16 @@ fn token_texts(tokenizer: Option<&TextTokenizer>, ids: &[u32]) -> Vec<String> {
     ids.iter().map(|&id| tokenizer.and_then(|t| t.decode(&[id], false).ok()).unwrap_or_default()).collect()
 }
 
+/// The alternatives at each token, as the wire carries them.
+fn top_logprobs(tokenizer: Option<&TextTokenizer>, tops: &[Vec<(u32, f32)>]) -> Vec<TopLogprobs> {
+    (tops.iter())
+        .map(|top| {
+            let ids: Vec<u32> = top.iter().map(|&(id, _)| id).collect();
+            TopLogprobs { tokens: token_texts(tokenizer, &ids), logprobs: top.iter().map(|&(_, lp)| lp).collect() }
+        })
+        .collect()
+}
+
 impl Stream {
     fn new(events: EventSender, logprobs: bool, span: tracing::Span) -> Self {
         Stream { events, span, logprobs, text_sent: 0, tokens_sent: 0 }
@@ -494,6 +521,7 @@ impl Stream {
             token_ids: vec![p.token],
             logprobs: if self.logprobs { vec![p.logprob] } else { Vec::new() },
             tokens: if self.logprobs { token_texts(tokenizer, &[p.token]) } else { Vec::new() },
+            top_logprobs: top_logprobs(tokenizer, std::slice::from_ref(&p.top_logprobs)),
             ..GenerateEvent::default()
         };
         self.text_sent += p.text.len();
@@ -509,6 +537,7 @@ impl Stream {
             token_ids: tokens.to_vec(),
             logprobs: if self.logprobs { logprobs.to_vec() } else { Vec::new() },
             tokens: if self.logprobs { token_texts(tokenizer, tokens) } else { Vec::new() },
+            top_logprobs: top_logprobs(tokenizer, out.top_logprobs.get(self.tokens_sent..).unwrap_or_default()),
             finish_reason: out.finish_reason.as_openai_str().to_string(),
             prompt_tokens: out.prompt_tokens as u32,
             completion_tokens: out.token_ids.len() as u32,
