@@ -110,7 +110,7 @@ fn the_job_registry_model_answers_as_the_state_machine_does() {
         let report = |report| Command::ReportJob { id: id.clone(), epoch, report };
         let internal = match rng.below(12) {
             0 => Some(Command::PlaceJob { id: id.clone(), worker: worker.into() }),
-            1 => Some(report(JobReport::Running { step: 0 })),
+            1 => Some(report(JobReport::Running { step: 0, plan: None })),
             2 => Some(report(JobReport::Succeeded { uri: format!("/out/{id}"), checksum: String::new() })),
             3 => Some(report(JobReport::Failed { error: "diverged".into() })),
             4 => Some(report(JobReport::Interrupted { error: "disk".into() })),

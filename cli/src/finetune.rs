@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tandem_kernels::Device;
+use tandem_proto::contract::AutoHyperparams;
 use tandem_worker::model::Model;
 use tandem_worker::tokenizer::TextTokenizer;
 use tandem_worker::train::finetune::{self, Event, FinetuneOptions, MethodChoice};
@@ -52,13 +53,16 @@ pub struct FinetuneArgs {
     /// ESFT: train the experts that receive this share of each layer's routed tokens.
     #[arg(long, default_value_t = 0.2)]
     esft_threshold: f32,
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f32,
-    /// Sequences per optimizer step.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    /// Passes over the data (default: chosen from its size, as a job's "auto").
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Peak learning rate (default: chosen from the batch size, as a job's "auto").
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Sequences per optimizer step (default: chosen from the data's size and tokens, as a
+    /// job's "auto").
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Sequences per forward/backward pass (gradients accumulate); default: the batch size.
     #[arg(long)]
     micro_batch_size: Option<usize>,
@@ -103,11 +107,13 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         },
         other => bail!("--method must be lora or esft, got {other:?}"),
     };
+    let defaults = Hyperparams::default();
+    let batch_size = args.batch_size.unwrap_or(defaults.batch_size);
     let hyper = Hyperparams {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        micro_batch_size: args.micro_batch_size.unwrap_or(args.batch_size),
-        lr: args.lr,
+        epochs: args.epochs.unwrap_or(defaults.epochs),
+        batch_size,
+        micro_batch_size: args.micro_batch_size.unwrap_or(batch_size),
+        lr: args.lr.unwrap_or(defaults.lr),
         warmup_ratio: args.warmup_ratio,
         weight_decay: args.weight_decay,
         max_grad_norm: args.max_grad_norm,
@@ -122,6 +128,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         out: args.out,
         method,
         hyper,
+        auto: AutoHyperparams {
+            n_epochs: args.epochs.is_none(),
+            batch_size: args.batch_size.is_none(),
+            learning_rate_multiplier: args.lr.is_none(),
+        },
         max_seq_len: args.max_seq_len.unwrap_or(model.config.max_position_embeddings),
         checkpoint_every: args.checkpoint_every,
         eval_every: args.eval_every,
@@ -134,7 +145,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     );
     bar.enable_steady_tick(Duration::from_millis(500));
     let summary = finetune::run(Arc::new(model), &tokenizer, &opts, &mut |event| match event {
-        Event::Started { total_steps, step, examples, method } => {
+        Event::Started { total_steps, step, examples, method, hyper } => {
             bar.set_length(total_steps);
             bar.set_position(step);
             bar.reset_eta();
@@ -142,7 +153,13 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
                 Method::Lora { rank, targets, .. } => format!("LoRA rank {rank} on {}", targets.join(",")),
                 Method::Esft { experts } => format!("ESFT experts {experts:?}"),
             };
-            bar.println(format!("{examples} examples, {total_steps} steps, {what}"));
+            // Printed whether or not the bar shows (it does not without a terminal).
+            bar.suspend(|| {
+                println!(
+                    "{examples} examples, {} epochs of batch {}, lr {:.2e}: {total_steps} steps, {what}",
+                    hyper.epochs, hyper.batch_size, hyper.lr
+                )
+            });
             if step > 0 {
                 bar.println(format!("resumed at step {step}"));
             }

@@ -1,7 +1,9 @@
 //! `tandem finetune` end to end on the shipped synthetic task (`data/reverse`: reverse a short
 //! sequence of letters, a rule a random-weight base cannot know): the loss falls, greedy
 //! generation with the trained adapter reverses held-out sequences it never saw, and the
-//! exported adapter serves through `tandem generate`. Bad data is a clear error.
+//! exported adapter serves through `tandem generate`. The default ("auto") settings learn it,
+//! and two tasks of other sizes (`data/labels`: 16 examples to memorise; `data/sort`: a rule
+//! from 1000). Bad data is a clear error.
 
 #![allow(clippy::unwrap_used)] // tests unwrap fixtures and results by design
 
@@ -14,7 +16,11 @@ use serde_json::Value;
 use tandem_testkit::Scratch;
 
 fn data(file: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/reverse").join(file).to_str().unwrap().to_string()
+    task("reverse", file)
+}
+
+fn task(name: &str, file: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data").join(name).join(file).to_str().unwrap().to_string()
 }
 
 fn init(preset: &str, dir: &Path) {
@@ -40,17 +46,13 @@ fn learns_to_reverse_held_out_sequences() {
         &data("test.jsonl"),
         "--out",
         o,
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-3",
         "--checkpoint-every",
         "200",
     ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("held-out exact match"), "{stdout}");
+    // The default settings, chosen from the data (`train::auto`).
+    assert!(stdout.contains("4000 examples, 2 epochs of batch 16, lr 1.00e-3: 500 steps"), "{stdout}");
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let (first, last) = (summary["first_loss"].as_f64().unwrap(), summary["last_loss"].as_f64().unwrap());
     assert!(last < first / 3.0, "loss {first} -> {last}");
@@ -90,6 +92,30 @@ fn learns_to_reverse_held_out_sequences() {
         TANDEM.run(&["finetune", "--model", m, "--data", &data("train.jsonl"), "--out", o, "--lr", "5e-4", "--resume"]);
     assert!(!ok);
     assert!(err.contains("step-000500") && err.contains("other settings"), "{err}");
+}
+
+/// The share of `test` the default settings get exactly right after training on `train`.
+fn default_exact_match(model: &Path, out: &Path, train: &str, test: &str) -> (u64, u64) {
+    let args = ["finetune", "--model", model.to_str().unwrap(), "--data", train, "--test", test];
+    let (ok, stdout, err) =
+        TANDEM.run(&[&args[..], &["--out", out.to_str().unwrap(), "--checkpoint-every", "0"]].concat());
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let right = summary["test_exact"][0].as_u64().unwrap();
+    let total = summary["test_exact"][1].as_u64().unwrap();
+    assert!(right * 100 >= total * 90, "{train}: {right}/{total} exactly right: {stdout}");
+    (right, total)
+}
+
+#[test]
+fn the_default_settings_learn_tasks_of_other_sizes() {
+    let dir = Scratch::new("auto");
+    let model = dir.join("small");
+    init("small", &model);
+    let labels = task("labels", "train.jsonl");
+    assert_eq!(default_exact_match(&model, &dir.join("labels"), &labels, &labels).1, 16);
+    let (train, test) = (task("sort", "train.jsonl"), task("sort", "test.jsonl"));
+    assert_eq!(default_exact_match(&model, &dir.join("sort"), &train, &test).1, 100);
 }
 
 #[test]

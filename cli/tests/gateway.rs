@@ -345,6 +345,42 @@ fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
 }
 
 #[test]
+fn a_job_given_only_its_data_resolves_auto_from_it_and_reports_what_it_trained() {
+    let cluster = MiniCluster::builder(TANDEM, "gateway-auto").gateway(KEY).start();
+    let addr = cluster.http();
+    cluster.register_model("tiny");
+    cluster.wait_alive(1);
+    let lines: String = (0..16)
+        .map(|i| format!("{}\n", json!({"prompt": format!("n{i} ="), "completion": format!(" {}", i % 6)})))
+        .collect();
+    let upload = |name| {
+        let (status, file) = http::upload(addr, KEY, name, &lines);
+        assert_eq!(status, 200, "{file}");
+        serde_json::from_str::<Value>(&file).unwrap()["id"].clone()
+    };
+    let create = json!({"model": "tiny", "training_file": upload("train.jsonl"),
+        "validation_file": upload("valid.jsonl"), "method": {"type": "supervised"}});
+    let (status, job) = post(addr, "/v1/fine_tuning/jobs", create);
+    assert_eq!(status, 200, "{job}");
+    let auto = json!({"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"});
+    assert_eq!(job["hyperparameters"], auto, "{job}");
+    assert_eq!((job["trained_tokens"].clone(), job["estimated_finish"].clone()), (Value::Null, Value::Null));
+    let id = job["id"].as_str().unwrap().to_string();
+    let job = tandem_testkit::wait_for(120, "the job to succeed", || {
+        let (_, job) = http::call_json(addr, "GET", &format!("/v1/fine_tuning/jobs/{id}"), KEY, None);
+        assert!(!["failed", "cancelled"].contains(&job["status"].as_str().unwrap()), "{job}");
+        (job["status"] == "succeeded").then_some(job)
+    });
+    // 16 examples: batch 1, as many epochs as may be (100), a quarter of the learning rate.
+    let resolved = json!({"n_epochs": 100, "batch_size": 1, "learning_rate_multiplier": 0.25});
+    assert_eq!((&job["hyperparameters"], &job["total_steps"]), (&resolved, &json!(1600)), "{job}");
+    let trained = job["trained_tokens"].as_u64().unwrap();
+    assert!(trained.is_multiple_of(100) && trained >= 100 * 16 * 3, "{job}");
+    let messages = http::job_events(addr, KEY, &id);
+    assert!(messages.iter().any(|m| m.starts_with("Step 1600: validation loss=")), "{messages:?}");
+}
+
+#[test]
 fn every_route_in_the_role_table_asks_for_its_role() {
     let cluster = MiniCluster::builder(TANDEM, "route-roles").gateway(KEY).start();
     let addr = cluster.http();

@@ -65,6 +65,12 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
         (job["status"] == "succeeded").then_some(job)
     });
     assert_eq!(job["attempts"], 2, "{job}");
+    // Every step's tokens once, the steps done again after the resume included: the same
+    // tokens each epoch, at least three an example.
+    let trained = job["trained_tokens"].as_u64().unwrap();
+    assert!(trained.is_multiple_of(40) && trained >= 40 * 64 * 3, "{job}");
+    // As asked; the learning rate, left "auto", follows the batch: sqrt(4 / 16).
+    assert_eq!(job["hyperparameters"], json!({"n_epochs": 40, "batch_size": 4, "learning_rate_multiplier": 0.5}));
     let messages = events(&key);
     let other = if first == "w1" { "w2" } else { "w1" };
     assert!(messages.iter().any(|m| m == &format!("Attempt 2 placed on worker {other}")), "{messages:?}");
@@ -72,23 +78,35 @@ fn a_job_whose_worker_dies_resumes_from_its_checkpoint_on_another() {
     let resumed: u64 = resumed.parse().unwrap();
     assert!(resumed >= checkpoint && resumed.is_multiple_of(10), "resumed at {resumed}, first checkpoint {checkpoint}");
 
-    // The tenant's adapter serves; another tenant cannot see it.
+    // The tenant's adapter serves, and so does each checkpoint under the name the job lists
+    // it by; another tenant can call neither.
     let model = job["fine_tuned_model"].as_str().unwrap();
-    let req = json!({"model": model, "prompt": "n3 =", "max_tokens": 2, "temperature": 0});
-    let (status, out) = call(&http, "POST", "/v1/completions", &key, Some(req.clone()));
-    assert_eq!(status, 200, "{out}");
+    let (_, page) = call(&http, "GET", &format!("/v1/fine_tuning/jobs/{id}/checkpoints"), &key, None);
+    let checkpoint = page["data"][0]["fine_tuned_model_checkpoint"].as_str().unwrap().to_string();
+    assert_eq!(checkpoint, format!("{model}:ckpt-step-{}", page["data"][0]["step_number"]));
     let bob = http::tenant_key(&http, ADMIN, "bob");
-    let (status, out) = call(&http, "POST", "/v1/completions", &bob, Some(req));
-    assert_eq!((status, out["error"]["code"].as_str()), (404, Some("model_not_found")), "{out}");
+    for model in [model, &checkpoint] {
+        let req = json!({"model": model, "prompt": "n3 =", "max_tokens": 2, "temperature": 0});
+        let (status, out) = call(&http, "POST", "/v1/completions", &key, Some(req.clone()));
+        assert_eq!(status, 200, "{out}");
+        let (status, found) = call(&http, "GET", &format!("/v1/models/{model}"), &key, None);
+        assert_eq!((status, found["id"].as_str()), (200, Some(model)), "{found}");
+        let (status, out) = call(&http, "POST", "/v1/completions", &bob, Some(req));
+        assert_eq!((status, out["error"]["code"].as_str()), (404, Some("model_not_found")), "{out}");
+    }
+    let step = |name: &str| name.rsplit_once(":ckpt-step-").map(|(a, _)| format!("{a}:ckpt-step-999999"));
+    let req = json!({"model": step(&checkpoint), "prompt": "n3 =", "max_tokens": 2});
+    let (status, _) = call(&http, "POST", "/v1/completions", &key, Some(req));
+    assert_eq!(status, 404, "a step with no checkpoint");
 
     // Metrics: the operator's only; series per tenant and model, and per job.
     assert_eq!(http::http(&http, "GET", "/metrics", Some(&bob), None).0, 403);
     let (status, text) = http::http(&http, "GET", "/metrics", Some(ADMIN), None);
     assert_eq!(status, 200, "{text}");
     // Labels are bounded: the base model, not the name asked for (alice's four requests to the
-    // base and one to her adapter); an unknown name is "unresolved".
-    let served = "tandem:requests_total{tenant=\"alice\",model=\"tiny\",code=\"200\"} 5".to_string();
-    let missing = "tandem:requests_total{tenant=\"bob\",model=\"unresolved\",code=\"404\"} 1".to_string();
+    // base, one to her adapter and one to its checkpoint); an unknown name is "unresolved".
+    let served = "tandem:requests_total{tenant=\"alice\",model=\"tiny\",code=\"200\"} 6".to_string();
+    let missing = "tandem:requests_total{tenant=\"bob\",model=\"unresolved\",code=\"404\"} 2".to_string();
     let adapter = format!("tandem:adapter_requests{{adapter=\"alice:{model}\"}} 1.0");
     let steps = format!("tandem:job_step{{job=\"{id}\",tenant=\"alice\"}} 640.0");
     for line in [&served, &missing, &adapter, &steps, &"tandem:workers{state=\"dead\"} 1.0".to_string()] {

@@ -166,6 +166,9 @@ impl StateMachine {
                     attempts: Vec::new(),
                     checkpoint: None,
                     error: None,
+                    plan: None,
+                    trained_tokens: 0,
+                    trained_steps: 0,
                 };
                 self.state.jobs.insert(id, job);
                 Reply::Done
@@ -196,12 +199,17 @@ impl StateMachine {
                     ));
                 }
                 match report {
-                    JobReport::Running { step } => {
+                    JobReport::Running { step, plan } => {
                         job.status = JobStatus::Running;
+                        job.plan = plan.or(job.plan.take());
                         job.events.push(JobEvent::new(at, format!("Attempt {epoch} started training at step {step}")));
                     }
                     JobReport::Step(figures) => {
                         job.status = JobStatus::Running;
+                        if figures.step > job.trained_steps {
+                            job.trained_steps = figures.step;
+                            job.trained_tokens += figures.tokens;
+                        }
                         let message =
                             format!("Step {}/{}: training loss={:.4}", figures.step, figures.total_steps, figures.loss);
                         job.events.push(JobEvent { step: Some(figures), ..JobEvent::new(at, message) });

@@ -43,7 +43,8 @@ fn a_workers_certificate_acts_as_itself_only_and_an_operators_runs_the_cluster()
         denied(w1.change_members(Vec::new(), vec![leader]).await);
         denied(w1.transfer_leader(leader).await);
         // A report of a job that is not its attempt is refused before it reaches the log.
-        let report = Command::ReportJob { id: "job-x".into(), epoch: 1, report: JobReport::Running { step: 0 } };
+        let report =
+            Command::ReportJob { id: "job-x".into(), epoch: 1, report: JobReport::Running { step: 0, plan: None } };
         denied(w1.propose_as(Proposal::new("report", report)).await);
 
         // Raft messages come from coordinators only.

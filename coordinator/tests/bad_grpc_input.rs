@@ -136,7 +136,7 @@ fn hostile_commands(bad: &str) -> Vec<Command> {
             Command::RemovePlacement { group: bad.into() },
             Command::CreateGroup { group: bad.into(), model: "tiny".into(), size: 2, expert_parallel: false },
             Command::CreateGroup { group: "g".into(), model: bad.into(), size: usize::MAX, expert_parallel: false },
-            Command::ReportJob { id: bad.into(), epoch: u64::MAX, report: JobReport::Running { step: 0 } },
+            Command::ReportJob { id: bad.into(), epoch: u64::MAX, report: JobReport::Running { step: 0, plan: None } },
             Command::RegisterWorker {
                 id: bad.into(),
                 addr: "127.0.0.1:1".into(),

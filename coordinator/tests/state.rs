@@ -9,7 +9,7 @@ use tandem_coordinator::placement::schedule;
 use tandem_coordinator::state::{MAX_ATTEMPTS, StateMachine};
 use tandem_proto::contract::{
     ApiKey, ClusterState, Command, File, FileRef, Gpu, JobReport, JobSpec, JobStatus, MethodChoice, Placement,
-    Proposal, Reply, StepFigures, check_name,
+    Proposal, Reply, StepFigures, TrainingPlan, check_name,
 };
 
 /// Applies commands at consecutive indices, each with its own request id.
@@ -142,7 +142,7 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     log.apply(submit("j"));
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "w1".into() }), Reply::Epoch { epoch: 1 });
     let report = |epoch, report| Command::ReportJob { id: "j".into(), epoch, report };
-    assert_eq!(log.apply(report(1, JobReport::Running { step: 0 })), Reply::Done);
+    assert_eq!(log.apply(report(1, JobReport::Running { step: 0, plan: None })), Reply::Done);
     let ckpt = JobReport::Checkpoint { step: 40, uri: "/ckpt/j/step-000040".into() };
     assert_eq!(log.apply(report(1, ckpt)), Reply::Done);
     log.apply(Command::SetPlacement { group: "g1".into(), placement: Placement::new("m", vec!["w1".into()]) });
@@ -179,7 +179,7 @@ fn stale_attempts_are_fenced_and_a_dead_workers_jobs_resume_from_their_checkpoin
     );
     assert_eq!(log.state().jobs["j"].status, JobStatus::Succeeded);
     // Finished is final.
-    assert!(matches!(log.apply(report(3, JobReport::Running { step: 0 })), Reply::Refused { .. }));
+    assert!(matches!(log.apply(report(3, JobReport::Running { step: 0, plan: None })), Reply::Refused { .. }));
     assert!(matches!(log.apply(Command::CancelJob { id: "j".into() }), Reply::Refused { .. }));
 }
 
@@ -192,7 +192,7 @@ fn bad_commands_are_refused_without_changing_the_state() {
         submit("j"),
         Command::SubmitJob { id: "k".into(), tenant: "t".into(), spec: spec("nope"), adapter: None },
         Command::PlaceJob { id: "nope".into(), worker: "w1".into() },
-        Command::ReportJob { id: "j".into(), epoch: 0, report: JobReport::Running { step: 0 } },
+        Command::ReportJob { id: "j".into(), epoch: 0, report: JobReport::Running { step: 0, plan: None } },
         Command::DeleteAdapter { tenant: "t".into(), name: "nope".into() },
         Command::MarkWorkerDead { id: "nope".into() },
         Command::RemovePlacement { group: "nope".into() },
@@ -298,13 +298,26 @@ fn a_job_reports_its_steps_and_its_success_registers_its_adapter_for_its_tenant(
     assert_eq!((assigned.len(), assigned[0].epoch, assigned[0].job.as_str()), (1, 1, "j1"));
     assert!(log.state().assignments("w2").is_empty());
     let report = |epoch, report| Command::ReportJob { id: "j1".into(), epoch, report };
-    for step in 1..=3 {
-        let figures = StepFigures { step, total_steps: 3, loss: 4.0 / step as f64, tokens_per_s: 100.0 };
+    let plan = TrainingPlan {
+        n_epochs: 1,
+        batch_size: 1,
+        learning_rate_multiplier: 0.25,
+        total_steps: 3,
+        examples: 3,
+        tokens: 60,
+    };
+    assert_eq!(log.apply(report(1, JobReport::Running { step: 0, plan: Some(plan.clone()) })), Reply::Done);
+    assert_eq!(log.state().jobs["j1"].plan, Some(plan));
+    // Step 2 again (as after a resume from step 1): its tokens are counted once.
+    for step in [1, 2, 2, 3] {
+        let figures =
+            StepFigures { step, total_steps: 3, loss: 4.0 / step as f64, tokens_per_s: 100.0, tokens: 10 * step };
         assert_eq!(log.apply(report(1, JobReport::Step(figures))), Reply::Done);
     }
     let steps: Vec<u64> =
         log.state().jobs["j1"].events.iter().filter_map(|e| e.step.as_ref()).map(|s| s.step).collect();
-    assert_eq!(steps, [1, 2, 3]);
+    assert_eq!(steps, [1, 2, 2, 3]);
+    assert_eq!(log.state().jobs["j1"].trained_tokens, 60);
     assert_eq!(log.state().jobs["j1"].status, JobStatus::Running);
     let done = JobReport::Succeeded { uri: "/blobs/jobs/j1/adapter".into(), checksum: "abc".into() };
     assert_eq!(log.apply(report(1, done)), Reply::Version { version: 1 });
@@ -482,7 +495,7 @@ fn jobs_train_on_rank_0_of_a_formed_group_and_are_queued_again_when_it_is_re_for
     assert_eq!(schedule(log.state()), vec![("j".to_string(), "g1".to_string())]);
     assert_eq!(log.apply(Command::PlaceJob { id: "j".into(), worker: "g1".into() }), Reply::Epoch { epoch: 1 });
     assert_eq!(log.state().assignments("g1").len(), 1);
-    let running = Command::ReportJob { id: "j".into(), epoch: 1, report: JobReport::Running { step: 0 } };
+    let running = Command::ReportJob { id: "j".into(), epoch: 1, report: JobReport::Running { step: 0, plan: None } };
     assert_eq!(log.apply(running), Reply::Done);
     // Rank 1 fails: the attempt ends, the job is queued; once tp is formed again, the other
     // group's rank 0 comes first (the worker an attempt ended on is the last choice), and g1

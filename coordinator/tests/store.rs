@@ -62,7 +62,7 @@ async fn suite(store: &Store) {
     assert_eq!(propose(store, "submit", submit).await, Reply::Done);
     let place = |w: &str| Command::PlaceJob { id: "j".into(), worker: w.into() };
     assert_eq!(propose(store, "place-1", place("w1")).await, Reply::Epoch { epoch: 1 });
-    assert_eq!(propose(store, "running-1", report(1, JobReport::Running { step: 0 })).await, Reply::Done);
+    assert_eq!(propose(store, "running-1", report(1, JobReport::Running { step: 0, plan: None })).await, Reply::Done);
     let ckpt = JobReport::Checkpoint { step: 10, uri: "/ckpt/10".into() };
     assert_eq!(propose(store, "ckpt-1", report(1, ckpt)).await, Reply::Done);
     let placement = Placement::new("m", vec!["w1".into()]);

@@ -184,10 +184,11 @@ def main():
         validation_file=valid.id,
         suffix="rev",
         seed=0,
-        hyperparameters={"n_epochs": 2, "batch_size": 16, "learning_rate_multiplier": 1.0},
+        method={"type": "supervised"},
     )
     assert job.status in ("validating_files", "queued", "running"), job.status
-    ok(f"created job {job.id} ({job.status})")
+    assert job.hyperparameters.n_epochs == "auto" and job.hyperparameters.batch_size == "auto", job.hyperparameters
+    ok(f"created job {job.id} ({job.status}), hyperparameters left to auto")
 
     # g. Serving keeps answering while the job trains.
     latencies, deadline, last = [], time.monotonic() + 900, None
@@ -217,6 +218,10 @@ def main():
     ok("latencies during training (ms): " + ", ".join(f"{x * 1000:.0f}" for x in latencies))
     assert job.fine_tuned_model and job.fine_tuned_model.startswith(f"ft:{BASE}:"), job.fine_tuned_model
     ok(f"job succeeded: {job.fine_tuned_model}")
+    h = job.hyperparameters
+    assert (h.n_epochs, h.batch_size, h.learning_rate_multiplier) == (2, 16, 1.0), f"auto for 4000 examples: {h}"
+    assert job.trained_tokens and job.trained_tokens > 8000, job.trained_tokens
+    ok(f"auto resolved to {h.n_epochs} epochs of batch {h.batch_size}; {job.trained_tokens} tokens trained")
 
     events = all_items(alice.fine_tuning.jobs.list_events(job.id, limit=100))
     metrics = sorted(
@@ -237,6 +242,9 @@ def main():
     assert checkpoints, "no checkpoints"
     assert all(c.object == "fine_tuning.job.checkpoint" and c.step_number is not None for c in checkpoints), checkpoints
     ok(f"{len(checkpoints)} checkpoint(s), steps {[c.step_number for c in checkpoints]}")
+    r = complete(alice, checkpoints[0].fine_tuned_model_checkpoint, "reverse: a b c\n=", temperature=0)
+    assert alice.models.retrieve(checkpoints[0].fine_tuned_model_checkpoint).id == checkpoints[0].fine_tuned_model_checkpoint
+    ok(f"checkpoint {checkpoints[0].fine_tuned_model_checkpoint} answers: {r.choices[0].text!r}")
 
     # i. The adapter learned to reverse; the random base did not.
     ft = job.fine_tuned_model

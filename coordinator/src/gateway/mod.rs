@@ -29,7 +29,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tandem_proto::contract::{ClusterState, Command, Invalid, Reply, sha256_hex, unix_now};
+use tandem_proto::contract::{Checkpoint, ClusterState, Command, Invalid, Job, Reply, sha256_hex, unix_now};
 use tandem_proto::{ClusterClient, Security};
 use tracing::Instrument;
 
@@ -260,17 +260,25 @@ impl Gateway {
         Ok(workers)
     }
 
-    /// Resolves `model` (a base model, or an adapter of the caller's) in the caller's namespace.
+    /// Resolves `model` (a base model, an adapter of the caller's, or a checkpoint of one of
+    /// its fine-tuning jobs) in the caller's namespace.
     fn resolve(&self, state: &ClusterState, caller: &Caller, model: &str) -> Result<Target, ApiError> {
+        let tenant = caller.tenant.clone();
         if state.models.contains_key(model) {
-            return Ok(Target { tenant: caller.tenant.clone(), base: model.to_string(), adapter: None });
+            return Ok(Target { tenant, base: model.to_string(), adapter: None });
+        }
+        if let Some((job, checkpoint)) = job_checkpoint(state, caller, model) {
+            // Each checkpoint is an adapter of its own, which never changes: its one version.
+            let uri = std::path::Path::new(&checkpoint.uri).join("adapter").to_string_lossy().into_owned();
+            let adapter = Some((format!("{tenant}:{model}@1"), uri));
+            return Ok(Target { tenant, base: job.spec.base_model.clone(), adapter });
         }
         let latest = state.adapters.get(&caller.tenant).and_then(|a| a.get(model)).and_then(|v| v.last());
         match latest {
             Some(v) => Ok(Target {
-                tenant: caller.tenant.clone(),
+                tenant: tenant.clone(),
                 base: v.base_model.clone(),
-                adapter: Some((format!("{}:{model}@{}", caller.tenant, v.version), v.uri.clone())),
+                adapter: Some((format!("{tenant}:{model}@{}", v.version), v.uri.clone())),
             }),
             None => Err(ApiError::model_not_found(model)),
         }
@@ -373,9 +381,26 @@ fn model_object(state: &ClusterState, caller: &Caller, id: &str) -> Option<Value
     if state.models.contains_key(id) {
         return Some(json!({"id": id, "object": "model", "created": 0, "owned_by": "tandem"}));
     }
+    if let Some((job, checkpoint)) = job_checkpoint(state, caller, id) {
+        return Some(json!({
+            "id": id, "object": "model", "created": checkpoint.at, "owned_by": caller.tenant,
+            "parent": job.spec.base_model,
+        }));
+    }
     let v = state.adapters.get(&caller.tenant)?.get(id)?.last()?;
     Some(json!({
         "id": id, "object": "model", "created": 0, "owned_by": caller.tenant,
         "parent": v.base_model, "version": v.version,
     }))
+}
+
+/// The checkpoint `model` names (`ADAPTER:ckpt-step-N`, as a job's checkpoints list it) among
+/// the caller's jobs, and its job.
+fn job_checkpoint<'a>(state: &'a ClusterState, caller: &Caller, model: &str) -> Option<(&'a Job, &'a Checkpoint)> {
+    let (adapter, step) = model.rsplit_once(":ckpt-step-")?;
+    let step: u64 = step.parse().ok()?;
+    // A job's adapter name ends with its id (`ft:BASE:TENANT:SUFFIX:ID`).
+    let job = state.jobs.get(adapter.rsplit(':').next()?)?;
+    let own = job.tenant == caller.tenant && job.adapter.as_deref() == Some(adapter);
+    Some((job, job.checkpoints.iter().find(|c| c.step == step)?)).filter(|_| own)
 }

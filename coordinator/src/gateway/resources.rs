@@ -20,16 +20,15 @@ use super::openai::{Body, parse};
 use super::staged::Staged;
 use super::{ApiError, Caller, Gateway};
 use tandem_proto::contract::{
-    ApiKey, ClusterState, Command, File, FileRef, Hyperparams, Job, JobSpec, JobStatus, MethodChoice, Reply,
-    TenantLimits, check_name, check_tenant, dir_checksum, fresh_id, sha256_hex, to_hex, unix_now,
+    ApiKey, AutoHyperparams, BASE_LEARNING_RATE, ClusterState, Command, File, FileRef, Hyperparams, Job, JobSpec,
+    JobStatus, MethodChoice, Reply, StepFigures, TenantLimits, check_name, check_tenant, dir_checksum, fresh_id,
+    sha256_hex, to_hex, unix_now,
 };
 
 /// Largest training file accepted.
 const MAX_FILE: usize = 256 << 20;
 /// Largest adapter upload accepted (all its files together).
 const MAX_ADAPTER: usize = 1 << 30;
-/// The learning rate a `learning_rate_multiplier` of 1 means.
-pub const BASE_LEARNING_RATE: f64 = 1e-3;
 
 pub fn routes() -> Router<Arc<Gateway>> {
     Router::new()
@@ -397,11 +396,13 @@ async fn read_form(
 // --- fine-tuning jobs ---
 
 /// A hyperparameter given as a number or "auto" (the default), or left out (the default).
-fn auto<T: serde::de::DeserializeOwned>(v: &Option<Value>, default: T, param: &'static str) -> Result<T, ApiError> {
+/// A hyperparameter as asked: a number, or none for "auto" (and when not given).
+fn auto<T: serde::de::DeserializeOwned>(v: &Option<Value>, param: &'static str) -> Result<Option<T>, ApiError> {
     match v {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::String(s)) if s == "auto" => Ok(default),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "auto" => Ok(None),
         Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
             .map_err(|_| ApiError::bad_request(param, format!("{param}: expected \"auto\" or a number, got {v}"))),
     }
 }
@@ -489,16 +490,17 @@ impl Gateway {
             },
         };
         let hyper = params.map_or(&req.hyperparameters, |p| &p.hyperparameters);
-        let epochs: u32 = auto(&hyper.n_epochs, 3, "hyperparameters.n_epochs")?;
-        let batch_size: u32 = auto(&hyper.batch_size, 8, "hyperparameters.batch_size")?;
-        let multiplier: f64 = auto(&hyper.learning_rate_multiplier, 1.0, "hyperparameters.learning_rate_multiplier")?;
-        if !(1..=100).contains(&epochs) {
+        let epochs: Option<u32> = auto(&hyper.n_epochs, "hyperparameters.n_epochs")?;
+        let batch_size: Option<u32> = auto(&hyper.batch_size, "hyperparameters.batch_size")?;
+        let multiplier: Option<f64> =
+            auto(&hyper.learning_rate_multiplier, "hyperparameters.learning_rate_multiplier")?;
+        if epochs.is_some_and(|e| !(1..=100).contains(&e)) {
             return Err(ApiError::bad_request("hyperparameters.n_epochs", "n_epochs must be 1 to 100"));
         }
-        if !(1..=512).contains(&batch_size) {
+        if batch_size.is_some_and(|b| !(1..=512).contains(&b)) {
             return Err(ApiError::bad_request("hyperparameters.batch_size", "batch_size must be 1 to 512"));
         }
-        if !(multiplier.is_finite() && multiplier > 0.0 && multiplier <= 100.0) {
+        if multiplier.is_some_and(|m| !(m.is_finite() && m > 0.0 && m <= 100.0)) {
             return Err(ApiError::bad_request("hyperparameters.learning_rate_multiplier", "must be in (0, 100]"));
         }
         let rank = hyper.lora_rank.unwrap_or(16);
@@ -519,22 +521,30 @@ impl Gateway {
         };
         let id = fresh_id("ftjob");
         let adapter = format!("ft:{}:{}:{suffix}:{id}", req.model, caller.tenant);
+        // What is left "auto" keeps the defaults here until the worker resolves it.
+        let defaults = Hyperparams::default();
+        let batch = batch_size.map_or(defaults.batch_size, |b| b as usize);
         let spec = JobSpec {
             base_model: req.model.clone(),
             method,
             hyper: Hyperparams {
-                epochs: epochs as usize,
-                batch_size: batch_size as usize,
-                micro_batch_size: batch_size as usize,
-                lr: (BASE_LEARNING_RATE * multiplier) as f32,
+                epochs: epochs.map_or(defaults.epochs, |e| e as usize),
+                batch_size: batch,
+                micro_batch_size: batch,
+                lr: (BASE_LEARNING_RATE * multiplier.unwrap_or(1.0)) as f32,
                 seed: req.seed.unwrap_or(0),
-                ..Hyperparams::default()
+                ..defaults
             },
             training_file,
             validation_file,
             checkpoint_every: hyper.checkpoint_every.unwrap_or(100),
             suffix: req.suffix.clone(),
-            learning_rate_multiplier: multiplier,
+            learning_rate_multiplier: multiplier.unwrap_or(1.0),
+            auto: AutoHyperparams {
+                n_epochs: epochs.is_none(),
+                batch_size: batch_size.is_none(),
+                learning_rate_multiplier: multiplier.is_none(),
+            },
         };
         let command =
             Command::SubmitJob { id: id.clone(), tenant: caller.tenant.clone(), spec, adapter: Some(adapter) };
@@ -560,6 +570,13 @@ pub(super) fn status_name(s: JobStatus) -> &'static str {
 fn job_object(id: &str, job: &Job) -> Value {
     let spec = &job.spec;
     let steps_done = job.events.iter().filter_map(|e| e.step.as_ref()).next_back().map(|s| s.step);
+    // What the attempt trains with once it started; until then, as asked ("auto" where left).
+    let (asked, plan) = (spec.auto, job.plan.as_ref());
+    let shown = |auto: bool, resolved: Option<Value>, asked_for: Value| match resolved {
+        Some(v) => v,
+        None if auto => json!("auto"),
+        None => asked_for,
+    };
     json!({
         "object": "fine_tuning.job",
         "id": id,
@@ -570,22 +587,44 @@ fn job_object(id: &str, job: &Job) -> Value {
         "organization_id": job.tenant,
         "status": status_name(job.status),
         "hyperparameters": {
-            "n_epochs": spec.hyper.epochs, "batch_size": spec.hyper.batch_size,
-            "learning_rate_multiplier": spec.learning_rate_multiplier,
+            "n_epochs": shown(asked.n_epochs, plan.map(|p| json!(p.n_epochs)), json!(spec.hyper.epochs)),
+            "batch_size": shown(asked.batch_size, plan.map(|p| json!(p.batch_size)), json!(spec.hyper.batch_size)),
+            "learning_rate_multiplier": shown(
+                asked.learning_rate_multiplier,
+                plan.map(|p| json!(p.learning_rate_multiplier)),
+                json!(spec.learning_rate_multiplier),
+            ),
         },
         "training_file": spec.training_file.id,
         "validation_file": spec.validation_file.as_ref().map(|f| &f.id),
         "result_files": [],
-        "trained_tokens": null,
+        "trained_tokens": (job.trained_steps > 0).then_some(job.trained_tokens),
         "steps_done": steps_done,
+        "total_steps": plan.map(|p| p.total_steps),
         "error": job.error.as_ref().map(|m| json!({"code": "training_failed", "message": m, "param": null})),
         "seed": spec.hyper.seed,
         "suffix": spec.suffix,
-        "estimated_finish": null,
+        "estimated_finish": estimated_finish(job),
         "integrations": [],
         "method": {"type": spec.method.openai_name()},
         "attempts": job.attempts.len(),
     })
+}
+
+/// When a running job should finish (Unix seconds), at the pace of its latest run of steps
+/// (those after its last resume); none before two of them are known.
+fn estimated_finish(job: &Job) -> Option<u64> {
+    if job.status != JobStatus::Running {
+        return None;
+    }
+    let steps: Vec<(u64, &StepFigures)> = job.events.iter().filter_map(|e| Some((e.at, e.step.as_ref()?))).collect();
+    let (&(last_at, last), rest) = steps.split_last()?;
+    // Back to where the step numbers last went down (a resume from a checkpoint).
+    let run = rest.iter().rev().take_while(|(_, s)| s.step < last.step).count();
+    let &(first_at, first) = rest.get(rest.len().checked_sub(run).filter(|_| run > 0)?)?;
+    let pace = last_at.saturating_sub(first_at) as f64 / (last.step - first.step) as f64;
+    let left = last.total_steps.saturating_sub(last.step) as f64;
+    Some(last_at + (pace * left).ceil() as u64)
 }
 
 /// Job `id` if it is the caller's (another tenant's is not found); the operator may reach any tenant's job by its id (to cancel
@@ -818,4 +857,50 @@ async fn delete_adapter(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     gw.delete_adapter(&caller, &name).await.map(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::contract::JobEvent;
+
+    fn job(steps: &[(u64, u64)]) -> Job {
+        let file = FileRef { id: "f".into(), uri: "/f".into() };
+        let events = (steps.iter())
+            .map(|&(at, step)| {
+                let figures = StepFigures { step, total_steps: 100, loss: 1.0, tokens_per_s: 1.0, tokens: 1 };
+                JobEvent { step: Some(figures), ..JobEvent::new(at, "step") }
+            })
+            .collect();
+        Job {
+            tenant: "t".into(),
+            adapter: None,
+            created_at: 0,
+            finished_at: None,
+            spec: JobSpec::new("m", MethodChoice::lora(4), file),
+            status: JobStatus::Running,
+            epoch: 1,
+            attempts: Vec::new(),
+            checkpoint: None,
+            error: None,
+            checkpoints: Vec::new(),
+            events,
+            plan: None,
+            trained_tokens: 0,
+            trained_steps: 0,
+        }
+    }
+
+    #[test]
+    fn the_finish_is_estimated_at_the_pace_of_the_steps_since_the_last_resume() {
+        assert_eq!(estimated_finish(&job(&[])), None);
+        assert_eq!(estimated_finish(&job(&[(1000, 10)])), None);
+        // 2 s a step: 80 steps left.
+        assert_eq!(estimated_finish(&job(&[(1000, 10), (1020, 20)])), Some(1180));
+        // Resumed at step 11 after step 30 (slower then): only the new run's pace counts.
+        assert_eq!(estimated_finish(&job(&[(1000, 10), (1010, 30), (2000, 11)])), None);
+        assert_eq!(estimated_finish(&job(&[(1000, 10), (1010, 30), (2000, 11), (2009, 20)])), Some(2089));
+        let done = Job { status: JobStatus::Succeeded, ..job(&[(1000, 10), (1020, 20)]) };
+        assert_eq!(estimated_finish(&done), None);
+    }
 }

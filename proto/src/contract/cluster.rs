@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::job::{Assignment, Checkpoint, JobSpec, StepFigures};
+use super::job::{Assignment, Checkpoint, JobSpec, StepFigures, TrainingPlan};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -239,6 +239,15 @@ pub struct Job {
     pub checkpoints: Vec<Checkpoint>,
     #[serde(default)]
     pub events: Vec<JobEvent>,
+    /// What its latest attempt trains with ("auto" resolved), once it started.
+    #[serde(default)]
+    pub plan: Option<TrainingPlan>,
+    /// Tokens trained on, each optimizer step counted once (a step done again after a resume
+    /// is not counted twice), and the last step counted.
+    #[serde(default)]
+    pub trained_tokens: u64,
+    #[serde(default)]
+    pub trained_steps: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

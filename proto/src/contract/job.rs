@@ -26,6 +26,41 @@ pub struct JobSpec {
     pub suffix: Option<String>,
     /// OpenAI's learning-rate multiplier, as asked (`hyper.lr` is the rate it gave).
     pub learning_rate_multiplier: f64,
+    /// The hyperparameters asked for as "auto": the worker resolves them from the data.
+    #[serde(default)]
+    pub auto: AutoHyperparams,
+}
+
+/// The learning rate a `learning_rate_multiplier` of 1 means.
+pub const BASE_LEARNING_RATE: f64 = 1e-3;
+
+/// Which of OpenAI's hyperparameters a job leaves to Tandem ("auto", or not given): the worker
+/// that trains it resolves them from the data set's size and token count
+/// (`tandem_worker::train::auto`) and reports what it chose ([`TrainingPlan`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoHyperparams {
+    pub n_epochs: bool,
+    pub batch_size: bool,
+    pub learning_rate_multiplier: bool,
+}
+
+impl AutoHyperparams {
+    /// Every one of them left to Tandem.
+    pub fn all() -> Self {
+        AutoHyperparams { n_epochs: true, batch_size: true, learning_rate_multiplier: true }
+    }
+}
+
+/// What an attempt trains with, "auto" resolved, and the data it trains on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingPlan {
+    pub n_epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
+    pub total_steps: u64,
+    /// Training examples, and the tokens they hold.
+    pub examples: u64,
+    pub tokens: u64,
 }
 
 /// An uploaded file a job reads: its id (as the tenant knows it) and where its bytes are.
@@ -48,6 +83,7 @@ impl JobSpec {
             checkpoint_every: 100,
             suffix: None,
             learning_rate_multiplier: 1.0,
+            auto: AutoHyperparams::default(),
         }
     }
 
@@ -273,6 +309,9 @@ pub struct StepFigures {
     pub loss: f64,
     /// Tokens per second of the job since it started on its worker.
     pub tokens_per_s: f64,
+    /// Tokens the step trained on.
+    #[serde(default)]
+    pub tokens: u64,
 }
 
 /// What an attempt reports, fenced by its epoch.
@@ -283,6 +322,9 @@ pub enum JobReport {
     /// checkpoint).
     Running {
         step: u64,
+        /// What it trains with ("auto" resolved).
+        #[serde(default)]
+        plan: Option<TrainingPlan>,
     },
     /// An optimizer step's figures.
     Step(StepFigures),
@@ -373,6 +415,7 @@ mod tests {
             checkpoint_every: 10,
             suffix: None,
             learning_rate_multiplier: 1.0,
+            auto: AutoHyperparams::default(),
         }
     }
 

@@ -29,7 +29,8 @@ pub use cluster::{
 };
 pub use command::{Command, Proposal, Reply, fresh_id, unix_now};
 pub use job::{
-    Assignment, Checkpoint, FileRef, Hyperparams, JobReport, JobSpec, MethodChoice, StepFigures, number_keys,
+    Assignment, AutoHyperparams, BASE_LEARNING_RATE, Checkpoint, FileRef, Hyperparams, JobReport, JobSpec,
+    MethodChoice, StepFigures, TrainingPlan, number_keys,
 };
 pub use names::{CHAT_ROLES, check_addr, check_name, check_role, check_tenant, check_uri};
 pub use rpc::{

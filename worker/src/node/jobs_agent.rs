@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_proto::ClusterClient;
-use tandem_proto::contract::{Assignment, Command, JobReport, StepFigures, dir_checksum};
+use tandem_proto::contract::{Assignment, Command, JobReport, StepFigures, TrainingPlan, dir_checksum};
 use tokio::sync::{mpsc, watch};
 
 use super::engine_thread::{EngineThread, JobStart, Serving, TrainEvent, Training};
 use super::propose_until_recorded;
 use crate::error::{Error, Result};
-use crate::train::checkpoint;
 use crate::train::data::load_jsonl;
+use crate::train::{auto, checkpoint};
 
 /// Everything the jobs agent needs.
 pub struct JobsAgent {
@@ -61,7 +61,13 @@ impl JobsAgent {
                 Some(event) = events.recv() => {
                     let (job, report) = match event {
                         TrainEvent::Step { job, report, tokens_per_s } => {
-                            let figures = StepFigures { step: report.step, total_steps: report.total_steps, loss: report.loss, tokens_per_s };
+                            let figures = StepFigures {
+                                step: report.step,
+                                total_steps: report.total_steps,
+                                loss: report.loss,
+                                tokens_per_s,
+                                tokens: report.tokens as u64,
+                            };
                             (job, JobReport::Step(figures))
                         }
                         TrainEvent::Checkpoint { job, step, path } => {
@@ -153,7 +159,7 @@ impl JobsAgent {
             let (assignment, on, dir) = (a.clone(), engine.clone(), self.blobs.join("jobs").join(&a.job));
             let built = tokio::task::spawn_blocking(move || build(&assignment, &on, &dir)).await;
             match built.map_err(|e| Error::Internal(format!("building job {}: {e}", a.job))).and_then(|r| r) {
-                Ok(training) => {
+                Ok((training, plan)) => {
                     let step = match &training.job {
                         JobStart::Ready(job) => job.progress.step,
                         JobStart::New { .. } => 0,
@@ -162,7 +168,7 @@ impl JobsAgent {
                         let _ = reports.send((a.job.clone(), a.epoch, JobReport::Failed { error: e.message().into() }));
                         continue;
                     }
-                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Running { step }));
+                    let _ = reports.send((a.job.clone(), a.epoch, JobReport::Running { step, plan: Some(plan) }));
                 }
                 Err(e) => {
                     running.remove(&a.job);
@@ -184,7 +190,7 @@ impl JobsAgent {
 /// and checked with the model's tokenizer, resumed from its checkpoint when it has one, else
 /// made by the engine (which chooses and copies ESFT experts with forward passes that, on a
 /// group, its followers join).
-fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> {
+fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<(Training, TrainingPlan)> {
     let spec = &a.spec;
     let tokenizer =
         engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the base model has no tokenizer".into()))?;
@@ -196,14 +202,16 @@ fn build(a: &Assignment, engine: &EngineThread, dir: &Path) -> Result<Training> 
     let data = Arc::new(read(Path::new(&spec.training_file.uri), "training_file")?);
     let validation =
         spec.validation_file.as_ref().map(|f| read(Path::new(&f.uri), "validation_file")).transpose()?.map(Arc::new);
+    // A resumed job goes on with what it was resolved to: the same, for the same data.
+    let (hyper, plan) = auto::resolve(&spec.hyper, spec.learning_rate_multiplier, spec.auto, &data);
     let job = match &a.checkpoint {
         Some(c) => JobStart::Ready(Box::new(
             checkpoint::load(Path::new(&c.uri), model.whole_config(), data)
                 .map_err(|e| e.context("resuming from the checkpoint"))?,
         )),
-        None => JobStart::New { name: a.job.clone(), method: spec.method.clone(), hyper: spec.hyper.clone(), data },
+        None => JobStart::New { name: a.job.clone(), method: spec.method.clone(), hyper, data },
     };
-    Ok(Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every, validation })
+    Ok((Training { job, dir: dir.to_path_buf(), checkpoint_every: spec.checkpoint_every, validation }, plan))
 }
 
 /// Sends reports to the cluster in order, each retried until it is recorded or refused. A

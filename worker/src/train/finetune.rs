@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use tandem_proto::contract::{AutoHyperparams, BASE_LEARNING_RATE};
 
-use super::checkpoint;
 use super::data::{Example, load_jsonl};
 use super::esft_select::select_experts;
 use super::job::{Hyperparams, Job, Method, StepReport, TrainSpec};
 use super::trainer::Trainer;
+use super::{auto, checkpoint};
 use crate::adapters::Adapter;
 use crate::engine::{Engine, EngineConfig, GenerationRequest};
 use crate::error::{Error, Result};
@@ -47,7 +48,9 @@ pub struct FinetuneOptions {
     pub test: Option<PathBuf>,
     pub out: PathBuf,
     pub method: MethodChoice,
+    /// As asked; what `auto` leaves to Tandem is chosen for the data ([`auto::resolve`]).
     pub hyper: Hyperparams,
+    pub auto: AutoHyperparams,
     pub max_seq_len: usize,
     /// Checkpoint every N optimizer steps (0: only at the end).
     pub checkpoint_every: u64,
@@ -59,7 +62,7 @@ pub struct FinetuneOptions {
 
 /// Progress of a run, for a progress bar or a log.
 pub enum Event<'a> {
-    Started { total_steps: u64, step: u64, examples: usize, method: &'a Method },
+    Started { total_steps: u64, step: u64, examples: usize, method: &'a Method, hyper: &'a Hyperparams },
     Step { report: &'a StepReport, tokens_per_s: f64 },
     Validation { step: u64, loss: f64 },
     Checkpoint { path: &'a Path },
@@ -90,7 +93,9 @@ pub fn run(
     let validation = opts.validation.as_deref().map(load).transpose()?;
     let test = opts.test.as_deref().map(load).transpose()?;
     let method = resolve_method(&opts.method, &model, &data)?;
-    let spec = TrainSpec { name: opts.name.clone(), method, hyper: opts.hyper.clone() };
+    let multiplier = f64::from(opts.hyper.lr) / BASE_LEARNING_RATE;
+    let (hyper, _) = auto::resolve(&opts.hyper, multiplier, opts.auto, &data);
+    let spec = TrainSpec { name: opts.name.clone(), method, hyper };
     let checkpoints = opts.out.join("checkpoints");
     let job = match checkpoint::latest(&checkpoints)?.filter(|_| opts.resume) {
         Some(path) => {
@@ -112,6 +117,7 @@ pub fn run(
         step: job.progress.step,
         examples: data.len(),
         method: &job.spec.method,
+        hyper: &job.spec.hyper,
     });
     let mut trainer = Trainer::new(&model, vec![job]);
     let (start, mut tokens) = (Instant::now(), 0);

@@ -11,7 +11,9 @@
 //! - `checkpoint.rs`: atomic checkpoints (bit-for-bit resumption) and the PEFT / ESFT export.
 //! - `esft_select.rs`: ESFT's choice of experts from the router's token counts.
 //! - `finetune.rs`: one run from files to an exported adapter (`tandem finetune`).
+//! - `auto.rs`: the hyperparameters left "auto", chosen from the data set's size and tokens.
 
+pub mod auto;
 pub mod checkpoint;
 pub mod data;
 pub mod esft_select;
