@@ -301,6 +301,36 @@ fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
     assert_eq!(usage["prompt_tokens"].as_u64(), Some(single("Hello") + single("Hi")), "{body}");
     assert_eq!(usage["completion_tokens"], 12, "{body}");
 
+    // Embeddings: unit vectors of the model's width, the same alone as in a batch, as numbers
+    // or base64.
+    let (status, out) = post(addr, "/v1/embeddings", json!({"model": "tiny", "input": ["Hello", "Hi", "Hello"]}));
+    assert_eq!(status, 200, "{out}");
+    let vectors: Vec<Vec<f64>> = (out["data"].as_array().unwrap().iter())
+        .map(|d| d["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect();
+    assert_eq!((vectors.len(), vectors[0].len(), &out["object"]), (3, 64, &json!("list")), "{out}");
+    assert!(vectors.iter().all(|v| (v.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-4));
+    assert_eq!(vectors[0], vectors[2]);
+    assert_ne!(vectors[0], vectors[1]);
+    assert_eq!(out["usage"]["prompt_tokens"].as_u64(), Some(2 * single("Hello") + single("Hi")), "{out}");
+    let (status, alone) =
+        post(addr, "/v1/embeddings", json!({"model": "tiny", "input": "Hello", "encoding_format": "base64"}));
+    assert_eq!(status, 200, "{alone}");
+    use base64::Engine as _;
+    let bytes =
+        base64::engine::general_purpose::STANDARD.decode(alone["data"][0]["embedding"].as_str().unwrap()).unwrap();
+    let decoded: Vec<f64> = bytes.chunks(4).map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap()))).collect();
+    assert!(decoded.iter().zip(&vectors[0]).all(|(a, b)| (a - b).abs() < 1e-5), "{decoded:?}");
+    for (body, param) in [
+        (json!({"model": "tiny", "input": "Hi", "dimensions": 8}), "dimensions"),
+        (json!({"model": "tiny", "input": "Hi", "encoding_format": "hex"}), "encoding_format"),
+        (json!({"model": "tiny", "input": []}), "input"),
+        (json!({"model": "tiny", "input": vec!["a"; 65]}), "input"),
+    ] {
+        let (status, out) = post(addr, "/v1/embeddings", body.clone());
+        assert_eq!((status, out["error"]["param"].as_str()), (400, Some(param)), "{body}: {out}");
+    }
+
     // Parameters at OpenAI's defaults are welcome; any other that is not served is a 400 naming it.
     complete(json!({"echo": false, "suffix": null, "user": "u1", "stream": false}));
     let chat = |extra: Value| {

@@ -162,7 +162,12 @@ def main():
         lambda: alice.completions.create(model=BASE, prompt="Hi", extra_body={"temprature": 0.5}),
     )
     assert e.param == "temprature", e
-    ok("models.retrieve, prompt batches and token ids, best_of, alternatives, penalties, bias; unserved: a 400")
+    e = alice.embeddings.create(model=BASE, input=["Hello", "Hi"])  # the client asks for base64
+    f = alice.embeddings.create(model=BASE, input=["Hello", "Hi"], encoding_format="float")
+    assert [len(d.embedding) for d in e.data] == [256, 256] and e.usage.prompt_tokens >= 2, e.usage
+    assert all(abs(a - b) < 1e-5 for a, b in zip(e.data[0].embedding, f.data[0].embedding)), "base64 and float agree"
+    assert abs(sum(x * x for x in f.data[1].embedding) - 1) < 1e-4, "unit length"
+    ok("models.retrieve, prompt batches and token ids, best_of, alternatives, penalties, bias, embeddings; unserved: a 400")
 
     # e. Upload the training file; it is alice's only.
     with open(train, "rb") as f:
@@ -251,6 +256,8 @@ def main():
     hits = exact_matches(alice, ft, test_rows)
     ok(f"fine-tuned model: {hits}/20 exact reversals")
     assert hits >= 16, f"fine-tuned model got only {hits}/20 right"
+    tuned, base = (alice.embeddings.create(model=m, input="reverse: a b c\n=").data[0].embedding for m in (ft, BASE))
+    assert max(abs(a - b) for a, b in zip(tuned, base)) > 1e-3, "the adapter's embedding is its own"
     base_hits = exact_matches(alice, BASE, test_rows)
     ok(f"base model: {base_hits}/20 exact reversals")
     assert base_hits < 4, f"the base model got {base_hits}/20 right: is the adapter applied to base requests?"

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)] // tests unwrap fixtures and results by design
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use tandem_kernels::ops::SeqAttention;
@@ -200,4 +201,52 @@ fn qwen2_moe_shared_expert_and_esft() {
 #[test]
 fn qwen2_moe_with_fused_experts_on_disk() {
     check_model("qwen2_moe_fused");
+}
+
+/// An embedding is the mean of the prompt's last hidden states after the final norm, scaled to
+/// length 1. Torch's logits are those hidden states times the output projection `W`, so `W`
+/// times our embedding must point where the sum of torch's logits over the prompt points (an
+/// oracle for the pooled hidden states, with no hidden states in the fixtures). The prompts
+/// go in chunks of 4 tokens, beside a generation in the same batches.
+#[test]
+fn embeddings_point_where_torchs_logits_do() {
+    for name in ["llama", "mistral"] {
+        let dir = fixtures().join(name);
+        let model = Model::load(&dir, Device::Cpu).unwrap();
+        let reference: Reference =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let logits = SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap();
+        let weights = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+        let w = weights.tensor("lm_head.weight").unwrap().to_vec_f32().unwrap();
+        let (vocab, hidden) = (model.config.vocab_size, model.config.hidden_size);
+        let cfg = EngineConfig { pages: 64, block_size: 4, max_batch_tokens: 4, ..EngineConfig::default() };
+        let mut engine = Engine::new(Arc::new(model), Vec::new(), None, cfg).unwrap();
+        let base: Vec<(usize, &RefRequest)> =
+            reference.requests.iter().enumerate().filter(|(_, r)| r.adapter.is_none()).collect();
+        let generation = GenerationRequest {
+            prompt: base[0].1.prompt_ids.clone(),
+            adapter: None,
+            params: SamplingParams::greedy(8),
+        };
+        engine.submit(generation).unwrap();
+        for (_, r) in &base {
+            engine.submit_embedding(r.prompt_ids.clone(), None).unwrap();
+        }
+        let outputs = engine.run_to_completion().unwrap();
+        assert_eq!(outputs[0].token_ids.len(), 8, "{name}: the generation beside them");
+        for ((i, r), out) in base.iter().zip(&outputs[1..]) {
+            let e = &out.embedding;
+            assert_eq!((e.len(), out.prompt_tokens, out.token_ids.len()), (hidden, r.prompt_ids.len(), 0));
+            let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{name}: length {norm}");
+            let ours: Vec<f64> =
+                (0..vocab).map(|v| (0..hidden).map(|k| f64::from(w[v * hidden + k] * e[k])).sum()).collect();
+            let torch = logits.tensor(&format!("logits.{i}")).unwrap().to_vec_f32().unwrap();
+            let summed: Vec<f64> = (0..vocab).map(|v| torch.chunks(vocab).map(|row| f64::from(row[v])).sum()).collect();
+            let dot: f64 = ours.iter().zip(&summed).map(|(a, b)| a * b).sum();
+            let cosine =
+                dot / (ours.iter().map(|a| a * a).sum::<f64>() * summed.iter().map(|b| b * b).sum::<f64>()).sqrt();
+            assert!(cosine > 1.0 - 1e-6, "{name}: request {i}: cosine {cosine}");
+        }
+    }
 }

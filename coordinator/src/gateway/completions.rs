@@ -1,7 +1,8 @@
-//! Completions and chat completions. A request runs one sequence per prompt and candidate
-//! (`best_of`, else `n`), all on the worker that takes the first; the answer is whole, or
-//! streamed as OpenAI's chunks. Parameters are checked before the request is routed, so a
-//! malformed request is a 400 whether or not a worker serves its model yet.
+//! Completions, chat completions and embeddings. A request runs one sequence per prompt and
+//! candidate (`best_of`, else `n`; an embedding, one per input), all on the worker that takes the
+//! first; the answer is whole, or streamed as OpenAI's chunks. Parameters are checked before the
+//! request is routed, so a malformed request is a 400 whether or not a worker serves its model
+//! yet.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,7 +20,8 @@ use tokio_stream::StreamExt;
 use tracing::Instrument;
 
 use super::openai::{
-    ApiError, Body, CHAT_PARAMS, COMPLETION_PARAMS, ChatRequest, CompletionRequest, Prompt, Sampling, parse_served,
+    ApiError, Body, CHAT_PARAMS, COMPLETION_PARAMS, ChatRequest, CompletionRequest, EMBEDDING_PARAMS, EmbeddingRequest,
+    Prompt, Sampling, parse_served,
 };
 use super::{Caller, Gateway, Target, history, limits, view};
 
@@ -162,20 +164,60 @@ pub(super) async fn completions(
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_served(&body, COMPLETION_PARAMS)?;
-    let prompts = req.prompt.to_vec()?;
+    let prompts = req.prompt.to_vec("prompt")?;
     let s = &req.sampling;
     let shape = Shape::new(Kind::Completion, prompts.len(), s, req.best_of, req.logprobs);
     shape.check(s)?;
     let template = template(s, &shape, Some(s.max_tokens.unwrap_or(COMPLETION_MAX_TOKENS)))?;
     let make = |t: &Target, i: u32| {
-        let mut r = sequence(&template, s.seed, t, i % shape.candidates);
-        match &prompts[(i / shape.candidates) as usize] {
-            Prompt::Text(text) => r.prompt = text.clone(),
-            Prompt::Tokens(ids) => r.prompt_token_ids = ids.clone(),
-        }
-        r
+        with_prompt(sequence(&template, s.seed, t, i % shape.candidates), &prompts[(i / shape.candidates) as usize])
     };
     gw.respond(&shape, &caller, &req.model, s.user.as_deref(), make).await
+}
+
+/// `req` for `prompt` (text or token ids).
+fn with_prompt(mut req: GenerateRequest, prompt: &Prompt) -> GenerateRequest {
+    match prompt {
+        Prompt::Text(text) => req.prompt = text.clone(),
+        Prompt::Tokens(ids) => req.prompt_token_ids = ids.clone(),
+    }
+    req
+}
+
+/// Each input's embedding: the mean of its last hidden states (after the final norm) through
+/// the model it names, scaled to length 1, computed in the engine's batches.
+pub(super) async fn embeddings(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let req: EmbeddingRequest = parse_served(&body, EMBEDDING_PARAMS)?;
+    let inputs = req.input.to_vec("input")?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            let msg = format!("encoding_format {other:?}: float or base64");
+            return Err(ApiError::bad_request("encoding_format", msg));
+        }
+    };
+    let shape = Shape {
+        kind: Kind::Embedding { base64 },
+        prompts: u32::try_from(inputs.len()).unwrap_or(u32::MAX),
+        n: 1,
+        candidates: 1,
+        logprobs: None,
+        stream: false,
+        include_usage: false,
+    };
+    if shape.sequences() > MAX_SEQUENCES {
+        return Err(ApiError::bad_request("input", format!("at most {MAX_SEQUENCES} inputs a request")));
+    }
+    let make = |t: &Target, i: u32| {
+        let embed = GenerateRequest { embed: true, ..sequence(&GenerateRequest::default(), None, t, 0) };
+        with_prompt(embed, &inputs[i as usize])
+    };
+    gw.respond(&shape, &caller, &req.model, req.user.as_deref(), make).await
 }
 
 pub(super) async fn chat_completions(
@@ -313,6 +355,17 @@ impl Gateway {
         for stream in streams {
             outcomes.push(collect(stream).await?);
         }
+        if let Kind::Embedding { base64 } = shape.kind {
+            let prompt_tokens = outcomes.iter().map(|o| o.prompt_tokens).sum();
+            count(prompt_tokens, 0);
+            let data: Vec<Value> = (outcomes.iter().enumerate())
+                .map(|(i, o)| json!({"object": "embedding", "index": i, "embedding": embedding(&o.embedding, base64)}))
+                .collect();
+            let usage = json!({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens});
+            return Ok(
+                axum::Json(json!({"object": "list", "data": data, "model": model, "usage": usage})).into_response()
+            );
+        }
         let (choices, prompt_tokens, completion_tokens) = best_choices(shape, outcomes);
         count(prompt_tokens, completion_tokens);
         Ok(axum::Json(head.body(choices, usage(prompt_tokens, completion_tokens), false)).into_response())
@@ -386,6 +439,18 @@ async fn start(view: &view::View, workers: &[String], req: GenerateRequest) -> R
     Err(last.map_or_else(|| ApiError::unavailable("no worker to send it to"), status_to_error))
 }
 
+/// An embedding as OpenAI writes it: numbers, or base64 of their little-endian f32 bytes.
+fn embedding(values: &[f32], base64: bool) -> Value {
+    use base64::Engine as _;
+    match base64 {
+        false => json!(values),
+        true => {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+    }
+}
+
 /// One sequence, whole.
 #[derive(Default)]
 struct Outcome {
@@ -397,6 +462,8 @@ struct Outcome {
     tokens: Vec<String>,
     logprobs: Vec<f32>,
     top_logprobs: Vec<TopLogprobs>,
+    /// An embedding request's embedding.
+    embedding: Vec<f32>,
 }
 
 impl Outcome {
@@ -413,6 +480,7 @@ async fn collect(mut stream: Events) -> Result<Outcome, ApiError> {
         outcome.tokens.extend(e.tokens);
         outcome.logprobs.extend(e.logprobs);
         outcome.top_logprobs.extend(e.top_logprobs);
+        outcome.embedding.extend(e.embedding);
         if !e.finish_reason.is_empty() {
             outcome.finish_reason = e.finish_reason;
             outcome.prompt_tokens = e.prompt_tokens;
@@ -422,11 +490,15 @@ async fn collect(mut stream: Events) -> Result<Outcome, ApiError> {
     Ok(outcome)
 }
 
-/// What differs between the two endpoints' responses.
+/// What differs between the endpoints' responses.
 #[derive(Clone, Copy)]
 enum Kind {
     Completion,
     Chat,
+    /// Embeddings (as base64 or numbers): whole answers only, with no choices.
+    Embedding {
+        base64: bool,
+    },
 }
 
 impl Kind {
@@ -434,6 +506,7 @@ impl Kind {
         match self {
             Kind::Completion => "cmpl",
             Kind::Chat => "chatcmpl",
+            Kind::Embedding { .. } => "embd",
         }
     }
 
@@ -442,6 +515,7 @@ impl Kind {
     /// asked for).
     fn logprobs(self, tokens: &[String], logprobs: &[f32], top: &[TopLogprobs], offset: usize) -> Value {
         match self {
+            Kind::Embedding { .. } => Value::Null,
             Kind::Completion => {
                 let offsets: Vec<usize> =
                     tokens.iter().scan(offset, |at, t| Some(std::mem::replace(at, *at + t.len()))).collect();
@@ -471,7 +545,8 @@ impl Kind {
     /// it is the choice's first chunk, which names the role).
     fn choice(self, index: usize, text: &str, logprobs: Value, finish: Option<&str>, chunk: Option<bool>) -> Value {
         match (self, chunk) {
-            (Kind::Completion, _) => {
+            // (An embedding's answer has no choices.)
+            (Kind::Completion | Kind::Embedding { .. }, _) => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             (Kind::Chat, None) => json!({
@@ -491,6 +566,7 @@ impl Kind {
     /// The `object` of a whole response or of a streamed chunk.
     fn object(self, chunk: bool) -> &'static str {
         match (self, chunk) {
+            (Kind::Embedding { .. }, _) => "list",
             (Kind::Completion, _) => "text_completion",
             (Kind::Chat, false) => "chat.completion",
             (Kind::Chat, true) => "chat.completion.chunk",

@@ -308,6 +308,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/models/{id}", get(model))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/embeddings", post(completions::embeddings))
         .merge(resources::routes())
         .merge(groups::routes())
         .merge(dashboard::routes())

@@ -164,8 +164,8 @@ pub enum Prompt {
 }
 
 impl Prompts {
-    /// The prompts, each one not empty.
-    pub fn to_vec(&self) -> Result<Vec<Prompt>, ApiError> {
+    /// The prompts, each one not empty (`param` names the field in an error).
+    pub fn to_vec(&self, param: &str) -> Result<Vec<Prompt>, ApiError> {
         let prompts = match self {
             Prompts::Text(s) => vec![Prompt::Text(s.clone())],
             Prompts::Texts(v) => v.iter().cloned().map(Prompt::Text).collect(),
@@ -174,7 +174,10 @@ impl Prompts {
         };
         let empty = |p: &Prompt| matches!(p, Prompt::Tokens(ids) if ids.is_empty());
         if prompts.is_empty() || prompts.iter().any(empty) {
-            return Err(ApiError::bad_request("prompt", "give at least one prompt, and no empty list of token ids"));
+            return Err(ApiError::bad_request(
+                param,
+                format!("give at least one {param}, and no empty list of token ids"),
+            ));
         }
         Ok(prompts)
     }
@@ -274,11 +277,25 @@ pub const CHAT_PARAMS: &[&str] = &[
     "user",
 ];
 
+#[derive(Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: Prompts,
+    /// `float` (the default) or `base64` (little-endian f32).
+    pub encoding_format: Option<String>,
+    /// The caller's end user, recorded in the request's trace.
+    pub user: Option<String>,
+}
+
+/// The parameters of an embedding request the gateway serves.
+pub const EMBEDDING_PARAMS: &[&str] = &["model", "input", "encoding_format", "user"];
+
 /// Whether `value`, given for OpenAI's parameter `key` that the gateway does not serve, asks for
 /// nothing: null, or OpenAI's own default (clients send those whatever the server). A key that
 /// is no parameter of OpenAI's (a typo) asks for something unknown.
 fn asks_nothing(key: &str, value: &Value) -> bool {
     const UNSERVED: &[&str] = &[
+        "dimensions",
         "echo",
         "suffix",
         "audio",

@@ -14,12 +14,12 @@ use super::{Engine, GenerationOutput, Progress, Sequence, Timings};
 use crate::adapters::AdapterSet;
 use crate::error::Result;
 use crate::model::{AdapterGrads, Trained};
-use crate::sampling::Sampled;
+use crate::sampling::{FinishReason, Sampled};
 
 impl Engine {
     /// Books what an iteration's forward pass produced; returns the requests that finished.
     pub(super) fn book(&mut self, ran: Ran) -> Result<Vec<GenerationOutput>> {
-        let outputs = self.sample(&ran.scheduled, &ran.logits)?;
+        let outputs = self.sample(&ran.scheduled, &ran.logits, &ran.embedded)?;
         match ran.finetune {
             None => self.budget.forward.observe(ran.n_inf, ran.started.elapsed().as_secs_f64()),
             Some((planned, adapters, trained)) => {
@@ -100,9 +100,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Samples the next token of each sequence whose scheduled tokens reached its end, and
-    /// retires the finished ones.
-    fn sample(&mut self, scheduled: &[(usize, usize)], logits: &[f32]) -> Result<Vec<GenerationOutput>> {
+    /// Samples the next token of each sequence whose scheduled tokens reached its end, adds
+    /// embedding requests' rows (`embedded`, in batch order) to their sums, and retires the
+    /// finished ones.
+    fn sample(
+        &mut self,
+        scheduled: &[(usize, usize)],
+        logits: &[f32],
+        embedded: &[f32],
+    ) -> Result<Vec<GenerationOutput>> {
         let vocab = self.model.config.vocab_size;
         let target = self.cfg.tpot_target.as_secs_f64();
         let now = Instant::now();
@@ -119,6 +125,7 @@ impl Engine {
         for (row, &(i, _)) in scheduled
             .iter()
             .filter(|&&(i, chunk)| self.running[i].computed + chunk >= self.running[i].tokens.len())
+            .filter(|&&(i, _)| self.running[i].embedding.is_none())
             .enumerate()
         {
             rows[i] = Some(row);
@@ -130,6 +137,8 @@ impl Engine {
             .map(|(seq, row)| row.map(|r| seq.sampler.sample(&logits[r * vocab..(r + 1) * vocab])))
             .collect();
         let mut finished = Vec::new();
+        // The embedding requests' rows, in batch order.
+        let mut embedded = embedded.chunks_exact(self.model.config.hidden_size);
         for &(i, chunk) in scheduled {
             let seq = &mut self.running[i];
             if seq.computed >= seq.prompt_len {
@@ -138,6 +147,16 @@ impl Engine {
                 self.counters.last.prefill += chunk as u64;
             }
             seq.computed += chunk;
+            if let Some(sum) = seq.embedding.as_mut() {
+                sum.resize(self.model.config.hidden_size, 0.0);
+                for row in embedded.by_ref().take(chunk) {
+                    sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                }
+                if seq.computed >= seq.prompt_len {
+                    finished.push((i, FinishReason::Stop, String::new()));
+                }
+                continue;
+            }
             let Some(sampled) = sampled[i].take() else {
                 continue; // a prefill chunk that did not reach the end of the prompt
             };
@@ -202,6 +221,7 @@ impl Engine {
                 token_ids: seq.tokens[seq.prompt_len..].to_vec(),
                 logprobs: seq.logprobs,
                 top_logprobs: seq.top_logprobs,
+                embedding: seq.embedding.map(unit_length).unwrap_or_default(),
                 text,
                 finish_reason: reason,
             });
@@ -218,4 +238,12 @@ impl Engine {
         }
         seq
     }
+}
+
+/// An embedding request's sum of hidden states as its embedding: their mean, scaled to length 1
+/// (which the mean's scale does not change).
+fn unit_length(mut sum: Vec<f32>) -> Vec<f32> {
+    let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt();
+    sum.iter_mut().for_each(|x| *x /= norm.max(f32::MIN_POSITIVE));
+    sum
 }

@@ -22,6 +22,8 @@ pub(super) struct Ran {
     pub n_inf: usize,
     /// The logits of the sequences that reached the end of their tokens, in batch order.
     pub logits: Vec<f32>,
+    /// The embedding requests' rows after the final norm, `[rows, hidden]`, in batch order.
+    pub embedded: Vec<f32>,
     /// The fine-tuning microbatches, the adapters of their pass and what it made of them.
     pub finetune: Option<(Planned, AdapterSet, Trained)>,
     /// The microbatches' adapter slots start here (the inference adapters come first).
@@ -97,7 +99,7 @@ impl Engine {
             Some(_) => scheduled.iter().filter_map(|&(i, _)| self.running.get(i)?.trace.clone()).collect(),
             None => Vec::new(),
         };
-        let (mut logits, mut trained) = (Vec::new(), None);
+        let (mut logits, mut embedded, mut trained) = (Vec::new(), Vec::new(), None);
         for (input, rows) in passes {
             if let Some(sink) = &mut self.plans {
                 let training = rows.as_ref().map(|rows| TrainingRows { id: self.training.next_id, rows: rows.clone() });
@@ -107,6 +109,9 @@ impl Engine {
             if let Some(l) = pass.logits {
                 logits = l.into_vec_f32()?;
             }
+            if let Some(e) = pass.embedded {
+                embedded = e.into_vec_f32()?;
+            }
             trained = trained.or(pass.trained);
         }
         let finetune = match (plan, training_set, trained) {
@@ -114,7 +119,7 @@ impl Engine {
             (None, _, None) => None,
             _ => return Err(Error::Internal("engine: fine-tuning rows without their pass".into())),
         };
-        Ok(Some(Ran { scheduled, n_inf, logits, finetune, first_slot: ids.len(), started }))
+        Ok(Some(Ran { scheduled, n_inf, logits, embedded, finetune, first_slot: ids.len(), started }))
     }
 
     /// Backward layers of the batches in flight, oldest first, until `deadline` (at least one

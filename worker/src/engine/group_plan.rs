@@ -142,6 +142,8 @@ impl ForwardPlan {
                 .collect(),
             adapters: self.adapters.clone(),
             logit_rows: self.logit_rows.clone(),
+            // Rank 0 alone pools embeddings.
+            embed_rows: Vec::new(),
         }
     }
 }
@@ -210,6 +212,7 @@ mod tests {
             ],
             adapters: vec![0, 0, 0, -1],
             logit_rows: vec![2, 3],
+            embed_rows: Vec::new(),
         };
         let refs = vec![AdapterRef { id: 7, name: "alice:a@2".into(), uri: "/blobs/adapters/x".into() }];
         let rows = LossRows { first_row: 3, first_seq: 1, targets: vec![9], loss_weights: vec![0.5] };

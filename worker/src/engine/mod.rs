@@ -116,6 +116,8 @@ pub struct GenerationOutput {
     /// The most likely alternatives at each generated token, when the request asked for them
     /// (`top_logprobs`); empty otherwise.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// An embedding request's embedding ([`Engine::submit_embedding`]); empty otherwise.
+    pub embedding: Vec<f32>,
     /// Decoded text (empty without a tokenizer), cut at a stop string.
     pub text: String,
     pub finish_reason: FinishReason,
@@ -161,6 +163,9 @@ struct Sequence {
     stop: StopChecker,
     logprobs: Vec<f32>,
     top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// An embedding request's sum of its tokens' last hidden states so far (it generates
+    /// nothing); `None` for a generation.
+    embedding: Option<Vec<f32>>,
     /// Bytes of its text already reported in [`Progress`].
     streamed: usize,
     submitted_at: Instant,
@@ -511,6 +516,18 @@ impl Engine {
 
     /// Queues a request after checking it; returns its index.
     pub fn submit(&mut self, req: GenerationRequest) -> Result<usize> {
+        self.enqueue(req, false)
+    }
+
+    /// Queues an embedding request for `prompt` through `adapter` (none: the base model); it
+    /// runs in the batches beside generation and training, generates nothing, and its output's
+    /// `embedding` is the mean of its tokens' last hidden states (after the final norm), scaled
+    /// to length 1. Returns its index.
+    pub fn submit_embedding(&mut self, prompt: Vec<u32>, adapter: Option<String>) -> Result<usize> {
+        self.enqueue(GenerationRequest { prompt, adapter, params: SamplingParams::greedy(1) }, true)
+    }
+
+    fn enqueue(&mut self, req: GenerationRequest, embed: bool) -> Result<usize> {
         req.params.validate()?;
         let c = &self.model.config;
         if req.prompt.is_empty() {
@@ -560,6 +577,7 @@ impl Engine {
             stop: StopChecker::new(&req.params, &self.eos),
             logprobs: Vec::new(),
             top_logprobs: Vec::new(),
+            embedding: embed.then(Vec::new),
             streamed: 0,
             submitted_at: Instant::now(),
             scheduled_at: None,

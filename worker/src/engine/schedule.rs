@@ -159,7 +159,9 @@ impl Engine {
             };
             input.adapters.extend(std::iter::repeat_n(slot, chunk));
             input.seqs.push(SeqAttention { q_len: chunk, context_len: end, block_table: seq.blocks.clone() });
-            if end == seq.tokens.len() {
+            if seq.embedding.is_some() {
+                input.embed_rows.extend((input.tokens.len() - chunk) as u32..input.tokens.len() as u32);
+            } else if end == seq.tokens.len() {
                 input.logit_rows.push((input.tokens.len() - 1) as u32);
             }
             scheduled.push((i, chunk));

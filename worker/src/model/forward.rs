@@ -56,6 +56,9 @@ pub struct ForwardInput {
     pub adapters: Vec<i32>,
     /// Rows whose logits are wanted (the last token of each sequence, when generating).
     pub logit_rows: Vec<u32>,
+    /// Rows whose last hidden state (after the final norm) is wanted: the tokens of embedding
+    /// requests. Only the rank that leads a group reads them (no collective is involved).
+    pub embed_rows: Vec<u32>,
 }
 
 impl ForwardInput {
@@ -69,6 +72,7 @@ impl ForwardInput {
             seqs: self.seqs[first_seq..].to_vec(),
             adapters: self.adapters[first_row..].to_vec(),
             logit_rows: Vec::new(),
+            embed_rows: Vec::new(),
         }
     }
 
@@ -218,9 +222,14 @@ pub(super) struct Dispatch {
 impl Model {
     /// The logits of `rows` of the last layer's output `hidden`, `[rows, vocab]`.
     pub(crate) fn logits(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        self.gather_logits(ops::matmul(&self.final_hidden(hidden, rows)?, self.lm_head(), false, true)?)
+    }
+
+    /// `rows` of the last layer's output `hidden` after the final norm, `[rows, hidden]`: what
+    /// the output projection reads, and what an embedding pools.
+    pub(crate) fn final_hidden(&self, hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
         let last = ops::gather_rows(hidden, rows)?;
-        let last = ops::rms_norm(&last, &self.weights.norm, self.config.rms_norm_eps)?;
-        self.gather_logits(ops::matmul(&last, self.lm_head(), false, true)?)
+        Ok(ops::rms_norm(&last, &self.weights.norm, self.config.rms_norm_eps)?)
     }
 
     /// The decoder stack: the last layer's output for every row, `[n, hidden]` (before the

@@ -27,6 +27,8 @@ pub struct LossRows {
 pub struct Pass {
     /// The logits of the input's logit rows, `[rows, vocab]`; `None` when it has none.
     pub logits: Option<Tensor>,
+    /// The input's embed rows after the final norm, `[rows, hidden]`; `None` when it has none.
+    pub embedded: Option<Tensor>,
     /// The fine-tuning rows' outcome, when the pass had some.
     pub trained: Option<Trained>,
 }
@@ -53,7 +55,8 @@ impl Model {
     ) -> Result<Pass> {
         let Some(rows) = training else {
             let hidden = self.hidden_states(input, cache, adapters, &mut drop)?;
-            return Ok(Pass { logits: self.logits_of(&hidden, input)?, trained: None });
+            let embedded = self.embedded_of(&hidden, input)?;
+            return Ok(Pass { logits: self.logits_of(&hidden, input)?, embedded, trained: None });
         };
         let first = rows.first_row;
         let tail = input.tail(first, rows.first_seq);
@@ -63,7 +66,7 @@ impl Model {
             tape.push(if first == 0 { Ok(acts) } else { acts.tail(first, layer, &tail, adapters, self) });
         };
         let hidden = self.hidden_states(input, cache, adapters, &mut keep)?;
-        let logits = self.logits_of(&hidden, input)?;
+        let (logits, embedded) = (self.logits_of(&hidden, input)?, self.embedded_of(&hidden, input)?);
         let tape = tape.into_iter().collect::<Result<Vec<_>>>()?;
         let hidden = match first {
             0 => hidden,
@@ -72,7 +75,7 @@ impl Model {
         let (losses, dhidden) = self.loss_backward(&hidden, &rows.targets, &rows.loss_weights)?;
         drop(hidden);
         let backward = PendingBackward::new(self, tail, tape, dhidden)?;
-        Ok(Pass { logits, trained: Some(Trained { losses, backward }) })
+        Ok(Pass { logits, embedded, trained: Some(Trained { losses, backward }) })
     }
 
     /// The logits of `input.logit_rows`, `[rows, vocab]` (f32; no rows when it has none),
@@ -111,6 +114,14 @@ impl Model {
         let mut trained = trained.ok_or_else(|| Error::Internal("a training pass kept no rows".into()))?;
         self.backward_layers(&mut trained.backward, cache, adapters, grads, usize::MAX)?;
         Ok(trained.losses)
+    }
+
+    /// `input`'s embed rows after the final norm, when it has any.
+    fn embedded_of(&self, hidden: &Tensor, input: &ForwardInput) -> Result<Option<Tensor>> {
+        match input.embed_rows.is_empty() {
+            true => Ok(None),
+            false => self.final_hidden(hidden, &input.embed_rows).map(Some),
+        }
     }
 
     /// The logits of `input`'s logit rows, when it has any (a group's followers compute them

@@ -211,7 +211,7 @@ fn status_of(e: Error) -> Status {
 }
 
 /// The engine's request for `req`: its prompt tokenized (chat messages through the model's chat
-/// template) and its sampling parameters checked by the engine.
+/// template) and its sampling parameters checked by the engine (an embedding has none).
 fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, Error> {
     let tokenizer = || engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the model has no tokenizer".into()));
     let prompt = if !req.prompt_token_ids.is_empty() {
@@ -231,6 +231,10 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
         tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
     };
     let adapter = (!req.adapter.is_empty()).then(|| req.adapter.clone());
+    if req.embed {
+        // Nothing is sampled: the sampling fields are not read.
+        return Ok(GenerationRequest { prompt, adapter, params: SamplingParams::greedy(1) });
+    }
     let max_tokens = match req.max_tokens {
         Some(n) => n as usize,
         None => {
@@ -538,6 +542,7 @@ impl Stream {
             logprobs: if self.logprobs { logprobs.to_vec() } else { Vec::new() },
             tokens: if self.logprobs { token_texts(tokenizer, tokens) } else { Vec::new() },
             top_logprobs: top_logprobs(tokenizer, out.top_logprobs.get(self.tokens_sent..).unwrap_or_default()),
+            embedding: out.embedding.clone(),
             finish_reason: out.finish_reason.as_openai_str().to_string(),
             prompt_tokens: out.prompt_tokens as u32,
             completion_tokens: out.token_ids.len() as u32,
@@ -570,7 +575,10 @@ impl Streams {
                 engine.record_disk_load(started.elapsed().as_secs_f64());
             }
         }
-        let submitted = loaded.and_then(|()| prepare(engine, req)).and_then(|r| engine.submit(r));
+        let submitted = loaded.and_then(|()| prepare(engine, req)).and_then(|r| match req.embed {
+            true => engine.submit_embedding(r.prompt, r.adapter),
+            false => engine.submit(r),
+        });
         match submitted {
             Ok(index) => {
                 if let Some(traceparent) = trace_context::traceparent(&span) {
