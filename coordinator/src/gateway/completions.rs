@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::openai::{
     ApiError, Body, CHAT_PARAMS, COMPLETION_PARAMS, ChatRequest, CompletionRequest, EMBEDDING_PARAMS, EmbeddingRequest,
-    Prompt, Sampling, parse_served,
+    Prompt, SAMPLING_PARAMS, Sampling, parse_served,
 };
 use super::{Caller, Gateway, Target, history, limits, view};
 
@@ -163,7 +163,7 @@ pub(super) async fn completions(
     caller: Caller,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_served(&body, COMPLETION_PARAMS)?;
+    let req: CompletionRequest = parse_served(&body, &[COMPLETION_PARAMS, SAMPLING_PARAMS])?;
     let prompts = req.prompt.to_vec("prompt")?;
     let s = &req.sampling;
     let shape = Shape::new(Kind::Completion, prompts.len(), s, req.best_of, req.logprobs);
@@ -191,7 +191,7 @@ pub(super) async fn embeddings(
     caller: Caller,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let req: EmbeddingRequest = parse_served(&body, EMBEDDING_PARAMS)?;
+    let req: EmbeddingRequest = parse_served(&body, &[EMBEDDING_PARAMS])?;
     let inputs = req.input.to_vec("input")?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -225,7 +225,7 @@ pub(super) async fn chat_completions(
     caller: Caller,
     Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_served(&body, CHAT_PARAMS)?;
+    let req: ChatRequest = parse_served(&body, &[CHAT_PARAMS, SAMPLING_PARAMS])?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages", "messages must not be empty"));
     }

@@ -222,12 +222,8 @@ pub struct CompletionRequest {
     pub sampling: Sampling,
 }
 
-/// The parameters of a completion request the gateway serves.
-pub const COMPLETION_PARAMS: &[&str] = &[
-    "model",
-    "prompt",
-    "best_of",
-    "logprobs",
+/// The parameters of [`Sampling`], which completions and chat both serve.
+pub const SAMPLING_PARAMS: &[&str] = &[
     "max_tokens",
     "temperature",
     "top_p",
@@ -241,6 +237,9 @@ pub const COMPLETION_PARAMS: &[&str] = &[
     "stream_options",
     "user",
 ];
+
+/// The parameters of a completion request the gateway serves, besides [`SAMPLING_PARAMS`].
+pub const COMPLETION_PARAMS: &[&str] = &["model", "prompt", "best_of", "logprobs"];
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -256,26 +255,8 @@ pub struct ChatRequest {
     pub sampling: Sampling,
 }
 
-/// The parameters of a chat request the gateway serves.
-pub const CHAT_PARAMS: &[&str] = &[
-    "model",
-    "messages",
-    "max_completion_tokens",
-    "logprobs",
-    "top_logprobs",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "stream",
-    "stream_options",
-    "user",
-];
+/// The parameters of a chat request the gateway serves, besides [`SAMPLING_PARAMS`].
+pub const CHAT_PARAMS: &[&str] = &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs"];
 
 #[derive(Deserialize)]
 pub struct EmbeddingRequest {
@@ -323,13 +304,15 @@ fn asks_nothing(key: &str, value: &Value) -> bool {
         }
 }
 
-/// A completion or chat body whose every key is one of `served` (or a parameter given at a value
-/// that asks for nothing): an unknown or unserved parameter is a 400 naming it.
-pub fn parse_served<T: serde::de::DeserializeOwned>(body: &[u8], served: &[&str]) -> Result<T, ApiError> {
+/// A completion, chat or embedding body whose every key is in one of the lists `served` (or a
+/// parameter given at a value that asks for nothing): an unknown or unserved parameter is a
+/// 400 naming it.
+pub fn parse_served<T: serde::de::DeserializeOwned>(body: &[u8], served: &[&[&str]]) -> Result<T, ApiError> {
     let request: T = parse(body)?;
     // `parse` took it, so it is an object.
     let keys: serde_json::Map<String, Value> = serde_json::from_slice(body).unwrap_or_default();
-    if let Some((key, _)) = keys.iter().find(|(k, v)| !served.contains(&k.as_str()) && !asks_nothing(k, v)) {
+    let is_served = |key: &str| served.iter().any(|list| list.contains(&key));
+    if let Some((key, _)) = keys.iter().find(|(k, v)| !is_served(k) && !asks_nothing(k, v)) {
         return Err(ApiError::bad_request(
             key,
             format!("the parameter {key:?} is not supported here (docs/gateway.md lists those that are)"),
