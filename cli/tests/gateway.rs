@@ -331,6 +331,35 @@ fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
         assert_eq!((status, out["error"]["param"].as_str()), (400, Some(param)), "{body}: {out}");
     }
 
+    // Structured outputs: the random model writes JSON its schema holds, sampled or greedy.
+    let schema = json!({"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "n": {"type": "boolean"}},
+        "required": ["color", "n"], "additionalProperties": false});
+    for (format, temperature) in [
+        (json!({"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": true}}), 1.0),
+        (json!({"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}), 0.0),
+    ] {
+        let req = json!({"model": "tiny", "messages": [{"role": "user", "content": "Pick"}], "max_tokens": 40,
+            "temperature": temperature, "response_format": format, "n": 2});
+        let (status, out) = post(addr, "/v1/chat/completions", req);
+        assert_eq!(status, 200, "{out}");
+        for choice in out["choices"].as_array().unwrap() {
+            let content: Value = serde_json::from_str(choice["message"]["content"].as_str().unwrap()).unwrap();
+            assert!(["red", "blue"].contains(&content["color"].as_str().unwrap()) && content["n"].is_boolean());
+        }
+    }
+    let req = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200,
+        "response_format": {"type": "json_object"}, "seed": 1});
+    let (status, out) = post(addr, "/v1/chat/completions", req);
+    assert_eq!(status, 200, "{out}");
+    if out["choices"][0]["finish_reason"] == "stop" {
+        let content: Value = serde_json::from_str(out["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+        assert!(content.is_object(), "{out}");
+    }
+    let bad = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}});
+    let req = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "response_format": bad});
+    let (status, out) = post(addr, "/v1/chat/completions", req);
+    assert_eq!(status, 400, "{out}");
+
     // Parameters at OpenAI's defaults are welcome; any other that is not served is a 400 naming it.
     complete(json!({"echo": false, "suffix": null, "user": "u1", "stream": false}));
     let chat = |extra: Value| {
@@ -353,7 +382,12 @@ fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
         ("/v1/completions", json!({"logit_bias": {"1": 101}}), "logit_bias"),
         ("/v1/completions", json!({"presence_penalty": 2.5}), "presence_penalty"),
         ("/v1/chat/completions", json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
-        ("/v1/chat/completions", json!({"response_format": {"type": "json_object"}}), "response_format"),
+        ("/v1/chat/completions", json!({"response_format": {"type": "xml"}}), "body"),
+        (
+            "/v1/chat/completions",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}}),
+            "response_format",
+        ),
         ("/v1/chat/completions", json!({"store": true}), "store"),
         ("/v1/chat/completions", json!({"top_logprobs": 2}), "top_logprobs"),
         ("/v1/chat/completions", json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),

@@ -13,8 +13,10 @@ import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
 import openai
+import pydantic
 
 URL = os.environ["TANDEM_URL"].rstrip("/")
 ADMIN_KEY = os.environ["TANDEM_ADMIN_KEY"]
@@ -162,12 +164,22 @@ def main():
         lambda: alice.completions.create(model=BASE, prompt="Hi", extra_body={"temprature": 0.5}),
     )
     assert e.param == "temprature", e
+    # Structured outputs through the client's parse helper: a pydantic model's strict schema.
+    class Pick(pydantic.BaseModel):
+        color: Literal["red", "green", "blue"]
+        sure: bool
+
+    parsed = alice.chat.completions.parse(
+        model=BASE, messages=[{"role": "user", "content": "Pick a color"}], response_format=Pick, max_tokens=40, n=3
+    )
+    picks = [c.message.parsed for c in parsed.choices]
+    assert all(isinstance(p, Pick) for p in picks), [c.message.content for c in parsed.choices]
     e = alice.embeddings.create(model=BASE, input=["Hello", "Hi"])  # the client asks for base64
     f = alice.embeddings.create(model=BASE, input=["Hello", "Hi"], encoding_format="float")
     assert [len(d.embedding) for d in e.data] == [256, 256] and e.usage.prompt_tokens >= 2, e.usage
     assert all(abs(a - b) < 1e-5 for a, b in zip(e.data[0].embedding, f.data[0].embedding)), "base64 and float agree"
     assert abs(sum(x * x for x in f.data[1].embedding) - 1) < 1e-4, "unit length"
-    ok("models.retrieve, prompt batches and token ids, best_of, alternatives, penalties, bias, embeddings; unserved: a 400")
+    ok(f"structured outputs parsed: {picks[0]}; models.retrieve, prompt batches and token ids, best_of, alternatives, penalties, bias, embeddings; unserved: a 400")
 
     # e. Upload the training file; it is alice's only.
     with open(train, "rb") as f:

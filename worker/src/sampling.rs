@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::rng::{Xoshiro256, splitmix64};
+use crate::structured::Constraint;
 use tandem_kernels::ops;
 
 /// What a request asks of the sampler and the stop conditions. Missing JSON fields take the
@@ -54,6 +55,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Added to the logits of these token ids before sampling, each in [-100, 100].
     pub logit_bias: Vec<(u32, f32)>,
+    /// Hold the output to this JSON schema ([`crate::structured`]).
+    pub json_schema: Option<serde_json::Value>,
     /// Keep generating past the model's EOS tokens (benchmarks use this for fixed lengths).
     pub ignore_eos: bool,
 }
@@ -74,6 +77,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            json_schema: None,
             ignore_eos: false,
         }
     }
@@ -164,6 +168,8 @@ pub struct Sampler {
     counts: HashMap<u32, u32>,
     /// The row of logits after bias and penalties, reused from token to token.
     adjusted: Vec<f32>,
+    /// The structured output's parser, and the token that ends the sequence when it fails.
+    constraint: Option<(Constraint, u32)>,
     rng: Xoshiro256,
     /// Reused buffers of (token, scaled logit) candidates and their softmax weights, so sampling
     /// allocates once per request rather than once per token.
@@ -187,10 +193,17 @@ impl Sampler {
             adjusts: params.adjusts_logits(),
             counts: HashMap::new(),
             adjusted: Vec::new(),
+            constraint: None,
             rng: Xoshiro256::seed_from_u64(seed),
             candidates: Vec::new(),
             weights: Vec::new(),
         }
+    }
+
+    /// The sampler held to `constraint` (its structured output), which ends with `eos` if its
+    /// parser fails.
+    pub fn constrained(self, constraint: Option<Constraint>, eos: u32) -> Self {
+        Sampler { constraint: constraint.map(|c| (c, eos)), ..self }
     }
 
     /// Picks the next token from one row of logits (length = vocab size).
@@ -199,14 +212,20 @@ impl Sampler {
     /// rather than a panic.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
         let mut adjusted = std::mem::take(&mut self.adjusted);
-        let row = if self.adjusts {
+        let row = if self.adjusts || self.constraint.is_some() {
             self.adjust(logits, &mut adjusted);
+            if let Some((c, eos)) = &mut self.constraint {
+                c.mask(&mut adjusted, *eos);
+            }
             &adjusted[..]
         } else {
             logits
         };
         let token = if self.temperature == 0.0 { argmax(row) } else { self.draw(row) };
         self.adjusted = adjusted;
+        if let Some((c, _)) = &mut self.constraint {
+            c.advance(token);
+        }
         if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
             *self.counts.entry(token).or_default() += 1;
         }

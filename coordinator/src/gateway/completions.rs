@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::openai::{
     ApiError, Body, CHAT_PARAMS, COMPLETION_PARAMS, ChatRequest, CompletionRequest, EMBEDDING_PARAMS, EmbeddingRequest,
-    Prompt, SAMPLING_PARAMS, Sampling, parse_served,
+    Prompt, ResponseFormat, SAMPLING_PARAMS, Sampling, parse_served,
 };
 use super::{Caller, Gateway, Target, history, limits, view};
 
@@ -175,6 +175,11 @@ pub(super) async fn completions(
     gw.respond(&shape, &caller, &req.model, s.user.as_deref(), make).await
 }
 
+/// OpenAI's rule for a schema's name.
+fn valid_schema_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 /// `req` for `prompt` (text or token ids).
 fn with_prompt(mut req: GenerateRequest, prompt: &Prompt) -> GenerateRequest {
     match prompt {
@@ -244,7 +249,20 @@ pub(super) async fn chat_completions(
     let shape = Shape::new(Kind::Chat, 1, s, None, logprobs);
     shape.check(s)?;
     // Without a bound, the answer may take the rest of the context.
-    let template = template(s, &shape, req.max_completion_tokens.or(s.max_tokens))?;
+    let mut template = template(s, &shape, req.max_completion_tokens.or(s.max_tokens))?;
+    template.json_schema = match &req.response_format {
+        None | Some(ResponseFormat::Text) => String::new(),
+        Some(ResponseFormat::JsonObject) => json!({"type": "object"}).to_string(),
+        Some(ResponseFormat::JsonSchema { json_schema }) => match &json_schema.schema {
+            _ if !valid_schema_name(&json_schema.name) => {
+                let msg = "json_schema.name: 1 to 64 letters, digits, `_` or `-`";
+                return Err(ApiError::bad_request("response_format", msg));
+            }
+            Some(schema @ Value::Object(_)) => schema.to_string(),
+            Some(_) => return Err(ApiError::bad_request("response_format", "json_schema.schema must be an object")),
+            None => json!({"type": "object"}).to_string(),
+        },
+    };
     let make = |t: &Target, i: u32| GenerateRequest { messages: messages.clone(), ..sequence(&template, s.seed, t, i) };
     gw.respond(&shape, &caller, &req.model, s.user.as_deref(), make).await
 }

@@ -251,12 +251,39 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     /// And how many alternatives beside it.
     pub top_logprobs: Option<u32>,
+    /// Text (the default), any JSON object, or JSON that a schema holds.
+    pub response_format: Option<ResponseFormat>,
     #[serde(flatten)]
     pub sampling: Sampling,
 }
 
+/// Chat's `response_format`.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchema },
+}
+
+/// `response_format.json_schema`: its `name` (checked) and `schema`; `description` and
+/// `strict` are read and need nothing (the output always follows the schema exactly).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchema {
+    pub name: String,
+    #[serde(default, rename = "description")]
+    _description: Option<String>,
+    /// Absent: any JSON object.
+    #[serde(default)]
+    pub schema: Option<Value>,
+    #[serde(default, rename = "strict")]
+    _strict: Option<bool>,
+}
+
 /// The parameters of a chat request the gateway serves, besides [`SAMPLING_PARAMS`].
-pub const CHAT_PARAMS: &[&str] = &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs"];
+pub const CHAT_PARAMS: &[&str] =
+    &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"];
 
 #[derive(Deserialize)]
 pub struct EmbeddingRequest {
@@ -287,7 +314,6 @@ fn asks_nothing(key: &str, value: &Value) -> bool {
         "parallel_tool_calls",
         "prediction",
         "reasoning_effort",
-        "response_format",
         "service_tier",
         "store",
         "tool_choice",

@@ -45,6 +45,7 @@ use crate::adapters::{Adapter, AdapterSet};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
 use crate::sampling::{FinishReason, Sampler, SamplingParams, StopChecker};
+use crate::structured::Grammars;
 use crate::tokenizer::TextTokenizer;
 use crate::train::data::Example;
 use crate::train::finetune::{MethodChoice, resolve_method};
@@ -202,6 +203,8 @@ pub struct Engine {
     /// the batches use the same versions.
     batch_adapters: Option<(Vec<u64>, AdapterSet)>,
     tokenizer: Option<Arc<TextTokenizer>>,
+    /// Compiles structured outputs' schemas (made on the first request with one).
+    grammars: Option<Arc<Grammars>>,
     eos: Vec<u32>,
     cfg: EngineConfig,
     waiting: VecDeque<Sequence>,
@@ -284,6 +287,7 @@ impl Engine {
             registry,
             batch_adapters: None,
             tokenizer: tokenizer.map(Arc::new),
+            grammars: None,
             eos,
             budget: Budget::new(cfg.tpot_target),
             cfg,
@@ -503,6 +507,17 @@ impl Engine {
         self.training.jobs.iter().find(|j| j.job.spec.name == name).map(job_metrics)
     }
 
+    /// What compiles structured outputs' schemas for this model, made on first use.
+    fn grammars(&mut self) -> Result<Arc<Grammars>> {
+        if self.grammars.is_none() {
+            let tokenizer = (self.tokenizer.as_deref())
+                .ok_or_else(|| Error::InvalidRequest("structured outputs need a tokenizer (tokenizer.json)".into()))?;
+            let eos = self.eos.first().copied().unwrap_or(0);
+            self.grammars = Some(Arc::new(Grammars::new(tokenizer, self.model.config.vocab_size, eos)?));
+        }
+        self.grammars.clone().ok_or_else(|| Error::Internal("no grammars".into()))
+    }
+
     /// Most tokens a request of `prompt_len` tokens for `adapter` may generate: what is left of
     /// the context (the model's, `max_model_len`, the pool's pages less those its adapter takes).
     pub fn room(&self, prompt_len: usize, adapter: Option<&AdapterVersion>) -> usize {
@@ -546,6 +561,8 @@ impl Engine {
             return Err(Error::InvalidRequest("stop strings need a tokenizer (tokenizer.json)".into()));
         }
         let adapter = req.adapter.as_deref().map(|name| self.registry.resolve(name)).transpose()?;
+        let constraint =
+            req.params.json_schema.as_ref().map(|schema| self.grammars()?.constraint(schema)).transpose()?;
         let room = self.room(req.prompt.len(), adapter.as_deref());
         if req.params.max_tokens > room {
             return Err(Error::InvalidRequest(format!(
@@ -573,7 +590,7 @@ impl Engine {
             computed: 0,
             blocks: Vec::new(),
             adapter,
-            sampler: Sampler::new(&req.params),
+            sampler: Sampler::new(&req.params).constrained(constraint, self.eos.first().copied().unwrap_or(0)),
             stop: StopChecker::new(&req.params, &self.eos),
             logprobs: Vec::new(),
             top_logprobs: Vec::new(),

@@ -253,6 +253,12 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
         logit_bias: req.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
+        json_schema: match req.json_schema.as_str() {
+            "" => None,
+            text => {
+                Some(serde_json::from_str(text).map_err(|e| Error::InvalidRequest(format!("the JSON schema: {e}")))?)
+            }
+        },
         ..SamplingParams::default()
     };
     Ok(GenerationRequest { prompt, adapter, params })
