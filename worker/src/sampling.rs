@@ -166,7 +166,8 @@ pub struct Sampler {
     adjusts: bool,
     /// How often each token was sampled (kept only when a penalty reads it).
     counts: HashMap<u32, u32>,
-    /// The row of logits after bias and penalties, reused from token to token.
+    /// The row of logits after bias, penalties and the structured output's mask, reused from
+    /// token to token.
     adjusted: Vec<f32>,
     /// The structured output's parser, and the token that ends the sequence when it fails.
     constraint: Option<(Constraint, u32)>,
