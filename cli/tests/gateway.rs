@@ -362,6 +362,70 @@ fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
     let (status, out) = post(addr, "/v1/chat/completions", req);
     assert_eq!(status, 400, "{out}");
 
+    // Tools: a required call comes back as OpenAI's tool_calls, its arguments held to its schema,
+    // whole or streamed; a conversation carries calls and their answers back.
+    let pick = json!({"type": "object", "properties": {"city": {"enum": ["Oslo", "Rome"]}},
+        "required": ["city"], "additionalProperties": false});
+    // (One tool: the tiny model's context holds little more than its signature.)
+    let tools = json!([{"type": "function", "function": {"name": "weather", "parameters": pick}}]);
+    let ask = |extra: Value| {
+        let req = json!({"model": "tiny", "messages": [{"role": "user", "content": "Oslo?"}], "max_tokens": 100,
+            "tools": tools});
+        post(addr, "/v1/chat/completions", with(req, extra))
+    };
+    let weather_call = |call: &Value| {
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        call["type"] == "function"
+            && call["function"]["name"] == "weather"
+            && ["Oslo", "Rome"].contains(&args["city"].as_str().unwrap_or(""))
+            && args.as_object().unwrap().len() == 1
+            && call["id"].as_str().unwrap().starts_with("call")
+    };
+    let named = json!({"type": "function", "function": {"name": "weather"}});
+    let (status, out) = ask(json!({"tool_choice": named, "parallel_tool_calls": false, "n": 2}));
+    assert_eq!(status, 200, "{out}");
+    for choice in out["choices"].as_array().unwrap() {
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert!(calls.len() == 1 && weather_call(&calls[0]), "{out}");
+        assert_eq!((&choice["finish_reason"], &choice["message"]["content"]), (&json!("tool_calls"), &Value::Null));
+    }
+    let (status, out) = ask(json!({"tool_choice": "required", "seed": 3}));
+    assert_eq!(status, 200, "{out}");
+    let calls = out["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert!(!calls.is_empty() && calls.iter().all(weather_call), "{out}");
+    // Streamed: each call whole in one delta, at its index.
+    let req = json!({"model": "tiny", "messages": [{"role": "user", "content": "Oslo?"}], "max_tokens": 100,
+        "tools": tools, "tool_choice": named, "stream": true});
+    let (status, body) = http::http(addr, "POST", "/v1/chat/completions", Some(KEY), Some(&req.to_string()));
+    assert_eq!(status, 200, "{body}");
+    let chunks: Vec<Value> =
+        sse(&body).iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let streamed: Vec<&Value> =
+        chunks.iter().flat_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().into_iter().flatten()).collect();
+    assert!(streamed.len() == 1 && streamed[0]["index"] == 0 && weather_call(streamed[0]), "{body}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls", "{body}");
+    let call = calls[0].clone();
+    let conversation = json!([{"role": "user", "content": "Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]);
+    let req =
+        json!({"model": "tiny", "messages": conversation, "max_tokens": 4, "tools": tools, "tool_choice": "none"});
+    let (status, out) = post(addr, "/v1/chat/completions", req);
+    assert_eq!((status, &out["choices"][0]["finish_reason"]), (200, &json!("length")), "{out}");
+    for (extra, param) in [
+        (json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice"),
+        (json!({"tool_choice": "always"}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}), "tools"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}), "tools"),
+        (json!({"tools": [], "tool_choice": "required"}), "tool_choice"),
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages"),
+        (json!({"messages": [{"role": "user", "content": null}]}), "messages"),
+    ] {
+        let (status, out) = ask(extra.clone());
+        assert_eq!((status, out["error"]["param"].as_str()), (400, Some(param)), "{extra}: {out}");
+    }
+
     // Parameters at OpenAI's defaults are welcome; any other that is not served is a 400 naming it.
     complete(json!({"echo": false, "suffix": null, "user": "u1", "stream": false}));
     let chat = |extra: Value| {
@@ -383,7 +447,7 @@ fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
         ("/v1/completions", json!({"logit_bias": {"x": 1}}), "logit_bias"),
         ("/v1/completions", json!({"logit_bias": {"1": 101}}), "logit_bias"),
         ("/v1/completions", json!({"presence_penalty": 2.5}), "presence_penalty"),
-        ("/v1/chat/completions", json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        ("/v1/chat/completions", json!({"functions": [{"name": "f"}]}), "functions"),
         ("/v1/chat/completions", json!({"response_format": {"type": "xml"}}), "body"),
         (
             "/v1/chat/completions",

@@ -92,7 +92,7 @@ fn a_worker_registers_and_streams_what_generate_prints() {
 
     // Chat messages go through the model's chat template; logprobs come one per token.
     let chat = GenerateRequest {
-        messages: vec![ChatMessage { role: "user".into(), content: "Hi there".into() }],
+        messages: vec![ChatMessage { role: "user".into(), content: "Hi there".into(), ..Default::default() }],
         logprobs: true,
         ..greedy("", 5)
     };

@@ -181,7 +181,7 @@ fn hostile_generations() -> Vec<GenerateRequest> {
         ..Default::default()
     };
     let chat = |role: &str, content: &str| GenerateRequest {
-        messages: vec![ChatMessage { role: role.into(), content: content.into() }],
+        messages: vec![ChatMessage { role: role.into(), content: content.into(), ..Default::default() }],
         ..base()
     };
     vec![

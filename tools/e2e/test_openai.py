@@ -174,12 +174,40 @@ def main():
     )
     picks = [c.message.parsed for c in parsed.choices]
     assert all(isinstance(p, Pick) for p in picks), [c.message.content for c in parsed.choices]
+    # Tools: the helpers' strict function tool (pydantic), its calls parsed whole and streamed,
+    # and a conversation carrying a call and its answer back.
+    class Weather(pydantic.BaseModel):
+        city: Literal["Oslo", "Rome"]
+        celsius: bool
+
+    tools = [openai.pydantic_function_tool(Weather, name="weather")]
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    parsed = alice.chat.completions.parse(
+        model=BASE, messages=ask, tools=tools, tool_choice="required", parallel_tool_calls=False, max_tokens=120
+    )
+    message = parsed.choices[0].message
+    assert parsed.choices[0].finish_reason == "tool_calls" and message.content is None, parsed
+    assert len(message.tool_calls) == 1 and isinstance(message.tool_calls[0].function.parsed_arguments, Weather), parsed
+    named = {"type": "function", "function": {"name": "weather"}}
+    with alice.chat.completions.stream(model=BASE, messages=ask, tools=tools, tool_choice=named, max_tokens=120) as s:
+        streamed = s.get_final_completion()
+    calls = streamed.choices[0].message.tool_calls
+    assert len(calls) == 1 and isinstance(calls[0].function.parsed_arguments, Weather), streamed
+    call = message.tool_calls[0]
+    back = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "weather", "arguments": call.function.arguments}},
+        ]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21"},
+    ]
+    r = alice.chat.completions.create(model=BASE, messages=back, tools=tools, tool_choice="none", max_tokens=5)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length", r
     e = alice.embeddings.create(model=BASE, input=["Hello", "Hi"])  # the client asks for base64
     f = alice.embeddings.create(model=BASE, input=["Hello", "Hi"], encoding_format="float")
     assert [len(d.embedding) for d in e.data] == [256, 256] and e.usage.prompt_tokens >= 2, e.usage
     assert all(abs(a - b) < 1e-5 for a, b in zip(e.data[0].embedding, f.data[0].embedding)), "base64 and float agree"
     assert abs(sum(x * x for x in f.data[1].embedding) - 1) < 1e-4, "unit length"
-    ok(f"structured outputs parsed: {picks[0]}; models.retrieve, prompt batches and token ids, best_of, alternatives, penalties, bias, embeddings; unserved: a 400")
+    ok(f"structured outputs parsed: {picks[0]}; tool calls parsed, whole and streamed: {calls[0].function.parsed_arguments}; models.retrieve, prompt batches and token ids, best_of, alternatives, penalties, bias, embeddings; unserved: a 400")
 
     # e. Upload the training file; it is alice's only.
     with open(train, "rb") as f:

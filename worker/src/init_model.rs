@@ -47,8 +47,27 @@ const SPECIAL_TOKENS: [&str; 3] = [ENDOFTEXT, IM_START, IM_END];
 /// tokens the tokenizer has exactly 512 tokens, a kernel-friendly vocab size.
 const BPE_VOCAB_SIZE: usize = 509;
 
-/// The classic ChatML template (as in HF's docs and Qwen's tokenizer_config).
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+/// ChatML (as in HF's docs and Qwen's tokenizer_config), with tools the way Qwen2.5's template
+/// shows them: their signatures in the system turn, calls as `<tool_call>` JSON
+/// ([`crate::tools`]). Without tools it is the classic ChatML template.
+pub const CHATML_TEMPLATE: &str = r#"{%- if tools %}
+{{- '<|im_start|>system\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}
+{{- '# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>' }}
+{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}
+{{- '\n</tools>\n\nTo call a function, answer with its name and arguments within <tool_call></tool_call> tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if not (tools and loop.first and message['role'] == 'system') %}
+{{- '<|im_start|>' + message['role'] + '\n' + message['content'] }}
+{%- for call in message['tool_calls'] or [] %}
+{%- if not loop.first or message['content'] %}{{- '\n' }}{%- endif %}
+{{- '<tool_call>\n{"name": "' + call['function']['name'] + '", "arguments": ' + (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
 
 /// The transformers version the written configs claim; their keys follow that version.
 const TRANSFORMERS_VERSION: &str = "4.46.3";

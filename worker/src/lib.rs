@@ -7,7 +7,8 @@
 //! - `tokenizer.rs`: `tokenizer.json` + the chat template of `tokenizer_config.json`.
 //! - `sampling.rs`: sampling parameters and the per-request sampler (greedy, temperature,
 //!   top-k, top-p, seed, stop conditions, logprobs).
-//! - `structured.rs`: structured outputs: per-request token masks from a JSON schema (llguidance).
+//! - `structured.rs`: structured outputs: per-request token masks from a grammar (llguidance).
+//! - `tools.rs`: tool calling: the grammar of a request's calls, and the calls parsed from its text.
 //! - `init_model.rs`: random-weight models in HF format for demos, tests and benchmarks.
 //! - `rng.rs`: the seeded PRNG (sampling, LoRA init, data order), its state checkpointable.
 //! - `safetensors_file.rs`: safetensors files read and written as tensors.
@@ -36,6 +37,7 @@ pub mod safetensors_file;
 pub mod sampling;
 pub mod structured;
 pub mod tokenizer;
+pub mod tools;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::rng::{Xoshiro256, splitmix64};
-use crate::structured::Constraint;
+use crate::structured::{Constraint, Grammar};
 use tandem_kernels::ops;
 
 /// What a request asks of the sampler and the stop conditions. Missing JSON fields take the
@@ -55,8 +55,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Added to the logits of these token ids before sampling, each in [-100, 100].
     pub logit_bias: Vec<(u32, f32)>,
-    /// Hold the output to this JSON schema ([`crate::structured`]).
-    pub json_schema: Option<serde_json::Value>,
+    /// Hold the output to this grammar ([`crate::structured`]).
+    pub grammar: Option<Grammar>,
     /// Keep generating past the model's EOS tokens (benchmarks use this for fixed lengths).
     pub ignore_eos: bool,
 }
@@ -77,7 +77,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
-            json_schema: None,
+            grammar: None,
             ignore_eos: false,
         }
     }

@@ -1,21 +1,40 @@
-//! Structured outputs: a request's output held to a JSON schema by a mask over the vocabulary
-//! at every step, from llguidance (the parser behind guidance, used by vLLM and SGLang).
+//! Structured outputs: a request's output held to a [`Grammar`] (a JSON schema, or the calls
+//! of its tools) by a mask over the vocabulary at every step, from llguidance (the parser
+//! behind guidance, used by vLLM and SGLang).
 //!
-//! - [`Grammars`]: what compiles schemas for one model's tokenizer, made once per engine.
+//! - [`Grammars`]: what compiles grammars for one model's tokenizer, made once per engine.
 //! - [`Constraint`]: one request's parser; it masks a row of logits and follows the tokens
-//!   sampled, so requests of many schemas (and none) share a batch.
+//!   sampled, so requests of many grammars (and none) share a batch.
 
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::TextTokenizer;
 
-/// Compiles JSON schemas into per-request constraints for one tokenizer.
+/// What a request's output is held to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Grammar {
+    /// JSON that this schema holds.
+    JsonSchema(Value),
+    /// llguidance's Lark syntax, JSON schemas inline as `%json` ([`crate::tools`]).
+    Lark(String),
+}
+
+/// Has JSON that `schema` holds written compactly: no whitespace between tokens, so that a
+/// model cannot spin in it.
+pub fn compact(schema: &mut Value) {
+    if let Value::Object(o) = schema {
+        o.insert("x-guidance".into(), json!({"whitespace_flexible": false, "item_separator": ", "}));
+    }
+}
+
+/// Compiles grammars into per-request constraints for one tokenizer.
 pub struct Grammars {
     factory: ParserFactory,
 }
@@ -36,18 +55,20 @@ impl Grammars {
         Ok(Grammars { factory })
     }
 
-    /// A constraint to `schema` (a JSON schema), written compactly: no whitespace between
-    /// tokens, so that a model cannot spin in it. A schema llguidance cannot compile is the
-    /// request's error.
-    pub fn constraint(&self, schema: &Value) -> Result<Constraint> {
-        let mut schema = schema.clone();
-        if let Value::Object(o) = &mut schema {
-            o.insert("x-guidance".into(), json!({"whitespace_flexible": false, "item_separator": ", "}));
-        }
-        let parser = self.factory.create_parser(TopLevelGrammar::from_json_schema(schema));
-        let matcher = Matcher::new(parser);
+    /// A constraint to `grammar`, its JSON written [`compact`]ly. A grammar llguidance cannot
+    /// compile is the request's error.
+    pub fn constraint(&self, grammar: &Grammar) -> Result<Constraint> {
+        let (top, what) = match grammar {
+            Grammar::JsonSchema(schema) => {
+                let mut schema = schema.clone();
+                compact(&mut schema);
+                (TopLevelGrammar::from_json_schema(schema), "the JSON schema")
+            }
+            Grammar::Lark(lark) => (TopLevelGrammar::from_lark(lark.clone()), "the tools' schemas"),
+        };
+        let matcher = Matcher::new(self.factory.create_parser(top));
         match matcher.get_error() {
-            Some(e) => Err(Error::InvalidRequest(format!("the JSON schema: {e}"))),
+            Some(e) => Err(Error::InvalidRequest(format!("{what}: {e}"))),
             None => Ok(Constraint { matcher }),
         }
     }

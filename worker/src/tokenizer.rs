@@ -13,24 +13,29 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use minijinja::value::{Kwargs, Value as JinjaValue, ValueKind};
+use minijinja::value::{Kwargs, Serde, Value as JinjaValue, ValueKind};
 use minijinja::{Environment, ErrorKind};
-use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
 use tokenizers::Tokenizer;
+
+use tandem_proto::v1::ToolCall;
 
 use crate::error::{Error, Result, read_json};
 
 /// One message of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's calls of tools.
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool message answers (empty for other roles).
+    pub tool_call_id: String,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: String::new() }
     }
 }
 
@@ -146,10 +151,16 @@ impl TextTokenizer {
     }
 
     /// Renders `messages` with the chat template, as transformers' `apply_chat_template(...,
-    /// tokenize=False)` does: variables `messages`, `add_generation_prompt`, `bos_token`,
-    /// `eos_token`, `tools` and `documents` (none). An exception the template raises (e.g. roles
-    /// that do not alternate) is an invalid request.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    /// tools=tools, tokenize=False)` does: variables `messages`, `add_generation_prompt`,
+    /// `bos_token`, `eos_token`, `tools` (none when empty; else OpenAI's `{"type": "function",
+    /// "function": {...}}` objects) and `documents` (none). An exception the template raises
+    /// (e.g. roles that do not alternate) is an invalid request.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[JsonValue],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let env = match &self.chat {
             ChatTemplate::Ready(env) => env,
             ChatTemplate::Missing => {
@@ -170,18 +181,31 @@ impl TextTokenizer {
             ("add_generation_prompt", JinjaValue::from(add_generation_prompt)),
             ("bos_token", JinjaValue::from(self.bos_token.clone().unwrap_or_default())),
             ("eos_token", JinjaValue::from(self.eos_token.clone().unwrap_or_default())),
-            ("tools", JinjaValue::from(())),
+            ("tools", if tools.is_empty() { JinjaValue::from(()) } else { JinjaValue::from(Serde(tools)) }),
             ("documents", JinjaValue::from(())),
         ]);
         template.render(ctx).map_err(|e| template_render_error(&e))
     }
 }
 
+/// A message as transformers hands it to templates: calls in OpenAI's shape, their arguments
+/// an object (templates write them with `tojson`; the text OpenAI's clients send stays text
+/// only if it is not JSON), and `tool_call_id` where there is one.
 fn message_value(message: &ChatMessage) -> JinjaValue {
-    JinjaValue::from(BTreeMap::from([
-        ("role", JinjaValue::from(message.role.as_str())),
-        ("content", JinjaValue::from(message.content.as_str())),
-    ]))
+    let mut value = serde_json::json!({"role": message.role, "content": message.content});
+    if !message.tool_calls.is_empty() {
+        let calls: Vec<JsonValue> = (message.tool_calls.iter())
+            .map(|c| {
+                let arguments = serde_json::from_str(&c.arguments).unwrap_or_else(|_| JsonValue::from(c.arguments.clone()));
+                serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+            })
+            .collect();
+        value["tool_calls"] = JsonValue::from(calls);
+    }
+    if !message.tool_call_id.is_empty() {
+        value["tool_call_id"] = JsonValue::from(message.tool_call_id.clone());
+    }
+    JinjaValue::from(Serde(&value))
 }
 
 fn load_tokenizer_json(path: &Path) -> Result<Tokenizer> {

@@ -12,6 +12,7 @@ use tandem_worker::engine::{Engine, EngineConfig, GenerationRequest};
 use tandem_worker::init_model::Preset;
 use tandem_worker::model::Model;
 use tandem_worker::sampling::SamplingParams;
+use tandem_worker::structured::Grammar;
 use tandem_worker::tokenizer::TextTokenizer;
 
 fn engine() -> (Engine, TextTokenizer) {
@@ -38,7 +39,7 @@ fn the_output_parses_and_follows_its_schema_in_a_mixed_batch() {
         params: SamplingParams {
             seed: Some(seed),
             max_tokens: 64,
-            json_schema: schema.cloned(),
+            grammar: schema.cloned().map(Grammar::JsonSchema),
             ..SamplingParams::default()
         },
     };
@@ -62,7 +63,7 @@ fn the_output_parses_and_follows_its_schema_in_a_mixed_batch() {
 fn a_schema_that_cannot_compile_is_the_requests_error() {
     let (mut engine, tokenizer) = engine();
     let bad = json!({"type": "object", "properties": {"a": {"type": "no-such-type"}}});
-    let params = SamplingParams { json_schema: Some(bad), ..SamplingParams::default() };
+    let params = SamplingParams { grammar: Some(Grammar::JsonSchema(bad)), ..SamplingParams::default() };
     let req = GenerationRequest { prompt: tokenizer.encode("x", true).unwrap(), adapter: None, params };
     assert!(matches!(engine.submit(req), Err(Error::InvalidRequest(m)) if m.contains("JSON schema")));
 }

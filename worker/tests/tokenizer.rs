@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
+use tandem_proto::v1::ToolCall;
 use tandem_worker::Error;
 use tandem_worker::init_model::write_tokenizer;
 use tandem_worker::tokenizer::{ChatMessage, DecodeStream, TextTokenizer};
@@ -59,8 +60,11 @@ fn chatml_template_with_and_without_generation_prompt() {
     assert!(tok.has_chat_template());
     let expected = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n\
                     <|im_start|>assistant\nHi there.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n";
-    assert_eq!(tok.apply_chat_template(&conversation(), false).unwrap(), expected);
-    assert_eq!(tok.apply_chat_template(&conversation(), true).unwrap(), format!("{expected}<|im_start|>assistant\n"));
+    assert_eq!(tok.apply_chat_template(&conversation(), &[], false).unwrap(), expected);
+    assert_eq!(
+        tok.apply_chat_template(&conversation(), &[], true).unwrap(),
+        format!("{expected}<|im_start|>assistant\n")
+    );
 }
 
 /// Llama 3's template (trimmed of tool handling): `bos_token`, `.strip()`, whitespace control
@@ -80,7 +84,7 @@ fn llama3_style_template_uses_bos_token() {
     let tok = TextTokenizer::load(&dir).unwrap();
     let messages = [ChatMessage::new("user", "  Hi  ")];
     assert_eq!(
-        tok.apply_chat_template(&messages, true).unwrap(),
+        tok.apply_chat_template(&messages, &[], true).unwrap(),
         "<|endoftext|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     );
 }
@@ -106,10 +110,10 @@ fn template_whitespace_pycompat_tojson_and_raise_exception() {
     let messages = [ChatMessage::new("user", "  Hi there  "), ChatMessage::new("assistant", "Sure <b>\"ok\"</b>")];
     // Jinja2 with trim_blocks + lstrip_blocks renders exactly this.
     assert_eq!(
-        tok.apply_chat_template(&messages, false).unwrap(),
+        tok.apply_chat_template(&messages, &[], false).unwrap(),
         "[INST] Hi there [/INST]\n\"Sure <b>\\\"ok\\\"</b>\"<|im_end|>\n"
     );
-    let err = tok.apply_chat_template(&[ChatMessage::new("system", "x")], false).unwrap_err();
+    let err = tok.apply_chat_template(&[ChatMessage::new("system", "x")], &[], false).unwrap_err();
     assert!(matches!(&err, Error::InvalidRequest(m) if m.contains("Only user and assistant roles")), "{err}");
 }
 
@@ -123,7 +127,7 @@ fn template_list_form_picks_default() {
         ])
     });
     let tok = TextTokenizer::load(&dir).unwrap();
-    assert_eq!(tok.apply_chat_template(&conversation(), false).unwrap(), "You are a helpful assistant.");
+    assert_eq!(tok.apply_chat_template(&conversation(), &[], false).unwrap(), "You are a helpful assistant.");
 }
 
 #[test]
@@ -134,7 +138,7 @@ fn missing_chat_template_is_a_clear_error() {
     });
     let tok = TextTokenizer::load(&dir).unwrap();
     assert!(!tok.has_chat_template());
-    let err = tok.apply_chat_template(&conversation(), true).unwrap_err().to_string();
+    let err = tok.apply_chat_template(&conversation(), &[], true).unwrap_err().to_string();
     assert!(err.contains("no chat template"), "{err}");
 }
 
@@ -144,7 +148,7 @@ fn broken_template_fails_chat_only() {
     edit_config(&dir, |c| c["chat_template"] = json!("{% for m in messages %}{{ m.content }"));
     let tok = TextTokenizer::load(&dir).unwrap();
     assert!(!tok.encode("ok", false).unwrap().is_empty());
-    let err = tok.apply_chat_template(&conversation(), false).unwrap_err().to_string();
+    let err = tok.apply_chat_template(&conversation(), &[], false).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json"), "{err}");
 }
 
@@ -153,7 +157,7 @@ fn standalone_chat_template_file_takes_precedence() {
     let dir = model_dir("jinja-file");
     std::fs::write(dir.join("chat_template.jinja"), "{{ messages | length }} messages").unwrap();
     let tok = TextTokenizer::load(&dir).unwrap();
-    assert_eq!(tok.apply_chat_template(&conversation(), false).unwrap(), "4 messages");
+    assert_eq!(tok.apply_chat_template(&conversation(), &[], false).unwrap(), "4 messages");
 }
 
 #[test]
@@ -252,4 +256,45 @@ fn decode_stream_holds_back_partial_utf8_until_complete() {
 fn text_tokenizer_is_shareable_across_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<TextTokenizer>();
+}
+
+/// Conversations with tools and calls render as transformers renders them with the same
+/// template (`tools/oracle/make_chat_fixtures.py`); calls arrive with their arguments as text,
+/// as OpenAI's clients send them.
+#[test]
+fn tools_and_calls_render_as_transformers_renders_them() {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/oracle/fixtures/chat_tools.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        fixture["template"].as_str().unwrap(),
+        tandem_worker::init_model::CHATML_TEMPLATE,
+        "the template changed: rerun tools/oracle/make_chat_fixtures.py"
+    );
+    let tok = TextTokenizer::load(&model_dir("tools")).unwrap();
+    for case in fixture["cases"].as_array().unwrap() {
+        let messages: Vec<ChatMessage> = (case["messages"].as_array().unwrap().iter())
+            .map(|m| {
+                let tool_calls = (m["tool_calls"].as_array().into_iter().flatten())
+                    .map(|c| ToolCall {
+                        id: c["id"].as_str().unwrap().into(),
+                        name: c["function"]["name"].as_str().unwrap().into(),
+                        arguments: c["function"]["arguments"].to_string(),
+                    })
+                    .collect();
+                ChatMessage {
+                    tool_calls,
+                    tool_call_id: m["tool_call_id"].as_str().unwrap_or_default().into(),
+                    ..ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
+                }
+            })
+            .collect();
+        let tools = case["tools"].as_array().cloned().unwrap_or_default();
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(tok.apply_chat_template(&messages, &tools, add).unwrap(), case["text"].as_str().unwrap());
+    }
 }

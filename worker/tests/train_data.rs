@@ -72,7 +72,7 @@ fn loss_spans(example: &Example) -> Vec<String> {
 }
 
 fn chat(messages: &[ChatMessage]) -> String {
-    tokenizer().apply_chat_template(messages, false).unwrap()
+    tokenizer().apply_chat_template(messages, &[], false).unwrap()
 }
 
 #[test]

@@ -14,14 +14,14 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use tandem_proto::contract::{check_role, fresh_id, unix_now};
-use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest, TopLogprobs};
+use tandem_proto::contract::{check_function_name, check_role, fresh_id, unix_now};
+use tandem_proto::v1::{ChatMessage, GenerateEvent, GenerateRequest, Tool, ToolCall, ToolChoice, TopLogprobs};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
 
 use super::openai::{
     ApiError, Body, CHAT_PARAMS, COMPLETION_PARAMS, ChatRequest, CompletionRequest, EMBEDDING_PARAMS, EmbeddingRequest,
-    Prompt, ResponseFormat, SAMPLING_PARAMS, Sampling, parse_served,
+    Message, Prompt, ResponseFormat, SAMPLING_PARAMS, Sampling, ToolSpec, parse_served,
 };
 use super::{Caller, Gateway, Target, history, limits, view};
 
@@ -29,6 +29,8 @@ use super::{Caller, Gateway, Target, history, limits, view};
 const MAX_SEQUENCES: u32 = 64;
 /// Most stop strings one request may give (OpenAI's bound).
 const MAX_STOPS: usize = 4;
+/// Most tools one chat request may give (OpenAI's bound).
+const MAX_TOOLS: usize = 128;
 /// Most alternatives per token (OpenAI's bound, and the engine's).
 const MAX_TOP_LOGPROBS: u32 = 20;
 /// Tokens a completion generates when `max_tokens` is not given (OpenAI's default); chat
@@ -234,12 +236,7 @@ pub(super) async fn chat_completions(
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages", "messages must not be empty"));
     }
-    let messages = (req.messages.iter())
-        .map(|m| {
-            check_role(&m.role).map_err(|e| ApiError::bad_request("messages", e.0))?;
-            Ok(ChatMessage { role: m.role.clone(), content: m.content.text()? })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+    let messages = req.messages.iter().map(chat_message).collect::<Result<Vec<_>, ApiError>>()?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (true, top) => Some(top.unwrap_or(0)),
         (false, None | Some(0)) => None,
@@ -263,8 +260,95 @@ pub(super) async fn chat_completions(
             None => json!({"type": "object"}).to_string(),
         },
     };
+    (template.tools, template.tool_choice, template.tool_function) = tool_calling(&req)?;
+    template.single_tool_call = req.parallel_tool_calls == Some(false);
     let make = |t: &Target, i: u32| GenerateRequest { messages: messages.clone(), ..sequence(&template, s.seed, t, i) };
     gw.respond(&shape, &caller, &req.model, s.user.as_deref(), make).await
+}
+
+/// A chat message as workers take it, held to OpenAI's rules for what each role carries.
+fn chat_message(m: &Message) -> Result<ChatMessage, ApiError> {
+    let bad = |msg: &str| ApiError::bad_request("messages", msg);
+    check_role(&m.role).map_err(|e| bad(&e.0))?;
+    let calls = m.tool_calls.as_deref().unwrap_or_default();
+    if !calls.is_empty() && m.role != "assistant" {
+        return Err(bad("only assistant messages have tool_calls"));
+    }
+    let content = match &m.content {
+        Some(content) => content.text()?,
+        None if !calls.is_empty() => String::new(),
+        None => return Err(bad("a message needs content (only an assistant message that calls tools may omit it)")),
+    };
+    let tool_call_id = match (m.role.as_str(), &m.tool_call_id) {
+        ("tool", Some(id)) => id.clone(),
+        ("tool", None) => return Err(bad("a tool message needs the tool_call_id of the call it answers")),
+        (_, Some(_)) => return Err(bad("only tool messages have a tool_call_id")),
+        (_, None) => String::new(),
+    };
+    let tool_calls = (calls.iter())
+        .map(|c| ToolCall { id: c.id.clone(), name: c.function.name.clone(), arguments: c.function.arguments.clone() })
+        .collect();
+    Ok(ChatMessage { role: m.role.clone(), content, tool_calls, tool_call_id })
+}
+
+/// A chat request's tools, whether it must call them, and which (for a named choice): OpenAI's
+/// rules, checked before routing (the worker checks them again).
+fn tool_calling(req: &ChatRequest) -> Result<(Vec<Tool>, i32, String), ApiError> {
+    let specs = req.tools.as_deref().unwrap_or_default();
+    if specs.len() > MAX_TOOLS {
+        return Err(ApiError::bad_request("tools", format!("at most {MAX_TOOLS} tools a request")));
+    }
+    let mut tools: Vec<Tool> = Vec::with_capacity(specs.len());
+    for ToolSpec::Function { function: f } in specs {
+        check_function_name("function", &f.name).map_err(|e| ApiError::bad_request("tools", e.0))?;
+        if tools.iter().any(|t| t.name == f.name) {
+            return Err(ApiError::bad_request("tools", format!("function {:?} is given twice", f.name)));
+        }
+        let parameters = match &f.parameters {
+            None => String::new(),
+            Some(schema @ Value::Object(_)) => schema.to_string(),
+            Some(_) => {
+                let msg = format!("function {:?}: parameters must be a JSON schema object", f.name);
+                return Err(ApiError::bad_request("tools", msg));
+            }
+        };
+        let description = f.description.clone().unwrap_or_default();
+        tools.push(Tool { name: f.name.clone(), description, parameters });
+    }
+    let bad_choice = || {
+        let msg = r#"tool_choice: "none", "auto", "required", or {"type": "function", "function": {"name": ...}}"#;
+        ApiError::bad_request("tool_choice", msg)
+    };
+    let (choice, function) = match &req.tool_choice {
+        None | Some(Value::Null) => (ToolChoice::Auto, String::new()),
+        Some(Value::String(mode)) => match mode.as_str() {
+            "none" => (ToolChoice::None, String::new()),
+            "auto" => (ToolChoice::Auto, String::new()),
+            "required" => (ToolChoice::Required, String::new()),
+            _ => return Err(bad_choice()),
+        },
+        Some(Value::Object(named)) => match (named.get("type"), named.get("function").and_then(|f| f.get("name"))) {
+            (Some(kind), Some(Value::String(name))) if kind == "function" && named.len() == 2 => {
+                (ToolChoice::Function, name.clone())
+            }
+            _ => return Err(bad_choice()),
+        },
+        Some(_) => return Err(bad_choice()),
+    };
+    if tools.is_empty() && matches!(choice, ToolChoice::Required | ToolChoice::Function) {
+        return Err(ApiError::bad_request("tool_choice", "tool_choice needs tools to call"));
+    }
+    if choice == ToolChoice::Function && !tools.iter().any(|t| t.name == function) {
+        let msg = format!("tool_choice names {function:?}, which is not among the tools");
+        return Err(ApiError::bad_request("tool_choice", msg));
+    }
+    let json_answer =
+        matches!(req.response_format, Some(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }));
+    if json_answer && !tools.is_empty() && choice != ToolChoice::None {
+        let msg = "give response_format or tools to call, not both (unless tool_choice is none)";
+        return Err(ApiError::bad_request("response_format", msg));
+    }
+    Ok((tools, choice as i32, function))
 }
 
 impl Gateway {
@@ -406,7 +490,9 @@ fn best_choices(shape: &Shape, outcomes: Vec<Outcome>) -> (Vec<Value>, u32, u32)
                 Some(_) => shape.kind.logprobs(&c.tokens, &c.logprobs, &c.top_logprobs, 0),
                 None => Value::Null,
             };
-            choices.push(shape.kind.choice(choices.len(), &c.text, logprobs, Some(&c.finish_reason), None));
+            let index = choices.len();
+            let calls = tool_calls(&c.tool_calls, index, 0, false);
+            choices.push(shape.kind.choice(index, &c.text, calls, logprobs, Some(&c.finish_reason), None));
         }
     }
     (choices, prompt_tokens, completion_tokens)
@@ -482,6 +568,8 @@ struct Outcome {
     top_logprobs: Vec<TopLogprobs>,
     /// An embedding request's embedding.
     embedding: Vec<f32>,
+    /// The calls of tools it made.
+    tool_calls: Vec<ToolCall>,
 }
 
 impl Outcome {
@@ -499,6 +587,7 @@ async fn collect(mut stream: Events) -> Result<Outcome, ApiError> {
         outcome.logprobs.extend(e.logprobs);
         outcome.top_logprobs.extend(e.top_logprobs);
         outcome.embedding.extend(e.embedding);
+        outcome.tool_calls.extend(e.tool_calls);
         if !e.finish_reason.is_empty() {
             outcome.finish_reason = e.finish_reason;
             outcome.prompt_tokens = e.prompt_tokens;
@@ -559,24 +648,37 @@ impl Kind {
         }
     }
 
-    /// Choice `index` holding `text`: whole, or a streamed chunk's delta (`Some(first)`: whether
-    /// it is the choice's first chunk, which names the role).
-    fn choice(self, index: usize, text: &str, logprobs: Value, finish: Option<&str>, chunk: Option<bool>) -> Value {
+    /// Choice `index` holding `text` and (chat) `calls` of tools ([`tool_calls`]): whole, or a
+    /// streamed chunk's delta (`Some(first)`: whether it is the choice's first chunk, which
+    /// names the role). A chat answer made only of calls has no content (null).
+    fn choice(
+        self,
+        index: usize,
+        text: &str,
+        calls: Vec<Value>,
+        logprobs: Value,
+        finish: Option<&str>,
+        chunk: Option<bool>,
+    ) -> Value {
+        let content = match text.is_empty() && !calls.is_empty() {
+            true => Value::Null,
+            false => json!(text),
+        };
         match (self, chunk) {
             // (An embedding's answer has no choices.)
             (Kind::Completion | Kind::Embedding { .. }, _) => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
-            (Kind::Chat, None) => json!({
-                "index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs, "finish_reason": finish,
-            }),
-            (Kind::Chat, Some(first)) => {
-                let mut delta = json!({"content": text});
-                if first {
-                    delta["role"] = json!("assistant");
+            (Kind::Chat, chunk) => {
+                let mut message = json!({"content": content});
+                if !calls.is_empty() {
+                    message["tool_calls"] = json!(calls);
                 }
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                if chunk.is_none_or(|first| first) {
+                    message["role"] = json!("assistant");
+                }
+                let key = if chunk.is_some() { "delta" } else { "message" };
+                json!({"index": index, key: message, "logprobs": logprobs, "finish_reason": finish})
             }
         }
     }
@@ -590,6 +692,24 @@ impl Kind {
             (Kind::Chat, true) => "chat.completion.chunk",
         }
     }
+}
+
+/// `calls` of choice `choice` in OpenAI's shape, named by the gateway; in a streamed chunk
+/// (`delta`) each with its place among the choice's calls, the first at `first`.
+fn tool_calls(calls: &[ToolCall], choice: usize, first: usize, delta: bool) -> Vec<Value> {
+    let id = fresh_id("call");
+    (calls.iter().enumerate())
+        .map(|(k, c)| {
+            let mut call = json!({
+                "id": format!("{id}-{choice}-{}", first + k), "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            });
+            if delta {
+                call["index"] = json!(first + k);
+            }
+            call
+        })
+        .collect()
 }
 
 /// What every body of one answer (whole, or each chunk) begins with.
@@ -650,8 +770,9 @@ fn stream_chunks(
     // Relaying goes on after the handler returns: in a span of its own, in the request's trace.
     let relay = async move {
         let mut started = std::collections::HashSet::new();
-        // Bytes of text each choice has sent (completions' `text_offset`).
+        // Bytes of text each choice has sent (completions' `text_offset`), and calls.
         let mut offsets = HashMap::new();
+        let mut calls_sent: HashMap<usize, usize> = HashMap::new();
         let (mut prompt_tokens, mut completion_tokens) = (0u32, 0u32);
         while let Some((i, event)) = merged.next().await {
             let e = match event {
@@ -675,7 +796,10 @@ fn stream_chunks(
                 false => Value::Null,
             };
             *offset += e.tokens.iter().map(String::len).sum::<usize>();
-            let choice = kind.choice(i, &e.text, shown, finish, Some(started.insert(i)));
+            let sent = calls_sent.entry(i).or_insert(0);
+            let calls = tool_calls(&e.tool_calls, i, *sent, true);
+            *sent += calls.len();
+            let choice = kind.choice(i, &e.text, calls, shown, finish, Some(started.insert(i)));
             if tx.send(chunk(vec![choice], Value::Null)).is_err() {
                 return; // the client went away
             }

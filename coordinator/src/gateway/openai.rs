@@ -253,8 +253,49 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u32>,
     /// Text (the default), any JSON object, or JSON that a schema holds.
     pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<ToolSpec>>,
+    /// `none`, `auto`, `required`, or `{"type": "function", "function": {"name": ...}}`: read
+    /// by the gateway, for errors that say what is wrong.
+    pub tool_choice: Option<Value>,
+    /// Whether the model may make several calls in one answer (the default).
+    pub parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+/// One of chat's `tools`: a function.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToolSpec {
+    Function { function: FunctionSpec },
+}
+
+/// A function the model may call; `strict` is read and needs nothing (the arguments always
+/// follow `parameters`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub name: String,
+    pub description: Option<String>,
+    /// Its arguments' JSON schema; absent: any object.
+    pub parameters: Option<Value>,
+    #[serde(default, rename = "strict")]
+    _strict: Option<bool>,
+}
+
+/// A call an assistant message made, as the client sends it back.
+#[derive(Deserialize)]
+pub struct MessageToolCall {
+    pub id: String,
+    pub function: CalledFunction,
+}
+
+#[derive(Deserialize)]
+pub struct CalledFunction {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
 }
 
 /// Chat's `response_format`.
@@ -282,8 +323,17 @@ pub struct JsonSchema {
 }
 
 /// The parameters of a chat request the gateway serves, besides [`SAMPLING_PARAMS`].
-pub const CHAT_PARAMS: &[&str] =
-    &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"];
+pub const CHAT_PARAMS: &[&str] = &[
+    "model",
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
 
 #[derive(Deserialize)]
 pub struct EmbeddingRequest {
@@ -311,19 +361,16 @@ fn asks_nothing(key: &str, value: &Value) -> bool {
         "functions",
         "metadata",
         "modalities",
-        "parallel_tool_calls",
         "prediction",
         "reasoning_effort",
         "service_tier",
         "store",
-        "tool_choice",
-        "tools",
         "web_search_options",
     ];
     UNSERVED.contains(&key)
         && match value {
             Value::Null => true,
-            Value::Bool(b) => matches!((key, b), ("echo" | "store", false) | ("parallel_tool_calls", true)),
+            Value::Bool(b) => matches!((key, b), ("echo" | "store", false)),
             Value::String(s) => matches!((key, s.as_str()), ("suffix", "") | ("service_tier", "auto" | "default")),
             Value::Array(a) => key == "modalities" && a.len() == 1 && a[0] == "text",
             _ => false,
@@ -350,7 +397,12 @@ pub fn parse_served<T: serde::de::DeserializeOwned>(body: &[u8], served: &[&[&st
 #[derive(Deserialize)]
 pub struct Message {
     pub role: String,
-    pub content: Content,
+    /// Absent or null only on an assistant message that called tools.
+    pub content: Option<Content>,
+    /// An assistant message's calls.
+    pub tool_calls: Option<Vec<MessageToolCall>>,
+    /// The call a tool message answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// Message content: a string, or parts of which the text ones count.

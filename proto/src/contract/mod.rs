@@ -32,7 +32,7 @@ pub use job::{
     Assignment, AutoHyperparams, BASE_LEARNING_RATE, Checkpoint, FileRef, Hyperparams, JobReport, JobSpec,
     MethodChoice, StepFigures, TrainingPlan, number_keys,
 };
-pub use names::{CHAT_ROLES, check_addr, check_name, check_role, check_tenant, check_uri};
+pub use names::{CHAT_ROLES, check_addr, check_function_name, check_name, check_role, check_tenant, check_uri};
 pub use rpc::{
     GroupStatus, Heartbeat, Leader, LeaderTransfer, LeaseGrant, Member, Members, MembershipChange, StatusRequest,
     WorkerLease, WorkerLoad, WorkerRegistration,

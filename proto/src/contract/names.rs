@@ -47,6 +47,13 @@ pub fn check_uri(what: &str, uri: &str) -> Result<(), Invalid> {
     verdict(what, uri, bad)
 }
 
+/// OpenAI's rule for the names of functions (tools) and response schemas: 1 to 64 letters,
+/// digits, `_` or `-` (a tool call names its function in JSON the model writes).
+pub fn check_function_name(what: &str, name: &str) -> Result<(), Invalid> {
+    let ok = (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+    verdict(what, name, (!ok).then_some("use 1 to 64 letters, digits, `_` or `-`"))
+}
+
 /// `value` (a `what`) breaks the rule `bad` names, if it names one.
 fn verdict(what: &str, value: &str, bad: Option<&str>) -> Result<(), Invalid> {
     match bad {

@@ -561,8 +561,7 @@ impl Engine {
             return Err(Error::InvalidRequest("stop strings need a tokenizer (tokenizer.json)".into()));
         }
         let adapter = req.adapter.as_deref().map(|name| self.registry.resolve(name)).transpose()?;
-        let constraint =
-            req.params.json_schema.as_ref().map(|schema| self.grammars()?.constraint(schema)).transpose()?;
+        let constraint = req.params.grammar.as_ref().map(|g| self.grammars()?.constraint(g)).transpose()?;
         let room = self.room(req.prompt.len(), adapter.as_deref());
         if req.params.max_tokens > room {
             return Err(Error::InvalidRequest(format!(

@@ -24,7 +24,9 @@ use crate::engine::{Engine, GenerationOutput, GenerationRequest, Progress};
 use crate::error::Error;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
+use crate::structured::Grammar;
 use crate::tokenizer::{ChatMessage, TextTokenizer};
+use crate::tools::{CallParser, ToolCalling};
 use crate::train::checkpoint;
 use crate::train::data::Example;
 use crate::train::finetune::MethodChoice;
@@ -124,7 +126,9 @@ struct Stream {
     /// The caller's span, parent of the request's phases here.
     span: tracing::Span,
     logprobs: bool,
-    /// Bytes of text and tokens already sent.
+    /// What takes tool calls out of the text, when the request may call tools.
+    calls: Option<CallParser>,
+    /// Bytes of text (the engine's, calls included) and tokens already sent.
     text_sent: usize,
     tokens_sent: usize,
 }
@@ -210,9 +214,11 @@ fn status_of(e: Error) -> Status {
     }
 }
 
-/// The engine's request for `req`: its prompt tokenized (chat messages through the model's chat
-/// template) and its sampling parameters checked by the engine (an embedding has none).
-fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, Error> {
+/// The engine's request for `req`: its prompt tokenized (chat messages and tools through the
+/// model's chat template) and its sampling parameters checked by the engine (an embedding has
+/// none); and its tool calling, checked.
+fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<(GenerationRequest, Option<ToolCalling>), Error> {
+    let tools = ToolCalling::of(req)?;
     let tokenizer = || engine.tokenizer().ok_or_else(|| Error::InvalidRequest("the model has no tokenizer".into()));
     let prompt = if !req.prompt_token_ids.is_empty() {
         if !req.prompt.is_empty() || !req.messages.is_empty() {
@@ -225,15 +231,22 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
         for m in &req.messages {
             check_role(&m.role).map_err(|e| Error::InvalidRequest(e.0))?;
         }
-        let messages: Vec<ChatMessage> = req.messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
+        let messages: Vec<ChatMessage> = (req.messages.iter())
+            .map(|m| ChatMessage {
+                tool_calls: m.tool_calls.clone(),
+                tool_call_id: m.tool_call_id.clone(),
+                ..ChatMessage::new(&m.role, &m.content)
+            })
+            .collect();
         // The template writes the special tokens itself.
         let tokenizer = tokenizer()?;
-        tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
+        let shown = tools.as_ref().map(ToolCalling::shown).unwrap_or_default();
+        tokenizer.encode(&tokenizer.apply_chat_template(&messages, &shown, true)?, false)?
     };
     let adapter = (!req.adapter.is_empty()).then(|| req.adapter.clone());
     if req.embed {
         // Nothing is sampled: the sampling fields are not read.
-        return Ok(GenerationRequest { prompt, adapter, params: SamplingParams::greedy(1) });
+        return Ok((GenerationRequest { prompt, adapter, params: SamplingParams::greedy(1) }, None));
     }
     let max_tokens = match req.max_tokens {
         Some(n) => n as usize,
@@ -241,6 +254,13 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
             let version = adapter.as_deref().map(|name| engine.registry().resolve(name)).transpose()?;
             engine.room(prompt.len(), version.as_deref()).max(1)
         }
+    };
+    let grammar = match (tools.as_ref().and_then(ToolCalling::grammar), req.json_schema.as_str()) {
+        (Some(calls), _) => Some(calls),
+        (None, "") => None,
+        (None, text) => Some(Grammar::JsonSchema(
+            serde_json::from_str(text).map_err(|e| Error::InvalidRequest(format!("the JSON schema: {e}")))?,
+        )),
     };
     let params = SamplingParams {
         max_tokens,
@@ -253,15 +273,10 @@ fn prepare(engine: &Engine, req: &GenerateRequest) -> Result<GenerationRequest, 
         presence_penalty: req.presence_penalty,
         frequency_penalty: req.frequency_penalty,
         logit_bias: req.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
-        json_schema: match req.json_schema.as_str() {
-            "" => None,
-            text => {
-                Some(serde_json::from_str(text).map_err(|e| Error::InvalidRequest(format!("the JSON schema: {e}")))?)
-            }
-        },
+        grammar,
         ..SamplingParams::default()
     };
-    Ok(GenerationRequest { prompt, adapter, params })
+    Ok((GenerationRequest { prompt, adapter, params }, tools))
 }
 
 /// Makes sure the adapter `req` names is loaded: read from `adapter_uri` the first time. A newer
@@ -521,13 +536,18 @@ fn top_logprobs(tokenizer: Option<&TextTokenizer>, tops: &[Vec<(u32, f32)>]) -> 
 }
 
 impl Stream {
-    fn new(events: EventSender, logprobs: bool, span: tracing::Span) -> Self {
-        Stream { events, span, logprobs, text_sent: 0, tokens_sent: 0 }
+    fn new(events: EventSender, logprobs: bool, calls: Option<CallParser>, span: tracing::Span) -> Self {
+        Stream { events, span, logprobs, calls, text_sent: 0, tokens_sent: 0 }
     }
 
     fn send_progress(&mut self, p: &Progress, tokenizer: Option<&TextTokenizer>) {
+        let (text, tool_calls) = match &mut self.calls {
+            Some(calls) => calls.push(&p.text),
+            None => (p.text.clone(), Vec::new()),
+        };
         let event = GenerateEvent {
-            text: p.text.clone(),
+            text,
+            tool_calls,
             token_ids: vec![p.token],
             logprobs: if self.logprobs { vec![p.logprob] } else { Vec::new() },
             tokens: if self.logprobs { token_texts(tokenizer, &[p.token]) } else { Vec::new() },
@@ -539,17 +559,29 @@ impl Stream {
         let _ = self.events.send(Ok(event));
     }
 
-    fn finish(self, out: &GenerationOutput, tokenizer: Option<&TextTokenizer>) {
+    fn finish(mut self, out: &GenerationOutput, tokenizer: Option<&TextTokenizer>) {
         let tokens = out.token_ids.get(self.tokens_sent..).unwrap_or_default();
         let logprobs = out.logprobs.get(self.tokens_sent..).unwrap_or_default();
+        let rest = out.text.get(self.text_sent..).unwrap_or_default();
+        let (text, tool_calls) = match &mut self.calls {
+            Some(calls) => calls.finish(rest),
+            None => (rest.to_string(), Vec::new()),
+        };
+        // An answer that called tools and ended by itself ends for its calls (OpenAI's reason).
+        let finish_reason =
+            match (out.finish_reason.as_openai_str(), self.calls.as_ref().is_some_and(CallParser::called)) {
+                ("stop", true) => "tool_calls",
+                (reason, _) => reason,
+            };
         let event = GenerateEvent {
-            text: out.text.get(self.text_sent..).unwrap_or_default().to_string(),
+            text,
+            tool_calls,
             token_ids: tokens.to_vec(),
             logprobs: if self.logprobs { logprobs.to_vec() } else { Vec::new() },
             tokens: if self.logprobs { token_texts(tokenizer, tokens) } else { Vec::new() },
             top_logprobs: top_logprobs(tokenizer, out.top_logprobs.get(self.tokens_sent..).unwrap_or_default()),
             embedding: out.embedding.clone(),
-            finish_reason: out.finish_reason.as_openai_str().to_string(),
+            finish_reason: finish_reason.to_string(),
             prompt_tokens: out.prompt_tokens as u32,
             completion_tokens: out.token_ids.len() as u32,
         };
@@ -581,16 +613,19 @@ impl Streams {
                 engine.record_disk_load(started.elapsed().as_secs_f64());
             }
         }
-        let submitted = loaded.and_then(|()| prepare(engine, req)).and_then(|r| match req.embed {
-            true => engine.submit_embedding(r.prompt, r.adapter),
-            false => engine.submit(r),
+        let submitted = loaded.and_then(|()| prepare(engine, req)).and_then(|(r, tools)| {
+            let index = match req.embed {
+                true => engine.submit_embedding(r.prompt, r.adapter),
+                false => engine.submit(r),
+            }?;
+            Ok((index, tools.and_then(|t| t.parser())))
         });
         match submitted {
-            Ok(index) => {
+            Ok((index, calls)) => {
                 if let Some(traceparent) = trace_context::traceparent(&span) {
                     engine.trace(index, traceparent);
                 }
-                drop(self.0.insert(index, Stream::new(events, req.logprobs, span)))
+                drop(self.0.insert(index, Stream::new(events, req.logprobs, calls, span)))
             }
             Err(e) => drop(events.send(Err(status_of(e)))),
         }

@@ -177,7 +177,7 @@ fn chat_sequence(object: &Map<String, Value>, tokenizer: &TextTokenizer) -> Resu
     // A template that cannot render these messages (or none at all) makes the example unusable
     // with this model.
     let render = |count: usize, add_generation_prompt: bool| {
-        (tokenizer.apply_chat_template(&messages[..count], add_generation_prompt))
+        (tokenizer.apply_chat_template(&messages[..count], &[], add_generation_prompt))
             .map_err(|e| bad(format!("`messages`: {e}")))
     };
     let mut sequence = Sequence::default();
