@@ -177,11 +177,6 @@ pub(super) async fn completions(
     gw.respond(&shape, &caller, &req.model, s.user.as_deref(), make).await
 }
 
-/// OpenAI's rule for a schema's name.
-fn valid_schema_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
 /// `req` for `prompt` (text or token ids).
 fn with_prompt(mut req: GenerateRequest, prompt: &Prompt) -> GenerateRequest {
     match prompt {
@@ -251,9 +246,8 @@ pub(super) async fn chat_completions(
         None | Some(ResponseFormat::Text) => String::new(),
         Some(ResponseFormat::JsonObject) => json!({"type": "object"}).to_string(),
         Some(ResponseFormat::JsonSchema { json_schema }) => match &json_schema.schema {
-            _ if !valid_schema_name(&json_schema.name) => {
-                let msg = "json_schema.name: 1 to 64 letters, digits, `_` or `-`";
-                return Err(ApiError::bad_request("response_format", msg));
+            _ if let Err(e) = check_function_name("json_schema.name", &json_schema.name) => {
+                return Err(ApiError::bad_request("response_format", e.0));
             }
             Some(schema @ Value::Object(_)) => schema.to_string(),
             Some(_) => return Err(ApiError::bad_request("response_format", "json_schema.schema must be an object")),
