@@ -120,11 +120,13 @@ pub struct AdaptersArgs {
 enum AdaptersCommand {
     /// Your adapters (the newest version of each).
     List,
-    /// Upload a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors) or an ESFT one
-    /// (esft_config.json, esft_model.safetensors) as the next version of NAME.
+    /// Add a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) or an ESFT one
+    /// (esft_config.json, esft_model.safetensors) as the next version of NAME, from SOURCE: a
+    /// folder here (uploaded), an http(s):// or s3:// URL of one (read by the gateway), or
+    /// file:///FOLDER on the gateway's machine (the operator's).
     Add {
         name: String,
-        dir: std::path::PathBuf,
+        source: String,
         /// The base model it adapts.
         #[arg(long)]
         base_model: String,
@@ -477,9 +479,14 @@ pub fn adapters(args: AdaptersArgs) -> Result<()> {
             table(["NAME", "VERSION", "BASE MODEL", "CHECKSUM"], &rows);
             Ok(())
         }
-        AdaptersCommand::Add { name, dir, base_model } => {
-            let req =
-                PutAdapterRequest { name: name.clone(), base_model: base_model.clone(), files: adapter_files(dir)? };
+        AdaptersCommand::Add { name, source, base_model } => {
+            // A URL is the gateway's to read; anything else is a folder here, uploaded.
+            let remote = ["http://", "https://", "s3://", "file://"].iter().any(|s| source.starts_with(s));
+            let (files, source) = match remote {
+                true => (Vec::new(), source.clone()),
+                false => (adapter_files(Path::new(source))?, String::new()),
+            };
+            let req = PutAdapterRequest { name: name.clone(), base_model: base_model.clone(), files, source };
             let adapter = parse(&c.reply(c.api().put_adapter(c.req(req)).await)?.json)?;
             println!("added {name} version {} (base model {base_model})", adapter["version"]);
             Ok(())

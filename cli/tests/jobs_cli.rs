@@ -124,7 +124,34 @@ fn run(mut cmd: Command, timeout: Duration) -> (bool, String, String) {
     (status.is_some_and(|s| s.success()), out, err)
 }
 
-/// A PEFT LoRA folder for `model`, with random weights.
+/// Serves the files under `dir` over HTTP on a loopback port, as a file server would (GET;
+/// 404 for what is not a file there). Returns its address.
+fn serve_files(dir: PathBuf) -> String {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            let mut header = String::new();
+            while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                header.clear();
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+            let _ = match (path.contains(".."), std::fs::read(dir.join(&path))) {
+                (false, Ok(bytes)) => {
+                    write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len())
+                        .and_then(|()| stream.write_all(&bytes))
+                }
+                _ => write!(stream, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+            };
+        }
+    });
+    addr
+}
+
 #[test]
 fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     let dir = Scratch::new("jobs-cli");
@@ -198,6 +225,43 @@ fn tenants_manage_adapters_and_fine_tune_through_the_cli() {
     // A folder that is no adapter is refused before anything is sent.
     let (ok, _, err) = call(Some(&alice), &["adapters", "add", "x", dir.to_str().unwrap(), "--base-model", "tiny"]);
     assert!(!ok && err.contains("neither a PEFT adapter"), "{err}");
+
+    // Adapters from a URL or the gateway's disk: the operator's from anywhere, a tenant's only
+    // from outside the cluster's networks; vLLM's routes load and unload them.
+    let web = format!("http://{}/my-adapter/", serve_files(dir.to_path_buf()));
+    let on_disk = format!("file://{adapter_arg}");
+    let (ok, out, err) = call(Some(ADMIN), &["adapters", "add", "shared", &on_disk, "--base-model", "tiny"]);
+    assert!(ok && out.contains("added shared version 1"), "{out}{err}");
+    let (ok, out, err) = call(Some(ADMIN), &["adapters", "add", "shared", &web, "--base-model", "tiny"]);
+    assert!(ok && out.contains("added shared version 2"), "{out}{err}");
+    for (source, why) in [(&on_disk, "gateway's disk"), (&web, "own networks"), (&"s3://b/a".to_string(), "S3")] {
+        let (ok, _, err) = call(Some(&alice), &["adapters", "add", "x", source, "--base-model", "tiny"]);
+        assert!(!ok && err.contains(why), "{source}: {err}");
+    }
+    for (source, why) in [
+        (format!("file://{}/../my-adapter", dir.display()), ".."),
+        (format!("file://{}", dir.display()), "no adapter there"),
+        ("ftp://host/a".into(), "ftp://"),
+    ] {
+        let (ok, _, err) = call(Some(ADMIN), &["adapters", "add", "x", &source, "--base-model", "tiny"]);
+        assert!(!ok && err.contains(why), "{source}: {err}");
+    }
+    let load =
+        |key: &str, body: Value| http::http(&http, "POST", "/v1/load_lora_adapter", Some(key), Some(&body.to_string()));
+    let (status, out) = load(ADMIN, json!({"lora_name": "shared", "lora_path": adapter_arg}));
+    assert!(status == 200 && out.contains("\"version\":3"), "{status} {out}");
+    let chat = json!({"model": "shared", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3});
+    let (status, out) = http::http(&http, "POST", "/v1/chat/completions", Some(ADMIN), Some(&chat.to_string()));
+    assert_eq!(status, 200, "{out}");
+    let (status, out) = load(&alice, json!({"lora_name": "mine", "lora_path": adapter_arg}));
+    assert_eq!(status, 403, "{out}");
+    let (status, out) = load(ADMIN, json!({"lora_name": "x", "lora_path": "relative/dir"}));
+    assert!(status == 400 && out.contains("lora_path"), "{out}");
+    let unload = json!({"lora_name": "shared"}).to_string();
+    let (status, out) = http::http(&http, "POST", "/v1/unload_lora_adapter", Some(ADMIN), Some(&unload));
+    assert!(status == 200 && out.contains("deleted"), "{out}");
+    let (status, _) = http::http(&http, "POST", "/v1/chat/completions", Some(ADMIN), Some(&chat.to_string()));
+    assert_eq!(status, 404);
 
     // A fine-tuning job, submitted and watched to its end.
     let data = dir.join("train.jsonl");

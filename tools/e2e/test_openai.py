@@ -1,7 +1,8 @@
 """End-to-end test of a running Tandem cluster, driven by the official `openai` Python client.
 
 Run by tools/e2e/run, which starts the cluster and sets TANDEM_URL (the /v1 base URL),
-TANDEM_ADMIN_KEY (the operator key) and TANDEM_DATA (the `reverse` data set). Plain script:
+TANDEM_ADMIN_KEY (the operator key), TANDEM_DATA (the `reverse` data set), TANDEM_DATA_DIR (the
+cluster's data folder) and TANDEM_S3 (the S3 endpoint it reads adapters from). Plain script:
 prints each step as it passes, exits non-zero on the first failure.
 """
 
@@ -21,6 +22,8 @@ import pydantic
 URL = os.environ["TANDEM_URL"].rstrip("/")
 ADMIN_KEY = os.environ["TANDEM_ADMIN_KEY"]
 DATA = Path(os.environ.get("TANDEM_DATA", "data/reverse"))
+DATA_DIR = os.environ["TANDEM_DATA_DIR"]  # tandem up's --data-dir: where the job's adapters are
+S3 = os.environ["TANDEM_S3"]  # the S3 endpoint (moto) the cluster was given as AWS_ENDPOINT_URL
 BASE = "small"
 T0 = time.monotonic()
 
@@ -301,6 +304,43 @@ def main():
     base_hits = exact_matches(alice, BASE, test_rows)
     ok(f"base model: {base_hits}/20 exact reversals")
     assert base_hits < 4, f"the base model got {base_hits}/20 right: is the adapter applied to base requests?"
+
+    # i2. Adapters from anywhere (vLLM's routes): the job's adapter from S3 (moto) and a
+    # checkpoint's from the gateway's disk, the operator's both; a request running on the old
+    # version finishes on it while the new version serves the next.
+    operator = client(ADMIN_KEY)
+    final_dir = next(Path(DATA_DIR).resolve().rglob(f"*{job.id}*/adapter/adapter_config.json")).parent
+    step = checkpoints[0].step_number
+    ckpt_dir = next(Path(DATA_DIR).resolve().rglob(f"*{job.id}*/checkpoints/step-{step:06d}/adapter/adapter_config.json")).parent
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if name == "adapter_config.json":
+            urllib.request.urlopen(urllib.request.Request(f"{S3}/adapters", method="PUT"), timeout=10).close()
+        put = urllib.request.Request(f"{S3}/adapters/reverse/{name}", data=(final_dir / name).read_bytes(), method="PUT")
+        urllib.request.urlopen(put, timeout=30).close()
+    status, body = http("POST", "/load_lora_adapter", {"lora_name": "rev", "lora_path": "s3://adapters/reverse"}, ADMIN_KEY)
+    assert status == 200 and body["version"] == 1, (status, body)
+    hits = exact_matches(operator, "rev", test_rows)
+    assert hits >= 16, f"the job's adapter read back from S3 got {hits}/20 right"
+    for path in ("s3://adapters/reverse", f"file://{final_dir}", f"{S3}/adapters/reverse"):
+        status, body = http("POST", "/load_lora_adapter", {"lora_name": "x", "lora_path": path}, alice.api_key)
+        assert status == 403, f"alice loading {path}: {status} {body}"
+    long = dict(prompt="reverse: q w e r t y\n=", max_tokens=300, temperature=0, logit_bias={"509": -100, "511": -100})
+    v1 = complete(operator, "rev", **long).choices[0].text
+    v2 = complete(alice, checkpoints[0].fine_tuned_model_checkpoint, **long).choices[0].text
+    assert v1 != v2, "the final adapter and the checkpoint answer alike: the swap below would prove nothing"
+    stream = operator.completions.create(model="rev", stream=True, **long)
+    chunks = iter(stream)
+    streamed = next(chunks).choices[0].text
+    status, body = http("POST", "/load_lora_adapter", {"lora_name": "rev", "lora_path": f"file://{ckpt_dir}"}, ADMIN_KEY)
+    assert status == 200 and body["version"] == 2, (status, body)
+    after = complete(operator, "rev", **long).choices[0].text
+    rest = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed + rest == v1, "the request running on version 1 did not finish on it"
+    assert after == v2, "a request after the load did not get version 2"
+    status, body = http("POST", "/unload_lora_adapter", {"lora_name": "rev"}, ADMIN_KEY)
+    assert status == 200 and body["deleted"], (status, body)
+    expect(openai.NotFoundError, "the unloaded adapter", lambda: complete(operator, "rev"))
+    ok("adapters loaded from S3 and the gateway's disk (the operator's), swapped under a running stream, unloaded; alice refused")
 
     # j. The fine-tuned model is alice's only.
     assert ft in model_ids(alice), "alice's models.list() lacks the fine-tuned model"

@@ -151,7 +151,13 @@ impl Api for ApiService {
 
     async fn put_adapter(&self, req: Request<PutAdapterRequest>) -> Result<Response<ApiObject>, Status> {
         let caller = caller(&self.gateway, req.metadata()).await?;
-        let PutAdapterRequest { name, base_model, files } = req.into_inner();
+        let PutAdapterRequest { name, base_model, files, source } = req.into_inner();
+        if !source.is_empty() {
+            if !files.is_empty() {
+                return Err(Status::invalid_argument("give the adapter's files or its source, not both"));
+            }
+            return object(self.gateway.load_adapter(&caller, &name, &base_model, &source, "source").await);
+        }
         let upload = async {
             let mut staged = Vec::new();
             for f in files {

@@ -5,6 +5,7 @@
 //! namespace, and it goes to an alive worker that has the base model loaded, preferring the
 //! one that last served its adapter; the worker's token stream is relayed to the client.
 
+mod adapter_source;
 mod completions;
 mod dashboard;
 mod groups;

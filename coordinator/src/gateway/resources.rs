@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::adapter_source::{self, ADAPTER_FILES};
 use super::limits::quota;
 use super::openai::{Body, parse};
 use super::staged::Staged;
@@ -45,6 +46,8 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/v1/fine_tuning/jobs/{id}/checkpoints", get(job_checkpoints))
         .route("/v1/adapters", post(upload_adapter).layer(DefaultBodyLimit::max(MAX_ADAPTER)).get(list_adapters))
         .route("/v1/adapters/{name}", axum::routing::delete(delete_adapter))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
 }
 
 fn ok(body: Value) -> Response {
@@ -781,13 +784,12 @@ impl Gateway {
         let held = state.adapters.get(&caller.tenant).filter(|a| !a.contains_key(name)).map_or(0, |a| a.len());
         quota("adapters", held, limits_of(&state, &caller.tenant).max_adapters)?;
         let model = state.models.get(base).ok_or_else(|| ApiError::model_not_found(base))?.uri.clone();
-        const KNOWN: [&str; 4] =
-            ["adapter_config.json", "adapter_model.safetensors", "esft_config.json", "esft_model.safetensors"];
-        if let Some((f, _)) = files.iter().find(|(f, _)| !KNOWN.contains(&f.as_str())) {
-            return Err(ApiError::bad_request("file", format!("unexpected file {f:?}: expected {}", KNOWN.join(", "))));
+        let known = ADAPTER_FILES.join(", ");
+        if let Some((f, _)) = files.iter().find(|(f, _)| !ADAPTER_FILES.contains(&f.as_str())) {
+            return Err(ApiError::bad_request("file", format!("unexpected file {f:?}: expected {known}")));
         }
         if files.is_empty() {
-            return Err(ApiError::bad_request("file", format!("no files: send the adapter's {}", KNOWN.join(", "))));
+            return Err(ApiError::bad_request("file", format!("no files: send the adapter's {known}")));
         }
         let dir = self.blobs.join("adapters").join(&caller.tenant).join(name).join(fresh_id("v"));
         let persisted = async {
@@ -844,6 +846,79 @@ impl Gateway {
         self.propose("delete-adapter", Command::DeleteAdapter { tenant: caller.tenant.clone(), name: name.into() })
             .await?;
         Ok(json!({"id": name, "object": "adapter", "deleted": true}))
+    }
+}
+
+/// vLLM's body for loading an adapter from a path or URL; `base_model` (Tandem's) may be left
+/// out where the cluster serves one model.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadLora {
+    lora_name: String,
+    lora_path: String,
+    base_model: Option<String>,
+    /// vLLM's: replacing a loaded adapter in place is what every load does here (a new version).
+    #[serde(default, rename = "load_inplace")]
+    _load_inplace: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnloadLora {
+    lora_name: String,
+    /// vLLM's; the name is enough.
+    #[serde(default, rename = "lora_int_id")]
+    _lora_int_id: Option<i64>,
+}
+
+/// vLLM's route: the adapter at `lora_path` becomes the caller's `lora_name`, a new version of
+/// it if it exists (requests running on the old one finish on it).
+async fn load_lora_adapter(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let req: LoadLora = parse(&body)?;
+    let base = match req.base_model {
+        Some(base) => base,
+        None => {
+            let state = gw.state().await?;
+            let mut models = state.models.keys();
+            match (models.next(), models.next()) {
+                (Some(only), None) => only.clone(),
+                _ => {
+                    return Err(ApiError::bad_request("base_model", "name the base model: the cluster serves several"));
+                }
+            }
+        }
+    };
+    gw.load_adapter(&caller, &req.lora_name, &base, &req.lora_path, "lora_path").await.map(ok)
+}
+
+/// vLLM's route: removes the caller's adapter (every version).
+async fn unload_lora_adapter(
+    State(gw): State<Arc<Gateway>>,
+    caller: Caller,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let req: UnloadLora = parse(&body)?;
+    gw.delete_adapter(&caller, &req.lora_name).await.map(ok)
+}
+
+impl Gateway {
+    /// Reads the adapter at `source` ([`adapter_source`]) and records it as the next version of
+    /// the caller's `name`; `param` names the source's field in errors.
+    pub async fn load_adapter(
+        &self,
+        caller: &Caller,
+        name: &str,
+        base: &str,
+        source: &str,
+        param: &str,
+    ) -> Result<Value, ApiError> {
+        bad_name("name", "adapter", name)?;
+        let files = adapter_source::fetch(source, caller, &self.blobs, MAX_ADAPTER as u64, param).await?;
+        self.put_adapter(caller, name, base, files).await
     }
 }
 
