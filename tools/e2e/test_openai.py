@@ -22,8 +22,6 @@ import pydantic
 URL = os.environ["TANDEM_URL"].rstrip("/")
 ADMIN_KEY = os.environ["TANDEM_ADMIN_KEY"]
 DATA = Path(os.environ.get("TANDEM_DATA", "data/reverse"))
-DATA_DIR = os.environ["TANDEM_DATA_DIR"]  # tandem up's --data-dir: where the job's adapters are
-S3 = os.environ["TANDEM_S3"]  # the S3 endpoint (moto) the cluster was given as AWS_ENDPOINT_URL
 BASE = "small"
 T0 = time.monotonic()
 
@@ -308,20 +306,26 @@ def main():
     # i2. Adapters from anywhere (vLLM's routes): the job's adapter from S3 (moto) and a
     # checkpoint's from the gateway's disk, the operator's both; a request running on the old
     # version finishes on it while the new version serves the next.
+    # tandem up's --data-dir (where the job's adapters are) and the S3 endpoint (moto) it was given.
+    data_dir, s3 = Path(os.environ["TANDEM_DATA_DIR"]), os.environ["TANDEM_S3"]
     operator = client(ADMIN_KEY)
-    final_dir = next(Path(DATA_DIR).resolve().rglob(f"*{job.id}*/adapter/adapter_config.json")).parent
+    final_dir = next(data_dir.resolve().rglob(f"*{job.id}*/adapter/adapter_config.json")).parent
     step = checkpoints[0].step_number
-    ckpt_dir = next(Path(DATA_DIR).resolve().rglob(f"*{job.id}*/checkpoints/step-{step:06d}/adapter/adapter_config.json")).parent
+    ckpt_dir = next(data_dir.resolve().rglob(f"*{job.id}*/checkpoints/step-{step:06d}/adapter/adapter_config.json")).parent
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if name == "adapter_config.json":
-            urllib.request.urlopen(urllib.request.Request(f"{S3}/adapters", method="PUT"), timeout=10).close()
-        put = urllib.request.Request(f"{S3}/adapters/reverse/{name}", data=(final_dir / name).read_bytes(), method="PUT")
+            urllib.request.urlopen(urllib.request.Request(f"{s3}/adapters", method="PUT"), timeout=10).close()
+        # (urllib's default content type is a form's, which moto's server would wait to parse.)
+        put = urllib.request.Request(
+            f"{s3}/adapters/reverse/{name}", data=(final_dir / name).read_bytes(), method="PUT",
+            headers={"Content-Type": "application/octet-stream"},
+        )
         urllib.request.urlopen(put, timeout=30).close()
     status, body = http("POST", "/load_lora_adapter", {"lora_name": "rev", "lora_path": "s3://adapters/reverse"}, ADMIN_KEY)
     assert status == 200 and body["version"] == 1, (status, body)
-    hits = exact_matches(operator, "rev", test_rows)
-    assert hits >= 16, f"the job's adapter read back from S3 got {hits}/20 right"
-    for path in ("s3://adapters/reverse", f"file://{final_dir}", f"{S3}/adapters/reverse"):
+    s3_hits = exact_matches(operator, "rev", test_rows)
+    assert s3_hits >= 16, f"the job's adapter read back from S3 got {s3_hits}/20 right"
+    for path in ("s3://adapters/reverse", f"file://{final_dir}", f"{s3}/adapters/reverse"):
         status, body = http("POST", "/load_lora_adapter", {"lora_name": "x", "lora_path": path}, alice.api_key)
         assert status == 403, f"alice loading {path}: {status} {body}"
     long = dict(prompt="reverse: q w e r t y\n=", max_tokens=300, temperature=0, logit_bias={"509": -100, "511": -100})
@@ -340,7 +344,7 @@ def main():
     status, body = http("POST", "/unload_lora_adapter", {"lora_name": "rev"}, ADMIN_KEY)
     assert status == 200 and body["deleted"], (status, body)
     expect(openai.NotFoundError, "the unloaded adapter", lambda: complete(operator, "rev"))
-    ok("adapters loaded from S3 and the gateway's disk (the operator's), swapped under a running stream, unloaded; alice refused")
+    ok(f"adapters loaded from S3 ({s3_hits}/20 exact reversals) and the gateway's disk (the operator's), swapped under a running stream, unloaded; alice refused")
 
     # j. The fine-tuned model is alice's only.
     assert ft in model_ids(alice), "alice's models.list() lacks the fine-tuned model"

@@ -887,7 +887,8 @@ async fn load_lora_adapter(
             match (models.next(), models.next()) {
                 (Some(only), None) => only.clone(),
                 _ => {
-                    return Err(ApiError::bad_request("base_model", "name the base model: the cluster serves several"));
+                    let msg = "give base_model: the cluster serves more than one model (or none)";
+                    return Err(ApiError::bad_request("base_model", msg));
                 }
             }
         }
