@@ -1,6 +1,6 @@
 //! The HTTP gateway every coordinator serves: OpenAI's completions and chat completions (whole
-//! or streamed as server-sent events), models, files, fine-tuning jobs, Tandem's adapters and
-//! API keys, health, metrics and the operators' dashboard. A request is authenticated (a bearer key names a tenant; the
+//! or streamed as server-sent events), models, files, fine-tuning jobs, Tandem's adapters
+//! (uploaded, or read from a URL, S3 or the server's disk: `adapter_source.rs`) and API keys, health, metrics and the operators' dashboard. A request is authenticated (a bearer key names a tenant; the
 //! operator's key is the admin), its model resolved in the replicated state inside the tenant's
 //! namespace, and it goes to an alive worker that has the base model loaded, preferring the
 //! one that last served its adapter; the worker's token stream is relayed to the client.
