@@ -289,8 +289,9 @@ fn chat_message(m: &Message) -> Result<ChatMessage, ApiError> {
 /// rules, checked before routing (the worker checks them again).
 fn tool_calling(req: &ChatRequest) -> Result<(Vec<Tool>, i32, String), ApiError> {
     let specs = req.tools.as_deref().unwrap_or_default();
-    if specs.len() > MAX_TOOLS {
-        return Err(ApiError::bad_request("tools", format!("at most {MAX_TOOLS} tools a request")));
+    if req.tools.is_some() && !(1..=MAX_TOOLS).contains(&specs.len()) {
+        let msg = format!("give 1 to {MAX_TOOLS} tools (or none: leave tools out)");
+        return Err(ApiError::bad_request("tools", msg));
     }
     let mut tools: Vec<Tool> = Vec::with_capacity(specs.len());
     for ToolSpec::Function { function: f } in specs {
