@@ -418,6 +418,7 @@ fn every_served_openai_parameter_does_what_it_says_and_the_rest_are_refused() {
         (json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}), "tools"),
         (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}), "tools"),
         (json!({"tools": [], "tool_choice": "required"}), "tools"),
+        (json!({"tools": null, "tool_choice": "required"}), "tool_choice"),
         (json!({"response_format": {"type": "json_object"}}), "response_format"),
         (json!({"messages": [{"role": "tool", "content": "x"}]}), "messages"),
         (json!({"messages": [{"role": "user", "content": null}]}), "messages"),

@@ -692,6 +692,10 @@ impl Kind {
 /// `calls` of choice `choice` in OpenAI's shape, named by the gateway; in a streamed chunk
 /// (`delta`) each with its place among the choice's calls, the first at `first`.
 fn tool_calls(calls: &[ToolCall], choice: usize, first: usize, delta: bool) -> Vec<Value> {
+    // Most streamed events carry no call: no id is made for them.
+    if calls.is_empty() {
+        return Vec::new();
+    }
     let id = fresh_id("call");
     (calls.iter().enumerate())
         .map(|(k, c)| {
